@@ -1,0 +1,178 @@
+"""Array backends: NumPy always, CuPy when a CUDA device really runs a kernel.
+
+This is the only module that imports CuPy. Everything else asks it for the array
+namespace of its inputs (``get_xp``) and never moves arrays between host and device
+on its own: mixing a NumPy and a CuPy array in one call is a ``TypeError``.
+
+``JACGRAD_BACKEND=numpy|cupy`` forces the default device of ``device="auto"``:
+``numpy`` never touches the GPU, ``cupy`` raises ``RuntimeError`` where no GPU runs.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> jg.get_xp(np.ones(3)) is np
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "available",
+    "default_device",
+    "device_of",
+    "get_xp",
+    "gpu_available",
+    "gpu_unavailable_reason",
+    "is_gpu_array",
+    "resolve_device",
+    "to_device",
+    "to_numpy",
+]
+
+_ENV = "JACGRAD_BACKEND"
+_BACKEND_NAMES = ("numpy", "cupy")
+_DEVICE_NAMES = ("cpu", "gpu", "auto")
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_gpu() -> tuple[bool, str]:
+    """(usable, reason): import CuPy and run one tiny kernel end to end.
+
+    CuPy installs and imports on machines with no driver and fails only at the first
+    call, so importing is not enough: the probe allocates, launches and synchronises.
+    """
+    try:
+        import cupy  # noqa: F401  (the one import of CuPy in jacgrad)
+    except Exception as exc:  # ImportError, or a broken CUDA install raising anything
+        return False, f"CuPy is not importable ({type(exc).__name__}: {exc})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "CuPy imports but sees no CUDA device"
+        a = cupy.arange(4, dtype=cupy.float32)
+        total = float((a * 2).sum())  # compiles and launches a kernel, then syncs
+        cupy.cuda.Stream.null.synchronize()
+        if total != 12.0:
+            return False, f"a test kernel on the GPU returned {total}, expected 12.0"
+    except Exception as exc:
+        return False, f"CuPy imports but no kernel runs ({type(exc).__name__}: {exc})"
+    return True, "a CUDA device runs kernels"
+
+
+def gpu_available() -> bool:
+    """True only when CuPy imports *and* a CUDA device runs a test kernel."""
+    return _probe_gpu()[0]
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why the GPU is not usable, or None when it is."""
+    ok, reason = _probe_gpu()
+    return None if ok else reason
+
+
+def available() -> tuple[str, ...]:
+    """The backends that work here: ``("numpy",)`` or ``("numpy", "cupy")``."""
+    return ("numpy", "cupy") if gpu_available() else ("numpy",)
+
+
+def _forced_backend() -> str | None:
+    value = os.environ.get(_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in _BACKEND_NAMES:
+        raise ValueError(f"{_ENV}={value!r} is not a backend; valid names: {', '.join(_BACKEND_NAMES)}")
+    return value
+
+
+def default_device() -> str:
+    """The device that ``device="auto"`` means: ``"gpu"`` or ``"cpu"``.
+
+    ``JACGRAD_BACKEND`` forces it; without it, the GPU when one runs kernels.
+    Asking for ``cupy`` where no GPU runs is a ``RuntimeError``, never a fallback.
+    """
+    forced = _forced_backend()
+    if forced == "numpy":
+        return "cpu"
+    if forced == "cupy":
+        _require_gpu(f"{_ENV}=cupy")
+        return "gpu"
+    return "gpu" if gpu_available() else "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """Map ``"cpu" | "gpu" | "auto"`` to ``"cpu"`` or ``"gpu"``, checking the GPU is usable."""
+    if not isinstance(device, str) or device.lower() not in _DEVICE_NAMES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(_DEVICE_NAMES)}")
+    device = device.lower()
+    if device == "auto":
+        return default_device()
+    if device == "gpu":
+        _require_gpu('device="gpu"')
+    return device
+
+
+def _require_gpu(what: str) -> None:
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"{what} asks for the GPU, but none is usable here: {reason}")
+
+
+def _cupy_module():
+    # Only reached for arrays whose type already lives in cupy, so cupy is imported.
+    return sys.modules["cupy"]
+
+
+def is_gpu_array(x: Any) -> bool:
+    """True for a CuPy array (checked without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def device_of(x: Any) -> str:
+    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
+    return "gpu" if is_gpu_array(x) else "cpu"
+
+
+def get_xp(*arrays: Any):
+    """The array namespace (``numpy`` or ``cupy``) of ``arrays``; None and scalars are ignored.
+
+    Raises ``TypeError`` naming the arguments when NumPy and CuPy arrays are mixed.
+
+        >>> import numpy as np
+        >>> get_xp(np.zeros(2), None, 3.0) is np
+        True
+    """
+    gpu, cpu = [], []
+    for i, a in enumerate(arrays):
+        if a is None or isinstance(a, (int, float, complex, bool, np.generic)):
+            continue
+        (gpu if is_gpu_array(a) else cpu).append(i)
+    if gpu and cpu:
+        raise TypeError(
+            f"arrays on different devices: argument(s) {cpu} are NumPy (CPU) and {gpu} are CuPy (GPU); "
+            "jacgrad never copies between them silently — move them with jacgrad.to_device(x, 'cpu'|'gpu')"
+        )
+    return _cupy_module() if gpu else np
+
+
+def to_device(x: Any, device: str):
+    """Copy ``x`` to ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy); a no-op when it is already there."""
+    if not isinstance(device, str) or device.lower() not in ("cpu", "gpu"):
+        raise ValueError(f"device {device!r} is not one of cpu, gpu")
+    if device.lower() == "cpu":
+        return to_numpy(x)
+    if is_gpu_array(x):
+        return x
+    _require_gpu("to_device(x, 'gpu')")
+    return _cupy_module().asarray(x)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy array of ``x`` (copied off the GPU when it is a CuPy array)."""
+    if is_gpu_array(x):
+        return x.get()
+    return np.asarray(x)
