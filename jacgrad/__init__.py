@@ -1,8 +1,33 @@
 """jacgrad: the chain rule of deep networks with every dense layer's Jacobian kept as
 its two factors, diag(φ'(h))·Wᵀ — VJPs, JVPs, per-sample Jacobians, spectra and
-gradient-flow diagnostics, on NumPy and on CuPy with the same results."""
+gradient-flow diagnostics, on NumPy and on CuPy with the same results.
 
-from . import backend
+    >>> import numpy as np, jacgrad as jg
+    >>> J = jg.LayerJacobian(np.array([0.5, 1.0]), np.eye(2))
+    >>> jg.Chain([J, J]).jacobian()
+    array([[0.25, 0.  ],
+           [0.  , 1.  ]])
+"""
+
+from . import activations, backend, check, kernels
 from .backend import get_xp, to_device, to_numpy
+from .chain import Chain
+from .jacobian import LayerJacobian
+from . import chain, jacobian, spectra
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Chain",
+    "LayerJacobian",
+    "activations",
+    "backend",
+    "chain",
+    "check",
+    "get_xp",
+    "jacobian",
+    "kernels",
+    "spectra",
+    "to_device",
+    "to_numpy",
+]

@@ -1,0 +1,212 @@
+"""LayerJacobian: the Jacobian of one dense layer kept as its two factors, diag(d) · Wᵀ.
+
+For ``z = φ(z_prev @ W + b)`` with ``W: (H_in, H_out)``, the per-sample Jacobian is
+``J = ∂z/∂z_prev = diag(φ'(h)) · Wᵀ``, shape ``(H_out, H_in)``. The diagonal ``d`` is either
+shared by all samples, ``(H_out,)``, or per sample, ``(B, H_out)``. The algebra of the factor
+is written once here; ``Chain`` and ``MLP`` call it.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> W = np.arange(6.0).reshape(2, 3)          # H_in = 2, H_out = 3
+    >>> J = jg.LayerJacobian(np.array([1.0, 0.5, 0.0]), W)
+    >>> J.vjp(np.ones((1, 3)))                     # (v * d) @ Wᵀ
+    array([[0.5, 5. ]])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from ._validate import float_array, shape_str
+from .activations import Activation
+from .activations import get as get_activation
+from .backend import get_xp
+
+__all__ = ["LayerJacobian"]
+
+
+class LayerJacobian:
+    """``diag(d) · Wᵀ`` with ``d: (H_out,)`` shared or ``(B, H_out)`` per sample, ``W: (H_in, H_out)``.
+
+    ``W`` is referenced, never copied; ``diag(d)`` is never built. The diagonal may also be
+    implicit — the layer's activation and its saved pre-activation ``h`` or output ``y``
+    (``LayerJacobian.from_activation``) — in which case products scale by ``φ'`` in one fused
+    pass (a CUDA kernel on the GPU) without materialising ``d``.
+    """
+
+    __slots__ = ("W", "_d", "_x", "_act", "_from_output", "batch", "h_in", "h_out")
+
+    def __init__(self, d: Any, W: Any):
+        xp = get_xp(d, W)
+        W = float_array(W, "W", xp)
+        d = float_array(d, "d", xp)
+        self._set_weight(W)
+        if d.ndim not in (1, 2) or d.shape[-1] != self.h_out:
+            raise ValueError(
+                f"d has shape {shape_str(d.shape)} but W has shape {shape_str(W.shape)}: "
+                f"d must be (H_out,) or (B, H_out) with H_out = {self.h_out} (W is (H_in, H_out))"
+            )
+        self._d, self._x, self._act, self._from_output = d, None, None, False
+        self.batch = d.shape[0] if d.ndim == 2 else None
+
+    @classmethod
+    def from_activation(cls, activation: str | Activation, W: Any, *, h: Any = None, y: Any = None) -> "LayerJacobian":
+        """The factor of a layer ``y = φ(h)``, ``h = z_prev @ W + b``, from ``h`` or from ``y``.
+
+        ``h``/``y``: ``(B, H_out)`` or ``(H_out,)``. Give ``y`` only for activations whose
+        derivative is a function of the output (``Activation.df_from_output`` is not None).
+        """
+        act = get_activation(activation) if isinstance(activation, str) else activation
+        if (h is None) == (y is None):
+            raise ValueError("give exactly one of h (pre-activation) or y (output)")
+        if y is not None and act.df_from_output is None:
+            raise ValueError(f"activation {act.name!r} has no derivative from its output; pass h instead of y")
+        x = h if y is None else y
+        xp = get_xp(x, W)
+        self = cls.__new__(cls)
+        self._set_weight(float_array(W, "W", xp))
+        x = float_array(x, "h" if y is None else "y", xp)
+        if x.ndim not in (1, 2) or x.shape[-1] != self.h_out:
+            raise ValueError(
+                f"{'h' if y is None else 'y'} has shape {shape_str(x.shape)} but W has shape "
+                f"{shape_str(self.W.shape)}: it must be (H_out,) or (B, H_out) with H_out = {self.h_out}"
+            )
+        self._d, self._x, self._act, self._from_output = None, x, act, y is not None
+        self.batch = x.shape[0] if x.ndim == 2 else None
+        return self
+
+    def _set_weight(self, W) -> None:
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D (H_in, H_out), got shape {shape_str(W.shape)}")
+        self.W = W
+        self.h_in, self.h_out = W.shape
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def xp(self):
+        return get_xp(self.W)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H_out, H_in)`` — the shape of one sample's Jacobian."""
+        return (self.h_out, self.h_in)
+
+    @property
+    def per_sample(self) -> bool:
+        return self.batch is not None
+
+    @property
+    def dtype(self) -> np.dtype:
+        x = self._d if self._d is not None else self._x
+        return np.result_type(x.dtype, self.W.dtype)
+
+    @property
+    def d(self):
+        """The diagonal φ'(h): ``(H_out,)`` or ``(B, H_out)`` (computed when it is implicit)."""
+        if self._d is not None:
+            return self._d
+        return kernels.derivative(self._x, self._act, from_output=self._from_output)
+
+    @property
+    def activation(self) -> Activation | None:
+        return self._act
+
+    def __repr__(self) -> str:
+        where = "per-sample" if self.per_sample else "shared"
+        b = f"B={self.batch}, " if self.per_sample else ""
+        src = f", φ={self._act.name}" if self._act is not None else ""
+        return f"LayerJacobian({b}{self.h_out}x{self.h_in}, {where} diagonal{src}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ products
+    def scale(self, a: Any, out: Any = None):
+        """``a ⊙ d`` for ``a: (N, H_out)`` (N = B when d is per sample) or ``(H_out,)``.
+
+        The one place a cotangent or tangent is multiplied by the diagonal: with an implicit
+        diagonal it is the fused ``v · φ'(x)`` kernel. ``out`` may be ``a`` itself.
+        """
+        a = self._check_rows(a, self.h_out, "cotangent")
+        diag = self._d if self._d is not None else self._x
+        if out is not None and out.dtype != np.result_type(a.dtype, diag.dtype):
+            out = None  # never narrow a wider result into a float32 buffer
+        if self._d is None and a.dtype == diag.dtype:
+            return kernels.scale_cotangent(a, self._x, self._act, from_output=self._from_output, out=out)
+        return get_xp(a).multiply(a, self.d, out=out)
+
+    def vjp(self, v: Any):
+        """Jᵀv = ``(v ⊙ d) @ Wᵀ``: ``v (B, H_out) -> (B, H_in)`` (or ``(H_out,) -> (H_in,)`` when shared)."""
+        return self.through_weights_t(self.scale(v))
+
+    def jvp(self, u: Any):
+        """Ju = ``(u @ W) ⊙ d``: ``u (B, H_in) -> (B, H_out)`` (or ``(H_in,) -> (H_out,)`` when shared)."""
+        u = self._check_rows(u, self.h_in, "tangent")
+        t = u @ self.W
+        return self.scale(t, out=t)
+
+    def through_weights_t(self, delta: Any):
+        """``delta @ Wᵀ``: ``(N, H_out) -> (N, H_in)`` — the weight half of the VJP (δ = ∂L/∂h given)."""
+        delta = self._check_rows(delta, self.h_out, "delta")
+        return delta @ self.W.T
+
+    def _check_rows(self, a: Any, width: int, what: str):
+        xp = get_xp(a, self.W)
+        a = float_array(a, what, xp)
+        if a.ndim not in (1, 2) or a.shape[-1] != width:
+            raise ValueError(
+                f"{what} has shape {shape_str(a.shape)} but this factor (H_out={self.h_out}, H_in={self.h_in}) "
+                f"needs (N, {width})"
+            )
+        if self.per_sample:
+            if a.ndim != 2 or a.shape[0] != self.batch:
+                raise ValueError(
+                    f"{what} has shape {shape_str(a.shape)} but the diagonal is per sample with B={self.batch}: "
+                    f"needs ({self.batch}, {width})"
+                )
+        return a
+
+    # ------------------------------------------------------------------ dense and spectra
+    def scale_stack(self, a: Any, inplace: bool = False):
+        """``a ⊙ d`` with d broadcast over the rows of each sample's block.
+
+        ``a: (B, r, H_out)`` or ``(r, H_out)`` -> ``(B, r, H_out)`` (or ``(r, H_out)`` when both are
+        shared). Used by ``Chain.jacobian``, where ``a`` stacks r cotangents or tangents per sample.
+        ``inplace`` writes into ``a`` when the broadcast result has ``a``'s shape.
+        """
+        xp = get_xp(a, self.W)
+        dd = self.d[..., None, :]
+        if inplace and a.ndim >= dd.ndim and a.dtype == np.result_type(a.dtype, dd.dtype):
+            return xp.multiply(a, dd, out=a)
+        return a * dd
+
+    def dense(self, transposed: bool = False):
+        """The Jacobian as an array: ``(H_out, H_in)`` shared, ``(B, H_out, H_in)`` per sample.
+
+        ``transposed=True`` gives ``Jᵀ`` (``(…, H_in, H_out)``), built directly in that layout.
+        """
+        d = self.d
+        if transposed:
+            return self.W * d[..., None, :]
+        return d[..., :, None] * self.W.T
+
+    def singular_values(self):
+        """Exact singular values, descending: ``(k,)`` shared or ``(B, k)``, ``k = min(H_out, H_in)``."""
+        from .spectra import singular_values
+
+        return singular_values(self.dense())
+
+    def spectral_norm(self):
+        """‖diag(d)·Wᵀ‖₂ exactly: a 0-d array when shared, ``(B,)`` per sample."""
+        from .spectra import spectral_norm_dense
+
+        return spectral_norm_dense(self.dense())
+
+    def norm_bound(self):
+        """``max|d| · ‖W‖₂`` — the submultiplicative bound ‖diag(d)‖₂‖Wᵀ‖₂ ≥ ‖J‖₂: 0-d or ``(B,)``."""
+        from .spectra import matrix_2norm
+
+        xp = self.xp
+        d = self.d
+        if d.shape[-1] == 0 or (d.ndim == 2 and d.shape[0] == 0):
+            return xp.zeros(d.shape[:-1], dtype=self.dtype)
+        return xp.abs(d).max(axis=-1) * matrix_2norm(self.W)
