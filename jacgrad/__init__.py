@@ -9,10 +9,11 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
            [0.  , 1.  ]])
 """
 
-from . import activations, backend, check, kernels
+from . import activations, backend, check, gates, initializers, kernels, losses
 from .backend import get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
+from .mlp import MLP
 from . import chain, jacobian, spectra
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "LayerJacobian",
+    "MLP",
     "activations",
     "backend",
     "chain",

@@ -35,4 +35,5 @@ def common_dtype(*arrays) -> np.dtype:
 
 
 def shape_str(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    """``(3,)``, ``(4, 5)``: the shape as Python prints a tuple of ints."""
+    return str(tuple(int(s) for s in shape))

@@ -126,7 +126,7 @@ def test_vjp_and_jvp_never_copy_w_or_build_diag():
 
 # ----------------------------------------------------------------------------- bad input
 def test_mismatched_d_and_w_names_both_shapes(rng):
-    with pytest.raises(ValueError, match=r"d has shape \(5\) but W has shape \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"d has shape \(5,\) but W has shape \(4, 3\)"):
         jg.LayerJacobian(rng.standard_normal(5), rng.standard_normal((4, 3)))
     with pytest.raises(ValueError, match="W must be 2-D"):
         jg.LayerJacobian(rng.standard_normal(3), rng.standard_normal(3))
