@@ -1,0 +1,188 @@
+"""Losses and their gradients with respect to the network output.
+
+Each loss returns ``(value, gradient)``: ``value`` is a 0-d array and ``gradient`` has the shape
+of the first argument; both have the first argument's dtype and live on its backend (NumPy or
+CuPy — results stay on the device of their inputs). Float targets are cast to that dtype, so
+a float32 network stays float32. With the matching output activation (identity, softmax,
+sigmoid) every gradient has the form ``(Ŷ − Y) / n``.
+
+An empty output (``B = 0`` or ``N = 0``) gives value ``0.0`` and an all-zero gradient of the
+output's shape: the mean over nothing is taken as zero, without a warning.
+
+    >>> import numpy as np
+    >>> from jacgrad import losses
+    >>> value, grad = losses.get("mse")(np.array([1.0, 3.0]), np.array([1.0, 1.0]))
+    >>> float(value), grad.tolist()
+    (2.0, [0.0, 2.0])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ._validate import float_array, shape_str
+from .backend import get_xp
+from .gates import GATES
+
+__all__ = ["LOSSES", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
+
+_SIGMOID = GATES["sigmoid"].f  # the overflow-free σ of the gate table
+
+
+def _output_and_target(y: Any, t: Any, y_name: str):
+    """``y`` as a float array, ``t`` as a float array of ``y``'s dtype and shape, and their xp."""
+    xp = get_xp(y, t)
+    y = float_array(y, y_name, xp)
+    t = float_array(t, "target t", xp).astype(y.dtype, copy=False)
+    if t.shape != y.shape:
+        raise ValueError(f"target has shape {shape_str(t.shape)} but the output has shape {shape_str(y.shape)}")
+    return xp, y, t
+
+
+def _mean(xp, total, n: int, dtype):
+    """``total / n`` as a 0-d array of ``dtype``."""
+    return xp.asarray(total / n, dtype=dtype)
+
+
+def _empty(xp, y):
+    """The loss of an empty output: value 0 and an (empty) all-zero gradient, no warning."""
+    return xp.zeros((), dtype=y.dtype), xp.zeros_like(y)
+
+
+def mse(y: Any, t: Any):
+    """Mean squared error over all elements: ``L = Σ (y − t)² / N``, ``∂L/∂y = 2 (y − t) / N``.
+
+    ``y``: output, any shape ``S`` (``(B, n_out)`` for a network); ``t``: target, shape ``S``;
+    ``N = y.size``. Returns ``(L: (), ∂L/∂y: S)``.
+
+        >>> import numpy as np
+        >>> value, grad = mse(np.array([[0.0, 2.0]]), np.array([[1.0, 1.0]]))
+        >>> float(value), grad.tolist()
+        (1.0, [[-1.0, 1.0]])
+    """
+    xp, y, t = _output_and_target(y, t, "output y")
+    n = y.size
+    if not n:
+        return _empty(xp, y)
+    r = y - t
+    return _mean(xp, (r * r).sum(), n, y.dtype), (2 / n) * r
+
+
+def _log_softmax(xp, z):
+    # Shift by the row max so exp never overflows (logits of ±1e4 are fine).
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _labels(xp, t, B: int, C: int):
+    """Integer labels ``t: (B,)`` checked against the batch and the ``C`` classes."""
+    if t.ndim != 1 or t.shape[0] != B:
+        raise ValueError(f"labels have shape {shape_str(t.shape)} but the logits have shape ({B}, {C}); "
+                         f"expected labels of shape {shape_str((B,))}")
+    if B:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= C:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")
+    return t
+
+
+def softmax_cross_entropy(z: Any, t: Any):
+    """Softmax cross-entropy, mean over the batch: ``L = −Σ_b Σ_c T_bc log softmax(z_b)_c / B``.
+
+    ``z``: logits ``(B, C)``. ``t``: integer labels ``(B,)`` in ``[0, C)`` (T is their one-hot),
+    or float rows of probabilities ``T: (B, C)``. A 1-D float ``t`` is a ``TypeError``: labels
+    must be integers. Returns ``(L: (), ∂L/∂z: (B, C))`` with
+
+        ∂L/∂z = (Ŷ − T) / B,   Ŷ = softmax(z) row by row,
+
+    for rows of ``T`` that sum to 1; for any other rows the exact ``(rowsum(T)·Ŷ − T) / B`` is
+    returned, as PyTorch does. Log-sum-exp is shifted by the row maximum, so logits of ±1e4
+    give finite values and gradients.
+
+        >>> import numpy as np
+        >>> value, grad = softmax_cross_entropy(np.array([[0.0, 0.0]]), np.array([1]))
+        >>> round(float(value), 6), grad.tolist()
+        (0.693147, [[0.5, -0.5]])
+    """
+    xp = get_xp(z, t)
+    z = float_array(z, "logits z", xp)
+    if z.ndim != 2:
+        raise ValueError(f"logits z must be 2-D (B, C); got shape {shape_str(z.shape)}")
+    B, C = z.shape
+    if B and not C:
+        raise ValueError(f"logits z have shape {shape_str(z.shape)}: softmax needs at least one class")
+    t = t if hasattr(t, "dtype") else xp.asarray(t)
+    kind = np.dtype(t.dtype).kind
+    if kind in "iu":
+        labels = _labels(xp, t, B, C)
+        T = None
+    elif kind == "f" and t.ndim == 2:
+        _, _, T = _output_and_target(z, t, "logits z")
+    elif kind == "f":
+        raise TypeError(f"labels must be integers but t is a {t.dtype} array of shape {shape_str(t.shape)}; "
+                        f"pass int labels (B,) or float rows of probabilities (B, C)")
+    else:
+        raise TypeError(f"target t has dtype {t.dtype}; pass int labels (B,) or float rows of probabilities (B, C)")
+    if not B:
+        return _empty(xp, z)
+    logp = _log_softmax(xp, z)
+    p = xp.exp(logp)
+    if T is None:
+        rows = xp.arange(B)
+        value = -logp[rows, labels].sum()
+        grad = p.copy()
+        grad[rows, labels] -= 1
+    else:
+        value = -(T * logp).sum()
+        grad = p * T.sum(axis=1, keepdims=True) - T
+    return _mean(xp, value, B, z.dtype), grad / B
+
+
+def sigmoid_bce(z: Any, t: Any):
+    """Binary cross-entropy of sigmoid(z), mean over all elements.
+
+    ``z``: logits, any shape ``S``; ``t``: targets in ``[0, 1]``, shape ``S``; ``N = z.size``.
+    ``L = Σ [max(z, 0) − z·t + log(1 + exp(−|z|))] / N`` (which equals
+    ``−Σ [t log σ(z) + (1 − t) log(1 − σ(z))] / N`` without ever overflowing, finite for
+    ``|z|`` up to 1e4 and beyond) and ``∂L/∂z = (σ(z) − t) / N``. Targets outside ``[0, 1]``
+    are not rejected: the formula stays the exact value and gradient (as in PyTorch).
+    Returns ``(L: (), ∂L/∂z: S)``.
+
+        >>> import numpy as np
+        >>> value, grad = sigmoid_bce(np.array([0.0, 1e4]), np.array([1.0, 1.0]))
+        >>> round(float(value), 6), grad.tolist()
+        (0.346574, [-0.25, 0.0])
+    """
+    xp, z, t = _output_and_target(z, t, "logits z")
+    n = z.size
+    if not n:
+        return _empty(xp, z)
+    value = (xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))).sum()
+    return _mean(xp, value, n, z.dtype), (_SIGMOID(xp, z) - t) / n
+
+
+LOSSES: dict[str, Callable] = {
+    "mse": mse,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "sigmoid_bce": sigmoid_bce,
+}
+
+
+def names() -> list[str]:
+    """The loss names, sorted."""
+    return sorted(LOSSES)
+
+
+def get(name: str) -> Callable:
+    """The loss called ``name``; a ``KeyError`` listing the valid names otherwise.
+
+        >>> get("mse").__name__
+        'mse'
+    """
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown loss {name!r}; valid names: {', '.join(names())}") from None
