@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "available",
+    "cupy",
     "default_device",
     "device_of",
     "get_xp",
@@ -120,6 +121,15 @@ def _require_gpu(what: str) -> None:
     reason = gpu_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"{what} asks for the GPU, but none is usable here: {reason}")
+
+
+def cupy():
+    """The CuPy module, for the code that builds and launches kernels (``jacgrad.kernels``).
+
+    Raises ``RuntimeError`` with the probe's reason when no GPU runs kernels here.
+    """
+    _require_gpu("building a CUDA kernel")
+    return _cupy_module()
 
 
 def _cupy_module():

@@ -1,0 +1,214 @@
+"""The elementwise steps of the hot path, written once: NumPy on the CPU, fused CUDA kernels on the GPU.
+
+Every part of jacgrad that scales by φ' goes through this module:
+
+- ``scale_cotangent(v, x, activation)``  → ``v ⊙ φ'(x)`` (the VJP step; x broadcast over rows)
+- ``derivative(x, activation)``          → ``φ'(x)`` (when a dense diagonal is needed)
+- ``activation_forward(h, activation)``  → ``φ(h)``
+- ``forward_with_derivative(h, activation)`` → ``(φ(h), φ'(h))`` in one pass
+
+With ``from_output=True`` the argument is the output ``y = φ(h)`` and the derivative is
+``Activation.df_from_output(y)``. On NumPy arrays the activation table's functions compute the
+result; on CuPy arrays the templates of ``kernels/fused.cu`` (math in ``kernels/activations.cuh``)
+are compiled by NVRTC through CuPy's ``RawModule`` on first use — one module per
+(kernel, dtype, activation, from_output), cached in memory here and on disk by CuPy — and launched.
+
+This module never imports CuPy: it reaches it through ``jacgrad.backend``.
+
+    >>> import numpy as np
+    >>> scale_cotangent(np.ones((2, 3)), np.zeros(3), "sigmoid")
+    array([[0.25, 0.25, 0.25],
+           [0.25, 0.25, 0.25]])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import activations
+from ._cuda_build import (
+    KERNELS,
+    compile_report,
+    compiled_kernel,
+    instantiations,
+    launch,
+    module_source,
+    name_expression,
+    read_source,
+    source_dir,
+)
+from ._validate import float_array, shape_str
+from .activations import Activation
+from .backend import get_xp
+
+__all__ = [
+    "KERNELS",
+    "activation_forward",
+    "compile_report",
+    "derivative",
+    "forward_with_derivative",
+    "instantiations",
+    "module_source",
+    "name_expression",
+    "read_source",
+    "scale_cotangent",
+    "source_dir",
+    "special",
+]
+
+
+def _resolve(activation: str | Activation) -> Activation:
+    if isinstance(activation, (str, Activation)):
+        return activations.get(activation)
+    raise TypeError(
+        f"activation must be a name or an Activation, not {type(activation).__name__}; "
+        f"valid names: {', '.join(activations.names())}"
+    )
+
+
+def _derivative_of(act: Activation, from_output: bool):
+    """The table function for φ' (from h, or from y when ``from_output``)."""
+    if not from_output:
+        return act.df
+    if act.df_from_output is None:
+        able = [n for n in activations.names() if activations.get(n).df_from_output is not None]
+        raise ValueError(
+            f"activation {act.name!r} has no derivative from its output (φ' is not a function of y); "
+            f"pass the pre-activation h instead. Activations with one: {', '.join(able)}"
+        )
+    return act.df_from_output
+
+
+def _check_out(where: str, out, shape, dtype, xp):
+    """``out`` checked against the result's shape and dtype (and contiguity on the GPU)."""
+    if out is None:
+        return None
+    if get_xp(out) is not xp:
+        raise TypeError(f"{where}: out is on a different device than the inputs")
+    if out.dtype != dtype:
+        raise TypeError(f"{where}: out has dtype {out.dtype} but the result is {np.dtype(dtype)}")
+    if out.shape != shape:
+        raise ValueError(f"{where}: out has shape {shape_str(out.shape)} but the result is {shape_str(shape)}")
+    if xp is not np and not out.flags.c_contiguous:
+        raise ValueError(f"{where}: out must be C-contiguous for the GPU kernel")
+    return out
+
+
+def _prepare(where: str, x, act: Activation, from_output: bool, out, name: str):
+    """(x, xp, out, table function) for the single-input steps."""
+    xp = get_xp(x, out)
+    x = float_array(x, name, xp)
+    fn = _derivative_of(act, from_output)
+    return x, xp, _check_out(where, out, x.shape, x.dtype, xp), fn
+
+
+def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: bool = False, out: Any = None):
+    """``v ⊙ φ'(x)``: the elementwise step of a VJP (and of a JVP) through a layer's diagonal.
+
+    v: (..., H) cotangent, typically (B, H) or (H,).
+    x: the layer's pre-activation h (or its output y when ``from_output``), of v's shape, or
+       (H,) shared by every row of v.
+    out: optional array of v's shape and dtype to write into (may be v itself).
+    Returns an array of v's shape and dtype. v and x must have the same dtype (TypeError) and
+    live on the same device (TypeError); mismatched shapes are a ValueError naming both.
+
+        >>> import numpy as np
+        >>> scale_cotangent(np.array([[2.0, 2.0]]), np.array([-1.0, 1.0]), "relu")
+        array([[0., 2.]])
+    """
+    act = _resolve(activation)
+    where = f"scale_cotangent({act.name})"
+    fn = _derivative_of(act, from_output)
+    xp = get_xp(v, x, out)
+    v = float_array(v, "v", xp)
+    x = float_array(x, "x", xp)
+    if v.dtype != x.dtype:
+        raise TypeError(f"{where}: v is {v.dtype} but x is {x.dtype}; cast one so they agree")
+    if x.shape != v.shape and not (v.ndim >= 1 and x.shape == v.shape[-1:]):
+        raise ValueError(
+            f"{where}: x has shape {shape_str(x.shape)} but v has shape {shape_str(v.shape)}; "
+            f"x must have v's shape or be ({v.shape[-1] if v.ndim else 'H'},), shared by every row"
+        )
+    out = _check_out(where, out, v.shape, v.dtype, xp)
+    if xp is np:
+        return np.multiply(v, fn(x), out=out)
+    v, x = xp.ascontiguousarray(v), xp.ascontiguousarray(x)
+    if out is None:
+        out = xp.empty_like(v)
+    kernel = compiled_kernel("scale_cotangent", v.dtype, act, from_output)
+    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)))
+    return out
+
+
+def derivative(x: Any, activation: str | Activation, from_output: bool = False, out: Any = None):
+    """``φ'(x)`` elementwise: x is h, or the output y when ``from_output``. Any shape → same shape/dtype.
+
+        >>> import numpy as np
+        >>> derivative(np.array([0.0]), "tanh")
+        array([1.])
+    """
+    act = _resolve(activation)
+    x, xp, out, fn = _prepare(f"derivative({act.name})", x, act, from_output, out, "x")
+    if xp is np:
+        return _into(out, fn(x))
+    x = xp.ascontiguousarray(x)
+    out = xp.empty_like(x) if out is None else out
+    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)))
+    return out
+
+
+def activation_forward(h: Any, activation: str | Activation, out: Any = None):
+    """``φ(h)`` elementwise. h: any shape, float32/float64 → same shape and dtype.
+
+        >>> import numpy as np
+        >>> activation_forward(np.array([-1.0, 2.0]), "relu")
+        array([0., 2.])
+    """
+    act = _resolve(activation)
+    h, xp, out, _ = _prepare(f"activation_forward({act.name})", h, act, False, out, "h")
+    if xp is np:
+        return _into(out, act.f(h))
+    h = xp.ascontiguousarray(h)
+    out = xp.empty_like(h) if out is None else out
+    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)))
+    return out
+
+
+def forward_with_derivative(h: Any, activation: str | Activation):
+    """``(φ(h), φ'(h))`` — on the GPU in one pass over h. h: any shape → two arrays of h's shape/dtype.
+
+        >>> import numpy as np
+        >>> forward_with_derivative(np.array([0.0]), "sigmoid")
+        (array([0.5]), array([0.25]))
+    """
+    act = _resolve(activation)
+    h, xp, _, _ = _prepare(f"forward_with_derivative({act.name})", h, act, False, None, "h")
+    if xp is np:
+        return act.f(h), act.df(h)
+    h = xp.ascontiguousarray(h)
+    y, d = xp.empty_like(h), xp.empty_like(h)
+    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))
+    return y, d
+
+
+def special(name: str, x: Any):
+    """CUDA's ``erf`` or ``erfc`` of a CuPy array (``jacgrad.activations.erf/erfc`` call this for
+    CuPy input; NumPy input goes to jacgrad's own implementation). x: any shape → same shape/dtype."""
+    if name not in ("erf", "erfc"):
+        raise ValueError(f"special function {name!r} is not one of erf, erfc")
+    xp = get_xp(x)
+    if xp is np:
+        raise TypeError(f"kernels.special({name!r}) runs on CuPy arrays; use jacgrad.activations.{name} for NumPy")
+    x = xp.ascontiguousarray(float_array(x, "x", xp))
+    out = xp.empty_like(x)
+    launch(compiled_kernel(f"{name}_elementwise", x.dtype), x.size, (x, out, np.int64(x.size)))
+    return out
+
+
+def _into(out, result):
+    if out is None:
+        return result
+    out[...] = result
+    return out
