@@ -1,0 +1,183 @@
+"""``jacgrad check`` (GPU against the float64 NumPy reference) and ``jacgrad info``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import numpy as np
+
+from .cli import UsageError, _activation_names, _load_weights
+
+__all__ = ["run_check", "run_info", "quantities"]
+
+
+# ---------------------------------------------------------------------------- check
+def quantities(net, x, t) -> dict[str, list]:
+    """Everything ``check`` compares, computed on ``net``'s device and dtype: name -> arrays."""
+    from . import losses
+    from .diagnostics import gradient_flow
+    from .spectra import singular_values
+
+    y, cache = net.forward(x)
+    value, grad_y = losses.mse(y, t)
+    g = net.backward(cache, grad_y)
+    J = net.jacobian_chain(cache).jacobian()
+    rep = gradient_flow(net, x, t, loss="mse", spectrum_samples=0)
+    return {
+        "forward output y": [y],
+        "mse loss": [value],
+        "∂L/∂W, every layer": list(g.weights),
+        "∂L/∂b, every layer": list(g.biases),
+        "∂L/∂h (deltas), every layer": list(g.deltas),
+        "∂L/∂x": [g.input],
+        "per-sample input-output Jacobian": [J],
+        "its singular values": [singular_values(J)],
+        "‖J_j‖₂ per layer (Lanczos)": [np.array([f.jacobian_norm for f in rep.layers])],
+        "χ per layer": [np.array(rep.chi)],
+        "‖∂L/∂W_j‖ per layer (report)": [np.array([f.grad_norm for f in rep.layers])],
+    }
+
+
+def _candidates(device_option: str) -> tuple[list[tuple[str, str, str]], str]:
+    """``([(label, device, dtype)], note)``."""
+    from . import backend
+
+    reason = backend.gpu_unavailable_reason()
+    if device_option == "gpu":
+        if reason is not None:
+            raise UsageError(f"--device gpu: no usable GPU here: {reason}")
+    if device_option in ("gpu", "auto") and reason is None:
+        return [("cupy float64", "gpu", "float64"), ("cupy float32", "gpu", "float32")], "the GPU path"
+    note = (
+        f"no GPU here ({reason}); validating NumPy float32 against float64 instead"
+        if reason is not None
+        else "--device cpu: validating NumPy float32 against float64"
+    )
+    return [("numpy float32", "cpu", "float32")], note
+
+
+def run_check(args) -> int:
+    from .check import relative_error
+    from .mlp import MLP
+
+    candidates, note = _candidates(args.device)
+    if args.weights is not None:
+        ref_net = _load_weights(args.weights, "float64", "cpu")
+        what = f"{args.weights}"
+    else:
+        act = _activation_names(args.activation)[0]
+        sizes = [args.width] * (args.depth + 1)
+        ref_net = MLP.init(sizes, activation=act, init="xavier_normal", bias_std=0.1, seed=args.seed)
+        what = f"a random {act} network {args.width}x{args.depth}"
+    rng = np.random.default_rng([args.seed, 2])
+    x = rng.standard_normal((args.batch, ref_net.sizes[0]))
+    t = rng.standard_normal((args.batch, ref_net.sizes[-1]))
+    print(f"jacgrad check: {note}")
+    print(f"network: {what}, sizes {'-'.join(map(str, ref_net.sizes))}, B={args.batch}, mse loss; "
+          "error = max|a − b| / max|b| against float64 NumPy")
+    with np.errstate(all="ignore"):
+        reference = quantities(ref_net, x, t)
+        results = []
+        for label, device, dtype in candidates:
+            net = MLP([W.astype(dtype) for W in ref_net.weights], [b.astype(dtype) for b in ref_net.biases],
+                      ref_net.activations).to(device)
+            from .backend import to_device
+
+            got = quantities(net, to_device(x.astype(dtype), device), to_device(t.astype(dtype), device))
+            tol = args.tol64 if dtype == "float64" else args.tol32
+            errs = {k: max(relative_error(a, b) for a, b in zip(got[k], reference[k])) for k in reference}
+            results.append((label, tol, errs))
+    width = max(len(k) for k in reference)
+    print(f"  {'quantity':<{width}}" + "".join(f"  {label:>14} (tol {tol:.0e})" for label, tol, _ in results))
+    failed = []
+    for k in reference:
+        cells = []
+        for label, tol, errs in results:
+            e = errs[k]
+            ok = e <= tol  # NaN fails
+            if not ok:
+                failed.append(f"{label}: {k}")
+            cells.append(f"  {e:>14.2e} {'ok' if ok else 'FAIL':>10}")
+        print(f"  {k:<{width}}" + "".join(cells))
+    if failed:
+        print(f"FAILED: {len(failed)} above tolerance — " + "; ".join(failed))
+        return 1
+    print(f"passed: all {len(reference) * len(results)} comparisons within tolerance")
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _version(*dists: str) -> str | None:
+    for d in dists:
+        try:
+            return f"{importlib.metadata.version(d)}" + (f" ({d})" if len(dists) > 1 else "")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _gpu_lines() -> list[str]:
+    from . import backend
+
+    reason = backend.gpu_unavailable_reason()
+    if reason is not None:
+        return [f"GPU: none usable — {reason}"]
+    cp = backend.cupy()
+    lines = []
+    try:
+        rt = cp.cuda.runtime
+        n = rt.getDeviceCount()
+        for i in range(n):
+            props = rt.getDeviceProperties(i)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            mem = props.get("totalGlobalMem", 0) / 2**30
+            lines.append(f"GPU {i}: {name}, compute capability {props['major']}.{props['minor']}, {mem:.1f} GiB")
+        rv, dv = rt.runtimeGetVersion(), rt.driverGetVersion()
+        lines.append(f"CUDA runtime {rv // 1000}.{rv % 1000 // 10}, driver supports CUDA {dv // 1000}.{dv % 1000 // 10}")
+    except Exception as exc:  # report, never crash `info`
+        lines.append(f"GPU: usable, but its properties could not be read ({type(exc).__name__}: {exc})")
+    return lines
+
+
+def run_info() -> int:
+    from . import __version__, backend
+
+    import os
+
+    print(f"jacgrad {__version__} ({os.path.dirname(os.path.abspath(__file__))})")
+    print(f"python {platform.python_version()} ({sys.executable})")
+    print(f"numpy {np.__version__}")
+    optional = {
+        "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"),
+        "torch": ("torch",),
+        "jax": ("jax",),
+        "matplotlib": ("matplotlib",),
+    }
+    for name, dists in optional.items():
+        print(f"{name} {_version(*dists) or 'not installed'}")
+    print(f"backends: {', '.join(backend.available())}")
+    try:
+        print(f"default device (device='auto'): {backend.default_device()}")
+    except (RuntimeError, ValueError) as exc:
+        print(f"default device (device='auto'): error: {exc}")
+    for line in _gpu_lines():
+        print(line)
+    print("kernels:")
+    try:
+        from .kernels import compile_report
+
+        rows = compile_report()
+        failures = {message for _, ok, message in rows if not ok}
+        if rows and len(failures) == 1 and not any(ok for _, ok, _ in rows):
+            print(f"  {', '.join(k for k, _, _ in rows)}: {failures.pop()}")
+        else:
+            for kernel, ok, message in rows:
+                print(f"  {kernel}: {'ok, ' if ok else ''}{message}")
+    except Exception as exc:  # a broken CUDA toolchain is information here, not a crash
+        print(f"  could not build the kernel report ({type(exc).__name__}: {exc})")
+    from .examples import TINY_MLP
+
+    print(f"example network: {TINY_MLP}")
+    return 0

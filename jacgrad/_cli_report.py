@@ -1,0 +1,126 @@
+"""``jacgrad report``: build (or load) the networks, run ``gradient_flow``, print, write JSON/PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from .cli import UsageError, _activation_names, _check_init, _check_output_path, _load_weights, _resolve_device, parse_sizes
+
+__all__ = ["run_report"]
+
+DEFAULT_DEPTH = 20
+DEFAULT_WIDTH = 256
+DEFAULT_ACTIVATIONS = "sigmoid,tanh,relu"
+_NET_OPTIONS = ("depth", "width", "sizes", "activation", "output_activation", "init", "gain", "bias_std")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _networks(args, device: str) -> list[tuple[str, object]]:
+    from .diagnostics import usual_init
+    from .mlp import MLP
+
+    if args.weights is not None:
+        clash = [_option(n) for n in _NET_OPTIONS if getattr(args, n) is not None]
+        if clash:
+            raise UsageError(f"--weights cannot be combined with {', '.join(clash)}: the file defines the network")
+        net = _load_weights(args.weights, args.dtype, device)
+        return [(os.path.basename(args.weights), net)]
+    if args.sizes is not None and (args.depth is not None or args.width is not None):
+        raise UsageError("--sizes cannot be combined with --depth or --width (it gives every width)")
+    if args.sizes is not None:
+        sizes = parse_sizes(args.sizes)
+    else:
+        depth = DEFAULT_DEPTH if args.depth is None else args.depth
+        width = DEFAULT_WIDTH if args.width is None else args.width
+        sizes = [width] * (depth + 1)
+    acts = _activation_names(args.activation or DEFAULT_ACTIVATIONS)
+    out_act = _activation_names(args.output_activation)[0] if args.output_activation else "identity"
+    init = _check_init(args.init) if args.init is not None else None
+    gain = 1.0 if args.gain is None else args.gain
+    bias_std = 0.0 if args.bias_std is None else args.bias_std
+    nets = []
+    for act in acts:
+        scheme = init or usual_init(act)
+        label = f"{act}, {scheme}" + (f" x{gain:g}" if gain != 1.0 else "") + (f", bias std {bias_std:g}" if bias_std else "")
+        try:
+            net = MLP.init(sizes, activation=act, output_activation=out_act, init=scheme, gain=gain,
+                           bias_std=bias_std, seed=args.seed, dtype=args.dtype, device=device)
+        except MemoryError:
+            raise UsageError(f"the network {args.sizes or sizes[:3]}… does not fit in memory") from None
+        nets.append((label, net))
+    return nets
+
+
+def _require_matplotlib() -> None:
+    from .report import PLOT_INSTALL_HINT
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--plot: {PLOT_INSTALL_HINT}") from None
+
+
+def run_report(args) -> int:
+    from . import diagnostics
+    from .backend import to_device
+    from .report import plot_reports, report_dict
+
+    if args.json is not None:
+        _check_output_path(args.json, "--json")
+    if args.plot is not None:
+        _check_output_path(args.plot, "--plot")
+        _require_matplotlib()
+    device = _resolve_device(args.device)
+    nets = _networks(args, device)
+    n_in = nets[0][1].sizes[0]
+    x = np.random.default_rng([args.seed, 1]).standard_normal((args.batch, n_in)).astype(args.dtype)
+    x = to_device(x, device)
+    reports = []
+    for label, net in nets:
+        try:
+            rep = diagnostics.gradient_flow(net, x, seed=args.seed, spectrum_samples=args.spectrum_samples, label=label)
+        except ValueError as exc:  # non-finite weights in a file, mostly
+            where = f"--weights {args.weights!r}" if args.weights is not None else label
+            raise UsageError(f"{where}: {exc}") from None
+        reports.append(rep)
+        print(rep.to_text())
+        print()
+    if len(reports) > 1:
+        print("summary: χ̄ = per-layer factor of the squared gradient norm, Γ = χ̄^L over the depth")
+        width = max(len(r.label) for r in reports)
+        for r in reports:
+            print(f"  {r.label:<{width}}  {r.verdict:<9}  χ̄ = {r.chi_bar:<8.4g} Γ = {r.backward_gain:.3g}")
+    if args.json is not None:
+        from . import __version__
+
+        from .report import _json_safe
+
+        text = json.dumps(
+            _json_safe({"jacgrad": __version__, "reports": [report_dict(r) for r in reports]}),
+            indent=2, allow_nan=False, ensure_ascii=False,
+        )
+        if args.json == "-":
+            print(text)
+        else:
+            try:
+                with open(args.json, "w", encoding="utf-8") as fh:
+                    fh.write(text + "\n")
+            except OSError as exc:
+                raise UsageError(f"--json {args.json!r}: cannot write ({exc.strerror or exc})") from None
+            print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        try:
+            plot_reports(reports, args.plot)
+        except OSError as exc:
+            raise UsageError(f"--plot {args.plot!r}: cannot write ({exc.strerror or exc})") from None
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+

@@ -1,0 +1,275 @@
+"""Gradient-flow report: why a deep network's gradients vanish or explode, layer by layer.
+
+``gradient_flow(net, x)`` runs the network on ``x``, back-propagates (a loss gradient, or a
+random unit cotangent that describes the network itself), and reads every number off the
+layer factors ``J_j = diag(φ'_j(h_j)) · W_jᵀ`` of ``net.jacobian_chain(cache)``:
+
+- per layer: the gradient and delta norms, the exact spectral norm of each sample's ``J_j``
+  against its bound ``max|d|·‖W‖₂``, the activation's derivative (mean, active, dead and
+  saturated units) and ``‖W_j‖₂``;
+- ``chi``: per layer, ``‖J_j‖_F² / H_{j-1}`` averaged over the batch — the mean squared singular
+  value of the layer, the factor by which it scales ``‖J u‖²`` for a random direction ``u`` (the
+  χ of mean-field theory); the product over layers approximates the network's
+  ``mean_squared_singular_value`` ``‖J‖_F² / n_in`` of the input-output Jacobian;
+- the input-output Jacobian's singular values, a verdict and concrete hints.
+
+``‖J_j‖_F² = Σ_i d_i² ‖W[:, i]‖²`` costs one ``(B, H) @ (H,)`` product; the exact ``‖J_j‖₂`` of
+all samples comes from batched Lanczos through the factor (``jacgrad._lanczos``), so nothing
+bigger than one layer's ``(B, H)`` blocks (and one ``H_out × H_out`` Gram matrix) is built. Work
+stays on the network's device (NumPy or CuPy); only the report's numbers come to the host.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> net = jg.MLP.init([32] * 9, activation="sigmoid", init="xavier_normal", seed=0)
+    >>> rep = gradient_flow(net, np.random.default_rng(0).standard_normal((16, 32)))
+    >>> rep.verdict
+    'vanishing'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import losses as _losses
+from ._flow import (
+    SATURATION,
+    LayerFlow,
+    first_nonfinite,
+    io_spectrum,
+    is_finite,
+    layer_flow,
+)
+from .backend import get_xp
+
+__all__ = [
+    "GAIN_BAND",
+    "GradientFlowReport",
+    "LayerFlow",
+    "SATURATION",
+    "VERDICTS",
+    "decide",
+    "gradient_flow",
+    "usual_init",
+]
+
+VERDICTS = ("vanishing", "exploding", "healthy")
+# Healthy while the squared gradient norm changes by less than GAIN_BAND from the output to the
+# input, i.e. the gradient norm by less than 10x: depth L <= ln(100)·ξ ≈ 4.6 depth scales.
+GAIN_BAND = 100.0
+
+_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
+
+
+def usual_init(activation: str) -> str:
+    """The initialisation usually paired with ``activation``: he_normal for the ReLU family,
+    xavier_normal otherwise (sigmoid, tanh, identity, hard_tanh)."""
+    return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
+
+
+@dataclass
+class GradientFlowReport:
+    """What ``gradient_flow`` found. ``layers[j]`` is a ``LayerFlow``; the rest is the whole net:
+
+    chi: per-layer χ_j (list); chi_bar: geometric mean of the layers' ``backward_gain`` (= χ_j
+    for square layers); backward_gain: their product Γ = χ̄^L; mean_squared_singular_value:
+    ‖J‖_F²/n_in of the input-output Jacobian, batch mean; jacobian_singular_values: ``(S, k)``
+    host array for the first S samples (``spectrum_samples``; ``(0, k)`` when skipped);
+    jacobian_spectral_norm: mean ‖J‖₂; verdict: "vanishing" | "exploding" | "healthy";
+    depth_scale: ξ = 1/|ln χ̄| layers per e-fold of the squared gradient norm (inf at χ̄ = 1);
+    hints: concrete advice for an unhealthy verdict; nonfinite: None, or where the values first
+    went non-finite (``{"layer", "stage", "message"}``).
+    """
+
+    layers: list[LayerFlow]
+    chi: list[float]
+    chi_bar: float
+    backward_gain: float
+    mean_squared_singular_value: float
+    mean_squared_singular_value_method: str
+    jacobian_singular_values: np.ndarray
+    jacobian_spectral_norm: float
+    spectrum_samples: int
+    spectrum_method: str
+    verdict: str
+    depth_scale: float
+    hints: list[str]
+    nonfinite: dict | None
+    sizes: list[int]
+    activations: list[str]
+    batch: int
+    dtype: str
+    device: str
+    loss: str | None
+    loss_value: float | None
+    label: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        """Plain Python values (lists, floats, ints, strings); non-finite floats stay floats."""
+        from .report import report_dict
+
+        return report_dict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict`` as strict JSON: inf, -inf and NaN are written as the strings "inf", "-inf", "nan"."""
+        from .report import report_json
+
+        return report_json(self, indent=indent)
+
+    def to_text(self) -> str:
+        """A readable per-layer table, the whole-net numbers, the verdict and the hints."""
+        from .report import report_text
+
+        return report_text(self)
+
+    def plot(self, path) -> None:
+        """Save a PNG: per-layer gradient and Jacobian norms (log scale), χ per layer, and the
+        singular-value histogram of the input-output Jacobian. Needs matplotlib (``jacgrad[plot]``)."""
+        from .report import plot_reports
+
+        plot_reports([self], path)
+
+
+# ---------------------------------------------------------------------------- the verdict
+def decide(backward_gains, nonfinite: bool = False) -> tuple[str, float, float, float]:
+    """``(verdict, chi_bar, backward_gain, depth_scale)`` from the per-layer backward gains.
+
+    χ̄ is the geometric mean of ``g_j = ‖J_j‖_F²/H_j`` — the squared-norm factor of layer j for
+    an isotropic cotangent (χ_j itself when the layer is square). The mean-field χ is a product
+    over layers, so the geometric mean is its per-layer rate; it is computed exactly from every
+    sample at the cost of one product per layer, never needs the whole Jacobian, and the
+    normalisation by H_j (not H_{j-1}) drops the fixed factor n_in/n_out, so a net that merely
+    narrows from 784 inputs to 10 outputs is not called vanishing. Γ = Π g_j = χ̄^L is how much
+    the squared gradient norm changes from output to input. The verdict compares Γ to 1 within
+    ``GAIN_BAND`` = 100 (a 10x change of the gradient norm): below → "vanishing", above →
+    "exploding". Equivalently, healthy while the depth is within ln(100)·ξ ≈ 4.6 depth scales
+    ξ = 1/|ln χ̄| (a positive number of layers either way; the direction is in the verdict).
+    Non-finite values are an overflow: "exploding" with χ̄ = Γ = inf and ξ = 0.
+
+        >>> decide([0.5] * 20)[0], decide([1.0] * 20)[3], decide([2.56] * 20)[0]
+        ('vanishing', inf, 'exploding')
+    """
+    gains = [float(g) for g in backward_gains]
+    if nonfinite or not gains or not all(math.isfinite(g) for g in gains):
+        return "exploding", math.inf, math.inf, 0.0
+    if min(gains) <= 0.0:
+        return "vanishing", 0.0, 0.0, 0.0
+    logs = [math.log(g) for g in gains]
+    log_gamma = sum(logs)
+    chi_bar = math.exp(log_gamma / len(logs))
+    gamma = math.exp(log_gamma) if log_gamma < 709 else math.inf
+    depth_scale = math.inf if log_gamma == 0.0 else len(logs) / abs(log_gamma)
+    if log_gamma < -math.log(GAIN_BAND):
+        verdict = "vanishing"
+    elif log_gamma > math.log(GAIN_BAND):
+        verdict = "exploding"
+    else:
+        verdict = "healthy"
+    return verdict, chi_bar, gamma, depth_scale
+
+
+# ---------------------------------------------------------------------------- the report
+def gradient_flow(
+    net,
+    x: Any,
+    target: Any = None,
+    loss: str = "mse",
+    *,
+    seed: int = 0,
+    spectrum_samples: int | None = None,
+    label: str = "",
+) -> GradientFlowReport:
+    """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
+
+    With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
+    those of ``loss``; without, each sample back-propagates a random unit cotangent
+    (seeded by ``seed``), so the report describes the network itself.
+
+    ``report.jacobian_singular_values`` is ``(S, k)``: the exact spectra of the first ``S``
+    samples' input-output Jacobians, accumulated a few samples at a time. ``spectrum_samples``
+    sets S; None means every sample, up to what 2³⁵ multiply-adds allow (all 64 samples of a
+    20 x 256 net; fewer for much bigger nets). ``0`` skips the spectrum and its norm (NaN) and
+    estimates the mean squared singular value from 16 random directions per sample. When one
+    sample's accumulation would exceed 2²⁶ elements the spectrum is skipped whatever was asked:
+    ``jacobian_spectral_norm`` then comes from batched Lanczos through the chain's JVP and VJP
+    and the mean squared singular value from the random directions
+    (``spectrum_method`` and ``mean_squared_singular_value_method`` say which was done).
+
+    Cost: one forward and backward, then per layer ~50 ``(B, H) @ (H, H)`` products for the
+    exact ‖J_j‖₂ of every sample; memory: a few ``(B, H)`` blocks per layer.
+
+    Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
+    order, then backward order) whose values overflowed. Non-finite inputs or weights are a
+    ``ValueError`` naming them.
+    """
+    try:
+        xp = get_xp(net.weights[0], x)
+    except TypeError as exc:
+        raise TypeError(f"x and the network live on different devices: {exc}") from None
+    x = xp.asarray(x)
+    L = len(net.weights)
+    if x.ndim != 2 or x.shape[1] != net.weights[0].shape[0]:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the network takes (B, {net.weights[0].shape[0]}) inputs"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x has no samples (B = 0); the report needs at least one")
+    if not is_finite(xp, x):
+        raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
+    for j, (W, b) in enumerate(zip(net.weights, net.biases)):
+        if not is_finite(xp, W) or (b is not None and not is_finite(xp, b)):
+            raise ValueError(f"layer {j}: W{j} or b{j} has non-finite values (inf or NaN)")
+    x = x.astype(net.weights[0].dtype, copy=False)
+    with np.errstate(all="ignore"):
+        y, cache = net.forward(x)
+        if target is None:
+            rng = np.random.default_rng(seed)
+            v = rng.standard_normal(tuple(y.shape))
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
+            grad_y, loss_value, loss_name = xp.asarray(v.astype(y.dtype)), None, None
+        else:
+            value, grad_y = _losses.get(loss)(y, target)
+            loss_value, loss_name = float(value), loss
+        grads = net.backward(cache, grad_y)
+        chain = net.jacobian_chain(cache)
+        nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
+        # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
+        poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
+        layers = [
+            layer_flow(xp, j, chain.factors[j], net.activations[j], grads, seed, j >= poisoned) for j in range(L)
+        ]
+        if poisoned < L:  # the backward pass ran through the overflowed layers: no gradient is meaningful
+            for f in layers:
+                f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
+        spectrum = io_spectrum(xp, chain, x.shape[0], spectrum_samples, nonfinite is not None, seed)
+    verdict, chi_bar, gamma, depth_scale = decide([f.backward_gain for f in layers], nonfinite is not None)
+    report = GradientFlowReport(
+        layers=layers,
+        chi=[f.chi for f in layers],
+        chi_bar=chi_bar,
+        backward_gain=gamma,
+        verdict=verdict,
+        depth_scale=depth_scale,
+        hints=[],
+        nonfinite=nonfinite,
+        sizes=[int(net.weights[0].shape[0])] + [int(W.shape[1]) for W in net.weights],
+        activations=list(net.activations),
+        batch=int(x.shape[0]),
+        dtype=str(np.dtype(net.weights[0].dtype)),
+        device="gpu" if xp is not np else "cpu",
+        loss=loss_name,
+        loss_value=loss_value,
+        label=label,
+        **spectrum,
+    )
+    from .report import hints
+
+    report.hints = hints(report)
+    return report

@@ -1,0 +1,298 @@
+"""Rendering of a ``GradientFlowReport``: hints, plain dict / JSON, the text table, the PNG plot.
+
+Kept apart from ``diagnostics`` (which computes) so the numbers and their presentation can
+change independently; matplotlib is imported only inside ``plot_reports``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["hints", "plot_reports", "report_dict", "report_json", "report_text", "PLOT_INSTALL_HINT"]
+
+PLOT_INSTALL_HINT = 'plots need matplotlib: pip install "jacgrad[plot]"'
+
+_LAYER_FIELDS = (
+    "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
+    "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
+    "saturated_fraction", "chi", "backward_gain", "finite",
+)
+_SCALAR_FIELDS = (
+    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
+    "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
+    "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
+)
+
+
+# ---------------------------------------------------------------------------- hints
+def hints(report) -> list[str]:
+    """Concrete advice for an unhealthy verdict (empty when healthy), from the report's numbers."""
+    if report.verdict == "healthy":
+        return []
+    out: list[str] = []
+    L = report.depth
+    hidden = report.layers[:-1] if L > 1 else report.layers
+    acts = sorted({f.activation for f in hidden})
+    finite = [f for f in report.layers if f.finite]
+    if report.nonfinite is not None:
+        out.append(
+            f"{report.nonfinite['message']}: the values overflowed, so the weights are far too large "
+            "for this depth — re-initialise smaller (see below) before anything else"
+        )
+    scale = 1.0 / math.sqrt(report.chi_bar) if 0 < report.chi_bar < math.inf else None
+    inits = ", ".join(f"{a} → init='{_usual_init(a)}'" for a in acts)
+    if report.verdict == "vanishing":
+        if "sigmoid" in acts:
+            dm = np.mean([f.derivative_mean for f in finite if f.activation == "sigmoid"])
+            out.append(
+                f"activation: sigmoid passes at most 1/4 of a signal per layer (σ' ≤ 1/4; here mean σ' = {dm:.3f}); "
+                "use tanh or a ReLU-family activation in the hidden layers and keep sigmoid for a probability output"
+            )
+        sat = np.mean([f.saturated_fraction for f in finite if f.activation not in _PIECEWISE_LINEAR] or [0.0])
+        if sat > 0.05:
+            out.append(
+                f"saturation: {sat:.0%} of the derivatives are below 1% of sup|φ'| — the pre-activations are too "
+                "large; scale the inputs or the weights down, or normalise the pre-activations"
+            )
+        dead = sum(f.dead_units for f in finite)
+        if dead:
+            worst = max(finite, key=lambda f: f.dead_units)
+            out.append(
+                f"dead units: {dead} units have φ' = 0 for every sample (most in layer {worst.index}: "
+                f"{worst.dead_units} of {worst.shape[1]}); lower the weight scale or the negative bias, or use leaky_relu/elu"
+            )
+        if scale is not None and all(a in _HOMOGENEOUS for a in acts):
+            out.append(
+                f"initialisation scale: each layer keeps χ̄ = {report.chi_bar:.3g} of the squared gradient norm, and "
+                f"for {', '.join(acts)} χ grows with the square of the weight scale: multiply the weights by "
+                f"≈{scale:.3g} (the usual initialisation: {inits})"
+            )
+        elif scale is not None:
+            out.append(
+                f"initialisation scale: each layer keeps χ̄ = {report.chi_bar:.3g} of the squared gradient norm; for "
+                f"{', '.join(acts)} larger weights raise χ only until the units saturate, so use the usual "
+                f"initialisation ({inits}) or orthogonal weights, with zero bias"
+            )
+        out.append(
+            "architecture: residual connections (z + f(z)) add the identity to every layer Jacobian so the product "
+            "cannot collapse, and normalisation (BatchNorm/LayerNorm) keeps the pre-activations where φ' is large"
+        )
+    else:
+        w2 = max((f.weight_spectral_norm for f in finite), default=math.nan)
+        if scale is not None:
+            out.append(
+                f"initialisation scale: each layer multiplies the squared gradient norm by χ̄ = {report.chi_bar:.3g} "
+                f"(‖W‖₂ up to {w2:.3g}); scale the weights by ≈{scale:.3g} (the usual initialisation: {inits})"
+            )
+        else:
+            out.append(f"initialisation scale: the usual initialisations are {inits}, with gain 1")
+        out.append("training: clip gradients by their global norm so one step cannot blow up while the cause is fixed")
+        out.append(
+            "architecture: normalisation (BatchNorm/LayerNorm) re-scales the pre-activations every layer, and residual "
+            "branches scaled down (e.g. by 1/√depth) keep each layer's gain near 1"
+        )
+    return out
+
+
+_PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity", "hard_tanh")
+_HOMOGENEOUS = ("relu", "leaky_relu", "identity")  # φ(c·h) = c·φ(h) for c > 0: χ ∝ weight scale²
+
+
+def _usual_init(activation: str) -> str:
+    from .diagnostics import usual_init
+
+    return usual_init(activation)
+
+
+# ---------------------------------------------------------------------------- dict / JSON
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def report_dict(report) -> dict:
+    """The report as plain Python values; ``layers`` is a list of dicts, one per layer."""
+    out = {name: _plain(getattr(report, name)) for name in _SCALAR_FIELDS}
+    out["depth"] = report.depth
+    out["layers"] = [{name: _plain(getattr(f, name)) for name in _LAYER_FIELDS} for f in report.layers]
+    out["jacobian_singular_values"] = np.asarray(report.jacobian_singular_values).tolist()
+    return out
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def report_json(report, indent: int | None = 2) -> str:
+    return json.dumps(_json_safe(report_dict(report)), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------- text
+def _g(value: float, width: int = 9) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan".rjust(width)
+    return f"{value:.3g}".rjust(width)
+
+
+def _sizes(sizes: Sequence[int]) -> str:
+    parts, i = [str(sizes[0])], 1
+    while i < len(sizes):
+        j = i
+        while j + 1 < len(sizes) and sizes[j + 1] == sizes[i]:
+            j += 1
+        count = j - i + 1
+        parts.append(f"{sizes[i]}x{count}" if count > 1 else str(sizes[i]))
+        i = j + 1
+    return ",".join(parts)
+
+
+def report_text(report) -> str:
+    lines = []
+    title = report.label or "network"
+    lines.append(
+        f"== {title}: sizes {_sizes(report.sizes)} ({report.depth} layers), B={report.batch}, "
+        f"{report.dtype} on {report.device}, "
+        + (f"loss {report.loss} = {report.loss_value:.4g}" if report.loss else "random unit cotangent")
+        + " =="
+    )
+    head = (
+        f"{'layer':>5} {'shape':>11} {'φ':>8} {'‖∂L/∂W‖':>9} {'‖δ‖':>9} {'‖J‖₂':>9} {'bound':>9} "
+        f"{'‖W‖₂':>9} {'mean φ′':>9} {'active':>7} {'satur.':>7} {'dead':>5} {'χ':>9}"
+    )
+    lines.append(head)
+    for f in report.layers:
+        shape = f"{f.shape[0]}x{f.shape[1]}"
+        pct = lambda v: ("nan" if math.isnan(v) else f"{v:.0%}").rjust(7)  # noqa: E731
+        lines.append(
+            f"{f.index:>5} {shape:>11} {f.activation[:8]:>8} {_g(f.grad_norm)} {_g(f.delta_norm)} "
+            f"{_g(f.jacobian_norm)} {_g(f.jacobian_bound)} {_g(f.weight_spectral_norm)} {_g(f.derivative_mean)} "
+            f"{pct(f.active_fraction)} {pct(f.saturated_fraction)} {f.dead_units:>5} {_g(f.chi)}"
+            + ("" if f.finite else "  non-finite")
+        )
+    if report.nonfinite is not None:
+        lines.append(f"non-finite: {report.nonfinite['message']}")
+    xi = "inf" if math.isinf(report.depth_scale) else f"{report.depth_scale:.3g}"
+    gamma = report.backward_gain
+    if report.nonfinite is not None:
+        lines.append("χ̄ and Γ: not computable — the values overflowed, which counts as exploding")
+    else:
+        lines.append(
+            f"χ̄ = {report.chi_bar:.4g} per layer; over {report.depth} layers the squared gradient norm changes by "
+            f"Γ = {gamma:.3g} (×{math.sqrt(gamma):.3g} in norm); depth scale ξ = 1/|ln χ̄| = {xi} layers"
+        )
+    sv = np.asarray(report.jacobian_singular_values)
+    if sv.size:
+        lines.append(
+            f"input-output Jacobian ({report.spectrum_method}): ‖J‖₂ = {report.jacobian_spectral_norm:.3g}, "
+            f"mean squared singular value = {report.mean_squared_singular_value:.3g}, singular values "
+            f"{sv.min():.3g} … {np.median(sv):.3g} (median) … {sv.max():.3g}"
+        )
+    else:
+        lines.append(
+            f"input-output Jacobian ({report.spectrum_method}): ‖J‖₂ = {report.jacobian_spectral_norm:.3g}, "
+            f"mean squared singular value = {report.mean_squared_singular_value:.3g} "
+            f"({report.mean_squared_singular_value_method})"
+        )
+    lines.append(f"verdict: {report.verdict.upper()}")
+    for h in report.hints:
+        lines.append(f"  - {h}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plot
+def plot_reports(reports: Sequence, path) -> None:
+    """One row of three panels per report, saved as a PNG at ``path`` (matplotlib, Agg backend).
+
+    Raises ``ImportError`` with the install hint when matplotlib is missing, ``OSError`` when
+    ``path`` cannot be written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(PLOT_INSTALL_HINT) from exc
+    n = len(reports)
+    fig, axes = plt.subplots(n, 3, figsize=(13, 3.2 * n), squeeze=False)
+    try:
+        for row, rep in zip(axes, reports):
+            _plot_one(row, rep)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=80, format="png")
+    finally:
+        plt.close(fig)
+    # Line plots need few colours: a 256-colour palette PNG is ~4x smaller and looks the same.
+    from PIL import Image  # matplotlib depends on Pillow
+
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
+
+
+def _positive(values):
+    a = np.asarray(values, dtype=float)
+    return np.where(a > 0, a, np.nan)
+
+
+def _plot_one(row, rep) -> None:
+    idx = [f.index for f in rep.layers]
+    ax = row[0]
+    for name, label in (
+        ("grad_norm", r"$\|\partial L/\partial W_j\|_F$"),
+        ("delta_norm", r"$\|\delta_j\|_F$"),
+        ("jacobian_norm", r"$\|J_j\|_2$"),
+        ("jacobian_bound", r"$\max|\varphi'|\,\|W_j\|_2$"),
+    ):
+        ax.plot(idx, _positive([getattr(f, name) for f in rep.layers]), marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    where = f" (non-finite from layer {rep.nonfinite['layer']})" if rep.nonfinite else ""
+    ax.set_title(f"{rep.label or 'network'}: {rep.verdict}{where}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = row[1]
+    ax.plot(idx, _positive(rep.chi), marker="o", ms=3, label=r"$\chi_j = \|J_j\|_F^2 / H_{j-1}$")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_title(f"χ per layer (χ̄ = {rep.chi_bar:.3g})", fontsize=10)
+    for a in row[:2]:
+        a.set_xlim(-0.5, max(len(idx) - 0.5, 0.5))
+    ax.legend(fontsize=7)
+    ax = row[2]
+    sv = np.asarray(rep.jacobian_singular_values, dtype=float)
+    if sv.size:
+        # below max(m, n)·eps·σ_max a singular value is rounding noise of a rank-deficient J
+        noise = max(sv.shape[1], 1) * np.finfo(float).eps * sv[:, :1]
+        zero = int((sv <= noise).sum())
+        sv = sv[(sv > noise) & np.isfinite(sv)]
+    if sv.size:
+        lo, hi = np.log10(sv.min()), np.log10(sv.max())
+        bins = np.logspace(lo, hi if hi > lo else lo + 1, 40)
+        ax.hist(sv, bins=bins)
+        ax.set_xscale("log")
+        ax.set_title(f"singular values of ∂y/∂x ({rep.spectrum_samples} samples)", fontsize=10)
+        if zero:
+            ax.text(0.02, 0.95, f"{zero} numerically zero (not shown)", transform=ax.transAxes, fontsize=7, va="top")
+    else:
+        ax.text(0.5, 0.5, f"spectrum {rep.spectrum_method}", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_title("singular values of ∂y/∂x", fontsize=10)
+    ax.set_xlabel("σ")
