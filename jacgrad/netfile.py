@@ -32,10 +32,18 @@ def load(path, dtype: str | None = None, device: str = "cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     try:
-        data = np.load(path, allow_pickle=False)
-        keys = set(data.files)
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single .npy array, not an .npz archive")
+        with loaded as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except ValueError as exc:
+        if "pickle" in str(exc) and "single" not in str(exc):  # np.load's word for "not an .npy/.npz at all" or object arrays
+            raise ValueError(f"weights file {path!r} is not an .npz archive of plain numeric arrays") from None
+        raise ValueError(f"weights file {path!r} is not a readable .npz archive ({exc})") from None
     except Exception as exc:
         raise ValueError(f"weights file {path!r} is not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    keys = set(arrays)
     n = 0
     while f"W{n}" in keys:
         n += 1
@@ -46,14 +54,15 @@ def load(path, dtype: str | None = None, device: str = "cpu"):
         raise ValueError(f"weights file {path!r}: {', '.join(extra)} present but W{n} is missing")
     if "activations" not in keys:
         raise ValueError(f"weights file {path!r} has no 'activations' array (one name per layer)")
-    acts = [str(a) for a in np.atleast_1d(data["activations"])]
+    acts = [str(a) for a in np.atleast_1d(arrays["activations"])]
     if len(acts) == 1:
         acts = acts * n
-    weights = [data[f"W{j}"] for j in range(n)]
-    biases = [data[f"b{j}"] if f"b{j}" in keys else np.zeros(weights[j].shape[-1]) for j in range(n)]
+    weights = [arrays[f"W{j}"] for j in range(n)]
+    biases = [arrays[f"b{j}"] if f"b{j}" in keys else np.zeros(weights[j].shape[-1]) for j in range(n)]
+    for j, W in enumerate(weights):
+        if W.dtype.kind != "f":
+            raise ValueError(f"weights file {path!r}: W{j} has dtype {W.dtype}, not floating point")
     dt = np.dtype(dtype) if dtype is not None else np.result_type(*[W.dtype for W in weights])
-    if dt.kind != "f":
-        raise ValueError(f"weights file {path!r}: arrays of dtype {dt} are not floating point")
     weights = [to_device(np.asarray(W, dtype=dt), device) for W in weights]
     biases = [to_device(np.asarray(b, dtype=dt), device) for b in biases]
     return MLP(weights, biases, acts)

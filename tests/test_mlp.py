@@ -182,8 +182,14 @@ def test_malformed_weight_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="no 'activations' array"):
         jg.MLP.load(tmp_path / "b.npz")
     (tmp_path / "c.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="not an .npz archive"):
         jg.MLP.load(tmp_path / "c.npz")
+    np.save(tmp_path / "d.npy", np.ones(3))
+    with pytest.raises(ValueError, match="single .npy array"):
+        jg.MLP.load(tmp_path / "d.npy")
+    np.savez(tmp_path / "e.npz", W0=np.ones((3, 2), dtype=np.int64), activations=np.array(["tanh"]))
+    with pytest.raises(ValueError, match="W0 has dtype int64, not floating point"):
+        jg.MLP.load(tmp_path / "e.npz")
     with pytest.raises(FileNotFoundError):
         jg.MLP.load(tmp_path / "missing.npz")
 
