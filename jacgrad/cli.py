@@ -235,10 +235,10 @@ def _build_parser() -> _Parser:
     chk.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed (default 0)")
     chk.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                      help="candidate: gpu, cpu (float32 vs float64 NumPy), auto: gpu when usable (default)")
-    chk.add_argument("--tol64", type=_float("--tol64", 0.0, strict=True), default=1e-9,
-                     help="tolerance of float64 candidates (default 1e-9)")
-    chk.add_argument("--tol32", type=_float("--tol32", 0.0, strict=True), default=1e-3,
-                     help="tolerance of float32 candidates (default 1e-3)")
+    chk.add_argument("--tol64", type=_float("--tol64", 0.0, strict=True), default=1e-10,
+                     help="tolerance of float64 candidates (default 1e-10)")
+    chk.add_argument("--tol32", type=_float("--tol32", 0.0, strict=True), default=1e-5,
+                     help="tolerance of float32 candidates (default 1e-5; the project standard for float32 vs the float64 reference)")
 
     sub.add_parser("info", help="versions, backends, the GPU and whether the kernels compile",
                    description="Versions, backends, the GPU's name and CUDA version, and the kernel build status.")
