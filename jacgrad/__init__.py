@@ -9,7 +9,7 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
            [0.  , 1.  ]])
 """
 
-from . import activations, backend, check, diagnostics, gates, initializers, kernels, losses
+from . import activations, backend, check, compiled, diagnostics, gates, initializers, kernels, losses
 from .backend import get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
@@ -26,6 +26,7 @@ __all__ = [
     "backend",
     "chain",
     "check",
+    "compiled",
     "diagnostics",
     "get_xp",
     "jacobian",

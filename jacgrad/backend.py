@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ __all__ = [
     "gpu_unavailable_reason",
     "is_gpu_array",
     "resolve_device",
+    "tf32",
+    "tf32_enabled",
     "to_device",
     "to_numpy",
 ]
@@ -186,3 +189,78 @@ def to_numpy(x: Any) -> np.ndarray:
     if is_gpu_array(x):
         return x.get()
     return np.asarray(x)
+
+
+# ---------------------------------------------------------------------- TF32
+# TF32 GEMMs on CuPy: cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32 for float32 products. CuPy picks the
+# compute type of every float32 GEMM (cublasGemmEx) from a process-wide table set by
+# cupy._core._routines_linalg.set_compute_type; its CUPY_TF32=1 variable only seeds that table.
+# The math mode of the cuBLAS handle (cublasSetMathMode) is not what CuPy's matmul consults.
+def _cupy_tf32_env() -> bool:
+    try:
+        return int(os.environ.get("CUPY_TF32", "0") or 0) > 0
+    except ValueError:  # CuPy itself reads it with int(); an unreadable value is not ours to judge
+        return False
+
+
+_TF32 = [_cupy_tf32_env()]
+_TF32_NOOP_WARNED = [False]
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 GEMMs on CuPy run in TF32 (see ``tf32``). False by default."""
+    return _TF32[0]
+
+
+def _apply_tf32(enabled: bool) -> None:
+    if gpu_available():
+        from cupy._core import _routines_linalg as linalg  # CuPy's GEMM compute-type table
+
+        kind = getattr(linalg, "COMPUTE_TYPE_TF32", 7) if enabled else getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1)
+        linalg.set_compute_type(np.float32, kind)
+    elif enabled and not _TF32_NOOP_WARNED[0]:
+        _TF32_NOOP_WARNED[0] = True
+        warnings.warn(
+            "jacgrad.backend.tf32(True) only changes float32 matrix products on CuPy; no GPU is usable "
+            f"here ({gpu_unavailable_reason()}), so NumPy results are unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
+    _TF32[0] = enabled
+
+
+class tf32:
+    """Switch TF32 tensor-core math for float32 matrix products on CuPy: a setter and a context manager.
+
+        jg.backend.tf32(True)              # from now on
+        with jg.backend.tf32(True):        # inside the block only; the previous setting comes back
+            loss, g = step(x, t)
+
+    Off by default (unless CuPy's own ``CUPY_TF32=1`` is set). It changes cuBLAS GEMMs of float32
+    arrays only — float64, the elementwise kernels and NumPy are untouched. Where no GPU is usable
+    it is a no-op that warns once (``UserWarning``). Needs compute capability ≥ 8.0; on older GPUs
+    CuPy warns and keeps full float32.
+
+    Accuracy: TF32 rounds each GEMM input to 10 explicit mantissa bits (unit roundoff
+    ``u = 2⁻¹¹ ≈ 4.9e-4``) and accumulates in float32. For products of unstructured data the
+    normwise relative error of one GEMM is expected near ``u`` (2e-4 to 1e-3; not yet measured on
+    a GPU — the GPU suite is to report it), against about 1e-6 in full float32; the rigorous worst
+    case grows like ``K·u`` for inner dimension K. Through a depth-L chain the errors add roughly
+    like ``√L · u``: expect weight gradients of an 8-layer net within about 1e-3 to 5e-3
+    (relative, Frobenius) of float64.
+    A CUDA graph captured by ``MLP.compile`` bakes the compute type in; the step re-captures
+    when the setting has changed since its capture.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self._previous = _TF32[0]
+        _apply_tf32(bool(enabled))
+
+    def __enter__(self) -> "tf32":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _apply_tf32(self._previous)
+
+    def __repr__(self) -> str:
+        return f"tf32(enabled={_TF32[0]})"

@@ -138,16 +138,39 @@ class LayerJacobian:
         """Jᵀv = ``(v ⊙ d) @ Wᵀ``: ``v (B, H_out) -> (B, H_in)`` (or ``(H_out,) -> (H_in,)`` when shared)."""
         return self.through_weights_t(self.scale(v))
 
-    def jvp(self, u: Any):
-        """Ju = ``(u @ W) ⊙ d``: ``u (B, H_in) -> (B, H_out)`` (or ``(H_in,) -> (H_out,)`` when shared)."""
+    def jvp(self, u: Any, out: Any = None):
+        """Ju = ``(u @ W) ⊙ d``: ``u (B, H_in) -> (B, H_out)`` (or ``(H_in,) -> (H_out,)`` when shared).
+
+        ``out``: optional ``(B, H_out)`` array of the result's dtype to write into (not ``u``).
+        """
         u = self._check_rows(u, self.h_in, "tangent")
-        t = u @ self.W
+        t = self._matmul(u, self.W, out, "jvp")
         return self.scale(t, out=t)
 
-    def through_weights_t(self, delta: Any):
-        """``delta @ Wᵀ``: ``(N, H_out) -> (N, H_in)`` — the weight half of the VJP (δ = ∂L/∂h given)."""
+    def through_weights_t(self, delta: Any, out: Any = None):
+        """``delta @ Wᵀ``: ``(N, H_out) -> (N, H_in)`` — the weight half of the VJP (δ = ∂L/∂h given).
+
+        ``out``: optional ``(N, H_in)`` array of the result's dtype to write into (not ``delta``);
+        ``W`` is read through the transposed view, never copied.
+        """
         delta = self._check_rows(delta, self.h_out, "delta")
-        return delta @ self.W.T
+        return self._matmul(delta, self.W.T, out, "through_weights_t")
+
+    @staticmethod
+    def _matmul(a, b, out, where: str):
+        """``a @ b``, into ``out`` when given (checked: same device, dtype and shape as the result)."""
+        if out is None:
+            return a @ b
+        xp = get_xp(a, b)
+        shape = a.shape[:-1] + b.shape[-1:]
+        dtype = np.result_type(a.dtype, b.dtype)
+        if get_xp(out) is not xp:
+            raise TypeError(f"{where}: out is on a different device than the inputs")
+        if out.dtype != dtype or out.shape != shape:
+            raise ValueError(
+                f"{where}: out is {shape_str(out.shape)} {out.dtype} but the result is {shape_str(shape)} {np.dtype(dtype)}"
+            )
+        return xp.matmul(a, b, out=out)
 
     def _check_rows(self, a: Any, width: int, what: str):
         xp = get_xp(a, self.W)

@@ -24,11 +24,9 @@ import numpy as np
 
 from ._validate import float_array, shape_str
 from .backend import get_xp
-from .gates import GATES
+from ._loss_workspace import LossWorkspace
 
-__all__ = ["LOSSES", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
-
-_SIGMOID = GATES["sigmoid"].f  # the overflow-free σ of the gate table
+__all__ = ["LOSSES", "LossWorkspace", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
 
 
 def _output_and_target(y: Any, t: Any, y_name: str):
@@ -39,11 +37,6 @@ def _output_and_target(y: Any, t: Any, y_name: str):
     if t.shape != y.shape:
         raise ValueError(f"target has shape {shape_str(t.shape)} but the output has shape {shape_str(y.shape)}")
     return xp, y, t
-
-
-def _mean(xp, total, n: int, dtype):
-    """``total / n`` as a 0-d array of ``dtype``."""
-    return xp.asarray(total / n, dtype=dtype)
 
 
 def _empty(xp, y):
@@ -63,17 +56,11 @@ def mse(y: Any, t: Any):
         (1.0, [[-1.0, 1.0]])
     """
     xp, y, t = _output_and_target(y, t, "output y")
-    n = y.size
-    if not n:
+    if not y.size:
         return _empty(xp, y)
-    r = y - t
-    return _mean(xp, (r * r).sum(), n, y.dtype), (2 / n) * r
-
-
-def _log_softmax(xp, z):
-    # Shift by the row max so exp never overflows (logits of ±1e4 are fine).
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    ws = LossWorkspace("mse", xp, y.shape, y.dtype)
+    ws(y, t)
+    return ws.value, ws.grad
 
 
 def _labels(xp, t, B: int, C: int):
@@ -128,17 +115,11 @@ def softmax_cross_entropy(z: Any, t: Any):
         raise TypeError(f"target t has dtype {t.dtype}; pass int labels (B,) or float rows of probabilities (B, C)")
     if not B:
         return _empty(xp, z)
-    logp = _log_softmax(xp, z)
-    p = xp.exp(logp)
+    ws = LossWorkspace("softmax_cross_entropy", xp, z.shape, z.dtype)
     if T is None:
-        rows = xp.arange(B)
-        value = -logp[rows, labels].sum()
-        grad = p.copy()
-        grad[rows, labels] -= 1
-    else:
-        value = -(T * logp).sum()
-        grad = p * T.sum(axis=1, keepdims=True) - T
-    return _mean(xp, value, B, z.dtype), grad / B
+        ws.labels[...] = labels
+    ws(z, T, labels=T is None)
+    return ws.value, ws.grad
 
 
 def sigmoid_bce(z: Any, t: Any):
@@ -157,11 +138,11 @@ def sigmoid_bce(z: Any, t: Any):
         (0.346574, [-0.25, 0.0])
     """
     xp, z, t = _output_and_target(z, t, "logits z")
-    n = z.size
-    if not n:
+    if not z.size:
         return _empty(xp, z)
-    value = (xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))).sum()
-    return _mean(xp, value, n, z.dtype), (_SIGMOID(xp, z) - t) / n
+    ws = LossWorkspace("sigmoid_bce", xp, z.shape, z.dtype)
+    ws(z, t)
+    return ws.value, ws.grad
 
 
 LOSSES: dict[str, Callable] = {

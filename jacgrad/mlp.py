@@ -280,6 +280,13 @@ class MLP:
                 g = J.through_weights_t(delta)
         return Gradients(dW, db, g if input_grad else None, deltas)
 
+    def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
+        """A ``jacgrad.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
+        the numbers of ``loss_and_grads`` from buffers allocated once (a CUDA graph on the GPU)."""
+        from .compiled import TrainingStep
+
+        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
+
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse"):
         """``(value, Gradients)`` of ``loss`` (``mse``, ``softmax_cross_entropy``, ``sigmoid_bce``)
         of the network's output against ``target``."""

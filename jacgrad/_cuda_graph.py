@@ -1,0 +1,91 @@
+"""CUDA graphs of a compiled step: capture once per key, replay on the caller's stream.
+
+How a step is captured (CuPy ≥ 13, CUDA 12/13):
+
+- Warm-up first, eagerly, on the caller's current stream: NVRTC compiles jacgrad's RawModule
+  kernels and CuPy's elementwise/reduction kernels, cuBLAS creates its handle. Module loading and
+  compilation are not stream work and must not happen while capturing.
+- Capture on a private non-blocking stream (the legacy default stream cannot be captured) with
+  CuPy's default relaxed mode, under a private ``cupy.cuda.MemoryPool``. The step itself writes
+  only into preallocated buffers; if a library call allocates anyway (CuPy's CUB-backed
+  reductions may take scratch space), the block comes from that pool, which nothing else uses
+  and which lives as long as the graph: the addresses baked into the graph stay valid, and
+  ``pool_bytes`` reports how much that was.
+- cuBLAS: CuPy points its handle at the current stream before every call (cublasSetStream), which
+  also resets the handle to cuBLAS's default workspace. Under capture, cuBLAS (CUDA ≥ 12) then
+  records its workspace as stream-ordered allocation nodes inside the graph — legal in a
+  top-level graph like this one; each capture gets its own workspace (PyTorch #83461). CuPy 14
+  exposes no cublasSetWorkspace to pin one. Alpha/beta are host scalars, captured by value.
+- Replay: ``graph.launch()`` on the current stream, so the copies of x and the target into the
+  static buffers (issued just before, on the same stream) and any later work of the caller are
+  ordered with it. Nothing here waits for the device.
+
+This module reaches CuPy only through ``jacgrad.backend.cupy()``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+from . import backend
+
+__all__ = ["GraphCache"]
+
+
+class GraphCache:
+    """One CUDA graph per key (for a step: target kind × TF32 setting) of a function that
+    enqueues work on the current stream and allocates nothing of its own."""
+
+    def __init__(self):
+        self._cp = backend.cupy()
+        self._stream = self._cp.cuda.Stream(non_blocking=True)
+        self._graphs: dict = {}
+        self._pools: dict = {}
+
+    def run(self, key: Hashable, fn: Callable[[], None]) -> None:
+        """Replay the graph of ``key``; the first time, run ``fn`` eagerly (this call's results)
+        and capture it for the next calls."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.launch()
+            return
+        fn()
+        self._graphs[key] = self._capture(key, fn)
+
+    def _capture(self, key: Hashable, fn: Callable[[], None]):
+        cp, stream = self._cp, self._stream
+        pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException as exc:
+                try:
+                    stream.end_capture()
+                except Exception:
+                    pass  # the capture was invalidated by the failure itself
+                raise RuntimeError(
+                    f"capturing the training step into a CUDA graph failed ({type(exc).__name__}: {exc}); "
+                    "MLP.compile(..., capture=False) runs the same step without a graph"
+                ) from exc
+            graph = stream.end_capture()
+        self._pools[key] = pool
+        upload = getattr(graph, "upload", None)
+        if upload is not None:
+            upload()  # instantiate on the device now, so the first replay is not slower
+        return graph
+
+    def clear(self) -> None:
+        """Drop every graph (after a rebind, the baked-in weight addresses are stale). Waits for the
+        device first (the one synchronisation here), so no replay in flight loses its pool."""
+        if self._graphs:
+            self._cp.cuda.Device().synchronize()
+        self._graphs.clear()
+        self._pools.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    @property
+    def pool_bytes(self) -> int:
+        return int(sum(p.total_bytes() for p in self._pools.values()))

@@ -1,0 +1,267 @@
+"""TrainingStep: a same-shape training step — forward, loss gradient, backward — with every
+buffer allocated once, and on the GPU the whole step replayed as one captured CUDA graph.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> net = jg.MLP.init([4, 8, 3], seed=0)
+    >>> step = net.compile(batch=2)                 # same as jg.compiled.TrainingStep(net, 2)
+    >>> x, t = np.ones((2, 4)), np.zeros((2, 3))
+    >>> loss, g = step(x, t)
+    >>> ref_loss, ref = net.loss_and_grads(x, t)
+    >>> bool(loss == ref_loss), all(np.array_equal(a, b) for a, b in zip(g.weights, ref.weights))
+    (True, True)
+    >>> for W, dW in zip(net.weights, g.weights):   # SGD in place: the next call sees it
+    ...     W -= 0.1 * dW
+
+The algebra is ``MLP.backward``'s, through the same ``LayerJacobian`` factors and kernels
+(``J.scale`` = the fused ``g ⊙ φ'`` pass, ``J.through_weights_t``), in the same order, so on
+NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is where results go:
+
+- buffers, made at construction: the static input ``x`` and target, per layer the saved
+  activation (``y_j``, or ``h_j`` and ``z_j`` for activations whose φ' needs ``h``), the delta
+  ``δ_j = ∂L/∂h_j`` (the running cotangent ``g_j`` is written straight into it and scaled in
+  place, so no ping-pong pair is needed), ``∂L/∂W_j``, ``∂L/∂b_j``, the loss value (0-d), the
+  loss gradient and its scratch, and ``∂L/∂x`` when ``input_grad``. Every operation writes with
+  ``out=``; weights are read through views (``W.T``), never copied.
+- returned arrays ARE those buffers: the next call overwrites them (like the static outputs of a
+  ``torch.cuda.CUDAGraph``). Keep a result with ``step(x, t, copy=True)`` or ``float(loss)``.
+- weights and biases are read by reference: in-place updates (``W -= lr * dW``) are seen by the
+  next call. Replacing an array (``net.weights[j] = new``) is detected on the next call and raises
+  ``RuntimeError``; call ``step.rebind()`` to adopt the new arrays (it re-captures on the GPU).
+
+On CuPy with ``capture="auto"`` or ``True``, the first call for a target kind runs eagerly (warm-up:
+NVRTC compiles the kernels, cuBLAS initialises; that call's results come from it), then the step is
+captured on a private non-blocking stream (see ``_cuda_graph.py``); later calls copy ``x`` and the
+target into the static buffers and launch the graph, both on the caller's current stream. No call
+synchronises with the host; the loss stays a 0-d device array. One exception: integer labels of
+``softmax_cross_entropy`` given as a CuPy array are range-checked on the host (one sync); pass
+probability rows to avoid it. ``capture=True`` on a NumPy network is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+from . import losses
+from ._loss_workspace import NAMES as LOSS_NAMES
+from ._loss_workspace import LossWorkspace
+from ._validate import float_array, shape_str
+from .activations import get as get_activation
+from .backend import is_gpu_array, tf32_enabled
+from .jacobian import LayerJacobian
+from .kernels import activation_forward
+from .mlp import MLP, Gradients
+
+__all__ = ["TrainingStep"]
+
+_CAPTURE = ("auto", True, False)
+
+
+class TrainingStep:
+    """``loss, grads = step(x, target)`` for a fixed batch: see the module docstring.
+
+    net: an ``MLP`` on NumPy or CuPy. batch: B. loss: ``mse``, ``sigmoid_bce`` or
+    ``softmax_cross_entropy``. capture: ``"auto"`` (a CUDA graph on the GPU, buffers only on the
+    CPU), ``True`` (GPU only), ``False``. input_grad: also compute ``∂L/∂x: (B, n_in)``.
+    """
+
+    def __init__(self, net: MLP, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
+        if not isinstance(net, MLP):
+            raise TypeError(f"TrainingStep compiles an MLP, not a {type(net).__name__}")
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        losses.get(loss)  # KeyError listing every loss for an unknown name
+        if loss not in LOSS_NAMES:
+            raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
+        if not any(capture is c for c in _CAPTURE) and capture != "auto":
+            raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+        xp = net.xp
+        self._gpu = xp is not np
+        if capture is True and not self._gpu:
+            raise ValueError(
+                "capture=True records a CUDA graph, which needs a network on the GPU (CuPy); this one is on "
+                "the CPU (NumPy). Use capture='auto' (buffers only on the CPU) or capture=False, or net.to('gpu')"
+            )
+        self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
+        self._acts = [get_activation(a) for a in net.activations]
+        self._from_output = [a.df_from_output is not None for a in self._acts]
+        sizes, dt, B = net.sizes, net.dtype, self.batch
+        self.dtype = dt
+        self._device = net.weights[0].device if self._gpu else None
+        with self._on_device():
+            self._x = xp.zeros((B, sizes[0]), dtype=dt)
+            self._saved = [xp.zeros((B, H), dtype=dt) for H in sizes[1:]]  # y_j, or h_j
+            self._z = [s if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
+            self._delta = [xp.zeros((B, H), dtype=dt) for H in sizes[1:]]
+            self._dW = [xp.zeros_like(W) for W in net.weights]
+            self._db = [xp.zeros_like(b) for b in net.biases]
+            self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
+            self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
+            self._target = xp.zeros((B, sizes[-1]), dtype=dt)
+            self._graphs = None
+            if self._gpu and capture in ("auto", True):
+                from ._cuda_graph import GraphCache
+
+                self._graphs = GraphCache()  # its capture stream lives on the weights' device
+        self.rebind()
+
+    # ------------------------------------------------------------------ binding
+    def rebind(self) -> None:
+        """Adopt the arrays now in ``net.weights`` / ``net.biases`` (same shapes, dtype and device),
+        rebuild the layer factors and drop captured graphs (the next call re-captures)."""
+        net, K = self._net, len(self._dW)
+        if len(net.weights) != K or len(net.biases) != K:
+            raise ValueError(f"the network now has {len(net.weights)} layers; this step was compiled for {K}")
+        for j, (W, b, dW, db) in enumerate(zip(net.weights, net.biases, self._dW, self._db)):
+            for what, new, old in (("weights", W, dW), ("biases", b, db)):
+                if is_gpu_array(new) != self._gpu or new.shape != old.shape or new.dtype != old.dtype:
+                    raise ValueError(
+                        f"net.{what}[{j}] is now {shape_str(new.shape)} {new.dtype} on the "
+                        f"{'GPU' if is_gpu_array(new) else 'CPU'}; this step was compiled for {shape_str(old.shape)} "
+                        f"{old.dtype} on the {'GPU' if self._gpu else 'CPU'}: compile a new step"
+                    )
+                if self._gpu and new.device.id != self._device.id:
+                    raise ValueError(f"net.{what}[{j}] is now on GPU {new.device.id}; this step runs on GPU {self._device.id}")
+        self._W, self._b = list(net.weights), list(net.biases)
+        self._factors = [
+            LayerJacobian.from_activation(act, W, **{"y" if fo else "h": s})
+            for act, W, s, fo in zip(self._acts, self._W, self._saved, self._from_output)
+        ]
+        if self._graphs is not None:
+            self._graphs.clear()
+
+    def _check_binding(self) -> None:
+        ws, bs = self._net.weights, self._net.biases
+        if len(ws) == len(self._W) and len(bs) == len(self._b):
+            if all(a is b for a, b in zip(ws, self._W)) and all(a is b for a, b in zip(bs, self._b)):
+                return
+        what, j = next(
+            ((what, j) for what, now, old in (("weights", ws, self._W), ("biases", bs, self._b))
+             for j in range(max(len(now), len(old))) if j >= len(now) or j >= len(old) or now[j] is not old[j]),
+        )
+        raise RuntimeError(
+            f"net.{what}[{j}] is no longer the array this step was compiled with. The step reads weights by "
+            f"reference: update them in place (W -= lr * dW, W[...] = new), or call step.rebind() after replacing them"
+        )
+
+    def _on_device(self):
+        return self._device if self._gpu else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, x: Any, target: Any, copy: bool = False):
+        """``(loss, Gradients)`` of one batch: ``x (B, n_in)``, ``target`` as for the loss.
+
+        The results are this step's buffers (overwritten by the next call) unless ``copy=True``.
+        ``x`` is cast to the network's dtype like ``MLP.forward`` does; ``Gradients.input`` is
+        None unless compiled with ``input_grad=True``.
+        """
+        self._check_binding()
+        with self._on_device():
+            self._load(self._x, x, "x", self._shape_help("x"))
+            labels = self._load_target(target)
+            if self._graphs is None:
+                self._run(labels)
+            else:
+                self._graphs.run((labels, tf32_enabled()), lambda: self._run(labels))
+            return self._results(copy)
+
+    def _run(self, labels: bool) -> None:
+        """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
+        xp, K, J = self._xp, len(self._W), self._factors
+        z = self._x
+        for j in range(K):
+            h = xp.matmul(z, self._W[j], out=self._saved[j])
+            xp.add(h, self._b[j], out=h)
+            z = activation_forward(h, self._acts[j], out=self._z[j])  # y_j over h_j, or z_j beside it
+        self._loss(z, self._target, labels=labels)
+        for j in range(K - 1, -1, -1):
+            delta = J[j].scale(self._loss.grad if j == K - 1 else self._delta[j], out=self._delta[j])
+            xp.matmul((self._x if j == 0 else self._z[j - 1]).T, delta, out=self._dW[j])
+            delta.sum(axis=0, out=self._db[j])
+            if j:
+                J[j].through_weights_t(delta, out=self._delta[j - 1])
+            elif self.input_grad:
+                J[0].through_weights_t(delta, out=self._gin)
+
+    def _results(self, copy: bool):
+        value, g = self._loss.value, Gradients(list(self._dW), list(self._db), self._gin, list(self._delta))
+        if not copy:
+            return value, g
+        dup = lambda arrays: [a.copy() for a in arrays]  # noqa: E731
+        gin = None if g.input is None else g.input.copy()
+        return value.copy(), Gradients(dup(g.weights), dup(g.biases), gin, dup(g.deltas))
+
+    # ------------------------------------------------------------------ inputs
+    def _shape_help(self, what: str) -> str:
+        B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[1]
+        if what == "x":
+            return f"batch {B} × {n_in} features: x must be {shape_str((B, n_in))}"
+        if self.loss == "softmax_cross_entropy":
+            return f"batch {B} × {n_out} classes: the target must be int labels {shape_str((B,))} or rows {shape_str((B, n_out))}"
+        return f"batch {B} × {n_out} outputs: the target must be {shape_str((B, n_out))}"
+
+    def _check_device(self, a, name: str) -> None:
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            where = "CuPy" if self._gpu else "NumPy"
+            raise TypeError(f"{name} must be a {where} array, not {type(a).__name__}")
+        if is_gpu_array(a) != self._gpu:
+            have, want = ("NumPy (CPU)", "GPU") if self._gpu else ("CuPy (GPU)", "CPU")
+            raise TypeError(
+                f"{name} is a {have} array but this step runs on the {want}; jacgrad never copies between "
+                f"them silently — move it with jacgrad.to_device({name}, '{want.lower()}')"
+            )
+        if self._gpu and a.device.id != self._device.id:
+            raise ValueError(f"{name} is on GPU {a.device.id} but this step's buffers are on GPU {self._device.id}")
+
+    def _load(self, buf, a, name: str, help: str) -> None:
+        self._check_device(a, name)
+        a = float_array(a, name, self._xp)
+        if a.shape != buf.shape:
+            raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
+        self._xp.copyto(buf, a, casting="same_kind")
+
+    def _load_target(self, t) -> bool:
+        """Copy the target into its buffer; True when it is integer labels (softmax CE)."""
+        help = self._shape_help("target")
+        if self.loss != "softmax_cross_entropy" or np.dtype(getattr(t, "dtype", np.float64)).kind == "f":
+            if self.loss == "softmax_cross_entropy" and getattr(t, "ndim", 2) != 2:
+                raise TypeError(f"labels must be integers but the target is a {t.dtype} array; {help}")
+            self._load(self._target, t, "target", help)
+            return False
+        self._check_device(t, "target")
+        if np.dtype(t.dtype).kind not in "iu":
+            raise TypeError(f"target has dtype {t.dtype}; {help}")
+        if t.shape != (self.batch,):
+            raise ValueError(f"this step was compiled for {help}, got {shape_str(t.shape)}")
+        C = self._target.shape[1]
+        lo, hi = (int(v) for v in self._xp.stack([t.min(), t.max()]).tolist()) if self._gpu else (int(t.min()), int(t.max()))
+        if lo < 0 or hi >= C:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")
+        self._xp.copyto(self._loss.labels, t, casting="same_kind")
+        return True
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def captured(self) -> bool:
+        """True when calls replay a CUDA graph (CuPy with capture 'auto' or True)."""
+        return self._graphs is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the step owns (the weights are the network's)."""
+        arrays = [self._x, self._target, *self._saved, *self._delta, *self._dW, *self._db]
+        arrays += [z for z, fo in zip(self._z, self._from_output) if not fo] + ([self._gin] if self.input_grad else [])
+        return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        """Device bytes that library calls allocated while being captured (held for the graphs'
+        lifetime in a private pool; 0 when nothing inside the step allocates). 0 on the CPU."""
+        return 0 if self._graphs is None else self._graphs.pool_bytes
+
+    def __repr__(self) -> str:
+        mode = "CUDA graph" if self.captured else "buffers"
+        return f"TrainingStep({self._net!r}, batch={self.batch}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
