@@ -165,10 +165,6 @@ def _layer_gram(xp, J: LayerJacobian, d):
     return matvec
 
 
-def _row_chain(ds, chain: Chain, rows) -> Chain:
-    return Chain([LayerJacobian(d[rows], J.W) for d, J in zip(ds, chain.factors)])
-
-
 def _sample_elements(chain: Chain) -> int:
     """An upper bound of the largest array one sample needs while its Jacobian is accumulated."""
     return max(chain.widths) * max(chain.n_in, chain.n_out)
@@ -184,13 +180,13 @@ def _spectrum_size(chain: Chain, B: int, requested: int | None) -> int:
     return int(min(B, MAX_SPECTRUM_MACS // max(macs, 1)))
 
 
-def _singular_values_in_chunks(ds, chain: Chain, S: int) -> np.ndarray:
+def _singular_values_in_chunks(chain: Chain, S: int) -> np.ndarray:
     """Singular values ``(S, k)`` of the first S samples' Jacobians, a few samples at a time so
     that no intermediate exceeds ``SPECTRUM_CHUNK_ELEMENTS``; only the singular values are kept."""
     chunk = max(1, SPECTRUM_CHUNK_ELEMENTS // _sample_elements(chain))
     parts = []
     for start in range(0, S, chunk):
-        sub = _row_chain(ds, chain, slice(start, min(S, start + chunk)))
+        sub = chain.rows(slice(start, min(S, start + chunk)))
         parts.append(to_numpy(singular_values(sub.jacobian("auto"))).astype(np.float64))
     return np.concatenate(parts, axis=0)
 
@@ -207,7 +203,6 @@ def io_spectrum(xp, chain: Chain, B: int, requested, nonfinite: bool, seed: int)
             spectrum_samples=0,
             spectrum_method="skipped: non-finite values",
         )
-    ds = [d if d.ndim == 2 else xp.broadcast_to(d, (B, d.shape[-1])) for d in (J.d for J in chain.factors)]
     S = _spectrum_size(chain, B, requested)
     if requested == 0:
         return dict(
@@ -219,7 +214,7 @@ def io_spectrum(xp, chain: Chain, B: int, requested, nonfinite: bool, seed: int)
             spectrum_method="skipped (spectrum_samples=0)",
         )
     if S > 0:
-        sv = _singular_values_in_chunks(ds, chain, S)
+        sv = _singular_values_in_chunks(chain, S)
         return dict(
             jacobian_singular_values=sv,
             jacobian_spectral_norm=float(sv[:, 0].mean()) if k else 0.0,
@@ -232,13 +227,13 @@ def io_spectrum(xp, chain: Chain, B: int, requested, nonfinite: bool, seed: int)
     if n_out <= n_in:
 
         def matvec(v, rows):
-            c = _row_chain(ds, chain, rows)
+            c = chain.rows(rows)
             return c.jvp(c.vjp(v))
 
     else:
 
         def matvec(u, rows):
-            c = _row_chain(ds, chain, rows)
+            c = chain.rows(rows)
             return c.vjp(c.jvp(u))
 
     sq = top_eigenvalues(matvec, B, k, xp=xp, dtype=chain.dtype, seed=seed)

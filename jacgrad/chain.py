@@ -80,6 +80,11 @@ class Chain:
         b = f"B={self.batch}, " if self.batch is not None else "shared, "
         return f"Chain({b}{widths}, dtype={self.dtype})"
 
+    def rows(self, sel) -> "Chain":
+        """The chain of the samples ``sel`` (a slice or index array): per-sample diagonals sliced,
+        weights and shared diagonals as they are. Use it to work through a batch in chunks."""
+        return Chain([J.rows(sel) for J in self.factors])
+
     @property
     def widths(self) -> list[int]:
         """``[n_in, H_1, …, n_out]``."""

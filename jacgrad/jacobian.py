@@ -77,6 +77,20 @@ class LayerJacobian:
         self.batch = x.shape[0] if x.ndim == 2 else None
         return self
 
+    def rows(self, sel) -> "LayerJacobian":
+        """The factor of the samples ``sel`` (a slice or index array) — the same ``W``, not copied.
+
+        A shared factor is returned as it is."""
+        if not self.per_sample:
+            return self
+        out = LayerJacobian.__new__(LayerJacobian)
+        out.W, out.h_in, out.h_out = self.W, self.h_in, self.h_out
+        out._act, out._from_output = self._act, self._from_output
+        out._d = None if self._d is None else self._d[sel]
+        out._x = None if self._x is None else self._x[sel]
+        out.batch = (out._d if out._d is not None else out._x).shape[0]
+        return out
+
     def _set_weight(self, W) -> None:
         if W.ndim != 2:
             raise ValueError(f"W must be 2-D (H_in, H_out), got shape {shape_str(W.shape)}")

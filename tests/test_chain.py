@@ -198,3 +198,22 @@ def test_wrong_vector_shapes_name_the_chain(rng):
         C.vjp(np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"u has shape \(4, 3\)"):
         C.jvp(np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("shared", [(), (0, 2)])
+def test_rows_selects_samples_without_copying_weights(rng, shared):
+    C, _ = make_chain(rng, [5, 6, 4, 3], 6, shared)
+    full = C.jacobian()
+    for sel in (slice(1, 4), np.array([5, 0, 2])):
+        sub = C.rows(sel)
+        assert sub.batch == (len(range(6)[sel]) if isinstance(sel, slice) else len(sel))
+        assert relative_error(sub.jacobian(), full[sel]) < 1e-15
+        assert all(a.W is b.W for a, b in zip(sub.factors, C.factors))
+
+
+def test_rows_of_an_mlp_chain_keep_the_implicit_diagonal(rng):
+    net = jg.MLP.init([4, 7, 3], activation="gelu", seed=2)
+    _, cache = net.forward(rng.standard_normal((5, 4)))
+    C = net.jacobian_chain(cache)
+    assert relative_error(C.rows(slice(2, 5)).jacobian(), C.jacobian()[2:5]) < 1e-15
+    assert C.rows(slice(0, 2))[0].activation.name == "gelu"
