@@ -22,6 +22,7 @@ import numpy as np
 from ._validate import float_array, shape_str
 from .backend import get_xp
 from .jacobian import LayerJacobian
+from ._lanczos import top_eigenvalues
 from .spectra import power_spectral_norm, singular_values, spectral_norm_dense
 from . import bracketing as _br
 
@@ -169,27 +170,41 @@ class Chain:
         """Exact singular values of the whole Jacobian, descending: ``(B, k)`` or ``(k,)``."""
         return singular_values(self.jacobian(order))
 
-    def spectral_norm(self, method: str = "auto", tol: float = 1e-6, max_iter: int = 1000, seed: int = 0):
-        """‖J_K ⋯ J_1‖₂ per sample (``(B,)``) or shared (0-d).
+    def spectral_norm(self, method: str = "auto", tol: float | None = None, max_iter: int = 1000, seed: int = 0):
+        """‖J_K ⋯ J_1‖₂ per sample (``(B,)``) or shared (0-d), on the chain's device.
 
-        ``method``: ``"exact"`` (SVD of the materialised Jacobian), ``"power"`` (matrix-free
-        power iteration on ``vjp∘jvp``, stopping at relative change ``tol``), or ``"auto"``
-        (exact while ``B·n_out·n_in`` ≤ 2²⁴ elements, power beyond).
+        ``method``: ``"exact"`` (SVD of the materialised Jacobian), ``"lanczos"`` (matrix-free
+        batched Lanczos on ``J Jᵀ`` or ``Jᵀ J``, whichever is smaller, through ``vjp``/``jvp``;
+        converged when the top Ritz value stagnates to ``tol``, default 1e-12 in float64 and
+        1e-5 in float32), ``"power"`` (matrix-free power iteration, stopping at relative change
+        ``tol``, default 1e-6 — slow when the top two singular values are close) or ``"auto"``
+        (exact while ``B·n_out·n_in`` ≤ 2²⁴ elements, Lanczos beyond).
         """
-        methods = ("auto", "exact", "power")
+        methods = ("auto", "exact", "lanczos", "power")
         if method not in methods:
             raise ValueError(f"method {method!r} is not one of {', '.join(methods)}")
         if method == "auto":
             size = (self.batch or 1) * self.n_out * self.n_in
-            method = "exact" if size <= _EXACT_SPECTRAL_LIMIT else "power"
+            method = "exact" if size <= _EXACT_SPECTRAL_LIMIT else "lanczos"
         if method == "exact":
             return spectral_norm_dense(self.jacobian())
         xp = self.xp
         rows = self.batch if self.batch is not None else 1
-        rng = np.random.default_rng(seed)
-        u0 = xp.asarray(rng.standard_normal((rows, self.n_in)).astype(self.dtype))
-        sigma = power_spectral_norm(self.jvp, self.vjp, u0, tol=tol, max_iter=max_iter)
+        if method == "lanczos":
+            sq = top_eigenvalues(self._gram_matvec(), rows, min(self.n_in, self.n_out), xp=xp, dtype=self.dtype,
+                                 seed=seed, tol=tol, max_steps=max_iter)
+            sigma = xp.asarray(np.sqrt(np.maximum(sq, 0.0)).astype(self.dtype))
+        else:
+            rng = np.random.default_rng(seed)
+            u0 = xp.asarray(rng.standard_normal((rows, self.n_in)).astype(self.dtype))
+            sigma = power_spectral_norm(self.jvp, self.vjp, u0, tol=1e-6 if tol is None else tol, max_iter=max_iter)
         return sigma if self.batch is not None else sigma[0]
+
+    def _gram_matvec(self):
+        """``matvec(v, sel)`` of ``J Jᵀ`` (when n_out ≤ n_in) or ``Jᵀ J`` for the samples ``sel``."""
+        if self.n_out <= self.n_in:
+            return lambda v, sel: (lambda c: c.jvp(c.vjp(v)))(self.rows(sel))
+        return lambda u, sel: (lambda c: c.vjp(c.jvp(u)))(self.rows(sel))
 
     def norm_bound(self):
         """Product of the factors' bounds ``Π max|d_k|·‖W_k‖₂`` ≥ ‖J‖₂: ``(B,)`` or 0-d."""
