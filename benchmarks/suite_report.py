@@ -1,0 +1,156 @@
+"""The report of ``gpu_suite.py``: the issue's targets from the measured numbers, and results.md."""
+
+from __future__ import annotations
+
+from jacgrad.bench.report import format_table
+
+
+def _row(results: dict, case: str, backend: str) -> dict | None:
+    peers = results["sections"].get("peers", {}).get("data") or {}
+    for r in (peers.get("bench") or {}).get("rows", []):
+        if r.get("case") == case and r["backend"] == backend and r["status"] == "ok":
+            return r
+    return None
+
+
+def _vs(results: dict, case: str, mine: str, peer: str) -> float | None:
+    a, b = _row(results, case, mine), _row(results, case, peer)
+    return a["median_ms"] / b["median_ms"] if a and b else None
+
+
+def targets(results: dict) -> list[dict]:
+    """The GPU targets of issue 5, each with its measured value (None: not measured) and verdict."""
+    dry = results.get("dry_run_cpu")
+    me, torch = ("jacgrad-numpy", "torch-cpu") if dry else ("jacgrad-cupy", "torch-cuda")
+    out = []
+
+    def add(name, measured, goal, met, note=""):
+        out.append({"target": name, "measured": measured, "goal": goal,
+                    "met": None if measured is None or met is None else met, "note": note})
+
+    r = _vs(results, "large_train", me, torch)
+    add("large training step (B=4096, 8×4096) vs torch eager", r, "≤ 0.95×", r is not None and r <= 0.95)
+    row = _row(results, "large_train", me)
+    pct = row.get("pct_floor") if row else None
+    add("large training step, % of the GEMM floor", pct, "≥ 85%", pct is not None and pct >= 85)
+    r = _vs(results, "large_train", f"{me}[compiled]", torch)
+    add("large training step, compiled (net.compile), vs torch eager", r, "≤ 0.95×", r is not None and r <= 0.95)
+    r = _vs(results, "small_train", f"{me}[compiled]", torch)
+    add("small net (B=64, 32×256) with graph capture (net.compile): speed-up over torch eager",
+        None if r is None else 1 / r, "≥ 3×", r is not None and 1 / r >= 3)
+    r = _vs(results, "small_train", me, torch)
+    add("small net (B=64, 32×256) eager: speed-up over torch eager", None if r is None else 1 / r, "—", None,
+        "for reference: no capture")
+    fused = results["sections"].get("fused_kernel", {}).get("data") or {}
+    main = [x for x in fused.get("rows", []) if x["activation"] == "tanh" and x["dtype"] == "float32" and x["from_output"]]
+    pct = main[0].get("pct_of_copy") if main else None
+    add("fused backward kernel (tanh, float32) % of copy bandwidth", pct, "≥ 80%", pct is not None and pct >= 80)
+    r = _vs(results, "jac_tapering", me, torch)
+    add("per-sample Jacobians, tapering, vs torch.func (better of jacrev/jacfwd)", r, "≤ 1.0×", r is not None and r <= 1.0)
+    r = _vs(results, "jac_hourglass", me, torch)
+    add("per-sample Jacobians, hourglass, vs torch.func (better of jacrev/jacfwd)", r, "≤ 0.33×", r is not None and r <= 1 / 3)
+    return out
+
+
+def _fmt(x, spec=".3g") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def markdown(results: dict) -> str:
+    env = results.get("environment", {})
+    dry = results.get("dry_run_cpu")
+    cuda = env.get("cuda") or {}
+    L = [f"# jacgrad GPU suite — {env.get('device', '?')} — {env.get('date', '?')}", ""]
+    if dry:
+        L += ["**Dry run on the CPU** (`--dry-run-cpu`): every section ran on NumPy with tiny sizes to "
+              "exercise the suite. **None of these numbers is a GPU number.**", ""]
+    L.append(f"CUDA runtime {cuda.get('runtime', '—')}, driver {cuda.get('driver', '—')}; jacgrad {env.get('jacgrad')} "
+             f"(commit {env.get('commit') or '?'}), numpy {env.get('numpy')}, cupy {env.get('cupy', '—')}, "
+             f"torch {env.get('torch', '—')} (CUDA {env.get('torch_cuda') or '—'}), jax {env.get('jax', '—')}; "
+             f"suite {results.get('elapsed_s', 0):.0f} s.")
+    if env.get("nvidia_smi"):
+        L.append(f"nvidia-smi: `{env['nvidia_smi']}`")
+    L += ["", "## Targets (issue 5)", "", "| target | measured | goal | met | note |", "|---|---|---|---|---|"]
+    for t in results.get("targets", []):
+        met = {True: "yes", False: "no", None: "—" if t["measured"] is not None else "not measured"}[t["met"]]
+        L.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['goal']} | {met} | {t['note']} |")
+    L += ["", "## Sections", "", "| section | status | seconds | note |", "|---|---|---|---|"]
+    for name, s in results["sections"].items():
+        L.append(f"| {name} | {s['status']} | {_fmt(s.get('seconds'), '.1f')} | {s.get('error') or s.get('note') or ''} |")
+    secs = results["sections"]
+
+    d = secs.get("pytest_gpu", {}).get("data")
+    if d:
+        L += ["", "## pytest -m gpu", "", f"`{d['command']}` → exit {d['returncode']}: tests {d.get('tests', '—')}, "
+              f"failures {d.get('failures', '—')}, errors {d.get('errors', '—')}, skipped {d.get('skipped', '—')}"
+              f"{' (collect only: dry run)' if d.get('collect_only') else ''}. Last line: `{d['summary']}`; "
+              "full log in `pytest_gpu.log`."]
+
+    d = secs.get("validation", {}).get("data")
+    if d:
+        L += ["", "## Validation against the float64 NumPy reference", "",
+              "| dtype | checks | failed | tolerance | worst check | worst rel. err. |", "|---|---|---|---|---|---|"]
+        for dtype, s in d["summary"].items():
+            w = s.get("worst") or {}
+            L.append(f"| {dtype} | {s['checks']} | {s['failed']} | {s['tol']:.0e} | "
+                     f"{w.get('check', '—')} ({w.get('activation', '')}) | {_fmt(w.get('rel_err'), '.2e')} |")
+        bad = [r for r in d["rows"] if not r["ok"]]
+        if bad:
+            L += ["", "Failed checks:", ""]
+            L += [f"- {r['dtype']} {r.get('activation', '')} {r.get('net', '')} {r['check']}: rel. err. "
+                  f"{_fmt(r['rel_err'], '.2e')} > {r['tol']:.0e} {r.get('error', '')}" for r in bad[:40]]
+
+    d = secs.get("ceilings", {}).get("data")
+    if d:
+        c = d["copy"]
+        L += ["", "## Ceilings", "", f"- device-to-device copy ({c['bytes'] / 2**20:.0f} MiB): "
+              f"**{c['GB_per_s']:.0f} GB/s** (read + write)"
+              + (f", {c['pct_of_theoretical']:.0f}% of the {c['theoretical_GB_per_s']:.0f} GB/s of the memory bus"
+                 if c.get("theoretical_GB_per_s") else "")]
+        for g in d["gemm"]:
+            L.append(f"- GEMM {g['n']}³ {g['dtype']}: **{g['TFLOP_per_s']:.2f} TFLOP/s** "
+                     f"({g['median_ms']:.3g} ms; CUPY_TF32={g['tf32_env']})")
+
+    d = secs.get("fused_kernel", {}).get("data")
+    if d:
+        L += ["", "## Fused elementwise backward kernel `scale_cotangent` (v ⊙ φ'(x) → out)", "",
+              "| activation | dtype | φ' from | elements | ms | GB/s | % of copy | × faster than unfused |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            L.append(f"| {r['activation']} | {r['dtype']} | {'y' if r['from_output'] else 'h'} | {r['elements']} | "
+                     f"{r['median_ms']:.3g} | {r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
+                     f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} |")
+
+    d = secs.get("tf32", {}).get("data")
+    if d:
+        L += ["", "## TF32 mode (`jacgrad.backend.tf32`)", "",
+              "| TF32 | GEMM 1024³ rel. err. | net | max rel. err. of grad W (Frobenius) |", "|---|---|---|---|"]
+        for r in d["accuracy"]:
+            L.append(f"| {'on' if r['tf32'] else 'off'} | {r['gemm_1024_rel_err']:.2e} | {r['net']}, B={r['batch']} | "
+                     f"{r['grad_W_rel_err_max']:.2e} |")
+        L += ["", "| TF32 | training step | eager ms | compiled ms |", "|---|---|---|---|"]
+        for r in d["timing"]:
+            L.append(f"| {'on' if r['tf32'] else 'off'} | {r['net']}, B={r['batch']} | {r['eager_ms']:.3g} | "
+                     f"{_fmt(r.get('compiled_ms'))} |")
+
+    d = secs.get("peers", {}).get("data")
+    if d:
+        L += ["", "## jacgrad against the peers (float32)", ""]
+        for key, c in d["cases"].items():
+            if c["status"] != "ok":
+                L.append(f"- {c['label']}: {c['status']} {c.get('error') or c.get('note') or ''}")
+        L += ["", "```", format_table(d["bench"]), "```"]
+
+    errs = [(n, s) for n, s in secs.items() if s.get("traceback")]
+    peers = (secs.get("peers", {}).get("data") or {}).get("cases", {})
+    errs += [(f"peers/{k}", c) for k, c in peers.items() if c.get("traceback")]
+    if errs:
+        L += ["", "## Errors", ""]
+        for name, s in errs:
+            L += [f"<details><summary>{name}: {s.get('error', '')}</summary>", "", "```", s["traceback"].rstrip(), "```",
+                  "", "</details>"]
+    return "\n".join(L) + "\n"

@@ -1,0 +1,221 @@
+"""What is timed: the cases of ``jacgrad bench``, their data, their FLOP counts and GEMM floors.
+
+A case is one task on one network at one batch size:
+
+- ``train``    — forward, MSE loss, and the gradients of every W and b (no input gradient);
+- ``vjp``      — the input cotangent ``Jᵀv`` of an output cotangent ``v: (B, n_out)`` through a
+                 network whose forward pass is already done (the VJP chain alone);
+- ``jacobian`` — per-sample Jacobians ``∂y_b/∂x_b: (B, n_out, n_in)``, forward pass included.
+
+Networks are width lists ``[n_in, H_1, …, n_out]`` with the hidden activation on every layer
+but the last (identity), as ``MLP.init`` builds them. The rectangular grid nets are
+``depth × width`` (``8×1024`` is nine widths of 1024); named nets are ``tapering`` and
+``hourglass`` or any dash list such as ``784-256-10``.
+
+The GEMM floor of a case is the list of matrix products the task needs, with their shapes and
+transposes: timed alone on a backend it is the time no implementation of the task can beat
+there. FLOP counts are 2 × the multiply-adds of that list, so every backend of a case is
+credited with the same useful work (for ``jacobian`` the cheapest bracketing's, from
+``Chain.jacobian_cost("auto")``'s dynamic programme).
+
+    >>> c = Case("train", [1024] * 9, 256)
+    >>> c.label, round(c.flops / 1e9, 2)
+    ('8×1024', 12.35)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "gemm_list", "make_data", "parse_net"]
+
+TASKS = ("train", "vjp", "jacobian")
+
+NAMED_NETS = {
+    "tapering": [512, 256, 128, 64, 10],
+    "hourglass": [256, 256, 256, 8, 256, 256, 256],
+}
+
+
+def parse_net(spec: str) -> tuple[str, list[int]]:
+    """``"tapering"`` or ``"784-256-10"`` → ``(name, widths)``; ValueError with the reason."""
+    spec = spec.strip()
+    if spec in NAMED_NETS:
+        return spec, list(NAMED_NETS[spec])
+    parts = spec.split("-")
+    try:
+        widths = [int(p) for p in parts]
+    except ValueError:
+        widths = []
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(
+            f"net {spec!r} is neither a named net ({', '.join(NAMED_NETS)}) nor at least two positive "
+            "widths joined by '-' (like 784-256-10)"
+        )
+    return spec, widths
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One matrix product ``(M, K) @ (K, N)``, ``count`` independent ones when batched.
+
+    ``layout``: ``"nn"``, ``"tn"`` (A stored ``(K, M)``, used transposed: ``zᵀ δ``) or
+    ``"nt"`` (B stored ``(N, K)``: ``δ Wᵀ``) — the layouts the task really multiplies in.
+    """
+
+    m: int
+    k: int
+    n: int
+    layout: str = "nn"
+    count: int = 1
+
+    @property
+    def macs(self) -> int:
+        return self.count * self.m * self.k * self.n
+
+
+@dataclass
+class Case:
+    """``task`` on the net ``widths`` at batch ``batch``; ``name`` labels a named net."""
+
+    task: str
+    widths: list[int]
+    batch: int
+    name: str | None = None
+    activation: str = "tanh"
+    dtype: str = "float32"
+    gemms: list[Gemm] = field(init=False)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        self.gemms = gemm_list(self.task, self.widths, self.batch)
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths) - 1
+
+    @property
+    def label(self) -> str:
+        """``8×1024`` for a rectangular net, else its name or dash list."""
+        if self.name:
+            return self.name
+        w = self.widths
+        if len(set(w)) == 1:
+            return f"{self.depth}×{w[0]}"
+        return "-".join(map(str, w))
+
+    @property
+    def flops(self) -> int:
+        return 2 * sum(g.macs for g in self.gemms)
+
+    def key(self) -> str:
+        return f"{self.task} {self.label} B={self.batch}"
+
+
+def _forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    return [Gemm(B, a, b, "nn") for a, b in zip(widths[:-1], widths[1:])]
+
+
+def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    """The products of ``Chain.jacobian("auto")`` for an MLP (every diagonal per sample),
+    in the shapes ``jacgrad.bracketing.evaluate`` multiplies them."""
+    from ..bracketing import plan
+
+    K = len(widths) - 1
+    w = list(widths)
+    out: list[Gemm] = []
+
+    def span(node) -> tuple[int, int]:
+        if isinstance(node, int):
+            return node, node
+        return span(node[1])[0], span(node[0])[1]
+
+    def walk(node) -> None:
+        if isinstance(node, int):
+            return
+        left, right = node
+        if isinstance(left, int):  # left spine: Pᵀ (B·n_in_part, H_in) @ W_k, one GEMM per leaf
+            spine = []
+            while not isinstance(node, int) and isinstance(node[0], int):
+                spine.append(node[0])
+                node = node[1]
+            walk(node)
+            first = span(node)[0]
+            out.extend(Gemm(B * w[first], w[k], w[k + 1], "nn") for k in reversed(spine))
+        elif isinstance(right, int):  # right spine: P (B·n_out_part, H_out) @ W_kᵀ
+            spine = []
+            while not isinstance(node, int) and isinstance(node[1], int):
+                spine.append(node[1])
+                node = node[0]
+            walk(node)
+            last = span(node)[1]
+            out.extend(Gemm(B * w[last + 1], w[k + 1], w[k], "nt") for k in reversed(spine))
+        else:  # two per-sample products: a batched GEMM
+            walk(left)
+            walk(right)
+            (_, lj), (ri, rj) = span(left), span(right)
+            out.append(Gemm(w[lj + 1], w[rj + 1], w[ri], "nn", count=B))
+
+    walk(plan("auto", w, [True] * K, B).tree)
+    return out
+
+
+def gemm_list(task: str, widths: Sequence[int], B: int) -> list[Gemm]:
+    """The matrix products ``task`` needs on the net ``widths`` at batch ``B``."""
+    fwd = _forward_gemms(widths, B)
+    if task == "train":
+        grads_w = [Gemm(a, B, b, "tn") for a, b in zip(widths[:-1], widths[1:])]
+        grads_in = [Gemm(B, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]  # not into the input
+        return fwd + grads_w + grads_in
+    if task == "vjp":
+        return [Gemm(B, b, a, "nt") for a, b in zip(widths[:-1], widths[1:])]
+    if task == "jacobian":
+        return fwd + _jacobian_gemms(widths, B)
+    raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+
+
+@dataclass
+class NetData:
+    """The float64 master copy every backend converts from, so all compute the same numbers.
+
+    ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``, ``x: (B, n_in)``, ``target: (B, n_out)``,
+    ``v: (B, n_out)`` — already rounded to the case's dtype, then held as float64.
+    """
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    activations: list[str]
+    x: np.ndarray
+    target: np.ndarray
+    v: np.ndarray
+    dtype: str
+
+    def cast(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+
+def make_data(case: Case, seed: int = 0) -> NetData:
+    """Xavier-normal weights, small biases and Gaussian inputs for ``case`` (seeded)."""
+    from ..mlp import MLP
+
+    net = MLP.init(case.widths, activation=case.activation, output_activation="identity",
+                   init="xavier_normal", bias_std=0.1, seed=seed, dtype="float64")
+    rng = np.random.default_rng(seed + 1)
+    B, n_in, n_out = case.batch, case.widths[0], case.widths[-1]
+
+    def rounded(a: Any) -> np.ndarray:
+        return np.asarray(a, dtype=case.dtype).astype(np.float64)
+
+    return NetData(
+        weights=[rounded(W) for W in net.weights],
+        biases=[rounded(b) for b in net.biases],
+        activations=list(net.activations),
+        x=rounded(rng.standard_normal((B, n_in))),
+        target=rounded(0.5 * rng.standard_normal((B, n_out))),
+        v=rounded(rng.standard_normal((B, n_out))),
+        dtype=case.dtype,
+    )

@@ -1,0 +1,91 @@
+"""The machine under ``jacgrad bench``: CPU, library versions, BLAS, threads and load — the
+header of the table and the ``environment`` of the JSON."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+
+import numpy as np
+
+from .base import Backend
+from .timing import thread_report
+
+__all__ = ["environment", "load_average"]
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    from .. import __version__
+
+    out["jacgrad"] = __version__
+    for mod in ("torch", "jax", "cupy"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name(live: list[Backend]) -> str | None:
+    """The CUDA device's name when a GPU backend runs (asked of CuPy, else torch)."""
+    if not any(b.device == "gpu" for b in live):
+        return None
+    try:
+        from ..backend import get_xp, gpu_available, to_device
+
+        if gpu_available():
+            xp = get_xp(to_device(np.zeros(1), "gpu"))
+            name = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"]
+            return name.decode() if isinstance(name, bytes) else str(name)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - a name is a nicety, not a reason to fail
+        pass
+    return None
+
+
+def environment(threads: dict, live: list[Backend]) -> dict:
+    """Machine, library versions, BLAS and thread settings: the header of the table and JSON."""
+    tr = thread_report()
+    blas = tr.get("numpy_blas", {})
+    coretype = os.environ.get("OPENBLAS_CORETYPE", "unset")
+    blas_line = (f"NumPy: {blas.get('library')} {blas.get('version') or ''} "
+                 f"({blas.get('architecture') or '?'} kernels, OPENBLAS_CORETYPE={coretype})").replace("  ", " ")
+    parts = [f"{threads['requested']} of {tr['cpus']} CPUs — NumPy BLAS "
+             f"{blas.get('threads') if blas.get('threads') is not None else 'uncontrolled (no threadpoolctl)'}"]
+    for b in live:
+        if b.family != "jacgrad" and b.device == "cpu":
+            parts.append(f"{b.name} {b.threads()}")
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "gpu": _gpu_name(live),
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "threads": threads,
+        "thread_report": tr,
+        "threads_line": ", ".join(parts),
+        "blas_line": blas_line,
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other processes' work shows up in the timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -1,0 +1,261 @@
+"""Running ``jacgrad bench``: build the cases, prepare every backend, time them side by side.
+
+For each case every available backend is prepared (arrays converted, JAX functions compiled),
+run once to check it computes the reference numbers, and then all backends, their variants
+and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
+at preparation, at its check run or while timed — becomes a ``failed`` row with its error; the
+others go on. The reference is jacgrad on NumPy in float64, from the same (dtype-rounded)
+weights and inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import warnings
+
+import numpy as np
+
+from . import backends as _backends
+from .base import Backend
+from .cases import Case, NetData, make_data, parse_net
+from .machine import environment, load_average
+from .options import Options
+from .report import Progress
+from .timing import Entry, cpu_count, set_threads, short_error, time_entries
+
+__all__ = ["add_ratios", "build_cases", "run", "run_case", "start_backends"]
+
+# Cases above this many FLOPs are checked against the first jacgrad backend's result instead of a
+# float64 NumPy reference (which would take longer than the timings themselves).
+_REFERENCE_FLOP_LIMIT = 3e10
+_TOL = {"float32": 2e-3, "float64": 1e-9}
+
+
+def build_cases(o: Options) -> list[Case]:
+    """The train/vjp grid (batch × width × depth, rectangular nets) and the jacobian nets."""
+    cases = []
+    for task in o.tasks:
+        if task in ("train", "vjp"):
+            for depth in o.depth:
+                for width in o.width:
+                    for B in o.batch:
+                        cases.append(Case(task, [width] * (depth + 1), B, activation=o.activation, dtype=o.dtype))
+        else:
+            for spec in o.nets:
+                name, widths = parse_net(spec)
+                for B in o.jac_batch:
+                    cases.append(Case(task, widths, B, name=name, activation=o.activation, dtype=o.dtype))
+    return cases
+
+
+def _compare(got: list, ref: list) -> float:
+    """The worst ``max|a − b| / max|b|`` over the outputs (inf when the shapes differ)."""
+    if len(got) != len(ref):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, ref):
+        if a.shape != b.shape:
+            return float("inf")
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        err = float(np.abs(a - b).max()) if b.size else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+def _reference(case: Case, data: NetData) -> list | None:
+    from .backend_jacgrad import Jacgrad
+
+    if case.flops > _REFERENCE_FLOP_LIMIT:
+        return None
+    d64 = NetData(data.weights, data.biases, data.activations, data.x, data.target, data.v, "float64")
+    ref = Jacgrad("cpu").prepare(case, d64)
+    return ref.outputs(ref.variants[""]())
+
+
+def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) -> list[dict]:
+    """Rows (one per backend) of one case, timed interleaved."""
+    data = make_data(case, seed=o.seed)
+    ref = _reference(case, data) if o.check else None
+    progress.advance(f"{case.key()} · reference")
+    tol = _TOL[case.dtype]
+    rows, entries, groups = [], [], []
+    for b in live:
+        row = _new_row(case, b, b.name)
+        rows.append(row)
+        try:
+            with warnings.catch_warnings():  # torch.func's first use warns about torch.jit internals
+                warnings.simplefilter("ignore", DeprecationWarning)
+                prep = b.prepare(case, data)
+                _check_run(prep, row, o.check)
+        except Exception as exc:  # noqa: BLE001 - a peer failing is a result
+            row.pop("check", None)
+            row.update(status="failed", error=short_error(exc))
+            progress.advance(f"{case.key()} · {b.name} failed", steps=_units(case, b, o))
+            continue
+        try:
+            floor = Entry(f"{b.name}:floor", *_floor(b, case))
+            entries.append(floor)
+        except Exception as exc:  # noqa: BLE001
+            floor = None
+            row["floor_error"] = short_error(exc)
+        variants = {v: Entry(f"{b.name}[{v}]" if v else b.name, fn, prep.sync) for v, fn in prep.variants.items()}
+        entries += list(variants.values())
+        progress.total += (len(variants) - _variants_guess(case, b)) * (1 + o.repeats)
+        best_of = {v: e for v, e in variants.items() if v not in prep.own_rows}
+        groups.append((row, best_of, floor, prep.compile_ms))
+        for v in prep.own_rows:
+            own = _new_row(case, b, f"{b.name}[{v}]")
+            own["variant"] = v
+            checks = row.get("check", {})
+            if v in checks:
+                own["check"] = {v: checks.pop(v)}
+            rows.append(own)
+            groups.append((own, {v: variants[v]}, floor, prep.compile_ms))
+        progress.advance(f"{case.key()} · {b.name} ready")
+
+    # Agreement: against the float64 reference, else against the first jacgrad result.
+    if o.check:
+        base = ref
+        if base is None:
+            base = next((next(iter(r["check"].values())) for r in rows if r.get("check") and r["family"] == "jacgrad"), None)
+        for r in rows:
+            outs = r.pop("check", None)
+            if outs is not None and base is not None:
+                err = max(_compare(v, base) for v in outs.values())
+                r["check_rel_err"] = err
+                r["check_against"] = "float64 reference" if ref is not None else "jacgrad"
+                if not err <= tol:
+                    r["note"] = (r["note"] + f" MISMATCH: rel. err. {err:.1e} > {tol:.0e}").strip()
+
+    time_entries(entries, o.repeats, o.warmup, o.min_time,
+                 tick=lambda label: progress.advance(f"{case.key()} · {label}"))
+
+    for row, variants, floor, compile_ms in groups:
+        _fill(row, case, variants, floor, compile_ms)
+    return rows
+
+
+def _new_row(case: Case, b: Backend, name: str) -> dict:
+    return {"task": case.task, "net": case.label, "widths": case.widths, "batch": case.batch,
+            "backend": name, "family": b.family, "device": b.device, "flops": case.flops,
+            "status": "ok", "note": ""}
+
+
+def _check_run(prep, row: dict, check: bool) -> None:
+    """Run every variant once (it is also a warm-up); keep its outputs in ``row["check"]``."""
+    for v, fn in prep.variants.items():
+        result = fn()
+        prep.sync(result)
+        if check:
+            row.setdefault("check", {})[v or "default"] = prep.outputs(result)
+
+
+def _floor(b: Backend, case: Case):
+    prep = b.gemm_floor(case.gemms, case.dtype)
+    return prep.variants[""], prep.sync
+
+
+def _fill(row: dict, case: Case, variants: dict[str, Entry], floor: Entry | None, compile_ms: dict) -> None:
+    timed = {v: e for v, e in variants.items() if e.error is None and e.samples}
+    if not timed:
+        e = next(iter(variants.values()))
+        row.update(status="failed", error=e.error or "no samples")
+        return
+    best = min(timed, key=lambda v: timed[v].stats()["median_ms"])
+    s = timed[best].stats()
+    row.update({k: s[k] for k in ("median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms", "n")})
+    row["number"] = timed[best].number
+    row["gflops_per_s"] = case.flops / (s["median_ms"] * 1e-3) / 1e9 if s["median_ms"] > 0 else None
+    notes = []
+    if best and len(variants) > 1:
+        row["variant"] = best
+        others = [f"{v} {timed[v].stats()['median_ms'] / s['median_ms']:.2f}×" for v in timed if v != best]
+        failed = [f"{v} failed" for v, e in variants.items() if e.error is not None]
+        notes.append(best + (f" ({', '.join(others + failed)})" if others or failed else ""))
+        row["variants_ms"] = {v: e.stats().get("median_ms") for v, e in variants.items()}
+    compile_ms = {v: ms for v, ms in compile_ms.items() if v in variants}
+    if compile_ms:
+        row["compile_ms"] = compile_ms
+        ms = compile_ms.get(best)
+        if ms is not None:
+            notes.append(f"{'compile' if row['family'] == 'jacgrad' else 'jit'} {ms:.0f} ms")
+    if floor is not None and floor.error is None and floor.samples:
+        fs = floor.stats()
+        row["floor_ms"] = fs["median_ms"]
+        row["pct_floor"] = 100.0 * fs["median_ms"] / s["median_ms"]
+    elif floor is not None:
+        row["floor_error"] = floor.error
+    row["note"] = "; ".join(notes + ([row["note"]] if row["note"] else []))
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``ratio_to_fastest_peer``: median over the fastest torch/jax row of the same case and device kind."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["net"], r["batch"], r["device"]), []).append(r)
+    for group in groups.values():
+        peers = [r["median_ms"] for r in group if r["family"] != "jacgrad" and r["status"] == "ok"]
+        best = min(peers) if peers else None
+        for r in group:
+            r["fastest_peer_ms"] = best
+            r["ratio_to_fastest_peer"] = r["median_ms"] / best if best and r["status"] == "ok" else None
+
+
+def _variants_guess(case: Case, b: Backend) -> int:
+    """How many variants a backend will time (for the progress bar, before it is prepared)."""
+    if b.family == "jacgrad":
+        return 2 if case.task == "train" else 1
+    return 2 if case.task == "jacobian" else 1
+
+
+def _units(case: Case, b: Backend, o: Options) -> int:
+    return 1 + (_variants_guess(case, b) + 1) * (1 + o.repeats)
+
+
+def start_backends(names: list[str], n_threads: int) -> tuple[list[Backend], dict, dict]:
+    """Set the CPU threads (NumPy's BLAS, torch, XLA's pool) to ``n_threads`` and sort the named
+    backends into usable ones and skipped ones (name → reason). Returns (live, skipped, threads)."""
+    threads = set_threads(n_threads)
+    live, skipped = [], {}
+    if "jax-cpu" in names and importlib.util.find_spec("jax") is not None:
+        from .peer_jax import Jax
+
+        Jax.limit_threads(threads["requested"])  # before anything starts JAX's backends
+    for name in names:
+        b = _backends.get(name)
+        reason = b.unavailable()
+        if reason is None:
+            live.append(b)
+        else:
+            skipped[name] = reason
+    if any(b.family == "torch" for b in live):
+        import torch
+
+        torch.set_num_threads(threads["requested"])
+    return live, skipped, threads
+
+
+def run(o: Options, stream=None) -> dict:
+    """Run the benchmark described by ``o``; returns the dict that the table and JSON show."""
+    t0 = time.perf_counter()
+    load_start = load_average()
+    live, skipped, threads = start_backends(o.backends, o.threads or cpu_count())
+    cases = build_cases(o)
+    progress = Progress(sum(1 + sum(_units(c, b, o) for b in live) for c in cases), stream=stream, enabled=o.progress)
+    rows = []
+    try:
+        for case in cases:
+            rows += run_case(case, live, o, progress)
+    finally:
+        progress.close()
+    add_ratios(rows)
+    env = environment(threads, live)
+    env["load_average"] = {"start": load_start, "end": load_average()}
+    return {
+        "options": o.to_dict(),
+        "environment": env,
+        "skipped": skipped,
+        "rows": rows,
+        "elapsed_s": time.perf_counter() - t0,
+    }
