@@ -15,6 +15,7 @@ the input side is stored natural ``(…, rows, H)`` and multiplied by ``Wᵀ``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -34,7 +35,14 @@ def _is_leaf(node) -> bool:
 
 
 def plan(order: str, widths: Sequence[int], per_sample: Sequence[bool], batch: int) -> Plan:
-    """The tree for ``order`` over factors with ``widths = [n_in, H_1, …, n_out]``."""
+    """The tree for ``order`` over factors with ``widths = [n_in, H_1, …, n_out]``.
+
+    Memoised: a training loop asks for the same plan every step."""
+    return _plan(order, tuple(int(w) for w in widths), tuple(bool(p) for p in per_sample), int(batch))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(order: str, widths: tuple, per_sample: tuple, batch: int) -> Plan:
     K = len(per_sample)
     if order == "forward":
         tree: Any = 0

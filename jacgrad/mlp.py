@@ -287,13 +287,14 @@ class MLP:
 
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
 
-    def loss_and_grads(self, x: Any, target: Any, loss: str = "mse"):
+    def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
         """``(value, Gradients)`` of ``loss`` (``mse``, ``softmax_cross_entropy``, ``sigmoid_bce``)
-        of the network's output against ``target``."""
+        of the network's output against ``target``. ``input_grad=False`` skips ``∂L/∂x`` (one
+        GEMM of the ``2K`` a backward pass does), as a training loop may."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
         value, grad_y = loss_fn(y, target)
-        return value, self.backward(cache, grad_y)
+        return value, self.backward(cache, grad_y, input_grad=input_grad)
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:

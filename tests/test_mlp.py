@@ -254,3 +254,13 @@ def test_non_finite_values_propagate_or_are_located():
     gy[0, 0] = np.inf
     with np.errstate(invalid="ignore"), pytest.raises(FloatingPointError, match="layer 2: gradient"):
         net.backward(cache, gy, check_finite=True)
+
+
+def test_loss_and_grads_can_skip_the_input_gradient(rng):
+    net = small_net()
+    x, t = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    full = net.loss_and_grads(x, t)[1]
+    lean = net.loss_and_grads(x, t, input_grad=False)[1]
+    assert lean.input is None
+    for a, b in zip(full.weights + full.biases, lean.weights + lean.biases):
+        np.testing.assert_array_equal(a, b)
