@@ -59,30 +59,25 @@ def parse_sizes(spec: str) -> list[int]:
     return sizes
 
 
-def _positive_int(name):
+def _int_at_least(name, minimum: int):
     def convert(text):
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
         return v
 
     return convert
+
+
+def _positive_int(name):
+    return _int_at_least(name, 1)
 
 
 def _nonneg_int(name):
-    def convert(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be ≥ 0, got {v}")
-        return v
-
-    return convert
+    return _int_at_least(name, 0)
 
 
 def _float(name, minimum=None, strict=False):

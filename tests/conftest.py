@@ -31,3 +31,17 @@ def xp(request):
     if request.param == "numpy":
         return np
     return pytest.importorskip("cupy")
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """Small GEMMs are latency-bound: on a 2-core machine shared with other busy processes,
+    OpenBLAS's spinning threads make them 5-10x slower. One BLAS thread where threadpoolctl is
+    installed (it is optional; the results do not depend on it)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

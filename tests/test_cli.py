@@ -37,18 +37,7 @@ def assert_usage_error(capsys, *argv, match):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """Small GEMMs are latency-bound: on a 2-core machine shared with other busy processes,
-    OpenBLAS's spinning threads make them 5-10x slower. One BLAS thread where threadpoolctl is
-    installed (it is optional; the results do not depend on it)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 # ---------------------------------------------------------------------------- report
 def test_default_report_compares_sigmoid_tanh_relu_with_their_verdicts(capsys):

@@ -20,18 +20,7 @@ from jacgrad.diagnostics import GAIN_BAND, decide, gradient_flow
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """Small GEMMs are latency-bound: on a 2-core machine shared with other busy processes,
-    OpenBLAS's spinning threads make them 5-10x slower. One BLAS thread where threadpoolctl is
-    installed (it is optional; the results do not depend on it)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 # ---------------------------------------------------------------------------- references
 def _forward_numpy(net, x):
