@@ -45,7 +45,10 @@ class Activation:
     df_from_output(y): φ' as a function of the output y = φ(h), or None;
     bound: sup over ℝ of |φ'(h)| (never below the true sup; used for norm bounds);
     cuda: the C++ functor in kernels/activations.cuh that the GPU kernels instantiate;
-    kinks: the points where φ' jumps (its value there is PyTorch's convention).
+    kinks: the points where φ' jumps (its value there is PyTorch's convention);
+    f_into(h, out): φ(h) written straight into ``out`` (which may be ``h``), bitwise equal to
+    ``f(h)``, for the activations that are a single ufunc — the forward pass then allocates
+    nothing; None where φ takes several steps (``f`` is computed, then copied).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Activation:
     bound: float
     cuda: str
     kinks: tuple[float, ...] = ()
+    f_into: Optional[Callable[[Any, Any], Any]] = None
 
     @property
     def smooth(self) -> bool:
@@ -251,6 +255,25 @@ def _silu_df(h):
     return s + xp.clip(h, _const(h, -_SAT), _const(h, _SAT)) * q
 
 
+# --- single-ufunc forms written into a buffer (Activation.f_into) ------------------------
+
+def _identity_into(h, out):
+    get_xp(h).copyto(out, h)
+    return out
+
+
+def _relu_into(h, out):
+    return get_xp(h).maximum(h, _const(h, 0.0), out=out)
+
+
+def _tanh_into(h, out):
+    return get_xp(h).tanh(h, out=out)
+
+
+def _hard_tanh_into(h, out):
+    return get_xp(h).clip(h, _const(h, -1.0), _const(h, 1.0), out=out)
+
+
 # --- the table ----------------------------------------------------------------------------
 # bound = sup |φ'|. For gelu, gelu_tanh and silu it is attained where φ'' = 0; it was derived
 # with mpmath at 60 digits, rounded *up* to a double, and raised 4 ulp more so that it also
@@ -264,17 +287,18 @@ def _silu_df(h):
 _TABLE: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", _identity_f, _ones, _ones, 1.0, "jacgrad::Identity"),
-        Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,)),
+        Activation("identity", _identity_f, _ones, _ones, 1.0, "jacgrad::Identity", f_into=_identity_into),
+        Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,), f_into=_relu_into),
         Activation("leaky_relu", _leaky_relu_f, _leaky_slope, _leaky_slope, 1.0, "jacgrad::LeakyRelu", kinks=(0.0,)),
         Activation("sigmoid", _sigmoid_f, _sigmoid_df, _sigmoid_df_y, 0.25, "jacgrad::Sigmoid"),
-        Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh"),
+        Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh", f_into=_tanh_into),
         Activation("softplus", _softplus_f, _sigmoid_f, None, 1.0, "jacgrad::Softplus"),
         Activation("elu", _elu_f, _elu_df, _elu_df_y, 1.0, "jacgrad::Elu"),
         Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu"),
         Activation("gelu_tanh", _gelu_tanh_f, _gelu_tanh_df, None, 1.1289930686587728, "jacgrad::GeluTanh"),
         Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu"),
-        Activation("hard_tanh", _hard_tanh_f, _inside_unit, _inside_unit, 1.0, "jacgrad::HardTanh", kinks=(-1.0, 1.0)),
+        Activation("hard_tanh", _hard_tanh_f, _inside_unit, _inside_unit, 1.0, "jacgrad::HardTanh", kinks=(-1.0, 1.0),
+                   f_into=_hard_tanh_into),
     )
 }
 

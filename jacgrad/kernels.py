@@ -169,6 +169,8 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
     act = _resolve(activation)
     h, xp, out, _ = _prepare(f"activation_forward({act.name})", h, act, False, out, "h")
     if xp is np:
+        if out is not None and act.f_into is not None:
+            return act.f_into(h, out)
         return _into(out, act.f(h))
     h = xp.ascontiguousarray(h)
     out = xp.empty_like(h) if out is None else out

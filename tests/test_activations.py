@@ -221,3 +221,18 @@ def test_erf_special_values_and_dtype():
     assert activations.erf(np.ones((2, 3), np.float32)).dtype == np.float32
     assert activations.erfc(np.float32(3.0)).dtype == np.float32
     assert activations.erfc(np.array(10.0)) == pytest.approx(2.088487583762545e-45, rel=1e-15)
+
+
+@pytest.mark.parametrize("name", [n for n in activations.names() if activations.get(n).f_into is not None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_f_into_is_bitwise_f_also_in_place(name, dtype):
+    act = activations.get(name)
+    h = np.array([0.0, -0.0, 1e-30, -1.0, 1.0, 0.5, -3.0, 20.0, -1000.0, np.inf, -np.inf, np.nan], dtype=dtype)
+    expected = act.f(h)
+    out = np.empty_like(h)
+    assert act.f_into(h, out) is out
+    np.testing.assert_array_equal(out, expected)
+    inplace = h.copy()
+    act.f_into(inplace, inplace)
+    np.testing.assert_array_equal(inplace, expected)
+    assert inplace.dtype == dtype
