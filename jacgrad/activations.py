@@ -154,8 +154,10 @@ def _sigmoid_df(h):
 
 
 def _sigmoid_df_y(y):
+    # y (1 - y), with the product written into the (1 - y) temporary: one allocation
     y, xp = _array(y)
-    return y * (1.0 - y)
+    d = 1.0 - y
+    return xp.multiply(d, y, out=d)
 
 
 def _tanh_f(h):
@@ -171,8 +173,10 @@ def _tanh_df(h):
 
 
 def _tanh_df_y(y):
+    # (1 - y)(1 + y) rather than 1 - y², which cancels as |y| -> 1; product written in place
     y, xp = _array(y)
-    return (1.0 - y) * (1.0 + y)
+    d = 1.0 - y
+    return xp.multiply(d, 1.0 + y, out=d)
 
 
 def _softplus_f(h):
