@@ -48,7 +48,10 @@ class Activation:
     kinks: the points where φ' jumps (its value there is PyTorch's convention);
     f_into(h, out): φ(h) written straight into ``out`` (which may be ``h``), bitwise equal to
     ``f(h)``, for the activations that are a single ufunc — the forward pass then allocates
-    nothing; None where φ takes several steps (``f`` is computed, then copied).
+    nothing; None where φ takes several steps (``f`` is computed, then copied);
+    df_from_output_into(y, out, scratch): ``df_from_output(y)`` written into ``out`` with one
+    more buffer of y's shape to work in, bitwise equal to it — the backward pass of the
+    common activations then allocates no temporaries; None elsewhere.
     """
 
     name: str
@@ -59,6 +62,7 @@ class Activation:
     cuda: str
     kinks: tuple[float, ...] = ()
     f_into: Optional[Callable[[Any, Any], Any]] = None
+    df_from_output_into: Optional[Callable[[Any, Any, Any], Any]] = None
 
     @property
     def smooth(self) -> bool:
@@ -259,7 +263,7 @@ def _silu_df(h):
     return s + xp.clip(h, _const(h, -_SAT), _const(h, _SAT)) * q
 
 
-# --- single-ufunc forms written into a buffer (Activation.f_into) ------------------------
+# --- forms written into buffers (Activation.f_into, Activation.df_from_output_into) -------
 
 def _identity_into(h, out):
     get_xp(h).copyto(out, h)
@@ -278,6 +282,23 @@ def _hard_tanh_into(h, out):
     return get_xp(h).clip(h, _const(h, -1.0), _const(h, 1.0), out=out)
 
 
+def _positive_into(y, out, scratch):
+    return get_xp(y).greater(y, _const(y, 0.0), out=out)
+
+
+def _sigmoid_df_y_into(y, out, scratch):
+    xp = get_xp(y)
+    xp.subtract(_const(y, 1.0), y, out=out)
+    return xp.multiply(out, y, out=out)
+
+
+def _tanh_df_y_into(y, out, scratch):
+    xp = get_xp(y)
+    xp.subtract(_const(y, 1.0), y, out=out)
+    xp.add(_const(y, 1.0), y, out=scratch)
+    return xp.multiply(out, scratch, out=out)
+
+
 # --- the table ----------------------------------------------------------------------------
 # bound = sup |φ'|. For gelu, gelu_tanh and silu it is attained where φ'' = 0; it was derived
 # with mpmath at 60 digits, rounded *up* to a double, and raised 4 ulp more so that it also
@@ -292,10 +313,13 @@ _TABLE: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("identity", _identity_f, _ones, _ones, 1.0, "jacgrad::Identity", f_into=_identity_into),
-        Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,), f_into=_relu_into),
+        Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,), f_into=_relu_into,
+                   df_from_output_into=_positive_into),
         Activation("leaky_relu", _leaky_relu_f, _leaky_slope, _leaky_slope, 1.0, "jacgrad::LeakyRelu", kinks=(0.0,)),
-        Activation("sigmoid", _sigmoid_f, _sigmoid_df, _sigmoid_df_y, 0.25, "jacgrad::Sigmoid"),
-        Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh", f_into=_tanh_into),
+        Activation("sigmoid", _sigmoid_f, _sigmoid_df, _sigmoid_df_y, 0.25, "jacgrad::Sigmoid",
+                   df_from_output_into=_sigmoid_df_y_into),
+        Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh", f_into=_tanh_into,
+                   df_from_output_into=_tanh_df_y_into),
         Activation("softplus", _softplus_f, _sigmoid_f, None, 1.0, "jacgrad::Softplus"),
         Activation("elu", _elu_f, _elu_df, _elu_df_y, 1.0, "jacgrad::Elu"),
         Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu"),

@@ -23,6 +23,7 @@ This module never imports CuPy: it reaches it through ``jacgrad.backend``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "name_expression",
     "read_source",
     "scale_cotangent",
+    "scratch_nbytes",
     "source_dir",
     "special",
 ]
@@ -133,6 +135,9 @@ def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: b
         )
     out = _check_out(where, out, v.shape, v.dtype, xp)
     if xp is np:
+        if from_output and act.df_from_output_into is not None:
+            d, work = _scratch(x.shape, x.dtype, 2)
+            return np.multiply(v, act.df_from_output_into(x, d, work), out=out)
         return np.multiply(v, fn(x), out=out)
     v, x = xp.ascontiguousarray(v), xp.ascontiguousarray(x)
     if out is None:
@@ -207,6 +212,27 @@ def special(name: str, x: Any):
     out = xp.empty_like(x)
     launch(compiled_kernel(f"{name}_elementwise", x.dtype), x.size, (x, out, np.int64(x.size)))
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape, dtype, n: int) -> list:
+    """``n`` NumPy work arrays of ``shape``/``dtype``, reused from call to call (per thread).
+
+    A fresh array of a few MB costs the OS a page fault per 4 KB the first time it is written —
+    about as much as the arithmetic itself — so the backward pass keeps its two work arrays
+    instead of allocating them per layer. Only the latest shape is kept: ``scratch_nbytes()``.
+    """
+    key = (tuple(shape), np.dtype(dtype), n)
+    if getattr(_SCRATCH, "key", None) != key:
+        _SCRATCH.key, _SCRATCH.arrays = key, [np.empty(shape, dtype) for _ in range(n)]
+    return _SCRATCH.arrays
+
+
+def scratch_nbytes() -> int:
+    """Bytes this thread keeps in NumPy work arrays between calls (0 before the first)."""
+    return int(sum(a.nbytes for a in getattr(_SCRATCH, "arrays", ())))
 
 
 def _into(out, result):

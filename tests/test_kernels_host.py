@@ -341,3 +341,21 @@ def test_gpu_erf_matches_numpy(dtype):
 def test_gpu_compile_report():
     report = kernels.compile_report()
     assert all(ok for _, ok, _ in report), report
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if activations.get(n).df_from_output_into is not None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_df_from_output_into_is_bitwise_and_reuses_its_work_arrays(name, dtype, rng):
+    act = activations.get(name)
+    y = act.f(rng.standard_normal((6, 9)).astype(dtype) * 3)
+    y[0, :3] = [0.0, 1.0, -1.0]
+    v = rng.standard_normal((6, 9)).astype(dtype)
+    out, work = np.empty_like(y), np.empty_like(y)
+    np.testing.assert_array_equal(act.df_from_output_into(y, out, work), act.df_from_output(y))
+    first = kernels.scale_cotangent(v, y, act, from_output=True)
+    np.testing.assert_array_equal(first, v * act.df_from_output(y))
+    kept = kernels.scratch_nbytes()
+    assert kept == 2 * y.nbytes
+    again = kernels.scale_cotangent(v, y, act, from_output=True, out=v.copy())
+    np.testing.assert_array_equal(again, first)
+    assert kernels.scratch_nbytes() == kept  # reused, not grown
