@@ -4,6 +4,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jacgrad as jg
 from jacgrad import bracketing
@@ -219,3 +221,29 @@ def test_rows_of_an_mlp_chain_keep_the_implicit_diagonal(rng):
     C = net.jacobian_chain(cache)
     assert relative_error(C.rows(slice(2, 5)).jacobian(), C.jacobian()[2:5]) < 1e-15
     assert C.rows(slice(0, 2))[0].activation.name == "gelu"
+
+
+# ----------------------------------------------------------------------------- properties
+@st.composite
+def chains(draw):
+    K = draw(st.integers(1, 5))
+    widths = draw(st.lists(st.integers(1, 9), min_size=K + 1, max_size=K + 1))
+    B = draw(st.one_of(st.none(), st.integers(0, 4)))
+    shared = tuple(k for k in range(K) if draw(st.booleans()))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return widths, B, shared, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(chains())
+def test_every_order_of_every_small_chain_is_the_product(case):
+    widths, B, shared, seed = case
+    C, dense = make_chain(np.random.default_rng(seed), widths, B, shared)
+    ref = reference_jacobian(dense, None if C.batch is None else B)
+    for order in jg.chain.ORDERS:
+        assert relative_error(C.jacobian(order), ref) < 1e-13
+    n = C.batch if C.batch is not None else 2
+    rng = np.random.default_rng(seed + 1)
+    u, v = rng.standard_normal((n, widths[0])), rng.standard_normal((n, widths[-1]))
+    if n:
+        assert check_adjoint(C.jvp, C.vjp, u, v) < 1e-12
