@@ -9,12 +9,25 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
            [0.  , 1.  ]])
 """
 
-from . import activations, backend, check, compiled, diagnostics, gates, initializers, kernels, losses
+from . import (
+    activations,
+    backend,
+    chain,
+    check,
+    compiled,
+    diagnostics,
+    gates,
+    initializers,
+    jacobian,
+    kernels,
+    losses,
+    mlp,
+    spectra,
+)
 from .backend import get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
-from . import chain, jacobian, spectra
 
 __version__ = "0.1.0"
 
@@ -28,9 +41,13 @@ __all__ = [
     "check",
     "compiled",
     "diagnostics",
+    "gates",
     "get_xp",
+    "initializers",
     "jacobian",
     "kernels",
+    "losses",
+    "mlp",
     "spectra",
     "to_device",
     "to_numpy",

@@ -1,7 +1,5 @@
 """Chain against naive per-sample float64 products; bracketing against exhaustive search."""
 
-import itertools
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
