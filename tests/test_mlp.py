@@ -268,3 +268,25 @@ def test_loss_and_grads_can_skip_the_input_gradient(rng):
     assert lean.input is None
     for a, b in zip(full.weights + full.biases, lean.weights + lean.biases):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("loss", ["mse", "softmax_cross_entropy", "sigmoid_bce"])
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_gpu_network_matches_the_float64_numpy_reference(activation, loss, dtype, tol):
+    rng = np.random.default_rng(3)
+    ref = small_net(activation, sizes=(6, 9, 8, 4))
+    gpu = small_net(activation, sizes=(6, 9, 8, 4), dtype=dtype, device="gpu")
+    x = rng.standard_normal((7, 6))
+    t = rng.integers(0, 4, size=7) if loss == "softmax_cross_entropy" else rng.uniform(0, 1, (7, 4))
+    l_ref, g_ref = ref.loss_and_grads(x, t, loss)
+    l_gpu, g_gpu = gpu.loss_and_grads(jg.to_device(x, "gpu"), jg.to_device(t, "gpu"), loss)
+    assert jg.backend.device_of(g_gpu.weights[0]) == "gpu" and g_gpu.weights[0].dtype == np.dtype(dtype)
+    assert relative_error(l_gpu, l_ref) < tol
+    for a, b in zip(g_gpu.weights + g_gpu.biases + g_gpu.deltas + [g_gpu.input],
+                    g_ref.weights + g_ref.biases + g_ref.deltas + [g_ref.input]):
+        assert relative_error(a, b) < tol
+    J_gpu = gpu.jacobian_chain(gpu.forward(jg.to_device(x, "gpu"))[1]).jacobian()
+    J_ref = ref.jacobian_chain(ref.forward(x)[1]).jacobian()
+    assert relative_error(J_gpu, J_ref) < tol
