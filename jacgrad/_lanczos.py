@@ -142,7 +142,7 @@ def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp) -> n
         stop = b <= 8 * n * eps * scale
         b = xp.where(stop, 0, b)
         w /= xp.where(stop, 1, b)[:, None]
-        w[stop] = 0
+        xp.copyto(w, 0, where=stop[:, None])  # not w[stop] = 0: a boolean-mask store syncs on CuPy
         q_prev, q, b_prev = q, w, b
         alpha.append(a)
         beta.append(b)
