@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from .backend import get_xp
 
-__all__ = ["Plan", "plan", "evaluate"]
+__all__ = ["Plan", "evaluate", "peel_spine", "plan"]
 
 
 @dataclass(frozen=True)
@@ -110,26 +110,31 @@ def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:
     return out[id(node)]
 
 
+def peel_spine(node, side: int) -> tuple[list[int], Any]:
+    """The leaves hanging off one side of ``node``'s spine, outermost first, and the sub-tree
+    they wrap. ``side=0``: a left spine (leaves applied after, on the output side); ``side=1``:
+    a right spine (leaves applied first, on the input side). Iterative: chains can be deep."""
+    spine = []
+    while not _is_leaf(node) and _is_leaf(node[side]):
+        spine.append(node[side])
+        node = node[1 - side]
+    return spine, node
+
+
 def evaluate(node, factors, transposed: bool):
     """The product the tree stands for: ``(…, n_out_part, n_in_part)``, or its transpose."""
     if _is_leaf(node):
         return factors[node].dense(transposed=transposed)
     left, right = node
     if _is_leaf(left):  # a left spine: leaves applied one after another on the output side
-        spine = []
-        while not _is_leaf(node) and _is_leaf(node[0]):
-            spine.append(node[0])
-            node = node[1]
-        acc_t = evaluate(node, factors, transposed=True)
+        spine, inner = peel_spine(node, 0)
+        acc_t = evaluate(inner, factors, transposed=True)
         for k in reversed(spine):
             acc_t = _apply_after(factors[k], acc_t)
         return acc_t if transposed else acc_t.swapaxes(-1, -2)
     if _is_leaf(right):  # a right spine: leaves applied one after another on the input side
-        spine = []
-        while not _is_leaf(node) and _is_leaf(node[1]):
-            spine.append(node[1])
-            node = node[0]
-        acc = evaluate(node, factors, transposed=False)
+        spine, inner = peel_spine(node, 1)
+        acc = evaluate(inner, factors, transposed=False)
         for k in reversed(spine):
             acc = _apply_before(acc, factors[k])
         return acc.swapaxes(-1, -2) if transposed else acc

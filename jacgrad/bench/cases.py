@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..bracketing import peel_spine
+
 __all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "gemm_list", "make_data", "parse_net"]
 
 TASKS = ("train", "vjp", "jacobian")
@@ -139,18 +141,12 @@ def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
             return
         left, right = node
         if isinstance(left, int):  # left spine: Pᵀ (B·n_in_part, H_in) @ W_k, one GEMM per leaf
-            spine = []
-            while not isinstance(node, int) and isinstance(node[0], int):
-                spine.append(node[0])
-                node = node[1]
+            spine, node = peel_spine(node, 0)
             walk(node)
             first = span(node)[0]
             out.extend(Gemm(B * w[first], w[k], w[k + 1], "nn") for k in reversed(spine))
         elif isinstance(right, int):  # right spine: P (B·n_out_part, H_out) @ W_kᵀ
-            spine = []
-            while not isinstance(node, int) and isinstance(node[1], int):
-                spine.append(node[1])
-                node = node[0]
+            spine, node = peel_spine(node, 1)
             walk(node)
             last = span(node)[1]
             out.extend(Gemm(B * w[last + 1], w[k + 1], w[k], "nt") for k in reversed(spine))
