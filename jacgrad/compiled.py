@@ -12,8 +12,8 @@ buffer allocated once, and on the GPU the whole step replayed as one captured CU
     >>> for W, dW in zip(net.weights, g.weights):   # SGD in place: the next call sees it
     ...     W -= 0.1 * dW
 
-The algebra is ``MLP.backward``'s, through the same ``LayerJacobian`` factors and kernels
-(``J.scale`` = the fused ``g ⊙ φ'`` pass, ``J.through_weights_t``), in the same order, so on
+The passes are ``MLP.forward`` / ``MLP.backward``'s own code (``_passes.forward_into`` and
+``backward_into``: the same ``LayerJacobian`` factors and kernels, in the same order), so on
 NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is where results go:
 
 - buffers, made at construction: the static input ``x`` and target, per layer the saved
@@ -47,11 +47,11 @@ import numpy as np
 from . import losses
 from ._loss_workspace import NAMES as LOSS_NAMES
 from ._loss_workspace import LossWorkspace
+from ._passes import backward_into, carve, forward_into, grad_shapes, grad_views
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import is_gpu_array, tf32_enabled
 from .jacobian import LayerJacobian
-from .kernels import activation_forward
 from .mlp import MLP, Gradients
 
 __all__ = ["TrainingStep"]
@@ -92,11 +92,11 @@ class TrainingStep:
         self._device = net.weights[0].device if self._gpu else None
         with self._on_device():
             self._x = xp.zeros((B, sizes[0]), dtype=dt)
-            self._saved = [xp.zeros((B, H), dtype=dt) for H in sizes[1:]]  # y_j, or h_j
-            self._z = [s if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
-            self._delta = [xp.zeros((B, H), dtype=dt) for H in sizes[1:]]
-            self._dW = [xp.zeros_like(W) for W in net.weights]
-            self._db = [xp.zeros_like(b) for b in net.biases]
+            _, self._saved = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)  # y_j, or h_j
+            self._z = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
+            _, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
+            self._flat, views = carve(xp, grad_shapes(net.weights), dt, zero=True)
+            self._dW, self._db = views[0::2], views[1::2]
             self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
             self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
             self._target = xp.zeros((B, sizes[-1]), dtype=dt)
@@ -169,29 +169,23 @@ class TrainingStep:
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
-        xp, K, J = self._xp, len(self._W), self._factors
-        z = self._x
-        for j in range(K):
-            h = xp.matmul(z, self._W[j], out=self._saved[j])
-            xp.add(h, self._b[j], out=h)
-            z = activation_forward(h, self._acts[j], out=self._z[j])  # y_j over h_j, or z_j beside it
+        z = forward_into(self._x, self._W, self._b, self._acts, self._saved, self._z)
         self._loss(z, self._target, labels=labels)
-        for j in range(K - 1, -1, -1):
-            delta = J[j].scale(self._loss.grad if j == K - 1 else self._delta[j], out=self._delta[j])
-            xp.matmul((self._x if j == 0 else self._z[j - 1]).T, delta, out=self._dW[j])
-            delta.sum(axis=0, out=self._db[j])
-            if j:
-                J[j].through_weights_t(delta, out=self._delta[j - 1])
-            elif self.input_grad:
-                J[0].through_weights_t(delta, out=self._gin)
+        backward_into(self._factors, self._loss.grad, self._layer_input, self._dW, self._db, self._delta, self._gin)
+
+    def _layer_input(self, j: int):
+        """``z_j`` (``x`` for ``j = -1``): the saved output, or its buffer beside ``h_j``."""
+        if j < 0:
+            return self._x
+        return self._saved[j] if self._from_output[j] else self._z[j]
 
     def _results(self, copy: bool):
-        value, g = self._loss.value, Gradients(list(self._dW), list(self._db), self._gin, list(self._delta))
         if not copy:
-            return value, g
-        dup = lambda arrays: [a.copy() for a in arrays]  # noqa: E731
-        gin = None if g.input is None else g.input.copy()
-        return value.copy(), Gradients(dup(g.weights), dup(g.biases), gin, dup(g.deltas))
+            return self._loss.value, Gradients(list(self._dW), list(self._db), self._gin, list(self._delta), self._flat)
+        flat = self._flat.copy()
+        dW, db = grad_views(flat, self._W)
+        gin = None if self._gin is None else self._gin.copy()
+        return self._loss.value.copy(), Gradients(dW, db, gin, [d.copy() for d in self._delta], flat)
 
     # ------------------------------------------------------------------ inputs
     def _shape_help(self, what: str) -> str:
@@ -252,8 +246,8 @@ class TrainingStep:
     @property
     def nbytes(self) -> int:
         """Bytes of every buffer the step owns (the weights are the network's)."""
-        arrays = [self._x, self._target, *self._saved, *self._delta, *self._dW, *self._db]
-        arrays += [z for z, fo in zip(self._z, self._from_output) if not fo] + ([self._gin] if self.input_grad else [])
+        arrays = [self._x, self._target, *self._saved, *self._delta, self._flat]
+        arrays += [z for z in self._z if z is not None] + ([self._gin] if self.input_grad else [])
         return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes
 
     @property

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import initializers, kernels, losses
+from ._passes import backward_into, carve, forward_into, grad_shapes
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, resolve_device, to_device
@@ -26,15 +27,22 @@ from .jacobian import LayerJacobian
 __all__ = ["MLP", "ForwardCache", "Gradients"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gradients:
     """What ``MLP.backward`` returns. ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``,
-    ``input: (B, n_in)`` (None when not asked for), ``deltas[j] = ∂L/∂h_j: (B, H_j)``."""
+    ``input: (B, n_in)`` (None when not asked for), ``deltas[j] = ∂L/∂h_j: (B, H_j)``.
+
+    ``flat``: every parameter gradient in ONE 1-D array, ``∂W_0, ∂b_0, ∂W_1, ∂b_1, …`` (each W
+    row-major: the order of ``MLP.save``); ``weights[j]`` and ``biases[j]`` are views into it, so
+    a global gradient norm or clipping is one operation (``xp.linalg.norm(g.flat)``,
+    ``g.flat *= c``). The deltas likewise share one block. A view keeps its whole block alive.
+    """
 
     weights: list
     biases: list
     input: Any
     deltas: list
+    flat: Any = None
 
 
 class ForwardCache:
@@ -210,23 +218,10 @@ class MLP:
         x = x.astype(self.dtype, copy=False)
         if check_finite:
             _require_finite(x, "the input x")
-        saved, from_output = [], []
-        z = x
-        for j, (W, b, act) in enumerate(zip(self.weights, self.biases, self._acts)):
-            h = z @ W
-            h += b
-            if check_finite:
-                _require_finite(h, f"layer {j}: pre-activation h")
-            if act.df_from_output is not None:
-                z = kernels.activation_forward(h, act, out=h)  # y overwrites h: one array kept
-                saved.append(z)
-                from_output.append(True)
-            else:
-                saved.append(h)
-                from_output.append(False)
-                z = kernels.activation_forward(h, act)
-            if check_finite:
-                _require_finite(z, f"layer {j}: output z")
+        B = x.shape[0]
+        _, saved = carve(xp, [(B, H) for H in self.sizes[1:]], self.dtype)
+        from_output = [act.df_from_output is not None for act in self._acts]
+        z = forward_into(x, self.weights, self.biases, self._acts, saved, check=_require_finite if check_finite else None)
         return z, ForwardCache(x, saved, from_output, self._token, self._acts)
 
     # ------------------------------------------------------------------ factors and backward
@@ -264,21 +259,14 @@ class MLP:
                 f"outputs of width {self.sizes[-1]}: needs {shape_str(want)}"
             )
         grad_y = grad_y.astype(self.dtype, copy=False)
-        K = self.depth
-        dW, db, deltas = [None] * K, [None] * K, [None] * K
-        g = grad_y
-        for j in range(K - 1, -1, -1):
-            J = self._factor(cache, j)
-            delta = J.scale(g, out=None if g is grad_y else g)  # never overwrite the caller's grad_y
-            if check_finite:
-                _require_finite(delta, f"layer {j}: gradient ∂L/∂h")
-            z_prev = cache.layer_output(j - 1)
-            dW[j] = z_prev.T @ delta
-            db[j] = delta.sum(axis=0)
-            deltas[j] = delta
-            if j or input_grad:
-                g = J.through_weights_t(delta)
-        return Gradients(dW, db, g if input_grad else None, deltas)
+        B, sizes = cache.batch, self.sizes
+        _, deltas = carve(xp, [(B, H) for H in sizes[1:]], self.dtype)
+        flat, views = carve(xp, grad_shapes(self.weights), self.dtype)
+        gin = xp.empty((B, sizes[0]), dtype=self.dtype) if input_grad else None
+        factors = [self._factor(cache, j) for j in range(self.depth)]
+        backward_into(factors, grad_y, cache.layer_output, views[0::2], views[1::2], deltas, gin,
+                      check=_require_finite if check_finite else None)
+        return Gradients(views[0::2], views[1::2], gin, deltas, flat)
 
     def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
         """A ``jacgrad.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,

@@ -73,6 +73,9 @@ def test_results_are_the_step_buffers_unless_copied(rng):
     assert kept_loss == ref_loss and kept_loss is not loss2
     for a, b in zip(kept.weights, ref.weights):
         np.testing.assert_array_equal(a, b)
+    assert g2.flat is g1.flat and kept.flat is not g2.flat
+    np.testing.assert_array_equal(kept.flat, ref.flat)  # the copy keeps the flat layout and its views
+    assert all(np.shares_memory(a, kept.flat) for a in kept.weights + kept.biases)
     g2.weights.clear()  # the returned lists are the caller's: the step keeps its own
     assert len(step(x2, t)[1].weights) == 2
 

@@ -120,6 +120,39 @@ def test_forward_keeps_one_array_per_layer_and_backward_peak_is_bounded(activati
     assert peak_bwd <= returned + 20 * layer, "backward peaked above its outputs + O(B·H)"
 
 
+def test_gradients_flat_is_every_parameter_gradient_in_save_order(rng):
+    net = jg.MLP.init([5, 7, 6, 3], seed=2, bias_std=0.3)
+    x, t = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    _, g = net.loss_and_grads(x, t)
+    # reference: concatenating the separate arrays in the order W0, b0, W1, b1, …
+    ref = np.concatenate([a.ravel() for W, b in zip(g.weights, g.biases) for a in (W, b)])
+    np.testing.assert_array_equal(g.flat, ref)
+    assert g.flat.shape == (sum(W.size + b.size for W, b in zip(net.weights, net.biases)),)
+    g.flat *= 2.0  # the per-layer arrays are views: scaling the block scales them
+    np.testing.assert_array_equal(g.weights[1], 2.0 * ref[5 * 7 + 7 : 5 * 7 + 7 + 7 * 6].reshape(7, 6))
+    assert np.linalg.norm(g.flat) == pytest.approx(2.0 * np.sqrt(float(ref @ ref)), rel=1e-12)
+
+
+def test_a_backward_pass_makes_a_few_blocks_not_one_array_per_layer():
+    """The returned arrays come from three allocations (parameter gradients, deltas, input
+    gradient), whatever the depth: a fresh step then touches a few large blocks (huge pages)."""
+    rng = np.random.default_rng(0)
+    B, H, K = 32, 64, 12
+    net = jg.MLP.init([H] * (K + 1), seed=1)
+    x = rng.standard_normal((B, H))
+    y, cache = net.forward(x)
+    assert len({a.base.ctypes.data for a in cache.saved if a.base is not None}) == 1  # one block for the cache
+    net.backward(cache, np.ones_like(y))  # makes the kernels' reusable scratch, kept between calls
+    tracemalloc.start()
+    g = net.backward(cache, np.ones_like(y))
+    snap = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    big = [tr for tr in snap.traces if tr.size >= B * H * 8]  # blocks of at least one (B, H) array
+    assert len(big) <= 3, f"backward kept {len(big)} separate large allocations"
+    assert {a.base.ctypes.data for a in g.weights + g.biases} == {g.flat.ctypes.data}
+    assert len({a.base.ctypes.data for a in g.deltas}) == 1
+
+
 # ----------------------------------------------------------------------------- init
 @pytest.mark.parametrize("name", initializers.names())
 def test_init_statistics_follow_the_formula(name):

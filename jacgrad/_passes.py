@@ -1,0 +1,106 @@
+"""The forward and backward passes of an MLP, written into buffers the caller gives.
+
+One implementation for both callers: ``MLP.forward`` / ``MLP.backward`` carve fresh buffers per
+call, ``TrainingStep`` carves them once and replays. Per layer ``j`` (``K`` layers):
+
+    forward    h_j = z_{j-1} @ W_j + b_j ;  z_j = φ_j(h_j)
+    backward   δ_j = J_j.scale(g_j)          (g_{K-1} = ∂L/∂y, the fused g ⊙ φ_j' pass)
+               ∂L/∂W_j = z_{j-1}ᵀ δ_j ;  ∂L/∂b_j = Σ_batch δ_j
+               g_{j-1} = J_j.through_weights_t(δ_j)   written straight into δ_{j-1}'s buffer
+
+Buffers come from ``carve``: ONE allocation split into views. A training step makes a few
+large arrays (the saved activations, the deltas, the gradients); carved from one block each,
+the block is big enough for NumPy to ask the kernel for huge pages, and the first touch of a
+fresh step costs a few hundred page faults instead of thousands (measured in
+``benchmarks/README.md``). On CuPy it is one pool allocation instead of many.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from .backend import get_xp
+from .kernels import activation_forward
+
+__all__ = ["backward_into", "carve", "forward_into", "grad_shapes", "grad_views"]
+
+Check = Callable[[Any, str], None]
+
+
+def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False) -> tuple[Any, list]:
+    """``(flat, views)``: one 1-D array of ``Σ prod(shape)`` elements and a C-contiguous view of
+    it per shape, in order. ``zero`` fills the block with zeros (else its contents are undefined)."""
+    sizes = [math.prod(s) for s in shapes]
+    flat = (xp.zeros if zero else xp.empty)(sum(sizes), dtype=dtype)
+    views, at = [], 0
+    for shape, n in zip(shapes, sizes):
+        views.append(flat[at : at + n].reshape(shape))
+        at += n
+    return flat, views
+
+
+def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
+    """Shapes of ``[∂W_0, ∂b_0, ∂W_1, ∂b_1, …]``: the order of ``Gradients.flat``."""
+    shapes = []
+    for W in weights:
+        shapes += [tuple(W.shape), (W.shape[1],)]
+    return shapes
+
+
+def grad_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
+    """``(dW, db)``: views of a ``Gradients.flat`` block, laid out as ``grad_shapes(weights)``."""
+    views, at = [], 0
+    for shape in grad_shapes(weights):
+        n = math.prod(shape)
+        views.append(flat[at : at + n].reshape(shape))
+        at += n
+    return views[0::2], views[1::2]
+
+
+def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, check: Check | None = None):
+    """``z_K`` after writing ``h_j`` into ``saved[j]: (B, H_j)`` and applying ``φ_j``.
+
+    Where ``φ_j'`` is a function of the output, ``y_j = φ_j(h_j)`` overwrites ``h_j`` in
+    ``saved[j]``; else ``h_j`` stays and ``z_j`` goes to ``zs[j]`` (a fresh array when ``zs`` is
+    None or ``zs[j]`` is None). ``check(a, where)`` is called on every ``h_j`` and ``z_j``.
+    """
+    z = x
+    for j, (W, b, act) in enumerate(zip(weights, biases, acts)):
+        h = _matmul(z, W, saved[j])
+        h += b
+        if check is not None:
+            check(h, f"layer {j}: pre-activation h")
+        if act.df_from_output is not None:
+            z = activation_forward(h, act, out=h)
+        else:
+            z = activation_forward(h, act, out=None if zs is None else zs[j])
+        if check is not None:
+            check(z, f"layer {j}: output z")
+    return z
+
+
+def backward_into(factors, grad_y, layer_input: Callable[[int], Any], dW: list, db: list, deltas: list,
+                  gin=None, check: Check | None = None) -> None:
+    """Backprop ``grad_y = ∂L/∂y`` through ``factors`` (the layers' ``LayerJacobian``).
+
+    Writes ``δ_j`` into ``deltas[j]``, ``∂L/∂W_j`` into ``dW[j]``, ``∂L/∂b_j`` into ``db[j]`` and,
+    when ``gin`` is given, ``∂L/∂x`` into it. ``layer_input(j)`` is ``z_{j-1}`` (``x`` for
+    ``j = 0``). ``grad_y`` is only read. ``check(δ_j, where)`` is called on every delta.
+    """
+    K = len(factors)
+    for j in range(K - 1, -1, -1):
+        J = factors[j]
+        delta = J.scale(grad_y if j == K - 1 else deltas[j], out=deltas[j])
+        if check is not None:
+            check(delta, f"layer {j}: gradient ∂L/∂h")
+        _matmul(layer_input(j - 1).T, delta, dW[j])
+        delta.sum(axis=0, out=db[j])
+        if j:
+            J.through_weights_t(delta, out=deltas[j - 1])
+        elif gin is not None:
+            J.through_weights_t(delta, out=gin)
+
+
+def _matmul(a, b, out):
+    return get_xp(a).matmul(a, b, out=out)
