@@ -184,7 +184,9 @@ class Suite:
 
     def pytest_gpu(self) -> dict:
         xml = self.args.out / "pytest_gpu.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+        # -o addopts=: the ini's --benchmark-disable would be a usage error where pytest-benchmark is not
+        # installed, and tests/ has no benchmark fixtures
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=",
                f"--junitxml={xml}", "tests"]
         if self.dry:
             cmd.append("--collect-only")

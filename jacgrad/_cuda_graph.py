@@ -11,11 +11,14 @@ How a step is captured (CuPy ≥ 13, CUDA 12/13):
   reductions may take scratch space), the block comes from that pool, which nothing else uses
   and which lives as long as the graph: the addresses baked into the graph stay valid, and
   ``pool_bytes`` reports how much that was.
-- cuBLAS: CuPy points its handle at the current stream before every call (cublasSetStream), which
-  also resets the handle to cuBLAS's default workspace. Under capture, cuBLAS (CUDA ≥ 12) then
-  records its workspace as stream-ordered allocation nodes inside the graph — legal in a
-  top-level graph like this one; each capture gets its own workspace (PyTorch #83461). CuPy 14
-  exposes no cublasSetWorkspace to pin one. Alpha/beta are host scalars, captured by value.
+- cuBLAS: CuPy points its handle at the current stream before every call, and its wrapper of
+  cublasSetStream raises ``NotImplementedError("calling cuBLAS API during stream capture is
+  currently unsupported")`` when that stream is capturing (cupy_backends/cuda/libs/cublas.pyx,
+  still so in CuPy 14.2; cupy/cupy#6290). So a step with a matrix product cannot be captured
+  through CuPy today: the capture fails with ``CaptureError`` at the first GEMM, after the eager
+  warm-up has produced this call's results, and ``TrainingStep`` with ``capture="auto"`` then
+  runs without a graph (``capture=True`` raises). Where a CuPy allows it, each capture gets its
+  own cuBLAS workspace (PyTorch #83461); alpha/beta are host scalars, captured by value.
 - Replay: ``graph.launch()`` on the current stream, so the copies of x and the target into the
   static buffers (issued just before, on the same stream) and any later work of the caller are
   ordered with it. Nothing here waits for the device.
@@ -29,7 +32,11 @@ from typing import Callable, Hashable
 
 from . import backend
 
-__all__ = ["GraphCache"]
+__all__ = ["CaptureError", "GraphCache"]
+
+
+class CaptureError(RuntimeError):
+    """Recording the step into a CUDA graph failed; the eager warm-up before it had succeeded."""
 
 
 class GraphCache:
@@ -44,7 +51,8 @@ class GraphCache:
 
     def run(self, key: Hashable, fn: Callable[[], None]) -> None:
         """Replay the graph of ``key``; the first time, run ``fn`` eagerly (this call's results)
-        and capture it for the next calls."""
+        and capture it for the next calls. ``CaptureError`` when the capture fails: the eager run
+        has completed by then, so its results are valid."""
         graph = self._graphs.get(key)
         if graph is not None:
             graph.launch()
@@ -64,9 +72,12 @@ class GraphCache:
                     stream.end_capture()
                 except Exception:
                     pass  # the capture was invalidated by the failure itself
-                raise RuntimeError(
-                    f"capturing the training step into a CUDA graph failed ({type(exc).__name__}: {exc}); "
-                    "MLP.compile(..., capture=False) runs the same step without a graph"
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                hint = " (CuPy refuses cuBLAS calls on a capturing stream: cupy/cupy#6290)" if "cuBLAS" in str(exc) else ""
+                raise CaptureError(
+                    f"capturing the training step into a CUDA graph failed ({type(exc).__name__}: {exc}){hint}; "
+                    "MLP.compile(..., capture='auto' or False) runs the same step without a graph"
                 ) from exc
             graph = stream.end_capture()
         self._pools[key] = pool

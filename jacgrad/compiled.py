@@ -31,10 +31,14 @@ NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is w
 On CuPy with ``capture="auto"`` or ``True``, the first call for a target kind runs eagerly (warm-up:
 NVRTC compiles the kernels, cuBLAS initialises; that call's results come from it), then the step is
 captured on a private non-blocking stream (see ``_cuda_graph.py``); later calls copy ``x`` and the
-target into the static buffers and launch the graph, both on the caller's current stream. No call
-synchronises with the host; the loss stays a 0-d device array. One exception: integer labels of
-``softmax_cross_entropy`` given as a CuPy array are range-checked on the host (one sync); pass
-probability rows to avoid it. ``capture=True`` on a NumPy network is a ``ValueError``.
+target into the static buffers and launch the graph, both on the caller's current stream. CuPy (up
+to 14.2 at least) refuses cuBLAS calls on a capturing stream, so the capture of a step fails at its
+first GEMM: with ``"auto"`` the step then runs with its buffers but without a graph from that call
+on (``step.captured`` turns False, ``step.capture_error`` says why); ``capture=True`` raises
+``jacgrad._cuda_graph.CaptureError``. No call synchronises with the host; the loss stays a 0-d
+device array. One exception: integer labels of ``softmax_cross_entropy`` given as a CuPy array are
+range-checked on the host (one sync); pass probability rows to avoid it. ``capture=True`` on a
+NumPy network is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from . import losses
+from ._cuda_graph import CaptureError
 from ._loss_workspace import NAMES as LOSS_NAMES
 from ._loss_workspace import LossWorkspace
 from ._passes import backward_into, carve, forward_into, grad_shapes, grad_views
@@ -63,8 +68,9 @@ class TrainingStep:
     """``loss, grads = step(x, target)`` for a fixed batch: see the module docstring.
 
     net: an ``MLP`` on NumPy or CuPy. batch: B. loss: ``mse``, ``sigmoid_bce`` or
-    ``softmax_cross_entropy``. capture: ``"auto"`` (a CUDA graph on the GPU, buffers only on the
-    CPU), ``True`` (GPU only), ``False``. input_grad: also compute ``∂L/∂x: (B, n_in)``.
+    ``softmax_cross_entropy``. capture: ``"auto"`` (a CUDA graph on the GPU where CuPy can record
+    one, else buffers only), ``True`` (GPU only; a failed capture raises), ``False``. input_grad:
+    also compute ``∂L/∂x: (B, n_in)``.
     """
 
     def __init__(self, net: MLP, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
@@ -85,6 +91,8 @@ class TrainingStep:
                 "the CPU (NumPy). Use capture='auto' (buffers only on the CPU) or capture=False, or net.to('gpu')"
             )
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
+        self._capture = capture
+        self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
         self._acts = [get_activation(a) for a in net.activations]
         self._from_output = [a.df_from_output is not None for a in self._acts]
         sizes, dt, B = net.sizes, net.dtype, self.batch
@@ -164,7 +172,13 @@ class TrainingStep:
             if self._graphs is None:
                 self._run(labels)
             else:
-                self._graphs.run((labels, tf32_enabled()), lambda: self._run(labels))
+                try:
+                    self._graphs.run((labels, tf32_enabled()), lambda: self._run(labels))
+                except CaptureError as exc:  # raised after the eager run: this call's results stand
+                    if self._capture is True:
+                        raise
+                    self._graphs.clear()
+                    self._graphs, self.capture_error = None, str(exc)
             return self._results(copy)
 
     def _run(self, labels: bool) -> None:
@@ -240,7 +254,8 @@ class TrainingStep:
     # ------------------------------------------------------------------ facts
     @property
     def captured(self) -> bool:
-        """True when calls replay a CUDA graph (CuPy with capture 'auto' or True)."""
+        """True when calls replay a CUDA graph (CuPy with capture 'auto' or True); False once
+        ``capture="auto"`` fell back to buffers only because the capture failed (``capture_error``)."""
         return self._graphs is not None
 
     @property

@@ -14,7 +14,8 @@ __all__ = ["Jacgrad"]
 class Jacgrad(Backend):
     """jacgrad's own ``MLP``: ``forward`` → ``losses.mse`` → ``backward(input_grad=False)``, and
     the same step compiled (``net.compile(B)``: buffers made once, a captured CUDA graph on the
-    GPU) as its own row ``jacgrad-…[compiled]``; ``jacobian_chain(cache).vjp(v)``;
+    GPU where CuPy can record one — see ``TrainingStep.capture_error``) as its own row
+    ``jacgrad-…[compiled]``; ``jacobian_chain(cache).vjp(v)``;
     ``jacobian_chain(forward(x)[1]).jacobian("auto")``."""
 
     family = "jacgrad"
