@@ -9,10 +9,10 @@ call, ``TrainingStep`` carves them once and replays. Per layer ``j`` (``K`` laye
                g_{j-1} = J_j.through_weights_t(δ_j)   written straight into δ_{j-1}'s buffer
 
 Buffers come from ``carve``: ONE allocation split into views. A training step makes a few
-large arrays (the saved activations, the deltas, the gradients); carved from one block each,
-the block is big enough for NumPy to ask the kernel for huge pages, and the first touch of a
-fresh step costs a few hundred page faults instead of thousands (measured in
-``benchmarks/README.md``). On CuPy it is one pool allocation instead of many.
+large arrays (the saved activations, the deltas, the gradients), one block each; on NumPy the
+plain passes take their blocks from ``jacgrad.hostpool``, so a training loop reuses the blocks
+of the steps it has finished with instead of page-faulting fresh memory in every step (measured
+with ``benchmarks/page_faults.py``). On CuPy a block is one pool allocation instead of many.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from . import hostpool
 from .backend import get_xp
 from .kernels import activation_forward
 
@@ -28,11 +31,16 @@ __all__ = ["backward_into", "carve", "forward_into", "grad_shapes", "grad_views"
 Check = Callable[[Any, str], None]
 
 
-def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False) -> tuple[Any, list]:
+def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False, pooled: bool = False) -> tuple[Any, list]:
     """``(flat, views)``: one 1-D array of ``Σ prod(shape)`` elements and a C-contiguous view of
-    it per shape, in order. ``zero`` fills the block with zeros (else its contents are undefined)."""
+    it per shape, in order. ``zero`` fills the block with zeros (else its contents are undefined).
+    ``pooled``: on NumPy, take the block from ``jacgrad.hostpool`` (a block of a finished call
+    that nothing refers to any more) — for per-call results; long-lived buffers are not pooled."""
     sizes = [math.prod(s) for s in shapes]
-    flat = (xp.zeros if zero else xp.empty)(sum(sizes), dtype=dtype)
+    if pooled and not zero and xp is np:
+        flat = hostpool.take(sum(sizes), dtype)
+    else:
+        flat = (xp.zeros if zero else xp.empty)(sum(sizes), dtype=dtype)
     views, at = [], 0
     for shape, n in zip(shapes, sizes):
         views.append(flat[at : at + n].reshape(shape))

@@ -219,7 +219,7 @@ class MLP:
         if check_finite:
             _require_finite(x, "the input x")
         B = x.shape[0]
-        _, saved = carve(xp, [(B, H) for H in self.sizes[1:]], self.dtype)
+        _, saved = carve(xp, [(B, H) for H in self.sizes[1:]], self.dtype, pooled=True)
         from_output = [act.df_from_output is not None for act in self._acts]
         z = forward_into(x, self.weights, self.biases, self._acts, saved, check=_require_finite if check_finite else None)
         return z, ForwardCache(x, saved, from_output, self._token, self._acts)
@@ -260,8 +260,8 @@ class MLP:
             )
         grad_y = grad_y.astype(self.dtype, copy=False)
         B, sizes = cache.batch, self.sizes
-        _, deltas = carve(xp, [(B, H) for H in sizes[1:]], self.dtype)
-        flat, views = carve(xp, grad_shapes(self.weights), self.dtype)
+        _, deltas = carve(xp, [(B, H) for H in sizes[1:]], self.dtype, pooled=True)
+        flat, views = carve(xp, grad_shapes(self.weights), self.dtype, pooled=True)
         gin = xp.empty((B, sizes[0]), dtype=self.dtype) if input_grad else None
         factors = [self._factor(cache, j) for j in range(self.depth)]
         backward_into(factors, grad_y, cache.layer_output, views[0::2], views[1::2], deltas, gin,

@@ -1,0 +1,72 @@
+"""Host blocks reused between calls: the NumPy side of what a caching allocator does on a GPU.
+
+``MLP.forward`` and ``MLP.backward`` return fresh results every call: the saved activations, the
+deltas and the parameter gradients, each carved from ONE block (``_passes.carve``). Made with a
+plain ``np.empty`` every step, a large block is fresh memory from the kernel: tens of MB zeroed
+and page-faulted in per step, or not, depending on the state of the C allocator (glibc returns
+blocks ≥ 32 MiB to the kernel on every free). This pool keeps the last ``capacity`` blocks it
+handed out; a later call of the same size and dtype gets one back once nothing refers to it any
+more — no view, no ``Gradients``, no cache, no tensor made from it (CPython's reference count of
+the block says so exactly: every NumPy view of it holds a reference to it).
+
+So a training loop touches the same memory every step, like ``net.compile(B)`` does, while the
+results stay the caller's for as long as the caller keeps them. What the pool holds when nothing
+is in use: ``nbytes()``; ``release()`` drops it. CuPy arrays are not pooled here (CuPy has its own
+memory pool).
+
+    >>> import numpy as np
+    >>> a = take(1000, np.float32); address = a.ctypes.data
+    >>> del a                                    # nothing refers to the block any more
+    >>> take(1000, np.float32).ctypes.data == address
+    True
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+__all__ = ["capacity", "nbytes", "release", "take"]
+
+capacity = 8  # blocks remembered: three per step (cache, deltas, gradients), room for two steps alive; 0 turns pooling off
+
+_blocks: list = []  # most recently handed out last
+_lock = threading.Lock()
+
+
+def _unused(blocks: list, i: int) -> bool:
+    """True when the pool's list is the only holder of ``blocks[i]`` (2 = the list + the argument)."""
+    return sys.getrefcount(blocks[i]) == 2
+
+
+def take(n: int, dtype) -> np.ndarray:
+    """A 1-D NumPy array of ``n`` elements of ``dtype``, contents undefined: a remembered block
+    that nothing refers to any more, else a new one (remembered, the oldest forgotten)."""
+    dtype = np.dtype(dtype)
+    with _lock:
+        for i in range(len(_blocks) - 1, -1, -1):
+            b = _blocks[i]
+            if b.size == n and b.dtype == dtype:
+                del b  # our own local reference must not count
+                if _unused(_blocks, i):
+                    block = _blocks.pop(i)
+                    _blocks.append(block)
+                    return block
+        block = np.empty(n, dtype=dtype)
+        _blocks.append(block)
+        del _blocks[: max(0, len(_blocks) - capacity)]
+        return block
+
+
+def nbytes() -> int:
+    """Bytes of the remembered blocks that nothing else refers to (what ``release`` would free)."""
+    with _lock:
+        return int(sum(_blocks[i].nbytes for i in range(len(_blocks)) if _unused(_blocks, i)))
+
+
+def release() -> None:
+    """Forget every remembered block (blocks still in use stay alive through their users)."""
+    with _lock:
+        _blocks.clear()
