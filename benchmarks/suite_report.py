@@ -98,10 +98,16 @@ def markdown(results: dict) -> str:
             w = s.get("worst") or {}
             L.append(f"| {dtype} | {s['checks']} | {s['failed']} | {s['tol']:.0e} | "
                      f"{w.get('check', '—')} ({w.get('activation', '')}) | {_fmt(w.get('rel_err'), '.2e')} |")
+        steps = [r for r in d["rows"] if r["check"] == "compiled loss" and r.get("call", 0) > 0]
+        if steps:
+            recorded = sum(bool(r.get("captured")) for r in steps)
+            why = sorted({r["capture_error"] for r in steps if r.get("capture_error")})
+            L += ["", f"Compiled step replays checked: {len(steps)}, of which {recorded} replayed a recorded CUDA graph"
+                  + (f"; not recorded because: {why[0]}" if why else "") + "."]
         bad = [r for r in d["rows"] if not r["ok"]]
         if bad:
             L += ["", "Failed checks:", ""]
-            L += [f"- {r['dtype']} {r.get('activation', '')} {r.get('net', '')} {r['check']}: rel. err. "
+            L += [f"- {r['dtype']} {r.get('activation', r.get('loss', ''))} {r.get('net', '')} {r['check']}: rel. err. "
                   f"{_fmt(r['rel_err'], '.2e')} > {r['tol']:.0e} {r.get('error', '')}" for r in bad[:40]]
 
     d = secs.get("ceilings", {}).get("data")

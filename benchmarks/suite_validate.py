@@ -8,7 +8,10 @@ dtype, and on NumPy in float64. Each result is compared with ``jacgrad.check.rel
   weight / bias / input gradients, the chain's VJP and JVP, and the kernels themselves
   (``activation_forward``, ``derivative``, ``scale_cotangent`` from h and from the output);
 - for tanh (diagonal from the output) and gelu (from h), a tapering and an hourglass net:
-  per-sample Jacobians in the three orders, and their singular values.
+  per-sample Jacobians in the three orders, and their singular values;
+- the compiled training step (``net.compile(B)``: a recorded CUDA graph on the GPU) for every
+  loss, on its first call (eager) and on two replays with new inputs: loss and gradients. The
+  rows say whether a graph was recorded (``captured``) and, if not, why.
 """
 
 from __future__ import annotations
@@ -68,12 +71,14 @@ def validate(dev, dtypes=("float32", "float64")) -> dict:
         for act in ("tanh", "gelu"):
             for name, widths in JAC_NETS.items():
                 _jacobian_checks(checks, dev, name, widths, act, dtype, rng)
+        for loss in ("mse", "sigmoid_bce", "softmax_cross_entropy"):
+            _compiled_checks(checks, dev, loss, dtype, rng)
     summary = {}
     for dtype in dtypes:
         rows = [r for r in checks.rows if r["dtype"] == dtype]
         worst = max(rows, key=lambda r: r["rel_err"]) if rows else None
         summary[dtype] = {"checks": len(rows), "failed": sum(not r["ok"] for r in rows), "tol": TOL[dtype],
-                          "worst": {k: worst[k] for k in ("check", "activation", "rel_err")} if worst else None}
+                          "worst": {k: worst.get(k) for k in ("check", "activation", "loss", "rel_err")} if worst else None}
     return {"rows": checks.rows, "summary": summary, "ok": all(r["ok"] for r in checks.rows)}
 
 
@@ -124,3 +129,36 @@ def _jacobian_checks(checks: Checks, dev, name: str, widths, act: str, dtype: st
     for order in ("forward", "reverse", "auto"):
         checks.add(f"jacobian {order}", dtype, lambda: C_d.jacobian(order), J_r, **tag)
     checks.add("singular values", dtype, lambda: C_d.singular_values(), jg.spectra.singular_values(J_r), **tag)
+
+
+def _raising(exc: BaseException):
+    """A callable that raises ``exc``: ``Checks.add`` records it as a failed check."""
+    def fail():
+        raise exc
+    return fail
+
+
+def _compiled_checks(checks: Checks, dev, loss: str, dtype: str, rng) -> None:
+    net, ref = _net_pair(dev, ACT_NET, "tanh", dtype, seed=300)
+    try:
+        step = net.compile(B, loss=loss)
+    except Exception as exc:  # noqa: BLE001 - a failed construction is a failed check
+        checks.add("compiled step", dtype, _raising(exc), np.zeros(1), loss=loss)
+        return
+    for call in range(3):  # 0: eager (and recording); 1, 2: replays
+        (x,) = _inputs(rng, dtype, (B, ACT_NET[0]))
+        if loss == "softmax_cross_entropy":
+            t = rng.integers(0, ACT_NET[-1], B)
+        else:
+            t = np.asarray(rng.random((B, ACT_NET[-1])), dtype=dtype)
+        l_r, g_r = ref.loss_and_grads(x.astype(np.float64), t if t.dtype.kind == "i" else t.astype(np.float64), loss=loss)
+        try:
+            l_d, g_d = step(dev.put(x), dev.put(t), copy=True)
+        except Exception as exc:  # noqa: BLE001
+            checks.add("compiled step", dtype, _raising(exc), np.zeros(1), loss=loss, call=call)
+            return
+        tag = {"loss": loss, "call": call, "captured": step.captured, "capture_error": step.capture_error or ""}
+        checks.add("compiled loss", dtype, l_d, l_r, **tag)
+        for j in range(len(ACT_NET) - 1):
+            checks.add(f"compiled grad W[{j}]", dtype, g_d.weights[j], g_r.weights[j], **tag)
+            checks.add(f"compiled grad b[{j}]", dtype, g_d.biases[j], g_r.biases[j], **tag)

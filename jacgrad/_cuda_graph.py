@@ -11,14 +11,15 @@ How a step is captured (CuPy ≥ 13, CUDA 12/13):
   reductions may take scratch space), the block comes from that pool, which nothing else uses
   and which lives as long as the graph: the addresses baked into the graph stay valid, and
   ``pool_bytes`` reports how much that was.
-- cuBLAS: CuPy points its handle at the current stream before every call, and its wrapper of
-  cublasSetStream raises ``NotImplementedError("calling cuBLAS API during stream capture is
-  currently unsupported")`` when that stream is capturing (cupy_backends/cuda/libs/cublas.pyx,
-  still so in CuPy 14.2; cupy/cupy#6290). So a step with a matrix product cannot be captured
-  through CuPy today: the capture fails with ``CaptureError`` at the first GEMM, after the eager
-  warm-up has produced this call's results, and ``TrainingStep`` with ``capture="auto"`` then
-  runs without a graph (``capture=True`` raises). Where a CuPy allows it, each capture gets its
-  own cuBLAS workspace (PyTorch #83461); alpha/beta are host scalars, captured by value.
+- cuBLAS: CuPy's wrapper of cublasSetStream raises ``NotImplementedError("calling cuBLAS API
+  during stream capture is currently unsupported")`` on a capturing stream
+  (cupy_backends/cuda/libs/cublas.pyx, still so in CuPy 14.2; cupy/cupy#6290), so no CuPy matmul
+  can be recorded. The capture therefore runs inside ``_gemm.direct_cublas()``: jacgrad's
+  products call ``cublasSetStream_v2`` + ``cublasGemmEx`` themselves (ctypes, CuPy's handle and
+  library). Alpha/beta are host scalars, read at capture. If the capture still fails, it raises
+  ``CaptureError`` after the eager run has produced this call's results, and ``TrainingStep``
+  with ``capture="auto"`` runs without a graph from then on (``capture=True`` raises). Not yet
+  run on a GPU: the GPU tests and ``benchmarks/gpu_suite.py`` check it where one is lent.
 - Replay: ``graph.launch()`` on the current stream, so the copies of x and the target into the
   static buffers (issued just before, on the same stream) and any later work of the caller are
   ordered with it. Nothing here waits for the device.
@@ -31,6 +32,7 @@ from __future__ import annotations
 from typing import Callable, Hashable
 
 from . import backend
+from ._gemm import direct_cublas
 
 __all__ = ["CaptureError", "GraphCache"]
 
@@ -66,7 +68,8 @@ class GraphCache:
         with cp.cuda.using_allocator(pool.malloc), stream:
             stream.begin_capture()
             try:
-                fn()
+                with direct_cublas():  # CuPy's own cuBLAS wrappers refuse a capturing stream
+                    fn()
             except BaseException as exc:
                 try:
                     stream.end_capture()
@@ -74,7 +77,7 @@ class GraphCache:
                     pass  # the capture was invalidated by the failure itself
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                hint = " (CuPy refuses cuBLAS calls on a capturing stream: cupy/cupy#6290)" if "cuBLAS" in str(exc) else ""
+                hint = " (cuBLAS under stream capture: see jacgrad/_gemm.py)" if "cublas" in str(exc).lower() else ""
                 raise CaptureError(
                     f"capturing the training step into a CUDA graph failed ({type(exc).__name__}: {exc}){hint}; "
                     "MLP.compile(..., capture='auto' or False) runs the same step without a graph"

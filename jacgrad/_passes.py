@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import hostpool
-from .backend import get_xp
+from ._gemm import matmul_into
 from .kernels import activation_forward
 
 __all__ = ["backward_into", "carve", "forward_into", "grad_shapes", "grad_views"]
@@ -75,7 +75,7 @@ def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, 
     """
     z = x
     for j, (W, b, act) in enumerate(zip(weights, biases, acts)):
-        h = _matmul(z, W, saved[j])
+        h = matmul_into(z, W, saved[j])
         h += b
         if check is not None:
             check(h, f"layer {j}: pre-activation h")
@@ -102,13 +102,10 @@ def backward_into(factors, grad_y, layer_input: Callable[[int], Any], dW: list, 
         delta = J.scale(grad_y if j == K - 1 else deltas[j], out=deltas[j])
         if check is not None:
             check(delta, f"layer {j}: gradient ∂L/∂h")
-        _matmul(layer_input(j - 1).T, delta, dW[j])
+        matmul_into(layer_input(j - 1).T, delta, dW[j])
         delta.sum(axis=0, out=db[j])
         if j:
             J.through_weights_t(delta, out=deltas[j - 1])
         elif gin is not None:
             J.through_weights_t(delta, out=gin)
 
-
-def _matmul(a, b, out):
-    return get_xp(a).matmul(a, b, out=out)

@@ -32,9 +32,10 @@ On CuPy with ``capture="auto"`` or ``True``, the first call for a target kind ru
 NVRTC compiles the kernels, cuBLAS initialises; that call's results come from it), then the step is
 captured on a private non-blocking stream (see ``_cuda_graph.py``); later calls copy ``x`` and the
 target into the static buffers and launch the graph, both on the caller's current stream. CuPy (up
-to 14.2 at least) refuses cuBLAS calls on a capturing stream, so the capture of a step fails at its
-first GEMM: with ``"auto"`` the step then runs with its buffers but without a graph from that call
-on (``step.captured`` turns False, ``step.capture_error`` says why); ``capture=True`` raises
+to 14.2 at least) refuses its own cuBLAS calls on a capturing stream, so while recording, the
+step's GEMMs call cuBLAS directly (``_gemm.direct_cublas``). Should the capture still fail, with
+``"auto"`` the step runs with its buffers but without a graph from that call on (``step.captured``
+turns False, ``step.capture_error`` says why); ``capture=True`` raises
 ``jacgrad._cuda_graph.CaptureError``. No call synchronises with the host; the loss stays a 0-d
 device array. One exception: integer labels of ``softmax_cross_entropy`` given as a CuPy array are
 range-checked on the host (one sync); pass probability rows to avoid it. ``capture=True`` on a

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
+from ._gemm import matmul_into
 from ._validate import float_array, shape_str
 from .activations import Activation
 from .activations import get as get_activation
@@ -184,7 +185,7 @@ class LayerJacobian:
             raise ValueError(
                 f"{where}: out is {shape_str(out.shape)} {out.dtype} but the result is {shape_str(shape)} {np.dtype(dtype)}"
             )
-        return xp.matmul(a, b, out=out)
+        return matmul_into(a, b, out)
 
     def _check_rows(self, a: Any, width: int, what: str):
         xp = get_xp(a, self.W)

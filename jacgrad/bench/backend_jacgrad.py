@@ -76,8 +76,11 @@ class Jacgrad(Backend):
                 step = net.compile(case.batch)
                 self._sync(step(x, t))
                 ms = (time.perf_counter() - t0) * 1e3
+                notes = {}
+                if self.device == "gpu":
+                    notes["compiled"] = "CUDA graph" if step.captured else f"no CUDA graph: {step.capture_error}"
                 return Prepared({"": fn, "compiled": lambda: step(x, t)}, self._sync, outputs,
-                                {"compiled": ms}, own_rows=("compiled",))
+                                {"compiled": ms}, own_rows=("compiled",), notes=notes)
         elif case.task == "vjp":
             cache = net.forward(x)[1]
 

@@ -21,7 +21,8 @@ __all__ = ["Backend", "Prepared", "gemm_operands", "host64"]
 @dataclass
 class Prepared:
     """``variants``: name → zero-argument callable ('' when there is one); ``sync(result)``;
-    ``outputs(result)`` → list of NumPy arrays; ``compile_ms``: variant → jit compile time.
+    ``outputs(result)`` → list of NumPy arrays; ``compile_ms``: variant → jit compile time;
+    ``notes``: variant → a remark printed in its row (whether a CUDA graph was recorded).
 
     Variants are alternatives of which the table reports the fastest (``jacrev``/``jacfwd``),
     except those named in ``own_rows``: each gets a row of its own, ``backend[variant]``
@@ -33,6 +34,7 @@ class Prepared:
     outputs: Callable[[Any], list] = lambda result: []
     compile_ms: dict[str, float] = field(default_factory=dict)
     own_rows: tuple[str, ...] = ()
+    notes: dict[str, str] = field(default_factory=dict)  # variant → a remark for its row
 
 
 class Backend:

@@ -107,6 +107,7 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
         for v in prep.own_rows:
             own = _new_row(case, b, f"{b.name}[{v}]")
             own["variant"] = v
+            own["note"] = prep.notes.get(v, "")
             checks = row.get("check", {})
             if v in checks:
                 own["check"] = {v: checks.pop(v)}

@@ -1,0 +1,134 @@
+"""_gemm: the row-major → column-major cuBLAS mapping, checked on the CPU against a column-major
+GEMM emulated from the BLAS definition; on a GPU, the direct cuBLAS path against cupy.matmul,
+eagerly and replayed from a captured CUDA graph."""
+
+import numpy as np
+import pytest
+
+import jacgrad as jg
+from jacgrad import _gemm
+from jacgrad._gemm import OP_N, OP_T, gemm_plan
+
+
+def _memory(x):
+    """(the 1-D buffer that owns x's memory, x's first element's offset in it)."""
+    owner = x
+    while owner.base is not None:
+        owner = owner.base
+    flat = owner.reshape(-1)
+    offset = (x.__array_interface__["data"][0] - flat.__array_interface__["data"][0]) // x.itemsize
+    return flat, offset
+
+
+def _colmajor(mem, offset, rows, cols, ld):
+    """The column-major matrix (rows × cols, leading dimension ld) starting at mem[offset]."""
+    s = mem.itemsize
+    return np.lib.stride_tricks.as_strided(mem[offset:], shape=(rows, cols), strides=(s, ld * s))
+
+
+def _reference_gemm(p, A, B, C):
+    """C := op(A)·op(B) by the BLAS definition (alpha 1, beta 0), on (buffer, offset) pairs."""
+    opA = _colmajor(*A, p.m, p.k, p.lda) if p.transa == OP_N else _colmajor(*A, p.k, p.m, p.lda).T
+    opB = _colmajor(*B, p.k, p.n, p.ldb) if p.transb == OP_N else _colmajor(*B, p.n, p.k, p.ldb).T
+    c = _colmajor(*C, p.m, p.n, p.ldc)
+    for i in range(p.m):  # element by element: no library GEMM in the reference
+        for j in range(p.n):
+            c[i, j] = sum(opA[i, l] * opB[l, j] for l in range(p.k))
+
+
+def _operand(rng, rows, cols, kind):
+    """A (rows × cols) float64 matrix in one of the layouts jacgrad hands to a GEMM."""
+    if kind == "c":
+        return rng.standard_normal((rows, cols))
+    if kind == "t":  # the transposed view of a C-contiguous array (W.T, z.T)
+        return rng.standard_normal((cols, rows)).T
+    if kind == "rows":  # a column slice of a wider row-major array: leading dimension > cols
+        return rng.standard_normal((rows, cols + 3))[:, 1 : cols + 1]
+    return rng.standard_normal((cols + 2, rows))[1 : cols + 1].T  # "trows": transposed, ld > rows
+
+
+KINDS = ["c", "t", "rows", "trows"]
+
+
+@pytest.mark.parametrize("M,K,N", [(3, 4, 5), (1, 4, 5), (3, 1, 5), (3, 4, 1), (1, 1, 1), (6, 2, 3)])
+@pytest.mark.parametrize("ka", KINDS)
+@pytest.mark.parametrize("kb", KINDS)
+def test_plan_computes_the_row_major_product(rng, M, K, N, ka, kb):
+    a, b = _operand(rng, M, K, ka), _operand(rng, K, N, kb)
+    out_owner = np.full((M, N + 2), np.nan)
+    out = out_owner[:, 1 : N + 1]  # a row-major output with leading dimension N + 2
+    p = gemm_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, 8)
+    assert p is not None
+    _reference_gemm(p, _memory(b), _memory(a), _memory(out))
+    np.testing.assert_allclose(out, a @ b, rtol=1e-13, atol=1e-13)
+    assert np.isnan(out_owner[:, 0]).all() and np.isnan(out_owner[:, -1]).all()  # nothing outside out
+
+
+def test_plan_flags_for_the_training_step_layouts(rng):
+    z, W, delta = np.zeros((8, 5)), np.zeros((5, 7)), np.zeros((8, 7))
+    forward = gemm_plan(z.shape, z.strides, W.shape, W.strides, (8, 7), (56, 8), 8)  # h = z @ W
+    assert (forward.transa, forward.transb, forward.m, forward.n, forward.k) == (OP_N, OP_N, 7, 8, 5)
+    assert (forward.lda, forward.ldb, forward.ldc) == (7, 5, 7)
+    grad = gemm_plan(z.T.shape, z.T.strides, delta.shape, delta.strides, (5, 7), (56, 8), 8)  # dW = zᵀ δ
+    assert (grad.transa, grad.transb, grad.m, grad.n, grad.k, grad.ldb) == (OP_N, OP_T, 7, 5, 8, 5)
+    back = gemm_plan(delta.shape, delta.strides, W.T.shape, W.T.strides, (8, 5), (40, 8), 8)  # g = δ Wᵀ
+    assert (back.transa, back.transb, back.lda) == (OP_T, OP_N, 7)
+
+
+def test_unreadable_layouts_get_no_plan(rng):
+    a = rng.standard_normal((6, 8))
+    b = rng.standard_normal((4, 3))
+    assert gemm_plan(a[::2, ::2].shape, a[::2, ::2].strides, b.shape, b.strides, (3, 3), (24, 8), 8) is None
+    assert gemm_plan(a[:, ::-1][:, :4].shape, a[:, ::-1][:, :4].strides, b.shape, b.strides, (6, 3), (24, 8), 8) is None
+    out_t = np.zeros((3, 6)).T  # a column-major output: cuBLAS would write its transpose
+    assert gemm_plan((6, 4), (32, 8), b.shape, b.strides, out_t.shape, out_t.strides, 8) is None
+    with pytest.raises(ValueError, match="do not match"):
+        gemm_plan((6, 4), (32, 8), (5, 3), (24, 8), (6, 3), (24, 8), 8)
+
+
+def test_numpy_products_never_take_the_cublas_path(rng):
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
+    out = np.empty((4, 2))
+    with _gemm.direct_cublas():
+        assert _gemm.matmul_into(a, b, out) is out
+    np.testing.assert_array_equal(out, a @ b)
+    assert _gemm._direct[0] == 0
+
+
+def test_loaded_library_lookup_names_what_is_missing():
+    assert "libc" in _gemm._loaded_library("libc.so")
+    with pytest.raises(RuntimeError, match="libcublas.so is not loaded"):
+        _gemm._loaded_library("libcublas.so")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("ka,kb", [("c", "c"), ("t", "c"), ("c", "t"), ("rows", "trows")])
+def test_gpu_direct_cublas_matches_cupy_matmul(rng, dtype, ka, kb):
+    cp = pytest.importorskip("cupy")
+    a = cp.asarray(_operand(rng, 33, 17, ka).astype(dtype))
+    b = cp.asarray(_operand(rng, 17, 9, kb).astype(dtype))
+    a, b = (cp.asarray(x) if x.flags.c_contiguous else x for x in (a, b))  # cp.asarray keeps views' strides
+    out = cp.full((33, 9), cp.nan, dtype=dtype)
+    with _gemm.direct_cublas():
+        _gemm.matmul_into(a, b, out)
+    tol = 1e-5 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(a) @ cp.asnumpy(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_direct_cublas_records_into_a_cuda_graph_and_replays(rng):
+    cp = pytest.importorskip("cupy")
+    from jacgrad._cuda_graph import GraphCache
+
+    a = cp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
+    W = cp.asarray(rng.standard_normal((48, 32)).astype(np.float32))
+    out = cp.zeros((64, 48), dtype=np.float32)
+    graphs = GraphCache()
+    for call in range(3):  # call 0: eager through cupy.matmul, then captured; later: replays
+        a[...] = cp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
+        graphs.run("k", lambda: _gemm.matmul_into(a, W.T, out))
+        np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(a) @ cp.asnumpy(W).T, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    jg.backend.cupy().cuda.Device().synchronize()
