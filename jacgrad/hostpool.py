@@ -11,8 +11,9 @@ the block says so exactly: every NumPy view of it holds a reference to it).
 
 So a training loop touches the same memory every step, like ``net.compile(B)`` does, while the
 results stay the caller's for as long as the caller keeps them. What the pool holds when nothing
-is in use: ``nbytes()``; ``release()`` drops it. CuPy arrays are not pooled here (CuPy has its own
-memory pool).
+is in use: ``nbytes()``; ``release()`` drops it. Where reference counts cannot be read exactly
+(checked at import; a free-threaded CPython) nothing is reused. CuPy arrays are not pooled here
+(CuPy has its own memory pool).
 
     >>> import numpy as np
     >>> a = take(1000, np.float32); address = a.ctypes.data
@@ -36,9 +37,30 @@ _blocks: list = []  # most recently handed out last
 _lock = threading.Lock()
 
 
+def _refs(blocks: list, i: int) -> int:
+    return sys.getrefcount(blocks[i])
+
+
+def _calibrate() -> int | None:
+    """What ``_refs`` reads for a block only the pool's list holds, checked to read one more
+    when something else holds it too; None where reference counts cannot be read that exactly
+    (a free-threaded build, or an interpreter that elides references): then nothing is reused."""
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return None
+    probe = [np.empty(1)]
+    free = _refs(probe, 0)
+    held = probe[0]
+    exact = _refs(probe, 0) == free + 1
+    del held
+    return free if exact and _refs(probe, 0) == free else None
+
+
+_FREE_REFS = _calibrate()
+
+
 def _unused(blocks: list, i: int) -> bool:
-    """True when the pool's list is the only holder of ``blocks[i]`` (2 = the list + the argument)."""
-    return sys.getrefcount(blocks[i]) == 2
+    """True when the pool's list is the only holder of ``blocks[i]``."""
+    return _FREE_REFS is not None and _refs(blocks, i) == _FREE_REFS
 
 
 def take(n: int, dtype) -> np.ndarray:

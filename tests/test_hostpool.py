@@ -73,3 +73,22 @@ def test_a_torch_tensor_made_from_a_result_keeps_its_block(rng):
     for _ in range(4):
         net.loss_and_grads(2 * x, t)
     assert torch.equal(tensor, expect)
+
+
+def test_without_exact_reference_counts_nothing_is_reused(monkeypatch):
+    monkeypatch.setattr(hostpool, "_FREE_REFS", None)  # as on a free-threaded build
+    a = hostpool.take(16, np.float64)
+    address = a.ctypes.data
+    keep = [hostpool.take(16, np.float64) for _ in range(3)]  # a is free now, but may not come back
+    del a
+    assert all(k.ctypes.data != address for k in keep) and hostpool.take(16, np.float64).ctypes.data != address
+
+
+def test_the_import_time_calibration_reads_one_reference_per_holder():
+    assert hostpool._FREE_REFS is not None  # CPython with the GIL: exact counts
+    blocks = [np.empty(3)]
+    assert hostpool._unused(blocks, 0)
+    view = blocks[0][1:]
+    assert not hostpool._unused(blocks, 0)
+    del view
+    assert hostpool._unused(blocks, 0)
