@@ -160,7 +160,11 @@ def get_xp(*arrays: Any):
         >>> get_xp(np.zeros(2), None, 3.0) is np
         True
     """
-    if all(type(a) is np.ndarray for a in arrays):  # the common case, checked cheaply
+    nd = np.ndarray
+    for a in arrays:  # the common case (NumPy arrays and None), checked cheaply: no generator
+        if type(a) is not nd and a is not None:
+            break
+    else:
         return np
     gpu, cpu = [], []
     for i, a in enumerate(arrays):
