@@ -6,8 +6,12 @@ The NumPy version follows Sun's fdlibm ``s_erf.c`` (the algorithm behind glibc's
 exp(-s²)·exp((s-x)(s+x)) for s = x with its low 32 bits cleared so the tail keeps full
 relative accuracy. It is within 1 ulp of ``math.erf``/``math.erfc`` in float64.
 
-float32 inputs are evaluated in float64 and rounded once to float32 (correctly rounded in
-practice); the result has the input's dtype.
+float32 inputs are evaluated in float64 and rounded once to float32; the result has the
+input's dtype. ``erfc`` of float32 (the normal CDF of ``gelu``) has a faster form of its own:
+erfc(|x|) = t·exp(g(t) − x²), t = 1/(1 + |x|/2), with g a degree-13 polynomial fitted to
+1.3e-10 (``tools/fit_erfc32.py``), evaluated in float64 in cache-sized chunks without masks,
+so it is within 0.51 ulp of the true value (0.04% of results not correctly rounded) at about a
+third of the cost of the fdlibm path.
 
 The coefficients are fdlibm's, under this notice:
 
@@ -131,6 +135,51 @@ def _erfc64(x):
     return out
 
 
+# erfc(|x|) = t·exp(g(t) − x²) for float32: see the module docstring and tools/fit_erfc32.py
+_G32 = (-0.5631567857103916, 0.5746099746163724, 0.016716069156522184, -0.030147671397386434,
+        -0.001230864741045203, 0.0038772993126169266, -0.0002664000477965634, -0.0005876728177541567,
+        0.00015140615038793445, 7.481518312770161e-05, -4.0812725886090576e-05, -4.635572468640486e-06,
+        5.598329301652197e-06, -3.196414906397585e-07)  # in u = (t - 0.58) / 0.42, low to high
+_Z_MAX32 = 10.5  # erfc(10.5) < 1e-49: 0 in float32
+_CHUNK = 16384  # float64 work arrays of 128 KiB: every pass of a chunk stays in cache
+
+
+def _erfc32(x):
+    """erfc of a float32 array (any shape) → float32, via ``_G32`` in float64, chunk by chunk."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.shape, np.float32)
+    m = min(flat.size, _CHUNK)
+    z, t, u, acc, w = np.empty(m), np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+    top, rest = _G32[-1], _G32[-2::-1]
+    for start in range(0, flat.size, _CHUNK):
+        stop = min(flat.size, start + _CHUNK)
+        n = stop - start
+        zc, tc, uc, ac, wc = z[:n], t[:n], u[:n], acc[:n], w[:n]
+        zc[...] = flat[start:stop]
+        np.copysign(1.0, zc, out=wc)
+        np.subtract(1.0, wc, out=wc)  # 0 where x ≥ +0, 2 where x ≤ -0
+        np.abs(zc, out=zc)
+        np.minimum(zc, _Z_MAX32, out=zc)  # NaN stays NaN; inf becomes Z_MAX (erfc rounds to 0)
+        np.multiply(zc, 0.5, out=tc)
+        tc += 1.0
+        np.reciprocal(tc, out=tc)
+        np.subtract(tc, 0.58, out=uc)
+        uc *= 1.0 / 0.42
+        ac.fill(top)
+        for c in rest:
+            ac *= uc
+            ac += c
+        zc *= zc
+        ac -= zc
+        np.exp(ac, out=ac)
+        ac *= tc
+        np.subtract(1.0, ac, out=uc)  # erfc(-z) = 2 - erfc(z) = r + 2(1 - r): r + w(1 - r), no masked ufunc
+        uc *= wc
+        ac += uc
+        out[start:stop] = ac
+    return out.reshape(np.shape(x))
+
+
 def _apply(name, fn64, x):
     if is_gpu_array(x):
         from . import kernels  # kernels imports the activation table, which imports us
@@ -139,6 +188,9 @@ def _apply(name, fn64, x):
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} takes float32 or float64 arrays, not {x.dtype}")
+    if name == "erfc" and x.dtype == np.float32:
+        with np.errstate(under="ignore"):
+            return _erfc32(x)
     with np.errstate(under="ignore"):  # the far tail underflows to 0 by design
         out = fn64(np.atleast_1d(x).astype(np.float64, copy=True))
     return out.reshape(x.shape).astype(x.dtype, copy=False)

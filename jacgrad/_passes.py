@@ -88,24 +88,28 @@ def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, 
     return z
 
 
-def backward_into(factors, grad_y, layer_input: Callable[[int], Any], dW: list, db: list, deltas: list,
+def backward_into(factors, grad_y, layer_input: Callable[[int], tuple], dW: list, db: list, deltas: list,
                   gin=None, check: Check | None = None) -> None:
     """Backprop ``grad_y = ∂L/∂y`` through ``factors`` (the layers' ``LayerJacobian``).
 
     Writes ``δ_j`` into ``deltas[j]``, ``∂L/∂W_j`` into ``dW[j]``, ``∂L/∂b_j`` into ``db[j]`` and,
-    when ``gin`` is given, ``∂L/∂x`` into it. ``layer_input(j)`` is ``z_{j-1}`` (``x`` for
-    ``j = 0``). ``grad_y`` is only read. ``check(δ_j, where)`` is called on every delta.
+    when ``gin`` is given, ``∂L/∂x`` into it. ``layer_input(j)`` is ``(z_j, d_j)``: the layer's
+    output (``x`` for ``j = -1``) and, when it came out of the same computation (recomputing
+    ``z_j`` from a saved ``h_j``: gelu's normal CDF serves both), ``d_j = φ_j'(h_j)``, else None;
+    step ``j`` then scales by that ``d_j`` instead of computing it again. ``grad_y`` is only read.
+    ``check(δ_j, where)`` is called on every delta.
     """
     K = len(factors)
+    d_next = None  # φ'_j(h_j), when the previous step computed it with z_j
     for j in range(K - 1, -1, -1):
-        J = factors[j]
+        J = factors[j] if d_next is None else type(factors[j])(d_next, factors[j].W)
         delta = J.scale(grad_y if j == K - 1 else deltas[j], out=deltas[j])
         if check is not None:
             check(delta, f"layer {j}: gradient ∂L/∂h")
-        matmul_into(layer_input(j - 1).T, delta, dW[j])
+        z_prev, d_next = layer_input(j - 1)
+        matmul_into(z_prev.T, delta, dW[j])
         delta.sum(axis=0, out=db[j])
         if j:
             J.through_weights_t(delta, out=deltas[j - 1])
         elif gin is not None:
             J.through_weights_t(delta, out=gin)
-

@@ -51,7 +51,10 @@ class Activation:
     nothing; None where φ takes several steps (``f`` is computed, then copied);
     df_from_output_into(y, out, scratch): ``df_from_output(y)`` written into ``out`` with one
     more buffer of y's shape to work in, bitwise equal to it — the backward pass of the
-    common activations then allocates no temporaries; None elsewhere.
+    common activations then allocates no temporaries; None elsewhere;
+    f_and_df(h): ``(f(h), df(h))``, bitwise those two, computing their common part once (the
+    normal CDF of gelu, the logistic of silu and gelu_tanh) — for a backward pass that needs
+    both φ(h) and φ'(h); None where they share nothing worth it.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Activation:
     kinks: tuple[float, ...] = ()
     f_into: Optional[Callable[[Any, Any], Any]] = None
     df_from_output_into: Optional[Callable[[Any, Any, Any], Any]] = None
+    f_and_df: Optional[Callable[[Any], tuple]] = None
 
     @property
     def smooth(self) -> bool:
@@ -210,17 +214,23 @@ def _normal_cdf(h):
     return 0.5 * erfc(h * -0.7071067811865476)
 
 
-def _gelu_f(h):
+def _gelu_f(h, cdf=None):
     h, xp = _array(h)
-    return xp.maximum(h, _const(h, -_SAT)) * _normal_cdf(h)
+    return xp.maximum(h, _const(h, -_SAT)) * (_normal_cdf(h) if cdf is None else cdf)
 
 
-def _gelu_df(h):
+def _gelu_df(h, cdf=None):
     # Φ(h) + h·φ(h)
     h, xp = _array(h)
     c = xp.clip(h, _const(h, -_SAT), _const(h, _SAT))
     pdf = 0.3989422804014327 * xp.exp(-0.5 * c * c)
-    return _normal_cdf(h) + c * pdf
+    return (_normal_cdf(h) if cdf is None else cdf) + c * pdf
+
+
+def _gelu_f_and_df(h):
+    h, _ = _array(h)
+    cdf = _normal_cdf(h)
+    return _gelu_f(h, cdf), _gelu_df(h, cdf)
 
 
 _K0 = 0.7978845608028654  # sqrt(2/pi), as torch's M_SQRT2 * M_2_SQRTPI * 0.5
@@ -235,32 +245,44 @@ def _gelu_tanh_parts(h, xp):
     return c, s, q
 
 
-def _gelu_tanh_f(h):
+def _gelu_tanh_f(h, parts=None):
     # h/2 (1 + tanh u) = h σ(2u)
     h, xp = _array(h)
-    _, s, _ = _gelu_tanh_parts(h, xp)
+    _, s, _ = _gelu_tanh_parts(h, xp) if parts is None else parts
     return xp.maximum(h, _const(h, -_SAT)) * s
 
 
-def _gelu_tanh_df(h):
+def _gelu_tanh_df(h, parts=None):
     # σ(2u) + h · 2σ(2u)σ(-2u) · du/dh
     h, xp = _array(h)
-    c, s, q = _gelu_tanh_parts(h, xp)
+    c, s, q = _gelu_tanh_parts(h, xp) if parts is None else parts
     du = _K0 * (1.0 + (3 * _K1) * (c * c))
     return s + 2.0 * c * q * du
 
 
-def _silu_f(h):
+def _gelu_tanh_f_and_df(h):
     h, xp = _array(h)
-    s, _ = _logistic(h, xp)
+    parts = _gelu_tanh_parts(h, xp)
+    return _gelu_tanh_f(h, parts), _gelu_tanh_df(h, parts)
+
+
+def _silu_f(h, sq=None):
+    h, xp = _array(h)
+    s, _ = _logistic(h, xp) if sq is None else sq
     return xp.maximum(h, _const(h, -_SAT)) * s
 
 
-def _silu_df(h):
+def _silu_df(h, sq=None):
     # σ(h) + h σ(h) σ(-h)
     h, xp = _array(h)
-    s, q = _logistic(h, xp)
+    s, q = _logistic(h, xp) if sq is None else sq
     return s + xp.clip(h, _const(h, -_SAT), _const(h, _SAT)) * q
+
+
+def _silu_f_and_df(h):
+    h, xp = _array(h)
+    sq = _logistic(h, xp)
+    return _silu_f(h, sq), _silu_df(h, sq)
 
 
 # --- forms written into buffers (Activation.f_into, Activation.df_from_output_into) -------
@@ -322,9 +344,10 @@ _TABLE: dict[str, Activation] = {
                    df_from_output_into=_tanh_df_y_into),
         Activation("softplus", _softplus_f, _sigmoid_f, None, 1.0, "jacgrad::Softplus"),
         Activation("elu", _elu_f, _elu_df, _elu_df_y, 1.0, "jacgrad::Elu"),
-        Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu"),
-        Activation("gelu_tanh", _gelu_tanh_f, _gelu_tanh_df, None, 1.1289930686587728, "jacgrad::GeluTanh"),
-        Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu"),
+        Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu", f_and_df=_gelu_f_and_df),
+        Activation("gelu_tanh", _gelu_tanh_f, _gelu_tanh_df, None, 1.1289930686587728, "jacgrad::GeluTanh",
+                   f_and_df=_gelu_tanh_f_and_df),
+        Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu", f_and_df=_silu_f_and_df),
         Activation("hard_tanh", _hard_tanh_f, _inside_unit, _inside_unit, 1.0, "jacgrad::HardTanh", kinks=(-1.0, 1.0),
                    f_into=_hard_tanh_into),
     )

@@ -189,10 +189,10 @@ class TrainingStep:
         backward_into(self._factors, self._loss.grad, self._layer_input, self._dW, self._db, self._delta, self._gin)
 
     def _layer_input(self, j: int):
-        """``z_j`` (``x`` for ``j = -1``): the saved output, or its buffer beside ``h_j``."""
+        """``(z_j, None)`` (``x`` for ``j = -1``): the saved output, or its buffer beside ``h_j``."""
         if j < 0:
-            return self._x
-        return self._saved[j] if self._from_output[j] else self._z[j]
+            return self._x, None
+        return (self._saved[j] if self._from_output[j] else self._z[j]), None
 
     def _results(self, copy: bool):
         if not copy:

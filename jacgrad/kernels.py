@@ -193,7 +193,7 @@ def forward_with_derivative(h: Any, activation: str | Activation):
     act = _resolve(activation)
     h, xp, _, _ = _prepare(f"forward_with_derivative({act.name})", h, act, False, None, "h")
     if xp is np:
-        return act.f(h), act.df(h)
+        return act.f_and_df(h) if act.f_and_df is not None else (act.f(h), act.df(h))
     h = xp.ascontiguousarray(h)
     y, d = xp.empty_like(h), xp.empty_like(h)
     launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))

@@ -78,6 +78,13 @@ class ForwardCache:
             return self.saved[j]
         return kernels.activation_forward(self.saved[j], self._acts[j])
 
+    def layer_output_and_derivative(self, j: int) -> tuple:
+        """``(z_j, d_j)``: as ``layer_output``, plus ``d_j = φ_j'(h_j)`` when ``z_j`` had to be
+        recomputed from ``h_j`` (one pass gives both: ``kernels.forward_with_derivative``), else None."""
+        if j < 0 or self.from_output[j]:
+            return self.layer_output(j), None
+        return kernels.forward_with_derivative(self.saved[j], self._acts[j])
+
 
 class MLP:
     """A multilayer perceptron with public ``weights``, ``biases`` and ``activations`` lists.
@@ -264,7 +271,7 @@ class MLP:
         flat, views = carve(xp, grad_shapes(self.weights), self.dtype, pooled=True)
         gin = xp.empty((B, sizes[0]), dtype=self.dtype) if input_grad else None
         factors = [self._factor(cache, j) for j in range(self.depth)]
-        backward_into(factors, grad_y, cache.layer_output, views[0::2], views[1::2], deltas, gin,
+        backward_into(factors, grad_y, cache.layer_output_and_derivative, views[0::2], views[1::2], deltas, gin,
                       check=_require_finite if check_finite else None)
         return Gradients(views[0::2], views[1::2], gin, deltas, flat)
 

@@ -193,6 +193,17 @@ def test_matches_torch_autograd(act):
             assert gap.max() <= 4, f"{act.name}.{what}: {gap.max():.1f} eps·max(1,|h|) from torch at h={worst}"
 
 
+@pytest.mark.parametrize("name", [n for n in activations.names() if activations.get(n).f_and_df is not None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_f_and_df_are_bitwise_f_and_df(name, dtype):
+    act = activations.get(name)
+    h = np.concatenate([np.linspace(-40, 40, 4001), [0.0, -0.0, 1e-30, -1e-30, 1000.0, -1000.0, INF, -INF]]).astype(dtype)
+    f, df = act.f_and_df(h)
+    np.testing.assert_array_equal(f, act.f(h))
+    np.testing.assert_array_equal(df, act.df(h))
+    assert f.dtype == df.dtype == dtype
+
+
 # --- erf, erfc --------------------------------------------------------------------------
 
 def ulps(ours, reference):
@@ -214,12 +225,37 @@ def test_erfc_within_2_ulp_of_the_true_value(rng):
     assert ulps(activations.erfc(x), reference).max() <= 2
 
 
+def test_float32_erfc_is_within_half_an_ulp_plus_a_hair_of_the_true_value():
+    """The float32 form (fitted polynomial, chunked) against math.erfc in float64: the error of
+    the float32 result, in float32 ulps of the true value (0.5 = correctly rounded)."""
+    x = np.concatenate([np.linspace(-11.0, 11.0, 300001), np.logspace(-30, 1.05, 20001), -np.logspace(-30, 1.05, 20001),
+                        [10.04, 10.05, 10.1, 10.5, 10.6, 12.0]]).astype(np.float32)
+    got = activations.erfc(x)
+    exact = np.array([math.erfc(float(v)) for v in x])
+    ulp32 = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    err = np.abs(got.astype(np.float64) - exact) / np.maximum(ulp32, np.finfo(np.float32).smallest_subnormal)
+    assert got.dtype == np.float32 and err.max() <= 0.51, f"{err.max():.3f} ulp at x={x[err.argmax()]}"
+    assert np.mean(got != exact.astype(np.float32)) < 1e-3  # all but a few correctly rounded
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (16384,), (16385,), (3, 7001), (2, 0, 5)])
+def test_float32_erfc_keeps_shapes_across_chunk_boundaries(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32) * 4
+    got = activations.erfc(x)
+    assert got.shape == x.shape and got.dtype == np.float32
+    ref = activations.erfc(x.astype(np.float64)).astype(np.float32)  # the fdlibm path, rounded
+    assert np.all(np.abs(got - ref) <= np.spacing(np.abs(ref)))
+    strided = rng.standard_normal((40, 30)).astype(np.float32)[:, ::3]  # a non-contiguous input
+    np.testing.assert_allclose(activations.erfc(strided), activations.erfc(np.ascontiguousarray(strided)), rtol=0)
+
+
 def test_erf_special_values_and_dtype():
     x = np.array([-INF, -0.0, 0.0, INF, np.nan])
     np.testing.assert_array_equal(activations.erf(x), [-1.0, -0.0, 0.0, 1.0, np.nan])
     np.testing.assert_array_equal(activations.erfc(x), [2.0, 1.0, 1.0, 0.0, np.nan])
     assert activations.erf(np.ones((2, 3), np.float32)).dtype == np.float32
     assert activations.erfc(np.float32(3.0)).dtype == np.float32
+    np.testing.assert_array_equal(activations.erfc(x.astype(np.float32)), np.array([2.0, 1.0, 1.0, 0.0, np.nan], np.float32))
     assert activations.erfc(np.array(10.0)) == pytest.approx(2.088487583762545e-45, rel=1e-15)
 
 

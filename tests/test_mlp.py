@@ -120,6 +120,27 @@ def test_forward_keeps_one_array_per_layer_and_backward_peak_is_bounded(activati
     assert peak_bwd <= returned + 20 * layer, "backward peaked above its outputs + O(B·H)"
 
 
+def test_gelu_backward_computes_the_normal_cdf_once_per_layer(rng, monkeypatch):
+    """Recomputing z_{j-1} from h_{j-1} for ∂L/∂W_j also yields φ'_{j-1}: one normal CDF per
+    layer in backward (K), not one for z and one for φ' (2K - 1)."""
+    from jacgrad import activations
+
+    calls = []
+    real = activations._normal_cdf
+    monkeypatch.setattr(activations, "_normal_cdf", lambda h: calls.append(1) or real(h))
+    K = 4
+    net = jg.MLP.init([6] * (K + 1), activation="gelu", output_activation="gelu", seed=3, bias_std=0.2)
+    x = rng.standard_normal((5, 6))
+    y, cache = net.forward(x)
+    assert len(calls) == K
+    calls.clear()
+    g = net.backward(cache, np.ones_like(y))
+    assert len(calls) == K
+    ref = net.compile(5)(x, y + 1.0)  # mse of (y - (y + 1)): the same ∂L/∂y up to the 2/N factor
+    for a, b in zip(g.weights, ref[1].weights):
+        np.testing.assert_allclose(a * (2.0 / y.size), -b, rtol=1e-12, atol=1e-15)
+
+
 def test_gradients_flat_is_every_parameter_gradient_in_save_order(rng):
     net = jg.MLP.init([5, 7, 6, 3], seed=2, bias_std=0.3)
     x, t = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
