@@ -24,7 +24,7 @@ import numpy as np
 
 from . import hostpool
 from ._gemm import matmul_into
-from .kernels import activation_forward
+from .kernels import activation_forward, forward_with_derivative
 
 __all__ = ["backward_into", "carve", "forward_into", "grad_shapes", "grad_views"]
 
@@ -66,12 +66,15 @@ def grad_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
     return views[0::2], views[1::2]
 
 
-def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, check: Check | None = None):
+def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, check: Check | None = None,
+                 ds: list | None = None):
     """``z_K`` after writing ``h_j`` into ``saved[j]: (B, H_j)`` and applying ``φ_j``.
 
     Where ``φ_j'`` is a function of the output, ``y_j = φ_j(h_j)`` overwrites ``h_j`` in
     ``saved[j]``; else ``h_j`` stays and ``z_j`` goes to ``zs[j]`` (a fresh array when ``zs`` is
-    None or ``zs[j]`` is None). ``check(a, where)`` is called on every ``h_j`` and ``z_j``.
+    None or ``zs[j]`` is None) — and, where ``ds[j]`` is given, ``φ_j'(h_j)`` goes to it in the
+    same pass (``kernels.forward_with_derivative``), for a backward pass that keeps it.
+    ``check(a, where)`` is called on every ``h_j`` and ``z_j``.
     """
     z = x
     for j, (W, b, act) in enumerate(zip(weights, biases, acts)):
@@ -81,6 +84,8 @@ def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, 
             check(h, f"layer {j}: pre-activation h")
         if act.df_from_output is not None:
             z = activation_forward(h, act, out=h)
+        elif ds is not None and ds[j] is not None:
+            z = forward_with_derivative(h, act, out=(zs[j], ds[j]))[0]
         else:
             z = activation_forward(h, act, out=None if zs is None else zs[j])
         if check is not None:

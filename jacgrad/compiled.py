@@ -17,7 +17,8 @@ The passes are ``MLP.forward`` / ``MLP.backward``'s own code (``_passes.forward_
 NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is where results go:
 
 - buffers, made at construction: the static input ``x`` and target, per layer the saved
-  activation (``y_j``, or ``h_j`` and ``z_j`` for activations whose φ' needs ``h``), the delta
+  activation (``y_j``, or ``h_j``, ``z_j`` and ``φ'(h_j)`` for activations whose φ' needs ``h``:
+  one pass of ``kernels.forward_with_derivative`` writes the last two), the delta
   ``δ_j = ∂L/∂h_j`` (the running cotangent ``g_j`` is written straight into it and scaled in
   place, so no ping-pong pair is needed), ``∂L/∂W_j``, ``∂L/∂b_j``, the loss value (0-d), the
   loss gradient and its scratch, and ``∂L/∂x`` when ``input_grad``. Every operation writes with
@@ -103,6 +104,7 @@ class TrainingStep:
             self._x = xp.zeros((B, sizes[0]), dtype=dt)
             _, self._saved = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)  # y_j, or h_j
             self._z = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
+            self._d = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]  # φ'(h_j)
             _, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
             self._flat, views = carve(xp, grad_shapes(net.weights), dt, zero=True)
             self._dW, self._db = views[0::2], views[1::2]
@@ -134,9 +136,9 @@ class TrainingStep:
                 if self._gpu and new.device.id != self._device.id:
                     raise ValueError(f"net.{what}[{j}] is now on GPU {new.device.id}; this step runs on GPU {self._device.id}")
         self._W, self._b = list(net.weights), list(net.biases)
-        self._factors = [
-            LayerJacobian.from_activation(act, W, **{"y" if fo else "h": s})
-            for act, W, s, fo in zip(self._acts, self._W, self._saved, self._from_output)
+        self._factors = [  # φ' from the saved output, or the φ'(h_j) the forward pass wrote beside z_j
+            LayerJacobian.from_activation(act, W, y=s) if fo else LayerJacobian(d, W)
+            for act, W, s, d, fo in zip(self._acts, self._W, self._saved, self._d, self._from_output)
         ]
         if self._graphs is not None:
             self._graphs.clear()
@@ -184,7 +186,7 @@ class TrainingStep:
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
-        z = forward_into(self._x, self._W, self._b, self._acts, self._saved, self._z)
+        z = forward_into(self._x, self._W, self._b, self._acts, self._saved, self._z, ds=self._d)
         self._loss(z, self._target, labels=labels)
         backward_into(self._factors, self._loss.grad, self._layer_input, self._dW, self._db, self._delta, self._gin)
 
@@ -263,7 +265,7 @@ class TrainingStep:
     def nbytes(self) -> int:
         """Bytes of every buffer the step owns (the weights are the network's)."""
         arrays = [self._x, self._target, *self._saved, *self._delta, self._flat]
-        arrays += [z for z in self._z if z is not None] + ([self._gin] if self.input_grad else [])
+        arrays += [a for a in self._z + self._d if a is not None] + ([self._gin] if self.input_grad else [])
         return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes
 
     @property

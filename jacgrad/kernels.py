@@ -183,19 +183,27 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
     return out
 
 
-def forward_with_derivative(h: Any, activation: str | Activation):
-    """``(φ(h), φ'(h))`` — on the GPU in one pass over h. h: any shape → two arrays of h's shape/dtype.
+def forward_with_derivative(h: Any, activation: str | Activation, out: Any = None):
+    """``(φ(h), φ'(h))`` — on the GPU in one pass over h, on NumPy sharing their common part
+    (``Activation.f_and_df``). h: any shape → two arrays of h's shape/dtype. ``out``: optional
+    pair ``(y, d)`` of arrays of h's shape and dtype to write into (neither may be h).
 
         >>> import numpy as np
         >>> forward_with_derivative(np.array([0.0]), "sigmoid")
         (array([0.5]), array([0.25]))
     """
     act = _resolve(activation)
-    h, xp, _, _ = _prepare(f"forward_with_derivative({act.name})", h, act, False, None, "h")
+    where = f"forward_with_derivative({act.name})"
+    h, xp, _, _ = _prepare(where, h, act, False, None, "h")
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"{where}: out must be a pair (y, d) of arrays, got {type(out).__name__}")
+        out = tuple(_check_out(where, o, h.shape, h.dtype, xp) for o in out)
     if xp is np:
-        return act.f_and_df(h) if act.f_and_df is not None else (act.f(h), act.df(h))
+        y, d = act.f_and_df(h) if act.f_and_df is not None else (act.f(h), act.df(h))
+        return (y, d) if out is None else (_into(out[0], y), _into(out[1], d))
     h = xp.ascontiguousarray(h)
-    y, d = xp.empty_like(h), xp.empty_like(h)
+    y, d = (xp.empty_like(h), xp.empty_like(h)) if out is None else out
     launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))
     return y, d
 

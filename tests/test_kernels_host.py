@@ -254,6 +254,23 @@ def test_scale_cotangent_numpy_is_v_times_df(name, rng):
     np.testing.assert_array_equal(d, act.df(h32))
 
 
+@pytest.mark.parametrize("name", ["gelu", "silu", "tanh"])
+def test_forward_with_derivative_writes_into_a_pair(rng, name):
+    h = rng.normal(size=(3, 5)).astype(np.float32)
+    y, d = np.empty_like(h), np.empty_like(h)
+    ry, rd = kernels.forward_with_derivative(h, name, out=(y, d))
+    assert ry is y and rd is d
+    act = activations.get(name)
+    np.testing.assert_array_equal(y, act.f(h))
+    np.testing.assert_array_equal(d, act.df(h))
+    with pytest.raises(TypeError, match="pair"):
+        kernels.forward_with_derivative(h, name, out=y)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.forward_with_derivative(h, name, out=(y, np.empty((3, 4), np.float32)))
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.forward_with_derivative(h, name, out=(y, np.empty((3, 5))))
+
+
 def test_scale_cotangent_writes_into_out(rng):
     v, h = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
     expected = v * activations.get("tanh").df(h)
