@@ -226,7 +226,10 @@ class MLP:
         if check_finite:
             _require_finite(x, "the input x")
         B = x.shape[0]
-        _, saved = carve(xp, [(B, H) for H in self.sizes[1:]], self.dtype, pooled=True)
+        # the hidden layers share one block; the last layer's array is a block of its own, so an
+        # output kept on its own (``preds.append(net(x))``) does not keep the hidden ones alive
+        _, saved = carve(xp, [(B, H) for H in self.sizes[1:-1]], self.dtype, pooled=True)
+        saved += carve(xp, [(B, self.sizes[-1])], self.dtype, pooled=True)[1]
         from_output = [act.df_from_output is not None for act in self._acts]
         z = forward_into(x, self.weights, self.biases, self._acts, saved, check=_require_finite if check_finite else None)
         return z, ForwardCache(x, saved, from_output, self._token, self._acts)

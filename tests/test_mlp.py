@@ -141,6 +141,19 @@ def test_gelu_backward_computes_the_normal_cdf_once_per_layer(rng, monkeypatch):
         np.testing.assert_allclose(a * (2.0 / y.size), -b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("output", ["identity", "gelu"])
+def test_a_kept_output_does_not_keep_the_hidden_layers_alive(rng, output):
+    net = jg.MLP.init([64, 256, 256, 3], output_activation=output, seed=0)
+    x = rng.standard_normal((32, 64))
+    net(x)  # warm the host pool
+    tracemalloc.start()
+    kept = [net(x) for _ in range(5)]  # an inference loop that collects its outputs
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert all(y.shape == (32, 3) for y in kept)
+    assert held <= 5 * 32 * 3 * 8 + 8192, f"5 outputs of 768 bytes hold {held} bytes"
+
+
 def test_gradients_flat_is_every_parameter_gradient_in_save_order(rng):
     net = jg.MLP.init([5, 7, 6, 3], seed=2, bias_std=0.3)
     x, t = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
@@ -162,7 +175,8 @@ def test_a_backward_pass_makes_a_few_blocks_not_one_array_per_layer():
     net = jg.MLP.init([H] * (K + 1), seed=1)
     x = rng.standard_normal((B, H))
     y, cache = net.forward(x)
-    assert len({a.base.ctypes.data for a in cache.saved if a.base is not None}) == 1  # one block for the cache
+    blocks = [a.base.ctypes.data for a in cache.saved]
+    assert len(set(blocks[:-1])) == 1 and blocks[-1] not in blocks[:-1]  # hidden layers: one block; output: its own
     net.backward(cache, np.ones_like(y))  # makes the kernels' reusable scratch, kept between calls
     tracemalloc.start()
     g = net.backward(cache, np.ones_like(y))
