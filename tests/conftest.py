@@ -4,10 +4,21 @@ Tests marked ``gpu`` run wherever a CUDA device really runs a kernel and are ski
 with the probe's reason, everywhere else.
 """
 
+import os
+
 import numpy as np
 import pytest
 
 import jacgrad as jg
+
+try:  # CI draws the same property-test examples every run: a red CI is a bug, not a dice roll
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # hypothesis is in the test extra; tests that use it import it themselves
+    pass
 
 
 def pytest_collection_modifyitems(config, items):
