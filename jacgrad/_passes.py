@@ -36,16 +36,22 @@ def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False, pooled: bool =
     it per shape, in order. ``zero`` fills the block with zeros (else its contents are undefined).
     ``pooled``: on NumPy, take the block from ``jacgrad.hostpool`` (a block of a finished call
     that nothing refers to any more) — for per-call results; long-lived buffers are not pooled."""
-    sizes = [math.prod(s) for s in shapes]
+    n = sum(math.prod(s) for s in shapes)
     if pooled and not zero and xp is np:
-        flat = hostpool.take(sum(sizes), dtype)
+        flat = hostpool.take(n, dtype)
     else:
-        flat = (xp.zeros if zero else xp.empty)(sum(sizes), dtype=dtype)
+        flat = (xp.zeros if zero else xp.empty)(n, dtype=dtype)
+    return flat, _views(flat, shapes)
+
+
+def _views(flat, shapes: Sequence[tuple]) -> list:
+    """C-contiguous views of consecutive pieces of the 1-D ``flat``, one per shape."""
     views, at = [], 0
-    for shape, n in zip(shapes, sizes):
+    for shape in shapes:
+        n = math.prod(shape)
         views.append(flat[at : at + n].reshape(shape))
         at += n
-    return flat, views
+    return views
 
 
 def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
@@ -58,11 +64,7 @@ def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
 
 def grad_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
     """``(dW, db)``: views of a ``Gradients.flat`` block, laid out as ``grad_shapes(weights)``."""
-    views, at = [], 0
-    for shape in grad_shapes(weights):
-        n = math.prod(shape)
-        views.append(flat[at : at + n].reshape(shape))
-        at += n
+    views = _views(flat, grad_shapes(weights))
     return views[0::2], views[1::2]
 
 
