@@ -55,12 +55,7 @@ def mse(y: Any, t: Any):
         >>> float(value), grad.tolist()
         (1.0, [[-1.0, 1.0]])
     """
-    xp, y, t = _output_and_target(y, t, "output y")
-    if not y.size:
-        return _empty(xp, y)
-    ws = LossWorkspace("mse", xp, y.shape, y.dtype)
-    ws(y, t)
-    return ws.value, ws.grad
+    return _elementwise("mse", y, t, "output y")
 
 
 def _labels(xp, t, B: int, C: int):
@@ -137,11 +132,16 @@ def sigmoid_bce(z: Any, t: Any):
         >>> round(float(value), 6), grad.tolist()
         (0.346574, [-0.25, 0.0])
     """
-    xp, z, t = _output_and_target(z, t, "logits z")
-    if not z.size:
-        return _empty(xp, z)
-    ws = LossWorkspace("sigmoid_bce", xp, z.shape, z.dtype)
-    ws(z, t)
+    return _elementwise("sigmoid_bce", z, t, "logits z")
+
+
+def _elementwise(name: str, y, t, what: str):
+    """``(value, gradient)`` of a loss whose target has the output's shape, through its workspace."""
+    xp, y, t = _output_and_target(y, t, what)
+    if not y.size:
+        return _empty(xp, y)
+    ws = LossWorkspace(name, xp, y.shape, y.dtype)
+    ws(y, t)
     return ws.value, ws.grad
 
 

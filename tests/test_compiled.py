@@ -256,6 +256,16 @@ def _gpu_case(rng, dtype="float32", sizes=(32, 64, 64, 10), B=16, activation="ta
     return cp, host, net, x, t
 
 
+def _warm_gpu_step(rng):
+    """A compiled float32 GPU step after its warm-up call and one replay: (cp, host, net, step, x, t)."""
+    cp, host, net, x, t = _gpu_case(rng)
+    step = net.compile(16)
+    xd, td = cp.asarray(x.astype(np.float32)), cp.asarray(t.astype(np.float32))
+    step(xd, td)
+    step(xd, td)
+    return cp, host, net, step, xd, td
+
+
 def _rel(a, b):
     a, b = jg.to_numpy(a).astype(np.float64), jg.to_numpy(b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
@@ -299,11 +309,7 @@ def test_gpu_capture_records_the_gemms_through_direct_cublas(rng):
 
 @pytest.mark.gpu
 def test_gpu_step_returns_without_waiting_for_the_device(rng):
-    cp, _, net, x, t = _gpu_case(rng)
-    step = net.compile(16)
-    xd, td = cp.asarray(x.astype(np.float32)), cp.asarray(t.astype(np.float32))
-    step(xd, td)
-    step(xd, td)
+    cp, _, _, step, xd, td = _warm_gpu_step(rng)
     cp.cuda.Device().synchronize()
     spin = cp.RawKernel(
         'extern "C" __global__ void spin(long long n) { long long t0 = clock64(); while (clock64() - t0 < n) {} }',
@@ -332,11 +338,7 @@ def test_gpu_tf32_recaptures_and_stays_within_its_documented_error(rng):
 
 @pytest.mark.gpu
 def test_gpu_rebind_recaptures_and_device_mixing_is_refused(rng):
-    cp, host, net, x, t = _gpu_case(rng)
-    step = net.compile(16)
-    xd, td = cp.asarray(x.astype(np.float32)), cp.asarray(t.astype(np.float32))
-    step(xd, td)
-    step(xd, td)
+    cp, _, net, step, xd, td = _warm_gpu_step(rng)
     net.weights[0] = net.weights[0] * 1.0
     with pytest.raises(RuntimeError, match="rebind"):
         step(xd, td)
@@ -345,6 +347,6 @@ def test_gpu_rebind_recaptures_and_device_mixing_is_refused(rng):
     loss, _ = step(xd, td)
     assert abs(float(loss) - float(net.loss_and_grads(xd, td)[0])) < 1e-6
     with pytest.raises(TypeError, match="NumPy \\(CPU\\) array but this step runs on the GPU"):
-        step(x.astype(np.float32), td)
+        step(cp.asnumpy(xd), td)
     with pytest.raises(ValueError, match="capture=True"):
         jg.MLP.init([3, 2]).compile(4, capture=True)
