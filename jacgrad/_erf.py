@@ -188,10 +188,9 @@ def _apply(name, fn64, x):
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} takes float32 or float64 arrays, not {x.dtype}")
-    if name == "erfc" and x.dtype == np.float32:
-        with np.errstate(under="ignore"):
-            return _erfc32(x)
     with np.errstate(under="ignore"):  # the far tail underflows to 0 by design
+        if name == "erfc" and x.dtype == np.float32:
+            return _erfc32(x)
         out = fn64(np.atleast_1d(x).astype(np.float64, copy=True))
     return out.reshape(x.shape).astype(x.dtype, copy=False)
 

@@ -24,9 +24,10 @@ import numpy as np
 
 from . import hostpool
 from ._gemm import matmul_into
+from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
-__all__ = ["backward_into", "carve", "forward_into", "grad_shapes", "grad_views"]
+__all__ = ["backward_into", "carve", "carve_gradients", "forward_into", "grad_shapes", "grad_views"]
 
 Check = Callable[[Any, str], None]
 
@@ -52,6 +53,13 @@ def _views(flat, shapes: Sequence[tuple]) -> list:
         views.append(flat[at : at + n].reshape(shape))
         at += n
     return views
+
+
+def carve_gradients(xp, weights: Sequence[Any], dtype, zero: bool = False, pooled: bool = False) -> tuple[Any, list, list]:
+    """``(flat, dW, db)``: one block for every parameter gradient (``Gradients.flat``) and its
+    per-layer views, laid out as ``grad_shapes(weights)``; ``zero``/``pooled`` as for ``carve``."""
+    flat, views = carve(xp, grad_shapes(weights), dtype, zero=zero, pooled=pooled)
+    return flat, views[0::2], views[1::2]
 
 
 def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
@@ -109,7 +117,7 @@ def backward_into(factors, grad_y, layer_input: Callable[[int], tuple], dW: list
     K = len(factors)
     d_next = None  # φ'_j(h_j), when the previous step computed it with z_j
     for j in range(K - 1, -1, -1):
-        J = factors[j] if d_next is None else type(factors[j])(d_next, factors[j].W)
+        J = factors[j] if d_next is None else LayerJacobian(d_next, factors[j].W)
         delta = J.scale(grad_y if j == K - 1 else deltas[j], out=deltas[j])
         if check is not None:
             check(delta, f"layer {j}: gradient ∂L/∂h")

@@ -54,7 +54,7 @@ from . import losses
 from ._cuda_graph import CaptureError
 from ._loss_workspace import NAMES as LOSS_NAMES
 from ._loss_workspace import LossWorkspace
-from ._passes import backward_into, carve, forward_into, grad_shapes, grad_views
+from ._passes import backward_into, carve, carve_gradients, forward_into, grad_views
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import is_gpu_array, tf32_enabled
@@ -106,8 +106,7 @@ class TrainingStep:
             self._z = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
             self._d = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]  # φ'(h_j)
             _, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
-            self._flat, views = carve(xp, grad_shapes(net.weights), dt, zero=True)
-            self._dW, self._db = views[0::2], views[1::2]
+            self._flat, self._dW, self._db = carve_gradients(xp, net.weights, dt, zero=True)
             self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
             self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
             self._target = xp.zeros((B, sizes[-1]), dtype=dt)

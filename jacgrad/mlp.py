@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import initializers, kernels, losses
-from ._passes import backward_into, carve, forward_into, grad_shapes
+from ._passes import backward_into, carve, carve_gradients, forward_into
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, resolve_device, to_device
@@ -271,12 +271,12 @@ class MLP:
         grad_y = grad_y.astype(self.dtype, copy=False)
         B, sizes = cache.batch, self.sizes
         _, deltas = carve(xp, [(B, H) for H in sizes[1:]], self.dtype, pooled=True)
-        flat, views = carve(xp, grad_shapes(self.weights), self.dtype, pooled=True)
+        flat, dW, db = carve_gradients(xp, self.weights, self.dtype, pooled=True)
         gin = xp.empty((B, sizes[0]), dtype=self.dtype) if input_grad else None
         factors = [self._factor(cache, j) for j in range(self.depth)]
-        backward_into(factors, grad_y, cache.layer_output_and_derivative, views[0::2], views[1::2], deltas, gin,
+        backward_into(factors, grad_y, cache.layer_output_and_derivative, dW, db, deltas, gin,
                       check=_require_finite if check_finite else None)
-        return Gradients(views[0::2], views[1::2], gin, deltas, flat)
+        return Gradients(dW, db, gin, deltas, flat)
 
     def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
         """A ``jacgrad.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
