@@ -15,20 +15,24 @@ from . import (
     chain,
     check,
     compiled,
+    curvature,
     diagnostics,
     gates,
     hostpool,
     initializers,
     jacobian,
     kernels,
+    loss_hessians,
     losses,
     mlp,
+    per_sample,
     spectra,
 )
 from .backend import get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
+from .ntk import ntk
 
 __version__ = "0.1.0"
 
@@ -41,6 +45,7 @@ __all__ = [
     "chain",
     "check",
     "compiled",
+    "curvature",
     "diagnostics",
     "gates",
     "get_xp",
@@ -48,8 +53,11 @@ __all__ = [
     "initializers",
     "jacobian",
     "kernels",
+    "loss_hessians",
     "losses",
     "mlp",
+    "ntk",
+    "per_sample",
     "spectra",
     "to_device",
     "to_numpy",
