@@ -88,6 +88,8 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
         >>> float(jg.ntk(net, np.ones((1, 3)), trace=True)[0, 0]) > 0
         True
     """
+    if not all(hasattr(net, a) for a in ("forward", "jacobian_chain", "weights")):
+        raise TypeError(f"ntk needs a jacgrad network (MLP), got {type(net).__name__}")
     xp = get_xp(x1, net.weights[0])
     x1 = float_array(x1, "x1", xp)
     sym = x2 is None

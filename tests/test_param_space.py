@@ -276,6 +276,8 @@ def test_bad_input_gets_clear_errors():
         net.ggn_vp(x, np.zeros(P, dtype=np.int64))
     with pytest.raises(ValueError, match=r"per_sample_grads of B=4 samples x P=.*max_memory.*per_sample_grad_norms"):
         net.per_sample_grads(x, t, max_memory=100)
+    with pytest.raises(TypeError, match="needs a jacgrad network"):
+        jg.ntk(lambda x: x, x)
     with pytest.raises(ValueError, match="x2 has shape"):
         jg.ntk(net, x, x[:, :2])
     with pytest.raises(ValueError, match="layer 0 expects 3 features"):
