@@ -330,3 +330,22 @@ def test_gpu_matches_numpy(loss):
         assert relative_error(got, want) <= 1e-10
     with pytest.raises(TypeError, match="another device"):
         gnet.ggn_vp(gx, v, loss=loss)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ggn_is_symmetric_positive_semidefinite_and_its_diagonal_agrees_with_ggn_vp(loss):
+    """No dense reference at this size: G's own identities <u, Gv> = <Gu, v>, <v, Gv> >= 0, and
+    (G e_k)_k = diag(G)_k for unit vectors e_k."""
+    rng = np.random.default_rng(11)
+    net = jg.MLP.init([20, 30, 30, 5], activation="silu", bias_std=0.2, seed=4)
+    x = rng.standard_normal((16, 20))
+    P = sum(W.size + W.shape[1] for W in net.weights)
+    u, v = rng.standard_normal(P), rng.standard_normal(P)
+    Gu, Gv = net.ggn_vp(x, u, loss=loss), net.ggn_vp(x, v, loss=loss)
+    assert abs(u @ Gv - Gu @ v) <= 1e-12 * max(abs(u @ Gv), 1e-300) * 10
+    assert v @ Gv >= 0 and u @ Gu >= 0
+    D = net.ggn_diagonal(x, loss=loss).flat
+    for k in rng.choice(P, size=6, replace=False):
+        e = np.zeros(P)
+        e[k] = 1.0
+        assert net.ggn_vp(x, e, loss=loss)[k] == pytest.approx(D[k], rel=1e-10, abs=1e-14)
