@@ -16,13 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import curvature, initializers, kernels, loss_hessians, losses, per_sample
-from ._passes import backward_into, carve, carve_gradients, forward_into, grad_views
+from . import initializers, kernels, losses
+from ._passes import backward_into, carve, carve_gradients, forward_into
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, resolve_device, to_device
 from .chain import Chain
 from .jacobian import LayerJacobian
+from . import curvature, loss_hessians, per_sample  # parameter-space pieces (none imports mlp)
+from ._passes import grad_views
 
 __all__ = ["MLP", "ForwardCache", "Gradients"]
 
