@@ -151,11 +151,14 @@ def compiled_function(kernel: str, dtype, expressions: tuple[str, ...], activati
     return _function(KERNELS[kernel][0], np.dtype(dtype), tuple(expressions), expr, cp.cuda.Device().id)
 
 
-def launch(kernel_fn, n: int, args: tuple) -> None:
-    """Run a grid-stride kernel over ``n`` elements (nothing to do when n == 0)."""
+def launch(kernel_fn, n: int, args: tuple, itemsize: int = 16) -> None:
+    """Run a grid-stride kernel over ``n`` elements of ``itemsize`` bytes (nothing to do when n == 0).
+    The kernels move 16 bytes per thread and step (kernels/elementwise.cuh), so the grid is sized
+    for ``n / (16 / itemsize)`` threads (capped; the loops cover the rest)."""
     if n == 0:
         return
-    grid = min(-(-n // _BLOCK), _MAX_BLOCKS)
+    per_thread = max(1, 16 // int(itemsize))
+    grid = min(-(-n // (_BLOCK * per_thread)), _MAX_BLOCKS)
     kernel_fn((grid,), (_BLOCK,), args)
 
 
@@ -170,5 +173,5 @@ def special(name: str, x: Any):
     x = xp.ascontiguousarray(float_array(x, "x", xp))
     out = xp.empty_like(x)
     fn = compiled_function(f"{name}_elementwise", x.dtype, source_expressions("special.cu", x.dtype, ()))
-    launch(fn, x.size, (x, out, np.int64(x.size)))
+    launch(fn, x.size, (x, out, np.int64(x.size)), x.itemsize)
     return out

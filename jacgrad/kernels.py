@@ -201,7 +201,7 @@ def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: b
     if out is None:
         out = xp.empty_like(v)
     kernel = compiled_kernel("scale_cotangent", v.dtype, act, from_output)
-    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)))
+    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)), v.itemsize)
     return out
 
 
@@ -218,7 +218,8 @@ def derivative(x: Any, activation: str | Activation, from_output: bool = False, 
         return _into(out, fn(x))
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x) if out is None else out
-    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)))
+    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)),
+           x.itemsize)
     return out
 
 
@@ -237,7 +238,7 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
         return _into(out, act.f(h))
     h = xp.ascontiguousarray(h)
     out = xp.empty_like(h) if out is None else out
-    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)))
+    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)), h.itemsize)
     return out
 
 
@@ -262,7 +263,7 @@ def forward_with_derivative(h: Any, activation: str | Activation, out: Any = Non
         return (y, d) if out is None else (_into(out[0], y), _into(out[1], d))
     h = xp.ascontiguousarray(h)
     y, d = (xp.empty_like(h), xp.empty_like(h)) if out is None else out
-    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))
+    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)), h.itemsize)
     return y, d
 
 

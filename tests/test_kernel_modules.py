@@ -97,3 +97,17 @@ def test_the_build_layer_is_below_the_activation_table():
     assert _jacgrad_imports("_cuda_build") <= {"backend", "_validate"}
     assert _jacgrad_imports("_erf") <= {"backend", "_validate", "_cuda_build"}
     assert "kernels" not in _jacgrad_imports("activations")
+
+
+def test_the_grid_is_sized_for_16_bytes_per_thread():
+    grids = []
+
+    def kernel(grid, block, args):
+        grids.append((grid, block))
+
+    _cuda_build.launch(kernel, 0, ())
+    _cuda_build.launch(kernel, 1_000_000, (), 4)  # float: 4 per thread
+    _cuda_build.launch(kernel, 1_000_000, (), 8)  # double: 2 per thread
+    _cuda_build.launch(kernel, 5, (), 4)
+    _cuda_build.launch(kernel, 1 << 40, (), 4)
+    assert grids == [((977,), (256,)), ((1954,), (256,)), ((1,), (256,)), ((8192,), (256,))]
