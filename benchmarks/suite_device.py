@@ -6,9 +6,10 @@
 Ceilings measured on the device:
 - device-to-device copy bandwidth (``copyto`` of a large float32 array; bytes read + written);
 - the GEMM rate (float32 and float64 square products);
-- the fused elementwise backward kernel ``jacgrad.kernels.scale_cotangent`` on a big array, as a
-  bandwidth (v and x read, out written) and as a % of the copy bandwidth, next to the unfused
-  array expression it replaces.
+- the fused elementwise kernels of ``jacgrad.kernels`` on big arrays (``scale_cotangent`` same-shape
+  and with one (H,) row shared by every row, ``forward_with_derivative``), as a bandwidth (the
+  bytes each must move) and as a % of the copy bandwidth, next to the unfused array expression
+  one of them replaces.
 """
 
 from __future__ import annotations
@@ -115,32 +116,53 @@ def gemm_rate(dev: Device, n: int, dtype: str) -> dict:
 
 
 def fused_kernel(dev: Device, n: int, copy_gbps: float | None) -> list[dict]:
-    """``scale_cotangent`` (v ⊙ φ'(x) → out) on ``n`` elements, against copy bandwidth and the
-    unfused expression. Rows: activation, dtype, from_output, GB/s, % of copy, speedup."""
+    """The fused elementwise kernels on ``n`` elements (n/2 in float64), against copy bandwidth
+    (issue 10's target: ≥ 85%) and, for one row, the unfused expression. Rows: kernel, activation,
+    dtype, from_output, shape, GB/s (the bytes each kernel must move: inputs read once, outputs
+    written once), % of copy, speedup."""
     rng = np.random.default_rng(0)
     rows = []
-    specs = [("tanh", "float32", True), ("tanh", "float32", False), ("relu", "float32", True),
-             ("gelu", "float32", False), ("silu", "float32", False), ("tanh", "float64", True)]
-    for act, dtype, from_output in specs:
-        rows.append(_fused_row(dev, rng, act, dtype, from_output, n if dtype == "float32" else n // 2, copy_gbps))
+    specs = [("scale_cotangent", "tanh", "float32", True, "same"), ("scale_cotangent", "tanh", "float32", False, "same"),
+             ("scale_cotangent", "relu", "float32", True, "same"), ("scale_cotangent", "gelu", "float32", False, "same"),
+             ("scale_cotangent", "silu", "float32", False, "same"), ("scale_cotangent", "tanh", "float64", True, "same"),
+             ("scale_cotangent", "tanh", "float32", True, "row"), ("scale_cotangent", "tanh", "float64", True, "row"),
+             ("forward_with_derivative", "gelu", "float32", False, "same"),
+             ("forward_with_derivative", "tanh", "float64", False, "same")]
+    for kernel, act, dtype, from_output, shape in specs:
+        m = n if dtype == "float32" else n // 2
+        rows.append(_fused_row(dev, rng, kernel, act, dtype, from_output, shape, m, copy_gbps))
         dev.free()
     return rows
 
 
-def _fused_row(dev: Device, rng, act: str, dtype: str, from_output: bool, m: int, copy_gbps: float | None) -> dict:
+_ROW = 4096  # H of the (B, H) ⊙ (H,) broadcast rows
+
+
+def _fused_row(dev: Device, rng, kernel: str, act: str, dtype: str, from_output: bool, shape: str, m: int,
+               copy_gbps: float | None) -> dict:
     xp = dev.xp
-    v = dev.randn(m, dtype, rng)
-    x = dev.randn(m, dtype, rng)
+    if shape == "row":
+        H = min(_ROW, m)
+        m = (m // H) * H
+        v, x = dev.randn((m // H, H), dtype, rng), dev.randn(H, dtype, rng)
+    else:
+        v, x = dev.randn(m, dtype, rng), dev.randn(m, dtype, rng)
     if from_output:
         x = jg.kernels.activation_forward(x, act)
-    out = xp.empty_like(v)
-    t = dev.time(lambda: jg.kernels.scale_cotangent(v, x, act, from_output=from_output, out=out))
-    nbytes = 3 * v.nbytes
-    row = {"kernel": "scale_cotangent", "activation": act, "dtype": dtype, "from_output": from_output,
+    if kernel == "scale_cotangent":
+        out = xp.empty_like(v)
+        t = dev.time(lambda: jg.kernels.scale_cotangent(v, x, act, from_output=from_output, out=out))
+        nbytes = 2 * v.nbytes + x.nbytes
+    else:
+        pair = (xp.empty_like(v), xp.empty_like(v))
+        t = dev.time(lambda: jg.kernels.forward_with_derivative(v, act, out=pair))
+        nbytes = 3 * v.nbytes
+    row = {"kernel": kernel, "activation": act, "dtype": dtype, "from_output": from_output, "shape": shape,
            "elements": m, **t, "GB_per_s": nbytes / (t["median_ms"] * 1e-3) / 1e9}
     if copy_gbps:
         row["pct_of_copy"] = 100 * row["GB_per_s"] / copy_gbps
-    if act == "tanh" and from_output:  # what the fused kernel replaces: v * (1 - y*y), temporaries and all
+    if kernel == "scale_cotangent" and act == "tanh" and from_output and shape == "same":
+        # what the fused kernel replaces: v * (1 - y*y), temporaries and all
         u = dev.time(lambda: xp.multiply(v, (1 - x * x), out=out))
         row["unfused_ms"] = u["median_ms"]
         row["speedup_vs_unfused"] = u["median_ms"] / t["median_ms"]

@@ -9,9 +9,10 @@ dtype, and on NumPy in float64. Each result is compared with ``jacgrad.check.rel
   (``activation_forward``, ``derivative``, ``scale_cotangent`` from h and from the output);
 - for tanh (diagonal from the output) and gelu (from h), a tapering and an hourglass net:
   per-sample Jacobians in the three orders, and their singular values;
-- the compiled training step (``net.compile(B)``: a recorded CUDA graph on the GPU) for every
-  loss, on its first call (eager) and on two replays with new inputs: loss and gradients. The
-  rows say whether a graph was recorded (``captured``) and, if not, why.
+- ``validate_compiled``, the suite's ``compiled`` section (its own process): the compiled
+  training step (``net.compile(B)``: a recorded CUDA graph on the GPU) for every loss, on its
+  first call (eager) and on two replays with new inputs: loss and gradients. The rows say whether
+  a graph was recorded (``captured``) and, if not, why.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Checks:
 
 
 def validate(dev, dtypes=("float32", "float64")) -> dict:
-    """Run every check on ``dev``; returns the rows and a per-dtype summary."""
+    """Every eager check on ``dev``; returns the rows and a per-dtype summary."""
     checks = Checks()
     rng = np.random.default_rng(7)
     for dtype in dtypes:
@@ -71,8 +72,21 @@ def validate(dev, dtypes=("float32", "float64")) -> dict:
         for act in ("tanh", "gelu"):
             for name, widths in JAC_NETS.items():
                 _jacobian_checks(checks, dev, name, widths, act, dtype, rng)
+    return _summary(checks, dtypes)
+
+
+def validate_compiled(dev, dtypes=("float32", "float64")) -> dict:
+    """The compiled training step (a recorded CUDA graph on the GPU) for every loss: its own
+    section, in its own process, since a bad capture or replay can take the process down."""
+    checks = Checks()
+    rng = np.random.default_rng(8)
+    for dtype in dtypes:
         for loss in ("mse", "sigmoid_bce", "softmax_cross_entropy"):
             _compiled_checks(checks, dev, loss, dtype, rng)
+    return _summary(checks, dtypes)
+
+
+def _summary(checks: Checks, dtypes) -> dict:
     summary = {}
     for dtype in dtypes:
         rows = [r for r in checks.rows if r["dtype"] == dtype]

@@ -2,9 +2,16 @@
 
 The sources live in the repository's ``kernels/`` and ship in the wheel as ``jacgrad/_kernels``.
 Each kernel template is instantiated through a C++ name expression such as
-``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``; ``instantiations()`` lists every one
-the library can launch, so the tests compile exactly those with nvcc, and ``compile_report()``
-compiles them with NVRTC on a machine with a GPU.
+``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``.
+
+Compilation: ONE NVRTC module per (source file, dtype, device), holding every instantiation of
+every kernel of that file in that dtype (``source_expressions``): 4 compiles on a cold start
+(fused.cu and special.cu, float and double) where one module per instantiation took about 120.
+``compiled_module`` is that cache; ``compiled_function`` picks one kernel out of it.
+
+This module sits below the activation table: it knows functors only by their C++ names (the
+``cuda`` column of ``jacgrad.activations``, passed in by ``jacgrad.kernels``), so ``_erf`` can
+launch CUDA's erf/erfc through ``special`` without importing the table that imports it.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
-from . import activations, backend
-from .activations import Activation
+from . import backend
+from ._validate import float_array
+from .backend import get_xp
 
 # kernel template -> (source file, whether it takes an activation, whether it has FROM_OUTPUT)
 KERNELS: dict[str, tuple[str, bool, bool]] = {
@@ -75,8 +84,9 @@ def module_source(name: str) -> str:
     return expand(name)
 
 
-def name_expression(kernel: str, dtype, activation: Activation | None = None, from_output: bool = False) -> str:
-    """The C++ name of one instantiation, e.g. ``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``."""
+def name_expression(kernel: str, dtype, activation: Any = None, from_output: bool = False) -> str:
+    """The C++ name of one instantiation, e.g. ``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``.
+    activation: an ``Activation`` (its ``cuda`` functor) or the functor's C++ name."""
     if kernel not in KERNELS:
         raise KeyError(f"unknown kernel {kernel!r}; kernels: {', '.join(KERNELS)}")
     _, takes_activation, takes_from_output = KERNELS[kernel]
@@ -85,72 +95,83 @@ def name_expression(kernel: str, dtype, activation: Activation | None = None, fr
         raise TypeError(f"kernel {kernel} runs on float32 or float64, not {dtype}")
     args = [CTYPES[dtype]]
     if takes_activation:
-        args.append(activation.cuda)
+        args.append(activation if isinstance(activation, str) else activation.cuda)
     if takes_from_output:
         args.append("true" if from_output else "false")
     return f"jacgrad::{kernel}<{', '.join(args)}>"
 
 
-def instantiations(kernel: str) -> list[str]:
-    """Every name expression of ``kernel`` the library may launch: each dtype, activation and,
-    for activations with ``df_from_output``, both derivative modes."""
+def kernel_expressions(kernel: str, dtype, functors: Iterable[tuple[str, bool]]) -> list[str]:
+    """Every name expression of ``kernel`` in ``dtype``: per functor ``(C++ name, has df_y)``, and
+    for functors with ``df_y`` both derivative modes. Kernels without an activation ignore ``functors``."""
     _, takes_activation, takes_from_output = KERNELS[kernel]
-    acts = [activations.get(n) for n in activations.names()] if takes_activation else [None]
     out = []
-    for dtype in CTYPES:
-        for act in acts:
-            modes = (False, True) if takes_from_output and act.df_from_output is not None else (False,)
-            out.extend(name_expression(kernel, dtype, act, fo) for fo in modes)
+    for functor, has_df_y in (functors if takes_activation else [(None, False)]):
+        modes = (False, True) if takes_from_output and has_df_y else (False,)
+        out.extend(name_expression(kernel, dtype, functor, fo) for fo in modes)
     return out
 
 
+def source_expressions(source: str, dtype, functors: Iterable[tuple[str, bool]]) -> tuple[str, ...]:
+    """Every name expression of every kernel of ``source`` in ``dtype``: the one module's contents."""
+    functors = list(functors)
+    return tuple(e for k, (src, _, _) in KERNELS.items() if src == source for e in kernel_expressions(k, dtype, functors))
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(kernel: str, dtype: np.dtype, activation: str | None, from_output: bool, device: int):
+def _module(source: str, dtype: np.dtype, expressions: tuple[str, ...], device: int):
     cp = backend.cupy()
-    act = activations.get(activation) if activation is not None else None
-    expr = name_expression(kernel, dtype, act, from_output)
-    source = KERNELS[kernel][0]
     try:
-        module = cp.RawModule(code=module_source(source), options=NVRTC_OPTIONS, name_expressions=(expr,))
-        return module.get_function(expr)
+        return cp.RawModule(code=module_source(source), options=NVRTC_OPTIONS, name_expressions=expressions)
     except Exception as exc:  # CuPy's CompileException carries NVRTC's log
-        raise RuntimeError(f"compiling {expr} from kernels/{source} failed: {exc}") from exc
+        raise RuntimeError(
+            f"compiling kernels/{source} for {CTYPES[dtype]} ({len(expressions)} instantiations) failed: {exc}"
+        ) from exc
 
 
-def compiled_kernel(kernel: str, dtype, activation: Activation | None = None, from_output: bool = False):
-    """The CuPy kernel for one instantiation, compiled on first use (per device) and cached."""
+def compiled_module(source: str, dtype, expressions: tuple[str, ...]):
+    """The NVRTC module of ``source`` in ``dtype`` with all ``expressions`` (``source_expressions``),
+    compiled on first use per device and cached (in memory here, on disk by CuPy)."""
     cp = backend.cupy()
-    name = activation.name if activation is not None else None
-    return _compiled(kernel, np.dtype(dtype), name, bool(from_output), cp.cuda.Device().id)
+    return _module(source, np.dtype(dtype), tuple(expressions), cp.cuda.Device().id)
 
 
-def launch(kernel_fn, n: int, args: tuple) -> None:
-    """Run a grid-stride kernel over ``n`` elements (nothing to do when n == 0)."""
+@functools.lru_cache(maxsize=None)
+def _function(source: str, dtype: np.dtype, expressions: tuple[str, ...], expr: str, device: int):
+    return _module(source, dtype, expressions, device).get_function(expr)
+
+
+def compiled_function(kernel: str, dtype, expressions: tuple[str, ...], activation: Any = None,
+                      from_output: bool = False):
+    """One kernel of the module ``compiled_module(KERNELS[kernel][0], dtype, expressions)``."""
+    expr = name_expression(kernel, dtype, activation, from_output)
+    if expr not in expressions:
+        raise KeyError(f"{expr} is not among the instantiations compiled for kernels/{KERNELS[kernel][0]}")
+    cp = backend.cupy()
+    return _function(KERNELS[kernel][0], np.dtype(dtype), tuple(expressions), expr, cp.cuda.Device().id)
+
+
+def launch(kernel_fn, n: int, args: tuple, itemsize: int = 16) -> None:
+    """Run a grid-stride kernel over ``n`` elements of ``itemsize`` bytes (nothing to do when n == 0).
+    The kernels move 16 bytes per thread and step (kernels/elementwise.cuh), so the grid is sized
+    for ``n / (16 / itemsize)`` threads (capped; the loops cover the rest)."""
     if n == 0:
         return
-    grid = min(-(-n // _BLOCK), _MAX_BLOCKS)
+    per_thread = max(1, 16 // int(itemsize))
+    grid = min(-(-n // (_BLOCK * per_thread)), _MAX_BLOCKS)
     kernel_fn((grid,), (_BLOCK,), args)
 
 
-def compile_report() -> list[tuple[str, bool, str]]:
-    """(kernel, ok, message) for each kernel template, for ``jacgrad info``.
-
-    With a usable GPU, compiles every instantiation of each kernel with NVRTC; without one, says why not.
-    """
-    reason = backend.gpu_unavailable_reason()
-    if reason is not None:
-        return [(kernel, False, f"not compiled: {reason}") for kernel in KERNELS]
-    cp = backend.cupy()
-    report = []
-    for kernel, (source, _, _) in KERNELS.items():
-        exprs = instantiations(kernel)
-        try:
-            module = cp.RawModule(code=module_source(source), options=NVRTC_OPTIONS, name_expressions=exprs)
-            for expr in exprs:
-                module.get_function(expr)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[:3]
-            report.append((kernel, False, f"kernels/{source}: " + " | ".join(first)))
-        else:
-            report.append((kernel, True, f"kernels/{source}: {len(exprs)} instantiations compiled with NVRTC"))
-    return report
+def special(name: str, x: Any):
+    """CUDA's ``erf`` or ``erfc`` of a CuPy array (``jacgrad.activations.erf/erfc`` call this for
+    CuPy input; NumPy input goes to jacgrad's own implementation). x: any shape → same shape/dtype."""
+    if name not in ("erf", "erfc"):
+        raise ValueError(f"special function {name!r} is not one of erf, erfc")
+    xp = get_xp(x)
+    if xp is np:
+        raise TypeError(f"kernels.special({name!r}) runs on CuPy arrays; use jacgrad.activations.{name} for NumPy")
+    x = xp.ascontiguousarray(float_array(x, "x", xp))
+    out = xp.empty_like(x)
+    fn = compiled_function(f"{name}_elementwise", x.dtype, source_expressions("special.cu", x.dtype, ()))
+    launch(fn, x.size, (x, out, np.int64(x.size)), x.itemsize)
+    return out

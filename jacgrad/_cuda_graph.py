@@ -16,7 +16,9 @@ How a step is captured (CuPy ≥ 13, CUDA 12/13):
   (cupy_backends/cuda/libs/cublas.pyx, still so in CuPy 14.2; cupy/cupy#6290), so no CuPy matmul
   can be recorded. The capture therefore runs inside ``_gemm.direct_cublas()``: jacgrad's
   products call ``cublasSetStream_v2`` + ``cublasGemmEx`` themselves (ctypes, CuPy's handle and
-  library). Alpha/beta are host scalars, read at capture. If the capture still fails, it raises
+  library), and gives cuBLAS a workspace taken from the graph's pool before capturing (32 MiB on
+  sm_90), since ``cublasSetStream_v2`` resets it. Alpha/beta are host scalars, read at capture.
+  If any step of the capture fails (recording, ``end_capture``'s instantiation, ``upload``), it raises
   ``CaptureError`` after the eager run has produced this call's results, and ``TrainingStep``
   with ``capture="auto"`` runs without a graph from then on (``capture=True`` raises). Not yet
   run on a GPU: the GPU tests and ``benchmarks/gpu_suite.py`` check it where one is lent.
@@ -32,7 +34,7 @@ from __future__ import annotations
 from typing import Callable, Hashable
 
 from . import backend
-from ._gemm import direct_cublas
+from ._gemm import direct_cublas, workspace_bytes
 
 __all__ = ["CaptureError", "GraphCache"]
 
@@ -63,30 +65,40 @@ class GraphCache:
         self._graphs[key] = self._capture(key, fn)
 
     def _capture(self, key: Hashable, fn: Callable[[], None]):
+        """Record ``fn`` on the private stream. Every step that can fail — the workspace, begin,
+        the recording, end (instantiation) and upload — raises ``CaptureError``; the stream never
+        stays in capture mode, whatever was raised (a ``KeyboardInterrupt`` or a caller's timeout,
+        which are not ``Exception``s, pass through unchanged after the capture is ended)."""
         cp, stream = self._cp, self._stream
         pool = cp.cuda.MemoryPool()
+        capturing = False
         with cp.cuda.using_allocator(pool.malloc), stream:
-            stream.begin_capture()
             try:
-                with direct_cublas():  # CuPy's own cuBLAS wrappers refuse a capturing stream
+                # cuBLAS's workspace, from the graph's pool and before capturing (see _gemm.py)
+                major = int(cp.cuda.Device().compute_capability) // 10
+                workspace = cp.empty(workspace_bytes(major), dtype=cp.uint8)
+                stream.begin_capture()
+                capturing = True
+                with direct_cublas((workspace.data.ptr, workspace.nbytes)):  # CuPy's cuBLAS refuses capture
                     fn()
-            except BaseException as exc:
-                try:
-                    stream.end_capture()
-                except Exception:
-                    pass  # the capture was invalidated by the failure itself
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+                capturing = False  # end_capture leaves capture mode even when it fails
+                graph = stream.end_capture()
+                upload = getattr(graph, "upload", None)
+                if upload is not None:
+                    upload()  # instantiate on the device now, so the first replay is not slower
+            except Exception as exc:
                 hint = " (cuBLAS under stream capture: see jacgrad/_gemm.py)" if "cublas" in str(exc).lower() else ""
                 raise CaptureError(
                     f"capturing the training step into a CUDA graph failed ({type(exc).__name__}: {exc}){hint}; "
                     "MLP.compile(..., capture='auto' or False) runs the same step without a graph"
                 ) from exc
-            graph = stream.end_capture()
-        self._pools[key] = pool
-        upload = getattr(graph, "upload", None)
-        if upload is not None:
-            upload()  # instantiate on the device now, so the first replay is not slower
+            finally:
+                if capturing:
+                    try:
+                        stream.end_capture()
+                    except Exception:  # noqa: BLE001 - the capture was invalidated by the failure itself
+                        pass
+        self._pools[key] = (pool, workspace)  # both live as long as the graph
         return graph
 
     def clear(self) -> None:
@@ -102,4 +114,4 @@ class GraphCache:
 
     @property
     def pool_bytes(self) -> int:
-        return int(sum(p.total_bytes() for p in self._pools.values()))
+        return int(sum(pool.total_bytes() for pool, _ in self._pools.values()))

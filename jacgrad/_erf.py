@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._cuda_build import special
 from .backend import is_gpu_array
 
 __all__ = ["erf", "erfc"]
@@ -182,9 +183,7 @@ def _erfc32(x):
 
 def _apply(name, fn64, x):
     if is_gpu_array(x):
-        from . import kernels  # kernels imports the activation table, which imports us
-
-        return kernels.special(name, x)
+        return special(name, x)  # CUDA's own, through jacgrad._cuda_build (below the activation table)
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} takes float32 or float64 arrays, not {x.dtype}")

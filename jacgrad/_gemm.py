@@ -4,10 +4,20 @@
 inside ``direct_cublas()``, the block in which a ``TrainingStep`` records its CUDA graph. CuPy
 refuses cuBLAS calls on a capturing stream (cupy/cupy#6290: its wrapper of ``cublasSetStream``
 raises there) while cuBLAS itself supports stream capture; so inside that block a 2-D product
-goes through ``cublasSetStream_v2`` and ``cublasGemmEx`` called with ctypes, on the handle CuPy
-made for the device and from the library CuPy loaded (found in ``/proc/self/maps``). Any failure
-there surfaces as an exception inside the capture, which ``TrainingStep`` turns into running
-without a graph (``capture="auto"``) or a ``CaptureError`` (``capture=True``).
+goes through ``cublasSetStream_v2``, ``cublasSetWorkspace_v2`` and ``cublasGemmEx`` called with
+ctypes, on the handle CuPy made for the device and from the very library CuPy loaded (``cuda.pathfinder``
+on CuPy >= 14, else the soname of the runtime's major version opened with ``RTLD_NOLOAD``: never a
+second copy, which would crash on CuPy's handle). Any failure there surfaces as an exception inside
+the capture, which ``TrainingStep`` turns into running without a graph (``capture="auto"``) or a
+``CaptureError`` (``capture=True``).
+
+Workspace: ``cublasSetStream_v2`` resets the handle's workspace to cuBLAS's default, which under
+stream capture cuBLAS would allocate itself, outside CuPy's pool. So every ``cublasSetStream_v2``
+here is followed by ``cublasSetWorkspace_v2`` with the block ``direct_cublas(workspace)`` was given
+(``GraphCache`` takes it from the graph's private pool before capturing: ``workspace_bytes()``,
+32 MiB on sm_90 as NVIDIA recommends, 4 MiB before). CuPy's own cuBLAS calls begin with their own
+``cublasSetStream``, which drops that binding again, so the block is never used after the graph's
+pool is gone.
 
 Row-major operands map onto column-major cuBLAS without copies: ``C = A·B`` row-major is
 ``Cᵀ = Bᵀ·Aᵀ`` column-major, and a row-major operand (or a transposed view, or a row slice) is
@@ -19,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import get_xp
 
-__all__ = ["GemmPlan", "direct_cublas", "gemm_plan", "matmul_into"]
+__all__ = ["GemmPlan", "direct_cublas", "gemm_plan", "matmul_into", "workspace_bytes"]
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 _CUDA_R = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}  # cudaDataType_t: CUDA_R_32F, CUDA_R_64F
@@ -33,7 +44,7 @@ _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70  # cublasCompute
 _GEMM_DEFAULT = -1  # cublasGemmAlgo_t
 _POINTER_MODE_HOST = 0
 
-_direct = [0]  # depth of direct_cublas() blocks
+_direct: list = []  # one (pointer, bytes) workspace, or None, per open direct_cublas() block
 
 
 @dataclass(frozen=True)
@@ -79,19 +90,32 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, out_shape, out_strides, it
 
 
 @contextlib.contextmanager
-def direct_cublas():
-    """Inside: CuPy products of ``matmul_into`` call cuBLAS directly (legal under stream capture)."""
-    _direct[0] += 1
+def direct_cublas(workspace: tuple[int, int] | None = None):
+    """Inside: CuPy products of ``matmul_into`` call cuBLAS directly (legal under stream capture).
+
+    workspace: ``(device pointer, bytes)`` handed to cuBLAS after each ``cublasSetStream_v2``
+    (needed under capture, see the module docstring); None leaves cuBLAS its default one."""
+    if workspace is not None:
+        ptr, nbytes = (int(w) for w in workspace)
+        if ptr == 0 or nbytes <= 0:
+            raise ValueError(f"direct_cublas: workspace must be a device pointer and a byte count > 0, got {workspace!r}")
+        workspace = (ptr, nbytes)
+    _direct.append(workspace)
     try:
         yield
     finally:
-        _direct[0] -= 1
+        _direct.pop()
+
+
+def workspace_bytes(compute_capability_major: int) -> int:
+    """The cuBLAS workspace NVIDIA recommends per handle: 32 MiB on Hopper (sm_90) and later, 4 MiB before."""
+    return (32 if compute_capability_major >= 9 else 4) << 20
 
 
 def matmul_into(a, b, out):
     """``a @ b`` written into ``out`` (same device and dtype, shape ``a.shape[:-1] + b.shape[-1:]``)."""
     xp = get_xp(a, b, out)
-    if xp is np or not _direct[0] or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
+    if xp is np or not _direct or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
         return xp.matmul(a, b, out=out)
     dt = np.dtype(out.dtype)
     plan = None
@@ -99,7 +123,7 @@ def matmul_into(a, b, out):
         plan = gemm_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, dt.itemsize)
     if plan is None:
         return xp.matmul(a, b, out=out)
-    _Cublas.get().gemm(plan, b.data.ptr, a.data.ptr, out.data.ptr, dt)
+    _Cublas.get().gemm(plan, b.data.ptr, a.data.ptr, out.data.ptr, dt, workspace=_direct[-1])
     return out
 
 
@@ -114,23 +138,29 @@ class _Cublas:
             cls._instance = cls()
         return cls._instance
 
-    def __init__(self):
-        from .backend import cupy
+    def __init__(self, cp=None, lib=None):
+        if cp is None:
+            from .backend import cupy
 
-        self._cp = cupy()
-        self._cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas and create the handle
-        path = _loaded_library("libcublas.so")
-        lib = ctypes.CDLL(path)
+            cp = cupy()
+        self._cp = cp
+        cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas and create the handle
+        if lib is None:
+            lib = cupy_cublas_library(cp)
         vp, i = ctypes.c_void_p, ctypes.c_int
-        lib.cublasSetStream_v2.argtypes = [vp, vp]
-        lib.cublasGetPointerMode_v2.argtypes = [vp, ctypes.POINTER(i)]
-        lib.cublasSetPointerMode_v2.argtypes = [vp, i]
-        lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
-        for f in (lib.cublasSetStream_v2, lib.cublasGetPointerMode_v2, lib.cublasSetPointerMode_v2, lib.cublasGemmEx):
-            f.restype = i
-        self._lib, self.path = lib, path
+        signatures = {
+            "cublasSetStream_v2": [vp, vp],
+            "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
+            "cublasGetPointerMode_v2": [vp, ctypes.POINTER(i)],
+            "cublasSetPointerMode_v2": [vp, i],
+            "cublasGemmEx": [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i],
+        }
+        for name, argtypes in signatures.items():
+            f = getattr(lib, name)
+            f.argtypes, f.restype = argtypes, i
+        self._lib, self.path = lib, getattr(lib, "_name", None)
 
-    def gemm(self, p: GemmPlan, A: int, B: int, C: int, dtype) -> None:
+    def gemm(self, p: GemmPlan, A: int, B: int, C: int, dtype, workspace: tuple[int, int] | None = None) -> None:
         from .backend import tf32_enabled
 
         cp, lib = self._cp, self._lib
@@ -145,6 +175,9 @@ class _Cublas:
         mode = ctypes.c_int(0)
         _check(lib.cublasGetPointerMode_v2(handle, ctypes.byref(mode)), "cublasGetPointerMode_v2")
         _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cp.cuda.get_current_stream().ptr)), "cublasSetStream_v2")
+        if workspace is not None:  # cublasSetStream_v2 just reset it to cuBLAS's own
+            _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace[0]), ctypes.c_size_t(workspace[1])),
+                   "cublasSetWorkspace_v2")
         _check(lib.cublasSetPointerMode_v2(handle, _POINTER_MODE_HOST), "cublasSetPointerMode_v2")
         try:
             status = lib.cublasGemmEx(handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(one),
@@ -164,15 +197,26 @@ def _check(status: int, call: str) -> None:
         raise RuntimeError(f"{call} returned CUBLAS_STATUS_{_STATUS.get(status, status)}")
 
 
-def _loaded_library(stem: str) -> str:
-    """Path of the already loaded shared library whose file name starts with ``stem``."""
+def open_loaded(name: str) -> ctypes.CDLL:
+    """The shared library ``name`` (a soname or a path) ALREADY loaded in this process, never a new
+    copy (``RTLD_NOLOAD``); RuntimeError naming it when it is not loaded."""
     try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                parts = line.split(maxsplit=5)
-                path = parts[5].strip() if len(parts) == 6 else ""
-                if path.rsplit("/", 1)[-1].startswith(stem):
-                    return path
+        return ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
     except OSError as exc:
-        raise RuntimeError(f"cannot read /proc/self/maps to find {stem} ({exc})") from None
-    raise RuntimeError(f"{stem} is not loaded in this process (CuPy has not initialised cuBLAS)")
+        raise RuntimeError(f"{name} is not loaded in this process ({exc}); CuPy has not initialised cuBLAS") from None
+
+
+def cupy_cublas_library(cp) -> ctypes.CDLL:
+    """The libcublas CuPy itself loaded: ``cuda.pathfinder``'s (CuPy >= 14 loads its CUDA libraries
+    through it, and it returns its cached copy), else ``libcublas.so.<runtime major>`` by soname.
+    Never the first libcublas in ``/proc/self/maps``: torch may have loaded another one."""
+    major = int(str(cp.__version__).split(".")[0])
+    if major >= 14:
+        try:
+            from cuda.pathfinder import load_nvidia_dynamic_lib
+        except ImportError:
+            pass
+        else:
+            return open_loaded(load_nvidia_dynamic_lib("cublas").abs_path)
+    runtime_major = int(cp.cuda.runtime.runtimeGetVersion()) // 1000
+    return open_loaded(f"libcublas.so.{runtime_major}")

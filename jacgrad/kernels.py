@@ -10,8 +10,9 @@ Every part of jacgrad that scales by φ' goes through this module:
 With ``from_output=True`` the argument is the output ``y = φ(h)`` and the derivative is
 ``Activation.df_from_output(y)``. On NumPy arrays the activation table's functions compute the
 result; on CuPy arrays the templates of ``kernels/fused.cu`` (math in ``kernels/activations.cuh``)
-are compiled by NVRTC through CuPy's ``RawModule`` on first use — one module per
-(kernel, dtype, activation, from_output), cached in memory here and on disk by CuPy — and launched.
+are compiled by NVRTC through CuPy's ``RawModule`` on first use — one module per (source file,
+dtype) holding every instantiation of its kernels (``module_expressions``), cached in memory by
+``jacgrad._cuda_build`` and on disk by CuPy — and launched.
 
 This module never imports CuPy: it reaches it through ``jacgrad.backend``.
 
@@ -28,17 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from . import activations
+from . import activations, backend
 from ._cuda_build import (
+    CTYPES,
     KERNELS,
-    compile_report,
-    compiled_kernel,
-    instantiations,
+    NVRTC_OPTIONS,
+    compiled_function,
+    compiled_module,
+    kernel_expressions,
     launch,
     module_source,
     name_expression,
     read_source,
     source_dir,
+    source_expressions,
+    special,
 )
 from ._validate import float_array, shape_str
 from .activations import Activation
@@ -51,6 +56,7 @@ __all__ = [
     "derivative",
     "forward_with_derivative",
     "instantiations",
+    "module_expressions",
     "module_source",
     "name_expression",
     "read_source",
@@ -59,6 +65,58 @@ __all__ = [
     "source_dir",
     "special",
 ]
+
+
+def _functors() -> list[tuple[str, bool]]:
+    """(C++ functor, has df_y) of every row of the activation table, in the table's order."""
+    return [(a.cuda, a.df_from_output is not None) for a in map(activations.get, activations.names())]
+
+
+def instantiations(kernel: str) -> list[str]:
+    """Every name expression of ``kernel`` the library may launch: each dtype, activation and,
+    for activations with ``df_from_output``, both derivative modes."""
+    if kernel not in KERNELS:
+        raise KeyError(f"unknown kernel {kernel!r}; kernels: {', '.join(KERNELS)}")
+    return [e for dtype in CTYPES for e in kernel_expressions(kernel, dtype, _functors())]
+
+
+def module_expressions(source: str, dtype) -> tuple[str, ...]:
+    """Every instantiation in the one NVRTC module of ``source`` (``"fused.cu"``) in ``dtype``."""
+    return source_expressions(source, np.dtype(dtype), _functors())
+
+
+def compiled_kernel(kernel: str, dtype, activation: Activation | None = None, from_output: bool = False):
+    """The CuPy kernel for one instantiation, taken from its (source, dtype) module, which is
+    compiled on first use (per device) with all its instantiations, and cached."""
+    source = KERNELS[kernel][0]
+    return compiled_function(kernel, dtype, module_expressions(source, dtype), activation, from_output)
+
+
+def compile_report() -> list[tuple[str, bool, str]]:
+    """(kernel, ok, message) for each kernel template, for ``jacgrad info``.
+
+    With a usable GPU, compiles the (source, dtype) modules the library launches from (the same,
+    cached ones); without one, says why not.
+    """
+    reason = backend.gpu_unavailable_reason()
+    if reason is not None:
+        return [(kernel, False, f"not compiled: {reason}") for kernel in KERNELS]
+    errors = {}
+    for source in dict.fromkeys(src for src, _, _ in KERNELS.values()):
+        for dtype in CTYPES:
+            try:
+                compiled_module(source, dtype, module_expressions(source, dtype))
+            except Exception as exc:  # noqa: BLE001 - reported, per source
+                errors.setdefault(source, " | ".join(str(exc).strip().splitlines()[:3]))
+    report = []
+    for kernel, (source, _, _) in KERNELS.items():
+        if source in errors:
+            report.append((kernel, False, f"kernels/{source}: {errors[source]}"))
+        else:
+            n = len(instantiations(kernel))
+            report.append((kernel, True, f"kernels/{source}: {n} instantiations compiled with NVRTC "
+                                         f"({' '.join(NVRTC_OPTIONS)}, one module per dtype)"))
+    return report
 
 
 def _resolve(activation: str | Activation) -> Activation:
@@ -143,7 +201,7 @@ def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: b
     if out is None:
         out = xp.empty_like(v)
     kernel = compiled_kernel("scale_cotangent", v.dtype, act, from_output)
-    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)))
+    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)), v.itemsize)
     return out
 
 
@@ -160,7 +218,8 @@ def derivative(x: Any, activation: str | Activation, from_output: bool = False, 
         return _into(out, fn(x))
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x) if out is None else out
-    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)))
+    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)),
+           x.itemsize)
     return out
 
 
@@ -179,7 +238,7 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
         return _into(out, act.f(h))
     h = xp.ascontiguousarray(h)
     out = xp.empty_like(h) if out is None else out
-    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)))
+    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)), h.itemsize)
     return out
 
 
@@ -204,22 +263,8 @@ def forward_with_derivative(h: Any, activation: str | Activation, out: Any = Non
         return (y, d) if out is None else (_into(out[0], y), _into(out[1], d))
     h = xp.ascontiguousarray(h)
     y, d = (xp.empty_like(h), xp.empty_like(h)) if out is None else out
-    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))
+    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)), h.itemsize)
     return y, d
-
-
-def special(name: str, x: Any):
-    """CUDA's ``erf`` or ``erfc`` of a CuPy array (``jacgrad.activations.erf/erfc`` call this for
-    CuPy input; NumPy input goes to jacgrad's own implementation). x: any shape → same shape/dtype."""
-    if name not in ("erf", "erfc"):
-        raise ValueError(f"special function {name!r} is not one of erf, erfc")
-    xp = get_xp(x)
-    if xp is np:
-        raise TypeError(f"kernels.special({name!r}) runs on CuPy arrays; use jacgrad.activations.{name} for NumPy")
-    x = xp.ascontiguousarray(float_array(x, "x", xp))
-    out = xp.empty_like(x)
-    launch(compiled_kernel(f"{name}_elementwise", x.dtype), x.size, (x, out, np.int64(x.size)))
-    return out
 
 
 _SCRATCH = threading.local()

@@ -1,57 +1,48 @@
 // The elementwise steps of the hot path, one pass each, templated on the float type T, the
 // activation functor Act (kernels/activations.cuh) and whether the derivative is taken from the
 // activation's output. jacgrad/kernels.py instantiates them through CuPy's RawModule with
-// name expressions such as "jacgrad::scale_cotangent<float, jacgrad::Tanh, false>".
+// name expressions such as "jacgrad::scale_cotangent<float, jacgrad::Tanh, false>", all those of
+// one dtype in one module.
 //
-// All kernels use a grid-stride loop with 64-bit indices, so any grid size covers any n.
-// Pointers are __restrict__: the only aliasing callers may use is out == v in scale_cotangent,
-// where each element is read once before it is written by the same thread.
+// Grid-stride loops with 64-bit indices (any grid covers any n), 16-byte loads and stores when
+// the pointers are aligned, no % per element: the loops are kernels/elementwise.cuh's, which the
+// host tests run thread by thread. Pointers are __restrict__: the only aliasing callers may use
+// is out == v in scale_cotangent, where each element is read before the same thread writes it.
 #include "activations.cuh"
+#include "elementwise.cuh"
 
 namespace jacgrad {
+
+#define JG_GRID_THREAD ((long long)blockIdx.x * blockDim.x + threadIdx.x), ((long long)blockDim.x * gridDim.x)
 
 // out[i] = v[i] * phi'(x[i mod period]); period == n when x has v's shape, period == H when one
 // diagonal x (H,) is shared by every row of v (B, H).
 template <class T, class Act, bool FROM_OUTPUT>
 __global__ void scale_cotangent(const T* __restrict__ v, const T* __restrict__ x,
                                 T* __restrict__ out, long long n, long long period) {
-  const long long stride = (long long)blockDim.x * gridDim.x;
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (period == n) {
-    for (; i < n; i += stride) out[i] = v[i] * derivative<Act, FROM_OUTPUT>(x[i]);
-  } else {
-    for (; i < n; i += stride) out[i] = v[i] * derivative<Act, FROM_OUTPUT>(x[i % period]);
-  }
+  ew::map_broadcast(JG_GRID_THREAD, v, x, out, n, period,
+                    [](T a, T b) { return a * derivative<Act, FROM_OUTPUT>(b); });
 }
 
 // y[i] = phi(h[i])
 template <class T, class Act>
 __global__ void activation_forward(const T* __restrict__ h, T* __restrict__ y, long long n) {
-  const long long stride = (long long)blockDim.x * gridDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    y[i] = Act::f(h[i]);
-  }
+  ew::map1(JG_GRID_THREAD, h, y, n, [](T a) { return Act::f(a); });
 }
 
 // d[i] = phi'(x[i]), x being the pre-activation h or (FROM_OUTPUT) the output y
 template <class T, class Act, bool FROM_OUTPUT>
 __global__ void activation_derivative(const T* __restrict__ x, T* __restrict__ d, long long n) {
-  const long long stride = (long long)blockDim.x * gridDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    d[i] = derivative<Act, FROM_OUTPUT>(x[i]);
-  }
+  ew::map1(JG_GRID_THREAD, x, d, n, [](T a) { return derivative<Act, FROM_OUTPUT>(a); });
 }
 
 // y[i] = phi(h[i]) and d[i] = phi'(h[i]) in one read of h (the forward pass with a cache)
 template <class T, class Act>
 __global__ void forward_with_derivative(const T* __restrict__ h, T* __restrict__ y,
                                         T* __restrict__ d, long long n) {
-  const long long stride = (long long)blockDim.x * gridDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const T hi = h[i];
-    y[i] = Act::f(hi);
-    d[i] = Act::df(hi);
-  }
+  ew::map1to2(JG_GRID_THREAD, h, y, d, n, [](T a) { return Act::f(a); }, [](T a) { return Act::df(a); });
 }
+
+#undef JG_GRID_THREAD
 
 }  // namespace jacgrad
