@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 
 import numpy as np
 
-from .cli import UsageError, _activation_names, _load_weights
+from ._cli_common import UsageError, hidden_activations, load_weights, resolve_device
 
 __all__ = ["run_check", "run_info", "quantities"]
 
@@ -41,20 +42,21 @@ def quantities(net, x, t) -> dict[str, list]:
 
 
 def _candidates(device_option: str) -> tuple[list[tuple[str, str, str]], str]:
-    """``([(label, device, dtype)], note)``."""
+    """``([(label, device, dtype)], note)``. ``auto`` means what ``device="auto"`` means
+    everywhere in jacgrad: ``JACGRAD_BACKEND`` when set, else the GPU when one runs."""
     from . import backend
 
-    reason = backend.gpu_unavailable_reason()
-    if device_option == "gpu":
-        if reason is not None:
-            raise UsageError(f"--device gpu: no usable GPU here: {reason}")
-    if device_option in ("gpu", "auto") and reason is None:
+    device = resolve_device(device_option)
+    if device == "gpu":
         return [("cupy float64", "gpu", "float64"), ("cupy float32", "gpu", "float32")], "the GPU path"
-    note = (
-        f"no GPU here ({reason}); validating NumPy float32 against float64 instead"
-        if reason is not None
-        else "--device cpu: validating NumPy float32 against float64"
-    )
+    forced = os.environ.get("JACGRAD_BACKEND", "").strip()
+    reason = backend.gpu_unavailable_reason() if device_option == "auto" and not forced else None
+    if reason is not None:
+        note = f"no GPU here ({reason}); validating NumPy float32 against float64 instead"
+    elif device_option == "auto":
+        note = f"JACGRAD_BACKEND={forced}: validating NumPy float32 against float64"
+    else:
+        note = "--device cpu: validating NumPy float32 against float64"
     return [("numpy float32", "cpu", "float32")], note
 
 
@@ -64,13 +66,16 @@ def run_check(args) -> int:
 
     candidates, note = _candidates(args.device)
     if args.weights is not None:
-        ref_net = _load_weights(args.weights, "float64", "cpu")
+        ref_net = load_weights(args.weights, "float64", "cpu")
         what = f"{args.weights}"
     else:
-        act = _activation_names(args.activation)[0]
         sizes = [args.width] * (args.depth + 1)
-        ref_net = MLP.init(sizes, activation=act, init="xavier_normal", bias_std=0.1, seed=args.seed)
-        what = f"a random {act} network {args.width}x{args.depth}"
+        hidden = hidden_activations(args.activation, args.depth - 1) or [args.activation.strip()]
+        # the weights do not depend on the activations; a per-layer list goes in through the constructor
+        ref_net = MLP.init(sizes, activation=hidden[0], init="xavier_normal", bias_std=0.1, seed=args.seed)
+        if len(set(hidden)) > 1:
+            ref_net = MLP(ref_net.weights, ref_net.biases, hidden + ["identity"])
+        what = f"a random {args.activation} network {args.width}x{args.depth}"
     rng = np.random.default_rng([args.seed, 2])
     x = rng.standard_normal((args.batch, ref_net.sizes[0]))
     t = rng.standard_normal((args.batch, ref_net.sizes[-1]))
@@ -143,8 +148,6 @@ def _gpu_lines() -> list[str]:
 
 def run_info() -> int:
     from . import __version__, backend
-
-    import os
 
     print(f"jacgrad {__version__} ({os.path.dirname(os.path.abspath(__file__))})")
     print(f"python {platform.python_version()} ({sys.executable})")

@@ -2,6 +2,8 @@
 
     jacgrad report                       # 20-layer 256-wide sigmoid, tanh and relu nets compared
     jacgrad report --activation relu --gain 1.6 --plot flow.png
+    jacgrad report --activation relu,tanh,tanh --sizes 8,16x3,2   # one activation per hidden layer
+    jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
@@ -13,18 +15,12 @@ Every bad input is one line on stderr naming the problem and exit status 2, neve
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 from typing import Sequence
 
+from ._cli_common import PROG, UsageError, float_option, int_at_least, parse_sizes
+
 __all__ = ["main", "parse_sizes", "UsageError"]
-
-PROG = "jacgrad"
-
-
-class UsageError(Exception):
-    """A bad command line or input: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,121 +28,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-# ---------------------------------------------------------------------------- parsing helpers
-def parse_sizes(spec: str) -> list[int]:
-    """``"784,256x20,10"`` → ``[784] + [256] * 20 + [10]``: widths separated by commas, where
-    ``WIDTHxCOUNT`` repeats a width.
-
-        >>> parse_sizes("4,8x2,3")
-        [4, 8, 8, 3]
-    """
-    sizes: list[int] = []
-    for token in spec.split(","):
-        token = token.strip()
-        width, sep, count = token.lower().partition("x")
-        try:
-            w = int(width)
-            c = int(count) if sep else 1
-        except ValueError:
-            raise UsageError(
-                f"--sizes {spec!r}: {token!r} is not a width (an integer) or WIDTHxCOUNT such as 256x20"
-            ) from None
-        if w < 1 or c < 1:
-            raise UsageError(f"--sizes {spec!r}: {token!r} must be a positive width (and count)")
-        sizes += [w] * c
-    if len(sizes) < 2:
-        raise UsageError(f"--sizes {spec!r}: needs at least two widths, the input and the output")
-    return sizes
-
-
-def _int_at_least(name, minimum: int):
-    def convert(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
-        return v
-
-    return convert
-
-
-def _positive_int(name):
-    return _int_at_least(name, 1)
-
-
-def _nonneg_int(name):
-    return _int_at_least(name, 0)
-
-
-def _float(name, minimum=None, strict=False):
-    def convert(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number") from None
-        if not math.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
-            bound = "" if minimum is None else f" {'>' if strict else '≥'} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number{bound}, got {text}")
-        return v
-
-    return convert
-
-
-def _activation_names(text: str) -> list[str]:
-    from . import activations
-
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    valid = activations.names()
-    for n in names:
-        if n not in valid:
-            raise UsageError(f"--activation: unknown activation {n!r}; valid names: {', '.join(valid)}")
-    if not names:
-        raise UsageError("--activation: give at least one name")
-    return names
-
-
-def _check_init(name: str) -> str:
-    from . import initializers
-
-    if name not in initializers.names():
-        raise UsageError(f"--init: unknown init {name!r}; valid names: {', '.join(initializers.names())}")
-    return name
-
-
-def _check_output_path(path: str, option: str) -> None:
-    """Fail before any work when ``path`` obviously cannot be written."""
-    if path == "-" and option == "--json":
-        return
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r} is a directory, not a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{option} {path!r} is not writable")
-
-
-def _resolve_device(device: str) -> str:
-    from . import backend
-
-    try:
-        return backend.resolve_device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--device {device}: {exc}") from None
-
-
-def _load_weights(path: str, dtype: str, device: str):
-    from .mlp import MLP
-
-    try:
-        return MLP.load(path, dtype=dtype, device=device)
-    except FileNotFoundError:
-        raise UsageError(f"--weights {path!r}: no such file") from None
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise UsageError(f"--weights {path!r}: {msg}") from None
+_positive_int = lambda name: int_at_least(name, 1)  # noqa: E731
+_nonneg_int = lambda name: int_at_least(name, 0)  # noqa: E731
+_float = float_option
 
 
 # ---------------------------------------------------------------------------- the parser
@@ -194,10 +78,13 @@ def _build_parser() -> _Parser:
     net.add_argument("--width", type=_positive_int("--width"), default=None, help="width of every layer (default 256)")
     net.add_argument("--sizes", default=None, help="widths n_in,H_1,…,n_out; WIDTHxCOUNT repeats: 784,256x20,10")
     net.add_argument(
-        "--activation", default=None, help="hidden activation, or a comma list to compare (default sigmoid,tanh,relu)"
+        "--activation", action="append", default=None, metavar="NAME[,NAME...]",
+        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); repeat "
+             "--activation to compare networks (default: sigmoid, tanh and relu compared)",
     )
     net.add_argument("--output-activation", default=None, help="activation of the last layer (default identity)")
-    net.add_argument("--init", default=None, help="weight init (default: he_normal for ReLU-like, else xavier_normal)")
+    net.add_argument("--init", default=None,
+                     help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
     net.add_argument("--gain", type=_float("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
     net.add_argument("--bias-std", type=_float("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
     net.add_argument("--weights", default=None, metavar="FILE.npz", help="a network from a file (format below)")
@@ -224,7 +111,8 @@ def _build_parser() -> _Parser:
     )
     chk.add_argument("--depth", type=_positive_int("--depth"), default=6, help="layers of the random net (default 6)")
     chk.add_argument("--width", type=_positive_int("--width"), default=64, help="width of the random net (default 64)")
-    chk.add_argument("--activation", default="tanh", help="activation of the random net (default tanh)")
+    chk.add_argument("--activation", default="tanh", metavar="NAME[,NAME...]",
+                     help="activation of the random net, or one per hidden layer (default tanh)")
     chk.add_argument("--weights", default=None, metavar="FILE.npz", help="check this network instead")
     chk.add_argument("--batch", type=_positive_int("--batch"), default=16, help="samples (default 16)")
     chk.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed (default 0)")

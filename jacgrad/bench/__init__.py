@@ -48,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    result = run(options)
+    try:
+        result = run(options)
+    except UsageError as exc:  # a case too big for memory, or no backend that can run
+        print(f"jacgrad bench: error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if options.json:
-        write_json(result, options.json)
+        try:
+            write_json(result, options.json)
+        except OSError as exc:  # checked before the run; the file system can still refuse
+            print(f"jacgrad bench: error: --json {options.json!r}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {options.json}")
     return 0

@@ -117,6 +117,24 @@ class Case:
     def key(self) -> str:
         return f"{self.task} {self.label} B={self.batch}"
 
+    @property
+    def parameters(self) -> int:
+        """Weights and biases of the net: ``Σ H_{j-1}·H_j + H_j``."""
+        w = self.widths
+        return sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+
+    def memory_bytes(self) -> int:
+        """A lower bound of the host memory the case needs (bytes): ``make_data``'s two float64
+        copies of the parameters (the initialised net and the dtype-rounded master copy), one
+        backend's copy in the case's dtype, the float64 inputs, one ``(B, H_j)`` array per layer
+        of the forward pass, and the ``(B, n_out, n_in)`` result of the jacobian task."""
+        item = np.dtype(self.dtype).itemsize
+        w, B = self.widths, self.batch
+        total = (16 + item) * self.parameters + 8 * B * (w[0] + 2 * w[-1]) + item * B * sum(w[1:])
+        if self.task == "jacobian":
+            total += item * B * w[0] * w[-1]
+        return total
+
 
 def _forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
     return [Gemm(B, a, b, "nn") for a, b in zip(widths[:-1], widths[1:])]
