@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backends as _backends
 from .base import Backend
-from .cases import Case, NetData, make_data, parse_net
+from .cases import TASKS, Case, NetData, make_data, parse_net
 from .machine import available_memory, environment, load_average
 from .options import Options, UsageError
 from .report import Progress
@@ -36,7 +36,7 @@ def build_cases(o: Options) -> list[Case]:
     """The train/vjp grid (batch × width × depth, rectangular nets) and the jacobian nets."""
     cases = []
     for task in o.tasks:
-        if task in ("train", "vjp"):
+        if TASKS[task].grid == "rect":
             for depth in o.depth:
                 for width in o.width:
                     for B in o.batch:
