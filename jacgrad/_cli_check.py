@@ -61,6 +61,7 @@ def _candidates(device_option: str) -> tuple[list[tuple[str, str, str]], str]:
 
 
 def run_check(args) -> int:
+    from .backend import to_device
     from .check import relative_error
     from .mlp import MLP
 
@@ -83,16 +84,25 @@ def run_check(args) -> int:
     print(f"network: {what}, sizes {'-'.join(map(str, ref_net.sizes))}, B={args.batch}, mse loss; "
           "error = max|a − b| / max|b| against float64 NumPy")
     with np.errstate(all="ignore"):
-        reference = quantities(ref_net, x, t)
-        results = []
+        try:
+            reference = quantities(ref_net, x, t)
+        except ValueError as exc:  # numpy.linalg.LinAlgError is one: the spectra of an overflowed net
+            raise UsageError(f"{what}: the float64 reference cannot be computed ({exc})") from None
+        nonfinite = [k for k, arrays in reference.items() if not all(np.isfinite(a).all() for a in arrays)]
+        if nonfinite:
+            raise UsageError(f"{what}: the float64 reference is not finite ({', '.join(nonfinite)}); "
+                             "check compares finite numbers only")
+        results, broken = [], []
         for label, device, dtype in candidates:
-            net = MLP([W.astype(dtype) for W in ref_net.weights], [b.astype(dtype) for b in ref_net.biases],
-                      ref_net.activations).to(device)
-            from .backend import to_device
-
-            got = quantities(net, to_device(x.astype(dtype), device), to_device(t.astype(dtype), device))
             tol = args.tol64 if dtype == "float64" else args.tol32
-            errs = {k: max(relative_error(a, b) for a, b in zip(got[k], reference[k])) for k in reference}
+            try:
+                net = MLP([W.astype(dtype) for W in ref_net.weights], [b.astype(dtype) for b in ref_net.biases],
+                          ref_net.activations).to(device)
+                got = quantities(net, to_device(x.astype(dtype), device), to_device(t.astype(dtype), device))
+                errs = {k: max(relative_error(a, b) for a, b in zip(got[k], reference[k])) for k in reference}
+            except (ValueError, FloatingPointError) as exc:  # e.g. float32 overflows where float64 does not
+                errs = {k: float("nan") for k in reference}
+                broken.append(f"{label} could not be computed ({type(exc).__name__}: {exc})")
             results.append((label, tol, errs))
     width = max(len(k) for k in reference)
     print(f"  {'quantity':<{width}}" + "".join(f"  {label:>14} (tol {tol:.0e})" for label, tol, _ in results))
@@ -107,7 +117,7 @@ def run_check(args) -> int:
             cells.append(f"  {e:>14.2e} {'ok' if ok else 'FAIL':>10}")
         print(f"  {k:<{width}}" + "".join(cells))
     if failed:
-        print(f"FAILED: {len(failed)} above tolerance — " + "; ".join(failed))
+        print(f"FAILED: {len(failed)} above tolerance — " + "; ".join(broken or failed))
         return 1
     print(f"passed: all {len(reference) * len(results)} comparisons within tolerance")
     return 0

@@ -70,6 +70,21 @@ def test_malformed_weights_file_is_one_line(capsys, tmp_path, command, write, ne
     one_line_error(capsys, main([command, "--weights", str(path), *extra]), *needles)
 
 
+def test_check_of_a_net_whose_float64_reference_overflows(capsys, tmp_path):
+    path = tmp_path / "huge.npz"
+    np.savez(path, W0=np.full((3, 2), 1e308), activations=np.array(["tanh"]))
+    one_line_error(capsys, main(["check", "--weights", str(path), "--device", "cpu"]), "huge.npz", "float64 reference")
+
+
+def test_check_where_only_float32_overflows_fails_without_a_traceback(capsys, tmp_path):
+    path = tmp_path / "big.npz"  # finite in float64 (outputs ~1e60), beyond float32's 3.4e38
+    np.savez(path, W0=np.full((3, 2), 1e30), W1=np.full((2, 2), 1e30), activations=np.array(["identity"]))
+    code = main(["check", "--weights", str(path), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 1 and not err, err
+    assert "FAILED" in out and "numpy float32" in out
+
+
 # ---------------------------------------------------------------------------- report
 def test_output_activation_is_named_in_its_own_error(capsys):
     _, line = one_line_error(capsys, main(["report", *SMALL, "--output-activation", "foo"]),
@@ -193,7 +208,7 @@ def test_bench_check_memory_uses_the_largest_case():
 def test_bench_json_path_is_checked_before_the_run(capsys, monkeypatch, tmp_path, kind):
     _no_run(monkeypatch)
     if kind == "dir":
-        path, needle = tmp_path, "is a folder"
+        path, needle = tmp_path, "is a directory"
     else:
         (tmp_path / "file").write_text("x")
         path, needle = tmp_path / "file" / "out.json", "does not exist"
@@ -211,6 +226,14 @@ def test_bench_json_write_failure_after_the_run_is_one_line(capsys, monkeypatch,
     monkeypatch.setattr(bench, "write_json", refuse)
     code = bench.main(["--quick", "--backends", "jacgrad-numpy", "--json", str(tmp_path / "out.json"), "--no-progress"])
     one_line_error(capsys, code, "--json", "cannot write", "Permission denied")
+
+
+def test_bench_out_of_memory_during_the_run_is_one_line(capsys, monkeypatch):
+    def oom(o):
+        raise MemoryError
+
+    monkeypatch.setattr(bench, "run", oom)
+    one_line_error(capsys, bench.main(["--quick", "--no-progress"]), "out of memory", "--width")
 
 
 def test_bench_with_no_runnable_backend_is_an_error(capsys, monkeypatch):

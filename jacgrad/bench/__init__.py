@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # a case too big for memory, or no backend that can run
         print(f"jacgrad bench: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:  # the up-front estimate is a lower bound: a case can still not fit
+        print("jacgrad bench: error: out of memory: use a smaller --width, --depth or --batch", file=sys.stderr)
+        return 2
     print(format_table(result))
     if options.json:
         try:

@@ -171,10 +171,12 @@ def parse(argv: list[str] | None) -> Options:
         folder = os.path.dirname(os.path.abspath(a.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: the folder {folder!r} does not exist")
-        if os.path.isdir(a.json):
-            raise UsageError(f"--json: {a.json!r} is a folder, not a file")
-        if not os.access(folder, os.W_OK) or (os.path.exists(a.json) and not os.access(a.json, os.W_OK)):
-            raise UsageError(f"--json: {a.json!r} is not writable")
+        from .._cli_common import UsageError as CommandError, check_output_path
+
+        try:  # a folder, or a path that cannot be written: refused before the run, as by `jacgrad report`
+            check_output_path(a.json, "--json")
+        except CommandError as exc:
+            raise UsageError(str(exc)) from None
         o.json = a.json
     o.progress = not a.no_progress
     o.check = not a.no_check
