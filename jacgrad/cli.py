@@ -28,11 +28,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-_positive_int = lambda name: int_at_least(name, 1)  # noqa: E731
-_nonneg_int = lambda name: int_at_least(name, 0)  # noqa: E731
-_float = float_option
-
-
 # ---------------------------------------------------------------------------- the parser
 _WEIGHTS_FORMAT = """\
 --weights FILE.npz: a network of your own, as written by jacgrad.MLP.save or by
@@ -74,8 +69,8 @@ def _build_parser() -> _Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     net = rep.add_argument_group("network (a random one, unless --weights)")
-    net.add_argument("--depth", type=_positive_int("--depth"), default=None, help="number of layers (default 20)")
-    net.add_argument("--width", type=_positive_int("--width"), default=None, help="width of every layer (default 256)")
+    net.add_argument("--depth", type=int_at_least("--depth", 1), default=None, help="number of layers (default 20)")
+    net.add_argument("--width", type=int_at_least("--width", 1), default=None, help="width of every layer (default 256)")
     net.add_argument("--sizes", default=None, help="widths n_in,H_1,…,n_out; WIDTHxCOUNT repeats: 784,256x20,10")
     net.add_argument(
         "--activation", action="append", default=None, metavar="NAME[,NAME...]",
@@ -85,17 +80,18 @@ def _build_parser() -> _Parser:
     net.add_argument("--output-activation", default=None, help="activation of the last layer (default identity)")
     net.add_argument("--init", default=None,
                      help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
-    net.add_argument("--gain", type=_float("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
-    net.add_argument("--bias-std", type=_float("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
+    net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
+    net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
     net.add_argument("--weights", default=None, metavar="FILE.npz", help="a network from a file (format below)")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",
-        type=_nonneg_int("--spectrum-samples"),
+        type=int_at_least("--spectrum-samples", 0),
         default=8,
         help="samples whose whole Jacobian is built for its singular values (default 8; 0 skips)",
     )
-    rep.add_argument("--json", default=None, metavar="PATH", help="write every number as JSON ('-' for stdout)")
+    rep.add_argument("--json", default=None, metavar="PATH",
+                     help="write every number as JSON ('-': stdout carries the JSON alone, the tables go to stderr)")
     rep.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the flow (needs jacgrad[plot])")
 
     chk = sub.add_parser(
@@ -109,18 +105,18 @@ def _build_parser() -> _Parser:
         epilog=_WEIGHTS_FORMAT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    chk.add_argument("--depth", type=_positive_int("--depth"), default=6, help="layers of the random net (default 6)")
-    chk.add_argument("--width", type=_positive_int("--width"), default=64, help="width of the random net (default 64)")
+    chk.add_argument("--depth", type=int_at_least("--depth", 1), default=6, help="layers of the random net (default 6)")
+    chk.add_argument("--width", type=int_at_least("--width", 1), default=64, help="width of the random net (default 64)")
     chk.add_argument("--activation", default="tanh", metavar="NAME[,NAME...]",
                      help="activation of the random net, or one per hidden layer (default tanh)")
     chk.add_argument("--weights", default=None, metavar="FILE.npz", help="check this network instead")
-    chk.add_argument("--batch", type=_positive_int("--batch"), default=16, help="samples (default 16)")
-    chk.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed (default 0)")
+    chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
+    chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
     chk.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                     help="candidate: gpu, cpu (float32 vs float64 NumPy), auto: gpu when usable (default)")
-    chk.add_argument("--tol64", type=_float("--tol64", 0.0, strict=True), default=1e-10,
+                     help="candidate: gpu, cpu (float32 vs float64 NumPy), auto (default): JACGRAD_BACKEND when set, else gpu when usable")
+    chk.add_argument("--tol64", type=float_option("--tol64", 0.0, strict=True), default=1e-10,
                      help="tolerance of float64 candidates (default 1e-10)")
-    chk.add_argument("--tol32", type=_float("--tol32", 0.0, strict=True), default=1e-5,
+    chk.add_argument("--tol32", type=float_option("--tol32", 0.0, strict=True), default=1e-5,
                      help="tolerance of float32 candidates (default 1e-5; the project standard for float32 vs the float64 reference)")
 
     sub.add_parser("info", help="versions, backends, the GPU and whether the kernels compile",
@@ -130,9 +126,9 @@ def _build_parser() -> _Parser:
 
 
 def _common(p, batch: int) -> None:
-    p.add_argument("--batch", type=_positive_int("--batch"), default=batch, help=f"samples (default {batch})")
-    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="seed of the network and the inputs (default 0)")
-    p.add_argument("--device", default="auto", help="cpu, gpu or auto (default auto: the GPU when one runs)")
+    p.add_argument("--batch", type=int_at_least("--batch", 1), default=batch, help=f"samples (default {batch})")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="seed of the network and the inputs (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, gpu or auto (default auto: JACGRAD_BACKEND when set, else the GPU when one runs)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="(default float64)")
 
 

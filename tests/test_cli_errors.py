@@ -236,6 +236,12 @@ def test_bench_out_of_memory_during_the_run_is_one_line(capsys, monkeypatch):
     one_line_error(capsys, bench.main(["--quick", "--no-progress"]), "out of memory", "--width")
 
 
+def test_bench_takes_one_activation_not_the_first_of_a_list(capsys, monkeypatch):
+    _no_run(monkeypatch)
+    code = bench.main(["--quick", "--backends", "jacgrad-numpy", "--activation", "relu,tanh", "--no-progress"])
+    one_line_error(capsys, code, "--activation", "give one name", "relu, tanh")
+
+
 def test_bench_with_no_runnable_backend_is_an_error(capsys, monkeypatch):
     from jacgrad.bench.backend_jacgrad import Jacgrad
 
