@@ -216,6 +216,21 @@ def test_bench_json_path_is_checked_before_the_run(capsys, monkeypatch, tmp_path
     one_line_error(capsys, code, "--json", needle)
 
 
+def test_unwritable_json_path_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
+    # root may write anywhere, so the permission is simulated where the check asks for it
+    from jacgrad import _cli_common
+
+    _no_run(monkeypatch)
+    monkeypatch.setattr(_cli_common.os, "access", lambda path, mode: False)
+    target = str(tmp_path / "out.json")
+    one_line_error(capsys, bench.main(["--quick", "--backends", "jacgrad-numpy", "--json", target, "--no-progress"]),
+                   "--json", "not writable")
+    import jacgrad.diagnostics
+
+    monkeypatch.setattr(jacgrad.diagnostics, "gradient_flow", lambda *a, **k: pytest.fail("the report ran"))
+    one_line_error(capsys, main(["report", *SMALL, "--json", target]), "--json", "not writable")
+
+
 def test_bench_json_write_failure_after_the_run_is_one_line(capsys, monkeypatch, tmp_path):
     # the early check passed, but the file system refuses at write time (a full disk, a race)
     def refuse(result, path):
