@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from ._cli_common import UsageError, hidden_activations, load_weights, resolve_device
+from ._cli_common import UsageError, hidden_activations, load_weights, random_net, resolve_device
 
 __all__ = ["run_check", "run_info", "quantities"]
 
@@ -72,10 +72,7 @@ def run_check(args) -> int:
     else:
         sizes = [args.width] * (args.depth + 1)
         hidden = hidden_activations(args.activation, args.depth - 1) or [args.activation.strip()]
-        # the weights do not depend on the activations; a per-layer list goes in through the constructor
-        ref_net = MLP.init(sizes, activation=hidden[0], init="xavier_normal", bias_std=0.1, seed=args.seed)
-        if len(set(hidden)) > 1:
-            ref_net = MLP(ref_net.weights, ref_net.biases, hidden + ["identity"])
+        ref_net = random_net(sizes, hidden, init="xavier_normal", bias_std=0.1, seed=args.seed)
         what = f"a random {args.activation} network {args.width}x{args.depth}"
     rng = np.random.default_rng([args.seed, 2])
     x = rng.standard_normal((args.batch, ref_net.sizes[0]))

@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
-    "load_weights", "parse_activations", "parse_sizes", "resolve_device", "split_activations",
+    "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device", "split_activations",
 ]
 
 PROG = "jacgrad"
@@ -130,6 +130,19 @@ def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -
             "(to compare networks, repeat --activation)"
         )
     return names
+
+
+def random_net(sizes: list[int], hidden: list[str], output: str = "identity", **init_options):
+    """``MLP.init(sizes, ...)`` with ``hidden[j]`` on hidden layer ``j`` (``hidden`` has
+    ``len(sizes) - 2`` names, or one name when there is no hidden layer). ``MLP.init`` draws the
+    weights independently of the activations, so a per-layer list is set through the ``MLP``
+    constructor, which takes one name per layer."""
+    from .mlp import MLP
+
+    net = MLP.init(sizes, activation=hidden[0], output_activation=output, **init_options)
+    if len(set(hidden)) > 1:
+        net = MLP(net.weights, net.biases, list(hidden) + [output])
+    return net
 
 
 def check_init(name: str) -> str:

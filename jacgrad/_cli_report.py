@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from ._cli_common import (UsageError, check_init, check_output_path, hidden_activations, load_weights, parse_activations,
-                          parse_sizes, resolve_device)
+                          parse_sizes, random_net, resolve_device)
 
 __all__ = ["run_report"]
 
@@ -44,8 +44,6 @@ def _usual_init(hidden: list[str]) -> str:
 
 
 def _networks(args, device: str) -> list[tuple[str, object]]:
-    from .mlp import MLP
-
     if args.weights is not None:
         clash = [_option(n) for n in _NET_OPTIONS if getattr(args, n) is not None]
         if clash:
@@ -77,12 +75,8 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
         scheme = init or _usual_init(hidden or [name])
         label = f"{name}, {scheme}" + (f" x{gain:g}" if gain != 1.0 else "") + (f", bias std {bias_std:g}" if bias_std else "")
         try:
-            # MLP.init draws the weights independently of the activations; the per-layer list
-            # is then set through the MLP constructor, which takes one name per layer.
-            net = MLP.init(sizes, activation=hidden[0] if hidden else name, output_activation=out_act, init=scheme,
-                           gain=gain, bias_std=bias_std, seed=args.seed, dtype=args.dtype, device=device)
-            if len(set(hidden)) > 1:
-                net = MLP(net.weights, net.biases, hidden + [out_act])
+            net = random_net(sizes, hidden or [name], out_act, init=scheme, gain=gain, bias_std=bias_std,
+                             seed=args.seed, dtype=args.dtype, device=device)
         except MemoryError:
             raise UsageError(f"the network {args.sizes or sizes[:3]}… does not fit in memory") from None
         nets.append((label, net))
