@@ -137,11 +137,16 @@ def test_activation_list_of_the_wrong_length(capsys):
                    "--activation 'relu,tanh'", "2 activations", "3 hidden layers", "repeat --activation")
 
 
-def test_check_takes_an_activation_list(capsys):
+def test_check_takes_an_activation_list(capsys, monkeypatch):
+    from jacgrad import _cli_check
+
+    seen, quantities = [], _cli_check.quantities
+    monkeypatch.setattr(_cli_check, "quantities", lambda net, x, t: seen.append(list(net.activations)) or quantities(net, x, t))
     code = main(["check", "--device", "cpu", "--depth", "3", "--width", "8", "--batch", "4", "--activation", "relu,tanh"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "relu,tanh" in out and "passed" in out
+    assert seen == [["relu", "tanh", "identity"]] * 2  # the float64 reference and the float32 candidate
 
 
 # ---------------------------------------------------------------------------- check and JACGRAD_BACKEND
