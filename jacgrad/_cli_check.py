@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 
 import numpy as np
 
-from .cli import UsageError, _activation_names, _load_weights
+from ._cli_common import UsageError, hidden_activations, load_weights, random_net, resolve_device
 
 __all__ = ["run_check", "run_info", "quantities"]
 
@@ -41,36 +42,38 @@ def quantities(net, x, t) -> dict[str, list]:
 
 
 def _candidates(device_option: str) -> tuple[list[tuple[str, str, str]], str]:
-    """``([(label, device, dtype)], note)``."""
+    """``([(label, device, dtype)], note)``. ``auto`` means what ``device="auto"`` means
+    everywhere in jacgrad: ``JACGRAD_BACKEND`` when set, else the GPU when one runs."""
     from . import backend
 
-    reason = backend.gpu_unavailable_reason()
-    if device_option == "gpu":
-        if reason is not None:
-            raise UsageError(f"--device gpu: no usable GPU here: {reason}")
-    if device_option in ("gpu", "auto") and reason is None:
+    device = resolve_device(device_option)
+    if device == "gpu":
         return [("cupy float64", "gpu", "float64"), ("cupy float32", "gpu", "float32")], "the GPU path"
-    note = (
-        f"no GPU here ({reason}); validating NumPy float32 against float64 instead"
-        if reason is not None
-        else "--device cpu: validating NumPy float32 against float64"
-    )
+    forced = os.environ.get("JACGRAD_BACKEND", "").strip()
+    reason = backend.gpu_unavailable_reason() if device_option == "auto" and not forced else None
+    if reason is not None:
+        note = f"no GPU here ({reason}); validating NumPy float32 against float64 instead"
+    elif device_option == "auto":
+        note = f"JACGRAD_BACKEND={forced}: validating NumPy float32 against float64"
+    else:
+        note = "--device cpu: validating NumPy float32 against float64"
     return [("numpy float32", "cpu", "float32")], note
 
 
 def run_check(args) -> int:
+    from .backend import to_device
     from .check import relative_error
     from .mlp import MLP
 
     candidates, note = _candidates(args.device)
     if args.weights is not None:
-        ref_net = _load_weights(args.weights, "float64", "cpu")
+        ref_net = load_weights(args.weights, "float64", "cpu")
         what = f"{args.weights}"
     else:
-        act = _activation_names(args.activation)[0]
         sizes = [args.width] * (args.depth + 1)
-        ref_net = MLP.init(sizes, activation=act, init="xavier_normal", bias_std=0.1, seed=args.seed)
-        what = f"a random {act} network {args.width}x{args.depth}"
+        hidden = hidden_activations(args.activation, args.depth - 1) or [args.activation.strip()]
+        ref_net = random_net(sizes, hidden, init="xavier_normal", bias_std=0.1, seed=args.seed)
+        what = f"a random {args.activation} network {args.width}x{args.depth}"
     rng = np.random.default_rng([args.seed, 2])
     x = rng.standard_normal((args.batch, ref_net.sizes[0]))
     t = rng.standard_normal((args.batch, ref_net.sizes[-1]))
@@ -78,16 +81,25 @@ def run_check(args) -> int:
     print(f"network: {what}, sizes {'-'.join(map(str, ref_net.sizes))}, B={args.batch}, mse loss; "
           "error = max|a − b| / max|b| against float64 NumPy")
     with np.errstate(all="ignore"):
-        reference = quantities(ref_net, x, t)
-        results = []
+        try:
+            reference = quantities(ref_net, x, t)
+        except ValueError as exc:  # numpy.linalg.LinAlgError is one: the spectra of an overflowed net
+            raise UsageError(f"{what}: the float64 reference cannot be computed ({exc})") from None
+        nonfinite = [k for k, arrays in reference.items() if not all(np.isfinite(a).all() for a in arrays)]
+        if nonfinite:
+            raise UsageError(f"{what}: the float64 reference is not finite ({', '.join(nonfinite)}); "
+                             "check compares finite numbers only")
+        results, broken = [], []
         for label, device, dtype in candidates:
-            net = MLP([W.astype(dtype) for W in ref_net.weights], [b.astype(dtype) for b in ref_net.biases],
-                      ref_net.activations).to(device)
-            from .backend import to_device
-
-            got = quantities(net, to_device(x.astype(dtype), device), to_device(t.astype(dtype), device))
             tol = args.tol64 if dtype == "float64" else args.tol32
-            errs = {k: max(relative_error(a, b) for a, b in zip(got[k], reference[k])) for k in reference}
+            try:
+                net = MLP([W.astype(dtype) for W in ref_net.weights], [b.astype(dtype) for b in ref_net.biases],
+                          ref_net.activations).to(device)
+                got = quantities(net, to_device(x.astype(dtype), device), to_device(t.astype(dtype), device))
+                errs = {k: max(relative_error(a, b) for a, b in zip(got[k], reference[k])) for k in reference}
+            except (ValueError, FloatingPointError) as exc:  # e.g. float32 overflows where float64 does not
+                errs = {k: float("nan") for k in reference}
+                broken.append(f"{label} could not be computed ({type(exc).__name__}: {exc})")
             results.append((label, tol, errs))
     width = max(len(k) for k in reference)
     print(f"  {'quantity':<{width}}" + "".join(f"  {label:>14} (tol {tol:.0e})" for label, tol, _ in results))
@@ -102,7 +114,7 @@ def run_check(args) -> int:
             cells.append(f"  {e:>14.2e} {'ok' if ok else 'FAIL':>10}")
         print(f"  {k:<{width}}" + "".join(cells))
     if failed:
-        print(f"FAILED: {len(failed)} above tolerance — " + "; ".join(failed))
+        print(f"FAILED: {len(failed)} above tolerance — " + "; ".join(broken or failed))
         return 1
     print(f"passed: all {len(reference) * len(results)} comparisons within tolerance")
     return 0
@@ -143,8 +155,6 @@ def _gpu_lines() -> list[str]:
 
 def run_info() -> int:
     from . import __version__, backend
-
-    import os
 
     print(f"jacgrad {__version__} ({os.path.dirname(os.path.abspath(__file__))})")
     print(f"python {platform.python_version()} ({sys.executable})")

@@ -8,13 +8,14 @@ import sys
 
 import numpy as np
 
-from .cli import UsageError, _activation_names, _check_init, _check_output_path, _load_weights, _resolve_device, parse_sizes
+from ._cli_common import (UsageError, check_init, check_output_path, hidden_activations, load_weights, parse_activations,
+                          parse_sizes, random_net, resolve_device)
 
 __all__ = ["run_report"]
 
 DEFAULT_DEPTH = 20
 DEFAULT_WIDTH = 256
-DEFAULT_ACTIVATIONS = "sigmoid,tanh,relu"
+DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "relu")  # three networks compared
 _NET_OPTIONS = ("depth", "width", "sizes", "activation", "output_activation", "init", "gain", "bias_std")
 
 
@@ -22,15 +23,32 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _networks(args, device: str) -> list[tuple[str, object]]:
-    from .diagnostics import usual_init
-    from .mlp import MLP
+def _short(acts: list[str]) -> str:
+    """``relu,relu,tanh`` → ``relu×2,tanh``; one name when all agree."""
+    runs: list[list] = []
+    for a in acts:
+        if runs and runs[-1][0] == a:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1])
+    if len(runs) == 1:
+        return runs[0][0]
+    return ",".join(a if n == 1 else f"{a}×{n}" for a, n in runs)
 
+
+def _usual_init(hidden: list[str]) -> str:
+    from .diagnostics import usual_init
+
+    schemes = {usual_init(a.split("(")[0].strip()) for a in hidden} or {"xavier_normal"}
+    return schemes.pop() if len(schemes) == 1 else "xavier_normal"
+
+
+def _networks(args, device: str) -> list[tuple[str, object]]:
     if args.weights is not None:
         clash = [_option(n) for n in _NET_OPTIONS if getattr(args, n) is not None]
         if clash:
             raise UsageError(f"--weights cannot be combined with {', '.join(clash)}: the file defines the network")
-        net = _load_weights(args.weights, args.dtype, device)
+        net = load_weights(args.weights, args.dtype, device)
         return [(os.path.basename(args.weights), net)]
     if args.sizes is not None and (args.depth is not None or args.width is not None):
         raise UsageError("--sizes cannot be combined with --depth or --width (it gives every width)")
@@ -40,18 +58,25 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
         depth = DEFAULT_DEPTH if args.depth is None else args.depth
         width = DEFAULT_WIDTH if args.width is None else args.width
         sizes = [width] * (depth + 1)
-    acts = _activation_names(args.activation or DEFAULT_ACTIVATIONS)
-    out_act = _activation_names(args.output_activation)[0] if args.output_activation else "identity"
-    init = _check_init(args.init) if args.init is not None else None
+    specs = args.activation or list(DEFAULT_ACTIVATIONS)
+    hidden_lists = [hidden_activations(spec, len(sizes) - 2) for spec in specs]
+    out_act = "identity"
+    if args.output_activation is not None:
+        names = parse_activations(args.output_activation, "--output-activation")
+        if len(names) != 1:
+            raise UsageError(f"--output-activation {args.output_activation!r}: give one name (the last layer's)")
+        out_act = names[0]
+    init = check_init(args.init) if args.init is not None else None
     gain = 1.0 if args.gain is None else args.gain
     bias_std = 0.0 if args.bias_std is None else args.bias_std
     nets = []
-    for act in acts:
-        scheme = init or usual_init(act)
-        label = f"{act}, {scheme}" + (f" x{gain:g}" if gain != 1.0 else "") + (f", bias std {bias_std:g}" if bias_std else "")
+    for spec, hidden in zip(specs, hidden_lists):
+        name = _short(hidden) if hidden else parse_activations(spec)[0]
+        scheme = init or _usual_init(hidden or [name])
+        label = f"{name}, {scheme}" + (f" x{gain:g}" if gain != 1.0 else "") + (f", bias std {bias_std:g}" if bias_std else "")
         try:
-            net = MLP.init(sizes, activation=act, output_activation=out_act, init=scheme, gain=gain,
-                           bias_std=bias_std, seed=args.seed, dtype=args.dtype, device=device)
+            net = random_net(sizes, hidden or [name], out_act, init=scheme, gain=gain, bias_std=bias_std,
+                             seed=args.seed, dtype=args.dtype, device=device)
         except MemoryError:
             raise UsageError(f"the network {args.sizes or sizes[:3]}… does not fit in memory") from None
         nets.append((label, net))
@@ -73,11 +98,13 @@ def run_report(args) -> int:
     from .report import plot_reports, report_dict
 
     if args.json is not None:
-        _check_output_path(args.json, "--json")
+        check_output_path(args.json, "--json")
     if args.plot is not None:
-        _check_output_path(args.plot, "--plot")
+        check_output_path(args.plot, "--plot")
         _require_matplotlib()
-    device = _resolve_device(args.device)
+    # With --json -, stdout carries the JSON alone (pipe it into a JSON reader); the tables go to stderr.
+    text_out = sys.stderr if args.json == "-" else sys.stdout
+    device = resolve_device(args.device)
     nets = _networks(args, device)
     n_in = nets[0][1].sizes[0]
     x = np.random.default_rng([args.seed, 1]).standard_normal((args.batch, n_in)).astype(args.dtype)
@@ -90,13 +117,13 @@ def run_report(args) -> int:
             where = f"--weights {args.weights!r}" if args.weights is not None else label
             raise UsageError(f"{where}: {exc}") from None
         reports.append(rep)
-        print(rep.to_text())
-        print()
+        print(rep.to_text(), file=text_out)
+        print(file=text_out)
     if len(reports) > 1:
-        print("summary: χ̄ = per-layer factor of the squared gradient norm, Γ = χ̄^L over the depth")
+        print("summary: χ̄ = per-layer factor of the squared gradient norm, Γ = χ̄^L over the depth", file=text_out)
         width = max(len(r.label) for r in reports)
         for r in reports:
-            print(f"  {r.label:<{width}}  {r.verdict:<9}  χ̄ = {r.chi_bar:<8.4g} Γ = {r.backward_gain:.3g}")
+            print(f"  {r.label:<{width}}  {r.verdict:<9}  χ̄ = {r.chi_bar:<8.4g} Γ = {r.backward_gain:.3g}", file=text_out)
     if args.json is not None:
         from . import __version__
 

@@ -2,6 +2,8 @@
 
     jacgrad report                       # 20-layer 256-wide sigmoid, tanh and relu nets compared
     jacgrad report --activation relu --gain 1.6 --plot flow.png
+    jacgrad report --activation relu,tanh,tanh --sizes 8,16x3,2   # one activation per hidden layer
+    jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
@@ -13,140 +15,17 @@ Every bad input is one line on stderr naming the problem and exit status 2, neve
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 from typing import Sequence
 
+from ._cli_common import PROG, UsageError, float_option, int_at_least, parse_sizes
+
 __all__ = ["main", "parse_sizes", "UsageError"]
-
-PROG = "jacgrad"
-
-
-class UsageError(Exception):
-    """A bad command line or input: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the usage block and exit
         raise UsageError(f"{self.prog}: {message}")
-
-
-# ---------------------------------------------------------------------------- parsing helpers
-def parse_sizes(spec: str) -> list[int]:
-    """``"784,256x20,10"`` → ``[784] + [256] * 20 + [10]``: widths separated by commas, where
-    ``WIDTHxCOUNT`` repeats a width.
-
-        >>> parse_sizes("4,8x2,3")
-        [4, 8, 8, 3]
-    """
-    sizes: list[int] = []
-    for token in spec.split(","):
-        token = token.strip()
-        width, sep, count = token.lower().partition("x")
-        try:
-            w = int(width)
-            c = int(count) if sep else 1
-        except ValueError:
-            raise UsageError(
-                f"--sizes {spec!r}: {token!r} is not a width (an integer) or WIDTHxCOUNT such as 256x20"
-            ) from None
-        if w < 1 or c < 1:
-            raise UsageError(f"--sizes {spec!r}: {token!r} must be a positive width (and count)")
-        sizes += [w] * c
-    if len(sizes) < 2:
-        raise UsageError(f"--sizes {spec!r}: needs at least two widths, the input and the output")
-    return sizes
-
-
-def _int_at_least(name, minimum: int):
-    def convert(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
-        return v
-
-    return convert
-
-
-def _positive_int(name):
-    return _int_at_least(name, 1)
-
-
-def _nonneg_int(name):
-    return _int_at_least(name, 0)
-
-
-def _float(name, minimum=None, strict=False):
-    def convert(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number") from None
-        if not math.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
-            bound = "" if minimum is None else f" {'>' if strict else '≥'} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number{bound}, got {text}")
-        return v
-
-    return convert
-
-
-def _activation_names(text: str) -> list[str]:
-    from . import activations
-
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    valid = activations.names()
-    for n in names:
-        if n not in valid:
-            raise UsageError(f"--activation: unknown activation {n!r}; valid names: {', '.join(valid)}")
-    if not names:
-        raise UsageError("--activation: give at least one name")
-    return names
-
-
-def _check_init(name: str) -> str:
-    from . import initializers
-
-    if name not in initializers.names():
-        raise UsageError(f"--init: unknown init {name!r}; valid names: {', '.join(initializers.names())}")
-    return name
-
-
-def _check_output_path(path: str, option: str) -> None:
-    """Fail before any work when ``path`` obviously cannot be written."""
-    if path == "-" and option == "--json":
-        return
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r} is a directory, not a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{option} {path!r} is not writable")
-
-
-def _resolve_device(device: str) -> str:
-    from . import backend
-
-    try:
-        return backend.resolve_device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--device {device}: {exc}") from None
-
-
-def _load_weights(path: str, dtype: str, device: str):
-    from .mlp import MLP
-
-    try:
-        return MLP.load(path, dtype=dtype, device=device)
-    except FileNotFoundError:
-        raise UsageError(f"--weights {path!r}: no such file") from None
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise UsageError(f"--weights {path!r}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------- the parser
@@ -190,25 +69,29 @@ def _build_parser() -> _Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     net = rep.add_argument_group("network (a random one, unless --weights)")
-    net.add_argument("--depth", type=_positive_int("--depth"), default=None, help="number of layers (default 20)")
-    net.add_argument("--width", type=_positive_int("--width"), default=None, help="width of every layer (default 256)")
+    net.add_argument("--depth", type=int_at_least("--depth", 1), default=None, help="number of layers (default 20)")
+    net.add_argument("--width", type=int_at_least("--width", 1), default=None, help="width of every layer (default 256)")
     net.add_argument("--sizes", default=None, help="widths n_in,H_1,…,n_out; WIDTHxCOUNT repeats: 784,256x20,10")
     net.add_argument(
-        "--activation", default=None, help="hidden activation, or a comma list to compare (default sigmoid,tanh,relu)"
+        "--activation", action="append", default=None, metavar="NAME[,NAME...]",
+        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); repeat "
+             "--activation to compare networks (default: sigmoid, tanh and relu compared)",
     )
     net.add_argument("--output-activation", default=None, help="activation of the last layer (default identity)")
-    net.add_argument("--init", default=None, help="weight init (default: he_normal for ReLU-like, else xavier_normal)")
-    net.add_argument("--gain", type=_float("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
-    net.add_argument("--bias-std", type=_float("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
+    net.add_argument("--init", default=None,
+                     help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
+    net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
+    net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
     net.add_argument("--weights", default=None, metavar="FILE.npz", help="a network from a file (format below)")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",
-        type=_nonneg_int("--spectrum-samples"),
+        type=int_at_least("--spectrum-samples", 0),
         default=8,
         help="samples whose whole Jacobian is built for its singular values (default 8; 0 skips)",
     )
-    rep.add_argument("--json", default=None, metavar="PATH", help="write every number as JSON ('-' for stdout)")
+    rep.add_argument("--json", default=None, metavar="PATH",
+                     help="write every number as JSON ('-': stdout carries the JSON alone, the tables go to stderr)")
     rep.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the flow (needs jacgrad[plot])")
 
     chk = sub.add_parser(
@@ -222,17 +105,18 @@ def _build_parser() -> _Parser:
         epilog=_WEIGHTS_FORMAT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    chk.add_argument("--depth", type=_positive_int("--depth"), default=6, help="layers of the random net (default 6)")
-    chk.add_argument("--width", type=_positive_int("--width"), default=64, help="width of the random net (default 64)")
-    chk.add_argument("--activation", default="tanh", help="activation of the random net (default tanh)")
+    chk.add_argument("--depth", type=int_at_least("--depth", 1), default=6, help="layers of the random net (default 6)")
+    chk.add_argument("--width", type=int_at_least("--width", 1), default=64, help="width of the random net (default 64)")
+    chk.add_argument("--activation", default="tanh", metavar="NAME[,NAME...]",
+                     help="activation of the random net, or one per hidden layer (default tanh)")
     chk.add_argument("--weights", default=None, metavar="FILE.npz", help="check this network instead")
-    chk.add_argument("--batch", type=_positive_int("--batch"), default=16, help="samples (default 16)")
-    chk.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed (default 0)")
+    chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
+    chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
     chk.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                     help="candidate: gpu, cpu (float32 vs float64 NumPy), auto: gpu when usable (default)")
-    chk.add_argument("--tol64", type=_float("--tol64", 0.0, strict=True), default=1e-10,
+                     help="candidate: gpu, cpu (float32 vs float64 NumPy), auto (default): JACGRAD_BACKEND when set, else gpu when usable")
+    chk.add_argument("--tol64", type=float_option("--tol64", 0.0, strict=True), default=1e-10,
                      help="tolerance of float64 candidates (default 1e-10)")
-    chk.add_argument("--tol32", type=_float("--tol32", 0.0, strict=True), default=1e-5,
+    chk.add_argument("--tol32", type=float_option("--tol32", 0.0, strict=True), default=1e-5,
                      help="tolerance of float32 candidates (default 1e-5; the project standard for float32 vs the float64 reference)")
 
     sub.add_parser("info", help="versions, backends, the GPU and whether the kernels compile",
@@ -242,9 +126,9 @@ def _build_parser() -> _Parser:
 
 
 def _common(p, batch: int) -> None:
-    p.add_argument("--batch", type=_positive_int("--batch"), default=batch, help=f"samples (default {batch})")
-    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="seed of the network and the inputs (default 0)")
-    p.add_argument("--device", default="auto", help="cpu, gpu or auto (default auto: the GPU when one runs)")
+    p.add_argument("--batch", type=int_at_least("--batch", 1), default=batch, help=f"samples (default {batch})")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="seed of the network and the inputs (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, gpu or auto (default auto: JACGRAD_BACKEND when set, else the GPU when one runs)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="(default float64)")
 
 

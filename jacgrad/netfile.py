@@ -43,6 +43,9 @@ def load(path, dtype: str | None = None, device: str = "cpu"):
         raise ValueError(f"weights file {path!r} is not a readable .npz archive ({exc})") from None
     except Exception as exc:
         raise ValueError(f"weights file {path!r} is not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    for k, a in arrays.items():  # NpzFile hands back raw bytes for a member without the .npy header
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"weights file {path!r}: member {k!r} is not a valid .npy array")
     keys = set(arrays)
     n = 0
     while f"W{n}" in keys:
@@ -58,6 +61,9 @@ def load(path, dtype: str | None = None, device: str = "cpu"):
     if len(acts) == 1:
         acts = acts * n
     weights = [arrays[f"W{j}"] for j in range(n)]
+    for j, W in enumerate(weights):
+        if W.ndim != 2:
+            raise ValueError(f"weights file {path!r}: W{j} must be 2-D (H_in, H_out), got shape {W.shape}")
     biases = [arrays[f"b{j}"] if f"b{j}" in keys else np.zeros(weights[j].shape[-1]) for j in range(n)]
     for j, W in enumerate(weights):
         if W.dtype.kind != "f":

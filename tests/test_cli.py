@@ -41,10 +41,9 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 # ---------------------------------------------------------------------------- report
 def test_default_report_compares_sigmoid_tanh_relu_with_their_verdicts(capsys):
-    code, out, _ = run(capsys, "report", "--json", "-")
+    code, out, text = run(capsys, "report", "--json", "-")
     assert code == 0
-    text, _, js = out.partition("\n{")
-    data = json.loads("{" + js)
+    data = json.loads(out)  # with --json -, stdout is the JSON alone; the tables go to stderr
     labels = [r["label"] for r in data["reports"]]
     assert labels == ["sigmoid, xavier_normal", "tanh, xavier_normal", "relu, he_normal"]
     verdicts = {r["label"].split(",")[0]: r["verdict"] for r in data["reports"]}
@@ -63,7 +62,7 @@ def test_report_of_one_activation_with_gain(capsys):
 
 
 def test_report_sizes_init_bias_dtype(capsys):
-    code, out, _ = run(capsys, "report", "--sizes", "10,8x3,4", "--activation", "tanh,gelu", "--init", "orthogonal",
+    code, out, _ = run(capsys, "report", "--sizes", "10,8x3,4", "--activation", "tanh", "--activation", "gelu", "--init", "orthogonal",
                        "--bias-std", "0.1", "--batch", "5", "--dtype", "float32", "--device", "cpu")
     assert code == 0
     assert out.count("sizes 10,8x3,4 (4 layers), B=5, float32 on cpu") == 2
@@ -139,7 +138,7 @@ def test_unwritable_plot_path_found_at_save_time(capsys, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import jacgrad._cli_report as cli_report
 
-    monkeypatch.setattr(cli_report, "_check_output_path", lambda path, option: None)
+    monkeypatch.setattr(cli_report, "check_output_path", lambda path, option: None)
     target = tmp_path / "missing-dir" / "flow.png"
     assert_usage_error(capsys, "report", *SMALL, "--activation", "tanh", "--plot", str(target),
                        match=["--plot", "cannot write"])

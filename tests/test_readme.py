@@ -1,8 +1,8 @@
 """The README's Python examples run and print what the README shows next to them.
 
-Each ```python block is run in one shared namespace (later examples may use earlier names),
-in order, and its printed output must match the plain ``` block that follows it (numbers
-compared to the digits shown: the README shows rounded output)."""
+Each ```python block runs on its own, in a fresh namespace (a reader copies one block, not the
+page), and its printed output must match the plain ``` block that follows it (numbers compared
+to the digits shown: the README shows rounded output)."""
 
 import contextlib
 import io
@@ -25,20 +25,26 @@ def test_the_readme_has_examples_with_output():
     assert len(_examples()) >= 4
 
 
+def test_every_python_block_is_followed_by_its_output():
+    text = README.read_text(encoding="utf-8")
+    assert text.count("```python\n") == len(_examples())
+
+
 def _tokens(text: str):
     return text.split()
 
 
-def test_readme_examples_print_what_the_readme_shows():
-    namespace: dict = {}
-    for i, (code, expected) in enumerate(_examples()):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, f"README example {i}", "exec"), namespace)  # noqa: S102 - our own README
-        got, want = _tokens(out.getvalue()), _tokens(expected)
-        assert len(got) == len(want), f"example {i}: printed\n{out.getvalue()}\nREADME shows\n{expected}"
-        for g, w in zip(got, want):
-            if _NUMBER.fullmatch(w.rstrip(",")) and _NUMBER.fullmatch(g.rstrip(",")):
-                assert float(g.rstrip(",")) == pytest.approx(float(w.rstrip(",")), rel=1e-9, abs=1e-12), f"example {i}: {g} vs {w}"
-            else:
-                assert g == w, f"example {i}: {g!r} vs README {w!r}\n{out.getvalue()}"
+@pytest.mark.parametrize("i", range(len(_examples())))
+def test_readme_example_runs_alone_and_prints_what_the_readme_shows(i):
+    code, expected = _examples()[i]
+    namespace: dict = {"__name__": f"readme_example_{i}"}  # fresh: no names from earlier blocks
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"README example {i}", "exec"), namespace)  # noqa: S102 - our own README
+    got, want = _tokens(out.getvalue()), _tokens(expected)
+    assert len(got) == len(want), f"example {i}: printed\n{out.getvalue()}\nREADME shows\n{expected}"
+    for g, w in zip(got, want):
+        if _NUMBER.fullmatch(w.rstrip(",")) and _NUMBER.fullmatch(g.rstrip(",")):
+            assert float(g.rstrip(",")) == pytest.approx(float(w.rstrip(",")), rel=1e-9, abs=1e-12), f"example {i}: {g} vs {w}"
+        else:
+            assert g == w, f"example {i}: {g!r} vs README {w!r}\n{out.getvalue()}"

@@ -26,15 +26,14 @@ credited with the same useful work (for ``jacobian`` the cheapest bracketing's, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..bracketing import peel_spine
 
-__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "gemm_list", "make_data", "parse_net"]
+__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "Task", "gemm_list", "make_data", "parse_net"]
 
-TASKS = ("train", "vjp", "jacobian")
 
 NAMED_NETS = {
     "tapering": [512, 256, 128, 64, 10],
@@ -117,6 +116,24 @@ class Case:
     def key(self) -> str:
         return f"{self.task} {self.label} B={self.batch}"
 
+    @property
+    def parameters(self) -> int:
+        """Weights and biases of the net: ``Σ H_{j-1}·H_j + H_j``."""
+        w = self.widths
+        return sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+
+    def memory_bytes(self) -> int:
+        """A lower bound of the host memory the case needs (bytes): ``make_data``'s two float64
+        copies of the parameters (the initialised net and the dtype-rounded master copy), one
+        backend's copy in the case's dtype, the float64 inputs, one ``(B, H_j)`` array per layer
+        of the forward pass, and the ``(B, n_out, n_in)`` result of the jacobian task."""
+        item = np.dtype(self.dtype).itemsize
+        w, B = self.widths, self.batch
+        total = (16 + item) * self.parameters + 8 * B * (w[0] + 2 * w[-1]) + item * B * sum(w[1:])
+        if self.task == "jacobian":
+            total += item * B * w[0] * w[-1]
+        return total
+
 
 def _forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
     return [Gemm(B, a, b, "nn") for a, b in zip(widths[:-1], widths[1:])]
@@ -160,18 +177,43 @@ def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
     return out
 
 
+def _train_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    grads_w = [Gemm(a, B, b, "tn") for a, b in zip(widths[:-1], widths[1:])]
+    grads_in = [Gemm(B, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]  # not into the input
+    return _forward_gemms(widths, B) + grads_w + grads_in
+
+
+def _vjp_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    return [Gemm(B, b, a, "nt") for a, b in zip(widths[:-1], widths[1:])]
+
+
+def _jacobian_task_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    return _forward_gemms(widths, B) + _jacobian_gemms(widths, B)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row of the task table. ``grid``: ``"rect"`` runs on the batch × width × depth grid of
+    rectangular nets, ``"nets"`` on the ``--nets`` list at the ``--jac-batch`` sizes; ``gemms``:
+    ``(widths, B) -> [Gemm]``, the products the task needs (its FLOPs and its GEMM floor).
+    A new task is a row here plus a branch in each backend's ``prepare``."""
+
+    grid: str
+    gemms: Callable[[Sequence[int], int], list[Gemm]]
+
+
+TASKS: dict[str, Task] = {
+    "train": Task("rect", _train_gemms),
+    "vjp": Task("rect", _vjp_gemms),
+    "jacobian": Task("nets", _jacobian_task_gemms),
+}
+
+
 def gemm_list(task: str, widths: Sequence[int], B: int) -> list[Gemm]:
     """The matrix products ``task`` needs on the net ``widths`` at batch ``B``."""
-    fwd = _forward_gemms(widths, B)
-    if task == "train":
-        grads_w = [Gemm(a, B, b, "tn") for a, b in zip(widths[:-1], widths[1:])]
-        grads_in = [Gemm(B, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]  # not into the input
-        return fwd + grads_w + grads_in
-    if task == "vjp":
-        return [Gemm(B, b, a, "nt") for a, b in zip(widths[:-1], widths[1:])]
-    if task == "jacobian":
-        return fwd + _jacobian_gemms(widths, B)
-    raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    return TASKS[task].gemms(widths, B)
 
 
 @dataclass

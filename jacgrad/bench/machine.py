@@ -13,7 +13,7 @@ import numpy as np
 from .base import Backend
 from .timing import thread_report
 
-__all__ = ["environment", "load_average"]
+__all__ = ["available_memory", "environment", "load_average"]
 
 
 def _versions() -> dict:
@@ -26,6 +26,21 @@ def _versions() -> dict:
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _cpu_model() -> str:

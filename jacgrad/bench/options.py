@@ -153,7 +153,10 @@ def parse(argv: list[str] | None) -> Options:
     o.dtype = a.dtype
     from ..activations import names as activation_names
 
-    o.activation = _names("--activation", a.activation, activation_names(), "activation")[0]
+    acts = _names("--activation", a.activation, activation_names(), "activation")
+    if len(acts) != 1:
+        raise UsageError(f"--activation: give one name, used on every hidden layer (got {', '.join(acts)})")
+    o.activation = acts[0]
     o.repeats = _int("--repeats", a.repeats, 1) if a.repeats is not None else base["repeats"]
     o.warmup = _int("--warmup", a.warmup, 0) if a.warmup is not None else base["warmup"]
     if a.min_time is not None:
@@ -171,6 +174,12 @@ def parse(argv: list[str] | None) -> Options:
         folder = os.path.dirname(os.path.abspath(a.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: the folder {folder!r} does not exist")
+        from .._cli_common import UsageError as CommandError, check_output_path
+
+        try:  # a folder, or a path that cannot be written: refused before the run, as by `jacgrad report`
+            check_output_path(a.json, "--json")
+        except CommandError as exc:
+            raise UsageError(str(exc)) from None
         o.json = a.json
     o.progress = not a.no_progress
     o.check = not a.no_check

@@ -18,13 +18,13 @@ import numpy as np
 
 from . import backends as _backends
 from .base import Backend
-from .cases import Case, NetData, make_data, parse_net
-from .machine import environment, load_average
-from .options import Options
+from .cases import TASKS, Case, NetData, make_data, parse_net
+from .machine import available_memory, environment, load_average
+from .options import Options, UsageError
 from .report import Progress
 from .timing import Entry, cpu_count, set_threads, short_error, time_entries
 
-__all__ = ["add_ratios", "build_cases", "run", "run_case", "start_backends"]
+__all__ = ["add_ratios", "build_cases", "check_memory", "run", "run_case", "start_backends"]
 
 # Cases above this many FLOPs are checked against the first jacgrad backend's result instead of a
 # float64 NumPy reference (which would take longer than the timings themselves).
@@ -36,7 +36,7 @@ def build_cases(o: Options) -> list[Case]:
     """The train/vjp grid (batch × width × depth, rectangular nets) and the jacobian nets."""
     cases = []
     for task in o.tasks:
-        if task in ("train", "vjp"):
+        if TASKS[task].grid == "rect":
             for depth in o.depth:
                 for width in o.width:
                     for B in o.batch:
@@ -237,12 +237,44 @@ def start_backends(names: list[str], n_threads: int) -> tuple[list[Backend], dic
     return live, skipped, threads
 
 
+def _gib(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def check_memory(cases: list[Case], available: int | None = None) -> None:
+    """``UsageError`` before anything runs when a case needs more host memory than is available
+    (``Case.memory_bytes``, a lower bound, against ``MemAvailable``)."""
+    available = available_memory() if available is None else available
+    if available is None or not cases:
+        return
+    worst = max(cases, key=lambda c: c.memory_bytes())
+    need = worst.memory_bytes()
+    if need > available:
+        raise UsageError(
+            f"the case {worst.key()} needs at least {_gib(need)} of memory ({worst.parameters:,} parameters in "
+            f"float64 and {worst.dtype}), but {_gib(available)} is available: use a smaller --width, --depth or --batch"
+        )
+
+
+def _require_live(live: list[Backend], skipped: dict) -> None:
+    if not live:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise UsageError(f"--backends: none of the backends can run here ({reasons})")
+
+
 def run(o: Options, stream=None) -> dict:
-    """Run the benchmark described by ``o``; returns the dict that the table and JSON show."""
+    """Run the benchmark described by ``o``; returns the dict that the table and JSON show.
+
+    ``UsageError`` before any timing when a case cannot fit in memory or no backend can run."""
     t0 = time.perf_counter()
     load_start = load_average()
-    live, skipped, threads = start_backends(o.backends, o.threads or cpu_count())
     cases = build_cases(o)
+    check_memory(cases)
+    live, skipped, threads = start_backends(o.backends, o.threads or cpu_count())
+    _require_live(live, skipped)
     progress = Progress(sum(1 + sum(_units(c, b, o) for b in live) for c in cases), stream=stream, enabled=o.progress)
     rows = []
     try:

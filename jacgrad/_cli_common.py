@@ -1,0 +1,202 @@
+"""What every ``jacgrad`` command shares: the one-line ``UsageError``, option converters, and the
+checks of sizes, activations, inits, output paths, devices and ``--weights`` files.
+
+``cli`` (the parser and ``main``), ``_cli_report``, ``_cli_check`` and ``bench`` import from here;
+nothing here imports them, so the command's modules form no import cycle.
+
+    >>> parse_sizes("4,8x2,3")
+    [4, 8, 8, 3]
+    >>> split_activations("relu,tanh")
+    ['relu', 'tanh']
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import numpy as np
+
+__all__ = [
+    "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
+    "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device", "split_activations",
+]
+
+PROG = "jacgrad"
+
+
+class UsageError(Exception):
+    """A bad command line or input: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- option converters
+def int_at_least(name: str, minimum: int):
+    """An argparse ``type=``: an integer ≥ ``minimum``, else a message naming ``name``."""
+
+    def convert(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {v}")
+        return v
+
+    return convert
+
+
+def float_option(name: str, minimum=None, strict=False):
+    """An argparse ``type=``: a finite float (``> minimum`` when ``strict``, else ``≥``)."""
+
+    def convert(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number") from None
+        if not math.isfinite(v) or (minimum is not None and (v <= minimum if strict else v < minimum)):
+            bound = "" if minimum is None else f" {'>' if strict else '≥'} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number{bound}, got {text}")
+        return v
+
+    return convert
+
+
+# ---------------------------------------------------------------------------- values
+def parse_sizes(spec: str) -> list[int]:
+    """``"784,256x20,10"`` → ``[784] + [256] * 20 + [10]``: widths separated by commas, where
+    ``WIDTHxCOUNT`` repeats a width."""
+    sizes: list[int] = []
+    for token in spec.split(","):
+        token = token.strip()
+        width, sep, count = token.lower().partition("x")
+        try:
+            w = int(width)
+            c = int(count) if sep else 1
+        except ValueError:
+            raise UsageError(
+                f"--sizes {spec!r}: {token!r} is not a width (an integer) or WIDTHxCOUNT such as 256x20"
+            ) from None
+        if w < 1 or c < 1:
+            raise UsageError(f"--sizes {spec!r}: {token!r} must be a positive width (and count)")
+        sizes += [w] * c
+    if len(sizes) < 2:
+        raise UsageError(f"--sizes {spec!r}: needs at least two widths, the input and the output")
+    return sizes
+
+
+def split_activations(text: str) -> list[str]:
+    """Split a comma list of activation names, keeping commas inside parentheses (a
+    parameterised spelling such as ``hard_tanh(min_val=-2, max_val=2)`` is one name)."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    names.append(text[start:])
+    return [n.strip() for n in names]
+
+
+def parse_activations(text: str, option: str = "--activation") -> list[str]:
+    """The names in ``text`` (a comma list), each checked against the activation table;
+    a ``UsageError`` naming ``option``, the bad name and the valid ones otherwise."""
+    from . import activations
+
+    names = split_activations(text)
+    if not text.strip() or any(not n for n in names):
+        raise UsageError(f"{option} {text!r}: give activation names separated by commas (an empty name is not one)")
+    for n in names:
+        try:
+            activations.get(n)
+        except (KeyError, ValueError, TypeError) as exc:
+            msg = str(exc)
+            if "valid names" not in msg:
+                msg += f"; valid names: {', '.join(activations.names())}"
+            raise UsageError(f"{option}: {msg}") from None
+    return names
+
+
+def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -> list[str]:
+    """One activation per hidden layer from ``spec``: one name for all, or a comma list of
+    exactly ``n_hidden`` names (``relu,tanh,tanh``)."""
+    names = parse_activations(spec, option)
+    if len(names) == 1:
+        return names * n_hidden
+    if len(names) != n_hidden:
+        raise UsageError(
+            f"{option} {spec!r} gives {len(names)} activations but the network has {n_hidden} hidden "
+            f"layer{'s' if n_hidden != 1 else ''}: give one name, or one per hidden layer "
+            "(to compare networks, repeat --activation)"
+        )
+    return names
+
+
+def random_net(sizes: list[int], hidden: list[str], output: str = "identity", **init_options):
+    """``MLP.init(sizes, ...)`` with ``hidden[j]`` on hidden layer ``j`` (``hidden`` has
+    ``len(sizes) - 2`` names, or one name when there is no hidden layer). ``MLP.init`` draws the
+    weights independently of the activations, so a per-layer list is set through the ``MLP``
+    constructor, which takes one name per layer."""
+    from .mlp import MLP
+
+    net = MLP.init(sizes, activation=hidden[0], output_activation=output, **init_options)
+    if len(set(hidden)) > 1:
+        net = MLP(net.weights, net.biases, list(hidden) + [output])
+    return net
+
+
+def check_init(name: str) -> str:
+    from . import initializers
+
+    if name not in initializers.names():
+        raise UsageError(f"--init: unknown init {name!r}; valid names: {', '.join(initializers.names())}")
+    return name
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Fail before any work when ``path`` obviously cannot be written (``-`` is stdout)."""
+    if path == "-" and option == "--json":
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path!r} is not writable")
+
+
+def resolve_device(device: str, option: str = "--device") -> str:
+    """``cpu``/``gpu``/``auto`` → ``cpu`` or ``gpu``; ``auto`` honours ``JACGRAD_BACKEND``."""
+    from . import backend
+
+    try:
+        return backend.resolve_device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"{option} {device}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- --weights
+def load_weights(path: str, dtype: str, device: str):
+    """The ``MLP`` in ``path``, ready to report on: every layer at least 1 wide and every weight
+    and bias finite; anything else is a ``UsageError`` naming the file and the layer."""
+    from .backend import to_numpy
+    from .mlp import MLP
+
+    try:
+        net = MLP.load(path, dtype=dtype, device=device)
+    except FileNotFoundError:
+        raise UsageError(f"--weights {path!r}: no such file") from None
+    except (ValueError, KeyError, TypeError, OSError, FloatingPointError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise UsageError(f"--weights {path!r}: {msg}") from None
+    for j, W in enumerate(net.weights):
+        if 0 in W.shape:
+            raise UsageError(f"--weights {path!r}: layer {j}: W{j} has shape {tuple(W.shape)}; every width must be at least 1")
+    for j, (W, b) in enumerate(zip(net.weights, net.biases)):
+        for name, a in ((f"W{j}", W), (f"b{j}", b)):
+            bad = np.argwhere(~np.isfinite(to_numpy(a)))
+            if len(bad):
+                first = tuple(int(i) for i in bad[0])
+                raise UsageError(f"--weights {path!r}: layer {j}: {name} has non-finite values (inf or NaN; first at index {first})")
+    return net
