@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -37,3 +39,61 @@ def common_dtype(*arrays) -> np.dtype:
 def shape_str(shape) -> str:
     """``(3,)``, ``(4, 5)``: the shape as Python prints a tuple of ints."""
     return str(tuple(int(s) for s in shape))
+
+
+def replacement(j: int, new, old, what: str):
+    """``new`` if it may replace layer ``j``'s array ``old`` (same shape, dtype and device);
+    else a ``TypeError``/``ValueError`` naming the layer and what differs. Not copied."""
+    if not hasattr(new, "dtype") or not hasattr(new, "shape"):
+        raise TypeError(f"layer {j}: {what} must be an array, not {type(new).__name__}")
+    if is_gpu_array(new) != is_gpu_array(old):
+        raise TypeError(
+            f"layer {j}: {what} is a {'CuPy (GPU)' if is_gpu_array(new) else 'NumPy (CPU)'} array but this "
+            f"network is on the {'GPU' if is_gpu_array(old) else 'CPU'}; move it with jacgrad.to_device"
+        )
+    new = float_array(new, f"layer {j}: {what}", get_xp(old))
+    if new.shape != old.shape:
+        raise ValueError(
+            f"layer {j}: {what} has shape {shape_str(new.shape)} but this network's layer {j} needs "
+            f"{shape_str(old.shape)}; build a new MLP to change the widths"
+        )
+    if new.dtype != old.dtype:
+        raise TypeError(f"layer {j}: {what} has dtype {new.dtype} but this network is {old.dtype}; cast it first")
+    if is_gpu_array(old) and new.device.id != old.device.id:
+        raise ValueError(f"layer {j}: {what} is on GPU {new.device.id} but this network is on GPU {old.device.id}")
+    return new
+
+
+def layer_widths(sizes) -> list[int]:
+    """``sizes`` as a list of ints ≥ 1: integers, or integer-valued floats; anything else names the entry."""
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise TypeError(f"sizes must be a list of layer widths [n_in, …, n_out], got {sizes!r}") from None
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must be at least two positive widths [n_in, …, n_out], got {sizes}")
+    out = []
+    for i, s in enumerate(sizes):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
+            raise TypeError(f"sizes[{i}] = {s!r}: layer widths must be integers")
+        if not isinstance(s, numbers.Integral):
+            if not math.isfinite(s) or s != int(s):
+                raise ValueError(f"sizes[{i}] = {s!r}: layer widths must be integers (not truncated silently)")
+        s = int(s)
+        if s < 1:
+            where = "the input width" if i == 0 else f"layer {i - 1}'s output width"
+            raise ValueError(
+                f"sizes[{i}] = {s}: {where} must be at least 1 (zero-width layers are not supported); got sizes {sizes}"
+            )
+        out.append(s)
+    return out
+
+
+def nonnegative_finite(value, name: str) -> float:
+    """``value`` as a float that is finite and ≥ 0; else an error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and ≥ 0, got {value}")
+    return value

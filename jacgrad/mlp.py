@@ -11,8 +11,6 @@ layer factors ``J_j = diag(φ'_j(h_j)) · W_jᵀ`` — the very factors ``jacobi
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,7 +18,7 @@ import numpy as np
 from . import initializers, kernels, losses
 from ._layerlist import LayerList
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
-from ._validate import float_array, shape_str
+from ._validate import float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
 from .chain import Chain
@@ -173,32 +171,10 @@ class MLP:
         return self._activations.stored
 
     def _check_weight(self, j: int, W):
-        return self._check_param(j, W, self._weights[j], "W")
+        return replacement(j, W, self._weights[j], "W")
 
     def _check_bias(self, j: int, b):
-        return self._check_param(j, b, self._biases[j], "bias")
-
-    def _check_param(self, j: int, new, old, what: str):
-        """``new`` if it can replace layer j's ``old`` (same shape, dtype, device); else a clear error."""
-        xp = get_xp(old)
-        if not hasattr(new, "dtype") or not hasattr(new, "shape"):
-            raise TypeError(f"layer {j}: {what} must be an array, not {type(new).__name__}")
-        if is_gpu_array(new) != is_gpu_array(old):
-            raise TypeError(
-                f"layer {j}: {what} is a {'CuPy (GPU)' if is_gpu_array(new) else 'NumPy (CPU)'} array but this "
-                f"network is on the {'GPU' if is_gpu_array(old) else 'CPU'}; move it with jacgrad.to_device"
-            )
-        new = float_array(new, f"layer {j}: {what}", xp)
-        if new.shape != old.shape:
-            raise ValueError(
-                f"layer {j}: {what} has shape {shape_str(new.shape)} but this network's layer {j} needs "
-                f"{shape_str(old.shape)}; build a new MLP to change the widths"
-            )
-        if new.dtype != old.dtype:
-            raise TypeError(f"layer {j}: {what} has dtype {new.dtype} but this network is {old.dtype}; cast it first")
-        if is_gpu_array(old) and new.device.id != old.device.id:
-            raise ValueError(f"layer {j}: {what} is on GPU {new.device.id} but this network is on GPU {old.device.id}")
-        return new
+        return replacement(j, b, self._biases[j], "bias")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -224,14 +200,14 @@ class MLP:
         ``dtype`` and moved to ``device`` (``"cpu"``, ``"gpu"`` or ``"auto"``): the same seed gives
         the same network everywhere.
         """
-        sizes = _check_sizes(sizes)
+        sizes = layer_widths(sizes)
         if init not in initializers.INITS:
             raise KeyError(f"unknown init {init!r}; valid names: {', '.join(initializers.names())}")
         dt = np.dtype(dtype)
         if dt not in (np.float32, np.float64):
             raise TypeError(f"dtype {dtype!r}: jacgrad works in float32 or float64")
-        gain = _nonnegative_finite(gain, "gain")
-        bias_std = _nonnegative_finite(bias_std, "bias_std")
+        gain = nonnegative_finite(gain, "gain")
+        bias_std = nonnegative_finite(bias_std, "bias_std")
         hidden = len(sizes) - 2
         if isinstance(activation, str) or not isinstance(activation, Sequence):
             names = [activation] * hidden
@@ -437,41 +413,6 @@ def _activation_entry(j: int, name, what: str | None = None):
     except KeyError as exc:
         msg = exc.args[0] if exc.args else str(exc)
         raise type(exc)(f"{what or f'layer {j}'}: {msg}") from None
-
-
-def _check_sizes(sizes) -> list[int]:
-    """``sizes`` as a list of ints ≥ 1: integers, or integer-valued floats; anything else names the entry."""
-    try:
-        sizes = list(sizes)
-    except TypeError:
-        raise TypeError(f"sizes must be a list of layer widths [n_in, …, n_out], got {sizes!r}") from None
-    if len(sizes) < 2:
-        raise ValueError(f"sizes must be at least two positive widths [n_in, …, n_out], got {sizes}")
-    out = []
-    for i, s in enumerate(sizes):
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
-            raise TypeError(f"sizes[{i}] = {s!r}: layer widths must be integers")
-        if not isinstance(s, numbers.Integral):
-            if not math.isfinite(s) or s != int(s):
-                raise ValueError(f"sizes[{i}] = {s!r}: layer widths must be integers (not truncated silently)")
-        s = int(s)
-        if s < 1:
-            where = "the input width" if i == 0 else f"layer {i - 1}'s output width"
-            raise ValueError(
-                f"sizes[{i}] = {s}: {where} must be at least 1 (zero-width layers are not supported); got sizes {sizes}"
-            )
-        out.append(s)
-    return out
-
-
-def _nonnegative_finite(value, name: str) -> float:
-    """``value`` as a float that is finite and ≥ 0; else an error naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and ≥ 0, got {value}")
-    return value
 
 
 def _require_finite(a, where: str) -> None:

@@ -187,6 +187,11 @@ def test_a_bad_gain_is_named(init, gain):
         jg.MLP.init([5, 4, 3], init=init, gain=gain, seed=0)
 
 
+def test_the_initializer_itself_refuses_a_negative_gain():
+    with pytest.raises(ValueError, match="gain must be finite and ≥ 0, got -2.0"):
+        jg.initializers.init_weight("orthogonal", 4, 3, -2.0, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("bias_std", [np.nan, np.inf, -0.5])
 def test_a_bad_bias_std_is_named(bias_std):
     with pytest.raises(ValueError, match=r"bias_std must be finite and ≥ 0"):
