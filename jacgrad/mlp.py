@@ -209,7 +209,7 @@ class MLP:
         gain = nonnegative_finite(gain, "gain")
         bias_std = nonnegative_finite(bias_std, "bias_std")
         hidden = len(sizes) - 2
-        if isinstance(activation, str) or not isinstance(activation, Sequence):
+        if isinstance(activation, str) or not hasattr(activation, "__iter__"):
             names = [activation] * hidden
         else:
             names = list(activation)
@@ -338,6 +338,8 @@ class MLP:
         ``∂L/∂b_j = Σ_batch δ_j``, ``g ← δ_j @ W_jᵀ``. Peak memory: the returned gradients plus
         O(B · max H). ``input_grad=False`` skips the last ``δ_0 @ W_0ᵀ`` (``Gradients.input`` is None).
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite.
+        The weights are read now, not at forward time (see ``ForwardCache``: a replaced weight or
+        activation raises ``ValueError``; an in-place change is not detected).
         """
         self._check_cache(cache)
         xp = get_xp(grad_y, self.weights[0])

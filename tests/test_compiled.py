@@ -109,6 +109,28 @@ def test_replacing_a_weight_array_or_an_activation_is_detected_and_rebind_adopts
         net.biases[0] = np.zeros(7)
 
 
+def test_a_duck_typed_network_with_plain_lists_is_compiled_and_rebind_checks_its_shapes(rng):
+    """TrainingStep reads a net through its lists (compiled does not import mlp): plain Python
+    lists, whose entries nothing validates, get the step's own checks."""
+    ref = jg.MLP.init([4, 6, 3], seed=0, bias_std=0.1)
+
+    class Plain:
+        weights, biases, activations = list(ref.weights), list(ref.biases), list(ref.activations)
+        xp, sizes, dtype = np, ref.sizes, ref.dtype
+
+    net = Plain()
+    step = TrainingStep(net, 5)
+    x, t = rng.standard_normal((5, 4)), rng.random((5, 3))
+    loss, g = step(x, t)
+    ref_loss, want = ref.loss_and_grads(x, t)
+    assert loss == ref_loss and np.array_equal(g.flat, want.flat)
+    net.biases[0] = np.zeros(7)
+    with pytest.raises(RuntimeError, match=r"net.biases\[0\] is no longer the array"):
+        step(x, t)
+    with pytest.raises(ValueError, match=r"net.biases\[0\] is now \(7,\) float64.*compiled for \(6,\)"):
+        step.rebind()
+
+
 def test_inputs_are_validated_with_the_compiled_shape():
     net = jg.MLP.init([784, 16, 10], seed=0, dtype="float32")
     step = net.compile(64, loss="softmax_cross_entropy")
