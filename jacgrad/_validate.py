@@ -44,8 +44,9 @@ def shape_str(shape) -> str:
 def replacement(j: int, new, old, what: str):
     """``new`` if it may replace layer ``j``'s array ``old`` (same shape, dtype and device);
     else a ``TypeError``/``ValueError`` naming the layer and what differs. Not copied."""
-    if not hasattr(new, "dtype") or not hasattr(new, "shape"):
-        raise TypeError(f"layer {j}: {what} must be an array, not {type(new).__name__}")
+    if not (isinstance(new, np.ndarray) or is_gpu_array(new)):
+        kind = type(new).__module__.split(".")[0] + "." + type(new).__name__ if hasattr(new, "shape") else type(new).__name__
+        raise TypeError(f"layer {j}: {what} must be a NumPy or CuPy array, not {kind}")
     if is_gpu_array(new) != is_gpu_array(old):
         raise TypeError(
             f"layer {j}: {what} is a {'CuPy (GPU)' if is_gpu_array(new) else 'NumPy (CPU)'} array but this "

@@ -104,7 +104,7 @@ def test_a_replaced_weight_is_what_forward_uses(rng):
     (np.ones((6, 3), dtype=np.int64), TypeError, r"layer 1: W has dtype int64"),
     (np.ones((6, 3), dtype=np.float32), TypeError, r"layer 1: W has dtype float32 but this network is float64"),
     (np.ones((6, 3), dtype=np.complex128), TypeError, r"layer 1: W has dtype complex128"),
-    ([[1.0] * 3] * 6, TypeError, r"layer 1: W must be an array, not list"),
+    ([[1.0] * 3] * 6, TypeError, r"layer 1: W must be a NumPy or CuPy array, not list"),
     (np.ones(18), ValueError, r"layer 1: W has shape \(18,\)"),
 ])
 def test_a_bad_weight_is_refused_naming_the_layer_and_nothing_changes(rng, value, error, match):
@@ -115,6 +115,13 @@ def test_a_bad_weight_is_refused_naming_the_layer_and_nothing_changes(rng, value
         net.weights[1] = value
     assert net.weights[1] is before
     np.testing.assert_array_equal(net(x), y)
+
+
+def test_a_tensor_of_another_framework_is_refused_clearly():
+    torch = pytest.importorskip("torch")
+    net = jg.MLP.init([4, 6, 3], seed=1)
+    with pytest.raises(TypeError, match=r"layer 0: W must be a NumPy or CuPy array, not torch.Tensor"):
+        net.weights[0] = torch.zeros(4, 6, dtype=torch.float64)
 
 
 def test_bad_biases_and_activations_are_refused_naming_the_layer():
