@@ -219,8 +219,8 @@ class MLP:
                     f"{'' if hidden == 1 else 's'}: give one name, or one per hidden layer "
                     f"(the output layer's is output_activation)"
                 )
-        acts = [_activation_entry(j, n).name for j, n in enumerate(names)]
-        acts.append(_activation_entry(hidden, output_activation, "output_activation").name)
+        acts = [_activation_entry(j, n) for j, n in enumerate(names)]  # the rows themselves, parameters and all
+        acts.append(_activation_entry(hidden, output_activation, "output_activation"))
         device = resolve_device(device)
         rng = np.random.default_rng(seed)
         weights, biases = [], []
@@ -236,7 +236,7 @@ class MLP:
     def to(self, device: str) -> "MLP":
         """A copy of this network on ``"cpu"`` or ``"gpu"`` (explicit, never implicit)."""
         device = resolve_device(device)
-        return MLP([to_device(W, device) for W in self.weights], [to_device(b, device) for b in self.biases], self.activations)
+        return MLP([to_device(W, device) for W in self.weights], [to_device(b, device) for b in self.biases], self._acts)
 
     # ------------------------------------------------------------------ properties
     @property
