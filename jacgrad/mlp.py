@@ -16,9 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import initializers, kernels, losses
-from ._layerlist import LayerList
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
-from ._validate import float_array, layer_widths, nonnegative_finite, replacement, shape_str
+from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
 from .chain import Chain
