@@ -18,6 +18,7 @@ with ``benchmarks/page_faults.py``). On CuPy a block is one pool allocation inst
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,9 +28,29 @@ from ._gemm import matmul_into
 from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
-__all__ = ["backward_into", "carve", "carve_gradients", "forward_into", "grad_shapes", "grad_views"]
+__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "forward_into", "grad_shapes", "grad_views"]
 
 Check = Callable[[Any, str], None]
+
+
+@dataclass
+class Gradients:
+    """What ``MLP.backward`` (and a ``TrainingStep``) returns. ``weights[j]: (H_{j-1}, H_j)``,
+    ``biases[j]: (H_j,)``, ``input: (B, n_in)`` (None when not asked for),
+    ``deltas[j] = ∂L/∂h_j: (B, H_j)``.
+
+    ``flat``: every parameter gradient in ONE 1-D array, ``∂W_0, ∂b_0, ∂W_1, ∂b_1, …`` (each W
+    row-major: the order of ``MLP.save``); ``weights[j]`` and ``biases[j]`` are views into it, so
+    a global gradient norm or clipping is one operation (``xp.linalg.norm(g.flat)``,
+    ``g.flat *= c``). The deltas likewise share one block. A view keeps its whole block alive.
+    (Defined here, below both ``mlp`` and ``compiled``, so that neither imports the other.)
+    """
+
+    weights: list
+    biases: list
+    input: Any
+    deltas: list
+    flat: Any = None
 
 
 def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False, pooled: bool = False) -> tuple[Any, list]:

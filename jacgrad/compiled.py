@@ -14,7 +14,10 @@ buffer allocated once, and on the GPU the whole step replayed as one captured CU
 
 The passes are ``MLP.forward`` / ``MLP.backward``'s own code (``_passes.forward_into`` and
 ``backward_into``: the same ``LayerJacobian`` factors and kernels, in the same order), so on
-NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is where results go:
+NumPy the numbers are bitwise those of ``net.loss_and_grads`` — for any memory layout of ``x``
+and the target (C- or Fortran-ordered, strided): the step copies them into C-contiguous buffers
+and ``loss_and_grads`` works on C-contiguous copies of them, so both run the same GEMMs on the
+same layouts. What changes is where results go:
 
 - buffers, made at construction: the static input ``x`` and target, per layer the saved
   activation (``y_j``, or ``h_j``, ``z_j`` and ``φ'(h_j)`` for activations whose φ' needs ``h``:
@@ -23,11 +26,14 @@ NumPy the numbers are bitwise those of ``net.loss_and_grads``. What changes is w
   place, so no ping-pong pair is needed), ``∂L/∂W_j``, ``∂L/∂b_j``, the loss value (0-d), the
   loss gradient and its scratch, and ``∂L/∂x`` when ``input_grad``. Every operation writes with
   ``out=``; weights are read through views (``W.T``), never copied.
-- returned arrays ARE those buffers: the next call overwrites them (like the static outputs of a
-  ``torch.cuda.CUDAGraph``). Keep a result with ``step(x, t, copy=True)`` or ``float(loss)``.
+- returned arrays ARE those buffers: the loss (a 0-d array) and every array of the returned
+  ``Gradients`` are overwritten in place by the next call (like the static outputs of a
+  ``torch.cuda.CUDAGraph``); ``history.append(loss)`` collects the same array again and again.
+  Keep a result with ``step(x, t, copy=True)`` or ``float(loss)``.
 - weights and biases are read by reference: in-place updates (``W -= lr * dW``) are seen by the
-  next call. Replacing an array (``net.weights[j] = new``) is detected on the next call and raises
-  ``RuntimeError``; call ``step.rebind()`` to adopt the new arrays (it re-captures on the GPU).
+  next call. Replacing an array (``net.weights[j] = new``) or an activation
+  (``net.activations[j] = "relu"``) is detected on the next call and raises ``RuntimeError``;
+  call ``step.rebind()`` to adopt them (it re-captures on the GPU).
 
 On CuPy with ``capture="auto"`` or ``True``, the first call for a target kind runs eagerly (warm-up:
 NVRTC compiles the kernels, cuBLAS initialises; that call's results come from it), then the step is
@@ -54,12 +60,11 @@ from . import losses
 from ._cuda_graph import CaptureError
 from ._loss_workspace import NAMES as LOSS_NAMES
 from ._loss_workspace import LossWorkspace
-from ._passes import backward_into, carve, carve_gradients, forward_into, grad_views
+from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
 from .backend import is_gpu_array, tf32_enabled
 from .jacobian import LayerJacobian
-from .mlp import MLP, Gradients
 
 __all__ = ["TrainingStep"]
 
@@ -69,15 +74,20 @@ _CAPTURE = ("auto", True, False)
 class TrainingStep:
     """``loss, grads = step(x, target)`` for a fixed batch: see the module docstring.
 
-    net: an ``MLP`` on NumPy or CuPy. batch: B. loss: ``mse``, ``sigmoid_bce`` or
+    The returned ``loss`` and ``grads`` are the step's own buffers: the next call overwrites
+    them in place (``copy=True`` returns fresh arrays instead).
+
+    net: an ``MLP`` on NumPy or CuPy (read through its ``weights``, ``biases`` and
+    ``activations`` lists, one entry per dense layer, and ``xp``, ``sizes``, ``dtype``; this
+    module does not import ``mlp``). batch: B. loss: ``mse``, ``sigmoid_bce`` or
     ``softmax_cross_entropy``. capture: ``"auto"`` (a CUDA graph on the GPU where CuPy can record
     one, else buffers only), ``True`` (GPU only; a failed capture raises), ``False``. input_grad:
     also compute ``∂L/∂x: (B, n_in)``.
     """
 
-    def __init__(self, net: MLP, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
-        if not isinstance(net, MLP):
-            raise TypeError(f"TrainingStep compiles an MLP, not a {type(net).__name__}")
+    def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
+        if not all(hasattr(net, a) for a in ("weights", "biases", "activations", "xp", "sizes", "dtype")):
+            raise TypeError(f"TrainingStep compiles an MLP (weights, biases and activations lists), not a {type(net).__name__}")
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         losses.get(loss)  # KeyError listing every loss for an unknown name
@@ -95,16 +105,14 @@ class TrainingStep:
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
-        self._acts = [get_activation(a) for a in net.activations]
-        self._from_output = [a.df_from_output is not None for a in self._acts]
         sizes, dt, B = net.sizes, net.dtype, self.batch
         self.dtype = dt
         self._device = net.weights[0].device if self._gpu else None
         with self._on_device():
             self._x = xp.zeros((B, sizes[0]), dtype=dt)
             _, self._saved = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)  # y_j, or h_j
-            self._z = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]
-            self._d = [None if fo else xp.zeros_like(s) for s, fo in zip(self._saved, self._from_output)]  # φ'(h_j)
+            self._z = [None] * len(self._saved)  # z_j and φ'(h_j) beside h_j: made by rebind, where the
+            self._d = [None] * len(self._saved)  # activation needs h for its derivative
             _, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
             self._flat, self._dW, self._db = carve_gradients(xp, net.weights, dt, zero=True)
             self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
@@ -119,9 +127,13 @@ class TrainingStep:
 
     # ------------------------------------------------------------------ binding
     def rebind(self) -> None:
-        """Adopt the arrays now in ``net.weights`` / ``net.biases`` (same shapes, dtype and device),
-        rebuild the layer factors and drop captured graphs (the next call re-captures)."""
+        """Adopt the arrays now in ``net.weights`` / ``net.biases`` (same shapes, dtype and device)
+        and the names now in ``net.activations``, rebuild the layer factors and drop captured graphs
+        (the next call re-captures)."""
         net, K = self._net, len(self._dW)
+        if len(net.activations) != K:
+            raise ValueError(f"the network now has {len(net.activations)} activations; this step was compiled for {K} layers")
+        acts = [get_activation(a) for a in net.activations]
         if len(net.weights) != K or len(net.biases) != K:
             raise ValueError(f"the network now has {len(net.weights)} layers; this step was compiled for {K}")
         for j, (W, b, dW, db) in enumerate(zip(net.weights, net.biases, self._dW, self._db)):
@@ -135,6 +147,14 @@ class TrainingStep:
                 if self._gpu and new.device.id != self._device.id:
                     raise ValueError(f"net.{what}[{j}] is now on GPU {new.device.id}; this step runs on GPU {self._device.id}")
         self._W, self._b = list(net.weights), list(net.biases)
+        self._acts, self._act_names = acts, [a.name for a in acts]
+        self._from_output = [a.df_from_output is not None for a in acts]
+        with self._on_device():
+            for j, (s, fo) in enumerate(zip(self._saved, self._from_output)):
+                if fo:
+                    self._z[j] = self._d[j] = None
+                elif self._z[j] is None:
+                    self._z[j], self._d[j] = self._xp.zeros_like(s), self._xp.zeros_like(s)
         self._factors = [  # φ' from the saved output, or the φ'(h_j) the forward pass wrote beside z_j
             LayerJacobian.from_activation(act, W, y=s) if fo else LayerJacobian(d, W)
             for act, W, s, d, fo in zip(self._acts, self._W, self._saved, self._d, self._from_output)
@@ -146,7 +166,18 @@ class TrainingStep:
         ws, bs = self._net.weights, self._net.biases
         if len(ws) == len(self._W) and len(bs) == len(self._b):
             if all(a is b for a, b in zip(ws, self._W)) and all(a is b for a, b in zip(bs, self._b)):
-                return
+                names = list(self._net.activations)
+                if names == self._act_names:
+                    return
+                if len(names) != len(self._act_names):
+                    raise RuntimeError(f"the network now has {len(names)} activations; this step was compiled for "
+                                       f"{len(self._act_names)} layers: compile a new step")
+                j = next(j for j, (a, b) in enumerate(zip(names, self._act_names)) if a != b)
+                now = repr(names[j])
+                raise RuntimeError(
+                    f"net.activations[{j}] is now {now} but this step was compiled with "
+                    f"{self._act_names[j]!r}: call step.rebind() to adopt it"
+                )
         what, j = next(
             ((what, j) for what, now, old in (("weights", ws, self._W), ("biases", bs, self._b))
              for j in range(max(len(now), len(old))) if j >= len(now) or j >= len(old) or now[j] is not old[j]),
@@ -163,7 +194,8 @@ class TrainingStep:
     def __call__(self, x: Any, target: Any, copy: bool = False):
         """``(loss, Gradients)`` of one batch: ``x (B, n_in)``, ``target`` as for the loss.
 
-        The results are this step's buffers (overwritten by the next call) unless ``copy=True``.
+        The results are this step's buffers, overwritten in place by the next call, unless
+        ``copy=True`` (then fresh arrays the step never touches again).
         ``x`` is cast to the network's dtype like ``MLP.forward`` does; ``Gradients.input`` is
         None unless compiled with ``input_grad=True``.
         """

@@ -67,4 +67,7 @@ def init_weight(name: str, fan_in: int, fan_out: int, gain: float, rng: np.rando
         draw = INITS[name]
     except KeyError:
         raise KeyError(f"unknown init {name!r}; valid names: {', '.join(INITS)}") from None
-    return draw(fan_in, fan_out, float(gain), rng)
+    gain = float(gain)
+    if not np.isfinite(gain) or gain < 0:  # a negative gain would silently flip orthogonal's signs
+        raise ValueError(f"gain must be finite and ≥ 0, got {gain}")
+    return draw(fan_in, fan_out, gain, rng)

@@ -11,17 +11,17 @@ layer factors ``J_j = diag(φ'_j(h_j)) · W_jᵀ`` — the very factors ``jacobi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import initializers, kernels, losses
-from ._passes import backward_into, carve, carve_gradients, forward_into
-from ._validate import float_array, shape_str
+from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
+from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
-from .backend import device_of, get_xp, resolve_device, to_device
+from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
 from .chain import Chain
+from .compiled import TrainingStep
 from .jacobian import LayerJacobian
 from . import curvature, loss_hessians, per_sample  # parameter-space pieces (none imports mlp)
 from ._passes import grad_views
@@ -29,39 +29,30 @@ from ._passes import grad_views
 __all__ = ["MLP", "ForwardCache", "Gradients"]
 
 
-@dataclass
-class Gradients:
-    """What ``MLP.backward`` returns. ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``,
-    ``input: (B, n_in)`` (None when not asked for), ``deltas[j] = ∂L/∂h_j: (B, H_j)``.
-
-    ``flat``: every parameter gradient in ONE 1-D array, ``∂W_0, ∂b_0, ∂W_1, ∂b_1, …`` (each W
-    row-major: the order of ``MLP.save``); ``weights[j]`` and ``biases[j]`` are views into it, so
-    a global gradient norm or clipping is one operation (``xp.linalg.norm(g.flat)``,
-    ``g.flat *= c``). The deltas likewise share one block. A view keeps its whole block alive.
-    """
-
-    weights: list
-    biases: list
-    input: Any
-    deltas: list
-    flat: Any = None
-
-
 class ForwardCache:
     """What ``MLP.forward`` keeps for ``backward`` and ``jacobian_chain``: exactly one
-    ``(B, H_j)`` array per layer plus a reference (not a copy) to the input ``x``.
+    ``(B, H_j)`` array per layer plus a reference (not a copy) to the input ``x`` (a C-contiguous
+    copy of it when ``x`` was not C-contiguous or not of the network's dtype).
 
     Layer j keeps its output ``y_j`` when ``φ_j'`` is a function of the output (tanh, sigmoid,
     relu, …: ``y`` is both the next layer's input and the derivative's argument), else its
     pre-activation ``h_j`` (gelu, silu, softplus: ``z_j = φ_j(h_j)`` is recomputed in backward
-    for ``∂L/∂W_{j+1}``). Memory: ``B · Σ_j H_j`` elements.
+    for ``∂L/∂W_{j+1}``). Memory: ``B · Σ_j H_j`` elements. The ``y`` that ``forward`` returns is
+    never one of these arrays, so changing it in place (``y -= t``) changes nothing here.
+
+    The cache does not copy the weights: ``backward`` and ``jacobian_chain`` read ``net.weights``
+    when they are called. Replacing ``net.weights[j]`` or ``net.activations[j]`` after the
+    forward pass makes them raise ``ValueError`` (run forward again). Changing a weight IN PLACE
+    (``W -= lr * dW``, or a framework that shares the memory taking an optimiser step) is not
+    detected, and neither is changing ``x`` in place: backward then combines the new weights with
+    the old activations — the gradient of neither network. Run forward again after an update.
     """
 
-    __slots__ = ("x", "saved", "from_output", "_owner", "_acts")
+    __slots__ = ("x", "saved", "from_output", "_owner", "_acts", "_weights")
 
-    def __init__(self, x, saved, from_output, owner, acts):
+    def __init__(self, x, saved, from_output, owner, acts, weights=()):
         self.x, self.saved, self.from_output = x, saved, from_output
-        self._owner, self._acts = owner, acts
+        self._owner, self._acts, self._weights = owner, acts, tuple(weights)
 
     @property
     def batch(self) -> int:
@@ -92,7 +83,13 @@ class MLP:
     """A multilayer perceptron with public ``weights``, ``biases`` and ``activations`` lists.
 
     ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``, ``activations[j]``: a name from
-    ``jacgrad.activations.names()``. ``activations`` may be one name for every layer.
+    ``jacgrad.activations.names()``. ``activations`` may be one name for every layer. Every
+    width is at least 1. The arrays are kept by reference (not copied).
+
+    The three lists are what the computation reads (``LayerList``): ``net.weights[j] = W``
+    replaces layer j's weight for every later call, after checking that ``W`` has the same shape,
+    dtype and device as the one it replaces; ``net.activations[j] = "relu"`` changes layer j's
+    activation (a valid name). Their length is fixed: build a new ``MLP`` to add or remove layers.
     """
 
     def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None = None, activations: str | Sequence[str] = "tanh"):
@@ -107,6 +104,11 @@ class MLP:
         for j, W in enumerate(weights):
             if W.ndim != 2:
                 raise ValueError(f"layer {j}: W must be 2-D (H_in, H_out), got shape {shape_str(W.shape)}")
+            if min(W.shape) < 1:
+                raise ValueError(
+                    f"layer {j}: W has shape {shape_str(W.shape)}: every layer needs at least one input and one "
+                    f"output feature (zero-width layers are not supported)"
+                )
             if j and W.shape[0] != weights[j - 1].shape[1]:
                 raise ValueError(
                     f"layer {j}: W has shape {shape_str(W.shape)} but layer {j - 1} outputs "
@@ -130,17 +132,57 @@ class MLP:
         names = [activations] * K if isinstance(activations, str) else list(activations)
         if len(names) != K:
             raise ValueError(f"got {len(names)} activations for {K} layers")
-        self._acts = [get_activation(n) for n in names]
-        self.weights, self.biases = weights, biases
-        self.activations = [a.name for a in self._acts]
+        acts = [_activation_entry(j, n) for j, n in enumerate(names)]
+        self._weights = LayerList(weights, "weights", self._check_weight)
+        self._biases = LayerList(biases, "biases", self._check_bias)
+        self._activations = LayerList(acts, "activations", _activation_entry, show=_activation_name)
         self._token = object()  # identifies this network's caches
+
+    # ------------------------------------------------------------------ the per-layer lists
+    @property
+    def weights(self) -> LayerList:
+        """``W_j: (H_{j-1}, H_j)``, one per layer; ``net.weights[j] = W`` checks shape, dtype, device."""
+        return self._weights
+
+    @property
+    def biases(self) -> LayerList:
+        """``b_j: (H_j,)``, one per layer; ``net.biases[j] = b`` checks shape, dtype, device."""
+        return self._biases
+
+    @property
+    def activations(self) -> LayerList:
+        """Activation names, one per layer; ``net.activations[j] = name`` checks the name."""
+        return self._activations
+
+    @weights.setter
+    def weights(self, value):
+        _no_replace("weights")
+
+    @biases.setter
+    def biases(self, value):
+        _no_replace("biases")
+
+    @activations.setter
+    def activations(self, value):
+        _no_replace("activations")
+
+    @property
+    def _acts(self) -> list:
+        """The ``Activation`` rows the computation uses: exactly what ``activations`` names."""
+        return self._activations.stored
+
+    def _check_weight(self, j: int, W):
+        return replacement(j, W, self._weights[j], "W")
+
+    def _check_bias(self, j: int, b):
+        return replacement(j, b, self._biases[j], "bias")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def init(
         cls,
         sizes: Sequence[int],
-        activation: str = "tanh",
+        activation: str | Sequence[str] = "tanh",
         output_activation: str = "identity",
         init: str = "xavier_normal",
         gain: float = 1.0,
@@ -151,22 +193,36 @@ class MLP:
     ) -> "MLP":
         """A freshly initialised network ``sizes = [n_in, H_1, …, n_out]``.
 
-        Weights by ``init`` (see ``jacgrad.initializers``) times ``gain``; biases ``N(0, bias_std²)``.
-        Drawn in float64 on the host, then cast to ``dtype`` and moved to ``device``
-        (``"cpu"``, ``"gpu"`` or ``"auto"``): the same seed gives the same network everywhere.
+        ``sizes``: integers ≥ 1 (an integer-valued float such as ``3.0`` is taken as 3; ``2.7`` is
+        an error). ``activation``: one name for every hidden layer, or a list of one name per hidden
+        layer (``len(sizes) - 2`` names); the output layer's is ``output_activation``.
+        Weights by ``init`` (see ``jacgrad.initializers``) times ``gain`` (finite, ≥ 0); biases
+        ``N(0, bias_std²)`` (``bias_std`` finite, ≥ 0). Drawn in float64 on the host, then cast to
+        ``dtype`` and moved to ``device`` (``"cpu"``, ``"gpu"`` or ``"auto"``): the same seed gives
+        the same network everywhere.
         """
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"sizes must be at least two positive widths [n_in, …, n_out], got {sizes}")
+        sizes = layer_widths(sizes)
         if init not in initializers.INITS:
             raise KeyError(f"unknown init {init!r}; valid names: {', '.join(initializers.names())}")
         dt = np.dtype(dtype)
         if dt not in (np.float32, np.float64):
             raise TypeError(f"dtype {dtype!r}: jacgrad works in float32 or float64")
-        if bias_std < 0:
-            raise ValueError(f"bias_std must be ≥ 0, got {bias_std}")
+        gain = nonnegative_finite(gain, "gain")
+        bias_std = nonnegative_finite(bias_std, "bias_std")
+        hidden = len(sizes) - 2
+        if isinstance(activation, str) or not hasattr(activation, "__iter__"):
+            names = [activation] * hidden
+        else:
+            names = list(activation)
+            if len(names) != hidden:
+                raise ValueError(
+                    f"activation has {len(names)} names but sizes {sizes} has {hidden} hidden layer"
+                    f"{'' if hidden == 1 else 's'}: give one name, or one per hidden layer "
+                    f"(the output layer's is output_activation)"
+                )
+        acts = [_activation_entry(j, n) for j, n in enumerate(names)]  # the rows themselves, parameters and all
+        acts.append(_activation_entry(hidden, output_activation, "output_activation"))
         device = resolve_device(device)
-        acts = [get_activation(activation).name] * (len(sizes) - 2) + [get_activation(output_activation).name]
         rng = np.random.default_rng(seed)
         weights, biases = [], []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -181,7 +237,7 @@ class MLP:
     def to(self, device: str) -> "MLP":
         """A copy of this network on ``"cpu"`` or ``"gpu"`` (explicit, never implicit)."""
         device = resolve_device(device)
-        return MLP([to_device(W, device) for W in self.weights], [to_device(b, device) for b in self.biases], self.activations)
+        return MLP([to_device(W, device) for W in self.weights], [to_device(b, device) for b in self.biases], self._acts)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -210,31 +266,47 @@ class MLP:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: Any):
-        return self.forward(x)[0]
+        """``y: (B, n_out)``, the output of ``forward`` (no cache is kept)."""
+        return self._forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
         """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``.
 
-        ``x`` is cast to the network's dtype. The cache keeps one ``(B, H_j)`` array per layer
-        (see ``ForwardCache``). ``check_finite=True`` raises ``FloatingPointError`` naming the
-        first layer (or the input) where a NaN or Inf appears; without it they propagate.
+        ``x`` is cast to the network's dtype, and copied to a C-contiguous array when it is not one
+        (results then do not depend on its memory layout). The cache keeps one ``(B, H_j)`` array per
+        layer (see ``ForwardCache``); ``y`` is the caller's own array, which the cache never reads
+        (changing it in place is safe). ``check_finite=True`` raises ``FloatingPointError`` naming
+        the first layer (or the input) where a NaN or Inf appears; without it they propagate.
         """
-        xp = get_xp(x, self.weights[0])
+        z, cache = self._forward(x, check_finite)
+        if cache.from_output[-1]:  # z IS the cache's saved output: hand back a copy ((B, n_out), cheap)
+            z = z.copy()
+        return z, cache
+
+    def _forward(self, x: Any, check_finite: bool = False):
+        """``forward`` without the copy of the output: the ``z`` returned may be the cache's
+        ``saved[-1]``, which backward reads. For callers that never hand ``z`` out while the
+        cache lives (``loss_and_grads``, ``__call__``)."""
+        weights, acts = self._weights.stored, self._acts
+        xp = get_xp(x, weights[0])
         x = float_array(x, "x", xp)
-        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+        n_in, dtype = weights[0].shape[0], weights[0].dtype
+        if x.ndim != 2 or x.shape[1] != n_in:
             got = x.shape[1] if x.ndim == 2 else f"an array of shape {shape_str(x.shape)}"
-            raise ValueError(f"layer 0 expects {self.sizes[0]} features, got {got} (x must be (B, {self.sizes[0]}))")
-        x = x.astype(self.dtype, copy=False)
+            raise ValueError(f"layer 0 expects {n_in} features, got {got} (x must be (B, {n_in}))")
+        # one memory layout for every x: the GEMMs (and so the last bits of ∂W_0) do not depend on
+        # how x is laid out, and a TrainingStep (which copies x into a C-contiguous buffer) agrees
+        x = xp.ascontiguousarray(x.astype(dtype, copy=False))
         if check_finite:
             _require_finite(x, "the input x")
-        B = x.shape[0]
+        B, sizes = x.shape[0], self.sizes
         # the hidden layers share one block; the last layer's array is a block of its own, so an
         # output kept on its own (``preds.append(net(x))``) does not keep the hidden ones alive
-        _, saved = carve(xp, [(B, H) for H in self.sizes[1:-1]], self.dtype, pooled=True)
-        saved += carve(xp, [(B, self.sizes[-1])], self.dtype, pooled=True)[1]
-        from_output = [act.df_from_output is not None for act in self._acts]
-        z = forward_into(x, self.weights, self.biases, self._acts, saved, check=_require_finite if check_finite else None)
-        return z, ForwardCache(x, saved, from_output, self._token, self._acts)
+        _, saved = carve(xp, [(B, H) for H in sizes[1:-1]], dtype, pooled=True)
+        saved += carve(xp, [(B, sizes[-1])], dtype, pooled=True)[1]
+        from_output = [act.df_from_output is not None for act in acts]
+        z = forward_into(x, weights, self._biases.stored, acts, saved, check=_require_finite if check_finite else None)
+        return z, ForwardCache(x, saved, from_output, self._token, acts, weights)
 
     # ------------------------------------------------------------------ factors and backward
     def _check_cache(self, cache: Any) -> None:
@@ -242,10 +314,17 @@ class MLP:
             raise TypeError(f"expected the cache returned by this network's forward, got {type(cache).__name__}")
         if cache._owner is not self._token:
             raise ValueError("this cache was made by another network's forward; run forward on this network")
+        for what, now, then in (("weights", self._weights.stored, cache._weights), ("activations", self._acts, cache._acts)):
+            for j, (a, b) in enumerate(zip(now, then)):
+                if a is not b:
+                    raise ValueError(
+                        f"net.{what}[{j}] was replaced after this cache's forward pass; run forward again "
+                        f"(backward and jacobian_chain read the network's current {what})"
+                    )
 
     def _factor(self, cache: ForwardCache, j: int) -> LayerJacobian:
-        key = "y" if cache.from_output[j] else "h"
-        return LayerJacobian.from_activation(self._acts[j], self.weights[j], **{key: cache.saved[j]})
+        key = "y" if cache.from_output[j] else "h"  # the cache's weights and rows are the net's (_check_cache)
+        return LayerJacobian.from_activation(cache._acts[j], cache._weights[j], **{key: cache.saved[j]})
 
     def jacobian_chain(self, cache: ForwardCache) -> Chain:
         """The per-sample ``Chain`` of this forward pass: factor j is ``diag(φ_j'(h_j)) · W_jᵀ``."""
@@ -260,6 +339,8 @@ class MLP:
         ``∂L/∂b_j = Σ_batch δ_j``, ``g ← δ_j @ W_jᵀ``. Peak memory: the returned gradients plus
         O(B · max H). ``input_grad=False`` skips the last ``δ_0 @ W_0ᵀ`` (``Gradients.input`` is None).
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite.
+        The weights are read now, not at forward time (see ``ForwardCache``: a replaced weight or
+        activation raises ``ValueError``; an in-place change is not detected).
         """
         self._check_cache(cache)
         xp = get_xp(grad_y, self.weights[0])
@@ -282,9 +363,13 @@ class MLP:
 
     def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
         """A ``jacgrad.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
-        the numbers of ``loss_and_grads`` from buffers allocated once (a CUDA graph on the GPU)."""
-        from .compiled import TrainingStep
+        the numbers of ``loss_and_grads`` (bitwise on NumPy, for any memory layout of ``x`` and
+        ``target``) from buffers allocated once (a CUDA graph on the GPU).
 
+        The results ARE the step's buffers: the next call overwrites ``loss`` and every array of
+        ``g`` in place. To keep a value across steps, take ``float(loss)`` or call
+        ``step(x, t, copy=True)``; ``losses.append(loss)`` collects the same 0-d array many times.
+        """
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
@@ -292,7 +377,9 @@ class MLP:
         of the network's output against ``target``. ``input_grad=False`` skips ``∂L/∂x`` (one
         GEMM of the ``2K`` a backward pass does), as a training loop may."""
         loss_fn = losses.get(loss)
-        y, cache = self.forward(x)
+        y, cache = self._forward(x)  # y is not handed out: no copy needed
+        if getattr(target, "ndim", 0) == 2 and (isinstance(target, np.ndarray) or is_gpu_array(target)):
+            target = get_xp(target).ascontiguousarray(target)  # one layout, as in a TrainingStep: the same sums
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
@@ -438,6 +525,26 @@ class MLP:
         from .netfile import load
 
         return load(path, dtype=dtype, device=device)
+
+
+def _no_replace(what: str):
+    raise AttributeError(
+        f"net.{what} cannot be replaced as a whole; assign one layer's entry (net.{what}[j] = …) or build a new MLP"
+    )
+
+
+def _activation_name(act) -> str:
+    return act.name
+
+
+def _activation_entry(j: int, name, what: str | None = None):
+    """The ``Activation`` row of layer ``j``'s activation ``name``; an unknown name is a ``KeyError``
+    naming the layer and listing the valid names."""
+    try:
+        return get_activation(name)
+    except KeyError as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise type(exc)(f"{what or f'layer {j}'}: {msg}") from None
 
 
 def _require_finite(a, where: str) -> None:

@@ -80,21 +80,52 @@ def test_results_are_the_step_buffers_unless_copied(rng):
     assert len(step(x2, t)[1].weights) == 2
 
 
-def test_replacing_a_weight_array_is_detected_and_rebind_adopts_it(rng):
-    net = jg.MLP.init([4, 6, 3], seed=0)
-    step = net.compile(5)
+def test_replacing_a_weight_array_or_an_activation_is_detected_and_rebind_adopts_it(rng):
+    net = jg.MLP.init([4, 6, 3], seed=0, bias_std=0.1)
+    step = net.compile(5, input_grad=True)
     x, t = rng.standard_normal((5, 4)), rng.random((5, 3))
     step(x, t)
-    net.weights[1] = net.weights[1] * 0.5  # a new array, not an in-place update
-    with pytest.raises(RuntimeError, match=r"net.weights\[1\] is no longer the array.*rebind"):
-        step(x, t)
-    step.rebind()
-    loss, g = step(x, t)
-    ref_loss, ref = net.loss_and_grads(x, t)
-    assert loss == ref_loss
-    np.testing.assert_array_equal(g.weights[1], ref.weights[1])
-    net.biases[0] = np.zeros(7)
+
+    def replace(lst, j, value):
+        lst[j] = value
+
+    changes = [  # a new array, not an in-place update; then activations that keep h (gelu) or y (relu)
+        (lambda: replace(net.weights, 1, net.weights[1] * 0.5), r"net.weights\[1\] is no longer the array"),
+        (lambda: replace(net.activations, 0, "gelu"), r"net.activations\[0\] is now 'gelu'"),
+        (lambda: replace(net.activations, 0, "relu"), r"net.activations\[0\] is now 'relu'"),
+    ]
+    for change, match in changes:
+        change()
+        with pytest.raises(RuntimeError, match=match + ".*rebind"):
+            step(x, t)
+        step.rebind()
+        got = _arrays(*step(x, t))
+        for a, b in zip(got, _arrays(*net.loss_and_grads(x, t)), strict=True):
+            np.testing.assert_array_equal(a, b)
+    net.biases[0] = np.zeros(6)
     with pytest.raises(RuntimeError, match=r"net.biases\[0\]"):
+        step(x, t)
+    with pytest.raises(ValueError, match=r"layer 0: bias has shape \(7,\)"):  # the net refuses a wrong shape itself
+        net.biases[0] = np.zeros(7)
+
+
+def test_a_duck_typed_network_with_plain_lists_is_compiled_and_rebind_checks_its_shapes(rng):
+    """TrainingStep reads a net through its lists (compiled does not import mlp): plain Python
+    lists, whose entries nothing validates, get the step's own checks."""
+    ref = jg.MLP.init([4, 6, 3], seed=0, bias_std=0.1)
+
+    class Plain:
+        weights, biases, activations = list(ref.weights), list(ref.biases), list(ref.activations)
+        xp, sizes, dtype = np, ref.sizes, ref.dtype
+
+    net = Plain()
+    step = TrainingStep(net, 5)
+    x, t = rng.standard_normal((5, 4)), rng.random((5, 3))
+    loss, g = step(x, t)
+    ref_loss, want = ref.loss_and_grads(x, t)
+    assert loss == ref_loss and np.array_equal(g.flat, want.flat)
+    net.biases[0] = np.zeros(7)
+    with pytest.raises(RuntimeError, match=r"net.biases\[0\] is no longer the array"):
         step(x, t)
     with pytest.raises(ValueError, match=r"net.biases\[0\] is now \(7,\) float64.*compiled for \(6,\)"):
         step.rebind()
