@@ -158,7 +158,10 @@ def _number_or_array(x: Any, what: str, xp, scalar):
 
 def _fresh(d, others):
     """``d``, copied if it may share memory with any of ``others`` (a gate never hands back its
-    caller's arrays, nor one array twice)."""
+    caller's arrays, nor one array twice); a 0-d NumPy array as the NumPy scalar NumPy's own
+    operations return."""
+    if isinstance(d, np.ndarray) and d.ndim == 0:
+        return d[()]
     if not hasattr(d, "shape") or isinstance(d, np.generic):
         return d  # Python and NumPy scalars are immutable
     xp = get_xp(d)

@@ -185,3 +185,14 @@ def test_ten_thousand_factors_plan_and_evaluate(rng):
     ref = factors[-1].W.T @ ref
     assert J.shape == (2, 5) and relative_error(J, ref) < 1e-9
     assert C.jacobian_cost("auto") <= min(C.jacobian_cost("forward"), C.jacobian_cost("reverse"))
+
+
+def test_gradient_flow_of_a_net_deeper_than_the_recursion_limit():
+    # `jacgrad report --depth 1000 --width 4` died in bracketing with RecursionError: the
+    # report's per-sample Jacobians go through Chain.jacobian("auto").
+    depth = sys.getrecursionlimit() + 100
+    net = jg.MLP.init([3] * (depth + 1), activation="tanh", seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    report = jg.diagnostics.gradient_flow(net, x)
+    assert len(report.layers) == depth
+    assert report.jacobian_singular_values.shape == (2, 3)
