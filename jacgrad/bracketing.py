@@ -60,10 +60,11 @@ def _plan(order: str, widths: tuple, per_sample: tuple, batch: int) -> Plan:
     return Plan(tree, _cost(tree, widths, per_sample, batch)[2])
 
 
-# "auto" runs the exact DP up to this many factors (O(K³) work, vectorised: well under a second
-# at 1000 on one core); beyond, the exact DP over blocks cut at the narrowest widths.
+# "auto" runs the exact DP up to EXACT_LIMIT factors (O(K³) work in NumPy sweeps); beyond, the
+# cheapest of the fans through the _HUBS best hubs and the DP over at most _BLOCKS blocks.
 EXACT_LIMIT = 1200
 _BLOCKS = 400
+_BLOCK_CAP = 100
 _HUBS = 8
 
 
@@ -172,47 +173,30 @@ def _build(split, K: int, leaves=None):
 
 
 def _blocked_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int):
-    """Beyond ``EXACT_LIMIT`` factors: the chain cut into at most ``_BLOCKS`` blocks at its
-    narrowest widths (ties spread along the chain), each block bracketed by the exact DP (or,
-    if still too long, blocked again), then the exact DP over the blocks with each block's cost
-    as its leaf cost. Returns ``(tree, cost)``.
+    """Beyond ``EXACT_LIMIT`` factors: the chain cut into about ``_BLOCKS`` blocks at its
+    narrowest widths (ties spread along the chain; a block still longer than ``_BLOCK_CAP``
+    cut evenly), each block bracketed by the exact DP, then the exact DP over the blocks with
+    each block's cost as its leaf cost. Returns ``(tree, cost)``.
 
     Optimal among the bracketings that form each block's product on its own — a restriction:
-    forward and reverse are not of that family, so ``_plan`` also prices them and keeps the
-    cheapest of the three."""
+    forward and reverse are not of that family, so ``_optimal_tree`` also prices the fans
+    (forward and reverse among them) and keeps the cheapest."""
     K = len(per_sample)
     pos = np.arange(1, K)  # a cut before factor c sits at width w[c]
     spread = (pos * 0.6180339887498949) % 1.0  # equal widths: cuts spread evenly, not bunched
     narrowest = np.lexsort((spread, np.asarray(w[1:K], dtype=np.float64)))[: _BLOCKS - 1]
     cuts = [int(c) for c in np.unique(np.concatenate([[0, K], pos[narrowest]]))]
-    trees, costs, block_ps = [], [], []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        if b - a > EXACT_LIMIT:
-            tree, cost = _blocked_tree(w[a : b + 1], per_sample[a:b], batch)
-            tree = _shift(tree, a)
-        else:
-            tree, cost = _dp_tree(w[a : b + 1], per_sample[a:b], batch, leaves=range(a, b))
+        if b - a > _BLOCK_CAP:
+            cuts += range(a + _BLOCK_CAP, b, _BLOCK_CAP)
+    cuts.sort()
+    trees, costs = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        tree, cost = _dp_tree(w[a : b + 1], per_sample[a:b], batch, leaves=range(a, b))
         trees.append(tree)
         costs.append(cost)
-        block_ps.append(any(per_sample[a:b]))
+    block_ps = [any(per_sample[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     return _dp_tree([w[c] for c in cuts], block_ps, batch, leaf_cost=costs, leaves=trees)
-
-
-def _shift(node, offset: int):
-    """``node`` with every leaf ``k`` renamed ``k + offset`` (iterative: chains can be deep)."""
-    done: dict[int, Any] = {}
-    stack = [node]
-    while stack:
-        n = stack[-1]
-        if _is_leaf(n):
-            done[id(n)] = n + offset
-            stack.pop()
-        elif id(n[0]) in done and id(n[1]) in done:
-            done[id(n)] = (done[id(n[0])], done[id(n[1])])
-            stack.pop()
-        else:
-            stack.extend(x for x in n if id(x) not in done)
-    return done[id(node)]
 
 
 def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:

@@ -103,6 +103,23 @@ def test_the_exact_dp_and_the_large_chain_plan_agree_on_typical_shapes(monkeypat
         bracketing._plan.cache_clear()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_blocked_plan_prices_its_own_tree(seed, monkeypatch):
+    # The blocked DP (beyond EXACT_LIMIT) carries each block's cost into the DP over blocks as a
+    # leaf cost, and re-blocks blocks that are still too long: its claimed cost must be the
+    # independent price of the tree it returns, over every factor exactly once.
+    monkeypatch.setattr(bracketing, "EXACT_LIMIT", 5)
+    monkeypatch.setattr(bracketing, "_BLOCKS", 4)
+    monkeypatch.setattr(bracketing, "_BLOCK_CAP", 9)
+    rng = np.random.default_rng(seed)
+    K = 60
+    widths = [int(w) for w in rng.integers(1, 50, K + 1)]
+    per_sample = [bool(p) for p in rng.integers(0, 2, K)]
+    tree, cost = bracketing._blocked_tree(widths, per_sample, 7)
+    assert sorted(leaves(tree)) == list(range(K))
+    assert cost == price(tree, widths, per_sample, 7)[2]
+
+
 def _recursion_room(extra):
     """A recursion limit only ``extra`` frames above the current depth."""
     depth, frame = 0, sys._getframe()
