@@ -211,11 +211,17 @@ def _softmax(xp, x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _result_dtype(*xs):
+    """NumPy's result dtype of ``xs`` — from their dtypes, so CuPy arrays are never converted;
+    Python numbers stay weak."""
+    return np.result_type(*(x.dtype if hasattr(x, "dtype") else x for x in xs))
+
+
 def _route(xp, g, out, x_loses, y_loses, tie):
     """``g`` to the winning input of max/min, half to each at a tie — torch.maximum/minimum's rule.
 
     Selected, not multiplied by a 0/1 mask: the loser gets 0 even where ``g`` is ±∞ or NaN."""
-    dtype = np.result_type(g, out)
+    dtype = _result_dtype(g, out)
     routed = xp.where(tie, g / 2, g)
     return xp.where(x_loses, 0, routed).astype(dtype), xp.where(y_loses, 0, routed).astype(dtype)
 
@@ -223,7 +229,7 @@ def _route(xp, g, out, x_loses, y_loses, tie):
 def _pow_grad(xp, g, x, p):
     """``g·p·xᵖ⁻¹``; exactly 0 for ``p = 0`` (torch, autograd), not 0·∞ = NaN at ``x = 0``."""
     if p == 0:
-        return xp.zeros(_shape(x), dtype=np.result_type(g, x))
+        return xp.zeros(_shape(x), dtype=_result_dtype(g, x))
     return g * p * x ** (p - 1)
 
 
@@ -269,7 +275,7 @@ _TABLE = (
          lambda xp, g, out, x: (g * (1 - out * out),)),
     Gate("relu", 1, "f = max(x, 0)   df/dx = 1(x > 0)",
          lambda xp, x: xp.maximum(x, 0),
-         lambda xp, g, out, x: (xp.where(x <= 0, 0, g).astype(np.result_type(g, out)),)),
+         lambda xp, g, out, x: (xp.where(x <= 0, 0, g).astype(_result_dtype(g, out)),)),
     Gate("matmul", 2, "D = W·X         dW = dD·Xᵀ, dX = Wᵀ·dD",
          _matmul,
          lambda xp, g, out, W, X: (g @ X.T, W.T @ g)),

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from jacgrad import gates
+from jacgrad import gates, to_numpy
 
 torch = pytest.importorskip("torch")
 
@@ -160,3 +160,15 @@ def test_non_numbers_are_refused_by_name(bad):
         gates.get("add").vjp(1.0, 1.0, bad)
     with pytest.raises(TypeError, match="g of gate 'exp'"):
         gates.get("exp").vjp(bad, 1.0)
+
+
+def test_fresh_gradients_and_exact_zeros_on_every_backend(xp):
+    g, x, y = xp.ones(3), xp.asarray([0.0, 1.0, 2.0]), xp.asarray([1.0, 1.0, 1.0])
+    gx, gy = gates.get("add").vjp(g, x, y)
+    gx += 5
+    assert bool((gy == 1).all()) and bool((g == 1).all())
+    (d,) = gates.get("pow").vjp(g, x, p=0)
+    assert type(d) is type(x) and not bool(d.any())
+    inf = xp.full(3, float("inf"))
+    dx, dy = gates.get("max").vjp(inf, x, y)  # x loses at 0, ties at 1, wins at 2
+    assert to_numpy(dx).tolist() == [0.0, np.inf, np.inf] and to_numpy(dy).tolist() == [np.inf, np.inf, 0.0]
