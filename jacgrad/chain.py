@@ -39,6 +39,13 @@ class Chain:
 
     Shapes: ``n_in = J_1.h_in``, ``n_out = J_K.h_out``; ``batch`` is the common B of the
     per-sample factors, or None when every diagonal is shared.
+
+    dtype: every factor must have the same dtype (float32 or float64); a mix is a ``TypeError``
+    naming the factors of each dtype, as ``MLP`` refuses mixed layers — a silent promotion
+    would hand float64 results (and float64 cost) to a float32 pipeline.
+
+    Widths may be 0 anywhere (an empty layer): products, the Jacobian and the spectra then
+    have the right shapes and are empty or zero (a map through a zero-width layer is 0).
     """
 
     def __init__(self, factors: Sequence[LayerJacobian]):
@@ -52,6 +59,12 @@ class Chain:
             get_xp(*[J.W for J in factors])
         except TypeError as exc:
             raise TypeError(f"the factors' weights live on different devices: {exc}") from None
+        dtypes = [np.dtype(J.dtype) for J in factors]
+        if len(set(dtypes)) > 1:
+            kinds = {dt: [k for k, d in enumerate(dtypes) if d == dt] for dt in dict.fromkeys(dtypes)}
+            which = "; ".join(f"{dt}: factor(s) {', '.join(map(str, ks))}" for dt, ks in kinds.items())
+            raise TypeError(f"the factors mix dtypes ({which}); a Chain computes in one dtype — "
+                            "cast the diagonals and weights to float32 or float64 first")
         batch = None
         for k, J in enumerate(factors):
             if k and J.h_in != factors[k - 1].h_out:
@@ -82,8 +95,9 @@ class Chain:
         return f"Chain({b}{widths}, dtype={self.dtype})"
 
     def rows(self, sel) -> "Chain":
-        """The chain of the samples ``sel`` (a slice or index array): per-sample diagonals sliced,
-        weights and shared diagonals as they are. Use it to work through a batch in chunks."""
+        """The chain of the samples ``sel`` (a slice, or a 1-D integer or boolean index array —
+        never a single integer: the batch axis stays): per-sample diagonals sliced, weights and
+        shared diagonals as they are. Use it to work through a batch in chunks."""
         return Chain([J.rows(sel) for J in self.factors])
 
     @property
@@ -159,7 +173,10 @@ class Chain:
         ``order``: ``"forward"`` (accumulate from the input side, cheap when n_in is small),
         ``"reverse"`` (from the output side, cheap when n_out is small) or ``"auto"`` — the
         cheapest bracketing from matrix-chain dynamic programming over the widths, the batch
-        counted (an hourglass net is split at its bottleneck).
+        counted (an hourglass net is split at its bottleneck). "auto" is exact up to
+        ``jacgrad.bracketing.EXACT_LIMIT`` (1200) factors and planned in well under a second at
+        1000; beyond, it is a heuristic never worse than forward or reverse (see
+        ``jacgrad.bracketing``). Any depth works: nothing recurses per factor.
         """
         plan = self._plan(order)
         out = _br.evaluate(plan.tree, self.factors, transposed=False)

@@ -10,6 +10,16 @@ Conventions:
 - Inputs are float32/float64 arrays (NumPy or CuPy) or Python numbers; every returned gradient
   has its input's shape. Inputs of elementwise gates broadcast, and the gradient of a
   broadcast input is summed back to its shape (``add(x (B, H), b (H,))`` gives ``∂b: (H,)``).
+- Python numbers behave like 0-d arrays: beside an array they are weak (a float32 array keeps
+  float32, as in NumPy); when no input is an array they become 0-d float64 arrays (results are
+  NumPy scalars), so ``log(0.0)`` is ``-inf`` and ``pow(-1.0, p=0.5)`` is ``nan`` (with NumPy's
+  RuntimeWarning), never a ``ZeroDivisionError`` or a complex number. ``None``, strings and
+  complex numbers are a ``TypeError``.
+- Every returned gradient is new memory: never ``g``, an input or another returned gradient
+  (``add`` hands ``g`` to its two inputs as two copies), so editing one in place changes nothing else.
+- A local gradient that is a mask or a constant zero gives exactly 0, as in torch: ``pow`` with
+  ``p=0`` has gradient 0 (not 0·∞ at ``x=0``), and ``max``/``min``/``relu`` give 0 to the losing
+  input even where ``g`` is ±∞ or NaN.
 - The constants of ``add_const`` (``f = c + x``), ``scale`` (``f = a·x``) and ``pow``
   (``f = x^p``) are keyword parameters, not inputs: as in the notes these are unary gates and
   the VJP returns one gradient. For a gradient on the constant, use the binary ``add``/``mul``.
@@ -21,17 +31,20 @@ Conventions:
 
     >>> from jacgrad import gates
     >>> mul = gates.get("mul")
-    >>> mul.forward(3.0, -4.0), mul.vjp(2.0, 3.0, -4.0)   # the mul gate swaps its inputs
-    (-12.0, (-8.0, 6.0))
+    >>> float(mul.forward(3.0, -4.0)), [float(d) for d in mul.vjp(2.0, 3.0, -4.0)]  # mul swaps
+    (-12.0, [-8.0, 6.0])
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._validate import float_array, shape_str
+import numpy as np
+
+from ._validate import FLOAT_DTYPES, float_array, shape_str
 from .backend import get_xp
 
 __all__ = ["GATES", "Gate", "get", "names"]
@@ -69,7 +82,8 @@ class Gate:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
 
-    def _inputs(self, inputs: tuple, params: dict):
+    def _inputs(self, inputs: tuple, params: dict, g: Any = None):
+        """``(xp, inputs, g)`` checked and converted; ``g`` only for ``vjp``."""
         if len(inputs) != self.arity:
             raise TypeError(f"gate {self.name!r} takes {self.arity} input(s); got {len(inputs)}")
         unknown = sorted(set(params) - set(self.required) - set(self.optional))
@@ -82,32 +96,80 @@ class Gate:
         for p in self.required:
             if isinstance(params[p], bool) or not isinstance(params[p], (int, float)):
                 raise TypeError(f"gate {self.name!r}: {p} must be a real number; got {params[p]!r}")
-        xp = get_xp(*inputs)
-        return xp, tuple(self._number_or_array(x, f"input {i} of gate {self.name!r}", xp)
-                         for i, x in enumerate(inputs))
-
-    @staticmethod
-    def _number_or_array(x: Any, what: str, xp):
-        # Python numbers stay Python floats: NumPy treats them as weak, so float32 stays float32.
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return float(x)
-        return float_array(x, what, xp)
+        named = [(x, f"input {i} of gate {self.name!r}") for i, x in enumerate(inputs)]
+        if g is not None:
+            named.append((g, f"g of gate {self.name!r}"))
+        for x, what in named:
+            _check_real(x, what)
+        # Beside an array a Python number stays a Python float (weak: float32 stays float32).
+        # Without one it becomes a 0-d array, so the rules run with NumPy's array semantics.
+        if any(hasattr(x, "dtype") for x in inputs):
+            scalar = float
+        else:
+            dtype = g.dtype if hasattr(g, "dtype") and np.dtype(g.dtype) in FLOAT_DTYPES else np.float64
+            scalar = functools.partial(np.asarray, dtype=dtype)
+        xp = get_xp(*(x for x, _ in named))
+        converted = tuple(_number_or_array(x, what, xp, scalar) for x, what in named)
+        if g is None:
+            return xp, converted, None
+        return xp, converted[:-1], converted[-1]
 
     def forward(self, *inputs: Any, **params: Any):
         """The gate's output for ``inputs`` (``arity`` of them) and keyword ``params``."""
-        xp, inputs = self._inputs(inputs, params)
-        return self.f(xp, *inputs, **params)
+        xp, inputs, _ = self._inputs(inputs, params)
+        return _fresh(self.f(xp, *inputs, **params), inputs)
 
     def vjp(self, g: Any, *inputs: Any, **params: Any) -> tuple:
-        """The gradients on the inputs, given the gradient ``g`` on the output (output's shape)."""
-        xp, inputs = self._inputs(inputs, params)
+        """The gradients on the inputs, given the gradient ``g`` on the output (output's shape).
+
+        Each gradient is new memory: neither ``g``, an input, nor another returned gradient."""
+        if g is None:
+            raise TypeError(f"g of gate {self.name!r} is None; it must be the gradient on the output")
+        xp, inputs, g = self._inputs(inputs, params, g)
         out = self.f(xp, *inputs, **params)
-        g = self._number_or_array(g, f"g of gate {self.name!r}", get_xp(g, *inputs))
         if _shape(g) != _shape(out):
             raise ValueError(f"gate {self.name!r}: g has shape {shape_str(_shape(g))} "
                              f"but the output has shape {shape_str(_shape(out))}")
-        grads = self.df(xp, g, out, *inputs, **params)
-        return tuple(_unbroadcast(d, _shape(x)) for d, x in zip(grads, inputs))
+        grads: list = []
+        for d, x in zip(self.df(xp, g, out, *inputs, **params), inputs):
+            grads.append(_fresh(_unbroadcast(d, _shape(x)), (g, *inputs, *grads)))
+        return tuple(grads)
+
+
+def _check_real(x: Any, what: str) -> None:
+    """A ``TypeError`` for what is neither an array, a real Python number, nor a list of them."""
+    if hasattr(x, "dtype") or (isinstance(x, (int, float))):
+        return
+    if isinstance(x, (list, tuple)):
+        try:
+            kind = np.asarray(x).dtype.kind
+        except (TypeError, ValueError):
+            kind = "O"
+        if kind in "biuf":
+            return
+    raise TypeError(f"{what} is {type(x).__name__} {x!r:.40}; gates take float32/float64 arrays or real numbers")
+
+
+def _number_or_array(x: Any, what: str, xp, scalar):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return scalar(x)
+    return float_array(x, what, xp)
+
+
+def _fresh(d, others):
+    """``d``, copied if it may share memory with any of ``others`` (a gate never hands back its
+    caller's arrays, nor one array twice); a 0-d NumPy array as the NumPy scalar NumPy's own
+    operations return."""
+    if isinstance(d, np.ndarray) and d.ndim == 0:
+        return d[()]
+    if not hasattr(d, "shape") or isinstance(d, np.generic):
+        return d  # Python and NumPy scalars are immutable
+    xp = get_xp(d)
+    for o in others:
+        if hasattr(o, "shape") and not isinstance(o, np.generic) and get_xp(o) is xp \
+                and xp.may_share_memory(d, o):
+            return d.copy()
+    return d
 
 
 def _sigmoid(xp, x):
@@ -149,10 +211,26 @@ def _softmax(xp, x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _route(g, x_wins, y_wins, tie):
-    """``g`` to the winning input of max/min; at a tie half to each (torch.maximum/minimum)."""
-    half = g * tie / 2
-    return g * x_wins + half, g * y_wins + half
+def _result_dtype(*xs):
+    """NumPy's result dtype of ``xs`` — from their dtypes, so CuPy arrays are never converted;
+    Python numbers stay weak."""
+    return np.result_type(*(x.dtype if hasattr(x, "dtype") else x for x in xs))
+
+
+def _route(xp, g, out, x_loses, y_loses, tie):
+    """``g`` to the winning input of max/min, half to each at a tie — torch.maximum/minimum's rule.
+
+    Selected, not multiplied by a 0/1 mask: the loser gets 0 even where ``g`` is ±∞ or NaN."""
+    dtype = _result_dtype(g, out)
+    routed = xp.where(tie, g / 2, g)
+    return xp.where(x_loses, 0, routed).astype(dtype), xp.where(y_loses, 0, routed).astype(dtype)
+
+
+def _pow_grad(xp, g, x, p):
+    """``g·p·xᵖ⁻¹``; exactly 0 for ``p = 0`` (torch, autograd), not 0·∞ = NaN at ``x = 0``."""
+    if p == 0:
+        return xp.zeros(_shape(x), dtype=_result_dtype(g, x))
+    return g * p * x ** (p - 1)
 
 
 _TABLE = (
@@ -164,10 +242,10 @@ _TABLE = (
          lambda xp, g, out, x, y: (g * y, g * x)),
     Gate("max", 2, "f = max(x, y)  ∂f/∂x = 1(x > y), ∂f/∂y = 1(y > x), ½ each at a tie (routes g)",
          lambda xp, x, y: xp.maximum(x, y),
-         lambda xp, g, out, x, y: _route(g, x > y, y > x, x == y)),
+         lambda xp, g, out, x, y: _route(xp, g, out, x < y, y < x, x == y)),
     Gate("min", 2, "f = min(x, y)  ∂f/∂x = 1(x < y), ∂f/∂y = 1(y < x), ½ each at a tie",
          lambda xp, x, y: xp.minimum(x, y),
-         lambda xp, g, out, x, y: _route(g, x < y, y < x, x == y)),
+         lambda xp, g, out, x, y: _route(xp, g, out, x > y, y > x, x == y)),
     Gate("exp", 1, "f = eˣ          df/dx = eˣ",
          lambda xp, x: xp.exp(x),
          lambda xp, g, out, x: (g * out,)),
@@ -187,7 +265,7 @@ _TABLE = (
          required=("a",)),
     Gate("pow", 1, "f = xᵖ          df/dx = p·xᵖ⁻¹",
          lambda xp, x, *, p: x**p,
-         lambda xp, g, out, x, *, p: (g * p * x ** (p - 1),),
+         lambda xp, g, out, x, *, p: (_pow_grad(xp, g, x, p),),
          required=("p",)),
     Gate("sigmoid", 1, "f = σ(x)        df/dx = (1 − σ(x))·σ(x)",
          _sigmoid,
@@ -197,7 +275,7 @@ _TABLE = (
          lambda xp, g, out, x: (g * (1 - out * out),)),
     Gate("relu", 1, "f = max(x, 0)   df/dx = 1(x > 0)",
          lambda xp, x: xp.maximum(x, 0),
-         lambda xp, g, out, x: (g * (x > 0),)),
+         lambda xp, g, out, x: (xp.where(x <= 0, 0, g).astype(_result_dtype(g, out)),)),
     Gate("matmul", 2, "D = W·X         dW = dD·Xᵀ, dX = Wᵀ·dD",
          _matmul,
          lambda xp, g, out, W, X: (g @ X.T, W.T @ g)),

@@ -28,6 +28,25 @@ from .backend import get_xp
 __all__ = ["LayerJacobian"]
 
 
+def _check_sample_selection(sel) -> None:
+    """``sel`` of ``rows``: a slice or a 1-D index array, with a message that says so otherwise."""
+    if isinstance(sel, slice):
+        return
+    if isinstance(sel, (int, np.integer)) or (getattr(sel, "ndim", None) == 0 and np.dtype(sel.dtype).kind in "iu"):
+        raise TypeError(f"rows({sel!r}): give a slice or an index array of samples, e.g. rows([{int(sel)}]) "
+                        f"or rows(slice({int(sel)}, {int(sel) + 1})); the result keeps the batch axis")
+    ndim = getattr(sel, "ndim", None)
+    if ndim is None:
+        ndim = np.ndim(sel) if isinstance(sel, (list, tuple)) else -1
+    dtype = getattr(sel, "dtype", None)
+    if dtype is None and isinstance(sel, (list, tuple)):
+        dtype = np.asarray(sel).dtype if len(sel) else np.dtype(np.int64)
+    if ndim != 1 or dtype is None or np.dtype(dtype).kind not in "biu":
+        raise TypeError(f"rows: sel must be a slice or a 1-D integer or boolean index array of samples; "
+                        f"got {type(sel).__name__}{f' of dtype {dtype}' if dtype is not None else ''}"
+                        f"{f' with {ndim} dimensions' if ndim not in (None, -1, 1) else ''}")
+
+
 class LayerJacobian:
     """``diag(d) · Wᵀ`` with ``d: (H_out,)`` shared or ``(B, H_out)`` per sample, ``W: (H_in, H_out)``.
 
@@ -79,9 +98,12 @@ class LayerJacobian:
         return self
 
     def rows(self, sel) -> "LayerJacobian":
-        """The factor of the samples ``sel`` (a slice or index array) — the same ``W``, not copied.
+        """The factor of the samples ``sel`` — the same ``W``, not copied.
 
-        A shared factor is returned as it is."""
+        ``sel``: a slice, or a 1-D integer or boolean index array (or list); a single integer is a
+        ``TypeError`` — the result keeps its batch axis (``rows([0])`` for one sample). A shared
+        factor is returned as it is."""
+        _check_sample_selection(sel)
         if not self.per_sample:
             return self
         out = LayerJacobian.__new__(LayerJacobian)
