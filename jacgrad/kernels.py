@@ -70,6 +70,11 @@ def _resolve(activation: str | Activation) -> Activation:
     )
 
 
+def _params(act: Activation, dtype) -> tuple:
+    """The activation's parameters as the kernels' last two arguments ``T pa, T pb``."""
+    return tuple(np.dtype(dtype).type(p) for p in act.kernel_args)
+
+
 def _derivative_of(act: Activation, from_output: bool):
     """The table function for φ' (from h, or from y when ``from_output``)."""
     if not from_output:
@@ -143,7 +148,7 @@ def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: b
     if out is None:
         out = xp.empty_like(v)
     kernel = compiled_kernel("scale_cotangent", v.dtype, act, from_output)
-    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)))
+    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size), *_params(act, v.dtype)))
     return out
 
 
@@ -160,7 +165,8 @@ def derivative(x: Any, activation: str | Activation, from_output: bool = False, 
         return _into(out, fn(x))
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x) if out is None else out
-    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)))
+    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size,
+           (x, out, np.int64(x.size), *_params(act, x.dtype)))
     return out
 
 
@@ -179,7 +185,7 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
         return _into(out, act.f(h))
     h = xp.ascontiguousarray(h)
     out = xp.empty_like(h) if out is None else out
-    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)))
+    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size), *_params(act, h.dtype)))
     return out
 
 
@@ -204,7 +210,8 @@ def forward_with_derivative(h: Any, activation: str | Activation, out: Any = Non
         return (y, d) if out is None else (_into(out[0], y), _into(out[1], d))
     h = xp.ascontiguousarray(h)
     y, d = (xp.empty_like(h), xp.empty_like(h)) if out is None else out
-    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)))
+    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size,
+           (h, y, d, np.int64(h.size), *_params(act, h.dtype)))
     return y, d
 
 
