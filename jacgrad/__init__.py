@@ -25,7 +25,7 @@ from . import (
     mlp,
     spectra,
 )
-from .backend import get_xp, to_device, to_numpy
+from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
@@ -37,6 +37,7 @@ __all__ = [
     "LayerJacobian",
     "MLP",
     "activations",
+    "asarray",
     "backend",
     "chain",
     "check",
