@@ -81,6 +81,11 @@ class Activation:
     kernel_args: tuple = (0.0, 0.0)
 
     @property
+    def family(self) -> str:
+        """The bare table name: ``"elu"`` for ``elu(alpha=0.5)``."""
+        return self.name.partition("(")[0]
+
+    @property
     def smooth(self) -> bool:
         """True when φ' is continuous (no kinks)."""
         return not self.kinks
