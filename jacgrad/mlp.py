@@ -296,17 +296,21 @@ class MLP:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
-        """Write ``W0, b0, W1, b1, …`` and ``activations`` (one name per layer) to an ``.npz``."""
+        """Write ``W0, b0, W1, b1, …`` and the activation names to ``.npz`` or ``.safetensors``
+        (by suffix; see ``jacgrad.netfile``)."""
         from .netfile import save
 
-        save(self, path)
+        save(self.weights, self.biases, self.activations, path)
 
     @classmethod
-    def load(cls, path, dtype: str | None = None, device: str = "cpu") -> "MLP":
-        """Read a network written by ``save`` (or by hand in the same format: see ``jacgrad.netfile``)."""
+    def load(cls, path, dtype: str | None = None, device: str = "cpu", activations=None) -> "MLP":
+        """Read a network from ``.npz`` or ``.safetensors`` (written by ``save``, or by hand in the
+        same layout) or a torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``,
+        read with ``weights_only=True``); ``activations=``: the names for files that carry none.
+        Formats and errors: ``jacgrad.netfile``."""
         from .netfile import load
 
-        return load(path, dtype=dtype, device=device)
+        return cls.from_spec(load(path, activations=activations, dtype=dtype, device=device))
 
     # ------------------------------------------------------------------ bring your own model
     @classmethod
