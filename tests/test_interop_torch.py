@@ -221,3 +221,35 @@ def test_cuda_model_is_shared_through_dlpack():
     cp.testing.assert_allclose(net(x), cp.asarray(model(x).detach()), rtol=1e-12)
     back = net.to_torch()
     assert back[0].weight.is_cuda
+
+
+LOSSES = {
+    "mse": lambda y, t: torch.nn.functional.mse_loss(y, t),
+    "softmax_cross_entropy": lambda y, t: torch.nn.functional.cross_entropy(y, t),
+    "sigmoid_bce": lambda y, t: torch.nn.functional.binary_cross_entropy_with_logits(y, t),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("act, name", [ACTIVATION_MODULES[2], ACTIVATION_MODULES[6], ACTIVATION_MODULES[13]],
+                         ids=[IDS[2], IDS[6], IDS[13]])
+def test_every_loss_against_torch(act, name, loss, dtype):
+    model = make_model(act, dtype, seed=4)
+    net = jg.MLP.from_torch(model, copy=False)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5, dtype=dtype, generator=gen, requires_grad=True)
+    t = {"mse": torch.randn(8, 3, dtype=dtype, generator=gen),
+         "softmax_cross_entropy": torch.randint(0, 3, (8,), generator=gen),
+         "sigmoid_bce": torch.rand(8, 3, dtype=dtype, generator=gen)}[loss]
+    value_torch = LOSSES[loss](model(x), t)
+    value_torch.backward()
+    value, g = net.loss_and_grads(x, t, loss=loss)  # torch tensors in, the shared parameters
+    tol = TOL[dtype]
+    assert abs(float(value) - value_torch.item()) <= tol * abs(value_torch.item())
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for j, m in enumerate(linears):
+        assert relative_error(g.weights[j], m.weight.grad.T.numpy()) <= tol, f"dW{j}"
+        if m.bias is not None:
+            assert relative_error(g.biases[j], m.bias.grad.numpy()) <= tol, f"db{j}"
+    assert relative_error(g.input, x.grad.numpy()) <= tol
