@@ -1,6 +1,7 @@
 """MLP.from_flax against JAX: a flax.linen Dense stack's parameter dict (plain dicts of JAX
 arrays, so no flax install is needed) imported and compared with ``jax.vmap(jax.jacrev)`` of the
-same network written in jax.numpy — forward, and per-sample Jacobians in all three orders."""
+same network written in jax.numpy — forward, and per-sample Jacobians in all three orders. The
+format and error tests need neither jax nor flax."""
 
 from __future__ import annotations
 
@@ -10,23 +11,23 @@ import pytest
 import jacgrad as jg
 from jacgrad.check import relative_error
 
-jax = pytest.importorskip("jax")
-jnp = jax.numpy
-
-JAX_ACT = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "gelu": lambda h: jax.nn.gelu(h, approximate=False),
-    "silu": jax.nn.silu,
-    "elu(alpha=0.5)": lambda h: jax.nn.elu(h, alpha=0.5),
-    "leaky_relu(negative_slope=0.2)": lambda h: jax.nn.leaky_relu(h, 0.2),
-    "sigmoid": jax.nn.sigmoid,
-    "identity": lambda h: h,
-}
-NAMES = list(JAX_ACT)
+NAMES = ["tanh", "relu", "gelu", "silu", "elu(alpha=0.5)", "leaky_relu(negative_slope=0.2)", "sigmoid", "identity"]
 
 
-def flax_params(sizes, dtype, seed=0, bias=True):
+def jax_activations(jax):
+    return {
+        "tanh": jax.numpy.tanh,
+        "relu": jax.nn.relu,
+        "gelu": lambda h: jax.nn.gelu(h, approximate=False),
+        "silu": jax.nn.silu,
+        "elu(alpha=0.5)": lambda h: jax.nn.elu(h, alpha=0.5),
+        "leaky_relu(negative_slope=0.2)": lambda h: jax.nn.leaky_relu(h, 0.2),
+        "sigmoid": jax.nn.sigmoid,
+        "identity": lambda h: h,
+    }
+
+
+def flax_params(jnp, sizes, dtype, seed=0, bias=True):
     """What ``flax.linen`` ``model.init`` returns for a stack of Dense layers, written by hand."""
     rng = np.random.default_rng(seed)
     layers = {}
@@ -38,13 +39,13 @@ def flax_params(sizes, dtype, seed=0, bias=True):
     return {"params": layers}
 
 
-def jax_apply(params, acts):
-    layers = params["params"]
+def jax_apply(jax, params, acts):
+    layers, table = params["params"], jax_activations(jax)
 
     def f(x):
         for j, act in enumerate(acts):
             layer = layers[f"Dense_{j}"]
-            x = JAX_ACT[act](x @ layer["kernel"] + layer.get("bias", 0.0))
+            x = table[act](x @ layer["kernel"] + layer.get("bias", 0.0))
         return x
 
     return f
@@ -52,16 +53,17 @@ def jax_apply(params, acts):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_matches_jax_vmap_jacrev(dtype, rng):
+    jax = pytest.importorskip("jax")
     sizes = [4, 6, 5, 7, 5, 6, 4, 5, 6, 5, 4, 3, 3]  # 12 layers: Dense_10 and Dense_11 come after Dense_9
     acts = [NAMES[j % len(NAMES)] for j in range(len(sizes) - 1)]
     tol = {"float64": 1e-12, "float32": 1e-5}[dtype]
     with jax.enable_x64(dtype == "float64"):
-        params = flax_params(sizes, dtype)
+        params = flax_params(jax.numpy, sizes, dtype)
         shuffled = {"params": dict(reversed(list(params["params"].items())))}  # dict order is not layer order
         net = jg.MLP.from_flax(shuffled, acts)
         assert net.sizes == sizes and net.activations == acts and net.dtype == np.dtype(dtype)
         x = rng.standard_normal((6, 4)).astype(dtype)
-        f = jax_apply(params, acts)
+        f = jax_apply(jax, params, acts)
         y_ref, jac_ref = map(np.asarray, jax.jit(lambda x: (f(x), jax.vmap(jax.jacrev(f))(x)))(x))
     y, cache = net.forward(x)
     assert relative_error(y, y_ref) <= tol
@@ -99,6 +101,7 @@ def test_bad_parameters_say_why(params, acts, error, match):
 
 
 def test_a_real_flax_model():
+    jax = pytest.importorskip("jax")
     flax_nn = pytest.importorskip("flax.linen", reason="flax is not installed: the plain-dict tests cover the format")
 
     class Stack(flax_nn.Module):
