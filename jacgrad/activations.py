@@ -6,7 +6,8 @@ activation is one ``Activation`` row. Its functions take a NumPy or CuPy array `
 shape, float32 or float64, and return an array of the same shape and dtype; the math is written
 once against ``xp = get_xp(h)``. The same formulas, operation for operation, live in
 ``kernels/activations.cuh`` (the functor named by ``Activation.cuda``), and the host test
-compares the two on a grid with 0, ±tiny, ±large and ±inf.
+compares the two on a grid with 0, ±tiny, ±large and ±inf. The row type is in
+``_activation_row``; the parameterised rows and their spelling in ``_activation_params``.
 
 Conventions:
 - derivatives at kinks are PyTorch autograd's: relu'(0) = 0, leaky_relu'(0) = negative_slope,
@@ -31,91 +32,12 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
+from ._activation_params import _FAMILIES, _canonical, _parse
+from ._activation_row import Activation, _array, _const, _logistic, _SAT
 from ._erf import erf, erfc
-from ._validate import float_array
 from .backend import get_xp
 
 __all__ = ["Activation", "erf", "erfc", "get", "names", "parameters", "split_names"]
-
-Fn = Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class Activation:
-    """One row of the table.
-
-    name: the key of ``get``; f(h), df(h): φ and φ' elementwise, any shape → same shape/dtype;
-    df_from_output(y): φ' as a function of the output y = φ(h), or None;
-    bound: sup over ℝ of |φ'(h)| (never below the true sup; used for norm bounds);
-    cuda: the C++ functor in kernels/activations.cuh that the GPU kernels instantiate;
-    kinks: the points where φ' jumps (its value there is PyTorch's convention);
-    f_into(h, out): φ(h) written straight into ``out`` (which may be ``h``), bitwise equal to
-    ``f(h)``, for the activations that are a single ufunc — the forward pass then allocates
-    nothing; None where φ takes several steps (``f`` is computed, then copied);
-    df_from_output_into(y, out, scratch): ``df_from_output(y)`` written into ``out`` with one
-    more buffer of y's shape to work in, bitwise equal to it — the backward pass of the
-    common activations then allocates no temporaries; None elsewhere;
-    f_and_df(h): ``(f(h), df(h))``, bitwise those two, computing their common part once (the
-    normal CDF of gelu, the logistic of silu and gelu_tanh) — for a backward pass that needs
-    both φ(h) and φ'(h); None where they share nothing worth it;
-    params: ``((name, value), ...)`` of a parameterised row, every parameter in order (defaults
-    included); ``()`` for the rows without parameters;
-    kernel_args: the two numbers the CUDA functor reads from its ``Params<T>{a, b}`` argument
-    (e.g. hard_tanh's ``(min_val, max_val)``); ``(0.0, 0.0)`` where it reads none.
-    """
-
-    name: str
-    f: Fn
-    df: Fn
-    df_from_output: Optional[Fn]
-    bound: float
-    cuda: str
-    kinks: tuple[float, ...] = ()
-    f_into: Optional[Callable[[Any, Any], Any]] = None
-    df_from_output_into: Optional[Callable[[Any, Any, Any], Any]] = None
-    f_and_df: Optional[Callable[[Any], tuple]] = None
-    params: tuple = ()
-    kernel_args: tuple = (0.0, 0.0)
-
-    @property
-    def family(self) -> str:
-        """The bare table name: ``"elu"`` for ``elu(alpha=0.5)``."""
-        return self.name.partition("(")[0]
-
-    @property
-    def smooth(self) -> bool:
-        """True when φ' is continuous (no kinks)."""
-        return not self.kinks
-
-    def __repr__(self) -> str:
-        return f"Activation({self.name!r})"
-
-
-def _array(h):
-    """h as a float array and its namespace (lists and Python floats become float64)."""
-    xp = get_xp(h)
-    return float_array(h, "h", xp), xp
-
-
-def _const(h, value):
-    """``value`` as a scalar of h's dtype, so np.where and friends keep float32 float32."""
-    return h.dtype.type(value)
-
-
-# |h| beyond which the smooth activations have saturated exactly in float32 and float64
-# (σ, Φ and exp(-h²/2) are 0 or 1 there). Clamping to it keeps ±inf·0 from becoming NaN and
-# h³ from overflowing, without changing any finite result. Same constant as in the .cuh.
-_SAT = 1e5
-
-
-def _logistic(t, xp):
-    """σ(t) and σ(t)·σ(-t) from one exp(-|t|): exact-stable for every t, ±inf included."""
-    e = xp.exp(-xp.abs(t))
-    s1 = 1.0 / (1.0 + e)
-    return xp.where(t >= 0, s1, e * s1), e * s1 * s1
 
 
 # --- identity, relu: piecewise linear ------------------------------------------------------
@@ -289,124 +211,6 @@ def _tanh_df_y_into(y, out, scratch):
     return xp.multiply(out, scratch, out=out)
 
 
-# --- the parameterised rows: leaky_relu, elu, softplus, hard_tanh --------------------------
-# Each is a function of its parameters (Python floats, so float32 stays float32) that returns
-# the row; ``get`` builds one per distinct parameter set and keeps it. The same formulas, with
-# the parameters read from ``Params<T>{a, b}``, are the functors LeakyRelu, Elu, Softplus and
-# HardTanh of kernels/activations.cuh.
-
-def _leaky_relu(negative_slope: float) -> dict:
-    s = negative_slope
-
-    def f(h):
-        h, xp = _array(h)
-        return xp.where(h > 0, h, s * h)
-
-    def slope(x):  # 1 where x > 0 else s: φ' from h, and from y (y has h's sign, s > 0)
-        x, xp = _array(x)
-        return xp.where(x > 0, _const(x, 1.0), _const(x, s))
-
-    return dict(f=f, df=slope, df_from_output=slope, bound=max(1.0, s), kinks=(0.0,), kernel_args=(s, 0.0))
-
-
-def _elu(alpha: float) -> dict:
-    a = alpha
-
-    def f(h):
-        h, xp = _array(h)
-        return xp.where(h > 0, h, a * xp.expm1(xp.minimum(h, _const(h, 0.0))))
-
-    def df(h):  # torch: alpha·exp(h) for h ≤ 0, so elu'(0) = alpha
-        h, xp = _array(h)
-        return xp.where(h > 0, _const(h, 1.0), a * xp.exp(xp.minimum(h, _const(h, 0.0))))
-
-    def df_y(y):  # y > 0 ⇔ h > 0 (alpha ≥ 0); below, alpha·exp(h) = y + alpha
-        y, xp = _array(y)
-        return xp.where(y > 0, _const(y, 1.0), y + a)
-
-    kinks = () if a == 1.0 else (0.0,)  # φ' runs from alpha·e^h up to alpha at 0, then jumps to 1
-    return dict(f=f, df=df, df_from_output=df_y, bound=max(1.0, a), kinks=kinks, kernel_args=(a, 0.0))
-
-
-def _softplus(beta: float, threshold: float) -> dict:
-    b, t = beta, threshold
-
-    def f(h):  # torch: h where beta·h > threshold, else log(1 + exp(beta·h)) / beta, computed stably
-        h, xp = _array(h)
-        bh = b * h
-        with_log = (xp.maximum(bh, _const(h, 0.0)) + xp.log1p(xp.exp(-xp.abs(bh)))) / b
-        return xp.where(bh > t, h, with_log)
-
-    def df(h):  # σ(beta·h), and 1 where torch's linear branch is taken
-        h, xp = _array(h)
-        bh = b * h
-        return xp.where(bh > t, _const(h, 1.0), _logistic(bh, xp)[0])
-
-    # φ' (and φ itself, by log1p(e^-threshold)/beta) jumps where torch switches to the identity
-    return dict(f=f, df=df, df_from_output=None, bound=1.0, kinks=(t / b,), kernel_args=(b, t))
-
-
-def _hard_tanh(min_val: float, max_val: float) -> dict:
-    lo, hi = min_val, max_val
-
-    def f(h):
-        h, xp = _array(h)
-        return xp.clip(h, _const(h, lo), _const(h, hi))
-
-    def inside(x):  # 1 where lo < x < hi else 0: φ' from h, and from y (torch: 0 at the ends)
-        x, xp = _array(x)
-        return ((x > lo) & (x < hi)).astype(x.dtype)
-
-    def f_into(h, out):
-        return get_xp(h).clip(h, _const(h, lo), _const(h, hi), out=out)
-
-    return dict(f=f, df=inside, df_from_output=inside, bound=1.0, kinks=(lo, hi), kernel_args=(lo, hi), f_into=f_into)
-
-
-def _positive_param(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _nonnegative_param(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name} must be ≥ 0 (φ' is taken from the output, which needs it), got {value}")
-
-
-@dataclass(frozen=True)
-class _Family:
-    """A parameterised row: its parameters with torch's defaults, its CUDA functor, its builder."""
-
-    name: str
-    defaults: tuple  # ((parameter, default), ...)
-    cuda: str
-    build: Callable[..., dict]
-    check: Callable[[dict], None]
-
-
-def _check_leaky_relu(p):
-    # slope 0 is relu, and 0·(-inf) would make φ(-inf) NaN: say so rather than carry it
-    if not p["negative_slope"] > 0:
-        raise ValueError(f"negative_slope must be > 0 (for 0 use 'relu'), got {p['negative_slope']}")
-
-
-def _check_hard_tanh(p):
-    if not p["min_val"] < p["max_val"]:
-        raise ValueError(f"min_val must be below max_val, got min_val={p['min_val']}, max_val={p['max_val']}")
-
-
-_FAMILIES: dict[str, _Family] = {
-    f.name: f
-    for f in (
-        _Family("leaky_relu", (("negative_slope", 0.01),), "jacgrad::LeakyRelu", _leaky_relu, _check_leaky_relu),
-        _Family("elu", (("alpha", 1.0),), "jacgrad::Elu", _elu, lambda p: _nonnegative_param("alpha", p["alpha"])),
-        _Family("softplus", (("beta", 1.0), ("threshold", 20.0)), "jacgrad::Softplus", _softplus,
-                lambda p: _positive_param("beta", p["beta"])),
-        _Family("hard_tanh", (("min_val", -1.0), ("max_val", 1.0)), "jacgrad::HardTanh", _hard_tanh, _check_hard_tanh),
-    )
-}
-
-
 # --- the table ----------------------------------------------------------------------------
 # bound = sup |φ'|. For gelu, gelu_tanh and silu it is attained where φ'' = 0; it was derived
 # with mpmath at 60 digits, rounded *up* to a double, and raised 4 ulp more so that it also
@@ -465,32 +269,6 @@ def _unknown(name) -> UnknownActivationError:
     return UnknownActivationError(
         f"unknown activation {name!r}; valid names: {', '.join(_ORDER)} (with parameters: {spelled})"
     )
-
-
-def _parse(name: str) -> tuple[str, dict]:
-    """``"hard_tanh(min_val=-2.0,max_val=2.0)"`` -> ``("hard_tanh", {"min_val": -2.0, "max_val": 2.0})``."""
-    base, _, rest = name.strip().partition("(")
-    base = base.strip()
-    if not rest:
-        return base, {}
-    if not rest.rstrip().endswith(")"):
-        raise ValueError(f"activation {name!r}: the parameters must be closed by ')', as in 'elu(alpha=0.5)'")
-    params = {}
-    body = rest.rstrip()[:-1].strip()
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"activation {name!r}: write each parameter as key=value, as in 'elu(alpha=0.5)'")
-        try:
-            params[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"activation {name!r}: parameter {key.strip()} = {value.strip()!r} is not a number") from None
-    return base, params
-
-
-def _canonical(family: _Family, params: dict) -> str:
-    changed = [f"{p}={params[p]!r}" for p, default in family.defaults if params[p] != default]
-    return f"{family.name}({','.join(changed)})" if changed else family.name
 
 
 def get(name: str | Activation, **params: float) -> Activation:
