@@ -87,6 +87,35 @@ def test_a_cuda_array_without_cupy_is_a_clear_error():
         jg.LayerJacobian(cuda, cuda)
 
 
+class FakeCudaTensor:
+    """Stands in for a CUDA torch tensor on a machine whose torch has no CUDA: what asarray reads."""
+
+    dtype, device = torch.float32, torch.device("cuda", 0)
+
+    def detach(self):
+        return self
+
+    def is_conj(self):
+        return False
+
+    def is_neg(self):
+        return False
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+FakeCudaTensor.__module__ = "torch"
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="CuPy is usable here: the CUDA path is tested instead")
+def test_a_cuda_tensor_without_cupy_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"CUDA array was given.*CuPy.*\.cpu\(\)"):
+        jg.asarray(FakeCudaTensor())
+    with pytest.raises(RuntimeError, match="CuPy"):
+        jg.get_xp(FakeCudaTensor())
+
+
 def t64(a):
     return torch.tensor(a, dtype=torch.float64 if a.dtype == np.float64 else torch.float32, requires_grad=True)
 
