@@ -103,6 +103,9 @@ def _read_npz(path, activations, dtype):
         raise _FileError(f"is not a readable .npz archive ({exc})") from None
     except Exception as exc:
         raise _FileError(f"is not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    for k, a in arrays.items():  # NpzFile hands back raw bytes for a member without the .npy header
+        if not isinstance(a, np.ndarray):
+            raise _FileError(f"member {k!r} is not a valid .npy array")
     n = 0
     while f"W{n}" in arrays:
         n += 1

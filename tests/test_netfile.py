@@ -182,3 +182,13 @@ def test_netfile_does_not_import_the_network_classes():
     from jacgrad.interop import NetSpec
 
     assert isinstance(netfile.load(TINY_MLP), NetSpec)
+
+
+def test_npz_members_without_an_npy_header(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as z:
+        z.writestr("W0.npy", b"not an npy array")
+        z.writestr("activations.npy", b"nor this")
+    with pytest.raises(ValueError, match=r"raw\.npz.*member 'W0' is not a valid .npy array"):
+        jg.MLP.load(tmp_path / "raw.npz")
