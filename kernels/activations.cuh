@@ -227,4 +227,14 @@ template <class Act, bool FROM_OUTPUT, class T> JG_HD inline T derivative(T x, P
   }
 }
 
+// The same with the functor's default parameters (torch's defaults).
+template <class Act, bool FROM_OUTPUT, class T> JG_HD inline T derivative(T x) {
+  if constexpr (FROM_OUTPUT) {
+    static_assert(Act::has_df_y, "this activation's derivative is not a function of its output");
+    return Act::template df_y<T>(x);
+  } else {
+    return Act::template df<T>(x);
+  }
+}
+
 }  // namespace jacgrad
