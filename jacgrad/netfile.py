@@ -106,14 +106,7 @@ def _read_npz(path, activations, dtype):
     for k, a in arrays.items():  # NpzFile hands back raw bytes for a member without the .npy header
         if not isinstance(a, np.ndarray):
             raise _FileError(f"member {k!r} is not a valid .npy array")
-    n = 0
-    while f"W{n}" in arrays:
-        n += 1
-    if n == 0:
-        raise _FileError(f"has no array W0 (found: {', '.join(sorted(arrays)) or 'nothing'})")
-    extra = sorted(k for k in arrays if _JACGRAD_KEY.match(k) and int(k[1:]) >= n)
-    if extra:
-        raise _FileError(f"{', '.join(extra)} present but W{n} is missing")
+    weights, biases = _jacgrad_layout(arrays, strict=False)
     names = arrays.get("activations")
     if names is not None:
         if activations is not None:
@@ -123,7 +116,7 @@ def _read_npz(path, activations, dtype):
         raise _FileError("has no 'activations' array (one name per layer); add one, or pass activations=")
     else:
         names = activations
-    return [(f"W{j}", arrays[f"W{j}"]) for j in range(n)], [(f"b{j}", arrays.get(f"b{j}")) for j in range(n)], names
+    return weights, biases, names
 
 
 def _read_safetensors(path, activations, dtype):
@@ -193,18 +186,20 @@ def _caller_names(activations):
     return activations
 
 
-def _jacgrad_layout(arrays):
+def _jacgrad_layout(arrays, strict: bool = True):
+    """(weights, biases) as (key, array) pairs from ``W0, b0, W1, …``; ``strict``: no other keys
+    (an .npz may carry others, such as its ``activations``)."""
     bad = sorted(k for k in arrays if not _JACGRAD_KEY.match(k))
-    if bad:
+    if strict and bad:
         raise _FileError(f"key {bad[0]!r} is not part of jacgrad's layout (W0, b0, W1, b1, ...)")
     n = 0
     while f"W{n}" in arrays:
         n += 1
     if n == 0:
-        raise _FileError(f"has no tensor W0 (found: {', '.join(sorted(arrays)) or 'nothing'})")
-    extra = sorted(k for k in arrays if int(k[1:]) >= n)
+        raise _FileError(f"has no array W0 (found: {', '.join(sorted(arrays)) or 'nothing'})")
+    extra = sorted(k for k in arrays if _JACGRAD_KEY.match(k) and int(k[1:]) >= n)
     if extra:
-        raise _FileError(f"key {extra[0]!r} present but W{n} is missing")
+        raise _FileError(f"{', '.join(extra)} present but W{n} is missing")
     return [(f"W{j}", arrays[f"W{j}"]) for j in range(n)], [(f"b{j}", arrays.get(f"b{j}")) for j in range(n)]
 
 

@@ -121,7 +121,7 @@ W = np.ones((3, 2))
 @pytest.mark.parametrize(
     "tensors, metadata, match",
     [
-        ({"W0": W, "W2": W}, {"format": "jacgrad", "activations": '["tanh"]'}, "key 'W2' present but W1 is missing"),
+        ({"W0": W, "W2": W}, {"format": "jacgrad", "activations": '["tanh"]'}, "W2 present but W1 is missing"),
         ({"W0": W, "extra": W}, {"format": "jacgrad", "activations": '["tanh"]'}, "key 'extra' is not part of jacgrad's layout"),
         ({"W0": W}, {"format": "jacgrad", "activations": "tanh"}, "not a JSON list"),
         ({"W0": W}, {"format": "jacgrad", "activations": '["swish"]'}, "unknown activation 'swish'"),
