@@ -28,7 +28,7 @@ from . import (
     per_sample,
     spectra,
 )
-from .backend import get_xp, to_device, to_numpy
+from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
@@ -41,6 +41,7 @@ __all__ = [
     "LayerJacobian",
     "MLP",
     "activations",
+    "asarray",
     "backend",
     "chain",
     "check",

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backend import get_xp, is_gpu_array
+from .backend import asarray, get_xp, is_foreign_array, is_gpu_array
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -20,8 +20,11 @@ def float_array(x: Any, name: str, xp=None):
     """``x`` as a float32/float64 array of namespace ``xp`` (no copy when it already is one).
 
     Python lists and scalars are converted with NumPy's default float64; integer, bool and
-    complex arrays are a ``TypeError`` — jacgrad does not guess a float width for them.
+    complex arrays are a ``TypeError`` — jacgrad does not guess a float width for them. torch,
+    JAX and other DLPack arrays become NumPy or CuPy views first (``backend.asarray``).
     """
+    if is_foreign_array(x):
+        x = asarray(x)
     if xp is None:
         xp = get_xp(x)
     if not hasattr(x, "dtype"):

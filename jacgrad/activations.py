@@ -6,11 +6,18 @@ activation is one ``Activation`` row. Its functions take a NumPy or CuPy array `
 shape, float32 or float64, and return an array of the same shape and dtype; the math is written
 once against ``xp = get_xp(h)``. The same formulas, operation for operation, live in
 ``kernels/activations.cuh`` (the functor named by ``Activation.cuda``), and the host test
-compares the two on a grid with 0, ±tiny, ±large and ±inf.
+compares the two on a grid with 0, ±tiny, ±large and ±inf. The row type is in
+``_activation_row``; the parameterised rows and their spelling in ``_activation_params``.
 
 Conventions:
-- derivatives at kinks are PyTorch autograd's: relu'(0) = 0, leaky_relu'(0) = 0.01,
-  hard_tanh'(±1) = 0, elu'(0) = 1;
+- derivatives at kinks are PyTorch autograd's: relu'(0) = 0, leaky_relu'(0) = negative_slope,
+  hard_tanh'(min_val) = hard_tanh'(max_val) = 0, elu'(0) = alpha; softplus is torch's, linear
+  where ``beta·h > threshold`` (φ' = 1 there, σ(beta·h) below);
+- four rows take parameters (torch's names and defaults): ``leaky_relu(negative_slope=0.01)``,
+  ``elu(alpha=1.0)``, ``softplus(beta=1.0, threshold=20.0)``, ``hard_tanh(min_val=-1.0,
+  max_val=1.0)``. ``get("elu", alpha=0.5)`` and ``get("elu(alpha=0.5)")`` are the same row, and
+  that string — the canonical spelling, no spaces, only the parameters that differ from their
+  defaults — is its ``name``, so a name written to a file reads back as the same activation;
 - everything is finite and warning-free at ±1000 and ±inf, with the limits the math gives
   (sigmoid(-inf) = 0, silu(-inf) = 0, tanh'(±inf) = 0, ...), and NaN propagates through ``f``;
 - ``df_from_output(y)`` is φ' written in terms of ``y = φ(h)`` where that is exact, so a
@@ -25,83 +32,15 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
+from ._activation_params import _FAMILIES, _canonical, _parse
+from ._activation_row import Activation, _array, _const, _logistic, _SAT
 from ._erf import erf, erfc
-from ._validate import float_array
 from .backend import get_xp
 
-__all__ = ["Activation", "erf", "erfc", "get", "names"]
-
-Fn = Callable[[Any], Any]
+__all__ = ["Activation", "erf", "erfc", "get", "names", "parameters", "split_names"]
 
 
-@dataclass(frozen=True)
-class Activation:
-    """One row of the table.
-
-    name: the key of ``get``; f(h), df(h): φ and φ' elementwise, any shape → same shape/dtype;
-    df_from_output(y): φ' as a function of the output y = φ(h), or None;
-    bound: sup over ℝ of |φ'(h)| (never below the true sup; used for norm bounds);
-    cuda: the C++ functor in kernels/activations.cuh that the GPU kernels instantiate;
-    kinks: the points where φ' jumps (its value there is PyTorch's convention);
-    f_into(h, out): φ(h) written straight into ``out`` (which may be ``h``), bitwise equal to
-    ``f(h)``, for the activations that are a single ufunc — the forward pass then allocates
-    nothing; None where φ takes several steps (``f`` is computed, then copied);
-    df_from_output_into(y, out, scratch): ``df_from_output(y)`` written into ``out`` with one
-    more buffer of y's shape to work in, bitwise equal to it — the backward pass of the
-    common activations then allocates no temporaries; None elsewhere;
-    f_and_df(h): ``(f(h), df(h))``, bitwise those two, computing their common part once (the
-    normal CDF of gelu, the logistic of silu and gelu_tanh) — for a backward pass that needs
-    both φ(h) and φ'(h); None where they share nothing worth it.
-    """
-
-    name: str
-    f: Fn
-    df: Fn
-    df_from_output: Optional[Fn]
-    bound: float
-    cuda: str
-    kinks: tuple[float, ...] = ()
-    f_into: Optional[Callable[[Any, Any], Any]] = None
-    df_from_output_into: Optional[Callable[[Any, Any, Any], Any]] = None
-    f_and_df: Optional[Callable[[Any], tuple]] = None
-
-    @property
-    def smooth(self) -> bool:
-        """True when φ' is continuous (no kinks)."""
-        return not self.kinks
-
-    def __repr__(self) -> str:
-        return f"Activation({self.name!r})"
-
-
-def _array(h):
-    """h as a float array and its namespace (lists and Python floats become float64)."""
-    xp = get_xp(h)
-    return float_array(h, "h", xp), xp
-
-
-def _const(h, value):
-    """``value`` as a scalar of h's dtype, so np.where and friends keep float32 float32."""
-    return h.dtype.type(value)
-
-
-# |h| beyond which the smooth activations have saturated exactly in float32 and float64
-# (σ, Φ and exp(-h²/2) are 0 or 1 there). Clamping to it keeps ±inf·0 from becoming NaN and
-# h³ from overflowing, without changing any finite result. Same constant as in the .cuh.
-_SAT = 1e5
-
-
-def _logistic(t, xp):
-    """σ(t) and σ(t)·σ(-t) from one exp(-|t|): exact-stable for every t, ±inf included."""
-    e = xp.exp(-xp.abs(t))
-    s1 = 1.0 / (1.0 + e)
-    return xp.where(t >= 0, s1, e * s1), e * s1 * s1
-
-
-# --- identity, relu, leaky_relu, hard_tanh: piecewise linear -------------------------------
+# --- identity, relu: piecewise linear ------------------------------------------------------
 
 def _identity_f(h):
     h, xp = _array(h)
@@ -124,32 +63,7 @@ def _positive(x):
     return (x > 0).astype(x.dtype)
 
 
-_LEAK = 0.01
-
-
-def _leaky_relu_f(h):
-    h, xp = _array(h)
-    return xp.where(h > 0, h, _LEAK * h)
-
-
-def _leaky_slope(x):
-    """1 where x > 0 else 0.01: leaky_relu' from h, and from y (same sign as h)."""
-    x, xp = _array(x)
-    return xp.where(x > 0, _const(x, 1.0), _const(x, _LEAK))
-
-
-def _hard_tanh_f(h):
-    h, xp = _array(h)
-    return xp.clip(h, _const(h, -1.0), _const(h, 1.0))
-
-
-def _inside_unit(x):
-    """1 where -1 < x < 1 else 0: hard_tanh' from h, and from y (torch: 0 at ±1)."""
-    x, xp = _array(x)
-    return ((x > -1) & (x < 1)).astype(x.dtype)
-
-
-# --- sigmoid, tanh, softplus, elu ---------------------------------------------------------
+# --- sigmoid, tanh ------------------------------------------------------------------------
 
 def _sigmoid_f(h):
     h, xp = _array(h)
@@ -185,26 +99,6 @@ def _tanh_df_y(y):
     y, xp = _array(y)
     d = 1.0 - y
     return xp.multiply(d, 1.0 + y, out=d)
-
-
-def _softplus_f(h):
-    h, xp = _array(h)
-    return xp.maximum(h, _const(h, 0.0)) + xp.log1p(xp.exp(-xp.abs(h)))
-
-
-def _elu_f(h):
-    h, xp = _array(h)
-    return xp.where(h > 0, h, xp.expm1(xp.minimum(h, _const(h, 0.0))))
-
-
-def _elu_df(h):
-    h, xp = _array(h)
-    return xp.where(h > 0, _const(h, 1.0), xp.exp(xp.minimum(h, _const(h, 0.0))))
-
-
-def _elu_df_y(y):
-    y, xp = _array(y)
-    return xp.where(y > 0, _const(y, 1.0), y + 1.0)
 
 
 # --- gelu (erf form), gelu_tanh, silu -----------------------------------------------------
@@ -300,10 +194,6 @@ def _tanh_into(h, out):
     return get_xp(h).tanh(h, out=out)
 
 
-def _hard_tanh_into(h, out):
-    return get_xp(h).clip(h, _const(h, -1.0), _const(h, 1.0), out=out)
-
-
 def _positive_into(y, out, scratch):
     return get_xp(y).greater(y, _const(y, 0.0), out=out)
 
@@ -329,29 +219,25 @@ def _tanh_df_y_into(y, out, scratch):
 #              = 1.128904145185154786340744...
 #   gelu_tanh: root of φ'' at h = 1.418504008790828355548..., sup = 1.128993068658771765455904...
 #   silu:      φ'' = 0 ⇔ h tanh(h/2) = 2, h = 2.399357280515467667832..., sup = 1.099839320128866916958184...
-# The other sups are attained or approached in closed form (σ' ≤ 1/4 at 0, tanh' ≤ 1 at 0).
+# The other sups are attained or approached in closed form (σ' ≤ 1/4 at 0, tanh' ≤ 1 at 0,
+# leaky_relu's and elu's max(1, parameter), hard_tanh's and softplus' 1).
 
-_TABLE: dict[str, Activation] = {
-    a.name: a
-    for a in (
-        Activation("identity", _identity_f, _ones, _ones, 1.0, "jacgrad::Identity", f_into=_identity_into),
-        Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,), f_into=_relu_into,
-                   df_from_output_into=_positive_into),
-        Activation("leaky_relu", _leaky_relu_f, _leaky_slope, _leaky_slope, 1.0, "jacgrad::LeakyRelu", kinks=(0.0,)),
-        Activation("sigmoid", _sigmoid_f, _sigmoid_df, _sigmoid_df_y, 0.25, "jacgrad::Sigmoid",
-                   df_from_output_into=_sigmoid_df_y_into),
-        Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh", f_into=_tanh_into,
-                   df_from_output_into=_tanh_df_y_into),
-        Activation("softplus", _softplus_f, _sigmoid_f, None, 1.0, "jacgrad::Softplus"),
-        Activation("elu", _elu_f, _elu_df, _elu_df_y, 1.0, "jacgrad::Elu"),
-        Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu", f_and_df=_gelu_f_and_df),
-        Activation("gelu_tanh", _gelu_tanh_f, _gelu_tanh_df, None, 1.1289930686587728, "jacgrad::GeluTanh",
-                   f_and_df=_gelu_tanh_f_and_df),
-        Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu", f_and_df=_silu_f_and_df),
-        Activation("hard_tanh", _hard_tanh_f, _inside_unit, _inside_unit, 1.0, "jacgrad::HardTanh", kinks=(-1.0, 1.0),
-                   f_into=_hard_tanh_into),
-    )
-}
+_FIXED = (
+    Activation("identity", _identity_f, _ones, _ones, 1.0, "jacgrad::Identity", f_into=_identity_into),
+    Activation("relu", _relu_f, _positive, _positive, 1.0, "jacgrad::Relu", kinks=(0.0,), f_into=_relu_into,
+               df_from_output_into=_positive_into),
+    Activation("sigmoid", _sigmoid_f, _sigmoid_df, _sigmoid_df_y, 0.25, "jacgrad::Sigmoid",
+               df_from_output_into=_sigmoid_df_y_into),
+    Activation("tanh", _tanh_f, _tanh_df, _tanh_df_y, 1.0, "jacgrad::Tanh", f_into=_tanh_into,
+               df_from_output_into=_tanh_df_y_into),
+    Activation("gelu", _gelu_f, _gelu_df, None, 1.1289041451851558, "jacgrad::Gelu", f_and_df=_gelu_f_and_df),
+    Activation("gelu_tanh", _gelu_tanh_f, _gelu_tanh_df, None, 1.1289930686587728, "jacgrad::GeluTanh",
+               f_and_df=_gelu_tanh_f_and_df),
+    Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu", f_and_df=_silu_f_and_df),
+)
+_ORDER = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "softplus", "elu", "gelu", "gelu_tanh", "silu",
+          "hard_tanh")
+_BUILT: dict[str, Activation] = {a.name: a for a in _FIXED}  # canonical name -> row (parameterised ones on demand)
 
 
 class UnknownActivationError(KeyError, ValueError):
@@ -362,21 +248,98 @@ class UnknownActivationError(KeyError, ValueError):
 
 
 def names() -> list[str]:
-    """The activation names, in table order."""
-    return list(_TABLE)
+    """The activation names, in table order (the parameterised ones by their bare name)."""
+    return list(_ORDER)
 
 
-def get(name: str | Activation) -> Activation:
+def parameters(name: str) -> dict:
+    """The parameters of a row with torch's defaults, ``{}`` for the rows without any.
+
+        >>> parameters("softplus")
+        {'beta': 1.0, 'threshold': 20.0}
+    """
+    family = _FAMILIES.get(name)
+    if family is None and name not in _BUILT:
+        raise _unknown(name)
+    return dict(family.defaults) if family else {}
+
+
+def _unknown(name) -> UnknownActivationError:
+    spelled = ", ".join(f"{f.name}({','.join(p + '=' + repr(v) for p, v in f.defaults)})" for f in _FAMILIES.values())
+    return UnknownActivationError(
+        f"unknown activation {name!r}; valid names: {', '.join(_ORDER)} (with parameters: {spelled})"
+    )
+
+
+def get(name: str | Activation, **params: float) -> Activation:
     """The table row of ``name`` (an ``Activation`` is returned as is).
+
+    Parameterised rows take their parameters as keywords or in the name's canonical spelling,
+    ``name(key=value,...)``; the two give the same row, whose ``name`` is that spelling with only
+    the non-default parameters (``"elu"`` when alpha is 1).
 
         >>> get("sigmoid").bound
         0.25
+        >>> get("leaky_relu", negative_slope=0.2).name
+        'leaky_relu(negative_slope=0.2)'
+        >>> get("hard_tanh(min_val=-2.0, max_val=2.0)") is get("hard_tanh", min_val=-2, max_val=2)
+        True
     """
     if isinstance(name, Activation):
+        if params:
+            raise TypeError(f"get({name.name!r}, ...): parameters go with a name, not with an Activation row")
         return name
+    if not isinstance(name, str):
+        raise _unknown(name)
+    row = _BUILT.get(name)
+    if row is not None and not params:
+        return row
+    base, spelled = _parse(name)
+    family = _FAMILIES.get(base)
+    if family is None:
+        if base in _BUILT and (spelled or params):
+            raise TypeError(f"activation {base!r} takes no parameters, got {sorted({**spelled, **params})}")
+        raise _unknown(name)
+    both = set(spelled) & set(params)
+    if both:
+        raise TypeError(f"activation {name!r}: {', '.join(sorted(both))} given both in the name and as a keyword")
+    values = dict(family.defaults)
+    for key, value in {**spelled, **params}.items():
+        if key not in values:
+            raise TypeError(f"activation {base!r} has no parameter {key!r}; its parameters: {', '.join(values)}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"activation {base!r}: {key} must be a real number, got {value!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"activation {base!r}: {key} must be finite, got {value}")
+        values[key] = value
     try:
-        return _TABLE[name]
-    except (KeyError, TypeError):
-        raise UnknownActivationError(
-            f"unknown activation {name!r}; valid names: {', '.join(_TABLE)}"
-        ) from None
+        family.check(values)
+    except ValueError as exc:
+        raise ValueError(f"activation {base!r}: {exc}") from None
+    canonical = _canonical(family, values)
+    row = _BUILT.get(canonical)
+    if row is None:
+        parts = family.build(**values)
+        row = _BUILT[canonical] = Activation(canonical, cuda=family.cuda, params=tuple(values.items()), **parts)
+    return row
+
+
+def split_names(text: str) -> list[str]:
+    """A comma-separated list of activation names, split at the commas outside parentheses
+    (for a command line's ``--activation relu,hard_tanh(min_val=-2.0,max_val=2.0),identity``);
+    each name is checked with ``get`` and returned in its canonical spelling.
+
+        >>> split_names("relu, elu(alpha=0.5),identity")
+        ['relu', 'elu(alpha=0.5)', 'identity']
+    """
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    if not all(out):
+        raise ValueError(f"activation list {text!r} has an empty entry")
+    return [get(n).name for n in out]

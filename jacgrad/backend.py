@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "asarray",
     "available",
     "cupy",
     "default_device",
@@ -30,6 +31,7 @@ __all__ = [
     "get_xp",
     "gpu_available",
     "gpu_unavailable_reason",
+    "is_foreign_array",
     "is_gpu_array",
     "resolve_device",
     "tf32",
@@ -136,7 +138,16 @@ def cupy():
 
 
 def _cupy_module():
-    # Only reached for arrays whose type already lives in cupy, so cupy is imported.
+    # Reached for arrays whose type lives in cupy (so cupy is imported), and for CUDA arrays of
+    # other frameworks, where CuPy may be missing: then say so.
+    module = sys.modules.get("cupy")
+    if module is not None:
+        return module
+    if not gpu_available():  # the probe imports CuPy where it can
+        raise RuntimeError(
+            f"a CUDA array was given, but jacgrad runs CUDA arrays through CuPy and none is usable here "
+            f"({gpu_unavailable_reason()}); install CuPy, or move the array to the CPU (torch: .cpu())"
+        )
     return sys.modules["cupy"]
 
 
@@ -146,9 +157,89 @@ def is_gpu_array(x: Any) -> bool:
     return module == "cupy" or module.startswith("cupy.")
 
 
+# DLPack device types (dlpack.h): the CUDA memory CuPy can read, and the host memory NumPy can
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def is_foreign_array(x: Any) -> bool:
+    """True for an array of another framework (torch, JAX, any DLPack or CUDA-array-interface
+    object) that ``asarray`` turns into a NumPy or CuPy array; False for NumPy, CuPy, lists, scalars."""
+    if isinstance(x, (np.ndarray, np.generic)) or is_gpu_array(x):
+        return False
+    t = type(x)
+    return hasattr(t, "__dlpack__") or hasattr(t, "__cuda_array_interface__") or t.__module__.startswith("torch")
+
+
+def _foreign_on_gpu(x: Any) -> bool:
+    """Whether a foreign array lives in CUDA device memory (read from DLPack, never by importing its framework)."""
+    if hasattr(type(x), "__dlpack_device__"):
+        return int(x.__dlpack_device__()[0]) in (_DL_CUDA, _DL_CUDA_MANAGED)
+    return hasattr(type(x), "__cuda_array_interface__")
+
+
+def asarray(a: Any):
+    """``a`` as a NumPy or CuPy array, sharing its memory wherever that is possible.
+
+    - NumPy and CuPy arrays are returned as they are; lists and scalars go through ``np.asarray``.
+    - torch tensors: detached first when they require grad (the result shares the memory, never
+      the autograd graph). On the CPU, ``Tensor.numpy()`` — a view; on CUDA, ``cupy.from_dlpack``
+      — a view of the same device memory. bfloat16 has no NumPy dtype: a ``TypeError`` says to cast.
+    - JAX and any other object with ``__dlpack__``: host memory through ``np.from_dlpack`` (a
+      view, read-only where the producer says so), CUDA memory through ``cupy.from_dlpack``.
+    - objects with only ``__cuda_array_interface__`` (Numba, ...): ``cupy.asarray``, a view.
+
+    CUDA streams: ``cupy.from_dlpack`` hands the producer CuPy's current stream (the DLPack
+    ``stream`` argument; 1 means the legacy default stream — CuPy PR #5970, dmlc/dlpack#57), and
+    the producer makes that stream wait for its pending work on the array. So the result is safe
+    to use on CuPy's current stream; work queued later on another framework's stream is not
+    ordered with it. A CUDA array where CuPy is not usable is a ``RuntimeError`` saying why —
+    jacgrad never copies it to the host for you.
+
+        >>> import numpy as np
+        >>> x = np.ones(3)
+        >>> asarray(x) is x
+        True
+    """
+    if isinstance(a, np.ndarray) or is_gpu_array(a):
+        return a
+    if not is_foreign_array(a):
+        return np.asarray(a)
+    if type(a).__module__.startswith("torch"):
+        return _from_torch(a)
+    if _foreign_on_gpu(a):
+        cp = _cupy_module()
+        return cp.from_dlpack(a) if hasattr(type(a), "__dlpack__") else cp.asarray(a)
+    if hasattr(type(a), "__dlpack_device__"):
+        kind = int(a.__dlpack_device__()[0])
+        if kind not in (_DL_CPU, _DL_CUDA_HOST):
+            raise TypeError(
+                f"{type(a).__name__} lives on DLPack device type {kind}, which is neither host memory nor CUDA; "
+                "move it to the CPU or a CUDA device first"
+            )
+    try:
+        return np.from_dlpack(a)
+    except (TypeError, BufferError, RuntimeError) as exc:
+        raise TypeError(f"cannot read a {type(a).__module__}.{type(a).__name__} through DLPack: {exc}") from None
+
+
+def _from_torch(t: Any):
+    """A torch tensor as NumPy (CPU) or CuPy (CUDA), sharing its memory; see ``asarray``."""
+    if str(t.dtype) == "torch.bfloat16":
+        raise TypeError("a bfloat16 tensor has no NumPy or CuPy dtype; cast it first (tensor.float() or .double())")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():  # lazy conjugate/negative views have no plain memory to share
+        t = t.resolve_conj().resolve_neg()
+    kind = t.device.type
+    if kind == "cpu":
+        return t.numpy()
+    if kind == "cuda":
+        return _cupy_module().from_dlpack(t)
+    raise TypeError(f"a torch tensor on device {t.device} is neither CPU nor CUDA memory; move it with .cpu() first")
+
+
 def device_of(x: Any) -> str:
-    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
-    return "gpu" if is_gpu_array(x) else "cpu"
+    """``"gpu"`` for a CuPy array (or a CUDA array of another framework), ``"cpu"`` otherwise."""
+    return "gpu" if is_gpu_array(x) or (is_foreign_array(x) and _foreign_on_gpu(x)) else "cpu"
 
 
 def get_xp(*arrays: Any):
@@ -170,7 +261,8 @@ def get_xp(*arrays: Any):
     for i, a in enumerate(arrays):
         if a is None or isinstance(a, (int, float, complex, bool, np.generic)):
             continue
-        (gpu if is_gpu_array(a) else cpu).append(i)
+        on_gpu = is_gpu_array(a) or (is_foreign_array(a) and _foreign_on_gpu(a))
+        (gpu if on_gpu else cpu).append(i)
     if gpu and cpu:
         raise TypeError(
             f"arrays on different devices: argument(s) {cpu} are NumPy (CPU) and {gpu} are CuPy (GPU); "

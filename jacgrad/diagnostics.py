@@ -42,7 +42,7 @@ from ._flow import (
     is_finite,
     layer_flow,
 )
-from .backend import get_xp
+from .backend import asarray, get_xp
 
 __all__ = [
     "GAIN_BAND",
@@ -213,7 +213,7 @@ def gradient_flow(
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
-    x = xp.asarray(x)
+    x = xp.asarray(asarray(x))
     L = len(net.weights)
     if x.ndim != 2 or x.shape[1] != net.weights[0].shape[0]:
         raise ValueError(

@@ -128,6 +128,11 @@ def _resolve(activation: str | Activation) -> Activation:
     )
 
 
+def _params(act: Activation, dtype) -> tuple:
+    """The activation's parameters as the kernels' last two arguments ``T pa, T pb``."""
+    return tuple(np.dtype(dtype).type(p) for p in act.kernel_args)
+
+
 def _derivative_of(act: Activation, from_output: bool):
     """The table function for φ' (from h, or from y when ``from_output``)."""
     if not from_output:
@@ -201,7 +206,7 @@ def scale_cotangent(v: Any, x: Any, activation: str | Activation, from_output: b
     if out is None:
         out = xp.empty_like(v)
     kernel = compiled_kernel("scale_cotangent", v.dtype, act, from_output)
-    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size)), v.itemsize)
+    launch(kernel, v.size, (v, x, out, np.int64(v.size), np.int64(x.size), *_params(act, v.dtype)), v.itemsize)
     return out
 
 
@@ -218,8 +223,8 @@ def derivative(x: Any, activation: str | Activation, from_output: bool = False, 
         return _into(out, fn(x))
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x) if out is None else out
-    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size, (x, out, np.int64(x.size)),
-           x.itemsize)
+    launch(compiled_kernel("activation_derivative", x.dtype, act, from_output), x.size,
+           (x, out, np.int64(x.size), *_params(act, x.dtype)), x.itemsize)
     return out
 
 
@@ -238,7 +243,8 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
         return _into(out, act.f(h))
     h = xp.ascontiguousarray(h)
     out = xp.empty_like(h) if out is None else out
-    launch(compiled_kernel("activation_forward", h.dtype, act), h.size, (h, out, np.int64(h.size)), h.itemsize)
+    launch(compiled_kernel("activation_forward", h.dtype, act), h.size,
+           (h, out, np.int64(h.size), *_params(act, h.dtype)), h.itemsize)
     return out
 
 
@@ -263,7 +269,8 @@ def forward_with_derivative(h: Any, activation: str | Activation, out: Any = Non
         return (y, d) if out is None else (_into(out[0], y), _into(out[1], d))
     h = xp.ascontiguousarray(h)
     y, d = (xp.empty_like(h), xp.empty_like(h)) if out is None else out
-    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size, (h, y, d, np.int64(h.size)), h.itemsize)
+    launch(compiled_kernel("forward_with_derivative", h.dtype, act), h.size,
+           (h, y, d, np.int64(h.size), *_params(act, h.dtype)), h.itemsize)
     return y, d
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._validate import float_array, shape_str
-from .backend import get_xp
+from .backend import asarray, get_xp
 from ._loss_workspace import LossWorkspace
 
 __all__ = ["LOSSES", "LossWorkspace", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
@@ -96,7 +96,7 @@ def softmax_cross_entropy(z: Any, t: Any):
     B, C = z.shape
     if B and not C:
         raise ValueError(f"logits z have shape {shape_str(z.shape)}: softmax needs at least one class")
-    t = t if hasattr(t, "dtype") else xp.asarray(t)
+    t = asarray(t) if hasattr(t, "dtype") else xp.asarray(t)
     kind = np.dtype(t.dtype).kind
     if kind in "iu":
         labels = _labels(xp, t, B, C)

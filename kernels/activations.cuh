@@ -11,8 +11,10 @@
 //
 // Every functor is a struct with static templates f, df (and df_y when has_df_y) over T = float
 // or double; float math stays float (expf, ...), so a float kernel never widens to double.
-// Kink conventions are PyTorch autograd's: relu'(0) = 0, leaky_relu'(0) = 0.01,
-// hard_tanh'(+-1) = 0, elu'(0) = 1.
+// Each takes its parameters as a Params<T>{a, b} (the kernels' last two arguments, so one compiled
+// kernel serves every parameter value); its default is torch's default, and the rows without
+// parameters ignore it. Kink conventions are PyTorch autograd's: relu'(0) = 0,
+// leaky_relu'(0) = negative_slope, hard_tanh'(min_val) = hard_tanh'(max_val) = 0, elu'(0) = alpha.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -66,66 +68,86 @@ template <class T> JG_HD inline void logistic(T t, T& s, T& q) {
 
 }  // namespace math
 
+// The parameters of a parameterised activation (which is which: see each functor); the numbers
+// jacgrad/activations.py calls Activation.kernel_args.
+template <class T> struct Params {
+  T a, b;
+};
+
 struct Identity {
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return h; }
-  template <class T> JG_HD static T df(T) { return T(1); }
-  template <class T> JG_HD static T df_y(T) { return T(1); }
+  template <class T> JG_HD static T f(T h, Params<T> = {}) { return h; }
+  template <class T> JG_HD static T df(T, Params<T> = {}) { return T(1); }
+  template <class T> JG_HD static T df_y(T, Params<T> = {}) { return T(1); }
 };
 
 struct Relu {
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return math::max0(h); }
-  template <class T> JG_HD static T df(T h) { return h > T(0) ? T(1) : T(0); }
-  template <class T> JG_HD static T df_y(T y) { return y > T(0) ? T(1) : T(0); }
+  template <class T> JG_HD static T f(T h, Params<T> = {}) { return math::max0(h); }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) { return h > T(0) ? T(1) : T(0); }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) { return y > T(0) ? T(1) : T(0); }
 };
 
-struct LeakyRelu {  // negative slope 0.01, torch's default
+struct LeakyRelu {  // a = negative_slope (> 0), torch's default 0.01
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return h > T(0) ? h : T(0.01) * h; }
-  template <class T> JG_HD static T df(T h) { return h > T(0) ? T(1) : T(0.01); }
-  template <class T> JG_HD static T df_y(T y) { return y > T(0) ? T(1) : T(0.01); }
+  template <class T> JG_HD static Params<T> defaults() { return {T(0.01), T(0)}; }
+  template <class T> JG_HD static T f(T h, Params<T> p = defaults<T>()) { return h > T(0) ? h : p.a * h; }
+  template <class T> JG_HD static T df(T h, Params<T> p = defaults<T>()) { return h > T(0) ? T(1) : p.a; }
+  template <class T> JG_HD static T df_y(T y, Params<T> p = defaults<T>()) { return y > T(0) ? T(1) : p.a; }
 };
 
 struct Sigmoid {
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) {
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
     T s, q;
     math::logistic(h, s, q);
     return s;
   }
-  template <class T> JG_HD static T df(T h) {
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
     T s, q;
     math::logistic(h, s, q);
     return q;
   }
-  template <class T> JG_HD static T df_y(T y) { return y * (T(1) - y); }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) { return y * (T(1) - y); }
 };
 
 struct Tanh {
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return math::tanh_(h); }
+  template <class T> JG_HD static T f(T h, Params<T> = {}) { return math::tanh_(h); }
   // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|h|): no cancellation, no overflow.
-  template <class T> JG_HD static T df(T h) {
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
     T e = math::exp_(T(-2) * math::abs_(h));
     return T(4) * e / ((T(1) + e) * (T(1) + e));
   }
-  template <class T> JG_HD static T df_y(T y) { return (T(1) - y) * (T(1) + y); }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) { return (T(1) - y) * (T(1) + y); }
 };
 
-struct Softplus {  // beta = 1
+// torch's Softplus(beta, threshold): a = beta (> 0), b = threshold; h where beta h > threshold,
+// else log(1 + exp(beta h)) / beta, computed without overflow.
+struct Softplus {
   static constexpr bool has_df_y = false;
-  template <class T> JG_HD static T f(T h) {
-    return math::max0(h) + math::log1p_(math::exp_(-math::abs_(h)));
+  template <class T> JG_HD static Params<T> defaults() { return {T(1), T(20)}; }
+  template <class T> JG_HD static T f(T h, Params<T> p = defaults<T>()) {
+    const T bh = p.a * h;
+    if (bh > p.b) return h;
+    return (math::max0(bh) + math::log1p_(math::exp_(-math::abs_(bh)))) / p.a;
   }
-  template <class T> JG_HD static T df(T h) { return Sigmoid::f(h); }
+  template <class T> JG_HD static T df(T h, Params<T> p = defaults<T>()) {
+    const T bh = p.a * h;
+    return bh > p.b ? T(1) : Sigmoid::f(bh);
+  }
 };
 
-struct Elu {  // alpha = 1
+struct Elu {  // a = alpha (>= 0), torch's default 1: alpha (e^h - 1) for h <= 0
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return h > T(0) ? h : math::expm1_(h); }
-  template <class T> JG_HD static T df(T h) { return h > T(0) ? T(1) : math::exp_(h); }
-  template <class T> JG_HD static T df_y(T y) { return y > T(0) ? T(1) : y + T(1); }
+  template <class T> JG_HD static Params<T> defaults() { return {T(1), T(0)}; }
+  template <class T> JG_HD static T f(T h, Params<T> p = defaults<T>()) {
+    return h > T(0) ? h : p.a * math::expm1_(h);
+  }
+  template <class T> JG_HD static T df(T h, Params<T> p = defaults<T>()) {
+    return h > T(0) ? T(1) : p.a * math::exp_(h);
+  }
+  template <class T> JG_HD static T df_y(T y, Params<T> p = defaults<T>()) { return y > T(0) ? T(1) : y + p.a; }
 };
 
 // Phi(h) = erfc(-h / sqrt 2) / 2: erfc keeps the left tail accurate where 1 + erf cancels.
@@ -135,10 +157,10 @@ template <class T> JG_HD inline T normal_cdf(T h) {
 
 struct Gelu {  // h * Phi(h), torch's approximate='none'
   static constexpr bool has_df_y = false;
-  template <class T> JG_HD static T f(T h) {
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
     return math::at_least(h, -math::saturation<T>()) * normal_cdf(h);
   }
-  template <class T> JG_HD static T df(T h) {
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
     T c = math::clamp(h, -math::saturation<T>(), math::saturation<T>());
     T pdf = T(0.3989422804014327) * math::exp_(T(-0.5) * c * c);
     return normal_cdf(h) + c * pdf;
@@ -151,14 +173,14 @@ struct GeluTanh {
   template <class T> JG_HD static T inner(T c) {
     return T(0.7978845608028654) * (c + T(0.044715) * (c * c * c));
   }
-  template <class T> JG_HD static T f(T h) {
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
     T c = math::clamp(h, -math::saturation<T>(), math::saturation<T>());
     T s, q;
     math::logistic(T(2) * inner(c), s, q);
     return math::at_least(h, -math::saturation<T>()) * s;
   }
   // sigma(2u) + h * 2 sigma(2u) sigma(-2u) * du/dh
-  template <class T> JG_HD static T df(T h) {
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
     T c = math::clamp(h, -math::saturation<T>(), math::saturation<T>());
     T s, q;
     math::logistic(T(2) * inner(c), s, q);
@@ -169,13 +191,13 @@ struct GeluTanh {
 
 struct Silu {  // h * sigma(h)
   static constexpr bool has_df_y = false;
-  template <class T> JG_HD static T f(T h) {
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
     T s, q;
     math::logistic(h, s, q);
     return math::at_least(h, -math::saturation<T>()) * s;
   }
   // sigma(h) + h sigma(h) sigma(-h)
-  template <class T> JG_HD static T df(T h) {
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
     T c = math::clamp(h, -math::saturation<T>(), math::saturation<T>());
     T s, q;
     math::logistic(h, s, q);
@@ -183,14 +205,29 @@ struct Silu {  // h * sigma(h)
   }
 };
 
-struct HardTanh {  // clip to [-1, 1]
+struct HardTanh {  // clip to [a, b] = [min_val, max_val], torch's default [-1, 1]
   static constexpr bool has_df_y = true;
-  template <class T> JG_HD static T f(T h) { return math::clamp(h, T(-1), T(1)); }
-  template <class T> JG_HD static T df(T h) { return (h > T(-1) && h < T(1)) ? T(1) : T(0); }
-  template <class T> JG_HD static T df_y(T y) { return (y > T(-1) && y < T(1)) ? T(1) : T(0); }
+  template <class T> JG_HD static Params<T> defaults() { return {T(-1), T(1)}; }
+  template <class T> JG_HD static T f(T h, Params<T> p = defaults<T>()) { return math::clamp(h, p.a, p.b); }
+  template <class T> JG_HD static T df(T h, Params<T> p = defaults<T>()) {
+    return (h > p.a && h < p.b) ? T(1) : T(0);
+  }
+  template <class T> JG_HD static T df_y(T y, Params<T> p = defaults<T>()) {
+    return (y > p.a && y < p.b) ? T(1) : T(0);
+  }
 };
 
 // phi'(x): from the pre-activation (FROM_OUTPUT = false) or from the output y (true).
+template <class Act, bool FROM_OUTPUT, class T> JG_HD inline T derivative(T x, Params<T> p) {
+  if constexpr (FROM_OUTPUT) {
+    static_assert(Act::has_df_y, "this activation's derivative is not a function of its output");
+    return Act::template df_y<T>(x, p);
+  } else {
+    return Act::template df<T>(x, p);
+  }
+}
+
+// The same with the functor's default parameters (torch's defaults).
 template <class Act, bool FROM_OUTPUT, class T> JG_HD inline T derivative(T x) {
   if constexpr (FROM_OUTPUT) {
     static_assert(Act::has_df_y, "this activation's derivative is not a function of its output");

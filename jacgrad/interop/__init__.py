@@ -1,0 +1,43 @@
+"""Bring your own model: read networks made elsewhere, and write them back.
+
+One module per framework, each importing its framework only when called (a missing framework
+is an ``ImportError`` that says what to install):
+
+- ``interop.torch``    ``nn.Sequential`` (or an iterable of modules) <-> a ``NetSpec``
+- ``interop.sklearn``  a fitted ``MLPClassifier`` / ``MLPRegressor`` -> a ``NetSpec``, and
+                       sklearn's loss conventions (its ``_backprop``) from jacgrad's gradients
+- ``interop.flax``     ``{'Dense_0': {'kernel', 'bias'}, ...}`` parameter dicts -> a ``NetSpec``
+
+The importers return plain ``NetSpec``s — weights, biases, activation names — and never build
+a network themselves (``jacgrad.mlp`` sits beside this package and builds one from a spec:
+``MLP.from_torch``, ``MLP.from_sklearn``, ``MLP.from_flax``). Arrays of other frameworks become
+NumPy or CuPy through ``jacgrad.backend.asarray`` (DLPack, zero-copy where possible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["NetSpec", "require"]
+
+
+@dataclass
+class NetSpec:
+    """A dense stack as plain data: ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)`` (NumPy
+    or CuPy arrays) and ``activations[j]``, one canonical activation name per layer.
+    ``source`` says where it came from, for error messages (a file, a module)."""
+
+    weights: list
+    biases: list
+    activations: list
+    source: str = field(default="")
+
+
+def require(module: str, purpose: str, install: str):
+    """Import ``module`` for ``purpose``, or raise an ``ImportError`` that says what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{purpose} needs {module}, which is not importable here ({exc}); install it: {install}") from None

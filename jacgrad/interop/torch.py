@@ -1,0 +1,208 @@
+"""PyTorch: an ``nn.Sequential`` of ``nn.Linear`` and activation modules <-> a ``NetSpec``.
+
+Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order (nested
+``nn.Sequential``s are flattened; an index is their ``state_dict`` path such as ``"2"`` or
+``"1.0"``):
+
+- ``nn.Linear(in, out, bias=True|False)`` starts a layer. ``W = weight.T`` — a transposed view
+  of the same memory, never a transposing copy; a missing bias is zeros;
+- one activation module may follow a Linear: ``ReLU``, ``LeakyReLU(negative_slope)``, ``Tanh``,
+  ``Sigmoid``, ``Softplus(beta, threshold)``, ``ELU(alpha)``, ``GELU(approximate='none'|'tanh')``,
+  ``SiLU``, ``Hardtanh(min_val, max_val)`` (and ``ReLU6``, a Hardtanh); a Linear followed by
+  another Linear, or last, gets ``identity``;
+- ``nn.Identity``, ``nn.Flatten()`` of ``(B, n)`` inputs and ``nn.Dropout`` in eval mode pass
+  through (they compute nothing at inference);
+- anything else is a ``TypeError`` naming the module, its index and what is supported.
+
+``copy=False`` shares the parameters' memory: the weights are NumPy views of CPU parameters, or
+CuPy views (DLPack) of CUDA ones. A torch optimiser updates parameters in place, so the network
+sees each step without re-importing. A ``ForwardCache`` taken before a step still holds the
+activations of the old weights, while ``backward`` and ``jacobian_chain`` read the current ones:
+run ``forward`` again after every step (a cache mixes the two otherwise). Replacing a parameter
+rather than updating it (``model.double()``, ``.to(device)``, loading a state dict with
+``assign=True``) breaks the link: import again.
+
+float16 and bfloat16 parameters are a ``TypeError`` unless ``dtype=`` is given; they are then
+cast (a copy, so ``copy=False`` with a cast is an error too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import activations as _activations
+from ..backend import asarray, get_xp, is_gpu_array
+from . import NetSpec, require
+
+__all__ = ["spec_from_torch", "to_torch", "SUPPORTED"]
+
+SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
+             "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
+
+
+def _torch():
+    return require("torch", "reading or writing a PyTorch model", "pip install torch")
+
+
+def _activation_name(nn, m) -> str | None:
+    """The jacgrad name of an activation module, or None when ``m`` is not one."""
+    t = type(m)
+    get = _activations.get
+    table = {
+        nn.ReLU: lambda: "relu",
+        nn.Tanh: lambda: "tanh",
+        nn.Sigmoid: lambda: "sigmoid",
+        nn.SiLU: lambda: "silu",
+        nn.LeakyReLU: lambda: get("leaky_relu", negative_slope=m.negative_slope).name,
+        nn.ELU: lambda: get("elu", alpha=m.alpha).name,
+        nn.Softplus: lambda: get("softplus", beta=m.beta, threshold=m.threshold).name,
+        nn.Hardtanh: lambda: get("hard_tanh", min_val=m.min_val, max_val=m.max_val).name,
+        nn.ReLU6: lambda: get("hard_tanh", min_val=m.min_val, max_val=m.max_val).name,
+        nn.GELU: lambda: {"none": "gelu", "tanh": "gelu_tanh"}[m.approximate],
+    }
+    make = table.get(t)
+    return None if make is None else make()
+
+
+def _flatten(torch, module) -> list[tuple[str, Any]]:
+    """(index, module) pairs in order, nested Sequentials flattened with dotted indices."""
+    nn = torch.nn
+    if isinstance(module, nn.Sequential):
+        items = [(name, m) for name, m in module.named_children()]
+    elif isinstance(module, nn.Module):
+        items = [("0", module)]
+    else:
+        try:
+            items = [(str(i), m) for i, m in enumerate(module)]
+        except TypeError:
+            raise TypeError(f"from_torch takes an nn.Sequential or an iterable of modules, not {type(module).__name__}") from None
+    out = []
+    for name, m in items:
+        if isinstance(m, nn.Sequential):
+            out += [(f"{name}.{sub}", s) for sub, s in _flatten(torch, m)]
+        elif not isinstance(m, nn.Module):
+            raise TypeError(f"module {name} is a {type(m).__name__}, not a torch.nn.Module")
+        else:
+            out.append((name, m))
+    return out
+
+
+def _unsupported(index, m, why="is not supported") -> TypeError:
+    return TypeError(f"module {index} ({m!r}) {why}; supported: {', '.join(SUPPORTED)}")
+
+
+def _parameter(torch, p, what: str, copy: bool, dtype):
+    """A parameter tensor as a NumPy/CuPy array: a view when ``copy`` is False."""
+    if p.dtype in (torch.float16, torch.bfloat16) and dtype is None:
+        raise TypeError(f"{what} is {str(p.dtype).removeprefix('torch.')}; jacgrad computes in float32 or float64 — "
+                        f"pass dtype='float32' (or 'float64') to cast it")
+    wanted = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}.get(dtype)
+    if wanted is not None and p.dtype != wanted:
+        if not copy:
+            raise ValueError(f"{what} is {str(p.dtype).removeprefix('torch.')}: casting it to {dtype} makes a copy, "
+                             f"so copy=False cannot share it")
+        return asarray(p.detach().to(wanted))
+    a = asarray(p)
+    if copy:
+        return a.copy(order="K")
+    return a
+
+
+def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
+    """A ``NetSpec`` of ``module`` (see the module docstring). ``dtype``: cast every parameter
+    to ``"float32"``/``"float64"`` (needed for float16/bfloat16 parameters)."""
+    torch = _torch()
+    nn = torch.nn
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype {dtype}: jacgrad computes in float32 or float64")
+    layers: list[dict] = []
+    for index, m in _flatten(torch, module):
+        if isinstance(m, nn.Linear) and type(m) is nn.Linear:
+            if layers and m.in_features != layers[-1]["out"]:
+                raise ValueError(f"module {index} ({m!r}) takes {m.in_features} features but the Linear before it "
+                                 f"(module {layers[-1]['index']}) gives {layers[-1]['out']}")
+            layers.append({"index": index, "module": m, "out": m.out_features, "activation": None})
+            continue
+        if type(m) is nn.Identity:
+            continue
+        if type(m) is nn.Dropout:
+            if m.training and m.p > 0:
+                raise _unsupported(index, m, "is in training mode (random); call model.eval() first, and it passes through —")
+            continue
+        if type(m) is nn.Flatten:
+            if (m.start_dim, m.end_dim) != (1, -1):
+                raise _unsupported(index, m, "flattens other than (B, ...) -> (B, n)")
+            continue
+        name = _activation_name(nn, m)
+        if name is None:
+            raise _unsupported(index, m)
+        if not layers:
+            raise TypeError(f"module {index} ({m!r}) comes before any Linear; jacgrad's layers are Linear then activation")
+        if layers[-1]["activation"] is not None:
+            raise TypeError(f"module {index} ({m!r}) follows another activation ({layers[-1]['activation']}) "
+                            f"after module {layers[-1]['index']}; one activation per Linear")
+        layers[-1]["activation"] = name
+    if not layers:
+        raise ValueError("the module has no nn.Linear: nothing to import")
+    weights, biases = [], []
+    for L in layers:
+        m, index = L["module"], L["index"]
+        W = _parameter(torch, m.weight.T, f"module {index} ({m!r}): weight", copy, dtype)
+        if m.bias is not None:
+            b = _parameter(torch, m.bias, f"module {index} ({m!r}): bias", copy, dtype)
+        else:
+            b = get_xp(W).zeros(W.shape[1], dtype=W.dtype)
+        weights.append(W)
+        biases.append(b)
+    devices = {is_gpu_array(W) for W in weights}
+    if len(devices) > 1:
+        raise ValueError("the module's Linears live on different devices (some CPU, some CUDA); move it to one device")
+    return NetSpec(weights, biases, [L["activation"] or "identity" for L in layers], source=type(module).__name__)
+
+
+def _module_of(nn, name: str):
+    act = _activations.get(name)
+    p = dict(act.params)
+    make = {
+        "identity": lambda: None,
+        "relu": nn.ReLU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "silu": nn.SiLU,
+        "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "leaky_relu": lambda: nn.LeakyReLU(p["negative_slope"]),
+        "elu": lambda: nn.ELU(p["alpha"]),
+        "softplus": lambda: nn.Softplus(p["beta"], p["threshold"]),
+        "hard_tanh": lambda: nn.Hardtanh(p["min_val"], p["max_val"]),
+    }[act.family]
+    return make()
+
+
+def to_torch(weights, biases, activations):
+    """An ``nn.Sequential`` of ``Linear`` (+ activation module, none for identity) per layer, with
+    copies of ``weights[j].T`` and ``biases[j]`` in the same dtype, on the same device (CUDA
+    for CuPy arrays). Reading it back with ``spec_from_torch`` gives the same arrays exactly."""
+    torch = _torch()
+    nn = torch.nn
+    modules = []
+    for W, b, name in zip(weights, biases, activations):
+        t_W, t_b = _tensor(torch, W), _tensor(torch, b)
+        lin = nn.Linear(W.shape[0], W.shape[1], dtype=t_W.dtype, device=t_W.device)
+        with torch.no_grad():
+            lin.weight.copy_(t_W.T)
+            lin.bias.copy_(t_b)
+        modules.append(lin)
+        act = _module_of(nn, name)
+        if act is not None:
+            modules.append(act)
+    return nn.Sequential(*modules)
+
+
+def _tensor(torch, a):
+    """A torch view of a NumPy or CuPy array (copied into the Linear afterwards)."""
+    return torch.from_dlpack(a) if is_gpu_array(a) else torch.from_numpy(a)
