@@ -67,10 +67,11 @@ def run_check(args) -> int:
 
     candidates, note = _candidates(args.device)
     if args.weights is not None:
-        ref_net = load_weights(args.weights, "float64", "cpu")
+        ref_net = load_weights(args.weights, "float64", "cpu", args.activation)
         what = f"{args.weights}"
     else:
         sizes = [args.width] * (args.depth + 1)
+        args.activation = args.activation or "tanh"
         hidden = hidden_activations(args.activation, args.depth - 1) or [args.activation.strip()]
         ref_net = random_net(sizes, hidden, init="xavier_normal", bias_std=0.1, seed=args.seed)
         what = f"a random {args.activation} network {args.width}x{args.depth}"

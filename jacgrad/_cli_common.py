@@ -6,8 +6,8 @@ nothing here imports them, so the command's modules form no import cycle.
 
     >>> parse_sizes("4,8x2,3")
     [4, 8, 8, 3]
-    >>> split_activations("relu,tanh")
-    ['relu', 'tanh']
+    >>> parse_activations("relu,leaky_relu(negative_slope=0.2)")
+    ['relu', 'leaky_relu(negative_slope=0.2)']
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
-    "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device", "split_activations",
+    "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device",
 ]
 
 PROG = "jacgrad"
@@ -85,36 +85,22 @@ def parse_sizes(spec: str) -> list[int]:
     return sizes
 
 
-def split_activations(text: str) -> list[str]:
-    """Split a comma list of activation names, keeping commas inside parentheses (a
-    parameterised spelling such as ``hard_tanh(min_val=-2, max_val=2)`` is one name)."""
-    names, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            names.append(text[start:i])
-            start = i + 1
-    names.append(text[start:])
-    return [n.strip() for n in names]
-
-
 def parse_activations(text: str, option: str = "--activation") -> list[str]:
     """The names in ``text`` (a comma list), each checked against the activation table;
     a ``UsageError`` naming ``option``, the bad name and the valid ones otherwise."""
     from . import activations
 
-    names = split_activations(text)
-    if not text.strip() or any(not n for n in names):
+    if not text.strip():
         raise UsageError(f"{option} {text!r}: give activation names separated by commas (an empty name is not one)")
-    for n in names:
-        try:
-            activations.get(n)
-        except (KeyError, ValueError, TypeError) as exc:
-            msg = str(exc)
-            if "valid names" not in msg:
-                msg += f"; valid names: {', '.join(activations.names())}"
-            raise UsageError(f"{option}: {msg}") from None
-    return names
+    try:
+        return activations.split_names(text)
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if "empty entry" in msg:
+            raise UsageError(f"{option} {text!r}: give activation names separated by commas (an empty name is not one)") from None
+        if "valid names" not in msg:
+            msg += f"; valid names: {', '.join(activations.names())}"
+        raise UsageError(f"{option}: {msg}") from None
 
 
 def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -> list[str]:
@@ -134,15 +120,11 @@ def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -
 
 def random_net(sizes: list[int], hidden: list[str], output: str = "identity", **init_options):
     """``MLP.init(sizes, ...)`` with ``hidden[j]`` on hidden layer ``j`` (``hidden`` has
-    ``len(sizes) - 2`` names, or one name when there is no hidden layer). ``MLP.init`` draws the
-    weights independently of the activations, so a per-layer list is set through the ``MLP``
-    constructor, which takes one name per layer."""
+    ``len(sizes) - 2`` names, or one name when there is no hidden layer)."""
     from .mlp import MLP
 
-    net = MLP.init(sizes, activation=hidden[0], output_activation=output, **init_options)
-    if len(set(hidden)) > 1:
-        net = MLP(net.weights, net.biases, list(hidden) + [output])
-    return net
+    return MLP.init(sizes, activation=list(hidden) if len(sizes) > 2 else hidden[0], output_activation=output,
+                    **init_options)
 
 
 def check_init(name: str) -> str:
@@ -177,14 +159,19 @@ def resolve_device(device: str, option: str = "--device") -> str:
 
 
 # ---------------------------------------------------------------------------- --weights
-def load_weights(path: str, dtype: str, device: str):
-    """The ``MLP`` in ``path``, ready to report on: every layer at least 1 wide and every weight
-    and bias finite; anything else is a ``UsageError`` naming the file and the layer."""
+def load_weights(path: str, dtype: str, device: str, activations: str | None = None):
+    """The ``MLP`` in ``path`` (``.npz``, ``.safetensors``, ``.pt``/``.pth``: ``jacgrad.netfile``),
+    ready to report on: every layer at least 1 wide and every weight and bias finite; anything
+    else is a ``UsageError`` naming the file and the layer. ``activations``: the ``--activation``
+    text (one name, or one per layer) for files that carry none."""
     from .backend import to_numpy
     from .mlp import MLP
 
+    names = None if activations is None else parse_activations(activations)
+    if names is not None and len(names) == 1:
+        names = names[0]
     try:
-        net = MLP.load(path, dtype=dtype, device=device)
+        net = MLP.load(path, dtype=dtype, device=device, activations=names)
     except FileNotFoundError:
         raise UsageError(f"--weights {path!r}: no such file") from None
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError) as exc:

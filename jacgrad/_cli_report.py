@@ -45,10 +45,12 @@ def _usual_init(hidden: list[str]) -> str:
 
 def _networks(args, device: str) -> list[tuple[str, object]]:
     if args.weights is not None:
-        clash = [_option(n) for n in _NET_OPTIONS if getattr(args, n) is not None]
+        clash = [_option(n) for n in _NET_OPTIONS if n != "activation" and getattr(args, n) is not None]
         if clash:
             raise UsageError(f"--weights cannot be combined with {', '.join(clash)}: the file defines the network")
-        net = load_weights(args.weights, args.dtype, device)
+        if args.activation is not None and len(args.activation) > 1:
+            raise UsageError("--weights takes one --activation: the names of a file's layers (one, or one per layer)")
+        net = load_weights(args.weights, args.dtype, device, args.activation[0] if args.activation else None)
         return [(os.path.basename(args.weights), net)]
     if args.sizes is not None and (args.depth is not None or args.width is not None):
         raise UsageError("--sizes cannot be combined with --depth or --width (it gives every width)")

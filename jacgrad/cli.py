@@ -30,11 +30,13 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- the parser
 _WEIGHTS_FORMAT = """\
---weights FILE.npz: a network of your own, as written by jacgrad.MLP.save or by
+--weights FILE: a network of your own, by suffix: .npz or .safetensors as written by
+  jacgrad.MLP.save, or by
   np.savez(FILE, W0=..., b0=..., W1=..., b1=..., activations=np.array(["relu", "identity"]))
   Wj has shape (H_{j-1}, H_j) (h = z @ Wj + bj; from a torch.nn.Linear take weight.T), bj has
   shape (H_j,) and may be left out (zeros), and `activations` holds one name per layer (or one
-  name for all). An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
+  name for all). A torch nn.Sequential state dict (.safetensors, or .pt/.pth read with
+  weights_only=True) carries no activations: give them with --activation relu,relu,identity. An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
   (python -c "import jacgrad.examples as e; print(e.TINY_MLP)").
 """
 
@@ -82,7 +84,7 @@ def _build_parser() -> _Parser:
                      help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
     net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
-    net.add_argument("--weights", default=None, metavar="FILE.npz", help="a network from a file (format below)")
+    net.add_argument("--weights", default=None, metavar="FILE", help="a network from a file (.npz, .safetensors, .pt, .pth: format below)")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",
@@ -107,9 +109,10 @@ def _build_parser() -> _Parser:
     )
     chk.add_argument("--depth", type=int_at_least("--depth", 1), default=6, help="layers of the random net (default 6)")
     chk.add_argument("--width", type=int_at_least("--width", 1), default=64, help="width of the random net (default 64)")
-    chk.add_argument("--activation", default="tanh", metavar="NAME[,NAME...]",
-                     help="activation of the random net, or one per hidden layer (default tanh)")
-    chk.add_argument("--weights", default=None, metavar="FILE.npz", help="check this network instead")
+    chk.add_argument("--activation", default=None, metavar="NAME[,NAME...]",
+                     help="activation of the random net, or one per hidden layer (default tanh); with "
+                          "--weights, the layers' names for a file that carries none (one, or one per layer)")
+    chk.add_argument("--weights", default=None, metavar="FILE", help="check this network instead (formats below)")
     chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
     chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
     chk.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
