@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import initializers, kernels, losses
+from . import _lazy, initializers, kernels, losses
 from ._passes import backward_into, carve, carve_gradients, forward_into
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
@@ -208,6 +208,9 @@ class MLP:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: Any):
+        lazy = _lazy.handler_for(x)
+        if lazy is not None:  # a Dask array: jacgrad.distributed maps forward over its chunks
+            return lazy("__call__", self, x)
         return self.forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
@@ -217,6 +220,9 @@ class MLP:
         (see ``ForwardCache``). ``check_finite=True`` raises ``FloatingPointError`` naming the
         first layer (or the input) where a NaN or Inf appears; without it they propagate.
         """
+        if _lazy.handler_for(x) is not None:
+            raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
+                            "net(X) and jacgrad.distributed map over its chunks")
         xp = get_xp(x, self.weights[0])
         x = float_array(x, "x", xp)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
