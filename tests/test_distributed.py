@@ -300,3 +300,26 @@ def test_reduce_samples_with_targets(net, x):
 
     lazy = jd.reduce_samples(total, lambda a, b: a + b, lambda s: s / 103, net, da.from_array(x, chunks=(25, -1)), t)
     assert lazy.compute() == pytest.approx(float(jg.losses.mse(net(x), t)[0]), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- where it runs
+def test_compute_on_the_local_scheduler_with_a_progress_bar(net, x):
+    stream = io.StringIO()
+    X = da.from_array(x, chunks=(25, -1))
+    with jd.session(progress=stream) as client:
+        assert client is None
+        s, y = jd.compute(jd.jacobian_spectral_norm(net, X), net(X))
+    assert "100% Completed" in stream.getvalue()
+    np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
+    np.testing.assert_allclose(y, net(x), rtol=1e-13)
+    (again,) = jd.compute(net(X))  # outside a session: no bar
+    np.testing.assert_array_equal(again, y)
+
+
+def test_session_arguments_are_checked():
+    with pytest.raises(ValueError, match="not both"):
+        with jd.session(workers=2, scheduler="tcp://127.0.0.1:8786"):
+            pass
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        with jd.session(workers=0):
+            pass

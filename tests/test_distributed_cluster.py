@@ -3,6 +3,7 @@ results equal the single-process NumPy computation, the budget reads the workers
 worker killed mid-computation does not change the result (Dask recomputes what it held)."""
 
 import collections
+import io
 import os
 import signal
 import time
@@ -113,3 +114,20 @@ def test_a_worker_killed_mid_computation_does_not_change_the_result(client, net,
     np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
     client.wait_for_workers(2, timeout=30)
     assert victim not in client.run(os.getpid).values()  # the nanny started a new worker process
+
+
+def test_compute_on_the_active_client_with_a_progress_bar(client, net, x):
+    stream = io.StringIO()
+    X = da.from_array(x, chunks=(100, -1))
+    with jd.session(scheduler=client.scheduler.address, progress=stream) as other:
+        assert other is not None and other is not client
+        (s,) = jd.compute(jd.jacobian_spectral_norm(net, X))
+    assert "100% Completed" in stream.getvalue()
+    np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
+    assert jd.budget.active_client() is client  # the session's client is closed, the fixture's is back
+
+
+def test_an_unreachable_scheduler_is_one_line():
+    with pytest.raises(ConnectionError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9: "):
+        with jd.session(scheduler="tcp://127.0.0.1:9", timeout=1):
+            pass

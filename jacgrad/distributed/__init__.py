@@ -22,6 +22,7 @@ jacgrad[dask]``); the NumPy paths need nothing more.
 from .. import _lazy
 from . import budget
 from .budget import default_max_memory
+from .cluster import compute, session
 from .data import DatasetError, open_npy, read_dataset
 from .mapping import embed, map_samples, reduce_samples
 from .samples import forward, jacobian_singular_values, jacobian_spectral_norm, lazy_method
@@ -29,6 +30,7 @@ from .samples import forward, jacobian_singular_values, jacobian_spectral_norm, 
 __all__ = [
     "DatasetError",
     "budget",
+    "compute",
     "default_max_memory",
     "embed",
     "forward",
@@ -38,6 +40,7 @@ __all__ = [
     "open_npy",
     "read_dataset",
     "reduce_samples",
+    "session",
 ]
 
 _lazy.register("dask", lazy_method)

@@ -26,6 +26,7 @@ from .. import bracketing
 
 __all__ = [
     "FRACTION",
+    "active_client",
     "backward_bytes",
     "default_max_memory",
     "forward_bytes",
@@ -163,11 +164,8 @@ def default_max_memory(x: Any = None) -> int:
 
 def _cluster_memory_per_thread() -> int | None:
     """The smallest ``memory_limit / nthreads`` over the active client's workers, or None."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):  # distributed not installed, or no client active
+    client = active_client()
+    if client is None:
         return None
     # distributed 2025+ lists 5 workers unless told otherwise; older versions list them all
     kwargs = {"n_workers": -1} if _takes_n_workers(client) else {}
@@ -178,6 +176,16 @@ def _cluster_memory_per_thread() -> int | None:
         if w.get("memory_limit")
     ]
     return min(shares) if shares else _free_ram()
+
+
+def active_client():
+    """The ``distributed.Client`` that ``compute`` would use, or None (then Dask's local scheduler runs)."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):  # distributed not installed, or no client active
+        return None
 
 
 def _takes_n_workers(client) -> bool:
