@@ -31,30 +31,25 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def net():
-    return jg.MLP.init([12, 16, 16, 4], activation="tanh", bias_std=0.1, seed=7)
+def case():
+    """The network, the data and the single-process NumPy results the cluster must reproduce."""
+    net = jg.MLP.init([12, 16, 16, 4], activation="tanh", bias_std=0.1, seed=7)
+    x = np.random.default_rng(8).standard_normal((400, 12))
+    chain = net.jacobian_chain(net.forward(x)[1])
+    return net, x, {"norms": ref["norms"], "sv": chain.singular_values(), "y": net(x)}
 
 
-@pytest.fixture(scope="module")
-def x():
-    return np.random.default_rng(8).standard_normal((400, 12))
-
-
-def _chain(net, x):
-    return net.jacobian_chain(net.forward(x)[1])
-
-
-def test_per_sample_results_equal_one_process(client, net, x):
+def test_per_sample_results_equal_one_process(client, case):
+    net, x, ref = case
     X = da.from_array(x, chunks=(50, 6))
     t = np.random.default_rng(9).standard_normal((400, 4))
     s, sv, y, losses = client.compute([
         jd.jacobian_spectral_norm(net, X), jd.jacobian_singular_values(net, X, k=3), net(X),
         jd.map_samples(_row_mse, net, X, da.from_array(t, chunks=(80, -1))),
     ], sync=True)
-    chain = _chain(net, x)
-    np.testing.assert_allclose(s, chain.spectral_norm(), rtol=1e-12)
-    np.testing.assert_allclose(sv, chain.singular_values()[:, :3], rtol=1e-12)
-    np.testing.assert_allclose(y, net(x), rtol=1e-13)
+    np.testing.assert_allclose(s, ref["norms"], rtol=1e-12)
+    np.testing.assert_allclose(sv, ref["sv"][:, :3], rtol=1e-12)
+    np.testing.assert_allclose(y, ref["y"], rtol=1e-13)
     np.testing.assert_allclose(losses, [float(jg.losses.mse(net(x[i : i + 1]), t[i : i + 1])[0]) for i in range(400)],
                                rtol=1e-13)
     assert len(client.scheduler_info()["workers"]) == 2
@@ -73,11 +68,12 @@ def _merge(a, b):
     return a[0] + b[0], a[1] + b[1], np.maximum(a[2], b[2])
 
 
-def test_a_reduction_equals_one_process(client, net, x):
+def test_a_reduction_equals_one_process(client, case):
+    net, x, ref = case
     lazy = jd.reduce_samples(_moments, _merge, lambda p: (p[1] / p[0], p[2]), net, da.from_array(x, chunks=(25, -1)))
     mean, peak = client.compute(lazy, sync=True)
-    np.testing.assert_allclose(mean, net(x).mean(0), rtol=1e-12)
-    np.testing.assert_array_equal(peak, net(x).max(0))
+    np.testing.assert_allclose(mean, ref["y"].mean(0), rtol=1e-12)
+    np.testing.assert_array_equal(peak, ref["y"].max(0))
 
 
 def test_the_default_budget_is_a_share_of_a_worker_thread(client):
@@ -94,7 +90,8 @@ class _Slow:
         return net.jacobian_chain(net.forward(xb)[1]).spectral_norm()
 
 
-def test_a_worker_killed_mid_computation_does_not_change_the_result(client, net, x):
+def test_a_worker_killed_mid_computation_does_not_change_the_result(client, case):
+    net, x, ref = case
     X = da.from_array(x, chunks=(10, -1))  # 40 tasks of ~50 ms on two workers
     lazy = jd.map_samples(_Slow(), net, X)
     future = client.compute(lazy)
@@ -111,19 +108,20 @@ def test_a_worker_killed_mid_computation_does_not_change_the_result(client, net,
     started = collections.Counter(t.key for t in client.cluster.scheduler.transition_log
                                   if t.finish == "processing" and t.key in ours)
     assert max(started.values()) == 2  # tasks the dead worker ran or held were run again
-    np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
+    np.testing.assert_allclose(s, ref["norms"], rtol=1e-12)
     client.wait_for_workers(2, timeout=30)
     assert victim not in client.run(os.getpid).values()  # the nanny started a new worker process
 
 
-def test_compute_on_the_active_client_with_a_progress_bar(client, net, x):
+def test_compute_on_the_active_client_with_a_progress_bar(client, case):
+    net, x, ref = case
     stream = io.StringIO()
     X = da.from_array(x, chunks=(100, -1))
     with jd.session(scheduler=client.scheduler.address, progress=stream) as other:
         assert other is not None and other is not client
         (s,) = jd.compute(jd.jacobian_spectral_norm(net, X))
     assert "100% Completed" in stream.getvalue()
-    np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
+    np.testing.assert_allclose(s, ref["norms"], rtol=1e-12)
     assert jd.budget.active_client() is client  # the session's client is closed, the fixture's is back
 
 
