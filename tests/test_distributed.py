@@ -323,3 +323,41 @@ def test_session_arguments_are_checked():
     with pytest.raises(ValueError, match="workers must be a positive number"):
         with jd.session(workers=0):
             pass
+
+
+@pytest.mark.gpu
+def test_cupy_chunks_run_the_cupy_path(x):
+    """X.map_blocks(cupy.asarray) with a GPU network: CuPy blocks in, CuPy blocks out, the budget
+    from the GPU's free memory. (Written without a GPU at hand: it runs where one is usable.)"""
+    cp = pytest.importorskip("cupy")
+    net = jg.MLP.init([7, 9, 8, 3], activation="tanh", bias_std=0.1, seed=3)
+    gnet = net.to("gpu")
+    X = da.from_array(x, chunks=(25, -1)).map_blocks(cp.asarray)
+    s, y = jd.jacobian_spectral_norm(gnet, X), gnet(X)
+    assert type(s._meta).__module__.startswith("cupy")
+    got_s, got_y = s.compute(), y.compute()
+    assert isinstance(got_s, cp.ndarray) and isinstance(got_y, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(got_s), _chain(net, x).spectral_norm(), rtol=1e-10)
+    np.testing.assert_allclose(cp.asnumpy(got_y), net(x), rtol=1e-10)
+    free = cp.cuda.Device().mem_info[0]
+    assert 0 < jd.default_max_memory(X) <= budget.FRACTION * free * 1.1
+    chunked = jd.jacobian_spectral_norm(gnet, cp.asarray(x), max_memory=10 * budget.jacobian_bytes(net))
+    np.testing.assert_allclose(cp.asnumpy(chunked), _chain(net, x).spectral_norm(), rtol=1e-10)
+
+
+def test_reduce_samples_can_pass_each_chunks_first_row(net, x):
+    """A statistic seeded by the global row (a random cotangent per sample) is the same
+    whatever the chunking: the chunk knows where it starts."""
+
+    def seeded(n, xb, start):
+        v = np.stack([np.random.default_rng([7, start + i]).standard_normal(n.sizes[-1]) for i in range(len(xb))])
+        return [(start, float((n(xb) * v).sum()))]
+
+    per = budget.backward_bytes(net)
+    results = [jd.reduce_samples(seeded, lambda a, b: a + b, lambda p: p, net, X, max_memory=m * per, with_start=True)
+               for X, m in ((x, 13), (x, 1000), (da.from_array(x, chunks=(30, -1)), 1000), (da.from_array(x, chunks=(30, -1)), 7))]
+    results = [r.compute() if hasattr(r, "compute") else r for r in results]
+    assert [s for s, _ in results[0]] == list(range(0, 103, 13))
+    assert [s for s, _ in results[3]] == [0, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60, 66, 72, 78, 84, 90, 97]
+    totals = [sum(t for _, t in r) for r in results]
+    assert max(totals) - min(totals) < 1e-9 * max(abs(t) for t in totals)

@@ -162,7 +162,7 @@ def _name(f) -> str:
 
 def reduce_samples(chunk: Callable, combine: Callable, aggregate: Callable, net, X, *others,
                    bytes_per_sample: Any = budget.backward_bytes, max_memory: int | None = None,
-                   split_every: int = SPLIT_EVERY):
+                   split_every: int = SPLIT_EVERY, with_start: bool = False):
     """Map-reduce over the batch: ``aggregate(combine(…combine(chunk(net, x₁, *t₁), chunk(net, x₂, *t₂))…))``.
 
     ``chunk(net, x, *t) -> partial`` summarises the rows of one chunk (sums, counts, maxima…),
@@ -170,7 +170,9 @@ def reduce_samples(chunk: Callable, combine: Callable, aggregate: Callable, net,
     earlier rows) and ``aggregate(partial) -> result`` finishes. Partials are merged
     ``split_every`` at a time up a tree, left to right, in the same order for both inputs:
     a Dask ``X`` gives a lazy ``dask.delayed`` result (``.compute()`` it), a NumPy/CuPy ``X``
-    the result itself — equal to the last bit when the chunks are the same.
+    the result itself — equal to the last bit when the chunks are the same. ``with_start=True``
+    also passes ``start=``, the chunk's first row in the whole batch (to seed per-sample random
+    draws by row, or to keep the first S samples), so a statistic need not depend on the chunking.
     """
     _check_batch(net, X)
     N = int(X.shape[0])
@@ -186,12 +188,18 @@ def reduce_samples(chunk: Callable, combine: Callable, aggregate: Callable, net,
         blocks = [b[0] for b in X.to_delayed()]
         tblocks = [_align(T, X.chunks[0]).to_delayed().ravel() for T in others]
         node = embed(net)
-        parts = [dask.delayed(chunk, pure=True)(node, b, *[t[i] for t in tblocks]) for i, b in enumerate(blocks)]
+        starts = np.cumsum((0,) + X.chunks[0][:-1])
+        parts = [dask.delayed(chunk, pure=True)(node, b, *[t[i] for t in tblocks], **_start(with_start, starts[i]))
+                 for i, b in enumerate(blocks)]
         fold = dask.delayed(_fold, pure=True)
         return dask.delayed(aggregate, pure=True)(_tree(parts, lambda group: fold(combine, group), split_every))
     bounds = [(s, min(s + rows, N)) for s in range(0, N, rows)]
-    parts = [chunk(net, X[a:b], *[T[a:b] for T in others]) for a, b in bounds]
+    parts = [chunk(net, X[a:b], *[T[a:b] for T in others], **_start(with_start, a)) for a, b in bounds]
     return aggregate(_tree(parts, lambda group: _fold(combine, group), split_every))
+
+
+def _start(with_start: bool, row) -> dict:
+    return {"start": int(row)} if with_start else {}
 
 
 def _fold(combine, group):
