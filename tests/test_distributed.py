@@ -361,3 +361,13 @@ def test_reduce_samples_can_pass_each_chunks_first_row(net, x):
     assert [s for s, _ in results[3]] == [0, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60, 66, 72, 78, 84, 90, 97]
     totals = [sum(t for _, t in r) for r in results]
     assert max(totals) - min(totals) < 1e-9 * max(abs(t) for t in totals)
+
+
+def test_two_networks_in_one_graph_keep_their_own_keys(x):
+    """Results of different networks (or inputs) computed together must not share task keys."""
+    a, b = jg.MLP.init([7, 5, 2], seed=1), jg.MLP.init([7, 5, 2], seed=2)
+    X = da.from_array(x, chunks=(50, -1))
+    got = dask.compute(jd.jacobian_spectral_norm(a, X), jd.jacobian_spectral_norm(b, X), a(X), b(X), a(X[:60]))
+    want = (_chain(a, x).spectral_norm(), _chain(b, x).spectral_norm(), a(x), b(x), a(x[:60]))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12)

@@ -148,7 +148,7 @@ def _map_dask(call, net, X, others, out_shape, dtype, rows):
     new = {next(letters): s for s in out_shape}
     meta = np.empty_like(X._meta, shape=(0,) * (1 + len(out_shape)), dtype=dtype)
     return da.blockwise(_swap, "a" + "".join(new), call, None, *args, new_axes=new, concatenate=True,
-                        meta=meta, dtype=dtype, name=f"jacgrad-{_name(call.args[0])}")
+                        meta=meta, dtype=dtype, token=f"jacgrad-{_name(call.args[0])}")
 
 
 def _swap(call, x, net, *others):
