@@ -371,3 +371,14 @@ def test_two_networks_in_one_graph_keep_their_own_keys(x):
     want = (_chain(a, x).spectral_norm(), _chain(b, x).spectral_norm(), a(x), b(x), a(x[:60]))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+
+def test_the_network_key_follows_everything_pickled_in_the_network():
+    W = [np.random.default_rng(0).standard_normal((7, 5)), np.random.default_rng(1).standard_normal((5, 2))]
+    same = [jd.embed(jg.MLP([w.copy() for w in W], activations="tanh")).key for _ in range(2)]
+    assert same[0] == same[1]  # deterministic: a rebuilt graph reuses the key
+    other = jg.MLP(W, activations=["tanh", "sigmoid"])
+    assert jd.embed(other).key != same[0]
+    other.biases[1][0] = 1.0
+    assert jd.embed(other).key not in (same[0], jd.embed(jg.MLP(W, activations=["tanh", "sigmoid"])).key)

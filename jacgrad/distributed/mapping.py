@@ -17,6 +17,7 @@ The per-chunk work is the network's own single-batch code (``MLP.forward``,
 from __future__ import annotations
 
 import functools
+import pickle
 import string
 import uuid
 from typing import Any, Callable, Sequence
@@ -39,13 +40,16 @@ def is_dask(x: Any) -> bool:
 
 def embed(net):
     """``net`` as one Dask key (a ``Delayed``) for graphs to depend on: sent to the scheduler
-    once, fetched once by each worker that runs a task. Its name hashes the parameters, so the
-    same network gives the same key and a changed one a new key."""
+    once, fetched once by each worker that runs a task. Its name hashes the pickled network
+    (parameters, activations and their parameters), so the same network gives the same key and
+    a changed one a new key."""
     import dask
     from dask.base import tokenize
 
-    parts = [getattr(net, a) for a in ("weights", "biases", "activations") if hasattr(net, a)]
-    token = tokenize(type(net).__qualname__, *parts) if parts else uuid.uuid4().hex
+    try:
+        token = tokenize(type(net).__module__, type(net).__qualname__, pickle.dumps(net, protocol=5))
+    except Exception:  # not picklable by pickle (cloudpickle may still ship it): a key of its own
+        token = uuid.uuid4().hex
     return dask.delayed(net, name=f"jacgrad-net-{token}", pure=True, traverse=False)
 
 
