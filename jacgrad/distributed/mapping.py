@@ -17,6 +17,7 @@ The per-chunk work is the network's own single-batch code (``MLP.forward``,
 from __future__ import annotations
 
 import functools
+import hashlib
 import pickle
 import string
 import uuid
@@ -44,10 +45,10 @@ def embed(net):
     (parameters, activations and their parameters), so the same network gives the same key and
     a changed one a new key."""
     import dask
-    from dask.base import tokenize
 
-    try:
-        token = tokenize(type(net).__module__, type(net).__qualname__, pickle.dumps(net, protocol=5))
+    try:  # blake2b of the pickle: ~10 ms for a 3 MB net (dask's tokenize of the bytes takes 10x that)
+        state = pickle.dumps((type(net).__module__, type(net).__qualname__, net), protocol=5)
+        token = hashlib.blake2b(state, digest_size=16).hexdigest()
     except Exception:  # not picklable by pickle (cloudpickle may still ship it): a key of its own
         token = uuid.uuid4().hex
     return dask.delayed(net, name=f"jacgrad-net-{token}", pure=True, traverse=False)
