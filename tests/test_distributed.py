@@ -194,7 +194,7 @@ def test_default_max_memory_is_a_share_of_free_ram():
 def test_map_samples_with_targets_in_other_chunks(net, x):
     t = np.random.default_rng(1).standard_normal((103, 3))
     X = da.from_array(x, chunks=(40, -1))
-    for T in (t, da.from_array(t, chunks=(17, 2))):
+    for T in (t, da.from_array(t, chunks=(17, 2)), t.tolist()):
         out = jd.map_samples(_row_losses, net, X, T)
         assert out.chunks == ((40, 40, 23),)
         np.testing.assert_allclose(out.compute(), _row_losses(net, x, t), rtol=1e-13)

@@ -65,10 +65,14 @@ def _check_batch(net, X) -> None:
         raise ValueError("X has chunks of unknown size along the batch; call X.compute_chunk_sizes() first")
 
 
-def _check_other(T, N: int, i: int) -> None:
-    if T.ndim < 1 or T.shape[0] != N:
-        raise ValueError(f"argument {i + 1} after X has shape {tuple(T.shape)} but X has {N} samples: "
-                         f"its first axis must be the batch ({N})")
+def _others(others, N: int) -> tuple:
+    """The arrays that go with X (lists made NumPy arrays), each checked to have N rows."""
+    others = tuple(T if hasattr(T, "shape") else np.asarray(T) for T in others)
+    for i, T in enumerate(others):
+        if T.ndim < 1 or T.shape[0] != N:
+            raise ValueError(f"argument {i + 1} after X has shape {tuple(T.shape)} but X has {N} samples: "
+                             f"its first axis must be the batch ({N})")
+    return others
 
 
 def _plan_rows(net, X, bytes_per_sample, max_memory) -> int:
@@ -94,8 +98,7 @@ def map_samples(f: Callable, net, X, *others, out_shape: Sequence[int] = (), dty
     """
     _check_batch(net, X)
     N = int(X.shape[0])
-    for i, T in enumerate(others):
-        _check_other(T, N, i)
+    others = _others(others, N)
     out_shape = tuple(int(s) for s in out_shape)
     dtype = np.dtype(net.dtype if dtype is None else dtype)
     rows = _plan_rows(net, X, bytes_per_sample, max_memory)
@@ -181,8 +184,7 @@ def reduce_samples(chunk: Callable, combine: Callable, aggregate: Callable, net,
     """
     _check_batch(net, X)
     N = int(X.shape[0])
-    for i, T in enumerate(others):
-        _check_other(T, N, i)
+    others = _others(others, N)
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}")
     rows = _plan_rows(net, X, bytes_per_sample, max_memory)
