@@ -42,7 +42,8 @@ def _spectral(net, X):
 
 
 def _gradnorm(net, X, T):
-    return net.per_sample_grad_norms(X, T)  # Dask in, Dask out (jacgrad._lazy); NumPy as is
+    # what net.per_sample_grad_norms(X, T) does with a Dask X once it hands Dask arrays to jacgrad._lazy
+    return jd.lazy_method("per_sample_grad_norms", net, X, T)
 
 
 def _gradnorm_numpy(net, X, T, rows):
