@@ -14,7 +14,7 @@ jacgrad[dask]``); the NumPy paths need nothing more.
     >>> import numpy as np, jacgrad as jg
     >>> net = jg.MLP.init([3, 4, 2], seed=0)
     >>> x = np.random.default_rng(0).standard_normal((1000, 3))
-    >>> s = jg.distributed.jacobian_spectral_norm(net, x, max_memory=20_000)   # chunks of 57 rows
+    >>> s = jg.distributed.jacobian_spectral_norm(net, x, max_memory=20_000)   # chunks of 49 rows
     >>> bool(np.allclose(s, net.jacobian_chain(net.forward(x)[1]).spectral_norm()))
     True
 """
