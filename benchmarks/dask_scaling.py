@@ -13,18 +13,22 @@ chunks with the same per-chunk code; only the scheduling differs:
   (the nanny gives each worker one BLAS thread). Cluster start-up is not timed; a warm-up
   computation runs first.
 
+The rows are interleaved: every cluster is started first, then repeat r runs each row once, the
+order rotated by r, so load that comes and goes on a shared machine hits them alike.
+
 Quantities: ``spectral``: ``jacobian_spectral_norm`` (exact SVD per sample); ``gradnorm``:
 ``net.per_sample_grad_norms(x, t)`` where this build has it (skipped with the reason otherwise).
 Targets: the overhead of Dask at 1 worker, ``numpy / dask-1`` ≥ 0.9; the speed-up at 2 workers,
 ``dask-2 / dask-1`` ≥ 1.6 (on a quiet 2-core machine). Timings are the best of ``--repeats``.
 
-    python benchmarks/dask_scaling.py                          # N = 20,000: about a minute on 2 cores
+    python benchmarks/dask_scaling.py                          # N = 20,000: a minute or two on 2 cores
     python benchmarks/dask_scaling.py --samples 100000 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import time
@@ -51,15 +55,6 @@ def _gradnorm_numpy(net, X, T, rows):
     for a in range(0, X.shape[0], rows):
         out[a : a + rows] = net.per_sample_grad_norms(np.asarray(X[a : a + rows]), T[a : a + rows])
     return out
-
-
-def _time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _data(directory: str, n: int, dtype) -> tuple[str, str]:
@@ -89,7 +84,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=20_000, help="N (the issue's figure: 100000)")
     p.add_argument("--rows", type=int, default=2000, help="samples per chunk (task)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--workers", default="1,2", help="Dask worker counts to time")
     p.add_argument("--quantities", default="spectral,gradnorm")
@@ -124,28 +119,28 @@ def main(argv=None) -> None:
             print("per-sample grad norm: skipped (net.per_sample_grad_norms is not in this build)")
 
     results: dict = {}
-    for name, (numpy_run, dask_graph) in cases.items():
-        with _blas_limit(1) or _nothing():
-            t, ref = _time(numpy_run, args.repeats)
-        results[(name, "numpy, 1 BLAS thread")] = t
-        with _blas_limit(None) or _nothing():
-            results[(name, "numpy, all BLAS threads")] = _time(numpy_run, args.repeats)[0]
-        results[(name, "ref")] = ref
-    for k in [int(w) for w in args.workers.split(",") if w]:
-        with distributed.LocalCluster(n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                distributed.Client(cluster) as client:
-            for name, (_, dask_graph) in cases.items():
-                warm = dask_graph().blocks[0].compute()  # imports and the network on the workers, untimed
-                del warm
-                t, got = _time(lambda: client.compute(dask_graph()).result(), args.repeats)
-                np.testing.assert_allclose(got, results[(name, "ref")], rtol=1e-6 if args.dtype == "float32" else 1e-10)
-                results[(name, f"dask, {k} worker{'s' if k > 1 else ''}")] = t
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for k in [int(w) for w in args.workers.split(",") if w]:
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None))
+            clients[k] = stack.enter_context(distributed.Client(cluster, set_as_default=False))
+        for name, (numpy_run, dask_graph) in cases.items():
+            runs = {"numpy, 1 BLAS thread": lambda: _with_blas(1, numpy_run),
+                    "numpy, all BLAS threads": lambda: _with_blas(None, numpy_run)}
+            for k, client in clients.items():
+                client.compute(dask_graph().blocks[0]).result()  # imports and the network on the workers, untimed
+                runs[f"dask, {k} worker{'s' if k > 1 else ''}"] = lambda c=client: c.compute(dask_graph()).result()
+            best, ref = _interleaved(runs, args.repeats)
+            for run, (t, out) in best.items():
+                np.testing.assert_allclose(out, ref, rtol=1e-6 if args.dtype == "float32" else 1e-10)
+                results[(name, run)] = t
 
     print(f"\n{'quantity':<24} {'run':<24} {'seconds':>9} {'samples/s':>11} {'vs numpy 1 thread':>18}")
     for name in cases:
         base = results[(name, "numpy, 1 BLAS thread")]
         for (q, run), t in results.items():
-            if q != name or run == "ref":
+            if q != name:
                 continue
             print(f"{q:<24} {run:<24} {t:9.2f} {args.samples / t:11.0f} {base / t:17.2f}x")
         one, two = results.get((name, "dask, 1 worker")), results.get((name, "dask, 2 workers"))
@@ -153,6 +148,26 @@ def main(argv=None) -> None:
             print(f"{name}: Dask overhead at 1 worker {one / base - 1:+.1%} (target <= +10%); "
                   f"2 workers / 1 worker {one / two:.2f}x (target >= 1.6x on a quiet machine)")
     print(f"load average at end {os.getloadavg()}")
+
+
+def _with_blas(threads, run):
+    with _blas_limit(threads) or _nothing():
+        return run()
+
+
+def _interleaved(runs: dict, repeats: int) -> tuple[dict, object]:
+    """Best time and result of every run; repeat r runs each once, the order rotated by r, so
+    load that comes and goes hits them alike. The reference result is the first run's."""
+    names = list(runs)
+    best = {n: (float("inf"), None) for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            out = runs[n]()
+            t = time.perf_counter() - t0
+            if t < best[n][0]:
+                best[n] = (t, out)
+    return best, best[names[0]][1]
 
 
 def _exact_norm(net, x):
