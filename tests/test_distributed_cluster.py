@@ -107,7 +107,7 @@ def test_a_worker_killed_mid_computation_does_not_change_the_result(client, case
     ours = {k for k in lazy.__dask_keys__()}
     started = collections.Counter(t.key for t in client.cluster.scheduler.transition_log
                                   if t.finish == "processing" and t.key in ours)
-    assert max(started.values()) == 2  # tasks the dead worker ran or held were run again
+    assert max(started.values()) >= 2  # tasks the dead worker ran or held were run again
     np.testing.assert_allclose(s, ref["norms"], rtol=1e-12)
     client.wait_for_workers(2, timeout=30)
     assert victim not in client.run(os.getpid).values()  # the nanny started a new worker process
