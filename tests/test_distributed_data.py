@@ -53,6 +53,18 @@ def test_fortran_order_and_float32_files(tmp_path):
     np.testing.assert_array_equal(X.compute(), x)
 
 
+def test_big_endian_files_are_read_in_native_order(tmp_path):
+    x = np.random.default_rng(3).standard_normal((9, 5))
+    np.save(tmp_path / "be.npy", x.astype(">f8"))
+    np.save(tmp_path / "lab.npy", np.arange(9).astype(">i4"))
+    X, labels = jd.open_npy(tmp_path / "be.npy", rows=4), jd.open_npy(tmp_path / "lab.npy", rows=4, labels=True)
+    assert X.dtype == np.float64 and X.dtype.isnative and labels.dtype == np.int32
+    got = X.compute()
+    assert got.dtype.isnative
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(labels.compute(), np.arange(9))
+
+
 def test_read_dataset_checks_against_the_network_and_sizes_chunks(data, net, tmp_path):
     path, x = data
     labels = np.arange(57) % 3

@@ -31,15 +31,16 @@ class NpyRows:
     Pickles as the path and the header (a few hundred bytes)."""
 
     def __init__(self, path: str, shape: tuple, dtype: np.dtype, fortran_order: bool, offset: int):
-        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.path, self.shape, self.file_dtype = path, tuple(shape), np.dtype(dtype)
+        self.dtype = self.file_dtype.newbyteorder("=")
         self.fortran_order, self.offset = fortran_order, offset
         self.ndim = len(self.shape)
 
     def __getitem__(self, key):
         order = "F" if self.fortran_order else "C"
-        mm = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape, offset=self.offset, order=order)
-        try:
-            return np.ascontiguousarray(mm[key])
+        mm = np.memmap(self.path, dtype=self.file_dtype, mode="r", shape=self.shape, offset=self.offset, order=order)
+        try:  # a copy in native byte order: the file may be written big-endian
+            return np.ascontiguousarray(mm[key], dtype=self.dtype)
         finally:
             del mm
 
@@ -78,7 +79,8 @@ def open_npy(path, *, rows: int | None = None, features: int | None = None, labe
     import dask.array as da
 
     path = os.fspath(path)
-    shape, dtype, fortran_order, offset = _header(path)
+    shape, file_dtype, fortran_order, offset = _header(path)
+    dtype = file_dtype.newbyteorder("=")  # big-endian files are read in native order
     if labels and len(shape) == 1 and dtype.kind in "iu":
         pass
     elif dtype not in _FLOATS:
@@ -94,7 +96,7 @@ def open_npy(path, *, rows: int | None = None, features: int | None = None, labe
     if rows is None:
         rows = max(1, (128 << 20) // max(1, math.prod(shape[1:]) * dtype.itemsize))
     chunks = (int(rows),) + shape[1:]
-    source = NpyRows(path, shape, dtype, fortran_order, offset)
+    source = NpyRows(path, shape, file_dtype, fortran_order, offset)
     meta = np.empty((0,) * len(shape), dtype=dtype)
     return da.from_array(source, chunks=chunks, meta=meta, name=f"jacgrad-npy-{_token(path, shape, dtype)}")
 
