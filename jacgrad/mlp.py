@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import initializers, kernels, losses
+from . import _lazy, initializers, kernels, losses
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
 from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
@@ -266,7 +266,11 @@ class MLP:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: Any):
-        """``y: (B, n_out)``, the output of ``forward`` (no cache is kept)."""
+        """``y: (B, n_out)``, the output of ``forward`` (no cache is kept). A Dask array in gives a
+        lazy Dask array out (``jacgrad.distributed`` maps the forward over its chunks)."""
+        lazy = _lazy.handler_for(x)
+        if lazy is not None:
+            return lazy("__call__", self, x)
         return self._forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
@@ -287,6 +291,9 @@ class MLP:
         """``forward`` without the copy of the output: the ``z`` returned may be the cache's
         ``saved[-1]``, which backward reads. For callers that never hand ``z`` out while the
         cache lives (``loss_and_grads``, ``__call__``)."""
+        if _lazy.handler_for(x) is not None:
+            raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
+                            "net(X) and jacgrad.distributed map over its chunks")
         weights, acts = self._weights.stored, self._acts
         xp = get_xp(x, weights[0])
         x = float_array(x, "x", xp)
@@ -408,6 +415,9 @@ class MLP:
             >>> net.per_sample_grad_norms(np.ones((4, 3)), np.zeros((4, 2)), per_layer=True).shape
             (4, 2)
         """
+        lazy = _lazy.handler_for(x)
+        if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
+            return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
         cache, deltas = self._per_sample_deltas(x, target, loss)
         sq = per_sample.grad_sq_norms(cache.layer_output, deltas, float(cache.batch))
         xp = get_xp(sq)
