@@ -211,7 +211,6 @@ def test_softmax_rows_that_do_not_sum_to_one_scale_the_hessian():
 
 
 # ---------------------------------------------------------------- BackPACK
-backpack = pytest.importorskip("backpack")
 BACKPACK_ACT = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
 BACKPACK_LOSS = {"mse": torch.nn.MSELoss, "softmax_cross_entropy": torch.nn.CrossEntropyLoss,
                  "sigmoid_bce": torch.nn.BCEWithLogitsLoss}
@@ -220,6 +219,7 @@ BACKPACK_LOSS = {"mse": torch.nn.MSELoss, "softmax_cross_entropy": torch.nn.Cros
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("activation", sorted(BACKPACK_ACT))
 def test_against_backpack_batchgrad_batchl2_and_diagggn(activation, loss):
+    pytest.importorskip("backpack")  # here, not at module level: that would skip every test above
     from backpack import backpack as bp_context, extend
     from backpack.extensions import BatchGrad, BatchL2Grad, DiagGGNExact
 
