@@ -22,8 +22,8 @@ from .jacobian import LayerJacobian
 from .spectra import singular_values
 
 __all__ = [
-    "HUTCHINSON_PROBES", "LayerFlow", "MAX_SPECTRUM_ELEMENTS", "MAX_SPECTRUM_MACS", "SATURATION",
-    "first_nonfinite", "io_spectrum", "is_finite", "layer_flow",
+    "HUTCHINSON_PROBES", "LayerFlow", "MAX_SPECTRUM_ELEMENTS", "MAX_SPECTRUM_MACS", "REPORT_TOL", "SATURATION",
+    "all_finite", "first_nonfinite", "io_spectrum", "is_finite", "layer_flow",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
@@ -43,13 +43,14 @@ class LayerFlow:
     """The numbers of layer ``index`` (``W{index}``: ``(h_in, h_out)``); batch means unless noted.
 
     grad_norm: ‖∂L/∂W_j‖_F; bias_grad_norm: ‖∂L/∂b_j‖; delta_norm: ‖∂L/∂h_j‖_F over the batch;
-    jacobian_norm: exact ‖diag(d)·W_jᵀ‖₂ per sample, averaged; jacobian_bound: max|d|·‖W_j‖₂
-    per sample, averaged; weight_spectral_norm: ‖W_j‖₂; derivative_mean: mean φ'(h);
-    active_fraction: share of (sample, unit) pairs with φ' ≠ 0; dead_units: units with φ' = 0
-    for every sample; saturated_fraction: share with |φ'| < 1% of sup|φ'| (for piecewise-linear
-    activations the inactive ones); chi: ‖J_j‖_F²/h_in; backward_gain: ‖J_j‖_F²/h_out (the
-    factor by which the layer scales the squared norm of an isotropic cotangent);
-    finite: False when this layer's values went non-finite (its numbers are then NaN).
+    jacobian_norm: ‖diag(d)·W_jᵀ‖₂ per sample (to 1e-6 relative), averaged; jacobian_bound:
+    max|d|·‖W_j‖₂ per sample, averaged; weight_spectral_norm: ‖W_j‖₂; derivative_mean: mean
+    φ'(h); active_fraction: share of (sample, unit) pairs with φ' ≠ 0; dead_units: units with
+    φ' = 0 for every sample; saturated_fraction: share with |φ'| < 1% of sup|φ'| (for
+    piecewise-linear activations the inactive ones); chi: χ_j = ‖J_j‖_F²/h_out, the factor by
+    which the layer scales the squared norm of an isotropic cotangent on its way back (see
+    docs/gradient-flow.md); finite: False when this layer's values went non-finite (its numbers
+    are then NaN).
     """
 
     index: int
@@ -66,41 +67,57 @@ class LayerFlow:
     dead_units: int
     saturated_fraction: float
     chi: float
-    backward_gain: float
     finite: bool = True
 
 
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def all_finite(xp, arrays) -> np.ndarray:
+    """Host bool ``(len(arrays),)``: whether each array (None counts as finite) is all finite,
+    in one transfer."""
+    flags = [xp.isfinite(a).all() for a in arrays if a is not None]
+    got = iter(_host(xp.stack(flags))) if flags else iter(())
+    return np.array([True if a is None else bool(next(got)) for a in arrays], dtype=bool)
+
+
 def is_finite(xp, a) -> bool:
-    return bool(xp.isfinite(a).all())
+    return bool(all_finite(xp, [a])[0])
 
 
 def first_nonfinite(xp, cache, grads, grad_y, L: int) -> dict | None:
-    """Where the values first went non-finite: forward in layer order, then backward from the top."""
+    """Where the values first went non-finite: forward in layer order, then backward from the top.
+
+    Every flag comes to the host in one transfer."""
+    # The cache keeps z_j or h_j, whichever φ'_j is computed from; either one overflowing
+    # is what makes the rest of the pass non-finite (tanh(±inf) = ±1 stays finite).
+    arrays = list(cache.saved[:L]) + [grad_y] + [a for j in range(L) for a in (grads.deltas[j], grads.weights[j])]
+    ok = all_finite(xp, arrays + [grads.input])
+    forward, loss, backward, inp = ok[:L], ok[L], ok[L + 1 : 3 * L + 1].reshape(L, 2), ok[-1]
     for j in range(L):
-        # The cache keeps z_j or h_j, whichever φ'_j is computed from; either one overflowing
-        # is what makes the rest of the pass non-finite (tanh(±inf) = ±1 stays finite).
-        if not is_finite(xp, cache.saved[j]):
+        if not forward[j]:
             return {
                 "layer": j,
                 "stage": "forward",
                 "message": f"layer {j} went non-finite in the forward pass (its output z_{j} overflowed)",
             }
-    if not is_finite(xp, grad_y):
+    if not loss:
         return {"layer": L - 1, "stage": "loss", "message": "the loss gradient ∂L/∂y is non-finite"}
     for j in reversed(range(L)):
-        if not (is_finite(xp, grads.deltas[j]) and is_finite(xp, grads.weights[j])):
+        if not backward[j].all():
             return {
                 "layer": j,
                 "stage": "backward",
                 "message": f"layer {j} went non-finite in the backward pass (∂L/∂h_{j} or ∂L/∂W{j} overflowed)",
             }
-    if not is_finite(xp, grads.input):
+    if not inp:
         return {"layer": 0, "stage": "backward", "message": "the input gradient ∂L/∂x overflowed"}
     return None
 
 
-def _norm(xp, a) -> float:
-    return float(xp.sqrt((a * a).sum()))
+# The report asks the per-sample ‖J_j‖₂ to this relative accuracy of ‖J_j‖₂² (≈ half of it in the norm).
+REPORT_TOL = 1e-6
 
 
 def layer_flow(xp, j: int, J: LayerJacobian, activation: str, grads, seed: int, poisoned: bool) -> LayerFlow:
@@ -110,59 +127,122 @@ def layer_flow(xp, j: int, J: LayerJacobian, activation: str, grads, seed: int, 
     B = grads.deltas[j].shape[0]
     if d.ndim == 1:
         d = xp.broadcast_to(d, (B, h_out))
-    fro2 = (d * d) @ (W * W).sum(axis=0)  # ‖J_b‖_F² = Σ_i d_i² ‖W[:, i]‖², (B,)
-    fro2_mean = float(fro2.mean())
+    col2 = (W * W).sum(axis=0)  # ‖W[:, i]‖², (H_out,)
+    d2 = d * d
+    fro2 = d2 @ col2  # ‖J_b‖_F² = Σ_i d_i² ‖W[:, i]‖², (B,)
     ad = xp.abs(d)
     bound_act = _activations.get(activation).bound
-    finite = not poisoned and is_finite(xp, d)
+    f64 = np.float64
+    b = grads.biases[j]
+    scalars = [
+        (grads.weights[j] * grads.weights[j]).sum(),
+        (b * b).sum() if b is not None else xp.zeros((), dtype=W.dtype),
+        (grads.deltas[j] * grads.deltas[j]).sum(),
+        fro2.sum(),
+        d.sum(),
+        (d != 0).sum(),
+        (d == 0).all(axis=0).sum(),
+        (ad < SATURATION * bound_act).sum(),
+        xp.isfinite(d).all(),
+    ]
+    per_sample = [d2.max(axis=1), (d2 * col2).max(axis=1)] if h_out else [xp.zeros(B, dtype=W.dtype)] * 2
+    # one transfer for every number of the layer: the scalars, then max_i d_i² and max_i d_i²‖W[:, i]‖²
+    host = _host(xp.concatenate([xp.stack([s.astype(f64) for s in scalars])] + [p.astype(f64) for p in per_sample]))
+    g2, bias2, delta2, fro2_sum, d_sum, active, dead, saturated, d_finite = (float(v) for v in host[:9])
+    maxd2, lower = host[9 : 9 + B], host[9 + B :]
+    n = B * h_out
+    finite = not poisoned and bool(d_finite)
     nan = math.nan
     if finite:
-        sq = top_eigenvalues(_layer_gram(xp, J, d), B + 1, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j)
-        norms = np.sqrt(np.maximum(sq[:B], 0.0))
-        w2 = float(np.sqrt(max(sq[B], 0.0)))
-        maxd = to_numpy(ad.max(axis=1)) if h_out else np.zeros(B)
-        jacobian_norm, jacobian_bound = float(norms.mean()), float((maxd * w2).mean())
+        w2sq = _weight_norm_squared(xp, W, seed + j)
+        sq = top_eigenvalues(
+            _layer_gram(xp, J, d), B, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j, tol=REPORT_TOL,
+            lower=lower, upper=maxd2 * w2sq, dense=_layer_dense(xp, J, d),
+        )
+        w2 = math.sqrt(w2sq)
+        jacobian_norm = float(np.sqrt(np.maximum(sq, 0.0)).mean())
+        jacobian_bound = float((np.sqrt(maxd2) * w2).mean())
     else:
         jacobian_norm = jacobian_bound = w2 = nan
     return LayerFlow(
         index=j,
         shape=(h_in, h_out),
         activation=activation,
-        grad_norm=_norm(xp, grads.weights[j]),
-        bias_grad_norm=_norm(xp, grads.biases[j]) if grads.biases[j] is not None else nan,
-        delta_norm=_norm(xp, grads.deltas[j]),
+        grad_norm=math.sqrt(g2),
+        bias_grad_norm=math.sqrt(bias2) if b is not None else nan,
+        delta_norm=math.sqrt(delta2),
         jacobian_norm=jacobian_norm,
         jacobian_bound=jacobian_bound,
         weight_spectral_norm=w2,
-        derivative_mean=float(d.mean()) if finite else nan,
-        active_fraction=float((d != 0).mean()) if finite else nan,
-        dead_units=int((d == 0).all(axis=0).sum()) if finite else 0,
-        saturated_fraction=float((ad < SATURATION * bound_act).mean()) if finite else nan,
-        chi=fro2_mean / h_in if finite else nan,
-        backward_gain=fro2_mean / h_out if finite else nan,
+        derivative_mean=d_sum / n if finite else nan,
+        active_fraction=active / n if finite else nan,
+        dead_units=int(dead) if finite else 0,
+        saturated_fraction=saturated / n if finite else nan,
+        chi=fro2_sum / B / h_out if finite else nan,
         finite=finite,
     )
 
 
+def _weight_norm_squared(xp, W, seed: int) -> float:
+    """‖W‖₂²: one dense eigensolve of the smaller Gram matrix (or Lanczos beyond ``DIRECT_MAX``)."""
+    h_in, h_out = W.shape
+    n = min(h_in, h_out)
+    if n == 0:
+        return 0.0
+
+    def gram():
+        return W.T @ W if h_out <= h_in else W @ W.T
+
+    def matvec(v, rows):
+        return v @ G
+
+    G = gram()
+    return float(top_eigenvalues(matvec, 1, n, xp=xp, dtype=W.dtype, seed=seed, tol=REPORT_TOL,
+                                 dense=lambda rows: G[None])[0])
+
+
 def _layer_gram(xp, J: LayerJacobian, d):
-    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for every sample,
-    plus one last row with ``d = 1`` whose top eigenvalue is ‖W‖₂²."""
+    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for the samples ``rows``."""
     W = J.W
-    dd = xp.concatenate([d, xp.ones((1, J.h_out), dtype=d.dtype)], axis=0)  # (B + 1, H_out)
     if J.h_out <= J.h_in:
         G = W.T @ W  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
 
         def matvec(v, rows):
-            s = dd[rows]
+            s = d[_device_rows(xp, rows)]
             return ((v * s) @ G) * s
 
     else:
 
         def matvec(u, rows):  # Jᵀ J through the factor's own JVP and VJP, on the H_in side
-            F = LayerJacobian(dd[rows], W)
+            F = LayerJacobian(d[_device_rows(xp, rows)], W)
             return F.vjp(F.jvp(u))
 
     return matvec
+
+
+def _layer_dense(xp, J: LayerJacobian, d):
+    """``dense(rows) -> (len(rows), n, n)``: the same operators as matrices, n the smaller side."""
+    W = J.W
+    h_in, h_out = J.h_in, J.h_out
+    if h_out <= h_in:
+        G = W.T @ W
+
+        def dense(rows):
+            s = d[_device_rows(xp, rows)]
+            return s[:, :, None] * G[None] * s[:, None, :]
+
+    else:
+        per = max(1, SPECTRUM_CHUNK_ELEMENTS // (h_in * h_out))  # bounds the (r, H_in, H_out) intermediate
+
+        def dense(rows):
+            s2 = d[_device_rows(xp, rows)] ** 2
+            return xp.concatenate([(W[None] * s2[i : i + per, None, :]) @ W.T for i in range(0, len(rows), per)])
+
+    return dense
+
+
+def _device_rows(xp, rows):
+    return rows if isinstance(rows, slice) else xp.asarray(rows)
 
 
 def _sample_elements(chain: Chain) -> int:
@@ -187,8 +267,8 @@ def _singular_values_in_chunks(chain: Chain, S: int) -> np.ndarray:
     parts = []
     for start in range(0, S, chunk):
         sub = chain.rows(slice(start, min(S, start + chunk)))
-        parts.append(to_numpy(singular_values(sub.jacobian("auto"))).astype(np.float64))
-    return np.concatenate(parts, axis=0)
+        parts.append(singular_values(sub.jacobian("auto")))
+    return to_numpy(chain.xp.concatenate(parts, axis=0)).astype(np.float64)  # one transfer
 
 
 def io_spectrum(xp, chain: Chain, B: int, requested, nonfinite: bool, seed: int) -> dict:

@@ -13,14 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["hints", "plot_reports", "report_dict", "report_json", "report_text", "PLOT_INSTALL_HINT"]
+__all__ = ["hints", "histogram_bins", "plot_reports", "report_dict", "report_json", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
 
 PLOT_INSTALL_HINT = 'plots need matplotlib: pip install "jacgrad[plot]"'
 
 _LAYER_FIELDS = (
     "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
     "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
-    "saturated_fraction", "chi", "backward_gain", "finite",
+    "saturated_fraction", "chi", "finite",
 )
 _SCALAR_FIELDS = (
     "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
@@ -45,7 +45,7 @@ def hints(report) -> list[str]:
             "for this depth — re-initialise smaller (see below) before anything else"
         )
     scale = 1.0 / math.sqrt(report.chi_bar) if 0 < report.chi_bar < math.inf else None
-    inits = ", ".join(f"{a} → init='{_usual_init(a)}'" for a in acts)
+    inits = ", ".join(f"{a} → init='{usual_init(a)}'" for a in acts)
     if report.verdict == "vanishing":
         if "sigmoid" in acts:
             dm = np.mean([f.derivative_mean for f in finite if f.activation == "sigmoid"])
@@ -103,10 +103,13 @@ _PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity", "hard_tanh")
 _HOMOGENEOUS = ("relu", "leaky_relu", "identity")  # φ(c·h) = c·φ(h) for c > 0: χ ∝ weight scale²
 
 
-def _usual_init(activation: str) -> str:
-    from .diagnostics import usual_init
+_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
 
-    return usual_init(activation)
+
+def usual_init(activation: str) -> str:
+    """The initialisation usually paired with ``activation``: he_normal for the ReLU family,
+    xavier_normal otherwise (sigmoid, tanh, identity, hard_tanh)."""
+    return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
 
 
 # ---------------------------------------------------------------------------- dict / JSON
@@ -232,7 +235,7 @@ def plot_reports(reports: Sequence, path) -> None:
     except ImportError as exc:
         raise ImportError(PLOT_INSTALL_HINT) from exc
     n = len(reports)
-    fig, axes = plt.subplots(n, 3, figsize=(13, 3.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(13, 3.8 * n), squeeze=False)
     try:
         for row, rep in zip(axes, reports):
             _plot_one(row, rep)
@@ -253,7 +256,39 @@ def _positive(values):
     return np.where(a > 0, a, np.nan)
 
 
+def histogram_bins(count: int) -> int:
+    """Bins for ``count`` values: about 2√count, at least 5 and at most 40 (6 singular values get
+    5 bins, not 40 mostly empty ones)."""
+    return int(min(40, max(5, math.ceil(2 * math.sqrt(max(count, 0))))))
+
+
+def _legend_below(ax, ncol: int) -> None:
+    """The legend under the axes, outside them, so it never covers a curve."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
+
+
+def _log_labels(axis) -> None:
+    """Readable labels on a log axis: over less than two decades, plain numbers at 1, 2 and 5
+    times a power of ten (every minor tick within a factor 3); otherwise the decades only."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = axis.get_view_interval()
+    if not (lo > 0 and hi / lo < 100):
+        axis.set_minor_formatter(NullFormatter())
+        return
+    every = hi / lo < 3
+
+    def label(v, _):
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return f"{v:.2g}" if every or lead in (1, 2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
 def _plot_one(row, rep) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     idx = [f.index for f in rep.layers]
     ax = row[0]
     for name, label in (
@@ -264,19 +299,23 @@ def _plot_one(row, rep) -> None:
     ):
         ax.plot(idx, _positive([getattr(f, name) for f in rep.layers]), marker="o", ms=3, label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer j")
+    ax.set_ylabel("norm (log scale)")
     where = f" (non-finite from layer {rep.nonfinite['layer']})" if rep.nonfinite else ""
     ax.set_title(f"{rep.label or 'network'}: {rep.verdict}{where}", fontsize=10)
-    ax.legend(fontsize=7)
+    _legend_below(ax, ncol=4)
     ax = row[1]
-    ax.plot(idx, _positive(rep.chi), marker="o", ms=3, label=r"$\chi_j = \|J_j\|_F^2 / H_{j-1}$")
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.plot(idx, _positive(rep.chi), marker="o", ms=3, label=r"$\chi_j$")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label=r"$\chi = 1$")
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer j")
+    ax.set_ylabel(r"$\chi_j = \|J_j\|_F^2 / H_j$")
     ax.set_title(f"χ per layer (χ̄ = {rep.chi_bar:.3g})", fontsize=10)
+    _legend_below(ax, ncol=2)
     for a in row[:2]:
         a.set_xlim(-0.5, max(len(idx) - 0.5, 0.5))
-    ax.legend(fontsize=7)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _log_labels(a.yaxis)
     ax = row[2]
     sv = np.asarray(rep.jacobian_singular_values, dtype=float)
     if sv.size:
@@ -286,13 +325,16 @@ def _plot_one(row, rep) -> None:
         sv = sv[(sv > noise) & np.isfinite(sv)]
     if sv.size:
         lo, hi = np.log10(sv.min()), np.log10(sv.max())
-        bins = np.logspace(lo, hi if hi > lo else lo + 1, 40)
-        ax.hist(sv, bins=bins)
+        if hi - lo < 1e-3:  # all (nearly) equal: one decade around them
+            lo, hi = lo - 0.5, hi + 0.5
+        ax.hist(sv, bins=np.logspace(lo, hi, histogram_bins(sv.size) + 1))
         ax.set_xscale("log")
         ax.set_title(f"singular values of ∂y/∂x ({rep.spectrum_samples} samples)", fontsize=10)
-        if zero:
-            ax.text(0.02, 0.95, f"{zero} numerically zero (not shown)", transform=ax.transAxes, fontsize=7, va="top")
+        _log_labels(ax.xaxis)
+        ax.set_xlabel(f"σ ({zero} numerically zero, not shown)" if zero else "σ")
     else:
         ax.text(0.5, 0.5, f"spectrum {rep.spectrum_method}", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         ax.set_title("singular values of ∂y/∂x", fontsize=10)
-    ax.set_xlabel("σ")
+        ax.set_xlabel("σ")
+    ax.set_ylabel("count")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -110,8 +110,7 @@ def test_layer_numbers_match_dense_float64_references():
         assert f.jacobian_bound == pytest.approx((np.abs(d).max(axis=1) * w2).mean(), rel=1e-10)
         assert f.jacobian_norm <= f.jacobian_bound * (1 + 1e-12)
         fro2 = (dense**2).sum(axis=(1, 2))
-        assert f.chi == pytest.approx(fro2.mean() / W.shape[0], rel=1e-12)
-        assert f.backward_gain == pytest.approx(fro2.mean() / W.shape[1], rel=1e-12)
+        assert f.chi == pytest.approx(fro2.mean() / W.shape[1], rel=1e-12)  # ‖J_j‖_F² / H_j
         assert f.derivative_mean == pytest.approx(d.mean(), rel=1e-12)
         assert f.active_fraction == pytest.approx((d != 0).mean())
         assert f.dead_units == int((d == 0).all(axis=0).sum())
@@ -281,7 +280,7 @@ def test_deep_linear_orthogonal_nets_have_every_singular_value_gain_to_the_L(siz
     np.testing.assert_allclose(rep.jacobian_singular_values, gain**L, rtol=1e-10)
     for f in rep.layers:
         assert f.jacobian_norm == pytest.approx(gain, rel=1e-10)
-        assert f.backward_gain == pytest.approx(gain**2, rel=1e-10)
+        assert f.chi == pytest.approx(gain**2, rel=1e-10)
     assert rep.chi_bar == pytest.approx(gain**2, rel=1e-10)
     assert rep.mean_squared_singular_value == pytest.approx(gain ** (2 * L) * sizes[-1] / sizes[0], rel=1e-10)
 
