@@ -106,12 +106,14 @@ def top_eigenvalues(
         return out
     budget = min(max_steps, max(first_check, n // 2)) if direct else max_steps
     chunk = max(1, ROW_ELEMENTS // n)
-    rng = np.random.default_rng(seed)
+    # One random start shared by every row: a row's result depends on its operator only, not on
+    # which rows it is batched with (a report over chunks equals the report of the whole batch).
+    start_vector = xp.asarray(np.random.default_rng(seed).standard_normal(n).astype(dtype))
     left = []
     for start in range(0, todo.size, chunk):
         idx = todo[start : start + chunk]
         rows = slice(int(idx[0]), int(idx[-1]) + 1) if idx[-1] - idx[0] + 1 == idx.size else idx
-        q0 = xp.asarray(rng.standard_normal((idx.size, n)).astype(dtype))
+        q0 = xp.broadcast_to(start_vector, (idx.size, n))
         top = None if upper is None else upper[idx]
         theta, pending = _lanczos(matvec, rows, q0, budget, tol, first_check, check_every, xp, top)
         out[idx] = theta

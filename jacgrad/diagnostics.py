@@ -35,15 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from . import losses as _losses
-from ._flow import (
-    SATURATION,
-    LayerFlow,
-    all_finite,
-    first_nonfinite,
-    io_spectrum,
-    layer_flow,
-)
+from . import _flow
+from ._flow import SATURATION, LayerFlow, all_finite
 from ._validate import float_array, shape_str
 from .backend import get_xp
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
@@ -56,6 +49,7 @@ __all__ = [
     "VERDICTS",
     "decide",
     "gradient_flow",
+    "report_from_partials",
     "usual_init",
 ]
 
@@ -235,29 +229,16 @@ def gradient_flow(
         if not ok[1 + 2 * j : 3 + 2 * j].all():
             raise ValueError(f"layer {j}: W{j} or b{j} has non-finite values (inf or NaN)")
     x = x.astype(net.weights[0].dtype, copy=False)
-    with np.errstate(all="ignore"):
-        y, cache = net.forward(x)
-        if target is None:
-            rng = np.random.default_rng(seed)
-            v = rng.standard_normal(tuple(y.shape))
-            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
-            grad_y, loss_value, loss_name = xp.asarray(v.astype(y.dtype)), None, None
-        else:
-            value, grad_y = _losses.get(loss)(y, target)
-            loss_value, loss_name = float(value), loss
-        grads = net.backward(cache, grad_y)
-        chain = net.jacobian_chain(cache)
-        nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
-        # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
-        poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
-        layers = [
-            layer_flow(xp, j, chain.factors[j], net.activations[j], grads, seed, j >= poisoned) for j in range(L)
-        ]
-        if poisoned < L:  # the backward pass ran through the overflowed layers: no gradient is meaningful
-            for f in layers:
-                f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
-        spectrum = io_spectrum(xp, chain, x.shape[0], spectrum_samples, nonfinite is not None, seed)
-    verdict, chi_bar, gamma, depth_scale = decide([f.chi for f in layers], nonfinite is not None)
+    p = _flow.partials(net, x, target, loss, seed=seed, spectrum_samples=spectrum_samples)
+    return report_from_partials(p, label=label)
+
+
+def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:
+    """The report of a (merged) ``jacgrad._flow`` partial: ``gradient_flow`` of one batch is
+    ``report_from_partials(partials(net, x, ...))``; over chunks, merge their partials first."""
+    fields = _flow.finish(p)
+    layers = fields.pop("layers")
+    verdict, chi_bar, gamma, depth_scale = decide([f.chi for f in layers], fields["nonfinite"] is not None)
     report = GradientFlowReport(
         layers=layers,
         chi=[f.chi for f in layers],
@@ -266,16 +247,8 @@ def gradient_flow(
         verdict=verdict,
         depth_scale=depth_scale,
         hints=[],
-        nonfinite=nonfinite,
-        sizes=[int(net.weights[0].shape[0])] + [int(W.shape[1]) for W in net.weights],
-        activations=list(net.activations),
-        batch=int(x.shape[0]),
-        dtype=str(np.dtype(net.weights[0].dtype)),
-        device="gpu" if xp is not np else "cpu",
-        loss=loss_name,
-        loss_value=loss_value,
         label=label,
-        **spectrum,
+        **fields,
     )
     report.hints = hints(report)
     return report

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _flow
+from jacgrad import _layer_norms
 from jacgrad._lanczos import top_eigenvalues
 from jacgrad.diagnostics import gradient_flow
 from jacgrad.spectra import ConvergenceWarning
@@ -123,12 +123,12 @@ def test_small_layers_use_one_batched_eigensolve():
     d = rng.random((7, 20))
     J = jg.LayerJacobian(d, W)
     calls = []
-    matvec = _flow._layer_gram(np, J, d)
+    matvec = _layer_norms.layer_gram(np, J, d)
 
     def counted(v, rows):
         calls.append(rows)
         return matvec(v, rows)
 
-    got = top_eigenvalues(counted, 7, 20, xp=np, dtype=np.float64, tol=1e-6, dense=_flow._layer_dense(np, J, d))
+    got = top_eigenvalues(counted, 7, 20, xp=np, dtype=np.float64, tol=1e-6, dense=_layer_norms.layer_dense(np, J, d))
     np.testing.assert_allclose(np.sqrt(got), np.linalg.svd(J.dense(), compute_uv=False)[:, 0], rtol=1e-12)
     assert calls == []
