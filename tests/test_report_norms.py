@@ -132,3 +132,19 @@ def test_small_layers_use_one_batched_eigensolve():
     got = top_eigenvalues(counted, 7, 20, xp=np, dtype=np.float64, tol=1e-6, dense=_layer_norms.layer_dense(np, J, d))
     np.testing.assert_allclose(np.sqrt(got), np.linalg.svd(J.dense(), compute_uv=False)[:, 0], rtol=1e-12)
     assert calls == []
+
+
+@pytest.mark.parametrize("rel", [1e-6, 1e-12])
+def test_multisection_brackets_the_top_eigenvalue_of_tridiagonals(rel):
+    from jacgrad._lanczos import _top_eigenvalue_bounded
+
+    rng = np.random.default_rng(5)
+    P, k = 40, 30
+    a = rng.random((P, k)) * rng.choice([1e-3, 1.0, 1e3], size=(P, 1))
+    b = rng.standard_normal((P, k - 1)) * a[:, :1]
+    T = np.zeros((P, k, k))
+    i = np.arange(k)
+    T[:, i, i], T[:, i[:-1], i[1:]], T[:, i[1:], i[:-1]] = a, b, b
+    lam = np.linalg.eigvalsh(T)[:, -1]
+    got = _top_eigenvalue_bounded(a, b, np.zeros(P), rel)
+    assert (got <= lam * (1 + 1e-13)).all() and (lam <= got * (1 + rel) * (1 + 1e-13)).all()
