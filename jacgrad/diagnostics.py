@@ -197,7 +197,10 @@ def gradient_flow(
     (``spectrum_method`` and ``mean_squared_singular_value_method`` say which was done).
 
     Cost: one forward and backward, then per layer ~50 ``(B, H) @ (H, H)`` products for the
-    exact ‖J_j‖₂ of every sample; memory: a few ``(B, H)`` blocks per layer.
+    ‖J_j‖₂ of every sample (to 1e-6; none for orthogonal layers, a batched eigensolve of the
+    Gram matrices for small or near-isometric ones); memory: a few ``(B, H)`` blocks per layer.
+    ``x`` must be float32 or float64 (int, bool, float16 and complex are a ``TypeError``, as in
+    ``net.forward``); ``spectrum_samples`` None or an int ≥ 0 (else ``ValueError``).
 
     Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
     order, then backward order) whose values overflowed. Non-finite inputs or weights are a

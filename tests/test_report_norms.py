@@ -148,3 +148,15 @@ def test_multisection_brackets_the_top_eigenvalue_of_tridiagonals(rel):
     lam = np.linalg.eigvalsh(T)[:, -1]
     got = _top_eigenvalue_bounded(a, b, np.zeros(P), rel)
     assert (got <= lam * (1 + 1e-13)).all() and (lam <= got * (1 + rel) * (1 + 1e-13)).all()
+
+
+def test_float32_orthogonal_report_is_quiet_and_agrees_with_float64():
+    net = _net("orthogonal/tanh", [128, 128, 128, 128])
+    net32 = jg.MLP([W.astype(np.float32) for W in net.weights], [b.astype(np.float32) for b in net.biases],
+                   net.activations)
+    x = 0.1 * np.random.default_rng(6).standard_normal((16, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        r32 = gradient_flow(net32, x.astype(np.float32), spectrum_samples=0)
+    for f, ref in zip(r32.layers, _dense_layer_norms(net, x)):
+        assert f.jacobian_norm == pytest.approx(ref.mean(), rel=1e-5)
