@@ -81,7 +81,7 @@ def test_plot_has_labelled_axes_integer_layer_ticks_outside_legends_and_few_bins
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from jacgrad.report import _plot_one, histogram_bins
+    from jacgrad._report_plot import _plot_one, histogram_bins
 
     net = jg.MLP.init([6, 7, 7, 3], activation="tanh", seed=3)
     rep = gradient_flow(net, np.random.default_rng(3).standard_normal((2, 6)))  # 2 x 3 = 6 singular values
