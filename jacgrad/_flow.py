@@ -1,10 +1,23 @@
-"""What ``gradient_flow`` measures: per-layer statistics of the factors and the input-output spectrum.
+"""What ``gradient_flow`` measures, as mergeable partials: per chunk of samples, sums, counts and
+maxima; ``merge`` combines two chunks exactly (up to floating-point summation order); ``finish``
+turns the merged partial into the report's numbers. One batch is one chunk, so the same code
+serves a single call and a map-reduce over a dataset (``partials`` per chunk, ``merge`` as the
+combine step, ``finish`` once).
 
 Everything is read off the per-sample factors ``J_j = diag(d_j) · W_jᵀ`` of
-``net.jacobian_chain(cache)`` and stays on their device; only scalars and the (small) singular
-values come to the host. Memory: a few ``(B, H)`` blocks per layer and one ``H_out × H_out``
-Gram matrix — the per-sample layer Jacobians themselves are never materialised; the whole
-input-output Jacobian only for as many samples as ``MAX_SPECTRUM_ELEMENTS`` allows.
+``net.jacobian_chain(cache)`` and stays on their device; per layer one transfer brings its
+scalars (and its per-sample bounds) to the host, besides the Lanczos checks of ``‖J_j‖₂``
+(``jacgrad._layer_norms``) and the spectrum (``jacgrad._io_spectrum``). Memory: a few ``(B, H)``
+blocks per layer, one Gram matrix of the smaller side, and the gradient sums (one ``W_j``-shaped
+array per layer) that a partial carries.
+
+A partial (plain dict): ``count`` (samples), ``total`` (samples of the whole batch), ``loss``,
+``loss_sum`` (Σ over samples of the per-sample loss), ``mean`` (whether the gradients are those
+of a mean loss), ``nonfinite``, ``layers`` (one dict per layer: ``grad``/``bias_grad`` = Σ over
+samples of the per-sample gradient, on the device; ``delta2`` = Σ ‖δ_b‖² of the per-sample
+deltas; ``norm_sum``, ``bound_sum`` = Σ ‖J_b‖₂ and Σ max|d_b|; ``d_sum``, ``active``,
+``saturated``, ``fro2_sum``; ``ever_active`` (H_j,) bool; ``w2``; ``finite``), ``spectrum`` and
+the net's description (``sizes``, ``activations``, ``dtype``, ``device``).
 """
 
 from __future__ import annotations
@@ -14,28 +27,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _sample_rng
 from . import activations as _activations
+from . import losses as _losses
+from ._io_spectrum import finish_spectrum, merge_spectrum, spectrum_partial
 from ._lanczos import top_eigenvalues
-from .backend import to_numpy
-from .chain import Chain
+from ._layer_norms import layer_dense, layer_gram, report_tol, weight_norm_squared
+from .backend import get_xp
 from .jacobian import LayerJacobian
-from .spectra import singular_values
 
 __all__ = [
-    "HUTCHINSON_PROBES", "LayerFlow", "MAX_SPECTRUM_ELEMENTS", "MAX_SPECTRUM_MACS", "SATURATION",
-    "first_nonfinite", "io_spectrum", "is_finite", "layer_flow",
+    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "merge", "partials",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
-# The input-output Jacobian of a sample is built only when its largest intermediate
-# (max width x max(n_in, n_out)) has at most this many elements; beyond, matrix-free ...
-MAX_SPECTRUM_ELEMENTS = 1 << 26
-# ... and, unless spectrum_samples says otherwise, for as many samples as this many multiply-adds
-# allow (its GEMMs plus ~4·m·n·k per SVD) ...
-MAX_SPECTRUM_MACS = 1 << 35
-# ... a few samples at a time, so no intermediate holds more than this many elements (8 MiB f64).
-SPECTRUM_CHUNK_ELEMENTS = 1 << 20
-HUTCHINSON_PROBES = 16
 
 
 @dataclass
@@ -43,13 +48,14 @@ class LayerFlow:
     """The numbers of layer ``index`` (``W{index}``: ``(h_in, h_out)``); batch means unless noted.
 
     grad_norm: ‖∂L/∂W_j‖_F; bias_grad_norm: ‖∂L/∂b_j‖; delta_norm: ‖∂L/∂h_j‖_F over the batch;
-    jacobian_norm: exact ‖diag(d)·W_jᵀ‖₂ per sample, averaged; jacobian_bound: max|d|·‖W_j‖₂
-    per sample, averaged; weight_spectral_norm: ‖W_j‖₂; derivative_mean: mean φ'(h);
-    active_fraction: share of (sample, unit) pairs with φ' ≠ 0; dead_units: units with φ' = 0
-    for every sample; saturated_fraction: share with |φ'| < 1% of sup|φ'| (for piecewise-linear
-    activations the inactive ones); chi: ‖J_j‖_F²/h_in; backward_gain: ‖J_j‖_F²/h_out (the
-    factor by which the layer scales the squared norm of an isotropic cotangent);
-    finite: False when this layer's values went non-finite (its numbers are then NaN).
+    jacobian_norm: ‖diag(d)·W_jᵀ‖₂ per sample (to 1e-6 relative), averaged; jacobian_bound:
+    max|d|·‖W_j‖₂ per sample, averaged; weight_spectral_norm: ‖W_j‖₂; derivative_mean: mean
+    φ'(h); active_fraction: share of (sample, unit) pairs with φ' ≠ 0; dead_units: units with
+    φ' = 0 for every sample; saturated_fraction: share with |φ'| < 1% of sup|φ'| (for
+    piecewise-linear activations the inactive ones); chi: χ_j = ‖J_j‖_F²/h_out, the factor by
+    which the layer scales the squared norm of an isotropic cotangent on its way back (see
+    docs/gradient-flow.md); finite: False when this layer's values went non-finite (its numbers
+    are then NaN).
     """
 
     index: int
@@ -66,192 +72,218 @@ class LayerFlow:
     dead_units: int
     saturated_fraction: float
     chi: float
-    backward_gain: float
     finite: bool = True
 
 
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def all_finite(xp, arrays) -> np.ndarray:
+    """Host bool ``(len(arrays),)``: whether each array (None counts as finite) is all finite,
+    in one transfer."""
+    flags = [xp.isfinite(a).all() for a in arrays if a is not None]
+    got = iter(_host(xp.stack(flags))) if flags else iter(())
+    return np.array([True if a is None else bool(next(got)) for a in arrays], dtype=bool)
+
+
 def is_finite(xp, a) -> bool:
-    return bool(xp.isfinite(a).all())
+    return bool(all_finite(xp, [a])[0])
 
 
 def first_nonfinite(xp, cache, grads, grad_y, L: int) -> dict | None:
-    """Where the values first went non-finite: forward in layer order, then backward from the top."""
+    """Where the values first went non-finite: forward in layer order, then backward from the top.
+
+    Every flag comes to the host in one transfer. ``"key"`` orders the places (the smallest
+    came first), so the first of several chunks' is their ``min``."""
+    # The cache keeps z_j or h_j, whichever φ'_j is computed from; either one overflowing
+    # is what makes the rest of the pass non-finite (tanh(±inf) = ±1 stays finite).
+    arrays = list(cache.saved[:L]) + [grad_y] + [a for j in range(L) for a in (grads.deltas[j], grads.weights[j])]
+    ok = all_finite(xp, arrays + [grads.input])
+    forward, loss, backward, inp = ok[:L], ok[L], ok[L + 1 : 3 * L + 1].reshape(L, 2), ok[-1]
     for j in range(L):
-        # The cache keeps z_j or h_j, whichever φ'_j is computed from; either one overflowing
-        # is what makes the rest of the pass non-finite (tanh(±inf) = ±1 stays finite).
-        if not is_finite(xp, cache.saved[j]):
+        if not forward[j]:
             return {
+                "key": (0, j),
                 "layer": j,
                 "stage": "forward",
                 "message": f"layer {j} went non-finite in the forward pass (its output z_{j} overflowed)",
             }
-    if not is_finite(xp, grad_y):
-        return {"layer": L - 1, "stage": "loss", "message": "the loss gradient ∂L/∂y is non-finite"}
+    if not loss:
+        return {"key": (1, 0), "layer": L - 1, "stage": "loss", "message": "the loss gradient ∂L/∂y is non-finite"}
     for j in reversed(range(L)):
-        if not (is_finite(xp, grads.deltas[j]) and is_finite(xp, grads.weights[j])):
+        if not backward[j].all():
             return {
+                "key": (2, L - 1 - j),
                 "layer": j,
                 "stage": "backward",
                 "message": f"layer {j} went non-finite in the backward pass (∂L/∂h_{j} or ∂L/∂W{j} overflowed)",
             }
-    if not is_finite(xp, grads.input):
-        return {"layer": 0, "stage": "backward", "message": "the input gradient ∂L/∂x overflowed"}
+    if not inp:
+        return {"key": (3, 0), "layer": 0, "stage": "backward", "message": "the input gradient ∂L/∂x overflowed"}
     return None
 
 
-def _norm(xp, a) -> float:
-    return float(xp.sqrt((a * a).sum()))
-
-
-def layer_flow(xp, j: int, J: LayerJacobian, activation: str, grads, seed: int, poisoned: bool) -> LayerFlow:
+def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: float, seed: int,
+                  poisoned: bool) -> dict:
+    """Layer j's sums over the chunk; the gradients times ``factor`` (B for a mean loss: the sums
+    of the per-sample gradients)."""
     W = J.W
     h_in, h_out = J.h_in, J.h_out
     d = J.d
     B = grads.deltas[j].shape[0]
     if d.ndim == 1:
         d = xp.broadcast_to(d, (B, h_out))
-    fro2 = (d * d) @ (W * W).sum(axis=0)  # ‖J_b‖_F² = Σ_i d_i² ‖W[:, i]‖², (B,)
-    fro2_mean = float(fro2.mean())
-    ad = xp.abs(d)
+    col2 = (W * W).sum(axis=0)  # ‖W[:, i]‖², (H_out,)
+    d2 = d * d
+    fro2 = d2 @ col2  # ‖J_b‖_F² = Σ_i d_i² ‖W[:, i]‖², (B,)
     bound_act = _activations.get(activation).bound
-    finite = not poisoned and is_finite(xp, d)
+    f64 = np.float64
+    scalars = [
+        (grads.deltas[j] * grads.deltas[j]).sum(),
+        fro2.sum(),
+        d.sum(),
+        (d != 0).sum(),
+        (xp.abs(d) < SATURATION * bound_act).sum(),
+        xp.isfinite(d).all() & xp.isfinite(col2).all(),  # weights so large that ‖W[:, i]‖² overflows count too
+    ]
+    per_sample = [d2.max(axis=1), (d2 * col2).max(axis=1)] if h_out else [xp.zeros(B, dtype=W.dtype)] * 2
+    # one transfer for every number of the layer: the scalars, max_i d_i², max_i d_i²‖W[:, i]‖², φ' ≠ 0 per unit
+    host = _host(xp.concatenate([xp.stack([s.astype(f64) for s in scalars])] + [p.astype(f64) for p in per_sample]
+                                + [(d != 0).any(axis=0).astype(f64)]))
+    delta2, fro2_sum, d_sum, active, saturated, d_finite = (float(v) for v in host[:6])
+    maxd2, lower, ever_active = host[6 : 6 + B], host[6 + B : 6 + 2 * B], host[6 + 2 * B :] > 0
+    finite = not poisoned and bool(d_finite)
     nan = math.nan
+    norm_sum = bound_sum = w2 = nan
     if finite:
-        sq = top_eigenvalues(_layer_gram(xp, J, d), B + 1, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j)
-        norms = np.sqrt(np.maximum(sq[:B], 0.0))
-        w2 = float(np.sqrt(max(sq[B], 0.0)))
-        maxd = to_numpy(ad.max(axis=1)) if h_out else np.zeros(B)
-        jacobian_norm, jacobian_bound = float(norms.mean()), float((maxd * w2).mean())
-    else:
-        jacobian_norm = jacobian_bound = w2 = nan
-    return LayerFlow(
-        index=j,
-        shape=(h_in, h_out),
-        activation=activation,
-        grad_norm=_norm(xp, grads.weights[j]),
-        bias_grad_norm=_norm(xp, grads.biases[j]) if grads.biases[j] is not None else nan,
-        delta_norm=_norm(xp, grads.deltas[j]),
-        jacobian_norm=jacobian_norm,
-        jacobian_bound=jacobian_bound,
-        weight_spectral_norm=w2,
-        derivative_mean=float(d.mean()) if finite else nan,
-        active_fraction=float((d != 0).mean()) if finite else nan,
-        dead_units=int((d == 0).all(axis=0).sum()) if finite else 0,
-        saturated_fraction=float((ad < SATURATION * bound_act).mean()) if finite else nan,
-        chi=fro2_mean / h_in if finite else nan,
-        backward_gain=fro2_mean / h_out if finite else nan,
-        finite=finite,
-    )
-
-
-def _layer_gram(xp, J: LayerJacobian, d):
-    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for every sample,
-    plus one last row with ``d = 1`` whose top eigenvalue is ‖W‖₂²."""
-    W = J.W
-    dd = xp.concatenate([d, xp.ones((1, J.h_out), dtype=d.dtype)], axis=0)  # (B + 1, H_out)
-    if J.h_out <= J.h_in:
-        G = W.T @ W  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
-
-        def matvec(v, rows):
-            s = dd[rows]
-            return ((v * s) @ G) * s
-
-    else:
-
-        def matvec(u, rows):  # Jᵀ J through the factor's own JVP and VJP, on the H_in side
-            F = LayerJacobian(dd[rows], W)
-            return F.vjp(F.jvp(u))
-
-    return matvec
-
-
-def _sample_elements(chain: Chain) -> int:
-    """An upper bound of the largest array one sample needs while its Jacobian is accumulated."""
-    return max(chain.widths) * max(chain.n_in, chain.n_out)
-
-
-def _spectrum_size(chain: Chain, B: int, requested: int | None) -> int:
-    if _sample_elements(chain) > MAX_SPECTRUM_ELEMENTS:
-        return 0
-    if requested is not None:
-        return max(0, min(B, int(requested)))
-    k = min(chain.n_out, chain.n_in)
-    macs = chain.jacobian_cost("auto") / max(chain.batch or 1, 1) + 4 * chain.n_out * chain.n_in * k
-    return int(min(B, MAX_SPECTRUM_MACS // max(macs, 1)))
-
-
-def _singular_values_in_chunks(chain: Chain, S: int) -> np.ndarray:
-    """Singular values ``(S, k)`` of the first S samples' Jacobians, a few samples at a time so
-    that no intermediate exceeds ``SPECTRUM_CHUNK_ELEMENTS``; only the singular values are kept."""
-    chunk = max(1, SPECTRUM_CHUNK_ELEMENTS // _sample_elements(chain))
-    parts = []
-    for start in range(0, S, chunk):
-        sub = chain.rows(slice(start, min(S, start + chunk)))
-        parts.append(to_numpy(singular_values(sub.jacobian("auto"))).astype(np.float64))
-    return np.concatenate(parts, axis=0)
-
-
-def io_spectrum(xp, chain: Chain, B: int, requested, nonfinite: bool, seed: int) -> dict:
-    n_in, n_out = chain.n_in, chain.n_out
-    k = min(n_in, n_out)
-    if nonfinite:
-        return dict(
-            jacobian_singular_values=np.zeros((0, k)),
-            jacobian_spectral_norm=math.nan,
-            mean_squared_singular_value=math.nan,
-            mean_squared_singular_value_method="skipped: non-finite values",
-            spectrum_samples=0,
-            spectrum_method="skipped: non-finite values",
+        w2sq = weight_norm_squared(xp, W, seed + j)
+        sq = top_eigenvalues(
+            layer_gram(xp, J, d), B, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j, tol=report_tol(d.dtype),
+            lower=lower, upper=maxd2 * w2sq, dense=layer_dense(xp, J, d),
         )
-    S = _spectrum_size(chain, B, requested)
-    if requested == 0:
-        return dict(
-            jacobian_singular_values=np.zeros((0, k)),
-            jacobian_spectral_norm=math.nan,
-            mean_squared_singular_value=_hutchinson(xp, chain, B, seed),
-            mean_squared_singular_value_method=f"estimated from {HUTCHINSON_PROBES} random directions per sample",
-            spectrum_samples=0,
-            spectrum_method="skipped (spectrum_samples=0)",
-        )
-    if S > 0:
-        sv = _singular_values_in_chunks(chain, S)
-        return dict(
-            jacobian_singular_values=sv,
-            jacobian_spectral_norm=float(sv[:, 0].mean()) if k else 0.0,
-            mean_squared_singular_value=float(((sv**2).sum(axis=1) / n_in).mean()),
-            mean_squared_singular_value_method=f"exact ({S} of {B} samples)",
-            spectrum_samples=S,
-            spectrum_method=f"exact SVD of {S} of {B} samples' Jacobians",
-        )
-    # Too big to build: matrix-free norm by Lanczos, ‖J‖_F² by Hutchinson's estimator.
-    if n_out <= n_in:
-
-        def matvec(v, rows):
-            c = chain.rows(rows)
-            return c.jvp(c.vjp(v))
-
-    else:
-
-        def matvec(u, rows):
-            c = chain.rows(rows)
-            return c.vjp(c.jvp(u))
-
-    sq = top_eigenvalues(matvec, B, k, xp=xp, dtype=chain.dtype, seed=seed)
+        w2 = math.sqrt(w2sq)
+        norm_sum = float(np.sqrt(np.maximum(sq, 0.0)).sum())
+        bound_sum = float(np.sqrt(maxd2).sum())
+    b = grads.biases[j]
     return dict(
-        jacobian_singular_values=np.zeros((0, k)),
-        jacobian_spectral_norm=float(np.sqrt(np.maximum(sq, 0.0)).mean()),
-        mean_squared_singular_value=_hutchinson(xp, chain, B, seed),
-        mean_squared_singular_value_method=f"estimated from {HUTCHINSON_PROBES} random directions per sample",
-        spectrum_samples=0,
-        spectrum_method="skipped (too large to build); spectral norm by Lanczos",
+        shape=(h_in, h_out), activation=activation, count=B,
+        grad=grads.weights[j] * factor if factor != 1 else grads.weights[j],
+        bias_grad=None if b is None else (b * factor if factor != 1 else b),
+        delta2=delta2 * factor * factor, norm_sum=norm_sum, bound_sum=bound_sum, w2=w2,
+        d_sum=d_sum if finite else nan, active=active if finite else nan,
+        saturated=saturated if finite else nan, fro2_sum=fro2_sum if finite else nan,
+        ever_active=ever_active, finite=finite,
     )
 
 
-def _hutchinson(xp, chain: Chain, B: int, seed: int) -> float:
-    """‖J‖_F²/n_in averaged over the batch, estimated as E‖J u‖²/n_in with u ~ N(0, I)."""
-    rng = np.random.default_rng([seed, 3])
-    total = xp.zeros(B, dtype=chain.dtype)
-    for _ in range(HUTCHINSON_PROBES):
-        t = chain.jvp(xp.asarray(rng.standard_normal((B, chain.n_in)).astype(chain.dtype)))
-        total += (t * t).sum(axis=1)
-    return float(total.mean()) / (HUTCHINSON_PROBES * chain.n_in)
+def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_samples: int | None = None,
+             start: int = 0, total: int | None = None) -> dict:
+    """The partial of the chunk ``x: (B, n_in)`` = samples ``start .. start+B-1`` of a batch of
+    ``total`` (default: this chunk is the whole batch); ``target``: the chunk's targets, or None
+    for per-sample random unit cotangents (sample i's is the same however the batch is chunked).
+    ``x`` is validated by the caller (``gradient_flow``) and has the net's dtype."""
+    xp = get_xp(net.weights[0], x)
+    L, B = len(net.weights), int(x.shape[0])
+    total = start + B if total is None else int(total)
+    with np.errstate(all="ignore"):
+        y, cache = net.forward(x)
+        if target is None:
+            v = _sample_rng.rows((seed,), start, start + B, int(y.shape[1]))
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
+            grad_y, loss_sum, factor = xp.asarray(v.astype(y.dtype)), None, 1.0
+        else:
+            value, grad_y = _losses.get(loss)(y, target)
+            loss_sum, factor = float(value) * B, float(B)  # the loss is a mean over the chunk
+        grads = net.backward(cache, grad_y)
+        chain = net.jacobian_chain(cache)
+        nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
+        # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
+        poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
+        layers = [
+            layer_partial(xp, j, chain.factors[j], net.activations[j], grads, factor, seed, j >= poisoned)
+            for j in range(L)
+        ]
+        spectrum = None if nonfinite else spectrum_partial(xp, chain, start, total, spectrum_samples, seed)
+    return dict(
+        count=B, total=total, loss=None if target is None else loss, loss_sum=loss_sum, mean=target is not None,
+        nonfinite=nonfinite, layers=layers, spectrum=spectrum,
+        sizes=[int(net.weights[0].shape[0])] + [int(W.shape[1]) for W in net.weights],
+        activations=list(net.activations), dtype=str(np.dtype(net.weights[0].dtype)),
+        device="gpu" if xp is not np else "cpu",
+    )
+
+
+def _merge_layer(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for name in ("count", "grad", "delta2", "norm_sum", "bound_sum", "d_sum", "active", "saturated", "fro2_sum"):
+        out[name] = a[name] + b[name]
+    out["bias_grad"] = None if a["bias_grad"] is None else a["bias_grad"] + b["bias_grad"]
+    out["ever_active"] = a["ever_active"] | b["ever_active"]
+    out["finite"] = a["finite"] and b["finite"]
+    out["w2"] = a["w2"] if math.isfinite(a["w2"]) else b["w2"]
+    return out
+
+
+def merge(a: dict, b: dict) -> dict:
+    """The partial of two disjoint chunks (in any order): sums and counts added, maxima and
+    flags combined, the first non-finite place of either."""
+    if a["layers"][0]["shape"] != b["layers"][0]["shape"] or len(a["layers"]) != len(b["layers"]):
+        raise ValueError("partials of different networks cannot be merged")
+    firsts = [p["nonfinite"] for p in (a, b) if p["nonfinite"] is not None]
+    return dict(
+        a,
+        count=a["count"] + b["count"],
+        loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"],
+        nonfinite=min(firsts, key=lambda n: n["key"]) if firsts else None,
+        layers=[_merge_layer(la, lb) for la, lb in zip(a["layers"], b["layers"])],
+        spectrum=None if a["spectrum"] is None or b["spectrum"] is None else merge_spectrum(a["spectrum"], b["spectrum"]),
+    )
+
+
+def finish(p: dict) -> dict:
+    """The report's fields from a (merged) partial: ``layers`` (``LayerFlow``), ``nonfinite``,
+    ``loss``, ``loss_value``, ``batch``, the net's description and the spectrum's fields."""
+    N, L = p["count"], len(p["layers"])
+    nonfinite = None if p["nonfinite"] is None else {k: v for k, v in p["nonfinite"].items() if k != "key"}
+    forward_overflow = nonfinite is not None and nonfinite["stage"] == "forward"
+    grads = [a for lp in p["layers"] for a in (lp["grad"], lp["bias_grad"]) if a is not None]
+    xp = get_xp(*grads)
+    with np.errstate(all="ignore"):  # overflowed gradients give inf/NaN norms, reported as such
+        sq = iter(_host(xp.stack([(g * g).sum() for g in grads])).astype(np.float64))  # one transfer
+    per = N if p["mean"] else 1  # a mean loss's gradients: the per-sample sums over N
+    nan = math.nan
+    layers = []
+    for j, lp in enumerate(p["layers"]):
+        h_in, h_out = lp["shape"]
+        n = N * h_out
+        g2 = float(next(sq))
+        b2 = float(next(sq)) if lp["bias_grad"] is not None else nan
+        ok = lp["finite"]
+        f = LayerFlow(
+            index=j,
+            shape=(h_in, h_out),
+            activation=lp["activation"],
+            grad_norm=math.sqrt(g2) / per,
+            bias_grad_norm=math.sqrt(b2) / per,
+            delta_norm=math.sqrt(lp["delta2"]) / per,
+            jacobian_norm=lp["norm_sum"] / N if ok else nan,
+            jacobian_bound=lp["bound_sum"] * lp["w2"] / N if ok else nan,
+            weight_spectral_norm=lp["w2"] if ok else nan,
+            derivative_mean=lp["d_sum"] / n if ok else nan,
+            active_fraction=lp["active"] / n if ok else nan,
+            dead_units=int(h_out - lp["ever_active"].sum()) if ok else 0,
+            saturated_fraction=lp["saturated"] / n if ok else nan,
+            chi=lp["fro2_sum"] / N / h_out if ok else nan,
+            finite=ok,
+        )
+        if forward_overflow:  # the backward pass ran through the overflowed layers: no gradient is meaningful
+            f.grad_norm = f.bias_grad_norm = f.delta_norm = nan
+        layers.append(f)
+    n_in = p["sizes"][0]
+    return dict(
+        layers=layers, nonfinite=nonfinite, loss=p["loss"],
+        loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N, batch=N,
+        sizes=p["sizes"], activations=p["activations"], dtype=p["dtype"], device=p["device"],
+        **finish_spectrum(p["spectrum"], n_in, min(n_in, p["sizes"][-1]), nonfinite is not None),
+    )

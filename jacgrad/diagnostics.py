@@ -7,16 +7,18 @@ layer factors ``J_j = diag(φ'_j(h_j)) · W_jᵀ`` of ``net.jacobian_chain(cache
 - per layer: the gradient and delta norms, the exact spectral norm of each sample's ``J_j``
   against its bound ``max|d|·‖W‖₂``, the activation's derivative (mean, active, dead and
   saturated units) and ``‖W_j‖₂``;
-- ``chi``: per layer, ``‖J_j‖_F² / H_{j-1}`` averaged over the batch — the mean squared singular
-  value of the layer, the factor by which it scales ``‖J u‖²`` for a random direction ``u`` (the
-  χ of mean-field theory); the product over layers approximates the network's
-  ``mean_squared_singular_value`` ``‖J‖_F² / n_in`` of the input-output Jacobian;
+- ``chi``: per layer, ``χ_j = ‖J_j‖_F² / H_j`` averaged over the batch — the factor by which the
+  layer scales the squared norm of an isotropic cotangent on its way back (the χ of mean-field
+  theory); ``chi_bar`` is their geometric mean and ``backward_gain`` their product (the one
+  definition is in docs/gradient-flow.md);
 - the input-output Jacobian's singular values, a verdict and concrete hints.
 
-``‖J_j‖_F² = Σ_i d_i² ‖W[:, i]‖²`` costs one ``(B, H) @ (H,)`` product; the exact ``‖J_j‖₂`` of
-all samples comes from batched Lanczos through the factor (``jacgrad._lanczos``), so nothing
-bigger than one layer's ``(B, H)`` blocks (and one ``H_out × H_out`` Gram matrix) is built. Work
-stays on the network's device (NumPy or CuPy); only the report's numbers come to the host.
+``‖J_j‖_F² = Σ_i d_i² ‖W[:, i]‖²`` costs one ``(B, H) @ (H,)`` product; the ``‖J_j‖₂`` of all
+samples (to 1e-6) comes from batched Lanczos through the factor (``jacgrad._lanczos``), from
+the bounds ``max d_i²‖W[:, i]‖² ≤ ‖J_j‖₂² ≤ max d_i² ‖W‖₂²`` where they meet (orthogonal
+layers), or from one batched Gram eigensolve for small or near-isometric layers. Work stays on
+the network's device (NumPy or CuPy); only the report's numbers come to the host, one transfer
+per layer plus Lanczos's checks.
 
     >>> import numpy as np, jacgrad as jg
     >>> net = jg.MLP.init([32] * 9, activation="sigmoid", init="xavier_normal", seed=0)
@@ -33,16 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from . import losses as _losses
-from ._flow import (
-    SATURATION,
-    LayerFlow,
-    first_nonfinite,
-    io_spectrum,
-    is_finite,
-    layer_flow,
-)
-from .backend import asarray, get_xp
+from . import _flow
+from ._flow import SATURATION, LayerFlow, all_finite
+from ._validate import float_array, shape_str
+from .backend import get_xp
+from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
 
 __all__ = [
     "GAIN_BAND",
@@ -52,6 +49,7 @@ __all__ = [
     "VERDICTS",
     "decide",
     "gradient_flow",
+    "report_from_partials",
     "usual_init",
 ]
 
@@ -60,27 +58,21 @@ VERDICTS = ("vanishing", "exploding", "healthy")
 # input, i.e. the gradient norm by less than 10x: depth L <= ln(100)·ξ ≈ 4.6 depth scales.
 GAIN_BAND = 100.0
 
-_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
 
-
-def usual_init(activation: str) -> str:
-    """The initialisation usually paired with ``activation``: he_normal for the ReLU family,
-    xavier_normal otherwise (sigmoid, tanh, identity, hard_tanh)."""
-    return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
-
-
-@dataclass
+@dataclass(repr=False)
 class GradientFlowReport:
     """What ``gradient_flow`` found. ``layers[j]`` is a ``LayerFlow``; the rest is the whole net:
 
-    chi: per-layer χ_j (list); chi_bar: geometric mean of the layers' ``backward_gain`` (= χ_j
-    for square layers); backward_gain: their product Γ = χ̄^L; mean_squared_singular_value:
+    chi: per-layer χ_j = ‖J_j‖_F²/H_j (list, the table's χ column); chi_bar: their geometric
+    mean χ̄; backward_gain: their product Γ = χ̄^L; mean_squared_singular_value:
     ‖J‖_F²/n_in of the input-output Jacobian, batch mean; jacobian_singular_values: ``(S, k)``
     host array for the first S samples (``spectrum_samples``; ``(0, k)`` when skipped);
     jacobian_spectral_norm: mean ‖J‖₂; verdict: "vanishing" | "exploding" | "healthy";
     depth_scale: ξ = 1/|ln χ̄| layers per e-fold of the squared gradient norm (inf at χ̄ = 1);
     hints: concrete advice for an unhealthy verdict; nonfinite: None, or where the values first
     went non-finite (``{"layer", "stage", "message"}``).
+
+    ``str(report)`` (and ``print(report)``) is the text table; ``repr`` is one short line.
     """
 
     layers: list[LayerFlow]
@@ -113,40 +105,42 @@ class GradientFlowReport:
 
     def to_dict(self) -> dict:
         """Plain Python values (lists, floats, ints, strings); non-finite floats stay floats."""
-        from .report import report_dict
-
         return report_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict`` as strict JSON: inf, -inf and NaN are written as the strings "inf", "-inf", "nan"."""
-        from .report import report_json
-
         return report_json(self, indent=indent)
 
     def to_text(self) -> str:
         """A readable per-layer table, the whole-net numbers, the verdict and the hints."""
-        from .report import report_text
-
         return report_text(self)
+
+    def __str__(self) -> str:
+        return report_text(self)
+
+    def __repr__(self) -> str:
+        label = f"{self.label!r}, " if self.label else ""
+        sizes = "-".join(str(s) for s in self.sizes) if len(self.sizes) <= 6 else (
+            f"{self.sizes[0]}-…-{self.sizes[-1]}")
+        return (f"GradientFlowReport({label}sizes {sizes}, {self.depth} layers, B={self.batch}, "
+                f"verdict={self.verdict!r}, chi_bar={self.chi_bar:.4g})")
 
     def plot(self, path) -> None:
         """Save a PNG: per-layer gradient and Jacobian norms (log scale), χ per layer, and the
         singular-value histogram of the input-output Jacobian. Needs matplotlib (``jacgrad[plot]``)."""
-        from .report import plot_reports
-
         plot_reports([self], path)
 
 
 # ---------------------------------------------------------------------------- the verdict
-def decide(backward_gains, nonfinite: bool = False) -> tuple[str, float, float, float]:
-    """``(verdict, chi_bar, backward_gain, depth_scale)`` from the per-layer backward gains.
+def decide(chi, nonfinite: bool = False) -> tuple[str, float, float, float]:
+    """``(verdict, chi_bar, backward_gain, depth_scale)`` from the per-layer ``χ_j``.
 
-    χ̄ is the geometric mean of ``g_j = ‖J_j‖_F²/H_j`` — the squared-norm factor of layer j for
-    an isotropic cotangent (χ_j itself when the layer is square). The mean-field χ is a product
-    over layers, so the geometric mean is its per-layer rate; it is computed exactly from every
-    sample at the cost of one product per layer, never needs the whole Jacobian, and the
-    normalisation by H_j (not H_{j-1}) drops the fixed factor n_in/n_out, so a net that merely
-    narrows from 784 inputs to 10 outputs is not called vanishing. Γ = Π g_j = χ̄^L is how much
+    χ̄ is the geometric mean of ``χ_j = ‖J_j‖_F²/H_j`` — the squared-norm factor of layer j for
+    an isotropic cotangent. The mean-field χ is a product over layers, so the geometric mean is
+    its per-layer rate; it is computed exactly from every sample at the cost of one product per
+    layer, never needs the whole Jacobian, and the normalisation by H_j (not H_{j-1}) drops the
+    fixed factor n_in/n_out, so a net that merely narrows from 784 inputs to 10 outputs is not
+    called vanishing. Γ = Π χ_j = χ̄^L is how much
     the squared gradient norm changes from output to input. The verdict compares Γ to 1 within
     ``GAIN_BAND`` = 100 (a 10x change of the gradient norm): below → "vanishing", above →
     "exploding". Equivalently, healthy while the depth is within ln(100)·ξ ≈ 4.6 depth scales
@@ -156,7 +150,7 @@ def decide(backward_gains, nonfinite: bool = False) -> tuple[str, float, float, 
         >>> decide([0.5] * 20)[0], decide([1.0] * 20)[3], decide([2.56] * 20)[0]
         ('vanishing', inf, 'exploding')
     """
-    gains = [float(g) for g in backward_gains]
+    gains = [float(g) for g in chi]
     if nonfinite or not gains or not all(math.isfinite(g) for g in gains):
         return "exploding", math.inf, math.inf, 0.0
     if min(gains) <= 0.0:
@@ -203,7 +197,10 @@ def gradient_flow(
     (``spectrum_method`` and ``mean_squared_singular_value_method`` say which was done).
 
     Cost: one forward and backward, then per layer ~50 ``(B, H) @ (H, H)`` products for the
-    exact ‖J_j‖₂ of every sample; memory: a few ``(B, H)`` blocks per layer.
+    ‖J_j‖₂ of every sample (to 1e-6; none for orthogonal layers, a batched eigensolve of the
+    Gram matrices for small or near-isometric ones); memory: a few ``(B, H)`` blocks per layer.
+    ``x`` must be float32 or float64 (int, bool, float16 and complex are a ``TypeError``, as in
+    ``net.forward``); ``spectrum_samples`` None or an int ≥ 0 (else ``ValueError``).
 
     Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
     order, then backward order) whose values overflowed. Non-finite inputs or weights are a
@@ -213,43 +210,38 @@ def gradient_flow(
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
-    x = xp.asarray(asarray(x))
+    x = float_array(x, "x", xp)  # int, bool, float16 and complex x are a TypeError, as in forward
     L = len(net.weights)
     if x.ndim != 2 or x.shape[1] != net.weights[0].shape[0]:
         raise ValueError(
-            f"x has shape {tuple(x.shape)} but the network takes (B, {net.weights[0].shape[0]}) inputs"
+            f"x has shape {shape_str(x.shape)} but the network takes (B, {net.weights[0].shape[0]}) inputs"
         )
     if x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    if not is_finite(xp, x):
+    if spectrum_samples is not None and (
+        isinstance(spectrum_samples, bool) or not isinstance(spectrum_samples, (int, np.integer)) or spectrum_samples < 0
+    ):
+        raise ValueError(
+            f"spectrum_samples must be None (as many samples as the cost allows) or an int >= 0 "
+            f"(0 skips the spectrum); got {spectrum_samples!r}"
+        )
+    ok = all_finite(xp, [x] + [a for W, b in zip(net.weights, net.biases) for a in (W, b)])
+    if not ok[0]:
         raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
-    for j, (W, b) in enumerate(zip(net.weights, net.biases)):
-        if not is_finite(xp, W) or (b is not None and not is_finite(xp, b)):
+    for j in range(L):
+        if not ok[1 + 2 * j : 3 + 2 * j].all():
             raise ValueError(f"layer {j}: W{j} or b{j} has non-finite values (inf or NaN)")
     x = x.astype(net.weights[0].dtype, copy=False)
-    with np.errstate(all="ignore"):
-        y, cache = net.forward(x)
-        if target is None:
-            rng = np.random.default_rng(seed)
-            v = rng.standard_normal(tuple(y.shape))
-            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
-            grad_y, loss_value, loss_name = xp.asarray(v.astype(y.dtype)), None, None
-        else:
-            value, grad_y = _losses.get(loss)(y, target)
-            loss_value, loss_name = float(value), loss
-        grads = net.backward(cache, grad_y)
-        chain = net.jacobian_chain(cache)
-        nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
-        # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
-        poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
-        layers = [
-            layer_flow(xp, j, chain.factors[j], net.activations[j], grads, seed, j >= poisoned) for j in range(L)
-        ]
-        if poisoned < L:  # the backward pass ran through the overflowed layers: no gradient is meaningful
-            for f in layers:
-                f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
-        spectrum = io_spectrum(xp, chain, x.shape[0], spectrum_samples, nonfinite is not None, seed)
-    verdict, chi_bar, gamma, depth_scale = decide([f.backward_gain for f in layers], nonfinite is not None)
+    p = _flow.partials(net, x, target, loss, seed=seed, spectrum_samples=spectrum_samples)
+    return report_from_partials(p, label=label)
+
+
+def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:
+    """The report of a (merged) ``jacgrad._flow`` partial: ``gradient_flow`` of one batch is
+    ``report_from_partials(partials(net, x, ...))``; over chunks, merge their partials first."""
+    fields = _flow.finish(p)
+    layers = fields.pop("layers")
+    verdict, chi_bar, gamma, depth_scale = decide([f.chi for f in layers], fields["nonfinite"] is not None)
     report = GradientFlowReport(
         layers=layers,
         chi=[f.chi for f in layers],
@@ -258,18 +250,8 @@ def gradient_flow(
         verdict=verdict,
         depth_scale=depth_scale,
         hints=[],
-        nonfinite=nonfinite,
-        sizes=[int(net.weights[0].shape[0])] + [int(W.shape[1]) for W in net.weights],
-        activations=list(net.activations),
-        batch=int(x.shape[0]),
-        dtype=str(np.dtype(net.weights[0].dtype)),
-        device="gpu" if xp is not np else "cpu",
-        loss=loss_name,
-        loss_value=loss_value,
         label=label,
-        **spectrum,
+        **fields,
     )
-    from .report import hints
-
     report.hints = hints(report)
     return report

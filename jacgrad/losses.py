@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._validate import float_array, shape_str
-from .backend import asarray, get_xp
+from .backend import asarray, get_xp, to_numpy
 from ._loss_workspace import LossWorkspace
 
 __all__ = ["LOSSES", "LossWorkspace", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
@@ -64,7 +64,7 @@ def _labels(xp, t, B: int, C: int):
         raise ValueError(f"labels have shape {shape_str(t.shape)} but the logits have shape ({B}, {C}); "
                          f"expected labels of shape {shape_str((B,))}")
     if B:
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = (int(v) for v in to_numpy(xp.stack([t.min(), t.max()])))  # one transfer, not two
         if lo < 0 or hi >= C:
             bad = lo if lo < 0 else hi
             raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")

@@ -1,26 +1,27 @@
-"""Rendering of a ``GradientFlowReport``: hints, plain dict / JSON, the text table, the PNG plot.
+"""Rendering of a ``GradientFlowReport``: hints, plain dict / JSON, the text table (the PNG plot
+is in ``jacgrad._report_plot``, re-exported here).
 
-Kept apart from ``diagnostics`` (which computes) so the numbers and their presentation can
-change independently; matplotlib is imported only inside ``plot_reports``.
+Kept apart from ``diagnostics`` (which computes, and imports this module; never the other way)
+so the numbers and their presentation can change independently; matplotlib is imported only
+inside ``plot_reports``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["hints", "plot_reports", "report_dict", "report_json", "report_text", "PLOT_INSTALL_HINT"]
+__all__ = ["hints", "histogram_bins", "plot_reports", "report_dict", "report_json", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
 
-PLOT_INSTALL_HINT = 'plots need matplotlib: pip install "jacgrad[plot]"'
+from ._report_plot import PLOT_INSTALL_HINT, histogram_bins, plot_reports
 
 _LAYER_FIELDS = (
     "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
     "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
-    "saturated_fraction", "chi", "backward_gain", "finite",
+    "saturated_fraction", "chi", "finite",
 )
 _SCALAR_FIELDS = (
     "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
@@ -45,7 +46,7 @@ def hints(report) -> list[str]:
             "for this depth — re-initialise smaller (see below) before anything else"
         )
     scale = 1.0 / math.sqrt(report.chi_bar) if 0 < report.chi_bar < math.inf else None
-    inits = ", ".join(f"{a} → init='{_usual_init(a)}'" for a in acts)
+    inits = ", ".join(f"{a} → init='{usual_init(a)}'" for a in acts)
     if report.verdict == "vanishing":
         if "sigmoid" in acts:
             dm = np.mean([f.derivative_mean for f in finite if f.activation == "sigmoid"])
@@ -103,10 +104,13 @@ _PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity", "hard_tanh")
 _HOMOGENEOUS = ("relu", "leaky_relu", "identity")  # φ(c·h) = c·φ(h) for c > 0: χ ∝ weight scale²
 
 
-def _usual_init(activation: str) -> str:
-    from .diagnostics import usual_init
+_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
 
-    return usual_init(activation)
+
+def usual_init(activation: str) -> str:
+    """The initialisation usually paired with ``activation``: he_normal for the ReLU family,
+    xavier_normal otherwise (sigmoid, tanh, identity, hard_tanh)."""
+    return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
 
 
 # ---------------------------------------------------------------------------- dict / JSON
@@ -215,84 +219,3 @@ def report_text(report) -> str:
     for h in report.hints:
         lines.append(f"  - {h}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- plot
-def plot_reports(reports: Sequence, path) -> None:
-    """One row of three panels per report, saved as a PNG at ``path`` (matplotlib, Agg backend).
-
-    Raises ``ImportError`` with the install hint when matplotlib is missing, ``OSError`` when
-    ``path`` cannot be written.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(PLOT_INSTALL_HINT) from exc
-    n = len(reports)
-    fig, axes = plt.subplots(n, 3, figsize=(13, 3.2 * n), squeeze=False)
-    try:
-        for row, rep in zip(axes, reports):
-            _plot_one(row, rep)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, dpi=80, format="png")
-    finally:
-        plt.close(fig)
-    # Line plots need few colours: a 256-colour palette PNG is ~4x smaller and looks the same.
-    from PIL import Image  # matplotlib depends on Pillow
-
-    buffer.seek(0)
-    Image.open(buffer).convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
-
-
-def _positive(values):
-    a = np.asarray(values, dtype=float)
-    return np.where(a > 0, a, np.nan)
-
-
-def _plot_one(row, rep) -> None:
-    idx = [f.index for f in rep.layers]
-    ax = row[0]
-    for name, label in (
-        ("grad_norm", r"$\|\partial L/\partial W_j\|_F$"),
-        ("delta_norm", r"$\|\delta_j\|_F$"),
-        ("jacobian_norm", r"$\|J_j\|_2$"),
-        ("jacobian_bound", r"$\max|\varphi'|\,\|W_j\|_2$"),
-    ):
-        ax.plot(idx, _positive([getattr(f, name) for f in rep.layers]), marker="o", ms=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    where = f" (non-finite from layer {rep.nonfinite['layer']})" if rep.nonfinite else ""
-    ax.set_title(f"{rep.label or 'network'}: {rep.verdict}{where}", fontsize=10)
-    ax.legend(fontsize=7)
-    ax = row[1]
-    ax.plot(idx, _positive(rep.chi), marker="o", ms=3, label=r"$\chi_j = \|J_j\|_F^2 / H_{j-1}$")
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_title(f"χ per layer (χ̄ = {rep.chi_bar:.3g})", fontsize=10)
-    for a in row[:2]:
-        a.set_xlim(-0.5, max(len(idx) - 0.5, 0.5))
-    ax.legend(fontsize=7)
-    ax = row[2]
-    sv = np.asarray(rep.jacobian_singular_values, dtype=float)
-    if sv.size:
-        # below max(m, n)·eps·σ_max a singular value is rounding noise of a rank-deficient J
-        noise = max(sv.shape[1], 1) * np.finfo(float).eps * sv[:, :1]
-        zero = int((sv <= noise).sum())
-        sv = sv[(sv > noise) & np.isfinite(sv)]
-    if sv.size:
-        lo, hi = np.log10(sv.min()), np.log10(sv.max())
-        bins = np.logspace(lo, hi if hi > lo else lo + 1, 40)
-        ax.hist(sv, bins=bins)
-        ax.set_xscale("log")
-        ax.set_title(f"singular values of ∂y/∂x ({rep.spectrum_samples} samples)", fontsize=10)
-        if zero:
-            ax.text(0.02, 0.95, f"{zero} numerically zero (not shown)", transform=ax.transAxes, fontsize=7, va="top")
-    else:
-        ax.text(0.5, 0.5, f"spectrum {rep.spectrum_method}", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-        ax.set_title("singular values of ∂y/∂x", fontsize=10)
-    ax.set_xlabel("σ")

@@ -1,0 +1,154 @@
+"""A fake CuPy for counting device-to-host transfers on a machine without a GPU.
+
+``FakeCupy()`` is a module named ``cupy`` that wraps NumPy: its arrays are an ``ndarray``
+subclass whose ``type(a).__module__`` is ``"cupy"``, so ``jacgrad.backend.get_xp`` dispatches to
+it exactly as to the real CuPy (``sys.modules["cupy"]``). Like CuPy, reductions and scalar
+indexing give 0-d device arrays, not host scalars, so every read of a value on the host goes
+through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``int()``,
+``bool()``, ``.item()``, ``.tolist()`` — each counted in ``fake.transfers`` (with the jacgrad
+line that asked, in ``fake.where``) when the caller is jacgrad's code.
+
+``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels and its
+direct cuBLAS path to their NumPy versions, so whole reports run on fake device arrays.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import types
+
+import numpy as np
+
+
+class FakeArray(np.ndarray):
+    """A NumPy array that says it lives in ``cupy`` and counts its transfers to the host."""
+
+    _fake = None  # the FakeCupy that counts, set by FakeCupy.__init__
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        return np.asarray(arr).view(FakeArray)  # 0-d results stay device arrays, as in CuPy
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        return out if isinstance(out, np.ndarray) else np.asarray(out).view(FakeArray)
+
+    def _count(self, what: str) -> None:
+        frame = sys._getframe(2)
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("jacgrad"):
+            FakeArray._fake.transfers += 1
+            FakeArray._fake.where[f"{name}:{frame.f_lineno} {what}"] += 1
+
+    def get(self):
+        self._count("get")
+        return np.array(self.view(np.ndarray))
+
+    def __float__(self):
+        self._count("float")
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        self._count("int")
+        return int(self.view(np.ndarray))
+
+    def __index__(self):
+        self._count("index")
+        return self.view(np.ndarray).__index__()
+
+    def __bool__(self):
+        self._count("bool")
+        return bool(self.view(np.ndarray))
+
+    def item(self, *args):
+        self._count("item")
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        self._count("tolist")
+        return self.view(np.ndarray).tolist()
+
+
+FakeArray.__module__ = "cupy"
+
+
+def _wrap(value):
+    if isinstance(value, np.ndarray):
+        return value.view(FakeArray)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_wrap(v) for v in value)
+    if isinstance(value, np.generic):
+        return np.asarray(value).view(FakeArray)
+    return value
+
+
+def _plain(value):
+    if isinstance(value, FakeArray):
+        return value.view(np.ndarray)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _device_function(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return _wrap(fn(*args, **kwargs))
+
+    return call
+
+
+def _namespace(name: str, source) -> types.ModuleType:
+    mod = types.ModuleType(name)
+
+    def getattr_(attr):
+        value = getattr(source, attr)
+        if isinstance(value, types.ModuleType):
+            return _namespace(f"{name}.{attr}", value)
+        if callable(value) and not isinstance(value, (type, np.ufunc)):
+            return _device_function(value)
+        return value
+
+    mod.__getattr__ = getattr_
+    return mod
+
+
+class FakeCupy:
+    def __init__(self):
+        self.transfers = 0
+        self.where: collections.Counter = collections.Counter()
+        self.module = _namespace("cupy", np)
+        self.module.ndarray = FakeArray
+        self.module.asnumpy = lambda a: np.array(_plain(a))
+        FakeArray._fake = self
+
+    def asarray(self, a):
+        return np.array(a).view(FakeArray)
+
+    def reset(self) -> None:
+        self.transfers = 0
+        self.where.clear()
+
+
+def install(monkeypatch) -> FakeCupy:
+    """The fake as ``sys.modules["cupy"]``, with jacgrad's kernels and GEMM on their NumPy paths."""
+    import jacgrad._gemm as gemm
+    import jacgrad._passes as passes
+    import jacgrad.kernels as kernels
+
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setattr(gemm, "_direct", [])  # no direct_cublas() block open: GEMMs go through xp.matmul
+    for name in ("scale_cotangent", "derivative", "activation_forward", "forward_with_derivative", "special"):
+        original = getattr(kernels, name)
+
+        def on_numpy(*args, _original=original, **kwargs):
+            if not any(isinstance(a, FakeArray) for a in list(args) + list(kwargs.values())):
+                return _original(*args, **kwargs)
+            return _wrap(_original(*_plain(list(args)), **{k: _plain(v) for k, v in kwargs.items()}))
+
+        monkeypatch.setattr(kernels, name, on_numpy)
+        if hasattr(passes, name):
+            monkeypatch.setattr(passes, name, on_numpy)
+    return fake
