@@ -7,6 +7,14 @@ A case is one task on one network at one batch size:
                  network whose forward pass is already done (the VJP chain alone);
 - ``jacobian`` — per-sample Jacobians ``∂y_b/∂x_b: (B, n_out, n_in)``, forward pass included.
 
+Parameter-space tasks (opt-in with ``--tasks``; softmax cross-entropy on integer labels, the
+argmax of ``NetData.target``), each timing several products whose rows carry a ``kind``:
+
+- ``per_sample`` — ``loss_and_grads`` (the scale), per-sample gradient norms ``(B,)`` and
+                   per-sample gradients (every W and b with a leading ``B``);
+- ``ntk``        — the empirical NTK ``(N, N, O, O)`` of ``N = batch`` inputs;
+- ``ggn``        — ``loss_and_grads``, the Gauss–Newton product ``G v: (P,)`` and ``diag G``.
+
 Networks are width lists ``[n_in, H_1, …, n_out]`` with the hidden activation on every layer
 but the last (identity), as ``MLP.init`` builds them. The rectangular grid nets are
 ``depth × width`` (``8×1024`` is nine widths of 1024); named nets are ``tapering`` and
@@ -32,7 +40,8 @@ import numpy as np
 
 from ..bracketing import peel_spine
 
-__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "Task", "gemm_list", "make_data", "parse_net"]
+__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "PARAM_SPACE_TASKS", "TASKS", "Task", "default_tasks", "gemm_list",
+           "make_data", "parse_net"]
 
 
 NAMED_NETS = {
@@ -132,6 +141,12 @@ class Case:
         total = (16 + item) * self.parameters + 8 * B * (w[0] + 2 * w[-1]) + item * B * sum(w[1:])
         if self.task == "jacobian":
             total += item * B * w[0] * w[-1]
+        elif self.task == "per_sample":  # the (B, P) per-sample gradients, and their float64 copy
+            total += (item + 8) * B * self.parameters
+        elif self.task == "ntk":  # the (N·O)² kernel, and the (N·O, H_j) deltas of the sweep
+            total += item * (B * w[-1]) ** 2 + item * B * w[-1] * max(w)
+        elif self.task == "ggn":  # v, G v and diag G
+            total += 3 * item * self.parameters
         return total
 
 
@@ -191,22 +206,55 @@ def _jacobian_task_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
     return _forward_gemms(widths, B) + _jacobian_gemms(widths, B)
 
 
+def _per_sample_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    """One training step (forward, ``zᵀδ``, ``δWᵀ``): what ``loss_and_grads`` needs, and all the
+    GEMMs the norms need (their ``‖z‖²‖δ‖²`` products are elementwise)."""
+    return _train_gemms(widths, B)
+
+
+def _ntk_gemms(widths: Sequence[int], N: int) -> list[Gemm]:
+    """The structured NTK ``Σ_j (Z_{j-1} Z_{j-1}ᵀ + 1) ⊙ (Δ_j Δ_jᵀ)``: a forward pass, the
+    ``N·O`` cotangents swept back, and per layer the Gram of its inputs and of its deltas."""
+    O = widths[-1]
+    sweep = [Gemm(N * O, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]
+    grams = [Gemm(N, a, N, "nt") for a in widths[:-1]] + [Gemm(N * O, b, N * O, "nt") for b in widths[1:]]
+    return _forward_gemms(widths, N) + sweep + grams
+
+
+def _ggn_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
+    """A forward pass, the parameter JVP (one more GEMM per layer), the backward pass."""
+    return _train_gemms(widths, B) + _forward_gemms(widths, B)
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of the task table. ``grid``: ``"rect"`` runs on the batch × width × depth grid of
     rectangular nets, ``"nets"`` on the ``--nets`` list at the ``--jac-batch`` sizes; ``gemms``:
     ``(widths, B) -> [Gemm]``, the products the task needs (its FLOPs and its GEMM floor).
-    A new task is a row here plus a branch in each backend's ``prepare``."""
+    ``"param"`` on ``--param-nets`` at ``--param-batch``, ``"ntk"`` on ``--ntk-nets`` with
+    ``--ntk-n`` inputs. ``default``: run when ``--tasks`` is not given.
+    A new task is a row here plus a branch in each backend's ``prepare`` (a backend whose
+    ``supports(task)`` is False sits the task out)."""
 
     grid: str
     gemms: Callable[[Sequence[int], int], list[Gemm]]
+    default: bool = True
 
 
 TASKS: dict[str, Task] = {
     "train": Task("rect", _train_gemms),
     "vjp": Task("rect", _vjp_gemms),
     "jacobian": Task("nets", _jacobian_task_gemms),
+    "per_sample": Task("param", _per_sample_gemms, default=False),
+    "ntk": Task("ntk", _ntk_gemms, default=False),
+    "ggn": Task("param", _ggn_gemms, default=False),
 }
+PARAM_SPACE_TASKS = ("per_sample", "ntk", "ggn")
+
+
+def default_tasks() -> list[str]:
+    """The tasks ``jacgrad bench`` runs without ``--tasks``: ``['train', 'vjp', 'jacobian']``."""
+    return [name for name, t in TASKS.items() if t.default]
 
 
 def gemm_list(task: str, widths: Sequence[int], B: int) -> list[Gemm]:
@@ -234,6 +282,20 @@ class NetData:
 
     def cast(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=self.dtype)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(B,)`` int64 class labels of the parameter-space tasks: the argmax of ``target``."""
+        return np.argmax(self.target, axis=1).astype(np.int64)
+
+    @property
+    def parameters(self) -> int:
+        return sum(W.size + b.size for W, b in zip(self.weights, self.biases))
+
+    def direction(self) -> np.ndarray:
+        """``(P,)`` the ``v`` of ``ggn_vp`` in ``Gradients.flat`` order (W_0, b_0, W_1, …), seeded."""
+        v = np.random.default_rng(len(self.weights)).standard_normal(self.parameters)
+        return np.asarray(v, dtype=self.dtype).astype(np.float64)
 
 
 def make_data(case: Case, seed: int = 0) -> NetData:

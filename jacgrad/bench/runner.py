@@ -5,7 +5,9 @@ run once to check it computes the reference numbers, and then all backends, thei
 and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
 at preparation, at its check run or while timed — becomes a ``failed`` row with its error; the
 others go on. The reference is jacgrad on NumPy in float64, from the same (dtype-rounded)
-weights and inputs.
+weights and inputs: one result per ``kind`` of output (the parameter-space tasks time several
+products per case; each row is checked against the reference of its kind, and compared with
+the peers' rows of its kind).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from . import backends as _backends
 from .base import Backend
-from .cases import TASKS, Case, NetData, make_data, parse_net
+from .cases import PARAM_SPACE_TASKS, TASKS, Case, NetData, make_data, parse_net
 from .machine import available_memory, environment, load_average
 from .options import Options, UsageError
 from .report import Progress
@@ -33,10 +35,18 @@ _TOL = {"float32": 2e-3, "float64": 1e-9}
 
 
 def build_cases(o: Options) -> list[Case]:
-    """The train/vjp grid (batch × width × depth, rectangular nets) and the jacobian nets."""
+    """The train/vjp grid (batch × width × depth, rectangular nets), the jacobian nets, and the
+    nets of the parameter-space tasks (``--param-nets`` × ``--param-batch``, ``--ntk-nets`` × ``--ntk-n``)."""
     cases = []
     for task in o.tasks:
-        if TASKS[task].grid == "rect":
+        grid = TASKS[task].grid
+        if grid in ("param", "ntk"):
+            nets, batches = (o.param_nets, o.param_batch) if grid == "param" else (o.ntk_nets, o.ntk_n)
+            for spec in nets:
+                name, widths = parse_net(spec)
+                for B in batches:
+                    cases.append(Case(task, widths, B, name=name, activation=o.activation, dtype=o.dtype))
+        elif grid == "rect":
             for depth in o.depth:
                 for width in o.width:
                     for B in o.batch:
@@ -63,14 +73,19 @@ def _compare(got: list, ref: list) -> float:
     return worst
 
 
-def _reference(case: Case, data: NetData) -> list | None:
+def _reference(case: Case, data: NetData) -> dict | None:
+    """kind → the float64 outputs of jacgrad's first variant of that kind (None above the FLOP limit)."""
     from .backend_jacgrad import Jacgrad
 
     if case.flops > _REFERENCE_FLOP_LIMIT:
         return None
     d64 = NetData(data.weights, data.biases, data.activations, data.x, data.target, data.v, "float64")
     ref = Jacgrad("cpu").prepare(case, d64)
-    return ref.outputs(ref.variants[""]())
+    out: dict = {}
+    for v, fn in ref.variants.items():
+        if ref.kind(v) not in out:
+            out[ref.kind(v)] = ref.outputs_for(v, fn())
+    return out
 
 
 def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) -> list[dict]:
@@ -81,6 +96,8 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
     tol = _TOL[case.dtype]
     rows, entries, groups = [], [], []
     for b in live:
+        if not b.supports(case.task):
+            continue
         row = _new_row(case, b, b.name)
         rows.append(row)
         try:
@@ -103,27 +120,54 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
         entries += list(variants.values())
         progress.total += (len(variants) - _variants_guess(case, b)) * (1 + o.repeats)
         best_of = {v: e for v, e in variants.items() if v not in prep.own_rows}
-        groups.append((row, best_of, floor, prep.compile_ms))
+        if best_of:
+            row["kind"] = prep.kind(next(iter(best_of)))
+            groups.append((row, best_of, floor, prep.compile_ms))
+        else:  # every variant has a row of its own
+            rows.remove(row)
         for v in prep.own_rows:
             own = _new_row(case, b, f"{b.name}[{v}]")
-            own["variant"] = v
+            own["variant"], own["kind"] = v, prep.kind(v)
             own["note"] = prep.notes.get(v, "")
             checks = row.get("check", {})
             if v in checks:
                 own["check"] = {v: checks.pop(v)}
             rows.append(own)
             groups.append((own, {v: variants[v]}, floor, prep.compile_ms))
+        for v, why in prep.skipped.items():  # a peer library absent, a recipe too big for memory
+            skip = _new_row(case, b, f"{b.name}[{v}]")
+            skip.update(variant=v, kind=prep.kind(v), status="skipped", error=why)
+            rows.append(skip)
         progress.advance(f"{case.key()} · {b.name} ready")
 
-    # Agreement: against the float64 reference, else against the first jacgrad result.
+    # Agreement: against the float64 reference, else against the first jacgrad result (per kind).
     if o.check:
         base = ref
         if base is None:
-            base = next((next(iter(r["check"].values())) for r in rows if r.get("check") and r["family"] == "jacgrad"), None)
+            base = {}
+            for r in rows:
+                if r.get("check") and r["family"] == "jacgrad":
+                    for kind, outs in r["check"].values():
+                        base.setdefault(kind, outs)
+        peers: dict = {}  # kind → (backend, outputs) of the first peer row that gave it
+        for r in rows:
+            if r.get("check") and r["family"] != "jacgrad":
+                for kind, outs in r["check"].values():
+                    peers.setdefault(kind, (r["backend"], outs))
+        for r in rows:
+            outs = r.get("check") or {}
+            mine = [(peers[kind], got) for kind, got in outs.values() if kind in peers]
+            if r["family"] == "jacgrad" and mine:  # jacgrad's own result against its peer's, too
+                err = max(_compare(got, peer[1]) for peer, got in mine)
+                r["peer_rel_err"], r["peer_checked_against"] = err, mine[0][0][0]
+                if not err <= tol:
+                    r["note"] = (r["note"] + f" MISMATCH with {mine[0][0][0]}: rel. err. {err:.1e} > {tol:.0e}").strip()
         for r in rows:
             outs = r.pop("check", None)
-            if outs is not None and base is not None:
-                err = max(_compare(v, base) for v in outs.values())
+            if outs is not None and not all(kind in base for kind, _ in outs.values()):
+                r["note"] = (r["note"] + " not checked: no jacgrad result of its kind").strip()
+            elif outs is not None:
+                err = max(_compare(got, base[kind]) for kind, got in outs.values())
                 r["check_rel_err"] = err
                 r["check_against"] = "float64 reference" if ref is not None else "jacgrad"
                 if not err <= tol:
@@ -134,7 +178,10 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
 
     for row, variants, floor, compile_ms in groups:
         _fill(row, case, variants, floor, compile_ms)
-    return rows
+    order: dict = {}  # rows of one kind side by side, kinds in the order they first appear
+    for r in rows:
+        order.setdefault(r.get("kind", ""), len(order))
+    return sorted(rows, key=lambda r: order[r.get("kind", "")])
 
 
 def _new_row(case: Case, b: Backend, name: str) -> dict:
@@ -144,12 +191,12 @@ def _new_row(case: Case, b: Backend, name: str) -> dict:
 
 
 def _check_run(prep, row: dict, check: bool) -> None:
-    """Run every variant once (it is also a warm-up); keep its outputs in ``row["check"]``."""
+    """Run every variant once (it is also a warm-up); keep ``(kind, outputs)`` in ``row["check"]``."""
     for v, fn in prep.variants.items():
         result = fn()
         prep.sync(result)
         if check:
-            row.setdefault("check", {})[v or "default"] = prep.outputs(result)
+            row.setdefault("check", {})[v or "default"] = (prep.kind(v), prep.outputs_for(v, result))
 
 
 def _floor(b: Backend, case: Case):
@@ -191,20 +238,36 @@ def _fill(row: dict, case: Case, variants: dict[str, Entry], floor: Entry | None
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio_to_fastest_peer``: median over the fastest torch/jax row of the same case and device kind."""
+    """``ratio_to_fastest_peer``: median over the fastest torch/jax row of the same case, device
+    kind and result kind. ``ratio_to_loss_and_grads``: median over jacgrad's ``loss_and_grads``
+    row of the same case and device (the parameter-space tasks' scale; also in a jacgrad row's note)."""
     groups: dict = {}
+    cases: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r["net"], r["batch"], r["device"]), []).append(r)
+        groups.setdefault((r["task"], r["net"], r["batch"], r["device"], r.get("kind", "")), []).append(r)
+        cases.setdefault((r["task"], r["net"], r["batch"], r["device"]), []).append(r)
     for group in groups.values():
         peers = [r["median_ms"] for r in group if r["family"] != "jacgrad" and r["status"] == "ok"]
         best = min(peers) if peers else None
         for r in group:
             r["fastest_peer_ms"] = best
             r["ratio_to_fastest_peer"] = r["median_ms"] / best if best and r["status"] == "ok" else None
+    for group in cases.values():
+        scale = next((r for r in group if r["family"] == "jacgrad" and r.get("kind") == "loss_and_grads"
+                      and r["status"] == "ok"), None)
+        if scale is None:
+            continue
+        for r in group:
+            if r["status"] == "ok" and r is not scale:
+                r["ratio_to_loss_and_grads"] = ratio = r["median_ms"] / scale["median_ms"]
+                if r["family"] == "jacgrad":
+                    r["note"] = "; ".join(filter(None, [f"{ratio:.2f}× loss_and_grads", r["note"]]))
 
 
 def _variants_guess(case: Case, b: Backend) -> int:
     """How many variants a backend will time (for the progress bar, before it is prepared)."""
+    if case.task in PARAM_SPACE_TASKS:
+        return {"jacgrad": 2 if case.task == "ntk" else 3, "torch": 2 if case.task != "per_sample" else 5}.get(b.family, 0)
     if b.family == "jacgrad":
         return 2 if case.task == "train" else 1
     return 2 if case.task == "jacobian" else 1
