@@ -1,7 +1,7 @@
 """Running ``jacgrad bench``: build the cases, prepare every backend, time them side by side.
 
 For each case every available backend is prepared (arrays converted, JAX functions compiled),
-run once to check it computes the reference numbers, and then all backends, their variants
+run once to check it computes the reference numbers (``agreement``), and then all backends, their variants
 and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
 at preparation, at its check run or while timed — becomes a ``failed`` row with its error; the
 others go on. The reference is jacgrad on NumPy in float64, from the same (dtype-rounded)
@@ -16,22 +16,16 @@ import importlib.util
 import time
 import warnings
 
-import numpy as np
-
 from . import backends as _backends
+from .agreement import TOL, check_rows, reference
 from .base import Backend
-from .cases import PARAM_SPACE_TASKS, TASKS, Case, NetData, make_data, parse_net
+from .cases import PARAM_SPACE_TASKS, TASKS, Case, make_data, parse_net
 from .machine import available_memory, environment, load_average
 from .options import Options, UsageError
 from .report import Progress
 from .timing import Entry, cpu_count, set_threads, short_error, time_entries
 
 __all__ = ["add_ratios", "build_cases", "check_memory", "run", "run_case", "start_backends"]
-
-# Cases above this many FLOPs are checked against the first jacgrad backend's result instead of a
-# float64 NumPy reference (which would take longer than the timings themselves).
-_REFERENCE_FLOP_LIMIT = 3e10
-_TOL = {"float32": 2e-3, "float64": 1e-9}
 
 
 def build_cases(o: Options) -> list[Case]:
@@ -59,41 +53,11 @@ def build_cases(o: Options) -> list[Case]:
     return cases
 
 
-def _compare(got: list, ref: list) -> float:
-    """The worst ``max|a − b| / max|b|`` over the outputs (inf when the shapes differ)."""
-    if len(got) != len(ref):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(got, ref):
-        if a.shape != b.shape:
-            return float("inf")
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        err = float(np.abs(a - b).max()) if b.size else 0.0
-        worst = max(worst, err / scale if scale > 0 else err)
-    return worst
-
-
-def _reference(case: Case, data: NetData) -> dict | None:
-    """kind → the float64 outputs of jacgrad's first variant of that kind (None above the FLOP limit)."""
-    from .backend_jacgrad import Jacgrad
-
-    if case.flops > _REFERENCE_FLOP_LIMIT:
-        return None
-    d64 = NetData(data.weights, data.biases, data.activations, data.x, data.target, data.v, "float64")
-    ref = Jacgrad("cpu").prepare(case, d64)
-    out: dict = {}
-    for v, fn in ref.variants.items():
-        if ref.kind(v) not in out:
-            out[ref.kind(v)] = ref.outputs_for(v, fn())
-    return out
-
-
 def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) -> list[dict]:
     """Rows (one per backend) of one case, timed interleaved."""
     data = make_data(case, seed=o.seed)
-    ref = _reference(case, data) if o.check else None
+    ref = reference(case, data) if o.check else None
     progress.advance(f"{case.key()} · reference")
-    tol = _TOL[case.dtype]
     rows, entries, groups = [], [], []
     for b in live:
         if not b.supports(case.task):
@@ -140,38 +104,8 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
             rows.append(skip)
         progress.advance(f"{case.key()} · {b.name} ready")
 
-    # Agreement: against the float64 reference, else against the first jacgrad result (per kind).
     if o.check:
-        base = ref
-        if base is None:
-            base = {}
-            for r in rows:
-                if r.get("check") and r["family"] == "jacgrad":
-                    for kind, outs in r["check"].values():
-                        base.setdefault(kind, outs)
-        peers: dict = {}  # kind → (backend, outputs) of the first peer row that gave it
-        for r in rows:
-            if r.get("check") and r["family"] != "jacgrad":
-                for kind, outs in r["check"].values():
-                    peers.setdefault(kind, (r["backend"], outs))
-        for r in rows:
-            outs = r.get("check") or {}
-            mine = [(peers[kind], got) for kind, got in outs.values() if kind in peers]
-            if r["family"] == "jacgrad" and mine:  # jacgrad's own result against its peer's, too
-                err = max(_compare(got, peer[1]) for peer, got in mine)
-                r["peer_rel_err"], r["peer_checked_against"] = err, mine[0][0][0]
-                if not err <= tol:
-                    r["note"] = (r["note"] + f" MISMATCH with {mine[0][0][0]}: rel. err. {err:.1e} > {tol:.0e}").strip()
-        for r in rows:
-            outs = r.pop("check", None)
-            if outs is not None and not all(kind in base for kind, _ in outs.values()):
-                r["note"] = (r["note"] + " not checked: no jacgrad result of its kind").strip()
-            elif outs is not None:
-                err = max(_compare(got, base[kind]) for kind, got in outs.values())
-                r["check_rel_err"] = err
-                r["check_against"] = "float64 reference" if ref is not None else "jacgrad"
-                if not err <= tol:
-                    r["note"] = (r["note"] + f" MISMATCH: rel. err. {err:.1e} > {tol:.0e}").strip()
+        check_rows(rows, ref, TOL[case.dtype])
 
     time_entries(entries, o.repeats, o.warmup, o.min_time,
                  tick=lambda label: progress.advance(f"{case.key()} · {label}"))
