@@ -9,6 +9,7 @@ rows are skipped with the reason where BackPACK is absent (and where it is made 
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from jacgrad.bench import cases, options, peer_param_space
 from jacgrad.bench.report import format_table
 
 pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
 HAS_BACKPACK = importlib.util.find_spec("backpack") is not None
 
 TINY = ["--param-nets", "7-5-4", "--param-batch", "3", "--ntk-nets", "6-5-5-3", "--ntk-n", "3",
@@ -114,6 +116,7 @@ def test_backpack_absent_rows_are_skipped_with_the_reason(tmp_path, capsys, monk
     assert sorted(r["backend"] for r in skipped) == [
         "torch-cpu[backpack.BatchGrad]", "torch-cpu[backpack.BatchL2Grad]", "torch-cpu[backpack.DiagGGNExact]"]
     assert all(r["error"].startswith("BackPACK (backpack-for-pytorch) is not importable") for r in skipped)
+    assert sorted(r["kind"] for r in skipped) == ["ggn_diagonal", "grads", "norms"]
     assert "skipped: BackPACK (backpack-for-pytorch) is not importable" in table
     assert all(r["status"] == "ok" for r in result["rows"] if r not in skipped)
 
@@ -126,7 +129,7 @@ def test_a_torch_ntk_recipe_too_big_for_memory_is_skipped(tmp_path, capsys, monk
     result, table = run_json(tmp_path, capsys, "--tasks", "ntk")
     rows = {r["backend"]: r for r in result["rows"]}
     assert rows["torch-cpu"]["status"] == "ok" and "variants_ms" not in rows["torch-cpu"]
-    assert rows["torch-cpu[ntk_vps]"]["status"] == "skipped"
+    assert rows["torch-cpu[ntk_vps]"]["status"] == "skipped" and rows["torch-cpu[ntk_vps]"]["kind"] == "ntk"
     assert "needs at least" in rows["torch-cpu[ntk_vps]"]["error"]
 
 
@@ -189,8 +192,7 @@ def test_ggn_direction_is_in_flat_order_and_the_table_formats(tmp_path, capsys):
 
 
 def test_benchmarks_param_space_is_a_thin_wrapper_of_jacgrad_bench(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("param_space", cases.__file__.rsplit("jacgrad", 2)[0]
-                                                  + "benchmarks/param_space.py")
+    spec = importlib.util.spec_from_file_location("param_space", ROOT / "benchmarks" / "param_space.py")
     wrapper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wrapper)
     assert wrapper.argv(["--repeats", "5"]) == [

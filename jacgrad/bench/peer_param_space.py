@@ -100,7 +100,7 @@ def prepare_param_space(case: Case, data: NetData, mlp: Callable, params: tuple,
             ("BatchL2Grad", "norms",
              lambda m: [B * np.sqrt(sum(_host(p.batch_l2) for lin in m.linears for p in (lin.weight, lin.bias)))]),
         ):
-            _add_backpack(add, skipped, ext, kind, outputs, data, x, labels)
+            _add_backpack(add, skipped, kinds, ext, kind, outputs, data, x, labels)
     else:  # ggn
         v = torch.as_tensor(data.cast(data.direction()), device=x.device)
         sizes = [p.numel() for p in params]
@@ -116,7 +116,7 @@ def prepare_param_space(case: Case, data: NetData, mlp: Callable, params: tuple,
             return torch.cat([g.reshape(-1) for g in tf.vjp(f, params)[1](HJv)[0]])
 
         add("jvp-H-vjp", "ggn_vp", ggn_vp, lambda r: [_host(r)])
-        _add_backpack(add, skipped, "DiagGGNExact", "ggn_diagonal",
+        _add_backpack(add, skipped, kinds, "DiagGGNExact", "ggn_diagonal",
                       lambda m: [_host(lin.weight.diag_ggn_exact.T) for lin in m.linears]
                       + [_host(lin.bias.diag_ggn_exact) for lin in m.linears], data, x, labels)
     return Prepared(variants, sync, kinds=kinds, outputs_of=outputs_of, own_rows=tuple(variants), skipped=skipped)
@@ -147,7 +147,7 @@ def _backpack_model(data: NetData, x):
     return model
 
 
-def _add_backpack(add, skipped: dict, ext: str, kind: str, outputs, data: NetData, x, labels) -> None:
+def _add_backpack(add, skipped: dict, kinds: dict, ext: str, kind: str, outputs, data: NetData, x, labels) -> None:
     """One BackPACK row: a backward pass of the mean cross-entropy with the extension ``ext``;
     skipped with the reason where BackPACK is not installed or lacks the activation."""
     name = f"backpack.{ext}"
@@ -157,9 +157,11 @@ def _add_backpack(add, skipped: dict, ext: str, kind: str, outputs, data: NetDat
 
         model = _backpack_model(data, x)
     except ImportError as exc:
+        kinds[name] = kind
         skipped[name] = f"BackPACK (backpack-for-pytorch) is not importable ({type(exc).__name__}: {exc})"
         return
     except ValueError as exc:
+        kinds[name] = kind
         skipped[name] = str(exc)
         return
     loss_fn = extend(torch.nn.CrossEntropyLoss())
@@ -213,4 +215,4 @@ def _ntk(case: Case, data: NetData, mlp, params: tuple, x, sync) -> Prepared:
                              "(a recipe runs when twice its lower bound fits)")
         else:
             variants[name] = (lambda r: lambda: r(x, x))(recipe)
-    return Prepared(variants, sync, lambda r: [_host(r)], kinds={v: "ntk" for v in variants}, skipped=skipped)
+    return Prepared(variants, sync, lambda r: [_host(r)], kinds=dict.fromkeys(recipes, "ntk"), skipped=skipped)
