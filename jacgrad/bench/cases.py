@@ -20,8 +20,8 @@ but the last (identity), as ``MLP.init`` builds them. The rectangular grid nets 
 ``depth × width`` (``8×1024`` is nine widths of 1024); named nets are ``tapering`` and
 ``hourglass`` or any dash list such as ``784-256-10``.
 
-The GEMM floor of a case is the list of matrix products the task needs, with their shapes and
-transposes: timed alone on a backend it is the time no implementation of the task can beat
+The GEMM floor of a case is the list of matrix products the task needs (``gemms``), with
+their shapes and transposes: timed alone on a backend it is the time no implementation of the task can beat
 there. FLOP counts are 2 × the multiply-adds of that list, so every backend of a case is
 credited with the same useful work (for ``jacobian`` the cheapest bracketing's, from
 ``Chain.jacobian_cost("auto")``'s dynamic programme).
@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..bracketing import peel_spine
+from .gemms import Gemm, ggn_gemms, jacobian_task_gemms, ntk_gemms, per_sample_gemms, train_gemms, vjp_gemms
 
 __all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "PARAM_SPACE_TASKS", "TASKS", "Task", "default_tasks", "gemm_list",
            "make_data", "parse_net"]
@@ -66,25 +66,6 @@ def parse_net(spec: str) -> tuple[str, list[int]]:
             "widths joined by '-' (like 784-256-10)"
         )
     return spec, widths
-
-
-@dataclass(frozen=True)
-class Gemm:
-    """One matrix product ``(M, K) @ (K, N)``, ``count`` independent ones when batched.
-
-    ``layout``: ``"nn"``, ``"tn"`` (A stored ``(K, M)``, used transposed: ``zᵀ δ``) or
-    ``"nt"`` (B stored ``(N, K)``: ``δ Wᵀ``) — the layouts the task really multiplies in.
-    """
-
-    m: int
-    k: int
-    n: int
-    layout: str = "nn"
-    count: int = 1
-
-    @property
-    def macs(self) -> int:
-        return self.count * self.m * self.k * self.n
 
 
 @dataclass
@@ -150,82 +131,6 @@ class Case:
         return total
 
 
-def _forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return [Gemm(B, a, b, "nn") for a, b in zip(widths[:-1], widths[1:])]
-
-
-def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    """The products of ``Chain.jacobian("auto")`` for an MLP (every diagonal per sample),
-    in the shapes ``jacgrad.bracketing.evaluate`` multiplies them."""
-    from ..bracketing import plan
-
-    K = len(widths) - 1
-    w = list(widths)
-    out: list[Gemm] = []
-
-    def span(node) -> tuple[int, int]:
-        if isinstance(node, int):
-            return node, node
-        return span(node[1])[0], span(node[0])[1]
-
-    def walk(node) -> None:
-        if isinstance(node, int):
-            return
-        left, right = node
-        if isinstance(left, int):  # left spine: Pᵀ (B·n_in_part, H_in) @ W_k, one GEMM per leaf
-            spine, node = peel_spine(node, 0)
-            walk(node)
-            first = span(node)[0]
-            out.extend(Gemm(B * w[first], w[k], w[k + 1], "nn") for k in reversed(spine))
-        elif isinstance(right, int):  # right spine: P (B·n_out_part, H_out) @ W_kᵀ
-            spine, node = peel_spine(node, 1)
-            walk(node)
-            last = span(node)[1]
-            out.extend(Gemm(B * w[last + 1], w[k + 1], w[k], "nt") for k in reversed(spine))
-        else:  # two per-sample products: a batched GEMM
-            walk(left)
-            walk(right)
-            (_, lj), (ri, rj) = span(left), span(right)
-            out.append(Gemm(w[lj + 1], w[rj + 1], w[ri], "nn", count=B))
-
-    walk(plan("auto", w, [True] * K, B).tree)
-    return out
-
-
-def _train_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    grads_w = [Gemm(a, B, b, "tn") for a, b in zip(widths[:-1], widths[1:])]
-    grads_in = [Gemm(B, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]  # not into the input
-    return _forward_gemms(widths, B) + grads_w + grads_in
-
-
-def _vjp_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return [Gemm(B, b, a, "nt") for a, b in zip(widths[:-1], widths[1:])]
-
-
-def _jacobian_task_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return _forward_gemms(widths, B) + _jacobian_gemms(widths, B)
-
-
-def _per_sample_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    """One training step (forward, ``zᵀδ``, ``δWᵀ``): what ``loss_and_grads`` needs, and all the
-    GEMMs the norms need (their ``‖z‖²‖δ‖²`` products are elementwise)."""
-    return _train_gemms(widths, B)
-
-
-def _ntk_gemms(widths: Sequence[int], N: int) -> list[Gemm]:
-    """The structured NTK ``Σ_j (Z_{j-1} Z_{j-1}ᵀ + 1) ⊙ (Δ_j Δ_jᵀ)``: a forward pass, the
-    ``N·O`` cotangents swept back, and per layer the Gram of its inputs and of its deltas."""
-    O = widths[-1]
-    sweep = [Gemm(N * O, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]
-    grams = [Gemm(N, a, N, "nt") for a in widths[:-1]] + [Gemm(N * O, b, N * O, "nt") for b in widths[1:]]
-    return _forward_gemms(widths, N) + sweep + grams
-
-
-def _ggn_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    """A forward pass, the parameter JVP (one more GEMM per layer), the backward pass."""
-    return _train_gemms(widths, B) + _forward_gemms(widths, B)
-
-
 @dataclass(frozen=True)
 class Task:
     """One row of the task table. ``grid``: ``"rect"`` runs on the batch × width × depth grid of
@@ -242,12 +147,12 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "train": Task("rect", _train_gemms),
-    "vjp": Task("rect", _vjp_gemms),
-    "jacobian": Task("nets", _jacobian_task_gemms),
-    "per_sample": Task("param", _per_sample_gemms, default=False),
-    "ntk": Task("ntk", _ntk_gemms, default=False),
-    "ggn": Task("param", _ggn_gemms, default=False),
+    "train": Task("rect", train_gemms),
+    "vjp": Task("rect", vjp_gemms),
+    "jacobian": Task("nets", jacobian_task_gemms),
+    "per_sample": Task("param", per_sample_gemms, default=False),
+    "ntk": Task("ntk", ntk_gemms, default=False),
+    "ggn": Task("param", ggn_gemms, default=False),
 }
 PARAM_SPACE_TASKS = ("per_sample", "ntk", "ggn")
 

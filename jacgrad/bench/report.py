@@ -98,7 +98,7 @@ def format_table(result: dict) -> str:
                      + (" — other processes were busy: expect noise, compare ratios within this run" if busy else ""))
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
-    lines.append("×peer = median / fastest peer (torch, jax) on the same device kind; "
+    lines.append("×peer = median / fastest peer (torch, jax) of the same result on the same device kind; "
                  "%floor = the case's GEMMs alone / median")
     head = ("task", "net", "B", "backend", "median ms", "IQR ms", "GFLOP/s", "×peer", "%floor", "note")
     rows = []
