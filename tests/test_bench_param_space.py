@@ -202,3 +202,14 @@ def test_benchmarks_param_space_is_a_thin_wrapper_of_jacgrad_bench(tmp_path, cap
     assert wrapper.main(wrapper.argv([*TINY, "--tasks", "ntk", "--json", str(path)])) == 0
     rows = json.loads(path.read_text())["rows"]
     assert {r["task"] for r in rows} == {"ntk"} and json.loads(path.read_text())["options"]["activation"] == "relu"
+
+
+def test_param_space_flops_are_their_gemm_lists():
+    w, B = [7, 5, 4], 3
+    train = cases.Case("train", w, B).flops
+    fwd = 2 * (B * 7 * 5 + B * 5 * 4)
+    assert cases.Case("per_sample", w, B).flops == train  # the norms need no GEMM beyond the step's
+    assert cases.Case("ggn", w, B).flops == train + fwd  # + the parameter JVP
+    O, N = 4, B  # forward, the N·O cotangents back to layer 1, Gram of every layer's input and deltas
+    ntk = fwd + 2 * (N * O * 4 * 5) + 2 * (N * N * 7 + N * N * 5) + 2 * ((N * O) ** 2 * 5 + (N * O) ** 2 * 4)
+    assert cases.Case("ntk", w, N).flops == ntk
