@@ -4,13 +4,14 @@ The recipes (torch.func ``vmap(grad)`` and its norms, BackPACK BatchGrad / Batch
 DiagGGNExact, the two NTK recipes of PyTorch's tutorial, torch.func jvp → loss Hessian → vjp)
 live in ``jacgrad.bench.peer_param_space``; this script runs
 
-    jacgrad bench --tasks per_sample,ntk,ggn --activation relu --threads 1 [your options]
+    jacgrad bench --tasks per_sample,ntk,ggn --activation relu --threads 1 --param-nets 784-512-512-10 [options]
 
-(ReLU nets, one thread per library) and passes every option on, e.g.
+(ReLU nets, one thread per library, the 784-512-512-10 classifier this script always timed; the
+NTK on ``jacgrad bench``'s 128-512-512-512-8 with N = 16) and passes every option on, e.g.
 
     python benchmarks/param_space.py --repeats 5
     python benchmarks/param_space.py --tasks ntk --ntk-nets 128-1024-1024-1024-8
-    python benchmarks/param_space.py --param-nets 784-512-512-10 --json out.json
+    python benchmarks/param_space.py --param-nets 784-256-256-10 --json out.json
 
 Every row is checked against a float64 reference and jacgrad's rows against their peer's
 result in the same run; see ``jacgrad bench --help`` for the options.
@@ -22,7 +23,7 @@ import sys
 
 from jacgrad.bench import main
 
-DEFAULTS = ["--tasks", "per_sample,ntk,ggn", "--activation", "relu", "--threads", "1"]
+DEFAULTS = ["--tasks", "per_sample,ntk,ggn", "--activation", "relu", "--threads", "1", "--param-nets", "784-512-512-10"]
 
 
 def argv(args: list[str]) -> list[str]:

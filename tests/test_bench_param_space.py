@@ -196,8 +196,10 @@ def test_benchmarks_param_space_is_a_thin_wrapper_of_jacgrad_bench(tmp_path, cap
     wrapper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wrapper)
     assert wrapper.argv(["--repeats", "5"]) == [
-        "--tasks", "per_sample,ntk,ggn", "--activation", "relu", "--threads", "1", "--repeats", "5"]
-    assert wrapper.argv(["--tasks", "ntk", "--threads=2"]) == ["--activation", "relu", "--tasks", "ntk", "--threads=2"]
+        "--tasks", "per_sample,ntk,ggn", "--activation", "relu", "--threads", "1", "--param-nets", "784-512-512-10",
+        "--repeats", "5"]
+    assert wrapper.argv(["--tasks", "ntk", "--threads=2", "--param-nets", "5-2"]) == [
+        "--activation", "relu", "--tasks", "ntk", "--threads=2", "--param-nets", "5-2"]
     path = tmp_path / "w.json"
     assert wrapper.main(wrapper.argv([*TINY, "--tasks", "ntk", "--json", str(path)])) == 0
     rows = json.loads(path.read_text())["rows"]
