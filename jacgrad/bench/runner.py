@@ -1,8 +1,8 @@
 """Running ``jacgrad bench``: build the cases, prepare every backend, time them side by side.
 
 For each case every available backend is prepared (arrays converted, JAX functions compiled),
-run once to check it computes the reference numbers (``agreement``), and then all backends, their variants
-and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
+run once to check it computes the reference numbers (``agreement``), and then all backends,
+their variants and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
 at preparation, at its check run or while timed — becomes a ``failed`` row with its error; the
 others go on. The reference is jacgrad on NumPy in float64, from the same (dtype-rounded)
 weights and inputs: one result per ``kind`` of output (the parameter-space tasks time several
