@@ -201,7 +201,8 @@ def add_ratios(rows: list[dict]) -> None:
 def _variants_guess(case: Case, b: Backend) -> int:
     """How many variants a backend will time (for the progress bar, before it is prepared)."""
     if case.task in PARAM_SPACE_TASKS:
-        return {"jacgrad": 2 if case.task == "ntk" else 3, "torch": 2 if case.task != "per_sample" else 5}.get(b.family, 0)
+        per_family = {"jacgrad": {"per_sample": 3, "ntk": 2, "ggn": 3}, "torch": {"per_sample": 5, "ntk": 2, "ggn": 3}}
+        return per_family.get(b.family, {}).get(case.task, 0)
     if b.family == "jacgrad":
         return 2 if case.task == "train" else 1
     return 2 if case.task == "jacobian" else 1
