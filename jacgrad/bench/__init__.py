@@ -6,6 +6,15 @@ Three tasks over a grid of batch × width × depth (tanh MLPs by default, float3
 - ``vjp``      — the VJP chain alone: the input cotangent of an output cotangent;
 - ``jacobian`` — per-sample Jacobians of a tapering and an hourglass net.
 
+And, opt-in with ``--tasks`` (softmax cross-entropy; one row per product, checked against the
+float64 reference and jacgrad's rows against their peer's result in the same run):
+
+- ``per_sample`` — ``loss_and_grads`` (the scale), ``per_sample_grad_norms``, ``per_sample_grads``
+                   against torch.func ``vmap(grad)`` (+ norms) and BackPACK BatchL2Grad / BatchGrad;
+- ``ntk``        — ``jg.ntk`` against the two recipes of PyTorch's NTK tutorial;
+- ``ggn``        — ``ggn_vp`` against torch.func jvp → H → vjp, ``ggn_diagonal`` against
+                   BackPACK DiagGGNExact.
+
 Backends: ``jacgrad-numpy``, ``jacgrad-cupy``, ``torch-cpu``, ``torch-cuda``, ``jax-cpu``,
 ``jax-gpu`` — each where it is installed and usable (skipped with a note otherwise). Every case
 is timed interleaved across backends (warm-up, calibrated loops, ``--repeats`` samples; median
@@ -16,6 +25,7 @@ products timed alone on that backend); ``--json PATH`` writes every number.
     jacgrad bench            # the default grid: 16 train/vjp cases and 2 jacobian cases, on every backend here
     jacgrad bench --quick    # a smoke test: 15 s of CPU time (50 s of wall time on a busy 2-core EPYC)
     jacgrad bench --backends jacgrad-numpy,torch-cpu --tasks train --batch 256 --width 1024 --depth 8
+    jacgrad bench --tasks per_sample,ntk,ggn --activation relu    # the parameter-space products
 
     >>> main(["--backends", "nope"])  # doctest: +SKIP
     jacgrad bench: error: --backends: unknown backend 'nope'; valid backends: jacgrad-numpy, ...

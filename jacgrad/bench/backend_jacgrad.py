@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .base import Backend, Prepared, gemm_operands, host64
+from .cases import PARAM_SPACE_TASKS
 
 __all__ = ["Jacgrad"]
 
@@ -16,7 +17,9 @@ class Jacgrad(Backend):
     the same step compiled (``net.compile(B)``: buffers made once, a captured CUDA graph on the
     GPU where CuPy can record one — see ``TrainingStep.capture_error``) as its own row
     ``jacgrad-…[compiled]``; ``jacobian_chain(cache).vjp(v)``;
-    ``jacobian_chain(forward(x)[1]).jacobian("auto")``."""
+    ``jacobian_chain(forward(x)[1]).jacobian("auto")``; the parameter-space tasks: one row per
+    product (``loss_and_grads`` for scale, ``per_sample_grad_norms``, ``per_sample_grads``,
+    ``jg.ntk(net, x)`` and ``jg.ntk(net, x, x)``, ``ggn_vp``, ``ggn_diagonal``)."""
 
     family = "jacgrad"
 
@@ -81,6 +84,8 @@ class Jacgrad(Backend):
                     notes["compiled"] = "CUDA graph" if step.captured else f"no CUDA graph: {step.capture_error}"
                 return Prepared({"": fn, "compiled": lambda: step(x, t)}, self._sync, outputs,
                                 {"compiled": ms}, own_rows=("compiled",), notes=notes)
+        elif case.task in PARAM_SPACE_TASKS:
+            return self._param_space(case, data, net, x)
         elif case.task == "vjp":
             cache = net.forward(x)[1]
 
@@ -94,6 +99,34 @@ class Jacgrad(Backend):
 
             outputs = lambda r: host64([r])  # noqa: E731
         return Prepared({"": fn}, self._sync, outputs)
+
+    def _param_space(self, case, data, net, x) -> Prepared:
+        """Every product its own row, named by what it computes (its ``kind``); softmax
+        cross-entropy on ``data.labels``, as the peers (``peer_param_space``)."""
+        from ..ntk import ntk
+
+        loss = "softmax_cross_entropy"
+        labels = self._to(data.labels, "int64")
+        grads = lambda g: host64([*g.weights, *g.biases])  # noqa: E731
+        if case.task == "ntk":
+            variants = {"ntk(net, x)": lambda: ntk(net, x), "ntk(net, x, x)": lambda: ntk(net, x, x)}
+            return Prepared(variants, self._sync, lambda r: host64([r]), own_rows=tuple(variants),
+                            kinds=dict.fromkeys(variants, "ntk"))
+        table = {"loss_and_grads": (lambda: net.loss_and_grads(x, labels, loss=loss, input_grad=False),
+                                    lambda r: host64([r[0]]) + grads(r[1]))}
+        if case.task == "per_sample":
+            table["per_sample_grad_norms"] = (lambda: net.per_sample_grad_norms(x, labels, loss=loss),
+                                              lambda r: host64([r]))
+            table["per_sample_grads"] = (lambda: net.per_sample_grads(x, labels, loss=loss, max_memory=None), grads)
+            kinds = {"per_sample_grad_norms": "norms", "per_sample_grads": "grads"}
+        else:
+            v = self._to(data.direction(), data.dtype)
+            table["ggn_vp"] = (lambda: net.ggn_vp(x, v, loss=loss), lambda r: host64([r]))
+            table["ggn_diagonal"] = (lambda: net.ggn_diagonal(x, loss=loss), grads)
+            kinds = {"ggn_vp": "ggn_vp", "ggn_diagonal": "ggn_diagonal"}
+        kinds["loss_and_grads"] = "loss_and_grads"
+        return Prepared({k: fn for k, (fn, _) in table.items()}, self._sync, own_rows=tuple(table),
+                        kinds=kinds, outputs_of={k: out for k, (_, out) in table.items()})
 
     def gemm_floor(self, gemms, dtype):
         xp = self._xp()

@@ -27,6 +27,13 @@ class Prepared:
     Variants are alternatives of which the table reports the fastest (``jacrev``/``jacfwd``),
     except those named in ``own_rows``: each gets a row of its own, ``backend[variant]``
     (jacgrad's ``compiled`` training step next to the eager one).
+
+    Tasks whose variants compute different things (``per_sample``: the loss and gradients, the
+    per-sample norms, the per-sample gradients) name each variant's result in ``kinds``
+    (variant → kind; checked against the reference's result of that kind, compared with the
+    peers' rows of that kind) and give its NumPy copy in ``outputs_of`` (variant → function;
+    ``outputs`` otherwise). ``skipped``: variant → why it cannot run here (a peer library not
+    installed, a recipe too big for memory); it becomes a row of its own saying so.
     """
 
     variants: dict[str, Callable[[], Any]]
@@ -35,6 +42,15 @@ class Prepared:
     compile_ms: dict[str, float] = field(default_factory=dict)
     own_rows: tuple[str, ...] = ()
     notes: dict[str, str] = field(default_factory=dict)  # variant → a remark for its row
+    kinds: dict[str, str] = field(default_factory=dict)
+    outputs_of: dict[str, Callable[[Any], list]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def kind(self, variant: str) -> str:
+        return self.kinds.get(variant, "")
+
+    def outputs_for(self, variant: str, result) -> list:
+        return self.outputs_of.get(variant, self.outputs)(result)
 
 
 class Backend:
@@ -57,6 +73,10 @@ class Backend:
 
     def threads(self) -> str:
         return ""
+
+    def supports(self, task: str) -> bool:
+        """Whether this backend has a recipe for ``task`` (else it sits the task's cases out)."""
+        return True
 
     def prepare(self, case: Case, data: NetData) -> Prepared:
         raise NotImplementedError

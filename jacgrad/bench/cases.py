@@ -7,13 +7,21 @@ A case is one task on one network at one batch size:
                  network whose forward pass is already done (the VJP chain alone);
 - ``jacobian`` — per-sample Jacobians ``∂y_b/∂x_b: (B, n_out, n_in)``, forward pass included.
 
+Parameter-space tasks (opt-in with ``--tasks``; softmax cross-entropy on integer labels, the
+argmax of ``NetData.target``), each timing several products whose rows carry a ``kind``:
+
+- ``per_sample`` — ``loss_and_grads`` (the scale), per-sample gradient norms ``(B,)`` and
+                   per-sample gradients (every W and b with a leading ``B``);
+- ``ntk``        — the empirical NTK ``(N, N, O, O)`` of ``N = batch`` inputs;
+- ``ggn``        — ``loss_and_grads``, the Gauss–Newton product ``G v: (P,)`` and ``diag G``.
+
 Networks are width lists ``[n_in, H_1, …, n_out]`` with the hidden activation on every layer
 but the last (identity), as ``MLP.init`` builds them. The rectangular grid nets are
 ``depth × width`` (``8×1024`` is nine widths of 1024); named nets are ``tapering`` and
 ``hourglass`` or any dash list such as ``784-256-10``.
 
-The GEMM floor of a case is the list of matrix products the task needs, with their shapes and
-transposes: timed alone on a backend it is the time no implementation of the task can beat
+The GEMM floor of a case is the list of matrix products the task needs (``gemms``), with
+their shapes and transposes: timed alone on a backend it is the time no implementation of the task can beat
 there. FLOP counts are 2 × the multiply-adds of that list, so every backend of a case is
 credited with the same useful work (for ``jacobian`` the cheapest bracketing's, from
 ``Chain.jacobian_cost("auto")``'s dynamic programme).
@@ -30,9 +38,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..bracketing import peel_spine
+from .gemms import Gemm, ggn_gemms, jacobian_task_gemms, ntk_gemms, per_sample_gemms, train_gemms, vjp_gemms
 
-__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "TASKS", "Task", "gemm_list", "make_data", "parse_net"]
+__all__ = ["Case", "Gemm", "NAMED_NETS", "NetData", "PARAM_SPACE_TASKS", "TASKS", "Task", "default_tasks", "gemm_list",
+           "make_data", "parse_net"]
 
 
 NAMED_NETS = {
@@ -57,25 +66,6 @@ def parse_net(spec: str) -> tuple[str, list[int]]:
             "widths joined by '-' (like 784-256-10)"
         )
     return spec, widths
-
-
-@dataclass(frozen=True)
-class Gemm:
-    """One matrix product ``(M, K) @ (K, N)``, ``count`` independent ones when batched.
-
-    ``layout``: ``"nn"``, ``"tn"`` (A stored ``(K, M)``, used transposed: ``zᵀ δ``) or
-    ``"nt"`` (B stored ``(N, K)``: ``δ Wᵀ``) — the layouts the task really multiplies in.
-    """
-
-    m: int
-    k: int
-    n: int
-    layout: str = "nn"
-    count: int = 1
-
-    @property
-    def macs(self) -> int:
-        return self.count * self.m * self.k * self.n
 
 
 @dataclass
@@ -132,63 +122,13 @@ class Case:
         total = (16 + item) * self.parameters + 8 * B * (w[0] + 2 * w[-1]) + item * B * sum(w[1:])
         if self.task == "jacobian":
             total += item * B * w[0] * w[-1]
+        elif self.task == "per_sample":  # the (B, P) per-sample gradients, and their float64 copy
+            total += (item + 8) * B * self.parameters
+        elif self.task == "ntk":  # the (N·O)² kernel, and the (N·O, H_j) deltas of the sweep
+            total += item * (B * w[-1]) ** 2 + item * B * w[-1] * max(w)
+        elif self.task == "ggn":  # v, G v and diag G
+            total += 3 * item * self.parameters
         return total
-
-
-def _forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return [Gemm(B, a, b, "nn") for a, b in zip(widths[:-1], widths[1:])]
-
-
-def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    """The products of ``Chain.jacobian("auto")`` for an MLP (every diagonal per sample),
-    in the shapes ``jacgrad.bracketing.evaluate`` multiplies them."""
-    from ..bracketing import plan
-
-    K = len(widths) - 1
-    w = list(widths)
-    out: list[Gemm] = []
-
-    def span(node) -> tuple[int, int]:
-        if isinstance(node, int):
-            return node, node
-        return span(node[1])[0], span(node[0])[1]
-
-    def walk(node) -> None:
-        if isinstance(node, int):
-            return
-        left, right = node
-        if isinstance(left, int):  # left spine: Pᵀ (B·n_in_part, H_in) @ W_k, one GEMM per leaf
-            spine, node = peel_spine(node, 0)
-            walk(node)
-            first = span(node)[0]
-            out.extend(Gemm(B * w[first], w[k], w[k + 1], "nn") for k in reversed(spine))
-        elif isinstance(right, int):  # right spine: P (B·n_out_part, H_out) @ W_kᵀ
-            spine, node = peel_spine(node, 1)
-            walk(node)
-            last = span(node)[1]
-            out.extend(Gemm(B * w[last + 1], w[k + 1], w[k], "nt") for k in reversed(spine))
-        else:  # two per-sample products: a batched GEMM
-            walk(left)
-            walk(right)
-            (_, lj), (ri, rj) = span(left), span(right)
-            out.append(Gemm(w[lj + 1], w[rj + 1], w[ri], "nn", count=B))
-
-    walk(plan("auto", w, [True] * K, B).tree)
-    return out
-
-
-def _train_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    grads_w = [Gemm(a, B, b, "tn") for a, b in zip(widths[:-1], widths[1:])]
-    grads_in = [Gemm(B, b, a, "nt") for a, b in zip(widths[1:-1], widths[2:])]  # not into the input
-    return _forward_gemms(widths, B) + grads_w + grads_in
-
-
-def _vjp_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return [Gemm(B, b, a, "nt") for a, b in zip(widths[:-1], widths[1:])]
-
-
-def _jacobian_task_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
-    return _forward_gemms(widths, B) + _jacobian_gemms(widths, B)
 
 
 @dataclass(frozen=True)
@@ -196,17 +136,30 @@ class Task:
     """One row of the task table. ``grid``: ``"rect"`` runs on the batch × width × depth grid of
     rectangular nets, ``"nets"`` on the ``--nets`` list at the ``--jac-batch`` sizes; ``gemms``:
     ``(widths, B) -> [Gemm]``, the products the task needs (its FLOPs and its GEMM floor).
-    A new task is a row here plus a branch in each backend's ``prepare``."""
+    ``"param"`` on ``--param-nets`` at ``--param-batch``, ``"ntk"`` on ``--ntk-nets`` with
+    ``--ntk-n`` inputs. ``default``: run when ``--tasks`` is not given.
+    A new task is a row here plus a branch in each backend's ``prepare`` (a backend whose
+    ``supports(task)`` is False sits the task out)."""
 
     grid: str
     gemms: Callable[[Sequence[int], int], list[Gemm]]
+    default: bool = True
 
 
 TASKS: dict[str, Task] = {
-    "train": Task("rect", _train_gemms),
-    "vjp": Task("rect", _vjp_gemms),
-    "jacobian": Task("nets", _jacobian_task_gemms),
+    "train": Task("rect", train_gemms),
+    "vjp": Task("rect", vjp_gemms),
+    "jacobian": Task("nets", jacobian_task_gemms),
+    "per_sample": Task("param", per_sample_gemms, default=False),
+    "ntk": Task("ntk", ntk_gemms, default=False),
+    "ggn": Task("param", ggn_gemms, default=False),
 }
+PARAM_SPACE_TASKS = ("per_sample", "ntk", "ggn")
+
+
+def default_tasks() -> list[str]:
+    """The tasks ``jacgrad bench`` runs without ``--tasks``: ``['train', 'vjp', 'jacobian']``."""
+    return [name for name, t in TASKS.items() if t.default]
 
 
 def gemm_list(task: str, widths: Sequence[int], B: int) -> list[Gemm]:
@@ -234,6 +187,20 @@ class NetData:
 
     def cast(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=self.dtype)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(B,)`` int64 class labels of the parameter-space tasks: the argmax of ``target``."""
+        return np.argmax(self.target, axis=1).astype(np.int64)
+
+    @property
+    def parameters(self) -> int:
+        return sum(W.size + b.size for W, b in zip(self.weights, self.biases))
+
+    def direction(self) -> np.ndarray:
+        """``(P,)`` the ``v`` of ``ggn_vp`` in ``Gradients.flat`` order (W_0, b_0, W_1, …), seeded."""
+        v = np.random.default_rng(len(self.weights)).standard_normal(self.parameters)
+        return np.asarray(v, dtype=self.dtype).astype(np.float64)
 
 
 def make_data(case: Case, seed: int = 0) -> NetData:

@@ -16,13 +16,15 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .backends import names as backend_names
-from .cases import NAMED_NETS, TASKS, parse_net
+from .cases import NAMED_NETS, TASKS, default_tasks, parse_net
 
 __all__ = ["Options", "UsageError", "parse", "parser"]
 
 DEFAULTS = dict(batch="64,256", width="256,1024", depth="4,8", nets="tapering,hourglass", jac_batch="32",
+                param_nets="784-256-256-10", param_batch="128", ntk_nets="128-512-512-512-8", ntk_n="16",
                 repeats=5, warmup=1, min_time=0.02)
 QUICK = dict(batch="64", width="256", depth="4", nets="tapering,hourglass", jac_batch="8",
+             param_nets="196-64-10", param_batch="16", ntk_nets="32-64-64-64-8", ntk_n="4",
              repeats=3, warmup=1, min_time=0.005)
 
 
@@ -33,12 +35,16 @@ class UsageError(ValueError):
 @dataclass
 class Options:
     backends: list[str] = field(default_factory=backend_names)
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=default_tasks)
     batch: list[int] = field(default_factory=lambda: [64, 256])
     width: list[int] = field(default_factory=lambda: [256, 1024])
     depth: list[int] = field(default_factory=lambda: [4, 8])
     nets: list[str] = field(default_factory=lambda: ["tapering", "hourglass"])
     jac_batch: list[int] = field(default_factory=lambda: [32])
+    param_nets: list[str] = field(default_factory=lambda: ["784-256-256-10"])
+    param_batch: list[int] = field(default_factory=lambda: [128])
+    ntk_nets: list[str] = field(default_factory=lambda: ["128-512-512-512-8"])
+    ntk_n: list[int] = field(default_factory=lambda: [16])
     dtype: str = "float32"
     activation: str = "tanh"
     repeats: int = 5
@@ -65,19 +71,26 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jacgrad bench",
         description="Time jacgrad against PyTorch and JAX: training step (forward + backward), the VJP chain "
-                    "alone, and per-sample Jacobians, over batch × width × depth. Timings are interleaved "
+                    "alone, and per-sample Jacobians, over batch × width × depth; with --tasks also the parameter-space "
+                    "products (per_sample, ntk, ggn) against torch.func and BackPACK. Timings are interleaved "
                     "across backends (median and IQR of --repeats samples).",
         epilog=f"backends: {', '.join(backend_names())}. Named nets: "
                + ", ".join(f"{k} ({'-'.join(map(str, v))})" for k, v in NAMED_NETS.items())
                + ". Example: jacgrad bench --backends jacgrad-numpy,torch-cpu --batch 256 --width 1024 --depth 8 --tasks train",
     )
     p.add_argument("--backends", help="comma-separated backends (default: every one; absent ones are skipped with a note)")
-    p.add_argument("--tasks", help=f"comma-separated tasks out of {','.join(TASKS)} (default: all)")
+    p.add_argument("--tasks", help=f"comma-separated tasks out of {','.join(TASKS)} "
+                                   f"(default: {','.join(default_tasks())})")
     p.add_argument("--batch", help=f"batch sizes of the train/vjp grid (default {DEFAULTS['batch']})")
     p.add_argument("--width", help=f"hidden widths of the train/vjp grid (default {DEFAULTS['width']})")
     p.add_argument("--depth", help=f"layer counts of the train/vjp grid (default {DEFAULTS['depth']})")
     p.add_argument("--nets", help=f"nets of the jacobian task: names or widths like 784-256-10 (default {DEFAULTS['nets']})")
     p.add_argument("--jac-batch", help=f"batch sizes of the jacobian task (default {DEFAULTS['jac_batch']})")
+    p.add_argument("--param-nets", help="nets of the per_sample and ggn tasks (softmax cross-entropy; "
+                                        f"default {DEFAULTS['param_nets']})")
+    p.add_argument("--param-batch", help=f"batch sizes of the per_sample and ggn tasks (default {DEFAULTS['param_batch']})")
+    p.add_argument("--ntk-nets", help=f"nets of the ntk task (default {DEFAULTS['ntk_nets']})")
+    p.add_argument("--ntk-n", help=f"input counts N of the ntk task, a (N, N, O, O) kernel (default {DEFAULTS['ntk_n']})")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     p.add_argument("--activation", default="tanh", help="hidden activation (default tanh); the last layer is identity")
     p.add_argument("--repeats", type=str, help=f"timed samples per backend (default {DEFAULTS['repeats']})")
@@ -125,6 +138,18 @@ def _names(option: str, text: str, valid: list[str], what: str) -> list[str]:
     return list(dict.fromkeys(got))
 
 
+def _nets(option: str, text: str) -> list[str]:
+    nets = [s.strip() for s in text.split(",") if s.strip()]
+    for s in nets:
+        try:
+            parse_net(s)
+        except ValueError as exc:
+            raise UsageError(f"{option}: {exc}") from None
+    if not nets:
+        raise UsageError(f"{option}: no net given")
+    return nets
+
+
 def parse(argv: list[str] | None) -> Options:
     """``Options`` from ``argv`` (without the program name); ``UsageError`` on bad input."""
     a = parser().parse_args(argv)
@@ -139,15 +164,11 @@ def parse(argv: list[str] | None) -> Options:
     o.width = _int_list("--width", a.width or base["width"])
     o.depth = _int_list("--depth", a.depth or base["depth"])
     o.jac_batch = _int_list("--jac-batch", a.jac_batch or base["jac_batch"])
-    nets = [s.strip() for s in (a.nets or base["nets"]).split(",") if s.strip()]
-    for s in nets:
-        try:
-            parse_net(s)
-        except ValueError as exc:
-            raise UsageError(f"--nets: {exc}") from None
-    if not nets:
-        raise UsageError("--nets: no net given")
-    o.nets = nets
+    o.param_batch = _int_list("--param-batch", a.param_batch or base["param_batch"])
+    o.ntk_n = _int_list("--ntk-n", a.ntk_n or base["ntk_n"])
+    o.nets = _nets("--nets", a.nets or base["nets"])
+    o.param_nets = _nets("--param-nets", base["param_nets"] if a.param_nets is None else a.param_nets)
+    o.ntk_nets = _nets("--ntk-nets", base["ntk_nets"] if a.ntk_nets is None else a.ntk_nets)
     if a.dtype not in ("float32", "float64"):
         raise UsageError(f"--dtype: {a.dtype!r} is not float32 or float64")
     o.dtype = a.dtype

@@ -122,6 +122,11 @@ class Jax(Backend):
 
         jax.block_until_ready(result)
 
+    def supports(self, task: str) -> bool:
+        from .cases import PARAM_SPACE_TASKS
+
+        return task not in PARAM_SPACE_TASKS  # no JAX recipes for them (neural-tangents is not installed here)
+
     def prepare(self, case, data):
         jax = _jax()
         import jax.numpy as jnp

@@ -3,7 +3,8 @@
 It computes what jacgrad computes: ``z = φ(z @ W + b)`` per layer (identity on the last), mean
 squared error and ``torch.autograd.grad`` of every W and b (training step); the input cotangent
 of an output cotangent through a retained graph (VJP); ``vmap(jacrev)`` and ``vmap(jacfwd)``
-from ``torch.func`` (per-sample Jacobians — the better of the two is reported).
+from ``torch.func`` (per-sample Jacobians — the better of the two is reported). The recipes of
+the parameter-space tasks (torch.func, BackPACK) are in ``peer_param_space``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Backend, Prepared, gemm_operands
-from .cases import NetData
+from .cases import PARAM_SPACE_TASKS, NetData
 
 __all__ = ["Torch"]
 
@@ -89,6 +90,15 @@ class Torch(Backend):
         to, Ws, bs = self._tensors(data)
         acts = [_torch_activation(a) for a in data.activations]
         x, t, v = to(data.x), to(data.target), to(data.v)
+        if case.task in PARAM_SPACE_TASKS:
+            from .peer_param_space import prepare_param_space
+
+            def fmlp(p, z):  # the net on the tuple (W_0, b_0, W_1, b_1, …)
+                for W, b, f in zip(p[0::2], p[1::2], acts):
+                    z = f(z @ W + b)
+                return z
+
+            return prepare_param_space(case, data, fmlp, tuple(p for wb in zip(Ws, bs) for p in wb), to, self._sync)
 
         def mlp(z):
             for W, b, f in zip(Ws, bs, acts):

@@ -9,7 +9,9 @@ Columns of the table, one row per (case, backend):
 - ``%floor``: the GEMM floor (the case's matrix products timed alone on that backend) over the
   median — how much of the time is the unavoidable matrix work;
 - ``note``: the variant chosen (``jacrev``/``jacfwd``), JIT compile time, a failure or a
-  disagreement with the reference.
+  disagreement with the reference; for the parameter-space tasks the ratio to jacgrad's
+  ``loss_and_grads`` in the same run. Their ``task`` cell names the result too
+  (``per_sample:norms``): ``×peer`` compares rows of one result only.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def format_table(result: dict) -> str:
                      + (" — other processes were busy: expect noise, compare ratios within this run" if busy else ""))
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
-    lines.append("×peer = median / fastest peer (torch, jax) on the same device kind; "
+    lines.append("×peer = median / fastest peer (torch, jax) of the same result on the same device kind; "
                  "%floor = the case's GEMMs alone / median")
     head = ("task", "net", "B", "backend", "median ms", "IQR ms", "GFLOP/s", "×peer", "%floor", "note")
     rows = []
@@ -104,10 +106,11 @@ def format_table(result: dict) -> str:
         ok = r["status"] == "ok"
         note = r.get("note", "")
         if not ok:
-            note = f"FAILED: {r.get('error', '')}"
+            note = f"{'skipped' if r['status'] == 'skipped' else 'FAILED'}: {r.get('error', '')}"
+        kind = r.get("kind") or ""
         rows.append((
-            r["task"], r["net"], str(r["batch"]), r["backend"],
-            _ms(r.get("median_ms")) if ok else "failed",
+            r["task"] + (f":{kind}" if kind and kind != r["task"] else ""), r["net"], str(r["batch"]), r["backend"],
+            _ms(r.get("median_ms")) if ok else r["status"],
             _ms(r.get("iqr_ms")) if ok else "",
             _num(r.get("gflops_per_s"), ".1f") if ok else "",
             _num(r.get("ratio_to_fastest_peer"), ".2f") if ok else "",

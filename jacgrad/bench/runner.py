@@ -1,11 +1,13 @@
 """Running ``jacgrad bench``: build the cases, prepare every backend, time them side by side.
 
 For each case every available backend is prepared (arrays converted, JAX functions compiled),
-run once to check it computes the reference numbers, and then all backends, their variants
-and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
+run once to check it computes the reference numbers (``agreement``), and then all backends,
+their variants and their GEMM floors are timed interleaved (``timing.time_entries``). A backend that fails —
 at preparation, at its check run or while timed — becomes a ``failed`` row with its error; the
 others go on. The reference is jacgrad on NumPy in float64, from the same (dtype-rounded)
-weights and inputs.
+weights and inputs: one result per ``kind`` of output (the parameter-space tasks time several
+products per case; each row is checked against the reference of its kind, and compared with
+the peers' rows of its kind).
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import importlib.util
 import time
 import warnings
 
-import numpy as np
-
 from . import backends as _backends
+from .agreement import TOL, check_rows, reference
 from .base import Backend
-from .cases import TASKS, Case, NetData, make_data, parse_net
+from .cases import PARAM_SPACE_TASKS, TASKS, Case, make_data, parse_net
 from .machine import available_memory, environment, load_average
 from .options import Options, UsageError
 from .report import Progress
@@ -26,17 +27,20 @@ from .timing import Entry, cpu_count, set_threads, short_error, time_entries
 
 __all__ = ["add_ratios", "build_cases", "check_memory", "run", "run_case", "start_backends"]
 
-# Cases above this many FLOPs are checked against the first jacgrad backend's result instead of a
-# float64 NumPy reference (which would take longer than the timings themselves).
-_REFERENCE_FLOP_LIMIT = 3e10
-_TOL = {"float32": 2e-3, "float64": 1e-9}
-
 
 def build_cases(o: Options) -> list[Case]:
-    """The train/vjp grid (batch × width × depth, rectangular nets) and the jacobian nets."""
+    """The train/vjp grid (batch × width × depth, rectangular nets), the jacobian nets, and the
+    nets of the parameter-space tasks (``--param-nets`` × ``--param-batch``, ``--ntk-nets`` × ``--ntk-n``)."""
     cases = []
     for task in o.tasks:
-        if TASKS[task].grid == "rect":
+        grid = TASKS[task].grid
+        if grid in ("param", "ntk"):
+            nets, batches = (o.param_nets, o.param_batch) if grid == "param" else (o.ntk_nets, o.ntk_n)
+            for spec in nets:
+                name, widths = parse_net(spec)
+                for B in batches:
+                    cases.append(Case(task, widths, B, name=name, activation=o.activation, dtype=o.dtype))
+        elif grid == "rect":
             for depth in o.depth:
                 for width in o.width:
                     for B in o.batch:
@@ -49,38 +53,15 @@ def build_cases(o: Options) -> list[Case]:
     return cases
 
 
-def _compare(got: list, ref: list) -> float:
-    """The worst ``max|a − b| / max|b|`` over the outputs (inf when the shapes differ)."""
-    if len(got) != len(ref):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(got, ref):
-        if a.shape != b.shape:
-            return float("inf")
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        err = float(np.abs(a - b).max()) if b.size else 0.0
-        worst = max(worst, err / scale if scale > 0 else err)
-    return worst
-
-
-def _reference(case: Case, data: NetData) -> list | None:
-    from .backend_jacgrad import Jacgrad
-
-    if case.flops > _REFERENCE_FLOP_LIMIT:
-        return None
-    d64 = NetData(data.weights, data.biases, data.activations, data.x, data.target, data.v, "float64")
-    ref = Jacgrad("cpu").prepare(case, d64)
-    return ref.outputs(ref.variants[""]())
-
-
 def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) -> list[dict]:
     """Rows (one per backend) of one case, timed interleaved."""
     data = make_data(case, seed=o.seed)
-    ref = _reference(case, data) if o.check else None
+    ref = reference(case, data) if o.check else None
     progress.advance(f"{case.key()} · reference")
-    tol = _TOL[case.dtype]
     rows, entries, groups = [], [], []
     for b in live:
+        if not b.supports(case.task):
+            continue
         row = _new_row(case, b, b.name)
         rows.append(row)
         try:
@@ -103,38 +84,38 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
         entries += list(variants.values())
         progress.total += (len(variants) - _variants_guess(case, b)) * (1 + o.repeats)
         best_of = {v: e for v, e in variants.items() if v not in prep.own_rows}
-        groups.append((row, best_of, floor, prep.compile_ms))
+        if best_of:
+            row["kind"] = prep.kind(next(iter(best_of)))
+            groups.append((row, best_of, floor, prep.compile_ms))
+        else:  # every variant has a row of its own
+            rows.remove(row)
         for v in prep.own_rows:
             own = _new_row(case, b, f"{b.name}[{v}]")
-            own["variant"] = v
+            own["variant"], own["kind"] = v, prep.kind(v)
             own["note"] = prep.notes.get(v, "")
             checks = row.get("check", {})
             if v in checks:
                 own["check"] = {v: checks.pop(v)}
             rows.append(own)
             groups.append((own, {v: variants[v]}, floor, prep.compile_ms))
+        for v, why in prep.skipped.items():  # a peer library absent, a recipe too big for memory
+            skip = _new_row(case, b, f"{b.name}[{v}]")
+            skip.update(variant=v, kind=prep.kind(v), status="skipped", error=why)
+            rows.append(skip)
         progress.advance(f"{case.key()} · {b.name} ready")
 
-    # Agreement: against the float64 reference, else against the first jacgrad result.
     if o.check:
-        base = ref
-        if base is None:
-            base = next((next(iter(r["check"].values())) for r in rows if r.get("check") and r["family"] == "jacgrad"), None)
-        for r in rows:
-            outs = r.pop("check", None)
-            if outs is not None and base is not None:
-                err = max(_compare(v, base) for v in outs.values())
-                r["check_rel_err"] = err
-                r["check_against"] = "float64 reference" if ref is not None else "jacgrad"
-                if not err <= tol:
-                    r["note"] = (r["note"] + f" MISMATCH: rel. err. {err:.1e} > {tol:.0e}").strip()
+        check_rows(rows, ref, TOL[case.dtype])
 
     time_entries(entries, o.repeats, o.warmup, o.min_time,
                  tick=lambda label: progress.advance(f"{case.key()} · {label}"))
 
     for row, variants, floor, compile_ms in groups:
         _fill(row, case, variants, floor, compile_ms)
-    return rows
+    order: dict = {}  # rows of one kind side by side, kinds in the order they first appear
+    for r in rows:
+        order.setdefault(r.get("kind", ""), len(order))
+    return sorted(rows, key=lambda r: order[r.get("kind", "")])
 
 
 def _new_row(case: Case, b: Backend, name: str) -> dict:
@@ -144,12 +125,12 @@ def _new_row(case: Case, b: Backend, name: str) -> dict:
 
 
 def _check_run(prep, row: dict, check: bool) -> None:
-    """Run every variant once (it is also a warm-up); keep its outputs in ``row["check"]``."""
+    """Run every variant once (it is also a warm-up); keep ``(kind, outputs)`` in ``row["check"]``."""
     for v, fn in prep.variants.items():
         result = fn()
         prep.sync(result)
         if check:
-            row.setdefault("check", {})[v or "default"] = prep.outputs(result)
+            row.setdefault("check", {})[v or "default"] = (prep.kind(v), prep.outputs_for(v, result))
 
 
 def _floor(b: Backend, case: Case):
@@ -191,20 +172,37 @@ def _fill(row: dict, case: Case, variants: dict[str, Entry], floor: Entry | None
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio_to_fastest_peer``: median over the fastest torch/jax row of the same case and device kind."""
+    """``ratio_to_fastest_peer``: median over the fastest torch/jax row of the same case, device
+    kind and result kind. ``ratio_to_loss_and_grads``: median over jacgrad's ``loss_and_grads``
+    row of the same case and device (the parameter-space tasks' scale; also in a jacgrad row's note)."""
     groups: dict = {}
+    cases: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r["net"], r["batch"], r["device"]), []).append(r)
+        groups.setdefault((r["task"], r["net"], r["batch"], r["device"], r.get("kind", "")), []).append(r)
+        cases.setdefault((r["task"], r["net"], r["batch"], r["device"]), []).append(r)
     for group in groups.values():
         peers = [r["median_ms"] for r in group if r["family"] != "jacgrad" and r["status"] == "ok"]
         best = min(peers) if peers else None
         for r in group:
             r["fastest_peer_ms"] = best
             r["ratio_to_fastest_peer"] = r["median_ms"] / best if best and r["status"] == "ok" else None
+    for group in cases.values():
+        scale = next((r for r in group if r["family"] == "jacgrad" and r.get("kind") == "loss_and_grads"
+                      and r["status"] == "ok"), None)
+        if scale is None:
+            continue
+        for r in group:
+            if r["status"] == "ok" and r is not scale:
+                r["ratio_to_loss_and_grads"] = ratio = r["median_ms"] / scale["median_ms"]
+                if r["family"] == "jacgrad":
+                    r["note"] = "; ".join(filter(None, [f"{ratio:.2f}× loss_and_grads", r["note"]]))
 
 
 def _variants_guess(case: Case, b: Backend) -> int:
     """How many variants a backend will time (for the progress bar, before it is prepared)."""
+    if case.task in PARAM_SPACE_TASKS:
+        per_family = {"jacgrad": {"per_sample": 3, "ntk": 2, "ggn": 3}, "torch": {"per_sample": 5, "ntk": 2, "ggn": 3}}
+        return per_family.get(b.family, {}).get(case.task, 0)
     if b.family == "jacgrad":
         return 2 if case.task == "train" else 1
     return 2 if case.task == "jacobian" else 1
