@@ -17,15 +17,18 @@ from . import (
     compiled,
     curvature,
     diagnostics,
+    factors,
     gates,
     hostpool,
     initializers,
     jacobian,
     kernels,
+    layers,
     loss_hessians,
     losses,
     mlp,
     per_sample,
+    sequential,
     spectra,
 )
 from .backend import get_xp, to_device, to_numpy
@@ -33,6 +36,7 @@ from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
 from .ntk import ntk
+from .sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -40,6 +44,7 @@ __all__ = [
     "Chain",
     "LayerJacobian",
     "MLP",
+    "Sequential",
     "activations",
     "backend",
     "chain",
@@ -47,17 +52,20 @@ __all__ = [
     "compiled",
     "curvature",
     "diagnostics",
+    "factors",
     "gates",
     "get_xp",
     "hostpool",
     "initializers",
     "jacobian",
     "kernels",
+    "layers",
     "loss_hessians",
     "losses",
     "mlp",
     "ntk",
     "per_sample",
+    "sequential",
     "spectra",
     "to_device",
     "to_numpy",

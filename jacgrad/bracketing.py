@@ -30,8 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backend import get_xp
+from .jacobian import LayerJacobian
 
-__all__ = ["Plan", "evaluate", "peel_spine", "plan"]
+__all__ = ["Plan", "evaluate", "peel_spine", "plan", "plan_structured", "row_cost", "stack_jvp", "stack_vjp"]
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,50 @@ def _evaluate(node, factors, transposed: bool):
     return left_value @ (yield right, False)
 
 
+def row_cost(J) -> int:
+    """Multiply-adds of one factor applied to one row: ``H_in·H_out`` for ``diag(d)·Wᵀ``; a
+    structured factor (``jacgrad.factors``) states its own ``row_cost``."""
+    return J.h_in * J.h_out if isinstance(J, LayerJacobian) else int(J.row_cost)
+
+
+def plan_structured(order: str, row_costs: Sequence[int], widths: Sequence[int], per_sample: Sequence[bool],
+                    batch: int) -> Plan:
+    """The plan of a chain with structured factors (``I + s·J``, normalisations): forward or
+    reverse accumulation, priced as ``b · rows · row_cost`` per factor applied to the
+    accumulator (``rows`` = n_in forward, n_out reverse; the first factor is formed densely, as
+    in ``plan``). ``"auto"`` is the cheaper of the two — not the matrix-chain optimum: the DP's
+    cost model knows only dense factors."""
+    K = len(per_sample)
+    costs = {}
+    for o in ("forward", "reverse"):
+        ks = range(K) if o == "forward" else range(K - 1, -1, -1)
+        rows = widths[0] if o == "forward" else widths[-1]
+        seen, total = False, 0
+        for n, k in enumerate(ks):
+            seen = seen or bool(per_sample[k])
+            if n:
+                total += (batch if seen else 1) * rows * int(row_costs[k])
+        costs[o] = total
+    if order == "auto":
+        order = min(("forward", "reverse"), key=costs.__getitem__)
+    return Plan(_spine(order, K), costs[order])
+
+
+def stack_jvp(J, a):
+    """``J`` applied to every row of ``a: (…, r, H_in)`` -> ``(…, r, H_out)`` (B leads when
+    ``J`` is per sample); ``a`` may be overwritten."""
+    return _apply_after(J, a)
+
+
+def stack_vjp(J, a):
+    """``Jᵀ`` applied to every row of ``a: (…, r, H_out)`` -> ``(…, r, H_in)``; ``a`` may be overwritten."""
+    return _apply_before(a, J)
+
+
 def _apply_after(J, acc_t):
     """``(J · P)ᵀ`` from ``Pᵀ: (…, a, H_in)``: one GEMM ``(b·a, H_in) @ W`` then the diagonal."""
+    if not isinstance(J, LayerJacobian):
+        return J.jvp_stack(acc_t)
     xp = get_xp(acc_t)
     acc_t = xp.ascontiguousarray(acc_t)
     rows = math.prod(acc_t.shape[:-1])  # not -1: a zero-width factor makes the block empty
@@ -289,6 +332,8 @@ def _apply_after(J, acc_t):
 
 def _apply_before(acc, J):
     """``P · J`` from ``P: (…, r, H_out)``: the diagonal, then one GEMM ``(b·r, H_out) @ Wᵀ``."""
+    if not isinstance(J, LayerJacobian):
+        return J.vjp_stack(acc)
     xp = get_xp(acc)
     s = xp.ascontiguousarray(J.scale_stack(acc, inplace=True))
     rows = math.prod(s.shape[:-1])
