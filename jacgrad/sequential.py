@@ -181,6 +181,15 @@ class Sequential:
         self._check_cache(cache)
         return Chain([L.factor(st) for L, st in zip(self._layers, cache.states)])
 
+    @classmethod
+    def from_torch(cls, module) -> "Sequential":
+        """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
+        ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
+        blocks ``x + s·inner(x)``); parameters copied to NumPy. See ``torch_blocks``."""
+        from .interop.torch_blocks import layers_from_torch
+
+        return cls(layers_from_torch(module))
+
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """An ``.npz``: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``
