@@ -110,9 +110,10 @@ class _Norm:
         eps = float(eps)
         if not (eps > 0 and np.isfinite(eps)):
             raise ValueError(f"{what}: eps must be finite and > 0, got {eps!r}")
-        self._gamma, self._beta, self.eps = gamma, beta, eps
+        self._gamma, self._beta, self._eps = gamma, beta, eps
 
     gamma = property(lambda self: self._gamma, doc="``(n,)``")
+    eps = property(lambda self: self._eps, doc="the variance floor (> 0)")
     n_in = n_out = property(lambda self: self._gamma.shape[0])
 
     @property
@@ -129,7 +130,7 @@ class _Norm:
         """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``."""
         xp = get_xp(x)
         xc = x - x.mean(axis=1, keepdims=True) if self.centered else x
-        inv = 1.0 / xp.sqrt((xc * xc).mean(axis=1) + self.eps)
+        inv = 1.0 / xp.sqrt((xc * xc).mean(axis=1) + self._eps)
         xhat = xc * inv[:, None]
         out = xhat * self._gamma
         if self._beta is not None:
@@ -207,9 +208,10 @@ class Residual:
         scale = float(scale)
         if not np.isfinite(scale):
             raise ValueError(f"Residual: scale must be finite, got {scale!r}")
-        self._layers, self.scale = tuple(layers), scale
+        self._layers, self._scale = tuple(layers), scale
 
     layers = property(lambda self: self._layers, doc="the inner layers (a tuple)")
+    scale = property(lambda self: self._scale, doc="the branch scale s")
     n_in = n_out = property(lambda self: self._layers[0].n_in)
 
     @property

@@ -192,27 +192,41 @@ class Sequential:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
-        """An ``.npz``: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``
-        (``"<j>.<i>.<name>"`` inside a residual block), float arrays as they are."""
+        """Write the network: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``
+        (``"<j>.<i>.<name>"`` inside a residual block). A path ending in ``.safetensors`` writes
+        a safetensors file (the spec in its metadata); any other an ``.npz``."""
         arrays = {}
         _collect(self._layers, "", arrays)
         spec = json.dumps([L.spec() for L in self._layers])
-        np.savez(path, spec=np.array(spec), **arrays)
+        if os.fspath(path).endswith(".safetensors"):
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, os.fspath(path), metadata={"spec": spec})
+        else:
+            np.savez(path, spec=np.array(spec), **arrays)
 
     @classmethod
     def load(cls, path, activations: Sequence[str] | None = None) -> "Sequential":
-        """A network written by ``save``. ``activations``: optional names replacing the file's,
-        one per Dense layer in layer order (residual inner layers included)."""
+        """A network written by ``save`` (``.npz`` or ``.safetensors``; no code is run, no pickle).
+        ``activations``: optional names replacing the file's, one per Dense layer in layer order
+        (residual inner layers included)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"network file {path!r} does not exist")
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-        if "spec" not in arrays:
-            raise ValueError(f"{path}: no 'spec' array: not written by Sequential.save")
-        spec = json.loads(str(arrays.pop("spec")))
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as f:
+                spec = (f.metadata() or {}).get("spec")
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+            spec = str(arrays.pop("spec")) if "spec" in arrays else None
+        if spec is None:
+            raise ValueError(f"{path}: no 'spec' (the layer list): not written by Sequential.save")
         acts = None if activations is None else list(activations)
-        layers = _build(spec, "", arrays, acts, path)
+        layers = _build(json.loads(spec), "", arrays, acts, path)
         if acts:
             raise ValueError(f"{path}: {len(acts)} activations left over: the file has fewer Dense layers")
         return cls(layers)

@@ -99,16 +99,18 @@ def test_structured_plan_picks_the_cheaper_spine():
     np.testing.assert_allclose(chain.jacobian("auto"), chain.jacobian("forward"), atol=1e-12)
 
 
-def test_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("suffix", ["npz", "safetensors"])
+def test_save_load_roundtrip(tmp_path, suffix):
     net = jg.Sequential([L.Dense(rng.standard_normal((3, 4)), rng.standard_normal(4), "tanh"),
                          L.Residual([L.RMSNorm(rng.random(4) + 0.5), L.Dense(rng.standard_normal((4, 4)))], 0.5),
                          L.LayerNorm(rng.random(4), rng.random(4), eps=1e-4)])
-    net.save(tmp_path / "n.npz")
-    back = jg.Sequential.load(tmp_path / "n.npz")
+    path = tmp_path / f"n.{suffix}"
+    net.save(path)
+    back = jg.Sequential.load(path)
     x = rng.standard_normal((2, 3))
     np.testing.assert_array_equal(back(x), net(x))
     assert repr(back) == repr(net)
-    relu = jg.Sequential.load(tmp_path / "n.npz", activations=["relu", "identity"])
+    relu = jg.Sequential.load(path, activations=["relu", "identity"])
     assert relu.layers[0].activation == "relu"
 
 
@@ -145,6 +147,15 @@ def test_unknown_norm_name(tmp_path):
              **{"0.W": np.ones((2, 2)), "0.b": np.zeros(2)})
     with pytest.raises(KeyError, match=r"layer 1: unknown layer kind 'batchnorm'"):
         jg.Sequential.load(tmp_path / "bad.npz")
+
+
+def test_layer_settings_are_read_only():
+    with pytest.raises(AttributeError):
+        L.LayerNorm(np.ones(3)).eps = 0.0
+    with pytest.raises(AttributeError):
+        L.Residual([L.Dense(np.ones((2, 2)))]).scale = 2.0
+    with pytest.raises(AttributeError):
+        L.Dense(np.ones((2, 2))).W = np.zeros((2, 2))
 
 
 def test_mixed_dtypes_and_foreign_layers_name_the_layer():
