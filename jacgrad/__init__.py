@@ -12,6 +12,7 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
 from . import (
     activations,
     backend,
+    block_flow,
     chain,
     check,
     compiled,
@@ -47,6 +48,7 @@ __all__ = [
     "Sequential",
     "activations",
     "backend",
+    "block_flow",
     "chain",
     "check",
     "compiled",
