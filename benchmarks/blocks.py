@@ -34,12 +34,8 @@ def best(f, rounds):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--n-out", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--scale", type=float, default=1.0)
+    for name, default in (("blocks", 8), ("width", 1024), ("batch", 256), ("n-out", 10), ("rounds", 3), ("scale", 1.0)):
+        p.add_argument(f"--{name}", type=type(default), default=default)
     a = p.parse_args()
     H = a.width
     torch.manual_seed(0)
