@@ -25,6 +25,7 @@ from .backend import get_xp
 from .chain import Chain
 from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
+from .per_sample import grad_sq_norms
 
 __all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "make_norm"]
 
@@ -80,14 +81,18 @@ class Dense:
         _, saved, from_output = state
         return LayerJacobian.from_activation(self._act, self._W, **{"y" if from_output else "h": saved})
 
-    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0):
+    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
+                 sq=None):
         """``g = ∂L/∂z: (B, H_out)``; writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev or
-        None, δ = ∂L/∂h)``."""
+        None, δ = ∂L/∂h)``. ``sq: (B,)``, when given, gets each sample's share of the squared
+        gradient norm added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``)."""
         z_prev = state[0]
         xp = get_xp(g)
         delta = xp.empty_like(g)
         gin = xp.empty((g.shape[0], self.n_in), dtype=g.dtype) if input_grad else None
         dense_backward(self.factor(state), g, z_prev, grads[0], grads[1], delta, gin, check, where)
+        if sq is not None:
+            sq += grad_sq_norms(lambda _: z_prev, [delta], 1.0)[:, 0]
         return gin, delta
 
 
@@ -142,13 +147,17 @@ class _Norm:
     def factor(self, state) -> NormFactor:
         return NormFactor(self._gamma, state[1], state[0], centered=self.centered)
 
-    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0):
+    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
+                 sq=None):
         """``∂γ = Σ_batch g⊙x̂``, ``∂β = Σ_batch g``; ∂L/∂x is the factor's VJP. Returns
-        ``(∂L/∂x or None, g)``."""
+        ``(∂L/∂x or None, g)``. ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given."""
         xp = get_xp(g)
-        xp.multiply(g, state[0]).sum(axis=0, out=grads[0])
+        gx = xp.multiply(g, state[0])
+        gx.sum(axis=0, out=grads[0])
         if self._beta is not None:
             g.sum(axis=0, out=grads[1])
+        if sq is not None:
+            sq += (gx * gx).sum(axis=1) + ((g * g).sum(axis=1) if self._beta is not None else 0.0)
         return (self.factor(state).vjp(g) if input_grad else None), g
 
 
@@ -235,15 +244,16 @@ class Residual:
     def factor(self, state) -> ResidualFactor:
         return ResidualFactor(Chain([L.factor(st) for L, st in zip(self._layers, state)]), self.scale)
 
-    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0):
-        """Inner backward of ``s·g``; returns ``(g + its input gradient, g)``."""
+    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
+                 sq=None):
+        """Inner backward of ``s·g``; returns ``(g + its input gradient, g)``; ``sq`` as the inner layers'."""
         name = where if isinstance(where, str) else f"layer {where}"
         at = [0]
         for L in self._layers:
             at.append(at[-1] + len(L.params))
         u = self.scale * g
         for i in range(len(self._layers) - 1, -1, -1):
-            u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}")
+            u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}", sq)
         return (g + u if input_grad else None), g
 
 

@@ -146,7 +146,12 @@ class Sequential:
 
     def backward(self, cache: SequentialCache, grad_y: Any, input_grad: bool = True,
                  check_finite: bool = False) -> BlockGradients:
-        """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``)."""
+        """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``).
+        ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
+        return self._backward(cache, grad_y, input_grad, check_finite, None)
+
+    def _backward(self, cache, grad_y, input_grad: bool, check_finite: bool, sq) -> BlockGradients:
+        """``backward``; ``sq: (B, L)``, when given, gets each sample's squared gradient norm per layer added."""
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
@@ -164,7 +169,8 @@ class Sequential:
         check = _require_finite if check_finite else None
         deltas = [None] * len(self._layers)
         for j in range(len(self._layers) - 1, -1, -1):
-            g, deltas[j] = self._layers[j].backward(cache.states[j], g, per_layer[j], bool(j) or input_grad, check, j)
+            g, deltas[j] = self._layers[j].backward(cache.states[j], g, per_layer[j], bool(j) or input_grad, check, j,
+                                                    None if sq is None else sq[:, j])
         named = [_named(L, v) for L, v in zip(self._layers, per_layer)]
         return BlockGradients(flat, named, g if input_grad else None, deltas)
 
@@ -174,6 +180,19 @@ class Sequential:
         y, cache = self.forward(x)
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
+
+    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
+        """Norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per top-level
+        layer (a residual block's inner layers together). From one backward pass: dense layers
+        ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (as ``MLP.per_sample_grad_norms``), norms ``‖g_i⊙x̂_i‖² +
+        ‖g_i‖²``, times B² (the batch loss is the mean of the ℓ_i); no per-sample gradient is built."""
+        y, cache = self.forward(x)
+        _, grad_y = losses.get(loss)(y, target)
+        xp, B = get_xp(y), cache.batch
+        sq = xp.zeros((len(self._layers), B), dtype=self.dtype).T  # columns contiguous: each layer adds into one
+        self._backward(cache, grad_y, False, False, sq)
+        sq *= float(B) * float(B)
+        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
 
     def jacobian_chain(self, cache: SequentialCache) -> Chain:
         """The per-sample ``Chain`` of this forward pass, one factor per layer: ``diag(d)·Wᵀ``,

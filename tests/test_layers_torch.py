@@ -127,3 +127,23 @@ def test_loss_and_grads_is_backward_of_the_loss():
     lt.backward()
     _close(value, lt.item(), 1e-12)
     _close(g.layers[6]["W"], tnet[8].weight.grad.numpy().T, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_per_sample_grad_norms_match_vmap_grad(dtype):
+    tnet, net, order = _torch_net(dtype)
+    rng = np.random.default_rng(6)
+    x, t = rng.standard_normal((5, 3)).astype(dtype), rng.standard_normal((5, 2)).astype(dtype)
+    params = {k: v.detach() for k, v in tnet.named_parameters()}
+
+    def loss_i(p, xi, ti):
+        y = torch.func.functional_call(tnet, p, (xi[None],))
+        return torch.nn.functional.mse_loss(y, ti[None])
+
+    per = torch.func.vmap(torch.func.grad(loss_i), in_dims=(None, 0, 0))(params, torch.tensor(x), torch.tensor(t))
+    want = np.sqrt(sum((v.reshape(5, -1).numpy().astype(np.float64) ** 2).sum(1) for v in per.values()))
+    _close(net.per_sample_grad_norms(x, t), want, TOL[dtype])
+    # per layer: layer 1 (the first residual block) holds torch's module 2
+    blk = [k for k in per if k.startswith("2.")]
+    want1 = np.sqrt(sum((per[k].reshape(5, -1).numpy().astype(np.float64) ** 2).sum(1) for k in blk))
+    _close(net.per_sample_grad_norms(x, t, per_layer=True)[:, 1], want1, TOL[dtype])
