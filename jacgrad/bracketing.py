@@ -32,7 +32,7 @@ import numpy as np
 from .backend import get_xp
 from .jacobian import LayerJacobian
 
-__all__ = ["Plan", "evaluate", "peel_spine", "plan", "plan_structured", "row_cost", "stack_jvp", "stack_vjp"]
+__all__ = ["Plan", "evaluate", "peel_spine", "plan", "row_cost", "stack_jvp", "stack_vjp"]
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,30 @@ def _is_leaf(node) -> bool:
     return isinstance(node, int)
 
 
-def plan(order: str, widths: Sequence[int], per_sample: Sequence[bool], batch: int) -> Plan:
+def plan(order: str, widths: Sequence[int], per_sample: Sequence[bool], batch: int,
+         row_costs: Sequence[int] | None = None, dense_costs: Sequence[int] | None = None) -> Plan:
     """The tree for ``order`` over factors with ``widths = [n_in, H_1, …, n_out]``.
 
+    ``row_costs[k]``/``dense_costs[k]``: for chains with structured factors (``jacgrad.factors``),
+    the multiply-adds of factor k applied to one row, and of forming it densely (B counted);
+    a dense factor's are ``w[k]·w[k+1]`` and 0, the model the DP has without them. A leaf
+    combined with a sub-product of ``r`` rows then costs ``b·r·row_costs[k]``.
     Memoised: a training loop asks for the same plan every step."""
-    return _plan(order, tuple(int(w) for w in widths), tuple(bool(p) for p in per_sample), int(batch))
+    c = None if row_costs is None else tuple(int(x) for x in row_costs)
+    d = None if dense_costs is None else tuple(int(x) for x in dense_costs)
+    return _plan(order, tuple(int(w) for w in widths), tuple(bool(p) for p in per_sample), int(batch), c, d)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(order: str, widths: tuple, per_sample: tuple, batch: int) -> Plan:
+def _plan(order: str, widths: tuple, per_sample: tuple, batch: int, c=None, d=None) -> Plan:
     if order in ("forward", "reverse"):
         tree = _spine(order, len(per_sample))
+    elif c is not None and len(per_sample) > EXACT_LIMIT:  # no heuristic for structured leaves: the cheaper spine
+        tree = min((_spine(o, len(per_sample)) for o in ("forward", "reverse")),
+                   key=lambda t: _cost(t, widths, per_sample, batch, c, d)[2])
     else:
-        tree = _optimal_tree(widths, per_sample, batch)
-    return Plan(tree, _cost(tree, widths, per_sample, batch)[2])
+        tree = _optimal_tree(widths, per_sample, batch, c, d)
+    return Plan(tree, _cost(tree, widths, per_sample, batch, c, d)[2])
 
 
 # "auto" runs the exact DP up to EXACT_LIMIT factors (O(K³) work in NumPy sweeps); beyond, the
@@ -82,10 +92,10 @@ def _spine(order: str, K: int):
     return tree
 
 
-def _optimal_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int):
+def _optimal_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int, c=None, d=None):
     K = len(per_sample)
     if K <= EXACT_LIMIT:
-        return _dp_tree(w, per_sample, batch)[0]
+        return _dp_tree(w, per_sample, batch, c=c, d=d)[0]
     trees = [_blocked_tree(w, per_sample, batch)[0]] + [_fan(v, K) for v in _best_hubs(w, _HUBS)]
     return min(trees, key=lambda t: _cost(t, w, per_sample, batch)[2])
 
@@ -113,7 +123,7 @@ def _best_hubs(w: Sequence[int], n: int) -> list[int]:
     return sorted({0, K, *np.argsort(fan, kind="stable")[:n].tolist()})
 
 
-def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
+def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None, c=None, d=None):
     """The matrix-chain DP, vectorised over the start of the range, one sweep per length.
 
     ``S[i, l]``: least cost of the factors ``i .. i+l-1``; ``R[j, K-l]`` the same range indexed
@@ -123,10 +133,14 @@ def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
     length is four array passes. Costs are float64 (exact below 2⁵³ multiply-adds, beyond that
     optimal to rounding); ``Plan.cost`` is recomputed in integers. ``leaf_cost``: a cost per
     factor (a block's own cost, see ``_blocked_tree``); ``leaves``: what factor ``k``'s leaf is
-    in the returned tree (default ``k``). Returns ``(tree, cost)``.
+    in the returned tree (default ``k``); ``c``/``d``: row and dense costs of structured factors
+    (see ``plan``): a split with a single leaf on one side is priced by that leaf's row action,
+    and the pair of two leaves adds the input-side leaf's dense cost. Returns ``(tree, cost)``.
     """
     K = len(per_sample)
     w = np.asarray(w, dtype=np.float64)
+    if c is not None:
+        c, d = np.asarray(c, dtype=np.float64), np.asarray(d, dtype=np.float64)
     S = np.zeros((K, K + 1))
     R = np.zeros((K, K + 1))
     if leaf_cost is not None:
@@ -138,12 +152,18 @@ def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
     for L in range(2, K + 1):
         n, m = K - L + 1, L - 1
         starts = np.arange(n)
-        coef = np.where(n_ps[L:] > n_ps[:n], float(batch), 1.0) * w[:n] * w[L:]  # b(i, j)·w[i]·w[j+1]
+        bij = np.where(n_ps[L:] > n_ps[:n], float(batch), 1.0)
+        coef = bij * w[:n] * w[L:]  # b(i, j)·w[i]·w[j+1]
         total = total_buf[: n * m].reshape(n, m)
         gemm = gemm_buf[: n * m].reshape(n, m)
         np.add(S[:n, 1:L], R[L - 1 : K, K - m : K], out=total)
         mid = np.lib.stride_tricks.sliding_window_view(w[1:K], m)[:n]  # w[i+l], l = 1 .. L-1
         np.multiply(mid, coef[:, None], out=gemm)
+        if c is not None:  # single leaves act on the other side's rows
+            gemm[:, 0] = bij * w[L:] * c[:n]  # input side is the leaf i: b·w[j+1]·c[i]
+            gemm[:, m - 1] = bij * w[:n] * c[L - 1 :]  # output side is the leaf j: b·w[i]·c[j]
+            if L == 2:  # two leaves: the input-side one is formed densely first
+                gemm[:, 0] += d[:n]
         total += gemm
         best = total.argmin(axis=1)
         cost = total[starts, best]
@@ -200,8 +220,9 @@ def _blocked_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int):
     return _dp_tree([w[c] for c in cuts], block_ps, batch, leaf_cost=costs, leaves=trees)
 
 
-def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:
-    """(first factor, last factor, multiply-adds) of a tree under the DP's cost model."""
+def _cost(node, w, per_sample, batch, c=None, d=None) -> tuple[int, int, int]:
+    """(first factor, last factor, multiply-adds) of a tree under the DP's cost model (``c``/``d``
+    as for ``_dp_tree``)."""
     n_ps = [0]  # n_ps[k]: per-sample factors before k, so a span's test is O(1)
     for p in per_sample:
         n_ps.append(n_ps[-1] + bool(p))
@@ -218,7 +239,13 @@ def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:
             li, lj, lc = out[id(left)]
             ri, rj, rc = out[id(right)]
             b = batch if n_ps[lj + 1] > n_ps[ri] else 1
-            out[id(n)] = (ri, lj, lc + rc + b * w[lj + 1] * w[rj + 1] * w[ri])
+            if c is not None and _is_leaf(left):
+                gemm = b * w[ri] * c[left] + (d[right] if _is_leaf(right) else 0)
+            elif c is not None and _is_leaf(right):
+                gemm = b * w[lj + 1] * c[right]
+            else:
+                gemm = b * w[lj + 1] * w[rj + 1] * w[ri]
+            out[id(n)] = (ri, lj, lc + rc + gemm)
             stack.pop()
         else:
             stack.extend(x for x in (left, right) if id(x) not in out)
@@ -268,6 +295,8 @@ def _evaluate(node, factors, transposed: bool):
         return acc_t if transposed else acc_t.swapaxes(-1, -2)
     if _is_leaf(right):  # a right spine: leaves applied one after another on the input side
         spine, inner = peel_spine(node, 1)
+        if _is_leaf(inner) and not all(isinstance(factors[k], LayerJacobian) for k in (inner, spine[-1])):
+            inner = (inner, spine.pop())  # a structured pair: the input-side leaf formed, as _cost prices it
         acc = yield inner, False
         for k in reversed(spine):
             acc = _apply_before(acc, factors[k])
@@ -283,29 +312,6 @@ def row_cost(J) -> int:
     """Multiply-adds of one factor applied to one row: ``H_in·H_out`` for ``diag(d)·Wᵀ``; a
     structured factor (``jacgrad.factors``) states its own ``row_cost``."""
     return J.h_in * J.h_out if isinstance(J, LayerJacobian) else int(J.row_cost)
-
-
-def plan_structured(order: str, row_costs: Sequence[int], widths: Sequence[int], per_sample: Sequence[bool],
-                    batch: int) -> Plan:
-    """The plan of a chain with structured factors (``I + s·J``, normalisations): forward or
-    reverse accumulation, priced as ``b · rows · row_cost`` per factor applied to the
-    accumulator (``rows`` = n_in forward, n_out reverse; the first factor is formed densely, as
-    in ``plan``). ``"auto"`` is the cheaper of the two — not the matrix-chain optimum: the DP's
-    cost model knows only dense factors."""
-    K = len(per_sample)
-    costs = {}
-    for o in ("forward", "reverse"):
-        ks = range(K) if o == "forward" else range(K - 1, -1, -1)
-        rows = widths[0] if o == "forward" else widths[-1]
-        seen, total = False, 0
-        for n, k in enumerate(ks):
-            seen = seen or bool(per_sample[k])
-            if n:
-                total += (batch if seen else 1) * rows * int(row_costs[k])
-        costs[o] = total
-    if order == "auto":
-        order = min(("forward", "reverse"), key=costs.__getitem__)
-    return Plan(_spine(order, K), costs[order])
 
 
 def stack_jvp(J, a):

@@ -36,7 +36,7 @@ _EXACT_SPECTRAL_LIMIT = 1 << 24
 
 # What a factor other than a LayerJacobian provides (jacgrad.factors): products, its action on a
 # stack of rows, its dense form, a per-row cost for the plan, and the array that fixes its device.
-_FACTOR_API = ("vjp", "jvp", "jvp_stack", "vjp_stack", "dense", "rows", "norm_bound", "row_cost", "anchor",
+_FACTOR_API = ("vjp", "jvp", "jvp_stack", "vjp_stack", "dense", "rows", "norm_bound", "row_cost", "dense_cost", "anchor",
                "h_in", "h_out", "batch", "per_sample", "dtype", "xp")
 
 
@@ -183,11 +183,11 @@ class Chain:
             raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
         if order not in self._plans:
             per_sample = [J.per_sample for J in self.factors]
+            costs = dense = None
             if self.structured:
                 costs = [_br.row_cost(J) for J in self.factors]
-                self._plans[order] = _br.plan_structured(order, costs, self.widths, per_sample, self.batch or 1)
-            else:
-                self._plans[order] = _br.plan(order, self.widths, per_sample, self.batch or 1)
+                dense = [0 if isinstance(J, LayerJacobian) else J.dense_cost for J in self.factors]
+            self._plans[order] = _br.plan(order, self.widths, per_sample, self.batch or 1, costs, dense)
         return self._plans[order]
 
     def jacobian(self, order: str = "auto"):
@@ -200,9 +200,10 @@ class Chain:
         ``jacgrad.bracketing.EXACT_LIMIT`` (1200) factors and planned in well under a second at
         1000; beyond, it is a heuristic never worse than forward or reverse (see
         ``jacgrad.bracketing``). Any depth works: nothing recurses per factor. A chain with
-        structured factors (``self.structured``: residual ``I + s·J``, normalisations) is
-        accumulated matrix-free through their row actions, and its "auto" is the cheaper of
-        forward and reverse (``bracketing.plan_structured``), not the matrix-chain optimum.
+        structured factors (``self.structured``: residual ``I + s·J``, normalisations) applies
+        them through their row actions, and the DP prices them so (a factor on r rows costs
+        ``b·r·row_cost``, see ``bracketing.plan``): "auto" is the cheapest bracketing under
+        that model up to EXACT_LIMIT factors; beyond, the cheaper of forward and reverse.
         """
         plan = self._plan(order)
         out = _br.evaluate(plan.tree, self.factors, transposed=False)

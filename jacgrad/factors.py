@@ -85,7 +85,13 @@ class NormFactor:
 
     @property
     def row_cost(self) -> int:
+        """Multiply-adds per row of a product (a dot, a mean, two scalings)."""
         return 4 * self.h_in
+
+    @property
+    def dense_cost(self) -> int:
+        """Forming ``dense()``: elementwise, like a dense factor's diagonal scaling (0 in the model)."""
+        return 0
 
     @property
     def scale(self):
@@ -197,7 +203,13 @@ class ResidualFactor:
 
     @property
     def row_cost(self) -> int:
+        """Multiply-adds per row: the inner factors' and the identity's add."""
         return self.h_in + sum(row_cost(J) for J in self.inner.factors)
+
+    @property
+    def dense_cost(self) -> int:
+        """Forming ``dense()``: the inner chain's whole Jacobian (its own plan, B counted)."""
+        return self.inner.jacobian_cost("auto")
 
     def __repr__(self) -> str:
         return f"ResidualFactor(I + {self.scale_:g}·{self.inner!r})"

@@ -89,7 +89,7 @@ def test_deep_linear_residual_net_tends_to_identity():
     np.testing.assert_allclose(net.jacobian_chain(net.forward(np.ones((1, n)))[1]).jacobian()[0], P, atol=1e-12)
 
 
-def test_structured_plan_picks_the_cheaper_spine():
+def test_structured_plan_works_from_the_narrow_side():
     n = 4
     net = jg.Sequential([L.Dense(rng.standard_normal((50, n)), None, "tanh"), L.LayerNorm(np.ones(n)),
                          L.Dense(rng.standard_normal((n, 1)), None, "identity")])
