@@ -162,8 +162,8 @@ def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None, c=None, d=N
         if c is not None:  # single leaves act on the other side's rows
             gemm[:, 0] = bij * w[L:] * c[:n]  # input side is the leaf i: b·w[j+1]·c[i]
             gemm[:, m - 1] = bij * w[:n] * c[L - 1 :]  # output side is the leaf j: b·w[i]·c[j]
-            if L == 2:  # two leaves: the input-side one is formed densely first
-                gemm[:, 0] += d[:n]
+            if L == 2:  # two leaves: one formed densely, the other applied to its rows (the cheaper)
+                gemm[:, 0] = np.minimum(gemm[:, 0] + d[:n], bij * w[2:] * c[:n] + d[1:])
         total += gemm
         best = total.argmin(axis=1)
         cost = total[starts, best]
@@ -239,8 +239,10 @@ def _cost(node, w, per_sample, batch, c=None, d=None) -> tuple[int, int, int]:
             li, lj, lc = out[id(left)]
             ri, rj, rc = out[id(right)]
             b = batch if n_ps[lj + 1] > n_ps[ri] else 1
-            if c is not None and _is_leaf(left):
-                gemm = b * w[ri] * c[left] + (d[right] if _is_leaf(right) else 0)
+            if c is not None and _is_leaf(left) and _is_leaf(right):
+                gemm = min(b * w[ri] * c[left] + d[right], b * w[lj + 1] * c[right] + d[left])
+            elif c is not None and _is_leaf(left):
+                gemm = b * w[ri] * c[left]
             elif c is not None and _is_leaf(right):
                 gemm = b * w[lj + 1] * c[right]
             else:
@@ -287,16 +289,21 @@ def _evaluate(node, factors, transposed: bool):
     if _is_leaf(node):
         return factors[node].dense(transposed=transposed)
     left, right = node
+    if _is_leaf(left) and _is_leaf(right) and _structured(factors, node) and _form_output_side(factors[left], factors[right]):
+        acc = _apply_before(factors[left].dense(), factors[right])  # as _cost prices a structured pair
+        return acc.swapaxes(-1, -2) if transposed else acc
     if _is_leaf(left):  # a left spine: leaves applied one after another on the output side
         spine, inner = peel_spine(node, 0)
+        if len(spine) > 1 and _is_leaf(inner) and _structured(factors, (spine[-1], inner)):
+            inner = (spine.pop(), inner)  # a structured pair: evaluated as priced, above
         acc_t = yield inner, True
         for k in reversed(spine):
             acc_t = _apply_after(factors[k], acc_t)
         return acc_t if transposed else acc_t.swapaxes(-1, -2)
     if _is_leaf(right):  # a right spine: leaves applied one after another on the input side
         spine, inner = peel_spine(node, 1)
-        if _is_leaf(inner) and not all(isinstance(factors[k], LayerJacobian) for k in (inner, spine[-1])):
-            inner = (inner, spine.pop())  # a structured pair: the input-side leaf formed, as _cost prices it
+        if _is_leaf(inner) and _structured(factors, (inner, spine[-1])):
+            inner = (inner, spine.pop())  # a structured pair: evaluated as priced, above
         acc = yield inner, False
         for k in reversed(spine):
             acc = _apply_before(acc, factors[k])
@@ -323,6 +330,18 @@ def stack_jvp(J, a):
 def stack_vjp(J, a):
     """``Jᵀ`` applied to every row of ``a: (…, r, H_out)`` -> ``(…, r, H_in)``; ``a`` may be overwritten."""
     return _apply_before(a, J)
+
+
+def _structured(factors, pair) -> bool:
+    return not all(isinstance(factors[k], LayerJacobian) for k in pair)
+
+
+def _form_output_side(Jo, Ji) -> bool:
+    """For the pair ``Jo·Ji``: whether forming ``Jo`` and applying ``Ji`` to its rows is cheaper
+    than forming ``Ji`` and applying ``Jo`` (``_cost``'s choice; ties: form the input side)."""
+    b = max(Jo.batch or 1, Ji.batch or 1)
+    dense = [0 if isinstance(J, LayerJacobian) else J.dense_cost for J in (Jo, Ji)]
+    return b * Jo.h_out * row_cost(Ji) + dense[0] < b * Ji.h_in * row_cost(Jo) + dense[1]
 
 
 def _apply_after(J, acc_t):

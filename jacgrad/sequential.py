@@ -161,7 +161,7 @@ class Sequential:
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
         g = grad_y.astype(self.dtype, copy=True)  # never the caller's array: layers may hand it on as a delta
         shapes = [s for L in self._layers for s in _shapes(L)]
-        flat, views = carve(xp, shapes, self.dtype)
+        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # as MLP: reuse a finished step's block
         per_layer, at = [], 0
         for L in self._layers:
             per_layer.append(views[at:at + len(L.params)])

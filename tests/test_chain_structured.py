@@ -67,3 +67,21 @@ def test_dense_chains_plan_as_before():
                   jg.LayerJacobian(rng.random((2, 4)), rng.standard_normal((3, 4)))])
     assert not C.structured
     assert C.jacobian_cost("auto") == bracketing.plan("auto", C.widths, [True, True], 2).cost
+
+
+def test_a_narrow_head_never_forms_a_residual_block_densely(monkeypatch):
+    """Forming I + s·J_inner costs J_inner's whole Jacobian: with a 2-wide head, reverse and auto
+    form the head and pull its rows back through the blocks."""
+    rng = np.random.default_rng(3)
+    B, n = 3, 40
+    inner = jg.Chain([jg.LayerJacobian(rng.random((B, n)), rng.standard_normal((n, n))) for _ in range(2)])
+    head = jg.LayerJacobian(rng.random((B, 2)), rng.standard_normal((n, 2)))
+    C = jg.Chain([ResidualFactor(inner, 0.5), ResidualFactor(inner, 0.2), head])
+    want = head.dense() @ C.factors[1].dense() @ C.factors[0].dense()
+
+    def refuse(self, transposed=False):
+        raise AssertionError("a residual block was formed densely")
+
+    monkeypatch.setattr(ResidualFactor, "dense", refuse)
+    for order in ("reverse", "auto"):
+        np.testing.assert_allclose(C.jacobian(order), want, rtol=1e-12, atol=1e-12)
