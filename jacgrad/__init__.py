@@ -12,21 +12,25 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
 from . import (
     activations,
     backend,
+    block_flow,
     chain,
     check,
     compiled,
     curvature,
     diagnostics,
     distributed,
+    factors,
     gates,
     hostpool,
     initializers,
     jacobian,
     kernels,
+    layers,
     loss_hessians,
     losses,
     mlp,
     per_sample,
+    sequential,
     spectra,
 )
 from .backend import asarray, get_xp, to_device, to_numpy
@@ -34,6 +38,7 @@ from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
 from .ntk import ntk
+from .sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -41,26 +46,31 @@ __all__ = [
     "Chain",
     "LayerJacobian",
     "MLP",
+    "Sequential",
     "activations",
     "asarray",
     "backend",
+    "block_flow",
     "chain",
     "check",
     "compiled",
     "curvature",
     "diagnostics",
     "distributed",
+    "factors",
     "gates",
     "get_xp",
     "hostpool",
     "initializers",
     "jacobian",
     "kernels",
+    "layers",
     "loss_hessians",
     "losses",
     "mlp",
     "ntk",
     "per_sample",
+    "sequential",
     "spectra",
     "to_device",
     "to_numpy",

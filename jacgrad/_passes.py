@@ -28,7 +28,8 @@ from ._gemm import matmul_into
 from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
-__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "forward_into", "grad_shapes", "grad_views"]
+__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "dense_backward", "dense_forward", "forward_into",
+           "grad_shapes", "grad_views"]
 
 Check = Callable[[Any, str], None]
 
@@ -109,19 +110,34 @@ def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, 
     """
     z = x
     for j, (W, b, act) in enumerate(zip(weights, biases, acts)):
-        h = matmul_into(z, W, saved[j])
-        h += b
-        if check is not None:
-            check(h, f"layer {j}: pre-activation h")
-        if act.df_from_output is not None:
-            z = activation_forward(h, act, out=h)
-        elif ds is not None and ds[j] is not None:
-            z = forward_with_derivative(h, act, out=(zs[j], ds[j]))[0]
-        else:
-            z = activation_forward(h, act, out=None if zs is None else zs[j])
-        if check is not None:
-            check(z, f"layer {j}: output z")
+        z = dense_forward(z, W, b, act, saved[j], None if zs is None else zs[j], None if ds is None else ds[j],
+                          check, j)
     return z
+
+
+def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | None = None, where: Any = 0):
+    """One dense layer of ``forward_into`` (and of ``jacgrad.layers.Dense``): ``h = z @ W + b``
+    written into ``h_out: (B, H_out)``, then ``φ(h)`` — into ``h_out`` itself where ``φ'`` is a
+    function of the output, else into ``z_out`` (fresh when None), with ``φ'(h)`` into ``d_out``
+    in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
+    (an int ``j`` reads "layer j")."""
+    h = matmul_into(z, W, h_out)
+    h += b
+    if check is not None:
+        check(h, f"{_where(where)}: pre-activation h")
+    if act.df_from_output is not None:
+        z = activation_forward(h, act, out=h)
+    elif d_out is not None:
+        z = forward_with_derivative(h, act, out=(z_out, d_out))[0]
+    else:
+        z = activation_forward(h, act, out=z_out)
+    if check is not None:
+        check(z, f"{_where(where)}: output z")
+    return z
+
+
+def _where(where) -> str:
+    return f"layer {where}" if isinstance(where, int) else str(where)
 
 
 def backward_into(factors, grad_y, layer_input: Callable[[int], tuple], dW: list, db: list, deltas: list,
@@ -139,13 +155,20 @@ def backward_into(factors, grad_y, layer_input: Callable[[int], tuple], dW: list
     d_next = None  # φ'_j(h_j), when the previous step computed it with z_j
     for j in range(K - 1, -1, -1):
         J = factors[j] if d_next is None else LayerJacobian(d_next, factors[j].W)
-        delta = J.scale(grad_y if j == K - 1 else deltas[j], out=deltas[j])
-        if check is not None:
-            check(delta, f"layer {j}: gradient ∂L/∂h")
         z_prev, d_next = layer_input(j - 1)
-        matmul_into(z_prev.T, delta, dW[j])
-        delta.sum(axis=0, out=db[j])
-        if j:
-            J.through_weights_t(delta, out=deltas[j - 1])
-        elif gin is not None:
-            J.through_weights_t(delta, out=gin)
+        dense_backward(J, grad_y if j == K - 1 else deltas[j], z_prev, dW[j], db[j], deltas[j],
+                       deltas[j - 1] if j else gin, check, j)
+
+
+def dense_backward(J, g, z_prev, dW, db, delta_out, gin=None, check: Check | None = None, where: Any = 0):
+    """One dense layer of ``backward_into`` (and of ``jacgrad.layers.Dense``), its factor ``J``
+    given: ``δ = J.scale(g)`` into ``delta_out``, ``∂L/∂W = z_prevᵀ δ`` into ``dW``, ``∂L/∂b =
+    Σ_batch δ`` into ``db`` and, when ``gin`` is given, ``δ Wᵀ`` into it. Returns ``δ``."""
+    delta = J.scale(g, out=delta_out)
+    if check is not None:
+        check(delta, f"{_where(where)}: gradient ∂L/∂h")
+    matmul_into(z_prev.T, delta, dW)
+    delta.sum(axis=0, out=db)
+    if gin is not None:
+        J.through_weights_t(delta, out=gin)
+    return delta

@@ -30,8 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backend import get_xp
+from .jacobian import LayerJacobian
 
-__all__ = ["Plan", "evaluate", "peel_spine", "plan"]
+__all__ = ["Plan", "evaluate", "peel_spine", "plan", "row_cost", "stack_jvp", "stack_vjp"]
 
 
 @dataclass(frozen=True)
@@ -44,20 +45,30 @@ def _is_leaf(node) -> bool:
     return isinstance(node, int)
 
 
-def plan(order: str, widths: Sequence[int], per_sample: Sequence[bool], batch: int) -> Plan:
+def plan(order: str, widths: Sequence[int], per_sample: Sequence[bool], batch: int,
+         row_costs: Sequence[int] | None = None, dense_costs: Sequence[int] | None = None) -> Plan:
     """The tree for ``order`` over factors with ``widths = [n_in, H_1, …, n_out]``.
 
+    ``row_costs[k]``/``dense_costs[k]``: for chains with structured factors (``jacgrad.factors``),
+    the multiply-adds of factor k applied to one row, and of forming it densely (B counted);
+    a dense factor's are ``w[k]·w[k+1]`` and 0, the model the DP has without them. A leaf
+    combined with a sub-product of ``r`` rows then costs ``b·r·row_costs[k]``.
     Memoised: a training loop asks for the same plan every step."""
-    return _plan(order, tuple(int(w) for w in widths), tuple(bool(p) for p in per_sample), int(batch))
+    c = None if row_costs is None else tuple(int(x) for x in row_costs)
+    d = None if dense_costs is None else tuple(int(x) for x in dense_costs)
+    return _plan(order, tuple(int(w) for w in widths), tuple(bool(p) for p in per_sample), int(batch), c, d)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(order: str, widths: tuple, per_sample: tuple, batch: int) -> Plan:
+def _plan(order: str, widths: tuple, per_sample: tuple, batch: int, c=None, d=None) -> Plan:
     if order in ("forward", "reverse"):
         tree = _spine(order, len(per_sample))
+    elif c is not None and len(per_sample) > EXACT_LIMIT:  # no heuristic for structured leaves: the cheaper spine
+        tree = min((_spine(o, len(per_sample)) for o in ("forward", "reverse")),
+                   key=lambda t: _cost(t, widths, per_sample, batch, c, d)[2])
     else:
-        tree = _optimal_tree(widths, per_sample, batch)
-    return Plan(tree, _cost(tree, widths, per_sample, batch)[2])
+        tree = _optimal_tree(widths, per_sample, batch, c, d)
+    return Plan(tree, _cost(tree, widths, per_sample, batch, c, d)[2])
 
 
 # "auto" runs the exact DP up to EXACT_LIMIT factors (O(K³) work in NumPy sweeps); beyond, the
@@ -81,10 +92,10 @@ def _spine(order: str, K: int):
     return tree
 
 
-def _optimal_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int):
+def _optimal_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int, c=None, d=None):
     K = len(per_sample)
     if K <= EXACT_LIMIT:
-        return _dp_tree(w, per_sample, batch)[0]
+        return _dp_tree(w, per_sample, batch, c=c, d=d)[0]
     trees = [_blocked_tree(w, per_sample, batch)[0]] + [_fan(v, K) for v in _best_hubs(w, _HUBS)]
     return min(trees, key=lambda t: _cost(t, w, per_sample, batch)[2])
 
@@ -112,7 +123,7 @@ def _best_hubs(w: Sequence[int], n: int) -> list[int]:
     return sorted({0, K, *np.argsort(fan, kind="stable")[:n].tolist()})
 
 
-def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
+def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None, c=None, d=None):
     """The matrix-chain DP, vectorised over the start of the range, one sweep per length.
 
     ``S[i, l]``: least cost of the factors ``i .. i+l-1``; ``R[j, K-l]`` the same range indexed
@@ -122,10 +133,14 @@ def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
     length is four array passes. Costs are float64 (exact below 2⁵³ multiply-adds, beyond that
     optimal to rounding); ``Plan.cost`` is recomputed in integers. ``leaf_cost``: a cost per
     factor (a block's own cost, see ``_blocked_tree``); ``leaves``: what factor ``k``'s leaf is
-    in the returned tree (default ``k``). Returns ``(tree, cost)``.
+    in the returned tree (default ``k``); ``c``/``d``: row and dense costs of structured factors
+    (see ``plan``): a split with a single leaf on one side is priced by that leaf's row action,
+    and the pair of two leaves adds the input-side leaf's dense cost. Returns ``(tree, cost)``.
     """
     K = len(per_sample)
     w = np.asarray(w, dtype=np.float64)
+    if c is not None:
+        c, d = np.asarray(c, dtype=np.float64), np.asarray(d, dtype=np.float64)
     S = np.zeros((K, K + 1))
     R = np.zeros((K, K + 1))
     if leaf_cost is not None:
@@ -137,12 +152,18 @@ def _dp_tree(w, per_sample, batch: int, leaf_cost=None, leaves=None):
     for L in range(2, K + 1):
         n, m = K - L + 1, L - 1
         starts = np.arange(n)
-        coef = np.where(n_ps[L:] > n_ps[:n], float(batch), 1.0) * w[:n] * w[L:]  # b(i, j)·w[i]·w[j+1]
+        bij = np.where(n_ps[L:] > n_ps[:n], float(batch), 1.0)
+        coef = bij * w[:n] * w[L:]  # b(i, j)·w[i]·w[j+1]
         total = total_buf[: n * m].reshape(n, m)
         gemm = gemm_buf[: n * m].reshape(n, m)
         np.add(S[:n, 1:L], R[L - 1 : K, K - m : K], out=total)
         mid = np.lib.stride_tricks.sliding_window_view(w[1:K], m)[:n]  # w[i+l], l = 1 .. L-1
         np.multiply(mid, coef[:, None], out=gemm)
+        if c is not None:  # single leaves act on the other side's rows
+            gemm[:, 0] = bij * w[L:] * c[:n]  # input side is the leaf i: b·w[j+1]·c[i]
+            gemm[:, m - 1] = bij * w[:n] * c[L - 1 :]  # output side is the leaf j: b·w[i]·c[j]
+            if L == 2:  # two leaves: one formed densely, the other applied to its rows (the cheaper)
+                gemm[:, 0] = np.minimum(gemm[:, 0] + d[:n], bij * w[2:] * c[:n] + d[1:])
         total += gemm
         best = total.argmin(axis=1)
         cost = total[starts, best]
@@ -199,8 +220,9 @@ def _blocked_tree(w: Sequence[int], per_sample: Sequence[bool], batch: int):
     return _dp_tree([w[c] for c in cuts], block_ps, batch, leaf_cost=costs, leaves=trees)
 
 
-def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:
-    """(first factor, last factor, multiply-adds) of a tree under the DP's cost model."""
+def _cost(node, w, per_sample, batch, c=None, d=None) -> tuple[int, int, int]:
+    """(first factor, last factor, multiply-adds) of a tree under the DP's cost model (``c``/``d``
+    as for ``_dp_tree``)."""
     n_ps = [0]  # n_ps[k]: per-sample factors before k, so a span's test is O(1)
     for p in per_sample:
         n_ps.append(n_ps[-1] + bool(p))
@@ -217,7 +239,15 @@ def _cost(node, w, per_sample, batch) -> tuple[int, int, int]:
             li, lj, lc = out[id(left)]
             ri, rj, rc = out[id(right)]
             b = batch if n_ps[lj + 1] > n_ps[ri] else 1
-            out[id(n)] = (ri, lj, lc + rc + b * w[lj + 1] * w[rj + 1] * w[ri])
+            if c is not None and _is_leaf(left) and _is_leaf(right):
+                gemm = min(b * w[ri] * c[left] + d[right], b * w[lj + 1] * c[right] + d[left])
+            elif c is not None and _is_leaf(left):
+                gemm = b * w[ri] * c[left]
+            elif c is not None and _is_leaf(right):
+                gemm = b * w[lj + 1] * c[right]
+            else:
+                gemm = b * w[lj + 1] * w[rj + 1] * w[ri]
+            out[id(n)] = (ri, lj, lc + rc + gemm)
             stack.pop()
         else:
             stack.extend(x for x in (left, right) if id(x) not in out)
@@ -259,14 +289,21 @@ def _evaluate(node, factors, transposed: bool):
     if _is_leaf(node):
         return factors[node].dense(transposed=transposed)
     left, right = node
+    if _is_leaf(left) and _is_leaf(right) and _structured(factors, node) and _form_output_side(factors[left], factors[right]):
+        acc = _apply_before(factors[left].dense(), factors[right])  # as _cost prices a structured pair
+        return acc.swapaxes(-1, -2) if transposed else acc
     if _is_leaf(left):  # a left spine: leaves applied one after another on the output side
         spine, inner = peel_spine(node, 0)
+        if len(spine) > 1 and _is_leaf(inner) and _structured(factors, (spine[-1], inner)):
+            inner = (spine.pop(), inner)  # a structured pair: evaluated as priced, above
         acc_t = yield inner, True
         for k in reversed(spine):
             acc_t = _apply_after(factors[k], acc_t)
         return acc_t if transposed else acc_t.swapaxes(-1, -2)
     if _is_leaf(right):  # a right spine: leaves applied one after another on the input side
         spine, inner = peel_spine(node, 1)
+        if _is_leaf(inner) and _structured(factors, (inner, spine[-1])):
+            inner = (inner, spine.pop())  # a structured pair: evaluated as priced, above
         acc = yield inner, False
         for k in reversed(spine):
             acc = _apply_before(acc, factors[k])
@@ -278,8 +315,39 @@ def _evaluate(node, factors, transposed: bool):
     return left_value @ (yield right, False)
 
 
+def row_cost(J) -> int:
+    """Multiply-adds of one factor applied to one row: ``H_in·H_out`` for ``diag(d)·Wᵀ``; a
+    structured factor (``jacgrad.factors``) states its own ``row_cost``."""
+    return J.h_in * J.h_out if isinstance(J, LayerJacobian) else int(J.row_cost)
+
+
+def stack_jvp(J, a):
+    """``J`` applied to every row of ``a: (…, r, H_in)`` -> ``(…, r, H_out)`` (B leads when
+    ``J`` is per sample); ``a`` may be overwritten."""
+    return _apply_after(J, a)
+
+
+def stack_vjp(J, a):
+    """``Jᵀ`` applied to every row of ``a: (…, r, H_out)`` -> ``(…, r, H_in)``; ``a`` may be overwritten."""
+    return _apply_before(a, J)
+
+
+def _structured(factors, pair) -> bool:
+    return not all(isinstance(factors[k], LayerJacobian) for k in pair)
+
+
+def _form_output_side(Jo, Ji) -> bool:
+    """For the pair ``Jo·Ji``: whether forming ``Jo`` and applying ``Ji`` to its rows is cheaper
+    than forming ``Ji`` and applying ``Jo`` (``_cost``'s choice; ties: form the input side)."""
+    b = max(Jo.batch or 1, Ji.batch or 1)
+    dense = [0 if isinstance(J, LayerJacobian) else J.dense_cost for J in (Jo, Ji)]
+    return b * Jo.h_out * row_cost(Ji) + dense[0] < b * Ji.h_in * row_cost(Jo) + dense[1]
+
+
 def _apply_after(J, acc_t):
     """``(J · P)ᵀ`` from ``Pᵀ: (…, a, H_in)``: one GEMM ``(b·a, H_in) @ W`` then the diagonal."""
+    if not isinstance(J, LayerJacobian):
+        return J.jvp_stack(acc_t)
     xp = get_xp(acc_t)
     acc_t = xp.ascontiguousarray(acc_t)
     rows = math.prod(acc_t.shape[:-1])  # not -1: a zero-width factor makes the block empty
@@ -289,6 +357,8 @@ def _apply_after(J, acc_t):
 
 def _apply_before(acc, J):
     """``P · J`` from ``P: (…, r, H_out)``: the diagonal, then one GEMM ``(b·r, H_out) @ Wᵀ``."""
+    if not isinstance(J, LayerJacobian):
+        return J.vjp_stack(acc)
     xp = get_xp(acc)
     s = xp.ascontiguousarray(J.scale_stack(acc, inplace=True))
     rows = math.prod(s.shape[:-1])

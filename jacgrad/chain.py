@@ -34,6 +34,17 @@ ORDERS = ("auto", "forward", "reverse")
 _EXACT_SPECTRAL_LIMIT = 1 << 24
 
 
+# What a factor other than a LayerJacobian provides (jacgrad.factors): products, its action on a
+# stack of rows, its dense form, a per-row cost for the plan, and the array that fixes its device.
+_FACTOR_API = ("vjp", "jvp", "jvp_stack", "vjp_stack", "dense", "rows", "norm_bound", "row_cost", "dense_cost", "anchor",
+               "h_in", "h_out", "batch", "per_sample", "dtype", "xp")
+
+
+def _anchor(J):
+    """An array of the factor's, for device checks."""
+    return J.W if isinstance(J, LayerJacobian) else J.anchor
+
+
 class Chain:
     """The product ``J_K ⋯ J_1`` of ``LayerJacobian`` factors given input → output.
 
@@ -48,15 +59,18 @@ class Chain:
     have the right shapes and are empty or zero (a map through a zero-width layer is 0).
     """
 
-    def __init__(self, factors: Sequence[LayerJacobian]):
+    def __init__(self, factors: Sequence[Any]):
         factors = list(factors)
         if not factors:
             raise ValueError("a Chain needs at least one LayerJacobian")
         for k, J in enumerate(factors):
             if not isinstance(J, LayerJacobian):
-                raise TypeError(f"factor {k} is a {type(J).__name__}, not a LayerJacobian")
+                missing = [a for a in _FACTOR_API if not hasattr(J, a)]
+                if missing:
+                    raise TypeError(f"factor {k} is a {type(J).__name__}, not a LayerJacobian nor a structured "
+                                    f"factor (it lacks {', '.join(missing)}; see jacgrad.factors)")
         try:
-            get_xp(*[J.W for J in factors])
+            get_xp(*[_anchor(J) for J in factors])
         except TypeError as exc:
             raise TypeError(f"the factors' weights live on different devices: {exc}") from None
         dtypes = [np.dtype(J.dtype) for J in factors]
@@ -106,6 +120,11 @@ class Chain:
         return [self.factors[0].h_in] + [J.h_out for J in self.factors]
 
     @property
+    def structured(self) -> bool:
+        """Whether some factor is not a ``LayerJacobian`` (see ``jacgrad.factors``)."""
+        return any(not isinstance(J, LayerJacobian) for J in self.factors)
+
+    @property
     def n_in(self) -> int:
         return self.factors[0].h_in
 
@@ -137,7 +156,7 @@ class Chain:
         return u
 
     def _check_rows(self, a, width: int, name: str):
-        a = float_array(a, name, get_xp(a, self.factors[0].W))
+        a = float_array(a, name, get_xp(a, _anchor(self.factors[0])))
         need = f"({self.batch}, {width})" if self.batch is not None else f"(N, {width}) or ({width},)"
         ok = a.ndim in (1, 2) and a.shape[-1] == width
         if self.batch is not None:
@@ -164,7 +183,11 @@ class Chain:
             raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
         if order not in self._plans:
             per_sample = [J.per_sample for J in self.factors]
-            self._plans[order] = _br.plan(order, self.widths, per_sample, self.batch or 1)
+            costs = dense = None
+            if self.structured:
+                costs = [_br.row_cost(J) for J in self.factors]
+                dense = [0 if isinstance(J, LayerJacobian) else J.dense_cost for J in self.factors]
+            self._plans[order] = _br.plan(order, self.widths, per_sample, self.batch or 1, costs, dense)
         return self._plans[order]
 
     def jacobian(self, order: str = "auto"):
@@ -176,7 +199,11 @@ class Chain:
         counted (an hourglass net is split at its bottleneck). "auto" is exact up to
         ``jacgrad.bracketing.EXACT_LIMIT`` (1200) factors and planned in well under a second at
         1000; beyond, it is a heuristic never worse than forward or reverse (see
-        ``jacgrad.bracketing``). Any depth works: nothing recurses per factor.
+        ``jacgrad.bracketing``). Any depth works: nothing recurses per factor. A chain with
+        structured factors (``self.structured``: residual ``I + s·J``, normalisations) applies
+        them through their row actions, and the DP prices them so (a factor on r rows costs
+        ``b·r·row_cost``, see ``bracketing.plan``): "auto" is the cheapest bracketing under
+        that model up to EXACT_LIMIT factors; beyond, the cheaper of forward and reverse.
         """
         plan = self._plan(order)
         out = _br.evaluate(plan.tree, self.factors, transposed=False)

@@ -34,17 +34,17 @@ RANK: dict[str, int] = {
     "_validate": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
-    "jacobian": ALGEBRA, "chain": ALGEBRA,
+    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA,
     # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
     # networks: layers, MLP and its passes, the compiled step, losses, files, interop
     "mlp": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_passes": NETWORKS,
-    "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "interop": NETWORKS,
+    "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
     "loss_hessians": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "ntk": PARAMETER_SPACE,
+    "ntk": PARAMETER_SPACE, "block_flow": PARAMETER_SPACE,
     "distributed": PARAMETER_SPACE,
     # the command
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "bench": COMMAND,

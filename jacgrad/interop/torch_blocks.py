@@ -1,0 +1,114 @@
+"""PyTorch blocks that ``jacgrad.Sequential.from_torch`` understands, and the converter.
+
+``Residual(inner, scale)`` is a tiny ``nn.Module`` whose forward is ``x + scale·inner(x)``: put
+it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
+``nn.Sequential`` of ``nn.Linear`` (each optionally followed by one activation module),
+``nn.LayerNorm``, ``nn.RMSNorm`` and ``Residual`` into ``jacgrad.layers`` (arrays copied to
+NumPy; ``W = weight.T``). A missing bias (``bias=False``) becomes zeros, which jacgrad keeps as
+a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
+
+    >>> import torch, jacgrad as jg
+    >>> from jacgrad.interop.torch_blocks import Residual
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+    ...                         Residual(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), 0.5),
+    ...                         torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    >>> jg.Sequential.from_torch(m)
+    Sequential([Dense(3->4, tanh), Residual([Dense(4->4, relu)], scale=0.5), LayerNorm(4, eps=1e-05), Dense(4->2, identity)], float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
+
+__all__ = ["Residual", "layers_from_torch"]
+
+
+class Residual(nn.Module):
+    """``x + scale·inner(x)``; ``inner`` maps ``(B, H) -> (B, H)``."""
+
+    def __init__(self, inner: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.inner, self.scale = inner, float(scale)
+
+    def forward(self, x):
+        return x + self.scale * self.inner(x)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+def _act_name(m: nn.Module) -> str | None:
+    """jacgrad's name of an activation module with torch's default parameters, else None."""
+    simple = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Identity: "identity"}
+    if type(m) in simple:
+        return simple[type(m)]
+    if isinstance(m, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}[m.approximate]
+    if isinstance(m, nn.Softplus) and m.beta == 1 and m.threshold == 20:
+        return "softplus"
+    if isinstance(m, nn.ELU) and m.alpha == 1.0:
+        return "elu"
+    if isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01:
+        return "leaky_relu"
+    if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (-1.0, 1.0):
+        return "hard_tanh"
+    return None
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def layers_from_torch(module: nn.Module, where: str = "module") -> list:
+    """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, or one supported
+    module); an unsupported module is a ``TypeError`` naming its index."""
+    mods = list(module) if isinstance(module, nn.Sequential) else [module]
+    out: list = []
+    for i, m in enumerate(mods):
+        at = f"{where} {i} ({type(m).__name__})"
+        act = _act_name(m)
+        if isinstance(m, nn.Linear):
+            b = None if m.bias is None else _np(m.bias)
+            out.append(Dense(_np(m.weight).T.copy(), b, "identity"))
+        elif act is not None:
+            if act == "identity":
+                continue
+            if not out or not isinstance(out[-1], Dense) or out[-1].activation != "identity" or not isinstance(mods[i - 1], nn.Linear):
+                raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
+            last = out.pop()
+            out.append(Dense(last.W, last.b, act))
+        elif isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) != 1:
+                raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
+            n, dt = m.normalized_shape[0], _dtype(module)
+            gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
+            beta = _np(m.bias) if m.bias is not None else np.zeros(n, dt)
+            out.append(LayerNorm(gamma, beta, eps=m.eps))
+        elif isinstance(m, nn.RMSNorm):
+            if len(m.normalized_shape) != 1:
+                raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
+            n, dt = m.normalized_shape[0], _dtype(module)
+            gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
+            eps = m.eps if m.eps is not None else float(np.finfo(dt).eps)
+            out.append(RMSNorm(gamma, eps=eps))
+        elif isinstance(m, Residual):
+            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module"), m.scale))
+        else:
+            raise TypeError(f"{at} is not supported; supported: nn.Linear, activations ({', '.join(_SUPPORTED_ACTS)}), "
+                            f"nn.LayerNorm, nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
+    if not out:
+        raise ValueError(f"{where}s: no layers to convert")
+    return out
+
+
+_SUPPORTED_ACTS = ("Tanh", "ReLU", "Sigmoid", "SiLU", "GELU", "Softplus", "ELU", "LeakyReLU", "Hardtanh", "Identity")
+
+
+def _dtype(module: nn.Module):
+    for p in module.parameters():
+        return {torch.float32: np.float32, torch.float64: np.float64}.get(p.dtype, np.float32)
+    return np.float32

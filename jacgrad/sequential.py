@@ -1,0 +1,297 @@
+"""Sequential: a network of ``jacgrad.layers`` (dense, residual blocks, LayerNorm, RMSNorm) with
+the forward/backward/Jacobian interface of ``MLP``.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> rng = np.random.default_rng(0)
+    >>> W = lambda a, b: rng.standard_normal((a, b)) / np.sqrt(a)
+    >>> net = jg.Sequential([jg.layers.Dense(W(3, 4), activation="tanh"),
+    ...                      jg.layers.Residual([jg.layers.Dense(W(4, 4), activation="tanh")], scale=0.5),
+    ...                      jg.layers.LayerNorm(np.ones(4), np.zeros(4)), jg.layers.Dense(W(4, 2))])
+    >>> loss, g = net.loss_and_grads(np.ones((5, 3)), np.zeros((5, 2)))
+    >>> sorted(g.layers[2]), net.jacobian_chain(net.forward(np.ones((5, 3)))[1]).jacobian().shape
+    (['beta', 'gamma'], (5, 2, 3))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import losses
+from ._passes import carve
+from ._validate import float_array, shape_str
+from .backend import get_xp, to_numpy
+from .chain import Chain
+from .layers import NORMS, chained, Dense, LayerNorm, Residual, RMSNorm
+from .mlp import _require_finite
+
+__all__ = ["BlockGradients", "Sequential", "SequentialCache"]
+
+
+@dataclass
+class BlockGradients:
+    """What ``Sequential.backward`` returns. ``flat``: every parameter gradient in one 1-D array,
+    in layer order (Dense: W, b; LayerNorm: gamma, beta; RMSNorm: gamma; a Residual's inner
+    layers in order). ``layers[j]``: layer j's gradients by name (``"W"``, ``"b"``, ``"gamma"``,
+    ``"beta"``; views of ``flat``) — for a Residual, a list of its inner layers' entries.
+    ``input: (B, n_in)`` or None. ``deltas[j]``: ∂L/∂h_j (pre-activation) for a Dense layer, as
+    in ``MLP``; ∂L/∂(output of layer j) for the others."""
+
+    flat: Any
+    layers: list
+    input: Any
+    deltas: list
+
+
+class SequentialCache:
+    """What ``Sequential.forward`` keeps: the input and each layer's state (see each layer's
+    docstring for what it keeps). Parameters are read from the layers at backward time."""
+
+    __slots__ = ("x", "states", "_owner")
+
+    def __init__(self, x, states, owner):
+        self.x, self.states, self._owner = x, states, owner
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+
+def _shapes(layer) -> list:
+    return [tuple(p.shape) for p in layer.params]
+
+
+def _named(layer, views: list):
+    """Layer gradients by name, from its views (a Residual: a list of its inner layers')."""
+    if isinstance(layer, Residual):
+        out, at = [], 0
+        for L in layer.layers:
+            n = len(L.params)
+            out.append(_named(L, views[at:at + n]))
+            at += n
+        return out
+    return dict(zip(layer.names, views))
+
+
+class Sequential:
+    """A stack of layers from ``jacgrad.layers``, input -> output; ``layers`` is a read-only tuple.
+    Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
+
+    def __init__(self, layers: Sequence[Any]):
+        layers = chained(layers, "", "layer")
+        params = [(j, p) for j, L in enumerate(layers) for p in L.params]
+        try:
+            get_xp(*[p for _, p in params])
+        except TypeError as exc:
+            raise TypeError(f"the layers' parameters live on different devices: {exc}") from None
+        for j, p in params:
+            if p.dtype != params[0][1].dtype:
+                raise TypeError(f"layer {j}: a parameter has dtype {p.dtype} but layer 0 has "
+                                f"{params[0][1].dtype}; use one dtype")
+        self._layers = tuple(layers)
+        self._token = object()
+
+    layers = property(lambda self: self._layers, doc="the layers (a tuple)")
+    n_in = property(lambda self: self._layers[0].n_in)
+    n_out = property(lambda self: self._layers[-1].n_out)
+    dtype = property(lambda self: self._layers[0].params[0].dtype)
+    xp = property(lambda self: get_xp(self._layers[0].params[0]))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.n_in] + [L.n_out for L in self._layers]
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(s)) for L in self._layers for s in _shapes(L))
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return f"Sequential([{', '.join(map(repr, self._layers))}], {self.dtype})"
+
+    # ------------------------------------------------------------------ passes
+    def __call__(self, x):
+        return self.forward(x)[0]
+
+    def forward(self, x: Any, check_finite: bool = False):
+        """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``; ``y`` is the caller's own
+        array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
+        NaN or Inf."""
+        xp = get_xp(x, self._layers[0].params[0])
+        x = float_array(x, "x", xp)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"layer 0 expects {self.n_in} features, got an array of shape {shape_str(x.shape)} "
+                             f"(x must be (B, {self.n_in}))")
+        x = xp.ascontiguousarray(x.astype(self.dtype, copy=False))
+        check = _require_finite if check_finite else None
+        if check is not None:
+            check(x, "the input x")
+        z, states = x, []
+        for j, L in enumerate(self._layers):
+            z, st = L.forward(z, check, j)
+            states.append(st)
+        return z.copy(), SequentialCache(x, states, self._token)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, SequentialCache):
+            raise TypeError(f"expected the cache returned by this network's forward, got {type(cache).__name__}")
+        if cache._owner is not self._token:
+            raise ValueError("this cache was made by another network's forward; run forward on this network")
+
+    def backward(self, cache: SequentialCache, grad_y: Any, input_grad: bool = True,
+                 check_finite: bool = False) -> BlockGradients:
+        """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``).
+        ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
+        return self._backward(cache, grad_y, input_grad, check_finite, None)
+
+    def _backward(self, cache, grad_y, input_grad: bool, check_finite: bool, sq) -> BlockGradients:
+        """``backward``; ``sq: (B, L)``, when given, gets each sample's squared gradient norm per layer added."""
+        self._check_cache(cache)
+        xp = self.xp
+        grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
+        want = (cache.batch, self.n_out)
+        if grad_y.shape != want:
+            raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
+                             f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
+        g = grad_y.astype(self.dtype, copy=True)  # never the caller's array: layers may hand it on as a delta
+        shapes = [s for L in self._layers for s in _shapes(L)]
+        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # as MLP: reuse a finished step's block
+        per_layer, at = [], 0
+        for L in self._layers:
+            per_layer.append(views[at:at + len(L.params)])
+            at += len(L.params)
+        check = _require_finite if check_finite else None
+        deltas = [None] * len(self._layers)
+        for j in range(len(self._layers) - 1, -1, -1):
+            g, deltas[j] = self._layers[j].backward(cache.states[j], g, per_layer[j], bool(j) or input_grad, check, j,
+                                                    None if sq is None else sq[:, j])
+        named = [_named(L, v) for L, v in zip(self._layers, per_layer)]
+        return BlockGradients(flat, named, g if input_grad else None, deltas)
+
+    def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
+        """``(value, BlockGradients)`` of ``loss`` (see ``jacgrad.losses``) against ``target``."""
+        loss_fn = losses.get(loss)
+        y, cache = self.forward(x)
+        value, grad_y = loss_fn(y, target)
+        return value, self.backward(cache, grad_y, input_grad=input_grad)
+
+    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
+        """Norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per top-level
+        layer (a residual block's inner layers together). From one backward pass: dense layers
+        ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (as ``MLP.per_sample_grad_norms``), norms ``‖g_i⊙x̂_i‖² +
+        ‖g_i‖²``, times B² (the batch loss is the mean of the ℓ_i); no per-sample gradient is built."""
+        y, cache = self.forward(x)
+        _, grad_y = losses.get(loss)(y, target)
+        xp, B = get_xp(y), cache.batch
+        sq = xp.zeros((len(self._layers), B), dtype=self.dtype).T  # columns contiguous: each layer adds into one
+        self._backward(cache, grad_y, False, False, sq)
+        sq *= float(B) * float(B)
+        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
+
+    def jacobian_chain(self, cache: SequentialCache) -> Chain:
+        """The per-sample ``Chain`` of this forward pass, one factor per layer: ``diag(d)·Wᵀ``,
+        ``I + s·J_inner`` (a ``ResidualFactor``) or a ``NormFactor``."""
+        self._check_cache(cache)
+        return Chain([L.factor(st) for L, st in zip(self._layers, cache.states)])
+
+    @classmethod
+    def from_torch(cls, module) -> "Sequential":
+        """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
+        ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
+        blocks ``x + s·inner(x)``); parameters copied to NumPy. See ``torch_blocks``."""
+        from .interop.torch_blocks import layers_from_torch
+
+        return cls(layers_from_torch(module))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the network: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``
+        (``"<j>.<i>.<name>"`` inside a residual block). A path ending in ``.safetensors`` writes
+        a safetensors file (the spec in its metadata); any other an ``.npz``."""
+        arrays = {}
+        _collect(self._layers, "", arrays)
+        spec = json.dumps([L.spec() for L in self._layers])
+        if os.fspath(path).endswith(".safetensors"):
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, os.fspath(path), metadata={"spec": spec})
+        else:
+            np.savez(path, spec=np.array(spec), **arrays)
+
+    @classmethod
+    def load(cls, path, activations: Sequence[str] | None = None) -> "Sequential":
+        """A network written by ``save`` (``.npz`` or ``.safetensors``; no code is run, no pickle).
+        ``activations``: optional names replacing the file's, one per Dense layer in layer order
+        (residual inner layers included)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"network file {path!r} does not exist")
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as f:
+                spec = (f.metadata() or {}).get("spec")
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+            spec = str(arrays.pop("spec")) if "spec" in arrays else None
+        if spec is None:
+            raise ValueError(f"{path}: no 'spec' (the layer list): not written by Sequential.save")
+        acts = None if activations is None else list(activations)
+        layers = _build(json.loads(spec), "", arrays, acts, path)
+        if acts:
+            raise ValueError(f"{path}: {len(acts)} activations left over: the file has fewer Dense layers")
+        return cls(layers)
+
+
+def _collect(layers, prefix: str, arrays: dict) -> None:
+    for j, L in enumerate(layers):
+        if isinstance(L, Residual):
+            _collect(L.layers, f"{prefix}{j}.", arrays)
+        else:
+            for name, p in zip(L.names, L.params):
+                arrays[f"{prefix}{j}.{name}"] = to_numpy(p)
+
+
+def _build(spec: list, prefix: str, arrays: dict, acts, path) -> list:
+    out = []
+    for j, s in enumerate(spec):
+        where = f"{path}: layer {prefix}{j}"
+        kind = s.get("kind")
+
+        def get(name):
+            key = f"{prefix}{j}.{name}"
+            if key not in arrays:
+                raise KeyError(f"{where}: array {key!r} is missing")
+            return arrays[key]
+
+        try:
+            if kind == "dense":
+                act = s["activation"]
+                if acts is not None:
+                    if not acts:
+                        raise ValueError("more Dense layers than activations given")
+                    act = acts.pop(0)
+                out.append(Dense(get("W"), get("b"), act))
+            elif kind == "residual":
+                out.append(Residual(_build(s["layers"], f"{prefix}{j}.", arrays, acts, path), s["scale"]))
+            elif kind == "layernorm":
+                out.append(LayerNorm(get("gamma"), get("beta"), s["eps"]))
+            elif kind == "rmsnorm":
+                out.append(RMSNorm(get("gamma"), s["eps"]))
+            else:
+                raise KeyError(f"unknown layer kind {kind!r}; valid: dense, residual, {', '.join(NORMS)}")
+        except (KeyError, ValueError, TypeError) as exc:
+            msg = exc.args[0] if exc.args else str(exc)
+            if str(msg).startswith(path):
+                raise
+            raise type(exc)(f"{where}: {msg}") from None
+    return out
+
