@@ -9,22 +9,13 @@ import pytest
 
 import jacgrad as jg
 from jacgrad.cli import main
+from test_cli_errors import one_line_error
+from test_distributed_report import assert_same_report
 
 pytest.importorskip("dask.array")
 pytest.importorskip("distributed")
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
-
-
-def one_line_error(capsys, code, *needles):
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert "error:" in lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -60,8 +51,6 @@ def test_report_on_two_workers_equals_the_python_report_in_memory(capsys, tmp_pa
                                                  p["labels"], "--workers", "2"])
     want = jg.diagnostics.gradient_flow(net, x, labels, loss="softmax_cross_entropy", spectrum_samples=8,
                                         label="net.npz").to_dict()
-    from test_distributed_report import assert_same_report
-
     assert_same_report(got, json.loads(json.dumps(want)))
     assert got["batch"] == 300 and got["loss"] == "softmax_cross_entropy"
     assert "B=300" in out and "100% Completed" in err  # the table on stdout, Dask's progress bar on stderr
