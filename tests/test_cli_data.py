@@ -122,6 +122,6 @@ def test_an_unreachable_scheduler_is_one_line(capsys, files, monkeypatch):
 
     monkeypatch.setattr(jd, "session", functools.partial(jd.session, timeout=2))  # the command waits 30 s
     p = files[-1]
-    line = one_line_error(capsys, main(["report", "--weights", p["net"], "--data", p["x"],
+    _, line = one_line_error(capsys, main(["report", "--weights", p["net"], "--data", p["x"],
                                         "--scheduler", "tcp://127.0.0.1:9"]), "tcp://127.0.0.1:9")
     assert "cannot reach" in line
