@@ -94,6 +94,44 @@ def _require_matplotlib() -> None:
         raise UsageError(f"--plot: {PLOT_INSTALL_HINT}") from None
 
 
+def _check_data_options(args) -> None:
+    if args.data is None:
+        given = [o for o, v in (("--targets", args.targets), ("--workers", args.workers),
+                                ("--scheduler", args.scheduler)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --data (the samples file)")
+    elif args.workers is not None and args.scheduler is not None:
+        raise UsageError("give --workers (a local cluster) or --scheduler (a running one), not both")
+
+
+def _dataset_reports(args, nets, text_out) -> list:
+    """The report of each network over all samples of ``--data``, computed by Dask: a local
+    cluster of ``--workers``, the ``--scheduler``'s, or the local scheduler; the progress bar
+    on stderr while it works."""
+    from . import diagnostics
+    from .distributed import DatasetError, read_dataset, session
+
+    reports = []
+    try:
+        with session(workers=args.workers, scheduler=args.scheduler, progress=sys.stderr):
+            for label, net in nets:
+                X, T = read_dataset(args.data, args.targets, net)
+                loss = "mse" if T is None or T.ndim == 2 else "softmax_cross_entropy"
+                try:
+                    rep = diagnostics.gradient_flow(net, X, T, loss=loss, seed=args.seed,
+                                                    spectrum_samples=args.spectrum_samples, label=label)
+                except ValueError as exc:  # non-finite samples or weights
+                    raise UsageError(f"--data {args.data!r}: {exc}") from None
+                reports.append(rep)
+                print(rep.to_text(), file=text_out)
+                print(file=text_out)
+    except DatasetError as exc:
+        raise UsageError(str(exc)) from None
+    except ConnectionError as exc:
+        raise UsageError(f"--scheduler: {exc}") from None
+    return reports
+
+
 def run_report(args) -> int:
     from . import diagnostics
     from .backend import to_device
@@ -106,13 +144,20 @@ def run_report(args) -> int:
         _require_matplotlib()
     # With --json -, stdout carries the JSON alone (pipe it into a JSON reader); the tables go to stderr.
     text_out = sys.stderr if args.json == "-" else sys.stdout
-    device = resolve_device(args.device)
+    _check_data_options(args)
+    device = resolve_device("cpu" if args.data is not None and args.device == "auto" else args.device)
+    if args.data is not None and device != "cpu":
+        raise UsageError("--data runs on the CPU workers of a Dask cluster: leave out --device "
+                         "(GPU workers: see the README's dask-cuda setup)")
     nets = _networks(args, device)
-    n_in = nets[0][1].sizes[0]
-    x = np.random.default_rng([args.seed, 1]).standard_normal((args.batch, n_in)).astype(args.dtype)
-    x = to_device(x, device)
     reports = []
-    for label, net in nets:
+    if args.data is not None:
+        reports = _dataset_reports(args, nets, text_out)
+    else:
+        n_in = nets[0][1].sizes[0]
+        x = np.random.default_rng([args.seed, 1]).standard_normal((args.batch, n_in)).astype(args.dtype)
+        x = to_device(x, device)
+    for label, net in nets if args.data is None else ():
         try:
             rep = diagnostics.gradient_flow(net, x, seed=args.seed, spectrum_samples=args.spectrum_samples, label=label)
         except ValueError as exc:  # non-finite weights in a file, mostly

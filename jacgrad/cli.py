@@ -5,6 +5,7 @@
     jacgrad report --activation relu,tanh,tanh --sizes 8,16x3,2   # one activation per hidden layer
     jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
+    jacgrad report --weights my_net.npz --data X.npy --targets T.npy --workers 2   # over a dataset
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
 
@@ -85,6 +86,17 @@ def _build_parser() -> _Parser:
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
     net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
     net.add_argument("--weights", default=None, metavar="FILE", help="a network from a file (.npz, .safetensors, .pt, .pth: format below)")
+    data = rep.add_argument_group(
+        "dataset (instead of --batch random inputs; .npy files memory-mapped, read a chunk at a time by Dask)")
+    data.add_argument("--data", default=None, metavar="X.npy",
+                      help="samples (N, n_in), float32 or float64: the report is over all N")
+    data.add_argument("--targets", default=None, metavar="T.npy",
+                      help="with --data: targets (N, n_out) for the mse loss, or integer labels (N,) for "
+                           "softmax_cross_entropy (default: random unit cotangents)")
+    data.add_argument("--workers", type=int_at_least("--workers", 1), default=None, metavar="N",
+                      help="with --data: a local cluster of N worker processes (default: Dask's local scheduler)")
+    data.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="with --data: a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",

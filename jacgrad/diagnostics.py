@@ -36,9 +36,13 @@ from typing import Any
 import numpy as np
 
 from . import _flow
+from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
 from ._validate import float_array, shape_str
 from .backend import get_xp
+from .distributed import budget, compute, default_max_memory, reduce_samples
+from .distributed.budget import rows_per_task
+from .distributed.mapping import is_dask
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
 
 __all__ = [
@@ -179,6 +183,7 @@ def gradient_flow(
     seed: int = 0,
     spectrum_samples: int | None = None,
     label: str = "",
+    max_memory: int | None = None,
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
@@ -205,7 +210,21 @@ def gradient_flow(
     Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
     order, then backward order) whose values overflowed. Non-finite inputs or weights are a
     ``ValueError`` naming them.
+
+    Over a dataset: a Dask ``x: (N, n_in)`` chunked along the batch (``target`` Dask or in
+    memory) is never loaded whole: each chunk's mergeable partial (``jacgrad._flow``) is computed
+    where its rows are, the partials are merged up a tree (``jacgrad.distributed.reduce_samples``)
+    and the report is of all N samples, equal to the one-batch report up to floating-point
+    summation order; the spectrum is that of the first S rows. It runs on the active
+    ``distributed.Client`` or Dask's local scheduler (``jacgrad.distributed.compute``: the
+    progress bar of an enclosing ``session(progress=…)``). A NumPy batch whose intermediates
+    would exceed ``max_memory`` bytes (default ``jacgrad.distributed.default_max_memory``) is
+    reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
+    _check_spectrum_samples(spectrum_samples)
+    if is_dask(x) or is_dask(target):
+        _check_weights(net)
+        return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)
     try:
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
@@ -218,6 +237,25 @@ def gradient_flow(
         )
     if x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
+    ok = all_finite(xp, [x] + [a for W, b in zip(net.weights, net.biases) for a in (W, b)])
+    if not ok[0]:
+        raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
+    _raise_nonfinite_weights(ok[1:], L)
+    x = x.astype(net.weights[0].dtype, copy=False)
+    B = int(x.shape[0])
+    if xp is np or max_memory is not None:  # a batch above the budget: reported a chunk at a time
+        memory = default_max_memory(x) if max_memory is None else max_memory
+        if B > rows_per_task(_report_bytes(net), memory):
+            chunk = _ChunkPartial(loss, seed, spectrum_samples, B)
+            target = () if target is None else (target,)
+            p = reduce_samples(chunk, _flow.merge, _identity, net, x, *target, bytes_per_sample=_report_bytes,
+                               max_memory=memory, with_start=True)
+            return report_from_partials(p, label=label)
+    p = _flow.partials(net, x, target, loss, seed=seed, spectrum_samples=spectrum_samples)
+    return report_from_partials(p, label=label)
+
+
+def _check_spectrum_samples(spectrum_samples) -> None:
     if spectrum_samples is not None and (
         isinstance(spectrum_samples, bool) or not isinstance(spectrum_samples, (int, np.integer)) or spectrum_samples < 0
     ):
@@ -225,14 +263,64 @@ def gradient_flow(
             f"spectrum_samples must be None (as many samples as the cost allows) or an int >= 0 "
             f"(0 skips the spectrum); got {spectrum_samples!r}"
         )
-    ok = all_finite(xp, [x] + [a for W, b in zip(net.weights, net.biases) for a in (W, b)])
-    if not ok[0]:
-        raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
+
+
+def _raise_nonfinite_weights(ok, L: int) -> None:
+    """``ok``: host flags of W0, b0, W1, b1, … being finite."""
     for j in range(L):
-        if not ok[1 + 2 * j : 3 + 2 * j].all():
+        if not ok[2 * j : 2 * j + 2].all():
             raise ValueError(f"layer {j}: W{j} or b{j} has non-finite values (inf or NaN)")
-    x = x.astype(net.weights[0].dtype, copy=False)
-    p = _flow.partials(net, x, target, loss, seed=seed, spectrum_samples=spectrum_samples)
+
+
+def _check_weights(net) -> None:
+    xp = get_xp(net.weights[0])
+    _raise_nonfinite_weights(all_finite(xp, [a for W, b in zip(net.weights, net.biases) for a in (W, b)]),
+                             len(net.weights))
+
+
+def _report_bytes(net) -> int:
+    """Bytes per sample of one chunk's partial: a loss's forward and backward pass, and a few
+    ``(B, H)`` blocks of the layer being measured (Lanczos and the spectrum bound their own)."""
+    return budget.backward_bytes(net) + 6 * np.dtype(net.dtype).itemsize * max(int(s) for s in net.sizes[1:])
+
+
+def _identity(p):
+    return p
+
+
+class _ChunkPartial:
+    """``f(net, x, [target], start=) -> partial`` of one chunk of a batch of ``total`` samples:
+    a picklable per-chunk function for ``reduce_samples`` (a class, not a closure)."""
+
+    def __init__(self, loss: str, seed: int, spectrum_samples, total: int):
+        self.loss, self.seed, self.spectrum_samples, self.total = loss, seed, spectrum_samples, int(total)
+
+    def __call__(self, net, x, target=None, *, start: int):
+        xp = get_xp(net.weights[0], x)
+        if not all_finite(xp, [x])[0]:
+            raise ValueError(f"x has non-finite values (inf or NaN) in rows {start}..{start + x.shape[0] - 1}; "
+                             "the report needs finite inputs")
+        x = x.astype(net.weights[0].dtype, copy=False)
+        return _flow.partials(net, x, target, self.loss, seed=self.seed, spectrum_samples=self.spectrum_samples,
+                              start=start, total=self.total)
+
+
+def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory) -> GradientFlowReport:
+    """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
+    active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
+    if not is_dask(X):  # in-memory samples with Dask targets: chunked as the targets
+        import dask.array as da
+
+        X = float_array(X, "x", np)
+        X = da.from_array(X, chunks=(target.chunks[0], X.shape[1:]))
+    if X.ndim == 2 and X.shape[0] == 0:
+        raise ValueError("x has no samples (N = 0); the report needs at least one")
+    if target is not None:
+        _losses.get(loss)  # an unknown name fails here, not in every task
+    targets = () if target is None else (target,)
+    lazy = reduce_samples(_ChunkPartial(loss, seed, spectrum_samples, X.shape[0]), _flow.merge, _identity, net, X,
+                          *targets, bytes_per_sample=_report_bytes, max_memory=max_memory, with_start=True)
+    (p,) = compute(lazy)
     return report_from_partials(p, label=label)
 
 
