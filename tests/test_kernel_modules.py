@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _fake_cupy import FakeCupy
+from fake_cupy_calls import FakeCupy
 from jacgrad import _cuda_build, activations, kernels
 
 ROOT = Path(__file__).resolve().parent.parent
