@@ -33,14 +33,11 @@ def weight_norm_squared(xp, W, seed: int) -> float:
     n = min(h_in, h_out)
     if n == 0:
         return 0.0
-
-    def gram():
-        return W.T @ W if h_out <= h_in else W @ W.T
+    G = W.T @ W if h_out <= h_in else W @ W.T
 
     def matvec(v, rows):
         return v @ G
 
-    G = gram()
     return float(top_eigenvalues(matvec, 1, n, xp=xp, dtype=W.dtype, seed=seed, tol=report_tol(W.dtype),
                                  dense=lambda rows: G[None])[0])
 
