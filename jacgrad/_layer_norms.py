@@ -33,14 +33,11 @@ def weight_norm_squared(xp, W, seed: int) -> float:
     n = min(h_in, h_out)
     if n == 0:
         return 0.0
-
-    def gram():
-        return W.T @ W if h_out <= h_in else W @ W.T
+    G = W.T @ W if h_out <= h_in else W @ W.T
 
     def matvec(v, rows):
         return v @ G
 
-    G = gram()
     return float(top_eigenvalues(matvec, 1, n, xp=xp, dtype=W.dtype, seed=seed, tol=report_tol(W.dtype),
                                  dense=lambda rows: G[None])[0])
 
@@ -49,11 +46,11 @@ def layer_gram(xp, J: LayerJacobian, d):
     """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for the samples ``rows``."""
     W = J.W
     if J.h_out <= J.h_in:
-        G = W.T @ W  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
+        G = _gram_on_first_use(W)  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
 
         def matvec(v, rows):
             s = d[_device_rows(xp, rows)]
-            return ((v * s) @ G) * s
+            return ((v * s) @ G()) * s
 
     else:
 
@@ -69,11 +66,11 @@ def layer_dense(xp, J: LayerJacobian, d):
     W = J.W
     h_in, h_out = J.h_in, J.h_out
     if h_out <= h_in:
-        G = W.T @ W
+        G = _gram_on_first_use(W)
 
         def dense(rows):
             s = d[_device_rows(xp, rows)]
-            return s[:, :, None] * G[None] * s[:, None, :]
+            return s[:, :, None] * G()[None] * s[:, None, :]
 
     else:
         per = max(1, CHUNK_ELEMENTS // (h_in * h_out))  # bounds the (r, H_in, H_out) intermediate
@@ -83,6 +80,19 @@ def layer_dense(xp, J: LayerJacobian, d):
             return xp.concatenate([(W[None] * s2[i : i + per, None, :]) @ W.T for i in range(0, len(rows), per)])
 
     return dense
+
+
+def _gram_on_first_use(W):
+    """``() -> WᵀW``, formed on the first call: ``top_eigenvalues`` applies the matrix-free and
+    the dense operator only to the rows its bounds leave open, often only one of them, or none."""
+    G = []
+
+    def gram():
+        if not G:
+            G.append(W.T @ W)
+        return G[0]
+
+    return gram
 
 
 def _device_rows(xp, rows):

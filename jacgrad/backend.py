@@ -237,9 +237,14 @@ def _from_torch(t: Any):
     raise TypeError(f"a torch tensor on device {t.device} is neither CPU nor CUDA memory; move it with .cpu() first")
 
 
+def _on_gpu(x: Any) -> bool:
+    """Whether ``x`` is a CuPy array or a CUDA array of another framework."""
+    return is_gpu_array(x) or (is_foreign_array(x) and _foreign_on_gpu(x))
+
+
 def device_of(x: Any) -> str:
     """``"gpu"`` for a CuPy array (or a CUDA array of another framework), ``"cpu"`` otherwise."""
-    return "gpu" if is_gpu_array(x) or (is_foreign_array(x) and _foreign_on_gpu(x)) else "cpu"
+    return "gpu" if _on_gpu(x) else "cpu"
 
 
 def get_xp(*arrays: Any):
@@ -261,8 +266,7 @@ def get_xp(*arrays: Any):
     for i, a in enumerate(arrays):
         if a is None or isinstance(a, (int, float, complex, bool, np.generic)):
             continue
-        on_gpu = is_gpu_array(a) or (is_foreign_array(a) and _foreign_on_gpu(a))
-        (gpu if on_gpu else cpu).append(i)
+        (gpu if _on_gpu(a) else cpu).append(i)
     if gpu and cpu:
         raise TypeError(
             f"arrays on different devices: argument(s) {cpu} are NumPy (CPU) and {gpu} are CuPy (GPU); "

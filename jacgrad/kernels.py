@@ -24,6 +24,7 @@ This module never imports CuPy: it reaches it through ``jacgrad.backend``.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -82,7 +83,14 @@ def instantiations(kernel: str) -> list[str]:
 
 def module_expressions(source: str, dtype) -> tuple[str, ...]:
     """Every instantiation in the one NVRTC module of ``source`` (``"fused.cu"``) in ``dtype``."""
-    return source_expressions(source, np.dtype(dtype), _functors())
+    return _module_expressions(source, np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _module_expressions(source: str, dtype: np.dtype) -> tuple[str, ...]:
+    # Once per (source, dtype): compiled_kernel asks on every launch, and the table's functors are
+    # fixed (a parameterised row shares its family's functor), so the list never changes.
+    return source_expressions(source, dtype, _functors())
 
 
 def compiled_kernel(kernel: str, dtype, activation: Activation | None = None, from_output: bool = False):

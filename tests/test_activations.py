@@ -67,6 +67,15 @@ def test_table_lists_every_activation():
         assert activations.get(act) is act
 
 
+def test_names_is_every_row_of_the_table_once():
+    # names() is a hand-written order: a row added to the fixed table or to the parameterised
+    # families but not to it would get no kernel instantiation (kernels._functors reads names())
+    from jacgrad._activation_params import _FAMILIES
+
+    rows = [a.name for a in activations._FIXED] + list(_FAMILIES)
+    assert sorted(activations.names()) == sorted(rows) and len(set(rows)) == len(rows)
+
+
 def test_unknown_name_lists_the_valid_names():
     with pytest.raises(KeyError) as info:
         activations.get("swish")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from _fake_cupy import CUDARuntimeError, FakeCupy
+from fake_cupy_calls import CUDARuntimeError, FakeCupy
 from jacgrad import _cuda_graph, _gemm
 from jacgrad._cuda_graph import CaptureError, GraphCache
 

@@ -1,4 +1,4 @@
-"""Host synchronisation of the report's loops, counted on a fake CuPy (tests/fake_cupy.py).
+"""Host synchronisation of the report's loops, counted on a fake CuPy (tests/fake_cupy_transfers.py).
 
 Every device-to-host read (``.get()``, ``float()``, ``int()``, ``bool()``, ``.item()``) made by
 jacgrad's code on a fake device array is counted. On a GPU each one is a sync that drains the
@@ -12,7 +12,7 @@ import jacgrad as jg
 from jacgrad import losses, spectra
 from jacgrad.diagnostics import gradient_flow
 
-from fake_cupy import install
+from fake_cupy_transfers import install
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

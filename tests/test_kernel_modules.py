@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _fake_cupy import FakeCupy
+from fake_cupy_calls import FakeCupy
 from jacgrad import _cuda_build, activations, kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,3 +111,23 @@ def test_the_grid_is_sized_for_16_bytes_per_thread():
     _cuda_build.launch(kernel, 5, (), 4)
     _cuda_build.launch(kernel, 1 << 40, (), 4)
     assert grids == [((977,), (256,)), ((1954,), (256,)), ((1,), (256,)), ((8192,), (256,))]
+
+
+def test_a_launch_lists_the_module_expressions_once_per_source_and_dtype(fake, monkeypatch):
+    built = []
+
+    def counting(source, dtype, functors):
+        built.append((source, np.dtype(dtype)))
+        return _cuda_build.source_expressions(source, dtype, functors)
+
+    monkeypatch.setattr(kernels, "source_expressions", counting)
+    kernels._module_expressions.cache_clear()
+    tanh = activations.get("tanh")
+    try:
+        for _ in range(3):  # the per-launch path: compiled_kernel on every call of a dispatcher
+            for dtype in ("float32", np.float32, np.dtype("float64")):
+                assert kernels.compiled_kernel("scale_cotangent", dtype, tanh, True) == (
+                    "kernel", kernels.name_expression("scale_cotangent", dtype, tanh, True))
+    finally:
+        kernels._module_expressions.cache_clear()  # later tests list them with the real function
+    assert built == [("fused.cu", np.dtype(np.float32)), ("fused.cu", np.dtype(np.float64))]

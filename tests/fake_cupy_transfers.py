@@ -10,6 +10,8 @@ line that asked, in ``fake.where``) when the caller is jacgrad's code.
 
 ``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels and its
 direct cuBLAS path to their NumPy versions, so whole reports run on fake device arrays.
+It has no streams, graphs or RawModule: for recording and failing GPU plumbing calls (CUDA
+graphs, kernel modules), see ``fake_cupy_calls.py``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 It records what was called, in order (``calls``), and fails where a test asks it to
 (``fail_at``), with CuPy's own exception type names (``CUDARuntimeError``, ``CompileException``),
 so the error paths of ``_cuda_graph``, ``_gemm`` and ``_cuda_build`` run without a GPU.
+It has no arrays: for whole computations on fake device arrays that count host transfers, see
+``fake_cupy_transfers.py``.
 """
 
 from __future__ import annotations

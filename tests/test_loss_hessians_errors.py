@@ -1,0 +1,17 @@
+"""loss_hessians names a bad loss as jacgrad.losses.get does (one check, one message)."""
+
+import numpy as np
+import pytest
+
+from jacgrad import loss_hessians
+
+MESSAGE = "unknown loss {}; valid names: mse, sigmoid_bce, softmax_cross_entropy"
+
+
+@pytest.mark.parametrize("name", ["hinge", ["mse"]])  # a list is unhashable: still the KeyError, not a TypeError
+def test_unknown_loss_is_a_keyerror_listing_the_valid_names(name):
+    y = np.zeros((2, 3))
+    for call in (lambda: loss_hessians.hessian_vp(name, y, y), lambda: loss_hessians.hessian_factor(name, y)):
+        with pytest.raises(KeyError) as info:
+            call()
+        assert info.value.args[0] == MESSAGE.format(repr(name))
