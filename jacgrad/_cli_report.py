@@ -44,18 +44,25 @@ def _usual_init(hidden: list[str]) -> str:
     return schemes.pop() if len(schemes) == 1 else "xavier_normal"
 
 
+def _block_options(args) -> tuple:
+    """``(residual, residual_scale, norm, data)`` of ``args`` (None where a caller other than the
+    parser built ``args`` without them)."""
+    return tuple(getattr(args, name, None) for name in ("residual", "residual_scale", "norm", "data"))
+
+
 def _check_block_options(args) -> None:
-    if args.residual is None:
-        given = [o for o, v in (("--residual-scale", args.residual_scale), ("--norm", args.norm)) if v is not None]
+    residual, residual_scale, norm, data = _block_options(args)
+    if residual is None:
+        given = [o for o, v in (("--residual-scale", residual_scale), ("--norm", norm)) if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --residual K (the blocks)")
         return
     if args.weights is not None:
         raise UsageError("--residual cannot be combined with --weights: the file defines the network")
-    if args.data is not None:
+    if data is not None:
         raise UsageError("--residual cannot be combined with --data: a dataset report reads dense layers only")
-    if args.norm is not None and args.norm not in NORMS:
-        raise UsageError(f"--norm: unknown norm {args.norm!r}; valid names: {', '.join(NORMS)}")
+    if norm is not None and norm not in NORMS:
+        raise UsageError(f"--norm: unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
 
 
 def _blocks_label(every: int, scale: float, norm) -> str:
@@ -64,6 +71,7 @@ def _blocks_label(every: int, scale: float, norm) -> str:
 
 def _networks(args, device: str) -> list[tuple[str, object]]:
     _check_block_options(args)
+    residual, residual_scale, norm, data = _block_options(args)
     if args.weights is not None:
         clash = [_option(n) for n in _NET_OPTIONS if n != "activation" and getattr(args, n) is not None]
         if clash:
@@ -101,12 +109,12 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
                              seed=args.seed, dtype=args.dtype, device=device)
         except MemoryError:
             raise UsageError(f"the network {args.sizes or sizes[:3]}… does not fit in memory") from None
-        if args.residual is not None:
-            scale = 1.0 if args.residual_scale is None else args.residual_scale
-            label += _blocks_label(args.residual, scale, args.norm)
-            net = block_net(net, args.residual, scale, args.norm)
+        if residual is not None:
+            scale = 1.0 if residual_scale is None else residual_scale
+            label += _blocks_label(residual, scale, norm)
+            net = block_net(net, residual, scale, norm)
         nets.append((label, net))
-    if args.activation is None and args.residual is None and args.data is None:
+    if args.activation is None and residual is None and data is None:
         # the default report: the cure beside the disease, whatever its verdict turns out to be
         act, every, scale, norm = CURE
         label, net = nets[list(DEFAULT_ACTIVATIONS).index(act)]
