@@ -257,8 +257,8 @@ def block_hints(report) -> list[str]:
             where = (f"; the gradient is lost outside them, in block{'s' if len(plain) > 1 else ''} "
                      f"{', '.join(str(b.index) for b in plain)}" if plain else "")
             out.append(f"residual blocks are already there ({n_res}, branch scale {', '.join(f'{v:g}' for v in scales)}): "
-                       f"their identity path keeps χ ≥ about 1 per block{where}; a larger branch scale or a "
-                       "better-scaled inner initialisation moves more signal through the branches")
+                       f"a block's χ = 1 + 2s·tr(J_f)/H + s²·‖J_f‖_F²/H stays near 1 unless its branch cancels the "
+                       f"identity{where}; check the blocks with χ < 1 above")
         else:
             out.append("architecture: residual connections (z + s·f(z)) add the identity to every block Jacobian so "
                        "the product cannot collapse (jacgrad report --residual K shows the effect)")

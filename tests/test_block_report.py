@@ -146,3 +146,15 @@ def test_bad_input_is_named():
         jg.diagnostics.gradient_flow(net, np.zeros((3, 4)))
     with pytest.raises(ValueError, match="no samples"):
         jg.diagnostics.gradient_flow(net, np.zeros((0, 5)))
+
+
+def test_exploding_residual_net_is_told_to_scale_its_branches_not_to_add_them():
+    rng = np.random.default_rng(1)
+    H = 8
+    net = jg.Sequential([L.Residual([_dense(rng, H, H, "identity", 2.0)], scale=3.0) for _ in range(6)]
+                        + [_dense(rng, H, H, "identity")])
+    rep = jg.diagnostics.gradient_flow(net, rng.standard_normal((4, H)))
+    assert rep.verdict == "exploding" and rep.backward_gain > 100
+    text = " ".join(rep.hints)
+    assert "the 6 residual blocks add up" in text and "1/√6" in text and "now 3" in text
+    assert "add the identity" not in text and "normalisation (LayerNorm/RMSNorm) re-scales" in text
