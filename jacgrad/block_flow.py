@@ -25,7 +25,7 @@ from ._verdict import decide
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
-from .report import block_dict, block_hints, block_json, block_text
+from ._report_blocks import block_dict, block_hints, block_json, block_text
 from .sequential import Sequential
 
 __all__ = ["BlockFlow", "BlockFlowReport", "block_flow", "block_report"]

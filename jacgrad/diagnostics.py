@@ -29,7 +29,6 @@ per layer plus Lanczos's checks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
