@@ -20,8 +20,10 @@ import numpy as np
 
 __all__ = [
     "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
-    "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device",
+    "NORMS", "block_net", "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device",
 ]
+
+NORMS = ("layernorm", "rmsnorm")
 
 PROG = "jacgrad"
 
@@ -125,6 +127,41 @@ def random_net(sizes: list[int], hidden: list[str], output: str = "identity", **
 
     return MLP.init(sizes, activation=list(hidden) if len(sizes) > 2 else hidden[0], output_activation=output,
                     **init_options)
+
+
+def block_net(mlp, every: int, scale: float = 1.0, norm: str | None = None):
+    """The ``Sequential`` of ``mlp``'s own dense layers (same weights) with a skip around every
+    ``every`` consecutive hidden layers that map H -> H: ``Residual([norm, Dense × every], scale)``
+    (pre-norm: a ``norm`` layer, γ = 1, β = 0, first inside each block when given). A run of
+    fewer than ``every`` such layers left over, the layers that change width and the output
+    layer stay plain."""
+    from . import layers as L
+    from .backend import get_xp
+    from .sequential import Sequential
+
+    if norm is not None and norm not in NORMS:
+        raise UsageError(f"--norm: unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
+    dense = [L.Dense(W, b, a) for W, b, a in zip(mlp.weights, mlp.biases, mlp.activations)]
+    out, group = [], []
+
+    def flush():
+        out.extend(group)
+        group.clear()
+
+    for layer in dense[:-1]:
+        if layer.n_in != layer.n_out:
+            flush()
+            out.append(layer)
+            continue
+        group.append(layer)
+        if len(group) == every:
+            H = layer.n_in
+            ones = get_xp(layer.W).ones(H, dtype=layer.W.dtype)
+            pre = [] if norm is None else [L.LayerNorm(ones) if norm == "layernorm" else L.RMSNorm(ones)]
+            out.append(L.Residual(pre + group, scale=scale))
+            group = []
+    flush()
+    return Sequential(out + [dense[-1]])
 
 
 def check_init(name: str) -> str:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from ._cli_common import (UsageError, check_init, check_output_path, hidden_activations, load_weights, parse_activations,
+from ._cli_common import (NORMS, UsageError, block_net, check_init, check_output_path, hidden_activations, load_weights, parse_activations,
                           parse_sizes, random_net, resolve_device)
 
 __all__ = ["run_report"]
@@ -16,6 +16,7 @@ __all__ = ["run_report"]
 DEFAULT_DEPTH = 20
 DEFAULT_WIDTH = 256
 DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "relu")  # three networks compared
+CURE = ("sigmoid", 2, 1.0, "layernorm")  # and the first one cured: residual blocks of 2 layers with a norm
 _NET_OPTIONS = ("depth", "width", "sizes", "activation", "output_activation", "init", "gain", "bias_std")
 
 
@@ -43,7 +44,34 @@ def _usual_init(hidden: list[str]) -> str:
     return schemes.pop() if len(schemes) == 1 else "xavier_normal"
 
 
+def _block_options(args) -> tuple:
+    """``(residual, residual_scale, norm, data)`` of ``args`` (None where a caller other than the
+    parser built ``args`` without them)."""
+    return tuple(getattr(args, name, None) for name in ("residual", "residual_scale", "norm", "data"))
+
+
+def _check_block_options(args) -> None:
+    residual, residual_scale, norm, data = _block_options(args)
+    if residual is None:
+        given = [o for o, v in (("--residual-scale", residual_scale), ("--norm", norm)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --residual K (the blocks)")
+        return
+    if args.weights is not None:
+        raise UsageError("--residual cannot be combined with --weights: the file defines the network")
+    if data is not None:
+        raise UsageError("--residual cannot be combined with --data: a dataset report reads dense layers only")
+    if norm is not None and norm not in NORMS:
+        raise UsageError(f"--norm: unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
+
+
+def _blocks_label(every: int, scale: float, norm) -> str:
+    return f" + residual every {every}" + (f" (s={scale:g})" if scale != 1.0 else "") + (f" + {norm}" if norm else "")
+
+
 def _networks(args, device: str) -> list[tuple[str, object]]:
+    _check_block_options(args)
+    residual, residual_scale, norm, data = _block_options(args)
     if args.weights is not None:
         clash = [_option(n) for n in _NET_OPTIONS if n != "activation" and getattr(args, n) is not None]
         if clash:
@@ -81,7 +109,16 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
                              seed=args.seed, dtype=args.dtype, device=device)
         except MemoryError:
             raise UsageError(f"the network {args.sizes or sizes[:3]}… does not fit in memory") from None
+        if residual is not None:
+            scale = 1.0 if residual_scale is None else residual_scale
+            label += _blocks_label(residual, scale, norm)
+            net = block_net(net, residual, scale, norm)
         nets.append((label, net))
+    if args.activation is None and residual is None and data is None:
+        # the default report: the cure beside the disease, whatever its verdict turns out to be
+        act, every, scale, norm = CURE
+        label, net = nets[list(DEFAULT_ACTIVATIONS).index(act)]
+        nets.append((label + _blocks_label(every, scale, norm), block_net(net, every, scale, norm)))
     return nets
 
 
@@ -135,7 +172,7 @@ def _dataset_reports(args, nets, text_out) -> list:
 def run_report(args) -> int:
     from . import diagnostics
     from .backend import to_device
-    from .report import plot_reports, report_dict
+    from .report import plot_reports
 
     if args.json is not None:
         check_output_path(args.json, "--json")
@@ -177,7 +214,7 @@ def run_report(args) -> int:
         from .report import _json_safe
 
         text = json.dumps(
-            _json_safe({"jacgrad": __version__, "reports": [report_dict(r) for r in reports]}),
+            _json_safe({"jacgrad": __version__, "reports": [r.to_dict() for r in reports]}),
             indent=2, allow_nan=False, ensure_ascii=False,
         )
         if args.json == "-":
@@ -190,8 +227,14 @@ def run_report(args) -> int:
                 raise UsageError(f"--json {args.json!r}: cannot write ({exc.strerror or exc})") from None
             print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
+        dense = [r for r in reports if isinstance(r, diagnostics.GradientFlowReport)]
+        if len(dense) < len(reports):
+            print(f"--plot: the PNG shows the {len(dense)} dense-layer report(s); block reports are in the text and JSON",
+                  file=sys.stderr)
+        if not dense:
+            raise UsageError("--plot draws dense-layer reports; a --residual network has only block rows (use --json)")
         try:
-            plot_reports(reports, args.plot)
+            plot_reports(dense, args.plot)
         except OSError as exc:
             raise UsageError(f"--plot {args.plot!r}: cannot write ({exc.strerror or exc})") from None
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """The ``jacgrad`` command: ``report``, ``check``, ``info`` and ``bench``.
 
-    jacgrad report                       # 20-layer 256-wide sigmoid, tanh and relu nets compared
+    jacgrad report                       # 20-layer 256-wide sigmoid, tanh and relu nets compared, and the
+                                         # sigmoid net cured (residual blocks of 2 with LayerNorm)
     jacgrad report --activation relu --gain 1.6 --plot flow.png
     jacgrad report --activation relu,tanh,tanh --sizes 8,16x3,2   # one activation per hidden layer
     jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
+    jacgrad report --activation sigmoid --residual 2 --norm layernorm   # the cure: residual pre-norm blocks
     jacgrad report --weights my_net.npz --data X.npy --targets T.npy --workers 2   # over a dataset
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
@@ -66,7 +68,7 @@ def _build_parser() -> _Parser:
 
     rep = sub.add_parser(
         "report",
-        help="gradient-flow report of a network (default: sigmoid vs tanh vs relu, 20x256)",
+        help="gradient-flow report of a network (default: sigmoid vs tanh vs relu, 20x256, and sigmoid with residual LayerNorm blocks)",
         description="Per-layer gradient flow, the input-output Jacobian's spectrum and a verdict.",
         epilog=_REPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,6 +88,12 @@ def _build_parser() -> _Parser:
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
     net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
     net.add_argument("--weights", default=None, metavar="FILE", help="a network from a file (.npz, .safetensors, .pt, .pth: format below)")
+    net.add_argument("--residual", type=int_at_least("--residual", 1), default=None, metavar="K",
+                     help="a skip z + s·f(z) around every K hidden H -> H dense layers (the report then has a row per block)")
+    net.add_argument("--residual-scale", type=float_option("--residual-scale"), default=None, metavar="S",
+                     help="with --residual: the branch scale s (default 1)")
+    net.add_argument("--norm", default=None, metavar="{layernorm,rmsnorm}",
+                     help="with --residual: a normalisation layer first inside each block (pre-norm)")
     data = rep.add_argument_group(
         "dataset (instead of --batch random inputs; .npy files memory-mapped, read a chunk at a time by Dask)")
     data.add_argument("--data", default=None, metavar="X.npy",

@@ -29,7 +29,6 @@ per layer plus Lanczos's checks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +42,14 @@ from .backend import get_xp
 from .distributed import budget, compute, default_max_memory, reduce_samples
 from .distributed.budget import rows_per_task
 from .distributed.mapping import is_dask
+from .block_flow import BlockFlowReport, block_report
+from .sequential import Sequential
+from ._verdict import GAIN_BAND, VERDICTS, decide
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
 
 __all__ = [
     "GAIN_BAND",
+    "BlockFlowReport",
     "GradientFlowReport",
     "LayerFlow",
     "SATURATION",
@@ -56,12 +59,6 @@ __all__ = [
     "report_from_partials",
     "usual_init",
 ]
-
-VERDICTS = ("vanishing", "exploding", "healthy")
-# Healthy while the squared gradient norm changes by less than GAIN_BAND from the output to the
-# input, i.e. the gradient norm by less than 10x: depth L <= ln(100)·ξ ≈ 4.6 depth scales.
-GAIN_BAND = 100.0
-
 
 @dataclass(repr=False)
 class GradientFlowReport:
@@ -135,44 +132,6 @@ class GradientFlowReport:
         plot_reports([self], path)
 
 
-# ---------------------------------------------------------------------------- the verdict
-def decide(chi, nonfinite: bool = False) -> tuple[str, float, float, float]:
-    """``(verdict, chi_bar, backward_gain, depth_scale)`` from the per-layer ``χ_j``.
-
-    χ̄ is the geometric mean of ``χ_j = ‖J_j‖_F²/H_j`` — the squared-norm factor of layer j for
-    an isotropic cotangent. The mean-field χ is a product over layers, so the geometric mean is
-    its per-layer rate; it is computed exactly from every sample at the cost of one product per
-    layer, never needs the whole Jacobian, and the normalisation by H_j (not H_{j-1}) drops the
-    fixed factor n_in/n_out, so a net that merely narrows from 784 inputs to 10 outputs is not
-    called vanishing. Γ = Π χ_j = χ̄^L is how much
-    the squared gradient norm changes from output to input. The verdict compares Γ to 1 within
-    ``GAIN_BAND`` = 100 (a 10x change of the gradient norm): below → "vanishing", above →
-    "exploding". Equivalently, healthy while the depth is within ln(100)·ξ ≈ 4.6 depth scales
-    ξ = 1/|ln χ̄| (a positive number of layers either way; the direction is in the verdict).
-    Non-finite values are an overflow: "exploding" with χ̄ = Γ = inf and ξ = 0.
-
-        >>> decide([0.5] * 20)[0], decide([1.0] * 20)[3], decide([2.56] * 20)[0]
-        ('vanishing', inf, 'exploding')
-    """
-    gains = [float(g) for g in chi]
-    if nonfinite or not gains or not all(math.isfinite(g) for g in gains):
-        return "exploding", math.inf, math.inf, 0.0
-    if min(gains) <= 0.0:
-        return "vanishing", 0.0, 0.0, 0.0
-    logs = [math.log(g) for g in gains]
-    log_gamma = sum(logs)
-    chi_bar = math.exp(log_gamma / len(logs))
-    gamma = math.exp(log_gamma) if log_gamma < 709 else math.inf
-    depth_scale = math.inf if log_gamma == 0.0 else len(logs) / abs(log_gamma)
-    if log_gamma < -math.log(GAIN_BAND):
-        verdict = "vanishing"
-    elif log_gamma > math.log(GAIN_BAND):
-        verdict = "exploding"
-    else:
-        verdict = "healthy"
-    return verdict, chi_bar, gamma, depth_scale
-
-
 # ---------------------------------------------------------------------------- the report
 def gradient_flow(
     net,
@@ -186,6 +145,11 @@ def gradient_flow(
     max_memory: int | None = None,
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
+
+    A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
+    one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
+    bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
+    blocks and norm layers (``spectrum_samples`` and ``max_memory`` do not apply to it).
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -222,6 +186,10 @@ def gradient_flow(
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
     _check_spectrum_samples(spectrum_samples)
+    if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
+        if is_dask(x) or is_dask(target):
+            raise TypeError("gradient_flow of a jacgrad.Sequential takes an in-memory batch, not a Dask array")
+        return block_report(net, x, target, loss, seed=seed, label=label)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
         return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)

@@ -219,3 +219,4 @@ def report_text(report) -> str:
     for h in report.hints:
         lines.append(f"  - {h}")
     return "\n".join(lines)
+

@@ -45,12 +45,12 @@ def test_default_report_compares_sigmoid_tanh_relu_with_their_verdicts(capsys):
     assert code == 0
     data = json.loads(out)  # with --json -, stdout is the JSON alone; the tables go to stderr
     labels = [r["label"] for r in data["reports"]]
-    assert labels == ["sigmoid, xavier_normal", "tanh, xavier_normal", "relu, he_normal"]
-    verdicts = {r["label"].split(",")[0]: r["verdict"] for r in data["reports"]}
+    assert labels[:3] == ["sigmoid, xavier_normal", "tanh, xavier_normal", "relu, he_normal"]  # [3]: the cure
+    verdicts = {r["label"].split(",")[0]: r["verdict"] for r in data["reports"][:3]}
     assert verdicts["sigmoid"] == "vanishing" and verdicts["relu"] == "healthy"
-    for r in data["reports"]:
+    for r in data["reports"][:3]:
         assert r["sizes"] == [256] * 21 and r["batch"] == 64 and len(r["layers"]) == 20
-    assert text.count("verdict:") == 3 and "summary" in text
+    assert text.count("verdict:") == 4 and "summary" in text
     assert text.count("\n   19 ") == 3  # a per-layer table of 20 rows each
 
 
