@@ -39,7 +39,7 @@ PROBES = 16
 @dataclass
 class BlockFlow:
     """Layer ``index`` of the network (``kind``: dense, residual, layernorm, rmsnorm), batch means:
-    chi: ‖J‖_F²/h_in (exact, or a Hutchinson estimate for large blocks — ``chi_exact``);
+    chi: ‖J‖_F²/h_out, the MLP report's χ_j = ‖J_j‖_F²/H_j (docs/gradient-flow.md) (exact, or a Hutchinson estimate for large blocks — ``chi_exact``);
     jacobian_norm: ‖J‖₂ per sample, averaged; jacobian_bound: the factor's ``norm_bound`` per
     sample, averaged (dense: max|d|·‖W‖₂; residual: 1 + |s|·Π of the inner bounds;
     normalisation: max|γ|/σ); grad_norm: ‖∂L/∂θ‖ of the block's parameters (Euclidean, all
@@ -63,11 +63,11 @@ def _chi(F, B: int, seed: int) -> tuple[float, bool]:
     xp = F.xp
     if B * F.h_in * F.h_out <= EXACT_ELEMENTS:
         D = F.dense()
-        return float(to_numpy((D * D).sum(axis=(-2, -1))).mean()) / F.h_in, True
+        return float(to_numpy((D * D).sum(axis=(-2, -1))).mean()) / F.h_out, True
     rng = np.random.default_rng(seed)
     u = xp.asarray(rng.choice([-1.0, 1.0], size=(PROBES, F.h_in)).astype(F.dtype))
     Ju = stack_jvp(F, u)  # (B, PROBES, h_out): E‖J u‖² = ‖J‖_F²
-    return float(to_numpy((Ju * Ju).sum(axis=-1)).mean()) / F.h_in, False
+    return float(to_numpy((Ju * Ju).sum(axis=-1)).mean()) / F.h_out, False
 
 
 def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0, *,

@@ -1,4 +1,4 @@
-"""block_flow rows against dense NumPy references: chi = ‖J‖_F²/h_in, ‖J‖₂, the residual bound
+"""block_flow rows against dense NumPy references: chi = ‖J‖_F²/h_out (the MLP report's χ), ‖J‖₂, the residual bound
 1 + s·max|d|·‖W‖₂, and the Hutchinson path of large blocks."""
 
 import numpy as np
@@ -62,3 +62,19 @@ def test_large_blocks_estimate_chi_and_use_lanczos(monkeypatch):
 def test_block_flow_needs_a_sequential():
     with pytest.raises(TypeError, match="block_flow reads a jacgrad.Sequential, got MLP"):
         bf.block_flow(jg.MLP.init([2, 2]), np.ones((1, 2)))
+
+
+def test_chi_is_the_mlp_reports_on_a_narrowing_net():
+    """One χ definition: a Dense-only Sequential of a narrowing net gives the MLP report's χ column
+    (‖J_j‖_F²/H_j, the layer's OUTPUT width), checked against dense Jacobians formed here."""
+    mlp = jg.MLP.init([12, 7, 3], activation="tanh", seed=2)
+    seq = jg.Sequential([jg.layers.Dense(W, b, a) for W, b, a in zip(mlp.weights, mlp.biases, mlp.activations)])
+    x = np.random.default_rng(1).standard_normal((6, 12))
+    rows = bf.block_flow(seq, x)
+    h1 = x @ mlp.weights[0] + mlp.biases[0]
+    J0 = (1 - np.tanh(h1) ** 2)[:, :, None] * mlp.weights[0].T[None]                # (B, 7, 12)
+    J1 = np.broadcast_to(mlp.weights[1].T, (6, 3, 7))                                 # identity output
+    for row, J in zip(rows, (J0, J1)):
+        assert row.chi == pytest.approx((J ** 2).sum(axis=(1, 2)).mean() / J.shape[1], rel=1e-12)
+    rep = jg.diagnostics.gradient_flow(mlp, x)
+    assert [r.chi for r in rows] == pytest.approx([L.chi for L in rep.layers], rel=1e-12)

@@ -64,7 +64,7 @@ def test_rows_match_dense_per_block_jacobians():
     z, chis = x, []
     for layer, row in zip(net.layers, rep.blocks):
         z_next, J, bound = _forward_jac(layer, z)
-        chi = float(((J ** 2).sum(axis=(1, 2))).mean() / J.shape[2])
+        chi = float(((J ** 2).sum(axis=(1, 2))).mean() / J.shape[1])  # / H_out, as the MLP report
         norm = float(np.linalg.norm(J, 2, axis=(1, 2)).mean())
         assert row.kind == layer.kind and (row.h_in, row.h_out) == (J.shape[2], J.shape[1])
         assert row.chi == pytest.approx(chi, rel=1e-10)
