@@ -290,3 +290,14 @@ def test_gpu_suite_records_a_check_that_raises_and_reports_it():
     assert "| peers | failed |" in md and "<summary>peers: RuntimeError: boom</summary>" in md
     assert all(t["met"] is None for t in results["targets"])  # nothing measured: no verdicts
     json.dumps(bench.report.strict_json(results), allow_nan=False)
+
+
+def test_blas_kernel_warning_names_the_setting_only_when_it_costs_avx512():
+    from jacgrad.bench.machine import blas_kernel_warning
+
+    w = blas_kernel_warning("Haswell", "Haswell", {"avx2", "avx512f", "avx512bw"})
+    assert w is not None and "OPENBLAS_CORETYPE=Haswell" in w and "AVX-512" in w
+    assert blas_kernel_warning("Haswell", "Haswell", {"avx2"}) is None          # the right kernels for this CPU
+    assert blas_kernel_warning("SkylakeX", None, {"avx2", "avx512f"}) is None    # AVX-512 kernels already
+    assert blas_kernel_warning(None, None, {"avx512f"}) is None                  # not OpenBLAS / unknown
+    assert "OpenBLAS's own choice" in blas_kernel_warning("Zen", None, {"avx512f"})

@@ -54,6 +54,40 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# OpenBLAS kernel families that use no AVX-512
+_PRE_AVX512_KERNELS = {"haswell", "zen", "sandybridge", "nehalem", "core2", "prescott", "atom", "bulldozer",
+                       "piledriver", "steamroller", "excavator", "barcelona", "opteron"}
+
+
+def blas_kernel_warning(architecture: str | None, coretype: str | None, cpu_flags: set[str]) -> str | None:
+    """A warning when NumPy's OpenBLAS was made to run pre-AVX-512 kernels on a CPU that has AVX-512:
+    ``OPENBLAS_CORETYPE`` forces the kernel family, and torch (MKL) and JAX (XLA) are not bound by it,
+    so a race between them measures the setting, not the libraries.
+
+        >>> blas_kernel_warning("Haswell", "Haswell", {"avx2", "avx512f"}) is not None
+        True
+        >>> blas_kernel_warning("SkylakeX", None, {"avx2", "avx512f"}) is None
+        True
+    """
+    if not architecture or "avx512f" not in cpu_flags or architecture.lower() not in _PRE_AVX512_KERNELS:
+        return None
+    why = f"OPENBLAS_CORETYPE={coretype}" if coretype else "OpenBLAS's own choice"
+    return (f"NumPy's OpenBLAS runs {architecture} kernels ({why}) on a CPU with AVX-512, which torch's MKL and "
+            "JAX's XLA use (on this project's AMD EPYC the float32 training step took 1.6x as long with Haswell kernels). To race them, run with OPENBLAS_CORETYPE and "
+            "OPENBLAS_L2_SIZE unset (env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE jacgrad bench ...)")
+
+
 def _gpu_name(live: list[Backend]) -> str | None:
     """The CUDA device's name when a GPU backend runs (asked of CuPy, else torch)."""
     if not any(b.device == "gpu" for b in live):
@@ -95,6 +129,7 @@ def environment(threads: dict, live: list[Backend]) -> dict:
         "thread_report": tr,
         "threads_line": ", ".join(parts),
         "blas_line": blas_line,
+        "blas_warning": blas_kernel_warning(blas.get("architecture"), os.environ.get("OPENBLAS_CORETYPE"), _cpu_flags()),
     }
 
 

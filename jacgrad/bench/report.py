@@ -91,6 +91,8 @@ def format_table(result: dict) -> str:
     ]
     if env.get("blas_line"):
         lines.append(f"BLAS: {env['blas_line']}")
+    if env.get("blas_warning"):
+        lines.append(f"warning: {env['blas_warning']}")
     load = env.get("load_average") or {}
     if load.get("start") is not None:
         busy = max(load["start"], load.get("end") or 0) > 0.5 * env.get("thread_report", {}).get("cpus", 1)
