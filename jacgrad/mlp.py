@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _lazy, initializers, kernels, losses
+from . import _lazy, initializers, losses
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
 from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
@@ -23,63 +23,14 @@ from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
 from .chain import Chain
 from .compiled import TrainingStep
 from .jacobian import LayerJacobian
-from . import curvature, loss_hessians, per_sample  # parameter-space pieces (none imports mlp)
-from ._passes import grad_views
+from ._forward_cache import ForwardCache
+from ._mlp_interop import InteropMethods
+from ._mlp_param_space import ParameterSpaceMethods
 
 __all__ = ["MLP", "ForwardCache", "Gradients"]
 
 
-class ForwardCache:
-    """What ``MLP.forward`` keeps for ``backward`` and ``jacobian_chain``: exactly one
-    ``(B, H_j)`` array per layer plus a reference (not a copy) to the input ``x`` (a C-contiguous
-    copy of it when ``x`` was not C-contiguous or not of the network's dtype).
-
-    Layer j keeps its output ``y_j`` when ``φ_j'`` is a function of the output (tanh, sigmoid,
-    relu, …: ``y`` is both the next layer's input and the derivative's argument), else its
-    pre-activation ``h_j`` (gelu, silu, softplus: ``z_j = φ_j(h_j)`` is recomputed in backward
-    for ``∂L/∂W_{j+1}``). Memory: ``B · Σ_j H_j`` elements. The ``y`` that ``forward`` returns is
-    never one of these arrays, so changing it in place (``y -= t``) changes nothing here.
-
-    The cache does not copy the weights: ``backward`` and ``jacobian_chain`` read ``net.weights``
-    when they are called. Replacing ``net.weights[j]`` or ``net.activations[j]`` after the
-    forward pass makes them raise ``ValueError`` (run forward again). Changing a weight IN PLACE
-    (``W -= lr * dW``, or a framework that shares the memory taking an optimiser step) is not
-    detected, and neither is changing ``x`` in place: backward then combines the new weights with
-    the old activations — the gradient of neither network. Run forward again after an update.
-    """
-
-    __slots__ = ("x", "saved", "from_output", "_owner", "_acts", "_weights")
-
-    def __init__(self, x, saved, from_output, owner, acts, weights=()):
-        self.x, self.saved, self.from_output = x, saved, from_output
-        self._owner, self._acts, self._weights = owner, acts, tuple(weights)
-
-    @property
-    def batch(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the saved per-layer arrays (the input is the caller's)."""
-        return int(sum(a.nbytes for a in self.saved))
-
-    def layer_output(self, j: int):
-        """``z_j: (B, H_j)`` — saved, or recomputed from ``h_j`` (a fresh array)."""
-        if j < 0:
-            return self.x
-        if self.from_output[j]:
-            return self.saved[j]
-        return kernels.activation_forward(self.saved[j], self._acts[j])
-
-    def layer_output_and_derivative(self, j: int) -> tuple:
-        """``(z_j, d_j)``: as ``layer_output``, plus ``d_j = φ_j'(h_j)`` when ``z_j`` had to be
-        recomputed from ``h_j`` (one pass gives both: ``kernels.forward_with_derivative``), else None."""
-        if j < 0 or self.from_output[j]:
-            return self.layer_output(j), None
-        return kernels.forward_with_derivative(self.saved[j], self._acts[j])
-
-
-class MLP:
+class MLP(ParameterSpaceMethods, InteropMethods):
     """A multilayer perceptron with public ``weights``, ``biases`` and ``activations`` lists.
 
     ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``, ``activations[j]``: a name from
@@ -390,138 +341,6 @@ class MLP:
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
-    # ------------------------------------------------------------------ parameter space
-    # The batch loss is the mean of per-sample losses ℓ_i (mse and sigmoid_bce: ℓ_i averages over
-    # sample i's outputs), so sample i's deltas are B times the batch deltas: one ordinary
-    # forward and backward pass serve every per-sample quantity (jacgrad.per_sample).
-    def _per_sample_deltas(self, x: Any, target: Any, loss: str):
-        """``(cache, deltas)``: the forward cache and ``∂L/∂h_j: (B, H_j)`` of the batch loss."""
-        loss_fn = losses.get(loss)
-        y, cache = self.forward(x)
-        _, grad_y = loss_fn(y, target)
-        return cache, self.backward(cache, grad_y, input_grad=False).deltas
-
-    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
-        """Euclidean norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per layer
-        (weights and bias of layer j together) with ``per_layer=True``.
-
-        From ``‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖² = (‖z_{j-1,i}‖² + 1)‖δ_{j,i}‖²`` with the deltas of one
-        backward pass: extra memory ``O(B·Σ H)``, no per-sample gradient is built. The norms of
-        ``per_sample_grads`` (and of torch.func's ``vmap(grad)``; BackPACK's BatchL2Grad is B² times
-        smaller in its squares: it differentiates ``ℓ_i / B``).
-
-            >>> import numpy as np, jacgrad as jg
-            >>> net = jg.MLP.init([3, 5, 2], seed=0)
-            >>> net.per_sample_grad_norms(np.ones((4, 3)), np.zeros((4, 2)), per_layer=True).shape
-            (4, 2)
-        """
-        lazy = _lazy.handler_for(x)
-        if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
-            return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
-        cache, deltas = self._per_sample_deltas(x, target, loss)
-        sq = per_sample.grad_sq_norms(cache.layer_output, deltas, float(cache.batch))
-        xp = get_xp(sq)
-        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
-
-    def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB):
-        """Every sample's own gradient ``∇_θ ℓ_i`` as a ``Gradients``: ``weights[j]: (B, H_{j-1}, H_j)``,
-        ``biases[j]: (B, H_j)``, ``flat: (B, P)`` (row i laid out as ``Gradients.flat``; the others
-        are views of it), ``deltas[j] = ∂ℓ_i/∂h_{j,i}: (B, H_j)``, ``input`` None.
-
-        Convention: the gradient of ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives it;
-        BackPACK's BatchGrad differentiates ``ℓ_i / B`` (its per-sample gradients sum to the batch
-        gradient), so it is ours divided by B; ``mean_i`` of ours is ``loss_and_grads``' gradient.
-
-        It materialises ``B × P`` numbers on purpose; when ``B·P·itemsize`` exceeds ``max_memory``
-        bytes (default 1 GiB; None: no limit) it raises ``ValueError`` with the size before
-        allocating — ``per_sample_grad_norms`` gives the norms in ``O(B·Σ H)``.
-
-            >>> import numpy as np, jacgrad as jg
-            >>> net = jg.MLP.init([3, 5, 2], seed=0)
-            >>> g = net.per_sample_grads(np.ones((4, 3)), np.zeros((4, 2)))
-            >>> g.flat.shape, g.weights[0].shape, g.biases[1].shape
-            ((4, 32), (4, 3, 5), (4, 2))
-        """
-        cache, deltas = self._per_sample_deltas(x, target, loss)
-        B, P = cache.batch, sum(W.size + W.shape[1] for W in self.weights)
-        per_sample.check_budget(
-            f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
-            max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
-            "or split the batch")
-        xp = get_xp(deltas[0])
-        for d in deltas:
-            d *= B  # ours: a fresh block from this call's backward
-        flat = xp.empty((B, P), dtype=self.dtype)
-        dW, db = per_sample.per_sample_views(flat, self.weights)
-        per_sample.fill_grads(dW, db, cache.layer_output, deltas)
-        return Gradients(dW, db, None, deltas, flat)
-
-    def _flat_direction(self, v: Any):
-        """``v`` as a flat ``(P,)`` parameter direction of this network's dtype, checked."""
-        xp = self.xp
-        try:
-            get_xp(v, self.weights[0])
-        except TypeError:
-            raise TypeError(f"v is on another device than the network ({self.device}); move it with jacgrad.to_device") from None
-        v = float_array(v, "v", xp)
-        P = sum(W.size + W.shape[1] for W in self.weights)
-        if v.shape != (P,):
-            raise ValueError(f"v has shape {shape_str(v.shape)} but the network has P={P} parameters: needs ({P},), "
-                             f"laid out as Gradients.flat (W0, b0, W1, b1, ...)")
-        return v.astype(self.dtype, copy=False)
-
-    def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
-        """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
-        in ``Gradients.flat`` order. ``J_i = ∂y_i/∂θ``, ``H_i`` the Hessian of sample i's loss in its
-        output (``jacgrad.loss_hessians``).
-
-        One forward-mode pass in parameter space (``curvature.parameter_jvp``), ``H_i / B`` per
-        sample in closed form, one ``backward``. For ``mse``, ``sigmoid_bce`` and
-        ``softmax_cross_entropy`` (labels or probability rows) ``H`` does not depend on the
-        target; ``target`` is optional and, when given, only checked (softmax float rows that do
-        not sum to 1 scale ``H_i`` by their sum, as they scale the loss).
-
-            >>> import numpy as np, jacgrad as jg
-            >>> net = jg.MLP.init([3, 5, 2], seed=0)
-            >>> net.ggn_vp(np.ones((4, 3)), np.ones(32)).shape
-            (32,)
-        """
-        v = self._flat_direction(v)
-        y, cache = self.forward(x)
-        vW, vb = grad_views(v, self.weights)
-        factors = [self._factor(cache, j) for j in range(self.depth)]
-        t = curvature.parameter_jvp(factors, cache.layer_output, vW, vb)
-        u = loss_hessians.hessian_vp(loss, y, t, target)
-        u /= max(cache.batch, 1)
-        return self.backward(cache, u, input_grad=False).flat
-
-    def ggn_diagonal(self, x: Any, target: Any = None, loss: str = "mse", max_memory: float | None = 1 << 28):
-        """The exact diagonal of ``ggn_vp``'s ``G``, as a ``Gradients`` (``weights[j]: (H_{j-1}, H_j)``,
-        ``biases[j]``, ``flat (P,)``; ``input`` and ``deltas`` None) — BackPACK's DiagGGNExact.
-
-        Per layer ``(1/B) Σ_i outer(z_{j-1,i}², Σ_ρ G_j[i, ρ]²)`` with ``G_j[i] = V_i ∂y_i/∂h_{j,i}``
-        and ``H_i = V_iᵀ V_i`` (``curvature``); the samples go through in chunks whose
-        ``(chunk, n_out, max H)`` working block stays under ``max_memory`` bytes (default 256 MiB).
-        ``target`` as for ``ggn_vp``.
-
-            >>> import numpy as np, jacgrad as jg
-            >>> net = jg.MLP.init([3, 5, 2], seed=0)
-            >>> net.ggn_diagonal(np.ones((4, 3))).weights[0].shape
-            (3, 5)
-        """
-        y, cache = self.forward(x)
-        V = loss_hessians.hessian_factor(loss, y, target)
-        xp, B = get_xp(y), cache.batch
-        flat, dW, db = carve_gradients(xp, self.weights, self.dtype, zero=True)
-        per_row = 2 * V.shape[1] * max(self.sizes) * self.dtype.itemsize
-        chunk = max(1, int(max_memory // per_row)) if max_memory is not None else max(B, 1)
-        chain = self.jacobian_chain(cache)
-        zs = [cache.layer_output(j) for j in range(-1, self.depth - 1)]  # recomputed once, not per chunk
-        for start in range(0, B, chunk):
-            sel = slice(start, min(B, start + chunk))
-            curvature.accumulate_diagonal(chain.rows(sel).factors, lambda j: zs[j + 1][sel], V[sel], dW, db, 1.0 / B)
-        return Gradients(dW, db, None, None, flat)
-
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Write ``W0, b0, W1, b1, …`` and the activation names to ``.npz`` or ``.safetensors``
@@ -539,55 +358,6 @@ class MLP:
         from .netfile import load
 
         return cls.from_spec(load(path, activations=activations, dtype=dtype, device=device))
-
-    # ------------------------------------------------------------------ bring your own model
-    @classmethod
-    def from_spec(cls, spec) -> "MLP":
-        """The network of a ``jacgrad.interop.NetSpec`` (its arrays are used as they are, not copied)."""
-        return cls(spec.weights, spec.biases, spec.activations)
-
-    @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype: str | None = None) -> "MLP":
-        """The network of an ``nn.Sequential`` (or iterable of modules) of ``nn.Linear`` and
-        activation modules; ``W_j = weight.T``. ``copy=False`` shares the parameters' memory, so a
-        model that keeps training is seen live (run ``forward`` again after each step: a cache
-        taken before it mixes old activations with new weights). Details and the supported
-        modules: ``jacgrad.interop.torch``.
-
-            >>> import torch, jacgrad as jg
-            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-            >>> jg.MLP.from_torch(model).activations
-            ['tanh', 'identity']
-        """
-        from .interop.torch import spec_from_torch
-
-        return cls.from_spec(spec_from_torch(module, copy=copy, dtype=dtype))
-
-    def to_torch(self):
-        """An ``nn.Sequential`` with copies of these weights and the same activations (CUDA for a
-        GPU network); ``MLP.from_torch`` of it gives this network back exactly."""
-        from .interop.torch import to_torch
-
-        return to_torch(self.weights, self.biases, self.activations)
-
-    @classmethod
-    def from_sklearn(cls, estimator, copy: bool = True) -> "MLP":
-        """The network of a fitted ``MLPClassifier`` / ``MLPRegressor``: its ``coefs_`` and
-        ``intercepts_``, hidden activation mapped (``logistic`` -> ``sigmoid``), output layer
-        ``identity`` (sklearn's softmax/logistic belong to the loss). sklearn's loss conventions
-        and the conversion: ``jacgrad.interop.sklearn``."""
-        from .interop.sklearn import spec_from_sklearn
-
-        return cls.from_spec(spec_from_sklearn(estimator, copy=copy))
-
-    @classmethod
-    def from_flax(cls, params, activations, copy: bool = True) -> "MLP":
-        """The network of flax.linen ``Dense`` parameters ``{'Dense_0': {'kernel': (in, out),
-        'bias': (out,)}, ...}`` (or ``{'params': {...}}``) in numeric layer order;
-        ``activations``: one name, or one per Dense layer. See ``jacgrad.interop.flax``."""
-        from .interop.flax import spec_from_flax
-
-        return cls.from_spec(spec_from_flax(params, activations, copy=copy))
 
 
 def _no_replace(what: str):

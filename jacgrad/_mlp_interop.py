@@ -1,0 +1,64 @@
+"""Bring your own model: ``MLP``'s constructors from (and export to) PyTorch, scikit-learn, Flax and
+``jacgrad.interop.NetSpec``. ``MLP`` inherits these methods; each framework is imported by
+``jacgrad.interop`` only when called."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotations only: mlp imports this module
+    from .mlp import MLP
+
+__all__ = ["InteropMethods"]
+
+
+class InteropMethods:
+    """``from_spec``, ``from_torch``, ``to_torch``, ``from_sklearn``, ``from_flax`` (``MLP``'s)."""
+
+    @classmethod
+    def from_spec(cls, spec) -> "MLP":
+        """The network of a ``jacgrad.interop.NetSpec`` (its arrays are used as they are, not copied)."""
+        return cls(spec.weights, spec.biases, spec.activations)
+
+    @classmethod
+    def from_torch(cls, module, copy: bool = True, dtype: str | None = None) -> "MLP":
+        """The network of an ``nn.Sequential`` (or iterable of modules) of ``nn.Linear`` and
+        activation modules; ``W_j = weight.T``. ``copy=False`` shares the parameters' memory, so a
+        model that keeps training is seen live (run ``forward`` again after each step: a cache
+        taken before it mixes old activations with new weights). Details and the supported
+        modules: ``jacgrad.interop.torch``.
+
+            >>> import torch, jacgrad as jg
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> jg.MLP.from_torch(model).activations
+            ['tanh', 'identity']
+        """
+        from .interop.torch import spec_from_torch
+
+        return cls.from_spec(spec_from_torch(module, copy=copy, dtype=dtype))
+
+    def to_torch(self):
+        """An ``nn.Sequential`` with copies of these weights and the same activations (CUDA for a
+        GPU network); ``MLP.from_torch`` of it gives this network back exactly."""
+        from .interop.torch import to_torch
+
+        return to_torch(self.weights, self.biases, self.activations)
+
+    @classmethod
+    def from_sklearn(cls, estimator, copy: bool = True) -> "MLP":
+        """The network of a fitted ``MLPClassifier`` / ``MLPRegressor``: its ``coefs_`` and
+        ``intercepts_``, hidden activation mapped (``logistic`` -> ``sigmoid``), output layer
+        ``identity`` (sklearn's softmax/logistic belong to the loss). sklearn's loss conventions
+        and the conversion: ``jacgrad.interop.sklearn``."""
+        from .interop.sklearn import spec_from_sklearn
+
+        return cls.from_spec(spec_from_sklearn(estimator, copy=copy))
+
+    @classmethod
+    def from_flax(cls, params, activations, copy: bool = True) -> "MLP":
+        """The network of flax.linen ``Dense`` parameters ``{'Dense_0': {'kernel': (in, out),
+        'bias': (out,)}, ...}`` (or ``{'params': {...}}``) in numeric layer order;
+        ``activations``: one name, or one per Dense layer. See ``jacgrad.interop.flax``."""
+        from .interop.flax import spec_from_flax
+
+        return cls.from_spec(spec_from_flax(params, activations, copy=copy))
