@@ -4,24 +4,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for the annotations only: mlp imports this module
-    from .mlp import MLP
+from typing import TypeVar
 
 __all__ = ["InteropMethods"]
+
+Net = TypeVar("Net", bound="InteropMethods")  # the class these are called on (MLP): no import of mlp
 
 
 class InteropMethods:
     """``from_spec``, ``from_torch``, ``to_torch``, ``from_sklearn``, ``from_flax`` (``MLP``'s)."""
 
     @classmethod
-    def from_spec(cls, spec) -> "MLP":
+    def from_spec(cls: type[Net], spec) -> Net:
         """The network of a ``jacgrad.interop.NetSpec`` (its arrays are used as they are, not copied)."""
         return cls(spec.weights, spec.biases, spec.activations)
 
     @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype: str | None = None) -> "MLP":
+    def from_torch(cls: type[Net], module, copy: bool = True, dtype: str | None = None) -> Net:
         """The network of an ``nn.Sequential`` (or iterable of modules) of ``nn.Linear`` and
         activation modules; ``W_j = weight.T``. ``copy=False`` shares the parameters' memory, so a
         model that keeps training is seen live (run ``forward`` again after each step: a cache
@@ -45,7 +44,7 @@ class InteropMethods:
         return to_torch(self.weights, self.biases, self.activations)
 
     @classmethod
-    def from_sklearn(cls, estimator, copy: bool = True) -> "MLP":
+    def from_sklearn(cls: type[Net], estimator, copy: bool = True) -> Net:
         """The network of a fitted ``MLPClassifier`` / ``MLPRegressor``: its ``coefs_`` and
         ``intercepts_``, hidden activation mapped (``logistic`` -> ``sigmoid``), output layer
         ``identity`` (sklearn's softmax/logistic belong to the loss). sklearn's loss conventions
@@ -55,7 +54,7 @@ class InteropMethods:
         return cls.from_spec(spec_from_sklearn(estimator, copy=copy))
 
     @classmethod
-    def from_flax(cls, params, activations, copy: bool = True) -> "MLP":
+    def from_flax(cls: type[Net], params, activations, copy: bool = True) -> Net:
         """The network of flax.linen ``Dense`` parameters ``{'Dense_0': {'kernel': (in, out),
         'bias': (out,)}, ...}`` (or ``{'params': {...}}``) in numeric layer order;
         ``activations``: one name, or one per Dense layer. See ``jacgrad.interop.flax``."""
