@@ -32,7 +32,7 @@ from . import activations as _activations
 from . import losses as _losses
 from ._io_spectrum import finish_spectrum, merge_spectrum, spectrum_partial
 from ._lanczos import top_eigenvalues
-from ._layer_norms import layer_dense, layer_gram, report_tol, weight_norm_squared
+from ._layer_norms import layer_dense, layer_gram, report_tol, small_gram, weight_norm_squared
 from .backend import get_xp
 from .jacobian import LayerJacobian
 
@@ -157,10 +157,11 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
     nan = math.nan
     norm_sum = bound_sum = w2 = nan
     if finite:
-        w2sq = weight_norm_squared(xp, W, seed + j)
+        gram = small_gram(W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
+        w2sq = weight_norm_squared(xp, W, seed + j, gram)
         sq = top_eigenvalues(
-            layer_gram(xp, J, d), B, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j, tol=report_tol(d.dtype),
-            lower=lower, upper=maxd2 * w2sq, dense=layer_dense(xp, J, d),
+            layer_gram(xp, J, d, gram), B, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j,
+            tol=report_tol(d.dtype), lower=lower, upper=maxd2 * w2sq, dense=layer_dense(xp, J, d, gram),
         )
         w2 = math.sqrt(w2sq)
         norm_sum = float(np.sqrt(np.maximum(sq, 0.0)).sum())

@@ -13,7 +13,7 @@ import numpy as np
 from ._lanczos import top_eigenvalues
 from .jacobian import LayerJacobian
 
-__all__ = ["CHUNK_ELEMENTS", "REPORT_TOL", "layer_dense", "layer_gram", "report_tol", "weight_norm_squared"]
+__all__ = ["CHUNK_ELEMENTS", "REPORT_TOL", "layer_dense", "layer_gram", "report_tol", "small_gram", "weight_norm_squared"]
 
 CHUNK_ELEMENTS = 1 << 20  # the (r, H_in, H_out) intermediate of the dense widening form: 8 MiB f64
 
@@ -26,14 +26,31 @@ def report_tol(dtype) -> float:
     return REPORT_TOL if np.dtype(dtype) == np.float64 else 1e-5
 
 
-def weight_norm_squared(xp, W, seed: int) -> float:
-    """‖W‖₂² from the smaller Gram matrix: Lanczos, or its dense eigensolve where that is cheaper
-    or Lanczos is slow to settle (see ``top_eigenvalues``)."""
+def small_gram(W):
+    """``() -> G``: the Gram matrix of ``W: (H_in, H_out)`` on its smaller side — ``WᵀW: (H_out, H_out)``
+    when ``H_out ≤ H_in``, else ``WWᵀ: (H_in, H_in)`` — formed by one GEMM on the first call and
+    kept. One per layer, shared by ``weight_norm_squared``, ``layer_gram`` and ``layer_dense``:
+    ``top_eigenvalues`` applies the matrix-free and the dense operator only to the rows its bounds
+    leave open, often only one of them, or none."""
+    G = []
+
+    def gram():
+        if not G:
+            G.append(W.T @ W if W.shape[1] <= W.shape[0] else W @ W.T)
+        return G[0]
+
+    return gram
+
+
+def weight_norm_squared(xp, W, seed: int, gram=None) -> float:
+    """‖W‖₂² from the smaller Gram matrix (``gram``: the layer's ``small_gram(W)``, made here when
+    None): Lanczos, or its dense eigensolve where that is cheaper or Lanczos is slow to settle
+    (see ``top_eigenvalues``)."""
     h_in, h_out = W.shape
     n = min(h_in, h_out)
     if n == 0:
         return 0.0
-    G = W.T @ W if h_out <= h_in else W @ W.T
+    G = (gram or small_gram(W))()
 
     def matvec(v, rows):
         return v @ G
@@ -42,11 +59,12 @@ def weight_norm_squared(xp, W, seed: int) -> float:
                                  dense=lambda rows: G[None])[0])
 
 
-def layer_gram(xp, J: LayerJacobian, d):
-    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for the samples ``rows``."""
+def layer_gram(xp, J: LayerJacobian, d, gram=None):
+    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for the samples
+    ``rows``; ``gram``: the layer's ``small_gram(J.W)`` to share, made here when None."""
     W = J.W
     if J.h_out <= J.h_in:
-        G = _gram_on_first_use(W)  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
+        G = gram or small_gram(W)  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
 
         def matvec(v, rows):
             s = d[_device_rows(xp, rows)]
@@ -61,12 +79,13 @@ def layer_gram(xp, J: LayerJacobian, d):
     return matvec
 
 
-def layer_dense(xp, J: LayerJacobian, d):
-    """``dense(rows) -> (len(rows), n, n)``: the same operators as matrices, n the smaller side."""
+def layer_dense(xp, J: LayerJacobian, d, gram=None):
+    """``dense(rows) -> (len(rows), n, n)``: the same operators as matrices, n the smaller side;
+    ``gram`` as for ``layer_gram``."""
     W = J.W
     h_in, h_out = J.h_in, J.h_out
     if h_out <= h_in:
-        G = _gram_on_first_use(W)
+        G = gram or small_gram(W)
 
         def dense(rows):
             s = d[_device_rows(xp, rows)]
@@ -80,19 +99,6 @@ def layer_dense(xp, J: LayerJacobian, d):
             return xp.concatenate([(W[None] * s2[i : i + per, None, :]) @ W.T for i in range(0, len(rows), per)])
 
     return dense
-
-
-def _gram_on_first_use(W):
-    """``() -> WᵀW``, formed on the first call: ``top_eigenvalues`` applies the matrix-free and
-    the dense operator only to the rows its bounds leave open, often only one of them, or none."""
-    G = []
-
-    def gram():
-        if not G:
-            G.append(W.T @ W)
-        return G[0]
-
-    return gram
 
 
 def _device_rows(xp, rows):

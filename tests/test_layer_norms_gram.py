@@ -4,6 +4,7 @@ import numpy as np
 
 import jacgrad as jg
 from jacgrad._lanczos import top_eigenvalues
+from jacgrad.diagnostics import gradient_flow
 from jacgrad._layer_norms import layer_dense, layer_gram
 
 
@@ -42,3 +43,32 @@ def test_gram_formed_once_on_first_use_and_operators_match_dense():
     top = top_eigenvalues(layer_gram(np, J, d), B, h_out, xp=np, dtype=np.float64, dense=layer_dense(np, J, d))
     np.testing.assert_allclose(top, np.linalg.eigvalsh(expected)[:, -1], rtol=1e-10)
     assert CountingW.gemms == 1  # the direct eigensolve (n <= DIRECT_BELOW) alone formed it
+
+
+def test_report_forms_each_layers_gram_once_for_norm_and_both_operators(monkeypatch):
+    """‖W‖₂ (weight_norm_squared), the matrix-free and the dense layer operator share one WᵀW per
+    layer: the report's layer partial forms one Gram GEMM per layer, not up to three."""
+    import jacgrad._flow as flow
+    import jacgrad._layer_norms as ln
+
+    real, memos = ln.small_gram, []
+
+    def counting(W):
+        memos.append(1)
+        return real(np.asarray(W).view(CountingW))  # counts the GEMMs that form the Gram
+
+    monkeypatch.setattr(flow, "small_gram", counting)
+    # tapering widths: H_out <= H_in everywhere, so every operator reads WᵀW; small widths take
+    # the dense eigensolve, which (with ‖W‖₂ already from the Gram) is where the old code re-formed it
+    net = jg.MLP.init([12, 10, 8, 6], activation="tanh", seed=3)
+    x = np.random.default_rng(1).standard_normal((5, 12))
+    CountingW.gemms = 0
+    report = gradient_flow(net, x)
+    assert len(memos) == 3 and CountingW.gemms == 3  # one memo and one WᵀW per layer
+    y, cache = net.forward(x)  # and the answer is still ‖J_j‖₂ per sample, against a dense SVD
+    chain = net.jacobian_chain(cache)
+    for j, row in enumerate(report.layers):
+        F = chain.factors[j]
+        d = np.broadcast_to(F.d, (5, F.h_out))
+        dense = np.stack([np.diag(d[b]) @ np.asarray(F.W).T for b in range(5)])
+        np.testing.assert_allclose(row.jacobian_norm, np.linalg.norm(dense, ord=2, axis=(1, 2)).mean(), rtol=1e-6)
