@@ -36,7 +36,7 @@ from .. import activations as _activations
 from ..backend import asarray, get_xp, is_gpu_array
 from . import NetSpec, require
 
-__all__ = ["spec_from_torch", "to_torch", "SUPPORTED"]
+__all__ = ["SUPPORTED", "activation_module", "activation_name", "spec_from_torch", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -46,24 +46,47 @@ def _torch():
     return require("torch", "reading or writing a PyTorch model", "pip install torch")
 
 
-def _activation_name(nn, m) -> str | None:
-    """The jacgrad name of an activation module, or None when ``m`` is not one."""
-    t = type(m)
-    get = _activations.get
-    table = {
-        nn.ReLU: lambda: "relu",
-        nn.Tanh: lambda: "tanh",
-        nn.Sigmoid: lambda: "sigmoid",
-        nn.SiLU: lambda: "silu",
-        nn.LeakyReLU: lambda: get("leaky_relu", negative_slope=m.negative_slope).name,
-        nn.ELU: lambda: get("elu", alpha=m.alpha).name,
-        nn.Softplus: lambda: get("softplus", beta=m.beta, threshold=m.threshold).name,
-        nn.Hardtanh: lambda: get("hard_tanh", min_val=m.min_val, max_val=m.max_val).name,
-        nn.ReLU6: lambda: get("hard_tanh", min_val=m.min_val, max_val=m.max_val).name,
-        nn.GELU: lambda: {"none": "gelu", "tanh": "gelu_tanh"}[m.approximate],
-    }
-    make = table.get(t)
-    return None if make is None else make()
+# The one table between torch's activation modules and jacgrad's activation rows, read both ways:
+# (jacgrad family, torch module class, the parameters shared by name, fixed module attributes).
+_ACTIVATION_MODULES = (
+    ("relu", "ReLU", (), {}),
+    ("tanh", "Tanh", (), {}),
+    ("sigmoid", "Sigmoid", (), {}),
+    ("silu", "SiLU", (), {}),
+    ("gelu", "GELU", (), {"approximate": "none"}),
+    ("gelu_tanh", "GELU", (), {"approximate": "tanh"}),
+    ("leaky_relu", "LeakyReLU", ("negative_slope",), {}),
+    ("elu", "ELU", ("alpha",), {}),
+    ("softplus", "Softplus", ("beta", "threshold"), {}),
+    ("hard_tanh", "Hardtanh", ("min_val", "max_val"), {}),
+)
+_READ_AS = {"ReLU6": "Hardtanh"}  # read through its base class's row (ReLU6 is Hardtanh(0, 6))
+
+
+def activation_name(nn, m) -> str | None:
+    """The jacgrad name of the activation module ``m`` with its parameters (``"leaky_relu(negative_slope=0.2)"``),
+    or None when ``m`` is not one (only torch's own classes, not subclasses of them)."""
+    cls = type(m).__name__
+    if getattr(nn, cls, None) is not type(m):
+        return None
+    cls = _READ_AS.get(cls, cls)
+    for family, torch_cls, params, fixed in _ACTIVATION_MODULES:
+        if torch_cls == cls and all(getattr(m, k) == v for k, v in fixed.items()):
+            return _activations.get(family, **{p: getattr(m, p) for p in params}).name
+    return None
+
+
+def activation_module(nn, name: str):
+    """A torch module computing the jacgrad activation ``name`` (None for identity)."""
+    act = _activations.get(name)
+    if act.family == "identity":
+        return None
+    values = dict(act.params)
+    for family, torch_cls, params, fixed in _ACTIVATION_MODULES:
+        if family == act.family:
+            return getattr(nn, torch_cls)(**{p: values[p] for p in params}, **fixed)
+    raise TypeError(f"activation {name!r} has no torch module; torch has: "
+                    f"{', '.join(f for f, *_ in _ACTIVATION_MODULES)}")
 
 
 def _flatten(torch, module) -> list[tuple[str, Any]]:
@@ -137,7 +160,7 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
             if (m.start_dim, m.end_dim) != (1, -1):
                 raise _unsupported(index, m, "flattens other than (B, ...) -> (B, n)")
             continue
-        name = _activation_name(nn, m)
+        name = activation_name(nn, m)
         if name is None:
             raise _unsupported(index, m)
         if not layers:
@@ -164,25 +187,6 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     return NetSpec(weights, biases, [L["activation"] or "identity" for L in layers], source=type(module).__name__)
 
 
-def _module_of(nn, name: str):
-    act = _activations.get(name)
-    p = dict(act.params)
-    make = {
-        "identity": lambda: None,
-        "relu": nn.ReLU,
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-        "silu": nn.SiLU,
-        "gelu": nn.GELU,
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "leaky_relu": lambda: nn.LeakyReLU(p["negative_slope"]),
-        "elu": lambda: nn.ELU(p["alpha"]),
-        "softplus": lambda: nn.Softplus(p["beta"], p["threshold"]),
-        "hard_tanh": lambda: nn.Hardtanh(p["min_val"], p["max_val"]),
-    }[act.family]
-    return make()
-
-
 def to_torch(weights, biases, activations):
     """An ``nn.Sequential`` of ``Linear`` (+ activation module, none for identity) per layer, with
     copies of ``weights[j].T`` and ``biases[j]`` in the same dtype, on the same device (CUDA
@@ -197,7 +201,7 @@ def to_torch(weights, biases, activations):
             lin.weight.copy_(t_W.T)
             lin.bias.copy_(t_b)
         modules.append(lin)
-        act = _module_of(nn, name)
+        act = activation_module(nn, name)
         if act is not None:
             modules.append(act)
     return nn.Sequential(*modules)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
+from .torch import SUPPORTED, activation_name
 
 __all__ = ["Residual", "layers_from_torch"]
 
@@ -42,21 +43,9 @@ class Residual(nn.Module):
 
 
 def _act_name(m: nn.Module) -> str | None:
-    """jacgrad's name of an activation module with torch's default parameters, else None."""
-    simple = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Identity: "identity"}
-    if type(m) in simple:
-        return simple[type(m)]
-    if isinstance(m, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}[m.approximate]
-    if isinstance(m, nn.Softplus) and m.beta == 1 and m.threshold == 20:
-        return "softplus"
-    if isinstance(m, nn.ELU) and m.alpha == 1.0:
-        return "elu"
-    if isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01:
-        return "leaky_relu"
-    if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (-1.0, 1.0):
-        return "hard_tanh"
-    return None
+    """jacgrad's name of an activation module (with its parameters), ``"identity"`` for
+    ``nn.Identity``, else None — the table of ``interop.torch``."""
+    return "identity" if type(m) is nn.Identity else activation_name(nn, m)
 
 
 def _np(t) -> np.ndarray:
@@ -98,14 +87,14 @@ def layers_from_torch(module: nn.Module, where: str = "module") -> list:
         elif isinstance(m, Residual):
             out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module"), m.scale))
         else:
-            raise TypeError(f"{at} is not supported; supported: nn.Linear, activations ({', '.join(_SUPPORTED_ACTS)}), "
-                            f"nn.LayerNorm, nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
+            raise TypeError(f"{at} is not supported; supported: {', '.join(_SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
+                            f"jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
     return out
 
 
-_SUPPORTED_ACTS = ("Tanh", "ReLU", "Sigmoid", "SiLU", "GELU", "Softplus", "ELU", "LeakyReLU", "Hardtanh", "Identity")
+_SUPPORTED = [s for s in SUPPORTED if not s.startswith(("Dropout", "Flatten"))]
 
 
 def _dtype(module: nn.Module):

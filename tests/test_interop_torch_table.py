@@ -1,0 +1,53 @@
+"""One activation table between torch modules and jacgrad rows, read by MLP.from_torch,
+MLP.to_torch and Sequential.from_torch alike (they used to keep three tables by hand, and the
+blocks reader refused every non-default parameter)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import jacgrad as jg  # noqa: E402
+from jacgrad import activations  # noqa: E402
+from jacgrad.interop.torch import activation_module, activation_name  # noqa: E402
+from jacgrad.interop.torch_blocks import Residual  # noqa: E402
+
+PARAMETERISED = [nn.LeakyReLU(0.2), nn.ELU(0.7), nn.Softplus(beta=2.0, threshold=10.0), nn.Hardtanh(-2.0, 3.0),
+                 nn.ReLU6(), nn.GELU(approximate="tanh"), nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.ReLU()]
+
+
+@pytest.mark.parametrize("family", [n for n in activations.names() if n != "identity"])
+def test_every_activation_row_has_a_torch_module_and_reads_back(family):
+    name = activations.get(family).name
+    module = activation_module(nn, name)
+    assert activation_name(nn, module) == name
+    h = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    np.testing.assert_allclose(activations.get(name).f(h.numpy()), module(h).numpy(), rtol=1e-14, atol=1e-15)
+
+
+def test_subclasses_and_foreign_modules_are_not_activations():
+    class MyTanh(nn.Tanh):
+        pass
+
+    assert activation_name(nn, MyTanh()) is None
+    assert activation_name(nn, nn.Linear(2, 2)) is None
+    assert activation_module(nn, "identity") is None
+
+
+@pytest.mark.parametrize("act", PARAMETERISED, ids=lambda m: repr(m))
+def test_blocks_reader_takes_parameterised_activations_like_the_mlp_reader(act):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 5), act, nn.Linear(5, 5))
+    model = nn.Sequential(nn.Linear(4, 5), act, Residual(inner, 0.5), nn.Linear(5, 3)).double()
+    net = jg.Sequential.from_torch(model)
+    assert net.layers[0].activation == activation_name(nn, act)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    np.testing.assert_allclose(net(x.numpy()), model(x).detach().numpy(), rtol=1e-12, atol=1e-13)
+    mlp = jg.MLP.from_torch(nn.Sequential(nn.Linear(4, 5), act, nn.Linear(5, 3)))
+    assert mlp.activations[0] == net.layers[0].activation
+
+
+def test_blocks_reader_error_lists_the_supported_modules():
+    with pytest.raises(TypeError, match=r"module 1 \(Softmax\) is not supported; supported: .*LeakyReLU.*nn.LayerNorm"):
+        jg.Sequential.from_torch(nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1)))
