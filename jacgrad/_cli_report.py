@@ -59,8 +59,6 @@ def _check_block_options(args) -> None:
         return
     if args.weights is not None:
         raise UsageError("--residual cannot be combined with --weights: the file defines the network")
-    if data is not None:
-        raise UsageError("--residual cannot be combined with --data: a dataset report reads dense layers only")
     if norm is not None and norm not in NORMS:
         raise UsageError(f"--norm: unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
 
@@ -114,7 +112,7 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
             label += _blocks_label(residual, scale, norm)
             net = block_net(net, residual, scale, norm)
         nets.append((label, net))
-    if args.activation is None and residual is None and data is None:
+    if args.activation is None and residual is None:
         # the default report: the cure beside the disease, whatever its verdict turns out to be
         act, every, scale, norm = CURE
         label, net = nets[list(DEFAULT_ACTIVATIONS).index(act)]

@@ -28,7 +28,9 @@ from .chain import Chain
 from ._report_blocks import block_dict, block_hints, block_json, block_text
 from .sequential import Sequential
 
-__all__ = ["BlockFlow", "BlockFlowReport", "block_flow", "block_report"]
+__all__ = ["BlockChunk", "BlockFlow", "BlockFlowReport", "block_flow", "block_report", "block_report_bytes",
+           "merge_block_partials",
+           "report_from_block_partial"]
 
 # Below this many elements of B·n·n a block's Frobenius norm and ‖J‖₂ are exact (dense); above,
 # ‖J‖_F² is a Hutchinson estimate (PROBES Rademacher probes) and ‖J‖₂ comes from Lanczos.
@@ -59,15 +61,24 @@ class BlockFlow:
     inner: list[str] = field(default_factory=list)
 
 
-def _chi(F, B: int, seed: int) -> tuple[float, bool]:
+def _exact(total: int, h_in: int, h_out: int) -> bool:
+    """Whether blocks of this shape are measured exactly (dense) for a batch of ``total`` samples:
+    decided by the whole batch, so every chunk of a dataset takes the same method."""
+    return total * h_in * h_out <= EXACT_ELEMENTS
+
+
+def _chi_sum(F, exact: bool, seed: int) -> float:
+    """``Σ_i ‖J_i‖_F²/h_out`` over the chunk's samples: exact from the dense factor, else the
+    Hutchinson estimate with ``PROBES`` Rademacher probes drawn from ``seed`` alone (the same
+    probes for every sample, however the batch is chunked)."""
     xp = F.xp
-    if B * F.h_in * F.h_out <= EXACT_ELEMENTS:
+    if exact:
         D = F.dense()
-        return float(to_numpy((D * D).sum(axis=(-2, -1))).mean()) / F.h_out, True
+        return float(to_numpy((D * D).sum())) / F.h_out
     rng = np.random.default_rng(seed)
     u = xp.asarray(rng.choice([-1.0, 1.0], size=(PROBES, F.h_in)).astype(F.dtype))
     Ju = stack_jvp(F, u)  # (B, PROBES, h_out): E‖J u‖² = ‖J‖_F²
-    return float(to_numpy((Ju * Ju).sum(axis=-1)).mean()) / F.h_out, False
+    return float(to_numpy((Ju * Ju).sum(axis=-1).mean(axis=-1).sum())) / F.h_out
 
 
 def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0, *,
@@ -75,37 +86,64 @@ def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0
     """One ``BlockFlow`` per layer of ``net`` on the batch ``x: (B, n_in)``; gradients of
     ``loss`` against ``target`` (default: zeros of the output's shape), or, when ``grad_y:
     (B, n_out)`` is given, of that cotangent (``target`` and ``loss`` are then unused)."""
-    return _rows(net, x, target, loss, seed, grad_y)[0]
-
-
-def _rows(net, x, target, loss, seed, grad_y):
-    """``(rows, chain, loss_value)``: the rows of ``block_flow``, the net's chain at ``x`` and
-    the loss (None when ``grad_y`` was given)."""
     if not isinstance(net, Sequential):
         raise TypeError(f"block_flow reads a jacgrad.Sequential, got {type(net).__name__}")
+    return _finish_rows(_partial(net, x, target, loss, seed, grad_y, 0, None))
+
+
+def _partial(net, x, target, loss, seed, grad_y, start: int, total) -> dict:
+    """The sums of one chunk ``x`` = samples ``start .. start+B-1`` of a batch of ``total``
+    (None: this chunk is the batch); ``target`` None: zeros: per block Σχ, Σ‖J‖₂, Σbound and the parameter gradient
+    summed over the samples; Σ‖J‖₂ of the whole chain; the loss sum (None for ``grad_y``)."""
     y, cache = net.forward(x)
-    value = None
+    B = cache.batch
+    total = B if total is None else int(total)
+    loss_sum, factor = None, 1.0  # a cotangent's gradients are already sums over the samples
     xp = get_xp(y)
     if grad_y is None:
-        if target is None:
-            target = xp.zeros_like(y)
-        value, grad_y = losses.get(loss)(y, target)
-        value = float(to_numpy(value))
+        value, grad_y = losses.get(loss)(y, xp.zeros_like(y) if target is None else target)
+        loss_sum, factor = float(to_numpy(value)) * B, float(B)  # a mean loss: its gradients times B are sums
     g = net.backward(cache, grad_y, input_grad=False)
     chain = net.jacobian_chain(cache)
-    rows, at = [], 0
+    blocks, at = [], 0
     for j, (layer, F) in enumerate(zip(net.layers, chain.factors)):
         n_par = sum(int(p.size) for p in layer.params)
-        grad_norm = float(to_numpy(xp.linalg.norm(g.flat[at:at + n_par]))) if n_par else 0.0
+        exact = _exact(total, F.h_in, F.h_out)
+        norm = Chain([F]).spectral_norm("exact" if exact else "lanczos", seed=seed + j)
+        blocks.append(dict(
+            kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=_chi_sum(F, exact, seed + j),
+            norm_sum=float(to_numpy(norm.sum())), bound_sum=float(to_numpy(F.norm_bound().sum())),
+            grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
+            scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
-        chi, exact = _chi(F, cache.batch, seed + j)
-        big = cache.batch * F.h_in * F.h_out > EXACT_ELEMENTS
-        norm = Chain([F]).spectral_norm("lanczos" if big else "exact", seed=seed + j)
-        rows.append(BlockFlow(j, layer.kind, F.h_in, F.h_out, chi, exact, float(to_numpy(norm).mean()),
-                              float(to_numpy(F.norm_bound()).mean()), grad_norm,
-                              getattr(layer, "scale", None) if layer.kind == "residual" else None,
-                              _inner(layer)))
-    return rows, chain, value
+    exact = _exact(total, net.n_in, net.n_out)
+    whole = float(to_numpy(chain.spectral_norm("exact" if exact else "lanczos", seed=seed).sum()))
+    return dict(count=B, loss=None if loss_sum is None else loss, loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
+                sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
+                has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
+                dtype=str(np.dtype(net.dtype)), device="cpu" if xp is np else "gpu")
+
+
+def merge_block_partials(a: dict, b: dict) -> dict:
+    """The partial of two disjoint chunks of one batch (sums and counts added)."""
+    if a["sizes"] != b["sizes"] or [p["kind"] for p in a["blocks"]] != [p["kind"] for p in b["blocks"]]:
+        raise ValueError("partials of different networks cannot be merged")
+    blocks = [dict(pa, chi_sum=pa["chi_sum"] + pb["chi_sum"], norm_sum=pa["norm_sum"] + pb["norm_sum"],
+                   bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
+              for pa, pb in zip(a["blocks"], b["blocks"])]
+    return dict(a, count=a["count"] + b["count"], norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks,
+                loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"])
+
+
+def _finish_rows(p: dict) -> list[BlockFlow]:
+    N = p["count"]
+    per = N if p["loss_sum"] is not None else 1  # a mean loss's gradient: the per-sample sums over N
+    rows = []
+    for j, b in enumerate(p["blocks"]):
+        grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
+        rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / N,
+                              b["bound_sum"] / N, grad_norm, b["scale"], b["inner"]))
+    return rows
 
 
 def _inner(layer) -> list[str]:
@@ -177,37 +215,72 @@ def _norm_kinds(layers) -> list[str]:
     return out
 
 
+class BlockChunk:
+    """``f(net, x, [target], start=) -> partial`` of one chunk of a batch of ``total`` samples
+    (a picklable per-chunk function for ``distributed.reduce_samples``): the gradients of
+    ``loss`` against the chunk's targets, or, without, each sample's random unit cotangent drawn
+    by its row (the same however the batch is chunked)."""
+
+    def __init__(self, loss: str, seed: int, total: int):
+        self.loss, self.seed, self.total = loss, int(seed), int(total)
+
+    def __call__(self, net, x, target=None, *, start: int = 0):
+        xp = net.xp
+        x = xp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != net.n_in:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {net.n_in}) inputs")
+        grad_y = None
+        if target is None:
+            B = int(x.shape[0])
+            v = _sample_rng.rows((self.seed,), start, start + B, net.n_out)
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
+            grad_y = xp.asarray(v.astype(net.dtype))
+        with np.errstate(all="ignore"):
+            return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total)
+
+
+def block_report_bytes(net: Sequential) -> int:
+    """Bytes per sample of one chunk's partial: the forward states and backward cotangents of
+    every layer (a few ``(B, H)`` blocks each) and the Hutchinson probes' ``(B, PROBES, H)``.
+    The exact (dense) measures are bounded by ``EXACT_ELEMENTS`` for the whole batch."""
+    widths = [L.n_out for L in _all_layers(net.layers)]
+    return np.dtype(net.dtype).itemsize * (6 * sum(widths) + 2 * PROBES * max(widths + [net.n_in]))
+
+
+def _all_layers(layers):
+    for L in layers:
+        yield L
+        if L.kind == "residual":
+            yield from _all_layers(L.layers)
+
+
 def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: int = 0,
                  label: str = "") -> BlockFlowReport:
     """The report of ``net`` at ``x: (B, n_in)``, one row per top-level layer. With ``target``
     the gradients are those of ``loss``; without, each sample back-propagates a random unit
-    cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP)."""
+    cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP). Over chunks of a dataset:
+    ``report_from_block_partial`` of the merged ``BlockChunk`` partials is the same report."""
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
-    xp = net.xp
-    x = xp.asarray(x)
-    if x.ndim != 2 or x.shape[1] != net.n_in:
-        raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {net.n_in}) inputs")
-    if x.shape[0] == 0:
+    x = net.xp.asarray(x)
+    if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    grad_y = None
-    if target is None:
-        B = int(x.shape[0])
-        v = _sample_rng.rows((seed,), 0, B, net.n_out)
-        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
-        grad_y = xp.asarray(v.astype(net.dtype))
-    with np.errstate(all="ignore"):
-        rows, chain, value = _rows(net, x, target, loss, seed, grad_y)
-        big = int(x.shape[0]) * net.n_in * net.n_out > EXACT_ELEMENTS
-        norm = float(to_numpy(chain.spectral_norm("lanczos" if big else "exact", seed=seed)).mean())
+    return report_from_block_partial(BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)(net, x, target),
+                                     label=label)
+
+
+def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
+    """The ``BlockFlowReport`` of a (merged) partial of ``BlockChunk``."""
+    rows = _finish_rows(p)
     chi = [r.chi for r in rows]
     verdict, chi_bar, gamma, xi = decide(chi, not all(math.isfinite(c) for c in chi))
+    N = p["count"]
     report = BlockFlowReport(
         blocks=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
-        jacobian_spectral_norm=norm, sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
-        has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
-        batch=int(x.shape[0]), dtype=str(np.dtype(net.dtype)), device="cpu" if xp is np else "gpu",
-        loss=None if target is None else loss, loss_value=value, label=label,
+        jacobian_spectral_norm=p["norm_sum"] / N, sizes=p["sizes"], activations=p["activations"],
+        has_residual=p["has_residual"], norms=p["norms"], batch=N, dtype=p["dtype"], device=p["device"],
+        loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,
+        label=label,
     )
     report.hints = block_hints(report)
     return report

@@ -42,7 +42,8 @@ from .backend import get_xp
 from .distributed import budget, compute, default_max_memory, reduce_samples
 from .distributed.budget import rows_per_task
 from .distributed.mapping import is_dask
-from .block_flow import BlockFlowReport, block_report
+from .block_flow import (BlockChunk, BlockFlowReport, block_report, block_report_bytes, merge_block_partials,
+                         report_from_block_partial)
 from .sequential import Sequential
 from ._verdict import GAIN_BAND, VERDICTS, decide
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
@@ -149,7 +150,8 @@ def gradient_flow(
     A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
     one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
     bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` and ``max_memory`` do not apply to it).
+    blocks and norm layers (``spectrum_samples`` does not apply to it; ``max_memory`` only to
+    a Dask batch's chunks). It takes Dask batches too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -188,7 +190,7 @@ def gradient_flow(
     _check_spectrum_samples(spectrum_samples)
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
-            raise TypeError("gradient_flow of a jacgrad.Sequential takes an in-memory batch, not a Dask array")
+            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
         return block_report(net, x, target, loss, seed=seed, label=label)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
@@ -276,13 +278,7 @@ class _ChunkPartial:
 def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory) -> GradientFlowReport:
     """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
     active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
-    if not is_dask(X):  # in-memory samples with Dask targets: chunked as the targets
-        import dask.array as da
-
-        X = float_array(X, "x", np)
-        X = da.from_array(X, chunks=(target.chunks[0], X.shape[1:]))
-    if X.ndim == 2 and X.shape[0] == 0:
-        raise ValueError("x has no samples (N = 0); the report needs at least one")
+    X = _as_dask_batch(X, target)
     if target is not None:
         _losses.get(loss)  # an unknown name fails here, not in every task
     targets = () if target is None else (target,)
@@ -290,6 +286,33 @@ def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memor
                           *targets, bytes_per_sample=_report_bytes, max_memory=max_memory, with_start=True)
     (p,) = compute(lazy)
     return report_from_partials(p, label=label)
+
+
+def _dataset_block_flow(net, X, target, loss, seed, label, max_memory) -> BlockFlowReport:
+    """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
+    ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
+    summation order; the measuring method (exact or estimated) is chosen by the whole batch's
+    size, so every chunk takes the same one."""
+    X = _as_dask_batch(X, target)
+    if target is not None:
+        _losses.get(loss)
+    targets = () if target is None else (target,)
+    lazy = reduce_samples(BlockChunk(loss, seed, X.shape[0]), merge_block_partials, _identity, net, X, *targets,
+                          bytes_per_sample=block_report_bytes, max_memory=max_memory, with_start=True)
+    (p,) = compute(lazy)
+    return report_from_block_partial(p, label=label)
+
+
+def _as_dask_batch(X, target):
+    """``X`` as a Dask batch (in-memory samples with Dask targets: chunked as the targets), not empty."""
+    if not is_dask(X):
+        import dask.array as da
+
+        X = float_array(X, "x", np)
+        X = da.from_array(X, chunks=(target.chunks[0], X.shape[1:]))
+    if X.ndim == 2 and X.shape[0] == 0:
+        raise ValueError("x has no samples (N = 0); the report needs at least one")
+    return X
 
 
 def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:

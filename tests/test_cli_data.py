@@ -125,3 +125,27 @@ def test_an_unreachable_scheduler_is_one_line(capsys, files, monkeypatch):
     _, line = one_line_error(capsys, main(["report", "--weights", p["net"], "--data", p["x"],
                                         "--scheduler", "tcp://127.0.0.1:9"]), "tcp://127.0.0.1:9")
     assert "cannot reach" in line
+
+
+def test_residual_norm_net_over_a_dataset_equals_the_python_block_report(capsys, tmp_path, files, monkeypatch):
+    """`--residual K --norm` with `--data`: the block report over the file, in chunks, is the
+    in-memory block report of the same network."""
+    from jacgrad import block_flow
+    from jacgrad._cli_common import block_net, random_net
+
+    _, x, _, t, p = files
+    sizes = [10, 16, 16, 16, 16, 3]
+    same = block_net(random_net(sizes, ["tanh"] * 4, init="xavier_normal", seed=5), 2, 0.5, "rmsnorm")
+    monkeypatch.setattr(jg.distributed.budget, "default_max_memory",
+                        lambda x=None: 70 * block_flow.block_report_bytes(same))  # five chunks of the 300 rows
+    argv = ["report", "--sizes", ",".join(map(str, sizes)), "--activation", "tanh", "--residual", "2",
+            "--residual-scale", "0.5", "--norm", "rmsnorm", "--data", p["x"], "--targets", p["t"], "--seed", "5"]
+    got, (out, _) = _report(capsys, tmp_path, argv)
+    want = jg.diagnostics.gradient_flow(same, x, t, loss="mse", seed=5).to_dict()
+    assert got["batch"] == 300 and got["has_residual"] and got["norms"] == ["rmsnorm"]
+    assert [b["kind"] for b in got["blocks"]] == [b["kind"] for b in want["blocks"]]
+    for gb, wb in zip(got["blocks"], want["blocks"]):
+        for f in ("chi", "jacobian_norm", "jacobian_bound", "grad_norm"):
+            assert gb[f] == pytest.approx(wb[f], rel=1e-10), f
+    assert got["loss_value"] == pytest.approx(want["loss_value"], rel=1e-12)
+    assert "residual every 2 (s=0.5) + rmsnorm" in out
