@@ -49,3 +49,16 @@ def test_under_a_local_cluster(net, data):
                                   memory_limit="1GiB") as cluster, distributed.Client(cluster) as client:
         got = client.compute(net.per_sample_grad_norms(X, T)).result()  # the net pickled to a worker process
     np.testing.assert_allclose(got, net.per_sample_grad_norms(x, t), rtol=1e-12)
+
+
+def test_the_budget_counts_the_layers_inside_residual_blocks():
+    from jacgrad.distributed import budget
+
+    L = jg.layers
+    wide = jg.Sequential([L.Dense(np.ones((3, 4))), L.Residual([L.Dense(np.ones((4, 64))), L.Dense(np.ones((64, 4)))]),
+                          L.Dense(np.ones((4, 2)))])
+    # saved per sample: 4 (dense) + 4 (block output) + 2 (head), and 64 + 4 inside the block
+    assert budget.forward_bytes(wide) == 8 * (3 + 4 + 4 + 2 + 64 + 4)
+    assert budget.backward_bytes(wide) == 8 * (2 * 3 + 3 * (4 + 4 + 2 + 64 + 4) + 3 * 2)
+    mlp = jg.MLP.init([3, 4, 2], seed=0)  # unchanged for a dense stack
+    assert budget.forward_bytes(mlp) == 8 * (3 + 4 + 2)
