@@ -115,8 +115,9 @@ def per_sample_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
 
 
 def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
-    """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense)
-    or ``a ⊙ δ`` (norm) into the first, ``δ`` into the second when there is one."""
+    """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense:
+    ``J`` a ``LayerJacobian`` or None) or ``a ⊙ δ`` (norm: a ``NormFactor``) into the first, ``δ``
+    into the second when there is one."""
     xp = get_xp(delta)
     if is_norm(J):
         xp.multiply(a, delta, out=views[0])
