@@ -3,7 +3,7 @@
 products (dense float64 G = mean_i J_iᵀ H_i J_i from jacrev and hessian, and the jvp → H → vjp
 composition), the GGN diagonal and the empirical NTK (jacrev J_θ J_θᵀ). Nets with residual
 blocks holding LayerNorm AND RMSNorm, dense layers with different activations, a norm as the
-first and as the last layer; every loss; float64 and float32."""
+first and as the last layer, a residual block nested in another; every loss; float64 and float32."""
 
 import numpy as np
 import pytest
@@ -46,7 +46,15 @@ def _norm_ends():
                          nn.Linear(4, 3), nn.Softplus(), nn.RMSNorm(3))
 
 
-MODELS = {"deep": _deep, "norm_ends": _norm_ends}
+def _nested():
+    """A residual block inside a residual block, and a block first."""
+    inner = Residual(nn.Sequential(nn.RMSNorm(5), nn.Linear(5, 5), nn.ReLU()), 0.3)
+    return nn.Sequential(Residual(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)), 1.0), nn.Linear(4, 5), nn.Tanh(),
+                         Residual(nn.Sequential(nn.Linear(5, 5), nn.Tanh(), inner, nn.LayerNorm(5)), 0.8),
+                         nn.Linear(5, 2))
+
+
+MODELS = {"deep": _deep, "norm_ends": _norm_ends, "nested": _nested}
 
 
 def _case(model, loss, dtype, B=5):
