@@ -7,13 +7,15 @@ With ``J_i = ∂y_i/∂θ`` and ``H_i`` the Hessian of sample i's loss in its ou
 
 ``G v`` is one forward-mode pass in parameter space (``parameter_jvp``: the output tangent
 ``J_i v``), ``H_i / B`` applied per sample, and one ordinary backward pass. Its diagonal, with
-``H_i = V_iᵀ V_i`` and ``G_j[i] = V_i ∂y_i/∂h_{j,i}`` (``per_sample.output_partials``), is
+``H_i = V_iᵀ V_i`` and ``G_k[i] = V_i ∂y_i/∂h_{k,i}`` (``per_sample.output_partials``) and
+``S_k[i] = Σ_ρ G_k[i, ρ]²``, is, per leaf (``per_sample``'s ``(a, δ)`` pairs):
 
-    diag_{W_j} = (1/B) Σ_i outer(z_{j-1,i}², Σ_ρ G_j[i, ρ]²),   diag_{b_j} = (1/B) Σ_i Σ_ρ G_j[i, ρ]²
+    dense  diag_W = (1/B) Σ_i outer(z_prev,i², S_k[i])     diag_b = (1/B) Σ_i S_k[i]
+    norm   diag_γ = (1/B) Σ_i x̂_i² ⊙ S_k[i]                diag_β = (1/B) Σ_i S_k[i]
 
-— one ``(H_{j-1}, B) @ (B, H_j)`` GEMM per layer, never a per-sample gradient.
+— one ``(H_in, B) @ (B, H_out)`` GEMM per dense layer, never a per-sample gradient.
 
-This module knows nothing of ``MLP``; ``mlp`` imports it.
+This module knows nothing of ``MLP`` or ``Sequential``; they import it.
 """
 
 from __future__ import annotations
@@ -21,34 +23,75 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from .backend import get_xp
-from .per_sample import output_partials
+from .factors import ResidualFactor
+from .per_sample import is_norm, leaf_factors, output_partials
 
-__all__ = ["accumulate_diagonal", "parameter_jvp"]
+__all__ = ["accumulate_diagonal", "accumulate_leaf_diagonal", "leaf_parameter_jvp", "parameter_jvp"]
 
 
 def parameter_jvp(factors: Sequence[Any], layer_input: Callable[[int], Any], vW: Sequence[Any], vb: Sequence[Any]):
-    """``J_θ v``: the output tangent ``(B, n_out)`` of a parameter direction ``v = (vW, vb)``.
+    """``J_θ v`` of a dense stack (``MLP``): ``leaf_parameter_jvp`` with ``layer_input(j)`` the
+    input of layer ``j + 1`` (``x`` for ``j = -1``) and ``v = (vW, vb)``."""
+    return leaf_parameter_jvp(factors, lambda k: layer_input(k - 1), list(zip(vW, vb)))
 
-    Forward mode, layer by layer: ``ḣ_j = ż_{j-1} @ W_j + z_{j-1} @ vW_j + vb_j``,
-    ``ż_j = d_j ⊙ ḣ_j`` (the factor's ``scale``), ``ż_{-1} = 0``. ``layer_input(j)`` is ``z_j``
-    (``x`` for ``j = -1``); ``factors`` the per-sample ``LayerJacobian``s, input → output."""
-    t = None
-    for j, J in enumerate(factors):
-        hdot = layer_input(j - 1) @ vW[j]
-        if t is not None:
-            hdot += t @ J.W
-        hdot += vb[j]
-        t = J.scale(hdot, out=hdot)
+
+def leaf_parameter_jvp(factors: Sequence[Any], leaf_input: Callable[[int], Any], dirs: Sequence[Sequence[Any]]):
+    """``J_θ v``: the output tangent ``(B, n_out)`` of a parameter direction, forward mode.
+
+    ``factors``: the per-sample factors of a chain, input → output; ``leaf_input(k)``: leaf k's
+    ``a`` (``z_prev`` or ``x̂``, see ``per_sample``); ``dirs[k]``: leaf k's direction views in its
+    parameters' shapes. Per leaf, with ``ż`` the incoming tangent (0 at the input):
+
+        dense     ż ← d ⊙ (ż @ W + z_prev @ vW + vb)
+        norm      ż ← J ż + x̂ ⊙ vγ (+ vβ)
+        residual  ż ← ż + s · (the inner leaves' tangent of ż)"""
+    t, k = _tangent(factors, None, leaf_input, dirs, 0)
     return t
+
+
+def _tangent(factors, t, leaf_input, dirs, k):
+    """``(tangent after factors, next leaf number)``; ``t`` None stands for a zero tangent."""
+    for J in factors:
+        if isinstance(J, ResidualFactor):
+            inner, k = _tangent(J.inner.factors, t, leaf_input, dirs, k)
+            inner *= J.scale
+            t = inner if t is None else inner + t
+            continue
+        a, v = leaf_input(k), dirs[k]
+        if is_norm(J):
+            out = a * v[0]
+            if t is not None:
+                out += J.jvp(t)
+        else:
+            out = a @ v[0]
+            if t is not None:
+                out += t @ J.W
+        if len(v) > 1:
+            out += v[1]
+        t = out if is_norm(J) else J.scale(out, out=out)
+        k += 1
+    return t, k
 
 
 def accumulate_diagonal(factors: Sequence[Any], layer_input: Callable[[int], Any], V, dW: list, db: list,
                         scale: float) -> None:
-    """Add ``scale · Σ_i outer(z_{j-1,i}², Σ_ρ G_j[i, ρ]²)`` to ``dW[j]`` and ``scale · Σ_i Σ_ρ G_j[i, ρ]²``
-    to ``db[j]``, for the cotangent rows ``V: (B, R, n_out)`` (overwritten)."""
+    """``accumulate_leaf_diagonal`` for a dense stack (``MLP``): ``layer_input(j)`` the input of layer
+    ``j + 1``, ``dW[j], db[j]`` the outputs."""
+    accumulate_leaf_diagonal(factors, lambda k: layer_input(k - 1), V, list(zip(dW, db)), scale)
+
+
+def accumulate_leaf_diagonal(factors: Sequence[Any], leaf_input: Callable[[int], Any], V, outs: Sequence[Sequence[Any]],
+                             scale: float) -> None:
+    """Add ``scale ·`` the Gauss–Newton diagonal of the cotangent rows ``V: (B, R, n_out)``
+    (overwritten) into ``outs[k]``, leaf k's arrays in its parameters' shapes (module text).
+    ``leaf_input(k)``: leaf k's ``a: (B, H)``."""
     xp = get_xp(V)
-    for j, G in output_partials(factors, V):
+    leaves = leaf_factors(factors)
+    for k, G in output_partials(factors, V):
         s = xp.einsum("brh,brh->bh", G, G)
-        z = layer_input(j - 1)
-        dW[j] += ((z * z).T @ s) * scale
-        db[j] += s.sum(axis=0) * scale
+        a = leaf_input(k)
+        aa, first = a * a, outs[k][0]  # in place: outs[k] may be a tuple of views
+        first += (xp.einsum("bh,bh->h", aa, s) if is_norm(leaves[k]) else aa.T @ s) * scale
+        if len(outs[k]) > 1:
+            bias = outs[k][1]
+            bias += s.sum(axis=0) * scale

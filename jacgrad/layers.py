@@ -95,6 +95,10 @@ class Dense:
             sq += grad_sq_norms(lambda _: z_prev, [delta], 1.0)[:, 0]
         return gin, delta
 
+    def param_input(self, state):
+        """The ``a`` its parameter gradients pair with ``δ`` (``∇_W = a ⊗ δ``): its input ``z_prev: (B, H_in)``."""
+        return state[0]
+
 
 class _Norm:
     """Shared body of LayerNorm (``centered``) and RMSNorm. Keeps for backward: ``x̂: (B, n)``
@@ -159,6 +163,10 @@ class _Norm:
         if sq is not None:
             sq += (gx * gx).sum(axis=1) + ((g * g).sum(axis=1) if self._beta is not None else 0.0)
         return (self.factor(state).vjp(g) if input_grad else None), g
+
+    def param_input(self, state):
+        """The ``a`` its parameter gradients pair with ``g = ∂L/∂y`` (``∇_γ = a ⊙ g``): ``x̂: (B, n)``."""
+        return state[0]
 
 
 class LayerNorm(_Norm):

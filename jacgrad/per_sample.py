@@ -1,32 +1,58 @@
-"""Per-sample parameter-space pieces read off the layers' ``(z_{j-1}, δ_j)`` pairs and factors.
+"""Per-sample parameter-space pieces read off the layers' ``(a, δ)`` pairs and factors.
 
-For a dense layer ``h_j = z_{j-1} @ W_j + b_j``, sample i's gradient of its own loss ``ℓ_i`` is
-the outer product ``∇_{W_j} ℓ_i = z_{j-1,i} δ_{j,i}ᵀ`` and ``∇_{b_j} ℓ_i = δ_{j,i}``, with
-``δ_{j,i} = ∂ℓ_i/∂h_{j,i}``. Since every jacgrad loss is the mean of per-sample losses,
-``δ_{j,i} = B · (∂L/∂h_j)[i]``: the deltas of ONE ordinary backward pass, times B. So
+Two kinds of parameterised layer ("leaves") and one container:
 
-    ‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖² = (‖z_{j-1,i}‖² + 1) · ‖δ_{j,i}‖²        (Goodfellow 2015)
+- dense ``h = z_prev @ W + b``: with ``δ_i = ∂ℓ_i/∂h_i``, ``∇_W ℓ_i = z_prev,i δ_iᵀ`` (an outer
+  product) and ``∇_b ℓ_i = δ_i``;
+- normalisation ``y = γ ⊙ x̂ + β`` (LayerNorm; RMSNorm has no β): with ``g_i = ∂ℓ_i/∂y_i``,
+  ``∇_γ ℓ_i = x̂_i ⊙ g_i`` (elementwise) and ``∇_β ℓ_i = g_i``;
+- a residual block ``z + s·f(z)`` holds leaves of its own and adds none.
 
-costs two row norms per layer and no per-sample gradient (BackPACK's BatchL2Grad reads the same
-identity off a layer's input and output gradient).
+So every leaf pairs an input ``a`` (``z_prev``, or ``x̂``) with a delta (``δ`` or ``g``); the first
+parameter is ``a ⊗ δ`` (dense) or ``a ⊙ δ`` (norm), the optional second one ``δ``. Since every
+jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the cotangents of ONE
+ordinary reverse sweep, times B. Squared norms then cost row norms and no per-sample gradient:
 
-``output_partials`` is the stacked reverse sweep behind the NTK and the Gauss–Newton diagonal:
-cotangent rows ``V_i: (R, n_out)`` per sample pulled back to every pre-activation,
-``G_j[i] = V_i · ∂y_i/∂h_{j,i}: (R, H_j)``, one GEMM against ``W_jᵀ`` per layer for all rows.
+    dense   ‖∇_W ℓ_i‖² + ‖∇_b ℓ_i‖² = (‖z_prev,i‖² + 1) · ‖δ_i‖²        (Goodfellow 2015)
+    norm    ‖∇_γ ℓ_i‖² + ‖∇_β ℓ_i‖² = ‖x̂_i ⊙ g_i‖² + ‖g_i‖²
 
-This module knows nothing of ``MLP``: it takes weights, callables and factors, so ``mlp`` can
-import it.
+(BackPACK's BatchL2Grad reads the same identities off a layer's input and output gradient).
+
+``output_partials`` is the stacked reverse sweep behind per-sample gradients, the NTK and the
+Gauss–Newton diagonal: cotangent rows ``V_i: (R, n_out)`` per sample pulled back through the
+factors of a ``Chain`` (``LayerJacobian``, ``NormFactor``, ``ResidualFactor``) to every leaf.
+
+This module knows nothing of ``MLP`` or ``Sequential``: it takes factors, arrays and callables.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 from .backend import get_xp
+from .factors import NormFactor, ResidualFactor
 
-__all__ = ["check_budget", "fill_grads", "grad_sq_norms", "output_partials", "per_sample_views"]
+__all__ = ["check_budget", "fill_grads", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
+           "output_partials", "param_views", "per_sample_views"]
 
 GIB = 1 << 30
+
+
+def is_norm(J) -> bool:
+    """True for a normalisation leaf (``NormFactor``), False for a dense one (``LayerJacobian``)."""
+    return isinstance(J, NormFactor)
+
+
+def leaf_factors(factors: Sequence[Any]) -> list:
+    """The parameterised factors of a chain, residual blocks opened, in ``Gradients.flat`` order."""
+    out = []
+    for J in factors:
+        if isinstance(J, ResidualFactor):
+            out += leaf_factors(J.inner.factors)
+        else:
+            out.append(J)
+    return out
 
 
 def _row_sq(xp, a):
@@ -34,8 +60,30 @@ def _row_sq(xp, a):
     return xp.einsum("ij,ij->i", a, a)
 
 
+def _dense_sq(xp, z, delta):
+    """``(‖z_i‖² + 1)·‖δ_i‖²``: ``(B,)``."""
+    zz = _row_sq(xp, z)
+    zz += 1
+    zz *= _row_sq(xp, delta)
+    return zz
+
+
+def leaf_sq_norms(J, a, delta, n_params: int):
+    """``(B,)``: per sample, the squared norm of one leaf's parameter gradient (module text).
+    ``a``: ``z_prev (B, H_in)`` or ``x̂ (B, n)``; ``delta``: the per-sample ``δ``/``g: (B, H_out)``;
+    ``n_params``: 1 (RMSNorm) or 2."""
+    xp = get_xp(delta)
+    if not is_norm(J):
+        return _dense_sq(xp, a, delta)
+    ag = a * delta
+    sq = _row_sq(xp, ag)
+    if n_params > 1:
+        sq += _row_sq(xp, delta)
+    return sq
+
+
 def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scale: float):
-    """``(B, L)``: per sample and layer, ``‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖²``.
+    """``(B, L)``: per sample and dense layer, ``‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖²``.
 
     ``layer_input(j)``: ``z_j: (B, H_j)`` (``x`` for ``j = -1``); ``deltas[j] = ∂L/∂h_j: (B, H_j)``
     of the batch loss; ``scale``: B, turning them into the per-sample ``δ_{j,i}``."""
@@ -43,36 +91,46 @@ def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scal
     L, B = len(deltas), deltas[0].shape[0]
     out = xp.empty((B, L), dtype=deltas[0].dtype)
     for j, delta in enumerate(deltas):
-        z = layer_input(j - 1)
-        zz = _row_sq(xp, z)
-        zz += 1
-        zz *= _row_sq(xp, delta)
-        out[:, j] = zz
+        out[:, j] = _dense_sq(xp, layer_input(j - 1), delta)
     out *= scale * scale
     return out
+
+
+def param_views(flat, shapes: Sequence[tuple]) -> list:
+    """Views of consecutive pieces of ``flat: (…, P)`` along its last axis, one per parameter
+    shape: ``(…, *shape)`` each (``(B, H_in, H_out)`` for a W of a ``(B, P)`` block)."""
+    lead, views, at = flat.shape[:-1], [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[..., at : at + n].reshape(lead + tuple(shape)))
+        at += n
+    return views
 
 
 def per_sample_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
     """``(dW, db)`` views of a ``(B, P)`` block, each row laid out as ``Gradients.flat``:
     ``dW[j]: (B, H_{j-1}, H_j)``, ``db[j]: (B, H_j)``."""
-    B = flat.shape[0]
-    dW, db, at = [], [], 0
-    for W in weights:
-        n_in, n_out = W.shape
-        dW.append(flat[:, at : at + n_in * n_out].reshape(B, n_in, n_out))
-        at += n_in * n_out
-        db.append(flat[:, at : at + n_out])
-        at += n_out
-    return dW, db
+    views = param_views(flat, [s for W in weights for s in (tuple(W.shape), (W.shape[1],))])
+    return views[0::2], views[1::2]
+
+
+def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
+    """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense:
+    ``J`` a ``LayerJacobian`` or None) or ``a ⊙ δ`` (norm: a ``NormFactor``) into the first, ``δ``
+    into the second when there is one."""
+    xp = get_xp(delta)
+    if is_norm(J):
+        xp.multiply(a, delta, out=views[0])
+    else:
+        xp.multiply(a[:, :, None], delta[:, None, :], out=views[0])
+    if len(views) > 1:
+        views[1][...] = delta
 
 
 def fill_grads(dW: list, db: list, layer_input: Callable[[int], Any], deltas: Sequence[Any]) -> None:
     """Write ``dW[j][i] = z_{j-1,i} δ_{j,i}ᵀ`` and ``db[j][i] = δ_{j,i}`` (per-sample deltas given)."""
-    xp = get_xp(deltas[0])
     for j, delta in enumerate(deltas):
-        z = layer_input(j - 1)
-        xp.multiply(z[:, :, None], delta[:, None, :], out=dW[j])
-        db[j][...] = delta
+        fill_leaf(None, (dW[j], db[j]), layer_input(j - 1), delta)
 
 
 def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) -> None:
@@ -85,18 +143,39 @@ def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) ->
 
 
 def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
-    """For ``j = K-1, …, 0`` yield ``(j, G_j)``: ``G_j = V · ∂y/∂h_j``, per sample ``(B, R, H_j)``.
+    """For every leaf ``k`` of the chain, last first, yield ``(k, G_k)``: ``G_k = V · ∂y/∂h_k``
+    (the pre-activation of a dense leaf, the output of a norm leaf), per sample ``(B, R, H_k)``.
 
-    ``factors``: the network's per-sample ``LayerJacobian``s, input → output; ``V: (B, R, n_out)``
-    cotangent rows per sample (overwritten). ``G_{K-1} = V ⊙ d_{K-1}``, ``G_{j-1} = (G_j W_jᵀ) ⊙
-    d_{j-1}``. ``G_j`` is valid until the next step (its buffer is reused); memory
-    ``O(B·R·max H)``. With ``V`` = the identity, ``G_j`` are the partial Jacobians ∂y/∂h_j."""
-    xp = get_xp(V)
-    A = V
-    for j in range(len(factors) - 1, -1, -1):
-        J = factors[j]
-        G = J.scale_stack(A, inplace=True)
-        yield j, G
-        if j:
+    ``factors``: the network's per-sample factors, input → output (``leaf_factors`` numbers the
+    leaves); ``V: (B, R, n_out)`` cotangent rows per sample (overwritten). Dense: ``G = A ⊙ d``,
+    then ``A ← G Wᵀ`` (one GEMM for all rows); norm: ``G = A``, then ``A ← Jᵀ A``; a residual block
+    sends ``s·A`` through its inner leaves and hands on ``A + Jᵢₙₙₑᵣᵀ(s·A)``. Every ``G_k`` is an
+    array of its own that later steps do not overwrite (the last leaf's may be ``V``'s buffer);
+    memory ``O(B·R·max H)`` besides what the caller keeps. With ``V`` = the identity, ``G_k`` are
+    the partial Jacobians ∂y/∂h_k."""
+    yield from _sweep(factors, V, len(leaf_factors(factors)), False)
+
+
+def _sweep(factors, A, k: int, need_input: bool):
+    """``output_partials`` of ``factors`` whose leaves end at number ``k``; returns the cotangent
+    at their input when ``need_input`` (else None)."""
+    xp = get_xp(A)
+    for i in range(len(factors) - 1, -1, -1):
+        J, more = factors[i], bool(i) or need_input
+        if isinstance(J, ResidualFactor):
+            n = len(leaf_factors(J.inner.factors))
+            inner = yield from _sweep(J.inner.factors, A * J.scale, k, more)
+            k -= n
+            A = A + inner if more else None
+            continue
+        k -= 1
+        G = A if is_norm(J) else J.scale_stack(A, inplace=True)
+        yield k, G
+        if not more:
+            A = None
+        elif is_norm(J):
+            A = J.vjp_stack(G)
+        else:
             B, R = G.shape[0], G.shape[1]
             A = (xp.ascontiguousarray(G).reshape(B * R, J.h_out) @ J.W.T).reshape(B, R, J.h_in)
+    return A

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import losses
 from ._passes import carve
+from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, shape_str
 from .backend import get_xp, to_numpy
 from .chain import Chain
@@ -77,7 +78,7 @@ def _named(layer, views: list):
     return dict(zip(layer.names, views))
 
 
-class Sequential:
+class Sequential(SequentialParameterSpace):
     """A stack of layers from ``jacgrad.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
@@ -180,19 +181,6 @@ class Sequential:
         y, cache = self.forward(x)
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
-
-    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
-        """Norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per top-level
-        layer (a residual block's inner layers together). From one backward pass: dense layers
-        ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (as ``MLP.per_sample_grad_norms``), norms ``‖g_i⊙x̂_i‖² +
-        ‖g_i‖²``, times B² (the batch loss is the mean of the ℓ_i); no per-sample gradient is built."""
-        y, cache = self.forward(x)
-        _, grad_y = losses.get(loss)(y, target)
-        xp, B = get_xp(y), cache.batch
-        sq = xp.zeros((len(self._layers), B), dtype=self.dtype).T  # columns contiguous: each layer adds into one
-        self._backward(cache, grad_y, False, False, sq)
-        sq *= float(B) * float(B)
-        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
 
     def jacobian_chain(self, cache: SequentialCache) -> Chain:
         """The per-sample ``Chain`` of this forward pass, one factor per layer: ``diag(d)·Wᵀ``,

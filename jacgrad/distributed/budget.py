@@ -45,21 +45,36 @@ def _sizes(net) -> list[int]:
     return [int(s) for s in net.sizes]
 
 
+def _saved_widths(net) -> list[int]:
+    """``sizes`` and, for a ``Sequential``, the output widths of the layers inside its residual
+    blocks (they save activations too)."""
+    return _sizes(net) + _inner_widths(getattr(net, "layers", ()))
+
+
+def _inner_widths(layers) -> list[int]:
+    out = []
+    for L in layers:
+        inner = getattr(L, "layers", None)  # a residual block
+        if inner is not None:
+            out += [int(M.n_out) for M in inner] + _inner_widths(inner)
+    return out
+
+
 def _itemsize(net) -> int:
     return int(np.dtype(net.dtype).itemsize)
 
 
 def forward_bytes(net) -> int:
     """Bytes per sample of ``net(x)``: the input row and the ``Σ_j H_j`` saved activations."""
-    sizes = _sizes(net)
+    sizes = _saved_widths(net)
     return _itemsize(net) * (sizes[0] + sum(sizes[1:]))
 
 
 def backward_bytes(net) -> int:
     """Bytes per sample of a loss, forward and backward pass: the cache, the deltas, one more
     ``(B, H)`` temporary per layer, the loss's temporaries and the input gradient."""
-    sizes = _sizes(net)
-    return _itemsize(net) * (2 * sizes[0] + 3 * sum(sizes[1:]) + 3 * sizes[-1])
+    sizes, saved = _sizes(net), _saved_widths(net)
+    return _itemsize(net) * (2 * sizes[0] + 3 * sum(saved[1:]) + 3 * sizes[-1])
 
 
 def jacobian_bytes(net) -> int:

@@ -101,7 +101,7 @@ def lazy_method(name: str, net, X, *args: Any, **kwargs: Any):
     if name == "__call__":
         return forward(net, X)
     if name == "per_sample_grad_norms":
-        out = (net.depth,) if kwargs.get("per_layer") else ()
+        out = (len(net.sizes) - 1,) if kwargs.get("per_layer") else ()  # layers: MLP depth, Sequential top level
         return map_samples(_Method(name, kwargs), net, X, *args, out_shape=out)
     raise TypeError(f"{type(net).__name__}.{name} takes in-memory arrays only, not a Dask array; "
                     "jacgrad.distributed has the per-sample functions that map over Dask chunks")

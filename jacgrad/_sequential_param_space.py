@@ -1,0 +1,216 @@
+"""The parameter-space products of ``Sequential`` (dense layers, residual blocks, LayerNorm,
+RMSNorm): per-sample gradients and their norms, Gauss–Newton products and diagonal, and what
+``jacgrad.ntk`` reads. ``Sequential`` inherits these methods; the algebra on the leaves' ``(a, δ)``
+pairs lives in ``jacgrad.per_sample``, ``jacgrad.curvature`` and ``jacgrad.loss_hessians``,
+which know no network.
+
+A "leaf" is a layer with parameters (``Dense``, ``LayerNorm``, ``RMSNorm``); a residual block's
+inner layers are leaves in their order, so the leaves' parameters, in order, are exactly
+``BlockGradients.flat``. The batch loss is the mean of per-sample losses ℓ_i, so sample i's
+cotangent is B times the batch one: ONE forward and one stacked reverse sweep serve every
+per-sample quantity. Conventions as ``MLP``'s (``jacgrad._mlp_param_space``): the gradient of
+ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import _lazy, curvature, loss_hessians, losses, per_sample
+from ._validate import float_array, shape_str
+from .backend import get_xp
+from .layers import Residual
+
+__all__ = ["ParamArrays", "SequentialParameterSpace"]
+
+
+@dataclass
+class ParamArrays:
+    """Arrays in the network's parameter layout. ``flat``: ``(P,)``, or ``(B, P)`` per sample, in
+    ``BlockGradients.flat`` order; ``layers[j]``: layer j's arrays by name (``"W"``, ``"b"``,
+    ``"gamma"``, ``"beta"``; views of ``flat``, with the leading ``B`` axis when per sample) — for
+    a Residual, a list of its inner layers' entries, as ``BlockGradients.layers``."""
+
+    flat: Any
+    layers: list
+
+
+def _leaves(layers, top=None) -> list:
+    """``[(top-level index, leaf layer)]``, residual blocks opened, in parameter order."""
+    out = []
+    for j, L in enumerate(layers):
+        t = j if top is None else top
+        out += _leaves(L.layers, t) if isinstance(L, Residual) else [(t, L)]
+    return out
+
+
+def _leaf_states(layers, states) -> list:
+    """The forward states of the leaves, in ``_leaves`` order."""
+    out = []
+    for L, st in zip(layers, states):
+        out += _leaf_states(L.layers, st) if isinstance(L, Residual) else [st]
+    return out
+
+
+def _by_name(layers, leaf_views: list) -> list:
+    """``leaf_views`` (one list per leaf) grouped as ``BlockGradients.layers``: names per layer."""
+    it = iter(leaf_views)
+
+    def group(Ls):
+        return [group(L.layers) if isinstance(L, Residual) else dict(zip(L.names, next(it))) for L in Ls]
+
+    return group(layers)
+
+
+class SequentialParameterSpace:
+    """Per-sample gradients and norms, ``ggn_vp`` and ``ggn_diagonal`` for ``Sequential`` (which
+    supplies ``forward``, ``backward``, ``jacobian_chain``, ``layers``, ``n_params``, ``dtype``, ``xp``)."""
+
+    # ------------------------------------------------------------------ the leaves
+    def _param_leaf_inputs(self, cache) -> list:
+        """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
+        Dense, ``x̂`` of a norm layer: ``(B, H)``) and its number of parameter arrays."""
+        leaves = [L for _, L in _leaves(self.layers)]
+        states = _leaf_states(self.layers, cache.states)
+        return [(L.param_input(st), len(L.params)) for L, st in zip(leaves, states)]
+
+    def _param_widths(self) -> list[int]:
+        """The input width and every leaf's output width (for memory estimates)."""
+        return [self.n_in] + [L.n_out for _, L in _leaves(self.layers)]
+
+    def _leaf_views(self, flat) -> list:
+        """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
+        leaves = [L for _, L in _leaves(self.layers)]
+        views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
+        out, at = [], 0
+        for L in leaves:
+            out.append(views[at:at + len(L.params)])
+            at += len(L.params)
+        return out
+
+    def _sample_partials(self, x: Any, target: Any, loss: str, per_sample_scale: bool = True):
+        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, sample
+        i's own cotangent ``∂ℓ_i/∂h_k`` at leaf k (``per_sample.output_partials``) — or, with
+        ``per_sample_scale=False``, the batch loss's (B times smaller)."""
+        loss_fn = losses.get(loss)
+        y, cache = self.forward(x)
+        _, grad_y = loss_fn(y, target)
+        V = (grad_y * float(cache.batch) if per_sample_scale else grad_y.copy())[:, None, :]
+        factors = self.jacobian_chain(cache).factors
+        return cache, per_sample.leaf_factors(factors), per_sample.output_partials(factors, V)
+
+    # ------------------------------------------------------------------ per sample
+    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
+        """Euclidean norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per
+        top-level layer (a residual block's inner layers together) with ``per_layer=True``.
+
+        From one reverse sweep, no per-sample gradient built (``per_sample.leaf_sq_norms``):
+        dense ``(‖z_prev,i‖² + 1)‖δ_i‖²``, norm layers ``‖x̂_i⊙g_i‖² + ‖g_i‖²``; extra memory
+        ``O(B·Σ H)``. A Dask ``x`` gives a lazy Dask result (``jacgrad.distributed``).
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4)), activation="tanh"),
+            ...                      jg.layers.LayerNorm(np.ones(4)), jg.layers.Dense(np.ones((4, 2)))])
+            >>> net.per_sample_grad_norms(np.eye(3), np.zeros((3, 2)), per_layer=True).shape
+            (3, 3)
+        """
+        lazy = _lazy.handler_for(x)
+        if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
+            return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
+        cache, leaves, partials = self._sample_partials(x, target, loss, per_sample_scale=False)
+        inputs, owner = self._param_leaf_inputs(cache), [j for j, _ in _leaves(self.layers)]
+        xp = get_xp(cache.x)
+        sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
+        for k, G in partials:
+            a, n = inputs[k]
+            sq[:, owner[k]] += per_sample.leaf_sq_norms(leaves[k], a, G[:, 0, :], n)
+        sq *= float(cache.batch) ** 2  # after the sums, as MLP's: a dense stack gives its norms to the last bit
+        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
+
+    def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB):
+        """Every sample's own gradient ``∇_θ ℓ_i`` as ``ParamArrays``: ``flat: (B, P)`` (row i laid
+        out as ``BlockGradients.flat``), ``layers[j]`` named views ``(B, *shape)``.
+
+        Convention: the gradient of ℓ_i itself (``torch.func.vmap(grad)``); ``mean_i`` of ours
+        is ``loss_and_grads``' gradient. It materialises ``B × P`` numbers; above ``max_memory``
+        bytes (default 1 GiB; None: no limit) a ``ValueError`` gives the size before allocating.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
+            >>> g = net.per_sample_grads(np.eye(3), np.zeros((3, 4)))
+            >>> g.flat.shape, g.layers[0]["W"].shape, g.layers[1]["gamma"].shape
+            ((3, 20), (3, 3, 4), (3, 4))
+        """
+        cache, leaves, partials = self._sample_partials(x, target, loss)
+        B, P = cache.batch, self.n_params
+        per_sample.check_budget(
+            f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
+            max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
+            "or split the batch")
+        inputs = self._param_leaf_inputs(cache)
+        flat = get_xp(cache.x).empty((B, P), dtype=self.dtype)
+        views = self._leaf_views(flat)
+        for k, G in partials:
+            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], G[:, 0, :])
+        return ParamArrays(flat, _by_name(self.layers, views))
+
+    # ------------------------------------------------------------------ Gauss–Newton
+    def _check_direction(self, v: Any):
+        """``v`` as a flat ``(P,)`` parameter direction of this network's dtype, checked."""
+        try:
+            get_xp(v, self.layers[0].params[0])
+        except TypeError:
+            raise TypeError("v is on another device than the network; move it with jacgrad.to_device") from None
+        v = float_array(v, "v", self.xp)
+        if v.shape != (self.n_params,):
+            raise ValueError(f"v has shape {shape_str(v.shape)} but the network has P={self.n_params} parameters: "
+                             f"needs ({self.n_params},), laid out as BlockGradients.flat (layer order; Dense: W, b; "
+                             f"LayerNorm: gamma, beta; RMSNorm: gamma)")
+        return v.astype(self.dtype, copy=False)
+
+    def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
+        """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
+        in ``BlockGradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
+
+        One forward-mode pass in parameter space through every layer kind
+        (``curvature.leaf_parameter_jvp``), ``H_i / B`` per sample, one ``backward``.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.LayerNorm(np.ones(4))])
+            >>> net.ggn_vp(np.eye(3), np.ones(24)).shape
+            (24,)
+        """
+        v = self._check_direction(v)
+        y, cache = self.forward(x)
+        inputs = self._param_leaf_inputs(cache)
+        t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, lambda k: inputs[k][0],
+                                         self._leaf_views(v))
+        u = loss_hessians.hessian_vp(loss, y, t, target)
+        u /= max(cache.batch, 1)
+        return self.backward(cache, u, input_grad=False).flat
+
+    def ggn_diagonal(self, x: Any, target: Any = None, loss: str = "mse", max_memory: float | None = 1 << 28):
+        """The exact diagonal of ``ggn_vp``'s ``G`` as ``ParamArrays`` (``flat: (P,)``) — BackPACK's
+        DiagGGNExact. Samples go through in chunks whose ``(chunk, n_out, max H)`` working blocks
+        stay under ``max_memory`` bytes (default 256 MiB). ``target`` as for ``ggn_vp``.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
+            >>> net.ggn_diagonal(np.eye(3)).layers[1]["gamma"].shape
+            (4,)
+        """
+        y, cache = self.forward(x)
+        V = loss_hessians.hessian_factor(loss, y, target)
+        xp, B = get_xp(y), cache.batch
+        flat = xp.zeros(self.n_params, dtype=self.dtype)
+        views = self._leaf_views(flat)
+        per_row = 3 * V.shape[1] * max(self._param_widths()) * self.dtype.itemsize
+        chunk = max(1, int(max_memory // per_row)) if max_memory is not None else max(B, 1)
+        chain = self.jacobian_chain(cache)
+        inputs = [a for a, _ in self._param_leaf_inputs(cache)]
+        for start in range(0, B, chunk):
+            sel = slice(start, min(B, start + chunk))
+            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V[sel], views,
+                                               1.0 / B)
+        return ParamArrays(flat, _by_name(self.layers, views))
