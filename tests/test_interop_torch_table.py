@@ -51,3 +51,25 @@ def test_blocks_reader_takes_parameterised_activations_like_the_mlp_reader(act):
 def test_blocks_reader_error_lists_the_supported_modules():
     with pytest.raises(TypeError, match=r"module 1 \(Softmax\) is not supported; supported: .*LeakyReLU.*nn.LayerNorm"):
         jg.Sequential.from_torch(nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1)))
+
+
+def test_blocks_round_trip_through_torch_exactly():
+    from jacgrad.interop.torch_blocks import layers_from_torch, layers_to_torch
+
+    rng = np.random.default_rng(0)
+    L = jg.layers
+    W = lambda a, b: rng.standard_normal((a, b)) / np.sqrt(a)  # noqa: E731
+    layers = [L.Dense(W(4, 6), rng.standard_normal(6), "leaky_relu(negative_slope=0.2)"),
+              L.Residual([L.LayerNorm(1 + rng.standard_normal(6), rng.standard_normal(6), eps=1e-3),
+                          L.Dense(W(6, 6), None, "gelu_tanh"),
+                          L.Residual([L.RMSNorm(rng.standard_normal(6), eps=1e-4), L.Dense(W(6, 6), None, "elu")], 0.3)],
+                         scale=0.5),
+              L.Dense(W(6, 2))]
+    model = layers_to_torch(layers)
+    back = layers_from_torch(model)
+    assert repr(back) == repr(layers)
+    flat = lambda ls: [p for l in ls for p in l.params]  # noqa: E731
+    for a, b in zip(flat(layers), flat(back), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    x = rng.standard_normal((5, 4))
+    np.testing.assert_allclose(jg.Sequential(layers)(x), model(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-13)

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
-from .torch import SUPPORTED, activation_name
+from ..backend import is_gpu_array
+from .torch import SUPPORTED, activation_module, activation_name
 
-__all__ = ["Residual", "layers_from_torch"]
+__all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
 
 class Residual(nn.Module):
@@ -95,6 +96,42 @@ def layers_from_torch(module: nn.Module, where: str = "module") -> list:
 
 
 _SUPPORTED = [s for s in SUPPORTED if not s.startswith(("Dropout", "Flatten"))]
+
+
+def layers_to_torch(layers) -> nn.Sequential:
+    """An ``nn.Sequential`` computing the ``jacgrad.layers`` in order — ``nn.Linear`` (+ its
+    activation module), ``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` around an inner
+    ``nn.Sequential`` — with copies of the parameters in their dtype, on their device (CUDA for
+    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly."""
+    modules = []
+    for L in layers:
+        if L.kind == "dense":
+            W = _tensor(L.W)
+            lin = nn.Linear(W.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
+            with torch.no_grad():
+                lin.weight.copy_(W.T)
+                lin.bias.copy_(_tensor(L.b))
+            modules.append(lin)
+            act = activation_module(nn, L.activation)
+            if act is not None:
+                modules.append(act)
+        elif L.kind == "residual":
+            modules.append(Residual(layers_to_torch(L.layers), L.scale))
+        else:
+            gamma = _tensor(L.gamma)
+            cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm
+            norm = cls(gamma.shape[0], eps=L.eps, dtype=gamma.dtype, device=gamma.device)
+            with torch.no_grad():
+                norm.weight.copy_(gamma)
+                if L.kind == "layernorm":
+                    norm.bias.copy_(_tensor(L.beta))
+            modules.append(norm)
+    return nn.Sequential(*modules)
+
+
+def _tensor(a):
+    """A torch view of a NumPy or CuPy array (copied into a module afterwards)."""
+    return torch.from_dlpack(a) if is_gpu_array(a) else torch.from_numpy(a)
 
 
 def _dtype(module: nn.Module):
