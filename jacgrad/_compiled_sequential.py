@@ -147,12 +147,7 @@ class SequentialStep(StepIO):
         network's dtype like ``Sequential.forward`` does; ``BlockGradients.input`` is None unless
         compiled with ``input_grad=True``.
         """
-        self._check_binding()
-        with self._on_device():
-            self._load(self._x, x, "x", self._shape_help("x"))
-            labels = self._load_target(target)
-            self._run_or_replay(labels, self._run)
-            return self._results(copy)
+        return self._step(x, target, copy)
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (Sequential's own passes)."""

@@ -58,6 +58,16 @@ class StepIO:
             return GraphCache()  # its capture stream lives on the current (the weights') device
         return None
 
+    def _step(self, x, target, copy: bool):
+        """One call of the step: check the binding, load ``x`` and the target, run (or replay)
+        ``self._run(labels)``, return ``self._results(copy)``."""
+        self._check_binding()
+        with self._on_device():
+            self._load(self._x, x, "x", self._shape_help("x"))
+            labels = self._load_target(target)
+            self._run_or_replay(labels, self._run)
+            return self._results(copy)
+
     def _run_or_replay(self, labels: bool, run: Callable[[bool], None]) -> None:
         """``run(labels)`` eagerly, or the captured graph of this target kind; a failed capture
         under "auto" drops the graphs for good (``capture_error`` says why)."""
