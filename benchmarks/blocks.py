@@ -15,7 +15,11 @@ Run it without the OPENBLAS_CORETYPE override (it forces NumPy's OpenBLAS onto s
 kernels on an AVX-512 CPU; see ``jacgrad bench``)::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/blocks.py [--blocks 8] [--width 1024]
-        [--batch 256] [--n-out 10] [--rounds 5] [--skip jac]
+        [--batch 256] [--n-out 10] [--rounds 5] [--skip jac] [--threads N]
+
+``--threads N`` runs every library on N threads (NumPy's OpenBLAS through threadpoolctl, torch,
+XLA): on a machine shared with other jobs, ``--threads 1`` measures the work itself, which a
+preempted thread of a multi-threaded GEMM would otherwise hide.
 """
 
 import argparse
@@ -34,6 +38,15 @@ from jacgrad.interop.torch_blocks import Residual
 
 def _sh(cmd: str) -> str:
     return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+
+
+def _blas() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "(threadpoolctl not installed)"
+    return ", ".join(f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
+                     for i in threadpool_info() if i["user_api"] == "blas")
 
 
 def _jax_peer(tnet, scale: float, eps: float):
@@ -71,7 +84,16 @@ def main():
     for name, default in (("blocks", 8), ("width", 1024), ("batch", 256), ("n-out", 10), ("rounds", 5), ("scale", 1.0)):
         p.add_argument(f"--{name}", type=type(default), default=default)
     p.add_argument("--skip", choices=["jac", "step"], default=None, help="leave one benchmark out")
+    p.add_argument("--threads", type=int, default=None, help="threads for every library (default: each its own)")
     a = p.parse_args()
+    limits = None
+    if a.threads:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(a.threads)  # NumPy's OpenBLAS (and any OpenMP pool loaded so far)
+        torch.set_num_threads(a.threads)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                   f"{'false' if a.threads == 1 else 'true'} intra_op_parallelism_threads={a.threads}")
     H, B = a.width, a.batch
     torch.manual_seed(0)
     blocks = [Residual(nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, H)), a.scale)
@@ -137,7 +159,8 @@ def main():
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}; cpus {os.cpu_count()}, "
           f"torch {torch.__version__} threads {torch.get_num_threads()}"
-          + (f", jax {jax.__version__}" if peer is not None else ", JAX not installed"))
+          + (f", jax {jax.__version__}" if peer is not None else ", JAX not installed")
+          + f"; NumPy's BLAS: {_blas()}" + (f"; --threads {a.threads}" if limits is not None else ""))
     print(f"B={B}, {a.blocks} blocks of 2x{H} (+ LayerNorm), n_out={a.n_out}, float32; {a.rounds} interleaved rounds")
     for fns in cases.values():  # warm-up: JIT compilation, first-touch of buffers
         for _, f in fns:

@@ -292,8 +292,8 @@ class Residual:
             states.append(st)
             at += n
         xp = get_xp(z)
-        y = xp.multiply(u, self.scale, out=bufs[0])
-        return xp.add(z, y, out=y), states
+        su = u if self.scale == 1.0 else xp.multiply(u, self.scale, out=bufs[0])  # 1·u is u: skip the pass
+        return xp.add(z, su, out=bufs[0]), states
 
     def factor(self, state) -> ResidualFactor:
         return ResidualFactor(Chain([L.factor(st) for L, st in zip(self._layers, state)]), self.scale)
@@ -309,7 +309,7 @@ class Residual:
         for L in self._layers:
             at.append(at[-1] + len(L.params))
             cut.append(cut[-1] + len(L.backward_shapes(B, True)))
-        u = xp.multiply(g, self.scale, out=bufs[0])
+        u = g if self.scale == 1.0 else xp.multiply(g, self.scale, out=bufs[0])  # the inner layers only read it
         for i in range(len(self._layers) - 1, -1, -1):
             u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}", sq,
                                             bufs[cut[i]:cut[i + 1]])

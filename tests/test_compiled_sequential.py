@@ -48,8 +48,9 @@ def _arrays(loss, g):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("loss,kind", LOSSES)
-def test_step_is_bitwise_loss_and_grads_across_calls_and_sgd_updates(rng, dtype, loss, kind):
-    net = _net(dtype)
+@pytest.mark.parametrize("scale", [0.7, 1.0])  # 1.0: the residual block skips its scaling pass
+def test_step_is_bitwise_loss_and_grads_across_calls_and_sgd_updates(rng, dtype, loss, kind, scale):
+    net = _net(dtype, scale=scale)
     step = net.compile(7, loss=loss)
     assert isinstance(step, SequentialStep) and step.input_grad
     for _ in range(3):
@@ -80,12 +81,13 @@ def test_named_gradients_are_views_of_flat_and_input_grad_is_optional(rng):
     np.testing.assert_array_equal(g.layers[1][2]["gamma"], ref.layers[1][2]["gamma"])
 
 
-def test_matches_torch_autograd():
+@pytest.mark.parametrize("scale", [0.7, 1.0])
+def test_matches_torch_autograd(scale):
     torch = pytest.importorskip("torch")
     from test_layers_torch import _torch_net
 
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
-        tnet, net, order = _torch_net(dtype)
+        tnet, net, order = _torch_net(dtype, scale)
         rng = np.random.default_rng(7)
         x, t = rng.standard_normal((5, 3)).astype(dtype), rng.standard_normal((5, 2)).astype(dtype)
         loss, g = net.compile(5)(x, t)
