@@ -5,6 +5,11 @@ backward needs), its ``backward`` (parameter gradients written into the views it
 and ∂L/∂input), and its Jacobian ``factor`` for ``Chain``. ``Dense`` runs the very per-layer
 steps of ``MLP`` (``_passes.dense_forward`` / ``dense_backward``).
 
+``forward``/``backward`` write into the buffers given as ``out`` (the shapes their layer's
+``forward_shapes(B)`` / ``backward_shapes(B, input_grad)`` name), or into fresh arrays when
+``out`` is None: ``Sequential`` hands them pooled blocks per call, a compiled step the same
+buffers every call (``_block_passes``). ``backward`` only reads the cotangent it is given.
+
     >>> import numpy as np, jacgrad as jg
     >>> L = jg.layers.LayerNorm(np.ones(4), np.zeros(4))
     >>> y, state = L.forward(np.arange(8.0).reshape(2, 4))
