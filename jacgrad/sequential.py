@@ -152,15 +152,6 @@ class Sequential:
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
-    def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto"):
-        """A ``SequentialStep`` (``jacgrad._compiled_sequential``): ``loss, g = step(x, target)`` for
-        batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
-        allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
-        step's buffers, overwritten by the next call (``step(x, t, copy=True)`` for fresh ones);
-        parameters are read by reference (in-place updates are seen; a replaced array raises
-        until ``step.rebind()``)."""
-        return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
-
     def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
         """Norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per top-level
         layer (a residual block's inner layers together). From one backward pass: dense layers
@@ -179,6 +170,15 @@ class Sequential:
         ``I + s·J_inner`` (a ``ResidualFactor``) or a ``NormFactor``."""
         self._check_cache(cache)
         return Chain([L.factor(st) for L, st in zip(self._layers, cache.states)])
+
+    def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto"):
+        """A ``SequentialStep`` (``jacgrad._compiled_sequential``): ``loss, g = step(x, target)`` for
+        batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
+        allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
+        step's buffers, overwritten by the next call (``step(x, t, copy=True)`` for fresh ones);
+        parameters are read by reference (in-place updates are seen; a replaced array raises
+        until ``step.rebind()``)."""
+        return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
 
     @classmethod
     def from_torch(cls, module) -> "Sequential":
