@@ -95,17 +95,20 @@ class SequentialStep(StepIO):
             self._loss = LossWorkspace(loss, xp, (B, net.n_out), dt)
             self._graphs = self._graph_cache()
         self._gin, self._deltas = None, None  # which buffers: set by the first (eager) run
+        self._layout = [self._buffer_layout(L) for L in layers]
         self.rebind()
+
+    def _buffer_layout(self, layer) -> tuple:
+        """What this step's buffers depend on: the layer's kind, the shapes it writes and its number of
+        parameters (their shapes are checked one by one, with their names, by ``rebind``)."""
+        B = self.batch
+        return type(layer), tuple(layer.forward_shapes(B)), tuple(layer.backward_shapes(B, True)), len(layer.params)
 
     # ------------------------------------------------------------------ binding
     def rebind(self) -> None:
         """Adopt the parameter arrays now in the network's layers (same shapes, dtype and device)
         and drop captured graphs (the next call re-captures)."""
         layers = tuple(self._net.layers)
-        if len(layers) != len(self._layers) or any(
-                type(a) is not type(b) or a.n_in != b.n_in or a.n_out != b.n_out for a, b in zip(layers, self._layers)):
-            raise ValueError(f"the network's layers are now {list(layers)!r}; this step was compiled for "
-                             f"{list(self._layers)!r}: compile a new step")
         params = _named_params(layers)
         grads = [g for per in self._grads for g in per]  # shaped as the parameters this step was compiled for
         if len(params) != len(grads):
@@ -119,6 +122,9 @@ class SequentialStep(StepIO):
                     f"compile a new step")
             if self._gpu and p.device.id != self._device.id:
                 raise ValueError(f"{where} is now on GPU {p.device.id}; this step runs on GPU {self._device.id}")
+        if [self._buffer_layout(L) for L in layers] != self._layout:
+            raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
+                             f"step was compiled for: compile a new step")
         self._layers, self._params = layers, params
         if self._graphs is not None:
             self._graphs.clear()

@@ -163,6 +163,9 @@ def test_a_replaced_layer_is_detected():
         step(np.ones((2, 5)), np.ones((2, 3)))
     step.rebind()  # same kinds and widths: adopted
     step(np.ones((2, 5)), np.ones((2, 3)))
+    net._layers = net._layers[:3] + (L.Dense(np.ones((6, 6)), None, "gelu"),) + net._layers[4:]
+    with pytest.raises(ValueError, match="whose buffers differ from those this step was compiled for"):
+        step.rebind()  # gelu keeps h and z: other forward buffers than sigmoid's
     net._layers = net._layers[:-1] + (L.Dense(np.ones((6, 3)), None, "tanh"), L.Dense(np.ones((3, 3))))
     with pytest.raises(ValueError, match="compile a new step"):
         step.rebind()
