@@ -36,6 +36,18 @@ import jacgrad as jg
 from jacgrad.interop.torch_blocks import Residual
 
 
+def best(f, rounds: int) -> float:
+    """Seconds of the fastest of ``rounds`` calls of ``f``, after one untimed call (also used by
+    ``benchmarks/blocks_param_space.py``)."""
+    f()
+    t = []
+    for _ in range(rounds):
+        s = time.perf_counter()
+        f()
+        t.append(time.perf_counter() - s)
+    return min(t)
+
+
 def _sh(cmd: str) -> str:
     return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
 
@@ -171,7 +183,7 @@ def main():
             for name, f in (fns if r % 2 == 0 else fns[::-1]):
                 s = time.perf_counter()
                 f()
-                times[name].append(time.perf_counter() - s)
+                times[name].append(time.perf_counter() - s)  # one call per round: the warm-up was above
     for what, fns in cases.items():
         peers = [n for n, _ in fns if not n.startswith("jacgrad")]
         fastest = min(peers, key=lambda n: min(times[n]))
