@@ -51,27 +51,22 @@ NumPy network is a ``ValueError``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
 
-from . import losses
-from ._cuda_graph import CaptureError
-from ._loss_workspace import NAMES as LOSS_NAMES
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
-from ._validate import float_array, shape_str
+from ._step_io import StepIO, check_step_args
+from ._validate import shape_str
 from .activations import get as get_activation
-from .backend import is_gpu_array, tf32_enabled
+from .backend import is_gpu_array
 from .jacobian import LayerJacobian
 
 __all__ = ["TrainingStep"]
 
-_CAPTURE = ("auto", True, False)
 
-
-class TrainingStep:
+class TrainingStep(StepIO):
     """``loss, grads = step(x, target)`` for a fixed batch: see the module docstring.
 
     The returned ``loss`` and ``grads`` are the step's own buffers: the next call overwrites
@@ -88,20 +83,9 @@ class TrainingStep:
     def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
         if not all(hasattr(net, a) for a in ("weights", "biases", "activations", "xp", "sizes", "dtype")):
             raise TypeError(f"TrainingStep compiles an MLP (weights, biases and activations lists), not a {type(net).__name__}")
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
-        losses.get(loss)  # KeyError listing every loss for an unknown name
-        if loss not in LOSS_NAMES:
-            raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
-        if not any(capture is c for c in _CAPTURE) and capture != "auto":
-            raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
         xp = net.xp
         self._gpu = xp is not np
-        if capture is True and not self._gpu:
-            raise ValueError(
-                "capture=True records a CUDA graph, which needs a network on the GPU (CuPy); this one is on "
-                "the CPU (NumPy). Use capture='auto' (buffers only on the CPU) or capture=False, or net.to('gpu')"
-            )
+        batch = check_step_args(batch, loss, capture, self._gpu)
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
@@ -118,11 +102,7 @@ class TrainingStep:
             self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
             self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
             self._target = xp.zeros((B, sizes[-1]), dtype=dt)
-            self._graphs = None
-            if self._gpu and capture in ("auto", True):
-                from ._cuda_graph import GraphCache
-
-                self._graphs = GraphCache()  # its capture stream lives on the weights' device
+            self._graphs = self._graph_cache()  # its capture stream lives on the weights' device
         self.rebind()
 
     # ------------------------------------------------------------------ binding
@@ -187,9 +167,6 @@ class TrainingStep:
             f"reference: update them in place (W -= lr * dW, W[...] = new), or call step.rebind() after replacing them"
         )
 
-    def _on_device(self):
-        return self._device if self._gpu else contextlib.nullcontext()
-
     # ------------------------------------------------------------------ the call
     def __call__(self, x: Any, target: Any, copy: bool = False):
         """``(loss, Gradients)`` of one batch: ``x (B, n_in)``, ``target`` as for the loss.
@@ -199,21 +176,7 @@ class TrainingStep:
         ``x`` is cast to the network's dtype like ``MLP.forward`` does; ``Gradients.input`` is
         None unless compiled with ``input_grad=True``.
         """
-        self._check_binding()
-        with self._on_device():
-            self._load(self._x, x, "x", self._shape_help("x"))
-            labels = self._load_target(target)
-            if self._graphs is None:
-                self._run(labels)
-            else:
-                try:
-                    self._graphs.run((labels, tf32_enabled()), lambda: self._run(labels))
-                except CaptureError as exc:  # raised after the eager run: this call's results stand
-                    if self._capture is True:
-                        raise
-                    self._graphs.clear()
-                    self._graphs, self.capture_error = None, str(exc)
-            return self._results(copy)
+        return self._step(x, target, copy)
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
@@ -235,63 +198,7 @@ class TrainingStep:
         gin = None if self._gin is None else self._gin.copy()
         return self._loss.value.copy(), Gradients(dW, db, gin, [d.copy() for d in self._delta], flat)
 
-    # ------------------------------------------------------------------ inputs
-    def _shape_help(self, what: str) -> str:
-        B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[1]
-        if what == "x":
-            return f"batch {B} × {n_in} features: x must be {shape_str((B, n_in))}"
-        if self.loss == "softmax_cross_entropy":
-            return f"batch {B} × {n_out} classes: the target must be int labels {shape_str((B,))} or rows {shape_str((B, n_out))}"
-        return f"batch {B} × {n_out} outputs: the target must be {shape_str((B, n_out))}"
-
-    def _check_device(self, a, name: str) -> None:
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            where = "CuPy" if self._gpu else "NumPy"
-            raise TypeError(f"{name} must be a {where} array, not {type(a).__name__}")
-        if is_gpu_array(a) != self._gpu:
-            have, want = ("NumPy (CPU)", "GPU") if self._gpu else ("CuPy (GPU)", "CPU")
-            raise TypeError(
-                f"{name} is a {have} array but this step runs on the {want}; jacgrad never copies between "
-                f"them silently — move it with jacgrad.to_device({name}, '{want.lower()}')"
-            )
-        if self._gpu and a.device.id != self._device.id:
-            raise ValueError(f"{name} is on GPU {a.device.id} but this step's buffers are on GPU {self._device.id}")
-
-    def _load(self, buf, a, name: str, help: str) -> None:
-        self._check_device(a, name)
-        a = float_array(a, name, self._xp)
-        if a.shape != buf.shape:
-            raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
-        self._xp.copyto(buf, a, casting="same_kind")
-
-    def _load_target(self, t) -> bool:
-        """Copy the target into its buffer; True when it is integer labels (softmax CE)."""
-        help = self._shape_help("target")
-        if self.loss != "softmax_cross_entropy" or np.dtype(getattr(t, "dtype", np.float64)).kind == "f":
-            if self.loss == "softmax_cross_entropy" and getattr(t, "ndim", 2) != 2:
-                raise TypeError(f"labels must be integers but the target is a {t.dtype} array; {help}")
-            self._load(self._target, t, "target", help)
-            return False
-        self._check_device(t, "target")
-        if np.dtype(t.dtype).kind not in "iu":
-            raise TypeError(f"target has dtype {t.dtype}; {help}")
-        if t.shape != (self.batch,):
-            raise ValueError(f"this step was compiled for {help}, got {shape_str(t.shape)}")
-        C = self._target.shape[1]
-        lo, hi = (int(v) for v in self._xp.stack([t.min(), t.max()]).tolist()) if self._gpu else (int(t.min()), int(t.max()))
-        if lo < 0 or hi >= C:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")
-        self._xp.copyto(self._loss.labels, t, casting="same_kind")
-        return True
-
     # ------------------------------------------------------------------ facts
-    @property
-    def captured(self) -> bool:
-        """True when calls replay a CUDA graph (CuPy with capture 'auto' or True); False once
-        ``capture="auto"`` fell back to buffers only because the capture failed (``capture_error``)."""
-        return self._graphs is not None
-
     @property
     def nbytes(self) -> int:
         """Bytes of every buffer the step owns (the weights are the network's)."""

@@ -116,10 +116,29 @@ class NormFactor:
         u = _check_rows(self, u, self.h_in, "tangent")
         return self._project(u, self.xhat) * self.scale
 
-    def vjp(self, v: Any):
-        """``Jᵀv = P (γ·inv ⊙ v)``: ``v (B, n) -> (B, n)``."""
+    def vjp(self, v: Any, out: Any = None, work: Any = None):
+        """``Jᵀv = P (γ·inv ⊙ v) = inv·(s − x̂·(s·x̂)/n − mean(s))``, ``s = γ ⊙ v`` (inv is a
+        scalar per row, so it commutes with P): ``v (B, n) -> (B, n)``. ``out``: an array of the
+        result's shape and dtype to write into (not ``v``); ``work``: scratch ``(s, k, m)`` of
+        shapes ``v.shape``, ``v.shape[:-1] + (1,)`` twice — with both, nothing is allocated."""
         v = _check_rows(self, v, self.h_out, "cotangent")
-        return self._project(v * self.scale, self.xhat)
+        xp, n = get_xp(v), max(self.h_in, 1)
+        dt = np.result_type(v.dtype, self.dtype)
+        col = v.shape[:-1] + (1,)
+        s, k, m = work if work is not None else (xp.empty(v.shape, dt), xp.empty(col, dt), xp.empty(col, dt))
+        out = xp.empty(v.shape, dt) if out is None else out
+        inv = self.inv[..., None]
+        xp.multiply(v, self.gamma, out=s)
+        xp.multiply(s, self.xhat, out=out)
+        out.sum(axis=-1, keepdims=True, out=k)
+        xp.multiply(k, inv, out=k)
+        xp.divide(k, n, out=k)                      # inv·(s·x̂)/n
+        xp.multiply(self.xhat, k, out=out)
+        xp.multiply(s, inv, out=s)                  # inv·s
+        xp.subtract(s, out, out=out)
+        if self.centered:
+            out -= s.mean(axis=-1, keepdims=True, out=m)
+        return out
 
     def jvp_stack(self, a):
         """``J`` on every row of ``a: (…, r, n)`` -> ``(B, r, n)`` (``(r, n)`` when all is shared)."""

@@ -5,6 +5,11 @@ backward needs), its ``backward`` (parameter gradients written into the views it
 and ∂L/∂input), and its Jacobian ``factor`` for ``Chain``. ``Dense`` runs the very per-layer
 steps of ``MLP`` (``_passes.dense_forward`` / ``dense_backward``).
 
+``forward``/``backward`` write into the buffers given as ``out`` (the shapes their layer's
+``forward_shapes(B)`` / ``backward_shapes(B, input_grad)`` name), or into fresh arrays when
+``out`` is None: ``Sequential`` hands them pooled blocks per call, a compiled step the same
+buffers every call (``_block_passes``). ``backward`` only reads the cotangent it is given.
+
     >>> import numpy as np, jacgrad as jg
     >>> L = jg.layers.LayerNorm(np.ones(4), np.zeros(4))
     >>> y, state = L.forward(np.arange(8.0).reshape(2, 4))
@@ -68,13 +73,23 @@ class Dense:
     def __repr__(self) -> str:
         return f"Dense({self.n_in}->{self.n_out}, {self._act.name})"
 
-    def forward(self, z, check=None, where: Any = 0):
-        """``z: (B, H_in) -> (B, H_out)``; returns ``(out, state)``."""
-        xp = get_xp(z)
-        h = xp.empty((z.shape[0], self.n_out), dtype=self._W.dtype)
+    def forward_shapes(self, B: int) -> list:
+        """Shapes of the buffers ``forward`` writes, its output first: ``[(B, H_out)]`` (``y`` over
+        ``h``), or ``[z, h]`` where φ' needs ``h``."""
+        return [(B, self.n_out)] * (1 if self._act.df_from_output is not None else 2)
+
+    def backward_shapes(self, B: int, input_grad: bool = True) -> list:
+        """Shapes of the buffers ``backward`` writes: ``δ: (B, H_out)`` and ``∂L/∂z_prev: (B, H_in)``."""
+        return [(B, self.n_out)] + ([(B, self.n_in)] if input_grad else [])
+
+    def forward(self, z, check=None, where: Any = 0, out=None):
+        """``z: (B, H_in) -> (B, H_out)``; returns ``(out, state)``. ``out``: the buffers of
+        ``forward_shapes`` to write into (fresh ones when None)."""
         from_output = self._act.df_from_output is not None
-        out = dense_forward(z, self._W, self._b, self._act, h, None, None, check, where)
-        return out, (z, h, from_output)
+        bufs = _buffers(out, self.forward_shapes(z.shape[0]), z)
+        h = bufs[-1]
+        y = dense_forward(z, self._W, self._b, self._act, h, None if from_output else bufs[0], None, check, where)
+        return y, (z, h, from_output)
 
     def factor(self, state) -> LayerJacobian:
         """``diag(φ'(h))·Wᵀ`` from the saved ``y`` or ``h``."""
@@ -82,14 +97,14 @@ class Dense:
         return LayerJacobian.from_activation(self._act, self._W, **{"y" if from_output else "h": saved})
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
-                 sq=None):
-        """``g = ∂L/∂z: (B, H_out)``; writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev or
-        None, δ = ∂L/∂h)``. ``sq: (B,)``, when given, gets each sample's share of the squared
-        gradient norm added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``)."""
+                 sq=None, out=None):
+        """``g = ∂L/∂z: (B, H_out)`` (only read); writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev
+        or None, δ = ∂L/∂h)``, written into ``out`` (the buffers of ``backward_shapes``; fresh when
+        None). ``sq: (B,)``, when given, gets each sample's share of the squared gradient norm
+        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``)."""
         z_prev = state[0]
-        xp = get_xp(g)
-        delta = xp.empty_like(g)
-        gin = xp.empty((g.shape[0], self.n_in), dtype=g.dtype) if input_grad else None
+        bufs = _buffers(out, self.backward_shapes(g.shape[0], input_grad), g)
+        delta, gin = bufs[0], (bufs[1] if input_grad else None)
         dense_backward(self.factor(state), g, z_prev, grads[0], grads[1], delta, gin, check, where)
         if sq is not None:
             sq += grad_sq_norms(lambda _: z_prev, [delta], 1.0)[:, 0]
@@ -98,6 +113,14 @@ class Dense:
     def param_input(self, state):
         """The ``a`` its parameter gradients pair with ``δ`` (``∇_W = a ⊗ δ``): its input ``z_prev: (B, H_in)``."""
         return state[0]
+
+
+def _buffers(out, shapes: list, like) -> list:
+    """``out`` (the caller's buffers, one per shape), or fresh ones on ``like``'s device and dtype."""
+    if out is not None:
+        return out
+    xp = get_xp(like)
+    return [xp.empty(shape, dtype=like.dtype) for shape in shapes]
 
 
 class _Norm:
@@ -135,34 +158,54 @@ class _Norm:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.n_in}, eps={self.eps:g})"
 
-    def forward(self, x, check=None, where: Any = 0):
-        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``."""
+    def forward_shapes(self, B: int) -> list:
+        """Shapes of the buffers ``forward`` writes: the output, ``x̂``, ``inv`` and the mean ``(B, 1)``."""
+        return [(B, self.n_in), (B, self.n_in), (B,), (B, 1)]
+
+    def backward_shapes(self, B: int, input_grad: bool = True) -> list:
+        """Shapes of the buffers ``backward`` writes: a ``(B, n)`` and two ``(B, 1)`` scratch arrays
+        (``g⊙x̂``, then the VJP's work), and ``∂L/∂x: (B, n)``."""
+        return [(B, self.n_in), (B, 1), (B, 1)] + ([(B, self.n_in)] if input_grad else [])
+
+    def forward(self, x, check=None, where: Any = 0, out=None):
+        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``; ``out``: the buffers of ``forward_shapes``."""
         xp = get_xp(x)
-        xc = x - x.mean(axis=1, keepdims=True) if self.centered else x
-        inv = 1.0 / xp.sqrt((xc * xc).mean(axis=1) + self._eps)
-        xhat = xc * inv[:, None]
-        out = xhat * self._gamma
+        y, xhat, inv, mean = _buffers(out, self.forward_shapes(x.shape[0]), x)
+        xc = x
+        if self.centered:
+            xc = xp.subtract(x, x.mean(axis=1, keepdims=True, out=mean), out=xhat)
+        xp.multiply(xc, xc, out=y)              # y is scratch until the last two lines
+        y.mean(axis=1, out=inv)
+        xp.add(inv, self._eps, out=inv)
+        xp.sqrt(inv, out=inv)
+        xp.divide(1.0, inv, out=inv)            # inv = 1/sqrt(mean(xc²) + eps)
+        xp.multiply(xc, inv[:, None], out=xhat)
+        xp.multiply(xhat, self._gamma, out=y)
         if self._beta is not None:
-            out += self._beta
+            y += self._beta
         if check is not None:
-            check(out, f"{where if isinstance(where, str) else f'layer {where}'}: output")
-        return out, (xhat, inv)
+            check(y, f"{where if isinstance(where, str) else f'layer {where}'}: output")
+        return y, (xhat, inv)
 
     def factor(self, state) -> NormFactor:
         return NormFactor(self._gamma, state[1], state[0], centered=self.centered)
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
-                 sq=None):
+                 sq=None, out=None):
         """``∂γ = Σ_batch g⊙x̂``, ``∂β = Σ_batch g``; ∂L/∂x is the factor's VJP. Returns
-        ``(∂L/∂x or None, g)``. ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given."""
+        ``(∂L/∂x or None, g)``; ``g`` is only read, ``out``: the buffers of ``backward_shapes``.
+        ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given."""
         xp = get_xp(g)
-        gx = xp.multiply(g, state[0])
+        bufs = _buffers(out, self.backward_shapes(g.shape[0], input_grad), g)
+        gx = xp.multiply(g, state[0], out=bufs[0])
         gx.sum(axis=0, out=grads[0])
         if self._beta is not None:
             g.sum(axis=0, out=grads[1])
         if sq is not None:
             sq += (gx * gx).sum(axis=1) + ((g * g).sum(axis=1) if self._beta is not None else 0.0)
-        return (self.factor(state).vjp(g) if input_grad else None), g
+        if not input_grad:
+            return None, g
+        return self.factor(state).vjp(g, out=bufs[3], work=bufs[:3]), g  # gx is scratch from here on
 
     def param_input(self, state):
         """The ``a`` its parameter gradients pair with ``g = ∂L/∂y`` (``∇_γ = a ⊙ g``): ``x̂: (B, n)``."""
@@ -241,28 +284,49 @@ class Residual:
     def __repr__(self) -> str:
         return f"Residual([{', '.join(map(repr, self._layers))}], scale={self.scale:g})"
 
-    def forward(self, z, check=None, where: Any = 0):
+    def forward_shapes(self, B: int) -> list:
+        """Shapes of the buffers ``forward`` writes: the output ``(B, H)``, then the inner layers'."""
+        return [(B, self.n_in)] + [s for L in self._layers for s in L.forward_shapes(B)]
+
+    def backward_shapes(self, B: int, input_grad: bool = True) -> list:
+        """Shapes of the buffers ``backward`` writes: ``s·g``, the inner layers', and ``∂L/∂z``."""
+        inner = [s for L in self._layers for s in L.backward_shapes(B, True)]
+        return [(B, self.n_in)] + inner + ([(B, self.n_in)] if input_grad else [])
+
+    def forward(self, z, check=None, where: Any = 0, out=None):
+        """``z: (B, H) -> z + s·f(z)``; returns ``(out, inner states)``; ``out``: the buffers of ``forward_shapes``."""
         name = where if isinstance(where, str) else f"layer {where}"
-        u, states = z, []
+        B = z.shape[0]
+        bufs = _buffers(out, self.forward_shapes(B), z)
+        u, states, at = z, [], 1
         for i, L in enumerate(self._layers):
-            u, st = L.forward(u, check, f"{name}.{i}")
+            n = len(L.forward_shapes(B))
+            u, st = L.forward(u, check, f"{name}.{i}", bufs[at:at + n])
             states.append(st)
-        return z + self.scale * u, states
+            at += n
+        xp = get_xp(z)
+        su = u if self.scale == 1.0 else xp.multiply(u, self.scale, out=bufs[0])  # 1·u is u: skip the pass
+        return xp.add(z, su, out=bufs[0]), states
 
     def factor(self, state) -> ResidualFactor:
         return ResidualFactor(Chain([L.factor(st) for L, st in zip(self._layers, state)]), self.scale)
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
-                 sq=None):
-        """Inner backward of ``s·g``; returns ``(g + its input gradient, g)``; ``sq`` as the inner layers'."""
+                 sq=None, out=None):
+        """Inner backward of ``s·g``; returns ``(g + its input gradient, g)``; ``g`` is only read;
+        ``out``: the buffers of ``backward_shapes``; ``sq`` as the inner layers'."""
         name = where if isinstance(where, str) else f"layer {where}"
-        at = [0]
+        B, xp = g.shape[0], get_xp(g)
+        bufs = _buffers(out, self.backward_shapes(B, input_grad), g)
+        at, cut = [0], [1]
         for L in self._layers:
             at.append(at[-1] + len(L.params))
-        u = self.scale * g
+            cut.append(cut[-1] + len(L.backward_shapes(B, True)))
+        u = g if self.scale == 1.0 else xp.multiply(g, self.scale, out=bufs[0])  # the inner layers only read it
         for i in range(len(self._layers) - 1, -1, -1):
-            u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}", sq)
-        return (g + u if input_grad else None), g
+            u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}", sq,
+                                            bufs[cut[i]:cut[i + 1]])
+        return (xp.add(g, u, out=bufs[-1]) if input_grad else None), g
 
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)

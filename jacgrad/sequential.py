@@ -16,36 +16,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import losses
+from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ._block_passes import param_views
+from ._compiled_sequential import SequentialStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, shape_str
-from .backend import get_xp, to_numpy
+from .backend import get_xp, is_gpu_array, to_numpy
 from .chain import Chain
 from .layers import NORMS, chained, Dense, LayerNorm, Residual, RMSNorm
 from .mlp import _require_finite
 
 __all__ = ["BlockGradients", "Sequential", "SequentialCache"]
-
-
-@dataclass
-class BlockGradients:
-    """What ``Sequential.backward`` returns. ``flat``: every parameter gradient in one 1-D array,
-    in layer order (Dense: W, b; LayerNorm: gamma, beta; RMSNorm: gamma; a Residual's inner
-    layers in order). ``layers[j]``: layer j's gradients by name (``"W"``, ``"b"``, ``"gamma"``,
-    ``"beta"``; views of ``flat``) — for a Residual, a list of its inner layers' entries.
-    ``input: (B, n_in)`` or None. ``deltas[j]``: ∂L/∂h_j (pre-activation) for a Dense layer, as
-    in ``MLP``; ∂L/∂(output of layer j) for the others."""
-
-    flat: Any
-    layers: list
-    input: Any
-    deltas: list
 
 
 class SequentialCache:
@@ -64,18 +51,6 @@ class SequentialCache:
 
 def _shapes(layer) -> list:
     return [tuple(p.shape) for p in layer.params]
-
-
-def _named(layer, views: list):
-    """Layer gradients by name, from its views (a Residual: a list of its inner layers')."""
-    if isinstance(layer, Residual):
-        out, at = [], 0
-        for L in layer.layers:
-            n = len(L.params)
-            out.append(_named(L, views[at:at + n]))
-            at += n
-        return out
-    return dict(zip(layer.names, views))
 
 
 class Sequential(SequentialParameterSpace):
@@ -133,11 +108,11 @@ class Sequential(SequentialParameterSpace):
         check = _require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
-        z, states = x, []
-        for j, L in enumerate(self._layers):
-            z, st = L.forward(z, check, j)
-            states.append(st)
-        return z.copy(), SequentialCache(x, states, self._token)
+        bufs = carve_forward(xp, self._layers, x.shape[0], self.dtype, pooled=True)  # as MLP: reused host blocks
+        z, states = forward_layers(self._layers, x, bufs, check)
+        if isinstance(self._layers[-1], Dense) and z is states[-1][1]:
+            z = z.copy()  # the last Dense layer's saved y, which backward reads: hand out a copy
+        return z, SequentialCache(x, states, self._token)
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, SequentialCache):
@@ -160,25 +135,21 @@ class Sequential(SequentialParameterSpace):
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
-        g = grad_y.astype(self.dtype, copy=True)  # never the caller's array: layers may hand it on as a delta
         shapes = [s for L in self._layers for s in _shapes(L)]
         flat, views = carve(xp, shapes, self.dtype, pooled=True)  # as MLP: reuse a finished step's block
-        per_layer, at = [], 0
-        for L in self._layers:
-            per_layer.append(views[at:at + len(L.params)])
-            at += len(L.params)
-        check = _require_finite if check_finite else None
-        deltas = [None] * len(self._layers)
-        for j in range(len(self._layers) - 1, -1, -1):
-            g, deltas[j] = self._layers[j].backward(cache.states[j], g, per_layer[j], bool(j) or input_grad, check, j,
-                                                    None if sq is None else sq[:, j])
-        named = [_named(L, v) for L, v in zip(self._layers, per_layer)]
-        return BlockGradients(flat, named, g if input_grad else None, deltas)
+        g, bufs = carve_backward(xp, self._layers, cache.batch, self.dtype, input_grad, pooled=True)
+        xp.copyto(g, grad_y, casting="same_kind")  # never the caller's array: a layer may hand it on as a delta
+        per_layer = param_views(self._layers, views)
+        gin, deltas = backward_layers(self._layers, cache.states, g, per_layer, bufs, input_grad,
+                                      _require_finite if check_finite else None, sq)
+        return BlockGradients(flat, named_grads(self._layers, per_layer), gin, deltas)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
         """``(value, BlockGradients)`` of ``loss`` (see ``jacgrad.losses``) against ``target``."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
+        if getattr(target, "ndim", 0) == 2 and (isinstance(target, np.ndarray) or is_gpu_array(target)):
+            target = get_xp(target).ascontiguousarray(target)  # one layout, as in a compiled step: the same sums
         value, grad_y = loss_fn(y, target)
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
@@ -187,6 +158,15 @@ class Sequential(SequentialParameterSpace):
         ``I + s·J_inner`` (a ``ResidualFactor``) or a ``NormFactor``."""
         self._check_cache(cache)
         return Chain([L.factor(st) for L, st in zip(self._layers, cache.states)])
+
+    def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto"):
+        """A ``SequentialStep`` (``jacgrad._compiled_sequential``): ``loss, g = step(x, target)`` for
+        batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
+        allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
+        step's buffers, overwritten by the next call (``step(x, t, copy=True)`` for fresh ones);
+        parameters are read by reference (in-place updates are seen; a replaced array raises
+        until ``step.rebind()``)."""
+        return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
 
     @classmethod
     def from_torch(cls, module) -> "Sequential":

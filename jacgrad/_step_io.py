@@ -1,0 +1,147 @@
+"""What every compiled training step shares, whatever network it runs: the checks of its
+arguments, loading ``x`` and the target into the static buffers, and running the step eagerly
+or as a captured CUDA graph with the ``capture="auto"`` fallback.
+
+``StepIO`` is a mixin of ``compiled.TrainingStep`` (an ``MLP``) and
+``_compiled_sequential.SequentialStep`` (a ``Sequential``); see ``jacgrad.compiled`` for the
+contract both follow. It reads the step's ``batch``, ``loss``, ``_xp``, ``_gpu``, ``_device``,
+``_x``, ``_target``, ``_loss`` (a ``LossWorkspace``), ``_graphs``, ``_capture`` and
+``capture_error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import numpy as np
+
+from . import losses
+from ._cuda_graph import CaptureError
+from ._loss_workspace import NAMES as LOSS_NAMES
+from ._validate import float_array, shape_str
+from .backend import is_gpu_array, tf32_enabled
+
+__all__ = ["StepIO", "check_step_args"]
+
+_CAPTURE = ("auto", True, False)
+
+
+def check_step_args(batch: Any, loss: str, capture: Any, gpu: bool) -> int:
+    """``batch`` as an int, after checking the arguments every compiled step takes."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    losses.get(loss)  # KeyError listing every loss for an unknown name
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
+    if not any(capture is c for c in _CAPTURE) and capture != "auto":
+        raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+    if capture is True and not gpu:
+        raise ValueError(
+            "capture=True records a CUDA graph, which needs a network on the GPU (CuPy); this one is on "
+            "the CPU (NumPy). Use capture='auto' (buffers only on the CPU) or capture=False, or net.to('gpu')"
+        )
+    return int(batch)
+
+
+class StepIO:
+    """The input side and the graph side of a compiled step (see the module docstring)."""
+
+    def _on_device(self):
+        return self._device if self._gpu else contextlib.nullcontext()
+
+    def _graph_cache(self):
+        """A ``GraphCache`` when this step captures (GPU, capture "auto" or True), else None."""
+        if self._gpu and self._capture in ("auto", True):
+            from ._cuda_graph import GraphCache
+
+            return GraphCache()  # its capture stream lives on the current (the weights') device
+        return None
+
+    def _step(self, x, target, copy: bool):
+        """One call of the step: check the binding, load ``x`` and the target, run (or replay)
+        ``self._run(labels)``, return ``self._results(copy)``."""
+        self._check_binding()
+        with self._on_device():
+            self._load(self._x, x, "x", self._shape_help("x"))
+            labels = self._load_target(target)
+            self._run_or_replay(labels, self._run)
+            return self._results(copy)
+
+    def _run_or_replay(self, labels: bool, run: Callable[[bool], None]) -> None:
+        """``run(labels)`` eagerly, or the captured graph of this target kind; a failed capture
+        under "auto" drops the graphs for good (``capture_error`` says why)."""
+        if self._graphs is None:
+            run(labels)
+            return
+        try:
+            self._graphs.run((labels, tf32_enabled()), lambda: run(labels))
+        except CaptureError as exc:  # raised after the eager run: this call's results stand
+            if self._capture is True:
+                raise
+            self._graphs.clear()
+            self._graphs, self.capture_error = None, str(exc)
+
+    # ------------------------------------------------------------------ inputs
+    def _shape_help(self, what: str) -> str:
+        B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[1]
+        if what == "x":
+            return f"batch {B} × {n_in} features: x must be {shape_str((B, n_in))}"
+        if self.loss == "softmax_cross_entropy":
+            return f"batch {B} × {n_out} classes: the target must be int labels {shape_str((B,))} or rows {shape_str((B, n_out))}"
+        return f"batch {B} × {n_out} outputs: the target must be {shape_str((B, n_out))}"
+
+    def _check_device(self, a, name: str) -> None:
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            where = "CuPy" if self._gpu else "NumPy"
+            raise TypeError(f"{name} must be a {where} array, not {type(a).__name__}")
+        if is_gpu_array(a) != self._gpu:
+            have, want = ("NumPy (CPU)", "GPU") if self._gpu else ("CuPy (GPU)", "CPU")
+            raise TypeError(
+                f"{name} is a {have} array but this step runs on the {want}; jacgrad never copies between "
+                f"them silently — move it with jacgrad.to_device({name}, '{want.lower()}')"
+            )
+        if self._gpu and a.device.id != self._device.id:
+            raise ValueError(f"{name} is on GPU {a.device.id} but this step's buffers are on GPU {self._device.id}")
+
+    def _load(self, buf, a, name: str, help: str) -> None:
+        self._check_device(a, name)
+        a = float_array(a, name, self._xp)
+        if a.shape != buf.shape:
+            raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
+        self._xp.copyto(buf, a, casting="same_kind")
+
+    def _load_target(self, t) -> bool:
+        """Copy the target into its buffer; True when it is integer labels (softmax CE)."""
+        help = self._shape_help("target")
+        if self.loss != "softmax_cross_entropy" or np.dtype(getattr(t, "dtype", np.float64)).kind == "f":
+            if self.loss == "softmax_cross_entropy" and getattr(t, "ndim", 2) != 2:
+                raise TypeError(f"labels must be integers but the target is a {t.dtype} array; {help}")
+            self._load(self._target, t, "target", help)
+            return False
+        self._check_device(t, "target")
+        if np.dtype(t.dtype).kind not in "iu":
+            raise TypeError(f"target has dtype {t.dtype}; {help}")
+        if t.shape != (self.batch,):
+            raise ValueError(f"this step was compiled for {help}, got {shape_str(t.shape)}")
+        C = self._target.shape[1]
+        lo, hi = (int(v) for v in self._xp.stack([t.min(), t.max()]).tolist()) if self._gpu else (int(t.min()), int(t.max()))
+        if lo < 0 or hi >= C:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")
+        self._xp.copyto(self._loss.labels, t, casting="same_kind")
+        return True
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def captured(self) -> bool:
+        """True when calls replay a CUDA graph (CuPy with capture 'auto' or True); False once
+        ``capture="auto"`` fell back to buffers only because the capture failed (``capture_error``)."""
+        return self._graphs is not None
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        """Device bytes held for the graphs' lifetime in their private pools: per graph, cuBLAS's
+        workspace (32 MiB on sm_90, 4 MiB before) and whatever library calls allocated while being
+        captured. 0 on the CPU and before the first capture."""
+        return 0 if self._graphs is None else self._graphs.pool_bytes
