@@ -177,6 +177,15 @@ class Sequential(SequentialParameterSpace):
 
         return cls(layers_from_torch(module))
 
+    def to_torch(self):
+        """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,
+        ``nn.LayerNorm``, ``nn.RMSNorm``, ``torch_blocks.Residual``) with copies of its parameters,
+        same dtype, same device (CUDA for a GPU network); ``Sequential.from_torch`` of it gives
+        this network back exactly."""
+        from .interop.torch_blocks import layers_to_torch
+
+        return layers_to_torch(self._layers)
+
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Write the network: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``

@@ -73,3 +73,21 @@ def test_blocks_round_trip_through_torch_exactly():
         assert a.dtype == b.dtype and np.array_equal(a, b)
     x = rng.standard_normal((5, 4))
     np.testing.assert_allclose(jg.Sequential(layers)(x), model(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_sequential_to_torch_and_back_and_gradients_agree():
+    rng = np.random.default_rng(5)
+    L = jg.layers
+    W = lambda a, b: (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)  # noqa: E731
+    net = jg.Sequential([L.Dense(W(3, 8), None, "silu"),
+                         L.Residual([L.LayerNorm(np.ones(8, np.float32)), L.Dense(W(8, 8), None, "softplus(beta=2.0)")]),
+                         L.RMSNorm(np.ones(8, np.float32)), L.Dense(W(8, 2))])
+    model = net.to_torch()
+    assert next(model.parameters()).dtype == torch.float32
+    assert repr(jg.Sequential.from_torch(model)) == repr(net)
+    x, t = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    _, g = net.loss_and_grads(x, t)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.mse_loss(model(xt), torch.tensor(t)).backward()
+    np.testing.assert_allclose(g.input, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g.layers[1][0]["gamma"], model[2].inner[0].weight.grad.numpy(), rtol=1e-4, atol=1e-6)
