@@ -146,6 +146,18 @@ def markdown(results: dict) -> str:
                      f"{r['median_ms']:.3g} | {r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
                      f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} |")
 
+    d = secs.get("norm_kernels", {}).get("data")
+    if d:
+        L += ["", "## Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy", "",
+              f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
+              "written once (backward: g and x̂ read by the row and the column kernel).", "",
+              "| norm | step | dtype | B × n | ms | GB/s | % of copy | × faster than unfused | rel. err. | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            L.append(f"| {r['norm']} | {r['step']} | {r['dtype']} | {r['B']} × {r['n']} | {r['median_ms']:.3g} | "
+                     f"{r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
+                     f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} |")
+
     d = secs.get("tf32", {}).get("data")
     if d:
         L += ["", "## TF32 mode (`jacgrad.backend.tf32`)", "",
