@@ -25,6 +25,8 @@ from .backend import get_xp
 from .chain import Chain
 from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
+from .norm_kernels import backward as fused_norm_backward
+from .norm_kernels import forward as fused_norm_forward
 from .per_sample import grad_sq_norms
 
 __all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "make_norm"]
@@ -132,8 +134,14 @@ class _Norm:
         return f"{type(self).__name__}({self.n_in}, eps={self.eps:g})"
 
     def forward(self, x, check=None, where: Any = 0):
-        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``."""
+        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``. On CuPy: one fused kernel
+        (``jacgrad.norm_kernels.forward``) computing what the NumPy lines below do."""
         xp = get_xp(x)
+        if xp is not np:
+            out, xhat, inv = fused_norm_forward(x, self._gamma, self._beta, self._eps, self.centered)
+            if check is not None:
+                check(out, f"{where if isinstance(where, str) else f'layer {where}'}: output")
+            return out, (xhat, inv)
         xc = x - x.mean(axis=1, keepdims=True) if self.centered else x
         inv = 1.0 / xp.sqrt((xc * xc).mean(axis=1) + self._eps)
         xhat = xc * inv[:, None]
@@ -150,8 +158,13 @@ class _Norm:
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
                  sq=None):
         """``∂γ = Σ_batch g⊙x̂``, ``∂β = Σ_batch g``; ∂L/∂x is the factor's VJP. Returns
-        ``(∂L/∂x or None, g)``. ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given."""
+        ``(∂L/∂x or None, g)``. ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given.
+        On CuPy: a fused row kernel and a column kernel (``jacgrad.norm_kernels.backward``)."""
         xp = get_xp(g)
+        if xp is not np:
+            dbeta = grads[1] if self._beta is not None else None
+            dx = fused_norm_backward(g, state[0], state[1], self._gamma, self.centered, grads[0], dbeta, sq, input_grad)
+            return dx, g
         gx = xp.multiply(g, state[0])
         gx.sum(axis=0, out=grads[0])
         if self._beta is not None:
