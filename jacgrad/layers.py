@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import norm_kernels
 from ._passes import dense_backward, dense_forward
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
@@ -25,8 +26,6 @@ from .backend import get_xp
 from .chain import Chain
 from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
-from .norm_kernels import backward as fused_norm_backward
-from .norm_kernels import forward as fused_norm_forward
 from .per_sample import grad_sq_norms
 
 __all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "make_norm"]
@@ -138,7 +137,7 @@ class _Norm:
         (``jacgrad.norm_kernels.forward``) computing what the NumPy lines below do."""
         xp = get_xp(x)
         if xp is not np:
-            out, xhat, inv = fused_norm_forward(x, self._gamma, self._beta, self._eps, self.centered)
+            out, xhat, inv = norm_kernels.forward(x, self._gamma, self._beta, self._eps, self.centered)
             if check is not None:
                 check(out, f"{where if isinstance(where, str) else f'layer {where}'}: output")
             return out, (xhat, inv)
@@ -163,7 +162,7 @@ class _Norm:
         xp = get_xp(g)
         if xp is not np:
             dbeta = grads[1] if self._beta is not None else None
-            dx = fused_norm_backward(g, state[0], state[1], self._gamma, self.centered, grads[0], dbeta, sq, input_grad)
+            dx = norm_kernels.backward(g, state[0], state[1], self._gamma, self.centered, grads[0], dbeta, sq, input_grad)
             return dx, g
         gx = xp.multiply(g, state[0])
         gx.sum(axis=0, out=grads[0])
