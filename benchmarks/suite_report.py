@@ -50,6 +50,13 @@ def targets(results: dict) -> list[dict]:
         pct = main[0].get("pct_of_copy") if main else None
         add(f"fused backward kernel scale_cotangent (tanh, float32, {label}) % of copy bandwidth", pct, "≥ 85%",
             pct is not None and pct >= 85)
+    norm = (results["sections"].get("norm_kernels", {}).get("data") or {}).get("rows", [])
+    for step in ("forward", "factor vjp", "backward (dx, dγ, dβ)"):
+        main = [x for x in norm if x["norm"] == "layernorm" and x["dtype"] == "float32" and x["step"] == step]
+        pct = main[0].get("pct_of_copy") if main else None
+        add(f"LayerNorm kernel {step} (float32, {main[0]['B']}×{main[0]['n']}) % of copy bandwidth" if main
+            else f"LayerNorm kernel {step} (float32) % of copy bandwidth", pct, "≥ 85%", pct is not None and pct >= 85,
+            "validated against float64 NumPy in the same section")
     r = _vs(results, "jac_tapering", me, torch)
     add("per-sample Jacobians, tapering, vs torch.func (better of jacrev/jacfwd)", r, "≤ 1.0×", r is not None and r <= 1.0)
     r = _vs(results, "jac_hourglass", me, torch)

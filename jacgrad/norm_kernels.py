@@ -80,11 +80,16 @@ def _flag(b: bool):
 
 def forward(x: Any, gamma: Any, beta: Any, eps: float, centered: bool):
     """``x: (B, n)``, ``gamma, beta: (n,)`` (``beta`` None for RMSNorm) → ``(y (B, n), x̂ (B, n),
-    inv (B,))``, ``inv = 1/σ`` (``1/r``), in x's dtype (gamma and beta must share it)."""
+    inv (B,))``, ``inv = 1/σ`` (``1/r``), in x's dtype; gamma and beta of another dtype are a
+    ``TypeError`` (NumPy would promote y alone)."""
     xp = _cupy_only("forward", x, gamma, beta)
     dt = x.dtype
-    x, gamma = xp.ascontiguousarray(x), xp.ascontiguousarray(gamma.astype(dt, copy=False))
-    beta_ = gamma if beta is None else xp.ascontiguousarray(beta.astype(dt, copy=False))
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is not None and p.dtype != dt:
+            raise TypeError(f"norm forward: x is {dt} but {name} is {p.dtype}; the fused kernel runs in one "
+                            f"dtype: cast one so they agree")
+    x, gamma = xp.ascontiguousarray(x), xp.ascontiguousarray(gamma)
+    beta_ = gamma if beta is None else xp.ascontiguousarray(beta)
     rows, n = x.shape
     y, xhat, inv = xp.empty_like(x), xp.empty_like(x), xp.empty(rows, dtype=dt)
     _launch("norm_forward", dt, rows, n, (x, gamma, beta_, y, xhat, inv, np.int32(n), np.int64(rows),
@@ -140,7 +145,7 @@ def backward(g: Any, xhat: Any, inv: Any, gamma: Any, centered: bool, dgamma: An
     (LayerNorm) ``∂β`` into ``dbeta (n,)``; adds each sample's ``‖g_i⊙x̂_i‖² (+ ‖g_i‖²)`` to
     ``sq (B,)`` when given; returns ``∂L/∂x (B, n)``, or None without ``input_grad``."""
     xp = _cupy_only("backward", g, xhat, inv, gamma)
-    dt = g.dtype
+    dt = np.result_type(g.dtype, xhat.dtype, inv.dtype, gamma.dtype)  # ∂x's dtype, as NumPy's g * x̂ · (γ·inv)
     g, xhat, inv, gamma = (xp.ascontiguousarray(t.astype(dt, copy=False)) for t in (g, xhat, inv, gamma))
     rows, n = g.shape
     with_beta = dbeta is not None

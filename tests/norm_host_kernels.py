@@ -222,9 +222,12 @@ def install(monkeypatch, path) -> tuple[FakeNormCupy, object]:
     ``(the kernels' fake CuPy, the arrays' fake CuPy)``; ``arrays.asarray(a)`` makes a device array."""
     import fake_cupy_transfers
 
-    from jacgrad import _cuda_build
+    from jacgrad import _cuda_build, norm_kernels
 
+    real = {name: getattr(norm_kernels, name) for name in ("forward", "project", "backward")}
     arrays = fake_cupy_transfers.install(monkeypatch)
+    for name, fn in real.items():  # the fake routes them to NumPy: here they must launch
+        monkeypatch.setattr(norm_kernels, name, fn)
     fake = FakeNormCupy(path)
     monkeypatch.setattr(_cuda_build.backend, "cupy", lambda: fake)
     clear_caches()  # the tests' fixtures clear them again afterwards: the host modules must not outlive them

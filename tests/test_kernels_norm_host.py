@@ -145,7 +145,8 @@ def test_vjp_and_jvp_match_the_dense_factor(device, rng, dtype, centered):
         for transpose in (False, True):
             got = norm_kernels.project(to_device(a), args[0], args[1], args[2], centered, transpose)
             want = np.einsum("bij,bj->bi", J.transpose(0, 2, 1) if transpose else J, a.astype(np.float64))
-            assert_close(got, want, product_tol(dtype, xhat, inv, gamma, a), f"{'vjp' if transpose else 'jvp'} n={n} {dtype.__name__}")
+            what = f"{'vjp' if transpose else 'jvp'} n={n} {dtype.__name__}"
+            assert_close(got, want, product_tol(dtype, xhat, inv, gamma, a), what)
     names = {e.split("::")[1].split("<")[0] for e, _, _ in fake.launches}
     assert names == {"norm_product"}
 

@@ -35,6 +35,7 @@ def library(tmp_path_factory):
 @pytest.fixture
 def device(library, monkeypatch):
     fake, arrays = host.install(monkeypatch, library)
+    fake.arrays = arrays  # counts the device-to-host transfers
     yield fake, arrays.asarray
     host.clear_caches()
 
@@ -139,6 +140,30 @@ def test_float32_layers_run_float_kernels(device):
     np.testing.assert_allclose(host_of(y), y_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_the_norm_steps_never_wait_on_the_device(device):
+    """No host transfer (a sync on a real GPU) in the forward, the backward or the products."""
+    fake, put = device
+    rng = np.random.default_rng(5)
+    layer = L.LayerNorm(put(rng.standard_normal(16)), put(rng.standard_normal(16)))
+    x, g = put(rng.standard_normal((300, 16))), put(rng.standard_normal((300, 16)))  # 300 rows: partial sums
+    fake.arrays.reset()
+    y, state = layer.forward(x)
+    grads = [put(np.empty(16)), put(np.empty(16))]
+    sq = put(np.zeros(300))
+    layer.backward(state, g, grads, sq=sq)
+    F = layer.factor(state)
+    F.jvp(g), F.vjp(g), F.jvp_stack(put(rng.standard_normal((300, 2, 16))))
+    assert fake.arrays.transfers == 0, dict(fake.arrays.where)
+    assert sorted(set(kernel_names(fake))) == ["norm_backward", "norm_forward", "norm_param_grads", "norm_product"]
+
+
+def test_a_gamma_of_another_dtype_is_named(device):
+    _, put = device
+    layer = L.RMSNorm(put(np.ones(4)))
+    with pytest.raises(TypeError, match="x is float32 but gamma is float64"):
+        layer.forward(put(np.ones((2, 4), np.float32)))
+
+
 def test_the_kernels_refuse_numpy_arrays():
     x = np.ones((2, 3))
     with pytest.raises(TypeError, match="runs on CuPy arrays"):
@@ -147,3 +172,18 @@ def test_the_kernels_refuse_numpy_arrays():
         norm_kernels.project(x, x, np.ones(3), np.ones(2), True, True)
     with pytest.raises(TypeError, match="runs on CuPy arrays"):
         norm_kernels.backward(x, x, np.ones(2), np.ones(3), True, np.empty(3))
+
+
+def test_the_transfer_counting_fake_runs_norm_nets_on_the_numpy_reference(monkeypatch):
+    """tests/fake_cupy_transfers.py routes the norm steps to NumPy too, so whole computations on a
+    Sequential with norm layers run there (and count their transfers) without a kernel build."""
+    import fake_cupy_transfers
+
+    arrays = fake_cupy_transfers.install(monkeypatch)
+    monkeypatch.setattr(jg.backend, "cupy", lambda: pytest.fail("a kernel was built"))
+    rng = np.random.default_rng(6)
+    x, t = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))
+    ref_loss, ref = build(lambda a: a, 6).loss_and_grads(x, t)
+    loss, g = build(arrays.asarray, 6).loss_and_grads(arrays.asarray(x), arrays.asarray(t))
+    np.testing.assert_allclose(host_of(g.flat), ref.flat, rtol=1e-12, atol=1e-14)
+    assert float(host_of(loss)) == pytest.approx(float(ref_loss), rel=1e-12)
