@@ -137,7 +137,7 @@ def product_tol(dtype, xhat, inv, gamma, a):
 def test_vjp_and_jvp_match_the_dense_factor(device, rng, dtype, centered):
     fake, to_device = device
     B = 6
-    for n in WIDTHS:
+    for n in WIDTHS + [4099]:  # 4099: several packs per thread of a 256-thread block, and a tail
         xhat, inv, gamma = factor_case(rng, B, n, dtype, centered)
         J = dense_factor(xhat, inv, gamma, centered)
         a = rng.standard_normal((B, n)).astype(dtype)
@@ -152,9 +152,11 @@ def test_vjp_and_jvp_match_the_dense_factor(device, rng, dtype, centered):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_stacks_per_sample_and_shared(device, rng, dtype):
-    """(B, r, n) stacks, one (r, n) stack read by every sample, and a shared factor on any rows."""
+def test_stacks_per_sample_and_shared(device, rng, dtype, monkeypatch):
+    """(B, r, n) stacks, one (r, n) stack read by every sample, and a shared factor on any rows;
+    with fewer blocks than rows (the row loop crosses samples)."""
     _, to_device = device
+    monkeypatch.setattr(norm_kernels, "_MAX_GRID", 5)
     B, r = 4, 3
     for n in (1, 2, 8, 33):
         xhat, inv, gamma = factor_case(rng, B, n, dtype, True)
