@@ -2,7 +2,8 @@
 ``kernels/norm.cuh``), launched on CuPy arrays.
 
 - ``forward(x, gamma, beta, eps, centered)``  → ``(y, x̂, inv)``: LayerNorm (``centered``) or
-  RMSNorm of the rows of ``x (B, n)`` in one kernel (one block per row).
+  RMSNorm of the rows of ``x (B, n)`` in one kernel (one block, or for short rows a group of
+  lanes, per row).
 - ``project(a, xhat, gamma, inv, centered, transpose)`` → the factor ``diag(γ·inv)·P`` (JVP) or
   its transpose ``P·diag(γ·inv)`` (VJP) on rows, ``P = I − 11ᵀ/n − x̂x̂ᵀ/n`` (``I − x̂x̂ᵀ/n``):
   one read of ``a`` and ``x̂``, one write.
@@ -34,16 +35,20 @@ __all__ = ["MAX_THREADS", "backward", "block_threads", "forward", "param_chunks"
 
 SOURCE = "norm.cu"
 MAX_THREADS = 256  # threads per row's block (a multiple of 32; kernels/norm.cuh's DeviceBlock)
+_SHARED_BLOCK = 128  # threads per block when several short rows share it (kernels/norm.cuh's DeviceGroup)
 _MAX_GRID = 1 << 20  # blocks; the kernels loop over the rows beyond
 _COLUMN_THREADS = 256
 _COLUMN_BLOCKS = 1024  # the column kernel's target grid: several waves on any current GPU
 _MIN_CHUNK = 16
 
 
-def block_threads(n: int, itemsize: int) -> int:
-    """Threads per row: one per 16-byte pack of the row, rounded up to a power of two in [32, 256]."""
+def block_threads(n: int, itemsize: int) -> tuple[int, int]:
+    """``(threads per row, threads per block)`` of the row kernels: one thread per 16-byte pack of
+    the row, rounded up to a power of two up to 256; a row of 32 packs or more takes a whole block,
+    shorter rows share blocks of ``_SHARED_BLOCK`` threads (groups of lanes, no idle warps)."""
     packs = -(-int(n) // max(1, 16 // int(itemsize)))
-    return min(MAX_THREADS, max(32, 1 << max(0, packs - 1).bit_length()))
+    group = min(MAX_THREADS, 1 << max(0, packs - 1).bit_length())
+    return group, (group if group >= 32 else _SHARED_BLOCK)
 
 
 def param_chunks(rows: int, n: int) -> tuple[int, int]:
@@ -68,10 +73,12 @@ def _kernel(name: str, dtype):
 
 
 def _launch(name: str, dtype, rows: int, n: int, args: tuple) -> None:
+    """A row kernel over ``rows`` rows of ``n``: its last argument, the threads per row, appended."""
     if rows == 0:
         return
-    grid = min(int(rows), _MAX_GRID)
-    _kernel(name, dtype)((grid,), (block_threads(n, np.dtype(dtype).itemsize),), args)
+    group, block = block_threads(n, np.dtype(dtype).itemsize)
+    grid = min(-(-int(rows) // (block // group)), _MAX_GRID)
+    _kernel(name, dtype)((grid,), (block,), (*args, np.int32(group)))
 
 
 def _flag(b: bool):

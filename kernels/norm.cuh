@@ -3,12 +3,15 @@
 // tests/test_kernels_norm_host.py builds the same functions with g++ and nvcc (host code) into
 // a library that runs every thread of a grid on host threads, against float64 NumPy.
 //
-// One block per row (a grid-stride loop over rows, so any grid covers any row count); the
-// block's threads stride over the row's n elements, 16 bytes per access when every row starts
+// One group of threads per row: the whole block for rows of 32 packs or more, else a group of
+// 1..16 consecutive lanes of a warp (several rows per block: short rows keep every lane busy).
+// A group loops over rows (row_group gives its first row and stride, so any grid covers any row
+// count); its threads stride over the row's n elements, 16 bytes per access when every row starts
 // 16-byte aligned (n a multiple of the pack and aligned bases), else one element at a time.
-// Reductions go through the Block type: on the device warp shuffles plus one shared-memory
-// step (DeviceBlock, below), on the host a barrier (the test's HostBlock). Indices within a row
-// are int; the only 64-bit divisions are one per row (the sample of a stacked row).
+// Reductions go through the Block type: on the device warp shuffles (DeviceGroup) plus one
+// shared-memory step for a whole block (DeviceBlock, below), on the host a barrier (the test's
+// HostBlock). Indices within a row are int; the only 64-bit divisions are one per row (the
+// sample of a stacked row).
 //
 // The formulas mirror jacgrad/layers.py (_Norm.forward) and jacgrad/factors.py
 // (NormFactor._project), which stay the NumPy reference:
@@ -213,8 +216,35 @@ JG_HD void param_grads_column(long long j, long long c, const T* g, const T* xha
   if (with_beta) part_b[c * n + j] = sb;
 }
 
+// The rows of thread `thread` of block `block` (blockDim `block_dim`, grid `grid`) when groups of
+// `group` threads (a power of two dividing block_dim) each take a row: its lane in the group,
+// its first row and the stride to its next (the kernels' and the host tests' one mapping).
+struct RowGroup {
+  int tid;
+  long long first, stride;
+};
+JG_HD JG_INLINE RowGroup row_group(int thread, int block_dim, long long block, long long grid, int group) {
+  const int per_block = block_dim / group;
+  return RowGroup{thread & (group - 1), block * per_block + thread / group, grid * per_block};
+}
+
 #if defined(__CUDACC__)
-// The device's block: blockDim.x a multiple of 32 (jacgrad/norm_kernels.py launches 32..256).
+// `size` (a power of two, at most 32) consecutive lanes of one warp working on one row.
+struct DeviceGroup {
+  int tid, size;
+
+  // Each lane's v[k] becomes the group's sum (an xor butterfly: every lane gets the same sum).
+  // Only the group's lanes take part: the other groups of the warp may be on other rows.
+  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (lane & ~unsigned(size - 1));
+    for (int k = 0; k < K; ++k)
+      for (int off = size >> 1; off > 0; off >>= 1) v[k] += __shfl_xor_sync(mask, v[k], off);
+  }
+};
+
+// The device's block as one group (rows of 32 packs or more): blockDim.x a multiple of 32
+// (jacgrad/norm_kernels.py launches 32..256 threads).
 struct DeviceBlock {
   int tid, size;
 

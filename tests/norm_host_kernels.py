@@ -73,37 +73,42 @@ struct HostBlock {
   }
 };
 
-// Every block of the grid, one after the other; the threads of a block at once.
-template <class F> static void run_grid(long long grid, int threads, F f) {
-  for (long long block = 0; block < grid; ++block) {
-    Shared shared(threads);
-    std::vector<std::thread> team;
-    for (int t = 0; t < threads; ++t)
-      team.emplace_back([&, t] { f(HostBlock{t, threads, &shared}, block, grid); });
-    for (auto& th : team) th.join();
-  }
+// Every row group of every block of the grid, one after the other; the threads of a group at once,
+// each with its rows as the device's thread gets them (norm::row_group).
+template <class F> static void run_grid(long long grid, int threads, int group, F f) {
+  for (long long block = 0; block < grid; ++block)
+    for (int first = 0; first < threads; first += group) {
+      Shared shared(group);
+      std::vector<std::thread> team;
+      for (int t = first; t < first + group; ++t)
+        team.emplace_back([&, t] {
+          const norm::RowGroup g = norm::row_group(t, threads, block, grid, group);
+          f(HostBlock{g.tid, group, &shared}, g.first, g.stride);
+        });
+      for (auto& th : team) th.join();
+    }
 }
 
 #define JG_ENTRIES(T)                                                                                          \
   extern "C" void jg_norm_forward_##T(long long grid, int threads, const T* x, const T* gamma, const T* beta,  \
                                       T* y, T* xhat, T* inv, int n, long long rows, T eps, int centered,         \
-                                      int has_beta) {                                                          \
-    run_grid(grid, threads, [&](const HostBlock& b, long long blk, long long g) {                             \
+                                      int has_beta, int group) {                                               \
+    run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
       norm::forward_block(b, blk, g, x, gamma, beta, y, xhat, inv, n, rows, eps, centered != 0, has_beta != 0); \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_product_##T(long long grid, int threads, const T* a, const T* xhat, const T* gamma,   \
                                       const T* inv, T* out, int n, long long rows, long long a_rows,           \
-                                      long long per_sample, int centered, int transpose) {                     \
-    run_grid(grid, threads, [&](const HostBlock& b, long long blk, long long g) {                             \
+                                      long long per_sample, int centered, int transpose, int group) {          \
+    run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
       norm::project_block(b, blk, g, a, xhat, gamma, inv, out, (T*)nullptr, n, rows, a_rows, per_sample,       \
                           centered != 0, transpose != 0, true, false, false);                                  \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_backward_##T(long long grid, int threads, const T* gr, const T* xhat, const T* gamma, \
                                        const T* inv, T* dx, T* sq, int n, long long rows, int centered,        \
-                                       int write_dx, int with_sq, int with_beta) {                             \
-    run_grid(grid, threads, [&](const HostBlock& b, long long blk, long long g) {                             \
+                                       int write_dx, int with_sq, int with_beta, int group) {                  \
+    run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
       norm::project_block(b, blk, g, gr, xhat, gamma, inv, dx, sq, n, rows, rows, 1LL, centered != 0, true,    \
                           write_dx != 0, with_sq != 0, with_beta != 0);                                        \
     });                                                                                                        \
@@ -130,9 +135,9 @@ COMMANDS = {
 P, I32, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
 # each kernel's parameters after (grid, threads), "T" for the float type; as in kernels/norm.cu
 SIGNATURES = {
-    "norm_forward": [P, P, P, P, P, P, I32, I64, "T", I32, I32],
-    "norm_product": [P, P, P, P, P, I32, I64, I64, I64, I32, I32],
-    "norm_backward": [P, P, P, P, P, P, I32, I64, I32, I32, I32, I32],
+    "norm_forward": [P, P, P, P, P, P, I32, I64, "T", I32, I32, I32],
+    "norm_product": [P, P, P, P, P, I32, I64, I64, I64, I32, I32, I32],
+    "norm_backward": [P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32],
     "norm_param_grads": [P, P, P, P, I32, I64, I64, I32],
 }
 SCALAR = {I32: np.int32, I64: np.int64}
@@ -174,6 +179,9 @@ class HostModule:
             assert len(args) == len(params), f"{expr}: {len(args)} arguments for {len(params)} parameters"
             self.launches.append((expr, tuple(grid), tuple(block)))
             assert block[0] % 32 == 0 and 32 <= block[0] <= 1024, f"{expr}: block {block}"
+            if kernel != "norm_param_grads":  # the threads per row: a power of two, a whole block or a part of a warp
+                group = int(args[-1])
+                assert group & (group - 1) == 0 and (group == block[0] or group < 32), f"{expr}: group {group}"
             values = []
             for k, (arg, p) in enumerate(zip(args, params)):
                 if p is P:
