@@ -2,19 +2,7 @@
 does: every step validated against float64, bandwidth rows, a failed check failing the section,
 and the rows in results.md and the targets."""
 
-import importlib
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+from test_bench import _suite_module as _module
 
 
 def test_the_section_validates_every_step_and_reports_bandwidth(monkeypatch):
