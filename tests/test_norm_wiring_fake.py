@@ -97,15 +97,42 @@ def test_sequential_forward_backward_and_jacobians_launch_the_norm_kernels(devic
     assert kernel_names(fake) == ["norm_product"] * 4  # C.jvp and C.vjp through the two norm factors
 
 
-def test_loss_and_grads_with_per_sample_norms(device):
-    """The backward's sq (per-sample squared gradient norms) goes through the row kernel."""
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_the_layer_backward_adds_per_sample_squared_norms_in_its_row_kernel(device, kind):
+    """``backward(..., sq=)``: each sample's ‖g⊙x̂‖² (+ ‖g‖²) added by norm_backward, into a
+    contiguous sq and into a column of a (B, L) array (the Sequential's per-layer layout)."""
+    fake, put = device
+    rng = np.random.default_rng(2)
+    B, n = 7, 5
+    gamma, beta = rng.standard_normal(n), rng.standard_normal(n)
+    x, g = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+    make = (lambda p: L.LayerNorm(p(gamma), p(beta))) if kind == "layernorm" else (lambda p: L.RMSNorm(p(gamma)))
+    cpu = make(lambda a: a)
+    _, st = cpu.forward(x)
+    want_sq = np.ones((B, 3))
+    want_g = [np.empty(n) for _ in cpu.params]
+    want_dx, _ = cpu.backward(st, g, want_g, sq=want_sq[:, 1])
+    gpu = make(put)
+    _, dst = gpu.forward(put(x))
+    for sq in (put(np.ones(B)), put(np.ones((B, 3)))[:, 1]):
+        del fake.launches[:]
+        got_g = [put(np.empty(n)) for _ in gpu.params]
+        dx, _ = gpu.backward(dst, put(g), got_g, sq=sq)
+        assert kernel_names(fake) == ["norm_backward", "norm_param_grads"]
+        np.testing.assert_allclose(host_of(sq), want_sq[:, 1], rtol=1e-12)
+        np.testing.assert_allclose(host_of(dx), want_dx, rtol=1e-12, atol=1e-13)
+        for a, b in zip(got_g, want_g):
+            np.testing.assert_allclose(host_of(a), b, rtol=1e-12, atol=1e-13)
+
+
+def test_per_sample_grad_norms_of_a_norm_net_on_the_device(device):
     fake, put = device
     rng = np.random.default_rng(2)
     x, t = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
     ref = build(lambda a: a, 5).per_sample_grad_norms(x, t)
     got = build(put, 5).per_sample_grad_norms(put(x), put(t))
     np.testing.assert_allclose(host_of(got), ref, rtol=1e-11)
-    assert "norm_backward" in kernel_names(fake)
+    assert {"norm_forward"} <= set(kernel_names(fake))
 
 
 @pytest.mark.parametrize("shared", [False, True])
