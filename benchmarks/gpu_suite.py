@@ -10,6 +10,8 @@ section only; the results are written after every section), in < 8 minutes on an
 2. ceilings     — device-to-device copy bandwidth and the GEMM rate (float32, float64);
 3. fused_kernel — ``jacgrad.kernels``' fused elementwise kernels on big arrays: GB/s and % of copy
                   bandwidth (same-shape and (H,)-broadcast ``scale_cotangent``, ``forward_with_derivative``);
+3b. norm_kernels — the LayerNorm/RMSNorm kernels (``kernels/norm.cu``: forward, factor VJP/JVP,
+                  backward) validated against float64 NumPy, GB/s and % of copy bandwidth;
 4. validation   — every GPU result (forward, loss, W/b/input grads, VJP, JVP, per-sample
                   Jacobians in 3 orders, singular values, the fused kernels) against the float64
                   NumPy reference: rel. err. ≤ 1e-5 (float32), ≤ 1e-12 (float64);
@@ -55,7 +57,8 @@ import suite_report  # noqa: E402
 import suite_sections  # noqa: E402
 
 # (section, weight in the budget, floor in seconds): the order they run in
-PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("validation", 4, 30),
+PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("norm_kernels", 2, 40),
+        ("validation", 4, 30),
         ("compiled", 3, 20), ("tf32", 3, 20), ("peers", 10, 30), ("pytest_gpu", 8, 30)]
 SECTIONS = tuple(name for name, _, _ in PLAN)
 GRACE_S = 15  # after a child's limit: faulthandler prints its stacks, then it is killed
@@ -148,7 +151,7 @@ class Suite:
         elif name == "peers":
             rec = self.peers(limit)
         else:
-            copy = self.results.get("copy_GB_per_s") if name == "fused_kernel" else None
+            copy = self.results.get("copy_GB_per_s") if name in ("fused_kernel", "norm_kernels") else None
             rec = self.child(name, limit, copy_gbps=copy)
         rec["seconds"] = time.perf_counter() - t0
         self.results["sections"][name] = rec

@@ -50,6 +50,13 @@ def targets(results: dict) -> list[dict]:
         pct = main[0].get("pct_of_copy") if main else None
         add(f"fused backward kernel scale_cotangent (tanh, float32, {label}) % of copy bandwidth", pct, "≥ 85%",
             pct is not None and pct >= 85)
+    norm = (results["sections"].get("norm_kernels", {}).get("data") or {}).get("rows", [])
+    for step in ("forward", "factor vjp", "backward (dx, dγ, dβ)"):
+        main = [x for x in norm if x["norm"] == "layernorm" and x["dtype"] == "float32" and x["step"] == step]
+        pct = main[0].get("pct_of_copy") if main else None
+        add(f"LayerNorm kernel {step} (float32, {main[0]['B']}×{main[0]['n']}) % of copy bandwidth" if main
+            else f"LayerNorm kernel {step} (float32) % of copy bandwidth", pct, "≥ 85%", pct is not None and pct >= 85,
+            "validated against float64 NumPy in the same section")
     r = _vs(results, "jac_tapering", me, torch)
     add("per-sample Jacobians, tapering, vs torch.func (better of jacrev/jacfwd)", r, "≤ 1.0×", r is not None and r <= 1.0)
     r = _vs(results, "jac_hourglass", me, torch)
@@ -145,6 +152,18 @@ def markdown(results: dict) -> str:
                      f"{'y' if r['from_output'] else 'h'} | {r['elements']} | "
                      f"{r['median_ms']:.3g} | {r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
                      f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} |")
+
+    d = secs.get("norm_kernels", {}).get("data")
+    if d:
+        L += ["", "## Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy", "",
+              f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
+              "written once (backward: g and x̂ read by the row and the column kernel).", "",
+              "| norm | step | dtype | B × n | ms | GB/s | % of copy | × faster than unfused | rel. err. | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            L.append(f"| {r['norm']} | {r['step']} | {r['dtype']} | {r['B']} × {r['n']} | {r['median_ms']:.3g} | "
+                     f"{r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
+                     f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} |")
 
     d = secs.get("tf32", {}).get("data")
     if d:

@@ -7,7 +7,7 @@ prints every thread's Python stack to the log the parent keeps) and writes its r
 
 Sections: ``environment`` (device, versions, and whether a GPU runs kernels at all),
 ``ceilings`` (copy bandwidth, GEMM rate), ``fused_kernel`` (the elementwise kernels as % of copy
-bandwidth), ``validation`` (every GPU result against float64 NumPy), ``compiled`` (the compiled
+bandwidth), ``norm_kernels`` (the normalisation kernels, validated, as % of copy bandwidth), ``validation`` (every GPU result against float64 NumPy), ``compiled`` (the compiled
 step: graph capture and replays against float64), ``tf32``, and ``peers:<case>``.
 """
 
@@ -25,6 +25,7 @@ import numpy as np
 
 import jacgrad as jg
 import suite_device
+import suite_norm
 import suite_validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,12 @@ class Sections:
         if copy is None:  # the ceilings section failed or was skipped: measure the copy here
             copy = suite_device.copy_bandwidth(self.dev, SIZES[self.dev.where]["copy_bytes"])["GB_per_s"]
         return {"copy_GB_per_s": copy, "rows": suite_device.fused_kernel(self.dev, SIZES[self.dev.where]["fused_n"], copy)}
+
+    def norm_kernels(self) -> dict:
+        copy = self.copy_gbps
+        if copy is None:
+            copy = suite_device.copy_bandwidth(self.dev, SIZES[self.dev.where]["copy_bytes"])["GB_per_s"]
+        return suite_norm.norm_kernels(self.dev, copy)
 
     def tf32(self) -> dict:
         return suite_device.tf32_mode(self.dev, *SIZES[self.dev.where]["tf32"])

@@ -5,8 +5,9 @@ Each kernel template is instantiated through a C++ name expression such as
 ``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``.
 
 Compilation: ONE NVRTC module per (source file, dtype, device), holding every instantiation of
-every kernel of that file in that dtype (``source_expressions``): 4 compiles on a cold start
-(fused.cu and special.cu, float and double) where one module per instantiation took about 120.
+every kernel of that file in that dtype (``source_expressions``): 6 compiles on a cold start
+(fused.cu, special.cu and norm.cu, float and double) where one module per instantiation took
+about 130.
 ``compiled_module`` is that cache; ``compiled_function`` picks one kernel out of it.
 
 This module sits below the activation table: it knows functors only by their C++ names (the
@@ -35,6 +36,10 @@ KERNELS: dict[str, tuple[str, bool, bool]] = {
     "forward_with_derivative": ("fused.cu", True, False),
     "erf_elementwise": ("special.cu", False, False),
     "erfc_elementwise": ("special.cu", False, False),
+    "norm_forward": ("norm.cu", False, False),
+    "norm_product": ("norm.cu", False, False),
+    "norm_backward": ("norm.cu", False, False),
+    "norm_param_grads": ("norm.cu", False, False),
 }
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}

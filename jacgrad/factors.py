@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import norm_kernels
 from ._validate import float_array, shape_str
 from .backend import get_xp
 from .bracketing import row_cost, stack_jvp, stack_vjp
@@ -111,10 +112,17 @@ class NormFactor:
             t -= a.mean(axis=-1, keepdims=True) if self.h_in else 0.0
         return t
 
+    def _fused(self, a, transpose: bool, stack: bool = False):
+        """The product on CuPy rows: one kernel of ``kernels/norm.cu``, or None on NumPy."""
+        if get_xp(a, self.xhat) is np:
+            return None
+        return norm_kernels.project(a, self.xhat, self.gamma, self.inv, self.centered, transpose, stack)
+
     def jvp(self, u: Any):
         """``Ju = γ·inv ⊙ P u``: ``u (B, n) -> (B, n)``."""
         u = _check_rows(self, u, self.h_in, "tangent")
-        return self._project(u, self.xhat) * self.scale
+        fused = self._fused(u, False)
+        return self._project(u, self.xhat) * self.scale if fused is None else fused
 
     def vjp(self, v: Any, out: Any = None, work: Any = None):
         """``Jᵀv = P (γ·inv ⊙ v) = inv·(s − x̂·(s·x̂)/n − mean(s))``, ``s = γ ⊙ v`` (inv is a
@@ -122,6 +130,12 @@ class NormFactor:
         result's shape and dtype to write into (not ``v``); ``work``: scratch ``(s, k, m)`` of
         shapes ``v.shape``, ``v.shape[:-1] + (1,)`` twice — with both, nothing is allocated."""
         v = _check_rows(self, v, self.h_out, "cotangent")
+        fused = self._fused(v, True)  # CuPy: one kernel of kernels/norm.cu
+        if fused is not None:
+            if out is None:
+                return fused
+            out[...] = fused
+            return out
         xp, n = get_xp(v), max(self.h_in, 1)
         dt = np.result_type(v.dtype, self.dtype)
         col = v.shape[:-1] + (1,)
@@ -142,11 +156,13 @@ class NormFactor:
 
     def jvp_stack(self, a):
         """``J`` on every row of ``a: (…, r, n)`` -> ``(B, r, n)`` (``(r, n)`` when all is shared)."""
-        return self._project(a, self.xhat[..., None, :]) * self.scale[..., None, :]
+        fused = self._fused(a, False, stack=True)
+        return self._project(a, self.xhat[..., None, :]) * self.scale[..., None, :] if fused is None else fused
 
     def vjp_stack(self, a):
         """``Jᵀ`` on every row of ``a: (…, r, n)``."""
-        return self._project(a * self.scale[..., None, :], self.xhat[..., None, :])
+        fused = self._fused(a, True, stack=True)
+        return self._project(a * self.scale[..., None, :], self.xhat[..., None, :]) if fused is None else fused
 
     def dense(self, transposed: bool = False):
         """``(B, n, n)`` or ``(n, n)``; built only on request (tests, tiny chains)."""

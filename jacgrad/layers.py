@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import norm_kernels
 from ._passes import dense_backward, dense_forward
 from ._validate import float_array, shape_str
 from .activations import get as get_activation
@@ -168,8 +169,16 @@ class _Norm:
         return [(B, self.n_in), (B, 1), (B, 1)] + ([(B, self.n_in)] if input_grad else [])
 
     def forward(self, x, check=None, where: Any = 0, out=None):
-        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``; ``out``: the buffers of ``forward_shapes``."""
+        """``x: (B, n) -> (B, n)``; returns ``(out, (x̂, inv))``; ``out``: the buffers of ``forward_shapes``.
+        On CuPy: one fused kernel (``jacgrad.norm_kernels.forward``) computing what the NumPy lines
+        below do, into the first three buffers when given."""
         xp = get_xp(x)
+        if xp is not np:
+            y, xhat, inv = norm_kernels.forward(x, self._gamma, self._beta, self._eps, self.centered,
+                                                out=None if out is None else out[:3])
+            if check is not None:
+                check(y, f"{where if isinstance(where, str) else f'layer {where}'}: output")
+            return y, (xhat, inv)
         y, xhat, inv, mean = _buffers(out, self.forward_shapes(x.shape[0]), x)
         xc = x
         if self.centered:
@@ -194,8 +203,15 @@ class _Norm:
                  sq=None, out=None):
         """``∂γ = Σ_batch g⊙x̂``, ``∂β = Σ_batch g``; ∂L/∂x is the factor's VJP. Returns
         ``(∂L/∂x or None, g)``; ``g`` is only read, ``out``: the buffers of ``backward_shapes``.
-        ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given."""
+        ``sq: (B,)`` gets ``‖g_i⊙x̂_i‖² + ‖g_i‖²`` added when given. On CuPy: a fused row kernel and
+        a column kernel (``jacgrad.norm_kernels.backward``), ∂L/∂x into ``out``'s last buffer when given."""
         xp = get_xp(g)
+        if xp is not np:
+            dbeta = grads[1] if self._beta is not None else None
+            dx_out = out[3] if out is not None and input_grad else None
+            dx = norm_kernels.backward(g, state[0], state[1], self._gamma, self.centered, grads[0], dbeta, sq,
+                                       input_grad, dx_out=dx_out)
+            return dx, g
         bufs = _buffers(out, self.backward_shapes(g.shape[0], input_grad), g)
         gx = xp.multiply(g, state[0], out=bufs[0])
         gx.sum(axis=0, out=grads[0])

@@ -8,8 +8,9 @@ through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``
 ``bool()``, ``.item()``, ``.tolist()`` — each counted in ``fake.transfers`` (with the jacgrad
 line that asked, in ``fake.where``) when the caller is jacgrad's code.
 
-``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels and its
-direct cuBLAS path to their NumPy versions, so whole reports run on fake device arrays.
+``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels (the
+elementwise ones and the norm layers', ``jacgrad.norm_kernels``) and its direct cuBLAS path to
+their NumPy versions, so whole reports run on fake device arrays.
 It has no streams, graphs or RawModule: for recording and failing GPU plumbing calls (CUDA
 graphs, kernel modules), see ``fake_cupy_calls.py``.
 """
@@ -24,10 +25,23 @@ import types
 import numpy as np
 
 
+class _FakeDevice:
+    """GPU 0, usable as ``with array.device:`` (what a compiled step does), as CuPy's ``Device``."""
+
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class FakeArray(np.ndarray):
     """A NumPy array that says it lives in ``cupy`` and counts its transfers to the host."""
 
     _fake = None  # the FakeCupy that counts, set by FakeCupy.__init__
+    device = _FakeDevice()
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         return np.asarray(arr).view(FakeArray)  # 0-d results stay device arrays, as in CuPy
@@ -138,6 +152,7 @@ def install(monkeypatch) -> FakeCupy:
     import jacgrad._gemm as gemm
     import jacgrad._passes as passes
     import jacgrad.kernels as kernels
+    import jacgrad.norm_kernels as norm_kernels
 
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
@@ -153,4 +168,43 @@ def install(monkeypatch) -> FakeCupy:
         monkeypatch.setattr(kernels, name, on_numpy)
         if hasattr(passes, name):
             monkeypatch.setattr(passes, name, on_numpy)
+    for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.norm_kernels)
+        monkeypatch.setattr(norm_kernels, name, _routed(fn))
     return fake
+
+
+def _routed(fn):
+    """``fn`` on the NumPy views of fake device arrays (outputs written through them), results wrapped."""
+    def call(*args, **kwargs):
+        return _wrap(fn(*_plain(list(args)), **{k: _plain(v) for k, v in kwargs.items()}))
+
+    return call
+
+
+def _norm_steps_on_numpy() -> dict:
+    """``jacgrad.norm_kernels``' three steps computed by the NumPy reference they are tested against
+    (``jacgrad.layers``' norm layers and ``jacgrad.factors.NormFactor`` on NumPy arrays)."""
+    from jacgrad import factors, layers
+
+    def layer(gamma, with_beta, eps=1e-5):
+        return layers.LayerNorm(gamma, np.zeros_like(gamma), eps) if with_beta else layers.RMSNorm(gamma, eps)
+
+    def forward(x, gamma, beta, eps, centered, out=None):
+        norm = layers.LayerNorm(gamma, beta, eps) if centered else layers.RMSNorm(gamma, eps)
+        bufs = None if out is None else list(out) + [np.empty((x.shape[0], 1), x.dtype)]
+        y, (xhat, inv) = norm.forward(x, out=bufs)
+        return y, xhat, inv
+
+    def project(a, xhat, gamma, inv, centered, transpose, stack=False):
+        F = factors.NormFactor(gamma, inv, xhat, centered)
+        return getattr(F, ("vjp" if transpose else "jvp") + ("_stack" if stack else ""))(a)
+
+    def backward(g, xhat, inv, gamma, centered, dgamma, dbeta=None, sq=None, input_grad=True, dx_out=None):
+        grads = [dgamma] + ([] if dbeta is None else [dbeta])
+        dx = layer(gamma, dbeta is not None).backward((xhat, inv), g, grads, input_grad, sq=sq)[0]
+        if dx_out is not None and dx is not None:
+            dx_out[...] = dx
+            return dx_out
+        return dx
+
+    return {"forward": forward, "project": project, "backward": backward}

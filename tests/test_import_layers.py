@@ -34,6 +34,7 @@ RANK: dict[str, int] = {
     "_validate": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
+    "norm_kernels": ALGEBRA,
     "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA,
     # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "spectra": ALGEBRA,

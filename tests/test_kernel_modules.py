@@ -1,5 +1,5 @@
 """How the CUDA kernels are compiled, counted with a fake CuPy (no GPU needed): one NVRTC module
-per (source, dtype) holding every instantiation, instead of one per instantiation (~120 on a cold
+per (source, dtype) holding every instantiation, instead of one per instantiation (~130 on a cold
 start); and the build layer sits below the activation table (no import cycle)."""
 
 import ast
@@ -41,9 +41,14 @@ def test_a_cold_start_compiles_one_module_per_source_and_dtype(fake):
     for kernel, dtype, act, fo in launchable:
         fn = kernels.compiled_kernel(kernel, dtype, act, fo)
         assert fn == ("kernel", kernels.name_expression(kernel, dtype, act, fo))
-    assert len(fake.modules) == 4  # fused.cu and special.cu, float and double (was one per instantiation)
+    sources = sorted({src for src, _, _ in kernels.KERNELS.values()})
+    assert sources == ["fused.cu", "norm.cu", "special.cu"]
+    assert len(fake.modules) == 6  # one per source, float and double (was one per instantiation)
+    first = {kernels.name_expression(k, dt).split("<")[0]: src for k, (src, act, _) in kernels.KERNELS.items()
+             if not act for dt in ("float32",)}
+    first["jacgrad::scale_cotangent"] = "fused.cu"
     for code, options, exprs in fake.modules:
-        source = "fused.cu" if "scale_cotangent" in exprs[0] else "special.cu"
+        source = first[exprs[0].split("<")[0]]
         assert code == kernels.module_source(source) and options == _cuda_build.NVRTC_OPTIONS
         dtype = np.float32 if "<float" in exprs[0] else np.float64
         assert exprs == kernels.module_expressions(source, dtype)
@@ -51,7 +56,7 @@ def test_a_cold_start_compiles_one_module_per_source_and_dtype(fake):
     assert compiled == sorted(e for k in kernels.KERNELS for e in kernels.instantiations(k))
     for kernel, dtype, act, fo in launchable:  # warm: nothing compiles again
         kernels.compiled_kernel(kernel, dtype, act, fo)
-    assert len(fake.modules) == 4
+    assert len(fake.modules) == 6
 
 
 def test_erf_on_the_gpu_shares_the_special_module(fake):
@@ -131,3 +136,15 @@ def test_a_launch_lists_the_module_expressions_once_per_source_and_dtype(fake, m
     finally:
         kernels._module_expressions.cache_clear()  # later tests list them with the real function
     assert built == [("fused.cu", np.dtype(np.float32)), ("fused.cu", np.dtype(np.float64))]
+
+
+def test_the_norm_layers_compile_one_module_per_dtype_with_their_four_kernels(fake):
+    from jacgrad import norm_kernels
+
+    names = ["norm_forward", "norm_product", "norm_backward", "norm_param_grads"]
+    for _ in range(2):  # the second round compiles nothing
+        for dtype in ("float32", "float64"):
+            for name in names:
+                assert norm_kernels._kernel(name, dtype) == ("kernel", kernels.name_expression(name, dtype))
+    assert [m[2] for m in fake.modules] == [tuple(f"jacgrad::{k}<{t}>" for k in names) for t in ("float", "double")]
+    assert all(code == kernels.module_source("norm.cu") and "struct DeviceBlock" in code for code, _, _ in fake.modules)

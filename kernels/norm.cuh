@@ -1,0 +1,272 @@
+// The normalisation layers' row math (LayerNorm and RMSNorm), written once for the device and
+// the host: kernels/norm.cu wraps each *_block function below in a __global__ kernel, and
+// tests/test_kernels_norm_host.py builds the same functions with g++ and nvcc (host code) into
+// a library that runs every thread of a grid on host threads, against float64 NumPy.
+//
+// One group of threads per row: the whole block for rows of 32 packs or more, else a group of
+// 1..16 consecutive lanes of a warp (several rows per block: short rows keep every lane busy).
+// A group loops over rows (row_group gives its first row and stride, so any grid covers any row
+// count); its threads stride over the row's n elements, 16 bytes per access when every row starts
+// 16-byte aligned (n a multiple of the pack and aligned bases), else one element at a time.
+// Reductions go through the Block type: on the device warp shuffles (DeviceGroup) plus one
+// shared-memory step for a whole block (DeviceBlock, below), on the host a barrier (the test's
+// HostBlock). Indices within a row are int; the only 64-bit divisions are one per row (the
+// sample of a stacked row).
+//
+// The formulas mirror jacgrad/layers.py (_Norm.forward) and jacgrad/factors.py
+// (NormFactor._project), which stay the NumPy reference:
+//   forward   mu = mean(x) (0 for RMSNorm), inv = 1/sqrt(mean((x - mu)^2) + eps),
+//             xhat = (x - mu) * inv, y = xhat * gamma + beta        (two passes: no cancellation)
+//   P a       = a - sum(a * xhat) * (xhat / n) - mean(a)             (mean term: LayerNorm only)
+//   vjp       P(v * (gamma * inv)),   jvp  (P u) * (gamma * inv)
+#pragma once
+
+#include "elementwise.cuh"
+
+#if !defined(__CUDACC_RTC__)
+#include <math.h>
+#endif
+
+namespace jacgrad {
+namespace norm {
+
+JG_HD JG_INLINE float rsqrt_of(float s) { return 1.0f / sqrtf(s); }
+JG_HD JG_INLINE double rsqrt_of(double s) { return 1.0 / sqrt(s); }
+
+// W consecutive elements, loaded or stored as one access (W * sizeof(T) = 16 bytes, or W = 1).
+template <class T, int W> struct alignas(sizeof(T) * W) Vec {
+  T e[W];
+};
+template <int W> struct Width {
+  static constexpr int value = W;
+};
+
+template <int W, class T> JG_HD JG_INLINE Vec<T, W> ld(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Vec<T, W>*>(p);
+#else
+  Vec<T, W> a;
+  for (int k = 0; k < W; ++k) a.e[k] = p[k];
+  return a;
+#endif
+}
+
+template <int W, class T> JG_HD JG_INLINE void st(T* p, const Vec<T, W>& a) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Vec<T, W>*>(p) = a;
+#else
+  for (int k = 0; k < W; ++k) p[k] = a.e[k];
+#endif
+}
+
+// f(i, Width<W>{}) over this thread's share of a row of n: packs of V = 16/sizeof(T) elements
+// when `packed`, then single elements.
+template <class T, class Block, class F>
+JG_HD JG_INLINE void row_each(const Block& b, int n, bool packed, F&& f) {
+  constexpr int V = ew::Pack<T>::size;
+  int done = 0;
+  if (packed) {
+    const int packs = n / V;
+    for (int p = b.tid; p < packs; p += b.size) f(p * V, Width<V>{});
+    done = packs * V;
+  }
+  for (int i = done + b.tid; i < n; i += b.size) f(i, Width<1>{});
+}
+
+// Whether every row of every operand starts 16-byte aligned: bases aligned, n a multiple of V.
+template <class T> JG_HD JG_INLINE bool rows_packed(int n, const void* a, const void* b, const void* c,
+                                                   const void* d, const void* e) {
+  return n % ew::Pack<T>::size == 0 && ew::aligned16(a) && ew::aligned16(b) && ew::aligned16(c) &&
+         ew::aligned16(d) && ew::aligned16(e);
+}
+
+// ---- forward: y, xhat and inv of rows of x (B, n) ----------------------------------------
+// beta is read only when has_beta (RMSNorm has none); inv: (B,).
+template <class T, class Block>
+JG_HD void forward_block(const Block& b, long long block, long long grid, const T* x, const T* gamma,
+                         const T* beta, T* y, T* xhat, T* inv, int n, long long rows, T eps, bool centered,
+                         bool has_beta) {
+  const bool packed = rows_packed<T>(n, x, gamma, has_beta ? beta : gamma, y, xhat);
+  const T count = T(n);
+  for (long long r = block; r < rows; r += grid) {
+    const T* xr = x + r * n;
+    T mu = T(0);
+    if (centered) {
+      T s[1] = {T(0)};
+      row_each<T>(b, n, packed, [&](int i, auto w) {
+        constexpr int W = decltype(w)::value;
+        const Vec<T, W> a = ld<W>(xr + i);
+        for (int k = 0; k < W; ++k) s[0] += a.e[k];
+      });
+      b.sum(s);
+      mu = s[0] / count;
+    }
+    T q[1] = {T(0)};
+    row_each<T>(b, n, packed, [&](int i, auto w) {
+      constexpr int W = decltype(w)::value;
+      const Vec<T, W> a = ld<W>(xr + i);
+      for (int k = 0; k < W; ++k) {
+        const T c = a.e[k] - mu;
+        q[0] += c * c;
+      }
+    });
+    b.sum(q);
+    const T s = rsqrt_of(q[0] / count + eps);
+    row_each<T>(b, n, packed, [&](int i, auto w) {
+      constexpr int W = decltype(w)::value;
+      const Vec<T, W> a = ld<W>(xr + i), g = ld<W>(gamma + i);
+      Vec<T, W> h, o;
+      for (int k = 0; k < W; ++k) {
+        h.e[k] = (a.e[k] - mu) * s;
+        o.e[k] = h.e[k] * g.e[k];
+      }
+      if (has_beta) {
+        const Vec<T, W> be = ld<W>(beta + i);
+        for (int k = 0; k < W; ++k) o.e[k] += be.e[k];
+      }
+      st<W>(xhat + r * n + i, h);
+      st<W>(y + r * n + i, o);
+    });
+    if (b.tid == 0) inv[r] = s;
+  }
+}
+
+// ---- the factor diag(gamma*inv) P on rows -------------------------------------------------
+// Output rows: (rows, n); output row r belongs to sample r / per_sample (its xhat row and inv;
+// a shared factor has per_sample = rows) and reads row r of a (a_rows = rows) or, for a stack of
+// per_sample rows read by every sample (a_rows = per_sample), its row r - sample * per_sample.
+// VJP (scale_first): out = P(a * gamma*inv); JVP:
+// out = (P a) * gamma*inv. With `sq`, also sq[r] += sum((a*xhat)^2) + (with_beta ? sum(a^2) : 0)
+// (the norm layer's per-sample squared parameter-gradient norm; a = g there); out is written
+// only when `write_out`.
+template <class T, class Block>
+JG_HD void project_block(const Block& b, long long block, long long grid, const T* a, const T* xhat,
+                         const T* gamma, const T* inv, T* out, T* sq, int n, long long rows, long long a_rows,
+                         long long per_sample,
+                         bool centered, bool scale_first, bool write_out, bool with_sq, bool with_beta) {
+  const bool packed = rows_packed<T>(n, a, xhat, gamma, out, a);
+  const T count = T(n);
+  for (long long r = block; r < rows; r += grid) {
+    const long long sample = r / per_sample;
+    const T* ar = a + (a_rows == rows ? r : r - sample * per_sample) * n;
+    const T* hr = xhat + sample * n;
+    const T iv = inv[sample];
+    // s[0] = sum(w), s[1] = sum(w * xhat), w = a * gamma*inv (VJP) or a (JVP);
+    // s[2] = sum((a * xhat)^2), s[3] = sum(a^2) for sq
+    T s[4] = {T(0), T(0), T(0), T(0)};
+    row_each<T>(b, n, packed, [&](int i, auto w) {
+      constexpr int W = decltype(w)::value;
+      const Vec<T, W> v = ld<W>(ar + i), h = ld<W>(hr + i), g = ld<W>(gamma + i);
+      for (int k = 0; k < W; ++k) {
+        const T wk = scale_first ? v.e[k] * (g.e[k] * iv) : v.e[k];
+        s[0] += wk;
+        s[1] += wk * h.e[k];
+        if (with_sq) {
+          const T gx = v.e[k] * h.e[k];
+          s[2] += gx * gx;
+          s[3] += v.e[k] * v.e[k];
+        }
+      }
+    });
+    if (with_sq) {
+      b.sum(s);
+    } else {
+      T s2[2] = {s[0], s[1]};
+      b.sum(s2);
+      s[0] = s2[0];
+      s[1] = s2[1];
+    }
+    const T mean = centered ? s[0] / count : T(0);
+    const T dot = s[1] / count;  // sum(w * xhat) / n
+    if (write_out) {
+      row_each<T>(b, n, packed, [&](int i, auto w) {
+        constexpr int W = decltype(w)::value;
+        const Vec<T, W> v = ld<W>(ar + i), h = ld<W>(hr + i), g = ld<W>(gamma + i);
+        Vec<T, W> o;
+        for (int k = 0; k < W; ++k) {
+          const T sc = g.e[k] * iv;
+          const T wk = scale_first ? v.e[k] * sc : v.e[k];
+          const T t = wk - dot * h.e[k] - mean;
+          o.e[k] = scale_first ? t : t * sc;
+        }
+        st<W>(out + r * n + i, o);
+      });
+    }
+    if (with_sq && b.tid == 0) sq[r] += s[2] + (with_beta ? s[3] : T(0));
+  }
+}
+
+// ---- the gamma / beta gradients: column sums over the batch ------------------------------
+// Thread column j of chunk c (rows [c*chunk, (c+1)*chunk)): part_g[c, j] = sum g*xhat,
+// part_b[c, j] = sum g (when with_beta). Consecutive threads read consecutive columns
+// (coalesced); the (chunks, n) partials are summed by the caller.
+template <class T>
+JG_HD void param_grads_column(long long j, long long c, const T* g, const T* xhat, T* part_g, T* part_b,
+                              int n, long long rows, long long chunk, bool with_beta) {
+  if (j >= n) return;
+  long long end = (c + 1) * chunk;
+  if (end > rows) end = rows;
+  T sg = T(0), sb = T(0);
+  for (long long r = c * chunk; r < end; ++r) {
+    const T v = g[r * n + j];
+    sg += v * xhat[r * n + j];
+    sb += v;
+  }
+  part_g[c * n + j] = sg;
+  if (with_beta) part_b[c * n + j] = sb;
+}
+
+// The rows of thread `thread` of block `block` (blockDim `block_dim`, grid `grid`) when groups of
+// `group` threads (a power of two dividing block_dim) each take a row: its lane in the group,
+// its first row and the stride to its next (the kernels' and the host tests' one mapping).
+struct RowGroup {
+  int tid;
+  long long first, stride;
+};
+JG_HD JG_INLINE RowGroup row_group(int thread, int block_dim, long long block, long long grid, int group) {
+  const int per_block = block_dim / group;
+  return RowGroup{thread & (group - 1), block * per_block + thread / group, grid * per_block};
+}
+
+#if defined(__CUDACC__)
+// `size` (a power of two, at most 32) consecutive lanes of one warp working on one row.
+struct DeviceGroup {
+  int tid, size;
+
+  // Each lane's v[k] becomes the group's sum (an xor butterfly: every lane gets the same sum).
+  // Only the group's lanes take part: the other groups of the warp may be on other rows.
+  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (lane & ~unsigned(size - 1));
+    for (int k = 0; k < K; ++k)
+      for (int off = size >> 1; off > 0; off >>= 1) v[k] += __shfl_xor_sync(mask, v[k], off);
+  }
+};
+
+// The device's block as one group (rows of 32 packs or more): blockDim.x a multiple of 32
+// (jacgrad/norm_kernels.py launches 32..256 threads).
+struct DeviceBlock {
+  int tid, size;
+
+  // Each thread's v[k] becomes the block's sum of v[k]: a warp shuffle tree, then the warps'
+  // partials through shared memory, read by every thread (nothing returns before all have).
+  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
+    __shared__ T part[K][32];
+    for (int k = 0; k < K; ++k)
+      for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+    const int lane = tid & 31, warp = tid >> 5, warps = (size + 31) >> 5;
+    if (lane == 0)
+      for (int k = 0; k < K; ++k) part[k][warp] = v[k];
+    __syncthreads();
+    for (int k = 0; k < K; ++k) {
+      T t = T(0);
+      for (int q = 0; q < warps; ++q) t += part[k][q];
+      v[k] = t;
+    }
+    __syncthreads();  // part is free for the next sum
+  }
+};
+#endif
+
+}  // namespace norm
+}  // namespace jacgrad
