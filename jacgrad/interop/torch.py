@@ -65,7 +65,12 @@ _READ_AS = {"ReLU6": "Hardtanh"}  # read through its base class's row (ReLU6 is 
 
 def activation_name(nn, m) -> str | None:
     """The jacgrad name of the activation module ``m`` with its parameters (``"leaky_relu(negative_slope=0.2)"``),
-    or None when ``m`` is not one (only torch's own classes, not subclasses of them)."""
+    or None when ``m`` is not one (only torch's own classes, not subclasses of them).
+
+        >>> import torch
+        >>> activation_name(torch.nn, torch.nn.LeakyReLU(0.2)), activation_name(torch.nn, torch.nn.Linear(2, 2))
+        ('leaky_relu(negative_slope=0.2)', None)
+    """
     cls = type(m).__name__
     if getattr(nn, cls, None) is not type(m):
         return None
@@ -77,7 +82,13 @@ def activation_name(nn, m) -> str | None:
 
 
 def activation_module(nn, name: str):
-    """A torch module computing the jacgrad activation ``name`` (None for identity)."""
+    """A torch module computing the jacgrad activation ``name`` (None for identity); the inverse
+    of ``activation_name``.
+
+        >>> import torch
+        >>> activation_module(torch.nn, "elu(alpha=0.5)"), activation_module(torch.nn, "identity")
+        (ELU(alpha=0.5), None)
+    """
     act = _activations.get(name)
     if act.family == "identity":
         return None

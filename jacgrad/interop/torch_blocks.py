@@ -130,8 +130,14 @@ def layers_to_torch(layers) -> nn.Sequential:
 
 
 def _tensor(a):
-    """A torch view of a NumPy or CuPy array (copied into a module afterwards)."""
-    return torch.from_dlpack(a) if is_gpu_array(a) else torch.from_numpy(a)
+    """A torch view of a NumPy or CuPy array (copied into a module afterwards); a NumPy array
+    torch cannot view (negative strides, read-only memory) is copied first."""
+    if is_gpu_array(a):
+        return torch.from_dlpack(a)
+    a = np.asarray(a)
+    if not a.flags.writeable or any(s < 0 for s in a.strides):
+        a = a.copy()
+    return torch.from_numpy(a)
 
 
 def _dtype(module: nn.Module):
