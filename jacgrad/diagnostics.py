@@ -309,6 +309,9 @@ def _as_dask_batch(X, target):
         import dask.array as da
 
         X = float_array(X, "x", np)
+        if X.ndim < 1 or X.shape[0] != target.shape[0]:
+            raise ValueError(f"x has shape {shape_str(X.shape)} but the target has {target.shape[0]} samples: "
+                             f"their first axes must both be the batch")
         X = da.from_array(X, chunks=(target.chunks[0], X.shape[1:]))
     if X.ndim == 2 and X.shape[0] == 0:
         raise ValueError("x has no samples (N = 0); the report needs at least one")

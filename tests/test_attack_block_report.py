@@ -78,6 +78,13 @@ def test_a_healthy_net_keeps_its_measures():
     assert r.jacobian_spectral_norm == pytest.approx(np.linalg.norm(J, 2, axis=(1, 2)).mean(), rel=1e-12)
 
 
+def test_a_numpy_batch_with_dask_targets_of_another_length_is_named():
+    x = np.random.default_rng(1).standard_normal((7, 4))
+    T = da.from_array(np.zeros((10, 3)), chunks=(3, -1))
+    with pytest.raises(ValueError, match=r"x has shape \(7, 4\) but the target has 10 samples"):
+        jg.diagnostics.gradient_flow(_net(), x, T)
+
+
 # ---------------------------------------------------------------------------- layers_to_torch
 torch = pytest.importorskip("torch")
 
