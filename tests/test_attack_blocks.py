@@ -29,6 +29,8 @@ EDGE_MODELS = {
     "identity_only": lambda: nn.Sequential(nn.Linear(4, 5), nn.Identity(), nn.Linear(5, 3)),
     "norms_only": lambda: nn.Sequential(nn.LayerNorm(4), nn.RMSNorm(4)),
     "residual_only": lambda: nn.Sequential(Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.LayerNorm(4)), 0.9)),
+    "residual_of_residual": lambda: nn.Sequential(
+        Residual(nn.Sequential(Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), 0.5)), -0.7), nn.Linear(4, 3)),
     "norm_only_residual": lambda: nn.Sequential(Residual(nn.Sequential(nn.LayerNorm(4)), 0.5), nn.Linear(4, 3),
                                                 nn.RMSNorm(3)),
 }

@@ -77,7 +77,10 @@ def activation_name(nn, m) -> str | None:
     cls = _READ_AS.get(cls, cls)
     for family, torch_cls, params, fixed in _ACTIVATION_MODULES:
         if torch_cls == cls and all(getattr(m, k) == v for k, v in fixed.items()):
-            return _activations.get(family, **{p: getattr(m, p) for p in params}).name
+            try:
+                return _activations.get(family, **{p: getattr(m, p) for p in params}).name
+            except ValueError as exc:  # a parameter value jacgrad's row does not take (LeakyReLU(-0.5))
+                raise ValueError(f"{m!r} has no jacgrad activation: {exc}") from None
     return None
 
 
@@ -171,7 +174,10 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
             if (m.start_dim, m.end_dim) != (1, -1):
                 raise _unsupported(index, m, "flattens other than (B, ...) -> (B, n)")
             continue
-        name = activation_name(nn, m)
+        try:
+            name = activation_name(nn, m)
+        except ValueError as exc:
+            raise ValueError(f"module {index}: {exc}") from None
         if name is None:
             raise _unsupported(index, m)
         if not layers:

@@ -53,40 +53,52 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
-def layers_from_torch(module: nn.Module, where: str = "module") -> list:
+def layers_from_torch(module: nn.Module, where: str = "module", dtype=None) -> list:
     """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, or one supported
-    module); an unsupported module is a ``TypeError`` naming its index."""
+    module); an unsupported module, or a float16/bfloat16 parameter, is a ``TypeError`` naming
+    its index. ``dtype``: that of norm layers without parameters (default: the first parameter's
+    of ``module``, as torch computes them in the input's dtype; float32 when it has none)."""
+    dtype = _dtype(module) if dtype is None else dtype
     mods = list(module) if isinstance(module, nn.Sequential) else [module]
     out: list = []
+    after_linear = False  # the last module that computes something was an nn.Linear (Identity computes nothing)
     for i, m in enumerate(mods):
         at = f"{where} {i} ({type(m).__name__})"
-        act = _act_name(m)
+        for name, p in m.named_parameters(recurse=False):
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
+                                f"cast the model first (model.float() or model.double())")
+        try:
+            act = _act_name(m)
+        except ValueError as exc:
+            raise ValueError(f"{at}: {exc}") from None
+        if act == "identity":
+            continue
+        linear, after_linear = after_linear, isinstance(m, nn.Linear)
         if isinstance(m, nn.Linear):
             b = None if m.bias is None else _np(m.bias)
             out.append(Dense(_np(m.weight).T.copy(), b, "identity"))
         elif act is not None:
-            if act == "identity":
-                continue
-            if not out or not isinstance(out[-1], Dense) or out[-1].activation != "identity" or not isinstance(mods[i - 1], nn.Linear):
+            if not linear:
                 raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
             last = out.pop()
             out.append(Dense(last.W, last.b, act))
         elif isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], _dtype(module)
+            n, dt = m.normalized_shape[0], dtype
             gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
             beta = _np(m.bias) if m.bias is not None else np.zeros(n, dt)
             out.append(LayerNorm(gamma, beta, eps=m.eps))
         elif isinstance(m, nn.RMSNorm):
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], _dtype(module)
+            n, dt = m.normalized_shape[0], dtype
             gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
             eps = m.eps if m.eps is not None else float(np.finfo(dt).eps)
             out.append(RMSNorm(gamma, eps=eps))
         elif isinstance(m, Residual):
-            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module"), m.scale))
+            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module", dtype), m.scale))
         else:
             raise TypeError(f"{at} is not supported; supported: {', '.join(_SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
                             f"jacgrad.interop.torch_blocks.Residual")
@@ -141,6 +153,7 @@ def _tensor(a):
 
 
 def _dtype(module: nn.Module):
+    """The NumPy dtype of ``module``'s first parameter (float32 without any)."""
     for p in module.parameters():
         return {torch.float32: np.float32, torch.float64: np.float64}.get(p.dtype, np.float32)
     return np.float32
