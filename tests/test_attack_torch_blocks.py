@@ -75,3 +75,42 @@ def test_an_activation_jacgrad_cannot_take_names_the_module(reader, act, why):
     if reader == "sequential":
         with pytest.raises(ValueError, match=rf"module 1 \(Residual\): inner module 1 .* has no jacgrad activation"):
             read(nn.Sequential(nn.Linear(3, 3), Residual(nn.Sequential(nn.Linear(3, 3), act()))))
+
+
+class _TwiceLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ShiftedLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class _DoubledResidual(Residual):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("sub", [lambda: _TwiceLinear(3, 3), lambda: _ShiftedLayerNorm(3),
+                                 lambda: _DoubledResidual(nn.Sequential(nn.Linear(3, 3)))],
+                         ids=["Linear", "LayerNorm", "Residual"])
+def test_a_subclass_that_computes_something_else_is_refused(sub):
+    """Read as its base class, it gave a net that silently disagrees with the model (the MLP
+    reader and the activation table already take only torch's own classes)."""
+    with pytest.raises(TypeError, match=r"module 1 \(_\w+\) is not supported"):
+        jg.Sequential.from_torch(nn.Sequential(nn.Linear(3, 3), sub()))
+
+
+def test_dropout_in_eval_mode_and_flatten_pass_through_as_in_mlp_from_torch():
+    m = nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Dropout(0.2), nn.Tanh(),
+                      Residual(nn.Sequential(nn.LayerNorm(4), nn.Dropout(0.1), nn.Linear(4, 4)), 0.5),
+                      nn.Dropout(0.3), nn.Linear(4, 2)).double().eval()
+    net = jg.Sequential.from_torch(m)
+    assert [L.kind for L in net.layers] == ["dense", "residual", "dense"] and net.layers[0].activation == "tanh"
+    _check_forward(m, net, 3)
+    with pytest.raises(TypeError, match=r"module 4 \(Residual\): inner module 1 \(Dropout\(.*\)\) is in training mode"):
+        m[4].inner[1].train()
+        jg.Sequential.from_torch(m)
+    with pytest.raises(TypeError, match=r"module 1 \(Flatten\(.*\)\) flattens other than"):
+        jg.Sequential.from_torch(nn.Sequential(nn.Linear(3, 3), nn.Flatten(0)))

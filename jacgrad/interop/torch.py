@@ -36,7 +36,7 @@ from .. import activations as _activations
 from ..backend import asarray, get_xp, is_gpu_array
 from . import NetSpec, require
 
-__all__ = ["SUPPORTED", "activation_module", "activation_name", "spec_from_torch", "to_torch"]
+__all__ = ["SUPPORTED", "activation_module", "activation_name", "passes_through", "spec_from_torch", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -147,6 +147,20 @@ def _parameter(torch, p, what: str, copy: bool, dtype):
     return a
 
 
+def passes_through(nn, where: str, m) -> bool:
+    """True for a module that computes nothing at inference on ``(B, n)`` inputs: ``nn.Identity``,
+    ``nn.Dropout`` in eval mode (or with p = 0), ``nn.Flatten()``. A Dropout in training mode or a
+    Flatten of other axes is a ``TypeError`` naming ``where`` (``"module 3"``); anything else is False."""
+    why = None
+    if type(m) is nn.Dropout and m.training and m.p > 0:
+        why = "is in training mode (random); call model.eval() first, and it passes through —"
+    elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) != (1, -1):
+        why = "flattens other than (B, ...) -> (B, n)"
+    if why is not None:
+        raise TypeError(f"{where} ({m!r}) {why}; supported: {', '.join(SUPPORTED)}")
+    return type(m) in (nn.Identity, nn.Dropout, nn.Flatten)
+
+
 def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     """A ``NetSpec`` of ``module`` (see the module docstring). ``dtype``: cast every parameter
     to ``"float32"``/``"float64"`` (needed for float16/bfloat16 parameters)."""
@@ -164,15 +178,7 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
                                  f"(module {layers[-1]['index']}) gives {layers[-1]['out']}")
             layers.append({"index": index, "module": m, "out": m.out_features, "activation": None})
             continue
-        if type(m) is nn.Identity:
-            continue
-        if type(m) is nn.Dropout:
-            if m.training and m.p > 0:
-                raise _unsupported(index, m, "is in training mode (random); call model.eval() first, and it passes through —")
-            continue
-        if type(m) is nn.Flatten:
-            if (m.start_dim, m.end_dim) != (1, -1):
-                raise _unsupported(index, m, "flattens other than (B, ...) -> (B, n)")
+        if passes_through(nn, f"module {index}", m):
             continue
         try:
             name = activation_name(nn, m)
