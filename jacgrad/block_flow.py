@@ -25,6 +25,8 @@ from ._verdict import decide
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
+from .distributed import default_max_memory, reduce_samples
+from .distributed.budget import rows_per_task
 from ._report_blocks import block_dict, block_hints, block_json, block_text
 from .sequential import Sequential
 
@@ -301,18 +303,34 @@ def _all_layers(layers):
 
 
 def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: int = 0,
-                 label: str = "") -> BlockFlowReport:
+                 label: str = "", max_memory: int | None = None) -> BlockFlowReport:
     """The report of ``net`` at ``x: (B, n_in)``, one row per top-level layer. With ``target``
     the gradients are those of ``loss``; without, each sample back-propagates a random unit
     cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP). Over chunks of a dataset:
-    ``report_from_block_partial`` of the merged ``BlockChunk`` partials is the same report."""
+    ``report_from_block_partial`` of the merged ``BlockChunk`` partials is the same report.
+
+    A batch whose intermediates (``block_report_bytes`` per sample) exceed ``max_memory`` bytes
+    (default for NumPy: ``jacgrad.distributed.default_max_memory``; a CuPy batch only when it is
+    given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP."""
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
     x = net.xp.asarray(x)
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    return report_from_block_partial(BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)(net, x, target),
-                                     label=label)
+    B = x.shape[0] if x.ndim == 2 else 0
+    chunk = BlockChunk(loss, seed, B)
+    if net.xp is np or max_memory is not None:
+        memory = default_max_memory(x) if max_memory is None else max_memory
+        if B > rows_per_task(block_report_bytes(net), memory):
+            targets = () if target is None else (target,)
+            p = reduce_samples(chunk, merge_block_partials, _same, net, x, *targets,
+                               bytes_per_sample=block_report_bytes, max_memory=memory, with_start=True)
+            return report_from_block_partial(p, label=label)
+    return report_from_block_partial(chunk(net, x, target), label=label)
+
+
+def _same(p):
+    return p
 
 
 def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:

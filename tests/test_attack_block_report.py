@@ -114,3 +114,37 @@ def test_a_sequential_goes_back_to_torch_as_an_mlp_does():
     m = net.to_torch()
     x = np.random.default_rng(4).standard_normal((3, 4))
     np.testing.assert_allclose(m(torch.tensor(x)).detach().numpy(), net(x), rtol=1e-13)
+
+
+# ---------------------------------------------------------------------------- a large in-memory batch
+ENTRIES = {"block_report": lambda net, x, *t, **kw: jg.block_flow.block_report(net, x, *t, **kw)}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_an_in_memory_batch_above_max_memory_is_reported_a_chunk_at_a_time(monkeypatch, entry):
+    """``gradient_flow(sequential, x, max_memory=...)`` ignored max_memory for a NumPy batch (the
+    MLP report chunks it): a batch too large for memory was measured whole, and a bad max_memory
+    passed silently. Now the chunks' partials are merged: the same report."""
+    net, rng = _net(), np.random.default_rng(6)
+    x, t = rng.standard_normal((50, 4)), rng.standard_normal((50, 3))
+    report = ENTRIES[entry]
+    whole = [report(net, x, t), report(net, x)]
+    sizes, call = [], jg.block_flow.BlockChunk.__call__
+
+    def spy(self, net, x, *rest, **kw):
+        sizes.append(x.shape[0])
+        return call(self, net, x, *rest, **kw)
+
+    monkeypatch.setattr(jg.block_flow.BlockChunk, "__call__", spy)
+    budget = 7 * jg.block_flow.block_report_bytes(net)
+    chunked = [report(net, x, t, max_memory=budget), report(net, x, max_memory=budget)]
+    assert max(sizes) <= 7 and sum(sizes) == 100
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(b.chi, a.chi, rtol=1e-12)
+        np.testing.assert_allclose([r.grad_norm for r in b.blocks], [r.grad_norm for r in a.blocks], rtol=1e-12)
+        np.testing.assert_allclose([r.jacobian_norm for r in b.blocks], [r.jacobian_norm for r in a.blocks], rtol=1e-12)
+        assert b.jacobian_spectral_norm == pytest.approx(a.jacobian_spectral_norm, rel=1e-12)
+        assert b.verdict == a.verdict and b.batch == 50
+    assert chunked[0].loss_value == pytest.approx(whole[0].loss_value, rel=1e-12)
+    with pytest.raises(ValueError, match="max_memory must be a positive number of bytes, got -1"):
+        report(net, x, max_memory=-1)
