@@ -117,7 +117,8 @@ def test_a_sequential_goes_back_to_torch_as_an_mlp_does():
 
 
 # ---------------------------------------------------------------------------- a large in-memory batch
-ENTRIES = {"block_report": lambda net, x, *t, **kw: jg.block_flow.block_report(net, x, *t, **kw)}
+ENTRIES = {"block_report": lambda net, x, *t, **kw: jg.block_flow.block_report(net, x, *t, **kw),
+           "gradient_flow": lambda net, x, *t, **kw: jg.diagnostics.gradient_flow(net, x, *t, **kw)}
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRIES))
