@@ -141,6 +141,11 @@ def merge_block_partials(a: dict, b: dict) -> dict:
     """The partial of two disjoint chunks of one batch (sums and counts added)."""
     if a["sizes"] != b["sizes"] or [p["kind"] for p in a["blocks"]] != [p["kind"] for p in b["blocks"]]:
         raise ValueError("partials of different networks cannot be merged")
+    for what, key in (("losses", lambda p: (p["loss"], p["loss_sum"] is None)), ("dtypes", lambda p: p["dtype"]),
+                      ("methods (exact / estimated: the chunks of different batches)",
+                       lambda p: [q["chi_exact"] for q in p["blocks"]])):
+        if key(a) != key(b):
+            raise ValueError(f"partials of different {what} cannot be merged: {key(a)} and {key(b)}")
     blocks = [dict(pa, chi_sum=pa["chi_sum"] + pb["chi_sum"], norm_sum=pa["norm_sum"] + pb["norm_sum"],
                    bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
               for pa, pb in zip(a["blocks"], b["blocks"])]

@@ -149,3 +149,24 @@ def test_an_in_memory_batch_above_max_memory_is_reported_a_chunk_at_a_time(monke
     assert chunked[0].loss_value == pytest.approx(whole[0].loss_value, rel=1e-12)
     with pytest.raises(ValueError, match="max_memory must be a positive number of bytes, got -1"):
         report(net, x, max_memory=-1)
+
+
+def test_partials_of_different_measurements_are_not_merged(monkeypatch):
+    """merge_block_partials checked only the network: a loss partial merged with a cotangent one
+    gave a TypeError (None + float) or, the other way round, silently dropped the loss; chunks of
+    batches of different sizes could mix exact and estimated measures."""
+    net = _net()
+    x = np.random.default_rng(7).standard_normal((6, 4))
+    f, merge = jg.block_flow.BlockChunk, jg.block_flow.merge_block_partials
+    with_loss, without = f("mse", 0, 6)(net, x[:3], np.zeros((3, 3))), f("mse", 0, 6)(net, x[3:], start=3)
+    for a, b in ((with_loss, without), (without, with_loss)):
+        with pytest.raises(ValueError, match="partials of different losses cannot be merged"):
+            merge(a, b)
+    ce = f("softmax_cross_entropy", 0, 6)(net, x[3:], np.zeros(3, dtype=int), start=3)
+    with pytest.raises(ValueError, match="different losses"):
+        merge(with_loss, ce)
+    assert merge(with_loss, f("mse", 0, 6)(net, x[3:], np.zeros((3, 3)), start=3))["count"] == 6
+    monkeypatch.setattr(jg.block_flow, "EXACT_ELEMENTS", 30)  # 3 x 4 x 4 = 48 > 30 for a batch of 3
+    small, big = f("mse", 0, 1)(net, x[:1]), f("mse", 0, 3)(net, x[1:4], start=1)
+    with pytest.raises(ValueError, match=r"different methods \(exact / estimated"):
+        merge(small, big)
