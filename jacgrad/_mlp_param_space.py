@@ -14,7 +14,6 @@ from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample
 from ._passes import Gradients, carve_gradients, grad_views
-from ._validate import float_array, shape_str
 from .backend import get_xp
 
 __all__ = ["ParameterSpaceMethods"]
@@ -86,20 +85,6 @@ class ParameterSpaceMethods:
         per_sample.fill_grads(dW, db, cache.layer_output, deltas)
         return Gradients(dW, db, None, deltas, flat)
 
-    def _flat_direction(self, v: Any):
-        """``v`` as a flat ``(P,)`` parameter direction of this network's dtype, checked."""
-        xp = self.xp
-        try:
-            get_xp(v, self.weights[0])
-        except TypeError:
-            raise TypeError(f"v is on another device than the network ({self.device}); move it with jacgrad.to_device") from None
-        v = float_array(v, "v", xp)
-        P = sum(W.size + W.shape[1] for W in self.weights)
-        if v.shape != (P,):
-            raise ValueError(f"v has shape {shape_str(v.shape)} but the network has P={P} parameters: needs ({P},), "
-                             f"laid out as Gradients.flat (W0, b0, W1, b1, ...)")
-        return v.astype(self.dtype, copy=False)
-
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
         in ``Gradients.flat`` order. ``J_i = ∂y_i/∂θ``, ``H_i`` the Hessian of sample i's loss in its
@@ -116,7 +101,8 @@ class ParameterSpaceMethods:
             >>> net.ggn_vp(np.ones((4, 3)), np.ones(32)).shape
             (32,)
         """
-        v = self._flat_direction(v)
+        v = per_sample.check_direction(v, self.weights[0], sum(W.size + W.shape[1] for W in self.weights), self.dtype,
+                                       "Gradients.flat (W0, b0, W1, b1, ...)")
         y, cache = self.forward(x)
         vW, vb = grad_views(v, self.weights)
         factors = [self._factor(cache, j) for j in range(self.depth)]
@@ -139,12 +125,12 @@ class ParameterSpaceMethods:
             >>> net.ggn_diagonal(np.ones((4, 3))).weights[0].shape
             (3, 5)
         """
+        per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
         V = loss_hessians.hessian_factor(loss, y, target)
         xp, B = get_xp(y), cache.batch
         flat, dW, db = carve_gradients(xp, self.weights, self.dtype, zero=True)
-        per_row = 2 * V.shape[1] * max(self.sizes) * self.dtype.itemsize
-        chunk = max(1, int(max_memory // per_row)) if max_memory is not None else max(B, 1)
+        chunk = per_sample.chunk_rows(max_memory, 2 * V.shape[1] * max(self.sizes) * self.dtype.itemsize, B)
         chain = self.jacobian_chain(cache)
         zs = [cache.layer_output(j) for j in range(-1, self.depth - 1)]  # recomputed once, not per chunk
         for start in range(0, B, chunk):

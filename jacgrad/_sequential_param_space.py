@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample
-from ._validate import float_array, shape_str
 from .backend import get_xp
 from .layers import Residual
 
@@ -156,19 +155,6 @@ class SequentialParameterSpace:
         return ParamArrays(flat, _by_name(self.layers, views))
 
     # ------------------------------------------------------------------ Gauss–Newton
-    def _check_direction(self, v: Any):
-        """``v`` as a flat ``(P,)`` parameter direction of this network's dtype, checked."""
-        try:
-            get_xp(v, self.layers[0].params[0])
-        except TypeError:
-            raise TypeError("v is on another device than the network; move it with jacgrad.to_device") from None
-        v = float_array(v, "v", self.xp)
-        if v.shape != (self.n_params,):
-            raise ValueError(f"v has shape {shape_str(v.shape)} but the network has P={self.n_params} parameters: "
-                             f"needs ({self.n_params},), laid out as BlockGradients.flat (layer order; Dense: W, b; "
-                             f"LayerNorm: gamma, beta; RMSNorm: gamma)")
-        return v.astype(self.dtype, copy=False)
-
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
         in ``BlockGradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
@@ -181,7 +167,9 @@ class SequentialParameterSpace:
             >>> net.ggn_vp(np.eye(3), np.ones(24)).shape
             (24,)
         """
-        v = self._check_direction(v)
+        v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
+                                       "BlockGradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       "RMSNorm: gamma)")
         y, cache = self.forward(x)
         inputs = self._param_leaf_inputs(cache)
         t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, lambda k: inputs[k][0],
@@ -200,13 +188,13 @@ class SequentialParameterSpace:
             >>> net.ggn_diagonal(np.eye(3)).layers[1]["gamma"].shape
             (4,)
         """
+        per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
         V = loss_hessians.hessian_factor(loss, y, target)
         xp, B = get_xp(y), cache.batch
         flat = xp.zeros(self.n_params, dtype=self.dtype)
         views = self._leaf_views(flat)
-        per_row = 3 * V.shape[1] * max(self._param_widths()) * self.dtype.itemsize
-        chunk = max(1, int(max_memory // per_row)) if max_memory is not None else max(B, 1)
+        chunk = per_sample.chunk_rows(max_memory, 3 * V.shape[1] * max(self._param_widths()) * self.dtype.itemsize, B)
         chain = self.jacobian_chain(cache)
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
         for start in range(0, B, chunk):

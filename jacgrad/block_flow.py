@@ -25,6 +25,8 @@ from ._verdict import decide
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
+from .distributed import default_max_memory, reduce_samples
+from .distributed.budget import rows_per_task
 from ._report_blocks import block_dict, block_hints, block_json, block_text
 from .sequential import Sequential
 
@@ -67,18 +69,26 @@ def _exact(total: int, h_in: int, h_out: int) -> bool:
     return total * h_in * h_out <= EXACT_ELEMENTS
 
 
-def _chi_sum(F, exact: bool, seed: int) -> float:
-    """``Σ_i ‖J_i‖_F²/h_out`` over the chunk's samples: exact from the dense factor, else the
-    Hutchinson estimate with ``PROBES`` Rademacher probes drawn from ``seed`` alone (the same
-    probes for every sample, however the batch is chunked)."""
+def _measures(F, exact: bool, seed: int) -> tuple[float, float]:
+    """``(Σ_i ‖J_i‖_F²/h_out, Σ_i ‖J_i‖₂)`` over the chunk's samples. Exact: from the dense
+    factor and its SVD; else the Hutchinson estimate with ``PROBES`` Rademacher probes drawn from
+    ``seed`` alone (the same probes for every sample, however the batch is chunked) and Lanczos.
+    A factor with non-finite entries (the forward overflowed before it) measures ``(inf, inf)``:
+    an overflow, as in the MLP report, not an SVD that does not converge."""
     xp = F.xp
     if exact:
         D = F.dense()
-        return float(to_numpy((D * D).sum())) / F.h_out
+        if not bool(to_numpy(xp.isfinite(D).all())):
+            return math.inf, math.inf
+        chi = float(to_numpy((D * D).sum())) / F.h_out
+        return chi, float(to_numpy(Chain([F]).spectral_norm("exact", seed=seed).sum()))
     rng = np.random.default_rng(seed)
     u = xp.asarray(rng.choice([-1.0, 1.0], size=(PROBES, F.h_in)).astype(F.dtype))
     Ju = stack_jvp(F, u)  # (B, PROBES, h_out): E‖J u‖² = ‖J‖_F²
-    return float(to_numpy((Ju * Ju).sum(axis=-1).mean(axis=-1).sum())) / F.h_out
+    chi = float(to_numpy((Ju * Ju).sum(axis=-1).mean(axis=-1).sum())) / F.h_out
+    if not math.isfinite(chi):
+        return math.inf, math.inf
+    return chi, float(to_numpy(Chain([F]).spectral_norm("lanczos", seed=seed).sum()))
 
 
 def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0, *,
@@ -109,15 +119,18 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total) -> dict:
     for j, (layer, F) in enumerate(zip(net.layers, chain.factors)):
         n_par = sum(int(p.size) for p in layer.params)
         exact = _exact(total, F.h_in, F.h_out)
-        norm = Chain([F]).spectral_norm("exact" if exact else "lanczos", seed=seed + j)
+        chi_sum, norm_sum = _measures(F, exact, seed + j)
         blocks.append(dict(
-            kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=_chi_sum(F, exact, seed + j),
-            norm_sum=float(to_numpy(norm.sum())), bound_sum=float(to_numpy(F.norm_bound().sum())),
+            kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=chi_sum,
+            norm_sum=norm_sum, bound_sum=float(to_numpy(F.norm_bound().sum())),
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
     exact = _exact(total, net.n_in, net.n_out)
-    whole = float(to_numpy(chain.spectral_norm("exact" if exact else "lanczos", seed=seed).sum()))
+    if all(math.isfinite(b["chi_sum"]) for b in blocks):
+        whole = float(to_numpy(chain.spectral_norm("exact" if exact else "lanczos", seed=seed).sum()))
+    else:
+        whole = math.inf  # a block overflowed: so does the whole Jacobian's norm
     return dict(count=B, loss=None if loss_sum is None else loss, loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
                 sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
                 has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
@@ -128,6 +141,11 @@ def merge_block_partials(a: dict, b: dict) -> dict:
     """The partial of two disjoint chunks of one batch (sums and counts added)."""
     if a["sizes"] != b["sizes"] or [p["kind"] for p in a["blocks"]] != [p["kind"] for p in b["blocks"]]:
         raise ValueError("partials of different networks cannot be merged")
+    for what, key in (("losses", lambda p: (p["loss"], p["loss_sum"] is None)), ("dtypes", lambda p: p["dtype"]),
+                      ("methods (exact / estimated: the chunks of different batches)",
+                       lambda p: [q["chi_exact"] for q in p["blocks"]])):
+        if key(a) != key(b):
+            raise ValueError(f"partials of different {what} cannot be merged: {key(a)} and {key(b)}")
     blocks = [dict(pa, chi_sum=pa["chi_sum"] + pb["chi_sum"], norm_sum=pa["norm_sum"] + pb["norm_sum"],
                    bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
               for pa, pb in zip(a["blocks"], b["blocks"])]
@@ -216,10 +234,21 @@ def _norm_kinds(layers) -> list[str]:
 
 
 class BlockChunk:
-    """``f(net, x, [target], start=) -> partial`` of one chunk of a batch of ``total`` samples
-    (a picklable per-chunk function for ``distributed.reduce_samples``): the gradients of
-    ``loss`` against the chunk's targets, or, without, each sample's random unit cotangent drawn
-    by its row (the same however the batch is chunked)."""
+    """``f(net, x, [target], start=) -> partial`` of one chunk ``x: (B, n_in)`` (samples
+    ``start .. start+B-1``) of a batch of ``total`` samples (a picklable per-chunk function for
+    ``distributed.reduce_samples``): the gradients of ``loss`` against the chunk's targets
+    (``(B, n_out)``, or labels ``(B,)``), or, without, each sample's random unit cotangent drawn
+    by its row (the same however the batch is chunked). Non-finite ``x`` or parameters are a
+    ``ValueError`` naming the rows or the layer.
+
+        >>> import numpy as np, jacgrad as jg
+        >>> net = jg.Sequential([jg.layers.Dense(np.eye(3), None, "tanh"), jg.layers.RMSNorm(np.ones(3))])
+        >>> x = np.arange(12.0).reshape(4, 3) / 10
+        >>> f = BlockChunk("mse", seed=0, total=4)
+        >>> p = merge_block_partials(f(net, x[:1], start=0), f(net, x[1:], start=1))
+        >>> bool(np.allclose(report_from_block_partial(p).chi, block_report(net, x).chi, rtol=1e-12))
+        True
+    """
 
     def __init__(self, loss: str, seed: int, total: int):
         self.loss, self.seed, self.total = loss, int(seed), int(total)
@@ -229,6 +258,7 @@ class BlockChunk:
         x = xp.asarray(x)
         if x.ndim != 2 or x.shape[1] != net.n_in:
             raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {net.n_in}) inputs")
+        _check_finite(net, x, start)
         grad_y = None
         if target is None:
             B = int(x.shape[0])
@@ -237,6 +267,29 @@ class BlockChunk:
             grad_y = xp.asarray(v.astype(net.dtype))
         with np.errstate(all="ignore"):
             return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total)
+
+
+def _check_finite(net, x, start: int) -> None:
+    """A ``ValueError`` naming the layer (and the inner layer of a residual block) and the
+    parameter with a NaN or inf, or the rows of ``x`` (samples ``start ..``) that have one."""
+    xp = net.xp
+    for where, L in _named_layers(net.layers, "layer "):
+        for name, p in zip(L.names, L.params):
+            if not bool(to_numpy(xp.isfinite(p).all())):
+                raise ValueError(f"{where}: {name} has non-finite values (inf or NaN); the report needs finite parameters")
+    if x.dtype.kind in "fc" and not bool(to_numpy(xp.isfinite(x).all())):
+        bad = np.flatnonzero(~to_numpy(xp.isfinite(x).all(axis=1))) + start
+        raise ValueError(f"x has non-finite values (inf or NaN) in {len(bad)} rows (first: sample {int(bad[0])}); "
+                         f"the report needs finite inputs")
+
+
+def _named_layers(layers, prefix: str):
+    """``(where, leaf layer)``: ``"layer 1, inner layer 0"`` for the leaves of residual blocks."""
+    for j, L in enumerate(layers):
+        if L.kind == "residual":
+            yield from _named_layers(L.layers, f"{prefix}{j}, inner layer ")
+        else:
+            yield f"{prefix}{j}", L
 
 
 def block_report_bytes(net: Sequential) -> int:
@@ -255,18 +308,34 @@ def _all_layers(layers):
 
 
 def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: int = 0,
-                 label: str = "") -> BlockFlowReport:
+                 label: str = "", max_memory: int | None = None) -> BlockFlowReport:
     """The report of ``net`` at ``x: (B, n_in)``, one row per top-level layer. With ``target``
     the gradients are those of ``loss``; without, each sample back-propagates a random unit
     cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP). Over chunks of a dataset:
-    ``report_from_block_partial`` of the merged ``BlockChunk`` partials is the same report."""
+    ``report_from_block_partial`` of the merged ``BlockChunk`` partials is the same report.
+
+    A batch whose intermediates (``block_report_bytes`` per sample) exceed ``max_memory`` bytes
+    (default for NumPy: ``jacgrad.distributed.default_max_memory``; a CuPy batch only when it is
+    given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP."""
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
     x = net.xp.asarray(x)
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    return report_from_block_partial(BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)(net, x, target),
-                                     label=label)
+    B = x.shape[0] if x.ndim == 2 else 0
+    chunk = BlockChunk(loss, seed, B)
+    if net.xp is np or max_memory is not None:
+        memory = default_max_memory(x) if max_memory is None else max_memory
+        if B > rows_per_task(block_report_bytes(net), memory):
+            targets = () if target is None else (target,)
+            p = reduce_samples(chunk, merge_block_partials, _same, net, x, *targets,
+                               bytes_per_sample=block_report_bytes, max_memory=memory, with_start=True)
+            return report_from_block_partial(p, label=label)
+    return report_from_block_partial(chunk(net, x, target), label=label)
+
+
+def _same(p):
+    return p
 
 
 def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:

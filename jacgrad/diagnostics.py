@@ -150,8 +150,8 @@ def gradient_flow(
     A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
     one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
     bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` does not apply to it; ``max_memory`` only to
-    a Dask batch's chunks). It takes Dask batches too, as below.
+    blocks and norm layers (``spectrum_samples`` does not apply to it). It takes Dask batches
+    and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -191,7 +191,7 @@ def gradient_flow(
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
             return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
-        return block_report(net, x, target, loss, seed=seed, label=label)
+        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
         return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)
@@ -309,6 +309,9 @@ def _as_dask_batch(X, target):
         import dask.array as da
 
         X = float_array(X, "x", np)
+        if X.ndim < 1 or X.shape[0] != target.shape[0]:
+            raise ValueError(f"x has shape {shape_str(X.shape)} but the target has {target.shape[0]} samples: "
+                             f"their first axes must both be the batch")
         X = da.from_array(X, chunks=(target.chunks[0], X.shape[1:]))
     if X.ndim == 2 and X.shape[0] == 0:
         raise ValueError("x has no samples (N = 0); the report needs at least one")

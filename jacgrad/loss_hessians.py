@@ -35,7 +35,7 @@ import numpy as np
 
 from . import activations, losses
 from ._validate import float_array, shape_str
-from .backend import get_xp
+from .backend import asarray, get_xp
 
 __all__ = ["hessian_factor", "hessian_vp", "target_scale"]
 
@@ -59,8 +59,7 @@ def target_scale(name: str, y: Any, target: Any = None):
     losses.get(name)(y, target)  # the loss's own checks: shapes, dtypes, label range
     if name != "softmax_cross_entropy":
         return None
-    xp = get_xp(y)
-    t = target if hasattr(target, "dtype") else xp.asarray(target)
+    t = asarray(target)  # torch / JAX / DLPack targets as the losses take them (their dtype is not NumPy's)
     if np.dtype(t.dtype).kind != "f":
         return None
     return t.astype(y.dtype, copy=False).sum(axis=1, keepdims=True)

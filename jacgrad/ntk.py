@@ -28,7 +28,7 @@ from typing import Any
 
 from ._validate import float_array
 from .backend import get_xp
-from .per_sample import is_norm, leaf_factors, output_partials
+from .per_sample import check_max_memory, is_norm, leaf_factors, output_partials
 
 __all__ = ["ntk"]
 
@@ -133,6 +133,7 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     """
     if not all(hasattr(net, a) for a in ("forward", "jacobian_chain", "sizes", "dtype")):
         raise TypeError(f"ntk needs a jacgrad network (MLP or Sequential), got {type(net).__name__}")
+    check_max_memory(max_memory)
     xp = get_xp(x1, _anchor(net))
     x1 = float_array(x1, "x1", xp)
     sym = x2 is None

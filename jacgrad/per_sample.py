@@ -30,10 +30,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
+from ._validate import float_array, shape_str
 from .backend import get_xp
 from .factors import NormFactor, ResidualFactor
 
-__all__ = ["check_budget", "fill_grads", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
+__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "fill_grads", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
            "output_partials", "param_views", "per_sample_views"]
 
 GIB = 1 << 30
@@ -116,8 +119,9 @@ def per_sample_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
 
 def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
     """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense:
-    ``J`` a ``LayerJacobian`` or None) or ``a ⊙ δ`` (norm: a ``NormFactor``) into the first, ``δ``
-    into the second when there is one."""
+    ``J`` a ``LayerJacobian`` or None; ``a: (B, H_in)``, ``δ: (B, H_out)``, first view
+    ``(B, H_in, H_out)``) or ``a ⊙ δ`` (norm: a ``NormFactor``; ``a = x̂``, ``δ = g``: ``(B, n)``)
+    into the first, ``δ`` into the second when there is one."""
     xp = get_xp(delta)
     if is_norm(J):
         xp.multiply(a, delta, out=views[0])
@@ -133,8 +137,44 @@ def fill_grads(dW: list, db: list, layer_input: Callable[[int], Any], deltas: Se
         fill_leaf(None, (dW[j], db[j]), layer_input(j - 1), delta)
 
 
+def check_direction(v: Any, anchor: Any, n_params: int, dtype, layout: str):
+    """``v`` as a flat parameter direction ``(P,)`` of ``dtype``, checked: on ``anchor``'s device
+    (a parameter of the network; else a ``TypeError``), a float array (int, bool, complex: a
+    ``TypeError``), of shape ``(n_params,)`` (else a ``ValueError`` naming P and ``layout``, the
+    order of the flat parameters). Not copied when it already has ``dtype``."""
+    try:
+        xp = get_xp(v, anchor)
+    except TypeError:
+        where = "the GPU" if get_xp(anchor) is not np else "the CPU"
+        raise TypeError(f"v is on another device than the network (on {where}); move it with jacgrad.to_device") from None
+    v = float_array(v, "v", xp)
+    if v.shape != (n_params,):
+        raise ValueError(f"v has shape {shape_str(v.shape)} but the network has P={n_params} parameters: "
+                         f"needs ({n_params},), laid out as {layout}")
+    return v.astype(dtype, copy=False)
+
+
+def check_max_memory(max_memory: Any) -> None:
+    """A ``ValueError`` unless ``max_memory`` is None or a number of bytes > 0 (not NaN, not a bool)."""
+    ok = max_memory is None or (isinstance(max_memory, (int, float, np.integer, np.floating))
+                                and not isinstance(max_memory, bool) and max_memory > 0)
+    if not ok:
+        raise ValueError(f"max_memory must be a number of bytes > 0, or None for no limit; got {max_memory!r}")
+
+
+def chunk_rows(max_memory: Any, per_row: int, n: int) -> int:
+    """Rows per chunk so that ``rows · per_row`` bytes stay within ``max_memory`` (checked by
+    ``check_max_memory``; None or inf: all ``n``); at least 1, at most ``max(n, 1)``."""
+    check_max_memory(max_memory)
+    if max_memory is None or max_memory >= per_row * max(n, 1):
+        return max(n, 1)
+    return max(1, int(max_memory // per_row))
+
+
 def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) -> None:
-    """A ``ValueError`` naming the size when ``nbytes`` exceeds ``max_memory`` bytes (None: no limit)."""
+    """A ``ValueError`` naming the size when ``nbytes`` exceeds ``max_memory`` bytes (None: no
+    limit; anything but None or a number > 0: a ``ValueError`` from ``check_max_memory``)."""
+    check_max_memory(max_memory)
     if max_memory is not None and nbytes > max_memory:
         raise ValueError(
             f"{what} needs {nbytes / GIB:.3g} GiB ({nbytes} bytes), more than max_memory={max_memory / GIB:.3g} GiB; "

@@ -36,7 +36,7 @@ from .. import activations as _activations
 from ..backend import asarray, get_xp, is_gpu_array
 from . import NetSpec, require
 
-__all__ = ["SUPPORTED", "activation_module", "activation_name", "spec_from_torch", "to_torch"]
+__all__ = ["SUPPORTED", "activation_module", "activation_name", "passes_through", "spec_from_torch", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -65,19 +65,33 @@ _READ_AS = {"ReLU6": "Hardtanh"}  # read through its base class's row (ReLU6 is 
 
 def activation_name(nn, m) -> str | None:
     """The jacgrad name of the activation module ``m`` with its parameters (``"leaky_relu(negative_slope=0.2)"``),
-    or None when ``m`` is not one (only torch's own classes, not subclasses of them)."""
+    or None when ``m`` is not one (only torch's own classes, not subclasses of them).
+
+        >>> import torch
+        >>> activation_name(torch.nn, torch.nn.LeakyReLU(0.2)), activation_name(torch.nn, torch.nn.Linear(2, 2))
+        ('leaky_relu(negative_slope=0.2)', None)
+    """
     cls = type(m).__name__
     if getattr(nn, cls, None) is not type(m):
         return None
     cls = _READ_AS.get(cls, cls)
     for family, torch_cls, params, fixed in _ACTIVATION_MODULES:
         if torch_cls == cls and all(getattr(m, k) == v for k, v in fixed.items()):
-            return _activations.get(family, **{p: getattr(m, p) for p in params}).name
+            try:
+                return _activations.get(family, **{p: getattr(m, p) for p in params}).name
+            except ValueError as exc:  # a parameter value jacgrad's row does not take (LeakyReLU(-0.5))
+                raise ValueError(f"{m!r} has no jacgrad activation: {exc}") from None
     return None
 
 
 def activation_module(nn, name: str):
-    """A torch module computing the jacgrad activation ``name`` (None for identity)."""
+    """A torch module computing the jacgrad activation ``name`` (None for identity); the inverse
+    of ``activation_name``.
+
+        >>> import torch
+        >>> activation_module(torch.nn, "elu(alpha=0.5)"), activation_module(torch.nn, "identity")
+        (ELU(alpha=0.5), None)
+    """
     act = _activations.get(name)
     if act.family == "identity":
         return None
@@ -133,6 +147,20 @@ def _parameter(torch, p, what: str, copy: bool, dtype):
     return a
 
 
+def passes_through(nn, where: str, m) -> bool:
+    """True for a module that computes nothing at inference on ``(B, n)`` inputs: ``nn.Identity``,
+    ``nn.Dropout`` in eval mode (or with p = 0), ``nn.Flatten()``. A Dropout in training mode or a
+    Flatten of other axes is a ``TypeError`` naming ``where`` (``"module 3"``); anything else is False."""
+    why = None
+    if type(m) is nn.Dropout and m.training and m.p > 0:
+        why = "is in training mode (random); call model.eval() first, and it passes through —"
+    elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) != (1, -1):
+        why = "flattens other than (B, ...) -> (B, n)"
+    if why is not None:
+        raise TypeError(f"{where} ({m!r}) {why}; supported: {', '.join(SUPPORTED)}")
+    return type(m) in (nn.Identity, nn.Dropout, nn.Flatten)
+
+
 def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     """A ``NetSpec`` of ``module`` (see the module docstring). ``dtype``: cast every parameter
     to ``"float32"``/``"float64"`` (needed for float16/bfloat16 parameters)."""
@@ -150,17 +178,12 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
                                  f"(module {layers[-1]['index']}) gives {layers[-1]['out']}")
             layers.append({"index": index, "module": m, "out": m.out_features, "activation": None})
             continue
-        if type(m) is nn.Identity:
+        if passes_through(nn, f"module {index}", m):
             continue
-        if type(m) is nn.Dropout:
-            if m.training and m.p > 0:
-                raise _unsupported(index, m, "is in training mode (random); call model.eval() first, and it passes through —")
-            continue
-        if type(m) is nn.Flatten:
-            if (m.start_dim, m.end_dim) != (1, -1):
-                raise _unsupported(index, m, "flattens other than (B, ...) -> (B, n)")
-            continue
-        name = activation_name(nn, m)
+        try:
+            name = activation_name(nn, m)
+        except ValueError as exc:
+            raise ValueError(f"module {index}: {exc}") from None
         if name is None:
             raise _unsupported(index, m)
         if not layers:

@@ -4,7 +4,9 @@
 it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
 ``nn.Sequential`` of ``nn.Linear`` (each optionally followed by one activation module),
 ``nn.LayerNorm``, ``nn.RMSNorm`` and ``Residual`` into ``jacgrad.layers`` (arrays copied to
-NumPy; ``W = weight.T``). A missing bias (``bias=False``) becomes zeros, which jacgrad keeps as
+NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
+through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
+something else). A missing bias (``bias=False``) becomes zeros, which jacgrad keeps as
 a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import is_gpu_array
-from .torch import SUPPORTED, activation_module, activation_name
+from .torch import SUPPORTED, activation_module, activation_name, passes_through
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -43,59 +45,62 @@ class Residual(nn.Module):
         return f"scale={self.scale:g}"
 
 
-def _act_name(m: nn.Module) -> str | None:
-    """jacgrad's name of an activation module (with its parameters), ``"identity"`` for
-    ``nn.Identity``, else None — the table of ``interop.torch``."""
-    return "identity" if type(m) is nn.Identity else activation_name(nn, m)
-
-
 def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
-def layers_from_torch(module: nn.Module, where: str = "module") -> list:
+def layers_from_torch(module: nn.Module, where: str = "module", dtype=None) -> list:
     """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, or one supported
-    module); an unsupported module is a ``TypeError`` naming its index."""
+    module); an unsupported module, or a float16/bfloat16 parameter, is a ``TypeError`` naming
+    its index. ``dtype``: that of norm layers without parameters (default: the first parameter's
+    of ``module``, as torch computes them in the input's dtype; float32 when it has none)."""
+    dtype = _dtype(module) if dtype is None else dtype
     mods = list(module) if isinstance(module, nn.Sequential) else [module]
     out: list = []
+    after_linear = False  # the last module that computes something was an nn.Linear (Identity computes nothing)
     for i, m in enumerate(mods):
         at = f"{where} {i} ({type(m).__name__})"
-        act = _act_name(m)
-        if isinstance(m, nn.Linear):
+        for name, p in m.named_parameters(recurse=False):
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
+                                f"cast the model first (model.float() or model.double())")
+        if passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: as in MLP.from_torch
+            continue
+        try:
+            act = activation_name(nn, m)
+        except ValueError as exc:
+            raise ValueError(f"{at}: {exc}") from None
+        linear, after_linear = after_linear, type(m) is nn.Linear
+        if type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
             b = None if m.bias is None else _np(m.bias)
             out.append(Dense(_np(m.weight).T.copy(), b, "identity"))
         elif act is not None:
-            if act == "identity":
-                continue
-            if not out or not isinstance(out[-1], Dense) or out[-1].activation != "identity" or not isinstance(mods[i - 1], nn.Linear):
+            if not linear:
                 raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
             last = out.pop()
             out.append(Dense(last.W, last.b, act))
-        elif isinstance(m, nn.LayerNorm):
+        elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], _dtype(module)
+            n, dt = m.normalized_shape[0], dtype
             gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
             beta = _np(m.bias) if m.bias is not None else np.zeros(n, dt)
             out.append(LayerNorm(gamma, beta, eps=m.eps))
-        elif isinstance(m, nn.RMSNorm):
+        elif type(m) is nn.RMSNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], _dtype(module)
+            n, dt = m.normalized_shape[0], dtype
             gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
             eps = m.eps if m.eps is not None else float(np.finfo(dt).eps)
             out.append(RMSNorm(gamma, eps=eps))
-        elif isinstance(m, Residual):
-            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module"), m.scale))
+        elif type(m) is Residual:
+            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module", dtype), m.scale))
         else:
-            raise TypeError(f"{at} is not supported; supported: {', '.join(_SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
+            raise TypeError(f"{at} is not supported; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
                             f"jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
     return out
-
-
-_SUPPORTED = [s for s in SUPPORTED if not s.startswith(("Dropout", "Flatten"))]
 
 
 def layers_to_torch(layers) -> nn.Sequential:
@@ -130,11 +135,18 @@ def layers_to_torch(layers) -> nn.Sequential:
 
 
 def _tensor(a):
-    """A torch view of a NumPy or CuPy array (copied into a module afterwards)."""
-    return torch.from_dlpack(a) if is_gpu_array(a) else torch.from_numpy(a)
+    """A torch view of a NumPy or CuPy array (copied into a module afterwards); a NumPy array
+    torch cannot view (negative strides, read-only memory) is copied first."""
+    if is_gpu_array(a):
+        return torch.from_dlpack(a)
+    a = np.asarray(a)
+    if not a.flags.writeable or any(s < 0 for s in a.strides):
+        a = a.copy()
+    return torch.from_numpy(a)
 
 
 def _dtype(module: nn.Module):
+    """The NumPy dtype of ``module``'s first parameter (float32 without any)."""
     for p in module.parameters():
         return {torch.float32: np.float32, torch.float64: np.float64}.get(p.dtype, np.float32)
     return np.float32
