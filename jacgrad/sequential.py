@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import losses
+from . import _lazy, losses
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._compiled_sequential import SequentialStep
@@ -93,12 +93,20 @@ class Sequential(SequentialParameterSpace):
 
     # ------------------------------------------------------------------ passes
     def __call__(self, x):
+        """``y: (B, n_out)``, the output of ``forward``. A Dask array in gives a lazy Dask array out
+        (``jacgrad.distributed`` maps the forward over its chunks)."""
+        lazy = _lazy.handler_for(x)
+        if lazy is not None:
+            return lazy("__call__", self, x)
         return self.forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
         """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``; ``y`` is the caller's own
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
+        if _lazy.handler_for(x) is not None:
+            raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
+                            "net(X) and jacgrad.distributed map over its chunks")
         xp = get_xp(x, self._layers[0].params[0])
         x = float_array(x, "x", xp)
         if x.ndim != 2 or x.shape[1] != self.n_in:

@@ -107,8 +107,6 @@ def test_layers_to_torch_takes_reversed_and_read_only_arrays():
     np.testing.assert_allclose(m(torch.tensor(x)).detach().numpy(), jg.Sequential(layers)(x), rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.xfail(strict=True, reason="Sequential has no to_torch (MLP has); the fix belongs in jacgrad/sequential.py: "
-                                       "def to_torch(self): return layers_to_torch(self.layers)")
 def test_a_sequential_goes_back_to_torch_as_an_mlp_does():
     net = _net()
     m = net.to_torch()

@@ -196,9 +196,6 @@ def test_torch_targets_work_in_the_gauss_newton_products(kind, target):
 
 # ---------------------------------------------------------------------------- Dask batches
 @pytest.mark.parametrize("call", ["forward", "per_sample_grads", "ggn_vp", "ggn_diagonal", "ntk"])
-@pytest.mark.xfail(strict=True, reason="Sequential.forward computes a Dask batch into memory (np.asarray) where "
-                                       "MLP._forward raises TypeError; fix in jacgrad/sequential.py forward: "
-                                       "if _lazy.handler_for(x) is not None: raise TypeError(as mlp.py:245)")
 def test_a_dask_batch_is_refused_where_it_would_be_loaded_whole(call):
     """As for an MLP: only the entry points that map over chunks (per_sample_grad_norms,
     gradient_flow) take a Dask batch; the others must not load the whole dataset silently."""
@@ -221,3 +218,12 @@ def test_an_mlp_refuses_a_dask_batch_in_the_same_places():
                  lambda: net.ggn_diagonal(X), lambda: jg.ntk(net, X)):
         with pytest.raises(TypeError, match="in-memory batch"):
             call()
+
+
+def test_a_sequential_called_on_a_dask_batch_is_lazy_and_equals_numpy():
+    da = pytest.importorskip("dask.array")
+    nets, x, _ = _small_nets()
+    net = nets["sequential"]
+    Y = net(da.from_array(x, chunks=(2, -1)))
+    assert isinstance(Y, da.Array) and Y.shape == (x.shape[0], net.n_out)
+    np.testing.assert_allclose(Y.compute(), net(x), rtol=1e-13, atol=1e-14)
