@@ -177,13 +177,15 @@ class Sequential(SequentialParameterSpace):
         return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
 
     @classmethod
-    def from_torch(cls, module) -> "Sequential":
+    def from_torch(cls, module, copy: bool = True, dtype=None) -> "Sequential":
         """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
-        blocks ``x + s·inner(x)``); parameters copied to NumPy. See ``torch_blocks``."""
+        blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA). As in
+        ``MLP.from_torch``: ``copy=False`` shares the parameters' memory (``W = weight.T``, a
+        view), ``dtype`` casts them (a copy). See ``torch_blocks``."""
         from .interop.torch_blocks import layers_from_torch
 
-        return cls(layers_from_torch(module))
+        return cls(layers_from_torch(module, copy=copy, dtype=dtype))
 
     def to_torch(self):
         """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,

@@ -91,3 +91,54 @@ def test_sequential_to_torch_and_back_and_gradients_agree():
     torch.nn.functional.mse_loss(model(xt), torch.tensor(t)).backward()
     np.testing.assert_allclose(g.input, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(g.layers[1][0]["gamma"], model[2].inner[0].weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _block_model():
+    torch.manual_seed(3)
+    inner = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 6), nn.Tanh(), nn.RMSNorm(6))
+    return nn.Sequential(nn.Linear(4, 6), nn.GELU(), Residual(inner, 0.5), nn.LayerNorm(6, elementwise_affine=False),
+                         nn.Linear(6, 2))
+
+
+def test_sequential_from_torch_copy_false_shares_the_parameters_memory():
+    model = _block_model().double()
+    net = jg.Sequential.from_torch(model, copy=False)
+    assert np.shares_memory(net.layers[0].W, model[0].weight.detach().numpy())
+    assert np.shares_memory(net.layers[1].layers[0].gamma, model[2].inner[0].weight.detach().numpy())
+    with torch.no_grad():  # an optimiser's in-place step
+        for p in model.parameters():
+            p.mul_(0.9).add_(0.01)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    np.testing.assert_allclose(net(x.numpy()), model(x).detach().numpy(), rtol=1e-12, atol=1e-13)
+    copied = jg.Sequential.from_torch(model)
+    assert not np.shares_memory(copied.layers[0].W, model[0].weight.detach().numpy())
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_sequential_from_torch_casts_half_models_when_asked(half):
+    model = _block_model().to(half)
+    with pytest.raises(TypeError, match=r"module 0 \(Linear\): parameter 'weight' is torch\.(b?float16).*pass dtype="):
+        jg.Sequential.from_torch(model)
+    net = jg.Sequential.from_torch(model, dtype="float32")
+    assert net.dtype == np.float32 and net.layers[2].gamma.dtype == np.float32  # the parameter-free LayerNorm too
+    x = torch.randn(3, 4)
+    np.testing.assert_allclose(net(x.numpy()), model.float()(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="copy=False cannot share it"):
+        jg.Sequential.from_torch(_block_model().to(half), copy=False, dtype="float32")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        jg.Sequential.from_torch(model, dtype="int32")
+
+
+@pytest.mark.gpu
+def test_a_cuda_block_model_becomes_a_cupy_sequential_sharing_memory():
+    import cupy as cp
+
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    model = _block_model().double().cuda()
+    net = jg.Sequential.from_torch(model, copy=False)
+    assert isinstance(net.layers[0].W, cp.ndarray) and net.layers[0].W.data.ptr == model[0].weight.data_ptr()
+    assert isinstance(net.layers[2].gamma, cp.ndarray)  # the parameter-free LayerNorm lives on the GPU too
+    x = torch.randn(4, 4, dtype=torch.float64, device="cuda")
+    cp.testing.assert_allclose(net(cp.asarray(x)), cp.asarray(model(x).detach()), rtol=1e-12)
+    assert net.to_torch()[0].weight.is_cuda

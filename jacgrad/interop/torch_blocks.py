@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
-from ..backend import is_gpu_array
-from .torch import SUPPORTED, activation_module, activation_name, passes_through
+from ..backend import asarray, get_xp, is_gpu_array
+from .torch import SUPPORTED, _parameter, activation_module, activation_name, passes_through
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -45,25 +45,51 @@ class Residual(nn.Module):
         return f"scale={self.scale:g}"
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().copy()
-
-
-def layers_from_torch(module: nn.Module, where: str = "module", dtype=None) -> list:
+def layers_from_torch(module: nn.Module, where: str = "module", dtype=None, copy: bool = True) -> list:
     """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, or one supported
-    module); an unsupported module, or a float16/bfloat16 parameter, is a ``TypeError`` naming
-    its index. ``dtype``: that of norm layers without parameters (default: the first parameter's
-    of ``module``, as torch computes them in the input's dtype; float32 when it has none)."""
-    dtype = _dtype(module) if dtype is None else dtype
+    module); an unsupported module is a ``TypeError`` naming its index. Parameters become NumPy
+    arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
+    ``MLP.from_torch``: copies, or with ``copy=False`` views of the parameters' own memory (an
+    optimiser's in-place steps are seen). ``dtype``: cast every parameter to float32/float64 (a
+    copy; needed for float16/bfloat16 parameters, which are a ``TypeError`` naming the module
+    without it); default: the parameters' own, and that of the first parameter for norm layers
+    without any (float32 when the module has none)."""
+    torch_ = torch
+    cast = None if dtype is None else np.dtype(dtype)
+    if cast is not None and cast not in (np.float32, np.float64):
+        raise TypeError(f"dtype {cast}: jacgrad computes in float32 or float64")
+    first = next(iter(module.parameters()), None)
+    xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
+    return _layers(module, where, _Convert(torch_, copy, cast, xp, cast if cast is not None else _dtype(module)))
+
+
+class _Convert:
+    """How each parameter is brought over: copied or viewed, cast, on which array module."""
+
+    def __init__(self, torch_, copy: bool, cast, xp, dtype):
+        self.torch, self.copy, self.cast, self.xp, self.dtype = torch_, bool(copy), cast, xp, np.dtype(dtype)
+
+    def __call__(self, p, what: str):
+        return _parameter(self.torch, p, what, self.copy, self.cast)
+
+    def ones(self, n: int):
+        return self.xp.ones(n, dtype=self.dtype)
+
+    def zeros(self, n: int):
+        return self.xp.zeros(n, dtype=self.dtype)
+
+
+def _layers(module, where: str, conv: _Convert) -> list:
     mods = list(module) if isinstance(module, nn.Sequential) else [module]
     out: list = []
     after_linear = False  # the last module that computes something was an nn.Linear (Identity computes nothing)
     for i, m in enumerate(mods):
         at = f"{where} {i} ({type(m).__name__})"
-        for name, p in m.named_parameters(recurse=False):
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
-                                f"cast the model first (model.float() or model.double())")
+        if conv.cast is None:
+            for name, p in m.named_parameters(recurse=False):
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
+                                    f"cast the model first (model.float() or model.double()), or pass dtype=")
         if passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: as in MLP.from_torch
             continue
         try:
@@ -72,8 +98,9 @@ def layers_from_torch(module: nn.Module, where: str = "module", dtype=None) -> l
             raise ValueError(f"{at}: {exc}") from None
         linear, after_linear = after_linear, type(m) is nn.Linear
         if type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
-            b = None if m.bias is None else _np(m.bias)
-            out.append(Dense(_np(m.weight).T.copy(), b, "identity"))
+            W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
+            b = None if m.bias is None else conv(m.bias, f"{at}: bias")
+            out.append(Dense(W, b, "identity"))
         elif act is not None:
             if not linear:
                 raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
@@ -82,19 +109,19 @@ def layers_from_torch(module: nn.Module, where: str = "module", dtype=None) -> l
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], dtype
-            gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
-            beta = _np(m.bias) if m.bias is not None else np.zeros(n, dt)
+            n = m.normalized_shape[0]
+            gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
+            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else conv.zeros(n)
             out.append(LayerNorm(gamma, beta, eps=m.eps))
         elif type(m) is nn.RMSNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
-            n, dt = m.normalized_shape[0], dtype
-            gamma = _np(m.weight) if m.weight is not None else np.ones(n, dt)
-            eps = m.eps if m.eps is not None else float(np.finfo(dt).eps)
+            n = m.normalized_shape[0]
+            gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
+            eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
             out.append(RMSNorm(gamma, eps=eps))
         elif type(m) is Residual:
-            out.append(_JgResidual(layers_from_torch(m.inner, f"{at}: inner module", dtype), m.scale))
+            out.append(_JgResidual(_layers(m.inner, f"{at}: inner module", conv), m.scale))
         else:
             raise TypeError(f"{at} is not supported; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
                             f"jacgrad.interop.torch_blocks.Residual")
