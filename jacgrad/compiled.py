@@ -17,7 +17,9 @@ The passes are ``MLP.forward`` / ``MLP.backward``'s own code (``_passes.forward_
 NumPy the numbers are bitwise those of ``net.loss_and_grads`` — for any memory layout of ``x``
 and the target (C- or Fortran-ordered, strided): the step copies them into C-contiguous buffers
 and ``loss_and_grads`` works on C-contiguous copies of them, so both run the same GEMMs on the
-same layouts. What changes is where results go:
+same layouts. (On NumPy an ``x`` or target that already is a C-contiguous array of the step's
+dtype is read in place, as ``loss_and_grads`` reads it: the copy would change no bit.) What
+changes is where results go:
 
 - buffers, made at construction: the static input ``x`` and target, per layer the saved
   activation (``y_j``, or ``h_j``, ``z_j`` and ``φ'(h_j)`` for activations whose φ' needs ``h``:
@@ -110,14 +112,16 @@ class TrainingStep:
         self._device = net.weights[0].device if self._gpu else None
         with self._on_device():
             self._x = xp.zeros((B, sizes[0]), dtype=dt)
-            _, self._saved = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)  # y_j, or h_j
+            self._saved_block, self._saved = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)  # y_j, or h_j
             self._z = [None] * len(self._saved)  # z_j and φ'(h_j) beside h_j: made by rebind, where the
             self._d = [None] * len(self._saved)  # activation needs h for its derivative
-            _, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
+            self._delta_block, self._delta = carve(xp, [(B, H) for H in sizes[1:]], dt, zero=True)
             self._flat, self._dW, self._db = carve_gradients(xp, net.weights, dt, zero=True)
             self._gin = xp.zeros((B, sizes[0]), dtype=dt) if self.input_grad else None
             self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
             self._target = xp.zeros((B, sizes[-1]), dtype=dt)
+            self._xin = self._x  # what the passes read as x during a call
+            self._owned_arrays = None  # built on first use, after rebind made z_j / φ'(h_j)
             self._graphs = None
             if self._gpu and capture in ("auto", True):
                 from ._cuda_graph import GraphCache
@@ -147,6 +151,7 @@ class TrainingStep:
                 if self._gpu and new.device.id != self._device.id:
                     raise ValueError(f"net.{what}[{j}] is now on GPU {new.device.id}; this step runs on GPU {self._device.id}")
         self._W, self._b = list(net.weights), list(net.biases)
+        self._owned_arrays = None  # the z_j / φ'(h_j) buffers may change below
         self._acts, self._act_names = acts, [a.name for a in acts]
         self._from_output = [a.df_from_output is not None for a in acts]
         with self._on_device():
@@ -201,10 +206,14 @@ class TrainingStep:
         """
         self._check_binding()
         with self._on_device():
-            self._load(self._x, x, "x", self._shape_help("x"))
-            labels = self._load_target(target)
+            x = self._load(self._x, x, "x", self._shape_help("x"))
+            labels, target = self._load_target(target)
             if self._graphs is None:
-                self._run(labels)
+                self._xin = x
+                try:
+                    self._run(labels, x, target)
+                finally:
+                    self._xin = self._x  # never keep the caller's array past the call
             else:
                 try:
                     self._graphs.run((labels, tf32_enabled()), lambda: self._run(labels))
@@ -215,16 +224,18 @@ class TrainingStep:
                     self._graphs, self.capture_error = None, str(exc)
             return self._results(copy)
 
-    def _run(self, labels: bool) -> None:
-        """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
-        z = forward_into(self._x, self._W, self._b, self._acts, self._saved, self._z, ds=self._d)
-        self._loss(z, self._target, labels=labels)
+    def _run(self, labels: bool, x=None, target=None) -> None:
+        """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order).
+        ``x``, ``target``: what this call reads (the static buffers when None: a captured graph)."""
+        x = self._x if x is None else x
+        z = forward_into(x, self._W, self._b, self._acts, self._saved, self._z, ds=self._d)
+        self._loss(z, self._target if target is None else target, labels=labels)
         backward_into(self._factors, self._loss.grad, self._layer_input, self._dW, self._db, self._delta, self._gin)
 
     def _layer_input(self, j: int):
         """``(z_j, None)`` (``x`` for ``j = -1``): the saved output, or its buffer beside ``h_j``."""
         if j < 0:
-            return self._x, None
+            return self._xin, None
         return (self._saved[j] if self._from_output[j] else self._z[j]), None
 
     def _results(self, copy: bool):
@@ -257,21 +268,38 @@ class TrainingStep:
         if self._gpu and a.device.id != self._device.id:
             raise ValueError(f"{name} is on GPU {a.device.id} but this step's buffers are on GPU {self._device.id}")
 
-    def _load(self, buf, a, name: str, help: str) -> None:
+    def _load(self, buf, a, name: str, help: str):
+        """The array this call reads for ``a``: ``buf`` with ``a`` copied into it — or, on NumPy,
+        ``a`` itself when it already is a C-contiguous ndarray of ``buf``'s dtype that shares no
+        memory with the step's buffers (the copy would change no bit: the plain passes read such
+        an ``x`` in place too). A graph reads its static buffers: with one, ``a`` is always copied."""
         self._check_device(a, name)
+        if (not self._gpu and self._graphs is None and type(a) is np.ndarray and a.dtype == buf.dtype and a.shape == buf.shape
+                and a.flags.c_contiguous and not any(np.may_share_memory(a, o) for o in self._owned())):
+            return a
         a = float_array(a, name, self._xp)
         if a.shape != buf.shape:
             raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
         self._xp.copyto(buf, a, casting="same_kind")
+        return buf
 
-    def _load_target(self, t) -> bool:
-        """Copy the target into its buffer; True when it is integer labels (softmax CE)."""
+    def _owned(self) -> list:
+        """Every array the step writes during a call (for the aliasing check of ``_load``)."""
+        if self._owned_arrays is None:
+            loss = [a for a in vars(self._loss).values() if isinstance(a, np.ndarray)]
+            self._owned_arrays = [self._saved_block, self._delta_block, self._flat, *loss,
+                                  *(a for a in self._z + self._d if a is not None),
+                                  *([self._gin] if self._gin is not None else [])]
+        return self._owned_arrays
+
+    def _load_target(self, t) -> tuple:
+        """``(labels, target)``: load the target (see ``_load``); ``labels`` is True when it is
+        integer labels (softmax CE, copied into the loss workspace; ``target`` is then None)."""
         help = self._shape_help("target")
         if self.loss != "softmax_cross_entropy" or np.dtype(getattr(t, "dtype", np.float64)).kind == "f":
             if self.loss == "softmax_cross_entropy" and getattr(t, "ndim", 2) != 2:
                 raise TypeError(f"labels must be integers but the target is a {t.dtype} array; {help}")
-            self._load(self._target, t, "target", help)
-            return False
+            return False, self._load(self._target, t, "target", help)
         self._check_device(t, "target")
         if np.dtype(t.dtype).kind not in "iu":
             raise TypeError(f"target has dtype {t.dtype}; {help}")
@@ -283,7 +311,7 @@ class TrainingStep:
             bad = lo if lo < 0 else hi
             raise ValueError(f"label {bad} is out of range for C={C} classes (labels must be in [0, {C}))")
         self._xp.copyto(self._loss.labels, t, casting="same_kind")
-        return True
+        return True, None
 
     # ------------------------------------------------------------------ facts
     @property
