@@ -5,7 +5,8 @@ layer, the elementwise passes XLA fuses: ``h += b``, ``φ(h)``, ``δ = g ⊙ φ'
 gradient ``Σ_batch δ``. This script times, interleaved (every repeat runs each row once, the
 order rotated, after one untimed call), min and median per row:
 
-- ``GEMMs only``: the step's GEMMs (forward, ``zᵀδ``, ``δWᵀ``) into the same shapes;
+- ``GEMMs only``: the step's GEMMs (forward, ``zᵀδ``, ``δWᵀ``) into arrays of the same shapes,
+  one ``∂W_j`` per layer as the step writes them (32 MiB at 8×1024: memory traffic, not cache);
 - ``loss_and_grads`` and ``compiled``: the two jacgrad steps (what ``jacgrad bench`` times);
 - one layer's elementwise work (through jacgrad's own functions) right after one of the
   step's GEMMs (so the BLAS threads are in the state they are in during a step), as
@@ -51,7 +52,7 @@ def rows(width: int, depth: int, batch: int) -> dict:
     step = net.compile(batch)
     W = net.weights[0]
     hs = [np.empty((batch, width), np.float32) for _ in range(depth)]
-    dW = np.empty_like(W)
+    dW = [np.empty_like(W) for W in net.weights]  # one per layer, as the step writes them
 
     def gemms_only():
         z = x
@@ -59,7 +60,7 @@ def rows(width: int, depth: int, batch: int) -> dict:
             np.matmul(z, net.weights[j], out=hs[j])
             z = hs[j]
         for j in range(depth - 1, -1, -1):
-            np.matmul((x if j == 0 else hs[j - 1]).T, hs[j], out=dW)
+            np.matmul((x if j == 0 else hs[j - 1]).T, hs[j], out=dW[j])
             if j:
                 np.matmul(hs[j], net.weights[j].T, out=hs[j - 1])
 
