@@ -274,8 +274,9 @@ class TrainingStep:
         memory with the step's buffers (the copy would change no bit: the plain passes read such
         an ``x`` in place too). A graph reads its static buffers: with one, ``a`` is always copied."""
         self._check_device(a, name)
-        if (not self._gpu and self._graphs is None and type(a) is np.ndarray and a.dtype == buf.dtype and a.shape == buf.shape
-                and a.flags.c_contiguous and not any(np.may_share_memory(a, o) for o in self._owned())):
+        if (not self._gpu and self._graphs is None and type(a) is np.ndarray and a.dtype == buf.dtype
+                and a.shape == buf.shape and a.flags.c_contiguous
+                and not any(np.may_share_memory(a, o) for o in self._owned())):
             return a
         a = float_array(a, name, self._xp)
         if a.shape != buf.shape:
