@@ -17,6 +17,7 @@ with ``benchmarks/page_faults.py``). On CuPy a block is one pool allocation inst
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -25,10 +26,11 @@ import numpy as np
 
 from . import hostpool
 from ._gemm import matmul_into
+from .backend import get_xp
 from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
-__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "dense_backward", "dense_forward", "forward_into",
+__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "column_sums", "dense_backward", "dense_forward", "forward_into",
            "grad_shapes", "grad_views"]
 
 Check = Callable[[Any, str], None]
@@ -136,6 +138,23 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     return z
 
 
+def column_sums(delta, out):
+    """``Σ_batch δ``: ``delta (B, H) -> out (H,)`` (``∂L/∂b``). On NumPy it is the GEMV
+    ``1ᵀ δ`` through the BLAS: a third faster than ``delta.sum(axis=0)`` at (256, 1024) float32
+    on 2 AVX-512 cores (``benchmarks/train_step_parts.py``) and at least as accurate (the BLAS
+    accumulates in blocks; NumPy's axis-0 sum row after row). CuPy keeps its reduction kernel."""
+    if get_xp(delta) is np and delta.ndim == 2:
+        return np.matmul(_ones(delta.shape[0], delta.dtype), delta, out=out)
+    return delta.sum(axis=0, out=out)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype) -> np.ndarray:
+    ones = np.ones(n, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
+
+
 def _where(where) -> str:
     return f"layer {where}" if isinstance(where, int) else str(where)
 
@@ -168,7 +187,7 @@ def dense_backward(J, g, z_prev, dW, db, delta_out, gin=None, check: Check | Non
     if check is not None:
         check(delta, f"{_where(where)}: gradient ∂L/∂h")
     matmul_into(z_prev.T, delta, dW)
-    delta.sum(axis=0, out=db)
+    column_sums(delta, db)
     if gin is not None:
         J.through_weights_t(delta, out=gin)
     return delta
