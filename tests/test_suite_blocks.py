@@ -3,6 +3,10 @@ every op of a Sequential (and an MLP's parameter-space products) validated again
 against NumPy and torch, a failed check or a raising op failing its row (not the section), and the
 rows in results.md."""
 
+import numpy as np
+
+import jacgrad as jg
+from fake_cupy_transfers import install
 from test_bench import _suite_module as _module
 
 OPS = {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step", "per_sample_grad_norms",
@@ -51,3 +55,28 @@ def test_a_wrong_result_and_a_raising_op_fail_their_rows_only(monkeypatch):
     assert [r["op"] for r in f64][-1] == "gradient_flow (block report)"
     md = report.markdown({"dry_run_cpu": True, "sections": {"blocks": {"status": "failed", "data": data}}})
     assert "| raises | Sequential B=4, 2 blocks of 2×8 | float64 |" in md and "**NO** | AttributeError" in md
+
+
+def test_on_fake_device_arrays_every_op_but_the_capture_validates(monkeypatch):
+    """The GPU plan's code path (``dev.gpu``: device-typed arrays, CuPy's dispatch, the norm kernels'
+    wiring) on the fake CuPy of tests/fake_cupy_transfers.py, at the dry sizes. The fake has no
+    CUDA runtime, so the compiled step's construction fails: a failed row, and the section goes on."""
+    blocks, device = _module("suite_blocks"), _module("suite_device")
+    fake = install(monkeypatch)
+    dev = device.Device.__new__(device.Device)  # Device("gpu") would ask the (absent) CUDA runtime
+    dev.where, dev.xp = "gpu", fake.module
+    dev.put = lambda a, dtype=None: fake.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype))
+    dev.sync = dev.free = lambda: None
+    monkeypatch.setattr(blocks, "GPU_PLAN", blocks.DRY_PLAN)
+    monkeypatch.setattr(blocks, "REPEATS", 1)
+    data = blocks.blocks(dev)
+    assert {r["op"] for r in data["rows"]} == OPS and not data["ok"]
+    compiled = [r for r in data["rows"] if r["op"] == "compiled step"]
+    assert len(compiled) == 2 and all(not r["ok"] and "GPU" in r["error"] for r in compiled)
+    rest = [r for r in data["rows"] if r["op"] != "compiled step"]
+    assert all(r["ok"] for r in rest), [r for r in rest if not r["ok"]]
+    assert all(r["rel_err"] > 0 for r in rest if r["dtype"] == "float32")
+    spec = blocks.DRY_PLAN[0][1]  # the section's net as the GPU plan builds it lives on the device
+    net = blocks._trio(dev, "float32", spec)[0]
+    y = net.forward(dev.put(blocks._data(spec, "float32", 1)["x"]))[0]
+    assert jg.backend.is_gpu_array(y) and jg.backend.is_gpu_array(net.layers[1].layers[0].gamma)
