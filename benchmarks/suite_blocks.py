@@ -23,10 +23,12 @@ NumPy), and torch's equivalent on the same device (× faster than torch: eager f
 step ``zero_grad; mse; backward`` against ``loss_and_grads`` and the compiled step, and
 ``vmap(jacrev)`` against the Jacobians). The whole section runs in its own process (a capture
 can crash it); a failed check or an exception in one op is a failed row, not a stopped section.
+Each row is also printed to stderr as it is done, so the rows before a crash are in suite.log.
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
 
 import numpy as np
@@ -120,6 +122,15 @@ def _row(rows: list, dev: Device, host: Device, op: str, dtype: str, net: str, g
         r.update(rel_err=float("inf"), ok=False, error=f"{type(exc).__name__}: {exc}",
                  traceback=traceback.format_exc())
     rows.append(r)
+    _log(r)
+
+
+def _log(r: dict) -> None:
+    """One line per row on stderr, flushed: kept in suite.log even if a later op (a capture)
+    takes the process down before the section's JSON is written."""
+    print(f"[blocks] {r['op']} | {r['net']} | {r['dtype']} | rel. err. {r['rel_err']:.2e} "
+          f"({'ok' if r['ok'] else 'FAILED'}) | ms {r.get('ms')} | numpy_ms {r.get('numpy_ms')} | "
+          f"torch_ms {r.get('torch_ms')} {r.get('error', '')}", file=sys.stderr, flush=True)
 
 
 def _torch(net):
@@ -198,6 +209,7 @@ def _compiled(rows, dev, host, dtype, spec, net, hnet, ref, torch_step) -> None:
     except Exception as exc:  # noqa: BLE001 - a failed construction is a failed row
         rows.append({"op": "compiled step", "dtype": dtype, "net": label, "tol": TOL[dtype], "rel_err": float("inf"),
                      "ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        _log(rows[-1])
         return
     batches = [_data(spec, dtype, 20 + call) for call in range(3)]
     parts = []
@@ -221,6 +233,8 @@ def _compiled(rows, dev, host, dtype, spec, net, hnet, ref, torch_step) -> None:
     _row(rows, dev, host, "compiled step", dtype, label, got, want, on_dev=lambda: step(x, t),
          on_host=lambda: hstep(batches[0]["x"], batches[0]["t"]), torch_fn=torch_step)
     rows[-1]["captured"], rows[-1]["capture_error"] = (parts[0] if parts else (None, ""))
+    print(f"[blocks] compiled step | {label} | {dtype} | captured {rows[-1]['captured']} "
+          f"{rows[-1]['capture_error']}", file=sys.stderr, flush=True)
 
 
 PRODUCTS = {

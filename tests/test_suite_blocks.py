@@ -13,10 +13,13 @@ OPS = {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step", "p
        "per_sample_grads", "ggn_vp", "ggn_diagonal", "ntk", "gradient_flow (block report)"}
 
 
-def test_the_section_validates_every_op_and_reports_it(monkeypatch):
+def test_the_section_validates_every_op_and_reports_it(capsys):
     blocks, device, report = _module("suite_blocks"), _module("suite_device"), _module("suite_report")
     data = blocks.blocks(device.Device("cpu"))
     assert data["ok"], [r for r in data["rows"] if not r["ok"]]
+    log = capsys.readouterr().err.splitlines()  # a row per line as it is done: in suite.log before any crash
+    assert len([ln for ln in log if ln.startswith("[blocks] ") and "rel. err." in ln]) == len(data["rows"])
+    assert any(ln.startswith("[blocks] compiled step | Sequential B=8") and "captured" in ln for ln in log)
     assert {r["op"] for r in data["rows"]} == OPS
     for dtype in ("float32", "float64"):
         for op in OPS:
