@@ -16,6 +16,9 @@ section only; the results are written after every section), in < 8 minutes on an
                   Jacobians in 3 orders, singular values, the fused kernels) against the float64
                   NumPy reference: rel. err. ≤ 1e-5 (float32), ≤ 1e-12 (float64);
 5. compiled     — the compiled step's CUDA-graph capture and replays against float64;
+5b. blocks      — ``jg.Sequential`` (residual LayerNorm/RMSNorm blocks): passes, Jacobians, the compiled
+                  step, parameter-space products (and an MLP's), ``gradient_flow`` against float64 NumPy,
+                  timed against NumPy and torch-CUDA;
 6. tf32         — ``jacgrad.backend.tf32``: GEMM and gradient accuracy against float64, and the
                   training step's speed, TF32 off and on;
 7. peers        — jacgrad-cupy against torch-CUDA eager and jax-GPU (and jacgrad/torch on the CPU
@@ -59,7 +62,7 @@ import suite_sections  # noqa: E402
 # (section, weight in the budget, floor in seconds): the order they run in
 PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("norm_kernels", 2, 40),
         ("validation", 4, 30),
-        ("compiled", 3, 20), ("tf32", 3, 20), ("peers", 10, 30), ("pytest_gpu", 8, 30)]
+        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 10, 30), ("pytest_gpu", 8, 30)]
 SECTIONS = tuple(name for name, _, _ in PLAN)
 GRACE_S = 15  # after a child's limit: faulthandler prints its stacks, then it is killed
 LOG_TAIL = 4000

@@ -165,6 +165,24 @@ def markdown(results: dict) -> str:
                      f"{r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
                      f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} |")
 
+    d = secs.get("blocks", {}).get("data")
+    if d:
+        L += ["", "## Sequential blocks (`jg.Sequential`, residual LayerNorm/RMSNorm) against float64 NumPy", "",
+              f"Tolerance (relative Frobenius error, worst array of the op): {d['tol']['float32']:.0e} float32, "
+              f"{d['tol']['float64']:.0e} float64. NumPy: the same call on host arrays of the same dtype; torch: "
+              "`net.to_torch()` on the same device.", "",
+              "| op | net | dtype | ms | NumPy ms | × faster than NumPy | torch ms | × faster than torch | rel. err. | ok | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            note = r.get("error") or r.get("torch_error") or ""
+            if "captured" in r:
+                note = (note + " " if note else "") + ("CUDA graph recorded" if r["captured"] else
+                                                       f"no graph: {r.get('capture_error') or 'eager'}")
+            L.append(f"| {r['op']} | {r['net']} | {r['dtype']} | {_fmt(r.get('ms'))} | {_fmt(r.get('numpy_ms'))} | "
+                     f"{_fmt(r.get('speedup_vs_numpy'), '.2f')} | {_fmt(r.get('torch_ms'))} | "
+                     f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} | "
+                     f"{note} |")
+
     d = secs.get("tf32", {}).get("data")
     if d:
         L += ["", "## TF32 mode (`jacgrad.backend.tf32`)", "",

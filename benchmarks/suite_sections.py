@@ -8,7 +8,8 @@ prints every thread's Python stack to the log the parent keeps) and writes its r
 Sections: ``environment`` (device, versions, and whether a GPU runs kernels at all),
 ``ceilings`` (copy bandwidth, GEMM rate), ``fused_kernel`` (the elementwise kernels as % of copy
 bandwidth), ``norm_kernels`` (the normalisation kernels, validated, as % of copy bandwidth), ``validation`` (every GPU result against float64 NumPy), ``compiled`` (the compiled
-step: graph capture and replays against float64), ``tf32``, and ``peers:<case>``.
+step: graph capture and replays against float64), ``blocks`` (``jg.Sequential`` on the device against
+float64 NumPy, timed against NumPy and torch), ``tf32``, and ``peers:<case>``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 import jacgrad as jg
 import suite_device
+import suite_blocks
 import suite_norm
 import suite_validate
 
@@ -158,6 +160,9 @@ class Sections:
         if copy is None:
             copy = suite_device.copy_bandwidth(self.dev, SIZES[self.dev.where]["copy_bytes"])["GB_per_s"]
         return suite_norm.norm_kernels(self.dev, copy)
+
+    def blocks(self) -> dict:
+        return suite_blocks.blocks(self.dev)
 
     def tf32(self) -> dict:
         return suite_device.tf32_mode(self.dev, *SIZES[self.dev.where]["tf32"])

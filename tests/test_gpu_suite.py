@@ -42,7 +42,7 @@ def test_the_plain_dry_run_command_passes():
     res = json.loads((out / "results.json").read_text())
     assert all(s["status"] == "ok" for s in res["sections"].values()), res["sections"]
     assert set(res["sections"]) == {"environment", "ceilings", "fused_kernel", "norm_kernels", "validation", "compiled",
-                                    "tf32", "peers", "pytest_gpu"}
+                                    "blocks", "tf32", "peers", "pytest_gpu"}
     fused = res["sections"]["fused_kernel"]["data"]["rows"]
     assert {(r["kernel"], r["shape"]) for r in fused} == {("scale_cotangent", "same"), ("scale_cotangent", "row"),
                                                           ("forward_with_derivative", "same")}
@@ -98,7 +98,8 @@ def test_results_are_on_disk_after_every_section(tmp_path, monkeypatch):
     assert s.main() == 0
     assert seen == [("ceilings", ["environment"]), ("fused_kernel", ["ceilings", "environment"]),
                     ("norm_kernels", ["ceilings", "environment", "fused_kernel"]),
-                    ("compiled", ["ceilings", "environment", "fused_kernel", "norm_kernels"])]
+                    ("compiled", ["ceilings", "environment", "fused_kernel", "norm_kernels"]),
+                    ("blocks", ["ceilings", "compiled", "environment", "fused_kernel", "norm_kernels", "validation"])]
 
 
 def test_timeout_output_is_decoded(monkeypatch):
