@@ -242,7 +242,9 @@ class Suite:
         self.write()
         failed = [k for k, v in self.results["sections"].items() if v["status"] not in ("ok", "skipped")]
         print(f"[gpu_suite {self.elapsed():5.0f}s] wrote {self.args.out / 'results.md'}"
-              + (f"; sections not ok: {', '.join(failed)}" if failed else "; every section ran"), file=sys.stderr)
+              + (f"; sections not ok: {', '.join(failed)}" if failed else "; every section ran")
+              + (f"; the targets failed: {self.results['targets_error']}" if "targets_error" in self.results else ""),
+              file=sys.stderr)
         return 0 if not failed else 1
 
     def write(self) -> None:

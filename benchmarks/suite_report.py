@@ -107,7 +107,11 @@ def markdown(results: dict) -> str:
              f"suite {results.get('elapsed_s', 0):.0f} s.")
     if env.get("nvidia_smi"):
         L.append(f"nvidia-smi: `{env['nvidia_smi']}`")
-    L += ["", "## Targets (issue 5)", "", "| target | measured | goal | met | note |", "|---|---|---|---|---|"]
+    L += ["", "## Targets (issue 5)", ""]
+    if results.get("targets_error"):
+        L += [f"**The targets could not be computed** ({results['targets_error']}); the sections' numbers below "
+              "stand.", ""]
+    L += ["| target | measured | goal | met | note |", "|---|---|---|---|---|"]
     for t in results.get("targets", []):
         met = {True: "yes", False: "no", None: "—" if t["measured"] is not None else "not measured"}[t["met"]]
         L.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['goal']} | {met} | {t['note']} |")
@@ -142,46 +146,43 @@ def markdown(results: dict) -> str:
 
     d = secs.get("fused_kernel", {}).get("data")
     if d:
-        L += ["", "## Fused elementwise kernels (`scale_cotangent`: v ⊙ φ'(x) → out; `forward_with_derivative`: h → φ(h), φ'(h))",
-              "", f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs written once.",
-              "", "| kernel | shape | activation | dtype | φ' from | elements | ms | GB/s | % of copy | × faster than unfused |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        _table_head(L, "Fused elementwise kernels (`scale_cotangent`: v ⊙ φ'(x) → out; `forward_with_derivative`: h → φ(h), φ'(h))",
+                    f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs written once.",
+                    ["kernel", "shape", "activation", "dtype", "φ' from", "elements", "ms", "GB/s", "% of copy",
+                     "× faster than unfused"])
         for r in d["rows"]:
             shape = "(B, H) ⊙ (H,)" if r.get("shape") == "row" else "same"
-            L.append(f"| {r.get('kernel', 'scale_cotangent')} | {shape} | {r['activation']} | {r['dtype']} | "
-                     f"{'y' if r['from_output'] else 'h'} | {r['elements']} | "
-                     f"{r['median_ms']:.3g} | {r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
-                     f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} |")
+            L.append(_md_row(r.get("kernel", "scale_cotangent"), shape, r["activation"], r["dtype"],
+                          "y" if r["from_output"] else "h", r["elements"], f"{r['median_ms']:.3g}", f"{r['GB_per_s']:.0f}",
+                          _fmt(r.get("pct_of_copy"), ".0f"), _fmt(r.get("speedup_vs_unfused"), ".2f")))
 
     d = secs.get("norm_kernels", {}).get("data")
     if d:
-        L += ["", "## Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy", "",
-              f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
-              "written once (backward: g and x̂ read by the row and the column kernel).", "",
-              "| norm | step | dtype | B × n | ms | GB/s | % of copy | × faster than unfused | rel. err. | ok |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        _table_head(L, "Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy",
+                    f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
+                    "written once (backward: g and x̂ read by the row and the column kernel).",
+                    ["norm", "step", "dtype", "B × n", "ms", "GB/s", "% of copy", "× faster than unfused", "rel. err.", "ok"])
         for r in d["rows"]:
-            L.append(f"| {r['norm']} | {r['step']} | {r['dtype']} | {r['B']} × {r['n']} | {r['median_ms']:.3g} | "
-                     f"{r['GB_per_s']:.0f} | {_fmt(r.get('pct_of_copy'), '.0f')} | "
-                     f"{_fmt(r.get('speedup_vs_unfused'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} |")
+            L.append(_md_row(r["norm"], r["step"], r["dtype"], f"{r['B']} × {r['n']}", f"{r['median_ms']:.3g}",
+                          f"{r['GB_per_s']:.0f}", _fmt(r.get("pct_of_copy"), ".0f"), _fmt(r.get("speedup_vs_unfused"), ".2f"),
+                          f"{r['rel_err']:.1e}", _ok(r)))
 
     d = secs.get("blocks", {}).get("data")
     if d:
-        L += ["", "## Sequential blocks (`jg.Sequential`, residual LayerNorm/RMSNorm) against float64 NumPy", "",
-              f"Tolerance (relative Frobenius error, worst array of the op): {d['tol']['float32']:.0e} float32, "
-              f"{d['tol']['float64']:.0e} float64. NumPy: the same call on host arrays of the same dtype; torch: "
-              "`net.to_torch()` on the same device.", "",
-              "| op | net | dtype | ms | NumPy ms | × faster than NumPy | torch ms | × faster than torch | rel. err. | ok | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        _table_head(L, "Sequential blocks (`jg.Sequential`, residual LayerNorm/RMSNorm) against float64 NumPy",
+                    f"Tolerance (relative Frobenius error, worst array of the op): {d['tol']['float32']:.0e} float32, "
+                    f"{d['tol']['float64']:.0e} float64. NumPy: the same call on host arrays of the same dtype; torch: "
+                    "`net.to_torch()` on the same device.",
+                    ["op", "net", "dtype", "ms", "NumPy ms", "× faster than NumPy", "torch ms", "× faster than torch",
+                     "rel. err.", "ok", "note"])
         for r in d["rows"]:
             note = r.get("error") or r.get("torch_error") or ""
             if "captured" in r:
                 note = (note + " " if note else "") + ("CUDA graph recorded" if r["captured"] else
                                                        f"no graph: {r.get('capture_error') or 'eager'}")
-            L.append(f"| {r['op']} | {r['net']} | {r['dtype']} | {_fmt(r.get('ms'))} | {_fmt(r.get('numpy_ms'))} | "
-                     f"{_fmt(r.get('speedup_vs_numpy'), '.2f')} | {_fmt(r.get('torch_ms'))} | "
-                     f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {r['rel_err']:.1e} | {'yes' if r['ok'] else '**NO**'} | "
-                     f"{note} |")
+            L.append(_md_row(r["op"], r["net"], r["dtype"], _fmt(r.get("ms")), _fmt(r.get("numpy_ms")),
+                          _fmt(r.get("speedup_vs_numpy"), ".2f"), _fmt(r.get("torch_ms")), _fmt(r.get("speedup_vs_torch"), ".2f"),
+                          f"{r['rel_err']:.1e}", _ok(r), note))
 
     d = secs.get("tf32", {}).get("data")
     if d:
@@ -212,3 +213,17 @@ def markdown(results: dict) -> str:
             L += [f"<details><summary>{name}: {s.get('error', '')}</summary>", "", "```", s["traceback"].rstrip(), "```",
                   "", "</details>"]
     return "\n".join(L) + "\n"
+
+
+def _table_head(L: list, title: str, intro: str, columns: list) -> None:
+    """A results.md section: its ``##`` title, one paragraph, and a table's header for ``columns``."""
+    L += ["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _md_row(*cells) -> str:
+    """One markdown table row of ``cells``."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _ok(r: dict) -> str:
+    return "yes" if r["ok"] else "**NO**"

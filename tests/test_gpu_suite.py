@@ -41,6 +41,8 @@ def test_the_plain_dry_run_command_passes():
     out = Path(p.stderr.strip().splitlines()[-1].split("wrote ", 1)[1].split("results.md")[0])
     res = json.loads((out / "results.json").read_text())
     assert all(s["status"] == "ok" for s in res["sections"].values()), res["sections"]
+    assert "targets_error" not in res and len(res["targets"]) >= 10, res.get("targets_error")
+    assert "| large training step (B=4096, 8×4096) vs torch eager |" in (out / "results.md").read_text()
     assert set(res["sections"]) == {"environment", "ceilings", "fused_kernel", "norm_kernels", "validation", "compiled",
                                     "blocks", "tf32", "peers", "pytest_gpu"}
     fused = res["sections"]["fused_kernel"]["data"]["rows"]
@@ -132,3 +134,11 @@ def test_the_default_budget_fits_eight_minutes():
     args = suite.parse_args([])
     worst = args.budget + suite.GRACE_S * 2  # the last child's grace, and the parent's own start and writing
     assert worst <= 8 * 60
+
+
+def test_a_failed_targets_summary_is_said_in_results_md():
+    import suite_report
+
+    res = {"sections": {}, "environment": {}, "targets": [], "targets_error": "TypeError: boom"}
+    md = suite_report.markdown(res)
+    assert "**The targets could not be computed** (TypeError: boom)" in md
