@@ -103,12 +103,10 @@ def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable |
 
 
 def backward_layers(layers: Sequence[Any], states: list, g, grads: list[list], bufs: list[list], input_grad: bool,
-                    check: Callable | None = None, sq=None) -> tuple[Any, list]:
+                    check: Callable | None = None) -> tuple[Any, list]:
     """``(∂L/∂x or None, deltas)`` from ``g = ∂L/∂y`` (only read): every layer's backward into its
-    buffers and its parameter gradients into ``grads[j]``. ``sq: (B, L)``, when given, gets each
-    sample's squared gradient norm per layer added."""
+    buffers and its parameter gradients into ``grads[j]``."""
     deltas = [None] * len(layers)
     for j in range(len(layers) - 1, -1, -1):
-        g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j,
-                                          None if sq is None else sq[:, j], bufs[j])
+        g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j])
     return g, deltas

@@ -132,10 +132,6 @@ class Sequential(SequentialParameterSpace):
                  check_finite: bool = False) -> BlockGradients:
         """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``).
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
-        return self._backward(cache, grad_y, input_grad, check_finite, None)
-
-    def _backward(self, cache, grad_y, input_grad: bool, check_finite: bool, sq) -> BlockGradients:
-        """``backward``; ``sq: (B, L)``, when given, gets each sample's squared gradient norm per layer added."""
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
@@ -149,7 +145,7 @@ class Sequential(SequentialParameterSpace):
         xp.copyto(g, grad_y, casting="same_kind")  # never the caller's array: a layer may hand it on as a delta
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache.states, g, per_layer, bufs, input_grad,
-                                      _require_finite if check_finite else None, sq)
+                                      _require_finite if check_finite else None)
         return BlockGradients(flat, named_grads(self._layers, per_layer), gin, deltas)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
