@@ -25,8 +25,7 @@ from ._verdict import decide
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
-from .distributed import default_max_memory, reduce_samples
-from .distributed.budget import rows_per_task
+from .distributed import reduce_in_memory
 from ._report_blocks import block_dict, block_hints, block_json, block_text
 from .sequential import Sequential
 
@@ -322,20 +321,11 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     x = net.xp.asarray(x)
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    B = x.shape[0] if x.ndim == 2 else 0
-    chunk = BlockChunk(loss, seed, B)
-    if net.xp is np or max_memory is not None:
-        memory = default_max_memory(x) if max_memory is None else max_memory
-        if B > rows_per_task(block_report_bytes(net), memory):
-            targets = () if target is None else (target,)
-            p = reduce_samples(chunk, merge_block_partials, _same, net, x, *targets,
-                               bytes_per_sample=block_report_bytes, max_memory=memory, with_start=True)
-            return report_from_block_partial(p, label=label)
-    return report_from_block_partial(chunk(net, x, target), label=label)
-
-
-def _same(p):
-    return p
+    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)
+    targets = () if target is None else (target,)
+    p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
+                         max_memory=max_memory)
+    return report_from_block_partial(p, label=label)
 
 
 def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:

@@ -39,8 +39,7 @@ from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
 from ._validate import float_array, shape_str
 from .backend import get_xp
-from .distributed import budget, compute, default_max_memory, reduce_samples
-from .distributed.budget import rows_per_task
+from .distributed import budget, compute, reduce_in_memory, reduce_samples
 from .distributed.mapping import is_dask
 from .block_flow import (BlockChunk, BlockFlowReport, block_report, block_report_bytes, merge_block_partials,
                          report_from_block_partial)
@@ -212,16 +211,10 @@ def gradient_flow(
         raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
     _raise_nonfinite_weights(ok[1:], L)
     x = x.astype(net.weights[0].dtype, copy=False)
-    B = int(x.shape[0])
-    if xp is np or max_memory is not None:  # a batch above the budget: reported a chunk at a time
-        memory = default_max_memory(x) if max_memory is None else max_memory
-        if B > rows_per_task(_report_bytes(net), memory):
-            chunk = _ChunkPartial(loss, seed, spectrum_samples, B)
-            target = () if target is None else (target,)
-            p = reduce_samples(chunk, _flow.merge, _identity, net, x, *target, bytes_per_sample=_report_bytes,
-                               max_memory=memory, with_start=True)
-            return report_from_partials(p, label=label)
-    p = _flow.partials(net, x, target, loss, seed=seed, spectrum_samples=spectrum_samples)
+    targets = () if target is None else (target,)  # a batch above the budget is reported a chunk at a time
+    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False)
+    p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
+                         bytes_per_sample=_report_bytes, max_memory=max_memory)
     return report_from_partials(p, label=label)
 
 
@@ -260,14 +253,16 @@ def _identity(p):
 
 class _ChunkPartial:
     """``f(net, x, [target], start=) -> partial`` of one chunk of a batch of ``total`` samples:
-    a picklable per-chunk function for ``reduce_samples`` (a class, not a closure)."""
+    a picklable per-chunk function for ``reduce_samples`` (a class, not a closure).
+    ``check_x=False``: the batch was already checked whole (finite, the network's dtype)."""
 
-    def __init__(self, loss: str, seed: int, spectrum_samples, total: int):
+    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True):
         self.loss, self.seed, self.spectrum_samples, self.total = loss, seed, spectrum_samples, int(total)
+        self.check_x = check_x
 
     def __call__(self, net, x, target=None, *, start: int):
         xp = get_xp(net.weights[0], x)
-        if not all_finite(xp, [x])[0]:
+        if self.check_x and not all_finite(xp, [x])[0]:
             raise ValueError(f"x has non-finite values (inf or NaN) in rows {start}..{start + x.shape[0] - 1}; "
                              "the report needs finite inputs")
         x = x.astype(net.weights[0].dtype, copy=False)
@@ -278,14 +273,8 @@ class _ChunkPartial:
 def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory) -> GradientFlowReport:
     """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
     active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
-    X = _as_dask_batch(X, target)
-    if target is not None:
-        _losses.get(loss)  # an unknown name fails here, not in every task
-    targets = () if target is None else (target,)
-    lazy = reduce_samples(_ChunkPartial(loss, seed, spectrum_samples, X.shape[0]), _flow.merge, _identity, net, X,
-                          *targets, bytes_per_sample=_report_bytes, max_memory=max_memory, with_start=True)
-    (p,) = compute(lazy)
-    return report_from_partials(p, label=label)
+    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N), _flow.merge, _report_bytes,
+                           report_from_partials, net, X, target, loss, label, max_memory)
 
 
 def _dataset_block_flow(net, X, target, loss, seed, label, max_memory) -> BlockFlowReport:
@@ -293,14 +282,21 @@ def _dataset_block_flow(net, X, target, loss, seed, label, max_memory) -> BlockF
     ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
     summation order; the measuring method (exact or estimated) is chosen by the whole batch's
     size, so every chunk takes the same one."""
+    return _dataset_report(lambda N: BlockChunk(loss, seed, N), merge_block_partials, block_report_bytes,
+                           report_from_block_partial, net, X, target, loss, label, max_memory)
+
+
+def _dataset_report(make_chunk, combine, bytes_per_sample, finish, net, X, target, loss, label, max_memory):
+    """``finish(merged partial, label=)`` over the Dask batch ``X``: ``make_chunk(N)`` is the
+    per-chunk function for a batch of N samples, ``combine`` merges two partials."""
     X = _as_dask_batch(X, target)
     if target is not None:
-        _losses.get(loss)
+        _losses.get(loss)  # an unknown name fails here, not in every task
     targets = () if target is None else (target,)
-    lazy = reduce_samples(BlockChunk(loss, seed, X.shape[0]), merge_block_partials, _identity, net, X, *targets,
-                          bytes_per_sample=block_report_bytes, max_memory=max_memory, with_start=True)
+    lazy = reduce_samples(make_chunk(X.shape[0]), combine, _identity, net, X, *targets,
+                          bytes_per_sample=bytes_per_sample, max_memory=max_memory, with_start=True)
     (p,) = compute(lazy)
-    return report_from_block_partial(p, label=label)
+    return finish(p, label=label)
 
 
 def _as_dask_batch(X, target):

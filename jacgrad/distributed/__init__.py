@@ -24,7 +24,7 @@ from . import budget
 from .budget import default_max_memory
 from .cluster import compute, session
 from .data import DatasetError, open_npy, read_dataset
-from .mapping import embed, map_samples, reduce_samples
+from .mapping import embed, map_samples, reduce_in_memory, reduce_samples
 from .samples import forward, jacobian_singular_values, jacobian_spectral_norm, lazy_method
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "map_samples",
     "open_npy",
     "read_dataset",
+    "reduce_in_memory",
     "reduce_samples",
     "session",
 ]

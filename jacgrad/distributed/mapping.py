@@ -29,7 +29,7 @@ from .._validate import FLOAT_DTYPES, shape_str
 from ..backend import get_xp
 from . import budget
 
-__all__ = ["embed", "is_dask", "map_samples", "reduce_samples"]
+__all__ = ["embed", "is_dask", "map_samples", "reduce_in_memory", "reduce_samples"]
 
 SPLIT_EVERY = 8  # partials merged per task of a reduction tree
 
@@ -203,6 +203,26 @@ def reduce_samples(chunk: Callable, combine: Callable, aggregate: Callable, net,
     bounds = [(s, min(s + rows, N)) for s in range(0, N, rows)]
     parts = [chunk(net, X[a:b], *[T[a:b] for T in others], **_start(with_start, a)) for a, b in bounds]
     return aggregate(_tree(parts, lambda group: _fold(combine, group), split_every))
+
+
+def reduce_in_memory(chunk: Callable, combine: Callable, net, x, *others, bytes_per_sample: Callable,
+                     max_memory: int | None = None):
+    """The partial of an in-memory batch ``x: (B, n_in)``: ``chunk(net, x, *others, start=0)`` in one
+    go, or — when its intermediates (``bytes_per_sample(net)`` bytes per sample) exceed
+    ``max_memory`` — ``chunk`` over rows that fit, merged by ``combine`` (``reduce_samples``).
+    ``max_memory`` None: ``budget.default_max_memory(x)`` for a NumPy batch; a CuPy batch is split
+    only when ``max_memory`` is given (the device's memory is not the host's)."""
+    if get_xp(x) is np or max_memory is not None:
+        memory = budget.default_max_memory(x) if max_memory is None else max_memory
+        rows = int(x.shape[0]) if x.ndim == 2 else 0  # a misshapen x goes to chunk, whose error names it
+        if rows > budget.rows_per_task(bytes_per_sample(net), memory):
+            return reduce_samples(chunk, combine, _same, net, x, *others, bytes_per_sample=bytes_per_sample,
+                                  max_memory=memory, with_start=True)
+    return chunk(net, x, *others, start=0)
+
+
+def _same(partial):
+    return partial
 
 
 def _start(with_start: bool, row) -> dict:
