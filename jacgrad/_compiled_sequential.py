@@ -46,7 +46,7 @@ from ._passes import carve
 from ._step_io import StepIO, check_step_args
 from ._validate import shape_str
 from .backend import is_gpu_array
-from .layers import Residual
+from .layers import leaf_layers
 
 __all__ = ["SequentialStep"]
 
@@ -54,13 +54,8 @@ __all__ = ["SequentialStep"]
 def _named_params(layers, prefix: str = "layer ") -> list[tuple[str, Any]]:
     """``[(where, array)]`` for every parameter in ``BlockGradients.flat`` order, ``where`` like
     ``"layer 2 (LayerNorm) gamma"`` or ``"layer 1.0 (Dense) W"`` inside a residual block."""
-    out = []
-    for j, L in enumerate(layers):
-        if isinstance(L, Residual):
-            out += _named_params(L.layers, f"{prefix}{j}.")
-        else:
-            out += [(f"{prefix}{j} ({type(L).__name__}) {name}", p) for name, p in zip(L.names, L.params)]
-    return out
+    return [(f"{prefix}{'.'.join(map(str, path))} ({type(L).__name__}) {name}", p)
+            for path, L in leaf_layers(layers) for name, p in zip(L.names, L.params)]
 
 
 class SequentialStep(StepIO):

@@ -245,7 +245,7 @@ def merge(a: dict, b: dict) -> dict:
 def finish(p: dict) -> dict:
     """The report's fields from a (merged) partial: ``layers`` (``LayerFlow``), ``nonfinite``,
     ``loss``, ``loss_value``, ``batch``, the net's description and the spectrum's fields."""
-    N, L = p["count"], len(p["layers"])
+    N = p["count"]
     nonfinite = None if p["nonfinite"] is None else {k: v for k, v in p["nonfinite"].items() if k != "key"}
     forward_overflow = nonfinite is not None and nonfinite["stage"] == "forward"
     grads = [a for lp in p["layers"] for a in (lp["grad"], lp["bias_grad"]) if a is not None]

@@ -19,7 +19,8 @@ from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample
 from .backend import get_xp
-from .layers import Residual
+from ._block_passes import named_grads, param_views
+from .layers import Residual, leaf_layers
 
 __all__ = ["ParamArrays", "SequentialParameterSpace"]
 
@@ -35,13 +36,9 @@ class ParamArrays:
     layers: list
 
 
-def _leaves(layers, top=None) -> list:
+def _leaves(layers) -> list:
     """``[(top-level index, leaf layer)]``, residual blocks opened, in parameter order."""
-    out = []
-    for j, L in enumerate(layers):
-        t = j if top is None else top
-        out += _leaves(L.layers, t) if isinstance(L, Residual) else [(t, L)]
-    return out
+    return [(path[0], L) for path, L in leaf_layers(layers)]
 
 
 def _leaf_states(layers, states) -> list:
@@ -50,16 +47,6 @@ def _leaf_states(layers, states) -> list:
     for L, st in zip(layers, states):
         out += _leaf_states(L.layers, st) if isinstance(L, Residual) else [st]
     return out
-
-
-def _by_name(layers, leaf_views: list) -> list:
-    """``leaf_views`` (one list per leaf) grouped as ``BlockGradients.layers``: names per layer."""
-    it = iter(leaf_views)
-
-    def group(Ls):
-        return [group(L.layers) if isinstance(L, Residual) else dict(zip(L.names, next(it))) for L in Ls]
-
-    return group(layers)
 
 
 class SequentialParameterSpace:
@@ -202,3 +189,8 @@ class SequentialParameterSpace:
             curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V[sel], views,
                                                1.0 / B)
         return ParamArrays(flat, _by_name(self.layers, views))
+
+
+def _by_name(layers, leaf_views: list) -> list:
+    """``leaf_views`` (one list per leaf) grouped as ``BlockGradients.layers``: names per layer."""
+    return named_grads(layers, param_views(layers, [v for leaf in leaf_views for v in leaf]))

@@ -27,6 +27,7 @@ from .bracketing import stack_jvp
 from .chain import Chain
 from .distributed import reduce_in_memory
 from ._report_blocks import block_dict, block_hints, block_json, block_text
+from .layers import NORMS, leaf_layers
 from .sequential import Sequential
 
 __all__ = ["BlockChunk", "BlockFlow", "BlockFlowReport", "block_flow", "block_report", "block_report_bytes",
@@ -217,19 +218,12 @@ class BlockFlowReport:
                 f"chi_bar={self.chi_bar:.4g})")
 
 
-def _dense_layers(layers):
-    for L in layers:
-        if L.kind == "residual":
-            yield from _dense_layers(L.layers)
-        elif L.kind == "dense":
-            yield L
+def _dense_layers(layers) -> list:
+    return [L for _, L in leaf_layers(layers) if L.kind == "dense"]
 
 
 def _norm_kinds(layers) -> list[str]:
-    out = []
-    for L in layers:
-        out += _norm_kinds(L.layers) if L.kind == "residual" else ([L.kind] if L.kind in ("layernorm", "rmsnorm") else [])
-    return out
+    return [L.kind for _, L in leaf_layers(layers) if L.kind in NORMS]
 
 
 class BlockChunk:
@@ -272,7 +266,8 @@ def _check_finite(net, x, start: int) -> None:
     """A ``ValueError`` naming the layer (and the inner layer of a residual block) and the
     parameter with a NaN or inf, or the rows of ``x`` (samples ``start ..``) that have one."""
     xp = net.xp
-    for where, L in _named_layers(net.layers, "layer "):
+    for path, L in leaf_layers(net.layers):
+        where = "layer " + ", inner layer ".join(map(str, path))
         for name, p in zip(L.names, L.params):
             if not bool(to_numpy(xp.isfinite(p).all())):
                 raise ValueError(f"{where}: {name} has non-finite values (inf or NaN); the report needs finite parameters")
@@ -280,15 +275,6 @@ def _check_finite(net, x, start: int) -> None:
         bad = np.flatnonzero(~to_numpy(xp.isfinite(x).all(axis=1))) + start
         raise ValueError(f"x has non-finite values (inf or NaN) in {len(bad)} rows (first: sample {int(bad[0])}); "
                          f"the report needs finite inputs")
-
-
-def _named_layers(layers, prefix: str):
-    """``(where, leaf layer)``: ``"layer 1, inner layer 0"`` for the leaves of residual blocks."""
-    for j, L in enumerate(layers):
-        if L.kind == "residual":
-            yield from _named_layers(L.layers, f"{prefix}{j}, inner layer ")
-        else:
-            yield f"{prefix}{j}", L
 
 
 def block_report_bytes(net: Sequential) -> int:

@@ -33,7 +33,7 @@ from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
 from .per_sample import grad_sq_norms
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "make_norm"]
+__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm"]
 
 
 class Dense:
@@ -346,6 +346,16 @@ class Residual:
 
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)
+
+
+def leaf_layers(layers: Sequence[Any], path: tuple = ()):
+    """``(path, layer)`` for every layer that is not a residual block, residual blocks opened, in
+    parameter order; ``path``: the indices from the top, ``(1, 0)`` for inner layer 0 of layer 1."""
+    for j, L in enumerate(layers):
+        if isinstance(L, Residual):
+            yield from leaf_layers(L.layers, path + (j,))
+        else:
+            yield path + (j,), L
 
 
 def chained(layers: Sequence[Any], owner: str, label: str) -> list:

@@ -29,7 +29,7 @@ from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, shape_str
 from .backend import get_xp, is_gpu_array, to_numpy
 from .chain import Chain
-from .layers import NORMS, chained, Dense, LayerNorm, Residual, RMSNorm
+from .layers import NORMS, chained, Dense, LayerNorm, leaf_layers, Residual, RMSNorm
 from .mlp import _require_finite
 
 __all__ = ["BlockGradients", "Sequential", "SequentialCache"]
@@ -198,7 +198,7 @@ class Sequential(SequentialParameterSpace):
         (``"<j>.<i>.<name>"`` inside a residual block). A path ending in ``.safetensors`` writes
         a safetensors file (the spec in its metadata); any other an ``.npz``."""
         arrays = {}
-        _collect(self._layers, "", arrays)
+        _collect(self._layers, arrays)
         spec = json.dumps([L.spec() for L in self._layers])
         if os.fspath(path).endswith(".safetensors"):
             from safetensors.numpy import save_file
@@ -234,13 +234,11 @@ class Sequential(SequentialParameterSpace):
         return cls(layers)
 
 
-def _collect(layers, prefix: str, arrays: dict) -> None:
-    for j, L in enumerate(layers):
-        if isinstance(L, Residual):
-            _collect(L.layers, f"{prefix}{j}.", arrays)
-        else:
-            for name, p in zip(L.names, L.params):
-                arrays[f"{prefix}{j}.{name}"] = to_numpy(p)
+def _collect(layers, arrays: dict) -> None:
+    """Each parameter as ``arrays["<j>.<name>"]`` (``"<j>.<i>.<name>"`` inside a residual block)."""
+    for path, L in leaf_layers(layers):
+        for name, p in zip(L.names, L.params):
+            arrays[f"{'.'.join(map(str, path))}.{name}"] = to_numpy(p)
 
 
 def _build(spec: list, prefix: str, arrays: dict, acts, path) -> list:
