@@ -112,11 +112,12 @@ class NormFactor:
             t -= a.mean(axis=-1, keepdims=True) if self.h_in else 0.0
         return t
 
-    def _fused(self, a, transpose: bool, stack: bool = False):
-        """The product on CuPy rows: one kernel of ``kernels/norm.cu``, or None on NumPy."""
+    def _fused(self, a, transpose: bool, stack: bool = False, out: Any = None):
+        """The product on CuPy rows: one kernel of ``kernels/norm.cu`` (into ``out`` when given), or
+        None on NumPy."""
         if get_xp(a, self.xhat) is np:
             return None
-        return norm_kernels.project(a, self.xhat, self.gamma, self.inv, self.centered, transpose, stack)
+        return norm_kernels.project(a, self.xhat, self.gamma, self.inv, self.centered, transpose, stack, out=out)
 
     def jvp(self, u: Any):
         """``Ju = γ·inv ⊙ P u``: ``u (B, n) -> (B, n)``."""
@@ -130,12 +131,9 @@ class NormFactor:
         result's shape and dtype to write into (not ``v``); ``work``: scratch ``(s, k, m)`` of
         shapes ``v.shape``, ``v.shape[:-1] + (1,)`` twice — with both, nothing is allocated."""
         v = _check_rows(self, v, self.h_out, "cotangent")
-        fused = self._fused(v, True)  # CuPy: one kernel of kernels/norm.cu
+        fused = self._fused(v, True, out=out)  # CuPy: one kernel of kernels/norm.cu
         if fused is not None:
-            if out is None:
-                return fused
-            out[...] = fused
-            return out
+            return fused
         xp, n = get_xp(v), max(self.h_in, 1)
         dt = np.result_type(v.dtype, self.dtype)
         col = v.shape[:-1] + (1,)

@@ -136,22 +136,31 @@ def _rows_of(a, xhat, stack: bool):
     return xp.ascontiguousarray(a).reshape(a_rows, n), out_lead + (n,), rows, a_rows, max(r, 1)
 
 
-def project(a: Any, xhat: Any, gamma: Any, inv: Any, centered: bool, transpose: bool, stack: bool = False):
+def project(a: Any, xhat: Any, gamma: Any, inv: Any, centered: bool, transpose: bool, stack: bool = False,
+            out: Any = None):
     """``diag(γ·inv)·P`` on the rows of ``a`` (``transpose``: ``P·diag(γ·inv)``, the VJP).
 
     ``xhat: (B, n)`` with ``inv: (B,)`` per sample, or ``(n,)`` with 0-d ``inv`` shared.
     Per sample, ``a: (B, n)``, or with ``stack`` ``(B, r, n)`` / ``(r, n)`` (every sample's) →
-    ``(B, r, n)``; shared, any ``(…, n)`` → the same shape. dtype: the inputs' common one."""
+    ``(B, r, n)``; shared, any ``(…, n)`` → the same shape. dtype: the inputs' common one.
+    ``out``: an array of the result's shape and dtype to write into (not ``a``); the kernel
+    writes it directly when it is C-contiguous, else the result is copied into it."""
     xp = _cupy_only("project", a, xhat, gamma, inv)
     dt = np.result_type(a.dtype, xhat.dtype, gamma.dtype, inv.dtype)
     a2, shape, rows, a_rows, per_sample = _rows_of(a.astype(dt, copy=False), xhat, stack)
     n = shape[-1]
     xhat, gamma, inv = (xp.ascontiguousarray(t.astype(dt, copy=False)) for t in (xhat, gamma, inv))
-    out = xp.empty((rows, n), dtype=dt)
+    direct = out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dt and out.flags.c_contiguous
+    res = out.reshape(rows, n) if direct else xp.empty((rows, n), dtype=dt)
     _launch("norm_product", dt, rows if n else 0, n,
-            (a2, xhat, gamma, inv, out, np.int32(n), np.int64(rows), np.int64(max(a_rows, 1)),
+            (a2, xhat, gamma, inv, res, np.int32(n), np.int64(rows), np.int64(max(a_rows, 1)),
              np.int64(per_sample), _flag(centered), _flag(transpose)))
-    return out.reshape(shape)
+    if direct:
+        return out
+    if out is not None:
+        out[...] = res.reshape(shape)
+        return out
+    return res.reshape(shape)
 
 
 def backward(g: Any, xhat: Any, inv: Any, gamma: Any, centered: bool, dgamma: Any, dbeta: Any = None,

@@ -195,9 +195,13 @@ def _norm_steps_on_numpy() -> dict:
         y, (xhat, inv) = norm.forward(x, out=bufs)
         return y, xhat, inv
 
-    def project(a, xhat, gamma, inv, centered, transpose, stack=False):
+    def project(a, xhat, gamma, inv, centered, transpose, stack=False, out=None):
         F = factors.NormFactor(gamma, inv, xhat, centered)
-        return getattr(F, ("vjp" if transpose else "jvp") + ("_stack" if stack else ""))(a)
+        res = getattr(F, ("vjp" if transpose else "jvp") + ("_stack" if stack else ""))(a)
+        if out is not None:
+            out[...] = res
+            return out
+        return res
 
     def backward(g, xhat, inv, gamma, centered, dgamma, dbeta=None, sq=None, input_grad=True, dx_out=None):
         grads = [dgamma] + ([] if dbeta is None else [dbeta])

@@ -233,3 +233,20 @@ def test_compiled_step_writes_the_norm_kernels_results_into_its_own_buffers(devi
         np.testing.assert_allclose(float(host_of(loss)), ref_loss, rtol=1e-12)
         np.testing.assert_allclose(host_of(g.flat), ref.flat, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(host_of(g.input), ref.input, rtol=1e-10, atol=1e-12)
+
+
+def test_the_factor_vjp_kernel_writes_into_the_out_buffer_it_is_given(device):
+    fake, put = device
+    rng = np.random.default_rng(6)
+    B, n = 5, 7
+    ln = L.LayerNorm(rng.standard_normal(n), rng.standard_normal(n))
+    x, v = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+    want = ln.factor(ln.forward(x)[1]).vjp(v)
+    F = L.LayerNorm(put(ln.gamma), put(ln.beta)).factor(L.LayerNorm(put(ln.gamma), put(ln.beta)).forward(put(x))[1])
+    out = put(np.empty((B, n)))
+    del fake.launches[:]
+    got = F.vjp(put(v), out=out)
+    assert got is out and kernel_names(fake) == ["norm_product"]  # written by the kernel, no copy
+    np.testing.assert_allclose(host_of(out), want, rtol=1e-12, atol=1e-13)
+    strided = put(np.empty((n, B))).T  # not C-contiguous: the result is copied into it
+    np.testing.assert_allclose(host_of(F.vjp(put(v), out=strided)), want, rtol=1e-12, atol=1e-13)
