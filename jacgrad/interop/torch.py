@@ -161,15 +161,23 @@ def passes_through(nn, where: str, m) -> bool:
     return type(m) in (nn.Identity, nn.Dropout, nn.Flatten)
 
 
+def cast_dtype(dtype):
+    """``dtype`` (a cast asked of an importer) as a NumPy float32/float64 dtype, None kept; any
+    other is a ``TypeError``."""
+    if dtype is None:
+        return None
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype {dtype}: jacgrad computes in float32 or float64")
+    return dtype
+
+
 def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     """A ``NetSpec`` of ``module`` (see the module docstring). ``dtype``: cast every parameter
     to ``"float32"``/``"float64"`` (needed for float16/bfloat16 parameters)."""
     torch = _torch()
     nn = torch.nn
-    if dtype is not None:
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype {dtype}: jacgrad computes in float32 or float64")
+    dtype = cast_dtype(dtype)
     layers: list[dict] = []
     for index, m in _flatten(torch, module):
         if isinstance(m, nn.Linear) and type(m) is nn.Linear:

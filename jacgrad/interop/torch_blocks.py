@@ -26,7 +26,7 @@ from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp, is_gpu_array
-from .torch import SUPPORTED, _parameter, activation_module, activation_name, passes_through
+from .torch import SUPPORTED, _parameter, cast_dtype, activation_module, activation_name, passes_through
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -54,23 +54,20 @@ def layers_from_torch(module: nn.Module, where: str = "module", dtype=None, copy
     copy; needed for float16/bfloat16 parameters, which are a ``TypeError`` naming the module
     without it); default: the parameters' own, and that of the first parameter for norm layers
     without any (float32 when the module has none)."""
-    torch_ = torch
-    cast = None if dtype is None else np.dtype(dtype)
-    if cast is not None and cast not in (np.float32, np.float64):
-        raise TypeError(f"dtype {cast}: jacgrad computes in float32 or float64")
+    cast = cast_dtype(dtype)
     first = next(iter(module.parameters()), None)
     xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
-    return _layers(module, where, _Convert(torch_, copy, cast, xp, cast if cast is not None else _dtype(module)))
+    return _layers(module, where, _Convert(copy, cast, xp, cast if cast is not None else _dtype(module)))
 
 
 class _Convert:
     """How each parameter is brought over: copied or viewed, cast, on which array module."""
 
-    def __init__(self, torch_, copy: bool, cast, xp, dtype):
-        self.torch, self.copy, self.cast, self.xp, self.dtype = torch_, bool(copy), cast, xp, np.dtype(dtype)
+    def __init__(self, copy: bool, cast, xp, dtype):
+        self.copy, self.cast, self.xp, self.dtype = bool(copy), cast, xp, np.dtype(dtype)
 
     def __call__(self, p, what: str):
-        return _parameter(self.torch, p, what, self.copy, self.cast)
+        return _parameter(torch, p, what, self.copy, self.cast)
 
     def ones(self, n: int):
         return self.xp.ones(n, dtype=self.dtype)
