@@ -62,7 +62,7 @@ import suite_sections  # noqa: E402
 # (section, weight in the budget, floor in seconds): the order they run in
 PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("norm_kernels", 2, 40),
         ("validation", 4, 30),
-        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 10, 30), ("pytest_gpu", 8, 30)]
+        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 14, 60), ("pytest_gpu", 8, 30)]
 SECTIONS = tuple(name for name, _, _ in PLAN)
 GRACE_S = 15  # after a child's limit: faulthandler prints its stacks, then it is killed
 LOG_TAIL = 4000
@@ -183,15 +183,16 @@ class Suite:
                 **({} if ok else {"error": f"pytest exit {rc}: {data['summary']}"})}
 
     def peers(self, limit: float) -> dict:
-        """One child per case, each with an equal share of what is left of ``limit``."""
+        """One child per case, each with its weighted share (``PEER_WEIGHTS``) of what is left of ``limit``."""
         from jacgrad.bench.runner import add_ratios
 
         start, rows, out_cases = time.perf_counter(), [], {}
         bench = {"options": None, "environment": None, "skipped": {}, "rows": rows, "elapsed_s": 0.0}
         todo = suite_sections.cases(self.dry)
+        weight = lambda k: suite_sections.PEER_WEIGHTS.get(k, 1)  # noqa: E731
         for i, (key, label, *_rest) in enumerate(todo):
             left = limit - (time.perf_counter() - start)
-            share = left / (len(todo) - i)
+            share = left * weight(key) / sum(weight(c[0]) for c in todo[i:])
             if share < 5:
                 out_cases[key] = {"label": label, "status": "skipped", "note": "time budget spent"}
                 continue

@@ -34,10 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TAPERING, HOURGLASS = [512, 256, 128, 64, 10], [256, 256, 256, 8, 256, 256, 256]
 
 # (key, label, task, net name or None, widths, batch, also on the CPU)
+# small cases first: what they leave of their share goes to the large ones, whose JAX compile
+# (XLA's GEMM autotuning) took over 26 s for the large step on the first H100 run
 GPU_CASES = [
-    ("large_train", "training step, B=4096, 8×4096", "train", None, [4096] * 9, 4096, False),
     ("small_train", "training step, small net, B=64, 32×256", "train", None, [256] * 33, 64, True),
     ("large_vjp", "VJP chain, B=4096, 8×4096", "vjp", None, [4096] * 9, 4096, False),
+    ("large_train", "training step, B=4096, 8×4096", "train", None, [4096] * 9, 4096, False),
     ("jac_tapering", "per-sample Jacobians, tapering, B=256", "jacobian", "tapering", TAPERING, 256, True),
     ("jac_hourglass", "per-sample Jacobians, hourglass, B=256", "jacobian", "hourglass", HOURGLASS, 256, True),
 ]
@@ -50,6 +52,8 @@ DRY_CASES = [
     ("jac_hourglass", "per-sample Jacobians, hourglass (dry: 12-12-2-12-12, B=4)", "jacobian", "hourglass",
      [12, 12, 2, 12, 12], 4, True),
 ]
+# a case's share of the peers section's time, by weight among the cases still to run (default 1)
+PEER_WEIGHTS = {"large_train": 3, "jac_tapering": 2, "jac_hourglass": 2}
 SIZES = {"gpu": {"copy_bytes": 1 << 30, "gemm_n": 8192, "fused_n": 1 << 28,
                  "tf32": ([1024] * 9, 512, [4096] * 9, 4096)},
          "cpu": {"copy_bytes": 1 << 22, "gemm_n": 128, "fused_n": 1 << 16,
