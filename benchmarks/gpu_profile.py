@@ -1,7 +1,8 @@
 """Where the GPU's small, launch-bound calls spend their time: cProfile of each call on CuPy.
 
 The GPU suite's first run (benchmarks/results/h100-2026-11-26) found jacgrad-cupy's eager
-training step of a small net (B = 64, 32 × 256) at 2.1× torch-CUDA eager, ``per_sample_grad_norms``
+training step of a small net (B = 64, 32 × 256) at 2.1× torch-CUDA eager, the tapering per-sample
+Jacobians at 14× JAX's jit, ``per_sample_grad_norms``
 and ``ggn_diagonal`` slower than NumPy and the block report slower than on the host: calls whose
 kernels are tiny, so their time is the host's (Python, CuPy dispatch, allocations, syncs). This
 prints, for each, the wall time per call and the functions with the most own time and the most
@@ -96,6 +97,11 @@ def main() -> int:
             profile("torch eager, the same net and step", tstep, tsync, 30, out, top=12)
         except Exception as exc:  # noqa: BLE001 - the peer is optional
             out.write(f"\ntorch: {type(exc).__name__}: {exc}\n")
+        tw = [512, 256, 128, 64, 10] if not small else [24, 12, 6, 3]
+        tnet_ = mlp(tw, to, rng)
+        jx = to(rng.standard_normal((256 if not small else 4, tw[0])))
+        profile(f"per-sample Jacobians (order='auto'), tapering {'-'.join(map(str, tw))}, B={jx.shape[0]}",
+                lambda: tnet_.jacobian_chain(tnet_.forward(jx)[1]).jacobian("auto"), sync, 30, out)
         pw = [256] * 7 + [10] if not small else [8] * 4 + [3]
         pnet = mlp(pw, to, rng)
         px, pt = to(rng.standard_normal((B, pw[0]))), to(rng.integers(0, pw[-1], B), "int64")

@@ -146,10 +146,16 @@ def _function(source: str, dtype: np.dtype, expressions: tuple[str, ...], expr: 
     return _module(source, dtype, expressions, device).get_function(expr)
 
 
+@functools.lru_cache(maxsize=None)
+def _name_expression(kernel: str, dtype: np.dtype, functor: str | None, from_output: bool) -> str:
+    return name_expression(kernel, dtype, functor, from_output)
+
+
 def compiled_function(kernel: str, dtype, expressions: tuple[str, ...], activation: Any = None,
                       from_output: bool = False):
     """One kernel of the module ``compiled_module(KERNELS[kernel][0], dtype, expressions)``."""
-    expr = name_expression(kernel, dtype, activation, from_output)
+    functor = activation if activation is None or isinstance(activation, str) else activation.cuda
+    expr = _name_expression(kernel, np.dtype(dtype), functor, bool(from_output))  # per launch: cached
     if expr not in expressions:
         raise KeyError(f"{expr} is not among the instantiations compiled for kernels/{KERNELS[kernel][0]}")
     cp = backend.cupy()

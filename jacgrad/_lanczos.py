@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from .backend import dot_along
 from .spectra import ConvergenceWarning
 
 __all__ = ["DIRECT_BELOW", "DIRECT_MAX", "ROW_ELEMENTS", "top_eigenvalues"]
@@ -206,7 +207,7 @@ def _top_eigenvalue_bounded(a: np.ndarray, b: np.ndarray, floor: np.ndarray, rel
 
 
 def _dot(xp, a, b):
-    return xp.einsum("pn,pn->p", a, b)
+    return dot_along(a, b, 1)
 
 
 def _checks(first_check: int, check_every: int, n: int, max_steps: int) -> set:

@@ -23,6 +23,9 @@ def float_array(x: Any, name: str, xp=None):
     complex arrays are a ``TypeError`` — jacgrad does not guess a float width for them. torch,
     JAX and other DLPack arrays become NumPy or CuPy views first (``backend.asarray``).
     """
+    t = type(x)  # the common cases first: a float NumPy (or CuPy) array of the namespace asked for
+    if (t is np.ndarray if xp is None or xp is np else t is getattr(xp, "ndarray", None)) and x.dtype in FLOAT_DTYPES:
+        return x
     if is_foreign_array(x):
         x = asarray(x)
     if xp is None:

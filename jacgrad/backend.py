@@ -262,6 +262,14 @@ def get_xp(*arrays: Any):
             break
     else:
         return np
+    cp = sys.modules.get("cupy")  # the common GPU case (CuPy arrays and None), as cheaply
+    cnd = getattr(cp, "ndarray", None)
+    if cnd is not None and cnd is not nd:
+        for a in arrays:
+            if type(a) is not cnd and a is not None:
+                break
+        else:
+            return cp
     gpu, cpu = [], []
     for i, a in enumerate(arrays):
         if a is None or isinstance(a, (int, float, complex, bool, np.generic)):
@@ -273,6 +281,25 @@ def get_xp(*arrays: Any):
             "jacgrad never copies between them silently — move them with jacgrad.to_device(x, 'cpu'|'gpu')"
         )
     return _cupy_module() if gpu else np
+
+
+def dot_along(a, b, axis: int):
+    """``Σ_axis a ⊙ b`` of two arrays of one shape (that axis dropped): NumPy's ``einsum``, one
+    pass and no temporary; on CuPy a product and a sum — ``cupy.einsum`` plans on the host for
+    longer than these products take on the GPU (H100 profile in benchmarks/results/h100-2026-11-26-peers).
+
+        >>> import numpy as np
+        >>> dot_along(np.ones((2, 3)), np.full((2, 3), 2.0), 1)
+        array([6., 6.])
+    """
+    xp = get_xp(a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"dot_along: shapes {a.shape} and {b.shape} differ")
+    axis = axis % a.ndim
+    if xp is np:
+        s = "abcdefghijk"[: a.ndim]
+        return np.einsum(f"{s},{s}->{s[:axis] + s[axis + 1:]}", a, b)
+    return (a * b).sum(axis=axis)
 
 
 def to_device(x: Any, device: str):

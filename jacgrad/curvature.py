@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .backend import get_xp
+from .backend import dot_along, get_xp
 from .factors import ResidualFactor
 from .per_sample import is_norm, leaf_factors, output_partials
 
@@ -88,10 +88,10 @@ def accumulate_leaf_diagonal(factors: Sequence[Any], leaf_input: Callable[[int],
     xp = get_xp(V)
     leaves = leaf_factors(factors)
     for k, G in output_partials(factors, V):
-        s = xp.einsum("brh,brh->bh", G, G)
+        s = dot_along(G, G, 1)
         a = leaf_input(k)
         aa, first = a * a, outs[k][0]  # in place: outs[k] may be a tuple of views
-        first += (xp.einsum("bh,bh->h", aa, s) if is_norm(leaves[k]) else aa.T @ s) * scale
+        first += (dot_along(aa, s, 0) if is_norm(leaves[k]) else aa.T @ s) * scale
         if len(outs[k]) > 1:
             bias = outs[k][1]
             bias += s.sum(axis=0) * scale

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ._validate import float_array, shape_str
-from .backend import get_xp
+from .backend import dot_along, get_xp
 from .factors import NormFactor, ResidualFactor
 
 __all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "fill_grads", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
@@ -60,7 +60,7 @@ def leaf_factors(factors: Sequence[Any]) -> list:
 
 def _row_sq(xp, a):
     """``Σ_k a[i, k]²`` per row: ``(B, H) -> (B,)``."""
-    return xp.einsum("ij,ij->i", a, a)
+    return dot_along(a, a, 1)
 
 
 def _dense_sq(xp, z, delta):
