@@ -119,6 +119,20 @@ def main() -> int:
         bx, bt = dev.put(data["x"]), dev.put(data["t"])
         profile(f"gradient_flow (block report), B={spec['B']}, {spec['blocks']} blocks of 2×{spec['H']}",
                 lambda: jg.diagnostics.gradient_flow(bnet, bx, bt), sync, 3, out, top=40)
+        # last: the only part that calls cuBLAS through ctypes, whose failure could end the process
+        from jacgrad._gemm import direct_cublas
+
+        def direct_step():
+            with direct_cublas():
+                return net.loss_and_grads(x, t, loss="softmax_cross_entropy", input_grad=False)
+
+        ref, got = net.loss_and_grads(x, t, loss="softmax_cross_entropy", input_grad=False), direct_step()
+        worst = max(float(abs(jg.to_numpy(g) - jg.to_numpy(r)).max() / max(abs(jg.to_numpy(r)).max(), 1e-30))
+                    for g, r in zip([got[0], *got[1].weights], [ref[0], *ref[1].weights]))
+        out.write(f"\ndirect cuBLAS (ctypes cublasGemmEx) against cupy.matmul, loss and dW: worst rel. diff {worst:.2e}\n")
+        print(f"direct cuBLAS vs cupy.matmul: worst rel. diff {worst:.2e}")
+        profile("the same step inside direct_cublas() (jacgrad's ctypes cublasGemmEx instead of cupy.matmul)",
+                direct_step, sync, 30, out, top=12)
     print(f"wrote {out_path}")
     return 0
 
