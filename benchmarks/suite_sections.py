@@ -102,8 +102,10 @@ class Sections:
                "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
                "jacgrad": jg.__version__, "cpu_count": os.cpu_count(), "cpu_model": cpu_model()}
         try:
-            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
+            # --dirty: a tree copied onto a GPU machine may carry a .git older than its files (seen on
+            # the first H100 runs: HEAD said 80efb0b for a tree with later commits)
+            env["commit"] = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
         except Exception:  # noqa: BLE001
             env["commit"] = None
         if self.dry:
