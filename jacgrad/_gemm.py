@@ -1,10 +1,12 @@
 """Matrix products into a given output, and the one place jacgrad calls cuBLAS itself.
 
-``matmul_into(a, b, out)`` is ``out[...] = a @ b``: ``np.matmul`` / ``cupy.matmul`` — except
-inside ``direct_cublas()``, the block in which a ``TrainingStep`` records its CUDA graph. CuPy
+``matmul_into(a, b, out)`` is ``out[...] = a @ b`` and ``matmul(a, b)`` is ``a @ b``: ``np.matmul`` /
+``cupy.matmul`` — except inside ``direct_cublas()``, the block in which a compiled step (training or
+Jacobian) records its CUDA graph. CuPy
 refuses cuBLAS calls on a capturing stream (cupy/cupy#6290: its wrapper of ``cublasSetStream``
 raises there) while cuBLAS itself supports stream capture; so inside that block a 2-D product
-goes through ``cublasSetStream_v2``, ``cublasSetWorkspace_v2`` and ``cublasGemmEx`` called with
+goes through ``cublasSetStream_v2``, ``cublasSetWorkspace_v2`` and ``cublasGemmEx`` (a stack of
+products, ``matmul`` only: ``cublasGemmStridedBatchedEx``) called with
 ctypes, on the handle CuPy made for the device and from the very library CuPy loaded (``cuda.pathfinder``
 on CuPy >= 14, else the soname of the runtime's major version opened with ``RTLD_NOLOAD``: never a
 second copy, which would crash on CuPy's handle). Any failure there surfaces as an exception inside
@@ -36,7 +38,8 @@ import numpy as np
 
 from .backend import get_xp
 
-__all__ = ["GemmPlan", "direct_cublas", "gemm_plan", "matmul_into", "workspace_bytes"]
+__all__ = ["BatchPlan", "GemmPlan", "direct_cublas", "gemm_batched_plan", "gemm_plan", "matmul", "matmul_into",
+           "workspace_bytes"]
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 _CUDA_R = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}  # cudaDataType_t: CUDA_R_32F, CUDA_R_64F
@@ -89,6 +92,42 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, out_shape, out_strides, it
     return GemmPlan(transa=lb[0], transb=la[0], m=N, n=M, k=K, lda=lb[1], ldb=la[1], ldc=lc[1])
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch of a strided-batched ``gemm``: ``count`` products, the i-th reading cuBLAS's A,
+    B and C at ``i ·`` their element strides (0: one matrix shared by every product)."""
+
+    count: int
+    stride_a: int
+    stride_b: int
+    stride_c: int
+
+
+def gemm_batched_plan(a_shape, a_strides, b_shape, b_strides, out_shape, out_strides, itemsize: int):
+    """``(GemmPlan, BatchPlan)`` for ``out[i] = a[i] @ b[i]`` with ``out: (n, M, N)`` and each of
+    ``a: (n, M, K)`` / ``b: (n, K, N)`` stacked or a 2-D matrix shared by all (batch stride 0);
+    strides in bytes. None when a layout cannot be read in place (the caller uses ``a @ b``)."""
+    if len(out_shape) != 3 or len(a_shape) not in (2, 3) or len(b_shape) not in (2, 3):
+        raise ValueError(f"gemm: a batched product needs a 3-D output and 2-D or 3-D operands, "
+                         f"got {tuple(a_shape)} @ {tuple(b_shape)} -> {tuple(out_shape)}")
+    count = out_shape[0]
+    split = []
+    for shape, strides in ((a_shape, a_strides), (b_shape, b_strides), (out_shape, out_strides)):
+        if len(shape) == 3:
+            if shape[0] != count:
+                raise ValueError(f"gemm: batches of {tuple(a_shape)} @ {tuple(b_shape)} -> {tuple(out_shape)} do not match")
+            split.append((shape[1:], strides[1:], strides[0]))
+        else:
+            split.append((shape, strides, 0))
+    (a2, sa, ba), (b2, sb, bb), (o2, so, bo) = split
+    plan = gemm_plan(a2, sa, b2, sb, o2, so, itemsize)
+    if plan is None or any(st < 0 or st % itemsize for st in (ba, bb, bo)):
+        return None
+    if count > 1 and bo < o2[0] * o2[1] * itemsize:
+        return None  # outputs that overlap: never written in place
+    return plan, BatchPlan(count=int(count), stride_a=bb // itemsize, stride_b=ba // itemsize, stride_c=bo // itemsize)
+
+
 @contextlib.contextmanager
 def direct_cublas(workspace: tuple[int, int] | None = None):
     """Inside: CuPy products of ``matmul_into`` call cuBLAS directly (legal under stream capture).
@@ -110,6 +149,32 @@ def direct_cublas(workspace: tuple[int, int] | None = None):
 def workspace_bytes(compute_capability_major: int) -> int:
     """The cuBLAS workspace NVIDIA recommends per handle: 32 MiB on Hopper (sm_90) and later, 4 MiB before."""
     return (32 if compute_capability_major >= 9 else 4) << 20
+
+
+def matmul(a, b):
+    """``a @ b``, a new array. Inside ``direct_cublas()`` (a CUDA graph being recorded) a CuPy
+    product goes through jacgrad's own cuBLAS call, which stream capture allows: ``cublasGemmEx``
+    for 2-D operands, ``cublasGemmStridedBatchedEx`` for stacks ``(n, M, K) @ (n, K, N)`` (either
+    side may be one 2-D matrix shared by the stack). Anywhere else it is ``a @ b`` itself."""
+    if not _direct or a.ndim not in (2, 3) or b.ndim not in (2, 3):
+        return a @ b
+    xp = get_xp(a, b)
+    dt = np.result_type(a.dtype, b.dtype)
+    if xp is np or a.dtype != dt or b.dtype != dt or dt not in _CUDA_R:
+        return a @ b
+    if a.ndim == 2 and b.ndim == 2:
+        return matmul_into(a, b, xp.empty((a.shape[0], b.shape[1]), dtype=dt))
+    count = a.shape[0] if a.ndim == 3 else b.shape[0]
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
+        return a @ b  # a broadcast batch (1 against n): CuPy's own
+    out = xp.empty((count, a.shape[-2], b.shape[-1]), dtype=dt)
+    if out.size == 0 or a.shape[-1] == 0:
+        return a @ b
+    plans = gemm_batched_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, dt.itemsize)
+    if plans is None:
+        return a @ b
+    _Cublas.get().gemm(plans[0], b.data.ptr, a.data.ptr, out.data.ptr, dt, workspace=_direct[-1], batch=plans[1])
+    return out
 
 
 def matmul_into(a, b, out):
@@ -147,20 +212,23 @@ class _Cublas:
         cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas and create the handle
         if lib is None:
             lib = cupy_cublas_library(cp)
-        vp, i = ctypes.c_void_p, ctypes.c_int
+        vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
         signatures = {
             "cublasSetStream_v2": [vp, vp],
             "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
             "cublasGetPointerMode_v2": [vp, ctypes.POINTER(i)],
             "cublasSetPointerMode_v2": [vp, i],
             "cublasGemmEx": [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i],
+            "cublasGemmStridedBatchedEx": [vp, i, i, i, i, i, vp, vp, i, i, ll, vp, i, i, ll, vp, vp, i, i, ll,
+                                           i, i, i],
         }
         for name, argtypes in signatures.items():
             f = getattr(lib, name)
             f.argtypes, f.restype = argtypes, i
         self._lib, self.path = lib, getattr(lib, "_name", None)
 
-    def gemm(self, p: GemmPlan, A: int, B: int, C: int, dtype, workspace: tuple[int, int] | None = None) -> None:
+    def gemm(self, p: GemmPlan, A: int, B: int, C: int, dtype, workspace: tuple[int, int] | None = None,
+             batch: BatchPlan | None = None) -> None:
         from .backend import tf32_enabled
 
         cp, lib = self._cp, self._lib
@@ -179,13 +247,23 @@ class _Cublas:
             _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace[0]), ctypes.c_size_t(workspace[1])),
                    "cublasSetWorkspace_v2")
         _check(lib.cublasSetPointerMode_v2(handle, _POINTER_MODE_HOST), "cublasSetPointerMode_v2")
+        ll = ctypes.c_longlong
         try:
-            status = lib.cublasGemmEx(handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(one),
-                                      ctypes.c_void_p(A), t, p.lda, ctypes.c_void_p(B), t, p.ldb,
-                                      ctypes.byref(zero), ctypes.c_void_p(C), t, p.ldc, compute, _GEMM_DEFAULT)
+            if batch is None:
+                call = "cublasGemmEx"
+                status = lib.cublasGemmEx(handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(one),
+                                          ctypes.c_void_p(A), t, p.lda, ctypes.c_void_p(B), t, p.ldb,
+                                          ctypes.byref(zero), ctypes.c_void_p(C), t, p.ldc, compute, _GEMM_DEFAULT)
+            else:
+                call = "cublasGemmStridedBatchedEx"
+                status = lib.cublasGemmStridedBatchedEx(
+                    handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(one),
+                    ctypes.c_void_p(A), t, p.lda, ll(batch.stride_a), ctypes.c_void_p(B), t, p.ldb, ll(batch.stride_b),
+                    ctypes.byref(zero), ctypes.c_void_p(C), t, p.ldc, ll(batch.stride_c), batch.count,
+                    compute, _GEMM_DEFAULT)
         finally:
             lib.cublasSetPointerMode_v2(handle, mode.value)
-        _check(status, "cublasGemmEx")
+        _check(status, call)
 
 
 _STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH", 11: "MAPPING_ERROR",

@@ -22,18 +22,23 @@ from ._loss_workspace import NAMES as LOSS_NAMES
 from ._validate import float_array, shape_str
 from .backend import is_gpu_array, tf32_enabled
 
-__all__ = ["StepIO", "check_step_args"]
+__all__ = ["StepIO", "check_batch_and_capture", "check_step_args"]
 
 _CAPTURE = ("auto", True, False)
 
 
 def check_step_args(batch: Any, loss: str, capture: Any, gpu: bool) -> int:
-    """``batch`` as an int, after checking the arguments every compiled step takes."""
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    """``batch`` as an int, after checking the arguments every compiled training step takes."""
     losses.get(loss)  # KeyError listing every loss for an unknown name
     if loss not in LOSS_NAMES:
         raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
+    return check_batch_and_capture(batch, capture, gpu)
+
+
+def check_batch_and_capture(batch: Any, capture: Any, gpu: bool) -> int:
+    """``batch`` as an int, after checking it and ``capture`` (every compiled step takes both)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
     if not any(capture is c for c in _CAPTURE) and capture != "auto":
         raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
     if capture is True and not gpu:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._gemm import matmul
 from .backend import get_xp
 from .jacobian import LayerJacobian
 
@@ -310,9 +311,9 @@ def _evaluate(node, factors, transposed: bool):
         return acc.swapaxes(-1, -2) if transposed else acc
     if transposed:
         r = yield right, True
-        return r @ (yield left, True)
+        return matmul(r, (yield left, True))
     left_value = yield left, False
-    return left_value @ (yield right, False)
+    return matmul(left_value, (yield right, False))
 
 
 def row_cost(J) -> int:
@@ -351,7 +352,7 @@ def _apply_after(J, acc_t):
     xp = get_xp(acc_t)
     acc_t = xp.ascontiguousarray(acc_t)
     rows = math.prod(acc_t.shape[:-1])  # not -1: a zero-width factor makes the block empty
-    t = (acc_t.reshape(rows, J.h_in) @ J.W).reshape(acc_t.shape[:-1] + (J.h_out,))
+    t = matmul(acc_t.reshape(rows, J.h_in), J.W).reshape(acc_t.shape[:-1] + (J.h_out,))
     return J.scale_stack(t, inplace=True)
 
 
@@ -362,4 +363,4 @@ def _apply_before(acc, J):
     xp = get_xp(acc)
     s = xp.ascontiguousarray(J.scale_stack(acc, inplace=True))
     rows = math.prod(s.shape[:-1])
-    return (s.reshape(rows, J.h_out) @ J.W.T).reshape(s.shape[:-1] + (J.h_in,))
+    return matmul(s.reshape(rows, J.h_out), J.W.T).reshape(s.shape[:-1] + (J.h_in,))

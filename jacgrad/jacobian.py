@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from ._gemm import matmul_into
+from ._gemm import matmul, matmul_into
 from ._validate import float_array, shape_str
 from .activations import Activation
 from .activations import get as get_activation
@@ -197,7 +197,7 @@ class LayerJacobian:
     def _matmul(a, b, out, where: str):
         """``a @ b``, into ``out`` when given (checked: same device, dtype and shape as the result)."""
         if out is None:
-            return a @ b
+            return matmul(a, b)
         xp = get_xp(a, b)
         shape = a.shape[:-1] + b.shape[-1:]
         dtype = np.result_type(a.dtype, b.dtype)

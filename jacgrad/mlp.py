@@ -21,6 +21,7 @@ from ._validate import LayerList, float_array, layer_widths, nonnegative_finite,
 from .activations import get as get_activation
 from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
 from .chain import Chain
+from ._compiled_jacobian import JacobianStep
 from .compiled import TrainingStep
 from .jacobian import LayerJacobian
 from ._forward_cache import ForwardCache
@@ -329,6 +330,14 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         ``step(x, t, copy=True)``; ``losses.append(loss)`` collects the same 0-d array many times.
         """
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
+
+    def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
+        """A ``jacgrad._compiled_jacobian.JacobianStep``: ``J = step(x)``, the ``(batch, n_out, n_in)``
+        per-sample Jacobians of ``jacobian_chain(forward(x)[1]).jacobian(order)``, recorded as one
+        CUDA graph on the GPU and replayed. ``J`` IS the step's buffer, overwritten by the next call
+        (``step(x, copy=True)`` for a fresh array); parameters are read by reference (in-place
+        updates are seen; a replaced array raises until ``step.rebind()``)."""
+        return JacobianStep(self, batch, order=order, capture=capture)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
         """``(value, Gradients)`` of ``loss`` (``mse``, ``softmax_cross_entropy``, ``sigmoid_bce``)

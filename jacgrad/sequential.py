@@ -23,6 +23,7 @@ import numpy as np
 from . import _lazy, losses
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
+from ._compiled_jacobian import JacobianStep
 from ._compiled_sequential import SequentialStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
@@ -171,6 +172,11 @@ class Sequential(SequentialParameterSpace):
         parameters are read by reference (in-place updates are seen; a replaced array raises
         until ``step.rebind()``)."""
         return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
+
+    def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
+        """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the
+        GPU; the contract of ``MLP.compile_jacobian`` (``jacgrad._compiled_jacobian``)."""
+        return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
     def from_torch(cls, module, copy: bool = True, dtype=None) -> "Sequential":

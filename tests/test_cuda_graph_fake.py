@@ -155,6 +155,21 @@ def test_every_set_stream_is_followed_by_the_workspace(monkeypatch):
     assert "cublasSetWorkspace_v2" not in [n for n, _ in lib.calls]
 
 
+def test_a_batched_product_passes_its_strides_and_count(monkeypatch):
+    lib = _FakeLib()
+    cublas = _gemm._Cublas(cp=FakeCupy(), lib=lib)
+    monkeypatch.setattr(jg.backend, "_TF32", [False])
+    p, bp = _gemm.gemm_batched_plan((6, 3, 4), (96, 32, 8), (4, 5), (40, 8), (6, 3, 5), (120, 40, 8), 8)
+    cublas.gemm(p, 1, 2, 3, np.float64, workspace=(0xABC000, 32 << 20), batch=bp)
+    name, args = [c for c in lib.calls if c[0].startswith("cublasGemm")][0]
+    assert name == "cublasGemmStridedBatchedEx"
+    assert [args[10].value, args[14].value, args[19].value, args[20]] == [0, 12, 15, 6]  # A = b shared, B = a, C
+    assert [n for n, _ in lib.calls][-1] == "cublasSetPointerMode_v2"  # the mode restored after the call
+    lib.status["cublasGemmStridedBatchedEx"] = 7
+    with pytest.raises(RuntimeError, match="cublasGemmStridedBatchedEx returned CUBLAS_STATUS_INVALID_VALUE"):
+        cublas.gemm(p, 1, 2, 3, np.float64, batch=bp)
+
+
 def test_a_refused_workspace_is_an_error_naming_the_call():
     cublas = _gemm._Cublas(cp=FakeCupy(), lib=_FakeLib(status={"cublasSetWorkspace_v2": 7}))
     with pytest.raises(RuntimeError, match="cublasSetWorkspace_v2 returned CUBLAS_STATUS_INVALID_VALUE"):

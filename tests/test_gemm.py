@@ -134,3 +134,62 @@ def test_gpu_direct_cublas_records_into_a_cuda_graph_and_replays(rng):
         np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(a) @ cp.asnumpy(W).T, rtol=1e-5, atol=1e-5)
     assert len(graphs) == 1
     jg.backend.cupy().cuda.Device().synchronize()
+
+
+# ----------------------------------------------------------------------------- batched (stacks)
+def _stack(rng, n, rows, cols, kind):
+    """(n, rows, cols) in a layout the Jacobian stacks take: C-contiguous, per-matrix transposed
+    (a swapaxes view), or one 2-D matrix shared by the stack (kind "shared": returned 2-D)."""
+    if kind == "shared":
+        return _operand(rng, rows, cols, "c")
+    if kind == "c":
+        return rng.standard_normal((n, rows, cols))
+    return rng.standard_normal((n, cols, rows)).swapaxes(-1, -2)
+
+
+@pytest.mark.parametrize("n,M,K,N", [(3, 4, 2, 5), (1, 3, 3, 3), (4, 1, 6, 2), (2, 5, 1, 4)])
+@pytest.mark.parametrize("ka,kb", [("c", "c"), ("t", "c"), ("c", "t"), ("t", "t"), ("shared", "c"), ("c", "shared"),
+                                   ("t", "shared")])
+def test_batched_plan_computes_every_product_of_the_stack(rng, n, M, K, N, ka, kb):
+    a, b = _stack(rng, n, M, K, ka), _stack(rng, n, K, N, kb)
+    out = np.full((n, M, N), np.nan)
+    p, bp = _gemm.gemm_batched_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, 8)
+    assert bp.count == n and (bp.stride_b == 0) == (a.ndim == 2) and (bp.stride_a == 0) == (b.ndim == 2)
+    (A, oa), (B, ob), (C, oc) = _memory(b), _memory(a), _memory(out)
+    for i in range(n):  # product i reads A, B, C at i × their strides, by the BLAS definition
+        _reference_gemm(p, (A, oa + i * bp.stride_a), (B, ob + i * bp.stride_b), (C, oc + i * bp.stride_c))
+    np.testing.assert_allclose(out, a @ b, rtol=1e-13, atol=1e-13)
+
+
+def test_batched_plan_refuses_what_it_cannot_do_in_place(rng):
+    a, b = rng.standard_normal((3, 4, 2)), rng.standard_normal((3, 2, 5))
+    with pytest.raises(ValueError, match=r"batches of \(3, 4, 2\) @ \(2, 2, 5\) -> \(3, 4, 5\) do not match"):
+        _gemm.gemm_batched_plan(a.shape, a.strides, (2, 2, 5), b.strides, (3, 4, 5), (160, 40, 8), 8)
+    with pytest.raises(ValueError, match="needs a 3-D output"):
+        _gemm.gemm_batched_plan(a.shape, a.strides, b.shape, b.strides, (4, 5), (40, 8), 8)
+    overlapping = (3, 4, 5), (0, 40, 8)  # every product written to the same matrix
+    assert _gemm.gemm_batched_plan(a.shape, a.strides, b.shape, b.strides, *overlapping, 8) is None
+    neg = a[::-1]  # a negative batch stride
+    assert _gemm.gemm_batched_plan(neg.shape, neg.strides, b.shape, b.strides, (3, 4, 5), (160, 40, 8), 8) is None
+
+
+def test_matmul_is_the_plain_product_outside_a_capture(rng):
+    a, b = rng.standard_normal((3, 4, 2)), rng.standard_normal((2, 5))
+    np.testing.assert_array_equal(_gemm.matmul(a, b), a @ b)
+    with _gemm.direct_cublas():  # NumPy operands never take the cuBLAS path
+        np.testing.assert_array_equal(_gemm.matmul(a, b), a @ b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("ka,kb", [("c", "c"), ("t", "c"), ("shared", "t"), ("c", "shared")])
+def test_gpu_direct_batched_cublas_matches_cupy_matmul(rng, dtype, ka, kb):
+    cp = pytest.importorskip("cupy")
+    a, b = _stack(rng, 7, 33, 8, ka).astype(dtype), _stack(rng, 7, 8, 21, kb).astype(dtype)
+    da, db = cp.asarray(np.ascontiguousarray(a)), cp.asarray(np.ascontiguousarray(b))
+    if ka == "t":
+        da = cp.ascontiguousarray(da.swapaxes(-1, -2)).swapaxes(-1, -2)  # the same transposed layout on the GPU
+    with _gemm.direct_cublas():
+        got = _gemm.matmul(da, db)
+    tol = 1e-5 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(cp.asnumpy(got), a @ b, rtol=tol, atol=tol)

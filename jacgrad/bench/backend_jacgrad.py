@@ -17,7 +17,9 @@ class Jacgrad(Backend):
     the same step compiled (``net.compile(B)``: buffers made once, a captured CUDA graph on the
     GPU where CuPy can record one — see ``TrainingStep.capture_error``) as its own row
     ``jacgrad-…[compiled]``; ``jacobian_chain(cache).vjp(v)``;
-    ``jacobian_chain(forward(x)[1]).jacobian("auto")``; the parameter-space tasks: one row per
+    ``jacobian_chain(forward(x)[1]).jacobian("auto")``, and the same compiled
+    (``net.compile_jacobian(B)``: a CUDA graph on the GPU; the eager code plus a copy on the CPU)
+    as ``jacgrad-…[compiled]``; the parameter-space tasks: one row per
     product (``loss_and_grads`` for scale, ``per_sample_grad_norms``, ``per_sample_grads``,
     ``jg.ntk(net, x)`` and ``jg.ntk(net, x, x)``, ``ggn_vp``, ``ggn_diagonal``)."""
 
@@ -98,6 +100,17 @@ class Jacgrad(Backend):
                 return net.jacobian_chain(net.forward(x)[1]).jacobian("auto")
 
             outputs = lambda r: host64([r])  # noqa: E731
+            # the same computation compiled (net.compile_jacobian: one CUDA graph on the GPU; on the
+            # CPU the eager code plus one copy into the step's buffer)
+            t0 = time.perf_counter()
+            step = net.compile_jacobian(case.batch)
+            self._sync(step(x))
+            ms = (time.perf_counter() - t0) * 1e3
+            notes = {}
+            if self.device == "gpu":
+                notes["compiled"] = "CUDA graph" if step.captured else f"no CUDA graph: {step.capture_error}"
+            return Prepared({"": fn, "compiled": lambda: step(x)}, self._sync, outputs, {"compiled": ms},
+                            own_rows=("compiled",), notes=notes)
         return Prepared({"": fn}, self._sync, outputs)
 
     def _param_space(self, case, data, net, x) -> Prepared:
