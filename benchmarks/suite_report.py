@@ -61,6 +61,12 @@ def targets(results: dict) -> list[dict]:
     add("per-sample Jacobians, tapering, vs torch.func (better of jacrev/jacfwd)", r, "≤ 1.0×", r is not None and r <= 1.0)
     r = _vs(results, "jac_hourglass", me, torch)
     add("per-sample Jacobians, hourglass, vs torch.func (better of jacrev/jacfwd)", r, "≤ 0.33×", r is not None and r <= 1 / 3)
+    jax = "jax-cpu" if dry else "jax-gpu"
+    for case, net in (("jac_tapering", "tapering"), ("jac_hourglass", "hourglass")):
+        r = _vs(results, case, f"{me}[compiled]", jax)
+        row = _row(results, case, f"{me}[compiled]")
+        add(f"per-sample Jacobians, {net}, compiled (net.compile_jacobian) vs JAX jit", r, "≤ 1.0×",
+            r is not None and r <= 1.0, (row or {}).get("note", ""))
     return out
 
 
