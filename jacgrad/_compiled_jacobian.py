@@ -48,7 +48,7 @@ from ._step_io import StepIO, check_batch_and_capture
 from ._validate import shape_str
 from .backend import is_gpu_array
 from .chain import ORDERS
-from .layers import leaf_layers
+from .layers import named_params
 
 __all__ = ["JacobianStep"]
 
@@ -58,9 +58,7 @@ def _binding(net) -> list[tuple[str, Any]]:
     activation name) of ``net``, compared by identity (names by value) at each call."""
     if hasattr(net, "layers"):  # a Sequential
         layers = tuple(net.layers)
-        return [(f"layer {j} ({type(L).__name__})", L) for j, L in enumerate(layers)] + [
-            (f"layer {'.'.join(map(str, path))} ({type(L).__name__}) {name}", p)
-            for path, L in leaf_layers(layers) for name, p in zip(L.names, L.params)]
+        return [(f"layer {j} ({type(L).__name__})", L) for j, L in enumerate(layers)] + named_params(layers)
     K = len(net.weights)
     return ([(f"weights[{j}]", W) for j, W in enumerate(net.weights)]
             + [(f"biases[{j}]", b) for j, b in enumerate(net.biases)]

@@ -46,16 +46,9 @@ from ._passes import carve
 from ._step_io import StepIO, check_step_args
 from ._validate import shape_str
 from .backend import is_gpu_array
-from .layers import leaf_layers
+from .layers import named_params
 
 __all__ = ["SequentialStep"]
-
-
-def _named_params(layers, prefix: str = "layer ") -> list[tuple[str, Any]]:
-    """``[(where, array)]`` for every parameter in ``BlockGradients.flat`` order, ``where`` like
-    ``"layer 2 (LayerNorm) gamma"`` or ``"layer 1.0 (Dense) W"`` inside a residual block."""
-    return [(f"{prefix}{'.'.join(map(str, path))} ({type(L).__name__}) {name}", p)
-            for path, L in leaf_layers(layers) for name, p in zip(L.names, L.params)]
 
 
 class SequentialStep(StepIO):
@@ -85,7 +78,7 @@ class SequentialStep(StepIO):
             self._target = xp.zeros((B, net.n_out), dtype=dt)
             self._fbufs = carve_forward(xp, layers, B, dt, zero=True)
             _, self._bbufs = carve_backward(xp, layers, B, dt, self.input_grad, grad_y=False, zero=True)
-            self._flat, views = carve(xp, [tuple(p.shape) for _, p in _named_params(layers)], dt, zero=True)
+            self._flat, views = carve(xp, [tuple(p.shape) for _, p in named_params(layers)], dt, zero=True)
             self._grads = param_views(layers, views)
             self._loss = LossWorkspace(loss, xp, (B, net.n_out), dt)
             self._graphs = self._graph_cache()
@@ -104,7 +97,7 @@ class SequentialStep(StepIO):
         """Adopt the parameter arrays now in the network's layers (same shapes, dtype and device)
         and drop captured graphs (the next call re-captures)."""
         layers = tuple(self._net.layers)
-        params = _named_params(layers)
+        params = named_params(layers)
         grads = [g for per in self._grads for g in per]  # shaped as the parameters this step was compiled for
         if len(params) != len(grads):
             raise ValueError(f"the network now has {len(params)} parameter arrays; this step was compiled for "
@@ -130,7 +123,7 @@ class SequentialStep(StepIO):
             now = [p for L in layers for p in L.params]
             if len(now) == len(self._params) and all(a is b for a, (_, b) in zip(now, self._params)):
                 return
-            where = next(w for (w, p), (_, q) in zip(_named_params(layers), self._params) if p is not q)
+            where = next(w for (w, p), (_, q) in zip(named_params(layers), self._params) if p is not q)
             raise RuntimeError(
                 f"{where} is no longer the array this step was compiled with. The step reads parameters by "
                 f"reference: update them in place (W -= lr * dW, gamma[...] = new), or call step.rebind() after "

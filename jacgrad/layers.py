@@ -33,7 +33,7 @@ from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
 from .per_sample import grad_sq_norms
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm"]
+__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm", "named_params"]
 
 
 class Dense:
@@ -356,6 +356,14 @@ def leaf_layers(layers: Sequence[Any], path: tuple = ()):
             yield from leaf_layers(L.layers, path + (j,))
         else:
             yield path + (j,), L
+
+
+def named_params(layers: Sequence[Any], prefix: str = "layer ") -> list[tuple[str, Any]]:
+    """``[(where, array)]`` for every parameter, in ``leaf_layers`` order, ``where`` like
+    ``"layer 2 (LayerNorm) gamma"`` or ``"layer 1.0 (Dense) W"`` inside a residual block: the names
+    the compiled steps' messages give."""
+    return [(f"{prefix}{'.'.join(map(str, path))} ({type(L).__name__}) {name}", p)
+            for path, L in leaf_layers(layers) for name, p in zip(L.names, L.params)]
 
 
 def chained(layers: Sequence[Any], owner: str, label: str) -> list:
