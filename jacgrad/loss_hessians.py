@@ -52,11 +52,12 @@ def _check(name: str, y):
 def target_scale(name: str, y: Any, target: Any = None):
     """``r: (B, 1)`` for softmax cross-entropy with float target rows (their row sums), else None.
 
-    A given ``target`` is checked against ``y`` by the loss itself (same shapes, label range and
-    errors as ``jacgrad.losses``); ``target=None`` means labels or rows that sum to 1."""
+    A given ``target`` is checked against ``y`` with the loss's own checks (same shapes, label
+    range and errors as ``jacgrad.losses``; the loss itself is not computed); ``target=None``
+    means labels or rows that sum to 1."""
     if target is None:
         return None
-    losses.get(name)(y, target)  # the loss's own checks: shapes, dtypes, label range
+    losses.check_target(name, y, target)
     if name != "softmax_cross_entropy":
         return None
     t = asarray(target)  # torch / JAX / DLPack targets as the losses take them (their dtype is not NumPy's)

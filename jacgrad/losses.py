@@ -26,7 +26,7 @@ from ._validate import float_array, shape_str
 from .backend import asarray, get_xp, to_numpy
 from ._loss_workspace import LossWorkspace
 
-__all__ = ["LOSSES", "LossWorkspace", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
+__all__ = ["LOSSES", "LossWorkspace", "check_target", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
 
 
 def _output_and_target(y: Any, t: Any, y_name: str):
@@ -89,6 +89,19 @@ def softmax_cross_entropy(z: Any, t: Any):
         >>> round(float(value), 6), grad.tolist()
         (0.693147, [[0.5, -0.5]])
     """
+    xp, z, labels, T = _softmax_inputs(z, t)
+    if not z.shape[0]:
+        return _empty(xp, z)
+    ws = LossWorkspace("softmax_cross_entropy", xp, z.shape, z.dtype)
+    if T is None:
+        ws.labels[...] = labels
+    ws(z, T, labels=T is None)
+    return ws.value, ws.grad
+
+
+def _softmax_inputs(z: Any, t: Any):
+    """``(xp, z, labels, T)`` of softmax cross-entropy, checked: ``labels (B,)`` and ``T = None``,
+    or ``labels = None`` and float rows ``T: (B, C)``."""
     xp = get_xp(z, t)
     z = float_array(z, "logits z", xp)
     if z.ndim != 2:
@@ -108,13 +121,7 @@ def softmax_cross_entropy(z: Any, t: Any):
                         f"pass int labels (B,) or float rows of probabilities (B, C)")
     else:
         raise TypeError(f"target t has dtype {t.dtype}; pass int labels (B,) or float rows of probabilities (B, C)")
-    if not B:
-        return _empty(xp, z)
-    ws = LossWorkspace("softmax_cross_entropy", xp, z.shape, z.dtype)
-    if T is None:
-        ws.labels[...] = labels
-    ws(z, T, labels=T is None)
-    return ws.value, ws.grad
+    return xp, z, (labels if T is None else None), T
 
 
 def sigmoid_bce(z: Any, t: Any):
@@ -143,6 +150,16 @@ def _elementwise(name: str, y, t, what: str):
     ws = LossWorkspace(name, xp, y.shape, y.dtype)
     ws(y, t)
     return ws.value, ws.grad
+
+
+def check_target(name: str, y: Any, t: Any) -> None:
+    """The checks loss ``name`` makes of its output ``y`` and target ``t`` — shapes, dtypes, devices,
+    the label range — raising its errors, without computing the loss."""
+    get(name)  # KeyError listing the losses
+    if name == "softmax_cross_entropy":
+        _softmax_inputs(y, t)
+    else:
+        _output_and_target(y, t, "logits z" if name == "sigmoid_bce" else "output y")
 
 
 LOSSES: dict[str, Callable] = {
