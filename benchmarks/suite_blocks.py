@@ -14,7 +14,8 @@ GPU; this plan with NumPy standing in for the device and one timing repeat took 
 Rows (op, dtype, net): ``forward``, ``loss_and_grads`` (loss, ∂θ in ``g.flat``, ∂x),
 ``jacobian_chain`` (per-sample Jacobians, auto order), ``compiled step`` (``net.compile(B,
 capture="auto")``: the first call and two replays with new batches; the row says whether a CUDA
-graph was recorded and, if not, why), ``per_sample_grad_norms``, ``per_sample_grads``, ``ggn_vp``,
+graph was recorded and, if not, why), ``compiled jacobian`` (``net.compile_jacobian(B)``, the same
+three calls against the float64 eager Jacobian), ``per_sample_grad_norms``, ``per_sample_grads``, ``ggn_vp``,
 ``ggn_diagonal``, ``ntk``, ``gradient_flow`` (the exact numbers of the block report: loss, each
 block's ‖∂θ‖ and bound, and χ and ‖J‖₂ where exact). Relative Frobenius error
 ‖a − ref‖_F / ‖ref‖_F, the worst over a row's arrays, ≤ 1e-5 (float32) or ≤ 1e-11 (float64).
@@ -196,6 +197,7 @@ def _passes(dev: Device, host: Device, dtype: str, spec: dict) -> list[dict]:
          lambda: [ref.jacobian_chain(ref.forward(x64)[1]).jacobian()],
          on_host=lambda: hnet.jacobian_chain(hnet.forward(data["x"])[1]).jacobian(), torch_fn=tf.get("jacobian"))
     _compiled(rows, dev, host, dtype, spec, net, hnet, ref, tf.get("step"))
+    _compiled_jacobian(rows, dev, host, dtype, spec, net, hnet, ref, tf.get("jacobian"))
     return rows
 
 
@@ -234,6 +236,35 @@ def _compiled(rows, dev, host, dtype, spec, net, hnet, ref, torch_step) -> None:
          on_host=lambda: hstep(batches[0]["x"], batches[0]["t"]), torch_fn=torch_step)
     rows[-1]["captured"], rows[-1]["capture_error"] = (parts[0] if parts else (None, ""))
     print(f"[blocks] compiled step | {label} | {dtype} | captured {rows[-1]['captured']} "
+          f"{rows[-1]['capture_error']}", file=sys.stderr, flush=True)
+
+
+def _compiled_jacobian(rows, dev, host, dtype, spec, net, hnet, ref, torch_jacobian) -> None:
+    """``net.compile_jacobian(B, capture="auto")``: its first call (eager; recording) and two replays
+    with new batches, each against the float64 eager Jacobian; then the replay's time."""
+    label = _label(spec)
+    batches = [_data(spec, dtype, 30 + call)["x"] for call in range(3)]
+    parts = []
+    try:
+        step, hstep = net.compile_jacobian(spec["B"]), hnet.compile_jacobian(spec["B"])
+    except Exception as exc:  # noqa: BLE001 - a failed construction is a failed row
+        rows.append({"op": "compiled jacobian", "dtype": dtype, "net": label, "tol": TOL[dtype],
+                     "rel_err": float("inf"), "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc()})
+        _log(rows[-1])
+        return
+
+    def got():
+        out = [step(dev.put(b), copy=True) for b in batches]
+        parts.append((step.captured, step.capture_error or ""))
+        return out
+
+    x = dev.put(batches[0])
+    _row(rows, dev, host, "compiled jacobian", dtype, label, got,
+         lambda: [ref.jacobian_chain(ref.forward(b.astype(np.float64))[1]).jacobian() for b in batches],
+         on_dev=lambda: step(x), on_host=lambda: hstep(batches[0]), torch_fn=torch_jacobian)
+    rows[-1]["captured"], rows[-1]["capture_error"] = (parts[0] if parts else (None, ""))
+    print(f"[blocks] compiled jacobian | {label} | {dtype} | captured {rows[-1]['captured']} "
           f"{rows[-1]['capture_error']}", file=sys.stderr, flush=True)
 
 

@@ -9,7 +9,7 @@ import jacgrad as jg
 from fake_cupy_transfers import install
 from test_bench import _suite_module as _module
 
-OPS = {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step", "per_sample_grad_norms",
+OPS = {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step", "compiled jacobian", "per_sample_grad_norms",
        "per_sample_grads", "ggn_vp", "ggn_diagonal", "ntk", "gradient_flow (block report)"}
 
 
@@ -63,7 +63,8 @@ def test_a_wrong_result_and_a_raising_op_fail_their_rows_only(monkeypatch):
 def test_on_fake_device_arrays_every_op_but_the_capture_validates(monkeypatch):
     """The GPU plan's code path (``dev.gpu``: device-typed arrays, CuPy's dispatch, the norm kernels'
     wiring) on the fake CuPy of tests/fake_cupy_transfers.py, at the dry sizes. The fake has no
-    CUDA runtime, so the compiled step's construction fails: a failed row, and the section goes on."""
+    CUDA runtime, so the compiled steps' construction fails (the training step's and the Jacobian's):
+    failed rows, and the section goes on."""
     blocks, device = _module("suite_blocks"), _module("suite_device")
     fake = install(monkeypatch)
     dev = device.Device.__new__(device.Device)  # Device("gpu") would ask the (absent) CUDA runtime
@@ -74,9 +75,10 @@ def test_on_fake_device_arrays_every_op_but_the_capture_validates(monkeypatch):
     monkeypatch.setattr(blocks, "REPEATS", 1)
     data = blocks.blocks(dev)
     assert {r["op"] for r in data["rows"]} == OPS and not data["ok"]
-    compiled = [r for r in data["rows"] if r["op"] == "compiled step"]
-    assert len(compiled) == 2 and all(not r["ok"] and "GPU" in r["error"] for r in compiled)
-    rest = [r for r in data["rows"] if r["op"] != "compiled step"]
+    graphed = ("compiled step", "compiled jacobian")
+    compiled = [r for r in data["rows"] if r["op"] in graphed]
+    assert len(compiled) == 4 and all(not r["ok"] and "GPU" in r["error"] for r in compiled)
+    rest = [r for r in data["rows"] if r["op"] not in graphed]
     assert all(r["ok"] for r in rest), [r for r in rest if not r["ok"]]
     assert all(r["rel_err"] > 0 for r in rest if r["dtype"] == "float32")
     spec = blocks.DRY_PLAN[0][1]  # the section's net as the GPU plan builds it lives on the device
