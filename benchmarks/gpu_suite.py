@@ -24,8 +24,11 @@ section only; the results are written after every section), in < 8 minutes on an
 7. peers        — jacgrad-cupy against torch-CUDA eager and jax-GPU (and jacgrad/torch on the CPU
                   for the small cases), one child process per case;
 8. pytest_gpu   — ``pytest -m gpu tests`` (the CuPy tests), counts and log;
+9. profile      — ``benchmarks/gpu_profile.py``: the host-side profile of the launch-bound calls
+                  (eager small step, tapering Jacobians, per-sample norms, GGN diagonal, block report,
+                  the eager step through jacgrad's own cuBLAS calls), into ``profile.txt``;
 
-into ``--out``: ``results.md``, ``results.json``, ``pytest_gpu.log`` and ``suite.log`` (every
+into ``--out``: ``results.md``, ``results.json``, ``pytest_gpu.log``, ``profile.txt`` and ``suite.log`` (every
 child's output, with ``faulthandler``'s stacks of a crash or a hang). ``--budget`` (default 450 s)
 is shared among the sections left, in proportion to their weights, so a fast section leaves its
 time to the next and none can starve those after it.
@@ -62,7 +65,8 @@ import suite_sections  # noqa: E402
 # (section, weight in the budget, floor in seconds): the order they run in
 PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("norm_kernels", 2, 40),
         ("validation", 4, 30),
-        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 14, 60), ("pytest_gpu", 8, 30)]
+        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 14, 60), ("pytest_gpu", 8, 30),
+        ("profile", 2, 30)]
 SECTIONS = tuple(name for name, _, _ in PLAN)
 GRACE_S = 15  # after a child's limit: faulthandler prints its stacks, then it is killed
 LOG_TAIL = 4000
@@ -153,6 +157,8 @@ class Suite:
             rec = self.pytest_gpu(limit)
         elif name == "peers":
             rec = self.peers(limit)
+        elif name == "profile":
+            rec = self.profile(limit)
         else:
             copy = self.results.get("copy_GB_per_s") if name in ("fused_kernel", "norm_kernels") else None
             rec = self.child(name, limit, copy_gbps=copy)
@@ -181,6 +187,23 @@ class Suite:
         ok = rc in (0, 5)
         return {"status": "ok" if ok else ("timeout" if rc == "timeout" else "failed"), "data": data,
                 **({} if ok else {"error": f"pytest exit {rc}: {data['summary']}"})}
+
+    def profile(self, limit: float) -> dict:
+        """``benchmarks/gpu_profile.py`` in a child: the host-side profile of the launch-bound calls,
+        into ``profile.txt`` beside the results; its per-call times in the record."""
+        text_path = self.args.out / "profile.txt"
+        cmd = [sys.executable, "-X", "faulthandler", str(HERE / "gpu_profile.py"), "--out", str(text_path)]
+        if self.dry:
+            cmd += ["--device", "cpu"]
+        rc, out = run_process(cmd, limit)
+        with open(self.args.out / "suite.log", "a", encoding="utf-8") as f:
+            f.write(f"===== profile (rc {rc}, limit {limit:.0f} s) =====\n{out}\n")
+        calls = [ln.strip() for ln in out.splitlines() if " ms per call unprofiled" in ln or "worst rel. diff" in ln]
+        rec = {"status": "ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed"),
+               "data": {"calls": calls, "file": "profile.txt"}}
+        if rc != 0:
+            rec["error"] = f"gpu_profile.py: {'no result within the limit' if rc == 'timeout' else f'exit {rc}'}; see suite.log"
+        return rec
 
     def peers(self, limit: float) -> dict:
         """One child per case, each with its weighted share (``PEER_WEIGHTS``) of what is left of ``limit``."""

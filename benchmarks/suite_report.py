@@ -126,6 +126,11 @@ def markdown(results: dict) -> str:
         L.append(f"| {name} | {s['status']} | {_fmt(s.get('seconds'), '.1f')} | {s.get('error') or s.get('note') or ''} |")
     secs = results["sections"]
 
+    d = secs.get("profile", {}).get("data")
+    if d and d.get("calls"):
+        L += ["", "## Host-side profile of the launch-bound calls (`benchmarks/gpu_profile.py`)", "",
+              "Mean wall time per call, unprofiled; cProfile's tables in `profile.txt`.", ""]
+        L += [f"- {c}" for c in d["calls"]]
     d = secs.get("pytest_gpu", {}).get("data")
     if d:
         L += ["", "## pytest -m gpu", "", f"`{d['command']}` → exit {d['returncode']}: tests {d.get('tests', '—')}, "

@@ -239,8 +239,11 @@ def test_gpu_suite_dry_run_on_the_cpu(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     sections = res["sections"]
     assert sections["pytest_gpu"]["status"] == "skipped"
-    for name in ("environment", "validation", "ceilings", "fused_kernel", "peers"):
+    for name in ("environment", "validation", "ceilings", "fused_kernel", "peers", "profile"):
         assert sections[name]["status"] == "ok", (name, sections[name])
+    calls = sections["profile"]["data"]["calls"]
+    assert any(c.startswith("MLP loss_and_grads") for c in calls) and any("direct cuBLAS" in c for c in calls)
+    assert (tmp_path / "profile.txt").read_text().count("ms per call unprofiled") >= 6
     v = sections["validation"]["data"]
     assert v["ok"] and v["summary"]["float32"]["checks"] > 100 and v["summary"]["float32"]["failed"] == 0
     checks = {r["check"] for r in v["rows"]}
