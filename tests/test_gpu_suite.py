@@ -44,13 +44,13 @@ def test_the_plain_dry_run_command_passes():
     assert "targets_error" not in res and len(res["targets"]) >= 10, res.get("targets_error")
     assert "| large training step (B=4096, 8×4096) vs torch eager |" in (out / "results.md").read_text()
     assert set(res["sections"]) == {"environment", "ceilings", "fused_kernel", "norm_kernels", "validation", "compiled",
-                                    "blocks", "tf32", "peers", "pytest_gpu"}
+                                    "blocks", "tf32", "peers", "pytest_gpu", "profile"}
     fused = res["sections"]["fused_kernel"]["data"]["rows"]
     assert {(r["kernel"], r["shape"]) for r in fused} == {("scale_cotangent", "same"), ("scale_cotangent", "row"),
                                                           ("forward_with_derivative", "same")}
     compiled = res["sections"]["compiled"]["data"]
     assert compiled["ok"] and compiled["summary"]["float64"]["checks"] > 20
-    assert sorted((out / n).name for n in os.listdir(out)) == ["pytest_gpu.log", "results.json", "results.md", "suite.log"]
+    assert sorted((out / n).name for n in os.listdir(out)) == ["profile.txt", "pytest_gpu.log", "results.json", "results.md", "suite.log"]
 
 
 def test_a_segfaulting_section_costs_that_section_only(tmp_path):
