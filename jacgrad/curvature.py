@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .backend import dot_along, get_xp
+from .backend import dot_along
 from .factors import ResidualFactor
 from .per_sample import is_norm, leaf_factors, output_partials
 
@@ -85,7 +85,6 @@ def accumulate_leaf_diagonal(factors: Sequence[Any], leaf_input: Callable[[int],
     """Add ``scale ·`` the Gauss–Newton diagonal of the cotangent rows ``V: (B, R, n_out)``
     (overwritten) into ``outs[k]``, leaf k's arrays in its parameters' shapes (module text).
     ``leaf_input(k)``: leaf k's ``a: (B, H)``."""
-    xp = get_xp(V)
     leaves = leaf_factors(factors)
     for k, G in output_partials(factors, V):
         s = dot_along(G, G, 1)

@@ -23,10 +23,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ._validate import float_array, shape_str
-from .backend import asarray, get_xp, to_numpy
+from .backend import asarray, get_xp, is_gpu_array, to_numpy
 from ._loss_workspace import LossWorkspace
 
-__all__ = ["LOSSES", "LossWorkspace", "check_target", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
+__all__ = ["LOSSES", "LossWorkspace", "check_target", "one_layout", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
 
 
 def _output_and_target(y: Any, t: Any, y_name: str):
@@ -150,6 +150,14 @@ def _elementwise(name: str, y, t, what: str):
     ws = LossWorkspace(name, xp, y.shape, y.dtype)
     ws(y, t)
     return ws.value, ws.grad
+
+
+def one_layout(t: Any) -> Any:
+    """A 2-D NumPy/CuPy target made C-contiguous (anything else as given): the layout a compiled
+    step copies targets into, so ``loss_and_grads`` sums in the same order (bitwise the same)."""
+    if getattr(t, "ndim", 0) == 2 and (isinstance(t, np.ndarray) or is_gpu_array(t)):
+        return get_xp(t).ascontiguousarray(t)
+    return t
 
 
 def check_target(name: str, y: Any, t: Any) -> None:

@@ -19,7 +19,7 @@ from . import _lazy, initializers, losses
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
 from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
-from .backend import device_of, get_xp, is_gpu_array, resolve_device, to_device
+from .backend import device_of, get_xp, resolve_device, to_device
 from .chain import Chain
 from ._compiled_jacobian import JacobianStep
 from .compiled import TrainingStep
@@ -345,9 +345,7 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         GEMM of the ``2K`` a backward pass does), as a training loop may."""
         loss_fn = losses.get(loss)
         y, cache = self._forward(x)  # y is not handed out: no copy needed
-        if getattr(target, "ndim", 0) == 2 and (isinstance(target, np.ndarray) or is_gpu_array(target)):
-            target = get_xp(target).ascontiguousarray(target)  # one layout, as in a TrainingStep: the same sums
-        value, grad_y = loss_fn(y, target)
+        value, grad_y = loss_fn(y, losses.one_layout(target))  # one layout, as in a compiled step: the same sums
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
     # ------------------------------------------------------------------ files

@@ -28,7 +28,7 @@ from ._compiled_sequential import SequentialStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, shape_str
-from .backend import get_xp, is_gpu_array, to_numpy
+from .backend import get_xp, to_numpy
 from .chain import Chain
 from .layers import NORMS, chained, Dense, LayerNorm, leaf_layers, Residual, RMSNorm
 from .mlp import _require_finite
@@ -153,9 +153,7 @@ class Sequential(SequentialParameterSpace):
         """``(value, BlockGradients)`` of ``loss`` (see ``jacgrad.losses``) against ``target``."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
-        if getattr(target, "ndim", 0) == 2 and (isinstance(target, np.ndarray) or is_gpu_array(target)):
-            target = get_xp(target).ascontiguousarray(target)  # one layout, as in a compiled step: the same sums
-        value, grad_y = loss_fn(y, target)
+        value, grad_y = loss_fn(y, losses.one_layout(target))  # one layout, as in a compiled step: the same sums
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
     def jacobian_chain(self, cache: SequentialCache) -> Chain:
