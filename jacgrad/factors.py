@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import norm_kernels
+from . import hostpool, norm_kernels
+from ._gemm import matmul
 from ._validate import float_array, shape_str
 from .backend import get_xp
 from .bracketing import row_cost, stack_jvp, stack_vjp
@@ -122,7 +123,7 @@ class NormFactor:
         X = xp.stack([xh, xp.ones_like(xh)], axis=-2) if self.centered else xh[..., None, :]
         K = xp.matmul(s, X.swapaxes(-1, -2))
         K /= n
-        C = xp.matmul(K, X)
+        C = matmul(K, X)
         if inplace and C.shape == s.shape:
             return xp.subtract(s, C, out=s)
         return xp.subtract(s, C, out=C)
@@ -181,7 +182,7 @@ class NormFactor:
         fused = self._fused(a, True, stack=True)
         if fused is not None:
             return fused
-        return self._project_stack(a * self.scale[..., None, :], inplace=True)
+        return self._project_stack(_multiply(a, self.scale[..., None, :]), inplace=True)
 
     def dense(self, transposed: bool = False):
         """``(B, n, n)`` or ``(n, n)``; built only on request (tests, tiny chains)."""
@@ -280,14 +281,14 @@ class ResidualFactor:
 
     def jvp_stack(self, a):
         """On every row of ``a: (…, r, n)``; ``a`` is only read."""
-        t = a * self.scale_
+        t = _multiply(a, self.scale_)
         for J in self.inner.factors:
             t = stack_jvp(J, t)
         return _add_into(t, a)
 
     def vjp_stack(self, a):
         """``Jᵀ`` on every row of ``a: (…, r, n)``; ``a`` is only read."""
-        t = a * self.scale_
+        t = _multiply(a, self.scale_)
         for J in reversed(self.inner.factors):
             t = stack_vjp(J, t)
         return _add_into(t, a)
@@ -316,3 +317,11 @@ def _add_into(t, a):
     if np.broadcast_shapes(t.shape, a.shape) == t.shape and np.result_type(t.dtype, a.dtype) == t.dtype:
         return get_xp(t, a).add(t, a, out=t)
     return t + a
+
+
+def _multiply(a, b):
+    """``a * b`` (broadcast), on NumPy into a block of ``hostpool`` (see ``_gemm._host_matmul``)."""
+    if get_xp(a) is not np:
+        return a * b
+    dt = np.result_type(a, b)
+    return np.multiply(a, b, out=hostpool.empty(np.broadcast_shapes(np.shape(a), np.shape(b)), dt))

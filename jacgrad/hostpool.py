@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["capacity", "nbytes", "release", "take"]
+__all__ = ["capacity", "empty", "nbytes", "release", "take"]
 
 capacity = 8  # blocks remembered: three per step (cache, deltas, gradients), room for two steps alive; 0 turns pooling off
 
@@ -80,6 +80,26 @@ def take(n: int, dtype) -> np.ndarray:
         _blocks.append(block)
         del _blocks[: max(0, len(_blocks) - capacity)]
         return block
+
+
+MIN_POOLED_BYTES = 1 << 18  # smaller arrays come from the C allocator's arenas, already faulted in
+MAX_POOLED_BYTES = 1 << 26  # bigger ones are not kept: what the pool holds idle stays ≤ capacity × 64 MiB
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)``, carved from a block of ``take`` when it has between
+    ``MIN_POOLED_BYTES`` and ``MAX_POOLED_BYTES`` (the block is its base, so the result keeps the
+    block in use for as long as anything refers to it); a plain ``np.empty`` outside that range.
+    For the temporaries of a computation (the stacks of a Jacobian product), reused within and
+    across calls."""
+    shape = tuple(int(n) for n in shape)
+    dtype = np.dtype(dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    if not MIN_POOLED_BYTES <= n * dtype.itemsize <= MAX_POOLED_BYTES:
+        return np.empty(shape, dtype)
+    return take(n, dtype).reshape(shape)
 
 
 def nbytes() -> int:
