@@ -101,5 +101,13 @@ def _unfused_forward(xp, L, x):
 
 
 def _unfused_product(F, a, scale_first: bool):
-    """The factor's NumPy expression on the device's arrays (``NormFactor._project``)."""
-    return F._project(a * F.scale, F.xhat) if scale_first else F._project(a, F.xhat) * F.scale
+    """What the product kernel replaces: the projection ``P`` as array expressions, one op each
+    (``a − (a·x̂)x̂/n − mean(a)``), on the device's arrays, before or after the scale ``γ·inv``."""
+    def project(t):
+        n = max(F.h_in, 1)
+        out = t - (t * F.xhat).sum(axis=-1, keepdims=True) * (F.xhat / n)
+        if F.centered:
+            out -= t.mean(axis=-1, keepdims=True)
+        return out
+
+    return project(a * F.scale) if scale_first else project(a) * F.scale

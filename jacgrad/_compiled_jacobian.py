@@ -87,8 +87,8 @@ class JacobianStep(StepIO):
         self._net, self._xp, self.order, self.dtype, self._capture = net, xp, order, dt, capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
         self._bound = _binding(net)
-        first = self._bound[0][1] if hasattr(net, "layers") else net.weights[0]
-        self._device = (first.params[0] if hasattr(net, "layers") else first).device if self._gpu else None
+        first = net.layers[0].params[0] if hasattr(net, "layers") else net.weights[0]
+        self._device = first.device if self._gpu else None
         self.n_in, self.n_out = int(net.sizes[0]), int(net.sizes[-1])
         with self._on_device():
             self._x = xp.zeros((self.batch, self.n_in), dtype=dt)

@@ -206,10 +206,6 @@ def _top_eigenvalue_bounded(a: np.ndarray, b: np.ndarray, floor: np.ndarray, rel
     return out
 
 
-def _dot(xp, a, b):
-    return dot_along(a, b, 1)
-
-
 def _checks(first_check: int, check_every: int, n: int, max_steps: int) -> set:
     """The steps after which the tridiagonals come to the host."""
     steps = {min(first_check, n), n}
@@ -225,7 +221,7 @@ def _checks(first_check: int, check_every: int, n: int, max_steps: int) -> set:
 def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, upper):
     """``(theta, pending)``: host ``(P,)`` top Ritz values and the rows not settled."""
     P, n = q.shape
-    q = q / xp.sqrt(_dot(xp, q, q))[:, None]
+    q = q / xp.sqrt(dot_along(q, q, 1))[:, None]
     q_prev = xp.zeros_like(q)
     b_prev = xp.zeros(P, dtype=q.dtype)
     fresh: list = []  # per step (α, β, breakdown) on the device, not yet on the host
@@ -241,13 +237,13 @@ def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, uppe
     test_at = np.zeros(P, dtype=np.int64)  # the step from which a solved row's θ may be tested
     for k in range(max_steps):
         w = matvec(q, rows)
-        a = _dot(xp, w, q)
+        a = dot_along(w, q, 1)
         w -= a[:, None] * q
         w -= b_prev[:, None] * q_prev
         # No reorthogonalisation against older vectors: lost orthogonality only duplicates
         # converged Ritz values (Paige), it never moves the largest one, so λ_max needs no
         # Krylov basis — the memory stays a few (P, n) blocks.
-        b = xp.sqrt(_dot(xp, w, w))
+        b = xp.sqrt(dot_along(w, w, 1))
         scale = xp.maximum(scale, xp.abs(a) + b)
         # Breakdown: the Krylov space is invariant and the Ritz values are exact eigenvalues.
         # The row continues with q = 0, which only appends zero eigenvalues to its T (A is PSD).

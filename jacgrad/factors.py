@@ -105,16 +105,8 @@ class NormFactor:
         b = f"B={self.batch}, " if self.per_sample else "shared, "
         return f"NormFactor({kind}, {b}n={self.h_in}, dtype={self.dtype})"
 
-    def _project(self, a, xh):
-        """``P a`` on the last axis, ``xh`` broadcast against ``a``."""
-        n = max(self.h_in, 1)
-        t = a - (a * xh).sum(axis=-1, keepdims=True) * (xh / n)
-        if self.centered:
-            t -= a.mean(axis=-1, keepdims=True) if self.h_in else 0.0
-        return t
-
-    def _project_stack(self, s, inplace: bool):
-        """``P s`` for stacked rows ``s: (…, r, n)`` on NumPy: every row's two sums (``s·x̂`` and,
+    def _project(self, s, inplace: bool):
+        """``P s`` for stacked rows ``s: (…, r, n)`` on NumPy (rows: ``s[..., None, :]``): every row's two sums (``s·x̂`` and,
         centred, ``Σ s``) as one stacked matmul against ``X = [x̂; 1]``, the correction ``(K/n) X``
         as another, subtracted — into ``s`` when ``inplace`` (and shapes allow), else into the
         correction's fresh array. Half the time of the row-by-row expression at (256, 10, 1024)."""
@@ -139,7 +131,9 @@ class NormFactor:
         """``Ju = γ·inv ⊙ P u``: ``u (B, n) -> (B, n)``."""
         u = _check_rows(self, u, self.h_in, "tangent")
         fused = self._fused(u, False)
-        return self._project(u, self.xhat) * self.scale if fused is None else fused
+        if fused is not None:
+            return fused
+        return self._project(u[..., None, :], inplace=False)[..., 0, :] * self.scale
 
     def vjp(self, v: Any, out: Any = None, work: Any = None):
         """``Jᵀv = P (γ·inv ⊙ v) = inv·(s − x̂·(s·x̂)/n − mean(s))``, ``s = γ ⊙ v`` (inv is a
@@ -173,7 +167,7 @@ class NormFactor:
         fused = self._fused(a, False, stack=True)
         if fused is not None:
             return fused
-        t = self._project_stack(a, inplace=False)  # a fresh array: a is only read
+        t = self._project(a, inplace=False)  # a fresh array: a is only read
         t *= self.scale[..., None, :]
         return t
 
@@ -182,7 +176,7 @@ class NormFactor:
         fused = self._fused(a, True, stack=True)
         if fused is not None:
             return fused
-        return self._project_stack(_multiply(a, self.scale[..., None, :]), inplace=True)
+        return self._project(_multiply(a, self.scale[..., None, :]), inplace=True)
 
     def dense(self, transposed: bool = False):
         """``(B, n, n)`` or ``(n, n)``; built only on request (tests, tiny chains)."""

@@ -58,16 +58,11 @@ def leaf_factors(factors: Sequence[Any]) -> list:
     return out
 
 
-def _row_sq(xp, a):
-    """``Σ_k a[i, k]²`` per row: ``(B, H) -> (B,)``."""
-    return dot_along(a, a, 1)
-
-
-def _dense_sq(xp, z, delta):
+def _dense_sq(z, delta):
     """``(‖z_i‖² + 1)·‖δ_i‖²``: ``(B,)``."""
-    zz = _row_sq(xp, z)
+    zz = dot_along(z, z, 1)
     zz += 1
-    zz *= _row_sq(xp, delta)
+    zz *= dot_along(delta, delta, 1)
     return zz
 
 
@@ -75,13 +70,12 @@ def leaf_sq_norms(J, a, delta, n_params: int):
     """``(B,)``: per sample, the squared norm of one leaf's parameter gradient (module text).
     ``a``: ``z_prev (B, H_in)`` or ``x̂ (B, n)``; ``delta``: the per-sample ``δ``/``g: (B, H_out)``;
     ``n_params``: 1 (RMSNorm) or 2."""
-    xp = get_xp(delta)
     if not is_norm(J):
-        return _dense_sq(xp, a, delta)
+        return _dense_sq(a, delta)
     ag = a * delta
-    sq = _row_sq(xp, ag)
+    sq = dot_along(ag, ag, 1)
     if n_params > 1:
-        sq += _row_sq(xp, delta)
+        sq += dot_along(delta, delta, 1)
     return sq
 
 
@@ -94,7 +88,7 @@ def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scal
     L, B = len(deltas), deltas[0].shape[0]
     out = xp.empty((B, L), dtype=deltas[0].dtype)
     for j, delta in enumerate(deltas):
-        out[:, j] = _dense_sq(xp, layer_input(j - 1), delta)
+        out[:, j] = _dense_sq(layer_input(j - 1), delta)
     out *= scale * scale
     return out
 
