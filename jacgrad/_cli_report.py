@@ -177,6 +177,14 @@ def run_report(args) -> int:
     if args.plot is not None:
         check_output_path(args.plot, "--plot")
         _require_matplotlib()
+        from ._report_plot import plot_format
+
+        try:
+            plot_format(args.plot)
+        except ValueError as exc:
+            raise UsageError(f"--plot: {exc}") from None
+    elif getattr(args, "dpi", None) is not None:
+        raise UsageError("--dpi needs --plot (the figure it sets the resolution of)")
     # With --json -, stdout carries the JSON alone (pipe it into a JSON reader); the tables go to stderr.
     text_out = sys.stderr if args.json == "-" else sys.stdout
     _check_data_options(args)
@@ -225,14 +233,8 @@ def run_report(args) -> int:
                 raise UsageError(f"--json {args.json!r}: cannot write ({exc.strerror or exc})") from None
             print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
-        dense = [r for r in reports if isinstance(r, diagnostics.GradientFlowReport)]
-        if len(dense) < len(reports):
-            print(f"--plot: the PNG shows the {len(dense)} dense-layer report(s); block reports are in the text and JSON",
-                  file=sys.stderr)
-        if not dense:
-            raise UsageError("--plot draws dense-layer reports; a --residual network has only block rows (use --json)")
         try:
-            plot_reports(dense, args.plot)
+            plot_reports(reports, args.plot, dpi=getattr(args, "dpi", None))
         except OSError as exc:
             raise UsageError(f"--plot {args.plot!r}: cannot write ({exc.strerror or exc})") from None
         print(f"wrote {args.plot}", file=sys.stderr)

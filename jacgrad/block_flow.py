@@ -27,6 +27,7 @@ from .bracketing import stack_jvp
 from .chain import Chain
 from .distributed import reduce_in_memory
 from ._report_blocks import block_dict, block_hints, block_json, block_text
+from ._report_plot import plot_reports
 from .layers import NORMS, leaf_layers
 from .sequential import Sequential
 
@@ -211,6 +212,12 @@ class BlockFlowReport:
         return block_text(self)
 
     __str__ = to_text
+
+    def plot(self, path, dpi: float | None = None) -> None:
+        """Save the figure at ``path`` (format by suffix, as ``GradientFlowReport.plot``), at ``dpi``
+        (default 100): per-block ‖∂L/∂θ‖, ‖J‖₂ and bound, χ per block against its healthy band, and
+        the whole network's ‖J‖₂. Needs matplotlib (``jacgrad[plot]``)."""
+        plot_reports([self], path, dpi=dpi)
 
     def __repr__(self) -> str:
         label = f"{self.label!r}, " if self.label else ""

@@ -114,7 +114,10 @@ def _build_parser() -> _Parser:
     )
     rep.add_argument("--json", default=None, metavar="PATH",
                      help="write every number as JSON ('-': stdout carries the JSON alone, the tables go to stderr)")
-    rep.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the flow (needs jacgrad[plot])")
+    rep.add_argument("--plot", default=None, metavar="PATH",
+                     help="write the figure, in the format the suffix names: .png, .svg, .pdf, ... (needs jacgrad[plot])")
+    rep.add_argument("--dpi", type=float_option("--dpi", 0.0, strict=True), default=None, metavar="N",
+                     help="with --plot: dots per inch (default 100)")
 
     chk = sub.add_parser(
         "check",

@@ -126,10 +126,13 @@ class GradientFlowReport:
         return (f"GradientFlowReport({label}sizes {sizes}, {self.depth} layers, B={self.batch}, "
                 f"verdict={self.verdict!r}, chi_bar={self.chi_bar:.4g})")
 
-    def plot(self, path) -> None:
-        """Save a PNG: per-layer gradient and Jacobian norms (log scale), χ per layer, and the
-        singular-value histogram of the input-output Jacobian. Needs matplotlib (``jacgrad[plot]``)."""
-        plot_reports([self], path)
+    def plot(self, path, dpi: float | None = None) -> None:
+        """Save the figure at ``path``, in the format its suffix names (``.png``, ``.svg``, ``.pdf``,
+        …; another suffix is a ``ValueError`` listing the valid ones), at ``dpi`` (default 100):
+        per-layer gradient and Jacobian norms (log scale), χ per layer against its healthy band,
+        and the singular-value histogram of the input-output Jacobian. Needs matplotlib
+        (``jacgrad[plot]``)."""
+        plot_reports([self], path, dpi=dpi)
 
 
 # ---------------------------------------------------------------------------- the report

@@ -17,6 +17,7 @@ import numpy as np
 __all__ = ["hints", "histogram_bins", "plot_reports", "report_dict", "report_json", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
 
 from ._report_plot import PLOT_INSTALL_HINT, histogram_bins, plot_reports
+from ._verdict import spectrum_verdict
 
 _LAYER_FIELDS = (
     "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
@@ -215,7 +216,10 @@ def report_text(report) -> str:
             f"mean squared singular value = {report.mean_squared_singular_value:.3g} "
             f"({report.mean_squared_singular_value_method})"
         )
-    lines.append(f"verdict: {report.verdict.upper()}")
+    spectrum = spectrum_verdict(sv) if sv.size else None
+    if spectrum is not None:
+        lines.append(f"spectrum: {spectrum}")
+    lines.append(f"verdict: {report.verdict.upper()}" + (" (the spectrum: rank-deficient)" if spectrum else ""))
     for h in report.hints:
         lines.append(f"  - {h}")
     return "\n".join(lines)
