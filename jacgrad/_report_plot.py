@@ -197,9 +197,8 @@ def _plot_one(row, rep) -> None:
         median = float(np.median(sv))
         if median > 0:
             ax.axvline(median, color="tab:red", lw=1.0, ls=":")
-        title = f"singular values of ∂y/∂x ({rep.spectrum_samples} samples)\nmedian {median:.2g} (dotted)"
-        if spectrum:
-            title += f", {median / float(np.max(shown)):.1g} of the largest: RANK-DEFICIENT"
+        title = f"singular values of ∂y/∂x ({rep.spectrum_samples} samples)\n" + (
+            "RANK-DEFICIENT: the median (dotted) ≪ the largest" if spectrum else f"median {median:.2g} (dotted)")
         ax.set_title(title, fontsize=10, color="tab:red" if spectrum else "black")
         _log_labels(ax.xaxis)
         ax.set_xlabel(f"σ ({zero} numerically zero, not shown)" if zero else "σ")

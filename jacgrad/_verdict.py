@@ -93,5 +93,7 @@ def spectrum_verdict(singular_values) -> str | None:
         return None
     k = sv.shape[1]
     strong = int(np.median((sv >= SPECTRUM_RATIO * top[:, None]).sum(axis=1)))
-    return (f"rank-deficient: the median singular value of ∂y/∂x is {ratio:.2g} of the largest ({strong} of {k} "
-            f"within {1 / SPECTRUM_RATIO:.0f}x of it): most input directions do not reach the output, whatever χ̄ says")
+    # below max(m, n)·eps of the largest a value is rounding noise: its digits mean nothing
+    size = "numerically zero" if ratio <= k * np.finfo(float).eps else f"{ratio:.2g} of the largest"
+    return (f"rank-deficient: the median singular value of ∂y/∂x is {size} ({strong} of {k} "
+            f"within {1 / SPECTRUM_RATIO:.0f}x of the largest): most input directions do not reach the output, whatever χ̄ says")

@@ -169,6 +169,13 @@ def _sizes(sizes: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def _sv(sv, value) -> str:
+    """A singular value for the text: ``≈0`` below the rounding level max(m, n)·eps·σ_max of the
+    Jacobians (rounding noise, whose digits differ from one BLAS to the next)."""
+    noise = max(sv.shape[-1], 1) * np.finfo(float).eps * float(np.max(sv))
+    return "≈0" if value <= noise else f"{value:.3g}"
+
+
 def report_text(report) -> str:
     lines = []
     title = report.label or "network"
@@ -208,7 +215,7 @@ def report_text(report) -> str:
         lines.append(
             f"input-output Jacobian ({report.spectrum_method}): ‖J‖₂ = {report.jacobian_spectral_norm:.3g}, "
             f"mean squared singular value = {report.mean_squared_singular_value:.3g}, singular values "
-            f"{sv.min():.3g} … {np.median(sv):.3g} (median) … {sv.max():.3g}"
+            f"{_sv(sv, sv.min())} … {_sv(sv, np.median(sv))} (median) … {sv.max():.3g}"
         )
     else:
         lines.append(
