@@ -48,6 +48,8 @@ class Example:
         names = set()
         for group in _IMPORT.findall(self.code):
             names.update(part.strip().split(".")[0] for part in group.split(","))
+        if ".plot(" in self.code:  # a report's figure: matplotlib, imported by jacgrad
+            names.add("matplotlib")
         return sorted(names & set(OPTIONAL))
 
 
@@ -117,3 +119,27 @@ def run_as_script(example: Example, folder: pathlib.Path, timeout: float = 600) 
     assert done.returncode == 0, (f"{example.id}: `python example.py` exited {done.returncode}\n"
                                   f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}")
     return done.stdout
+
+
+def transcripts(path: pathlib.Path) -> list[tuple[str, int, list[str], str]]:
+    """Plain blocks that show a command and its output: the first line ``$ jacgrad ...``, the rest
+    what it prints. Returns ``(page, line, argv, expected)``."""
+    import shlex
+
+    text = path.read_text(encoding="utf-8")
+    found = []
+    for m in _FENCE.finditer(text):
+        first, _, rest = m.group(2).partition("\n")
+        if m.group(1) in ("", "console") and first.startswith("$ jacgrad "):
+            found.append((str(path.relative_to(ROOT)), text.count("\n", 0, m.start()) + 1,
+                          shlex.split(first[2:])[1:], rest))
+    return found
+
+
+def report_quotes(path: pathlib.Path) -> list[tuple[str, int, str]]:
+    """Plain blocks quoting the default ``jacgrad report`` (docs/report-example.txt): the ones that
+    start with its summary or a χ̄ line. Returns ``(page, line, block)``."""
+    text = path.read_text(encoding="utf-8")
+    return [(str(path.relative_to(ROOT)), text.count("\n", 0, m.start()) + 1, m.group(2))
+            for m in _FENCE.finditer(text)
+            if m.group(1) == "" and m.group(2).startswith(("summary: χ̄", "χ̄ = "))]

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from doc_examples import DOCS, ROOT, all_examples, compare, run_as_script, run_in_process, skip_without_optional
+from doc_examples import (DOCS, ROOT, Example, all_examples, compare, pages, report_quotes, run_as_script, run_in_process,
+                          skip_without_optional, transcripts)
 
 EXAMPLES = all_examples()
 
@@ -36,3 +37,51 @@ def test_every_page_is_in_the_site_navigation():
     listed = set(re.findall(r"([\w-]+\.md)", config))
     missing = [p.name for p in DOCS.glob("*.md") if p.name not in listed]
     assert not missing, f"docs pages missing from mkdocs.yml's nav: {missing}"
+
+
+TRANSCRIPTS = [t for p in pages() for t in transcripts(p)]
+
+
+def test_there_are_command_transcripts():
+    assert TRANSCRIPTS, "no `$ jacgrad ...` block found: the tests below would test nothing"
+
+
+@pytest.mark.parametrize("page,line,argv,expected", TRANSCRIPTS, ids=[f"{t[0]}:{t[1]}" for t in TRANSCRIPTS])
+def test_a_command_transcript_prints_what_the_page_shows(page, line, argv, expected, capsys, tmp_path, monkeypatch):
+    from jacgrad.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    compare(Example(page, line, " ".join(argv), expected), capsys.readouterr().out, "jacgrad " + " ".join(argv))
+
+
+QUOTES = [q for p in pages() for q in report_quotes(p)]
+
+
+@pytest.mark.parametrize("page,line,block", QUOTES, ids=[f"{q[0]}:{q[1]}" for q in QUOTES])
+def test_quotes_of_the_default_report_are_in_report_example(page, line, block):
+    """What the README and gradient-flow.md quote from `jacgrad report` is in docs/report-example.txt
+    (which tests/test_docs_figures.py keeps equal to what the code prints); a line ending in "..."
+    is a quoted beginning."""
+    example = " ".join((DOCS / "report-example.txt").read_text(encoding="utf-8").split())
+    for paragraph in block.split("\n\n"):
+        for piece in " ".join(paragraph.split()).split("..."):
+            piece = piece.strip()
+            if piece and piece != "-":
+                assert piece in example, f"{page}:{line}: {piece!r} is not in docs/report-example.txt"
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict`, as CI runs it: every page in the nav, every link and anchor and
+    every `::: module` of the API reference resolves (skipped without the docs extra)."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
