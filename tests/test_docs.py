@@ -22,6 +22,10 @@ def test_every_page_has_examples_where_it_teaches_code():
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_example_runs_alone_and_prints_what_the_page_shows(example, tmp_path, monkeypatch):
     skip_without_optional(example)
+    if "session(workers=" in example.code:
+        # its worker processes re-import __main__: what a reader does with it is run the file,
+        # which test_example_runs_as_a_script does (a cluster per run costs 10-60 s)
+        pytest.skip(f"{example.id} starts a cluster of worker processes: run as a script only")
     monkeypatch.chdir(tmp_path)  # examples may write files: never into the repository
     compare(example, run_in_process(example), "in a fresh namespace")
 
