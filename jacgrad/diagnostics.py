@@ -37,7 +37,7 @@ import numpy as np
 from . import _flow
 from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
-from ._validate import float_array, shape_str
+from ._validate import float_array, require_network, shape_str
 from .backend import get_xp
 from .distributed import budget, compute, reduce_in_memory, reduce_samples
 from .distributed.mapping import is_dask
@@ -186,6 +186,7 @@ def gradient_flow(
     would exceed ``max_memory`` bytes (default ``jacgrad.distributed.default_max_memory``) is
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
+    require_network(net, "gradient_flow")
     _check_spectrum_samples(spectrum_samples)
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):

@@ -18,19 +18,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["NetSpec", "require"]
+__all__ = ["NetSpec", "Origin", "require"]
 
 
 @dataclass
 class NetSpec:
     """A dense stack as plain data: ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)`` (NumPy
     or CuPy arrays) and ``activations[j]``, one canonical activation name per layer.
-    ``source`` says where it came from, for error messages (a file, a module)."""
+    ``source`` says where it came from, for error messages (a file, a module); ``origin`` is
+    what the network built from it remembers of that (``net.imported_from``, the link check)."""
 
     weights: list
     biases: list
     activations: list
     source: str = field(default="")
+    origin: "Origin | None" = None
+
+
+class Origin:
+    """The framework a network was imported from (``net.imported_from``: ``"torch"``, ...), kept
+    by the network for messages in that framework's words. ``check()`` runs before every read of
+    the parameters (forward, and every use of a forward cache); nothing to check here — a
+    ``copy=False`` torch import checks that the parameters still hold the memory it shares
+    (``jacgrad.interop.torch.TorchLink``)."""
+
+    __slots__ = ("framework",)
+
+    def __init__(self, framework: str):
+        self.framework = framework
+
+    def check(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Origin({self.framework!r})"
 
 
 def require(module: str, purpose: str, install: str):
