@@ -194,7 +194,7 @@ def gradient_flow(
         return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
-        return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)
+        return _in_words_of(net, _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory))
     try:
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
@@ -216,7 +216,16 @@ def gradient_flow(
     chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False)
     p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
                          bytes_per_sample=_report_bytes, max_memory=max_memory)
-    return report_from_partials(p, label=label)
+    return _in_words_of(net, report_from_partials(p, label=label))
+
+
+def _in_words_of(net, report: GradientFlowReport) -> GradientFlowReport:
+    """``report`` with its hints in the words of the framework ``net`` was imported from
+    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``)."""
+    framework = getattr(net, "imported_from", None)
+    if framework is not None:
+        report.hints = hints(report, framework=framework)
+    return report
 
 
 def _check_spectrum_samples(spectrum_samples) -> None:

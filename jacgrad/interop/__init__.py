@@ -16,9 +16,10 @@ NumPy or CuPy through ``jacgrad.backend.asarray`` (DLPack, zero-copy where possi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["NetSpec", "Origin", "require"]
+__all__ = ["NetSpec", "Origin", "plain_message", "require"]
 
 
 @dataclass
@@ -52,6 +53,19 @@ class Origin:
 
     def __repr__(self) -> str:
         return f"Origin({self.framework!r})"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal escape codes (torch bolds parts of some messages)
+
+
+def plain_message(exc: BaseException) -> str:
+    """The message of ``exc`` (another framework's error that jacgrad re-raises in its own words)
+    without terminal escape codes, which a log file or notebook shows as ``[1m...[0m``.
+
+        >>> plain_message(RuntimeError("two options, \x1b[1mdo this\x1b[0m."))
+        'two options, do this.'
+    """
+    return _ANSI.sub("", str(exc))
 
 
 def require(module: str, purpose: str, install: str):
