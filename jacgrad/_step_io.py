@@ -66,6 +66,7 @@ class StepIO:
     def _step(self, x, target, copy: bool):
         """One call of the step: check the binding, load ``x`` and the target, run (or replay)
         ``self._run(labels)``, return ``self._results(copy)``."""
+        self._net._check_origin()  # a copy=False torch import whose parameters torch re-allocated: raise
         self._check_binding()
         with self._on_device():
             self._load(self._x, x, "x", self._shape_help("x"))

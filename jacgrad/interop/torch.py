@@ -270,7 +270,8 @@ class TorchLink(Origin):
     ``.to()``, ``load_state_dict(assign=True)``, ``p.data = ...``): the network's views still
     point at the old memory, and would silently compute with stale weights. In-place updates
     (an optimiser's step, ``load_state_dict`` without ``assign``) keep the memory, and are seen.
-    A pickled network holds copies, not views: it keeps only ``Origin("torch")``."""
+    A pickled network holds copies, not views: it keeps only ``Origin("torch")`` (pickling
+    checks first, so a stale network cannot be shipped to a worker either)."""
 
     __slots__ = ("_entries", "_importer")
 
@@ -294,7 +295,8 @@ class TorchLink(Origin):
                     f"load_state_dict(assign=True)) since import with copy=False: the {name} of {where} {now}, and "
                     f"this network still reads the old memory; re-import it ({self._importer}(model, copy=False))")
 
-    def __reduce__(self):
+    def __reduce__(self):  # pickling reads the views too (a Dask task's copy of the net): check first
+        self.check()
         return (Origin, ("torch",))
 
 
