@@ -104,7 +104,7 @@ def activation_module(nn, name: str):
                     f"{', '.join(f for f, *_ in _ACTIVATION_MODULES)}")
 
 
-def flatten(torch, module, where: str = "module", seen: dict | None = None) -> list[tuple[str, Any]]:
+def flatten(torch, module, where: str = "module", seen: dict | None = None, _prefix: str = "") -> list[tuple[str, Any]]:
     """``(index, module)`` pairs in order — of an ``nn.Sequential``, an iterable of modules, or one
     module — nested ``nn.Sequential``s flattened with dotted indices (``"1.0"``), a module listed
     twice kept twice (``named_children`` would drop the second). The one walk of both importers.
@@ -127,13 +127,14 @@ def flatten(torch, module, where: str = "module", seen: dict | None = None) -> l
             raise TypeError(f"from_torch takes an nn.Sequential or an iterable of modules, not {type(module).__name__}") from None
     out = []
     for name, m in items:
+        index = f"{_prefix}{name}"
         if isinstance(m, nn.Sequential):
-            out += [(f"{name}.{sub}", s) for sub, s in flatten(torch, m, where, seen)]
+            out += flatten(torch, m, where, seen, f"{index}.")
         elif not isinstance(m, nn.Module):
-            raise TypeError(f"{where} {name} is a {type(m).__name__}, not a torch.nn.Module")
+            raise TypeError(f"{where} {index} is a {type(m).__name__}, not a torch.nn.Module")
         else:
-            _check_not_tied(where, name, m, seen)
-            out.append((name, m))
+            _check_not_tied(where, index, m, seen)
+            out.append((index, m))
     return out
 
 
