@@ -70,7 +70,8 @@ class InteropMethods(Imported):
     def from_sklearn(cls: type[Net], estimator, copy: bool = True) -> Net:
         """The network of a fitted ``MLPClassifier`` / ``MLPRegressor``: its ``coefs_`` and
         ``intercepts_``, hidden activation mapped (``logistic`` -> ``sigmoid``), output layer
-        ``identity`` (sklearn's softmax/logistic belong to the loss). sklearn's loss conventions
+        ``identity`` (sklearn's softmax/logistic belong to the loss; a poisson regressor's ``exp``
+        output has no jacgrad activation and is a ``ValueError``). sklearn's loss conventions
         and the conversion: ``jacgrad.interop.sklearn``."""
         from .interop.sklearn import spec_from_sklearn
 

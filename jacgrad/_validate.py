@@ -56,12 +56,12 @@ def require_network(net: Any, who: str) -> None:
         >>> require_network(3, "ntk")
         Traceback (most recent call last):
         ...
-        TypeError: ntk takes a jacgrad network (jg.MLP or jg.Sequential), got a builtins.int
+        TypeError: ntk needs a jacgrad network (jg.MLP or jg.Sequential), got a builtins.int
     """
     if all(hasattr(net, a) for a in ("forward", "jacobian_chain", "sizes", "dtype")):
         return
     cls = type(net)
-    msg = f"{who} takes a jacgrad network (jg.MLP or jg.Sequential), got a {cls.__module__}.{cls.__qualname__}"
+    msg = f"{who} needs a jacgrad network (jg.MLP or jg.Sequential), got a {cls.__module__}.{cls.__qualname__}"
     for prefix, how in _IMPORTERS:
         if any((c.__module__ or "").startswith(prefix) for c in cls.__mro__):  # a subclass of nn.Module too
             msg += f"; {how}"

@@ -255,10 +255,10 @@ def test_a_torch_model_given_to_a_product_says_to_import_it(who):
 
     for model, name in ((_model(), r"torch\.nn\.modules\.container\.Sequential"),
                         (Custom(), rf"{__name__}\.test_a_torch_model_given_to_a_product_says_to_import_it\.<locals>\.Custom")):
-        with pytest.raises(TypeError, match=rf"^{who} takes a jacgrad network \(jg\.MLP or jg\.Sequential\), got a {name}; "
+        with pytest.raises(TypeError, match=rf"^{who} needs a jacgrad network \(jg\.MLP or jg\.Sequential\), got a {name}; "
                                             r"import it first with jg\.Sequential\.from_torch\(model\)"):
             call(model)
-    with pytest.raises(TypeError, match=rf"^{who} takes a jacgrad network .*got a builtins\.dict$"):
+    with pytest.raises(TypeError, match=rf"^{who} needs a jacgrad network .*got a builtins\.dict$"):
         call({"W": 1})
 
 

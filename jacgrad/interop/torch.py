@@ -1,8 +1,10 @@
 """PyTorch: an ``nn.Sequential`` of ``nn.Linear`` and activation modules <-> a ``NetSpec``.
 
-Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order (nested
-``nn.Sequential``s are flattened; an index is their ``state_dict`` path such as ``"2"`` or
-``"1.0"``):
+Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order with
+``flatten``, the walk ``Sequential.from_torch`` shares (nested ``nn.Sequential``s are flattened;
+an index is their ``state_dict`` path such as ``"2"`` or ``"1.0"``; a module listed twice is
+read twice when it has no parameters, and refused when it has: tied parameters are not
+supported yet):
 
 - ``nn.Linear(in, out, bias=True|False)`` starts a layer. ``W = weight.T`` — a transposed view
   of the same memory, never a transposing copy; a missing bias is zeros;
@@ -12,7 +14,8 @@ Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in or
   another Linear, or last, gets ``identity``;
 - ``nn.Identity``, ``nn.Flatten()`` of ``(B, n)`` inputs and ``nn.Dropout`` in eval mode pass
   through (they compute nothing at inference);
-- anything else is a ``TypeError`` naming the module, its index and what is supported.
+- anything else is a ``TypeError`` naming the module, its index and what is supported (a
+  LayerNorm, RMSNorm or Residual: use ``jg.Sequential.from_torch``).
 
 ``copy=False`` shares the parameters' memory: the weights are NumPy views of CPU parameters, or
 CuPy views (DLPack) of CUDA ones. A torch optimiser updates parameters in place, so the network
@@ -20,7 +23,8 @@ sees each step without re-importing. A ``ForwardCache`` taken before a step stil
 activations of the old weights, while ``backward`` and ``jacobian_chain`` read the current ones:
 run ``forward`` again after every step (a cache mixes the two otherwise). Replacing a parameter
 rather than updating it (``model.double()``, ``.to(device)``, loading a state dict with
-``assign=True``) breaks the link: import again.
+``assign=True``) breaks the link: the network's next read of its parameters (forward, backward,
+any product, a compiled step, pickling) raises ``RuntimeError`` (``TorchLink``); import again.
 
 float16 and bfloat16 parameters are a ``TypeError`` unless ``dtype=`` is given; they are then
 cast (a copy, so ``copy=False`` with a cast is an error too).
