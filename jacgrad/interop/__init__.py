@@ -75,4 +75,5 @@ def require(module: str, purpose: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{purpose} needs {module}, which is not importable here ({exc}); install it: {install}") from None
+        raise ImportError(f"{purpose} needs {module}, which is not importable here ({plain_message(exc)}); "
+                          f"install it: {install}") from None
