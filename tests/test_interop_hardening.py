@@ -380,11 +380,16 @@ def test_a_custom_module_is_named_by_class_and_path_without_its_repr(importer):
     assert "in_features" not in msg and "(inner)" not in msg
 
 
-def test_mlp_from_torch_of_a_layernorm_model_points_to_sequential_from_torch():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"module 1 \(LayerNorm.*\) is not a dense layer.*jg\.Sequential\.from_torch"):
+@pytest.mark.parametrize("block", [lambda: nn.LayerNorm(4), lambda: nn.RMSNorm(4),
+                                   lambda: Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))],
+                         ids=["LayerNorm", "RMSNorm", "Residual"])
+def test_mlp_from_torch_of_a_block_model_points_to_sequential_from_torch(block):
+    model = nn.Sequential(nn.Linear(3, 4), block(), nn.Linear(4, 2)).double()
+    with pytest.raises(TypeError, match=r"module 1 \((LayerNorm|RMSNorm|Residual).*\) is not a dense layer.*"
+                                        r"jg\.Sequential\.from_torch\(model\)"):
         jg.MLP.from_torch(model)
-    jg.Sequential.from_torch(model)  # which does take it
+    x = _x()
+    np.testing.assert_allclose(jg.Sequential.from_torch(model)(x.numpy()), _torch_out(model, x), **TIGHT)  # which takes it
 
 
 class _NotATensor:

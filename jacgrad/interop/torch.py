@@ -169,7 +169,8 @@ def describe(m) -> str:
 
 def _unsupported(index, m) -> TypeError:
     nn = _torch().nn
-    if type(m) in (nn.LayerNorm, nn.RMSNorm) or type(m).__name__ == "Residual":
+    block = type(m).__module__ == f"{__package__}.torch_blocks"  # its Residual (importing it here is a cycle)
+    if type(m) in (nn.LayerNorm, nn.RMSNorm) or block:
         return TypeError(f"module {index} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of nn.Linear "
                          f"and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm and residual "
                          f"blocks too")
