@@ -97,6 +97,7 @@ def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0
     """One ``BlockFlow`` per layer of ``net`` on the batch ``x: (B, n_in)``; gradients of
     ``loss`` against ``target`` (default: zeros of the output's shape), or, when ``grad_y:
     (B, n_out)`` is given, of that cotangent (``target`` and ``loss`` are then unused)."""
+    require_network(net, "block_flow")
     if not isinstance(net, Sequential):
         raise TypeError(f"block_flow reads a jacgrad.Sequential, got {type(net).__name__}")
     return _finish_rows(_partial(net, x, target, loss, seed, grad_y, 0, None))

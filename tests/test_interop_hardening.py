@@ -240,12 +240,13 @@ def _product_calls():
         "jacgrad.distributed.jacobian_spectral_norm": lambda net: jg.distributed.jacobian_spectral_norm(net, X),
         "jacgrad.distributed.jacobian_singular_values": lambda net: jg.distributed.jacobian_singular_values(net, X),
         "block_report": lambda net: jg.block_flow.block_report(net, np.ones((4, 3))),
+        "block_flow": lambda net: jg.block_flow.block_flow(net, np.ones((4, 3))),
     }
 
 
 @pytest.mark.parametrize("who", ["gradient_flow", "ntk", "jacgrad.distributed.forward",
                                  "jacgrad.distributed.jacobian_spectral_norm",
-                                 "jacgrad.distributed.jacobian_singular_values", "block_report"])
+                                 "jacgrad.distributed.jacobian_singular_values", "block_report", "block_flow"])
 def test_a_torch_model_given_to_a_product_says_to_import_it(who):
     call = _product_calls()[who]
 
