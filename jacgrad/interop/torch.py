@@ -40,8 +40,8 @@ from .. import activations as _activations
 from ..backend import asarray, get_xp, is_gpu_array
 from . import NetSpec, Origin, require
 
-__all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "describe", "flatten", "origin",
-           "passes_through", "spec_from_torch", "tensor", "to_torch"]
+__all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "custom_note", "describe", "flatten",
+           "origin", "passes_through", "spec_from_torch", "tensor", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -174,10 +174,16 @@ def _unsupported(index, m) -> TypeError:
         return TypeError(f"module {index} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of nn.Linear "
                          f"and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm and residual "
                          f"blocks too")
-    custom = "" if type(m).__module__.startswith("torch.") else (
-        f": it is a custom module ({type(m).__module__}.{type(m).__qualname__}), and jacgrad reads only torch's own "
-        f"classes")
-    return TypeError(f"module {index} ({describe(m)}) is not supported{custom}; supported: {', '.join(SUPPORTED)}")
+    return TypeError(f"module {index} ({describe(m)}) is not supported{custom_note(m)}; supported: {', '.join(SUPPORTED)}")
+
+
+def custom_note(m, also: str = "") -> str:
+    """``": it is a custom module (pkg.mod.Class), ..."`` for a module class not from torch (its full
+    name, where the repr could be pages long), else ``""``; ``also``: what else is read."""
+    if type(m).__module__.startswith("torch."):
+        return ""
+    return (f": it is a custom module ({type(m).__module__}.{type(m).__qualname__}), and jacgrad reads only torch's "
+            f"own classes{also}")
 
 
 def _parameter(torch, p, what: str, copy: bool, dtype):

@@ -7,10 +7,10 @@ it in a torch model to mark a residual block. ``layers_from_torch(module)`` read
 NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
 something else). The modules are walked as ``MLP.from_torch`` walks them
-(``jacgrad.interop.torch.flatten``): an iterable of modules is taken too, nested ``nn.Sequential``s
-are flattened (``"1.0"``), a re-used parameter-free module is applied in each place, and a
-re-used module with parameters (tied parameters) is refused. A missing bias (``bias=False``) becomes zeros, which jacgrad keeps as
-a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
+(``jacgrad.interop.torch.flatten``): an iterable of modules is taken too, nested
+``nn.Sequential``s are flattened (``"1.0"``), a re-used parameter-free module is applied in each
+place, and a re-used module with parameters (tied parameters) is refused. A missing bias
+(``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
     >>> from jacgrad.interop.torch_blocks import Residual
@@ -27,11 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import torch as _interop
-
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
-from ..backend import asarray, get_xp, is_gpu_array
-from .torch import SUPPORTED, _parameter, cast_dtype, activation_module, activation_name, passes_through, tensor
+from ..backend import asarray, get_xp
+from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
+from .torch import passes_through, tensor
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -52,8 +51,8 @@ class Residual(nn.Module):
 
 def layers_from_torch(module, where: str = "module", dtype=None, copy: bool = True) -> list:
     """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, an iterable of modules,
-    or one supported module); an unsupported module is a ``TypeError`` naming its index. Parameters become NumPy
-    arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
+    or one supported module); an unsupported module is a ``TypeError`` naming its index.
+    Parameters become NumPy arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
     ``MLP.from_torch``: copies, or with ``copy=False`` views of the parameters' own memory (an
     optimiser's in-place steps are seen). ``dtype``: cast every parameter to float32/float64 (a
     copy; needed for float16/bfloat16 parameters, which are a ``TypeError`` naming the module
@@ -68,13 +67,13 @@ def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = Tr
     (with ``copy=False``, the ``TorchLink`` that checks the shared memory before each read)."""
     cast = cast_dtype(dtype)
     seen: dict = {}
-    items = _interop.flatten(torch, module, where, seen)
+    items = flatten(torch, module, where, seen)
     params = [p for _, m in items for p in m.parameters()]
     first = params[0] if params else None
     xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), seen)
     layers = _layers(items, where, conv)
-    return layers, _interop.origin(conv.read, copy, "jg.Sequential.from_torch")
+    return layers, origin(conv.read, copy, "jg.Sequential.from_torch")
 
 
 class _Convert:
@@ -140,12 +139,10 @@ def _layers(items, where: str, conv: _Convert) -> list:
             out.append(RMSNorm(gamma, eps=eps))
         elif type(m) is Residual:
             inner = f"{at}: inner module"
-            out.append(_JgResidual(_layers(_interop.flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
+            out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
         else:
-            custom = "" if type(m).__module__.startswith("torch.") else (
-                f": it is a custom module ({type(m).__module__}.{type(m).__qualname__}), and jacgrad reads only "
-                f"torch's own classes and {__name__}.Residual")
-            raise TypeError(f"{at} is not supported{custom}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
+            note = custom_note(m, f" and {__name__}.Residual")
+            raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
                             f"nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
