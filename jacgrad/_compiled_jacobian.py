@@ -98,6 +98,8 @@ class JacobianStep(StepIO):
     def __call__(self, x, copy: bool = False):
         """``J: (batch, n_out, n_in)``, the per-sample Jacobians at ``x: (batch, n_in)``; the step's
         buffer unless ``copy=True``."""
+        if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
+            self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
         self._check_binding()
         with self._on_device():
             self._load(self._x, x, "x", f"batch {self.batch} × {self.n_in} features: x must be "

@@ -66,6 +66,8 @@ class StepIO:
     def _step(self, x, target, copy: bool):
         """One call of the step: check the binding, load ``x`` and the target, run (or replay)
         ``self._run(labels)``, return ``self._results(copy)``."""
+        if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
+            self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
         self._check_binding()
         with self._on_device():
             self._load(self._x, x, "x", self._shape_help("x"))

@@ -40,6 +40,35 @@ def float_array(x: Any, name: str, xp=None):
     return x
 
 
+_IMPORTERS = (  # (framework module, how to import its model), for the message of require_network
+    ("torch.", "import it first with jg.Sequential.from_torch(model) (or jg.MLP.from_torch(model) for a stack of "
+               "nn.Linear and activations)"),
+    ("sklearn.", "import it first with jg.MLP.from_sklearn(estimator)"),
+)
+
+
+def require_network(net: Any, who: str) -> None:
+    """The one check of the ``net`` argument of every public product and report (``gradient_flow``,
+    ``ntk``, ``jacgrad.distributed``): a jacgrad network (``MLP``, ``Sequential``: anything with
+    ``forward``, ``jacobian_chain``, ``sizes`` and ``dtype``), else a ``TypeError`` naming the
+    class in full — and for a torch model or sklearn estimator, the importer to call.
+
+        >>> require_network(3, "ntk")
+        Traceback (most recent call last):
+        ...
+        TypeError: ntk needs a jacgrad network (jg.MLP or jg.Sequential), got a builtins.int
+    """
+    if all(hasattr(net, a) for a in ("forward", "jacobian_chain", "sizes", "dtype")):
+        return
+    cls = type(net)
+    msg = f"{who} needs a jacgrad network (jg.MLP or jg.Sequential), got a {cls.__module__}.{cls.__qualname__}"
+    for prefix, how in _IMPORTERS:
+        if any((c.__module__ or "").startswith(prefix) for c in cls.__mro__):  # a subclass of nn.Module too
+            msg += f"; {how}"
+            break
+    raise TypeError(msg)
+
+
 def common_dtype(*arrays) -> np.dtype:
     """float64 if any array is float64, else float32 (arrays already checked by float_array)."""
     return np.result_type(*[a.dtype for a in arrays if a is not None])

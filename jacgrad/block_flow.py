@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _sample_rng, losses
 from ._verdict import decide
+from ._validate import float_array, require_network
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
@@ -97,6 +98,7 @@ def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0
     """One ``BlockFlow`` per layer of ``net`` on the batch ``x: (B, n_in)``; gradients of
     ``loss`` against ``target`` (default: zeros of the output's shape), or, when ``grad_y:
     (B, n_out)`` is given, of that cotangent (``target`` and ``loss`` are then unused)."""
+    require_network(net, "block_flow")
     if not isinstance(net, Sequential):
         raise TypeError(f"block_flow reads a jacgrad.Sequential, got {type(net).__name__}")
     return _finish_rows(_partial(net, x, target, loss, seed, grad_y, 0, None))
@@ -309,9 +311,14 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     A batch whose intermediates (``block_report_bytes`` per sample) exceed ``max_memory`` bytes
     (default for NumPy: ``jacgrad.distributed.default_max_memory``; a CuPy batch only when it is
     given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP."""
+    require_network(net, "block_report")
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
-    x = net.xp.asarray(x)
+    try:
+        xp = get_xp(x, net.layers[0].params[0])
+    except TypeError as exc:
+        raise TypeError(f"x and the network live on different devices: {exc}") from None
+    x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
     chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)

@@ -37,7 +37,7 @@ import numpy as np
 from . import _flow
 from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
-from ._validate import float_array, shape_str
+from ._validate import float_array, require_network, shape_str
 from .backend import get_xp
 from .distributed import budget, compute, reduce_in_memory, reduce_samples
 from .distributed.mapping import is_dask
@@ -189,6 +189,7 @@ def gradient_flow(
     would exceed ``max_memory`` bytes (default ``jacgrad.distributed.default_max_memory``) is
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
+    require_network(net, "gradient_flow")
     _check_spectrum_samples(spectrum_samples)
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
@@ -196,7 +197,7 @@ def gradient_flow(
         return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
-        return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)
+        return _in_words_of(net, _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory))
     try:
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
@@ -218,7 +219,16 @@ def gradient_flow(
     chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False)
     p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
                          bytes_per_sample=_report_bytes, max_memory=max_memory)
-    return report_from_partials(p, label=label)
+    return _in_words_of(net, report_from_partials(p, label=label))
+
+
+def _in_words_of(net, report: GradientFlowReport) -> GradientFlowReport:
+    """``report`` with its hints in the words of the framework ``net`` was imported from
+    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``)."""
+    framework = getattr(net, "imported_from", None)
+    if framework is not None:
+        report.hints = hints(report, framework=framework)
+    return report
 
 
 def _check_spectrum_samples(spectrum_samples) -> None:

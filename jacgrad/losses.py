@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _lazy
 from ._validate import float_array, shape_str
 from .backend import asarray, get_xp, is_gpu_array, to_numpy
 from ._loss_workspace import LossWorkspace
@@ -29,8 +30,17 @@ from ._loss_workspace import LossWorkspace
 __all__ = ["LOSSES", "LossWorkspace", "check_target", "one_layout", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
 
 
+def _in_memory_target(t: Any) -> None:
+    """A chunked (Dask) target beside an in-memory output is a ``TypeError`` saying what to pass."""
+    if _lazy.handler_for(t) is not None:
+        raise TypeError(f"the target is a {type(t).__module__}.{type(t).__name__} (chunked, lazy) but the input x is an "
+                        f"in-memory array: pass x and the target both as Dask arrays (jacgrad.distributed maps the "
+                        f"call over their chunks), or neither (target.compute())")
+
+
 def _output_and_target(y: Any, t: Any, y_name: str):
     """``y`` as a float array, ``t`` as a float array of ``y``'s dtype and shape, and their xp."""
+    _in_memory_target(t)
     xp = get_xp(y, t)
     y = float_array(y, y_name, xp)
     t = float_array(t, "target t", xp).astype(y.dtype, copy=False)
@@ -102,6 +112,7 @@ def softmax_cross_entropy(z: Any, t: Any):
 def _softmax_inputs(z: Any, t: Any):
     """``(xp, z, labels, T)`` of softmax cross-entropy, checked: ``labels (B,)`` and ``T = None``,
     or ``labels = None`` and float rows ``T: (B, C)``."""
+    _in_memory_target(t)
     xp = get_xp(z, t)
     z = float_array(z, "logits z", xp)
     if z.ndim != 2:

@@ -246,6 +246,7 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         if _lazy.handler_for(x) is not None:
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
+        self._check_origin()
         weights, acts = self._weights.stored, self._acts
         xp = get_xp(x, weights[0])
         x = float_array(x, "x", xp)
@@ -273,6 +274,7 @@ class MLP(ParameterSpaceMethods, InteropMethods):
             raise TypeError(f"expected the cache returned by this network's forward, got {type(cache).__name__}")
         if cache._owner is not self._token:
             raise ValueError("this cache was made by another network's forward; run forward on this network")
+        self._check_origin()
         for what, now, then in (("weights", self._weights.stored, cache._weights), ("activations", self._acts, cache._acts)):
             for j, (a, b) in enumerate(zip(now, then)):
                 if a is not b:

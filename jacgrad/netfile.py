@@ -33,7 +33,7 @@ import numpy as np
 
 from . import activations as _activations
 from .backend import asarray, to_device, to_numpy
-from .interop import NetSpec
+from .interop import NetSpec, plain_message
 
 __all__ = ["SUFFIXES", "load", "save"]
 
@@ -165,7 +165,11 @@ def _read_torch(path, activations, dtype):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything but tensors and plain containers, or a broken file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = plain_message(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        why = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)  # torch's reason, pages down
+        if why:
+            first = f"{first.split('.')[0]}: {why.group(1).split('. ')[0].strip()}"
         raise _FileError(f"is not a state dict that torch.load(weights_only=True) reads ({first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _FileError(f"holds a {type(state).__name__}, not a state dict of tensors (save model.state_dict())")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._validate import float_array
+from ._validate import float_array, require_network
 from .backend import get_xp
 from .per_sample import check_max_memory, is_norm, leaf_factors, output_partials
 
@@ -131,8 +131,7 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
         >>> float(jg.ntk(net, np.ones((1, 3)), trace=True)[0, 0]) > 0
         True
     """
-    if not all(hasattr(net, a) for a in ("forward", "jacobian_chain", "sizes", "dtype")):
-        raise TypeError(f"ntk needs a jacgrad network (MLP or Sequential), got {type(net).__name__}")
+    require_network(net, "ntk")
     check_max_memory(max_memory)
     xp = get_xp(x1, _anchor(net))
     x1 = float_array(x1, "x1", xp)

@@ -32,8 +32,9 @@ _SCALAR_FIELDS = (
 
 
 # ---------------------------------------------------------------------------- hints
-def hints(report) -> list[str]:
-    """Concrete advice for an unhealthy verdict (empty when healthy), from the report's numbers."""
+def hints(report, framework: str | None = None) -> list[str]:
+    """Concrete advice for an unhealthy verdict (empty when healthy), from the report's numbers;
+    ``framework="torch"`` (a network imported from torch) names torch's initialisers."""
     if report.verdict == "healthy":
         return []
     out: list[str] = []
@@ -47,7 +48,9 @@ def hints(report) -> list[str]:
             "for this depth — re-initialise smaller (see below) before anything else"
         )
     scale = 1.0 / math.sqrt(report.chi_bar) if 0 < report.chi_bar < math.inf else None
-    inits = ", ".join(f"{a} → init='{usual_init(a)}'" for a in acts)
+    inits = ", ".join(f"{a} → {_init_call(usual_init(a), framework)}" for a in acts)
+    orthogonal, zero_bias = (("nn.init.orthogonal_(linear.weight)", "nn.init.zeros_(linear.bias)")
+                             if framework == "torch" else ("orthogonal weights", "zero bias"))
     if report.verdict == "vanishing":
         if "sigmoid" in acts:
             dm = np.mean([f.derivative_mean for f in finite if f.activation == "sigmoid"])
@@ -66,7 +69,8 @@ def hints(report) -> list[str]:
             worst = max(finite, key=lambda f: f.dead_units)
             out.append(
                 f"dead units: {dead} units have φ' = 0 for every sample (most in layer {worst.index}: "
-                f"{worst.dead_units} of {worst.shape[1]}); lower the weight scale or the negative bias, or use leaky_relu/elu"
+                f"{worst.dead_units} of {worst.shape[1]}); lower the weight scale or the negative bias, or use "
+                f"{'nn.LeakyReLU/nn.ELU' if framework == 'torch' else 'leaky_relu/elu'}"
             )
         if scale is not None and all(a in _HOMOGENEOUS for a in acts):
             out.append(
@@ -78,7 +82,7 @@ def hints(report) -> list[str]:
             out.append(
                 f"initialisation scale: each layer keeps χ̄ = {report.chi_bar:.3g} of the squared gradient norm; for "
                 f"{', '.join(acts)} larger weights raise χ only until the units saturate, so use the usual "
-                f"initialisation ({inits}) or orthogonal weights, with zero bias"
+                f"initialisation ({inits}) or {orthogonal}, with {zero_bias}"
             )
         out.append(
             "architecture: residual connections (z + f(z)) add the identity to every layer Jacobian so the product "
@@ -106,6 +110,16 @@ _HOMOGENEOUS = ("relu", "leaky_relu", "identity")  # φ(c·h) = c·φ(h) for c >
 
 
 _RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
+
+
+_TORCH_INITS = {"he_normal": "nn.init.kaiming_normal_(linear.weight, nonlinearity='relu')",
+                "xavier_normal": "nn.init.xavier_normal_(linear.weight)"}  # the same distributions in torch's API
+
+
+def _init_call(scheme: str, framework: str | None) -> str:
+    """How a user of ``framework`` asks for ``scheme``: ``init='he_normal'`` in jacgrad, torch's
+    ``nn.init`` call for a torch model."""
+    return _TORCH_INITS[scheme] if framework == "torch" else f"init='{scheme}'"
 
 
 def usual_init(activation: str) -> str:

@@ -31,6 +31,7 @@ from ._validate import float_array, shape_str
 from .backend import get_xp, to_numpy
 from .chain import Chain
 from .layers import NORMS, chained, Dense, LayerNorm, leaf_layers, Residual, RMSNorm
+from ._mlp_interop import Imported
 from .mlp import _require_finite
 
 __all__ = ["BlockGradients", "Sequential", "SequentialCache"]
@@ -54,7 +55,7 @@ def _shapes(layer) -> list:
     return [tuple(p.shape) for p in layer.params]
 
 
-class Sequential(SequentialParameterSpace):
+class Sequential(SequentialParameterSpace, Imported):
     """A stack of layers from ``jacgrad.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
@@ -108,6 +109,7 @@ class Sequential(SequentialParameterSpace):
         if _lazy.handler_for(x) is not None:
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
+        self._check_origin()
         xp = get_xp(x, self._layers[0].params[0])
         x = float_array(x, "x", xp)
         if x.ndim != 2 or x.shape[1] != self.n_in:
@@ -128,6 +130,7 @@ class Sequential(SequentialParameterSpace):
             raise TypeError(f"expected the cache returned by this network's forward, got {type(cache).__name__}")
         if cache._owner is not self._token:
             raise ValueError("this cache was made by another network's forward; run forward on this network")
+        self._check_origin()
 
     def backward(self, cache: SequentialCache, grad_y: Any, input_grad: bool = True,
                  check_finite: bool = False) -> BlockGradients:
@@ -182,10 +185,14 @@ class Sequential(SequentialParameterSpace):
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
         blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA). As in
         ``MLP.from_torch``: ``copy=False`` shares the parameters' memory (``W = weight.T``, a
-        view), ``dtype`` casts them (a copy). See ``torch_blocks``."""
-        from .interop.torch_blocks import layers_from_torch
+        view), ``dtype`` casts them (a copy); ``module`` may be an iterable of modules, and nested
+        ``nn.Sequential``s are flattened, as there. See ``torch_blocks``."""
+        from .interop.torch_blocks import layers_and_origin
 
-        return cls(layers_from_torch(module, copy=copy, dtype=dtype))
+        layers, origin = layers_and_origin(module, copy=copy, dtype=dtype)
+        net = cls(layers)
+        net._origin = origin
+        return net
 
     def to_torch(self):
         """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, shape_str
+from .._validate import FLOAT_DTYPES, require_network, shape_str
 from ..backend import get_xp
 from . import budget
 
@@ -55,6 +55,7 @@ def embed(net):
 
 
 def _check_batch(net, X) -> None:
+    require_network(net, "jacgrad.distributed")
     n_in = int(net.sizes[0])
     if X.ndim != 2 or X.shape[1] != n_in:
         raise ValueError(f"X has shape {shape_str(X.shape) if not is_dask(X) else X.shape} but the network "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._validate import require_network
 from . import budget
 from .mapping import map_samples
 
@@ -25,6 +26,7 @@ def forward(net, X, *, max_memory: int | None = None):
         >>> Y.chunks, bool(np.allclose(Y.compute(), net(np.ones((10, 3)))))
         (((5, 5), (2,)), True)
     """
+    require_network(net, "jacgrad.distributed.forward")
     return map_samples(_outputs, net, X, out_shape=(net.sizes[-1],), bytes_per_sample=budget.forward_bytes,
                        max_memory=max_memory)
 
@@ -39,6 +41,7 @@ def jacobian_spectral_norm(net, X, *, method: str = "auto", max_memory: int | No
         >>> s.shape, s.chunks
         ((10,), ((5, 5),))
     """
+    require_network(net, "jacgrad.distributed.jacobian_spectral_norm")
     if method not in ("auto", "exact", "lanczos", "power"):
         raise ValueError(f"method {method!r} is not one of auto, exact, lanczos, power")
     return map_samples(_SpectralNorm(method), net, X, bytes_per_sample=budget.jacobian_bytes, max_memory=max_memory)
@@ -47,6 +50,7 @@ def jacobian_spectral_norm(net, X, *, method: str = "auto", max_memory: int | No
 def jacobian_singular_values(net, X, k: int | None = None, *, max_memory: int | None = None):
     """The ``k`` largest singular values of every sample's ``∂y/∂x``, descending: ``(N, k)``;
     ``k=None`` gives all ``min(n_in, n_out)``. Exact (``Chain.singular_values``) per chunk."""
+    require_network(net, "jacgrad.distributed.jacobian_singular_values")
     full = min(int(net.sizes[0]), int(net.sizes[-1]))
     k = full if k is None else int(k)
     if not 1 <= k <= full:

@@ -16,21 +16,56 @@ NumPy or CuPy through ``jacgrad.backend.asarray`` (DLPack, zero-copy where possi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["NetSpec", "require"]
+__all__ = ["NetSpec", "Origin", "plain_message", "require"]
 
 
 @dataclass
 class NetSpec:
     """A dense stack as plain data: ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)`` (NumPy
     or CuPy arrays) and ``activations[j]``, one canonical activation name per layer.
-    ``source`` says where it came from, for error messages (a file, a module)."""
+    ``source`` says where it came from, for error messages (a file, a module); ``origin`` is
+    what the network built from it remembers of that (``net.imported_from``, the link check)."""
 
     weights: list
     biases: list
     activations: list
     source: str = field(default="")
+    origin: "Origin | None" = None
+
+
+class Origin:
+    """The framework a network was imported from (``net.imported_from``: ``"torch"``, ...), kept
+    by the network for messages in that framework's words. ``check()`` runs before every read of
+    the parameters (forward, and every use of a forward cache); nothing to check here — a
+    ``copy=False`` torch import checks that the parameters still hold the memory it shares
+    (``jacgrad.interop.torch.TorchLink``)."""
+
+    __slots__ = ("framework",)
+
+    def __init__(self, framework: str):
+        self.framework = framework
+
+    def check(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Origin({self.framework!r})"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal escape codes (torch bolds parts of some messages)
+
+
+def plain_message(exc: BaseException) -> str:
+    """The message of ``exc`` (another framework's error that jacgrad re-raises in its own words)
+    without terminal escape codes, which a log file or notebook shows as ``[1m...[0m``.
+
+        >>> plain_message(RuntimeError("two options, \x1b[1mdo this\x1b[0m."))
+        'two options, do this.'
+    """
+    return _ANSI.sub("", str(exc))
 
 
 def require(module: str, purpose: str, install: str):
@@ -40,4 +75,5 @@ def require(module: str, purpose: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{purpose} needs {module}, which is not importable here ({exc}); install it: {install}") from None
+        raise ImportError(f"{purpose} needs {module}, which is not importable here ({plain_message(exc)}); "
+                          f"install it: {install}") from None

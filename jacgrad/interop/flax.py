@@ -5,7 +5,9 @@
 already ``(H_{j-1}, H_j)``, jacgrad's layout; a missing ``bias`` (``use_bias=False``) is zeros.
 Layers are taken in the numeric order of their names' suffix (``Dense_10`` after ``Dense_9``),
 which is flax's order of creation; names without a numeric suffix (``nn.Dense(name="fc")``)
-have no order to read, and are an error. Plain dicts (or flax's FrozenDict) of NumPy or JAX
+have no order to read, and are an error. So are names with several prefixes (``Dense_0``,
+``Dense_1``, ``Head_0``): flax numbers each prefix on its own, so the numbers say nothing about
+the order between ``Dense_1`` and ``Head_0``. Plain dicts (or flax's FrozenDict) of NumPy or JAX
 arrays are enough: no flax install is needed. Activations are not stored in flax parameters,
 so the caller gives them: one name, or one per Dense layer.
 """
@@ -16,7 +18,7 @@ import re
 from collections.abc import Mapping
 
 from ..backend import asarray, get_xp
-from . import NetSpec
+from . import NetSpec, Origin
 
 __all__ = ["spec_from_flax"]
 
@@ -36,6 +38,11 @@ def spec_from_flax(params, activations, copy: bool = True) -> NetSpec:
             raise ValueError(f"flax layer {key!r} has no numeric suffix (like 'Dense_0'), so its place in the stack "
                              f"is unknown; layers: {', '.join(map(str, params))}")
         order.append((int(m.group(2)), key))
+    prefixes = sorted({_NUMBERED.match(str(key)).group(1) for key in params})
+    if len(prefixes) > 1:
+        raise ValueError(f"flax layers {', '.join(map(str, params))} have several name prefixes ({', '.join(prefixes)}): "
+                         f"flax numbers each prefix on its own, so their order in the stack is unknown; rename them "
+                         f"with one prefix in layer order (e.g. Dense_0, Dense_1, ...)")
     order.sort()
     if not order:
         raise ValueError("the flax parameters hold no layers")
@@ -58,4 +65,4 @@ def spec_from_flax(params, activations, copy: bool = True) -> NetSpec:
     names = [activations] * len(weights) if isinstance(activations, str) else list(activations)
     if len(names) != len(weights):
         raise ValueError(f"got {len(names)} activations for {len(weights)} Dense layers ({', '.join(k for _, k in order)})")
-    return NetSpec(weights, biases, names, source="flax params")
+    return NetSpec(weights, biases, names, source="flax params", origin=Origin("flax"))

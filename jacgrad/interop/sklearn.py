@@ -3,10 +3,17 @@ loss conventions written out once.
 
 The network: ``W_j = coefs_[j]`` (already ``(H_{j-1}, H_j)``, jacgrad's layout), ``b_j =
 intercepts_[j]``; every hidden layer has the estimator's ``activation`` (``identity``,
-``logistic`` -> ``sigmoid``, ``tanh``, ``relu``), and the output layer is ``identity``: sklearn
-applies its ``out_activation_`` (softmax, logistic, identity) inside the loss, as jacgrad's
-losses do. So ``softmax(net(x))`` is ``predict_proba`` (multiclass), ``sigmoid(net(x))`` the
-positive-class probability (binary, multilabel), and ``net(x)`` the regressor's prediction.
+``logistic`` -> ``sigmoid``, ``tanh``, ``relu``), and the output layer is read from the estimator's
+``out_activation_`` (``OUTPUT_ACTIVATIONS``), one row per value sklearn sets:
+
+- ``identity`` (``MLPRegressor(loss="squared_error")``): ``identity``; ``net(x)`` is ``predict``;
+- ``softmax`` (multiclass ``MLPClassifier``): ``identity`` — the logits; the softmax belongs to
+  the loss, as in jacgrad's ``softmax_cross_entropy``: ``softmax(net(x))`` is ``predict_proba``;
+- ``logistic`` (binary or multilabel ``MLPClassifier``): ``identity`` — the logits; the sigmoid
+  belongs to ``sigmoid_bce``: ``sigmoid(net(x))`` is the positive-class probability;
+- ``exp`` (``MLPRegressor(loss="poisson")``): jacgrad's activation table has no ``exp``, so the
+  import is a ``ValueError`` (importing ``identity`` would give ``log(predict)``); any other
+  value is refused the same way.
 
 sklearn's losses against jacgrad's (``n`` samples, ``k`` outputs, ``Y`` the label-binarised
 targets ``estimator._label_binarizer.transform(y)`` for a classifier):
@@ -36,12 +43,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import activations as _activations
 from ..backend import get_xp
-from . import NetSpec, require
+from . import NetSpec, Origin, require
 
-__all__ = ["ACTIVATIONS", "spec_from_sklearn", "sklearn_loss_and_grads"]
+__all__ = ["ACTIVATIONS", "OUTPUT_ACTIVATIONS", "spec_from_sklearn", "sklearn_loss_and_grads"]
 
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+# sklearn's out_activation_ -> jacgrad's output activation; None: no jacgrad counterpart (refused)
+OUTPUT_ACTIVATIONS = {"identity": "identity", "softmax": "identity", "logistic": "identity", "exp": None}
 
 
 def _check(estimator):
@@ -64,11 +74,20 @@ def _check(estimator):
 def spec_from_sklearn(estimator, copy: bool = True) -> NetSpec:
     """A ``NetSpec`` of a fitted estimator (``copy=False`` shares its ``coefs_``/``intercepts_``)."""
     _check(estimator)
+    out = getattr(estimator, "out_activation_", None)
+    output = OUTPUT_ACTIVATIONS.get(out)
+    if output is None:
+        loss = f"loss={estimator.loss!r}, " if hasattr(estimator, "loss") else ""
+        raise ValueError(f"{type(estimator).__name__}({loss}...) has output activation out_activation_={out!r}, which "
+                         f"jacgrad's activations cannot compute (they are {', '.join(_activations.names())}); importing "
+                         f"it as identity would make net(x) the log of predict(x), so it is not imported. Importable "
+                         f"outputs: {', '.join(k for k, v in OUTPUT_ACTIVATIONS.items() if v)}")
     take = (lambda a: np.array(a, copy=True)) if copy else np.asarray
     weights = [take(W) for W in estimator.coefs_]
     biases = [take(b) for b in estimator.intercepts_]
-    acts = [ACTIVATIONS[estimator.activation]] * (len(weights) - 1) + ["identity"]
-    return NetSpec(weights, biases, acts, source=type(estimator).__name__)
+    acts = [ACTIVATIONS[estimator.activation]] * (len(weights) - 1) + [output]
+    return NetSpec(weights, biases, acts, source=type(estimator).__name__, origin=Origin("sklearn"))
+
 
 
 def sklearn_loss_and_grads(net, estimator, X, y):

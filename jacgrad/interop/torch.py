@@ -1,8 +1,10 @@
 """PyTorch: an ``nn.Sequential`` of ``nn.Linear`` and activation modules <-> a ``NetSpec``.
 
-Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order (nested
-``nn.Sequential``s are flattened; an index is their ``state_dict`` path such as ``"2"`` or
-``"1.0"``):
+Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order with
+``flatten``, the walk ``Sequential.from_torch`` shares (nested ``nn.Sequential``s are flattened;
+an index is their ``state_dict`` path such as ``"2"`` or ``"1.0"``; a module listed twice is
+read twice when it has no parameters, and refused when it has: tied parameters are not
+supported yet):
 
 - ``nn.Linear(in, out, bias=True|False)`` starts a layer. ``W = weight.T`` — a transposed view
   of the same memory, never a transposing copy; a missing bias is zeros;
@@ -12,7 +14,8 @@ Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in or
   another Linear, or last, gets ``identity``;
 - ``nn.Identity``, ``nn.Flatten()`` of ``(B, n)`` inputs and ``nn.Dropout`` in eval mode pass
   through (they compute nothing at inference);
-- anything else is a ``TypeError`` naming the module, its index and what is supported.
+- anything else is a ``TypeError`` naming the module, its index and what is supported (a
+  LayerNorm, RMSNorm or Residual: use ``jg.Sequential.from_torch``).
 
 ``copy=False`` shares the parameters' memory: the weights are NumPy views of CPU parameters, or
 CuPy views (DLPack) of CUDA ones. A torch optimiser updates parameters in place, so the network
@@ -20,7 +23,8 @@ sees each step without re-importing. A ``ForwardCache`` taken before a step stil
 activations of the old weights, while ``backward`` and ``jacobian_chain`` read the current ones:
 run ``forward`` again after every step (a cache mixes the two otherwise). Replacing a parameter
 rather than updating it (``model.double()``, ``.to(device)``, loading a state dict with
-``assign=True``) breaks the link: import again.
+``assign=True``) breaks the link: the network's next read of its parameters (forward, backward,
+any product, a compiled step, pickling) raises ``RuntimeError`` (``TorchLink``); import again.
 
 float16 and bfloat16 parameters are a ``TypeError`` unless ``dtype=`` is given; they are then
 cast (a copy, so ``copy=False`` with a cast is an error too).
@@ -34,9 +38,10 @@ import numpy as np
 
 from .. import activations as _activations
 from ..backend import asarray, get_xp, is_gpu_array
-from . import NetSpec, require
+from . import NetSpec, Origin, require
 
-__all__ = ["SUPPORTED", "activation_module", "activation_name", "passes_through", "spec_from_torch", "to_torch"]
+__all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "custom_note", "describe", "flatten",
+           "origin", "passes_through", "spec_from_torch", "tensor", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -103,11 +108,20 @@ def activation_module(nn, name: str):
                     f"{', '.join(f for f, *_ in _ACTIVATION_MODULES)}")
 
 
-def _flatten(torch, module) -> list[tuple[str, Any]]:
-    """(index, module) pairs in order, nested Sequentials flattened with dotted indices."""
+def flatten(torch, module, where: str = "module", seen: dict | None = None, _prefix: str = "") -> list[tuple[str, Any]]:
+    """``(index, module)`` pairs in order — of an ``nn.Sequential``, an iterable of modules, or one
+    module — nested ``nn.Sequential``s flattened with dotted indices (``"1.0"``), a module listed
+    twice kept twice (``named_children`` would drop the second). The one walk of both importers.
+
+    A re-used module without parameters (one ``nn.Tanh()`` in two places) is applied twice, as
+    torch does. A re-used module WITH parameters, or a parameter shared by two modules, would
+    become two independent copies where torch has one parameter (tied: its gradients summed):
+    a ``ValueError`` naming both places. ``seen`` (id -> index) carries the places across calls
+    (a residual block's inner modules are walked by a second call)."""
     nn = torch.nn
+    seen = {} if seen is None else seen
     if isinstance(module, nn.Sequential):
-        items = [(name, m) for name, m in module.named_children()]
+        items = list(module._modules.items())
     elif isinstance(module, nn.Module):
         items = [("0", module)]
     else:
@@ -117,17 +131,59 @@ def _flatten(torch, module) -> list[tuple[str, Any]]:
             raise TypeError(f"from_torch takes an nn.Sequential or an iterable of modules, not {type(module).__name__}") from None
     out = []
     for name, m in items:
+        index = f"{_prefix}{name}"
         if isinstance(m, nn.Sequential):
-            out += [(f"{name}.{sub}", s) for sub, s in _flatten(torch, m)]
+            out += flatten(torch, m, where, seen, f"{index}.")
         elif not isinstance(m, nn.Module):
-            raise TypeError(f"module {name} is a {type(m).__name__}, not a torch.nn.Module")
+            raise TypeError(f"{where} {index} is a {type(m).__name__}, not a torch.nn.Module")
         else:
-            out.append((name, m))
+            _check_not_tied(where, index, m, seen)
+            out.append((index, m))
     return out
 
 
-def _unsupported(index, m, why="is not supported") -> TypeError:
-    return TypeError(f"module {index} ({m!r}) {why}; supported: {', '.join(SUPPORTED)}")
+def _check_not_tied(where: str, index: str, m, seen: dict) -> None:
+    """Record where ``m`` and its own parameters are; a second place for either is a ``ValueError``."""
+    tied = "tied parameters (one parameter in several places) are not supported yet: give each place its own module " \
+           "(copy.deepcopy), or import the model without the re-use"
+    here = f"{where} {index}"
+    if id(m) in seen and next(m.parameters(), None) is not None:
+        raise ValueError(f"{here} ({describe(m)}) is the same module as {seen[id(m)]}: its parameters would become "
+                         f"two independent copies, but torch uses them once in both places; {tied}")
+    seen.setdefault(id(m), here)
+    for pname, p in m.named_parameters(recurse=False):
+        key = ("parameter", id(p))
+        if key in seen and seen[key][0] != here:
+            raise ValueError(f"{here} ({describe(m)}): its {pname} is the same parameter as the {seen[key][1]} of "
+                             f"{seen[key][0]}; {tied}")
+        seen.setdefault(key, (here, pname))
+
+
+def describe(m) -> str:
+    """A short name for module ``m`` in a message: the repr of a torch leaf layer (``Linear(in_features=3,
+    ...)``, short), else the class name (a container's or custom module's repr may be pages long)."""
+    if type(m).__module__.startswith("torch.nn.") and next(m.children(), None) is None:
+        return repr(m)
+    return type(m).__name__
+
+
+def _unsupported(index, m) -> TypeError:
+    nn = _torch().nn
+    block = type(m).__module__ == f"{__package__}.torch_blocks"  # its Residual (importing it here is a cycle)
+    if type(m) in (nn.LayerNorm, nn.RMSNorm) or block:
+        return TypeError(f"module {index} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of nn.Linear "
+                         f"and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm and residual "
+                         f"blocks too")
+    return TypeError(f"module {index} ({describe(m)}) is not supported{custom_note(m)}; supported: {', '.join(SUPPORTED)}")
+
+
+def custom_note(m, also: str = "") -> str:
+    """``": it is a custom module (pkg.mod.Class), ..."`` for a module class not from torch (its full
+    name, where the repr could be pages long), else ``""``; ``also``: what else is read."""
+    if type(m).__module__.startswith("torch."):
+        return ""
+    return (f": it is a custom module ({type(m).__module__}.{type(m).__qualname__}), and jacgrad reads only torch's "
+            f"own classes{also}")
 
 
 def _parameter(torch, p, what: str, copy: bool, dtype):
@@ -151,13 +207,11 @@ def passes_through(nn, where: str, m) -> bool:
     """True for a module that computes nothing at inference on ``(B, n)`` inputs: ``nn.Identity``,
     ``nn.Dropout`` in eval mode (or with p = 0), ``nn.Flatten()``. A Dropout in training mode or a
     Flatten of other axes is a ``TypeError`` naming ``where`` (``"module 3"``); anything else is False."""
-    why = None
     if type(m) is nn.Dropout and m.training and m.p > 0:
-        why = "is in training mode (random); call model.eval() first, and it passes through —"
-    elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) != (1, -1):
-        why = "flattens other than (B, ...) -> (B, n)"
-    if why is not None:
-        raise TypeError(f"{where} ({m!r}) {why}; supported: {', '.join(SUPPORTED)}")
+        raise TypeError(f"{where} ({m!r}) is in training mode, where it zeroes inputs at random; call model.eval() "
+                        f"first (in eval mode a Dropout passes its input through)")
+    if type(m) is nn.Flatten and (m.start_dim, m.end_dim) != (1, -1):
+        raise TypeError(f"{where} ({m!r}) flattens other than (B, ...) -> (B, n); supported: {', '.join(SUPPORTED)}")
     return type(m) in (nn.Identity, nn.Dropout, nn.Flatten)
 
 
@@ -179,7 +233,7 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     nn = torch.nn
     dtype = cast_dtype(dtype)
     layers: list[dict] = []
-    for index, m in _flatten(torch, module):
+    for index, m in flatten(torch, module):
         if isinstance(m, nn.Linear) and type(m) is nn.Linear:
             if layers and m.in_features != layers[-1]["out"]:
                 raise ValueError(f"module {index} ({m!r}) takes {m.in_features} features but the Linear before it "
@@ -203,6 +257,7 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     if not layers:
         raise ValueError("the module has no nn.Linear: nothing to import")
     weights, biases = [], []
+    link = origin([(f"module {L['index']} (Linear)", L["module"]) for L in layers], copy, "jg.MLP.from_torch")
     for L in layers:
         m, index = L["module"], L["index"]
         W = _parameter(torch, m.weight.T, f"module {index} ({m!r}): weight", copy, dtype)
@@ -215,7 +270,55 @@ def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
     devices = {is_gpu_array(W) for W in weights}
     if len(devices) > 1:
         raise ValueError("the module's Linears live on different devices (some CPU, some CUDA); move it to one device")
-    return NetSpec(weights, biases, [L["activation"] or "identity" for L in layers], source=type(module).__name__)
+    return NetSpec(weights, biases, [L["activation"] or "identity" for L in layers], source=type(module).__name__,
+                   origin=link)
+
+
+class TorchLink(Origin):
+    """What a ``copy=False`` import shares with the torch model: each parameter's module,
+    name, tensor, address, dtype and shape at import. ``check()`` — O(number of parameters),
+    run by the network before it reads its parameters (forward, and every use of a forward
+    cache) — raises ``RuntimeError`` once torch has re-allocated one (``model.double()``,
+    ``.to()``, ``load_state_dict(assign=True)``, ``p.data = ...``): the network's views still
+    point at the old memory, and would silently compute with stale weights. In-place updates
+    (an optimiser's step, ``load_state_dict`` without ``assign``) keep the memory, and are seen.
+    A pickled network holds copies, not views: it keeps only ``Origin("torch")`` (pickling
+    checks first, so a stale network cannot be shipped to a worker either)."""
+
+    __slots__ = ("_entries", "_importer")
+
+    def __init__(self, entries, importer: str):
+        super().__init__("torch")
+        self._importer = importer
+        self._entries = tuple((where, m, name, p, p.data_ptr(), p.dtype, p.shape) for where, m, name, p in entries)
+
+    def check(self) -> None:
+        for where, m, name, p, ptr, dtype, shape in self._entries:
+            q = m._parameters.get(name)
+            if q is not p or q.data_ptr() != ptr or q.dtype != dtype or q.shape != shape:
+                if q is not p:
+                    now = "is a new tensor" if q is not None else "is gone"
+                elif q.dtype != dtype:
+                    now = f"is now {str(q.dtype).removeprefix('torch.')} (was {str(dtype).removeprefix('torch.')})"
+                else:
+                    now = "now lives in other memory"
+                raise RuntimeError(
+                    f"the torch model's parameters were re-allocated (e.g. by .double(), .to(), "
+                    f"load_state_dict(assign=True)) since import with copy=False: the {name} of {where} {now}, and "
+                    f"this network still reads the old memory; re-import it ({self._importer}(model, copy=False))")
+
+    def __reduce__(self):  # pickling reads the views too (a Dask task's copy of the net): check first
+        self.check()
+        return (Origin, ("torch",))
+
+
+def origin(modules, copy: bool, importer: str) -> Origin:
+    """``Origin("torch")`` for a copied import; for ``copy=False`` a ``TorchLink`` over the
+    parameters of ``modules`` (``(where, module)`` pairs), checked before each read."""
+    if copy:
+        return Origin("torch")
+    return TorchLink([(where, m, name, p) for where, m in modules for name, p in m.named_parameters(recurse=False)],
+                     importer)
 
 
 def to_torch(weights, biases, activations):
@@ -226,7 +329,7 @@ def to_torch(weights, biases, activations):
     nn = torch.nn
     modules = []
     for W, b, name in zip(weights, biases, activations):
-        t_W, t_b = _tensor(torch, W), _tensor(torch, b)
+        t_W, t_b = tensor(torch, W), tensor(torch, b)
         lin = nn.Linear(W.shape[0], W.shape[1], dtype=t_W.dtype, device=t_W.device)
         with torch.no_grad():
             lin.weight.copy_(t_W.T)
@@ -238,6 +341,12 @@ def to_torch(weights, biases, activations):
     return nn.Sequential(*modules)
 
 
-def _tensor(torch, a):
-    """A torch view of a NumPy or CuPy array (copied into the Linear afterwards)."""
-    return torch.from_dlpack(a) if is_gpu_array(a) else torch.from_numpy(a)
+def tensor(torch, a):
+    """A torch view of a NumPy or CuPy array, to be copied into a module; a NumPy array torch
+    cannot view (negative strides, read-only memory) is copied first."""
+    if is_gpu_array(a):
+        return torch.from_dlpack(a)
+    a = np.asarray(a)
+    if not a.flags.writeable or any(s < 0 for s in a.strides):
+        a = a.copy()
+    return torch.from_numpy(a)

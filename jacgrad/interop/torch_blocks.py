@@ -6,8 +6,11 @@ it in a torch model to mark a residual block. ``layers_from_torch(module)`` read
 ``nn.LayerNorm``, ``nn.RMSNorm`` and ``Residual`` into ``jacgrad.layers`` (arrays copied to
 NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
-something else). A missing bias (``bias=False``) becomes zeros, which jacgrad keeps as
-a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
+something else). The modules are walked as ``MLP.from_torch`` walks them
+(``jacgrad.interop.torch.flatten``): an iterable of modules is taken too, nested
+``nn.Sequential``s are flattened (``"1.0"``), a re-used parameter-free module is applied in each
+place, and a re-used module with parameters (tied parameters) is refused. A missing bias
+(``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
     >>> from jacgrad.interop.torch_blocks import Residual
@@ -25,8 +28,9 @@ import torch
 from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
-from ..backend import asarray, get_xp, is_gpu_array
-from .torch import SUPPORTED, _parameter, cast_dtype, activation_module, activation_name, passes_through
+from ..backend import asarray, get_xp
+from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
+from .torch import passes_through, tensor
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -45,26 +49,40 @@ class Residual(nn.Module):
         return f"scale={self.scale:g}"
 
 
-def layers_from_torch(module: nn.Module, where: str = "module", dtype=None, copy: bool = True) -> list:
-    """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, or one supported
-    module); an unsupported module is a ``TypeError`` naming its index. Parameters become NumPy
-    arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
+def layers_from_torch(module, where: str = "module", dtype=None, copy: bool = True) -> list:
+    """``jacgrad.layers`` equivalent to ``module`` (an ``nn.Sequential``, an iterable of modules,
+    or one supported module); an unsupported module is a ``TypeError`` naming its index.
+    Parameters become NumPy arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
     ``MLP.from_torch``: copies, or with ``copy=False`` views of the parameters' own memory (an
     optimiser's in-place steps are seen). ``dtype``: cast every parameter to float32/float64 (a
     copy; needed for float16/bfloat16 parameters, which are a ``TypeError`` naming the module
     without it); default: the parameters' own, and that of the first parameter for norm layers
     without any (float32 when the module has none)."""
+    layers, _ = layers_and_origin(module, where, dtype, copy)
+    return layers
+
+
+def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = True):
+    """``(layers, origin)``: ``layers_from_torch``'s layers and the ``Origin`` the network keeps
+    (with ``copy=False``, the ``TorchLink`` that checks the shared memory before each read)."""
     cast = cast_dtype(dtype)
-    first = next(iter(module.parameters()), None)
+    seen: dict = {}
+    items = flatten(torch, module, where, seen)
+    params = [p for _, m in items for p in m.parameters()]
+    first = params[0] if params else None
     xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
-    return _layers(module, where, _Convert(copy, cast, xp, cast if cast is not None else _dtype(module)))
+    conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), seen)
+    layers = _layers(items, where, conv)
+    return layers, origin(conv.read, copy, "jg.Sequential.from_torch")
 
 
 class _Convert:
-    """How each parameter is brought over: copied or viewed, cast, on which array module."""
+    """How each parameter is brought over: copied or viewed, cast, on which array module; the
+    walk's places (``seen``, for tied parameters) and the ``(where, module)`` pairs read."""
 
-    def __init__(self, copy: bool, cast, xp, dtype):
+    def __init__(self, copy: bool, cast, xp, dtype, seen: dict):
         self.copy, self.cast, self.xp, self.dtype = bool(copy), cast, xp, np.dtype(dtype)
+        self.seen, self.read = seen, []
 
     def __call__(self, p, what: str):
         return _parameter(torch, p, what, self.copy, self.cast)
@@ -76,12 +94,14 @@ class _Convert:
         return self.xp.zeros(n, dtype=self.dtype)
 
 
-def _layers(module, where: str, conv: _Convert) -> list:
-    mods = list(module) if isinstance(module, nn.Sequential) else [module]
+def _layers(items, where: str, conv: _Convert) -> list:
+    """The layers of the ``(index, module)`` pairs of ``flatten``."""
     out: list = []
     after_linear = False  # the last module that computes something was an nn.Linear (Identity computes nothing)
-    for i, m in enumerate(mods):
+    for i, m in items:
         at = f"{where} {i} ({type(m).__name__})"
+        if next(m.parameters(recurse=False), None) is not None:
+            conv.read.append((at, m))
         if conv.cast is None:
             for name, p in m.named_parameters(recurse=False):
                 if p.dtype not in (torch.float32, torch.float64):
@@ -118,10 +138,12 @@ def _layers(module, where: str, conv: _Convert) -> list:
             eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
             out.append(RMSNorm(gamma, eps=eps))
         elif type(m) is Residual:
-            out.append(_JgResidual(_layers(m.inner, f"{at}: inner module", conv), m.scale))
+            inner = f"{at}: inner module"
+            out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
         else:
-            raise TypeError(f"{at} is not supported; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, nn.RMSNorm, "
-                            f"jacgrad.interop.torch_blocks.Residual")
+            note = custom_note(m, f" and {__name__}.Residual")
+            raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
+                            f"nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
     return out
@@ -159,18 +181,11 @@ def layers_to_torch(layers) -> nn.Sequential:
 
 
 def _tensor(a):
-    """A torch view of a NumPy or CuPy array (copied into a module afterwards); a NumPy array
-    torch cannot view (negative strides, read-only memory) is copied first."""
-    if is_gpu_array(a):
-        return torch.from_dlpack(a)
-    a = np.asarray(a)
-    if not a.flags.writeable or any(s < 0 for s in a.strides):
-        a = a.copy()
-    return torch.from_numpy(a)
+    return tensor(torch, a)
 
 
-def _dtype(module: nn.Module):
-    """The NumPy dtype of ``module``'s first parameter (float32 without any)."""
-    for p in module.parameters():
+def _dtype(params):
+    """The NumPy dtype of the first of ``params`` (float32 without any)."""
+    for p in params:
         return {torch.float32: np.float32, torch.float64: np.float64}.get(p.dtype, np.float32)
     return np.float32
