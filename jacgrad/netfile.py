@@ -268,7 +268,7 @@ def _check_spec(spec, prefix, depth):
         where = f"layer {prefix}{j}"
         kind = s.get("kind") if isinstance(s, dict) else None
         if not isinstance(kind, str) or kind not in _FIELDS:
-            text = quote(kind) if isinstance(s, dict) else f"{type(s).__name__} {quote(json.dumps(s)[:200])}"
+            text = quote(kind) if isinstance(s, dict) else f"{type(s).__name__} {quote(json.dumps(s))}"
             raise NetworkFileKeyError(f"{where}: unknown layer kind {text}; valid: {', '.join(_FIELDS)}")
         fields = _FIELDS[kind]
         if set(s) != {"kind", *fields}:
@@ -276,7 +276,7 @@ def _check_spec(spec, prefix, depth):
                       f"{', '.join(['kind', *fields])}")
         for name, types in fields.items():
             if not isinstance(s[name], types) or isinstance(s[name], bool):
-                raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name])[:200])}, not a {name} value")
+                raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if kind == "residual":
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
 
