@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -248,7 +249,9 @@ def read_torch(f) -> Contents:
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything but tensors and plain containers, or a broken file
-        raise Bad(f"is not a state dict that torch.load(weights_only=True) reads ({clip(exc) or type(exc).__name__})") from None
+        lines = [ln for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln] or [str(exc)]
+        why = clip(re.sub(r"\x1b\[[0-9;]*m", "", lines[0])) or type(exc).__name__
+        raise Bad(f"is not a state dict that torch.load(weights_only=True) reads ({why})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise Bad(f"holds a {type(state).__name__}, not a state dict of tensors (save model.state_dict())")
     arrays = {}
