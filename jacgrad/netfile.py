@@ -32,30 +32,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 
 from . import activations as _activations
+from ._file_layouts import PARAMS, dense_layers, plan
 from ._file_readers import read_npz, read_safetensors, read_torch
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open_regular, quote
 from .backend import to_device, to_numpy
 from .interop import NetSpec
-from .layers import NORMS, Dense, LayerNorm, leaf_layers, Residual, RMSNorm
+from .layers import Dense, LayerNorm, leaf_layers, Residual, RMSNorm
 
 __all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
 SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 SAVE_SUFFIXES = (".npz", ".safetensors")
 _READERS = {".npz": read_npz, ".safetensors": read_safetensors, ".pt": read_torch, ".pth": read_torch}
-_N = r"(?:0|[1-9]\d*)"  # one spelling per number: W1 and W01 never both name layer 1
-_JACGRAD_KEY = re.compile(rf"^([Wb])({_N})$")
-_TORCH_KEY = re.compile(rf"^({_N}(?:\.{_N})*)\.(weight|bias)$")
-_PARAMS = {"dense": Dense.names, **{k: cls.names for k, cls in NORMS.items()}}
-_FIELDS = {"dense": {"activation": str}, "residual": {"scale": (int, float), "layers": list},
-           **{k: {"eps": (int, float)} for k in NORMS}}
-MAX_NAME, MAX_DEPTH = 120, 32
+MAX_NAME = 120  # characters: longer than any activation's canonical spelling
 
 
 # ---------------------------------------------------------------------- saving
@@ -93,14 +87,14 @@ def _write_safetensors(f, arrays: dict, metadata: dict) -> None:
     spaces to 8 bytes), then each tensor's bytes, little-endian, in header order."""
     header, offset = {"__metadata__": metadata}, 0
     for name, a in arrays.items():
-        header[name] = {"dtype": _ST_CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {"dtype": _ST_CODES[np.dtype(a.dtype.name)], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)
     for a in arrays.values():
-        f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() if a.dtype.byteorder == ">" else memoryview(a).cast("B"))
+        f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data)
 
 
 # ---------------------------------------------------------------------- loading
@@ -143,7 +137,7 @@ def _read(path, activations, dtype, replace):
     with open_regular(path) as f:
         try:
             contents = _READERS[suffix](f)
-            spec, sources, names, missing = _plan(contents, suffix)
+            spec, sources, names, missing = plan(contents, suffix)
             _set_activations(spec, names, activations, replace, missing)
             declared = {k: None if src is None else (_flip(contents.arrays[src[0]][0], src[1]), src[0],
                                                      contents.arrays[src[0]][1]) for k, src in sources.items()}
@@ -167,140 +161,10 @@ def _flip(shape, transpose):
     return tuple(shape[::-1]) if transpose else tuple(shape)
 
 
-# ---------------------------------------------------------------------- layouts
-def _plan(c, suffix):
-    """``(spec, sources, names, missing)``: the layer list, canonical key -> ``(file key,
-    transposed)`` (None: a bias left out), the file's own activation names (None: it has none)
-    and what to say when it has none. Every name in the file is checked here, before any data is
-    read: a name that no layer claims is an error naming it."""
-    if "spec" in c.text:
-        return _sequential_plan(c)
-    if suffix == ".npz" or c.text.get("format") == "jacgrad" or any(_JACGRAD_KEY.match(k) for k in c.arrays):
-        return _jacgrad_plan(c, suffix)
-    return _torch_plan(c)
-
-
-def _sequential_plan(c):
-    spec = _json(c.text["spec"], "its 'spec'", "a JSON list of layers")
-    _check_spec(spec, "", 0)
-    sources = {}
-    for key, kind in _param_keys(spec, ""):
-        if key not in c.arrays:
-            raise Bad(f"layer {key.rsplit('.', 1)[0]} ({kind}): array {quote(key)} is missing")
-        sources[key] = (key, False)
-    _no_others(c.arrays, sources, "is not a parameter of any layer in its 'spec'")
-    names = [s["activation"] for s in _dense(spec)]
-    return spec, sources, names, None
-
-
-def _jacgrad_plan(c, suffix):
-    for k in sorted(c.arrays):
-        if not _JACGRAD_KEY.match(k):
-            raise Bad(f"key {quote(k)} is not part of jacgrad's layout (W0, b0, W1, b1, ..., numbers without "
-                      f"leading zeros{', and activations' if suffix == '.npz' else ''})")
-    n = 0
-    while f"W{n}" in c.arrays:
-        n += 1
-    if n == 0:
-        raise Bad(f"has no array W0 (found: {', '.join(quote(k) for k in sorted(c.arrays)[:8]) or 'nothing'})")
-    extra = sorted(k for k in c.arrays if int(k[1:]) >= n)
-    if extra:
-        raise Bad(f"{', '.join(extra[:8])} present but W{n} is missing")
-    sources = {}
-    for j in range(n):
-        sources[f"{j}.W"], sources[f"{j}.b"] = (f"W{j}", False), ((f"b{j}", False) if f"b{j}" in c.arrays else None)
-    names = c.text.get("activations")
-    if suffix == ".safetensors" and names is not None:
-        names = _json(names, "metadata 'activations'", "a JSON list of names")
-        if not isinstance(names, list) or not all(isinstance(a, str) for a in names):
-            raise Bad("metadata 'activations' is not a JSON list of names")
-    missing = ("has no 'activations' array (one name per layer); add one, or pass activations=" if suffix == ".npz"
-               else "has no activations in its metadata; pass activations=")
-    return [{"kind": "dense", "activation": None} for _ in range(n)], sources, names, missing
-
-
-def _torch_plan(c):
-    layers: dict[tuple, dict] = {}
-    for k in c.arrays:
-        m = _TORCH_KEY.match(k)
-        if m is None:
-            raise Bad(f"key {quote(k)} is not the weight or bias of a Linear at a numeric module path "
-                      f"(like '0.weight', '2.bias', numbers without leading zeros): jacgrad reads nn.Sequential "
-                      f"state dicts of Linears")
-        layers.setdefault(tuple(int(p) for p in m.group(1).split(".")), {})[m.group(2)] = k
-    if not layers:
-        raise Bad("holds no tensors")
-    sources = {}
-    for j, index in enumerate(sorted(layers)):
-        keys = layers[index]
-        if "weight" not in keys:
-            raise Bad(f"key {quote(keys['bias'])} has no matching {quote(keys['bias'][:-4] + 'weight')}")
-        shape = c.arrays[keys["weight"]][0]
-        if len(shape) != 2:
-            raise Bad(f"key {quote(keys['weight'])} has shape {shape}, not a Linear's (out, in)")
-        sources[f"{j}.W"] = (keys["weight"], True)
-        sources[f"{j}.b"] = (keys["bias"], False) if "bias" in keys else None
-    spec = [{"kind": "dense", "activation": None} for _ in layers]
-    return spec, sources, None, "is a torch state dict, which carries no activations; pass activations= (one per Linear)"
-
-
-def _no_others(arrays, sources, why):
-    claimed = {src[0] for src in sources.values() if src is not None}
-    other = sorted(k for k in arrays if k not in claimed)
-    if other:
-        raise Bad(f"key {quote(other[0])} {why}")
-
-
-def _json(text, what, want):
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's limit
-        raise Bad(f"{what} is not {want} ({type(exc).__name__}): {quote(text)}") from None
-
-
-def _check_spec(spec, prefix, depth):
-    """A layer list of known kinds, each with exactly its fields of the right types."""
-    if depth > MAX_DEPTH:
-        raise Bad(f"layer {prefix[:-1]}: residual blocks nested more than {MAX_DEPTH} deep")
-    if not isinstance(spec, list) or not spec:
-        raise Bad(f"{'the spec' if not prefix else f'layer {prefix[:-1]}'}: the layer list is not a non-empty JSON list")
-    for j, s in enumerate(spec):
-        where = f"layer {prefix}{j}"
-        kind = s.get("kind") if isinstance(s, dict) else None
-        if not isinstance(kind, str) or kind not in _FIELDS:
-            text = quote(kind) if isinstance(s, dict) else f"{type(s).__name__} {quote(json.dumps(s))}"
-            raise NetworkFileKeyError(f"{where}: unknown layer kind {text}; valid: {', '.join(_FIELDS)}")
-        fields = _FIELDS[kind]
-        if set(s) != {"kind", *fields}:
-            raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
-                      f"{', '.join(['kind', *fields])}")
-        for name, types in fields.items():
-            if not isinstance(s[name], types) or isinstance(s[name], bool):
-                raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
-        if kind == "residual":
-            _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
-
-
-def _param_keys(spec, prefix):
-    for j, s in enumerate(spec):
-        if s["kind"] == "residual":
-            yield from _param_keys(s["layers"], f"{prefix}{j}.")
-        else:
-            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in _PARAMS[s["kind"]])
-
-
-def _dense(spec):
-    for s in spec:
-        if s["kind"] == "residual":
-            yield from _dense(s["layers"])
-        elif s["kind"] == "dense":
-            yield s
-
-
 def _set_activations(spec, names, given, replace, missing):
     """Write the activation names into the spec's dense layers, in order: the file's own (one
     for all, or one each), or ``given`` (which may replace the file's only when ``replace``)."""
-    dense = list(_dense(spec))
+    dense = list(dense_layers(spec))
     if given is not None:
         if names is not None and not replace:
             raise Bad("carries its own 'activations'; leave out activations=")
@@ -342,9 +206,11 @@ def _check_shapes(spec, declared, prefix, width):
                 raise Bad(f"layer {where}: {b[1]} has shape {b[0]} but {key} has {W[1]} outputs")
             out = W[1]
         else:
-            for name in _PARAMS[kind]:
+            for name in PARAMS[kind]:
                 shape, key, _ = declared[f"{where}.{name}"]
-                if len(shape) != 1 or (width is not None and shape[0] != width):
+                if len(shape) != 1:
+                    raise Bad(f"layer {where} ({kind}): {key} must be 1-D (n,), got shape {shape}")
+                if width is not None and shape[0] != width:
                     raise Bad(f"layer {where} ({kind}): {key} has shape {shape} but {before} outputs {width} features")
             out = shape[0]
         width, before = out, f"layer {where}"
