@@ -52,15 +52,15 @@ def _sequential_plan(c):
 
 
 def _jacgrad_plan(c, suffix):
-    for k in sorted(c.arrays):
-        if not _JACGRAD_KEY.match(k):
-            raise Bad(f"key {quote(k)} is not part of jacgrad's layout (W0, b0, W1, b1, ..., numbers without "
-                      f"leading zeros{', and activations' if suffix == '.npz' else ''})")
     n = 0
     while f"W{n}" in c.arrays:
         n += 1
     if n == 0:
         raise Bad(f"has no array W0 (found: {', '.join(quote(k) for k in sorted(c.arrays)[:8]) or 'nothing'})")
+    for k in sorted(c.arrays):
+        if not _JACGRAD_KEY.match(k):
+            raise Bad(f"key {quote(k)} is not part of jacgrad's layout (W0, b0, W1, b1, ..., numbers without "
+                      f"leading zeros{', and activations' if suffix == '.npz' else ''})")
     extra = sorted(k for k in c.arrays if int(k[1:]) >= n)
     if extra:
         raise Bad(f"{', '.join(extra[:8])} present but W{n} is missing")

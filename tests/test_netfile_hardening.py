@@ -372,7 +372,10 @@ def _malformed(tmp_path):
         ("ndim.npz", lambda p: np.savez(p, W0=np.ones((3, 2, 1)), activations=np.array(["tanh"])), None, "must be 2-D"),
         ("shapes.npz", lambda p: np.savez(p, W0=np.ones((3, 2)), W1=np.ones((3, 2)), activations=np.array(["tanh"])), None,
          r"layer 1: W1 has shape \(3, 2\) but layer 0 outputs 2 features"),
-        ("names.npz", lambda p: np.savez(p, w0=np.ones((3, 2)), activations=np.array(["tanh"])), None, "key 'w0'"),
+        ("names.npz", lambda p: np.savez(p, W0=np.ones((3, 2)), w1=np.ones((2, 2)), activations=np.array(["tanh"])), None,
+         "key 'w1' is not part of jacgrad's layout"),
+        ("now0.npz", lambda p: np.savez(p, weights=np.ones((3, 2)), activations=np.array(["tanh"])), None,
+         r"no array W0 \(found: 'weights'\)"),
         ("dup.npz", lambda p: zip_of(p, {"W0.npy": W, "activations.npy": acts, "X0.npy": W}) and
          p.write_bytes(p.read_bytes().replace(b"X0.npy", b"W0.npy")), None, "member 'W0.npy' twice"),
         ("badlen.safetensors", (10**12).to_bytes(8, "little") + b"{}", None, "header length 1,000,000,000,000"),
