@@ -20,6 +20,7 @@ A ``Contents`` has ``.arrays`` (name -> ``(shape, dtype)``, dtype a NumPy dtype 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -48,14 +49,19 @@ class Contents:
 
 
 def _fill(stream, out: np.ndarray, what: str) -> None:
-    """Read exactly ``out.nbytes`` bytes from ``stream`` into ``out``, a chunk at a time."""
+    """Read exactly ``out.nbytes`` bytes from ``stream`` into ``out``, with no copy of them beside it."""
     view, pos = memoryview(out.reshape(-1).view(np.uint8)), 0
+    direct = isinstance(stream, io.BufferedReader)  # a plain file reads straight into the array
     while pos < len(view):
-        chunk = stream.read(min(CHUNK, len(view) - pos))
-        if not chunk:
+        if direct:
+            n = stream.readinto(view[pos:])
+        else:  # a zip member: a chunk at a time (its readinto would read everything into one bytes first)
+            chunk = stream.read(min(CHUNK, len(view) - pos))
+            n = len(chunk)
+            view[pos:pos + n] = chunk
+        if not n:
             raise Bad(f"{what} is truncated: {pos:,} of {len(view):,} bytes")
-        view[pos:pos + len(chunk)] = chunk
-        pos += len(chunk)
+        pos += n
 
 
 def _nbytes(shape, dtype) -> int:
