@@ -177,7 +177,7 @@ def _set_activations(spec, names, given, replace, missing):
     if len(names) != len(dense):
         raise Bad(f"{len(names)} activations for {len(dense)} {'Dense layers' if replace else 'layers'}")
     for j, (s, name) in enumerate(zip(dense, names)):
-        if not isinstance(name, str) or len(name) > MAX_NAME:
+        if isinstance(name, str) and len(name) > MAX_NAME:  # (an Activation row passes as itself)
             raise NetworkFileKeyError(f"activation {j}: {quote(name)} is not an activation name")
         try:
             s["activation"] = _activations.get(name).name

@@ -175,6 +175,9 @@ def test_one_loader_reads_every_layout_for_both_network_types(tmp_path):
     blocks().save(tmp_path / "blocks.npz")
     with pytest.raises(ValueError, match=r"blocks\.npz.*holds layernorm, residual layers.*Sequential\.load"):
         jg.MLP.load(tmp_path / "blocks.npz")
+    np.savez(tmp_path / "mixed.npz", spec=np.array('[{"kind": "dense", "activation": "tanh"}]'),
+             **{"0.W": np.ones((2, 3), np.float32), "0.b": np.zeros(3)})  # one dtype, as MLP.load casts
+    assert jg.Sequential.load(tmp_path / "mixed.npz").dtype == jg.MLP.load(tmp_path / "mixed.npz").dtype == np.float64
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     seq = jg.Sequential.load(tmp_path / "sd.pt", activations=["tanh", "identity"])
@@ -395,6 +398,11 @@ def _malformed(tmp_path):
         ("fields.npz", lambda p: zip_of(p, _spec('[{"kind": "dense"}]')), None, r"layer 0 \(dense\): fields 'kind'"),
         ("kind.npz", lambda p: zip_of(p, _spec('[{"kind": "' + "conv" * 1000 + '"}]')), None,
          "unknown layer kind 'convconv.*… \\(4,000 characters\\)"),
+        ("eps.npz", lambda p: zip_of(p, {"spec.npy": npy(np.array('[{"kind": "layernorm", "eps": -1}]')),
+                                         "0.gamma.npy": npy(np.ones(3)), "0.beta.npy": npy(np.zeros(3))}), None,
+         "layer 0: LayerNorm: eps must be finite and > 0|holds layernorm layers; MLP holds dense layers only"),
+        ("missing.npz", lambda p: zip_of(p, {k: v for k, v in _spec('[{"kind": "dense", "activation": "tanh"}]').items()
+                                             if k != "0.b.npy"}), None, r"layer 0 \(dense\): array '0\.b' is missing"),
         ("nontensor.pt", pt(5), "relu", "holds a int, not a state dict"),
         ("strings.pt", pt({"0.weight": "a string"}), "relu", "holds a str at '0.weight'"),
         ("subclass.pt", pt({"0.weight": torch.ones(2, 2).as_subclass(Sub)}), "relu", "weights_only"),
