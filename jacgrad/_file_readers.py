@@ -1,8 +1,9 @@
 """Reading the three container formats as data, in two steps: first what the file DECLARES (the
 names, shapes and dtypes of its arrays, and its small text entries), then, once the caller has
-checked those against the layout it expects, each array's bytes. Nothing is decompressed,
-materialised or allocated for an array before its name and declared size have been checked,
-and no declared size is believed beyond what the file's bytes can hold.
+checked those against the layout it expects, each array's bytes. No array's data is
+decompressed, materialised or allocated before its name and declared size have been checked
+(of an .npz member only the first bytes, its .npy header, are read to learn that size), and no
+declared size is believed beyond what the file's bytes can hold.
 
 - ``.npz``: the zip directory, then each member's ``.npy`` header (shape, dtype) read from the
   first bytes of the member; a member whose declared size is out of proportion to its compressed
@@ -86,7 +87,7 @@ def read_npz(f) -> Contents:
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # BadZipFile, NotImplementedError (zip version, method), OSError, ...
         raise Bad(f"is not an .npz archive (a zip of .npy arrays): {clip(exc)}") from None
     names = [i.filename for i in infos]
     if len(set(names)) != len(names):
@@ -109,17 +110,7 @@ def read_npz(f) -> Contents:
 
     def read(key, dtype=None):
         info, offset, shape, fortran, dt = members[key]
-        out = np.empty(int(np.prod(shape, dtype=object)), dtype=dt)
-        try:
-            with zf.open(info) as m:
-                m.read(offset)
-                _fill(m, out, f"member {quote(key)}")
-                if m.read(1):
-                    raise Bad(f"member {quote(key)} holds more bytes than its .npy header declares")
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            if isinstance(exc, Bad):
-                raise
-            raise Bad(f"member {quote(key)} cannot be read: {clip(exc)}") from None
+        out = _member(zf, key, info, offset, shape, dt)
         return out.reshape(shape[::-1]).T if fortran else out.reshape(shape)
 
     return Contents({k: (m[2], m[4]) for k, m in members.items()}, text, read)
@@ -151,14 +142,27 @@ def _npy_header(zf, info, key):
     return offset, tuple(shape), bool(fortran), dtype
 
 
+def _member(zf, key, info, offset, shape, dtype) -> np.ndarray:
+    """The member's array data, 1-D: exactly the bytes its header declares, CRC checked."""
+    out = np.empty(int(np.prod(shape, dtype=object)), dtype=dtype)
+    try:
+        with zf.open(info) as m:
+            m.read(offset)
+            _fill(m, out, f"member {quote(key)}")
+            if m.read(1):  # also where zipfile checks the CRC
+                raise Bad(f"member {quote(key)} holds more bytes than its .npy header declares")
+    except Bad:
+        raise
+    except Exception as exc:  # a CRC mismatch, a broken deflate stream, ...
+        raise Bad(f"member {quote(key)} cannot be read: {clip(exc)}") from None
+    return out
+
+
 def _npz_text(zf, key, info, offset, shape, fortran, dtype):
     if dtype.kind != "U" or len(shape) > 1 or info.file_size > TEXT_BYTES:
         raise Bad(f"member {quote(key)} must be a short string array (one name per entry), got shape {shape} "
                   f"{quote(str(dtype))} of {_size(info.file_size)}")
-    with zf.open(info) as m:
-        m.read(offset)
-        out = np.empty(int(np.prod(shape, dtype=object)), dtype=dtype)
-        _fill(m, out, f"member {quote(key)}")
+    out = _member(zf, key, info, offset, shape, dtype)
     return [str(s) for s in out] if shape else str(out[0])
 
 
@@ -244,7 +248,7 @@ def read_torch(f) -> Contents:
     try:
         with zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # BadZipFile, NotImplementedError (zip version, method), OSError, ...
         raise Bad(f"is not a state dict that torch.load(weights_only=True) reads: not a zip archive "
                   f"({clip(exc)}); jacgrad reads torch.save's zip format (torch >= 1.6), not the legacy one") from None
     for info in infos:

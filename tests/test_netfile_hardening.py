@@ -427,3 +427,38 @@ def test_malformed_files_are_one_value_error_naming_the_file_in_both_loaders(tmp
             assert str(path) in msg, (name, load, msg)
             assert re.search(match, msg), (name, load, msg)
             assert len(msg) < 600, (name, load, len(msg))  # what the file says is echoed clipped
+
+
+def _valid_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    mlp().save(tmp_path / "m.npz")
+    mlp().save(tmp_path / "m.safetensors")
+    blocks().save(tmp_path / "s.npz")
+    blocks().save(tmp_path / "s.safetensors")
+    net = mlp()
+    np.savez_compressed(tmp_path / "c.npz", W0=net.weights[0], W1=net.weights[1], activations=np.array(net.activations))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    return ["m.npz", "m.safetensors", "s.npz", "s.safetensors", "c.npz", "t.pt"]
+
+
+def test_corrupted_files_load_or_raise_value_error_and_nothing_else(tmp_path):
+    """Every file above, with bytes overwritten or cut at seeded random places: each load either
+    gives a network or raises ValueError naming the file, never another exception."""
+    fuzz = np.random.default_rng(20)
+    for name in _valid_files(tmp_path):
+        data = (tmp_path / name).read_bytes()
+        bad = tmp_path / f"bad{Path(name).suffix}"
+        for trial in range(60):
+            mutated = bytearray(data)
+            if trial % 4 == 0:
+                mutated = mutated[: int(fuzz.integers(0, len(data)))]
+            else:
+                for i in fuzz.integers(0, len(data), size=int(fuzz.integers(1, 4))):
+                    mutated[i] = int(fuzz.integers(0, 256))
+            bad.write_bytes(bytes(mutated))
+            for load in (jg.MLP.load, jg.Sequential.load):
+                try:
+                    load(bad, activations="relu" if name.endswith(".pt") else None)
+                except ValueError as exc:
+                    assert str(bad) in str(exc) and len(str(exc)) < 600, (name, trial, str(exc))
