@@ -353,7 +353,8 @@ class MLP(ParameterSpaceMethods, InteropMethods):
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Write ``W0, b0, W1, b1, …`` and the activation names to ``.npz`` or ``.safetensors``
-        (by suffix; see ``jacgrad.netfile``)."""
+        (by suffix, in any case, at exactly ``path``; any other suffix is a ``ValueError``). The
+        file is replaced only once the new one is complete (see ``jacgrad.netfile``)."""
         from .netfile import save
 
         save(self.weights, self.biases, self.activations, path)

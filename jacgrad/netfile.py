@@ -1,269 +1,254 @@
-"""Network files: ``.npz``, ``.safetensors`` and PyTorch ``.pt``/``.pth`` state dicts, by suffix.
+"""Network files: ``.npz``, ``.safetensors`` and PyTorch ``.pt``/``.pth`` state dicts, by suffix
+(compared in any case; a file is written at exactly the path given).
 
-``load`` returns a plain ``jacgrad.interop.NetSpec`` (``MLP.load`` builds the network from it), so
-this module never imports the network classes. Layouts:
+One reader serves ``MLP.load`` and ``Sequential.load``: every file becomes a layer list (the
+``spec``) and its parameters by canonical name (``"<j>.W"``, ``"<j>.<i>.gamma"`` inside a
+residual block); ``load`` turns a list of dense layers into a ``jacgrad.interop.NetSpec``,
+``load_layers`` builds ``jacgrad.layers``. Layouts:
 
-- ``.npz`` (jacgrad's; ``MLP.save``): arrays ``W0, b0, W1, b1, …`` and ``activations``. ``Wj`` is
-  ``(H_{j-1}, H_j)`` (the batch-first convention ``h = z @ W + b``), ``bj`` is ``(H_j,)`` and may be
-  omitted (zeros), ``activations`` is an array of strings with one name per layer (or a single
-  name for all). Write one from any framework with ``np.savez(path, W0=..., b0=...,
-  activations=np.array(["tanh", "identity"]))`` — from a ``torch.nn.Linear`` take ``weight.T``.
-- ``.safetensors``, jacgrad's layout (``MLP.save``): tensors ``W0, b0, …`` as above, the
-  activation names in the metadata (``{"format": "jacgrad", "activations": "[\\"tanh\\", …]"}``,
-  JSON). Loading runs no code.
-- ``.safetensors`` or ``.pt``/``.pth``, a torch ``nn.Sequential`` state dict: ``0.weight``
-  ``(out, in)``, ``0.bias``, ``2.weight``, … — Linear layers at numeric module paths, taken in
-  numeric order, ``W = weight.T``. A state dict carries no activations: pass ``activations=``
-  (one name, or one per Linear). ``.pt``/``.pth`` are read with ``torch.load(weights_only=True)``
-  only, which unpickles tensors and plain containers and never code.
+- Sequential's (``Sequential.save``): ``spec`` (the layer list as JSON: an ``.npz`` string member,
+  or the ``.safetensors`` metadata ``{"spec": ...}``) and each parameter as ``"<j>.<name>"``.
+- jacgrad's dense layout (``MLP.save``): ``W0, b0, W1, b1, …`` and ``activations`` (an ``.npz``
+  string array with one name per layer, or a single name for all; in ``.safetensors`` metadata
+  ``{"format": "jacgrad", "activations": "[\\"tanh\\", …]"}``, JSON). ``Wj`` is ``(H_{j-1}, H_j)``
+  (``h = z @ W + b``), ``bj`` is ``(H_j,)`` and may be omitted (zeros). Write one from any
+  framework with ``np.savez(path, W0=..., b0=..., activations=np.array(["tanh", "identity"]))``
+  — from a ``torch.nn.Linear`` take ``weight.T``. Numbers are written without leading zeros.
+- A torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``): ``0.weight``
+  ``(out, in)``, ``0.bias``, ``2.weight``, … — Linear layers at numeric module paths, in numeric
+  order, ``W = weight.T``. It carries no activations: pass ``activations=``. ``.pt``/``.pth``
+  are read with ``torch.load(weights_only=True)`` only (torch's zip format), which unpickles
+  tensors and plain containers and never code.
 
-Every problem — a missing file, a truncated or hostile file, a missing, extra or misshapen key,
-a non-float (integer, complex) array — is one ``ValueError`` naming the file and the key.
-float16/bfloat16 arrays need ``dtype=``. Activation names are checked by ``jacgrad.activations``.
+Files are data: loading runs no code and allocates no more than the file's real contents
+justify (``jacgrad._file_readers``); only regular files are opened; a save goes to a temporary
+file that is renamed over the old one only once complete (``jacgrad._file_safety``). Every
+problem with a file — truncated, hostile, a missing, extra, duplicate or misshapen key, a
+non-float array — is one ``ValueError`` naming the file and what is wrong (an unknown name is
+also a ``KeyError``); a missing file is a ``FileNotFoundError``. float16/bfloat16 need ``dtype=``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 
 from . import activations as _activations
-from .backend import asarray, to_device, to_numpy
-from .interop import NetSpec, plain_message
+from ._file_layouts import PARAMS, dense_layers, plan
+from ._file_readers import read_npz, read_safetensors, read_torch
+from ._file_safety import NetworkFileError as Bad
+from ._file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open_regular, quote
+from .backend import to_device, to_numpy
+from .interop import NetSpec
+from .layers import Dense, LayerNorm, leaf_layers, Residual, RMSNorm
 
-__all__ = ["SUFFIXES", "load", "save"]
+__all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
 SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
-_JACGRAD_KEY = re.compile(r"^([Wb])(\d+)$")
-_TORCH_KEY = re.compile(r"^(\d+(?:\.\d+)*)\.(weight|bias)$")
+SAVE_SUFFIXES = (".npz", ".safetensors")
+_READERS = {".npz": read_npz, ".safetensors": read_safetensors, ".pt": read_torch, ".pth": read_torch}
+MAX_NAME = 120  # characters: longer than any activation's canonical spelling
 
 
-class _FileError(ValueError):
-    pass
-
-
+# ---------------------------------------------------------------------- saving
 def save(weights, biases, activations, path) -> None:
-    """Write a network to ``path``: ``.safetensors`` in jacgrad's layout, else ``.npz``
-    (a path without a suffix gets ``.npz``, as ``np.savez`` does)."""
-    suffix = Path(path).suffix.lower()
+    """Write a dense stack in jacgrad's layout (``MLP.save``): ``.npz`` or ``.safetensors``."""
+    acts = [str(a) for a in activations]
     arrays = {}
     for j, (W, b) in enumerate(zip(weights, biases)):
-        arrays[f"W{j}"], arrays[f"b{j}"] = np.ascontiguousarray(to_numpy(W)), np.ascontiguousarray(to_numpy(b))
+        arrays[f"W{j}"], arrays[f"b{j}"] = W, b
+    _write(path, arrays, {"activations": np.array(acts)}, {"format": "jacgrad", "activations": json.dumps(acts)})
+
+
+def save_layers(layers, path) -> None:
+    """Write a layer list in Sequential's layout (``Sequential.save``): ``.npz`` or ``.safetensors``."""
+    arrays = {f"{'.'.join(map(str, where))}.{name}": p
+              for where, L in leaf_layers(layers) for name, p in zip(L.names, L.params)}
+    spec = json.dumps([L.spec() for L in layers])
+    _write(path, arrays, {"spec": np.array(spec)}, {"spec": spec})
+
+
+def _write(path, arrays: dict, npz_text: dict, metadata: dict) -> None:
+    suffix = checked_suffix(path, SAVE_SUFFIXES, "writes")
+    arrays = {k: np.ascontiguousarray(to_numpy(a)) for k, a in arrays.items()}
     if suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(arrays, str(path), metadata={"format": "jacgrad", "activations": json.dumps(list(activations))})
-    elif suffix in (".npz", ""):
-        np.savez(path, activations=np.array(list(activations)), **arrays)
+        atomic_write(path, lambda f: _write_safetensors(f, arrays, metadata))
     else:
-        raise ValueError(f"cannot write {str(path)!r}: MLP.save writes .npz or .safetensors, not {suffix!r}")
+        atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **npz_text, **arrays))
 
 
+_ST_CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+def _write_safetensors(f, arrays: dict, metadata: dict) -> None:
+    """The safetensors format: an 8-byte little-endian header length, the JSON header (padded with
+    spaces to 8 bytes), then each tensor's bytes, little-endian, in header order."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": _ST_CODES[np.dtype(a.dtype.name)], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for a in arrays.values():
+        f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data)
+
+
+# ---------------------------------------------------------------------- loading
 def load(path, activations=None, dtype: str | None = None, device: str = "cpu") -> NetSpec:
-    """The ``NetSpec`` in ``path`` (format by suffix, see the module docstring), its arrays cast to
-    ``dtype`` when given (else the file's float32/float64) and placed on ``device``."""
+    """The ``NetSpec`` of a file holding dense layers, its arrays cast to ``dtype`` when given (else
+    the file's float32/float64) and placed on ``device``. ``activations``: one name, or one per
+    layer, for files that carry none (a file's own are never overridden)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    suffix = Path(path).suffix.lower()
-    readers = {".npz": _read_npz, ".npy": _read_npz, ".safetensors": _read_safetensors, ".pt": _read_torch,
-               ".pth": _read_torch}
-    reader = readers.get(suffix)
-    if reader is None:  # np.savez's archives are zip files, whatever they are called
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                raise ValueError(f"weights file {path!r}: unknown suffix {suffix!r}; jacgrad reads {', '.join(SUFFIXES)}")
-        reader = _read_npz
-    try:
-        weights, biases, names = reader(path, activations, dtype)
-        names = _resolve_names(names, len(weights))
-        weights, biases = _checked_arrays(weights, biases, dtype)
-    except _FileError as exc:
-        raise ValueError(f"weights file {path!r}: {exc}") from None
-    weights = [to_device(W, device) for W in weights]
-    biases = [to_device(b, device) for b in biases]
-    return NetSpec(weights, biases, names, source=path)
+    spec, arrays = _read(path, activations, dtype, replace=False)
+    other = sorted({s["kind"] for s in spec} - {"dense"})
+    if other:
+        raise Bad(f"network file {path!r} holds {', '.join(other)} layers; MLP holds dense layers only: "
+                  f"load it with jg.Sequential.load")
+    W = [to_device(arrays[f"{j}.W"], device) for j in range(len(spec))]
+    b = [to_device(arrays[f"{j}.b"] if arrays[f"{j}.b"] is not None else np.zeros(w.shape[1], w.dtype), device)
+         for j, w in enumerate(W)]
+    return NetSpec(W, b, [s["activation"] for s in spec], source=path)
 
 
-# ---------------------------------------------------------------------- the readers
-def _read_npz(path, activations, dtype):
+def load_layers(path, activations=None) -> list:
+    """The ``jacgrad.layers`` of any network file; ``activations``: names replacing the file's,
+    one per Dense layer in layer order (residual inner layers included), or one for all."""
+    path = os.fspath(path)
+    spec, arrays = _read(path, activations, None, replace=True)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single .npy array, not an .npz archive")
-        with loaded as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except ValueError as exc:
-        if "pickle" in str(exc) and "single" not in str(exc):  # np.load's word for "not an .npy/.npz at all" or object arrays
-            raise _FileError("is not an .npz archive of plain numeric arrays") from None
-        raise _FileError(f"is not a readable .npz archive ({exc})") from None
-    except Exception as exc:
-        raise _FileError(f"is not a readable .npz archive ({type(exc).__name__}: {exc})") from None
-    for k, a in arrays.items():  # NpzFile hands back raw bytes for a member without the .npy header
-        if not isinstance(a, np.ndarray):
-            raise _FileError(f"member {k!r} is not a valid .npy array")
-    weights, biases = _jacgrad_layout(arrays, strict=False)
-    names = arrays.get("activations")
-    if names is not None:
-        if activations is not None:
-            raise _FileError("carries its own 'activations'; leave out activations=")
-        names = [str(a) for a in np.atleast_1d(names)]
-    elif activations is None:
-        raise _FileError("has no 'activations' array (one name per layer); add one, or pass activations=")
-    else:
-        names = activations
-    return weights, biases, names
+        return _build(spec, "", arrays)
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        cls = NetworkFileKeyError if isinstance(exc, KeyError) else Bad
+        raise cls(f"network file {path!r}: {msg}") from None
 
 
-def _read_safetensors(path, activations, dtype):
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise _FileError("reading .safetensors needs the safetensors package: pip install safetensors") from None
-    try:
-        with safe_open(path, framework="np") as f:
-            metadata = f.metadata() or {}
-            keys = list(f.keys())
+def _read(path, activations, dtype, replace):
+    """``(spec, arrays)``: the checked layer list (activation names canonical) and every parameter
+    by canonical name (a dense bias the file leaves out is None), one float dtype."""
+    if os.path.splitext(path)[1].lower() == ".npy":
+        raise Bad(f"network file {path!r} holds a single .npy array, not an .npz archive; "
+                  f"jacgrad reads {', '.join(SUFFIXES)}")
+    suffix = checked_suffix(path, SUFFIXES, "reads")
+    with open_regular(path) as f:
+        try:
+            contents = _READERS[suffix](f)
+            spec, sources, names, missing = plan(contents, suffix)
+            _set_activations(spec, names, activations, replace, missing)
+            declared = {k: None if src is None else (_flip(contents.arrays[src[0]][0], src[1]), src[0],
+                                                     contents.arrays[src[0]][1]) for k, src in sources.items()}
+            _check_shapes(spec, declared, "", None)
+            dt = _check_dtypes(declared, dtype)
             arrays = {}
-            for k in keys:
-                try:
-                    arrays[k] = f.get_tensor(k)
-                except Exception as exc:  # e.g. BF16, which NumPy has no dtype for
-                    raise _FileError(f"tensor {k!r} cannot be read as a NumPy array ({exc}); save it as float32 or float64")
-    except _FileError:
-        raise
-    except Exception as exc:  # safetensors' SafetensorError: truncated, malformed header, ...
-        raise _FileError(f"is not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
-    if metadata.get("format") == "jacgrad" or any(_JACGRAD_KEY.match(k) for k in keys):
-        names = metadata.get("activations")
-        if names is not None:
-            if activations is not None:
-                raise _FileError("carries its own activations (metadata); leave out activations=")
-            try:
-                names = json.loads(names)
-            except ValueError:
-                raise _FileError(f"metadata 'activations' is not a JSON list of names: {names[:80]!r}") from None
-            if not isinstance(names, list) or not all(isinstance(a, str) for a in names):
-                raise _FileError("metadata 'activations' is not a JSON list of names")
-        elif activations is None:
-            raise _FileError("has no activations in its metadata; pass activations=")
-        else:
-            names = activations
-        return (*_jacgrad_layout(arrays), names)
-    return (*_torch_layout(arrays), _caller_names(activations))
+            for k, src in sources.items():
+                if src is not None:
+                    a = contents.read(src[0], dtype)
+                    arrays[k] = np.asarray(a.T if src[1] else a, dtype=dt)
+                else:
+                    arrays[k] = None
+        except NetworkFileKeyError as exc:
+            raise NetworkFileKeyError(f"network file {path!r}: {exc}") from None
+        except Bad as exc:
+            raise Bad(f"network file {path!r}: {exc}") from None
+    return spec, arrays
 
 
-def _read_torch(path, activations, dtype):
-    try:
-        import torch
-    except ImportError:
-        raise _FileError("reading .pt/.pth needs PyTorch: pip install torch (or save the state dict as .safetensors)") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for anything but tensors and plain containers, or a broken file
-        text = plain_message(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        why = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)  # torch's reason, pages down
-        if why:
-            first = f"{first.split('.')[0]}: {why.group(1).split('. ')[0].strip()}"
-        raise _FileError(f"is not a state dict that torch.load(weights_only=True) reads ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _FileError(f"holds a {type(state).__name__}, not a state dict of tensors (save model.state_dict())")
-    arrays = {}
-    for k, v in state.items():
-        if v.dtype in (torch.float16, torch.bfloat16):  # NumPy has no bfloat16: cast here, or ask for dtype=
-            if dtype is None:
-                raise _FileError(f"{k} is {str(v.dtype)[6:]}; jacgrad computes in float32 or float64: "
-                                 f"pass dtype='float32' to cast it")
-            v = v.to(torch.float64 if np.dtype(dtype) == np.float64 else torch.float32)
-        arrays[k] = asarray(v)
-    return (*_torch_layout(arrays), _caller_names(activations))
+def _flip(shape, transpose):
+    return tuple(shape[::-1]) if transpose else tuple(shape)
 
 
-def _caller_names(activations):
-    if activations is None:
-        raise _FileError("is a torch state dict, which carries no activations; pass activations= (one per Linear)")
-    return activations
-
-
-def _jacgrad_layout(arrays, strict: bool = True):
-    """(weights, biases) as (key, array) pairs from ``W0, b0, W1, …``; ``strict``: no other keys
-    (an .npz may carry others, such as its ``activations``)."""
-    bad = sorted(k for k in arrays if not _JACGRAD_KEY.match(k))
-    if strict and bad:
-        raise _FileError(f"key {bad[0]!r} is not part of jacgrad's layout (W0, b0, W1, b1, ...)")
-    n = 0
-    while f"W{n}" in arrays:
-        n += 1
-    if n == 0:
-        raise _FileError(f"has no array W0 (found: {', '.join(sorted(arrays)) or 'nothing'})")
-    extra = sorted(k for k in arrays if _JACGRAD_KEY.match(k) and int(k[1:]) >= n)
-    if extra:
-        raise _FileError(f"{', '.join(extra)} present but W{n} is missing")
-    return [(f"W{j}", arrays[f"W{j}"]) for j in range(n)], [(f"b{j}", arrays.get(f"b{j}")) for j in range(n)]
-
-
-def _torch_layout(arrays):
-    """Linear layers of an nn.Sequential state dict, in numeric module order: W = weight.T."""
-    layers: dict[tuple, dict] = {}
-    for k in arrays:
-        m = _TORCH_KEY.match(k)
-        if m is None:
-            raise _FileError(f"key {k!r} is not the weight or bias of a Linear at a numeric module path "
-                             f"(like '0.weight', '2.bias'): jacgrad reads nn.Sequential state dicts of Linears")
-        layers.setdefault(tuple(int(p) for p in m.group(1).split(".")), {})[m.group(2)] = k
-    if not layers:
-        raise _FileError("holds no tensors")
-    weights, biases = [], []
-    for index in sorted(layers):
-        keys = layers[index]
-        if "weight" not in keys:
-            raise _FileError(f"key {keys['bias']!r} has no matching {keys['bias'][:-4] + 'weight'!r}")
-        w = arrays[keys["weight"]]
-        if w.ndim != 2:
-            raise _FileError(f"key {keys['weight']!r} has shape {tuple(w.shape)}, not a Linear's (out, in)")
-        weights.append((keys["weight"], w.T))
-        biases.append((keys.get("bias", "bias"), arrays[keys["bias"]] if "bias" in keys else None))
-    return weights, biases
-
-
-# ---------------------------------------------------------------------- checks
-def _resolve_names(names, n: int) -> list[str]:
+def _set_activations(spec, names, given, replace, missing):
+    """Write the activation names into the spec's dense layers, in order: the file's own (one
+    for all, or one each), or ``given`` (which may replace the file's only when ``replace``)."""
+    dense = list(dense_layers(spec))
+    if given is not None:
+        if names is not None and not replace:
+            raise Bad("carries its own 'activations'; leave out activations=")
+        names = given
+    elif names is None:
+        raise Bad(missing)
     names = [names] if isinstance(names, str) else list(names)
     if len(names) == 1:
-        names = names * n
-    if len(names) != n:
-        raise _FileError(f"{len(names)} activations for {n} layers")
-    try:
-        return [_activations.get(a).name for a in names]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _FileError(str(exc)) from None
+        names = names * len(dense)
+    if len(names) != len(dense):
+        raise Bad(f"{len(names)} activations for {len(dense)} {'Dense layers' if replace else 'layers'}")
+    for j, (s, name) in enumerate(zip(dense, names)):
+        if isinstance(name, str) and len(name) > MAX_NAME:  # (an Activation row passes as itself)
+            raise NetworkFileKeyError(f"activation {j}: {quote(name)} is not an activation name")
+        try:
+            s["activation"] = _activations.get(name).name
+        except KeyError as exc:
+            raise NetworkFileKeyError(f"activation {j}: {exc.args[0] if exc.args else exc}") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise Bad(f"activation {j}: {exc}") from None
 
 
-def _checked_arrays(weights, biases, dtype):
-    """(weights, biases) as float arrays of one dtype, every key's dtype and shape checked."""
-    for key, a in weights + [(k, b) for k, b in biases if b is not None]:
-        kind = np.dtype(a.dtype)
-        if kind.kind != "f":
-            raise _FileError(f"{key} has dtype {kind}, not floating point (complex and integer arrays are refused)")
-        if dtype is None and kind == np.float16:
-            raise _FileError(f"{key} is float16; jacgrad computes in float32 or float64: pass dtype='float32' to cast it")
-    for j, (key, W) in enumerate(weights):
-        if W.ndim != 2:
-            raise _FileError(f"layer {j}: {key} must be 2-D (H_in, H_out), got shape {tuple(W.shape)}")
-        if j and W.shape[0] != weights[j - 1][1].shape[1]:
-            raise _FileError(f"layer {j}: {key} has shape {tuple(W.shape)} but layer {j - 1} outputs "
-                             f"{weights[j - 1][1].shape[1]} features")
-        key_b, b = biases[j]
-        if b is not None and b.shape != (W.shape[1],):
-            raise _FileError(f"layer {j}: {key_b} has shape {tuple(b.shape)} but {key} has {W.shape[1]} outputs")
-    dt = np.dtype(dtype) if dtype is not None else np.result_type(*[W.dtype for _, W in weights])
+def _check_shapes(spec, declared, prefix, width):
+    """Every declared shape against the layers' widths, before any array is read; the width out."""
+    before = "the input"
+    for j, s in enumerate(spec):
+        where, kind = f"{prefix}{j}", s["kind"]
+        if kind == "residual":
+            out = _check_shapes(s["layers"], declared, f"{where}.", width)
+            if width is not None and out != width:
+                raise Bad(f"layer {where}: its inner layers map {width} -> {out} features; a residual block needs H -> H")
+        elif kind == "dense":
+            (W, key, _), b = declared[f"{where}.W"], declared[f"{where}.b"]
+            if len(W) != 2:
+                raise Bad(f"layer {where}: {key} must be 2-D (H_in, H_out), got shape {W}")
+            if width is not None and W[0] != width:
+                raise Bad(f"layer {where}: {key} has shape {W} but {before} outputs {width} features")
+            if b is not None and b[0] != (W[1],):
+                raise Bad(f"layer {where}: {b[1]} has shape {b[0]} but {key} has {W[1]} outputs")
+            out = W[1]
+        else:
+            for name in PARAMS[kind]:
+                shape, key, _ = declared[f"{where}.{name}"]
+                if len(shape) != 1:
+                    raise Bad(f"layer {where} ({kind}): {key} must be 1-D (n,), got shape {shape}")
+                if width is not None and shape[0] != width:
+                    raise Bad(f"layer {where} ({kind}): {key} has shape {shape} but {before} outputs {width} features")
+            out = shape[0]
+        width, before = out, f"layer {where}"
+    return width
+
+
+def _check_dtypes(declared, dtype):
+    """The one float dtype of the network: ``dtype``, or the file's (float32 or float64)."""
+    found = []
+    for shape, key, kind in filter(None, declared.values()):
+        name = kind if isinstance(kind, str) else np.dtype(kind).name
+        if name not in ("bfloat16",) and np.dtype(kind).kind != "f":
+            raise Bad(f"{key} has dtype {name}, not floating point (complex and integer arrays are refused)")
+        if dtype is None and name in ("float16", "bfloat16"):
+            raise Bad(f"{key} is {name}; jacgrad computes in float32 or float64: pass dtype='float32' to cast it")
+        found.append(np.float32 if name == "bfloat16" else kind)
+    dt = np.dtype(dtype) if dtype is not None else np.result_type(*found)
     if dt not in (np.float32, np.float64):
-        raise _FileError(f"dtype {dt}: jacgrad computes in float32 or float64")
-    out_w = [np.asarray(W, dtype=dt) for _, W in weights]
-    out_b = [np.asarray(b, dtype=dt) if b is not None else np.zeros(W.shape[1], dt) for (_, b), W in zip(biases, out_w)]
-    return out_w, out_b
+        raise Bad(f"dtype {dt}: jacgrad computes in float32 or float64")
+    return dt
+
+
+def _build(spec, prefix, arrays) -> list:
+    out = []
+    for j, s in enumerate(spec):
+        key, kind = f"{prefix}{j}", s["kind"]
+        try:
+            if kind == "dense":
+                out.append(Dense(arrays[f"{key}.W"], arrays[f"{key}.b"], s["activation"]))
+            elif kind == "residual":
+                out.append(Residual(_build(s["layers"], f"{key}.", arrays), s["scale"]))
+            elif kind == "layernorm":
+                out.append(LayerNorm(arrays[f"{key}.gamma"], arrays[f"{key}.beta"], s["eps"]))
+            else:
+                out.append(RMSNorm(arrays[f"{key}.gamma"], s["eps"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            msg = exc.args[0] if exc.args else str(exc)
+            if str(msg).startswith("layer "):
+                raise
+            raise type(exc)(f"layer {key}: {msg}") from None
+    return out

@@ -14,8 +14,6 @@ the forward/backward/Jacobian interface of ``MLP``.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,9 +26,9 @@ from ._compiled_sequential import SequentialStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, shape_str
-from .backend import get_xp, to_numpy
+from .backend import get_xp
 from .chain import Chain
-from .layers import NORMS, chained, Dense, LayerNorm, leaf_layers, Residual, RMSNorm
+from .layers import chained, Dense
 from ._mlp_interop import Imported
 from .mlp import _require_finite
 
@@ -206,84 +204,20 @@ class Sequential(SequentialParameterSpace, Imported):
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Write the network: ``spec`` (the layers as JSON) and each parameter as ``"<j>.<name>"``
-        (``"<j>.<i>.<name>"`` inside a residual block). A path ending in ``.safetensors`` writes
-        a safetensors file (the spec in its metadata); any other an ``.npz``."""
-        arrays = {}
-        _collect(self._layers, arrays)
-        spec = json.dumps([L.spec() for L in self._layers])
-        if os.fspath(path).endswith(".safetensors"):
-            from safetensors.numpy import save_file
+        (``"<j>.<i>.<name>"`` inside a residual block), to ``.npz`` or ``.safetensors`` (the spec
+        in its metadata) by suffix, in any case, at exactly ``path``; any other suffix is a
+        ``ValueError``. The file is replaced only once the new one is complete (``jacgrad.netfile``)."""
+        from .netfile import save_layers
 
-            save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, os.fspath(path), metadata={"spec": spec})
-        else:
-            np.savez(path, spec=np.array(spec), **arrays)
+        save_layers(self._layers, path)
 
     @classmethod
     def load(cls, path, activations: Sequence[str] | None = None) -> "Sequential":
-        """A network written by ``save`` (``.npz`` or ``.safetensors``; no code is run, no pickle).
-        ``activations``: optional names replacing the file's, one per Dense layer in layer order
-        (residual inner layers included)."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"network file {path!r} does not exist")
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
+        """A network from a file of ``save`` (``.npz`` or ``.safetensors``), or of ``MLP.save``, or a
+        torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``): no code is run, no
+        pickle. ``activations``: names replacing the file's, one per Dense layer in layer order
+        (residual inner layers included) or one for all; a state dict needs them. Every problem
+        with the file is a ``ValueError`` naming it (``jacgrad.netfile``)."""
+        from .netfile import load_layers
 
-            with safe_open(path, framework="numpy") as f:
-                spec = (f.metadata() or {}).get("spec")
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
-            spec = str(arrays.pop("spec")) if "spec" in arrays else None
-        if spec is None:
-            raise ValueError(f"{path}: no 'spec' (the layer list): not written by Sequential.save")
-        acts = None if activations is None else list(activations)
-        layers = _build(json.loads(spec), "", arrays, acts, path)
-        if acts:
-            raise ValueError(f"{path}: {len(acts)} activations left over: the file has fewer Dense layers")
-        return cls(layers)
-
-
-def _collect(layers, arrays: dict) -> None:
-    """Each parameter as ``arrays["<j>.<name>"]`` (``"<j>.<i>.<name>"`` inside a residual block)."""
-    for path, L in leaf_layers(layers):
-        for name, p in zip(L.names, L.params):
-            arrays[f"{'.'.join(map(str, path))}.{name}"] = to_numpy(p)
-
-
-def _build(spec: list, prefix: str, arrays: dict, acts, path) -> list:
-    out = []
-    for j, s in enumerate(spec):
-        where = f"{path}: layer {prefix}{j}"
-        kind = s.get("kind")
-
-        def get(name):
-            key = f"{prefix}{j}.{name}"
-            if key not in arrays:
-                raise KeyError(f"{where}: array {key!r} is missing")
-            return arrays[key]
-
-        try:
-            if kind == "dense":
-                act = s["activation"]
-                if acts is not None:
-                    if not acts:
-                        raise ValueError("more Dense layers than activations given")
-                    act = acts.pop(0)
-                out.append(Dense(get("W"), get("b"), act))
-            elif kind == "residual":
-                out.append(Residual(_build(s["layers"], f"{prefix}{j}.", arrays, acts, path), s["scale"]))
-            elif kind == "layernorm":
-                out.append(LayerNorm(get("gamma"), get("beta"), s["eps"]))
-            elif kind == "rmsnorm":
-                out.append(RMSNorm(get("gamma"), s["eps"]))
-            else:
-                raise KeyError(f"unknown layer kind {kind!r}; valid: dense, residual, {', '.join(NORMS)}")
-        except (KeyError, ValueError, TypeError) as exc:
-            msg = exc.args[0] if exc.args else str(exc)
-            if str(msg).startswith(path):
-                raise
-            raise type(exc)(f"{where}: {msg}") from None
-    return out
-
+        return cls(load_layers(path, activations))
