@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import _lazy, curvature, loss_hessians, losses, per_sample
+from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from .backend import get_xp
-from ._block_passes import named_grads, param_views
+from ._block_passes import BlockGradients, named_grads, param_views
 from .layers import Residual, leaf_layers
 
 __all__ = ["ParamArrays", "SequentialParameterSpace"]
@@ -140,6 +140,33 @@ class SequentialParameterSpace:
         for k, G in partials:
             per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], G[:, 0, :])
         return ParamArrays(flat, _by_name(self.layers, views))
+
+    def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
+                     seed: Any = None, expected_batch_size: float | None = None):
+        """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
+        one reverse sweep over every leaf (Dense, LayerNorm, RMSNorm, inside residual blocks too),
+        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``BlockGradients`` with ``input``
+        and ``deltas`` None); arguments and conventions as ``MLP.clipped_grad``.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
+            >>> r = net.clipped_grad(np.eye(3), np.zeros((3, 4)), max_norm=1.0, noise_multiplier=1.0, seed=0)
+            >>> r.grads.layers[1]["gamma"].shape, r.norms.shape, r.noise_std == 1 / 3
+            ((4,), (3,), True)
+        """
+        C, sigma = private.check_private_args(max_norm, noise_multiplier, expected_batch_size)
+        private.check_loss(loss)
+        y, cache = self.forward(x)
+        _, grad_y = losses.get(loss)(y, losses.one_layout(target))
+        xp = get_xp(y)
+        flat = xp.empty(self.n_params, dtype=self.dtype)
+        views = self._leaf_views(flat)
+        inputs = [a for a, _ in self._param_leaf_inputs(cache)]
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C)
+        gen = private.noise_generator(seed, xp) if sigma else None
+        frac, std = private.private_finish(flat, norms, C, sigma, cache.batch, expected_batch_size, gen)
+        return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,
+                                        std)
 
     # ------------------------------------------------------------------ Gauss–Newton
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
