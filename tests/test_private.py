@@ -38,7 +38,8 @@ def _psg(m, x, t, loss, n_out):
 
 def _clipped_mean(psg, C):
     n = np.linalg.norm(psg, axis=1)
-    c = np.minimum(1.0, C / np.maximum(n, np.finfo(np.float64).tiny))
+    with np.errstate(over="ignore"):  # C / tiny may overflow to inf; min(1, inf) = 1
+        c = np.minimum(1.0, C / np.maximum(n, np.finfo(np.float64).tiny))
     return (c[:, None] * psg).sum(axis=0) / psg.shape[0], n
 
 
