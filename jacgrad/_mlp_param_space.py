@@ -86,7 +86,7 @@ class ParameterSpaceMethods:
         return Gradients(dW, db, None, deltas, flat)
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
-                     seed: Any = None, expected_batch_size: float | None = None):
+                     seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
         """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
         one reverse sweep, as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``Gradients``
         with ``input`` and ``deltas`` None; ``.norms: (B,)`` before clipping; ``.clipped_fraction``).
@@ -96,8 +96,9 @@ class ParameterSpaceMethods:
         ``O(B·Σ H)``). ``max_norm``: C > 0; ``noise_multiplier``: σ ≥ 0 (0: no noise); ``seed``: None,
         an int or a ``numpy.random.Generator`` (a seed gives the same noise every call: pass one
         Generator to get fresh noise each step); ``expected_batch_size``: divide by it instead of
-        B (Poisson sampling, as Opacus). Any B, no recompilation. Not cryptographically secure
-        noise unless the Generator is.
+        B (Poisson sampling, as Opacus); ``trainable``: one bool per parameter array in
+        ``Gradients.flat`` order (None: all), the norms count only the True ones (frozen layers).
+        Any B, no recompilation. Not cryptographically secure noise unless the Generator is.
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.MLP.init([3, 5, 2], seed=0)
@@ -112,7 +113,8 @@ class ParameterSpaceMethods:
         xp = get_xp(y)
         flat, dW, db = carve_gradients(xp, self.weights, self.dtype)
         inputs = [cache.layer_output(j - 1) for j in range(self.depth)]
-        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, list(zip(dW, db)), C)
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, list(zip(dW, db)), C,
+                                          private.leaf_flags(trainable, [2] * self.depth))
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, cache.batch, expected_batch_size, gen)
         return private.ClippedGradients(Gradients(dW, db, None, None, flat), norms, frac, std)

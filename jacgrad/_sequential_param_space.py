@@ -142,7 +142,7 @@ class SequentialParameterSpace:
         return ParamArrays(flat, _by_name(self.layers, views))
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
-                     seed: Any = None, expected_batch_size: float | None = None):
+                     seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
         """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
         one reverse sweep over every leaf (Dense, LayerNorm, RMSNorm, inside residual blocks too),
         as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``BlockGradients`` with ``input``
@@ -162,7 +162,8 @@ class SequentialParameterSpace:
         flat = xp.empty(self.n_params, dtype=self.dtype)
         views = self._leaf_views(flat)
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
-        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C)
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C,
+                                          private.leaf_flags(trainable, [len(v) for v in views]))
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, cache.batch, expected_batch_size, gen)
         return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,

@@ -26,9 +26,9 @@ does no privacy accounting: give ``noise_multiplier``, the sample rate and the n
 an accountant (Opacus' ``RDPAccountant`` / ``PRVAccountant``).
 
     >>> import numpy as np
-    >>> c = clip_factors(np.array([0.0, 0.5, 4.0]), 1.0)[1]
+    >>> c = clip_factors(np.array([0.0, 0.5, 4.0]), 1.0)[1]   # squared norms in: ‖g‖ = 0, 0.71, 2
     >>> c.tolist()
-    [1.0, 1.0, 0.25]
+    [1.0, 1.0, 0.5]
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import numpy as np
 from . import losses, per_sample
 from ._gemm import matmul_into
 from ._passes import column_sums
-from .backend import get_xp
+from .backend import dot_along, get_xp
 
 __all__ = ["ClippedGradients", "check_loss", "check_private_args", "clip_factors", "clipped_leaf_sum", "clipped_sum",
-           "noise_generator", "private_finish", "sweep_and_clip"]
+           "leaf_flags", "noise_generator", "private_finish", "sweep_and_clip"]
 
 
 @dataclass
@@ -109,6 +109,22 @@ def noise_generator(seed: Any = None, xp=np):
     return xp.random.default_rng(seed)
 
 
+def leaf_flags(trainable: Any, counts: Sequence[int]):
+    """``trainable`` (None, or one bool per parameter array in flat order) cut per leaf
+    (``counts[k]`` arrays each); None stays None. A ``ValueError`` for a wrong length."""
+    if trainable is None:
+        return None
+    flags = [bool(f) for f in trainable]
+    if len(flags) != sum(counts):
+        raise ValueError(f"trainable has {len(flags)} flags but the network has {sum(counts)} parameter arrays "
+                         f"(one flag each, in the order of the gradients' flat layout)")
+    out, at = [], 0
+    for n in counts:
+        out.append(flags[at:at + n])
+        at += n
+    return out
+
+
 def clip_factors(sq, max_norm: float):
     """``(norms, c)`` from the squared per-sample norms ``sq: (B,)``: ``norms = √sq`` and
     ``c = C / max(norms, C)`` (``min(1, C/‖g‖)``, 1 for a zero gradient, never NaN)."""
@@ -138,35 +154,63 @@ def clipped_leaf_sum(J, views: Sequence[Any], a, delta, c) -> None:
         column_sums(rows, views[1])
 
 
-def clipped_sum(leaves: Sequence[Any], inputs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float):
+def clipped_sum(leaves: Sequence[Any], inputs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float,
+                trainable: Sequence[Sequence[bool]] | None = None):
     """``(norms, c)``; writes ``Σ_i c_i ∇ℓ_i`` of every leaf into ``views[k]``.
 
     ``leaves[k]``: leaf k's factor (``per_sample.leaf_factors``); ``inputs[k]``: its ``a``;
     ``partials``: ``(k, G_k)`` pairs in any order, ``G_k: (B, 1, H_k)`` the per-sample deltas
-    (``per_sample.output_partials`` of ``B·∂L/∂y``); ``views[k]``: leaf k's parameter arrays."""
+    (``per_sample.output_partials`` of ``B·∂L/∂y``); ``views[k]``: leaf k's parameter arrays.
+    ``trainable[k]``: one flag per array of leaf k (None: all): the norms count only the flagged
+    ones (a frozen weight, a bias that a torch ``Linear(bias=False)`` does not have)."""
     deltas = dict((k, G[:, 0]) for k, G in partials)
     xp = get_xp(next(iter(deltas.values())))
     sq = None
-    for k, J in enumerate(leaves):  # the leaf's own rule for its squared norms (a Gram form where it has one)
-        s = per_sample.leaf_sq_norms(J, inputs[k], deltas[k], len(views[k]))
+    for k, J in enumerate(leaves):
+        counted = [True] * len(views[k]) if trainable is None else list(trainable[k])
+        if all(counted):  # the leaf's own rule for its squared norms (a Gram form where it has one)
+            s = per_sample.leaf_sq_norms(J, inputs[k], deltas[k], len(views[k]))
+        elif any(counted):
+            s = _partial_sq_norms(J, inputs[k], deltas[k], counted)
+        else:
+            continue
         sq = s if sq is None else xp.add(sq, s, out=sq)
+    if sq is None:
+        raise ValueError("clipped_grad: no parameter is trainable, so there is no gradient to clip")
     norms, c = clip_factors(sq, max_norm)
     for k, J in enumerate(leaves):
         clipped_leaf_sum(J, views[k], inputs[k], deltas[k], c)
     return norms, c
 
 
+def _partial_sq_norms(J, a, delta, counted):
+    """``(B,)``: the squared per-sample norms of the counted arrays of one leaf: the first
+    (``a ⊗ δ``: ``‖a‖²‖δ‖²``; norm leaf ``a ⊙ δ``), the second (``δ``)."""
+    dd = dot_along(delta, delta, 1)
+    out = get_xp(delta).zeros_like(dd)
+    if counted[0]:
+        if per_sample.is_norm(J):
+            ad = a * delta
+            out += dot_along(ad, ad, 1)
+        else:
+            out += dot_along(a, a, 1) * dd
+    if len(counted) > 1 and counted[1]:
+        out += dd
+    return out
+
+
 def sweep_and_clip(factors: Sequence[Any], inputs: Sequence[Any], grad_y, views: Sequence[Sequence[Any]],
-                   max_norm: float):
+                   max_norm: float, trainable=None):
     """``(norms, c)``: the clipped sum of every leaf into ``views`` from ONE reverse sweep.
 
     ``factors``: the network's per-sample chain factors (``jacobian_chain(cache).factors``);
     ``inputs[k]``: leaf k's ``a``; ``grad_y = ∂L/∂y: (B, n_out)`` of the batch loss (a mean of
-    per-sample losses, so sample i's own cotangent is ``B·grad_y[i]``; only read)."""
+    per-sample losses, so sample i's own cotangent is ``B·grad_y[i]``; only read); ``trainable``
+    as for ``clipped_sum``."""
     B = grad_y.shape[0]
     V = (grad_y * grad_y.dtype.type(B))[:, None, :]
     partials = per_sample.output_partials(factors, V)
-    return clipped_sum(per_sample.leaf_factors(factors), inputs, partials, views, max_norm)
+    return clipped_sum(per_sample.leaf_factors(factors), inputs, partials, views, max_norm, trainable)
 
 
 def private_finish(flat, norms, max_norm: float, noise_multiplier: float, B: int, expected_batch_size, gen,

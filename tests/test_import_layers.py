@@ -47,7 +47,7 @@ RANK: dict[str, int] = {
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
     "ntk": PARAMETER_SPACE, "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
-    "distributed": PARAMETER_SPACE,
+    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE,
     # the command
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "bench": COMMAND,
 }

@@ -188,3 +188,11 @@ def test_bad_arguments_are_clear_errors(kw, match, kind):
 def test_max_norm_is_required():
     with pytest.raises(TypeError, match="max_norm"):
         jg.MLP.init([3, 4, 2], seed=0).clipped_grad(np.ones((2, 3)), np.zeros((2, 2)))
+
+
+def test_trainable_flags_are_checked():
+    net = jg.MLP.init([3, 4, 2], seed=0)
+    with pytest.raises(ValueError, match="trainable has 3 flags but the network has 4 parameter arrays"):
+        net.clipped_grad(np.ones((2, 3)), np.zeros((2, 2)), max_norm=1.0, trainable=[True] * 3)
+    with pytest.raises(ValueError, match="no parameter is trainable"):
+        net.clipped_grad(np.ones((2, 3)), np.zeros((2, 2)), max_norm=1.0, trainable=[False] * 4)
