@@ -22,7 +22,7 @@ from .backend import get_xp
 from ._block_passes import BlockGradients, named_grads, param_views
 from .layers import Residual, leaf_layers
 
-__all__ = ["ParamArrays", "SequentialParameterSpace"]
+__all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
 @dataclass
@@ -49,6 +49,23 @@ def _leaf_states(layers, states) -> list:
     return out
 
 
+def leaf_inputs(layers, states) -> list:
+    """Each leaf's ``a`` (``L.param_input`` of its forward state: ``z_prev`` of a Dense, ``x̂`` of a
+    norm layer, ``(B, H)``), in parameter order; ``states``: ``forward_layers``' states."""
+    return [L.param_input(st) for (_, L), st in zip(_leaves(layers), _leaf_states(layers, states))]
+
+
+def leaf_views(layers, flat) -> list:
+    """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
+    leaves = [L for _, L in _leaves(layers)]
+    views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
+    out, at = [], 0
+    for L in leaves:
+        out.append(views[at:at + len(L.params)])
+        at += len(L.params)
+    return out
+
+
 class SequentialParameterSpace:
     """Per-sample gradients and norms, ``ggn_vp`` and ``ggn_diagonal`` for ``Sequential`` (which
     supplies ``forward``, ``backward``, ``jacobian_chain``, ``layers``, ``n_params``, ``dtype``, ``xp``)."""
@@ -57,9 +74,8 @@ class SequentialParameterSpace:
     def _param_leaf_inputs(self, cache) -> list:
         """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
         Dense, ``x̂`` of a norm layer: ``(B, H)``) and its number of parameter arrays."""
-        leaves = [L for _, L in _leaves(self.layers)]
-        states = _leaf_states(self.layers, cache.states)
-        return [(L.param_input(st), len(L.params)) for L, st in zip(leaves, states)]
+        counts = [len(L.params) for _, L in _leaves(self.layers)]
+        return list(zip(leaf_inputs(self.layers, cache.states), counts))
 
     def _param_widths(self) -> list[int]:
         """The input width and every leaf's output width (for memory estimates)."""
@@ -67,13 +83,7 @@ class SequentialParameterSpace:
 
     def _leaf_views(self, flat) -> list:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
-        leaves = [L for _, L in _leaves(self.layers)]
-        views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
-        out, at = [], 0
-        for L in leaves:
-            out.append(views[at:at + len(L.params)])
-            at += len(L.params)
-        return out
+        return leaf_views(self.layers, flat)
 
     def _sample_partials(self, x: Any, target: Any, loss: str, per_sample_scale: bool = True):
         """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, sample
