@@ -15,7 +15,7 @@ from the same ``seed``). It runs in two parts:
   call on NumPy.
 - the noise, drawn eagerly after every call (or replay): ``out = (sum + σC·n) / B`` with ``n`` drawn
   by the step's generator into a preallocated buffer in the network's dtype (NumPy:
-  ``Generator(PCG64(seed))``; CuPy: ``cupy.random.default_rng(seed)``). A generator's draw inside a
+  ``Generator(SFC64(seed))``; CuPy: ``cupy.random.default_rng(seed)``). A generator's draw inside a
   CUDA graph would replay the SAME numbers every step (the host advances its offset only at
   capture), so the draw is deliberately left out of the graph: one generator kernel and two
   element-wise kernels per call. One generator per step, made at compile time: fresh noise every
