@@ -110,13 +110,13 @@ class ParameterSpaceMethods:
         private.check_loss(loss)
         y, cache = self.forward(x)
         _, grad_y = losses.get(loss)(y, losses.one_layout(target))
-        xp = get_xp(y)
-        flat, dW, db = carve_gradients(xp, self.weights, self.dtype)
+        xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
+        flat, dW, db = carve_gradients(xp, self.weights, self.dtype, pooled=True)  # as loss_and_grads: reused blocks
         inputs = [cache.layer_output(j - 1) for j in range(self.depth)]
         norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, list(zip(dW, db)), C,
-                                          private.leaf_flags(trainable, [2] * self.depth))
+                                          private.leaf_flags(trainable, [2] * self.depth), 1.0 / denom)
         gen = private.noise_generator(seed, xp) if sigma else None
-        frac, std = private.private_finish(flat, norms, C, sigma, cache.batch, expected_batch_size, gen)
+        frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
         return private.ClippedGradients(Gradients(dW, db, None, None, flat), norms, frac, std)
 
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):

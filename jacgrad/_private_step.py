@@ -13,7 +13,7 @@ from the same ``seed``). It runs in two parts:
   direct cuBLAS while recording). The ordinary mean gradient is not computed. The sweep's
   temporaries (``O(B · Σ H)``) come from the graph's private pool on CuPy and are allocated per
   call on NumPy.
-- the noise, drawn eagerly after every call (or replay): ``out = (sum + σC·n) / B`` with ``n`` drawn
+- the noise, drawn eagerly after every call (or replay): ``out = sum/B + (σC/B)·n`` with ``n`` drawn
   by the step's generator into a preallocated buffer in the network's dtype (NumPy:
   ``Generator(SFC64(seed))``; CuPy: ``cupy.random.default_rng(seed)``). A generator's draw inside a
   CUDA graph would replay the SAME numbers every step (the host advances its offset only at
@@ -47,12 +47,12 @@ def check_clip_args(clip: Any, noise_multiplier: Any, expected_batch_size: Any):
 
 
 class PrivatePart:
-    """Buffers and generator of a private step: ``sum (P,)`` (the recorded clipped sum), ``norms
+    """Buffers and generator of a private step: ``sum (P,)`` (the recorded clipped sum, divided by B), ``norms
     (B,)``, the noise scratch ``(P,)`` when σ > 0."""
 
     def __init__(self, xp, n_params: int, batch: int, dtype, max_norm: float, noise_multiplier: float, seed: Any,
                  expected_batch_size: Any):
-        self.C, self.sigma, self.batch, self.expected_batch_size = max_norm, noise_multiplier, batch, expected_batch_size
+        self.C, self.sigma, self.denom = max_norm, noise_multiplier, private.denominator(batch, expected_batch_size)
         self.sum = xp.zeros(n_params, dtype=dtype)
         self.norms = xp.zeros(batch, dtype=dtype)
         self.noise = xp.empty(n_params, dtype=dtype) if noise_multiplier else None
@@ -60,13 +60,13 @@ class PrivatePart:
 
     def run(self, factors, inputs, grad_y, views) -> None:
         """The recorded part: the clipped sums into ``views`` (of ``self.sum``), the norms into ``self.norms``."""
-        norms, _ = private.sweep_and_clip(factors, inputs, grad_y, views, self.C)
+        norms, _ = private.sweep_and_clip(factors, inputs, grad_y, views, self.C, scale=1.0 / self.denom)
         self.norms[...] = norms
 
     def finish(self, out):
-        """The eager part: ``out = (sum + σC·n) / B``; returns ``(clipped_fraction, noise_std)``."""
-        return private.private_finish(self.sum, self.norms, self.C, self.sigma, self.batch, self.expected_batch_size,
-                                      self.gen, buf=self.noise, out=out)
+        """The eager part: ``out = sum/B + (σC/B)·n``; returns ``(clipped_fraction, noise_std)``."""
+        return private.private_finish(self.sum, self.norms, self.C, self.sigma, self.denom, self.gen, buf=self.noise,
+                                      out=out)
 
     def results(self, grads, frac, std, copy: bool):
         norms = self.norms.copy() if copy else self.norms

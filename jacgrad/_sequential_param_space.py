@@ -20,6 +20,7 @@ from typing import Any
 from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from .backend import get_xp
 from ._block_passes import BlockGradients, named_grads, param_views
+from ._passes import carve
 from .layers import Residual, leaf_layers
 
 __all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
@@ -168,14 +169,14 @@ class SequentialParameterSpace:
         private.check_loss(loss)
         y, cache = self.forward(x)
         _, grad_y = losses.get(loss)(y, losses.one_layout(target))
-        xp = get_xp(y)
-        flat = xp.empty(self.n_params, dtype=self.dtype)
+        xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
+        flat = carve(xp, [(self.n_params,)], self.dtype, pooled=True)[0]  # as backward: reused host blocks
         views = self._leaf_views(flat)
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
         norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C,
-                                          private.leaf_flags(trainable, [len(v) for v in views]))
+                                          private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
         gen = private.noise_generator(seed, xp) if sigma else None
-        frac, std = private.private_finish(flat, norms, C, sigma, cache.batch, expected_batch_size, gen)
+        frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
         return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,
                                         std)
 

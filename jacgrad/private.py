@@ -46,7 +46,7 @@ from ._passes import column_sums
 from .backend import dot_along, get_xp
 
 __all__ = ["ClippedGradients", "check_loss", "check_private_args", "clip_factors", "clipped_leaf_sum", "clipped_sum",
-           "leaf_flags", "noise_generator", "private_finish", "sweep_and_clip"]
+           "denominator", "leaf_flags", "noise_generator", "private_finish", "sweep_and_clip"]
 
 
 @dataclass
@@ -156,8 +156,9 @@ def clipped_leaf_sum(J, views: Sequence[Any], a, delta, c) -> None:
 
 
 def clipped_sum(leaves: Sequence[Any], inputs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float,
-                trainable: Sequence[Sequence[bool]] | None = None):
-    """``(norms, c)``; writes ``Σ_i c_i ∇ℓ_i`` of every leaf into ``views[k]``.
+                trainable: Sequence[Sequence[bool]] | None = None, scale: float = 1.0):
+    """``(norms, c)``; writes ``scale · Σ_i c_i ∇ℓ_i`` of every leaf into ``views[k]`` (``scale``
+    rides on ``c``: ``1/B`` there saves a pass over the P gradients).
 
     ``leaves[k]``: leaf k's factor (``per_sample.leaf_factors``); ``inputs[k]``: its ``a``;
     ``partials``: ``(k, G_k)`` pairs in any order, ``G_k: (B, 1, H_k)`` the per-sample deltas
@@ -179,8 +180,9 @@ def clipped_sum(leaves: Sequence[Any], inputs: Sequence[Any], partials, views: S
     if sq is None:
         raise ValueError("clipped_grad: no parameter is trainable, so there is no gradient to clip")
     norms, c = clip_factors(sq, max_norm)
+    w = c * c.dtype.type(scale) if scale != 1.0 else c
     for k, J in enumerate(leaves):
-        clipped_leaf_sum(J, views[k], inputs[k], deltas[k], c)
+        clipped_leaf_sum(J, views[k], inputs[k], deltas[k], w)
     return norms, c
 
 
@@ -201,36 +203,38 @@ def _partial_sq_norms(J, a, delta, counted):
 
 
 def sweep_and_clip(factors: Sequence[Any], inputs: Sequence[Any], grad_y, views: Sequence[Sequence[Any]],
-                   max_norm: float, trainable=None):
-    """``(norms, c)``: the clipped sum of every leaf into ``views`` from ONE reverse sweep.
+                   max_norm: float, trainable=None, scale: float = 1.0):
+    """``(norms, c)``: ``scale ·`` the clipped sum of every leaf into ``views``, from ONE reverse sweep.
 
     ``factors``: the network's per-sample chain factors (``jacobian_chain(cache).factors``);
     ``inputs[k]``: leaf k's ``a``; ``grad_y = ∂L/∂y: (B, n_out)`` of the batch loss (a mean of
     per-sample losses, so sample i's own cotangent is ``B·grad_y[i]``; only read); ``trainable``
-    as for ``clipped_sum``."""
+    and ``scale`` as for ``clipped_sum``."""
     B = grad_y.shape[0]
     V = (grad_y * grad_y.dtype.type(B))[:, None, :]
     partials = per_sample.output_partials(factors, V)
-    return clipped_sum(per_sample.leaf_factors(factors), inputs, partials, views, max_norm, trainable)
+    return clipped_sum(per_sample.leaf_factors(factors), inputs, partials, views, max_norm, trainable, scale)
 
 
-def private_finish(flat, norms, max_norm: float, noise_multiplier: float, B: int, expected_batch_size, gen,
-                   buf=None, out=None):
-    """``out = (flat + σC·N(0, I)) / B'`` (``out`` None: in place in ``flat``; ``B'`` the
-    ``expected_batch_size`` when given, else ``B``); returns ``(clipped_fraction, noise_std)``:
-    a 0-d array, the fraction of ``norms`` above ``C``, and ``σC/B'``."""
-    xp = get_xp(flat)
-    denom = float(expected_batch_size) if expected_batch_size is not None else float(max(B, 1))
-    if out is None:
-        out = flat
-    elif noise_multiplier == 0:
-        xp.copyto(out, flat)
+def denominator(B: int, expected_batch_size: Any) -> float:
+    """What the clipped sum is divided by: ``expected_batch_size`` when given, else ``B``."""
+    return float(expected_batch_size) if expected_batch_size is not None else float(max(B, 1))
+
+
+def private_finish(mean, norms, max_norm: float, noise_multiplier: float, denom: float, gen, buf=None, out=None):
+    """``out = mean + (σC/B')·N(0, I)`` (``mean``: the clipped sum already divided by ``B' =
+    denom``; ``out`` None: in place); the noise is drawn by ``gen`` into ``buf`` (a preallocated
+    scratch shaped as ``mean``; None: one is made) in ``mean``'s dtype. Returns
+    ``(clipped_fraction, noise_std)``: a 0-d array, the fraction of ``norms`` above C, and ``σC/B'``."""
+    xp = get_xp(mean)
+    out = mean if out is None else out
+    std = noise_multiplier * max_norm / denom
     if noise_multiplier:
         if buf is None:
-            buf = xp.empty_like(flat)
-        gen.standard_normal(out=buf, dtype=flat.dtype)
-        buf *= flat.dtype.type(noise_multiplier * max_norm)
-        xp.add(flat, buf, out=out)
-    out /= flat.dtype.type(denom)
-    frac = xp.mean(norms > max_norm)
-    return frac, noise_multiplier * max_norm / denom
+            buf = xp.empty_like(mean)
+        gen.standard_normal(out=buf, dtype=mean.dtype)
+        buf *= mean.dtype.type(std)
+        xp.add(mean, buf, out=out)
+    elif out is not mean:
+        xp.copyto(out, mean)
+    return xp.mean(norms > max_norm), std
