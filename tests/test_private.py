@@ -196,3 +196,13 @@ def test_trainable_flags_are_checked():
         net.clipped_grad(np.ones((2, 3)), np.zeros((2, 2)), max_norm=1.0, trainable=[True] * 3)
     with pytest.raises(ValueError, match="no parameter is trainable"):
         net.clipped_grad(np.ones((2, 3)), np.zeros((2, 2)), max_norm=1.0, trainable=[False] * 4)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_blocks_with_one_sample(loss):
+    m, net, x, t = _case("nested", loss, np.float64, B=1)
+    psg = _psg(m, x, t, loss, net.n_out)
+    n = float(np.linalg.norm(psg))
+    for C in (0.5 * n, n, 2 * n):
+        r = net.clipped_grad(x, t, loss=loss, max_norm=C)
+        _close(r.flat, _clipped_mean(psg, C)[0], TOL[np.float64])

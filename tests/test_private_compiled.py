@@ -123,3 +123,11 @@ def test_recorded_once_and_replayed_with_fresh_noise_after_every_replay(fake_cup
     assert not np.allclose(noises[1], noises[2])
     # each is N(0, (σC/B)²) around the clean clipped mean: within 6 std of it everywhere (P < 200)
     assert all(np.abs(n).max() < 6 * 0.2 / 6 for n in noises)
+
+
+def test_import_jacgrad_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, jacgrad; assert callable(jacgrad.torch.dp_backward); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
