@@ -129,6 +129,7 @@ def _tol(norms, C):
     return 2e-6 / min(float(norms.min()), C) + 1e-10
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # Opacus' hooks on an input without grad
 @pytest.mark.parametrize("loss", LOSSES)
 def test_equals_opacus_hooks_mode(loss):
     opacus = pytest.importorskip("opacus")
@@ -149,6 +150,7 @@ def test_equals_opacus_hooks_mode(loss):
         _close(net.clipped_grad(x, t, loss=loss, max_norm=C).flat, want, _tol(n, C))
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_equals_opacus_ghost_clipping():
     opacus = pytest.importorskip("opacus")
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
