@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["dp_backward"]
 
 
@@ -36,8 +38,8 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
                 noise_multiplier: float = 0.0, generator: Any = None, expected_batch_size: float | None = None):
     """Write ``(Σ_i clip_C(∇ℓ_i) + N(0, σ²C² I)) / B`` into every parameter's ``.grad`` (replacing
     what is there) and return the ``jacgrad.private.ClippedGradients`` (per-sample norms before
-    clipping: ``.norms: (B,)``, ``.clipped_fraction``; its ``grads`` without the noise's
-    division caveats: the same numbers as ``.grad``, in jacgrad's layout).
+    clipping: ``.norms: (B,)``, ``.clipped_fraction``; ``.grads``: the same numbers as the
+    ``.grad``s, noise included, in jacgrad's flat layout).
 
     model: an ``nn.Sequential`` that ``jacgrad.Sequential.from_torch`` reads (``nn.Linear`` +
     activations, ``nn.LayerNorm``, ``nn.RMSNorm``, ``jacgrad.interop.torch_blocks.Residual``),
@@ -84,7 +86,7 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
         if g is None:
             raise TypeError(f"dp_backward: parameter {name!r} {tuple(p.shape)} is not one that "
                             f"Sequential.from_torch(model, copy=False) reads")
-        g = torch.as_tensor(g) if get_xp(g) is __import__("numpy") else torch.from_dlpack(g)
+        g = torch.from_numpy(g) if get_xp(g) is np else torch.from_dlpack(g)
         g = g.T if p.ndim == 2 else g  # a Linear's W is weight.T
         if p.grad is None:
             p.grad = g.contiguous().clone()
