@@ -61,7 +61,7 @@ class SequentialStep(StepIO):
     ``sigmoid_bce`` or ``softmax_cross_entropy``. capture: ``"auto"``, ``True`` or ``False`` as for
     ``MLP.compile``. input_grad: also compute ``∂L/∂x: (B, n_in)``. clip, noise_multiplier, seed,
     expected_batch_size: a private (DP-SGD) step, ``(loss, jacgrad.private.ClippedGradients)`` per
-    call — see ``jacgrad._private_step``.
+    call, without ``∂L/∂x`` whatever ``input_grad`` says — see ``jacgrad._private_step``.
     """
 
     def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = True,
@@ -176,11 +176,7 @@ class SequentialStep(StepIO):
             named = named_grads(self._layers, self._grads)
             return self._loss.value, BlockGradients(self._flat, named, self._gin, list(self._deltas))
         flat = self._flat.copy()
-        at, views = 0, []
-        for _, p in self._params:
-            views.append(flat[at:at + p.size].reshape(p.shape))
-            at += p.size
-        named = named_grads(self._layers, param_views(self._layers, views))
+        named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
         gin = None if self._gin is None else self._gin.copy()
         return self._loss.value.copy(), BlockGradients(flat, named, gin, [d.copy() for d in self._deltas])
 
