@@ -30,8 +30,10 @@ from . import (
     losses,
     mlp,
     per_sample,
+    private,
     sequential,
     spectra,
+    torch,
 )
 from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
@@ -70,8 +72,10 @@ __all__ = [
     "mlp",
     "ntk",
     "per_sample",
+    "private",
     "sequential",
     "spectra",
     "to_device",
     "to_numpy",
+    "torch",
 ]

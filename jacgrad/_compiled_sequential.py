@@ -43,6 +43,8 @@ from ._block_passes import BlockGradients, backward_layers, carve_backward, carv
 from ._block_passes import param_views
 from ._loss_workspace import LossWorkspace
 from ._passes import carve
+from ._private_step import PrivatePart, check_clip_args
+from ._sequential_param_space import leaf_inputs, leaf_views
 from ._step_io import StepIO, check_step_args
 from ._validate import shape_str
 from .backend import is_gpu_array
@@ -57,15 +59,21 @@ class SequentialStep(StepIO):
     net: a ``Sequential`` on NumPy or CuPy (read through its ``layers``, ``xp``, ``dtype``,
     ``n_in`` and ``n_out``; this module does not import ``sequential``). batch: B. loss: ``mse``,
     ``sigmoid_bce`` or ``softmax_cross_entropy``. capture: ``"auto"``, ``True`` or ``False`` as for
-    ``MLP.compile``. input_grad: also compute ``∂L/∂x: (B, n_in)``.
+    ``MLP.compile``. input_grad: also compute ``∂L/∂x: (B, n_in)``. clip, noise_multiplier, seed,
+    expected_batch_size: a private (DP-SGD) step, ``(loss, jacgrad.private.ClippedGradients)`` per
+    call, without ``∂L/∂x`` whatever ``input_grad`` says — see ``jacgrad._private_step``.
     """
 
-    def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = True):
+    def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = True,
+                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
         if not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")):
             raise TypeError(f"SequentialStep compiles a Sequential (a tuple of layers), not a {type(net).__name__}")
         xp = net.xp
         self._gpu = xp is not np
         self.batch = check_step_args(batch, loss, capture, self._gpu)
+        self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
+        if self.clip is not None:
+            input_grad = False  # a private step returns no ∂L/∂x
         self._net, self._xp, self.loss, self.input_grad = net, xp, loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
@@ -82,6 +90,9 @@ class SequentialStep(StepIO):
             self._grads = param_views(layers, views)
             self._loss = LossWorkspace(loss, xp, (B, net.n_out), dt)
             self._graphs = self._graph_cache()
+            self._private = None if self.clip is None else PrivatePart(
+                xp, self._flat.size, B, dt, self.clip, sigma, seed, expected_batch_size)
+            self._pviews = None if self._private is None else leaf_views(layers, self._private.sum)
         self._gin, self._deltas = None, None  # which buffers: set by the first (eager) run
         self._layout = [self._buffer_layout(L) for L in layers]
         self.rebind()
@@ -147,19 +158,25 @@ class SequentialStep(StepIO):
         """Forward, loss, backward: every result into its buffer (Sequential's own passes)."""
         z, states = forward_layers(self._layers, self._x, self._fbufs)
         self._loss(z, self._target, labels=labels)
+        if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
+            factors = [L.factor(st) for L, st in zip(self._layers, states)]
+            self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
+            return
         self._gin, self._deltas = backward_layers(self._layers, states, self._loss.grad, self._grads, self._bbufs,
                                                   self.input_grad)
 
     def _results(self, copy: bool):
+        if self._private is not None:
+            frac, std = self._private.finish(self._flat)  # the noise: drawn after the graph, every call
+            flat = self._flat.copy() if copy else self._flat
+            named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
+            loss = self._loss.value.copy() if copy else self._loss.value
+            return loss, self._private.results(BlockGradients(flat, named, None, None), frac, std, copy)
         if not copy:
             named = named_grads(self._layers, self._grads)
             return self._loss.value, BlockGradients(self._flat, named, self._gin, list(self._deltas))
         flat = self._flat.copy()
-        at, views = 0, []
-        for _, p in self._params:
-            views.append(flat[at:at + p.size].reshape(p.shape))
-            at += p.size
-        named = named_grads(self._layers, param_views(self._layers, views))
+        named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
         gin = None if self._gin is None else self._gin.copy()
         return self._loss.value.copy(), BlockGradients(flat, named, gin, [d.copy() for d in self._deltas])
 
@@ -168,8 +185,17 @@ class SequentialStep(StepIO):
     def nbytes(self) -> int:
         """Bytes of every buffer the step owns (the parameters are the network's)."""
         arrays = [self._x, self._target, self._flat] + [a for bufs in self._fbufs + self._bbufs for a in bufs]
-        return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes
+        return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes + (self._private.nbytes if self._private else 0)
 
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.captured else "buffers"
         return f"SequentialStep({self._net!r}, batch={self.batch}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
+
+
+def _views(flat, params) -> list:
+    """Views of ``flat`` shaped as ``params`` (``[(where, array)]``), in order."""
+    at, views = 0, []
+    for _, p in params:
+        views.append(flat[at:at + p.size].reshape(p.shape))
+        at += p.size
+    return views

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _lazy, curvature, loss_hessians, losses, per_sample
+from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from ._passes import Gradients, carve_gradients, grad_views
 from .backend import get_xp
 
@@ -84,6 +84,40 @@ class ParameterSpaceMethods:
         dW, db = per_sample.per_sample_views(flat, self.weights)
         per_sample.fill_grads(dW, db, cache.layer_output, deltas)
         return Gradients(dW, db, None, deltas, flat)
+
+    def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
+                     seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
+        """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
+        one reverse sweep, as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``Gradients``
+        with ``input`` and ``deltas`` None; ``.norms: (B,)`` before clipping; ``.clipped_fraction``).
+
+        ``g_i = ∇_θ ℓ_i``, ``clip_C(g) = g · min(1, C/‖g‖)``; per layer the clipped sum is one GEMM
+        ``z_{j-1}ᵀ diag(c) Δ_j`` (``jacgrad.private``), no per-sample gradient is built (extra memory
+        ``O(B·Σ H)``). ``max_norm``: C > 0; ``noise_multiplier``: σ ≥ 0 (0: no noise); ``seed``: None,
+        an int or a ``numpy.random.Generator`` (a seed gives the same noise every call: pass one
+        Generator to get fresh noise each step); ``expected_batch_size``: divide by it instead of
+        B (Poisson sampling, as Opacus); ``trainable``: one bool per parameter array in
+        ``Gradients.flat`` order (None: all), the norms count only the True ones (frozen layers).
+        Any B, no recompilation. Not cryptographically secure noise unless the Generator is.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.MLP.init([3, 5, 2], seed=0)
+            >>> r = net.clipped_grad(np.ones((4, 3)), np.zeros((4, 2)), max_norm=1e-3)
+            >>> r.grads.flat.shape, r.norms.shape, float(r.clipped_fraction)
+            ((32,), (4,), 1.0)
+        """
+        C, sigma = private.check_private_args(max_norm, noise_multiplier, expected_batch_size)
+        private.check_loss(loss)
+        y, cache = self.forward(x)
+        _, grad_y = losses.get(loss)(y, losses.one_layout(target))
+        xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
+        flat, dW, db = carve_gradients(xp, self.weights, self.dtype, pooled=True)  # as loss_and_grads: reused blocks
+        inputs = [cache.layer_output(j - 1) for j in range(self.depth)]
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, list(zip(dW, db)), C,
+                                          private.leaf_flags(trainable, [2] * self.depth), 1.0 / denom)
+        gen = private.noise_generator(seed, xp) if sigma else None
+        frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
+        return private.ClippedGradients(Gradients(dW, db, None, None, flat), norms, frac, std)
 
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``

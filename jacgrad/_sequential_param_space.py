@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import _lazy, curvature, loss_hessians, losses, per_sample
+from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from .backend import get_xp
-from ._block_passes import named_grads, param_views
+from ._block_passes import BlockGradients, named_grads, param_views
+from ._passes import carve
 from .layers import Residual, leaf_layers
 
-__all__ = ["ParamArrays", "SequentialParameterSpace"]
+__all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
 @dataclass
@@ -49,6 +50,23 @@ def _leaf_states(layers, states) -> list:
     return out
 
 
+def leaf_inputs(layers, states) -> list:
+    """Each leaf's ``a`` (``L.param_input`` of its forward state: ``z_prev`` of a Dense, ``x̂`` of a
+    norm layer, ``(B, H)``), in parameter order; ``states``: ``forward_layers``' states."""
+    return [L.param_input(st) for (_, L), st in zip(_leaves(layers), _leaf_states(layers, states))]
+
+
+def leaf_views(layers, flat) -> list:
+    """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
+    leaves = [L for _, L in _leaves(layers)]
+    views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
+    out, at = [], 0
+    for L in leaves:
+        out.append(views[at:at + len(L.params)])
+        at += len(L.params)
+    return out
+
+
 class SequentialParameterSpace:
     """Per-sample gradients and norms, ``ggn_vp`` and ``ggn_diagonal`` for ``Sequential`` (which
     supplies ``forward``, ``backward``, ``jacobian_chain``, ``layers``, ``n_params``, ``dtype``, ``xp``)."""
@@ -57,9 +75,8 @@ class SequentialParameterSpace:
     def _param_leaf_inputs(self, cache) -> list:
         """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
         Dense, ``x̂`` of a norm layer: ``(B, H)``) and its number of parameter arrays."""
-        leaves = [L for _, L in _leaves(self.layers)]
-        states = _leaf_states(self.layers, cache.states)
-        return [(L.param_input(st), len(L.params)) for L, st in zip(leaves, states)]
+        counts = [len(L.params) for _, L in _leaves(self.layers)]
+        return list(zip(leaf_inputs(self.layers, cache.states), counts))
 
     def _param_widths(self) -> list[int]:
         """The input width and every leaf's output width (for memory estimates)."""
@@ -67,13 +84,7 @@ class SequentialParameterSpace:
 
     def _leaf_views(self, flat) -> list:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
-        leaves = [L for _, L in _leaves(self.layers)]
-        views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
-        out, at = [], 0
-        for L in leaves:
-            out.append(views[at:at + len(L.params)])
-            at += len(L.params)
-        return out
+        return leaf_views(self.layers, flat)
 
     def _sample_partials(self, x: Any, target: Any, loss: str, per_sample_scale: bool = True):
         """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, sample
@@ -140,6 +151,34 @@ class SequentialParameterSpace:
         for k, G in partials:
             per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], G[:, 0, :])
         return ParamArrays(flat, _by_name(self.layers, views))
+
+    def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
+                     seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
+        """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
+        one reverse sweep over every leaf (Dense, LayerNorm, RMSNorm, inside residual blocks too),
+        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``BlockGradients`` with ``input``
+        and ``deltas`` None); arguments and conventions as ``MLP.clipped_grad``.
+
+            >>> import numpy as np, jacgrad as jg
+            >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
+            >>> r = net.clipped_grad(np.eye(3), np.zeros((3, 4)), max_norm=1.0, noise_multiplier=1.0, seed=0)
+            >>> r.grads.layers[1]["gamma"].shape, r.norms.shape, r.noise_std == 1 / 3
+            ((4,), (3,), True)
+        """
+        C, sigma = private.check_private_args(max_norm, noise_multiplier, expected_batch_size)
+        private.check_loss(loss)
+        y, cache = self.forward(x)
+        _, grad_y = losses.get(loss)(y, losses.one_layout(target))
+        xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
+        flat = carve(xp, [(self.n_params,)], self.dtype, pooled=True)[0]  # as backward: reused host blocks
+        views = self._leaf_views(flat)
+        inputs = [a for a, _ in self._param_leaf_inputs(cache)]
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C,
+                                          private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
+        gen = private.noise_generator(seed, xp) if sigma else None
+        frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
+        return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,
+                                        std)
 
     # ------------------------------------------------------------------ Gauss–Newton
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):

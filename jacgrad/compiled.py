@@ -57,6 +57,7 @@ import numpy as np
 
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
+from ._private_step import PrivatePart, check_clip_args
 from ._step_io import StepIO, check_step_args
 from ._validate import shape_str
 from .activations import get as get_activation
@@ -77,15 +78,21 @@ class TrainingStep(StepIO):
     module does not import ``mlp``). batch: B. loss: ``mse``, ``sigmoid_bce`` or
     ``softmax_cross_entropy``. capture: ``"auto"`` (a CUDA graph on the GPU where CuPy can record
     one, else buffers only), ``True`` (GPU only; a failed capture raises), ``False``. input_grad:
-    also compute ``∂L/∂x: (B, n_in)``.
+    also compute ``∂L/∂x: (B, n_in)``. clip, noise_multiplier, seed, expected_batch_size: a
+    private (DP-SGD) step, ``(loss, jacgrad.private.ClippedGradients)`` per call — see
+    ``jacgrad._private_step`` (how the noise is drawn, the batch-size rule).
     """
 
-    def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
+    def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False,
+                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
         if not all(hasattr(net, a) for a in ("weights", "biases", "activations", "xp", "sizes", "dtype")):
             raise TypeError(f"TrainingStep compiles an MLP (weights, biases and activations lists), not a {type(net).__name__}")
         xp = net.xp
         self._gpu = xp is not np
         batch = check_step_args(batch, loss, capture, self._gpu)
+        self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
+        if self.clip is not None and input_grad:
+            raise ValueError("a private step (clip=C) returns no ∂L/∂x: compile it with input_grad=False")
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
@@ -103,6 +110,9 @@ class TrainingStep(StepIO):
             self._loss = LossWorkspace(loss, xp, (B, sizes[-1]), dt)
             self._target = xp.zeros((B, sizes[-1]), dtype=dt)
             self._graphs = self._graph_cache()  # its capture stream lives on the weights' device
+            self._private = None if self.clip is None else PrivatePart(
+                xp, self._flat.size, B, dt, self.clip, sigma, seed, expected_batch_size)
+            self._pviews = None if self._private is None else list(zip(*grad_views(self._private.sum, net.weights)))
         self.rebind()
 
     # ------------------------------------------------------------------ binding
@@ -182,6 +192,10 @@ class TrainingStep(StepIO):
         """Forward, loss, backward: every result into its buffer (MLP.forward / MLP.backward's order)."""
         z = forward_into(self._x, self._W, self._b, self._acts, self._saved, self._z, ds=self._d)
         self._loss(z, self._target, labels=labels)
+        if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
+            inputs = [self._layer_input(j - 1)[0] for j in range(len(self._factors))]
+            self._private.run(self._factors, inputs, self._loss.grad, self._pviews)
+            return
         backward_into(self._factors, self._loss.grad, self._layer_input, self._dW, self._db, self._delta, self._gin)
 
     def _layer_input(self, j: int):
@@ -191,6 +205,12 @@ class TrainingStep(StepIO):
         return (self._saved[j] if self._from_output[j] else self._z[j]), None
 
     def _results(self, copy: bool):
+        if self._private is not None:
+            frac, std = self._private.finish(self._flat)  # the noise: drawn after the graph, every call
+            flat = self._flat.copy() if copy else self._flat
+            dW, db = grad_views(flat, self._W) if copy else (list(self._dW), list(self._db))
+            loss = self._loss.value.copy() if copy else self._loss.value
+            return loss, self._private.results(Gradients(dW, db, None, None, flat), frac, std, copy)
         if not copy:
             return self._loss.value, Gradients(list(self._dW), list(self._db), self._gin, list(self._delta), self._flat)
         flat = self._flat.copy()
@@ -204,7 +224,7 @@ class TrainingStep(StepIO):
         """Bytes of every buffer the step owns (the weights are the network's)."""
         arrays = [self._x, self._target, *self._saved, *self._delta, self._flat]
         arrays += [a for a in self._z + self._d if a is not None] + ([self._gin] if self.input_grad else [])
-        return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes
+        return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes + (self._private.nbytes if self._private else 0)
 
     @property
     def graph_pool_bytes(self) -> int:

@@ -322,7 +322,8 @@ class MLP(ParameterSpaceMethods, InteropMethods):
                       check=_require_finite if check_finite else None)
         return Gradients(dW, db, gin, deltas, flat)
 
-    def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False):
+    def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False, *,
+                clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
         """A ``jacgrad.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
         the numbers of ``loss_and_grads`` (bitwise on NumPy, for any memory layout of ``x`` and
         ``target``) from buffers allocated once (a CUDA graph on the GPU).
@@ -330,8 +331,13 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         The results ARE the step's buffers: the next call overwrites ``loss`` and every array of
         ``g`` in place. To keep a value across steps, take ``float(loss)`` or call
         ``step(x, t, copy=True)``; ``losses.append(loss)`` collects the same 0-d array many times.
+        
+        ``clip=C`` (with ``noise_multiplier=σ``, ``seed``, ``expected_batch_size``): a private
+        DP-SGD step returning ``(loss, ClippedGradients)``, the numbers of ``clipped_grad``
+        (``jacgrad._private_step``: the noise is drawn after the graph, every call).
         """
-        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad)
+        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad, clip=clip,
+                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """A ``jacgrad._compiled_jacobian.JacobianStep``: ``J = step(x)``, the ``(batch, n_out, n_in)``

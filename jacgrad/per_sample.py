@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ._gemm import matmul
 from ._validate import float_array, shape_str
 from .backend import dot_along, get_xp
 from .factors import NormFactor, ResidualFactor
@@ -211,5 +212,5 @@ def _sweep(factors, A, k: int, need_input: bool):
             A = J.vjp_stack(G)
         else:
             B, R = G.shape[0], G.shape[1]
-            A = (xp.ascontiguousarray(G).reshape(B * R, J.h_out) @ J.W.T).reshape(B, R, J.h_in)
+            A = matmul(xp.ascontiguousarray(G).reshape(B * R, J.h_out), J.W.T).reshape(B, R, J.h_in)  # _gemm: capturable
     return A
