@@ -32,12 +32,16 @@ Conventions:
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
+
 from ._activation_params import _FAMILIES, _canonical, _parse
 from ._activation_row import Activation, _array, _const, _logistic, _SAT
 from ._erf import erf, erfc
 from .backend import get_xp
 
-__all__ = ["Activation", "erf", "erfc", "get", "names", "parameters", "split_names"]
+__all__ = ["Activation", "erf", "erfc", "get", "is_table_row", "names", "parameters", "split_names"]
 
 
 # --- identity, relu: piecewise linear ------------------------------------------------------
@@ -247,6 +251,11 @@ class UnknownActivationError(KeyError, ValueError):
         return str(self.args[0])
 
 
+def is_table_row(act: Activation) -> bool:
+    """True when ``act`` is the row ``get(act.name)`` gives (what pickling relies on)."""
+    return _BUILT.get(act.name) is act
+
+
 def names() -> list[str]:
     """The activation names, in table order (the parameterised ones by their bare name)."""
     return list(_ORDER)
@@ -307,10 +316,9 @@ def get(name: str | Activation, **params: float) -> Activation:
     for key, value in {**spelled, **params}.items():
         if key not in values:
             raise TypeError(f"activation {base!r} has no parameter {key!r}; its parameters: {', '.join(values)}")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"activation {base!r}: {key} must be a real number, got {value!r}") from None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"activation {base!r}: {key} must be a real number, got {value!r}")
+        value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"activation {base!r}: {key} must be finite, got {value}")
         values[key] = value
