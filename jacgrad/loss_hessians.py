@@ -19,7 +19,10 @@ Square roots ``H = Vᵀ V`` with ``V: (R, C)`` (R = C here):
     softmax      V = sqrt(r) · (diag(s) − s pᵀ),  s = sqrt(p):   Vᵀ V = diag(p) − 2 p pᵀ + p (sᵀ s) pᵀ
                                                                  = diag(p) − p pᵀ   (sᵀ s = Σ p = 1)
 
-Row ``ρ`` of ``V`` is ``s_ρ (e_ρ − p)``. Everything is computed from shifted logits or
+Row ``ρ`` of ``V`` is ``s_ρ (e_ρ − p)``. ``hessian_vp`` computes ``p ⊙ (w − pᵀw)`` with
+``w = u − u_k`` (k the argmax): the same product, without the cancellation of ``u_k − pᵀu`` where
+``p_k`` rounds to 1 (its result keeps full relative accuracy against an 800-digit reference, as
+``ggn_diagonal``'s does). Everything is computed from shifted logits or
 ``exp(−|y|)``, so outputs of ±1e4 give finite Hessians (0 where the loss is saturated).
 
     >>> import numpy as np
@@ -91,8 +94,12 @@ def hessian_vp(name: str, y: Any, u: Any, target: Any = None):
         return u * (2.0 / C)
     if name == "sigmoid_bce":
         return _sigmoid_curvature(y) * u / C
+    # p ⊙ (u − pᵀu), with u's value at the argmax k subtracted first: w = u − u_k has w_k = 0, so
+    # pᵀw never adds p_k·u_k (p_k rounds to 1 where the softmax saturates, and u_k − pᵀu would cancel
+    # to 0 though it is −Σ_{j≠k} p_j (u_j − u_k)); Σ p = 1 makes it the same product
     p, _ = _softmax(xp, y)
-    out = p * (u - (p * u).sum(axis=1, keepdims=True))
+    w = u - xp.take_along_axis(u, y.argmax(axis=1)[:, None], axis=1)
+    out = p * (w - (p * w).sum(axis=1, keepdims=True))
     return out if r is None else out * r
 
 

@@ -97,3 +97,110 @@ def test_a_fresh_process_rebuilds_the_parameterised_rows(tmp_path):
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.stack([net(x) for net in nets]))
     assert done.stdout.strip() == str(sorted(names))
+
+
+# --------------------------------------------------------------------------- item 9: ggn_vp, saturated softmax
+SCALES = [1.0, 30.0, 1000.0]
+
+
+def _scaled_mlp(scale):
+    """An MLP 3-5-4 (tanh, identity) whose logits are spread over ~0.3: ×1000 the softmax's top
+    probability rounds to 1 while the others stay above float64's underflow (e^-50 … e^-300)."""
+    rng = np.random.default_rng(7)
+    W0, b0 = rng.standard_normal((3, 5)), 0.2 * rng.standard_normal(5)
+    W1, b1 = 0.1 * rng.standard_normal((5, 4)), 0.05 * rng.standard_normal(4)
+    return jg.MLP([W0, scale * W1], [b0, scale * b1], ["tanh", "identity"])
+
+
+def _scaled_seq(scale):
+    rng = np.random.default_rng(8)
+    return jg.Sequential([L.Dense(rng.standard_normal((3, 5)), 0.2 * rng.standard_normal(5), "tanh"),
+                          L.LayerNorm(1 + 0.1 * rng.standard_normal(5), 0.1 * rng.standard_normal(5)),
+                          L.Dense(0.05 * scale * rng.standard_normal((5, 4)), 0.02 * scale * rng.standard_normal(4))])
+
+
+X = np.random.default_rng(9).standard_normal((3, 3))
+
+
+def _mp_ggn_vp(net, x, v, loss):
+    """Gv = (1/B) Σ_i J_iᵀ H_i J_i v of the 2-layer MLP y = tanh(x W0 + b0) W1 + b1, every step in
+    mpmath at 800 digits from the float64 parameters (forward, the tangent, H_i, the pullback)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(800):
+        M = lambda a: mpmath.matrix([[mpmath.mpf(float(e)) for e in row] for row in np.atleast_2d(a)])  # noqa: E731
+        (W0, W1), (b0, b1) = net.weights, net.biases
+        n0, n1, C = W0.shape[0], W0.shape[1], W1.shape[1]
+        vW0, vb0 = v[:n0 * n1].reshape(n0, n1), v[n0 * n1:n0 * n1 + n1]
+        rest = v[n0 * n1 + n1:]
+        vW1, vb1 = rest[:n1 * C].reshape(n1, C), rest[n1 * C:]
+        W0m, W1m, b0m, b1m, vW0m, vW1m, vb0m, vb1m = map(M, (W0, W1, b0, b1, vW0, vW1, vb0, vb1))
+        gW0, gb0 = mpmath.zeros(n0, n1), mpmath.zeros(1, n1)
+        gW1, gb1 = mpmath.zeros(n1, C), mpmath.zeros(1, C)
+        B = x.shape[0]
+        for i in range(B):
+            xi = M(x[i])
+            h = xi * W0m + b0m
+            z = h.apply(mpmath.tanh)
+            d = z.apply(lambda e: 1 - e * e)
+            y = z * W1m + b1m
+            hdot = mpmath.matrix([[(xi * vW0m + vb0m)[0, j] * d[0, j] for j in range(n1)]])
+            t = hdot * W1m + z * vW1m + vb1m  # J_i v
+            if loss == "softmax_cross_entropy":
+                m = max(y[0, c] for c in range(C))
+                e = [mpmath.exp(y[0, c] - m) for c in range(C)]
+                p = [ec / sum(e) for ec in e]
+                pt = sum(p[c] * t[0, c] for c in range(C))
+                u = [p[c] * (t[0, c] - pt) for c in range(C)]
+            else:  # sigmoid_bce: diag(σ(1 - σ)) / C
+                u = [t[0, c] * mpmath.exp(-y[0, c]) / (1 + mpmath.exp(-y[0, c])) ** 2 / C for c in range(C)]
+            u = mpmath.matrix([[uc / B for uc in u]])
+            gW1 += z.T * u
+            gb1 += u
+            delta = mpmath.matrix([[(u * W1m.T)[0, j] * d[0, j] for j in range(n1)]])
+            gW0 += xi.T * delta
+            gb0 += delta
+        flat = [gW0[a, b] for a in range(n0) for b in range(n1)] + [gb0[0, j] for j in range(n1)]
+        flat += [gW1[a, b] for a in range(n1) for b in range(C)] + [gb1[0, c] for c in range(C)]
+        return np.array([float(f) for f in flat])
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "sigmoid_bce"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_ggn_vp_keeps_its_relative_accuracy_where_the_softmax_saturates(scale, loss):
+    net = _scaled_mlp(scale)
+    if scale == 1000.0 and loss == "softmax_cross_entropy":  # the regime of the bug: p_max rounds to 1
+        s = net(X) - net(X).max(axis=1, keepdims=True)
+        p = np.exp(s - np.log(np.exp(s).sum(axis=1, keepdims=True)))
+        assert (p.max(axis=1) == 1.0).all() and (np.sort(p, axis=1)[:, -2] > 1e-300).all()
+    P = sum(W.size + W.shape[1] for W in net.weights)
+    v = np.random.default_rng(10).standard_normal(P)
+    ref = _mp_ggn_vp(net, X, v, loss)
+    got = net.ggn_vp(X, v, loss=loss)
+    assert np.linalg.norm(got - ref) <= 1e-12 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_hessian_vp_of_the_softmax_matches_mpmath_componentwise(scale):
+    mpmath = pytest.importorskip("mpmath")
+    rng = np.random.default_rng(11)
+    y, u = scale * 0.1 * rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    got = jg.loss_hessians.hessian_vp("softmax_cross_entropy", y, u)
+    with mpmath.workdps(800):
+        for i in range(4):
+            m = max(mpmath.mpf(float(a)) for a in y[i])
+            e = [mpmath.exp(mpmath.mpf(float(a)) - m) for a in y[i]]
+            p = [ec / sum(e) for ec in e]
+            pu = sum(pc * mpmath.mpf(float(uc)) for pc, uc in zip(p, u[i]))
+            ref = np.array([float(pc * (mpmath.mpf(float(uc)) - pu)) for pc, uc in zip(p, u[i])])
+            np.testing.assert_allclose(got[i], ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make", [_scaled_mlp, _scaled_seq], ids=["mlp", "sequential"])
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "sigmoid_bce"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_ggn_vp_of_a_unit_vector_is_the_diagonal_in_every_regime(make, loss, scale):
+    net = make(scale)
+    D = net.ggn_diagonal(X, loss=loss).flat
+    E = np.eye(D.size)
+    got = np.array([net.ggn_vp(X, E[k], loss=loss)[k] for k in range(D.size)])
+    np.testing.assert_allclose(got, D, rtol=1e-9, atol=0)
