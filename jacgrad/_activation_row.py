@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ._validate import float_array
@@ -35,6 +35,8 @@ class Activation:
     included); ``()`` for the rows without parameters;
     kernel_args: the two numbers the CUDA functor reads from its ``Params<T>{a, b}`` argument
     (e.g. hard_tanh's ``(min_val, max_val)``); ``(0.0, 0.0)`` where it reads none.
+
+    A row pickles as its spelling (``activations`` registers the reducer with ``copyreg``).
     """
 
     name: str
@@ -62,17 +64,6 @@ class Activation:
 
     def __repr__(self) -> str:
         return f"Activation({self.name!r})"
-
-    def __reduce__(self):
-        """Pickled as its spelling: a table row (parameterised ones hold closures, which pickle
-        cannot carry) is rebuilt by ``activations.get(name)`` — the same row object in the process
-        that loads it, so networks go to process pools and Dask workers. A row built by hand, not
-        in the table, pickles field by field (its functions must then be module-level)."""
-        from . import activations  # the table, which imports this module: resolved at pickling time
-
-        if activations.is_table_row(self):
-            return activations.get, (self.name,)
-        return Activation, tuple(getattr(self, f.name) for f in fields(self))
 
 
 def _array(h):

@@ -109,6 +109,46 @@ def nonnegative_finite(value, name: str) -> float:
     return value
 
 
+def byte_size(n: float) -> str:
+    """``n`` bytes in the unit its size calls for: ``"100 bytes"``, ``"1.95 KiB"``, ``"16 MiB"``,
+    ``"1.5 GiB"`` (three significant digits).
+
+        >>> byte_size(100), byte_size(2000), byte_size(16 << 20), byte_size(3 << 29)
+        ('100 bytes', '1.95 KiB', '16 MiB', '1.5 GiB')
+    """
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.3g} bytes" if isinstance(n, float) and n != int(n) else f"{int(n)} bytes"
+
+
+def check_max_memory(value: Any, none_means: str = "no limit"):
+    """``value``, a memory budget in bytes: ``None`` (which means ``none_means``) or a real number
+    > 0 and finite. Anything else is a ``ValueError`` that says what it got: a bool, a non-number
+    (its type), NaN, ±inf (pass None), zero or a negative number.
+
+        >>> check_max_memory(float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: max_memory must be a number of bytes > 0, or None for no limit; got nan, which is not a size
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        why = f"{value!r}, a bool"
+    elif not isinstance(value, numbers.Real):
+        why = f"{value!r} (a {type(value).__name__}, not a number)"
+    elif math.isnan(value):
+        why = "nan, which is not a size"
+    elif math.isinf(value):
+        why = f"{float(value)}; for {none_means} pass None"
+    elif value <= 0:
+        why = f"{value!r}" if value == 0 else f"{value!r}, a negative size"
+    else:
+        return value
+    raise ValueError(f"max_memory must be a number of bytes > 0, or None for {none_means}; got {why}")
+
+
 class LayerList(Sequence):
     """A fixed-length sequence, one entry per layer, whose item assignment is validated.
 

@@ -32,6 +32,8 @@ Conventions:
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
 import numbers
 
 import numpy as np
@@ -254,6 +256,19 @@ class UnknownActivationError(KeyError, ValueError):
 def is_table_row(act: Activation) -> bool:
     """True when ``act`` is the row ``get(act.name)`` gives (what pickling relies on)."""
     return _BUILT.get(act.name) is act
+
+
+def _reduce_row(act: Activation):
+    """Pickle a table row as its spelling: the parameterised rows hold closures, which pickle
+    cannot carry, and ``get(name)`` rebuilds the same row (the very object, in the process that
+    loads it) — so networks go to process pools and Dask's process workers. A row built by hand,
+    not in the table, pickles field by field (its functions must then be module-level)."""
+    if is_table_row(act):
+        return get, (act.name,)
+    return Activation, tuple(getattr(act, f.name) for f in dataclasses.fields(act))
+
+
+copyreg.pickle(Activation, _reduce_row)
 
 
 def names() -> list[str]:

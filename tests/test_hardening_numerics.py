@@ -204,3 +204,97 @@ def test_ggn_vp_of_a_unit_vector_is_the_diagonal_in_every_regime(make, loss, sca
     E = np.eye(D.size)
     got = np.array([net.ggn_vp(X, E[k], loss=loss)[k] for k in range(D.size)])
     np.testing.assert_allclose(got, D, rtol=1e-9, atol=0)
+
+
+# --------------------------------------------------------------------------- item 16: ggn_diagonal's budget
+def _wide_output_nets(C):
+    rng = np.random.default_rng(12)
+    mlp = jg.MLP.init([6, 12, C], activation="tanh", seed=5)
+    seq = jg.Sequential([L.Dense(rng.standard_normal((6, 12)) / 3, None, "tanh"), L.LayerNorm(np.ones(12)),
+                         L.Dense(rng.standard_normal((12, C)) / 4)])
+    return mlp, seq
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse", "sigmoid_bce"])
+def test_ggn_diagonal_stays_within_max_memory_with_many_outputs(loss):
+    """B × C × C of the loss-Hessian factor is 52 MiB here, the budget 2 MiB: made a chunk at a
+    time, the peak (tracemalloc, after the inputs exist) stays within twice the budget plus the
+    forward cache, and the diagonal is the unchunked one."""
+    import tracemalloc
+
+    B, C, budget = 1600, 64, 2 << 20
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((B, 6))
+    t = rng.dirichlet(np.ones(C), B) if loss == "softmax_cross_entropy" else rng.random((B, C))
+    for net in _wide_output_nets(C):
+        ref = net.ggn_diagonal(x[:400], t[:400], loss=loss, max_memory=None).flat  # small enough to build whole
+        np.testing.assert_allclose(net.ggn_diagonal(x[:400], t[:400], loss=loss, max_memory=budget).flat, ref,
+                                   rtol=1e-12, atol=0)
+        cache = B * (6 + 2 * 12 + 2 * C) * 8  # the forward pass's saved arrays and the output
+        tracemalloc.start()
+        try:
+            net.ggn_diagonal(x, t, loss=loss, max_memory=budget)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert B * C * C * 8 > 20 * budget
+        assert peak <= 2 * budget + cache, f"peak {peak / 2**20:.1f} MiB against a budget of {budget / 2**20:.0f} MiB"
+
+
+def test_the_target_is_checked_once_for_the_whole_batch_and_rows_scale_each_chunk():
+    net = _wide_output_nets(5)[0]
+    rng = np.random.default_rng(14)
+    x, T = rng.standard_normal((30, 6)), 2.0 * rng.dirichlet(np.ones(5), 30)  # rows summing to 2: H scaled by 2
+    whole = net.ggn_diagonal(x, T, loss="softmax_cross_entropy", max_memory=None).flat
+    np.testing.assert_allclose(net.ggn_diagonal(x, T, loss="softmax_cross_entropy", max_memory=1).flat, whole,
+                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(whole, 2 * net.ggn_diagonal(x, T / 2, loss="softmax_cross_entropy").flat, rtol=1e-12)
+    bad = np.zeros(30, dtype=int)
+    bad[-1] = 5  # out of range, in the last chunk: refused before any chunk runs
+    with pytest.raises(ValueError, match="label 5"):
+        net.ggn_diagonal(x, bad, loss="softmax_cross_entropy", max_memory=1)
+
+
+# --------------------------------------------------------------------------- item 17: budget messages
+@pytest.mark.parametrize("bad, why", [
+    (float("nan"), r"got nan, which is not a size"),
+    (float("inf"), r"got inf; for no limit pass None"),
+    (-np.inf, r"got -inf; for no limit pass None"),
+    (-5, r"got -5, a negative size"),
+    (0, r"got 0$"),
+    (True, r"got True, a bool"),
+    (np.True_, r"got np.True_, a bool|got True, a bool"),
+    ("1GB", r"got '1GB' \(a str, not a number\)"),
+    ([1 << 20], r"got \[1048576\] \(a list, not a number\)"),
+])
+def test_a_bad_max_memory_is_refused_by_what_it_is(bad, why):
+    net, x = _wide_output_nets(3)[0], np.ones((4, 6))
+    for call in (lambda: net.ggn_diagonal(x, max_memory=bad), lambda: jg.ntk(net, x, max_memory=bad),
+                 lambda: net.per_sample_grads(x, np.zeros((4, 3)), max_memory=bad)):
+        with pytest.raises(ValueError, match=r"max_memory must be a number of bytes > 0, or None for no limit; " + why):
+            call()
+    for call in (lambda: jg.distributed.jacobian_spectral_norm(net, x, max_memory=bad),
+                 lambda: jg.diagnostics.gradient_flow(net, x, max_memory=bad)):
+        with pytest.raises(ValueError, match=r"max_memory must be a number of bytes > 0, or None for the default "
+                                             r"budget; " + why.replace("no limit", "the default budget")):
+            call()
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 bytes"), (100, "100 bytes"), (1023, "1023 bytes"), (1024, "1 KiB"),
+                                     (2000, "1.95 KiB"), (16 << 20, "16 MiB"), (int(1.5 * 2**30), "1.5 GiB"),
+                                     (5 << 40, "5 TiB"), (0.5, "0.5 bytes")])
+def test_sizes_are_written_in_the_unit_their_magnitude_calls_for(n, text):
+    from jacgrad._validate import byte_size
+
+    assert byte_size(n) == text
+
+
+def test_a_too_small_max_memory_names_real_sizes():
+    net, x = _wide_output_nets(3)[0], np.ones((4, 6))
+    with pytest.raises(MemoryError, match=r"one sample needs about \d+(\.\d+)? (bytes|KiB) of intermediates but "
+                                          r"max_memory is 10 bytes: raise max_memory") as info:
+        jg.distributed.jacobian_spectral_norm(net, x, max_memory=10)
+    assert "0.0 MiB" not in str(info.value)
+    with pytest.raises(ValueError, match=r"per_sample_grads of B=4 samples x P=\d+ parameters \(float64\) needs "
+                                         r"\d+(\.\d+)? (bytes|KiB) \(\d+ bytes\), more than max_memory=100 bytes"):
+        net.per_sample_grads(x, np.zeros((4, 3)), max_memory=100)
