@@ -28,7 +28,7 @@ import numpy as np
 from . import losses
 from ._cuda_graph import CaptureError
 from ._loss_workspace import NAMES as LOSS_NAMES
-from ._validate import float_array, shape_str
+from ._validate import float_array, network_input, shape_str
 from .backend import is_gpu_array, tf32_enabled
 
 __all__ = ["StepIO", "check_batch_and_capture", "check_step_args", "locked"]
@@ -153,7 +153,8 @@ class StepIO:
 
     def _load(self, buf, a, name: str, help: str) -> None:
         self._check_device(a, name)
-        a = float_array(a, name, self._xp)
+        # x as every network entry point takes it (never rounded); the target as the losses take it
+        a = network_input(a, name, self._xp, buf.dtype) if name == "x" else float_array(a, name, self._xp)
         if a.shape != buf.shape:
             raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
         self._xp.copyto(buf, a, casting="same_kind")

@@ -40,6 +40,40 @@ def float_array(x: Any, name: str, xp=None):
     return x
 
 
+def network_input(x: Any, name: str, xp, dtype):
+    """``x`` checked as an input of a network whose parameters are ``dtype``: a float array of
+    namespace ``xp`` (``float_array``'s checks: int, bool and complex arrays are a ``TypeError``),
+    never rounded. float64 into a float32 network is a ``TypeError`` naming both dtypes and the way
+    out; float32 into a float64 network is returned as it is (the network's cast to float64 is
+    exact); Python lists and scalars, which have no dtype of their own, are made in ``dtype``.
+    The one check of ``x`` for every entry point of ``MLP`` and ``Sequential`` (forward, hence
+    loss_and_grads and every product), the compiled steps and the reports.
+
+        >>> network_input(np.ones(2), "x", np, np.float32)
+        Traceback (most recent call last):
+        ...
+        TypeError: x is float64 but the network is float32, and jacgrad does not round inputs silently: pass x.astype(np.float32), or build the network in float64 (dtype='float64' in MLP.init, load, from_torch)
+    """
+    dtype = np.dtype(dtype)
+    if not hasattr(x, "dtype") and not is_foreign_array(x):
+        x = xp.asarray(x, dtype=dtype)
+    x = float_array(x, name, xp)
+    check_input_dtype(name, x.dtype, dtype)
+    return x
+
+
+def check_input_dtype(name: str, have, dtype) -> None:
+    """The ``TypeError`` of ``network_input`` when an input of dtype ``have`` would be rounded to the
+    network's ``dtype`` (float64 into float32); for inputs checked by their dtype alone (a Dask batch)."""
+    have, dtype = np.dtype(have), np.dtype(dtype)
+    if have.kind == "f" and have.itemsize > dtype.itemsize:
+        raise TypeError(
+            f"{name} is {have} but the network is {dtype}, and jacgrad does not round inputs silently: pass "
+            f"{name}.astype(np.{dtype}), or build the network in {have} (dtype='{have}' in MLP.init, load, "
+            f"from_torch)"
+        )
+
+
 def common_dtype(*arrays) -> np.dtype:
     """float64 if any array is float64, else float32 (arrays already checked by float_array)."""
     return np.result_type(*[a.dtype for a in arrays if a is not None])

@@ -298,3 +298,76 @@ def test_a_too_small_max_memory_names_real_sizes():
     with pytest.raises(ValueError, match=r"per_sample_grads of B=4 samples x P=\d+ parameters \(float64\) needs "
                                          r"\d+(\.\d+)? (bytes|KiB) \(\d+ bytes\), more than max_memory=100 bytes"):
         net.per_sample_grads(x, np.zeros((4, 3)), max_memory=100)
+
+
+# --------------------------------------------------------------------------- item 8: the input dtype
+def _f32_nets():
+    rng = np.random.default_rng(15)
+    mlp = jg.MLP.init([4, 5, 3], activation="tanh", seed=6, dtype="float32")
+    seq = jg.Sequential([L.Dense((rng.standard_normal((4, 5)) / 2).astype(np.float32), None, "tanh"),
+                         L.LayerNorm(np.ones(5, dtype=np.float32)),
+                         L.Dense((rng.standard_normal((5, 3)) / 2).astype(np.float32))])
+    return mlp, seq
+
+
+def _has_dask():
+    try:
+        import dask.array  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _entry_points(net, x, t):
+    P = sum(p.size for p in (net.weights + net.biases if hasattr(net, "weights") else
+                             [q for lay in net.layers for q in lay.params]))
+    yield "forward", lambda: net.forward(x)
+    yield "__call__", lambda: net(x)
+    yield "loss_and_grads", lambda: net.loss_and_grads(x, t)
+    yield "per_sample_grads", lambda: net.per_sample_grads(x, t)
+    yield "per_sample_grad_norms", lambda: net.per_sample_grad_norms(x, t)
+    yield "ggn_vp", lambda: net.ggn_vp(x, np.ones(P, dtype=np.float32))
+    yield "ggn_diagonal", lambda: net.ggn_diagonal(x)
+    yield "ntk", lambda: jg.ntk(net, x)
+    yield "gradient_flow", lambda: jg.diagnostics.gradient_flow(net, x, t)
+    if _has_dask():
+        import dask.array as da
+
+        yield "gradient_flow of a Dask batch", lambda: jg.diagnostics.gradient_flow(net, da.from_array(x, chunks=3), t)
+    yield "compile", lambda: net.compile(x.shape[0])(x, t)
+    yield "compile_jacobian", lambda: net.compile_jacobian(x.shape[0])(x)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["mlp", "sequential"])
+def test_float64_input_to_a_float32_network_is_refused_at_every_entry_point(kind):
+    net = _f32_nets()[kind]
+    x, t = np.random.default_rng(16).standard_normal((6, 4)), np.zeros((6, 3), dtype=np.float32)
+    for name, call in _entry_points(net, x, t):
+        with pytest.raises(TypeError, match=r"x1? is float64 but the network is float32, and jacgrad does not round "
+                                            r"inputs silently: pass x1?\.astype\(np\.float32\), or build the network "
+                                            r"in float64"):
+            call()
+    for name, call in _entry_points(net, x.astype(np.float32), t):  # the way out the message names
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out  # forward's y, loss_and_grads' loss
+        out = out if isinstance(out, np.ndarray) or not hasattr(out, "flat") else out.flat  # Gradients
+        assert np.dtype(out.dtype) == np.float32, name  # arrays, and the reports' dtype names
+
+
+def test_float32_input_to_a_float64_network_is_exact_and_lists_take_the_networks_dtype():
+    x32 = np.random.default_rng(17).standard_normal((6, 4)).astype(np.float32)
+    for net32 in _f32_nets():
+        np.testing.assert_array_equal(net32(x32.tolist()), net32(x32))  # a list has no dtype: made in float32
+    net = jg.MLP.init([4, 5, 3], activation="tanh", seed=6)
+    np.testing.assert_array_equal(net(x32), net(x32.astype(np.float64)))  # float32 -> float64 is exact
+    assert net([[0.5, 1, 2, 3]]).dtype == np.float64
+    with pytest.raises(TypeError, match="x has dtype int64; jacgrad works in float32 or float64"):
+        net(np.ones((2, 4), dtype=np.int64))
+
+
+def test_a_float64_torch_tensor_to_a_float32_network_is_refused():
+    torch = pytest.importorskip("torch")
+    net = _f32_nets()[0]
+    with pytest.raises(TypeError, match="x is float64 but the network is float32"):
+        net(torch.ones(2, 4, dtype=torch.float64))
+    np.testing.assert_array_equal(net(torch.ones(2, 4)), net(np.ones((2, 4), dtype=np.float32)))
