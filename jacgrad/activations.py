@@ -40,8 +40,9 @@ import numpy as np
 
 from ._activation_params import _FAMILIES, _canonical, _parse
 from ._activation_row import Activation, _array, _const, _logistic, _SAT
+from ._activation_row import (_identity_into, _positive_into, _relu_into, _sigmoid_df_y_into, _tanh_df_y_into,
+                              _tanh_into)
 from ._erf import erf, erfc
-from .backend import get_xp
 
 __all__ = ["Activation", "erf", "erfc", "get", "is_table_row", "names", "parameters", "split_names"]
 
@@ -183,38 +184,6 @@ def _silu_f_and_df(h):
     h, xp = _array(h)
     sq = _logistic(h, xp)
     return _silu_f(h, sq), _silu_df(h, sq)
-
-
-# --- forms written into buffers (Activation.f_into, Activation.df_from_output_into) -------
-
-def _identity_into(h, out):
-    get_xp(h).copyto(out, h)
-    return out
-
-
-def _relu_into(h, out):
-    return get_xp(h).maximum(h, _const(h, 0.0), out=out)
-
-
-def _tanh_into(h, out):
-    return get_xp(h).tanh(h, out=out)
-
-
-def _positive_into(y, out, scratch):
-    return get_xp(y).greater(y, _const(y, 0.0), out=out)
-
-
-def _sigmoid_df_y_into(y, out, scratch):
-    xp = get_xp(y)
-    xp.subtract(_const(y, 1.0), y, out=out)
-    return xp.multiply(out, y, out=out)
-
-
-def _tanh_df_y_into(y, out, scratch):
-    xp = get_xp(y)
-    xp.subtract(_const(y, 1.0), y, out=out)
-    xp.add(_const(y, 1.0), y, out=scratch)
-    return xp.multiply(out, scratch, out=out)
 
 
 # --- the table ----------------------------------------------------------------------------
