@@ -177,7 +177,7 @@ def check_max_memory(value: Any, none_means: str = "no limit"):
     elif math.isinf(value):
         why = f"{float(value)}; for {none_means} pass None"
     elif value <= 0:
-        why = f"{value!r}" if value == 0 else f"{value!r}, a negative size"
+        why = f"{value!r}"
     else:
         return value
     raise ValueError(f"max_memory must be a number of bytes > 0, or None for {none_means}; got {why}")

@@ -158,17 +158,18 @@ def test_results_survive_the_next_call(kind):
 
 
 # ---------------------------------------------------------------------------- float32 nets, float64 inputs
-def test_float32_net_takes_float64_inputs_and_answers_in_float32():
+def test_float32_net_takes_float32_inputs_and_answers_in_float32():
     m, net64 = _edge("residual_negative")
     net32 = jg.Sequential.from_torch(m.float())
     rng = np.random.default_rng(4)
     x, t = rng.standard_normal((4, 4)), rng.standard_normal((4, 3))
+    x32 = x.astype(np.float32)  # float64 x into a float32 net is refused, never rounded (test_hardening_numerics)
     v = rng.standard_normal(net32.n_params)
-    pairs = [(net32.per_sample_grads(x, t).flat, net64.per_sample_grads(x, t).flat),
-             (net32.per_sample_grad_norms(x, t), net64.per_sample_grad_norms(x, t)),
-             (net32.ggn_vp(x, v), net64.ggn_vp(x, v)),
-             (net32.ggn_diagonal(x).flat, net64.ggn_diagonal(x).flat),
-             (jg.ntk(net32, x, x[:2], trace=True), jg.ntk(net64, x, x[:2], trace=True))]
+    pairs = [(net32.per_sample_grads(x32, t).flat, net64.per_sample_grads(x, t).flat),
+             (net32.per_sample_grad_norms(x32, t), net64.per_sample_grad_norms(x, t)),
+             (net32.ggn_vp(x32, v), net64.ggn_vp(x, v)),
+             (net32.ggn_diagonal(x32).flat, net64.ggn_diagonal(x).flat),
+             (jg.ntk(net32, x32, x32[:2], trace=True), jg.ntk(net64, x, x[:2], trace=True))]
     for got, want in pairs:
         assert got.dtype == np.float32
         _close(got, want, 1e-5)
