@@ -371,3 +371,14 @@ def test_a_float64_torch_tensor_to_a_float32_network_is_refused():
     with pytest.raises(TypeError, match="x is float64 but the network is float32"):
         net(torch.ones(2, 4, dtype=torch.float64))
     np.testing.assert_array_equal(net(torch.ones(2, 4)), net(np.ones((2, 4), dtype=np.float32)))
+
+
+def test_the_command_names_a_data_file_wider_than_dtype(tmp_path, capsys):
+    pytest.importorskip("dask.array")
+    from jacgrad.cli import main
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(18).standard_normal((20, 8)))
+    code = main(["report", "--data", str(tmp_path / "x.npy"), "--dtype", "float32", "--sizes", "8,6,3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "x.npy' is float64 but the network is float32: pass --dtype float64, or save the data as float32" in err
