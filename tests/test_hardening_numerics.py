@@ -334,6 +334,8 @@ def _entry_points(net, x, t):
         import dask.array as da
 
         yield "gradient_flow of a Dask batch", lambda: jg.diagnostics.gradient_flow(net, da.from_array(x, chunks=3), t)
+        yield "distributed, a Dask batch", lambda: jg.distributed.jacobian_spectral_norm(net, da.from_array(x, chunks=3))
+    yield "distributed, in memory", lambda: jg.distributed.jacobian_spectral_norm(net, x)
     yield "compile", lambda: net.compile(x.shape[0])(x, t)
     yield "compile_jacobian", lambda: net.compile_jacobian(x.shape[0])(x)
 
@@ -343,9 +345,9 @@ def test_float64_input_to_a_float32_network_is_refused_at_every_entry_point(kind
     net = _f32_nets()[kind]
     x, t = np.random.default_rng(16).standard_normal((6, 4)), np.zeros((6, 3), dtype=np.float32)
     for name, call in _entry_points(net, x, t):
-        with pytest.raises(TypeError, match=r"x1? is float64 but the network is float32, and jacgrad does not round "
-                                            r"inputs silently: pass x1?\.astype\(np\.float32\), or build the network "
-                                            r"in float64"):
+        with pytest.raises(TypeError, match=r"(x1?|X) is float64 but the network is float32, and jacgrad does not "
+                                            r"round inputs silently: pass (x1?|X)\.astype\(np\.float32\), or build "
+                                            r"the network in float64"):
             call()
     for name, call in _entry_points(net, x.astype(np.float32), t):  # the way out the message names
         out = call()
