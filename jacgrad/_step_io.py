@@ -154,7 +154,7 @@ class StepIO:
     def _load(self, buf, a, name: str, help: str) -> None:
         self._check_device(a, name)
         # x as every network entry point takes it (never rounded); the target as the losses take it
-        a = network_input(a, name, self._xp, buf.dtype) if name == "x" else float_array(a, name, self._xp)
+        a = network_input(a, name, self._xp, buf.dtype) if buf is self._x else float_array(a, name, self._xp)
         if a.shape != buf.shape:
             raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
         self._xp.copyto(buf, a, casting="same_kind")

@@ -44,7 +44,7 @@ from ._activation_row import (_identity_into, _positive_into, _relu_into, _sigmo
                               _tanh_into)
 from ._erf import erf, erfc
 
-__all__ = ["Activation", "erf", "erfc", "get", "is_table_row", "names", "parameters", "split_names"]
+__all__ = ["Activation", "erf", "erfc", "get", "names", "parameters", "split_names"]
 
 
 # --- identity, relu: piecewise linear ------------------------------------------------------
@@ -222,7 +222,7 @@ class UnknownActivationError(KeyError, ValueError):
         return str(self.args[0])
 
 
-def is_table_row(act: Activation) -> bool:
+def _is_table_row(act: Activation) -> bool:
     """True when ``act`` is the row ``get(act.name)`` gives (what pickling relies on)."""
     return _BUILT.get(act.name) is act
 
@@ -232,7 +232,7 @@ def _reduce_row(act: Activation):
     cannot carry, and ``get(name)`` rebuilds the same row (the very object, in the process that
     loads it) — so networks go to process pools and Dask's process workers. A row built by hand,
     not in the table, pickles field by field (its functions must then be module-level)."""
-    if is_table_row(act):
+    if _is_table_row(act):
         return get, (act.name,)
     return Activation, tuple(getattr(act, f.name) for f in dataclasses.fields(act))
 

@@ -61,6 +61,12 @@ def test_every_activation_row_pickles_as_itself(name):
         assert pickle.loads(pickle.dumps(act, protocol)) is act
 
 
+def test_a_row_built_by_hand_pickles_field_by_field():
+    act = activations.Activation("mine", np.tanh, np.cos, None, 1.0, "jacgrad::Tanh")
+    back = pickle.loads(pickle.dumps(act))
+    assert back == act and back is not act and activations.get("tanh") is not back
+
+
 def _nets(name):
     rng = np.random.default_rng(0)
     mlp = jg.MLP.init([4, 6, 5, 3], activation=name, bias_std=0.1, seed=1)
