@@ -4,6 +4,7 @@ string spelling ``name(key=value,...)`` (``jacgrad.activations.get`` reads and w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -127,24 +128,45 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
+# a number as Python writes a float: no underscores, no hex; nan and inf are read so that ``get``
+# can refuse them by name
+_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+_KEY = re.compile(r"[A-Za-z_]\w*")
+
+
 def _parse(name: str) -> tuple[str, dict]:
-    """``"hard_tanh(min_val=-2.0,max_val=2.0)"`` -> ``("hard_tanh", {"min_val": -2.0, "max_val": 2.0})``."""
+    """``"hard_tanh(min_val=-2.0,max_val=2.0)"`` -> ``("hard_tanh", {"min_val": -2.0, "max_val": 2.0})``.
+
+    Spaces around the parts are allowed; anything else not of the form ``name(key=value,...)`` is a
+    ``ValueError`` naming what is wrong: a key given twice, an empty entry or an empty list, a
+    value without its key, a value that is not a plain decimal number, text after the ``)``."""
     base, _, rest = name.strip().partition("(")
     base = base.strip()
     if not rest:
         return base, {}
-    if not rest.rstrip().endswith(")"):
+    rest = rest.rstrip()
+    if not rest.endswith(")"):
         raise ValueError(f"activation {name!r}: the parameters must be closed by ')', as in 'elu(alpha=0.5)'")
-    params = {}
-    body = rest.rstrip()[:-1].strip()
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, eq, value = item.partition("=")
+    body = rest[:-1]
+    if "(" in body or ")" in body:
+        raise ValueError(f"activation {name!r}: one parenthesised list of key=value parameters, as in 'elu(alpha=0.5)'")
+    if not body.strip():
+        raise ValueError(f"activation {name!r}: an empty parameter list; write {base!r} for the defaults")
+    params: dict = {}
+    for item in (part.strip() for part in body.split(",")):
+        if not item:
+            raise ValueError(f"activation {name!r}: an empty entry between commas")
+        key, eq, value = (part.strip() for part in item.partition("="))
         if not eq:
-            raise ValueError(f"activation {name!r}: write each parameter as key=value, as in 'elu(alpha=0.5)'")
-        try:
-            params[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"activation {name!r}: parameter {key.strip()} = {value.strip()!r} is not a number") from None
+            raise ValueError(f"activation {name!r}: {item!r} has no key; write each parameter as key=value, as in "
+                             f"'elu(alpha=0.5)' (positional values are not accepted)")
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"activation {name!r}: {item!r} does not start with a parameter name")
+        if key in params:
+            raise ValueError(f"activation {name!r}: {key} is given twice")
+        if not _NUMBER.fullmatch(value):
+            raise ValueError(f"activation {name!r}: parameter {key} = {value!r} is not a number")
+        params[key] = float(value)
     return base, params
 
 

@@ -1,4 +1,5 @@
-"""One row of the activation table (``jacgrad.activations``) and the helpers every row's math uses."""
+"""One row of the activation table (``jacgrad.activations``), the helpers every row's math uses, and
+the forms of the common rows that write into buffers (``Activation.f_into``, ``df_from_output_into``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class Activation:
     included); ``()`` for the rows without parameters;
     kernel_args: the two numbers the CUDA functor reads from its ``Params<T>{a, b}`` argument
     (e.g. hard_tanh's ``(min_val, max_val)``); ``(0.0, 0.0)`` where it reads none.
+
+    A row pickles as its spelling (``activations`` registers the reducer with ``copyreg``).
     """
 
     name: str
@@ -86,3 +89,35 @@ def _logistic(t, xp):
     e = xp.exp(-xp.abs(t))
     s1 = 1.0 / (1.0 + e)
     return xp.where(t >= 0, s1, e * s1), e * s1 * s1
+
+
+# --- forms written into buffers (Activation.f_into, Activation.df_from_output_into) -------
+
+def _identity_into(h, out):
+    get_xp(h).copyto(out, h)
+    return out
+
+
+def _relu_into(h, out):
+    return get_xp(h).maximum(h, _const(h, 0.0), out=out)
+
+
+def _tanh_into(h, out):
+    return get_xp(h).tanh(h, out=out)
+
+
+def _positive_into(y, out, scratch):
+    return get_xp(y).greater(y, _const(y, 0.0), out=out)
+
+
+def _sigmoid_df_y_into(y, out, scratch):
+    xp = get_xp(y)
+    xp.subtract(_const(y, 1.0), y, out=out)
+    return xp.multiply(out, y, out=out)
+
+
+def _tanh_df_y_into(y, out, scratch):
+    xp = get_xp(y)
+    xp.subtract(_const(y, 1.0), y, out=out)
+    xp.add(_const(y, 1.0), y, out=scratch)
+    return xp.multiply(out, scratch, out=out)

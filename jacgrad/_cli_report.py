@@ -151,6 +151,9 @@ def _dataset_reports(args, nets, text_out) -> list:
         with session(workers=args.workers, scheduler=args.scheduler, progress=sys.stderr):
             for label, net in nets:
                 X, T = read_dataset(args.data, args.targets, net)
+                if np.dtype(X.dtype).itemsize > np.dtype(net.dtype).itemsize:  # never rounded silently
+                    raise UsageError(f"--data {args.data!r} is {X.dtype} but the network is {net.dtype}: pass "
+                                     f"--dtype {X.dtype}, or save the data as {net.dtype}")
                 loss = "mse" if T is None or T.ndim == 2 else "softmax_cross_entropy"
                 try:
                     rep = diagnostics.gradient_flow(net, X, T, loss=loss, seed=args.seed,

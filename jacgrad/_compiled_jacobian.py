@@ -21,6 +21,10 @@ The contract is the compiled training steps' (``jacgrad.compiled``):
   never a silent copy), any float dtype castable to the net's, exactly ``batch`` rows.
 - The result IS the step's buffer: the next call overwrites it. ``step(x, copy=True)`` gives a
   fresh array.
+- One call at a time: the step holds a lock for the whole call, the copy-out of ``copy=True``
+  included, so threads sharing a step queue and each gets the Jacobians of its own ``x``.
+  **With ``copy=False`` the buffer handed back is overwritten by the next call from any thread**:
+  threads sharing a step pass ``copy=True``.
 - Parameters are read by reference: updated in place, they are seen by the next call (a graph
   reads them at replay). An array or a layer replaced in the network raises ``RuntimeError``
   naming it, until ``step.rebind()`` adopts it (and drops the recorded graphs).
@@ -44,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ._step_io import StepIO, check_batch_and_capture
+from ._step_io import StepIO, check_batch_and_capture, locked
 from ._validate import shape_str
 from .backend import is_gpu_array
 from .chain import ORDERS
@@ -98,10 +102,10 @@ class JacobianStep(StepIO):
     def __call__(self, x, copy: bool = False):
         """``J: (batch, n_out, n_in)``, the per-sample Jacobians at ``x: (batch, n_in)``; the step's
         buffer unless ``copy=True``."""
-        if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
-            self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
-        self._check_binding()
-        with self._on_device():
+        with self._exclusive():  # one call at a time, its copy-out included (``_step_io``)
+            if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
+                self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
+            self._check_binding()
             self._load(self._x, x, "x", f"batch {self.batch} × {self.n_in} features: x must be "
                                         f"{shape_str((self.batch, self.n_in))}")
             self._run_or_replay(False, self._run)
@@ -130,6 +134,7 @@ class JacobianStep(StepIO):
             f"{where} is no longer what this Jacobian step was compiled with. The step reads parameters by "
             f"reference: update them in place (W -= lr * dW), or call step.rebind() after replacing them")
 
+    @locked
     def rebind(self) -> None:
         """Adopt the arrays (and layers) now in the network — same shapes, dtype and device — and drop
         the recorded graphs (the next call records again)."""

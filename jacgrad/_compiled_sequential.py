@@ -25,6 +25,9 @@ the numbers are bitwise those of ``net.loss_and_grads``. As for ``TrainingStep``
   the loss value and gradient, and ``∂L/∂x`` with ``input_grad``.
 - returned arrays ARE those buffers (the loss a 0-d array, every array of the ``BlockGradients``):
   the next call overwrites them in place; ``step(x, t, copy=True)`` returns fresh arrays.
+- one call at a time: a lock per step, held for the whole call (copy-out included): threads
+  sharing a step queue, each gets its own inputs' results if it passes ``copy=True``; with
+  ``copy=False`` the next call from any thread overwrites the buffers handed back.
 - parameters are read by reference: in-place updates (``W -= lr * dW``) are seen by the next
   call. A parameter array replaced in a layer (or a layer replaced in the network) is detected on
   the next call and raises ``RuntimeError`` naming it; ``step.rebind()`` adopts it.
@@ -45,7 +48,7 @@ from ._loss_workspace import LossWorkspace
 from ._passes import carve
 from ._private_step import PrivatePart, check_clip_args
 from ._sequential_param_space import leaf_inputs, leaf_views
-from ._step_io import StepIO, check_step_args
+from ._step_io import StepIO, check_step_args, locked
 from ._validate import shape_str
 from .backend import is_gpu_array
 from .layers import named_params
@@ -104,6 +107,7 @@ class SequentialStep(StepIO):
         return type(layer), tuple(layer.forward_shapes(B)), tuple(layer.backward_shapes(B, True)), len(layer.params)
 
     # ------------------------------------------------------------------ binding
+    @locked
     def rebind(self) -> None:
         """Adopt the parameter arrays now in the network's layers (same shapes, dtype and device)
         and drop captured graphs (the next call re-captures)."""

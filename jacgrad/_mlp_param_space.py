@@ -150,8 +150,9 @@ class ParameterSpaceMethods:
         ``biases[j]``, ``flat (P,)``; ``input`` and ``deltas`` None) — BackPACK's DiagGGNExact.
 
         Per layer ``(1/B) Σ_i outer(z_{j-1,i}², Σ_ρ G_j[i, ρ]²)`` with ``G_j[i] = V_i ∂y_i/∂h_{j,i}``
-        and ``H_i = V_iᵀ V_i`` (``curvature``); the samples go through in chunks whose
-        ``(chunk, n_out, max H)`` working block stays under ``max_memory`` bytes (default 256 MiB).
+        and ``H_i = V_iᵀ V_i`` (``curvature``); the samples go through in chunks whose working
+        blocks — ``V``'s ``(chunk, n_out, n_out)`` and the sweep's ``(chunk, n_out, max H)`` — stay
+        under ``max_memory`` bytes (default 256 MiB; the forward pass's cache comes on top).
         ``target`` as for ``ggn_vp``.
 
             >>> import numpy as np, jacgrad as jg
@@ -161,13 +162,12 @@ class ParameterSpaceMethods:
         """
         per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
-        V = loss_hessians.hessian_factor(loss, y, target)
-        xp, B = get_xp(y), cache.batch
+        xp, B, C, item = get_xp(y), cache.batch, self.sizes[-1], self.dtype.itemsize
         flat, dW, db = carve_gradients(xp, self.weights, self.dtype, zero=True)
-        chunk = per_sample.chunk_rows(max_memory, 2 * V.shape[1] * max(self.sizes) * self.dtype.itemsize, B)
+        # per sample: its (C, C) factor block as it is made, then the sweep's two (C, H) cotangent blocks
+        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 2 * C * max(self.sizes) * item
         chain = self.jacobian_chain(cache)
         zs = [cache.layer_output(j) for j in range(-1, self.depth - 1)]  # recomputed once, not per chunk
-        for start in range(0, B, chunk):
-            sel = slice(start, min(B, start + chunk))
-            curvature.accumulate_diagonal(chain.rows(sel).factors, lambda j: zs[j + 1][sel], V[sel], dW, db, 1.0 / B)
+        for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
+            curvature.accumulate_diagonal(chain.rows(sel).factors, lambda j: zs[j + 1][sel], V, dW, db, 1.0 / B)
         return Gradients(dW, db, None, None, flat)

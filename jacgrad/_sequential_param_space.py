@@ -206,8 +206,10 @@ class SequentialParameterSpace:
 
     def ggn_diagonal(self, x: Any, target: Any = None, loss: str = "mse", max_memory: float | None = 1 << 28):
         """The exact diagonal of ``ggn_vp``'s ``G`` as ``ParamArrays`` (``flat: (P,)``) — BackPACK's
-        DiagGGNExact. Samples go through in chunks whose ``(chunk, n_out, max H)`` working blocks
-        stay under ``max_memory`` bytes (default 256 MiB). ``target`` as for ``ggn_vp``.
+        DiagGGNExact. Samples go through in chunks whose working blocks — the loss-Hessian factor's
+        ``(chunk, n_out, n_out)`` and the sweep's ``(chunk, n_out, max H)`` — stay under
+        ``max_memory`` bytes (default 256 MiB; the forward cache comes on top). ``target`` as for
+        ``ggn_vp``.
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
@@ -216,17 +218,15 @@ class SequentialParameterSpace:
         """
         per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
-        V = loss_hessians.hessian_factor(loss, y, target)
-        xp, B = get_xp(y), cache.batch
+        xp, B, C, item = get_xp(y), cache.batch, self.n_out, self.dtype.itemsize
         flat = xp.zeros(self.n_params, dtype=self.dtype)
         views = self._leaf_views(flat)
-        chunk = per_sample.chunk_rows(max_memory, 3 * V.shape[1] * max(self._param_widths()) * self.dtype.itemsize, B)
+        # per sample: its (C, C) factor block as it is made, then the sweep's (C, H) cotangent blocks
+        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 3 * C * max(self._param_widths()) * item
         chain = self.jacobian_chain(cache)
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
-        for start in range(0, B, chunk):
-            sel = slice(start, min(B, start + chunk))
-            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V[sel], views,
-                                               1.0 / B)
+        for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
+            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V, views, 1.0 / B)
         return ParamArrays(flat, _by_name(self.layers, views))
 
 

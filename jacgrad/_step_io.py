@@ -7,11 +7,20 @@ or as a captured CUDA graph with the ``capture="auto"`` fallback.
 contract both follow. It reads the step's ``batch``, ``loss``, ``_xp``, ``_gpu``, ``_device``,
 ``_x``, ``_target``, ``_loss`` (a ``LossWorkspace``), ``_graphs``, ``_capture`` and
 ``capture_error``.
+
+One call at a time: every step holds a lock of its own (``StepIO.__new__`` makes it) for the
+whole of a call — loading the inputs, the run or replay, and the copy-out of ``copy=True`` — and
+``rebind`` takes it too. Threads sharing a step therefore queue, and each gets the results of its
+own inputs. On the GPU the lock orders the work as it is enqueued; since threads may enqueue on
+different CUDA streams, each call also makes the caller's stream wait (on the device, never the
+host) for the event recorded at the end of the previous call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -19,10 +28,10 @@ import numpy as np
 from . import losses
 from ._cuda_graph import CaptureError
 from ._loss_workspace import NAMES as LOSS_NAMES
-from ._validate import float_array, shape_str
+from ._validate import float_array, network_input, shape_str
 from .backend import is_gpu_array, tf32_enabled
 
-__all__ = ["StepIO", "check_batch_and_capture", "check_step_args"]
+__all__ = ["StepIO", "check_batch_and_capture", "check_step_args", "locked"]
 
 _CAPTURE = ("auto", True, False)
 
@@ -49,8 +58,41 @@ def check_batch_and_capture(batch: Any, capture: Any, gpu: bool) -> int:
     return int(batch)
 
 
+def locked(method: Callable) -> Callable:
+    """``method`` run under the step's lock (for ``rebind``: never while a call is in progress)."""
+
+    @functools.wraps(method)
+    def under_lock(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return under_lock
+
+
 class StepIO:
     """The input side and the graph side of a compiled step (see the module docstring)."""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self._lock = threading.RLock()  # one call at a time, rebind included (module docstring)
+        self._done = None  # GPU: the event recorded on the caller's stream at the end of the last call
+        return self
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the step for one call: the lock, and on the GPU the caller's stream ordered after the
+        previous call's work (whatever stream that was enqueued on)."""
+        with self._lock, self._on_device():
+            if not self._gpu:
+                yield
+                return
+            stream = self._xp.cuda.get_current_stream()
+            if self._done is not None:
+                stream.wait_event(self._done)
+            try:
+                yield
+            finally:
+                self._done = stream.record()
 
     def _on_device(self):
         return self._device if self._gpu else contextlib.nullcontext()
@@ -66,10 +108,10 @@ class StepIO:
     def _step(self, x, target, copy: bool):
         """One call of the step: check the binding, load ``x`` and the target, run (or replay)
         ``self._run(labels)``, return ``self._results(copy)``."""
-        if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
-            self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
-        self._check_binding()
-        with self._on_device():
+        with self._exclusive():
+            if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
+                self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
+            self._check_binding()
             self._load(self._x, x, "x", self._shape_help("x"))
             labels = self._load_target(target)
             self._run_or_replay(labels, self._run)
@@ -113,7 +155,8 @@ class StepIO:
 
     def _load(self, buf, a, name: str, help: str) -> None:
         self._check_device(a, name)
-        a = float_array(a, name, self._xp)
+        # x as every network entry point takes it (never rounded); the target as the losses take it
+        a = network_input(a, name, self._xp, buf.dtype) if buf is self._x else float_array(a, name, self._xp)
         if a.shape != buf.shape:
             raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
         self._xp.copyto(buf, a, casting="same_kind")

@@ -69,6 +69,40 @@ def require_network(net: Any, who: str) -> None:
     raise TypeError(msg)
 
 
+def network_input(x: Any, name: str, xp, dtype):
+    """``x`` checked as an input of a network whose parameters are ``dtype``: a float array of
+    namespace ``xp`` (``float_array``'s checks: int, bool and complex arrays are a ``TypeError``),
+    never rounded. float64 into a float32 network is a ``TypeError`` naming both dtypes and the way
+    out; float32 into a float64 network is returned as it is (the network's cast to float64 is
+    exact); Python lists and scalars, which have no dtype of their own, are made in ``dtype``.
+    The one check of ``x`` for every entry point of ``MLP`` and ``Sequential`` (forward, hence
+    loss_and_grads and every product), the compiled steps and the reports.
+
+        >>> network_input(np.ones(2), "x", np, np.float32)
+        Traceback (most recent call last):
+        ...
+        TypeError: x is float64 but the network is float32, and jacgrad does not round inputs silently: pass x.astype(np.float32), or build the network in float64 (dtype='float64' in MLP.init, load, from_torch)
+    """
+    dtype = np.dtype(dtype)
+    if not hasattr(x, "dtype") and not is_foreign_array(x):
+        x = xp.asarray(x, dtype=dtype)
+    x = float_array(x, name, xp)
+    check_input_dtype(name, x.dtype, dtype)
+    return x
+
+
+def check_input_dtype(name: str, have, dtype) -> None:
+    """The ``TypeError`` of ``network_input`` when an input of dtype ``have`` would be rounded to the
+    network's ``dtype`` (float64 into float32); for inputs checked by their dtype alone (a Dask batch)."""
+    have, dtype = np.dtype(have), np.dtype(dtype)
+    if have.kind == "f" and have.itemsize > dtype.itemsize:
+        raise TypeError(
+            f"{name} is {have} but the network is {dtype}, and jacgrad does not round inputs silently: pass "
+            f"{name}.astype(np.{dtype}), or build the network in {have} (dtype='{have}' in MLP.init, load, "
+            f"from_torch)"
+        )
+
+
 def common_dtype(*arrays) -> np.dtype:
     """float64 if any array is float64, else float32 (arrays already checked by float_array)."""
     return np.result_type(*[a.dtype for a in arrays if a is not None])
@@ -136,6 +170,46 @@ def nonnegative_finite(value, name: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and ≥ 0, got {value}")
     return value
+
+
+def byte_size(n: float) -> str:
+    """``n`` bytes in the unit its size calls for: ``"100 bytes"``, ``"1.95 KiB"``, ``"16 MiB"``,
+    ``"1.5 GiB"`` (three significant digits).
+
+        >>> byte_size(100), byte_size(2000), byte_size(16 << 20), byte_size(3 << 29)
+        ('100 bytes', '1.95 KiB', '16 MiB', '1.5 GiB')
+    """
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.3g} bytes" if isinstance(n, float) and n != int(n) else f"{int(n)} bytes"
+
+
+def check_max_memory(value: Any, none_means: str = "no limit"):
+    """``value``, a memory budget in bytes: ``None`` (which means ``none_means``) or a real number
+    > 0 and finite. Anything else is a ``ValueError`` that says what it got: a bool, a non-number
+    (its type), NaN, ±inf (pass None), zero or a negative number.
+
+        >>> check_max_memory(float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: max_memory must be a number of bytes > 0, or None for no limit; got nan, which is not a size
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        why = f"{value!r}, a bool"
+    elif not isinstance(value, numbers.Real):
+        why = f"{value!r} (a {type(value).__name__}, not a number)"
+    elif math.isnan(value):
+        why = "nan, which is not a size"
+    elif math.isinf(value):
+        why = f"{float(value)}; for {none_means} pass None"
+    elif value <= 0:
+        why = f"{value!r}"
+    else:
+        return value
+    raise ValueError(f"max_memory must be a number of bytes > 0, or None for {none_means}; got {why}")
 
 
 class LayerList(Sequence):

@@ -32,10 +32,17 @@ Conventions:
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
+import numbers
+
+import numpy as np
+
 from ._activation_params import _FAMILIES, _canonical, _parse
 from ._activation_row import Activation, _array, _const, _logistic, _SAT
+from ._activation_row import (_identity_into, _positive_into, _relu_into, _sigmoid_df_y_into, _tanh_df_y_into,
+                              _tanh_into)
 from ._erf import erf, erfc
-from .backend import get_xp
 
 __all__ = ["Activation", "erf", "erfc", "get", "names", "parameters", "split_names"]
 
@@ -179,38 +186,6 @@ def _silu_f_and_df(h):
     return _silu_f(h, sq), _silu_df(h, sq)
 
 
-# --- forms written into buffers (Activation.f_into, Activation.df_from_output_into) -------
-
-def _identity_into(h, out):
-    get_xp(h).copyto(out, h)
-    return out
-
-
-def _relu_into(h, out):
-    return get_xp(h).maximum(h, _const(h, 0.0), out=out)
-
-
-def _tanh_into(h, out):
-    return get_xp(h).tanh(h, out=out)
-
-
-def _positive_into(y, out, scratch):
-    return get_xp(y).greater(y, _const(y, 0.0), out=out)
-
-
-def _sigmoid_df_y_into(y, out, scratch):
-    xp = get_xp(y)
-    xp.subtract(_const(y, 1.0), y, out=out)
-    return xp.multiply(out, y, out=out)
-
-
-def _tanh_df_y_into(y, out, scratch):
-    xp = get_xp(y)
-    xp.subtract(_const(y, 1.0), y, out=out)
-    xp.add(_const(y, 1.0), y, out=scratch)
-    return xp.multiply(out, scratch, out=out)
-
-
 # --- the table ----------------------------------------------------------------------------
 # bound = sup |φ'|. For gelu, gelu_tanh and silu it is attained where φ'' = 0; it was derived
 # with mpmath at 60 digits, rounded *up* to a double, and raised 4 ulp more so that it also
@@ -245,6 +220,24 @@ class UnknownActivationError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
+
+
+def _is_table_row(act: Activation) -> bool:
+    """True when ``act`` is the row ``get(act.name)`` gives (what pickling relies on)."""
+    return _BUILT.get(act.name) is act
+
+
+def _reduce_row(act: Activation):
+    """Pickle a table row as its spelling: the parameterised rows hold closures, which pickle
+    cannot carry, and ``get(name)`` rebuilds the same row (the very object, in the process that
+    loads it) — so networks go to process pools and Dask's process workers. A row built by hand,
+    not in the table, pickles field by field (its functions must then be module-level)."""
+    if _is_table_row(act):
+        return get, (act.name,)
+    return Activation, tuple(getattr(act, f.name) for f in dataclasses.fields(act))
+
+
+copyreg.pickle(Activation, _reduce_row)
 
 
 def names() -> list[str]:
@@ -307,10 +300,9 @@ def get(name: str | Activation, **params: float) -> Activation:
     for key, value in {**spelled, **params}.items():
         if key not in values:
             raise TypeError(f"activation {base!r} has no parameter {key!r}; its parameters: {', '.join(values)}")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"activation {base!r}: {key} must be a real number, got {value!r}") from None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"activation {base!r}: {key} must be a real number, got {value!r}")
+        value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"activation {base!r}: {key} must be finite, got {value}")
         values[key] = value

@@ -30,6 +30,14 @@ same layouts. What changes is where results go:
   ``Gradients`` are overwritten in place by the next call (like the static outputs of a
   ``torch.cuda.CUDAGraph``); ``history.append(loss)`` collects the same array again and again.
   Keep a result with ``step(x, t, copy=True)`` or ``float(loss)``.
+- threads: a step may be shared by threads. It holds a lock of its own for the whole of a
+  call — loading ``x`` and the target, the run (or graph replay) and, with ``copy=True``, the
+  copy-out — so concurrent calls queue and each caller gets the results of its own inputs;
+  ``rebind()`` waits for a call in progress. **With ``copy=False`` (the default) the returned
+  arrays are the buffers: the next call, from any thread, overwrites them in place, possibly
+  while another thread is still reading them.** Threads sharing a step pass ``copy=True`` (or
+  each uses a step of its own). On the GPU each call also waits, on the device, for the previous
+  call's work, whichever stream that went to.
 - weights and biases are read by reference: in-place updates (``W -= lr * dW``) are seen by the
   next call. Replacing an array (``net.weights[j] = new``) or an activation
   (``net.activations[j] = "relu"``) is detected on the next call and raises ``RuntimeError``;
@@ -58,7 +66,7 @@ import numpy as np
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
 from ._private_step import PrivatePart, check_clip_args
-from ._step_io import StepIO, check_step_args
+from ._step_io import StepIO, check_step_args, locked
 from ._validate import shape_str
 from .activations import get as get_activation
 from .backend import is_gpu_array
@@ -116,6 +124,7 @@ class TrainingStep(StepIO):
         self.rebind()
 
     # ------------------------------------------------------------------ binding
+    @locked
     def rebind(self) -> None:
         """Adopt the arrays now in ``net.weights`` / ``net.biases`` (same shapes, dtype and device)
         and the names now in ``net.activations``, rebuild the layer factors and drop captured graphs
@@ -181,8 +190,9 @@ class TrainingStep(StepIO):
     def __call__(self, x: Any, target: Any, copy: bool = False):
         """``(loss, Gradients)`` of one batch: ``x (B, n_in)``, ``target`` as for the loss.
 
-        The results are this step's buffers, overwritten in place by the next call, unless
-        ``copy=True`` (then fresh arrays the step never touches again).
+        The results are this step's buffers, overwritten in place by the next call — from any
+        thread — unless ``copy=True`` (then fresh arrays the step never touches again, copied
+        before the step's lock is released: threads sharing a step pass ``copy=True``).
         ``x`` is cast to the network's dtype like ``MLP.forward`` does; ``Gradients.input`` is
         None unless compiled with ``input_grad=True``.
         """

@@ -37,7 +37,7 @@ import numpy as np
 from . import _flow
 from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
-from ._validate import float_array, require_network, shape_str
+from ._validate import check_input_dtype, float_array, network_input, require_network, shape_str
 from .backend import get_xp
 from .distributed import budget, compute, reduce_in_memory, reduce_samples
 from .distributed.mapping import is_dask
@@ -202,7 +202,7 @@ def gradient_flow(
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
-    x = float_array(x, "x", xp)  # int, bool, float16 and complex x are a TypeError, as in forward
+    x = network_input(x, "x", xp, net.weights[0].dtype)  # as forward: int, bool, complex, float64 into float32
     L = len(net.weights)
     if x.ndim != 2 or x.shape[1] != net.weights[0].shape[0]:
         raise ValueError(
@@ -303,6 +303,7 @@ def _dataset_report(make_chunk, combine, bytes_per_sample, finish, net, X, targe
     """``finish(merged partial, label=)`` over the Dask batch ``X``: ``make_chunk(N)`` is the
     per-chunk function for a batch of N samples, ``combine`` merges two partials."""
     X = _as_dask_batch(X, target)
+    check_input_dtype("x", X.dtype, net.dtype)  # as forward: never rounded (the tasks cast float32 up, exactly)
     if target is not None:
         _losses.get(loss)  # an unknown name fails here, not in every task
     targets = () if target is None else (target,)

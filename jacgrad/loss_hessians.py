@@ -19,7 +19,10 @@ Square roots ``H = Vᵀ V`` with ``V: (R, C)`` (R = C here):
     softmax      V = sqrt(r) · (diag(s) − s pᵀ),  s = sqrt(p):   Vᵀ V = diag(p) − 2 p pᵀ + p (sᵀ s) pᵀ
                                                                  = diag(p) − p pᵀ   (sᵀ s = Σ p = 1)
 
-Row ``ρ`` of ``V`` is ``s_ρ (e_ρ − p)``. Everything is computed from shifted logits or
+Row ``ρ`` of ``V`` is ``s_ρ (e_ρ − p)``. ``hessian_vp`` computes ``p ⊙ (w − pᵀw)`` with
+``w = u − u_k`` (k the argmax): the same product, without the cancellation of ``u_k − pᵀu`` where
+``p_k`` rounds to 1 (its result keeps full relative accuracy against an 800-digit reference, as
+``ggn_diagonal``'s does). Everything is computed from shifted logits or
 ``exp(−|y|)``, so outputs of ±1e4 give finite Hessians (0 where the loss is saturated).
 
     >>> import numpy as np
@@ -29,7 +32,7 @@ Row ``ρ`` of ``V`` is ``s_ρ (e_ρ − p)``. Everything is computed from shifte
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,7 +40,7 @@ from . import activations, losses
 from ._validate import float_array, shape_str
 from .backend import asarray, get_xp
 
-__all__ = ["hessian_factor", "hessian_vp", "target_scale"]
+__all__ = ["factor_bytes_per_sample", "hessian_factor", "hessian_factor_chunks", "hessian_vp", "target_scale"]
 
 
 def _check(name: str, y):
@@ -91,8 +94,12 @@ def hessian_vp(name: str, y: Any, u: Any, target: Any = None):
         return u * (2.0 / C)
     if name == "sigmoid_bce":
         return _sigmoid_curvature(y) * u / C
+    # p ⊙ (u − pᵀu), with u's value at the argmax k subtracted first: w = u − u_k has w_k = 0, so
+    # pᵀw never adds p_k·u_k (p_k rounds to 1 where the softmax saturates, and u_k − pᵀu would cancel
+    # to 0 though it is −Σ_{j≠k} p_j (u_j − u_k)); Σ p = 1 makes it the same product
     p, _ = _softmax(xp, y)
-    out = p * (u - (p * u).sum(axis=1, keepdims=True))
+    w = u - xp.take_along_axis(u, y.argmax(axis=1)[:, None], axis=1)
+    out = p * (w - (p * w).sum(axis=1, keepdims=True))
     return out if r is None else out * r
 
 
@@ -100,23 +107,51 @@ def hessian_factor(name: str, y: Any, target: Any = None):
     """``V: (B, R, C)`` with ``H_i = V_iᵀ V_i`` for every sample (R = C; see the module text).
 
     Each row of ``V_i`` is an output cotangent; pulled back through the network they give the
-    exact Gauss–Newton diagonal ``Σ_ρ (J_iᵀ V_i[ρ])²``."""
+    exact Gauss–Newton diagonal ``Σ_ρ (J_iᵀ V_i[ρ])²``. ``hessian_factor_chunks`` gives it a
+    block of samples at a time."""
     xp, y = _check(name, y)
+    return _factor(name, xp, y, _checked_scale(name, y, target))
+
+
+def hessian_factor_chunks(name: str, y: Any, target: Any = None, rows: int | None = None) -> Iterator[tuple[slice, Any]]:
+    """``(sel, V[sel])`` for consecutive slices of ``rows`` samples (None: all in one): the blocks
+    of ``hessian_factor(name, y, target)``, ``(rows, C, C)`` each, made one at a time so that the
+    whole ``(B, C, C)`` never exists. The target is checked once, for the whole batch."""
+    xp, y = _check(name, y)
+    r = _checked_scale(name, y, target)
+    B = y.shape[0]
+    rows = max(B, 1) if rows is None else int(rows)
+    for start in range(0, B, rows):
+        sel = slice(start, min(B, start + rows))
+        yield sel, _factor(name, xp, y[sel], None if r is None else r[sel])
+
+
+def factor_bytes_per_sample(C: int, itemsize: int) -> int:
+    """Bytes one sample's block of ``hessian_factor`` takes while it is made: ``V_i`` and one
+    temporary of its shape ``(C, C)``."""
+    return 2 * C * C * itemsize
+
+
+def _checked_scale(name: str, y, target):
     r = target_scale(name, y, target)
+    if r is not None and bool((r < 0).any()):
+        raise ValueError("a target row sums to a negative number: its loss Hessian has no real square root")
+    return r
+
+
+def _factor(name: str, xp, y, r):
+    """``hessian_factor`` of the rows ``y: (b, C)`` with the row sums ``r: (b, 1)`` (or None)."""
     B, C = y.shape
+    idx = xp.arange(C)
     if name == "softmax_cross_entropy":
         p, logp = _softmax(xp, y)
         s = xp.exp(0.5 * logp)
         V = -s[:, :, None] * p[:, None, :]
-        idx = xp.arange(C)
         V[:, idx, idx] += s
-        if r is None:
-            return V
-        if bool((r < 0).any()):
-            raise ValueError("a target row sums to a negative number: its loss Hessian has no real square root")
-        return V * xp.sqrt(r)[:, :, None]
+        if r is not None:
+            V *= xp.sqrt(r)[:, :, None]
+        return V
     diag = xp.full(y.shape, 2.0 / C, dtype=y.dtype) if name == "mse" else _sigmoid_curvature(y) / C
     V = xp.zeros((B, C, C), dtype=y.dtype)
-    idx = xp.arange(C)
     V[:, idx, idx] = xp.sqrt(diag)
     return V

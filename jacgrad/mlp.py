@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _lazy, initializers, losses
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into
-from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
+from ._validate import LayerList, float_array, layer_widths, network_input, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, resolve_device, to_device
 from .chain import Chain
@@ -249,8 +249,8 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         self._check_origin()
         weights, acts = self._weights.stored, self._acts
         xp = get_xp(x, weights[0])
-        x = float_array(x, "x", xp)
         n_in, dtype = weights[0].shape[0], weights[0].dtype
+        x = network_input(x, "x", xp, dtype)
         if x.ndim != 2 or x.shape[1] != n_in:
             got = x.shape[1] if x.ndim == 2 else f"an array of shape {shape_str(x.shape)}"
             raise ValueError(f"layer 0 expects {n_in} features, got {got} (x must be (B, {n_in}))")

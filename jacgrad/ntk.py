@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._validate import float_array, require_network
+from ._validate import network_input, require_network
 from .backend import get_xp
 from .per_sample import check_max_memory, is_norm, leaf_factors, output_partials
 
@@ -134,9 +134,9 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     require_network(net, "ntk")
     check_max_memory(max_memory)
     xp = get_xp(x1, _anchor(net))
-    x1 = float_array(x1, "x1", xp)
+    x1 = network_input(x1, "x1", xp, net.dtype)
     sym = x2 is None
-    x2 = x1 if sym else float_array(x2, "x2", get_xp(x2, _anchor(net)))
+    x2 = x1 if sym else network_input(x2, "x2", get_xp(x2, _anchor(net)), net.dtype)
     for name, x in (("x1", x1), ("x2", x2)):
         if x.ndim != 2 or x.shape[1] != net.sizes[0]:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ._gemm import matmul
-from ._validate import float_array, shape_str
+from ._validate import byte_size, float_array, shape_str
+from ._validate import check_max_memory as _check_max_memory
 from .backend import dot_along, get_xp
 from .factors import NormFactor, ResidualFactor
 
@@ -150,16 +151,14 @@ def check_direction(v: Any, anchor: Any, n_params: int, dtype, layout: str):
 
 
 def check_max_memory(max_memory: Any) -> None:
-    """A ``ValueError`` unless ``max_memory`` is None or a number of bytes > 0 (not NaN, not a bool)."""
-    ok = max_memory is None or (isinstance(max_memory, (int, float, np.integer, np.floating))
-                                and not isinstance(max_memory, bool) and max_memory > 0)
-    if not ok:
-        raise ValueError(f"max_memory must be a number of bytes > 0, or None for no limit; got {max_memory!r}")
+    """A ``ValueError`` unless ``max_memory`` is None (no limit) or a finite number of bytes > 0
+    (``_validate.check_max_memory`` names what it got: a bool, a non-number, NaN, inf, ≤ 0)."""
+    _check_max_memory(max_memory)
 
 
 def chunk_rows(max_memory: Any, per_row: int, n: int) -> int:
     """Rows per chunk so that ``rows · per_row`` bytes stay within ``max_memory`` (checked by
-    ``check_max_memory``; None or inf: all ``n``); at least 1, at most ``max(n, 1)``."""
+    ``check_max_memory``; None: all ``n``); at least 1, at most ``max(n, 1)``."""
     check_max_memory(max_memory)
     if max_memory is None or max_memory >= per_row * max(n, 1):
         return max(n, 1)
@@ -172,8 +171,7 @@ def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) ->
     check_max_memory(max_memory)
     if max_memory is not None and nbytes > max_memory:
         raise ValueError(
-            f"{what} needs {nbytes / GIB:.3g} GiB ({nbytes} bytes), more than max_memory={max_memory / GIB:.3g} GiB; "
-            f"{hint}"
+            f"{what} needs {byte_size(nbytes)} ({nbytes} bytes), more than max_memory={byte_size(max_memory)}; {hint}"
         )
 
 

@@ -25,7 +25,7 @@ from ._compiled_jacobian import JacobianStep
 from ._compiled_sequential import SequentialStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
-from ._validate import float_array, shape_str
+from ._validate import float_array, network_input, shape_str
 from .backend import get_xp
 from .chain import Chain
 from .layers import chained, Dense
@@ -109,7 +109,7 @@ class Sequential(SequentialParameterSpace, Imported):
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
         xp = get_xp(x, self._layers[0].params[0])
-        x = float_array(x, "x", xp)
+        x = network_input(x, "x", xp, self.dtype)
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"layer 0 expects {self.n_in} features, got an array of shape {shape_str(x.shape)} "
                              f"(x must be (B, {self.n_in}))")

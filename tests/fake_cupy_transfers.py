@@ -11,8 +11,9 @@ line that asked, in ``fake.where``) when the caller is jacgrad's code.
 ``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels (the
 elementwise ones and the norm layers', ``jacgrad.norm_kernels``) and its direct cuBLAS path to
 their NumPy versions, so whole reports run on fake device arrays.
-It has no streams, graphs or RawModule: for recording and failing GPU plumbing calls (CUDA
-graphs, kernel modules), see ``fake_cupy_calls.py``.
+Its only stream is ``cuda.get_current_stream()``, whose ``record``/``wait_event`` (what a compiled
+step orders its calls with) do nothing; it has no graphs or RawModule: for recording and failing
+GPU plumbing calls (CUDA graphs, kernel modules), see ``fake_cupy_calls.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class _FakeDevice:
 
     def __exit__(self, *exc):
         return False
+
+
+class _FakeStream:
+    """The current stream: events are recorded and waited for in order, so nothing to do."""
+
+    def record(self):
+        return object()
+
+    def wait_event(self, event):
+        pass
 
 
 class FakeArray(np.ndarray):
@@ -137,6 +148,7 @@ class FakeCupy:
         self.module = _namespace("cupy", np)
         self.module.ndarray = FakeArray
         self.module.asnumpy = lambda a: np.array(_plain(a))
+        self.module.cuda = types.SimpleNamespace(get_current_stream=_FakeStream)
         FakeArray._fake = self
 
     def asarray(self, a):

@@ -145,7 +145,7 @@ def test_an_in_memory_batch_above_max_memory_is_reported_a_chunk_at_a_time(monke
         assert b.jacobian_spectral_norm == pytest.approx(a.jacobian_spectral_norm, rel=1e-12)
         assert b.verdict == a.verdict and b.batch == 50
     assert chunked[0].loss_value == pytest.approx(whole[0].loss_value, rel=1e-12)
-    with pytest.raises(ValueError, match="max_memory must be a positive number of bytes, got -1"):
+    with pytest.raises(ValueError, match="max_memory must be a number of bytes > 0, or None for the default budget; got -1"):
         report(net, x, max_memory=-1)
 
 

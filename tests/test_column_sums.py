@@ -20,7 +20,7 @@ def test_bias_gradient_is_the_column_sum_of_the_deltas(rng, dtype, tol, B):
     assert np.all(np.abs(got - ref) <= tol * scale + 1e-300)
     # and it is what a network's backward pass returns as ∂L/∂b, against torch-free float64 sums
     net = jg.MLP.init([5, 37, 3], activation="tanh", seed=1, dtype=dtype)
-    x = rng.standard_normal((B, 5))
+    x = rng.standard_normal((B, 5)).astype(dtype)
     y, cache = net.forward(x)
     g = net.backward(cache, rng.standard_normal((B, 3)).astype(dtype))
     for d, db in zip(g.deltas, g.biases):

@@ -156,11 +156,15 @@ def test_inputs_are_validated_with_the_compiled_shape():
         mse(x, np.zeros((64, 10), np.int64))
 
 
-def test_float64_input_is_cast_like_forward(rng):
+def test_float64_input_is_refused_like_forward_and_float32_input_runs(rng):
     net = jg.MLP.init([4, 6, 3], seed=0, dtype="float32")
     x, t = rng.standard_normal((5, 4)), rng.random((5, 3))  # float64 data, float32 network
-    loss, g = net.compile(5)(x, t)
-    ref_loss, ref = net.loss_and_grads(x, t)
+    step = net.compile(5)
+    for call in (lambda: step(x, t), lambda: net.loss_and_grads(x, t)):
+        with pytest.raises(TypeError, match=r"x is float64 but the network is float32.*x.astype\(np.float32\)"):
+            call()
+    loss, g = step(x.astype(np.float32), t)  # the target is cast as the losses cast it
+    ref_loss, ref = net.loss_and_grads(x.astype(np.float32), t)
     assert loss.dtype == np.float32 and loss == ref_loss
     np.testing.assert_array_equal(g.weights[0], ref.weights[0])
 

@@ -54,7 +54,7 @@ def test_step_is_bitwise_loss_and_grads_across_calls_and_sgd_updates(rng, dtype,
     step = net.compile(7, loss=loss)
     assert isinstance(step, SequentialStep) and step.input_grad
     for _ in range(3):
-        x = rng.standard_normal((7, 5))  # float64 data for a float32 net: both paths cast it
+        x = rng.standard_normal((7, 5)).astype(dtype)  # float64 into a float32 net is refused: cast here
         t = _target(rng, kind, 7, 3, dtype)
         got = _arrays(*step(x, t))
         want = _arrays(*net.loss_and_grads(x, t, loss=loss))

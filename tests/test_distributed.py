@@ -132,7 +132,7 @@ def test_rows_per_task_and_a_sample_above_the_budget():
     assert budget.rows_per_task(100, 1099) == 10
     with pytest.raises(MemoryError, match="one sample needs about"):
         budget.rows_per_task(2000, 1000)
-    with pytest.raises(ValueError, match="max_memory must be a positive"):
+    with pytest.raises(ValueError, match="max_memory must be a number of bytes > 0"):
         budget.rows_per_task(10, 0)
 
 

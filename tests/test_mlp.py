@@ -70,7 +70,7 @@ def test_float32_network_stays_float32_and_tracks_float64(rng):
     n32 = small_net("tanh", dtype="float32")
     x = rng.standard_normal((8, 5))
     t = rng.standard_normal((8, 3))
-    l32, g32 = n32.loss_and_grads(x, t)
+    l32, g32 = n32.loss_and_grads(x.astype(np.float32), t)  # float64 x would be refused (never rounded)
     l64, g64 = n64.loss_and_grads(x, t)
     assert l32.dtype == np.float32 and all(w.dtype == np.float32 for w in g32.weights + g32.biases + [g32.input])
     for a, b in zip(g32.weights + g32.biases, g64.weights + g64.biases):

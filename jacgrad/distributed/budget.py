@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import bracketing
+from .._validate import byte_size, check_max_memory
 
 __all__ = [
     "FRACTION",
@@ -126,14 +127,15 @@ def _leaves(node) -> list[int]:
 def rows_per_task(bytes_per_sample: int, max_memory: int) -> int:
     """How many samples one task may hold: ``max_memory // bytes_per_sample``, at least one
     sample, or a ``MemoryError`` saying so when a single sample needs more than the budget."""
-    bytes_per_sample, max_memory = int(bytes_per_sample), int(max_memory)
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    if check_max_memory(max_memory, none_means="the default budget") is None:
+        raise ValueError("rows_per_task needs a budget: max_memory is None (budget.default_max_memory gives one)")
+    bytes_per_sample = int(bytes_per_sample)
     if bytes_per_sample > max_memory:
         raise MemoryError(
-            f"one sample needs about {_mib(bytes_per_sample)} of intermediates but max_memory is "
-            f"{_mib(max_memory)}: raise max_memory"
+            f"one sample needs about {byte_size(bytes_per_sample)} of intermediates but max_memory is "
+            f"{byte_size(max_memory)}: raise max_memory"
         )
+    max_memory = int(max_memory)
     return max(1, max_memory // max(bytes_per_sample, 1))
 
 
@@ -219,7 +221,3 @@ def _free_ram() -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, require_network, shape_str
+from .._validate import FLOAT_DTYPES, check_input_dtype, require_network, shape_str
 from ..backend import get_xp
 from . import budget
 
@@ -62,6 +62,7 @@ def _check_batch(net, X) -> None:
                          f"takes (N, {n_in}) inputs")
     if np.dtype(X.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"X has dtype {X.dtype}; jacgrad works in float32 or float64 — cast it first")
+    check_input_dtype("X", X.dtype, net.dtype)  # before any task runs: never rounded, as in forward
     if is_dask(X) and any(c != c for c in X.chunks[0]):  # NaN: sizes unknown until computed
         raise ValueError("X has chunks of unknown size along the batch; call X.compute_chunk_sizes() first")
 
