@@ -19,11 +19,12 @@ import os
 import numpy as np
 
 __all__ = [
-    "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
+    "MAX_LAYERS", "PROG", "UsageError", "check_init", "check_network_fits", "check_scheduler_address", "hidden_activations", "check_output_path", "float_option", "int_at_least",
     "NORMS", "block_net", "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device",
 ]
 
 NORMS = ("layernorm", "rmsnorm")
+MAX_LAYERS = 100_000  # --sizes/--depth beyond this is a typo, not a network
 
 PROG = "jacgrad"
 
@@ -81,10 +82,46 @@ def parse_sizes(spec: str) -> list[int]:
             ) from None
         if w < 1 or c < 1:
             raise UsageError(f"--sizes {spec!r}: {token!r} must be a positive width (and count)")
+        if len(sizes) + c > MAX_LAYERS + 1:
+            raise UsageError(f"--sizes {spec!r}: more than {MAX_LAYERS:,} layers")
         sizes += [w] * c
     if len(sizes) < 2:
         raise UsageError(f"--sizes {spec!r}: needs at least two widths, the input and the output")
     return sizes
+
+
+def check_network_fits(sizes: list[int], dtype: str, option: str) -> None:
+    """A ``UsageError`` naming ``option`` when the weights and biases of a dense net of ``sizes``
+    would not fit in the free RAM (``--sizes 99999999999999999999,2`` must not reach NumPy)."""
+    from .distributed.budget import free_ram
+
+    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # Python ints: no overflow
+    need, have = params * np.dtype(dtype).itemsize, free_ram()
+    if need > have:
+        raise UsageError(f"{option}: the network's {params:,} parameters need {_gib(need)} of {dtype} "
+                         f"but {_gib(have)} of RAM is free")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.3g} GiB"
+
+
+def check_scheduler_address(address: str) -> None:
+    """A ``UsageError`` unless ``address`` reads as a Dask scheduler's ``[PROTOCOL://]HOST:PORT``
+    (checked by ``distributed``'s own parser, before any connection is tried)."""
+    hint = "give the scheduler's address, e.g. tcp://10.0.0.5:8786"
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:
+        raise UsageError("--scheduler needs Dask's distributed package (pip install jacgrad[dask])") from None
+    try:
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls", "ucx", "ws", "wss"):
+            host, port = parse_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} is out of range")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--scheduler {address!r} is not a scheduler address ({exc}); {hint}") from None
 
 
 def parse_activations(text: str, option: str = "--activation") -> list[str]:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from ._cli_common import (NORMS, UsageError, block_net, check_init, check_output_path, hidden_activations, load_weights, parse_activations,
+from ._cli_common import (MAX_LAYERS, NORMS, UsageError, block_net, check_init, check_network_fits, check_scheduler_address, check_output_path, hidden_activations, load_weights, parse_activations,
                           parse_sizes, random_net, resolve_device)
 
 __all__ = ["run_report"]
@@ -84,8 +84,11 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
         sizes = parse_sizes(args.sizes)
     else:
         depth = DEFAULT_DEPTH if args.depth is None else args.depth
+        if depth > MAX_LAYERS:
+            raise UsageError(f"--depth {depth}: more than {MAX_LAYERS:,} layers")
         width = DEFAULT_WIDTH if args.width is None else args.width
         sizes = [width] * (depth + 1)
+    check_network_fits(sizes, args.dtype, "--sizes" if args.sizes is not None else "--depth, --width")
     specs = args.activation or list(DEFAULT_ACTIVATIONS)
     hidden_lists = [hidden_activations(spec, len(sizes) - 2) for spec in specs]
     out_act = "identity"
@@ -137,6 +140,8 @@ def _check_data_options(args) -> None:
             raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --data (the samples file)")
     elif args.workers is not None and args.scheduler is not None:
         raise UsageError("give --workers (a local cluster) or --scheduler (a running one), not both")
+    if args.scheduler is not None:
+        check_scheduler_address(args.scheduler)
 
 
 def _dataset_reports(args, nets, text_out) -> list:

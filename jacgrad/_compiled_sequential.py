@@ -41,6 +41,7 @@ import numpy as np
 
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
+from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import carve
 from ._step_io import StepIO, check_step_args
@@ -66,6 +67,7 @@ class SequentialStep(StepIO):
         xp = net.xp
         self._gpu = xp is not np
         self.batch = check_step_args(batch, loss, capture, self._gpu)
+        loss = losses.canonical(loss)  # torch's alias names the same loss
         self._net, self._xp, self.loss, self.input_grad = net, xp, loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
 from ._step_io import StepIO, check_step_args
@@ -86,6 +87,7 @@ class TrainingStep(StepIO):
         xp = net.xp
         self._gpu = xp is not np
         batch = check_step_args(batch, loss, capture, self._gpu)
+        loss = losses.canonical(loss)  # torch's alias names the same loss
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph

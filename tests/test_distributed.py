@@ -184,7 +184,7 @@ def test_the_estimates_bound_the_memory_a_chunk_allocates(estimate, run):
 
 
 def test_default_max_memory_is_a_share_of_free_ram():
-    free = budget._free_ram()
+    free = budget.free_ram()
     assert 0 < budget.default_max_memory(np.ones(3)) <= budget.FRACTION * free * 1.01 + 1
     local = budget.default_max_memory(da.ones(3))
     assert 0 < local <= budget.default_max_memory(np.ones(3)) * 1.01 + 1

@@ -30,6 +30,7 @@ __all__ = [
     "backward_bytes",
     "default_max_memory",
     "forward_bytes",
+    "free_ram",
     "jacobian_bytes",
     "rows_per_task",
     "split_chunks",
@@ -172,9 +173,9 @@ def default_max_memory(x: Any = None) -> int:
             import dask
 
             threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
-            per_thread = _free_ram() // threads
+            per_thread = free_ram() // threads
         return max(1, int(FRACTION * per_thread))
-    return max(1, int(FRACTION * _free_ram()))
+    return max(1, int(FRACTION * free_ram()))
 
 
 def _cluster_memory_per_thread() -> int | None:
@@ -190,7 +191,7 @@ def _cluster_memory_per_thread() -> int | None:
         for w in workers.values()
         if w.get("memory_limit")
     ]
-    return min(shares) if shares else _free_ram()
+    return min(shares) if shares else free_ram()
 
 
 def active_client():
@@ -209,7 +210,7 @@ def _takes_n_workers(client) -> bool:
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def _free_ram() -> int:
+def free_ram() -> int:
     """Available RAM in bytes (``MemAvailable`` on Linux; else total pages x page size)."""
     try:
         with open("/proc/meminfo") as f:
