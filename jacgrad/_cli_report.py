@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from ._cli_common import (MAX_LAYERS, NORMS, UsageError, block_net, check_init, check_network_fits, check_scheduler_address, check_output_path, hidden_activations, load_weights, parse_activations,
+from ._cli_common import (MAX_LAYERS, NORMS, UsageError, block_net, check_init, check_network_fits, check_scheduler_address, check_output_path, hidden_activations, load_weights, output_activation, parse_activations,
                           parse_sizes, random_net, resolve_device)
 
 __all__ = ["run_report"]
@@ -71,12 +71,15 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
     _check_block_options(args)
     residual, residual_scale, norm, data = _block_options(args)
     if args.weights is not None:
-        clash = [_option(n) for n in _NET_OPTIONS if n != "activation" and getattr(args, n) is not None]
+        clash = [_option(n) for n in _NET_OPTIONS if n not in ("activation", "output_activation")
+                 and getattr(args, n) is not None]
         if clash:
             raise UsageError(f"--weights cannot be combined with {', '.join(clash)}: the file defines the network")
         if args.activation is not None and len(args.activation) > 1:
-            raise UsageError("--weights takes one --activation: the names of a file's layers (one, or one per layer)")
-        net = load_weights(args.weights, args.dtype, device, args.activation[0] if args.activation else None)
+            raise UsageError("--weights takes one --activation: the hidden layers' names for a file that carries "
+                             "none (one, or one per hidden layer; the output layer's is --output-activation)")
+        net = load_weights(args.weights, args.dtype, device, args.activation[0] if args.activation else None,
+                           args.output_activation)
         return [(os.path.basename(args.weights), net)]
     if args.sizes is not None and (args.depth is not None or args.width is not None):
         raise UsageError("--sizes cannot be combined with --depth or --width (it gives every width)")
@@ -91,12 +94,7 @@ def _networks(args, device: str) -> list[tuple[str, object]]:
     check_network_fits(sizes, args.dtype, "--sizes" if args.sizes is not None else "--depth, --width")
     specs = args.activation or list(DEFAULT_ACTIVATIONS)
     hidden_lists = [hidden_activations(spec, len(sizes) - 2) for spec in specs]
-    out_act = "identity"
-    if args.output_activation is not None:
-        names = parse_activations(args.output_activation, "--output-activation")
-        if len(names) != 1:
-            raise UsageError(f"--output-activation {args.output_activation!r}: give one name (the last layer's)")
-        out_act = names[0]
+    out_act = output_activation(args.output_activation)
     init = check_init(args.init) if args.init is not None else None
     gain = 1.0 if args.gain is None else args.gain
     bias_std = 0.0 if args.bias_std is None else args.bias_std

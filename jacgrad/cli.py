@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._cli_common import PROG, UsageError, float_option, int_at_least, parse_sizes
+from ._cli_common import PROG, UsageError, cli_words, float_option, int_at_least, parse_sizes
 
 __all__ = ["main", "parse_sizes", "UsageError"]
 
@@ -39,7 +39,9 @@ _WEIGHTS_FORMAT = """\
   Wj has shape (H_{j-1}, H_j) (h = z @ Wj + bj; from a torch.nn.Linear take weight.T), bj has
   shape (H_j,) and may be left out (zeros), and `activations` holds one name per layer (or one
   name for all). A torch nn.Sequential state dict (.safetensors, or .pt/.pth read with
-  weights_only=True) carries no activations: give them with --activation relu,relu,identity. An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
+  weights_only=True) carries no activations: give the hidden layers' with --activation relu (or
+  relu,tanh, one per hidden layer, or relu*2) and the last layer's with --output-activation
+  (default identity). An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
   (python -c "import jacgrad.examples as e; print(e.TINY_MLP)").
 """
 
@@ -79,10 +81,12 @@ def _build_parser() -> _Parser:
     net.add_argument("--sizes", default=None, help="widths n_in,H_1,…,n_out; WIDTHxCOUNT repeats: 784,256x20,10")
     net.add_argument(
         "--activation", action="append", default=None, metavar="NAME[,NAME...]",
-        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); repeat "
-             "--activation to compare networks (default: sigmoid, tanh and relu compared)",
+        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); NAME*K "
+             "repeats a name (tanh*9; relu*3,tanh); repeat --activation to compare networks (default: "
+             "sigmoid, tanh and relu compared); with --weights, the hidden layers' names for a file that carries none",
     )
-    net.add_argument("--output-activation", default=None, help="activation of the last layer (default identity)")
+    net.add_argument("--output-activation", default=None, metavar="NAME",
+                     help="activation of the last layer (default identity; with --weights, for a file that carries none)")
     net.add_argument("--init", default=None,
                      help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
@@ -130,8 +134,11 @@ def _build_parser() -> _Parser:
     chk.add_argument("--depth", type=int_at_least("--depth", 1), default=6, help="layers of the random net (default 6)")
     chk.add_argument("--width", type=int_at_least("--width", 1), default=64, help="width of the random net (default 64)")
     chk.add_argument("--activation", default=None, metavar="NAME[,NAME...]",
-                     help="activation of the random net, or one per hidden layer (default tanh); with "
-                          "--weights, the layers' names for a file that carries none (one, or one per layer)")
+                     help="hidden activation of the random net, or one per hidden layer; NAME*K repeats a name "
+                          "(default tanh); with --weights, the hidden layers' names for a file that carries none")
+    chk.add_argument("--output-activation", default=None, metavar="NAME",
+                     help="activation of the last layer (default identity), of the random net or of a --weights "
+                          "file that carries none")
     chk.add_argument("--weights", default=None, metavar="FILE", help="check this network instead (formats below)")
     chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
     chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
@@ -184,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_info()
     except UsageError as exc:
-        print(_one_line(str(exc), argv), file=sys.stderr)
+        print(_one_line(cli_words(str(exc)), argv), file=sys.stderr)
         return 2
     except MemoryError:
         msg = "out of memory: try a smaller --batch, --width or --depth (or --spectrum-samples 0)"

@@ -93,3 +93,77 @@ def test_integer_labels_with_mse_point_to_softmax_cross_entropy():
         net.loss_and_grads(np.ones((2, 3)), np.array([0, 1]), loss="mse")
     msg = str(info.value)
     assert "softmax_cross_entropy" in msg and "cast it first" not in msg, msg
+
+
+# ---------------------------------------------------------------------------- item 25: hidden vs output activations
+def _torch_state_dict(path):
+    torch = pytest.importorskip("torch", reason="the --weights file is a torch state dict")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(6 - 1, 3)).double()
+    torch.save(model.state_dict(), path)
+    return torch, model
+
+
+def _report_json(capsys, argv):
+    import json
+
+    code = main(["report", *argv, "--batch", "4", "--spectrum-samples", "0", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)["reports"]
+
+
+@pytest.mark.parametrize("extra, out_act", [([], "identity"), (["--output-activation", "sigmoid"], "sigmoid")])
+def test_weights_with_activation_leaves_the_output_layer_alone(capsys, tmp_path, extra, out_act):
+    path = tmp_path / "net.pt"
+    torch, model = _torch_state_dict(path)
+    (rep,) = _report_json(capsys, ["--weights", str(path), "--activation", "tanh", *extra])
+    assert rep["activations"] == ["tanh", "tanh", out_act]
+    # the loaded network computes what the torch module (tanh hidden, the output as asked) computes
+    from jacgrad._cli_common import load_weights
+
+    net = load_weights(str(path), "float64", "cpu", "tanh", extra[1] if extra else None)
+    x = np.random.default_rng(1).standard_normal((5, 4))
+    want = model(torch.tensor(x))
+    want = torch.sigmoid(want) if out_act == "sigmoid" else want
+    np.testing.assert_allclose(net(x), want.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_repeat_shorthand_names_each_hidden_layer(capsys):
+    (rep,) = _report_json(capsys, ["--sizes", "3,5x9,2", "--activation", "tanh*9"])
+    assert rep["activations"] == ["tanh"] * 9 + ["identity"]
+    (rep,) = _report_json(capsys, ["--sizes", "3,5x4,2", "--activation", "relu*3,tanh", "--output-activation", "sigmoid"])
+    assert rep["activations"] == ["relu", "relu", "relu", "tanh", "sigmoid"]
+    (rep,) = _report_json(capsys, ["--sizes", "3,5x2,2", "--activation", "leaky_relu(negative_slope=0.2)*2"])
+    assert rep["activations"] == ["leaky_relu(negative_slope=0.2)"] * 2 + ["identity"]
+    one_line_error(capsys, main(["report", "--sizes", "3,5x4,2", "--activation", "relu*3"]),
+                   "3 activations", "4 hidden layers", "--output-activation")
+    one_line_error(capsys, main(["report", "--sizes", "3,5,2", "--activation", "relu*0"]), "'relu*0'", "count")
+
+
+def test_check_takes_hidden_and_output_activations(capsys, monkeypatch, tmp_path):
+    from jacgrad import _cli_check
+
+    seen, quantities = [], _cli_check.quantities
+    monkeypatch.setattr(_cli_check, "quantities", lambda net, x, t: seen.append(list(net.activations)) or quantities(net, x, t))
+    assert main(["check", "--device", "cpu", "--depth", "3", "--width", "6", "--batch", "3", "--activation", "relu*2",
+                 "--output-activation", "tanh"]) == 0
+    assert seen[0] == ["relu", "relu", "tanh"]
+    path = tmp_path / "net.pt"
+    _torch_state_dict(path)
+    seen.clear()
+    assert main(["check", "--device", "cpu", "--weights", str(path), "--activation", "tanh"]) == 0
+    assert seen[0] == ["tanh", "tanh", "identity"]
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------- item 26: the CLI's words
+def test_errors_name_the_cli_options_not_the_library_arguments(capsys, tmp_path):
+    path = tmp_path / "net.pt"
+    _torch_state_dict(path)
+    line = one_line_error(capsys, main(["report", "--weights", str(path)]), "--activation", "--output-activation")
+    assert "activations=" not in line
+    line = one_line_error(capsys, main(["report", "--weights", __import__("jacgrad.examples").examples.TINY_MLP, "--activation", "relu"]),
+                          "carries its own", "--activation")
+    assert "activations=" not in line
