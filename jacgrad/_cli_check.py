@@ -79,6 +79,9 @@ def run_check(args) -> int:
         ref_net = random_net(sizes, hidden, output_activation(out_spec), init="xavier_normal", bias_std=0.1,
                              seed=args.seed)
         what = f"a random {args.activation} network {args.width}x{args.depth}"
+    from . import _cli_threads
+
+    _cli_threads.limit(_cli_threads.gemm_macs(ref_net.sizes, args.batch))
     rng = np.random.default_rng([args.seed, 2])
     x = rng.standard_normal((args.batch, ref_net.sizes[0]))
     t = rng.standard_normal((args.batch, ref_net.sizes[-1]))
@@ -179,6 +182,9 @@ def run_info() -> int:
         print(f"default device (device='auto'): error: {exc}")
     for line in _gpu_lines():
         print(line)
+    from . import _cli_threads
+
+    print(f"BLAS threads: {_cli_threads.describe()}")
     print("kernels:")
     try:
         from .kernels import compile_report

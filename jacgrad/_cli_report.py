@@ -188,6 +188,13 @@ def run_report(args) -> int:
         raise UsageError("--data runs on the CPU workers of a Dask cluster: leave out --device "
                          "(GPU workers: see the README's dask-cuda setup)")
     nets = _networks(args, device)
+    if device == "cpu":
+        from . import _cli_threads
+
+        if args.data is not None:  # Dask's threads (or worker processes) already use the cores
+            _cli_threads.limit(0, why="one per Dask thread")
+        else:
+            _cli_threads.limit(max(_cli_threads.gemm_macs(net.sizes, args.batch) for _, net in nets))
     reports = []
     if args.data is not None:
         reports = _dataset_reports(args, nets, text_out)

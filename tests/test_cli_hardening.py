@@ -167,3 +167,71 @@ def test_errors_name_the_cli_options_not_the_library_arguments(capsys, tmp_path)
     line = one_line_error(capsys, main(["report", "--weights", __import__("jacgrad.examples").examples.TINY_MLP, "--activation", "relu"]),
                           "carries its own", "--activation")
     assert "activations=" not in line
+
+
+# ---------------------------------------------------------------------------- item 24: BLAS threads
+def test_the_thread_rule_keeps_small_gemms_on_one_thread():
+    from jacgrad import _cli_threads as T
+
+    default_report = T.gemm_macs([256] * 21, 64)  # 64 x 256 x 256
+    assert default_report == 64 * 256 * 256
+    for cpus, load in ((2, 0.0), (16, 0.0), (2, 5.5)):
+        assert T.choose(default_report, cpus=cpus, load=load) == 1
+    big = 1024 * 2048 * 2048
+    assert T.choose(big, cpus=16, load=0.0) == 16
+    assert T.choose(big, cpus=16, load=12.2) == 3  # 16 - ceil(12.2) idle cores
+    assert T.choose(big, cpus=2, load=5.5) == 1
+
+
+@pytest.mark.parametrize("var", ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_a_thread_count_in_the_environment_is_honoured(monkeypatch, var):
+    from jacgrad import _cli_threads as T
+
+    for v in T.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "3")
+    assert T.user_setting() == (var, 3)
+    assert T.limit(10**12) == {"threads": 3, "source": f"{var}=3"}
+
+
+def test_info_prints_the_blas_threads(capsys, monkeypatch):
+    pytest.importorskip("threadpoolctl", reason="the thread counts come from threadpoolctl")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert main(["info"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("BLAS threads:")]
+    assert "OPENBLAS_NUM_THREADS=1" in line and "1 thread" in line
+
+
+def test_report_sets_one_blas_thread_for_small_gemms(capsys, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="the thread count is read back through threadpoolctl")
+    from jacgrad import _cli_threads as T
+
+    for v in T.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert main(["report", "--sizes", "4,8,2", "--batch", "4", "--spectrum-samples", "0"]) == 0
+        counts = {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+    capsys.readouterr()
+    assert counts == {1}
+
+
+def test_bench_honours_the_environment_and_prints_every_contenders_threads(tmp_path, capsys, monkeypatch):
+    import json
+
+    torch = pytest.importorskip("torch", reason="torch-cpu is the contender whose threads are printed")
+    from jacgrad import bench
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    path = tmp_path / "out.json"
+    argv = ["--batch", "3", "--width", "6", "--depth", "2", "--tasks", "vjp", "--repeats", "2", "--warmup", "1",
+            "--min-time", "0", "--no-progress", "--backends", "jacgrad-numpy,torch-cpu", "--json", str(path)]
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    env = json.loads(path.read_text())["environment"]
+    assert env["threads"]["requested"] == 1 and env["threads"]["source"] == "OPENBLAS_NUM_THREADS=1"
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("threads:")]
+    assert "OPENBLAS_NUM_THREADS=1" in line and "jacgrad-numpy 1 threads" in line and "torch-cpu 1 threads" in line
