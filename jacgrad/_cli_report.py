@@ -157,7 +157,8 @@ def _dataset_reports(args, nets, text_out) -> list:
                 loss = "mse" if T is None or T.ndim == 2 else "softmax_cross_entropy"
                 try:
                     rep = diagnostics.gradient_flow(net, X, T, loss=loss, seed=args.seed,
-                                                    spectrum_samples=args.spectrum_samples, label=label)
+                                                    spectrum_samples=args.spectrum_samples, label=label,
+                                                    norm_samples=getattr(args, "norm_samples", None))
                 except ValueError as exc:  # non-finite samples or weights
                     raise UsageError(f"--data {args.data!r}: {exc}") from None
                 reports.append(rep)
@@ -204,7 +205,8 @@ def run_report(args) -> int:
         x = to_device(x, device)
     for label, net in nets if args.data is None else ():
         try:
-            rep = diagnostics.gradient_flow(net, x, seed=args.seed, spectrum_samples=args.spectrum_samples, label=label)
+            rep = diagnostics.gradient_flow(net, x, seed=args.seed, spectrum_samples=args.spectrum_samples, label=label,
+                                            norm_samples=getattr(args, "norm_samples", None))
         except ValueError as exc:  # non-finite weights in a file, mostly
             where = f"--weights {args.weights!r}" if args.weights is not None else label
             raise UsageError(f"{where}: {exc}") from None

@@ -11,7 +11,8 @@
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
 
-Every bad input is one line on stderr naming the problem and exit status 2, never a traceback.
+Every bad input is one line on stderr naming the problem and exit status 2, never a traceback;
+Ctrl-C is one line and exit status 130 (a cluster the command started is closed first).
 ``main(argv)`` is the console script; tests call it in-process.
 """
 
@@ -109,6 +110,10 @@ def _build_parser() -> _Parser:
                       help="with --data: a local cluster of N worker processes (default: Dask's local scheduler)")
     data.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="with --data: a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    data.add_argument("--norm-samples", type=int_at_least("--norm-samples", 1), default=None, metavar="N",
+                      help="the per-layer ‖J‖₂ and bound (the costly columns) averaged over a seeded random "
+                           "subsample of N samples, every other column over all (default: 2048 with --data, "
+                           "else every sample); the output says how many")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",
@@ -165,6 +170,7 @@ def _common(p, batch: int) -> None:
 # ---------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``jacgrad ARGS``; returns the exit status (0 ok, 1 check failed, 2 bad input)."""
+    run_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _reconfigure_streams()
     if argv and argv[0] == "bench":
@@ -197,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = "out of memory: try a smaller --batch, --width or --depth (or --spectrum-samples 0)"
         print(_one_line(msg, argv), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was started (a cluster) closed on the way out; one line
+        command = f" {argv[0]}" if argv and argv[0] in ("report", "check", "info") else ""
+        print(f"\n{PROG}{command}: interrupted", file=sys.stderr)
+        if run_as_program:
+            _exit_now(130)
+        return 130
 
 
 def _one_line(msg: str, argv: list[str]) -> str:
@@ -207,6 +219,19 @@ def _one_line(msg: str, argv: list[str]) -> str:
         return f"{head}: error: {rest}"
     command = f" {argv[0]}" if argv and argv[0] in ("report", "check", "info") else ""
     return f"{PROG}{command}: error: {msg}"
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: the threads of Dask's local scheduler still run their current tasks
+    (minutes each, maybe) and the interpreter would join them at exit before the process ends."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _reconfigure_streams() -> None:

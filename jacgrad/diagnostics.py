@@ -47,7 +47,12 @@ from .sequential import Sequential
 from ._verdict import GAIN_BAND, VERDICTS, decide
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
 
+# The per-layer ‖J_j‖₂ of a Dask batch (every chunk's ~50 GEMMs per layer per sample) are
+# measured on a seeded subsample of this many samples unless norm_samples says otherwise.
+DATASET_NORM_SAMPLES = 2048
+
 __all__ = [
+    "DATASET_NORM_SAMPLES",
     "GAIN_BAND",
     "BlockFlowReport",
     "GradientFlowReport",
@@ -71,7 +76,9 @@ class GradientFlowReport:
     jacobian_spectral_norm: mean ‖J‖₂; verdict: "vanishing" | "exploding" | "healthy";
     depth_scale: ξ = 1/|ln χ̄| layers per e-fold of the squared gradient norm (inf at χ̄ = 1);
     hints: concrete advice for an unhealthy verdict; nonfinite: None, or where the values first
-    went non-finite (``{"layer", "stage", "message"}``).
+    went non-finite (``{"layer", "stage", "message"}``); norm_samples: how many samples the
+    per-layer ``jacobian_norm`` and ``jacobian_bound`` average over (``batch``, or the seeded
+    subsample's size; every other per-layer number is over all ``batch`` samples).
 
     ``str(report)`` (and ``print(report)``) is the text table; ``repr`` is one short line.
     """
@@ -99,6 +106,7 @@ class GradientFlowReport:
     loss_value: float | None
     label: str = ""
     meta: dict = field(default_factory=dict)
+    norm_samples: int = 0
 
     @property
     def depth(self) -> int:
@@ -143,6 +151,7 @@ def gradient_flow(
     spectrum_samples: int | None = None,
     label: str = "",
     max_memory: int | None = None,
+    norm_samples: int | None = None,
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
@@ -172,6 +181,13 @@ def gradient_flow(
     ``x`` must be float32 or float64 (int, bool, float16 and complex are a ``TypeError``, as in
     ``net.forward``); ``spectrum_samples`` None or an int ≥ 0 (else ``ValueError``).
 
+    ``norm_samples``: the per-layer ‖J_j‖₂ (and its bound), ~50 GEMMs per layer per sample and
+    the report's cost, are averaged over a seeded random subsample of this many samples
+    (reproducible: the same ``seed`` draws the same rows, however the batch is chunked);
+    every other number (gradient and delta norms, χ, derivative statistics, dead units,
+    ‖W_j‖₂, the loss) stays over all samples. None: every sample of an in-memory batch, and
+    ``DATASET_NORM_SAMPLES`` (2048) of a Dask batch. ``report.norm_samples`` says how many.
+
     Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
     order, then backward order) whose values overflowed. Non-finite inputs or weights are a
     ``ValueError`` naming them.
@@ -187,13 +203,15 @@ def gradient_flow(
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
     _check_spectrum_samples(spectrum_samples)
+    _check_norm_samples(norm_samples)
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
             return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
         return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
-        return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory)
+        norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
+        return _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory, norm_samples)
     try:
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
@@ -212,7 +230,7 @@ def gradient_flow(
     _raise_nonfinite_weights(ok[1:], L)
     x = x.astype(net.weights[0].dtype, copy=False)
     targets = () if target is None else (target,)  # a batch above the budget is reported a chunk at a time
-    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False)
+    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False, norm_samples=norm_samples)
     p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
                          bytes_per_sample=_report_bytes, max_memory=max_memory)
     return report_from_partials(p, label=label)
@@ -226,6 +244,14 @@ def _check_spectrum_samples(spectrum_samples) -> None:
             f"spectrum_samples must be None (as many samples as the cost allows) or an int >= 0 "
             f"(0 skips the spectrum); got {spectrum_samples!r}"
         )
+
+
+def _check_norm_samples(norm_samples) -> None:
+    if norm_samples is not None and (
+        isinstance(norm_samples, bool) or not isinstance(norm_samples, (int, np.integer)) or norm_samples < 1
+    ):
+        raise ValueError(f"norm_samples must be None (every sample; {DATASET_NORM_SAMPLES} of a Dask batch) or an "
+                         f"int >= 1; got {norm_samples!r}")
 
 
 def _raise_nonfinite_weights(ok, L: int) -> None:
@@ -256,9 +282,11 @@ class _ChunkPartial:
     a picklable per-chunk function for ``reduce_samples`` (a class, not a closure).
     ``check_x=False``: the batch was already checked whole (finite, the network's dtype)."""
 
-    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True):
+    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True,
+                 norm_samples: int | None = None):
         self.loss, self.seed, self.spectrum_samples, self.total = loss, seed, spectrum_samples, int(total)
         self.check_x = check_x
+        self.norm_rows = _flow.norm_subsample(self.total, norm_samples, seed)  # a few KiB: shipped with the task
 
     def __call__(self, net, x, target=None, *, start: int):
         xp = get_xp(net.weights[0], x)
@@ -267,13 +295,14 @@ class _ChunkPartial:
                              "the report needs finite inputs")
         x = x.astype(net.weights[0].dtype, copy=False)
         return _flow.partials(net, x, target, self.loss, seed=self.seed, spectrum_samples=self.spectrum_samples,
-                              start=start, total=self.total)
+                              start=start, total=self.total, norm_rows=self.norm_rows)
 
 
-def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory) -> GradientFlowReport:
+def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory, norm_samples) -> GradientFlowReport:
     """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
     active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
-    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N), _flow.merge, _report_bytes,
+    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N, norm_samples=norm_samples),
+                           _flow.merge, _report_bytes,
                            report_from_partials, net, X, target, loss, label, max_memory)
 
 

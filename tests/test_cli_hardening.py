@@ -235,3 +235,62 @@ def test_bench_honours_the_environment_and_prints_every_contenders_threads(tmp_p
     assert env["threads"]["requested"] == 1 and env["threads"]["source"] == "OPENBLAS_NUM_THREADS=1"
     (line,) = [ln for ln in out.splitlines() if ln.startswith("threads:")]
     assert "OPENBLAS_NUM_THREADS=1" in line and "jacgrad-numpy 1 threads" in line and "torch-cpu 1 threads" in line
+
+
+# ---------------------------------------------------------------------------- item 23: report --data
+def _per_sample_layer_norms(net, x):
+    """Dense float64 reference: ‖diag(φ'(h_j)) W_jᵀ‖₂ of every sample and layer, (B, L)."""
+    out, z = [], x
+    for W, b, name in zip(net.weights, net.biases, net.activations):
+        h = z @ W + b
+        d = jg.activations.get(name).df(h)
+        out.append(np.linalg.norm(d[:, :, None] * W.T[None], ord=2, axis=(1, 2)))
+        z = jg.activations.get(name).f(h)
+    return np.stack(out, axis=1)
+
+
+def test_dataset_report_measures_the_norms_on_a_seeded_subsample():
+    da = pytest.importorskip("dask.array", reason="the dataset report runs on Dask arrays")
+    from jacgrad import _flow
+    from jacgrad.diagnostics import gradient_flow
+
+    rng = np.random.default_rng(0)
+    net = jg.MLP.init([6, 9, 7, 3], activation="tanh", seed=2)
+    x = rng.standard_normal((300, 6))
+    full = gradient_flow(net, x, spectrum_samples=0, seed=3)
+    S = 50
+    reps = [gradient_flow(net, da.from_array(x, chunks=(c, 6)), spectrum_samples=0, seed=3, norm_samples=S)
+            for c in (70, 300)]
+    ref = _per_sample_layer_norms(net, x)
+    rows = _flow.norm_subsample(300, S, 3)
+    assert len(rows) == len(set(rows.tolist())) == S
+    for rep in reps:
+        assert rep.norm_samples == S and rep.batch == 300
+        for j, (got, want) in enumerate(zip(rep.layers, full.layers)):
+            # the cheap statistics stay those of all 300 samples
+            for name in ("grad_norm", "delta_norm", "chi", "derivative_mean", "active_fraction", "saturated_fraction",
+                         "weight_spectral_norm"):
+                assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-10), (j, name)
+            assert got.dead_units == want.dead_units
+            # the spectral norms: the mean over exactly those S samples
+            assert got.jacobian_norm == pytest.approx(ref[rows, j].mean(), rel=1e-6)
+            if got.activation != "identity":  # (an identity layer's norm is the same for every sample)
+                assert got.jacobian_norm != pytest.approx(ref[:, j].mean(), rel=1e-6)
+        assert f"subsample of {S} of the 300 samples" in rep.to_text()
+        assert rep.to_dict()["norm_samples"] == S
+    assert reps[0].layers[0].jacobian_norm == pytest.approx(reps[1].layers[0].jacobian_norm, rel=1e-12)
+    other = gradient_flow(net, da.from_array(x, chunks=(70, 6)), spectrum_samples=0, seed=4, norm_samples=S)
+    assert not np.array_equal(_flow.norm_subsample(300, S, 4), rows)
+    assert other.layers[1].jacobian_norm != pytest.approx(reps[0].layers[1].jacobian_norm, rel=1e-9)
+
+
+def test_report_data_says_how_many_samples_the_norms_came_from(capsys, tmp_path):
+    pytest.importorskip("dask.array", reason="--data runs on Dask")
+    x = tmp_path / "X.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((120, 5)))
+    code = main(["report", "--data", str(x), "--sizes", "5,8,2", "--activation", "tanh", "--norm-samples", "30",
+                 "--spectrum-samples", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "subsample of 30 of the 120 samples" in out
+    one_line_error(capsys, main(["report", "--sizes", "5,8,2", "--norm-samples", "0"]), "--norm-samples")

@@ -303,13 +303,22 @@ def test_reduce_samples_with_targets(net, x):
 
 
 # ----------------------------------------------------------------------------- where it runs
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_compute_on_the_local_scheduler_with_a_progress_bar(net, x):
-    stream = io.StringIO()
     X = da.from_array(x, chunks=(25, -1))
+    terminal = _Terminal()
+    with jd.session(progress=terminal):
+        jd.compute(net(X))
+    assert "100% Completed" in terminal.getvalue()  # a terminal: Dask's bar
+    stream = io.StringIO()
     with jd.session(progress=stream) as client:
         assert client is None
         s, y = jd.compute(jd.jacobian_spectral_norm(net, X), net(X))
-    assert "100% Completed" in stream.getvalue()
+    assert "\r" not in stream.getvalue() and "tasks done (100%)" in stream.getvalue()  # else plain lines
     np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
     np.testing.assert_allclose(y, net(x), rtol=1e-13)
     (again,) = jd.compute(net(X))  # outside a session: no bar
