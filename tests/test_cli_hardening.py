@@ -294,3 +294,67 @@ def test_report_data_says_how_many_samples_the_norms_came_from(capsys, tmp_path)
     assert code == 0, err
     assert "subsample of 30 of the 120 samples" in out
     one_line_error(capsys, main(["report", "--sizes", "5,8,2", "--norm-samples", "0"]), "--norm-samples")
+
+
+def _cli(*args, **kwargs):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jacgrad.cli", "report", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_progress_on_a_non_terminal_is_a_few_plain_lines(tmp_path):
+    pytest.importorskip("dask.array", reason="--data runs on Dask")
+    import time
+
+    x = tmp_path / "X.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((3000, 8)))
+    t0 = time.monotonic()
+    proc = _cli("--data", str(x), "--sizes", "8,16x3,2", "--activation", "tanh", "--norm-samples", "3000")
+    out, err = proc.communicate(timeout=300)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, err
+    err = err.decode()
+    assert "\r" not in err and "Traceback" not in err
+    progress = [ln for ln in err.splitlines() if ln.startswith("jacgrad: ")]
+    assert progress[0] == "jacgrad: computing" and "tasks done (100%) in" in progress[-1]
+    assert len(progress) <= 2 + elapsed // 30  # a start, an end, and one line per 30 s at most
+    assert len(err) < 200 + 100 * len(progress)
+
+
+@pytest.mark.parametrize("workers", [None, 1])
+def test_ctrl_c_stops_the_dataset_report_at_once(tmp_path, workers):
+    pytest.importorskip("dask.array", reason="--data runs on Dask")
+    if workers:
+        pytest.importorskip("distributed", reason="--workers starts a dask.distributed LocalCluster")
+    psutil = pytest.importorskip("psutil", reason="the cluster's processes are looked up with psutil")
+    import signal
+    import time
+
+    x = tmp_path / "X.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((60_000, 32)))  # minutes of work at --norm-samples 60000
+    args = ["--data", str(x), "--sizes", "32,64x6,4", "--activation", "tanh", "--norm-samples", "60000"]
+    proc = _cli(*args, *(["--workers", str(workers)] if workers else []))
+    deadline = time.monotonic() + 120
+    line = b""
+    while not line.startswith(b"jacgrad: computing") and time.monotonic() < deadline:
+        line = proc.stderr.readline()  # the work has started once this line is out
+        assert line or proc.poll() is None, proc.stderr.read()
+    children = psutil.Process(proc.pid).children(recursive=True)
+    if workers:
+        assert children, "the local cluster's worker processes"
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "jacgrad report: interrupted" and "Traceback" not in err, err
+    assert took < 30, took  # not a timing benchmark: the bound is the "within 60 s", halved
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the cluster was left running"
