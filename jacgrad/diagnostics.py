@@ -158,8 +158,8 @@ def gradient_flow(
     A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
     one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
     bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` does not apply to it). It takes Dask batches
-    and large in-memory ones too, as below.
+    blocks and norm layers (``spectrum_samples`` and ``norm_samples`` do not apply to it). It
+    takes Dask batches and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent

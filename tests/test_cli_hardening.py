@@ -358,3 +358,26 @@ def test_ctrl_c_stops_the_dataset_report_at_once(tmp_path, workers):
     assert took < 30, took  # not a timing benchmark: the bound is the "within 60 s", halved
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the cluster was left running"
+
+
+def test_dataset_tasks_are_sized_for_the_threads_that_run_them(tmp_path):
+    dask = pytest.importorskip("dask", reason="--data runs on Dask")
+    from jacgrad.distributed import data
+
+    path = tmp_path / "X.npy"
+    np.save(path, np.zeros((100_000, 4)))
+    net = jg.MLP.init([4, 8, 2], seed=0)
+    for threads, rows in ((2, 12_500), (8, 4096)):  # 100000 / (4 tasks x 2 threads); the 4096-row floor
+        with dask.config.set(num_workers=threads):
+            X, _ = data.read_dataset(path, net=net)
+        assert max(X.chunks[0]) == rows, (threads, X.chunks[0][:3])
+        assert sum(X.chunks[0]) == 100_000
+
+
+def test_workers_says_a_local_cluster_does_not_help(capsys, tmp_path):
+    pytest.importorskip("distributed", reason="--workers starts a dask.distributed LocalCluster")
+    x = tmp_path / "X.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((50, 3)))
+    assert main(["report", "--data", str(x), "--sizes", "3,4,2", "--activation", "tanh", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --workers 1" in err and "slower" in err

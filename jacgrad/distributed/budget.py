@@ -34,6 +34,7 @@ __all__ = [
     "jacobian_bytes",
     "rows_per_task",
     "split_chunks",
+    "total_threads",
 ]
 
 # The default budget of one task: this share of the memory one task may count on (a worker
@@ -192,6 +193,19 @@ def _cluster_memory_per_thread() -> int | None:
         if w.get("memory_limit")
     ]
     return min(shares) if shares else free_ram()
+
+
+def total_threads() -> int:
+    """The threads that run tasks: the active client's workers' ``nthreads`` summed, else the
+    local scheduler's (``dask.config`` ``num_workers``, else every CPU)."""
+    client = active_client()
+    if client is not None:
+        kwargs = {"n_workers": -1} if _takes_n_workers(client) else {}
+        workers = client.scheduler_info(**kwargs).get("workers", {})
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    import dask
+
+    return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
 def active_client():
