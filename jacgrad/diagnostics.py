@@ -202,8 +202,8 @@ def gradient_flow(
     would exceed ``max_memory`` bytes (default ``jacgrad.distributed.default_max_memory``) is
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
-    _check_spectrum_samples(spectrum_samples)
-    _check_norm_samples(norm_samples)
+    _check_count("spectrum_samples", spectrum_samples, 0, "as many samples as the cost allows; 0 skips the spectrum")
+    _check_count("norm_samples", norm_samples, 1, f"every sample; {DATASET_NORM_SAMPLES} of a Dask batch")
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
             return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
@@ -236,22 +236,10 @@ def gradient_flow(
     return report_from_partials(p, label=label)
 
 
-def _check_spectrum_samples(spectrum_samples) -> None:
-    if spectrum_samples is not None and (
-        isinstance(spectrum_samples, bool) or not isinstance(spectrum_samples, (int, np.integer)) or spectrum_samples < 0
-    ):
-        raise ValueError(
-            f"spectrum_samples must be None (as many samples as the cost allows) or an int >= 0 "
-            f"(0 skips the spectrum); got {spectrum_samples!r}"
-        )
-
-
-def _check_norm_samples(norm_samples) -> None:
-    if norm_samples is not None and (
-        isinstance(norm_samples, bool) or not isinstance(norm_samples, (int, np.integer)) or norm_samples < 1
-    ):
-        raise ValueError(f"norm_samples must be None (every sample; {DATASET_NORM_SAMPLES} of a Dask batch) or an "
-                         f"int >= 1; got {norm_samples!r}")
+def _check_count(name: str, value, minimum: int, none: str) -> None:
+    """``value`` None or an int ≥ ``minimum`` (bools refused), else a ``ValueError`` naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum):
+        raise ValueError(f"{name} must be None ({none}) or an int >= {minimum}; got {value!r}")
 
 
 def _raise_nonfinite_weights(ok, L: int) -> None:

@@ -381,3 +381,10 @@ def test_workers_says_a_local_cluster_does_not_help(capsys, tmp_path):
     assert main(["report", "--data", str(x), "--sizes", "3,4,2", "--activation", "tanh", "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "note: --workers 1" in err and "slower" in err
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_norm_samples_must_be_none_or_a_positive_int(bad):
+    net = jg.MLP.init([3, 4, 2], seed=0)
+    with pytest.raises(ValueError, match="norm_samples"):
+        jg.diagnostics.gradient_flow(net, np.ones((3, 3)), norm_samples=bad)
