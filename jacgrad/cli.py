@@ -55,7 +55,9 @@ back-propagates a random unit cotangent, so the report describes the network its
 Verdict: χ̄ is the geometric mean over layers of ‖J_j‖_F²/H_j (the per-layer factor of the
 squared gradient norm); over L layers the gradient's squared norm changes by Γ = χ̄^L. Healthy
 while 1/100 ≤ Γ ≤ 100 (the gradient norm changes less than 10x), else vanishing or exploding.
-The input-output Jacobian's spectrum is computed exactly for --spectrum-samples samples.
+The input-output Jacobian's spectrum is computed exactly for --spectrum-samples samples; with
+--data, the per-layer ‖J‖₂ and bound average over a seeded subsample of --norm-samples samples
+(2048) and every other column over all N.
 
 """
     + _WEIGHTS_FORMAT
@@ -107,7 +109,8 @@ def _build_parser() -> _Parser:
                       help="with --data: targets (N, n_out) for the mse loss, or integer labels (N,) for "
                            "softmax_cross_entropy (default: random unit cotangents)")
     data.add_argument("--workers", type=int_at_least("--workers", 1), default=None, metavar="N",
-                      help="with --data: a local cluster of N worker processes (default: Dask's local scheduler)")
+                      help="with --data: a local cluster of N worker processes (default: Dask's local scheduler, "
+                           "which already uses every CPU here with threads: on one machine a cluster is slower)")
     data.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="with --data: a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
     data.add_argument("--norm-samples", type=int_at_least("--norm-samples", 1), default=None, metavar="N",
