@@ -11,7 +11,10 @@ float64, median of 5:
 
 No width from 32 to 2048 gained from a second thread there: when the other core is busy, a
 BLAS thread that waits for it costs a time slice (~4-10 ms), more than such a GEMM takes. The
-issue's quick-start report measured the same: 52.7 s with the default threads, 11.8 s with one.
+issue's quick-start report measured the same: 52.7 s with the default threads, 11.8 s with one;
+here ``jacgrad report`` (defaults) took 27.7 s and 14.2 s under this rule (one thread; load 29
+and 11) against 173 s and 189 s with ``OPENBLAS_NUM_THREADS=2`` (load 22 and 9; 91-92 s of CPU
+time, most of it spin-waiting, against 9.1-9.4 s).
 A second thread can only pay when a core is idle for it and the GEMM is long enough that the
 wake-up (tens of µs on an idle core) is lost in it; we take 2²⁶ multiply-adds (≥ ~5 ms in one
 thread, B = 64 at H = 1024) as that size. So:
