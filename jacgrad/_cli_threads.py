@@ -24,8 +24,8 @@ thread, B = 64 at H = 1024) as that size. So:
                                                    rounded up, at least 1
 
 unless the user set ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``: then
-their value is honoured and nothing is changed. ``jacgrad info`` and the report's header say
-which it was.
+their value is honoured and nothing is changed. ``jacgrad info`` prints the count and its
+source.
 """
 
 from __future__ import annotations
