@@ -158,8 +158,8 @@ def gradient_flow(
     A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
     one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
     bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` and ``norm_samples`` do not apply to it). It
-    takes Dask batches and large in-memory ones too, as below.
+    blocks and norm layers (``spectrum_samples`` does not apply to it; ``norm_samples`` does,
+    to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -206,8 +206,10 @@ def gradient_flow(
     _check_count("norm_samples", norm_samples, 1, f"every sample; {DATASET_NORM_SAMPLES} of a Dask batch")
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
-            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
-        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
+            norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
+            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples)
+        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
+                            norm_samples=norm_samples)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
         norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
@@ -294,12 +296,12 @@ def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memor
                            report_from_partials, net, X, target, loss, label, max_memory)
 
 
-def _dataset_block_flow(net, X, target, loss, seed, label, max_memory) -> BlockFlowReport:
+def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples) -> BlockFlowReport:
     """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
     ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
     summation order; the measuring method (exact or estimated) is chosen by the whole batch's
     size, so every chunk takes the same one."""
-    return _dataset_report(lambda N: BlockChunk(loss, seed, N), merge_block_partials, block_report_bytes,
+    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples), merge_block_partials, block_report_bytes,
                            report_from_block_partial, net, X, target, loss, label, max_memory)
 
 

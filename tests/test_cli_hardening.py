@@ -388,3 +388,29 @@ def test_norm_samples_must_be_none_or_a_positive_int(bad):
     net = jg.MLP.init([3, 4, 2], seed=0)
     with pytest.raises(ValueError, match="norm_samples"):
         jg.diagnostics.gradient_flow(net, np.ones((3, 3)), norm_samples=bad)
+
+
+def test_block_report_over_a_dataset_measures_the_norms_on_the_subsample():
+    da = pytest.importorskip("dask.array", reason="the dataset report runs on Dask arrays")
+    from jacgrad import _flow
+    from jacgrad._cli_common import block_net
+    from jacgrad.diagnostics import gradient_flow
+
+    rng = np.random.default_rng(1)
+    net = block_net(jg.MLP.init([5, 6, 6, 6, 6, 2], activation="tanh", seed=4), 2, 1.0, "layernorm")
+    x = rng.standard_normal((240, 5))
+    S, seed = 40, 2
+    full = gradient_flow(net, x, seed=seed)
+    got = gradient_flow(net, da.from_array(x, chunks=(50, 5)), seed=seed, norm_samples=S)
+    rows = _flow.norm_subsample(240, S, seed)
+    # the norms of exactly those samples: the report of a batch of them (the per-sample norms
+    # of a block do not depend on the other samples)
+    ref = gradient_flow(net, x[rows], seed=seed)
+    assert got.norm_samples == S and got.batch == 240
+    for b, f, r in zip(got.blocks, full.blocks, ref.blocks):
+        assert b.chi == pytest.approx(f.chi, rel=1e-10) and b.grad_norm == pytest.approx(f.grad_norm, rel=1e-10)
+        assert b.jacobian_norm == pytest.approx(r.jacobian_norm, rel=1e-6)
+        assert b.jacobian_bound == pytest.approx(r.jacobian_bound, rel=1e-10)
+    assert got.jacobian_spectral_norm == pytest.approx(ref.jacobian_spectral_norm, rel=1e-6)
+    assert got.verdict == full.verdict
+    assert f"subsample of {S} of the 240 samples" in got.to_text() and got.to_dict()["norm_samples"] == S
