@@ -176,9 +176,10 @@ def _dataset_reports(args, nets, text_out) -> list:
 def _note_local_cluster(workers: int) -> None:
     """Say when ``--workers`` cannot help: its processes share this machine's CPUs, which Dask's
     local scheduler already fills with threads (the work is NumPy/BLAS, which releases the GIL).
-    Measured on a 2-CPU machine (50,000 x 64 samples, a 64-256x4-10 tanh net, defaults):
-    21 s without a cluster, 47-53 s with --workers 2 (twice the CPU time: two more interpreters,
-    the network and the chunks sent to them)."""
+    Measured on a 2-CPU machine (50,000 x 64 samples, a 64-256x4-10 tanh net, defaults): 5.5 s
+    without a cluster against 9.2 s with --workers 2 (load average 2); 21 s against 47-53 s while
+    other jobs loaded it (load 10-26); the cluster costs about twice the CPU time (two more
+    interpreters, the network and the chunks sent to them)."""
     from ._cli_threads import cpu_count
 
     print(f"note: --workers {workers} starts {workers} processes on this machine's {cpu_count()} CPUs, which "
