@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from ._cli_common import UsageError, hidden_activations, load_weights, random_net, resolve_device
+from ._cli_common import (UsageError, check_network_fits, hidden_activations, load_weights, output_activation,
+                          parse_activations, random_net, resolve_device)
 
 __all__ = ["run_check", "run_info", "quantities"]
 
@@ -66,15 +67,21 @@ def run_check(args) -> int:
     from .mlp import MLP
 
     candidates, note = _candidates(args.device)
+    out_spec = getattr(args, "output_activation", None)
     if args.weights is not None:
-        ref_net = load_weights(args.weights, "float64", "cpu", args.activation)
+        ref_net = load_weights(args.weights, "float64", "cpu", args.activation, out_spec)
         what = f"{args.weights}"
     else:
         sizes = [args.width] * (args.depth + 1)
+        check_network_fits(sizes, "float64", "--depth, --width")
         args.activation = args.activation or "tanh"
-        hidden = hidden_activations(args.activation, args.depth - 1) or [args.activation.strip()]
-        ref_net = random_net(sizes, hidden, init="xavier_normal", bias_std=0.1, seed=args.seed)
+        hidden = hidden_activations(args.activation, args.depth - 1) or parse_activations(args.activation)[:1]
+        ref_net = random_net(sizes, hidden, output_activation(out_spec), init="xavier_normal", bias_std=0.1,
+                             seed=args.seed)
         what = f"a random {args.activation} network {args.width}x{args.depth}"
+    from . import _cli_threads
+
+    _cli_threads.limit(_cli_threads.gemm_macs(ref_net.sizes, args.batch))
     rng = np.random.default_rng([args.seed, 2])
     x = rng.standard_normal((args.batch, ref_net.sizes[0]))
     t = rng.standard_normal((args.batch, ref_net.sizes[-1]))
@@ -175,6 +182,9 @@ def run_info() -> int:
         print(f"default device (device='auto'): error: {exc}")
     for line in _gpu_lines():
         print(line)
+    from . import _cli_threads
+
+    print(f"BLAS threads: {_cli_threads.describe()}")
     print("kernels:")
     try:
         from .kernels import compile_report

@@ -19,11 +19,13 @@ import os
 import numpy as np
 
 __all__ = [
-    "PROG", "UsageError", "check_init", "hidden_activations", "check_output_path", "float_option", "int_at_least",
+    "MAX_LAYERS", "PROG", "UsageError", "check_init", "check_network_fits", "check_scheduler_address", "hidden_activations", "check_output_path", "cli_words", "expand_repeats",
+    "float_option", "int_at_least", "output_activation",
     "NORMS", "block_net", "load_weights", "parse_activations", "parse_sizes", "random_net", "resolve_device",
 ]
 
 NORMS = ("layernorm", "rmsnorm")
+MAX_LAYERS = 100_000  # --sizes/--depth beyond this is a typo, not a network
 
 PROG = "jacgrad"
 
@@ -81,21 +83,83 @@ def parse_sizes(spec: str) -> list[int]:
             ) from None
         if w < 1 or c < 1:
             raise UsageError(f"--sizes {spec!r}: {token!r} must be a positive width (and count)")
+        if len(sizes) + c > MAX_LAYERS + 1:
+            raise UsageError(f"--sizes {spec!r}: more than {MAX_LAYERS:,} layers")
         sizes += [w] * c
     if len(sizes) < 2:
         raise UsageError(f"--sizes {spec!r}: needs at least two widths, the input and the output")
     return sizes
 
 
+def check_network_fits(sizes: list[int], dtype: str, option: str) -> None:
+    """A ``UsageError`` naming ``option`` when the weights and biases of a dense net of ``sizes``
+    would not fit in the free RAM (``--sizes 99999999999999999999,2`` must not reach NumPy)."""
+    from .distributed.budget import free_ram
+
+    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # Python ints: no overflow
+    need, have = params * np.dtype(dtype).itemsize, free_ram()
+    if need > have:
+        raise UsageError(f"{option}: the network's {params:,} parameters need {_gib(need)} of {dtype} "
+                         f"but {_gib(have)} of RAM is free")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.3g} GiB"
+
+
+def check_scheduler_address(address: str) -> None:
+    """A ``UsageError`` unless ``address`` reads as a Dask scheduler's ``[PROTOCOL://]HOST:PORT``
+    (checked by ``distributed``'s own parser, before any connection is tried)."""
+    hint = "give the scheduler's address, e.g. tcp://10.0.0.5:8786"
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:
+        raise UsageError("--scheduler needs Dask's distributed package (pip install jacgrad[dask])") from None
+    try:
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls", "ucx", "ws", "wss"):
+            host, port = parse_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} is out of range")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--scheduler {address!r} is not a scheduler address ({exc}); {hint}") from None
+
+
+def expand_repeats(text: str, option: str = "--activation") -> str:
+    """``NAME*COUNT`` entries of a comma list written out: ``"relu*3,tanh"`` → ``"relu,relu,relu,tanh"``
+    (commas and ``*`` inside a name's parentheses are its own)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    expanded = []
+    for entry in out:
+        name, star, count = entry.rpartition("*") if entry.rstrip().endswith(tuple("0123456789")) else ("", "", "")
+        if not star or ")" in count:
+            expanded.append(entry)
+            continue
+        try:
+            n = int(count)
+        except ValueError:
+            raise UsageError(f"{option} {text!r}: {entry.strip()!r}: the count after '*' must be an integer") from None
+        if not 1 <= n <= MAX_LAYERS:
+            raise UsageError(f"{option} {text!r}: {entry.strip()!r}: the count after '*' must be 1 to {MAX_LAYERS:,}")
+        expanded += [name] * n
+    return ",".join(expanded)
+
+
 def parse_activations(text: str, option: str = "--activation") -> list[str]:
-    """The names in ``text`` (a comma list), each checked against the activation table;
-    a ``UsageError`` naming ``option``, the bad name and the valid ones otherwise."""
+    """The names in ``text`` (a comma list; ``NAME*COUNT`` repeats a name: ``tanh*9``,
+    ``relu*3,tanh``), each checked against the activation table; a ``UsageError`` naming
+    ``option``, the bad name and the valid ones otherwise."""
     from . import activations
 
     if not text.strip():
         raise UsageError(f"{option} {text!r}: give activation names separated by commas (an empty name is not one)")
     try:
-        return activations.split_names(text)
+        return activations.split_names(expand_repeats(text, option))
     except (KeyError, ValueError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if "empty entry" in msg:
@@ -107,7 +171,7 @@ def parse_activations(text: str, option: str = "--activation") -> list[str]:
 
 def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -> list[str]:
     """One activation per hidden layer from ``spec``: one name for all, or a comma list of
-    exactly ``n_hidden`` names (``relu,tanh,tanh``)."""
+    exactly ``n_hidden`` names (``relu,tanh,tanh``, ``relu*2,tanh``)."""
     names = parse_activations(spec, option)
     if len(names) == 1:
         return names * n_hidden
@@ -115,9 +179,19 @@ def hidden_activations(spec: str, n_hidden: int, option: str = "--activation") -
         raise UsageError(
             f"{option} {spec!r} gives {len(names)} activations but the network has {n_hidden} hidden "
             f"layer{'s' if n_hidden != 1 else ''}: give one name, or one per hidden layer "
-            "(to compare networks, repeat --activation)"
+            "(the output layer's is --output-activation; to compare networks, repeat --activation)"
         )
     return names
+
+
+def output_activation(spec: str | None) -> str:
+    """The ``--output-activation`` name (default identity): exactly one."""
+    if spec is None:
+        return "identity"
+    names = parse_activations(spec, "--output-activation")
+    if len(names) != 1:
+        raise UsageError(f"--output-activation {spec!r}: give one name (the last layer's)")
+    return names[0]
 
 
 def random_net(sizes: list[int], hidden: list[str], output: str = "identity", **init_options):
@@ -196,24 +270,37 @@ def resolve_device(device: str, option: str = "--device") -> str:
 
 
 # ---------------------------------------------------------------------------- --weights
-def load_weights(path: str, dtype: str, device: str, activations: str | None = None):
+def load_weights(path: str, dtype: str, device: str, activations: str | None = None, output: str | None = None):
     """The ``MLP`` in ``path`` (``.npz``, ``.safetensors``, ``.pt``/``.pth``: ``jacgrad.netfile``),
     ready to report on: every layer at least 1 wide and every weight and bias finite; anything
-    else is a ``UsageError`` naming the file and the layer. ``activations``: the ``--activation``
-    text (one name, or one per layer) for files that carry none."""
+    else is a ``UsageError`` naming the file and the layer. For files that carry no activations:
+    ``activations``, the ``--activation`` text for the hidden layers (one name, or one per hidden
+    layer; one per layer, the output's last, is read as it always was), and ``output``, the
+    ``--output-activation`` (default identity)."""
     from .backend import to_numpy
     from .mlp import MLP
 
-    names = None if activations is None else parse_activations(activations)
-    if names is not None and len(names) == 1:
-        names = names[0]
+    given = activations is not None or output is not None
     try:
-        net = MLP.load(path, dtype=dtype, device=device, activations=names)
+        # the layer count first (a placeholder name per layer); then the names given for them
+        net = MLP.load(path, dtype=dtype, device=device, activations="identity" if given else None)
     except FileNotFoundError:
         raise UsageError(f"--weights {path!r}: no such file") from None
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise UsageError(f"--weights {path!r}: {msg}") from None
+        raise UsageError(f"--weights {path!r}: {cli_words(msg)}") from None
+    if given:
+        L = len(net.weights)
+        names = None if activations is None else parse_activations(activations)
+        if names is not None and len(names) == L and output is None:
+            pass  # one per layer, the output's last: the spelling from before --output-activation
+        elif names is not None and L == 1:
+            raise UsageError(f"--weights {path!r} has one layer, the output layer: give its activation with "
+                             "--output-activation (--activation names the hidden layers)")
+        else:
+            hidden = ["identity"] * (L - 1) if activations is None else hidden_activations(activations, L - 1)
+            names = hidden + [output_activation(output)]
+        net = MLP(net.weights, net.biases, activations=names)
     for j, W in enumerate(net.weights):
         if 0 in W.shape:
             raise UsageError(f"--weights {path!r}: layer {j}: W{j} has shape {tuple(W.shape)}; every width must be at least 1")
@@ -224,3 +311,26 @@ def load_weights(path: str, dtype: str, device: str, activations: str | None = N
                 first = tuple(int(i) for i in bad[0])
                 raise UsageError(f"--weights {path!r}: layer {j}: {name} has non-finite values (inf or NaN; first at index {first})")
     return net
+
+
+# The library's argument names, as the command line spells them (item 26: errors the CLI
+# re-raises speak its own language).
+_CLI_WORDS = (
+    ("leave out activations=", "leave out --activation and --output-activation"),
+    ("pass activations= (one per Linear)", "give --activation (the hidden layers) and --output-activation (default identity)"),
+    ("add one, or pass activations=", "add one, or give --activation (hidden layers) and --output-activation"),
+    ("pass activations=", "give --activation (the hidden layers) and --output-activation (default identity)"),
+    ("pass dtype='float32'", "pass --dtype float32"),
+    ("activations=", "--activation"),
+    ("output_activation=", "--output-activation"),
+    ("spectrum_samples=", "--spectrum-samples "),
+    ("norm_samples=", "--norm-samples "),
+)
+
+
+def cli_words(msg: str) -> str:
+    """``msg`` with the library's argument names (``activations=``, ``dtype=``…) replaced by the
+    command line's options."""
+    for lib, cli in _CLI_WORDS:
+        msg = msg.replace(lib, cli)
+    return msg

@@ -44,6 +44,7 @@ import numpy as np
 
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
+from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import carve
 from ._private_step import PrivatePart, check_clip_args
@@ -74,6 +75,7 @@ class SequentialStep(StepIO):
         xp = net.xp
         self._gpu = xp is not np
         self.batch = check_step_args(batch, loss, capture, self._gpu)
+        loss = losses.canonical(loss)  # torch's alias names the same loss
         self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
         if self.clip is not None:
             input_grad = False  # a private step returns no ∂L/∂x

@@ -37,7 +37,8 @@ from .backend import get_xp
 from .jacobian import LayerJacobian
 
 __all__ = [
-    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "merge", "partials",
+    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "merge", "norm_subsample",
+    "partials",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
@@ -125,9 +126,10 @@ def first_nonfinite(xp, cache, grads, grad_y, L: int) -> dict | None:
 
 
 def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: float, seed: int,
-                  poisoned: bool) -> dict:
+                  poisoned: bool, sel: np.ndarray | None = None) -> dict:
     """Layer j's sums over the chunk; the gradients times ``factor`` (B for a mean loss: the sums
-    of the per-sample gradients)."""
+    of the per-sample gradients). ``sel``: host indices of the chunk's rows whose ‖J_j‖₂ and
+    bound are measured (None: every row); everything else is summed over every row."""
     W = J.W
     h_in, h_out = J.h_in, J.h_out
     d = J.d
@@ -156,11 +158,14 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
     finite = not poisoned and bool(d_finite)
     nan = math.nan
     norm_sum = bound_sum = w2 = nan
+    if sel is not None:  # the spectral norms of the subsample's rows only: the costly part
+        d, maxd2, lower = d[xp.asarray(sel)], maxd2[sel], lower[sel]
+    P = int(d.shape[0])
     if finite:
         gram = small_gram(W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
         w2sq = weight_norm_squared(xp, W, seed + j, gram)
         sq = top_eigenvalues(
-            layer_gram(xp, J, d, gram), B, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j,
+            layer_gram(xp, J, d, gram), P, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j,
             tol=report_tol(d.dtype), lower=lower, upper=maxd2 * w2sq, dense=layer_dense(xp, J, d, gram),
         )
         w2 = math.sqrt(w2sq)
@@ -168,7 +173,7 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
         bound_sum = float(np.sqrt(maxd2).sum())
     b = grads.biases[j]
     return dict(
-        shape=(h_in, h_out), activation=activation, count=B,
+        shape=(h_in, h_out), activation=activation, count=B, norm_count=P,
         grad=grads.weights[j] * factor if factor != 1 else grads.weights[j],
         bias_grad=None if b is None else (b * factor if factor != 1 else b),
         delta2=delta2 * factor * factor, norm_sum=norm_sum, bound_sum=bound_sum, w2=w2,
@@ -179,10 +184,12 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
 
 
 def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_samples: int | None = None,
-             start: int = 0, total: int | None = None) -> dict:
+             start: int = 0, total: int | None = None, norm_rows: np.ndarray | None = None) -> dict:
     """The partial of the chunk ``x: (B, n_in)`` = samples ``start .. start+B-1`` of a batch of
     ``total`` (default: this chunk is the whole batch); ``target``: the chunk's targets, or None
     for per-sample random unit cotangents (sample i's is the same however the batch is chunked).
+    ``norm_rows``: sorted host indices into the whole batch of the samples whose per-layer
+    ‖J_j‖₂ and bound are measured (``norm_subsample``; None: all).
     ``x`` is validated by the caller (``gradient_flow``) and has the net's dtype."""
     xp = get_xp(net.weights[0], x)
     L, B = len(net.weights), int(x.shape[0])
@@ -201,8 +208,12 @@ def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_
         nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
         # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
         poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
+        sel = None
+        if norm_rows is not None:
+            lo, hi = np.searchsorted(norm_rows, [start, start + B])
+            sel = np.asarray(norm_rows[lo:hi], dtype=np.int64) - start
         layers = [
-            layer_partial(xp, j, chain.factors[j], net.activations[j], grads, factor, seed, j >= poisoned)
+            layer_partial(xp, j, chain.factors[j], net.activations[j], grads, factor, seed, j >= poisoned, sel)
             for j in range(L)
         ]
         spectrum = None if nonfinite else spectrum_partial(xp, chain, start, total, spectrum_samples, seed)
@@ -215,9 +226,19 @@ def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_
     )
 
 
+def norm_subsample(total: int, samples: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of the ``samples`` rows (of ``total``) whose per-layer ‖J_j‖₂ the report
+    measures: a seeded uniform draw without replacement (the same for the same ``seed``,
+    however the batch is chunked), or None (every row) when ``samples`` is None or ≥ ``total``."""
+    if samples is None or samples >= total:
+        return None
+    return np.sort(np.random.default_rng([seed, 11]).choice(total, size=int(samples), replace=False))
+
+
 def _merge_layer(a: dict, b: dict) -> dict:
     out = dict(a)
-    for name in ("count", "grad", "delta2", "norm_sum", "bound_sum", "d_sum", "active", "saturated", "fro2_sum"):
+    for name in ("count", "norm_count", "grad", "delta2", "norm_sum", "bound_sum", "d_sum", "active", "saturated",
+                 "fro2_sum"):
         out[name] = a[name] + b[name]
     out["bias_grad"] = None if a["bias_grad"] is None else a["bias_grad"] + b["bias_grad"]
     out["ever_active"] = a["ever_active"] | b["ever_active"]
@@ -268,8 +289,8 @@ def finish(p: dict) -> dict:
             grad_norm=math.sqrt(g2) / per,
             bias_grad_norm=math.sqrt(b2) / per,
             delta_norm=math.sqrt(lp["delta2"]) / per,
-            jacobian_norm=lp["norm_sum"] / N if ok else nan,
-            jacobian_bound=lp["bound_sum"] * lp["w2"] / N if ok else nan,
+            jacobian_norm=lp["norm_sum"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
+            jacobian_bound=lp["bound_sum"] * lp["w2"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
             weight_spectral_norm=lp["w2"] if ok else nan,
             derivative_mean=lp["d_sum"] / n if ok else nan,
             active_fraction=lp["active"] / n if ok else nan,
@@ -283,7 +304,7 @@ def finish(p: dict) -> dict:
         layers.append(f)
     n_in = p["sizes"][0]
     return dict(
-        layers=layers, nonfinite=nonfinite, loss=p["loss"],
+        layers=layers, nonfinite=nonfinite, loss=p["loss"], norm_samples=int(p["layers"][0]["norm_count"]),
         loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N, batch=N,
         sizes=p["sizes"], activations=p["activations"], dtype=p["dtype"], device=p["device"],
         **finish_spectrum(p["spectrum"], n_in, min(n_in, p["sizes"][-1]), nonfinite is not None),

@@ -14,6 +14,7 @@ __all__ = ["block_dict", "block_hints", "block_json", "block_text"]
 _BLOCK_SCALARS = (
     "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "jacobian_spectral_norm", "sizes",
     "activations", "has_residual", "norms", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
+    "norm_samples",
 )
 _BLOCK_FIELDS = ("index", "kind", "h_in", "h_out", "chi", "chi_exact", "jacobian_norm", "jacobian_bound",
                  "grad_norm", "scale", "inner")
@@ -108,6 +109,9 @@ def block_text(report) -> str:
         what = what if len(what) <= 34 else what[:33] + "…"
         lines.append(f"{b.index:>5} {f'{b.h_in}x{b.h_out}':>11} {what:<34} {_g(b.grad_norm)} {_g(b.jacobian_norm)} "
                      f"{_g(b.jacobian_bound)} {_g(b.chi)}" + ("" if b.chi_exact else " (est.)"))
+    if 0 < report.norm_samples < report.batch:
+        lines.append(f"‖J‖₂ and bound: mean over a seeded subsample of {report.norm_samples:,} of the {report.batch:,} "
+                     f"samples; every other column over all {report.batch:,}")
     xi = "inf" if math.isinf(report.depth_scale) else f"{report.depth_scale:.3g}"
     g = report.backward_gain
     lines.append(f"χ̄ = {report.chi_bar:.4g} per block; over {report.depth} blocks the squared gradient norm changes by "

@@ -38,8 +38,7 @@ _CAPTURE = ("auto", True, False)
 
 def check_step_args(batch: Any, loss: str, capture: Any, gpu: bool) -> int:
     """``batch`` as an int, after checking the arguments every compiled training step takes."""
-    losses.get(loss)  # KeyError listing every loss for an unknown name
-    if loss not in LOSS_NAMES:
+    if losses.canonical(loss) not in LOSS_NAMES:  # ValueError listing every loss for an unknown name
         raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
     return check_batch_and_capture(batch, capture, gpu)
 

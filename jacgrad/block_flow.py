@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _sample_rng, losses
+from ._flow import norm_subsample
 from ._verdict import decide
 from ._validate import float_array, require_network
 from .backend import get_xp, to_numpy
@@ -71,8 +72,9 @@ def _exact(total: int, h_in: int, h_out: int) -> bool:
     return total * h_in * h_out <= EXACT_ELEMENTS
 
 
-def _measures(F, exact: bool, seed: int) -> tuple[float, float]:
-    """``(Σ_i ‖J_i‖_F²/h_out, Σ_i ‖J_i‖₂)`` over the chunk's samples. Exact: from the dense
+def _measures(F, exact: bool, seed: int, sel=None) -> tuple[float, float]:
+    """``(Σ_i ‖J_i‖_F²/h_out, Σ_i ‖J_i‖₂)`` over the chunk's samples (the second over the rows
+    ``sel`` only, when given: ``norm_samples``). Exact: from the dense
     factor and its SVD; else the Hutchinson estimate with ``PROBES`` Rademacher probes drawn from
     ``seed`` alone (the same probes for every sample, however the batch is chunked) and Lanczos.
     A factor with non-finite entries (the forward overflowed before it) measures ``(inf, inf)``:
@@ -83,14 +85,24 @@ def _measures(F, exact: bool, seed: int) -> tuple[float, float]:
         if not bool(to_numpy(xp.isfinite(D).all())):
             return math.inf, math.inf
         chi = float(to_numpy((D * D).sum())) / F.h_out
-        return chi, float(to_numpy(Chain([F]).spectral_norm("exact", seed=seed).sum()))
+        return chi, _norm_sum(F, "exact", seed, sel)
     rng = np.random.default_rng(seed)
     u = xp.asarray(rng.choice([-1.0, 1.0], size=(PROBES, F.h_in)).astype(F.dtype))
     Ju = stack_jvp(F, u)  # (B, PROBES, h_out): E‖J u‖² = ‖J‖_F²
     chi = float(to_numpy((Ju * Ju).sum(axis=-1).mean(axis=-1).sum())) / F.h_out
     if not math.isfinite(chi):
         return math.inf, math.inf
-    return chi, float(to_numpy(Chain([F]).spectral_norm("lanczos", seed=seed).sum()))
+    return chi, _norm_sum(F, "lanczos", seed, sel)
+
+
+def _norm_sum(F, method: str, seed: int, sel) -> float:
+    """Σ ‖J_i‖₂ of a factor (or a ``Chain``) over its samples, or over the rows ``sel``."""
+    chain = F if isinstance(F, Chain) else Chain([F])
+    if sel is not None:
+        if not len(sel):
+            return 0.0
+        chain = chain.rows(sel)
+    return float(to_numpy(chain.spectral_norm(method, seed=seed).sum()))
 
 
 def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0, *,
@@ -104,7 +116,7 @@ def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0
     return _finish_rows(_partial(net, x, target, loss, seed, grad_y, 0, None))
 
 
-def _partial(net, x, target, loss, seed, grad_y, start: int, total) -> dict:
+def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=None) -> dict:
     """The sums of one chunk ``x`` = samples ``start .. start+B-1`` of a batch of ``total``
     (None: this chunk is the batch); ``target`` None: zeros: per block Σχ, Σ‖J‖₂, Σbound and the parameter gradient
     summed over the samples; Σ‖J‖₂ of the whole chain; the loss sum (None for ``grad_y``)."""
@@ -118,23 +130,29 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total) -> dict:
         loss_sum, factor = float(to_numpy(value)) * B, float(B)  # a mean loss: its gradients times B are sums
     g = net.backward(cache, grad_y, input_grad=False)
     chain = net.jacobian_chain(cache)
+    sel = None  # the chunk's rows among the norm subsample (norm_rows: indices into the whole batch)
+    if norm_rows is not None:
+        lo, hi = np.searchsorted(norm_rows, [start, start + B])
+        sel = np.asarray(norm_rows[lo:hi], dtype=np.int64) - start
     blocks, at = [], 0
     for j, (layer, F) in enumerate(zip(net.layers, chain.factors)):
         n_par = sum(int(p.size) for p in layer.params)
         exact = _exact(total, F.h_in, F.h_out)
-        chi_sum, norm_sum = _measures(F, exact, seed + j)
+        chi_sum, norm_sum = _measures(F, exact, seed + j, sel)
+        bound = F.norm_bound()
         blocks.append(dict(
             kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=chi_sum,
-            norm_sum=norm_sum, bound_sum=float(to_numpy(F.norm_bound().sum())),
+            norm_sum=norm_sum, bound_sum=float(to_numpy((bound if sel is None else bound[xp.asarray(sel)]).sum())),
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
     exact = _exact(total, net.n_in, net.n_out)
     if all(math.isfinite(b["chi_sum"]) for b in blocks):
-        whole = float(to_numpy(chain.spectral_norm("exact" if exact else "lanczos", seed=seed).sum()))
+        whole = _norm_sum(chain, "exact" if exact else "lanczos", seed, sel)
     else:
         whole = math.inf  # a block overflowed: so does the whole Jacobian's norm
-    return dict(count=B, loss=None if loss_sum is None else loss, loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
+    return dict(count=B, norm_count=B if sel is None else len(sel), loss=None if loss_sum is None else loss,
+                loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
                 sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
                 has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
                 dtype=str(np.dtype(net.dtype)), device="cpu" if xp is np else "gpu")
@@ -152,18 +170,19 @@ def merge_block_partials(a: dict, b: dict) -> dict:
     blocks = [dict(pa, chi_sum=pa["chi_sum"] + pb["chi_sum"], norm_sum=pa["norm_sum"] + pb["norm_sum"],
                    bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
               for pa, pb in zip(a["blocks"], b["blocks"])]
-    return dict(a, count=a["count"] + b["count"], norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks,
+    return dict(a, count=a["count"] + b["count"], norm_count=a["norm_count"] + b["norm_count"],
+                norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks,
                 loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"])
 
 
 def _finish_rows(p: dict) -> list[BlockFlow]:
-    N = p["count"]
+    N, S = p["count"], p["norm_count"] or math.nan  # the norms' samples: all N, or the subsample
     per = N if p["loss_sum"] is not None else 1  # a mean loss's gradient: the per-sample sums over N
     rows = []
     for j, b in enumerate(p["blocks"]):
         grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
-        rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / N,
-                              b["bound_sum"] / N, grad_norm, b["scale"], b["inner"]))
+        rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / S,
+                              b["bound_sum"] / S, grad_norm, b["scale"], b["inner"]))
     return rows
 
 
@@ -199,6 +218,7 @@ class BlockFlowReport:
     loss_value: float | None
     hints: list[str] = field(default_factory=list)
     label: str = ""
+    norm_samples: int = 0
 
     @property
     def depth(self) -> int:
@@ -252,8 +272,9 @@ class BlockChunk:
         True
     """
 
-    def __init__(self, loss: str, seed: int, total: int):
+    def __init__(self, loss: str, seed: int, total: int, norm_samples: int | None = None):
         self.loss, self.seed, self.total = loss, int(seed), int(total)
+        self.norm_rows = norm_subsample(self.total, norm_samples, self.seed)  # ‖J‖₂ of these rows only
 
     def __call__(self, net, x, target=None, *, start: int = 0):
         xp = net.xp
@@ -268,7 +289,7 @@ class BlockChunk:
             v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
             grad_y = xp.asarray(v.astype(net.dtype))
         with np.errstate(all="ignore"):
-            return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total)
+            return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total, self.norm_rows)
 
 
 def _check_finite(net, x, start: int) -> None:
@@ -302,7 +323,7 @@ def _all_layers(layers):
 
 
 def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: int = 0,
-                 label: str = "", max_memory: int | None = None) -> BlockFlowReport:
+                 label: str = "", max_memory: int | None = None, norm_samples: int | None = None) -> BlockFlowReport:
     """The report of ``net`` at ``x: (B, n_in)``, one row per top-level layer. With ``target``
     the gradients are those of ``loss``; without, each sample back-propagates a random unit
     cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP). Over chunks of a dataset:
@@ -310,7 +331,9 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
 
     A batch whose intermediates (``block_report_bytes`` per sample) exceed ``max_memory`` bytes
     (default for NumPy: ``jacgrad.distributed.default_max_memory``; a CuPy batch only when it is
-    given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP."""
+    given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP.
+    ``norm_samples``: the ‖J‖₂ and bound columns (and the whole net's ‖J‖₂) over a seeded subsample
+    of that many samples (``gradient_flow``'s ``norm_samples``; None: all)."""
     require_network(net, "block_report")
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
@@ -321,7 +344,7 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0)
+    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0, norm_samples)
     targets = () if target is None else (target,)
     p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
                          max_memory=max_memory)
@@ -336,10 +359,10 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     N = p["count"]
     report = BlockFlowReport(
         blocks=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
-        jacobian_spectral_norm=p["norm_sum"] / N, sizes=p["sizes"], activations=p["activations"],
+        jacobian_spectral_norm=p["norm_sum"] / (p["norm_count"] or math.nan), sizes=p["sizes"], activations=p["activations"],
         has_residual=p["has_residual"], norms=p["norms"], batch=N, dtype=p["dtype"], device=p["device"],
         loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,
-        label=label,
+        label=label, norm_samples=int(p["norm_count"]),
     )
     report.hints = block_hints(report)
     return report

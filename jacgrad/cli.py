@@ -11,7 +11,8 @@
     jacgrad check                        # GPU against the float64 NumPy reference
     jacgrad info                         # versions, backends, GPU, kernels
 
-Every bad input is one line on stderr naming the problem and exit status 2, never a traceback.
+Every bad input is one line on stderr naming the problem and exit status 2, never a traceback;
+Ctrl-C is one line and exit status 130 (a cluster the command started is closed first).
 ``main(argv)`` is the console script; tests call it in-process.
 """
 
@@ -21,7 +22,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._cli_common import PROG, UsageError, float_option, int_at_least, parse_sizes
+from ._cli_common import PROG, UsageError, cli_words, float_option, int_at_least, parse_sizes
 
 __all__ = ["main", "parse_sizes", "UsageError"]
 
@@ -39,7 +40,9 @@ _WEIGHTS_FORMAT = """\
   Wj has shape (H_{j-1}, H_j) (h = z @ Wj + bj; from a torch.nn.Linear take weight.T), bj has
   shape (H_j,) and may be left out (zeros), and `activations` holds one name per layer (or one
   name for all). A torch nn.Sequential state dict (.safetensors, or .pt/.pth read with
-  weights_only=True) carries no activations: give them with --activation relu,relu,identity. An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
+  weights_only=True) carries no activations: give the hidden layers' with --activation relu (or
+  relu,tanh, one per hidden layer, or relu*2) and the last layer's with --output-activation
+  (default identity). An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
   (python -c "import jacgrad.examples as e; print(e.TINY_MLP)").
 """
 
@@ -52,7 +55,9 @@ back-propagates a random unit cotangent, so the report describes the network its
 Verdict: χ̄ is the geometric mean over layers of ‖J_j‖_F²/H_j (the per-layer factor of the
 squared gradient norm); over L layers the gradient's squared norm changes by Γ = χ̄^L. Healthy
 while 1/100 ≤ Γ ≤ 100 (the gradient norm changes less than 10x), else vanishing or exploding.
-The input-output Jacobian's spectrum is computed exactly for --spectrum-samples samples.
+The input-output Jacobian's spectrum is computed exactly for --spectrum-samples samples; with
+--data, the per-layer ‖J‖₂ and bound average over a seeded subsample of --norm-samples samples
+(2048) and every other column over all N.
 
 """
     + _WEIGHTS_FORMAT
@@ -79,10 +84,12 @@ def _build_parser() -> _Parser:
     net.add_argument("--sizes", default=None, help="widths n_in,H_1,…,n_out; WIDTHxCOUNT repeats: 784,256x20,10")
     net.add_argument(
         "--activation", action="append", default=None, metavar="NAME[,NAME...]",
-        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); repeat "
-             "--activation to compare networks (default: sigmoid, tanh and relu compared)",
+        help="the hidden activation, or a comma list with one per hidden layer (relu,tanh,tanh); NAME*K "
+             "repeats a name (tanh*9; relu*3,tanh); repeat --activation to compare networks (default: "
+             "sigmoid, tanh and relu compared); with --weights, the hidden layers' names for a file that carries none",
     )
-    net.add_argument("--output-activation", default=None, help="activation of the last layer (default identity)")
+    net.add_argument("--output-activation", default=None, metavar="NAME",
+                     help="activation of the last layer (default identity; with --weights, for a file that carries none)")
     net.add_argument("--init", default=None,
                      help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
@@ -102,9 +109,14 @@ def _build_parser() -> _Parser:
                       help="with --data: targets (N, n_out) for the mse loss, or integer labels (N,) for "
                            "softmax_cross_entropy (default: random unit cotangents)")
     data.add_argument("--workers", type=int_at_least("--workers", 1), default=None, metavar="N",
-                      help="with --data: a local cluster of N worker processes (default: Dask's local scheduler)")
+                      help="with --data: a local cluster of N worker processes (default: Dask's local scheduler, "
+                           "which already uses every CPU here with threads: on one machine a cluster is slower)")
     data.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="with --data: a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    data.add_argument("--norm-samples", type=int_at_least("--norm-samples", 1), default=None, metavar="N",
+                      help="the per-layer ‖J‖₂ and bound (the costly columns) averaged over a seeded random "
+                           "subsample of N samples, every other column over all (default: 2048 with --data, "
+                           "else every sample); the output says how many")
     _common(rep, batch=64)
     rep.add_argument(
         "--spectrum-samples",
@@ -133,8 +145,11 @@ def _build_parser() -> _Parser:
     chk.add_argument("--depth", type=int_at_least("--depth", 1), default=6, help="layers of the random net (default 6)")
     chk.add_argument("--width", type=int_at_least("--width", 1), default=64, help="width of the random net (default 64)")
     chk.add_argument("--activation", default=None, metavar="NAME[,NAME...]",
-                     help="activation of the random net, or one per hidden layer (default tanh); with "
-                          "--weights, the layers' names for a file that carries none (one, or one per layer)")
+                     help="hidden activation of the random net, or one per hidden layer; NAME*K repeats a name "
+                          "(default tanh); with --weights, the hidden layers' names for a file that carries none")
+    chk.add_argument("--output-activation", default=None, metavar="NAME",
+                     help="activation of the last layer (default identity), of the random net or of a --weights "
+                          "file that carries none")
     chk.add_argument("--weights", default=None, metavar="FILE", help="check this network instead (formats below)")
     chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
     chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
@@ -161,6 +176,7 @@ def _common(p, batch: int) -> None:
 # ---------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``jacgrad ARGS``; returns the exit status (0 ok, 1 check failed, 2 bad input)."""
+    run_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _reconfigure_streams()
     if argv and argv[0] == "bench":
@@ -187,12 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_info()
     except UsageError as exc:
-        print(_one_line(str(exc), argv), file=sys.stderr)
+        print(_one_line(cli_words(str(exc)), argv), file=sys.stderr)
         return 2
     except MemoryError:
         msg = "out of memory: try a smaller --batch, --width or --depth (or --spectrum-samples 0)"
         print(_one_line(msg, argv), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was started (a cluster) closed on the way out; one line
+        command = f" {argv[0]}" if argv and argv[0] in ("report", "check", "info") else ""
+        print(f"\n{PROG}{command}: interrupted", file=sys.stderr)
+        if run_as_program:
+            _exit_now(130)
+        return 130
 
 
 def _one_line(msg: str, argv: list[str]) -> str:
@@ -203,6 +225,19 @@ def _one_line(msg: str, argv: list[str]) -> str:
         return f"{head}: error: {rest}"
     command = f" {argv[0]}" if argv and argv[0] in ("report", "check", "info") else ""
     return f"{PROG}{command}: error: {msg}"
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: the threads of Dask's local scheduler still run their current tasks
+    (minutes each, maybe) and the interpreter would join them at exit before the process ends."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _reconfigure_streams() -> None:

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
 from ._private_step import PrivatePart, check_clip_args
@@ -98,6 +99,7 @@ class TrainingStep(StepIO):
         xp = net.xp
         self._gpu = xp is not np
         batch = check_step_args(batch, loss, capture, self._gpu)
+        loss = losses.canonical(loss)  # torch's alias names the same loss
         self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
         if self.clip is not None and input_grad:
             raise ValueError("a private step (clip=C) returns no ∂L/∂x: compile it with input_grad=False")

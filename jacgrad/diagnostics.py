@@ -47,7 +47,12 @@ from .sequential import Sequential
 from ._verdict import GAIN_BAND, VERDICTS, decide
 from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
 
+# The per-layer ‖J_j‖₂ of a Dask batch (every chunk's ~50 GEMMs per layer per sample) are
+# measured on a seeded subsample of this many samples unless norm_samples says otherwise.
+DATASET_NORM_SAMPLES = 2048
+
 __all__ = [
+    "DATASET_NORM_SAMPLES",
     "GAIN_BAND",
     "BlockFlowReport",
     "GradientFlowReport",
@@ -71,7 +76,9 @@ class GradientFlowReport:
     jacobian_spectral_norm: mean ‖J‖₂; verdict: "vanishing" | "exploding" | "healthy";
     depth_scale: ξ = 1/|ln χ̄| layers per e-fold of the squared gradient norm (inf at χ̄ = 1);
     hints: concrete advice for an unhealthy verdict; nonfinite: None, or where the values first
-    went non-finite (``{"layer", "stage", "message"}``).
+    went non-finite (``{"layer", "stage", "message"}``); norm_samples: how many samples the
+    per-layer ``jacobian_norm`` and ``jacobian_bound`` average over (``batch``, or the seeded
+    subsample's size; every other per-layer number is over all ``batch`` samples).
 
     ``str(report)`` (and ``print(report)``) is the text table; ``repr`` is one short line.
     """
@@ -99,6 +106,7 @@ class GradientFlowReport:
     loss_value: float | None
     label: str = ""
     meta: dict = field(default_factory=dict)
+    norm_samples: int = 0
 
     @property
     def depth(self) -> int:
@@ -146,14 +154,15 @@ def gradient_flow(
     spectrum_samples: int | None = None,
     label: str = "",
     max_memory: int | None = None,
+    norm_samples: int | None = None,
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
     A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
     one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
     bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` does not apply to it). It takes Dask batches
-    and large in-memory ones too, as below.
+    blocks and norm layers (``spectrum_samples`` does not apply to it; ``norm_samples`` does,
+    to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -175,6 +184,13 @@ def gradient_flow(
     ``x`` must be float32 or float64 (int, bool, float16 and complex are a ``TypeError``, as in
     ``net.forward``); ``spectrum_samples`` None or an int ≥ 0 (else ``ValueError``).
 
+    ``norm_samples``: the per-layer ‖J_j‖₂ (and its bound), ~50 GEMMs per layer per sample and
+    the report's cost, are averaged over a seeded random subsample of this many samples
+    (reproducible: the same ``seed`` draws the same rows, however the batch is chunked);
+    every other number (gradient and delta norms, χ, derivative statistics, dead units,
+    ‖W_j‖₂, the loss) stays over all samples. None: every sample of an in-memory batch, and
+    ``DATASET_NORM_SAMPLES`` (2048) of a Dask batch. ``report.norm_samples`` says how many.
+
     Non-finite gradients do not raise: ``report.nonfinite`` names the first layer (forward
     order, then backward order) whose values overflowed. Non-finite inputs or weights are a
     ``ValueError`` naming them.
@@ -190,14 +206,18 @@ def gradient_flow(
     reported the same way, a chunk at a time; a CuPy batch only when ``max_memory`` is given.
     """
     require_network(net, "gradient_flow")
-    _check_spectrum_samples(spectrum_samples)
+    _check_count("spectrum_samples", spectrum_samples, 0, "as many samples as the cost allows; 0 skips the spectrum")
+    _check_count("norm_samples", norm_samples, 1, f"every sample; {DATASET_NORM_SAMPLES} of a Dask batch")
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
-            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory)
-        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory)
+            norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
+            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples)
+        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
+                            norm_samples=norm_samples)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
-        return _in_words_of(net, _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory))
+        norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
+        return _in_words_of(net, _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory, norm_samples))
     try:
         xp = get_xp(net.weights[0], x)
     except TypeError as exc:
@@ -216,7 +236,7 @@ def gradient_flow(
     _raise_nonfinite_weights(ok[1:], L)
     x = x.astype(net.weights[0].dtype, copy=False)
     targets = () if target is None else (target,)  # a batch above the budget is reported a chunk at a time
-    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False)
+    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False, norm_samples=norm_samples)
     p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
                          bytes_per_sample=_report_bytes, max_memory=max_memory)
     return _in_words_of(net, report_from_partials(p, label=label))
@@ -231,14 +251,10 @@ def _in_words_of(net, report: GradientFlowReport) -> GradientFlowReport:
     return report
 
 
-def _check_spectrum_samples(spectrum_samples) -> None:
-    if spectrum_samples is not None and (
-        isinstance(spectrum_samples, bool) or not isinstance(spectrum_samples, (int, np.integer)) or spectrum_samples < 0
-    ):
-        raise ValueError(
-            f"spectrum_samples must be None (as many samples as the cost allows) or an int >= 0 "
-            f"(0 skips the spectrum); got {spectrum_samples!r}"
-        )
+def _check_count(name: str, value, minimum: int, none: str) -> None:
+    """``value`` None or an int ≥ ``minimum`` (bools refused), else a ``ValueError`` naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum):
+        raise ValueError(f"{name} must be None ({none}) or an int >= {minimum}; got {value!r}")
 
 
 def _raise_nonfinite_weights(ok, L: int) -> None:
@@ -269,9 +285,11 @@ class _ChunkPartial:
     a picklable per-chunk function for ``reduce_samples`` (a class, not a closure).
     ``check_x=False``: the batch was already checked whole (finite, the network's dtype)."""
 
-    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True):
+    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True,
+                 norm_samples: int | None = None):
         self.loss, self.seed, self.spectrum_samples, self.total = loss, seed, spectrum_samples, int(total)
         self.check_x = check_x
+        self.norm_rows = _flow.norm_subsample(self.total, norm_samples, seed)  # a few KiB: shipped with the task
 
     def __call__(self, net, x, target=None, *, start: int):
         xp = get_xp(net.weights[0], x)
@@ -280,22 +298,23 @@ class _ChunkPartial:
                              "the report needs finite inputs")
         x = x.astype(net.weights[0].dtype, copy=False)
         return _flow.partials(net, x, target, self.loss, seed=self.seed, spectrum_samples=self.spectrum_samples,
-                              start=start, total=self.total)
+                              start=start, total=self.total, norm_rows=self.norm_rows)
 
 
-def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory) -> GradientFlowReport:
+def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory, norm_samples) -> GradientFlowReport:
     """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
     active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
-    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N), _flow.merge, _report_bytes,
+    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N, norm_samples=norm_samples),
+                           _flow.merge, _report_bytes,
                            report_from_partials, net, X, target, loss, label, max_memory)
 
 
-def _dataset_block_flow(net, X, target, loss, seed, label, max_memory) -> BlockFlowReport:
+def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples) -> BlockFlowReport:
     """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
     ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
     summation order; the measuring method (exact or estimated) is chosen by the whole batch's
     size, so every chunk takes the same one."""
-    return _dataset_report(lambda N: BlockChunk(loss, seed, N), merge_block_partials, block_report_bytes,
+    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples), merge_block_partials, block_report_bytes,
                            report_from_block_partial, net, X, target, loss, label, max_memory)
 
 

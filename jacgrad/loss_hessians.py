@@ -44,12 +44,12 @@ __all__ = ["factor_bytes_per_sample", "hessian_factor", "hessian_factor_chunks",
 
 
 def _check(name: str, y):
-    losses.get(name)  # a KeyError listing the valid names
+    name = losses.canonical(name)  # a ValueError listing the valid names; torch's aliases accepted
     xp = get_xp(y)
     y = float_array(y, "output y", xp)
     if y.ndim != 2:
         raise ValueError(f"the output y must be 2-D (B, C); got shape {shape_str(y.shape)}")
-    return xp, y
+    return xp, y, name
 
 
 def target_scale(name: str, y: Any, target: Any = None):
@@ -60,6 +60,7 @@ def target_scale(name: str, y: Any, target: Any = None):
     means labels or rows that sum to 1."""
     if target is None:
         return None
+    name = losses.canonical(name)
     losses.check_target(name, y, target)
     if name != "softmax_cross_entropy":
         return None
@@ -84,7 +85,7 @@ def _sigmoid_curvature(y):
 def hessian_vp(name: str, y: Any, u: Any, target: Any = None):
     """``H_i u_i`` for every sample: ``y, u: (B, C) -> (B, C)``, ``H_i`` the Hessian of ``ℓ_i``
     (not divided by B). ``target``: see ``target_scale``."""
-    xp, y = _check(name, y)
+    xp, y, name = _check(name, y)
     u = float_array(u, "tangent u", xp)
     if u.shape != y.shape:
         raise ValueError(f"tangent u has shape {shape_str(u.shape)} but the output has shape {shape_str(y.shape)}")
@@ -109,7 +110,7 @@ def hessian_factor(name: str, y: Any, target: Any = None):
     Each row of ``V_i`` is an output cotangent; pulled back through the network they give the
     exact Gauss–Newton diagonal ``Σ_ρ (J_iᵀ V_i[ρ])²``. ``hessian_factor_chunks`` gives it a
     block of samples at a time."""
-    xp, y = _check(name, y)
+    xp, y, name = _check(name, y)
     return _factor(name, xp, y, _checked_scale(name, y, target))
 
 
@@ -117,7 +118,7 @@ def hessian_factor_chunks(name: str, y: Any, target: Any = None, rows: int | Non
     """``(sel, V[sel])`` for consecutive slices of ``rows`` samples (None: all in one): the blocks
     of ``hessian_factor(name, y, target)``, ``(rows, C, C)`` each, made one at a time so that the
     whole ``(B, C, C)`` never exists. The target is checked once, for the whole batch."""
-    xp, y = _check(name, y)
+    xp, y, name = _check(name, y)
     r = _checked_scale(name, y, target)
     B = y.shape[0]
     rows = max(B, 1) if rows is None else int(rows)

@@ -27,7 +27,10 @@ from ._validate import float_array, shape_str
 from .backend import asarray, get_xp, is_gpu_array, to_numpy
 from ._loss_workspace import LossWorkspace
 
-__all__ = ["LOSSES", "LossWorkspace", "check_target", "one_layout", "get", "mse", "names", "sigmoid_bce", "softmax_cross_entropy"]
+__all__ = [
+    "ALIASES", "LOSSES", "LossWorkspace", "canonical", "check_target", "one_layout", "get", "mse", "names", "sigmoid_bce",
+    "softmax_cross_entropy",
+]
 
 
 def _in_memory_target(t: Any) -> None:
@@ -38,11 +41,21 @@ def _in_memory_target(t: Any) -> None:
                         f"call over their chunks), or neither (target.compute())")
 
 
-def _output_and_target(y: Any, t: Any, y_name: str):
-    """``y`` as a float array, ``t`` as a float array of ``y``'s dtype and shape, and their xp."""
+def _output_and_target(y: Any, t: Any, y_name: str, loss: str | None = None):
+    """``y`` as a float array, ``t`` as a float array of ``y``'s dtype and shape, and their xp.
+    Integer targets are a ``TypeError`` that points to ``softmax_cross_entropy`` (they are
+    class labels, most likely), not to a cast."""
     _in_memory_target(t)
     xp = get_xp(y, t)
     y = float_array(y, y_name, xp)
+    if loss is not None and hasattr(t, "dtype"):  # an integer array (a Python list of ints is taken as floats)
+        t = asarray(t)  # torch / JAX / DLPack targets: their NumPy dtype
+    if loss is not None and hasattr(t, "dtype") and np.dtype(t.dtype).kind in "iub":
+        dt = t.dtype
+        raise TypeError(
+            f"target t has dtype {dt}: {loss} takes float targets of the output's shape {shape_str(y.shape)}; "
+            f"for integer class labels use loss=\"softmax_cross_entropy\" (or pass one-hot rows as floats)"
+        )
     t = float_array(t, "target t", xp).astype(y.dtype, copy=False)
     if t.shape != y.shape:
         raise ValueError(f"target has shape {shape_str(t.shape)} but the output has shape {shape_str(y.shape)}")
@@ -155,7 +168,7 @@ def sigmoid_bce(z: Any, t: Any):
 
 def _elementwise(name: str, y, t, what: str):
     """``(value, gradient)`` of a loss whose target has the output's shape, through its workspace."""
-    xp, y, t = _output_and_target(y, t, what)
+    xp, y, t = _output_and_target(y, t, what, name)
     if not y.size:
         return _empty(xp, y)
     ws = LossWorkspace(name, xp, y.shape, y.dtype)
@@ -174,11 +187,11 @@ def one_layout(t: Any) -> Any:
 def check_target(name: str, y: Any, t: Any) -> None:
     """The checks loss ``name`` makes of its output ``y`` and target ``t`` — shapes, dtypes, devices,
     the label range — raising its errors, without computing the loss."""
-    get(name)  # KeyError listing the losses
+    name = canonical(name)  # ValueError listing the losses
     if name == "softmax_cross_entropy":
         _softmax_inputs(y, t)
     else:
-        _output_and_target(y, t, "logits z" if name == "sigmoid_bce" else "output y")
+        _output_and_target(y, t, "logits z" if name == "sigmoid_bce" else "output y", name)
 
 
 LOSSES: dict[str, Callable] = {
@@ -188,18 +201,44 @@ LOSSES: dict[str, Callable] = {
 }
 
 
+# torch.nn.functional's names for the same losses (same reductions: mean over the batch; mean over
+# all elements). torch's ``mse_loss`` and ``binary_cross_entropy`` are not listed: the first is a
+# different spelling only, the second takes probabilities, not logits.
+ALIASES: dict[str, str] = {
+    "cross_entropy": "softmax_cross_entropy",
+    "binary_cross_entropy_with_logits": "sigmoid_bce",
+}
+
+
 def names() -> list[str]:
-    """The loss names, sorted."""
+    """The loss names, sorted (aliases in ``ALIASES``)."""
     return sorted(LOSSES)
 
 
+def canonical(name: str) -> str:
+    """The loss name ``name`` stands for: itself, or what its torch alias means (``ALIASES``);
+    a ``ValueError`` listing the valid names (and aliases) otherwise. The one lookup of a loss
+    name: everything that takes ``loss=`` goes through it.
+
+        >>> canonical("cross_entropy")
+        'softmax_cross_entropy'
+    """
+    if isinstance(name, str):
+        if name in LOSSES:
+            return name
+        if name in ALIASES:
+            return ALIASES[name]
+    aliases = ", ".join(f"{a} (= {c})" for a, c in ALIASES.items())
+    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(names())}; aliases: {aliases}")
+
+
 def get(name: str) -> Callable:
-    """The loss called ``name``; a ``KeyError`` listing the valid names otherwise.
+    """The loss called ``name`` (or its torch alias, ``ALIASES``); a ``ValueError`` listing the
+    valid names otherwise.
 
         >>> get("mse").__name__
         'mse'
+        >>> get("binary_cross_entropy_with_logits").__name__
+        'sigmoid_bce'
     """
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise KeyError(f"unknown loss {name!r}; valid names: {', '.join(names())}") from None
+    return LOSSES[canonical(name)]

@@ -28,6 +28,7 @@ _SCALAR_FIELDS = (
     "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
     "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
     "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
+    "norm_samples",
 )
 
 
@@ -213,6 +214,9 @@ def report_text(report) -> str:
             f"{pct(f.active_fraction)} {pct(f.saturated_fraction)} {f.dead_units:>5} {_g(f.chi)}"
             + ("" if f.finite else "  non-finite")
         )
+    if 0 < report.norm_samples < report.batch:
+        lines.append(f"‖J‖₂ and bound: mean over a seeded subsample of {report.norm_samples:,} of the {report.batch:,} "
+                     f"samples; every other column over all {report.batch:,}")
     if report.nonfinite is not None:
         lines.append(f"non-finite: {report.nonfinite['message']}")
     xi = "inf" if math.isinf(report.depth_scale) else f"{report.depth_scale:.3g}"

@@ -39,5 +39,5 @@ def test_a_valid_target_passes_without_computing_the_loss(monkeypatch):
                     ("softmax_cross_entropy", rng.dirichlet(np.ones(3), 4))]:
         losses.check_target(name, y, t)
         loss_hessians.target_scale(name, y, t)
-    with pytest.raises(KeyError, match="mse"):
+    with pytest.raises(ValueError, match="mse"):
         losses.check_target("hinge", y, y)

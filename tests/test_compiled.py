@@ -177,7 +177,7 @@ def test_construction_errors():
         net.compile(5, capture="yes")
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         net.compile(0)
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(ValueError, match="valid names"):
         net.compile(5, loss="hinge")
     with pytest.raises(TypeError, match="compiles an MLP"):
         TrainingStep(object(), 5)

@@ -184,7 +184,7 @@ def test_the_estimates_bound_the_memory_a_chunk_allocates(estimate, run):
 
 
 def test_default_max_memory_is_a_share_of_free_ram():
-    free = budget._free_ram()
+    free = budget.free_ram()
     assert 0 < budget.default_max_memory(np.ones(3)) <= budget.FRACTION * free * 1.01 + 1
     local = budget.default_max_memory(da.ones(3))
     assert 0 < local <= budget.default_max_memory(np.ones(3)) * 1.01 + 1
@@ -303,13 +303,22 @@ def test_reduce_samples_with_targets(net, x):
 
 
 # ----------------------------------------------------------------------------- where it runs
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_compute_on_the_local_scheduler_with_a_progress_bar(net, x):
-    stream = io.StringIO()
     X = da.from_array(x, chunks=(25, -1))
+    terminal = _Terminal()
+    with jd.session(progress=terminal):
+        jd.compute(net(X))
+    assert "100% Completed" in terminal.getvalue()  # a terminal: Dask's bar
+    stream = io.StringIO()
     with jd.session(progress=stream) as client:
         assert client is None
         s, y = jd.compute(jd.jacobian_spectral_norm(net, X), net(X))
-    assert "100% Completed" in stream.getvalue()
+    assert "\r" not in stream.getvalue() and "tasks done (100%)" in stream.getvalue()  # else plain lines
     np.testing.assert_allclose(s, _chain(net, x).spectral_norm(), rtol=1e-12)
     np.testing.assert_allclose(y, net(x), rtol=1e-13)
     (again,) = jd.compute(net(X))  # outside a session: no bar

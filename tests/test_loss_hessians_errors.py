@@ -5,13 +5,13 @@ import pytest
 
 from jacgrad import loss_hessians
 
-MESSAGE = "unknown loss {}; valid names: mse, sigmoid_bce, softmax_cross_entropy"
+MESSAGE = "unknown loss {}; valid names: mse, sigmoid_bce, softmax_cross_entropy;"
 
 
-@pytest.mark.parametrize("name", ["hinge", ["mse"]])  # a list is unhashable: still the KeyError, not a TypeError
-def test_unknown_loss_is_a_keyerror_listing_the_valid_names(name):
+@pytest.mark.parametrize("name", ["hinge", ["mse"]])  # a list is unhashable: still the ValueError, not a TypeError
+def test_unknown_loss_is_a_valueerror_listing_the_valid_names(name):
     y = np.zeros((2, 3))
     for call in (lambda: loss_hessians.hessian_vp(name, y, y), lambda: loss_hessians.hessian_factor(name, y)):
-        with pytest.raises(KeyError) as info:
+        with pytest.raises(ValueError) as info:
             call()
-        assert info.value.args[0] == MESSAGE.format(repr(name))
+        assert info.value.args[0].startswith(MESSAGE.format(repr(name)))

@@ -216,6 +216,6 @@ def test_errors_name_what_is_wrong():
         losses.sigmoid_bce(np.zeros(2, dtype=complex), np.zeros(2))
     with pytest.raises(TypeError, match="target t has dtype int64"):
         losses.mse(z, np.zeros((4, 3), dtype=int))
-    with pytest.raises(KeyError, match="unknown loss 'hinge'; valid names: mse, sigmoid_bce, softmax_cross_entropy"):
+    with pytest.raises(ValueError, match="unknown loss 'hinge'; valid names: mse, sigmoid_bce, softmax_cross_entropy"):
         losses.get("hinge")
     assert losses.names() == ["mse", "sigmoid_bce", "softmax_cross_entropy"]

@@ -304,7 +304,7 @@ def test_bad_targets_are_named():
         net.loss_and_grads(np.ones((4, 5)), np.ones((4, 2)), "mse")
     with pytest.raises(ValueError, match="out of range"):
         net.loss_and_grads(np.ones((4, 5)), np.array([0, 1, 2, 3]), "softmax_cross_entropy")
-    with pytest.raises(KeyError, match="sigmoid_bce"):
+    with pytest.raises(ValueError, match="sigmoid_bce"):
         net.loss_and_grads(np.ones((4, 5)), np.ones((4, 3)), "hinge")
 
 

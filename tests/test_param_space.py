@@ -264,9 +264,9 @@ def test_bad_input_gets_clear_errors():
         net.ggn_vp(x, np.zeros(P), target=t[:, :1])
     with pytest.raises(ValueError, match="target has shape"):
         net.ggn_diagonal(x, target=t[:1])
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(ValueError, match="valid names"):
         net.ggn_diagonal(x, loss="hinge")
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(ValueError, match="valid names"):
         net.ggn_vp(x, np.zeros(P), loss="hinge")
     with pytest.raises(ValueError, match=rf"v has shape \({P - 1},\).*P={P}"):
         net.ggn_vp(x, np.zeros(P - 1))

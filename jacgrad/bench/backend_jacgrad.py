@@ -41,7 +41,12 @@ class Jacgrad(Backend):
         return gpu_unavailable_reason()
 
     def threads(self) -> str:
-        return "NumPy BLAS" if self.device == "cpu" else "CuPy (cuBLAS)"
+        if self.device != "cpu":
+            return "CuPy (cuBLAS)"
+        from .._cli_threads import blas_libraries
+
+        counts = sorted({lib["threads"] for lib in blas_libraries()})
+        return f"{'/'.join(map(str, counts))} threads (NumPy BLAS)" if counts else "NumPy BLAS (threads unknown: no threadpoolctl)"
 
     def _xp(self):
         if self._module is None:

@@ -114,10 +114,11 @@ def environment(threads: dict, live: list[Backend]) -> dict:
     coretype = os.environ.get("OPENBLAS_CORETYPE", "unset")
     blas_line = (f"NumPy: {blas.get('library')} {blas.get('version') or ''} "
                  f"({blas.get('architecture') or '?'} kernels, OPENBLAS_CORETYPE={coretype})").replace("  ", " ")
-    parts = [f"{threads['requested']} of {tr['cpus']} CPUs — NumPy BLAS "
+    source = f" (from {threads['source']})" if threads.get("source") else ""
+    parts = [f"{threads['requested']} of {tr['cpus']} CPUs{source} — NumPy BLAS "
              f"{blas.get('threads') if blas.get('threads') is not None else 'uncontrolled (no threadpoolctl)'}"]
-    for b in live:
-        if b.family != "jacgrad" and b.device == "cpu":
+    for b in live:  # every contender's own count, as it stands after start_backends
+        if b.device == "cpu":
             parts.append(f"{b.name} {b.threads()}")
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

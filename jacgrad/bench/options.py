@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=str, help=f"timed samples per backend (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=str, help=f"untimed calls first (default {DEFAULTS['warmup']})")
     p.add_argument("--min-time", type=str, help=f"seconds a sample lasts at least (a loop of calls; default {DEFAULTS['min_time']})")
-    p.add_argument("--threads", type=str, help="CPU threads for NumPy's BLAS and torch (default: every CPU)")
+    p.add_argument("--threads", type=str, help="CPU threads of every contender: NumPy's BLAS, torch, XLA (default: the count in OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS when set, else every CPU)")
     p.add_argument("--json", metavar="PATH", help="also write every number to PATH as JSON")
     p.add_argument("--quick", action="store_true", help="a small grid and 3 repeats (seconds, for a smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

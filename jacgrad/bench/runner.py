@@ -25,7 +25,7 @@ from .options import Options, UsageError
 from .report import Progress
 from .timing import Entry, cpu_count, set_threads, short_error, time_entries
 
-__all__ = ["add_ratios", "build_cases", "check_memory", "run", "run_case", "start_backends"]
+__all__ = ["add_ratios", "bench_threads", "build_cases", "check_memory", "run", "run_case", "start_backends"]
 
 
 def build_cases(o: Options) -> list[Case]:
@@ -235,6 +235,18 @@ def start_backends(names: list[str], n_threads: int) -> tuple[list[Backend], dic
     return live, skipped, threads
 
 
+def bench_threads(requested: int | None) -> int:
+    """The CPU threads of every contender: ``--threads``, else the count the environment names
+    (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``: honoured, never
+    overridden), else every CPU."""
+    from .._cli_threads import user_setting
+
+    if requested is not None:
+        return requested
+    user = user_setting()
+    return user[1] if user is not None else cpu_count()
+
+
 def _gib(n: float) -> str:
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
         if n >= size:
@@ -271,7 +283,7 @@ def run(o: Options, stream=None) -> dict:
     load_start = load_average()
     cases = build_cases(o)
     check_memory(cases)
-    live, skipped, threads = start_backends(o.backends, o.threads or cpu_count())
+    live, skipped, threads = start_backends(o.backends, bench_threads(o.threads))
     _require_live(live, skipped)
     progress = Progress(sum(1 + sum(_units(c, b, o) for b in live) for c in cases), stream=stream, enabled=o.progress)
     rows = []

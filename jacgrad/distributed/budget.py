@@ -31,9 +31,11 @@ __all__ = [
     "backward_bytes",
     "default_max_memory",
     "forward_bytes",
+    "free_ram",
     "jacobian_bytes",
     "rows_per_task",
     "split_chunks",
+    "total_threads",
 ]
 
 # The default budget of one task: this share of the memory one task may count on (a worker
@@ -174,9 +176,9 @@ def default_max_memory(x: Any = None) -> int:
             import dask
 
             threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
-            per_thread = _free_ram() // threads
+            per_thread = free_ram() // threads
         return max(1, int(FRACTION * per_thread))
-    return max(1, int(FRACTION * _free_ram()))
+    return max(1, int(FRACTION * free_ram()))
 
 
 def _cluster_memory_per_thread() -> int | None:
@@ -192,7 +194,20 @@ def _cluster_memory_per_thread() -> int | None:
         for w in workers.values()
         if w.get("memory_limit")
     ]
-    return min(shares) if shares else _free_ram()
+    return min(shares) if shares else free_ram()
+
+
+def total_threads() -> int:
+    """The threads that run tasks: the active client's workers' ``nthreads`` summed, else the
+    local scheduler's (``dask.config`` ``num_workers``, else every CPU)."""
+    client = active_client()
+    if client is not None:
+        kwargs = {"n_workers": -1} if _takes_n_workers(client) else {}
+        workers = client.scheduler_info(**kwargs).get("workers", {})
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    import dask
+
+    return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
 def active_client():
@@ -211,7 +226,7 @@ def _takes_n_workers(client) -> bool:
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def _free_ram() -> int:
+def free_ram() -> int:
     """Available RAM in bytes (``MemAvailable`` on Linux; else total pages x page size)."""
     try:
         with open("/proc/meminfo") as f:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import budget
 
-__all__ = ["DatasetError", "NpyRows", "open_npy", "read_dataset"]
+__all__ = ["DatasetError", "MIN_TASK_ROWS", "NpyRows", "TASKS_PER_THREAD", "open_npy", "read_dataset", "task_rows"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -108,17 +108,36 @@ def _token(path: str, shape, dtype) -> str:
     return tokenize(os.path.abspath(path), shape, str(dtype), st.st_mtime_ns, st.st_size)
 
 
+# Task sizes that pay for the scheduler: TASKS_PER_THREAD tasks per thread that runs them (so
+# the work spreads, and the progress moves), but none under MIN_TASK_ROWS samples, whose work
+# (a forward and backward pass and the per-layer statistics: ~10 ms and up) outweighs a task's
+# overhead (~1 ms on a distributed scheduler, the chunk's read from the memory-mapped file).
+TASKS_PER_THREAD = 4
+MIN_TASK_ROWS = 4096
+
+
+def task_rows(N: int, threads: int) -> int:
+    """Samples per task for ``N`` samples on ``threads`` threads (before the memory budget).
+
+        >>> task_rows(200_000, 2), task_rows(200_000, 16), task_rows(3_000, 2)
+        (25000, 4096, 4096)
+    """
+    return max(MIN_TASK_ROWS, math.ceil(N / (TASKS_PER_THREAD * max(1, threads))))
+
+
 def read_dataset(data, targets=None, net: Any = None, *, max_memory: int | None = None):
     """``(X, T)`` for ``jacgrad report --data X.npy [--targets T.npy]``: Dask arrays checked against
     ``net`` (its input width; float targets its output width) and against each other (the same
     N), chunked so that a forward and backward pass of one chunk stays within ``max_memory``
-    (default ``budget.default_max_memory`` of a Dask array). ``T`` is None without targets."""
+    (default ``budget.default_max_memory`` of a Dask array) and every thread that runs tasks
+    gets a few (``task_rows``). ``T`` is None without targets."""
     features = None if net is None else int(net.sizes[0])
     X = open_npy(data, features=features)
     rows = X.chunks[0][0]
     if net is not None:
         memory = budget.default_max_memory(X) if max_memory is None else max_memory
-        rows = min(rows, budget.rows_per_task(budget.backward_bytes(net), memory))
+        rows = min(rows, budget.rows_per_task(budget.backward_bytes(net), memory),
+                   task_rows(X.shape[0], budget.total_threads()))
         if rows != X.chunks[0][0]:
             X = open_npy(data, rows=rows, features=features)
     if targets is None:
