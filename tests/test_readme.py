@@ -10,9 +10,12 @@ import contextlib
 import io
 import pathlib
 import re
+import sys
 
 import pytest
 from optional_imports import missing_optional, missing_package
+
+from jacgrad.interop import require
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 _NUMBER = re.compile(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?")
@@ -60,3 +63,17 @@ def test_readme_example_runs_alone_and_prints_what_the_readme_shows(i):
             assert float(g.rstrip(",")) == pytest.approx(float(w.rstrip(",")), rel=1e-9, abs=1e-12), f"example {i}: {g} vs {w}"
         else:
             assert g == w, f"example {i}: {g!r} vs README {w!r}\n{out.getvalue()}"
+
+
+def test_only_a_missing_optional_package_skips_an_example(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch made unimportable, as on a machine without it
+    assert missing_optional("import numpy as np, torch\nfrom torch import nn") == ["torch"]
+    assert missing_optional("import numpy as np\nfrom jacgrad.interop.torch_blocks import Residual") == []
+    assert missing_optional("import no_such_module_of_jacgrad") == []  # not optional: the example runs and fails
+    with pytest.raises(ImportError) as direct:
+        import torch  # noqa: F401
+    assert missing_package(direct.value) == "torch"
+    with pytest.raises(ImportError) as wrapped:  # jacgrad's own message, the ModuleNotFoundError chained
+        require("torch", "the check", "pip install torch")
+    assert missing_package(wrapped.value) == "torch"
+    assert missing_package(ImportError("cannot import name 'x' from 'numpy'", name="numpy")) is None
