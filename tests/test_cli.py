@@ -235,9 +235,11 @@ def test_help_documents_the_weights_format(capsys):
 
 
 def test_console_script(tmp_path):
-    exe = shutil.which("jacgrad", path=os.path.dirname(sys.executable)) or shutil.which("jacgrad")
+    # The script of the environment under test, beside its Python: one found on PATH may belong
+    # to another environment, with another jacgrad.
+    exe = shutil.which("jacgrad", path=os.path.dirname(sys.executable))
     if exe is None:
-        pytest.skip("the jacgrad console script is not installed")
+        pytest.skip(f"the jacgrad console script is not installed beside {sys.executable}")
     proc = subprocess.run([exe, "report", *SMALL, "--activation", "tanh"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "verdict:" in proc.stdout

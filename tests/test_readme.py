@@ -3,8 +3,13 @@ few examples and links into docs/. Its examples (and those of docs/*.md) are run
 tests/test_docs.py, with the machinery of tests/doc_examples.py."""
 
 import re
+import sys
 
+import pytest
 from doc_examples import DOCS, README, ROOT, examples
+from optional_imports import missing_optional, missing_package
+
+from jacgrad.interop import require
 
 MAX_LINES = 350
 
@@ -36,3 +41,17 @@ def test_the_readme_says_how_to_get_the_cpu_build_of_torch():
 
 def test_the_internal_fragments_are_gone():
     assert not (DOCS / "readme").exists()
+
+
+def test_only_a_missing_optional_package_skips_an_example(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch made unimportable, as on a machine without it
+    assert missing_optional("import numpy as np, torch\nfrom torch import nn") == ["torch"]
+    assert missing_optional("import numpy as np\nfrom jacgrad.interop.torch_blocks import Residual") == []
+    assert missing_optional("import no_such_module_of_jacgrad") == []  # not optional: the example runs and fails
+    with pytest.raises(ImportError) as direct:
+        import torch  # noqa: F401
+    assert missing_package(direct.value) == "torch"
+    with pytest.raises(ImportError) as wrapped:  # jacgrad's own message, the ModuleNotFoundError chained
+        require("torch", "the check", "pip install torch")
+    assert missing_package(wrapped.value) == "torch"
+    assert missing_package(ImportError("cannot import name 'x' from 'numpy'", name="numpy")) is None

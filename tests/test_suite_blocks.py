@@ -7,6 +7,7 @@ import numpy as np
 
 import jacgrad as jg
 from fake_cupy_transfers import install
+from optional_imports import is_installed
 from test_bench import _suite_module as _module
 
 OPS = {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step", "compiled jacobian", "per_sample_grad_norms",
@@ -32,7 +33,10 @@ def test_the_section_validates_every_op_and_reports_it(capsys):
     f32 = [r for r in data["rows"] if r["dtype"] == "float32"]
     assert min(r["rel_err"] for r in f32) > 0  # float32 against float64: every row a real comparison
     timed = {r["op"] for r in data["rows"] if "speedup_vs_torch" in r}
-    assert {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step"} <= timed  # torch (CPU here)
+    if is_installed("torch"):
+        assert {"forward", "loss_and_grads", "jacobian_chain (auto)", "compiled step"} <= timed  # torch (CPU here)
+    else:  # torch is optional: without it the section validates and times against NumPy alone
+        assert timed == set() and not any("torch_error" in r for r in data["rows"])
     compiled = [r for r in data["rows"] if r["op"] == "compiled step"]
     assert all("captured" in r for r in compiled)
     results = {"dry_run_cpu": True, "sections": {"blocks": {"status": "ok", "data": data}}}
