@@ -211,6 +211,14 @@ def _softmax(xp, x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _softmax_vjp(xp, g, out, x):
+    """``y ⊙ (w − Σ w ⊙ y)`` with ``w = g − g_k``, k the argmax of ``y``: the same product (Σ y = 1),
+    without the cancellation of ``g_k − Σ g ⊙ y`` where ``y_k`` rounds to 1 (as
+    ``loss_hessians.hessian_vp``)."""
+    w = g - xp.take_along_axis(g, out.argmax(axis=-1)[..., None], axis=-1)
+    return (out * (w - (w * out).sum(axis=-1, keepdims=True)),)
+
+
 def _result_dtype(*xs):
     """NumPy's result dtype of ``xs`` — from their dtypes, so CuPy arrays are never converted;
     Python numbers stay weak."""
@@ -288,8 +296,7 @@ _TABLE = (
          lambda xp, g, out, x, *, axis=None: (_spread(xp, g, x, axis) / _count(x, axis),),
          optional=("axis",)),
     Gate("softmax", 1, "y = softmax(x)  ∂/∂x = y ⊙ (g − Σ g ⊙ y)",
-         _softmax,
-         lambda xp, g, out, x: (out * (g - (g * out).sum(axis=-1, keepdims=True)),)),
+         _softmax, _softmax_vjp),
 )
 
 GATES: dict[str, Gate] = {gate.name: gate for gate in _TABLE}
