@@ -80,7 +80,7 @@ def compute() -> dict:
             out[f"{lk}/psn"] = np.asarray(net.per_sample_grad_norms(x, t, loss=loss)).copy()
             out[f"{lk}/psn_layers"] = np.asarray(net.per_sample_grad_norms(x, t, loss=loss, per_layer=True)).copy()
             out[f"{lk}/ggn_vp"] = np.asarray(net.ggn_vp(x, v, t, loss=loss)).copy()
-            out[f"{lk}/ggn_diag"] = np.asarray(net.ggn_diagonal(x, t, loss=loss)).copy()
+            _grads(out, f"{lk}/ggn_diag", net.ggn_diagonal(x, t, loss=loss))
             r = net.clipped_grad(x, t, loss=loss, max_norm=0.05, noise_multiplier=0.7, seed=5)
             _grads(out, f"{lk}/clip", r.grads)
             out[f"{lk}/clip_norms"] = np.asarray(r.norms).copy()
