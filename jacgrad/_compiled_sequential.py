@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ._passes import Gradients
+from ._block_passes import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._loss_workspace import LossWorkspace
 from ._passes import carve
@@ -175,14 +176,14 @@ class SequentialStep(StepIO):
             flat = self._flat.copy() if copy else self._flat
             named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
             loss = self._loss.value.copy() if copy else self._loss.value
-            return loss, self._private.results(BlockGradients(flat, named, None, None), frac, std, copy)
+            return loss, self._private.results(Gradients(layers=named, flat=flat), frac, std, copy)
         if not copy:
             named = named_grads(self._layers, self._grads)
-            return self._loss.value, BlockGradients(self._flat, named, self._gin, list(self._deltas))
+            return self._loss.value, Gradients(layers=named, input=self._gin, deltas=list(self._deltas), flat=self._flat)
         flat = self._flat.copy()
         named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
         gin = None if self._gin is None else self._gin.copy()
-        return self._loss.value.copy(), BlockGradients(flat, named, gin, [d.copy() for d in self._deltas])
+        return self._loss.value.copy(), Gradients(layers=named, input=gin, deltas=[d.copy() for d in self._deltas], flat=flat)
 
     # ------------------------------------------------------------------ facts
     @property

@@ -19,7 +19,8 @@ from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from .backend import get_xp
-from ._block_passes import BlockGradients, named_grads, param_views
+from ._passes import Gradients
+from ._block_passes import named_grads, param_views
 from ._passes import carve
 from .layers import Residual, leaf_layers
 
@@ -177,7 +178,7 @@ class SequentialParameterSpace:
                                           private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
-        return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,
+        return private.ClippedGradients(Gradients(layers=_by_name(self.layers, views), flat=flat), norms, frac,
                                         std)
 
     # ------------------------------------------------------------------ Gauss–Newton
