@@ -70,7 +70,7 @@ class SequentialStep(StepIO):
 
     def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = True,
                  clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
-        if not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")):
+        if not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")) or hasattr(net, "weights"):
             raise TypeError(f"SequentialStep compiles a Sequential (a tuple of layers), not a {type(net).__name__}")
         xp = net.xp
         self._gpu = xp is not np

@@ -1,20 +1,19 @@
-"""The parameter-space products of ``Sequential`` (dense layers, residual blocks, LayerNorm,
-RMSNorm): per-sample gradients and their norms, Gauss–Newton products and diagonal, and what
-``jacgrad.ntk`` reads. ``Sequential`` inherits these methods; the algebra on the leaves' ``(a, δ)``
-pairs lives in ``jacgrad.per_sample``, ``jacgrad.curvature`` and ``jacgrad.loss_hessians``,
-which know no network.
+"""The parameter-space products of every network (``Sequential``, and ``MLP``, a stack of Dense
+layers): per-sample gradients and their norms, Gauss–Newton products and diagonal, the private
+(clipped) gradient, and what ``jacgrad.ntk`` reads. The networks inherit these methods; the
+algebra on the leaves' ``(a, δ)`` pairs lives in ``jacgrad.per_sample``, ``jacgrad.curvature``,
+``jacgrad.loss_hessians`` and ``jacgrad.private``, which know no network.
 
 A "leaf" is a layer with parameters (``Dense``, ``LayerNorm``, ``RMSNorm``); a residual block's
 inner layers are leaves in their order, so the leaves' parameters, in order, are exactly
-``BlockGradients.flat``. The batch loss is the mean of per-sample losses ℓ_i, so sample i's
+``Gradients.flat``. The batch loss is the mean of per-sample losses ℓ_i, so sample i's
 cotangent is B times the batch one: ONE forward and one stacked reverse sweep serve every
-per-sample quantity. Conventions as ``MLP``'s (``jacgrad._mlp_param_space``): the gradient of
-ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives it.
+per-sample quantity. Convention: the gradient of ℓ_i itself, as
+``torch.func.vmap(torch.func.grad(ℓ))`` gives it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample, private
@@ -27,15 +26,7 @@ from .layers import Residual, leaf_layers
 __all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
-@dataclass
-class ParamArrays:
-    """Arrays in the network's parameter layout. ``flat``: ``(P,)``, or ``(B, P)`` per sample, in
-    ``BlockGradients.flat`` order; ``layers[j]``: layer j's arrays by name (``"W"``, ``"b"``,
-    ``"gamma"``, ``"beta"``; views of ``flat``, with the leading ``B`` axis when per sample) — for
-    a Residual, a list of its inner layers' entries, as ``BlockGradients.layers``."""
-
-    flat: Any
-    layers: list
+ParamArrays = Gradients  # the old name of what per_sample_grads and ggn_diagonal return
 
 
 def _leaves(layers) -> list:
@@ -69,8 +60,10 @@ def leaf_views(layers, flat) -> list:
 
 
 class SequentialParameterSpace:
-    """Per-sample gradients and norms, ``ggn_vp`` and ``ggn_diagonal`` for ``Sequential`` (which
-    supplies ``forward``, ``backward``, ``jacobian_chain``, ``layers``, ``n_params``, ``dtype``, ``xp``)."""
+    """Per-sample gradients and norms, ``clipped_grad``, ``ggn_vp`` and ``ggn_diagonal`` for a
+    network (``Sequential``, ``MLP``) that supplies ``forward`` (whose cache has ``x``, ``batch``
+    and ``states``, one Dense-style state per layer), ``backward``, ``jacobian_chain``,
+    ``layers``, ``n_params``, ``n_in``, ``n_out``, ``dtype``."""
 
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
@@ -127,12 +120,18 @@ class SequentialParameterSpace:
         return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
 
     def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB):
-        """Every sample's own gradient ``∇_θ ℓ_i`` as ``ParamArrays``: ``flat: (B, P)`` (row i laid
-        out as ``BlockGradients.flat``), ``layers[j]`` named views ``(B, *shape)``.
+        """Every sample's own gradient ``∇_θ ℓ_i`` as a ``Gradients``: ``flat: (B, P)`` (row i laid
+        out as ``Gradients.flat``), ``layers[j]`` named views ``(B, *shape)`` (``weights[j]: (B,
+        H_{j-1}, H_j)`` and ``biases[j]: (B, H_j)`` for a net of Dense layers); ``deltas[k]: (B,
+        H_k)`` sample i's own ``∂ℓ_i/∂h_k`` per leaf (where every layer is a leaf; else None);
+        ``input`` None.
 
-        Convention: the gradient of ℓ_i itself (``torch.func.vmap(grad)``); ``mean_i`` of ours
-        is ``loss_and_grads``' gradient. It materialises ``B × P`` numbers; above ``max_memory``
-        bytes (default 1 GiB; None: no limit) a ``ValueError`` gives the size before allocating.
+        Convention: the gradient of ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives
+        it; BackPACK's BatchGrad differentiates ``ℓ_i / B`` (its per-sample gradients sum to the
+        batch gradient), so it is ours divided by B; ``mean_i`` of ours is ``loss_and_grads``'
+        gradient. It materialises ``B × P`` numbers on purpose; when ``B·P·itemsize`` exceeds
+        ``max_memory`` bytes (default 1 GiB; None: no limit) it raises ``ValueError`` with the size
+        before allocating — ``per_sample_grad_norms`` gives the norms in ``O(B·Σ H)``.
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
@@ -140,7 +139,7 @@ class SequentialParameterSpace:
             >>> g.flat.shape, g.layers[0]["W"].shape, g.layers[1]["gamma"].shape
             ((3, 20), (3, 3, 4), (3, 4))
         """
-        cache, leaves, partials = self._sample_partials(x, target, loss)
+        cache, leaves, partials = self._sample_partials(x, target, loss, per_sample_scale=False)
         B, P = cache.batch, self.n_params
         per_sample.check_budget(
             f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
@@ -148,16 +147,18 @@ class SequentialParameterSpace:
             "or split the batch")
         inputs = self._param_leaf_inputs(cache)
         flat = get_xp(cache.x).empty((B, P), dtype=self.dtype)
-        views = self._leaf_views(flat)
+        views, deltas = self._leaf_views(flat), [None] * len(leaves)
         for k, G in partials:
-            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], G[:, 0, :])
-        return ParamArrays(flat, _by_name(self.layers, views))
+            deltas[k] = G[:, 0, :] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
+            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], deltas[k])
+        flat_net = len(leaves) == len(self.layers)
+        return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
                      seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
         """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
         one reverse sweep over every leaf (Dense, LayerNorm, RMSNorm, inside residual blocks too),
-        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``BlockGradients`` with ``input``
+        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``Gradients`` with ``input``
         and ``deltas`` None); arguments and conventions as ``MLP.clipped_grad``.
 
             >>> import numpy as np, jacgrad as jg
@@ -184,7 +185,7 @@ class SequentialParameterSpace:
     # ------------------------------------------------------------------ Gauss–Newton
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
-        in ``BlockGradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
+        in ``Gradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
 
         One forward-mode pass in parameter space through every layer kind
         (``curvature.leaf_parameter_jvp``), ``H_i / B`` per sample, one ``backward``.
@@ -195,7 +196,7 @@ class SequentialParameterSpace:
             (24,)
         """
         v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
-                                       "BlockGradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       "Gradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         inputs = self._param_leaf_inputs(cache)
@@ -228,9 +229,9 @@ class SequentialParameterSpace:
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
         for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
             curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V, views, 1.0 / B)
-        return ParamArrays(flat, _by_name(self.layers, views))
+        return Gradients(layers=_by_name(self.layers, views), flat=flat)
 
 
 def _by_name(layers, leaf_views: list) -> list:
-    """``leaf_views`` (one list per leaf) grouped as ``BlockGradients.layers``: names per layer."""
+    """``leaf_views`` (one list per leaf) grouped as ``Gradients.layers``: names per layer."""
     return named_grads(layers, param_views(layers, [v for leaf in leaf_views for v in leaf]))
