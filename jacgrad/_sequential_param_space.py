@@ -65,6 +65,9 @@ class SequentialParameterSpace:
     and ``states``, one Dense-style state per layer), ``backward``, ``jacobian_chain``,
     ``layers``, ``n_params``, ``n_in``, ``n_out``, ``dtype``."""
 
+    # the gradient type's name in messages: Sequential's still says its old name (tests pin it)
+    _flat_name = "Gradients.flat"
+
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
         """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
@@ -80,14 +83,14 @@ class SequentialParameterSpace:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
         return leaf_views(self.layers, flat)
 
-    def _sample_partials(self, x: Any, target: Any, loss: str, per_sample_scale: bool = True):
-        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, sample
-        i's own cotangent ``∂ℓ_i/∂h_k`` at leaf k (``per_sample.output_partials``) — or, with
-        ``per_sample_scale=False``, the batch loss's (B times smaller)."""
+    def _sample_partials(self, x: Any, target: Any, loss: str):
+        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, the
+        batch loss's cotangent ``∂L/∂h_k`` at leaf k (``per_sample.output_partials``); sample i's
+        own is B times its row i (scaled by the callers after their sums, as a backward's deltas)."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
         _, grad_y = loss_fn(y, target)
-        V = (grad_y * float(cache.batch) if per_sample_scale else grad_y.copy())[:, None, :]
+        V = grad_y.copy()[:, None, :]
         factors = self.jacobian_chain(cache).factors
         return cache, per_sample.leaf_factors(factors), per_sample.output_partials(factors, V)
 
@@ -109,7 +112,7 @@ class SequentialParameterSpace:
         lazy = _lazy.handler_for(x)
         if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
             return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
-        cache, leaves, partials = self._sample_partials(x, target, loss, per_sample_scale=False)
+        cache, leaves, partials = self._sample_partials(x, target, loss)
         inputs, owner = self._param_leaf_inputs(cache), [j for j, _ in _leaves(self.layers)]
         xp = get_xp(cache.x)
         sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
@@ -139,7 +142,7 @@ class SequentialParameterSpace:
             >>> g.flat.shape, g.layers[0]["W"].shape, g.layers[1]["gamma"].shape
             ((3, 20), (3, 3, 4), (3, 4))
         """
-        cache, leaves, partials = self._sample_partials(x, target, loss, per_sample_scale=False)
+        cache, leaves, partials = self._sample_partials(x, target, loss)
         B, P = cache.batch, self.n_params
         per_sample.check_budget(
             f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
@@ -196,7 +199,7 @@ class SequentialParameterSpace:
             (24,)
         """
         v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
-                                       "Gradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       f"{self._flat_name} (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         inputs = self._param_leaf_inputs(cache)

@@ -72,6 +72,7 @@ class Sequential(SequentialParameterSpace, Imported):
         self._layers = tuple(layers)
         self._token = object()
 
+    _flat_name = "BlockGradients.flat"
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
