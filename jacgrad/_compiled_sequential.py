@@ -49,9 +49,7 @@ from ._loss_workspace import LossWorkspace
 from ._passes import carve
 from ._private_step import PrivatePart, check_clip_args
 from ._sequential_param_space import leaf_inputs, leaf_views
-from ._step_io import StepIO, check_step_args, locked
-from ._validate import shape_str
-from .backend import is_gpu_array
+from ._step_io import StepIO, check_rebound, check_step_args, locked
 from .layers import named_params
 
 __all__ = ["SequentialStep"]
@@ -119,13 +117,7 @@ class SequentialStep(StepIO):
             raise ValueError(f"the network now has {len(params)} parameter arrays; this step was compiled for "
                              f"{len(grads)}: compile a new step")
         for (where, p), q in zip(params, grads):
-            if is_gpu_array(p) != self._gpu or p.shape != q.shape or p.dtype != q.dtype:
-                raise ValueError(
-                    f"{where} is now {shape_str(p.shape)} {p.dtype} on the {'GPU' if is_gpu_array(p) else 'CPU'}; "
-                    f"this step was compiled for {shape_str(q.shape)} {q.dtype} on the {'GPU' if self._gpu else 'CPU'}: "
-                    f"compile a new step")
-            if self._gpu and p.device.id != self._device.id:
-                raise ValueError(f"{where} is now on GPU {p.device.id}; this step runs on GPU {self._device.id}")
+            check_rebound(where, p, q, self._gpu, self._device)
         if [self._buffer_layout(L) for L in layers] != self._layout:
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
