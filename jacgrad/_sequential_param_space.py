@@ -153,7 +153,8 @@ class SequentialParameterSpace:
         views, deltas = self._leaf_views(flat), [None] * len(leaves)
         for k, G in partials:
             deltas[k] = G[:, 0, :] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
-            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], deltas[k])
+        for k, delta in enumerate(deltas):  # then the (B, P) block front to back: fresh memory faults in faster
+            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], delta)
         flat_net = len(leaves) == len(self.layers)
         return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
