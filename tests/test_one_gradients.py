@@ -70,3 +70,22 @@ def test_one_view_or_the_other():
         Gradients([np.zeros((2, 2))], [np.zeros(2)], layers=[{}])
     with pytest.raises(TypeError, match="weights and biases .* or layers"):
         Gradients()
+
+
+def test_mlp_layers_follow_its_lists_and_a_refused_entry_changes_nothing():
+    """The products read an MLP through its Dense layers (one implementation with Sequential's):
+    a replaced weight, bias or activation is what they read next; a refused one changes nothing."""
+    rng = np.random.default_rng(2)
+    net = jg.MLP.init([3, 4, 2], seed=0, bias_std=0.1)
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    W, b = rng.standard_normal((3, 4)), rng.standard_normal(4)
+    net.weights[0], net.biases[0], net.activations[0] = W, b, "relu"
+    fresh = jg.MLP([W, net.weights[1]], [b, net.biases[1]], ["relu", "identity"])
+    assert net.layers[0].W is W and net.layers[0].b is b and net.layers[0].activation == "relu"
+    np.testing.assert_array_equal(net.per_sample_grads(x, t).flat, fresh.per_sample_grads(x, t).flat)
+    np.testing.assert_array_equal(net.ggn_diagonal(x).flat, fresh.ggn_diagonal(x).flat)
+    with pytest.raises(ValueError, match=r"layer 1"):
+        net.weights[1] = np.ones((4, 3))
+    with pytest.raises(KeyError, match=r"layer 1"):
+        net.activations[1] = "nope"
+    assert net.layers[1].W is net.weights[1] and net.layers[1].activation == "identity"
