@@ -227,13 +227,6 @@ class TrainingStep(StepIO):
         arrays += [a for a in self._z + self._d if a is not None] + ([self._gin] if self.input_grad else [])
         return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes + (self._private.nbytes if self._private else 0)
 
-    @property
-    def graph_pool_bytes(self) -> int:
-        """Device bytes held for the graphs' lifetime in their private pools: per graph, cuBLAS's
-        workspace (32 MiB on sm_90, 4 MiB before) and whatever library calls allocated while being
-        captured. 0 on the CPU and before the first capture."""
-        return 0 if self._graphs is None else self._graphs.pool_bytes
-
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.captured else "buffers"
         return f"TrainingStep({self._net!r}, batch={self.batch}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
