@@ -16,29 +16,16 @@ live contents. Parameters are read from the layers when the pass runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ._passes import carve
+from ._passes import Gradients, carve
 from .layers import Residual
 
 __all__ = ["BlockGradients", "backward_layers", "carve_backward", "carve_forward", "forward_layers", "named_grads",
            "param_views"]
 
 
-@dataclass
-class BlockGradients:
-    """What ``Sequential.backward`` returns. ``flat``: every parameter gradient in one 1-D array,
-    in layer order (Dense: W, b; LayerNorm: gamma, beta; RMSNorm: gamma; a Residual's inner
-    layers in order). ``layers[j]``: layer j's gradients by name (``"W"``, ``"b"``, ``"gamma"``,
-    ``"beta"``; views of ``flat``) — for a Residual, a list of its inner layers' entries.
-    ``input: (B, n_in)`` or None. ``deltas[j]``: ∂L/∂h_j (pre-activation) for a Dense layer, as
-    in ``MLP``; ∂L/∂(output of layer j) for the others."""
-
-    flat: Any
-    layers: list
-    input: Any
-    deltas: list
+BlockGradients = Gradients  # the old name of the one gradient type
 
 
 def _split(views: list, counts: Sequence[int]) -> list[list]:

@@ -60,7 +60,7 @@ __all__ = ["JacobianStep"]
 def _binding(net) -> list[tuple[str, Any]]:
     """``[(where, object)]`` that a recorded graph depends on: every parameter array (and layer,
     activation name) of ``net``, compared by identity (names by value) at each call."""
-    if hasattr(net, "layers"):  # a Sequential
+    if not hasattr(net, "weights"):  # a Sequential (an MLP's Dense layers hold what its lists hold)
         layers = tuple(net.layers)
         return [(f"layer {j} ({type(L).__name__})", L) for j, L in enumerate(layers)] + named_params(layers)
     K = len(net.weights)

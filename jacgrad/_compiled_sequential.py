@@ -42,16 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ._passes import Gradients
+from ._block_passes import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import carve
 from ._private_step import PrivatePart, check_clip_args
 from ._sequential_param_space import leaf_inputs, leaf_views
-from ._step_io import StepIO, check_step_args, locked
-from ._validate import shape_str
-from .backend import is_gpu_array
+from ._step_io import StepIO, check_rebound, check_step_args, locked
 from .layers import named_params
 
 __all__ = ["SequentialStep"]
@@ -70,7 +69,7 @@ class SequentialStep(StepIO):
 
     def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = True,
                  clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
-        if not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")):
+        if not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")) or hasattr(net, "weights"):
             raise TypeError(f"SequentialStep compiles a Sequential (a tuple of layers), not a {type(net).__name__}")
         xp = net.xp
         self._gpu = xp is not np
@@ -120,13 +119,7 @@ class SequentialStep(StepIO):
             raise ValueError(f"the network now has {len(params)} parameter arrays; this step was compiled for "
                              f"{len(grads)}: compile a new step")
         for (where, p), q in zip(params, grads):
-            if is_gpu_array(p) != self._gpu or p.shape != q.shape or p.dtype != q.dtype:
-                raise ValueError(
-                    f"{where} is now {shape_str(p.shape)} {p.dtype} on the {'GPU' if is_gpu_array(p) else 'CPU'}; "
-                    f"this step was compiled for {shape_str(q.shape)} {q.dtype} on the {'GPU' if self._gpu else 'CPU'}: "
-                    f"compile a new step")
-            if self._gpu and p.device.id != self._device.id:
-                raise ValueError(f"{where} is now on GPU {p.device.id}; this step runs on GPU {self._device.id}")
+            check_rebound(where, p, q, self._gpu, self._device)
         if [self._buffer_layout(L) for L in layers] != self._layout:
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
@@ -177,14 +170,14 @@ class SequentialStep(StepIO):
             flat = self._flat.copy() if copy else self._flat
             named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
             loss = self._loss.value.copy() if copy else self._loss.value
-            return loss, self._private.results(BlockGradients(flat, named, None, None), frac, std, copy)
+            return loss, self._private.results(Gradients(layers=named, flat=flat), frac, std, copy)
         if not copy:
             named = named_grads(self._layers, self._grads)
-            return self._loss.value, BlockGradients(self._flat, named, self._gin, list(self._deltas))
+            return self._loss.value, Gradients(layers=named, input=self._gin, deltas=list(self._deltas), flat=self._flat)
         flat = self._flat.copy()
         named = named_grads(self._layers, param_views(self._layers, _views(flat, self._params)))
         gin = None if self._gin is None else self._gin.copy()
-        return self._loss.value.copy(), BlockGradients(flat, named, gin, [d.copy() for d in self._deltas])
+        return self._loss.value.copy(), Gradients(layers=named, input=gin, deltas=[d.copy() for d in self._deltas], flat=flat)
 
     # ------------------------------------------------------------------ facts
     @property

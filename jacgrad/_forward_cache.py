@@ -37,6 +37,12 @@ class ForwardCache:
         return self.x.shape[0]
 
     @property
+    def states(self) -> list:
+        """Per layer, its ``jacgrad.layers.Dense`` state ``(z_{j-1}, saved_j, from_output_j)`` (the
+        parameter-space code reads layer inputs through it; a ``z`` is recomputed where not saved)."""
+        return [(self.layer_output(j - 1), s, fo) for j, (s, fo) in enumerate(zip(self.saved, self.from_output))]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the saved per-layer arrays (the input is the caller's)."""
         return int(sum(a.nbytes for a in self.saved))

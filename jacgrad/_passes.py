@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -36,24 +35,65 @@ __all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "column_sum
 Check = Callable[[Any, str], None]
 
 
-@dataclass
 class Gradients:
-    """What ``MLP.backward`` (and a ``TrainingStep``) returns. ``weights[j]: (H_{j-1}, H_j)``,
-    ``biases[j]: (H_j,)``, ``input: (B, n_in)`` (None when not asked for),
-    ``deltas[j] = ∂L/∂h_j: (B, H_j)``.
+    """The one gradient type: what ``MLP.backward``, ``Sequential.backward``, their compiled steps
+    and the parameter-space products return.
 
-    ``flat``: every parameter gradient in ONE 1-D array, ``∂W_0, ∂b_0, ∂W_1, ∂b_1, …`` (each W
-    row-major: the order of ``MLP.save``); ``weights[j]`` and ``biases[j]`` are views into it, so
-    a global gradient norm or clipping is one operation (``xp.linalg.norm(g.flat)``,
-    ``g.flat *= c``). The deltas likewise share one block. A view keeps its whole block alive.
-    (Defined here, below both ``mlp`` and ``compiled``, so that neither imports the other.)
+    ``flat``: every parameter gradient in ONE 1-D array, in layer order (Dense: ``∂W`` row-major,
+    then ``∂b``: the order of ``save``); every other array here is a view into it, so a global
+    norm or clipping is one operation (``xp.linalg.norm(g.flat)``, ``g.flat *= c``). A view keeps
+    its whole block alive. ``layers[j]``: layer j's gradients by name (``"W"``, ``"b"``,
+    ``"gamma"``, ``"beta"``) — for a Residual, a list of its inner layers' entries.
+    ``weights[j]: (H_{j-1}, H_j)`` and ``biases[j]: (H_j,)``: for a net of Dense layers only.
+    ``input: (B, n_in)`` or None. ``deltas[j]``: ∂L/∂h_j (pre-activation) for a Dense layer,
+    ∂L/∂(output of layer j) for the others; None where not computed. Per-sample results carry a
+    leading ``B`` axis on every array.
+
+    Built with ``weights``/``biases`` (a dense net) or ``layers``; the other view is derived.
+    ``BlockGradients`` is another name for this type.
     """
 
-    weights: list
-    biases: list
-    input: Any
-    deltas: list
-    flat: Any = None
+    __slots__ = ("_weights", "_biases", "_layers", "input", "deltas", "flat")
+
+    def __init__(self, weights: list | None = None, biases: list | None = None, input: Any = None,
+                 deltas: list | None = None, flat: Any = None, *, layers: list | None = None):
+        if (weights is None) != (biases is None) or (weights is None) == (layers is None):
+            raise TypeError("Gradients takes weights and biases (a dense net) or layers, not both")
+        self._weights, self._biases, self._layers = weights, biases, layers
+        self.input, self.deltas, self.flat = input, deltas, flat
+
+    @property
+    def weights(self) -> list:
+        """``∂L/∂W_j: (H_{j-1}, H_j)`` per layer: a net of Dense layers only."""
+        if self._weights is None:
+            self._weights = [self._dense(j, e)["W"] for j, e in enumerate(self._layers)]
+        return self._weights
+
+    @property
+    def biases(self) -> list:
+        """``∂L/∂b_j: (H_j,)`` per layer: a net of Dense layers only."""
+        if self._biases is None:
+            self._biases = [self._dense(j, e)["b"] for j, e in enumerate(self._layers)]
+        return self._biases
+
+    @property
+    def layers(self) -> list:
+        """Per layer, its gradients by name."""
+        if self._layers is None:
+            return [{"W": W, "b": b} for W, b in zip(self._weights, self._biases)]
+        return self._layers
+
+    @staticmethod
+    def _dense(j: int, entry) -> dict:
+        if not (isinstance(entry, dict) and set(entry) == {"W", "b"}):
+            names = sorted(entry) if isinstance(entry, dict) else "a block of inner layers"
+            raise AttributeError(f"Gradients.weights and .biases are for nets of Dense layers; layer {j} has {names}: "
+                                 f"read Gradients.layers[{j}] by name")
+        return entry
+
+    def __repr__(self) -> str:
+        n = None if self.flat is None else self.flat.shape
+        return f"Gradients(layers={len(self.layers)}, flat={n}, input={self.input is not None}, deltas={self.deltas is not None})"
 
 
 def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False, pooled: bool = False) -> tuple[Any, list]:

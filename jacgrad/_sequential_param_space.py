@@ -1,40 +1,32 @@
-"""The parameter-space products of ``Sequential`` (dense layers, residual blocks, LayerNorm,
-RMSNorm): per-sample gradients and their norms, Gauss–Newton products and diagonal, and what
-``jacgrad.ntk`` reads. ``Sequential`` inherits these methods; the algebra on the leaves' ``(a, δ)``
-pairs lives in ``jacgrad.per_sample``, ``jacgrad.curvature`` and ``jacgrad.loss_hessians``,
-which know no network.
+"""The parameter-space products of every network (``Sequential``, and ``MLP``, a stack of Dense
+layers): per-sample gradients and their norms, Gauss–Newton products and diagonal, the private
+(clipped) gradient, and what ``jacgrad.ntk`` reads. The networks inherit these methods; the
+algebra on the leaves' ``(a, δ)`` pairs lives in ``jacgrad.per_sample``, ``jacgrad.curvature``,
+``jacgrad.loss_hessians`` and ``jacgrad.private``, which know no network.
 
 A "leaf" is a layer with parameters (``Dense``, ``LayerNorm``, ``RMSNorm``); a residual block's
 inner layers are leaves in their order, so the leaves' parameters, in order, are exactly
-``BlockGradients.flat``. The batch loss is the mean of per-sample losses ℓ_i, so sample i's
+``Gradients.flat``. The batch loss is the mean of per-sample losses ℓ_i, so sample i's
 cotangent is B times the batch one: ONE forward and one stacked reverse sweep serve every
-per-sample quantity. Conventions as ``MLP``'s (``jacgrad._mlp_param_space``): the gradient of
-ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives it.
+per-sample quantity. Convention: the gradient of ℓ_i itself, as
+``torch.func.vmap(torch.func.grad(ℓ))`` gives it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from . import _lazy, curvature, loss_hessians, losses, per_sample, private
 from .backend import get_xp
-from ._block_passes import BlockGradients, named_grads, param_views
+from ._passes import Gradients
+from ._block_passes import named_grads, param_views
 from ._passes import carve
 from .layers import Residual, leaf_layers
 
 __all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
-@dataclass
-class ParamArrays:
-    """Arrays in the network's parameter layout. ``flat``: ``(P,)``, or ``(B, P)`` per sample, in
-    ``BlockGradients.flat`` order; ``layers[j]``: layer j's arrays by name (``"W"``, ``"b"``,
-    ``"gamma"``, ``"beta"``; views of ``flat``, with the leading ``B`` axis when per sample) — for
-    a Residual, a list of its inner layers' entries, as ``BlockGradients.layers``."""
-
-    flat: Any
-    layers: list
+ParamArrays = Gradients  # the old name of what per_sample_grads and ggn_diagonal return
 
 
 def _leaves(layers) -> list:
@@ -68,8 +60,13 @@ def leaf_views(layers, flat) -> list:
 
 
 class SequentialParameterSpace:
-    """Per-sample gradients and norms, ``ggn_vp`` and ``ggn_diagonal`` for ``Sequential`` (which
-    supplies ``forward``, ``backward``, ``jacobian_chain``, ``layers``, ``n_params``, ``dtype``, ``xp``)."""
+    """Per-sample gradients and norms, ``clipped_grad``, ``ggn_vp`` and ``ggn_diagonal`` for a
+    network (``Sequential``, ``MLP``) that supplies ``forward`` (whose cache has ``x``, ``batch``
+    and ``states``, one Dense-style state per layer), ``backward``, ``jacobian_chain``,
+    ``layers``, ``n_params``, ``n_in``, ``n_out``, ``dtype``."""
+
+    # the gradient type's name in messages: Sequential's still says its old name (tests pin it)
+    _flat_name = "Gradients.flat"
 
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
@@ -86,14 +83,14 @@ class SequentialParameterSpace:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
         return leaf_views(self.layers, flat)
 
-    def _sample_partials(self, x: Any, target: Any, loss: str, per_sample_scale: bool = True):
-        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, sample
-        i's own cotangent ``∂ℓ_i/∂h_k`` at leaf k (``per_sample.output_partials``) — or, with
-        ``per_sample_scale=False``, the batch loss's (B times smaller)."""
+    def _sample_partials(self, x: Any, target: Any, loss: str):
+        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, the
+        batch loss's cotangent ``∂L/∂h_k`` at leaf k (``per_sample.output_partials``); sample i's
+        own is B times its row i (scaled by the callers after their sums, as a backward's deltas)."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
         _, grad_y = loss_fn(y, target)
-        V = (grad_y * float(cache.batch) if per_sample_scale else grad_y.copy())[:, None, :]
+        V = grad_y.copy()[:, None, :]
         factors = self.jacobian_chain(cache).factors
         return cache, per_sample.leaf_factors(factors), per_sample.output_partials(factors, V)
 
@@ -115,7 +112,7 @@ class SequentialParameterSpace:
         lazy = _lazy.handler_for(x)
         if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
             return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
-        cache, leaves, partials = self._sample_partials(x, target, loss, per_sample_scale=False)
+        cache, leaves, partials = self._sample_partials(x, target, loss)
         inputs, owner = self._param_leaf_inputs(cache), [j for j, _ in _leaves(self.layers)]
         xp = get_xp(cache.x)
         sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
@@ -126,12 +123,18 @@ class SequentialParameterSpace:
         return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
 
     def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB):
-        """Every sample's own gradient ``∇_θ ℓ_i`` as ``ParamArrays``: ``flat: (B, P)`` (row i laid
-        out as ``BlockGradients.flat``), ``layers[j]`` named views ``(B, *shape)``.
+        """Every sample's own gradient ``∇_θ ℓ_i`` as a ``Gradients``: ``flat: (B, P)`` (row i laid
+        out as ``Gradients.flat``), ``layers[j]`` named views ``(B, *shape)`` (``weights[j]: (B,
+        H_{j-1}, H_j)`` and ``biases[j]: (B, H_j)`` for a net of Dense layers); ``deltas[k]: (B,
+        H_k)`` sample i's own ``∂ℓ_i/∂h_k`` per leaf (where every layer is a leaf; else None);
+        ``input`` None.
 
-        Convention: the gradient of ℓ_i itself (``torch.func.vmap(grad)``); ``mean_i`` of ours
-        is ``loss_and_grads``' gradient. It materialises ``B × P`` numbers; above ``max_memory``
-        bytes (default 1 GiB; None: no limit) a ``ValueError`` gives the size before allocating.
+        Convention: the gradient of ℓ_i itself, as ``torch.func.vmap(torch.func.grad(ℓ))`` gives
+        it; BackPACK's BatchGrad differentiates ``ℓ_i / B`` (its per-sample gradients sum to the
+        batch gradient), so it is ours divided by B; ``mean_i`` of ours is ``loss_and_grads``'
+        gradient. It materialises ``B × P`` numbers on purpose; when ``B·P·itemsize`` exceeds
+        ``max_memory`` bytes (default 1 GiB; None: no limit) it raises ``ValueError`` with the size
+        before allocating — ``per_sample_grad_norms`` gives the norms in ``O(B·Σ H)``.
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
@@ -147,16 +150,19 @@ class SequentialParameterSpace:
             "or split the batch")
         inputs = self._param_leaf_inputs(cache)
         flat = get_xp(cache.x).empty((B, P), dtype=self.dtype)
-        views = self._leaf_views(flat)
+        views, deltas = self._leaf_views(flat), [None] * len(leaves)
         for k, G in partials:
-            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], G[:, 0, :])
-        return ParamArrays(flat, _by_name(self.layers, views))
+            deltas[k] = G[:, 0, :] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
+        for k, delta in enumerate(deltas):  # then the (B, P) block front to back: fresh memory faults in faster
+            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], delta)
+        flat_net = len(leaves) == len(self.layers)
+        return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
                      seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
         """DP-SGD's private gradient ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` from one forward and
         one reverse sweep over every leaf (Dense, LayerNorm, RMSNorm, inside residual blocks too),
-        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``BlockGradients`` with ``input``
+        as ``jacgrad.private.ClippedGradients`` (``.grads``: a ``Gradients`` with ``input``
         and ``deltas`` None); arguments and conventions as ``MLP.clipped_grad``.
 
             >>> import numpy as np, jacgrad as jg
@@ -177,13 +183,13 @@ class SequentialParameterSpace:
                                           private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
-        return private.ClippedGradients(BlockGradients(flat, _by_name(self.layers, views), None, None), norms, frac,
+        return private.ClippedGradients(Gradients(layers=_by_name(self.layers, views), flat=flat), norms, frac,
                                         std)
 
     # ------------------------------------------------------------------ Gauss–Newton
     def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
-        in ``BlockGradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
+        in ``Gradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
 
         One forward-mode pass in parameter space through every layer kind
         (``curvature.leaf_parameter_jvp``), ``H_i / B`` per sample, one ``backward``.
@@ -194,7 +200,7 @@ class SequentialParameterSpace:
             (24,)
         """
         v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
-                                       "BlockGradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       f"{self._flat_name} (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         inputs = self._param_leaf_inputs(cache)
@@ -227,9 +233,9 @@ class SequentialParameterSpace:
         inputs = [a for a, _ in self._param_leaf_inputs(cache)]
         for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
             curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V, views, 1.0 / B)
-        return ParamArrays(flat, _by_name(self.layers, views))
+        return Gradients(layers=_by_name(self.layers, views), flat=flat)
 
 
 def _by_name(layers, leaf_views: list) -> list:
-    """``leaf_views`` (one list per leaf) grouped as ``BlockGradients.layers``: names per layer."""
+    """``leaf_views`` (one list per leaf) grouped as ``Gradients.layers``: names per layer."""
     return named_grads(layers, param_views(layers, [v for leaf in leaf_views for v in leaf]))

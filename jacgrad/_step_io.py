@@ -31,7 +31,7 @@ from ._loss_workspace import NAMES as LOSS_NAMES
 from ._validate import float_array, network_input, shape_str
 from .backend import is_gpu_array, tf32_enabled
 
-__all__ = ["StepIO", "check_batch_and_capture", "check_step_args", "locked"]
+__all__ = ["StepIO", "check_batch_and_capture", "check_rebound", "check_step_args", "locked"]
 
 _CAPTURE = ("auto", True, False)
 
@@ -55,6 +55,18 @@ def check_batch_and_capture(batch: Any, capture: Any, gpu: bool) -> int:
             "the CPU (NumPy). Use capture='auto' (buffers only on the CPU) or capture=False, or net.to('gpu')"
         )
     return int(batch)
+
+
+def check_rebound(where: str, new, old, gpu: bool, device) -> None:
+    """``rebind``'s check of one parameter ``new`` (named ``where``) against the buffer ``old`` the
+    step was compiled for: same shape, dtype, kind of device and GPU (``device``)."""
+    if is_gpu_array(new) != gpu or new.shape != old.shape or new.dtype != old.dtype:
+        raise ValueError(
+            f"{where} is now {shape_str(new.shape)} {new.dtype} on the {'GPU' if is_gpu_array(new) else 'CPU'}; "
+            f"this step was compiled for {shape_str(old.shape)} {old.dtype} on the {'GPU' if gpu else 'CPU'}: "
+            f"compile a new step")
+    if gpu and new.device.id != device.id:
+        raise ValueError(f"{where} is now on GPU {new.device.id}; this step runs on GPU {device.id}")
 
 
 def locked(method: Callable) -> Callable:

@@ -67,10 +67,8 @@ from . import losses
 from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, backward_into, carve, carve_gradients, forward_into, grad_views
 from ._private_step import PrivatePart, check_clip_args
-from ._step_io import StepIO, check_step_args, locked
-from ._validate import shape_str
+from ._step_io import StepIO, check_rebound, check_step_args, locked
 from .activations import get as get_activation
-from .backend import is_gpu_array
 from .jacobian import LayerJacobian
 
 __all__ = ["TrainingStep"]
@@ -139,14 +137,7 @@ class TrainingStep(StepIO):
             raise ValueError(f"the network now has {len(net.weights)} layers; this step was compiled for {K}")
         for j, (W, b, dW, db) in enumerate(zip(net.weights, net.biases, self._dW, self._db)):
             for what, new, old in (("weights", W, dW), ("biases", b, db)):
-                if is_gpu_array(new) != self._gpu or new.shape != old.shape or new.dtype != old.dtype:
-                    raise ValueError(
-                        f"net.{what}[{j}] is now {shape_str(new.shape)} {new.dtype} on the "
-                        f"{'GPU' if is_gpu_array(new) else 'CPU'}; this step was compiled for {shape_str(old.shape)} "
-                        f"{old.dtype} on the {'GPU' if self._gpu else 'CPU'}: compile a new step"
-                    )
-                if self._gpu and new.device.id != self._device.id:
-                    raise ValueError(f"net.{what}[{j}] is now on GPU {new.device.id}; this step runs on GPU {self._device.id}")
+                check_rebound(f"net.{what}[{j}]", new, old, self._gpu, self._device)
         self._W, self._b = list(net.weights), list(net.biases)
         self._acts, self._act_names = acts, [a.name for a in acts]
         self._from_output = [a.df_from_output is not None for a in acts]
@@ -237,13 +228,6 @@ class TrainingStep(StepIO):
         arrays = [self._x, self._target, *self._saved, *self._delta, self._flat]
         arrays += [a for a in self._z + self._d if a is not None] + ([self._gin] if self.input_grad else [])
         return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes + (self._private.nbytes if self._private else 0)
-
-    @property
-    def graph_pool_bytes(self) -> int:
-        """Device bytes held for the graphs' lifetime in their private pools: per graph, cuBLAS's
-        workspace (32 MiB on sm_90, 4 MiB before) and whatever library calls allocated while being
-        captured. 0 on the CPU and before the first capture."""
-        return 0 if self._graphs is None else self._graphs.pool_bytes
 
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.captured else "buffers"

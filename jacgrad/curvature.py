@@ -5,7 +5,7 @@ With ``J_i = ∂y_i/∂θ`` and ``H_i`` the Hessian of sample i's loss in its ou
 
     G = (1/B) Σ_i J_iᵀ H_i J_i.
 
-``G v`` is one forward-mode pass in parameter space (``parameter_jvp``: the output tangent
+``G v`` is one forward-mode pass in parameter space (``leaf_parameter_jvp``: the output tangent
 ``J_i v``), ``H_i / B`` applied per sample, and one ordinary backward pass. Its diagonal, with
 ``H_i = V_iᵀ V_i`` and ``G_k[i] = V_i ∂y_i/∂h_{k,i}`` (``per_sample.output_partials``) and
 ``S_k[i] = Σ_ρ G_k[i, ρ]²``, is, per leaf (``per_sample``'s ``(a, δ)`` pairs):
@@ -26,13 +26,7 @@ from .backend import dot_along
 from .factors import ResidualFactor
 from .per_sample import is_norm, leaf_factors, output_partials
 
-__all__ = ["accumulate_diagonal", "accumulate_leaf_diagonal", "leaf_parameter_jvp", "parameter_jvp"]
-
-
-def parameter_jvp(factors: Sequence[Any], layer_input: Callable[[int], Any], vW: Sequence[Any], vb: Sequence[Any]):
-    """``J_θ v`` of a dense stack (``MLP``): ``leaf_parameter_jvp`` with ``layer_input(j)`` the
-    input of layer ``j + 1`` (``x`` for ``j = -1``) and ``v = (vW, vb)``."""
-    return leaf_parameter_jvp(factors, lambda k: layer_input(k - 1), list(zip(vW, vb)))
+__all__ = ["accumulate_leaf_diagonal", "leaf_parameter_jvp"]
 
 
 def leaf_parameter_jvp(factors: Sequence[Any], leaf_input: Callable[[int], Any], dirs: Sequence[Sequence[Any]]):
@@ -71,13 +65,6 @@ def _tangent(factors, t, leaf_input, dirs, k):
         t = out if is_norm(J) else J.scale(out, out=out)
         k += 1
     return t, k
-
-
-def accumulate_diagonal(factors: Sequence[Any], layer_input: Callable[[int], Any], V, dW: list, db: list,
-                        scale: float) -> None:
-    """``accumulate_leaf_diagonal`` for a dense stack (``MLP``): ``layer_input(j)`` the input of layer
-    ``j + 1``, ``dW[j], db[j]`` the outputs."""
-    accumulate_leaf_diagonal(factors, lambda k: layer_input(k - 1), V, list(zip(dW, db)), scale)
 
 
 def accumulate_leaf_diagonal(factors: Sequence[Any], leaf_input: Callable[[int], Any], V, outs: Sequence[Sequence[Any]],

@@ -26,12 +26,13 @@ from .compiled import TrainingStep
 from .jacobian import LayerJacobian
 from ._forward_cache import ForwardCache
 from ._mlp_interop import InteropMethods
-from ._mlp_param_space import ParameterSpaceMethods
+from ._sequential_param_space import SequentialParameterSpace
+from .layers import Dense
 
 __all__ = ["MLP", "ForwardCache", "Gradients"]
 
 
-class MLP(ParameterSpaceMethods, InteropMethods):
+class MLP(SequentialParameterSpace, InteropMethods):
     """A multilayer perceptron with public ``weights``, ``biases`` and ``activations`` lists.
 
     ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)``, ``activations[j]``: a name from
@@ -85,9 +86,12 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         if len(names) != K:
             raise ValueError(f"got {len(names)} activations for {K} layers")
         acts = [_activation_entry(j, n) for j, n in enumerate(names)]
+        # the Dense layers the shared parameter-space code reads (``layers``), kept in step with the
+        # three lists by their checks: a replaced entry is replaced in its layer too
+        self._layers = tuple(Dense(W, b, act) for W, b, act in zip(weights, biases, acts))
         self._weights = LayerList(weights, "weights", self._check_weight)
         self._biases = LayerList(biases, "biases", self._check_bias)
-        self._activations = LayerList(acts, "activations", _activation_entry, show=_activation_name)
+        self._activations = LayerList(acts, "activations", self._check_activation, show=_activation_name)
         self._token = object()  # identifies this network's caches
 
     # ------------------------------------------------------------------ the per-layer lists
@@ -124,10 +128,29 @@ class MLP(ParameterSpaceMethods, InteropMethods):
         return self._activations.stored
 
     def _check_weight(self, j: int, W):
-        return replacement(j, W, self._weights[j], "W")
+        W = replacement(j, W, self._weights[j], "W")
+        self._layers[j]._W = W
+        return W
 
     def _check_bias(self, j: int, b):
-        return replacement(j, b, self._biases[j], "bias")
+        b = replacement(j, b, self._biases[j], "bias")
+        self._layers[j]._b = b
+        return b
+
+    def _check_activation(self, j: int, name):
+        act = _activation_entry(j, name)
+        self._layers[j]._act = act
+        return act
+
+    @property
+    def layers(self) -> tuple:
+        """The ``jacgrad.layers.Dense`` layers, one per entry of ``weights``/``biases``/``activations``
+        (they hold the very arrays and rows those lists hold)."""
+        return self._layers
+
+    n_in = property(lambda self: self.weights[0].shape[0])
+    n_out = property(lambda self: self.weights[-1].shape[1])
+    n_params = property(lambda self: sum(W.size + W.shape[1] for W in self.weights))
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -35,13 +35,6 @@ __all__ = ["ntk"]
 DEFAULT_MAX_MEMORY = 1 << 28  # 256 MiB of working memory per call, besides the result
 
 
-def _leaf_inputs(net, cache) -> list:
-    """``[(a_k, n_params_k)]`` for every leaf: a ``Sequential``'s own list, or an ``MLP``'s layer inputs."""
-    if hasattr(net, "_param_leaf_inputs"):
-        return net._param_leaf_inputs(cache)
-    return [(cache.layer_output(j), 2) for j in range(-1, net.depth - 1)]
-
-
 def _sweep(net, x):
     """``(leaves, inputs, partials)``: the leaf factors, ``[(a_k, n_params_k)]`` and a generator
     of ``(k, G_k: (N, O, H_k))``, output leaf first."""
@@ -52,7 +45,7 @@ def _sweep(net, x):
     idx = xp.arange(O)
     V[:, idx, idx] = 1
     factors = net.jacobian_chain(cache).factors
-    return leaf_factors(factors), _leaf_inputs(net, cache), output_partials(factors, V)
+    return leaf_factors(factors), net._param_leaf_inputs(cache), output_partials(factors, V)
 
 
 def _gram(Ga, Gb, trace: bool):
@@ -101,7 +94,7 @@ def _block(leaves, left, net, xb, trace: bool, out):
 
 def _widths(net) -> list[int]:
     """Every leaf's output width and the input width (``Sequential`` opens its residual blocks)."""
-    return list(net._param_widths()) if hasattr(net, "_param_widths") else list(net.sizes)
+    return list(net._param_widths())
 
 
 def _chunk(net, N: int, max_memory) -> int:
@@ -162,4 +155,4 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
 
 def _anchor(net):
     """One parameter array of ``net``: what its inputs' device is checked against."""
-    return net.weights[0] if hasattr(net, "weights") else net.layers[0].params[0]
+    return net.layers[0].params[0]

@@ -38,8 +38,8 @@ from ._validate import check_max_memory as _check_max_memory
 from .backend import dot_along, get_xp
 from .factors import NormFactor, ResidualFactor
 
-__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "fill_grads", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
-           "output_partials", "param_views", "per_sample_views"]
+__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
+           "output_partials", "param_views"]
 
 GIB = 1 << 30
 
@@ -106,13 +106,6 @@ def param_views(flat, shapes: Sequence[tuple]) -> list:
     return views
 
 
-def per_sample_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
-    """``(dW, db)`` views of a ``(B, P)`` block, each row laid out as ``Gradients.flat``:
-    ``dW[j]: (B, H_{j-1}, H_j)``, ``db[j]: (B, H_j)``."""
-    views = param_views(flat, [s for W in weights for s in (tuple(W.shape), (W.shape[1],))])
-    return views[0::2], views[1::2]
-
-
 def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
     """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense:
     ``J`` a ``LayerJacobian`` or None; ``a: (B, H_in)``, ``δ: (B, H_out)``, first view
@@ -125,12 +118,6 @@ def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
         xp.multiply(a[:, :, None], delta[:, None, :], out=views[0])
     if len(views) > 1:
         views[1][...] = delta
-
-
-def fill_grads(dW: list, db: list, layer_input: Callable[[int], Any], deltas: Sequence[Any]) -> None:
-    """Write ``dW[j][i] = z_{j-1,i} δ_{j,i}ᵀ`` and ``db[j][i] = δ_{j,i}`` (per-sample deltas given)."""
-    for j, delta in enumerate(deltas):
-        fill_leaf(None, (dW[j], db[j]), layer_input(j - 1), delta)
 
 
 def check_direction(v: Any, anchor: Any, n_params: int, dtype, layout: str):

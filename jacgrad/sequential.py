@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _lazy, losses
+from ._passes import Gradients
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._compiled_jacobian import JacobianStep
@@ -71,6 +72,7 @@ class Sequential(SequentialParameterSpace, Imported):
         self._layers = tuple(layers)
         self._token = object()
 
+    _flat_name = "BlockGradients.flat"
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
@@ -131,7 +133,7 @@ class Sequential(SequentialParameterSpace, Imported):
         self._check_origin()
 
     def backward(self, cache: SequentialCache, grad_y: Any, input_grad: bool = True,
-                 check_finite: bool = False) -> BlockGradients:
+                 check_finite: bool = False) -> Gradients:
         """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``).
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
         self._check_cache(cache)
@@ -148,7 +150,7 @@ class Sequential(SequentialParameterSpace, Imported):
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache.states, g, per_layer, bufs, input_grad,
                                       _require_finite if check_finite else None)
-        return BlockGradients(flat, named_grads(self._layers, per_layer), gin, deltas)
+        return Gradients(layers=named_grads(self._layers, per_layer), input=gin, deltas=deltas, flat=flat)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
         """``(value, BlockGradients)`` of ``loss`` (see ``jacgrad.losses``) against ``target``."""
