@@ -39,7 +39,9 @@ from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
+from .diagnostics import gradient_flow
 from .ntk import ntk
+from .products import clipped_grad, ggn_diagonal, ggn_vp, per_sample_grad_norms, per_sample_grads
 from .sequential import Sequential
 
 __version__ = "0.1.0"
@@ -62,6 +64,9 @@ __all__ = [
     "factors",
     "gates",
     "get_xp",
+    "ggn_diagonal",
+    "ggn_vp",
+    "gradient_flow",
     "hostpool",
     "initializers",
     "jacobian",
@@ -72,6 +77,9 @@ __all__ = [
     "mlp",
     "ntk",
     "per_sample",
+    "per_sample_grad_norms",
+    "per_sample_grads",
+    "clipped_grad",
     "private",
     "sequential",
     "spectra",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _lazy, curvature, loss_hessians, losses, per_sample, private
+from . import _lazy, curvature, loss_hessians, losses, ntk as _ntk, per_sample, private
 from .backend import get_xp
 from ._passes import Gradients
 from ._block_passes import named_grads, param_views
@@ -234,6 +234,18 @@ class SequentialParameterSpace:
         for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
             curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V, views, 1.0 / B)
         return Gradients(layers=_by_name(self.layers, views), flat=flat)
+
+    # ------------------------------------------------------------------ shorthands
+    def ntk(self, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = _ntk.DEFAULT_MAX_MEMORY):
+        """``jg.ntk(net, x1, x2, trace, max_memory)``: the empirical NTK ``J_θ(x1) J_θ(x2)ᵀ``,
+        ``(N1, N2, n_out, n_out)``, or ``(N1, N2)`` with ``trace=True``."""
+        return _ntk.ntk(self, x1, x2, trace=trace, max_memory=max_memory)
+
+    def jacobian(self, x: Any, order: str = "auto"):
+        """``J: (B, n_out, n_in)``, the per-sample input-output Jacobians at ``x: (B, n_in)``: the
+        forward pass, then ``jacobian_chain(cache).jacobian(order)`` (``order``: "auto", the
+        cheapest bracketing, "forward" or "reverse")."""
+        return self.jacobian_chain(self.forward(x)[1]).jacobian(order)
 
 
 def _by_name(layers, leaf_views: list) -> list:

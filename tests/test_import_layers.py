@@ -43,11 +43,11 @@ RANK: dict[str, int] = {
     "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
     "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
-    "loss_hessians": NETWORKS, "private": NETWORKS,
+    "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "ntk": PARAMETER_SPACE, "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
-    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE,
+    "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
+    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE,
     # the command
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
 }

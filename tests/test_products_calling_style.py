@@ -1,0 +1,68 @@
+"""One calling style for the products (issue 19 item 5): each is a method and a free function with
+the same arguments, the free one the method's own result; ``net.jacobian(x)`` is the
+forward-then-chain idiom; ``jg.gradient_flow`` sits at the top level. References: the method
+spellings that existed before (the free spelling must give the same bits), and a finite-difference
+Jacobian for ``net.jacobian``."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+import jacgrad as jg
+
+
+def _nets():
+    rng = np.random.default_rng(3)
+    mlp = jg.MLP.init([4, 6, 3], activation="tanh", seed=1)
+    seq = jg.Sequential([jg.layers.Dense(rng.standard_normal((4, 6)) / 2, activation="tanh"),
+                         jg.layers.LayerNorm(np.ones(6), np.zeros(6)),
+                         jg.layers.Dense(rng.standard_normal((6, 3)) / 2)])
+    return [mlp, seq]
+
+
+@pytest.mark.parametrize("net", _nets(), ids=["mlp", "sequential"])
+def test_free_functions_are_the_methods(net):
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    v = rng.standard_normal(net.n_params)
+    pairs = [
+        (jg.per_sample_grad_norms(net, x, t, per_layer=True), net.per_sample_grad_norms(x, t, per_layer=True)),
+        (jg.per_sample_grads(net, x, t).flat, net.per_sample_grads(x, t).flat),
+        (jg.ggn_vp(net, x, v, loss="mse"), net.ggn_vp(x, v, loss="mse")),
+        (jg.ggn_diagonal(net, x).flat, net.ggn_diagonal(x).flat),
+        (jg.clipped_grad(net, x, t, max_norm=0.1).flat, net.clipped_grad(x, t, max_norm=0.1).flat),
+        (net.ntk(x, x[:2], trace=True), jg.ntk(net, x, x[:2], trace=True)),
+    ]
+    for free, method in pairs:
+        assert np.array_equal(free, method)
+
+
+@pytest.mark.parametrize("net", _nets(), ids=["mlp", "sequential"])
+@pytest.mark.parametrize("order", ["auto", "forward", "reverse"])
+def test_net_jacobian_is_the_input_output_jacobian(net, order):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4))
+    J = net.jacobian(x, order=order)
+    assert J.shape == (3, 3, 4)
+    for i in range(3):
+        fd = jg.check.numerical_jacobian(lambda z: net(z[None])[0], x[i])
+        np.testing.assert_allclose(J[i], fd, rtol=1e-6, atol=1e-8)
+    assert np.array_equal(J, net.jacobian_chain(net.forward(x)[1]).jacobian(order))
+
+
+def test_gradient_flow_at_the_top_level_is_the_diagnostics_one():
+    assert jg.gradient_flow is jg.diagnostics.gradient_flow
+
+
+def test_free_functions_show_the_method_signature_with_net_first():
+    sig = inspect.signature(jg.per_sample_grad_norms)
+    assert list(sig.parameters)[:4] == ["net", "x", "target", "loss"]
+    assert "per_sample_grad_norms" in jg.per_sample_grad_norms.__doc__
+
+
+def test_a_torch_model_is_told_which_importer_to_call():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential.*from_torch"):
+        jg.per_sample_grad_norms(model, np.ones((2, 4)), np.zeros((2, 3)))
