@@ -172,7 +172,7 @@ class SequentialParameterSpace:
             ((4,), (3,), True)
         """
         C, sigma = private.check_private_args(max_norm, noise_multiplier, expected_batch_size)
-        private.check_loss(loss)
+        loss = private.check_loss(loss)
         y, cache = self.forward(x)
         _, grad_y = losses.get(loss)(y, losses.one_layout(target))
         xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)

@@ -89,12 +89,14 @@ def check_private_args(max_norm: Any, noise_multiplier: Any, expected_batch_size
 
 
 def check_loss(loss: Any, what: str = "clipped_grad") -> str:
-    """``loss`` if it is the name of a jacgrad loss (each is the mean of per-sample losses, which
-    per-sample clipping needs); a ``ValueError`` saying so otherwise."""
-    if not isinstance(loss, str) or loss not in losses.names():
+    """The jacgrad loss ``loss`` names (``losses.canonical``: torch's aliases accepted); each is the
+    mean of per-sample losses, which per-sample clipping needs. A ``ValueError`` saying so otherwise."""
+    try:
+        return losses.canonical(loss)
+    except ValueError:
         raise ValueError(f"{what} clips per-sample gradients, so the loss must be the mean over the batch of "
-                         f"per-sample losses: one of {', '.join(losses.names())}; got {loss!r}")
-    return loss
+                         f"per-sample losses: one of {', '.join(losses.names())} (or torch's aliases "
+                         f"{', '.join(losses.ALIASES)}); got {loss!r}") from None
 
 
 def noise_generator(seed: Any = None, xp=np):

@@ -65,7 +65,7 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
     from .sequential import Sequential
 
     C, sigma = private.check_private_args(max_norm, noise_multiplier, expected_batch_size)
-    private.check_loss(loss, "dp_backward")
+    loss = private.check_loss(loss, "dp_backward")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("dp_backward: the model has no parameter that requires grad")

@@ -206,3 +206,14 @@ def test_blocks_with_one_sample(loss):
     for C in (0.5 * n, n, 2 * n):
         r = net.clipped_grad(x, t, loss=loss, max_norm=C)
         _close(r.flat, _clipped_mean(psg, C)[0], TOL[np.float64])
+
+
+def test_torch_loss_aliases_name_the_same_private_gradient():
+    net = jg.MLP.init([5, 4, 3], activation="tanh", seed=2)
+    rng = np.random.default_rng(5)
+    x, labels = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+    ce = net.clipped_grad(x, labels, loss="softmax_cross_entropy", max_norm=0.3)
+    alias = jg.clipped_grad(net, x, labels, loss="cross_entropy", max_norm=0.3)
+    assert np.array_equal(ce.flat, alias.flat) and np.array_equal(ce.norms, alias.norms)
+    with pytest.raises(ValueError, match="mean over the batch of per-sample losses"):
+        net.clipped_grad(x, labels, loss="nll", max_norm=0.3)
