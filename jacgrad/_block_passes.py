@@ -2,7 +2,7 @@
 
 One implementation for both callers, as ``_passes`` is for ``MLP``: ``Sequential.forward`` /
 ``backward`` carve fresh buffers per call (pooled host blocks, ``_passes.carve(pooled=True)``),
-``SequentialStep`` (``jacgrad._compiled_sequential``) carves them once and replays. Each layer
+the compiled step (``jacgrad.compiled.TrainingStep``) carves them once and replays. Each layer
 names the buffers it writes (``forward_shapes(B)``: its output first; ``backward_shapes(B,
 input_grad)``), and its ``forward``/``backward`` take them as ``out=``; the passes here hand
 every layer its slice, in layer order::
