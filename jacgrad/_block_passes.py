@@ -102,10 +102,15 @@ def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable |
 
 
 def backward_layers(layers: Sequence[Any], states: list, g, grads: list[list], bufs: list[list], input_grad: bool,
-                    check: Callable | None = None) -> tuple[Any, list]:
+                    check: Callable | None = None, factors: list | None = None) -> tuple[Any, list]:
     """``(∂L/∂x or None, deltas)`` from ``g = ∂L/∂y`` (only read): every layer's backward into its
-    buffers and its parameter gradients into ``grads[j]``."""
+    buffers and its parameter gradients into ``grads[j]``. ``factors``: per Dense layer its
+    ``factor(states[j])`` when the caller keeps it (None elsewhere)."""
     deltas = [None] * len(layers)
     for j in range(len(layers) - 1, -1, -1):
-        g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j])
+        if factors is not None and factors[j] is not None:
+            g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j],
+                                              factor=factors[j])
+        else:
+            g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j])
     return g, deltas

@@ -152,7 +152,7 @@ class TrainingStep(StepIO):
             self._private = None if self.clip is None else PrivatePart(
                 xp, self._flat.size, B, dt, self.clip, sigma, seed, expected_batch_size)
             self._pviews = None if self._private is None else leaf_views(layers, self._private.sum)
-        self._gin, self._deltas = None, None  # which buffers: set by each run
+        self._gin, self._deltas, self._act_names = None, None, None  # which buffers: set by each run
         self._layers, self._layout = layers, [self._buffer_layout(L) for L in layers]
         self.rebind()
 
@@ -193,12 +193,24 @@ class TrainingStep(StepIO):
         elif [self._buffer_layout(L) for L in layers] != self._layout:
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
-        self._layers, self._params = layers, params
+        self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
+        self._W = [p for _, p in params]  # every call's check: the arrays by identity
         if self._graphs is not None:
             self._graphs.clear()
 
     def _check_binding(self) -> None:
-        layers, params, names = _bound(self._net, named=False)
+        net = self._net
+        if self._act_names is not None:  # a net of lists: as many arrays, the very ones, and the same names
+            ws, bs, W = net.weights, net.biases, self._W
+            if (len(ws) * 2 == len(bs) * 2 == len(W) and all(a is b for a, b in zip(ws, W[0::2]))
+                    and all(a is b for a, b in zip(bs, W[1::2])) and list(net.activations) == self._act_names):
+                return
+        else:  # a Sequential: the very layers, holding the very arrays
+            layers, now = net.layers, [p for L in self._layers for p in L.params]
+            if (len(layers) == len(self._layers) and all(a is b for a, b in zip(layers, self._layers))
+                    and len(now) == len(self._W) and all(a is b for a, b in zip(now, self._W))):
+                return
+        layers, params, names = _bound(net, named=False)
         same = len(params) == len(self._params) and all(a is b for (_, a), (_, b) in zip(params, self._params))
         if names is not None:  # a net of lists
             if same and names == self._act_names:
@@ -241,12 +253,14 @@ class TrainingStep(StepIO):
         """Forward, loss, backward: every result into its buffer (the network's own passes)."""
         z, states = forward_layers(self._layers, self._x, self._fbufs)
         self._loss(z, self._target, labels=labels)
+        if self._factors is None:  # the states are the same buffers every call: a Dense's factor is made once
+            self._factors = [L.factor(st) if isinstance(L, Dense) else None for L, st in zip(self._layers, states)]
         if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
-            factors = [L.factor(st) for L, st in zip(self._layers, states)]
+            factors = [J if J is not None else L.factor(st) for J, L, st in zip(self._factors, self._layers, states)]
             self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
             return
         self._gin, self._deltas = backward_layers(self._layers, states, self._loss.grad, self._grads, self._bbufs,
-                                                  self.input_grad)
+                                                  self.input_grad, factors=self._factors)
 
     def _results(self, copy: bool):
         private = self._private is not None
