@@ -84,21 +84,17 @@ __all__ = ["SequentialStep", "TrainingStep"]
 _LISTS = ("weights", "biases", "activations", "xp", "sizes", "dtype")
 
 
-def _bound(net, named: bool = True) -> tuple:
+def _bound(net) -> tuple:
     """``(layers, [(where, parameter)], activation names or None)`` of ``net`` as it is now: a net
-    read through its lists (an ``MLP``, or a duck-typed one) names ``net.weights[j]`` (None for a
-    missing entry); a ``Sequential`` its layers' parameters (``layers.named_params``). Without
-    ``named`` (every call's check), ``where`` is None: the names are made only for an error."""
+    read through its lists (an ``MLP``, or a duck-typed one, whose Dense layers ``rebind`` makes)
+    names ``net.weights[j]`` (None for a missing entry); a ``Sequential`` its layers' parameters."""
     if not hasattr(net, "weights"):
         layers = tuple(net.layers)
-        return layers, named_params(layers) if named else [(None, p) for L in layers for p in L.params], None
+        return layers, named_params(layers), None
     ws, bs, names = list(net.weights), list(net.biases), list(net.activations)
-    params = []
-    for j in range(max(len(ws), len(bs))):
-        for what, lst in (("weights", ws), ("biases", bs)):
-            params.append((f"net.{what}[{j}]" if named else None, lst[j] if j < len(lst) else None))
-    layers = tuple(net.layers) if hasattr(net, "layers") else None  # a duck-typed net: Dense layers made by rebind
-    return layers, params, names
+    params = [(f"net.{what}[{j}]", lst[j] if j < len(lst) else None)
+              for j in range(max(len(ws), len(bs))) for what, lst in (("weights", ws), ("biases", bs))]
+    return (tuple(net.layers) if hasattr(net, "layers") else None), params, names
 
 
 class TrainingStep(StepIO):
@@ -210,29 +206,22 @@ class TrainingStep(StepIO):
             if (len(layers) == len(self._layers) and all(a is b for a, b in zip(layers, self._layers))
                     and len(now) == len(self._W) and all(a is b for a, b in zip(now, self._W))):
                 return
-        layers, params, names = _bound(net, named=False)
-        same = len(params) == len(self._params) and all(a is b for (_, a), (_, b) in zip(params, self._params))
-        if names is not None:  # a net of lists
-            if same and names == self._act_names:
-                return
-            if same:
-                if len(names) != len(self._act_names):
-                    raise RuntimeError(f"the network now has {len(names)} activations; this step was compiled for "
-                                       f"{len(self._act_names)} layers: compile a new step")
-                j = next(j for j, (a, b) in enumerate(zip(names, self._act_names)) if a != b)
-                raise RuntimeError(f"net.activations[{j}] is now {names[j]!r} but this step was compiled with "
-                                   f"{self._act_names[j]!r}: call step.rebind() to adopt it")
-        elif len(layers) != len(self._layers) or any(a is not b for a, b in zip(layers, self._layers)):
+        layers, params, names = _bound(net)  # something changed: name it
+        if names is None and (len(layers) != len(self._layers) or any(a is not b for a, b in zip(layers, self._layers))):
             j = next((j for j, (a, b) in enumerate(zip(layers, self._layers)) if a is not b),
                      min(len(layers), len(self._layers)))
             raise RuntimeError(f"layer {j} of the network is no longer the layer this step was compiled with: call "
                                f"step.rebind() to adopt it, or compile a new step")
-        elif same:
-            return
-        params = _bound(self._net)[1]
         where = next((w for (w, p), (_, q) in zip(params, self._params) if p is not q), None)
-        if where is None:  # an array more or fewer
+        if where is None and len(params) != len(self._params):  # an array more or fewer
             where = (params[len(self._params)] if len(params) > len(self._params) else self._params[len(params)])[0]
+        if where is None:  # the very arrays: an activation changed
+            if len(names) != len(self._act_names):
+                raise RuntimeError(f"the network now has {len(names)} activations; this step was compiled for "
+                                   f"{len(self._act_names)} layers: compile a new step")
+            j = next(j for j, (a, b) in enumerate(zip(names, self._act_names)) if a != b)
+            raise RuntimeError(f"net.activations[{j}] is now {names[j]!r} but this step was compiled with "
+                               f"{self._act_names[j]!r}: call step.rebind() to adopt it")
         raise RuntimeError(
             f"{where} is no longer the array this step was compiled with. The step reads parameters by reference: "
             f"update them in place (W -= lr * dW, W[...] = new), or call step.rebind() after replacing them")
