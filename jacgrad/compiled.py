@@ -191,6 +191,7 @@ class TrainingStep(StepIO):
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
+        self._dense = all(isinstance(L, Dense) for L in layers)
         if self._graphs is not None:
             self._graphs.clear()
 
@@ -256,13 +257,20 @@ class TrainingStep(StepIO):
         if private:
             frac, std = self._private.finish(self._flat)  # the noise: drawn after the graph, every call
         flat = self._flat.copy() if copy else self._flat
-        grads = param_views(self._layers, _views(flat, self._params)) if copy else self._grads
-        named, loss = named_grads(self._layers, grads), (self._loss.value.copy() if copy else self._loss.value)
+        per = param_views(self._layers, _views(flat, self._params)) if copy else self._grads
+        loss = self._loss.value.copy() if copy else self._loss.value
         if private:
-            return loss, self._private.results(Gradients(layers=named, flat=flat), frac, std, copy)
+            return loss, self._private.results(self._gradients(per, flat=flat), frac, std, copy)
         gin = self._gin.copy() if copy and self._gin is not None else self._gin
         deltas = [d.copy() for d in self._deltas] if copy else list(self._deltas)
-        return loss, Gradients(layers=named, input=gin, deltas=deltas, flat=flat)
+        return loss, self._gradients(per, input=gin, deltas=deltas, flat=flat)
+
+    def _gradients(self, per: list, **kw) -> Gradients:
+        """``Gradients`` of the per-layer views ``per``: by ``weights``/``biases`` for a net of Dense
+        layers (its ``layers`` entries are made when read), else by name."""
+        if self._dense:
+            return Gradients([g[0] for g in per], [g[1] for g in per], **kw)
+        return Gradients(layers=named_grads(self._layers, per), **kw)
 
     # ------------------------------------------------------------------ facts
     @property
