@@ -191,7 +191,8 @@ class TrainingStep(StepIO):
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
-        self._dense = all(isinstance(L, Dense) for L in layers)
+        dense = all(isinstance(L, Dense) for L in layers)  # then (∂W list, ∂b list), the views of every call
+        self._dense = ([g[0] for g in self._grads], [g[1] for g in self._grads]) if dense else None
         if self._graphs is not None:
             self._graphs.clear()
 
@@ -269,7 +270,8 @@ class TrainingStep(StepIO):
         """``Gradients`` of the per-layer views ``per``: by ``weights``/``biases`` for a net of Dense
         layers (its ``layers`` entries are made when read), else by name."""
         if self._dense:
-            return Gradients([g[0] for g in per], [g[1] for g in per], **kw)
+            dW, db = self._dense if per is self._grads else ([g[0] for g in per], [g[1] for g in per])
+            return Gradients(list(dW), list(db), **kw)
         return Gradients(layers=named_grads(self._layers, per), **kw)
 
     # ------------------------------------------------------------------ facts
