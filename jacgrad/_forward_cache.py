@@ -38,9 +38,9 @@ class ForwardCache:
 
     @property
     def states(self) -> list:
-        """Per layer, its ``jacgrad.layers.Dense`` state ``(z_{j-1}, saved_j, from_output_j)`` (the
+        """Per layer, its ``jacgrad.layers.Dense`` state ``(z_{j-1}, saved_j, from_output_j, None)`` (the
         parameter-space code reads layer inputs through it; a ``z`` is recomputed where not saved)."""
-        return [(self.layer_output(j - 1), s, fo) for j, (s, fo) in enumerate(zip(self.saved, self.from_output))]
+        return [(self.layer_output(j - 1), s, fo, None) for j, (s, fo) in enumerate(zip(self.saved, self.from_output))]
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,8 @@
 """The forward and backward passes of an MLP, written into buffers the caller gives.
 
 One implementation for both callers: ``MLP.forward`` / ``MLP.backward`` carve fresh buffers per
-call, ``TrainingStep`` carves them once and replays. Per layer ``j`` (``K`` layers):
+call; the compiled step (``TrainingStep``) runs a Dense layer's ``dense_forward`` /
+``dense_backward`` into buffers it carves once. Per layer ``j`` (``K`` layers):
 
     forward    h_j = z_{j-1} @ W_j + b_j ;  z_j = φ_j(h_j)
     backward   δ_j = J_j.scale(g_j)          (g_{K-1} = ∂L/∂y, the fused g ⊙ φ_j' pass)
@@ -30,7 +31,7 @@ from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
 __all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "column_sums", "dense_backward", "dense_forward", "forward_into",
-           "grad_shapes", "grad_views"]
+           "grad_shapes"]
 
 Check = Callable[[Any, str], None]
 
@@ -132,12 +133,6 @@ def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
     for W in weights:
         shapes += [tuple(W.shape), (W.shape[1],)]
     return shapes
-
-
-def grad_views(flat, weights: Sequence[Any]) -> tuple[list, list]:
-    """``(dW, db)``: views of a ``Gradients.flat`` block, laid out as ``grad_shapes(weights)``."""
-    views = _views(flat, grad_shapes(weights))
-    return views[0::2], views[1::2]
 
 
 def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, check: Check | None = None,

@@ -1,7 +1,7 @@
 """The private part of a compiled training step: ``net.compile(B, loss, clip=C, noise_multiplier=σ)``.
 
-With ``clip=C`` a compiled step (``compiled.TrainingStep`` for an ``MLP``,
-``_compiled_sequential.SequentialStep`` for a ``Sequential``) returns ``(loss,
+With ``clip=C`` the compiled step (``compiled.TrainingStep``, for an ``MLP`` or a ``Sequential``)
+returns ``(loss,
 ClippedGradients)``: DP-SGD's ``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` instead of the mean
 gradient, the numbers of ``net.clipped_grad`` (bitwise on NumPy, the noise too when both start
 from the same ``seed``). It runs in two parts:

@@ -2,9 +2,8 @@
 arguments, loading ``x`` and the target into the static buffers, and running the step eagerly
 or as a captured CUDA graph with the ``capture="auto"`` fallback.
 
-``StepIO`` is a mixin of ``compiled.TrainingStep`` (an ``MLP``) and
-``_compiled_sequential.SequentialStep`` (a ``Sequential``); see ``jacgrad.compiled`` for the
-contract both follow. It reads the step's ``batch``, ``loss``, ``_xp``, ``_gpu``, ``_device``,
+``StepIO`` is the base of ``compiled.TrainingStep`` (an ``MLP`` or a ``Sequential``); see
+``jacgrad.compiled`` for the contract. It reads the step's ``batch``, ``loss``, ``_xp``, ``_gpu``, ``_device``,
 ``_x``, ``_target``, ``_loss`` (a ``LossWorkspace``), ``_graphs``, ``_capture`` and
 ``capture_error``.
 

@@ -74,10 +74,13 @@ class Dense:
     def __repr__(self) -> str:
         return f"Dense({self.n_in}->{self.n_out}, {self._act.name})"
 
-    def forward_shapes(self, B: int) -> list:
+    def forward_shapes(self, B: int, keep_derivative: bool = False) -> list:
         """Shapes of the buffers ``forward`` writes, its output first: ``[(B, H_out)]`` (``y`` over
-        ``h``), or ``[z, h]`` where φ' needs ``h``."""
-        return [(B, self.n_out)] * (1 if self._act.df_from_output is not None else 2)
+        ``h``), or ``[z, h]`` where φ' needs ``h`` — and ``[z, h, φ'(h)]`` with ``keep_derivative``
+        (a compiled step: one fused pass writes ``z`` and ``φ'(h)``, which backward then reads)."""
+        if self._act.df_from_output is not None:
+            return [(B, self.n_out)]
+        return [(B, self.n_out)] * (3 if keep_derivative else 2)
 
     def backward_shapes(self, B: int, input_grad: bool = True) -> list:
         """Shapes of the buffers ``backward`` writes: ``δ: (B, H_out)`` and ``∂L/∂z_prev: (B, H_in)``."""
@@ -85,28 +88,32 @@ class Dense:
 
     def forward(self, z, check=None, where: Any = 0, out=None):
         """``z: (B, H_in) -> (B, H_out)``; returns ``(out, state)``. ``out``: the buffers of
-        ``forward_shapes`` to write into (fresh ones when None)."""
+        ``forward_shapes`` to write into (fresh ones when None; three, ``[z, h, d]``, also keep
+        ``d = φ'(h)``)."""
         from_output = self._act.df_from_output is not None
-        bufs = _buffers(out, self.forward_shapes(z.shape[0]), z)
-        h = bufs[-1]
-        y = dense_forward(z, self._W, self._b, self._act, h, None if from_output else bufs[0], None, check, where)
-        return y, (z, h, from_output)
+        bufs = out if out is not None else _buffers(None, self.forward_shapes(z.shape[0]), z)
+        h, d = (bufs[0], None) if from_output else (bufs[1], bufs[2] if len(bufs) == 3 else None)
+        y = dense_forward(z, self._W, self._b, self._act, h, None if from_output else bufs[0], d, check, where)
+        return y, (z, h, from_output, d)
 
     def factor(self, state) -> LayerJacobian:
-        """``diag(φ'(h))·Wᵀ`` from the saved ``y`` or ``h``."""
-        _, saved, from_output = state
+        """``diag(φ'(h))·Wᵀ`` from the kept ``φ'(h)``, else from the saved ``y`` or ``h``."""
+        _, saved, from_output, d = state
+        if d is not None:
+            return LayerJacobian(d, self._W)
         return LayerJacobian.from_activation(self._act, self._W, **{"y" if from_output else "h": saved})
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
-                 sq=None, out=None):
+                 sq=None, out=None, factor=None):
         """``g = ∂L/∂z: (B, H_out)`` (only read); writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev
         or None, δ = ∂L/∂h)``, written into ``out`` (the buffers of ``backward_shapes``; fresh when
         None). ``sq: (B,)``, when given, gets each sample's share of the squared gradient norm
-        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``)."""
+        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``). ``factor``: ``self.factor(state)``
+        where the caller keeps it (a compiled step's states are the same buffers every call)."""
         z_prev = state[0]
-        bufs = _buffers(out, self.backward_shapes(g.shape[0], input_grad), g)
+        bufs = out if out is not None else _buffers(None, self.backward_shapes(g.shape[0], input_grad), g)
         delta, gin = bufs[0], (bufs[1] if input_grad else None)
-        dense_backward(self.factor(state), g, z_prev, grads[0], grads[1], delta, gin, check, where)
+        dense_backward(self.factor(state) if factor is None else factor, g, z_prev, grads[0], grads[1], delta, gin, check, where)
         if sq is not None:
             sq += grad_sq_norms(lambda _: z_prev, [delta], 1.0)[:, 0]
         return gin, delta

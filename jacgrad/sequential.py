@@ -23,7 +23,7 @@ from ._passes import Gradients
 from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._compiled_jacobian import JacobianStep
-from ._compiled_sequential import SequentialStep
+from .compiled import TrainingStep
 from ._passes import carve
 from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, network_input, shape_str
@@ -167,16 +167,17 @@ class Sequential(SequentialParameterSpace, Imported):
 
     def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto", *,
                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
-        """A ``SequentialStep`` (``jacgrad._compiled_sequential``): ``loss, g = step(x, target)`` for
+        """A ``jacgrad.compiled.TrainingStep`` (the one compiled step): ``loss, g = step(x, target)`` for
         batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
         allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
         step's buffers, overwritten by the next call (``step(x, t, copy=True)`` for fresh ones);
         parameters are read by reference (in-place updates are seen; a replaced array raises
         until ``step.rebind()``). ``clip=C`` (with ``noise_multiplier``, ``seed``,
         ``expected_batch_size``): a private DP-SGD step, ``(loss, ClippedGradients)`` per call, the
-        numbers of ``clipped_grad`` (``jacgrad._private_step``)."""
-        return SequentialStep(self, batch, loss=loss, capture=capture, input_grad=input_grad, clip=clip,
-                              noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
+        numbers of ``clipped_grad`` (``jacgrad._private_step``), without ``∂L/∂x`` whatever
+        ``input_grad`` says."""
+        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
+                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the

@@ -197,8 +197,22 @@ def test_bad_inputs_are_clear_errors_and_leave_the_step_usable(rng):
         net.compile(4, loss="hinge")
     with pytest.raises(ValueError, match="capture=True records a CUDA graph, which needs a network on the GPU"):
         net.compile(4, capture=True)
-    with pytest.raises(TypeError, match="SequentialStep compiles a Sequential"):
-        SequentialStep(jg.MLP.init([2, 2]), 2)
+    with pytest.raises(TypeError, match="TrainingStep compiles an MLP .* or a Sequential"):
+        SequentialStep(object(), 2)
+
+
+@pytest.mark.parametrize("act", ["tanh", "gelu"])  # φ' from the output; φ'(h) kept by the forward pass
+def test_an_mlp_compiles_through_the_one_step_and_matches_its_eager_gradients_bitwise(rng, act):
+    """issue 19: MLP is a Dense-only Sequential with one compiled step (SequentialStep is its old name)."""
+    net = jg.MLP.init([5, 7, 6, 3], activation=act, seed=0, bias_std=0.1)
+    step = SequentialStep(net, 4, input_grad=True)
+    assert type(net.compile(4)) is type(step) is type(_net().compile(2))
+    x, t = rng.standard_normal((4, 5)), rng.random((4, 3))
+    loss, g = step(x, t)
+    ref_loss, ref = net.loss_and_grads(x, t, input_grad=True)
+    assert loss == ref_loss and np.array_equal(g.flat, ref.flat) and np.array_equal(g.input, ref.input)
+    for a, b in zip(g.weights + g.biases + g.deltas, ref.weights + ref.biases + ref.deltas, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_steady_state_call_allocates_nothing_lasting(rng):
