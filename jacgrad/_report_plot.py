@@ -73,7 +73,7 @@ def plot_reports(reports: Sequence, path, dpi: float | None = None) -> None:
     fig, axes = plt.subplots(n, 3, figsize=(13, 4.4 * n), squeeze=False)
     try:
         for row, rep in zip(axes, reports):
-            if hasattr(rep, "blocks"):
+            if rep.has_blocks:
                 _plot_blocks(row, rep)
             else:
                 _plot_one(row, rep)

@@ -28,8 +28,7 @@ from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
 from .distributed import reduce_in_memory
-from ._report_blocks import block_dict, block_hints, block_json, block_text
-from ._report_plot import plot_reports
+from ._report_blocks import BlockFlowReport, block_hints
 from .layers import NORMS, leaf_layers
 from .sequential import Sequential
 
@@ -191,62 +190,6 @@ def _inner(layer) -> list[str]:
     return [f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind for L in getattr(layer, "layers", ())]
 
 
-@dataclass(repr=False)
-class BlockFlowReport:
-    """``gradient_flow`` of a ``Sequential``: ``blocks[j]`` is the ``BlockFlow`` of top-level layer
-    j; chi: their χ (list); verdict, chi_bar, backward_gain, depth_scale: ``_verdict.decide`` over
-    the blocks' χ (a block counts once, whatever it holds); jacobian_spectral_norm: the whole
-    input-output Jacobian's ‖J‖₂ per sample, averaged (exact, or Lanczos for large ones);
-    hints: advice that knows what the net has (``has_residual``, ``norms``); loss/loss_value:
-    None for a random unit cotangent. ``str(report)`` is the text table."""
-
-    blocks: list[BlockFlow]
-    chi: list[float]
-    chi_bar: float
-    backward_gain: float
-    depth_scale: float
-    verdict: str
-    jacobian_spectral_norm: float
-    sizes: list[int]
-    activations: list[str]
-    has_residual: bool
-    norms: list[str]
-    batch: int
-    dtype: str
-    device: str
-    loss: str | None
-    loss_value: float | None
-    hints: list[str] = field(default_factory=list)
-    label: str = ""
-    norm_samples: int = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def to_dict(self) -> dict:
-        return block_dict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return block_json(self, indent=indent)
-
-    def to_text(self) -> str:
-        return block_text(self)
-
-    __str__ = to_text
-
-    def plot(self, path, dpi: float | None = None) -> None:
-        """Save the figure at ``path`` (format by suffix, as ``GradientFlowReport.plot``), at ``dpi``
-        (default 100): per-block ‖∂L/∂θ‖, ‖J‖₂ and bound, χ per block against its healthy band, and
-        the whole network's ‖J‖₂. Needs matplotlib (``jacgrad[plot]``)."""
-        plot_reports([self], path, dpi=dpi)
-
-    def __repr__(self) -> str:
-        label = f"{self.label!r}, " if self.label else ""
-        return (f"BlockFlowReport({label}{self.depth} blocks, B={self.batch}, verdict={self.verdict!r}, "
-                f"chi_bar={self.chi_bar:.4g})")
-
-
 def _dense_layers(layers) -> list:
     return [L for _, L in leaf_layers(layers) if L.kind == "dense"]
 
@@ -357,12 +300,15 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     chi = [r.chi for r in rows]
     verdict, chi_bar, gamma, xi = decide(chi, not all(math.isfinite(c) for c in chi))
     N = p["count"]
+    first = next((r for r in rows if not math.isfinite(r.chi)), None)
     report = BlockFlowReport(
-        blocks=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
+        block_rows=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
         jacobian_spectral_norm=p["norm_sum"] / (p["norm_count"] or math.nan), sizes=p["sizes"], activations=p["activations"],
         has_residual=p["has_residual"], norms=p["norms"], batch=N, dtype=p["dtype"], device=p["device"],
         loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,
         label=label, norm_samples=int(p["norm_count"]),
+        nonfinite=None if first is None else {"layer": first.index, "stage": "blocks",
+                                              "message": f"block {first.index} ({first.kind}) went non-finite"},
     )
     report.hints = block_hints(report)
     return report

@@ -1,5 +1,6 @@
-"""Rendering of a ``GradientFlowReport``: hints, plain dict / JSON, the text table (the PNG plot
-is in ``jacgrad._report_plot``, re-exported here).
+"""Rendering of a dense-layer ``GradientFlowReport``: hints, the text table (the report type and
+its dict / JSON are in ``jacgrad._report_blocks``; the PNG plot in ``jacgrad._report_plot``,
+re-exported here).
 
 Kept apart from ``diagnostics`` (which computes, and imports this module; never the other way)
 so the numbers and their presentation can change independently; matplotlib is imported only
@@ -8,13 +9,12 @@ inside ``plot_reports``.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["hints", "histogram_bins", "plot_reports", "report_dict", "report_json", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
+__all__ = ["hints", "histogram_bins", "plot_reports", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
 
 from ._report_plot import PLOT_INSTALL_HINT, histogram_bins, plot_reports
 from ._verdict import spectrum_verdict
@@ -142,15 +142,6 @@ def _plain(value):
     return value
 
 
-def report_dict(report) -> dict:
-    """The report as plain Python values; ``layers`` is a list of dicts, one per layer."""
-    out = {name: _plain(getattr(report, name)) for name in _SCALAR_FIELDS}
-    out["depth"] = report.depth
-    out["layers"] = [{name: _plain(getattr(f, name)) for name in _LAYER_FIELDS} for f in report.layers]
-    out["jacobian_singular_values"] = np.asarray(report.jacobian_singular_values).tolist()
-    return out
-
-
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -159,10 +150,6 @@ def _json_safe(value):
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
-
-
-def report_json(report, indent: int | None = 2) -> str:
-    return json.dumps(_json_safe(report_dict(report)), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------- text
