@@ -179,7 +179,8 @@ def _finish_rows(p: dict) -> list[BlockFlow]:
     per = N if p["loss_sum"] is not None else 1  # a mean loss's gradient: the per-sample sums over N
     rows = []
     for j, b in enumerate(p["blocks"]):
-        grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowed gradient's norm is inf (or NaN), no warning
+            grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
         rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / S,
                               b["bound_sum"] / S, grad_norm, b["scale"], b["inner"]))
     return rows
