@@ -13,11 +13,22 @@ import numpy as np
 
 from ._report_plot import plot_reports
 from ._verdict import spectrum_verdict
-from .report import _LAYER_FIELDS, _SCALAR_FIELDS, _g, _json_safe, _plain, _sizes, report_text
+from .report import _g, _json_safe, _sizes, report_text
 
 __all__ = ["SCHEMA", "GradientFlowReport", "block_hints", "block_text"]
 
 SCHEMA = "jacgrad.gradient_flow/2"  # to_dict()["schema"]: the version of the report's JSON layout
+_LAYER_FIELDS = (
+    "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
+    "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
+    "saturated_fraction", "chi", "finite",
+)
+_SCALAR_FIELDS = (
+    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
+    "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
+    "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
+    "norm_samples", "has_residual", "norms",
+)
 _BLOCK_FIELDS = ("index", "kind", "h_in", "h_out", "chi", "chi_exact", "jacobian_norm", "jacobian_bound",
                  "grad_norm", "scale", "inner")
 
@@ -114,6 +125,18 @@ def block_text(report) -> str:
 
 
 
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 @dataclass(repr=False)
 class GradientFlowReport:
     """What ``gradient_flow`` found, for an MLP (a dense-layer report) or a ``Sequential`` (a
@@ -192,7 +215,7 @@ class GradientFlowReport:
         whole-net numbers, ``layers`` (a dict per dense layer), ``blocks`` (a dict per block, or
         None), ``jacobian_singular_values`` and ``spectrum_verdict``."""
         out = {"schema": SCHEMA, "kind": "blocks" if self.has_blocks else "layers"}
-        out.update({name: _plain(getattr(self, name)) for name in _SCALAR_FIELDS + ("has_residual", "norms")})
+        out.update({name: _plain(getattr(self, name)) for name in _SCALAR_FIELDS})
         out["depth"] = self.depth
         out["layers"] = [{name: _plain(getattr(f, name)) for name in _LAYER_FIELDS} for f in self.layers]
         out["blocks"] = ([{name: _plain(getattr(b, name)) for name in _BLOCK_FIELDS} for b in self.block_rows]

@@ -19,19 +19,6 @@ __all__ = ["hints", "histogram_bins", "plot_reports", "report_text", "usual_init
 from ._report_plot import PLOT_INSTALL_HINT, histogram_bins, plot_reports
 from ._verdict import spectrum_verdict
 
-_LAYER_FIELDS = (
-    "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
-    "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
-    "saturated_fraction", "chi", "finite",
-)
-_SCALAR_FIELDS = (
-    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
-    "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
-    "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
-    "norm_samples",
-)
-
-
 # ---------------------------------------------------------------------------- hints
 def hints(report, framework: str | None = None) -> list[str]:
     """Concrete advice for an unhealthy verdict (empty when healthy), from the report's numbers;
@@ -129,19 +116,7 @@ def usual_init(activation: str) -> str:
     return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
 
 
-# ---------------------------------------------------------------------------- dict / JSON
-def _plain(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
+# ---------------------------------------------------------------------------- JSON
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
