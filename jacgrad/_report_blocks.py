@@ -119,7 +119,10 @@ def block_text(report) -> str:
     lines.append(f"χ̄ = {report.chi_bar:.4g} per block; over {report.depth} blocks the squared gradient norm changes by "
                  f"Γ = {g:.3g} (×{math.sqrt(g):.3g} in norm); depth scale ξ = {xi} blocks")
     lines.append(f"input-output Jacobian: ‖J‖₂ = {report.jacobian_spectral_norm:.3g}")
-    lines.append(f"verdict: {report.verdict.upper()}")
+    spectrum = report.spectrum_verdict
+    if spectrum is not None:
+        lines.append(f"spectrum: {spectrum}")
+    lines.append(f"verdict: {report.verdict.upper()}" + (" (the spectrum: rank-deficient)" if spectrum else ""))
     lines += [f"  - {h}" for h in report.hints]
     return "\n".join(lines)
 
@@ -149,10 +152,9 @@ class GradientFlowReport:
     Γ = χ̄^L; depth_scale: ξ = 1/|ln χ̄| rows per e-fold of the squared gradient norm (inf at
     χ̄ = 1); verdict: "vanishing" | "exploding" | "healthy" (``_verdict.decide`` over ``chi``);
     jacobian_spectral_norm: mean ‖J‖₂ of the input-output Jacobian; jacobian_singular_values:
-    ``(S, k)`` host array for the first S samples (``spectrum_samples``; ``(0, 0)`` when not
-    computed, as in every block report); spectrum_verdict: ``_verdict.spectrum_verdict`` of them
-    (None, or the rank-deficiency sentence); mean_squared_singular_value: ‖J‖_F²/n_in, batch mean
-    (NaN in a block report); hints: concrete advice for an unhealthy verdict; nonfinite: None, or
+    ``(S, k)`` host array for the first S samples (``spectrum_samples``; ``(0, k)`` when
+    skipped); spectrum_verdict: ``_verdict.spectrum_verdict`` of them (None, or the
+    rank-deficiency sentence); mean_squared_singular_value: ‖J‖_F²/n_in, batch mean; hints: concrete advice for an unhealthy verdict; nonfinite: None, or
     where the values first went non-finite (``{"layer", "stage", "message"}``); has_residual,
     norms: what the net already has (False and [] for an MLP); norm_samples: how many samples
     the ‖J‖₂ and bound columns average over.

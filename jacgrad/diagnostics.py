@@ -81,10 +81,10 @@ def gradient_flow(
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
     A ``jacgrad.Sequential``'s report (the same ``GradientFlowReport`` type, built by
-    ``jacgrad.block_flow.block_report``) has ``.blocks``: one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
-    bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` does not apply to it; ``norm_samples`` does,
-    to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
+    ``jacgrad.block_flow.block_report``) has ``.blocks``: one row per top-level block (dense,
+    residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and bound, the same verdict rule over the
+    blocks' χ, hints that know the net's residual blocks and norm layers, and the input-output
+    spectrum as below (``norm_samples`` applies to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -133,9 +133,9 @@ def gradient_flow(
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
             norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
-            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples)
+            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples, spectrum_samples)
         return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
-                            norm_samples=norm_samples)
+                            norm_samples=norm_samples, spectrum_samples=spectrum_samples)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
         norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
@@ -231,12 +231,12 @@ def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memor
                            report_from_partials, net, X, target, loss, label, max_memory)
 
 
-def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples) -> BlockFlowReport:
+def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples, spectrum_samples) -> BlockFlowReport:
     """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
     ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
     summation order; the measuring method (exact or estimated) is chosen by the whole batch's
     size, so every chunk takes the same one."""
-    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples), merge_block_partials, block_report_bytes,
+    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples, spectrum_samples), merge_block_partials, block_report_bytes,
                            report_from_block_partial, net, X, target, loss, label, max_memory)
 
 

@@ -75,8 +75,27 @@ def test_a_full_rank_spectrum_and_a_block_report_have_no_spectrum_verdict():
     net = jg.MLP([Q, Q], [np.zeros(8), np.zeros(8)], ["identity", "identity"])
     d = gradient_flow(net, np.random.default_rng(5).standard_normal((3, 8))).to_dict()
     assert d["spectrum_verdict"] is None and np.allclose(d["jacobian_singular_values"], 1.0)
-    seq = _seq_report().to_dict()
-    assert seq["spectrum_verdict"] is None and seq["jacobian_singular_values"] == []
+    seq = gradient_flow(jg.Sequential([Ly.Dense(Q, None, "identity"), Ly.Dense(Q, None, "identity")]),
+                        np.random.default_rng(5).standard_normal((3, 8))).to_dict()
+    assert seq["spectrum_verdict"] is None and np.allclose(seq["jacobian_singular_values"], 1.0)
+
+
+def test_a_block_report_has_the_singular_values_and_the_spectrum_verdict():
+    # the same bottleneck as a Sequential: ∂y/∂x = (W0·W1)ᵀ for every sample, whose singular
+    # values NumPy gives (float64 SVD of the product, not the library's chain)
+    rng = np.random.default_rng(3)
+    W0, W1 = rng.standard_normal((8, 2)), rng.standard_normal((2, 8))
+    net = jg.Sequential([Ly.Dense(W0, np.zeros(2), "identity"), Ly.Dense(W1, np.zeros(8), "identity")])
+    rep = gradient_flow(net, rng.standard_normal((4, 8)))
+    want = np.linalg.svd(W0 @ W1, compute_uv=False)
+    got = np.sort(rep.jacobian_singular_values, axis=1)[:, ::-1]
+    assert got.shape == (4, 8) and np.allclose(got, want[None], atol=1e-10 * want[0])
+    assert rep.spectrum_method == gradient_flow(jg.MLP([W0, W1], [np.zeros(2), np.zeros(8)], ["identity"] * 2),
+                                                rng.standard_normal((4, 8))).spectrum_method
+    d = rep.to_dict()
+    assert d["spectrum_verdict"].startswith("rank-deficient") and f"spectrum: {d['spectrum_verdict']}" in rep.to_text()
+    assert "verdict: " in rep.to_text() and "(the spectrum: rank-deficient)" in rep.to_text()
+    assert gradient_flow(net, rng.standard_normal((4, 8)), spectrum_samples=2).jacobian_singular_values.shape == (2, 8)
 
 
 def test_blocks_only_where_the_net_has_blocks():
