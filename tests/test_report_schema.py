@@ -123,3 +123,26 @@ def test_plot_of_both_kinds(tmp_path, make):
     path = tmp_path / "flow.png"
     make().plot(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_block_plot_draws_the_singular_values_and_flags_a_rank_deficient_spectrum():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from jacgrad._report_plot import _plot_blocks
+
+    rng = np.random.default_rng(3)
+    W0, W1 = rng.standard_normal((8, 2)), rng.standard_normal((2, 8))
+    net = jg.Sequential([Ly.Dense(W0, None, "identity"), Ly.Dense(W1, None, "identity")])
+    rep = gradient_flow(net, rng.standard_normal((4, 8)))
+    fig, row = plt.subplots(1, 3)
+    try:
+        _plot_blocks(row, rep)
+        assert "RANK-DEFICIENT" in row[2].get_title()
+        # 2 nonzero singular values per sample, 4 samples: 8 counted in the histogram's bars
+        assert sum(p.get_height() for p in row[2].patches) == 8
+    finally:
+        plt.close(fig)
