@@ -1,20 +1,33 @@
-"""Rendering of a ``BlockFlowReport`` (``jacgrad.block_flow``): hints that know the net's
-residual blocks and norm layers, plain dict / JSON, the text table. Beside ``report`` (the
-dense-layer report's rendering), whose number formatting it shares."""
+"""The one report type of ``gradient_flow`` (``GradientFlowReport``, for an MLP and a
+``Sequential`` alike: one JSON schema, ``SCHEMA``) and the rendering of block reports
+(``jacgrad.block_flow``): hints that know the net's residual blocks and norm layers, the text
+table. Beside ``report`` (the dense-layer rendering), whose number formatting it shares."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 
-from .report import _g, _json_safe, _plain, _sizes
+import numpy as np
 
-__all__ = ["block_dict", "block_hints", "block_json", "block_text"]
+from ._report_plot import plot_reports
+from ._verdict import spectrum_verdict
+from .report import _g, _json_safe, _sizes, report_text
 
-_BLOCK_SCALARS = (
-    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "jacobian_spectral_norm", "sizes",
-    "activations", "has_residual", "norms", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
-    "norm_samples",
+__all__ = ["SCHEMA", "GradientFlowReport", "block_hints", "block_text"]
+
+SCHEMA = "jacgrad.gradient_flow/2"  # to_dict()["schema"]: the version of the report's JSON layout
+_LAYER_FIELDS = (
+    "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
+    "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
+    "saturated_fraction", "chi", "finite",
+)
+_SCALAR_FIELDS = (
+    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
+    "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
+    "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
+    "norm_samples", "has_residual", "norms",
 )
 _BLOCK_FIELDS = ("index", "kind", "h_in", "h_out", "chi", "chi_exact", "jacobian_norm", "jacobian_bound",
                  "grad_norm", "scale", "inner")
@@ -73,17 +86,6 @@ def block_hints(report) -> list[str]:
     return out
 
 
-def block_dict(report) -> dict:
-    out = {name: _plain(getattr(report, name)) for name in _BLOCK_SCALARS}
-    out["depth"] = report.depth
-    out["blocks"] = [{name: _plain(getattr(b, name)) for name in _BLOCK_FIELDS} for b in report.blocks]
-    return out
-
-
-def block_json(report, indent: int | None = 2) -> str:
-    return json.dumps(_json_safe(block_dict(report)), indent=indent, allow_nan=False, ensure_ascii=False)
-
-
 def _block_what(b) -> str:
     if b.kind != "residual":
         return b.kind
@@ -117,6 +119,139 @@ def block_text(report) -> str:
     lines.append(f"χ̄ = {report.chi_bar:.4g} per block; over {report.depth} blocks the squared gradient norm changes by "
                  f"Γ = {g:.3g} (×{math.sqrt(g):.3g} in norm); depth scale ξ = {xi} blocks")
     lines.append(f"input-output Jacobian: ‖J‖₂ = {report.jacobian_spectral_norm:.3g}")
-    lines.append(f"verdict: {report.verdict.upper()}")
+    spectrum = report.spectrum_verdict
+    if spectrum is not None:
+        lines.append(f"spectrum: {spectrum}")
+    lines.append(f"verdict: {report.verdict.upper()}" + (" (the spectrum: rank-deficient)" if spectrum else ""))
     lines += [f"  - {h}" for h in report.hints]
     return "\n".join(lines)
+
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+@dataclass(repr=False)
+class GradientFlowReport:
+    """What ``gradient_flow`` found, for an MLP (a dense-layer report) or a ``Sequential`` (a
+    block report); ``BlockFlowReport`` is another name of this class.
+
+    layers: a ``LayerFlow`` per dense layer (an MLP's report; ``[]`` in a block report);
+    blocks: a ``BlockFlow`` per top-level layer of a ``Sequential`` (an MLP's report has none:
+    ``report.blocks`` is an ``AttributeError``, ``report.has_blocks`` says which); chi: per-row
+    χ_j = ‖J_j‖_F²/H_j (list); chi_bar: their geometric mean χ̄; backward_gain: their product
+    Γ = χ̄^L; depth_scale: ξ = 1/|ln χ̄| rows per e-fold of the squared gradient norm (inf at
+    χ̄ = 1); verdict: "vanishing" | "exploding" | "healthy" (``_verdict.decide`` over ``chi``);
+    jacobian_spectral_norm: mean ‖J‖₂ of the input-output Jacobian; jacobian_singular_values:
+    ``(S, k)`` host array for the first S samples (``spectrum_samples``; ``(0, k)`` when
+    skipped); spectrum_verdict: ``_verdict.spectrum_verdict`` of them (None, or the
+    rank-deficiency sentence); mean_squared_singular_value: ‖J‖_F²/n_in, batch mean; hints: concrete advice for an unhealthy verdict; nonfinite: None, or
+    where the values first went non-finite (``{"layer", "stage", "message"}``); has_residual,
+    norms: what the net already has (False and [] for an MLP); norm_samples: how many samples
+    the ‖J‖₂ and bound columns average over.
+
+    ``str(report)`` (and ``print(report)``) is the text table; ``repr`` is one short line;
+    ``to_dict()`` has the same top-level keys for both kinds, ``"schema": SCHEMA`` among them.
+    """
+
+    chi: list[float]
+    chi_bar: float
+    backward_gain: float
+    verdict: str
+    depth_scale: float
+    jacobian_spectral_norm: float
+    sizes: list[int]
+    activations: list[str]
+    batch: int
+    dtype: str
+    device: str
+    loss: str | None
+    loss_value: float | None
+    layers: list = field(default_factory=list)
+    block_rows: list | None = None
+    hints: list[str] = field(default_factory=list)
+    nonfinite: dict | None = None
+    mean_squared_singular_value: float = math.nan
+    mean_squared_singular_value_method: str = "not computed"
+    jacobian_singular_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    spectrum_samples: int = 0
+    spectrum_method: str = "not computed"
+    has_residual: bool = False
+    norms: list[str] = field(default_factory=list)
+    label: str = ""
+    meta: dict = field(default_factory=dict)
+    norm_samples: int = 0
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.block_rows is not None
+
+    @property
+    def blocks(self) -> list:
+        if self.block_rows is None:
+            raise AttributeError("this report has no blocks: it is an MLP's (one row per dense layer, in .layers); "
+                                 "a jacgrad.Sequential's report has .blocks")
+        return self.block_rows
+
+    @property
+    def depth(self) -> int:
+        return len(self.block_rows) if self.has_blocks else len(self.layers)
+
+    @property
+    def spectrum_verdict(self) -> str | None:
+        sv = np.asarray(self.jacobian_singular_values)
+        return spectrum_verdict(sv) if sv.size else None
+
+    def to_dict(self) -> dict:
+        """Plain Python values (lists, floats, ints, strings; non-finite floats stay floats), the
+        same top-level keys for both kinds: ``schema``, ``kind`` ("layers" or "blocks"), the
+        whole-net numbers, ``layers`` (a dict per dense layer), ``blocks`` (a dict per block, or
+        None), ``jacobian_singular_values`` and ``spectrum_verdict``."""
+        out = {"schema": SCHEMA, "kind": "blocks" if self.has_blocks else "layers"}
+        out.update({name: _plain(getattr(self, name)) for name in _SCALAR_FIELDS})
+        out["depth"] = self.depth
+        out["layers"] = [{name: _plain(getattr(f, name)) for name in _LAYER_FIELDS} for f in self.layers]
+        out["blocks"] = ([{name: _plain(getattr(b, name)) for name in _BLOCK_FIELDS} for b in self.block_rows]
+                         if self.has_blocks else None)
+        out["jacobian_singular_values"] = np.asarray(self.jacobian_singular_values).tolist()
+        out["spectrum_verdict"] = self.spectrum_verdict
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict`` as strict JSON: inf, -inf and NaN are written as the strings "inf", "-inf", "nan"."""
+        return json.dumps(_json_safe(self.to_dict()), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    def to_text(self) -> str:
+        """A readable table (a row per layer or per block), the whole-net numbers, the verdict and the hints."""
+        return block_text(self) if self.has_blocks else report_text(self)
+
+    __str__ = to_text
+
+    def __repr__(self) -> str:
+        label = f"{self.label!r}, " if self.label else ""
+        if self.has_blocks:
+            return (f"BlockFlowReport({label}{self.depth} blocks, B={self.batch}, verdict={self.verdict!r}, "
+                    f"chi_bar={self.chi_bar:.4g})")
+        sizes = "-".join(str(s) for s in self.sizes) if len(self.sizes) <= 6 else f"{self.sizes[0]}-…-{self.sizes[-1]}"
+        return (f"GradientFlowReport({label}sizes {sizes}, {self.depth} layers, B={self.batch}, "
+                f"verdict={self.verdict!r}, chi_bar={self.chi_bar:.4g})")
+
+    def plot(self, path, dpi: float | None = None) -> None:
+        """Save the figure at ``path``, in the format its suffix names (``.png``, ``.svg``, ``.pdf``,
+        …; another suffix is a ``ValueError`` listing the valid ones), at ``dpi`` (default 100):
+        per-layer (or per-block) gradient and Jacobian norms with their bounds (log scale), χ per
+        row against its healthy band, and the input-output Jacobian's singular-value histogram (a
+        block report: its ‖J‖₂ and what the blocks are). Needs matplotlib (``jacgrad[plot]``)."""
+        plot_reports([self], path, dpi=dpi)
+
+
+BlockFlowReport = GradientFlowReport

@@ -73,7 +73,7 @@ def plot_reports(reports: Sequence, path, dpi: float | None = None) -> None:
     fig, axes = plt.subplots(n, 3, figsize=(13, 4.4 * n), squeeze=False)
     try:
         for row, rep in zip(axes, reports):
-            if hasattr(rep, "blocks"):
+            if rep.has_blocks:
                 _plot_blocks(row, rep)
             else:
                 _plot_one(row, rep)
@@ -159,11 +159,7 @@ def _integer_axes(row, count: int) -> None:
 
 
 def _plot_one(row, rep) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     idx = [f.index for f in rep.layers]
-    sv = np.asarray(rep.jacobian_singular_values, dtype=float)
-    spectrum = spectrum_verdict(sv) if sv.size else None
     ax = row[0]
     for name, label in (
         ("grad_norm", r"$\|\partial L/\partial W_j\|_F$"),
@@ -180,7 +176,15 @@ def _plot_one(row, rep) -> None:
     _legend_below(ax, ncol=2)
     _chi_panel(row[1], idx, rep, "layers")
     _integer_axes(row, len(idx))
-    ax = row[2]
+    _spectrum_panel(row[2], rep)
+
+
+def _spectrum_panel(ax, rep) -> None:
+    """The histogram of the input-output Jacobian's singular values (or why there is none)."""
+    from matplotlib.ticker import MaxNLocator
+
+    sv = np.asarray(rep.jacobian_singular_values, dtype=float)
+    spectrum = spectrum_verdict(sv) if sv.size else None
     if sv.size:
         # below max(m, n)·eps·σ_max a singular value is rounding noise of a rank-deficient J
         noise = max(sv.shape[1], 1) * np.finfo(float).eps * sv[:, :1]
@@ -211,8 +215,9 @@ def _plot_one(row, rep) -> None:
 
 
 def _plot_blocks(row, rep) -> None:
-    """A block report: per block ‖∂L/∂θ‖, ‖J‖₂ and its bound; χ per block; the whole Jacobian's ‖J‖₂
-    and what the blocks are, in words (block reports do not compute the input-output spectrum)."""
+    """A block report: per block ‖∂L/∂θ‖, ‖J‖₂ and its bound; χ per block; the input-output
+    singular values as for a layer report, or (spectrum skipped) the whole Jacobian's ‖J‖₂ and
+    what the blocks are, in words."""
     idx = [b.index for b in rep.blocks]
     ax = row[0]
     for name, label in (
@@ -229,6 +234,9 @@ def _plot_blocks(row, rep) -> None:
     _chi_panel(row[1], idx, rep, "blocks")
     _integer_axes(row, len(idx))
     ax = row[2]
+    if np.asarray(rep.jacobian_singular_values).size:
+        _spectrum_panel(ax, rep)
+        return
     kinds: dict[str, int] = {}
     for b in rep.blocks:
         kinds[b.kind] = kinds.get(b.kind, 0) + 1

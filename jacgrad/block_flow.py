@@ -22,14 +22,14 @@ import numpy as np
 
 from . import _sample_rng, losses
 from ._flow import norm_subsample
+from ._io_spectrum import finish_spectrum, merge_spectrum, spectrum_partial
 from ._verdict import decide
 from ._validate import float_array, require_network
 from .backend import get_xp, to_numpy
 from .bracketing import stack_jvp
 from .chain import Chain
 from .distributed import reduce_in_memory
-from ._report_blocks import block_dict, block_hints, block_json, block_text
-from ._report_plot import plot_reports
+from ._report_blocks import BlockFlowReport, block_hints
 from .layers import NORMS, leaf_layers
 from .sequential import Sequential
 
@@ -116,10 +116,12 @@ def block_flow(net: Sequential, x, target=None, loss: str = "mse", seed: int = 0
     return _finish_rows(_partial(net, x, target, loss, seed, grad_y, 0, None))
 
 
-def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=None) -> dict:
+def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=None, spectrum=False,
+             spectrum_samples=None) -> dict:
     """The sums of one chunk ``x`` = samples ``start .. start+B-1`` of a batch of ``total``
     (None: this chunk is the batch); ``target`` None: zeros: per block Σχ, Σ‖J‖₂, Σbound and the parameter gradient
-    summed over the samples; Σ‖J‖₂ of the whole chain; the loss sum (None for ``grad_y``)."""
+    summed over the samples; Σ‖J‖₂ of the whole chain; the loss sum (None for ``grad_y``); with
+    ``spectrum``, the input-output spectrum's partial (``jacgrad._io_spectrum``; None after an overflow)."""
     y, cache = net.forward(x)
     B = cache.batch
     total = B if total is None else int(total)
@@ -151,7 +153,9 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
         whole = _norm_sum(chain, "exact" if exact else "lanczos", seed, sel)
     else:
         whole = math.inf  # a block overflowed: so does the whole Jacobian's norm
-    return dict(count=B, norm_count=B if sel is None else len(sel), loss=None if loss_sum is None else loss,
+    sv = (spectrum_partial(xp, chain, start, total, spectrum_samples, seed) if spectrum and math.isfinite(whole)
+          else None)
+    return dict(count=B, spectrum=sv, norm_count=B if sel is None else len(sel), loss=None if loss_sum is None else loss,
                 loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
                 sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
                 has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
@@ -170,7 +174,8 @@ def merge_block_partials(a: dict, b: dict) -> dict:
     blocks = [dict(pa, chi_sum=pa["chi_sum"] + pb["chi_sum"], norm_sum=pa["norm_sum"] + pb["norm_sum"],
                    bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
               for pa, pb in zip(a["blocks"], b["blocks"])]
-    return dict(a, count=a["count"] + b["count"], norm_count=a["norm_count"] + b["norm_count"],
+    sv = None if a["spectrum"] is None or b["spectrum"] is None else merge_spectrum(a["spectrum"], b["spectrum"])
+    return dict(a, spectrum=sv, count=a["count"] + b["count"], norm_count=a["norm_count"] + b["norm_count"],
                 norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks,
                 loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"])
 
@@ -180,7 +185,8 @@ def _finish_rows(p: dict) -> list[BlockFlow]:
     per = N if p["loss_sum"] is not None else 1  # a mean loss's gradient: the per-sample sums over N
     rows = []
     for j, b in enumerate(p["blocks"]):
-        grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowed gradient's norm is inf (or NaN), no warning
+            grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
         rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / S,
                               b["bound_sum"] / S, grad_norm, b["scale"], b["inner"]))
     return rows
@@ -189,62 +195,6 @@ def _finish_rows(p: dict) -> list[BlockFlow]:
 def _inner(layer) -> list[str]:
     """What a residual block holds: its inner layers' kinds (``dense:tanh``, ``layernorm``)."""
     return [f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind for L in getattr(layer, "layers", ())]
-
-
-@dataclass(repr=False)
-class BlockFlowReport:
-    """``gradient_flow`` of a ``Sequential``: ``blocks[j]`` is the ``BlockFlow`` of top-level layer
-    j; chi: their χ (list); verdict, chi_bar, backward_gain, depth_scale: ``_verdict.decide`` over
-    the blocks' χ (a block counts once, whatever it holds); jacobian_spectral_norm: the whole
-    input-output Jacobian's ‖J‖₂ per sample, averaged (exact, or Lanczos for large ones);
-    hints: advice that knows what the net has (``has_residual``, ``norms``); loss/loss_value:
-    None for a random unit cotangent. ``str(report)`` is the text table."""
-
-    blocks: list[BlockFlow]
-    chi: list[float]
-    chi_bar: float
-    backward_gain: float
-    depth_scale: float
-    verdict: str
-    jacobian_spectral_norm: float
-    sizes: list[int]
-    activations: list[str]
-    has_residual: bool
-    norms: list[str]
-    batch: int
-    dtype: str
-    device: str
-    loss: str | None
-    loss_value: float | None
-    hints: list[str] = field(default_factory=list)
-    label: str = ""
-    norm_samples: int = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def to_dict(self) -> dict:
-        return block_dict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return block_json(self, indent=indent)
-
-    def to_text(self) -> str:
-        return block_text(self)
-
-    __str__ = to_text
-
-    def plot(self, path, dpi: float | None = None) -> None:
-        """Save the figure at ``path`` (format by suffix, as ``GradientFlowReport.plot``), at ``dpi``
-        (default 100): per-block ‖∂L/∂θ‖, ‖J‖₂ and bound, χ per block against its healthy band, and
-        the whole network's ‖J‖₂. Needs matplotlib (``jacgrad[plot]``)."""
-        plot_reports([self], path, dpi=dpi)
-
-    def __repr__(self) -> str:
-        label = f"{self.label!r}, " if self.label else ""
-        return (f"BlockFlowReport({label}{self.depth} blocks, B={self.batch}, verdict={self.verdict!r}, "
-                f"chi_bar={self.chi_bar:.4g})")
 
 
 def _dense_layers(layers) -> list:
@@ -272,8 +222,9 @@ class BlockChunk:
         True
     """
 
-    def __init__(self, loss: str, seed: int, total: int, norm_samples: int | None = None):
-        self.loss, self.seed, self.total = loss, int(seed), int(total)
+    def __init__(self, loss: str, seed: int, total: int, norm_samples: int | None = None,
+                 spectrum_samples: int | None = None):
+        self.loss, self.seed, self.total, self.spectrum_samples = loss, int(seed), int(total), spectrum_samples
         self.norm_rows = norm_subsample(self.total, norm_samples, self.seed)  # ‖J‖₂ of these rows only
 
     def __call__(self, net, x, target=None, *, start: int = 0):
@@ -289,7 +240,8 @@ class BlockChunk:
             v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
             grad_y = xp.asarray(v.astype(net.dtype))
         with np.errstate(all="ignore"):
-            return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total, self.norm_rows)
+            return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total, self.norm_rows,
+                            spectrum=True, spectrum_samples=self.spectrum_samples)
 
 
 def _check_finite(net, x, start: int) -> None:
@@ -323,7 +275,8 @@ def _all_layers(layers):
 
 
 def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: int = 0,
-                 label: str = "", max_memory: int | None = None, norm_samples: int | None = None) -> BlockFlowReport:
+                 label: str = "", max_memory: int | None = None, norm_samples: int | None = None,
+                 spectrum_samples: int | None = None) -> BlockFlowReport:
     """The report of ``net`` at ``x: (B, n_in)``, one row per top-level layer. With ``target``
     the gradients are those of ``loss``; without, each sample back-propagates a random unit
     cotangent (seeded by ``seed``, as in ``gradient_flow`` of an MLP). Over chunks of a dataset:
@@ -333,7 +286,8 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     (default for NumPy: ``jacgrad.distributed.default_max_memory``; a CuPy batch only when it is
     given) is measured a chunk at a time (``distributed.reduce_samples``), as for an MLP.
     ``norm_samples``: the ‖J‖₂ and bound columns (and the whole net's ‖J‖₂) over a seeded subsample
-    of that many samples (``gradient_flow``'s ``norm_samples``; None: all)."""
+    of that many samples (``gradient_flow``'s ``norm_samples``; None: all); ``spectrum_samples``: the
+    input-output singular values of the first S samples, as ``gradient_flow`` of an MLP."""
     require_network(net, "block_report")
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
@@ -344,7 +298,7 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0, norm_samples)
+    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0, norm_samples, spectrum_samples)
     targets = () if target is None else (target,)
     p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
                          max_memory=max_memory)
@@ -356,13 +310,18 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     rows = _finish_rows(p)
     chi = [r.chi for r in rows]
     verdict, chi_bar, gamma, xi = decide(chi, not all(math.isfinite(c) for c in chi))
-    N = p["count"]
+    N, n_in = p["count"], p["sizes"][0]
+    spectrum = finish_spectrum(p["spectrum"], n_in, min(n_in, p["sizes"][-1]), p["spectrum"] is None)
+    spectrum.pop("jacobian_spectral_norm")  # the blocks' own: over the norm_samples subsample
+    first = next((r for r in rows if not math.isfinite(r.chi)), None)
     report = BlockFlowReport(
-        blocks=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
+        block_rows=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
         jacobian_spectral_norm=p["norm_sum"] / (p["norm_count"] or math.nan), sizes=p["sizes"], activations=p["activations"],
         has_residual=p["has_residual"], norms=p["norms"], batch=N, dtype=p["dtype"], device=p["device"],
         loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,
-        label=label, norm_samples=int(p["norm_count"]),
+        label=label, norm_samples=int(p["norm_count"]), **spectrum,
+        nonfinite=None if first is None else {"layer": first.index, "stage": "blocks",
+                                              "message": f"block {first.index} ({first.kind}) went non-finite"},
     )
     report.hints = block_hints(report)
     return report

@@ -29,7 +29,6 @@ per layer plus Lanczos's checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,11 +40,12 @@ from ._validate import check_input_dtype, float_array, network_input, require_ne
 from .backend import get_xp
 from .distributed import budget, compute, reduce_in_memory, reduce_samples
 from .distributed.mapping import is_dask
-from .block_flow import (BlockChunk, BlockFlowReport, block_report, block_report_bytes, merge_block_partials,
+from ._report_blocks import BlockFlowReport, GradientFlowReport
+from .block_flow import (BlockChunk, block_report, block_report_bytes, merge_block_partials,
                          report_from_block_partial)
 from .sequential import Sequential
 from ._verdict import GAIN_BAND, VERDICTS, decide
-from .report import hints, plot_reports, report_dict, report_json, report_text, usual_init
+from .report import hints, usual_init
 
 # The per-layer ‖J_j‖₂ of a Dask batch (every chunk's ~50 GEMMs per layer per sample) are
 # measured on a seeded subsample of this many samples unless norm_samples says otherwise.
@@ -65,84 +65,6 @@ __all__ = [
     "usual_init",
 ]
 
-@dataclass(repr=False)
-class GradientFlowReport:
-    """What ``gradient_flow`` found. ``layers[j]`` is a ``LayerFlow``; the rest is the whole net:
-
-    chi: per-layer χ_j = ‖J_j‖_F²/H_j (list, the table's χ column); chi_bar: their geometric
-    mean χ̄; backward_gain: their product Γ = χ̄^L; mean_squared_singular_value:
-    ‖J‖_F²/n_in of the input-output Jacobian, batch mean; jacobian_singular_values: ``(S, k)``
-    host array for the first S samples (``spectrum_samples``; ``(0, k)`` when skipped);
-    jacobian_spectral_norm: mean ‖J‖₂; verdict: "vanishing" | "exploding" | "healthy";
-    depth_scale: ξ = 1/|ln χ̄| layers per e-fold of the squared gradient norm (inf at χ̄ = 1);
-    hints: concrete advice for an unhealthy verdict; nonfinite: None, or where the values first
-    went non-finite (``{"layer", "stage", "message"}``); norm_samples: how many samples the
-    per-layer ``jacobian_norm`` and ``jacobian_bound`` average over (``batch``, or the seeded
-    subsample's size; every other per-layer number is over all ``batch`` samples).
-
-    ``str(report)`` (and ``print(report)``) is the text table; ``repr`` is one short line.
-    """
-
-    layers: list[LayerFlow]
-    chi: list[float]
-    chi_bar: float
-    backward_gain: float
-    mean_squared_singular_value: float
-    mean_squared_singular_value_method: str
-    jacobian_singular_values: np.ndarray
-    jacobian_spectral_norm: float
-    spectrum_samples: int
-    spectrum_method: str
-    verdict: str
-    depth_scale: float
-    hints: list[str]
-    nonfinite: dict | None
-    sizes: list[int]
-    activations: list[str]
-    batch: int
-    dtype: str
-    device: str
-    loss: str | None
-    loss_value: float | None
-    label: str = ""
-    meta: dict = field(default_factory=dict)
-    norm_samples: int = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    def to_dict(self) -> dict:
-        """Plain Python values (lists, floats, ints, strings); non-finite floats stay floats."""
-        return report_dict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """``to_dict`` as strict JSON: inf, -inf and NaN are written as the strings "inf", "-inf", "nan"."""
-        return report_json(self, indent=indent)
-
-    def to_text(self) -> str:
-        """A readable per-layer table, the whole-net numbers, the verdict and the hints."""
-        return report_text(self)
-
-    def __str__(self) -> str:
-        return report_text(self)
-
-    def __repr__(self) -> str:
-        label = f"{self.label!r}, " if self.label else ""
-        sizes = "-".join(str(s) for s in self.sizes) if len(self.sizes) <= 6 else (
-            f"{self.sizes[0]}-…-{self.sizes[-1]}")
-        return (f"GradientFlowReport({label}sizes {sizes}, {self.depth} layers, B={self.batch}, "
-                f"verdict={self.verdict!r}, chi_bar={self.chi_bar:.4g})")
-
-    def plot(self, path, dpi: float | None = None) -> None:
-        """Save the figure at ``path``, in the format its suffix names (``.png``, ``.svg``, ``.pdf``,
-        …; another suffix is a ``ValueError`` listing the valid ones), at ``dpi`` (default 100):
-        per-layer gradient and Jacobian norms (log scale), χ per layer against its healthy band,
-        and the singular-value histogram of the input-output Jacobian. Needs matplotlib
-        (``jacgrad[plot]``)."""
-        plot_reports([self], path, dpi=dpi)
-
-
 # ---------------------------------------------------------------------------- the report
 def gradient_flow(
     net,
@@ -158,11 +80,11 @@ def gradient_flow(
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
-    A ``jacgrad.Sequential`` gets a ``BlockFlowReport`` (``jacgrad.block_flow.block_report``):
-    one row per top-level block (dense, residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and
-    bound, the same verdict rule over the blocks' χ, and hints that know the net's residual
-    blocks and norm layers (``spectrum_samples`` does not apply to it; ``norm_samples`` does,
-    to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
+    A ``jacgrad.Sequential``'s report (the same ``GradientFlowReport`` type, built by
+    ``jacgrad.block_flow.block_report``) has ``.blocks``: one row per top-level block (dense,
+    residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and bound, the same verdict rule over the
+    blocks' χ, hints that know the net's residual blocks and norm layers, and the input-output
+    spectrum as below (``norm_samples`` applies to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
 
     With ``target`` (``(B, n_out)``, or labels for ``softmax_cross_entropy``) the gradients are
     those of ``loss``; without, each sample back-propagates a random unit cotangent
@@ -211,9 +133,9 @@ def gradient_flow(
     if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
         if is_dask(x) or is_dask(target):
             norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
-            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples)
+            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples, spectrum_samples)
         return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
-                            norm_samples=norm_samples)
+                            norm_samples=norm_samples, spectrum_samples=spectrum_samples)
     if is_dask(x) or is_dask(target):
         _check_weights(net)
         norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
@@ -309,12 +231,12 @@ def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memor
                            report_from_partials, net, X, target, loss, label, max_memory)
 
 
-def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples) -> BlockFlowReport:
+def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples, spectrum_samples) -> BlockFlowReport:
     """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
     ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
     summation order; the measuring method (exact or estimated) is chosen by the whole batch's
     size, so every chunk takes the same one."""
-    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples), merge_block_partials, block_report_bytes,
+    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples, spectrum_samples), merge_block_partials, block_report_bytes,
                            report_from_block_partial, net, X, target, loss, label, max_memory)
 
 

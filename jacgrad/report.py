@@ -1,5 +1,6 @@
-"""Rendering of a ``GradientFlowReport``: hints, plain dict / JSON, the text table (the PNG plot
-is in ``jacgrad._report_plot``, re-exported here).
+"""Rendering of a dense-layer ``GradientFlowReport``: hints, the text table (the report type and
+its dict / JSON are in ``jacgrad._report_blocks``; the PNG plot in ``jacgrad._report_plot``,
+re-exported here).
 
 Kept apart from ``diagnostics`` (which computes, and imports this module; never the other way)
 so the numbers and their presentation can change independently; matplotlib is imported only
@@ -8,29 +9,15 @@ inside ``plot_reports``.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["hints", "histogram_bins", "plot_reports", "report_dict", "report_json", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
+__all__ = ["hints", "histogram_bins", "plot_reports", "report_text", "usual_init", "PLOT_INSTALL_HINT"]
 
 from ._report_plot import PLOT_INSTALL_HINT, histogram_bins, plot_reports
 from ._verdict import spectrum_verdict
-
-_LAYER_FIELDS = (
-    "index", "shape", "activation", "grad_norm", "bias_grad_norm", "delta_norm", "jacobian_norm",
-    "jacobian_bound", "weight_spectral_norm", "derivative_mean", "active_fraction", "dead_units",
-    "saturated_fraction", "chi", "finite",
-)
-_SCALAR_FIELDS = (
-    "label", "verdict", "depth_scale", "chi_bar", "backward_gain", "mean_squared_singular_value",
-    "mean_squared_singular_value_method", "jacobian_spectral_norm", "spectrum_samples", "spectrum_method",
-    "nonfinite", "sizes", "activations", "batch", "dtype", "device", "loss", "loss_value", "hints", "chi",
-    "norm_samples",
-)
-
 
 # ---------------------------------------------------------------------------- hints
 def hints(report, framework: str | None = None) -> list[str]:
@@ -129,28 +116,7 @@ def usual_init(activation: str) -> str:
     return "he_normal" if activation in _RELU_LIKE else "xavier_normal"
 
 
-# ---------------------------------------------------------------------------- dict / JSON
-def _plain(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def report_dict(report) -> dict:
-    """The report as plain Python values; ``layers`` is a list of dicts, one per layer."""
-    out = {name: _plain(getattr(report, name)) for name in _SCALAR_FIELDS}
-    out["depth"] = report.depth
-    out["layers"] = [{name: _plain(getattr(f, name)) for name in _LAYER_FIELDS} for f in report.layers]
-    out["jacobian_singular_values"] = np.asarray(report.jacobian_singular_values).tolist()
-    return out
-
-
+# ---------------------------------------------------------------------------- JSON
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -159,10 +125,6 @@ def _json_safe(value):
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
-
-
-def report_json(report, indent: int | None = 2) -> str:
-    return json.dumps(_json_safe(report_dict(report)), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------- text
