@@ -103,9 +103,7 @@ class JacobianStep(StepIO):
         """``J: (batch, n_out, n_in)``, the per-sample Jacobians at ``x: (batch, n_in)``; the step's
         buffer unless ``copy=True``."""
         with self._exclusive():  # one call at a time, its copy-out included (``_step_io``)
-            if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
-                self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
-            self._check_binding()
+            self._check_net()
             self._load(self._x, x, "x", f"batch {self.batch} × {self.n_in} features: x must be "
                                         f"{shape_str((self.batch, self.n_in))}")
             self._run_or_replay(False, self._run)

@@ -104,6 +104,14 @@ class StepIO:
             finally:
                 self._done = stream.record()
 
+    def _check_net(self) -> None:
+        """What every call checks first, under the lock: the network's origin (a ``copy=False``
+        torch import whose parameters torch re-allocated raises; a duck-typed net has no origin),
+        then the step's binding to the parameters (``_check_binding``)."""
+        if hasattr(self._net, "_check_origin"):
+            self._net._check_origin()
+        self._check_binding()
+
     def _on_device(self):
         return self._device if self._gpu else contextlib.nullcontext()
 
@@ -119,9 +127,7 @@ class StepIO:
         """One call of the step: check the binding, load ``x`` and the target, run (or replay)
         ``self._run(labels)``, return ``self._results(copy)``."""
         with self._exclusive():
-            if hasattr(self._net, "_check_origin"):  # jacgrad's networks (a duck-typed one has none): a copy=False
-                self._net._check_origin()  # torch import whose parameters torch re-allocated raises here
-            self._check_binding()
+            self._check_net()
             self._load(self._x, x, "x", self._shape_help("x"))
             labels = self._load_target(target)
             self._run_or_replay(labels, self._run)
