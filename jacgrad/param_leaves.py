@@ -60,6 +60,11 @@ def _counted(counted, n: int) -> list:
     return [True] * n if counted is None else list(counted)
 
 
+def _one(x, axis: int = 1):
+    """A one-token array with its token axis dropped (T = 1 runs the 2-D formulas, bit for bit)."""
+    return x[(slice(None),) * axis + (0,)] if x.ndim == axis + 2 and x.shape[axis] == 1 else x
+
+
 def _grads_w(a, delta):
     """``A_iᵀ Δ_i`` per sample: ``(B, p, d)``."""
     return get_xp(a).matmul(a.swapaxes(1, 2), delta)
@@ -78,6 +83,7 @@ class TokenDenseLeaf:
 
     def sq_norms(self, a, delta, counted=None, method: str = "auto"):
         counted = _counted(counted, self.n_arrays)
+        a, delta = _one(a), _one(delta)
         if a.ndim == 2:  # T = 1: (‖a‖² + 1)·‖δ‖² (Goodfellow 2015)
             if self.bias and all(counted):
                 zz = dot_along(a, a, 1)
@@ -107,6 +113,7 @@ class TokenDenseLeaf:
 
     def fill(self, views: Sequence[Any], a, delta) -> None:
         xp = get_xp(delta)
+        a, delta = _one(a), _one(delta)
         if a.ndim == 2:
             xp.multiply(a[:, :, None], delta[:, None, :], out=views[0])
             if len(views) > 1:
@@ -127,6 +134,7 @@ class TokenDenseLeaf:
 
     def ntk_add(self, left, right, trace: bool, out) -> None:
         (aa, Ga), (ab, Gb) = left, right
+        aa, ab, Ga, Gb = _one(aa), _one(ab), _one(Ga, 2), _one(Gb, 2)
         if aa.ndim == 2:
             w = aa @ ab.T  # a · a'
             if self.bias:
@@ -143,6 +151,8 @@ class TokenDenseLeaf:
             out += xp.einsum("isjt,iosh,jqth->iojq", w, Ga, Gb, optimize=True)
 
     def jvp(self, a, v: Sequence[Any], base):
+        if a.ndim == 3 and a.shape[1] == 1:
+            return self.jvp(a[:, 0], v, None if base is None else base[:, 0])[:, None]
         out = a @ v[0]
         if base is not None:
             out += base
@@ -151,6 +161,7 @@ class TokenDenseLeaf:
         return out
 
     def ggn_diag_add(self, outs: Sequence[Any], a, G, scale: float) -> None:
+        a, G = _one(a), _one(G, 2)
         first = outs[0]  # in place: outs may be a tuple of views
         if a.ndim == 2:
             s = dot_along(G, G, 1)
@@ -187,6 +198,7 @@ class ElementwiseLeaf:
 
     def sq_norms(self, a, delta, counted=None, method: str = "auto"):
         counted = _counted(counted, self.n_arrays)
+        a, delta = _one(a), _one(delta)
         ag = self._tok(a * delta)
         sq = dot_along(ag, ag, 1) if counted[0] else get_xp(ag).zeros(ag.shape[0], ag.dtype)
         if len(counted) > 1 and counted[1]:
@@ -196,6 +208,7 @@ class ElementwiseLeaf:
 
     def fill(self, views: Sequence[Any], a, delta) -> None:
         xp = get_xp(delta)
+        a, delta = _one(a), _one(delta)
         if a.ndim == 2:
             xp.multiply(a, delta, out=views[0])
             if len(views) > 1:
@@ -216,6 +229,7 @@ class ElementwiseLeaf:
 
     def ntk_add(self, left, right, trace: bool, out) -> None:
         (aa, Ga), (ab, Gb) = left, right
+        aa, ab, Ga, Gb = _one(aa), _one(ab), _one(Ga, 2), _one(Gb, 2)
         if aa.ndim == 2:
             out += _gram(aa[:, None, :] * Ga, ab[:, None, :] * Gb, trace)
             if self.bias:
@@ -226,6 +240,8 @@ class ElementwiseLeaf:
             out += _gram(Ga.sum(axis=2), Gb.sum(axis=2), trace)
 
     def jvp(self, a, v: Sequence[Any], base):
+        if a.ndim == 3 and a.shape[1] == 1:
+            return self.jvp(a[:, 0], v, None if base is None else base[:, 0])[:, None]
         out = a * v[0]
         if base is not None:
             out += base
@@ -234,6 +250,7 @@ class ElementwiseLeaf:
         return out
 
     def ggn_diag_add(self, outs: Sequence[Any], a, G, scale: float) -> None:
+        a, G = _one(a), _one(G, 2)
         first = outs[0]
         if a.ndim == 2:
             s = dot_along(G, G, 1)
