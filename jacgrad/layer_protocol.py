@@ -111,7 +111,8 @@ _REGISTRY: dict[str, type] = {}
 def register_layer(kind: str, cls: type) -> type:
     """Register ``cls`` as the layer of ``kind`` (its ``spec()["kind"]``): file loading builds it
     through ``cls.from_spec``. Returns ``cls``. Registering a kind twice with another class is a
-    ``ValueError`` naming both; ``cls`` must have ``kind == kind`` and the protocol's class
+    ``ValueError`` naming both (the same module and class name again, as a rerun script defines it,
+    replaces it); ``cls`` must have ``kind == kind`` and the protocol's class
     attributes and ``from_spec``/``file_widths``."""
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"register_layer: kind must be a non-empty string, got {kind!r}")
@@ -124,7 +125,8 @@ def register_layer(kind: str, cls: type) -> type:
         raise TypeError(f"register_layer: {cls.__name__} does not implement the layer protocol: "
                         f"missing {', '.join(missing)} (jacgrad.layer_protocol.Layer)")
     old = _REGISTRY.get(kind)
-    if old is not None and old is not cls:
+    same_name = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not same_name:  # (the same class defined again: a rerun script)
         raise ValueError(f"register_layer: kind {kind!r} is already {old.__module__}.{old.__name__}; "
                          f"cannot register {cls.__module__}.{cls.__name__} under it")
     _REGISTRY[kind] = cls
