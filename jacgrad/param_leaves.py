@@ -24,8 +24,9 @@ Every leaf kind implements the same methods (``n_arrays`` arrays, in the layer's
 - ``fill(views, a, delta)``: per-sample gradients into views ``(B, *shape)``;
 - ``clipped_sum(views, a, delta, c)``: ``Σ_i c_i ∇ℓ_i`` into the parameter arrays (``delta``
   overwritten with ``c_i δ_i``);
-- ``ntk_add(left, right, trace, out)``: the leaf's share of ``J_θ J_θ′ᵀ``; ``left``, ``right``:
-  ``(a, G)`` of the two sides, ``out: (Na, O, Nb, O)`` or ``(Na, Nb)`` with ``trace``;
+- ``ntk_add(left, right, trace, out, method="auto")``: the leaf's share of ``J_θ J_θ′ᵀ``;
+  ``left``, ``right``: ``(a, G)`` of the two sides, ``out: (Na, O, Nb, O)`` or ``(Na, Nb)`` with
+  ``trace``; a weight-sharing leaf picks the cross-Gram or the per-output Jacobians by cost;
 - ``jvp(a, v, base)``: the parameter tangent at the leaf's output point for direction views
   ``v`` (``base``, the tangent arriving there from the input, added in between, or None);
 - ``ggn_diag_add(outs, a, G, scale)``: ``scale · Σ_i Σ_ρ (∂/∂θ of G_iρ)²`` into ``outs``.
@@ -132,7 +133,9 @@ class TokenDenseLeaf:
         if len(views) > 1:
             column_sums(rows, views[1])
 
-    def ntk_add(self, left, right, trace: bool, out) -> None:
+    def ntk_add(self, left, right, trace: bool, out, method: str = "auto") -> None:
+        """``method``: "gram" (the T × T′ cross-Gram), "instantiate" (the per-output Jacobians
+        ``A_iᵀ G_io``), "auto": the cheaper (``_ntk_instantiates``); T = 1 is today's formula."""
         (aa, Ga), (ab, Gb) = left, right
         aa, ab, Ga, Gb = _one(aa), _one(ab), _one(Ga, 2), _one(Gb, 2)
         if aa.ndim == 2:
@@ -142,6 +145,9 @@ class TokenDenseLeaf:
             out += (w if trace else w[:, None, :, None]) * _gram(Ga, Gb, trace)
             return
         xp = get_xp(aa, ab)
+        if method == "instantiate" or (method == "auto" and self._ntk_instantiates(aa, ab, Ga, Gb)):
+            out += _gram(self._jacobians(aa, Ga), self._jacobians(ab, Gb), trace)
+            return
         w = xp.einsum("isp,jtp->isjt", aa, ab)  # the T × T' cross-Gram of the inputs
         if self.bias:
             w += 1
@@ -149,6 +155,21 @@ class TokenDenseLeaf:
             out += xp.einsum("isjt,iosh,joth->ij", w, Ga, Gb, optimize=True)
         else:
             out += xp.einsum("isjt,iosh,jqth->iojq", w, Ga, Gb, optimize=True)
+
+    @staticmethod
+    def _ntk_instantiates(aa, ab, Ga, Gb) -> bool:
+        """The NTK cost rule: build the per-sample, per-output Jacobians ``A_iᵀ G_io`` (``O(N·O·T·p·d)``
+        plus a ``(N·O)² · p·d`` GEMM) where that costs less than the cross-Gram's ``(N·O·T)² · d``."""
+        (Na, O, T, d), (Nb, _, T2, _), p = Ga.shape, Gb.shape, aa.shape[-1]
+        build = (Na * T + Nb * T2) * O * p * d + Na * O * Nb * O * p * d
+        return build < Na * O * T * Nb * O * T2 * (d + 1)
+
+    def _jacobians(self, a, G):
+        """``(N, O, p·d [+ d])``: per sample and output row, ``A_iᵀ G_io`` flattened (and ``Σ_t G_io,t``)."""
+        xp = get_xp(a, G)
+        N, O, T, d = G.shape
+        J = xp.einsum("itp,iotd->iopd", a, G).reshape(N, O, a.shape[-1] * d)
+        return xp.concatenate([J, G.sum(axis=2)], axis=2) if self.bias else J
 
     def jvp(self, a, v: Sequence[Any], base):
         if a.ndim == 3 and a.shape[1] == 1:
@@ -227,7 +248,7 @@ class ElementwiseLeaf:
         if len(views) > 1:
             column_sums(rows, views[1])
 
-    def ntk_add(self, left, right, trace: bool, out) -> None:
+    def ntk_add(self, left, right, trace: bool, out, method: str = "auto") -> None:
         (aa, Ga), (ab, Gb) = left, right
         aa, ab, Ga, Gb = _one(aa), _one(ab), _one(Ga, 2), _one(Gb, 2)
         if aa.ndim == 2:
