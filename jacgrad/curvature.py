@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .per_sample import has_leaves, inner_factors, output_partials
+from .per_sample import has_leaves, inner_factors, n_leaves, output_partials
 
 __all__ = ["accumulate_leaf_diagonal", "leaf_parameter_jvp"]
 
@@ -55,9 +55,8 @@ def _tangent(factors, t, pairs, dirs, k):
         if not has_leaves(J):
             t = None if t is None else J.jvp(t)
             continue
-        leaf, a = pairs[k]
-        t = J.param_jvp(t, lambda i, base, leaf=leaf, a=a, v=dirs[k]: leaf.jvp(a, v, base))
-        k += 1
+        t = J.param_jvp(t, lambda i, base, k=k: pairs[k + i][0].jvp(pairs[k + i][1], dirs[k + i], base))
+        k += n_leaves(J)
     return t, k
 
 

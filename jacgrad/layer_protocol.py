@@ -51,8 +51,13 @@ class Layer(Protocol):
         -> (∂L/∂z or None, δ)``: ``g`` only read; parameter gradients written into ``grads`` (views
         in ``params`` shapes); ``sq: (B,)`` gets each sample's squared gradient norm added.
         ``factor(state)``: the per-sample Jacobian as a structured factor for ``Chain``. A factor
-        of a layer with parameters also splits at its parameters (``param_vjp_stack``,
-        ``param_jvp``, see ``jacobian.LayerJacobian``), which is all the products need of it.
+        of a layer with parameters also splits at them, which is all the products need of it:
+        ``param_vjp_stack(A, need_input) -> ([G per leaf], A_in or None)`` for output cotangent
+        rows ``A: (B, R, *out)`` (``G: (B, R, [T,] d)`` at each leaf's output point), and
+        ``param_jvp(t, leaf_tangent)``: the output tangent of an input tangent ``t`` (None: 0)
+        with ``leaf_tangent(i, base)`` (leaf i's parameter tangent plus ``base``, the tangent
+        arriving at its output point) added where leaf i acts (``jacobian.LayerJacobian``,
+        ``factors.NormFactor``); ``n_leaves`` when it has more than one leaf.
 
     Parameters
         ``params``: the parameter arrays (by reference), in ``names`` order.

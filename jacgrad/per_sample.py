@@ -1,26 +1,23 @@
 """Per-sample parameter-space pieces read off the layers' ``(a, δ)`` pairs and factors.
 
-Two kinds of parameterised layer ("leaves") and one container:
+Every parameterised layer has leaves (``jacgrad.param_leaves``): parameter groups whose
+per-sample gradient is bilinear in the layer's ``a_i`` and the cotangent ``δ_i`` where the
+parameters act, with a token axis (``A_i: (T, p)``, ``Δ_i: (T, d)``; T = 1 is ``(B, p)``):
 
-- dense ``h = z_prev @ W + b``: with ``δ_i = ∂ℓ_i/∂h_i``, ``∇_W ℓ_i = z_prev,i δ_iᵀ`` (an outer
-  product) and ``∇_b ℓ_i = δ_i``;
-- normalisation ``y = γ ⊙ x̂ + β`` (LayerNorm; RMSNorm has no β): with ``g_i = ∂ℓ_i/∂y_i``,
-  ``∇_γ ℓ_i = x̂_i ⊙ g_i`` (elementwise) and ``∇_β ℓ_i = g_i``;
-- a residual block ``z + s·f(z)`` holds leaves of its own and adds none.
+- a dense weight ``h = a W + b`` per token: ``∇_W ℓ_i = A_iᵀ Δ_i``, ``∇_b ℓ_i = Σ_t Δ_i,t``;
+- a normalisation ``y = γ ⊙ x̂ + β`` per token: ``∇_γ ℓ_i = Σ_t x̂_i,t ⊙ g_i,t``, ``∇_β ℓ_i = Σ_t g_i,t``;
+- a container (a residual block ``z + s·f(z)``) holds its inner layers' leaves and adds none.
 
-So every leaf pairs an input ``a`` (``z_prev``, or ``x̂``) with a delta (``δ`` or ``g``); the first
-parameter is ``a ⊗ δ`` (dense) or ``a ⊙ δ`` (norm), the optional second one ``δ``. Since every
-jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the cotangents of ONE
-ordinary reverse sweep, times B. Squared norms then cost row norms and no per-sample gradient:
-
-    dense   ‖∇_W ℓ_i‖² + ‖∇_b ℓ_i‖² = (‖z_prev,i‖² + 1) · ‖δ_i‖²        (Goodfellow 2015)
-    norm    ‖∇_γ ℓ_i‖² + ‖∇_β ℓ_i‖² = ‖x̂_i ⊙ g_i‖² + ‖g_i‖²
-
-(BackPACK's BatchL2Grad reads the same identities off a layer's input and output gradient).
+Since every jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the
+cotangents of ONE ordinary reverse sweep, times B. Squared norms then cost row norms and no
+per-sample gradient (T = 1: ``(‖z_prev,i‖² + 1)·‖δ_i‖²``, Goodfellow 2015; BackPACK's
+BatchL2Grad reads the same identities off a layer's input and output gradient).
 
 ``output_partials`` is the stacked reverse sweep behind per-sample gradients, the NTK and the
-Gauss–Newton diagonal: cotangent rows ``V_i: (R, n_out)`` per sample pulled back through the
-factors of a ``Chain`` (``LayerJacobian``, ``NormFactor``, ``ResidualFactor``) to every leaf.
+Gauss–Newton diagonal: cotangent rows ``V_i: (R, *out)`` per sample pulled back through the
+factors of a ``Chain`` to every leaf. It reads a factor only through its split at the parameters
+(``param_vjp_stack``: the cotangent at the leaf and at the input), ``vjp_stack`` (a factor without
+parameters) or its ``inner`` chain (a container); it names no factor type.
 
 This module knows nothing of ``MLP`` or ``Sequential``: it takes factors, arrays and callables.
 """
@@ -36,7 +33,7 @@ from ._validate import byte_size, float_array, shape_str
 from ._validate import check_max_memory as _check_max_memory
 from .backend import dot_along, get_xp
 
-__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "grad_sq_norms", "has_leaves", "inner_factors",
+__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "grad_sq_norms", "has_leaves", "inner_factors", "n_leaves",
            "leaf_factors", "output_partials", "param_views"]
 
 GIB = 1 << 30
@@ -55,16 +52,23 @@ def has_leaves(J) -> bool:
 
 
 def leaf_factors(factors: Sequence[Any]) -> list:
-    """The parameterised factors of a chain, containers opened, in ``Gradients.flat`` order
-    (a factor without parameters, e.g. of a pooling layer, is no leaf)."""
+    """One entry per leaf: the parameterised factors of a chain (a factor of ``n_leaves`` leaves
+    that many times), containers opened, in ``Gradients.flat`` order (a factor without
+    parameters, e.g. of a pooling layer, has no leaf)."""
     out = []
     for J in factors:
         inner = inner_factors(J)
         if inner is not None:
             out += leaf_factors(inner)
         elif has_leaves(J):
-            out.append(J)
+            out += [J] * n_leaves(J)
     return out
+
+
+def n_leaves(J) -> int:
+    """How many leaves a factor with parameters splits at (``J.n_leaves``; 1 when it does not say):
+    its ``param_vjp_stack`` returns that many cotangents, in its layer's ``param_leaves`` order."""
+    return int(getattr(J, "n_leaves", 1))
 
 
 def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scale: float):
@@ -141,7 +145,8 @@ def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) ->
 
 def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
     """For every leaf ``k`` of the chain, last first, yield ``(k, G_k)``: ``G_k = V · ∂y/∂h_k``
-    (the pre-activation of a dense leaf, the output of a norm leaf), per sample ``(B, R, H_k)``.
+    (the pre-activation of a dense leaf, the output of a norm leaf), per sample ``(B, R, H_k)``
+    (``(B, R, T, H_k)`` for a token batch).
 
     ``factors``: the network's per-sample factors, input → output (``leaf_factors`` numbers the
     leaves); ``V: (B, R, n_out)`` cotangent rows per sample (overwritten). Dense: ``G = A ⊙ d``,
@@ -169,7 +174,8 @@ def _sweep(factors, A, k: int, need_input: bool):
         if not has_leaves(J):
             A = J.vjp_stack(A) if more else None
             continue
-        k -= 1
+        k -= n_leaves(J)
         Gs, A = J.param_vjp_stack(A, more)
-        yield k, Gs[0]
+        for i, G in enumerate(Gs):
+            yield k + i, G
     return A
