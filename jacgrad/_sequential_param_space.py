@@ -243,7 +243,8 @@ class SequentialParameterSpace:
         flat = xp.zeros(self.n_params, dtype=self.dtype)
         views = self._leaf_views(flat)
         # per sample: its (C, C) factor block as it is made, then the sweep's (C, H) cotangent blocks
-        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 3 * C * max(self._param_widths()) * item
+        T = y.shape[1] if y.ndim == 3 else 1  # a token output: the sweep's blocks are (C, T, H)
+        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 3 * C * T * max(self._param_widths()) * item
         chain = self.jacobian_chain(cache)
         pairs = self._param_leaf_inputs(cache)
         chunks = loss_hessians.hessian_factor_chunks(loss, _rows(y), _rows(target, y), per_sample.chunk_rows(max_memory, per_row, B))

@@ -122,7 +122,7 @@ class Dense(PerToken):
         """``g = ∂L/∂z: (B, H_out)`` (only read); writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev
         or None, δ = ∂L/∂h)``, written into ``out`` (the buffers of ``backward_shapes``; fresh when
         None). ``sq: (B,)``, when given, gets each sample's share of the squared gradient norm
-        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``per_sample.grad_sq_norms``). ``factor``: ``self.factor(state)``
+        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (its leaf's ``sq_norms``). ``factor``: ``self.factor(state)``
         where the caller keeps it (a compiled step's states are the same buffers every call)."""
         z_prev = state[0]
         bufs = out if out is not None else _buffers(None, self.backward_shapes(g.shape[0], input_grad), g)

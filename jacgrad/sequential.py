@@ -107,7 +107,8 @@ class Sequential(SequentialParameterSpace, Imported):
         return self.forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
-        """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``; ``y`` is the caller's own
+        """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``, or per token ``(B, T, n_in)
+        -> (B, T, n_out)`` where every layer acts per token (``takes_tokens``); ``y`` is the caller's own
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
         if _lazy.handler_for(x) is not None:

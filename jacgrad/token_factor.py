@@ -41,8 +41,8 @@ class TokenFactor:
     per_sample = property(lambda self: True)
     dtype = property(lambda self: self.inner.dtype)
     xp = property(lambda self: get_xp(self.anchor))
-    anchor = property(lambda self: getattr(self.inner, "anchor", None) if hasattr(self.inner, "anchor")
-                      else self.inner.W)
+    anchor = property(lambda self: self.inner.anchor if hasattr(self.inner, "anchor") else self.inner.W,
+                      doc="an array of the row factor's (its device is the factor's)")
     row_cost = property(lambda self: self.tokens * _cost(self.inner))
     dense_cost = property(lambda self: self.tokens * self.tokens * self.h_in * self.h_out)
 

@@ -183,3 +183,21 @@ def test_dense_jacobian_of_a_token_batch_is_refused_clearly():
     x, _ = _data()
     with pytest.raises(ValueError, match=r"token batch.*not built"):
         net.jacobian(x)
+
+
+def test_chunks_under_max_memory_give_the_same_numbers(ref):
+    net, x, t = ref["net"], ref["x"], ref["t"]
+    _close(jg.ntk(net, x, ref["x2"], max_memory=1), jg.ntk(net, x, ref["x2"], max_memory=None))
+    _close(jg.ntk(net, x, trace=True, max_memory=1), jg.ntk(net, x, trace=True, max_memory=None))
+    _close(net.ggn_diagonal(x, t, max_memory=1).flat, net.ggn_diagonal(x, t, max_memory=None).flat)
+
+
+def test_float32_token_batch_against_torch_func(ref):
+    net64, x, t = ref["net"], ref["x"], ref["t"]
+    net = jg.Sequential.from_torch(net64.to_torch().float())
+    g = ref["g"]
+    x32, t32 = x.astype(np.float32), t.astype(np.float32)
+    for method in ("gram", "instantiate"):
+        _close(net.per_sample_grad_norms(x32, t32, method=method), np.linalg.norm(g, axis=1), tol=1e-4)
+    _close(net.per_sample_grads(x32, t32).flat, g, tol=1e-4)
+    _close(jg.ntk(net, x32, trace=True), np.einsum("iop,jop->ij", ref["J"], ref["J"]), tol=1e-4)
