@@ -77,14 +77,15 @@ def _widths(net) -> list[int]:
     return list(net._param_widths())
 
 
-def _chunk(net, N: int, max_memory, T: int = 1) -> int:
-    """Samples per chunk: the kept side (``(O, T, H_k)`` partials and inputs of every leaf), the
-    other side's sweep (two ``(O, T, max H)`` blocks and the inputs) and one ``(chunk·O)²`` kernel
-    block of a leaf within ``max_memory`` bytes; ``O = T · n_out`` outputs per sample of T tokens."""
+def _chunk(net, N: int, max_memory) -> int:
+    """Samples per chunk: the kept side (``(O, H_k)`` partials and inputs of every leaf), the
+    other side's sweep (two ``(O, max H)`` blocks and the inputs) and one ``(chunk·O)²`` kernel
+    block of a leaf within ``max_memory`` bytes (a token batch passes ``max_memory / T²``: its
+    blocks are ``(T·O, T, H)`` and ``(chunk·T·O)²``)."""
     if max_memory is None:
         return N
-    widths, O, itemsize = _widths(net), net.sizes[-1] * T, net.dtype.itemsize
-    per_sample = ((O + 1) * sum(widths) + 2 * O * max(widths) + sum(widths)) * T * itemsize
+    widths, O, itemsize = _widths(net), net.sizes[-1], net.dtype.itemsize
+    per_sample = ((O + 1) * sum(widths) + 2 * O * max(widths) + sum(widths)) * itemsize
     by_sweeps = max_memory // (2 * per_sample)
     by_block = (max_memory / (2 * O * O * itemsize)) ** 0.5
     return int(max(1, min(N, by_sweeps, by_block)))
@@ -119,7 +120,8 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * (x1.shape[1] if x1.ndim == 3 else 1)
     shape = (N1, N2) if trace else (N1, O, N2, O)
     out = xp.zeros(shape, dtype=net.dtype)
-    chunk = _chunk(net, max(N1, N2, 1), max_memory, x1.shape[1] if x1.ndim == 3 else 1)
+    T = x1.shape[1] if x1.ndim == 3 else 1
+    chunk = _chunk(net, max(N1, N2, 1), max_memory if max_memory is None or T == 1 else max_memory / (T * T))
     for a in range(0, N1, chunk):
         sa = slice(a, min(N1, a + chunk))
         left = _left(net, x1[sa])
