@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ._passes import Gradients, carve
+from .layer_protocol import lead_shape
 from .layers import Dense, Residual
 
 __all__ = ["BlockGradients", "backward_layers", "carve_backward", "carve_forward", "forward_layers", "named_grads",
@@ -61,7 +62,7 @@ def carve_backward(xp, layers: Sequence[Any], B: int, dtype, input_grad: bool, g
     shapes = [L.backward_shapes(B, bool(j) or input_grad) for j, L in enumerate(layers)]
     alias = [in_place and j > 0 and isinstance(layers[j - 1], Dense) for j in range(len(layers))]
     shapes = [sh[:-1] if a else sh for sh, a in zip(shapes, alias)]
-    head = [(B, layers[-1].n_out)] if grad_y else []
+    head = [lead_shape(B) + (layers[-1].n_out,)] if grad_y else []
     _, views = carve(xp, head + [s for sh in shapes for s in sh], dtype, zero=zero, pooled=pooled)
     per = _split(views[len(head):], [len(sh) for sh in shapes])
     for j, a in enumerate(alias):

@@ -13,16 +13,41 @@ import re
 
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, quote
-from .layers import NORMS, Dense
+from . import layers as _layers  # noqa: F401  (registers the built-in kinds)
+from .layer_protocol import layer_class, layer_kinds
 
 __all__ = ["dense_layers", "plan"]
 
 _N = r"(?:0|[1-9]\d*)"  # one spelling per number: W1 and W01 never both name layer 1
 _JACGRAD_KEY = re.compile(rf"^([Wb])({_N})$")
 _TORCH_KEY = re.compile(rf"^({_N}(?:\.{_N})*)\.(weight|bias)$")
-PARAMS = {"dense": Dense.names, **{k: cls.names for k, cls in NORMS.items()}}
-_FIELDS = {"dense": {"activation": str}, "residual": {"scale": (int, float), "layers": list},
-           **{k: {"eps": (int, float)} for k in NORMS}}
+
+class _ByKind(dict):
+    """``{kind: getattr(layer_class(kind), attr)}`` read from the registry at each lookup, so a kind
+    registered later (``layer_protocol.register_layer``) is a known kind of files too."""
+
+    def __init__(self, attr: str):
+        super().__init__()
+        self._attr = attr
+
+    def _table(self):
+        return {k: getattr(layer_class(k), self._attr) for k in layer_kinds()}
+
+    def __getitem__(self, kind):
+        return self._table()[kind]
+
+    def __contains__(self, kind):
+        return kind in layer_kinds()
+
+    def __iter__(self):
+        return iter(layer_kinds())
+
+    def __len__(self):
+        return len(layer_kinds())
+
+
+PARAMS = _ByKind("names")  # a layer's parameter names, by kind
+_FIELDS = _ByKind("spec_fields")  # a layer's spec fields and their JSON types, by kind
 MAX_DEPTH = 32
 
 
@@ -135,13 +160,13 @@ def _check_spec(spec, prefix, depth):
         for name, types in fields.items():
             if not isinstance(s[name], types) or isinstance(s[name], bool):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
-        if kind == "residual":
+        if "layers" in fields:  # a container: its inner layer list
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
 
 
 def _param_keys(spec, prefix):
     for j, s in enumerate(spec):
-        if s["kind"] == "residual":
+        if "layers" in s:
             yield from _param_keys(s["layers"], f"{prefix}{j}.")
         else:
             yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in PARAMS[s["kind"]])
@@ -149,7 +174,7 @@ def _param_keys(spec, prefix):
 
 def dense_layers(spec):
     for s in spec:
-        if s["kind"] == "residual":
+        if "layers" in s:
             yield from dense_layers(s["layers"])
         elif s["kind"] == "dense":
             yield s

@@ -21,7 +21,8 @@ from .backend import get_xp
 from ._passes import Gradients
 from ._block_passes import named_grads, param_views
 from ._passes import carve
-from .layers import Residual, leaf_layers
+from .layers import leaf_layers
+from .param_leaves import check_method
 
 __all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
@@ -30,32 +31,42 @@ ParamArrays = Gradients  # the old name of what per_sample_grads and ggn_diagona
 
 
 def _leaves(layers) -> list:
-    """``[(top-level index, leaf layer)]``, residual blocks opened, in parameter order."""
-    return [(path[0], L) for path, L in leaf_layers(layers)]
+    """``[(top-level index, layer, leaf)]``: every parameter leaf (``layer.param_leaves()``),
+    containers opened, in parameter order."""
+    return [(path[0], L, leaf) for path, L in leaf_layers(layers) for leaf in L.param_leaves()]
 
 
 def _leaf_states(layers, states) -> list:
-    """The forward states of the leaves, in ``_leaves`` order."""
+    """The forward states of the non-container layers, in ``leaf_layers`` order."""
     out = []
     for L, st in zip(layers, states):
-        out += _leaf_states(L.layers, st) if isinstance(L, Residual) else [st]
+        inner = getattr(L, "layers", None)
+        out += _leaf_states(inner, st) if inner is not None else [st]
     return out
 
 
 def leaf_inputs(layers, states) -> list:
-    """Each leaf's ``a`` (``L.param_input`` of its forward state: ``z_prev`` of a Dense, ``x̂`` of a
-    norm layer, ``(B, H)``), in parameter order; ``states``: ``forward_layers``' states."""
-    return [L.param_input(st) for (_, L), st in zip(_leaves(layers), _leaf_states(layers, states))]
+    """``[(leaf, a)]``: every leaf and the ``a`` it pairs with ``δ`` (``L.param_input`` of its
+    forward state: ``z_prev`` of a Dense, ``x̂`` of a norm layer, ``(B, p)`` or ``(B, T, p)``; a
+    layer with several leaves gives a list), in parameter order; ``states``: ``forward_layers``'."""
+    out = []
+    for (_, L), st in zip(leaf_layers(layers), _leaf_states(layers, states)):
+        leaves = L.param_leaves()
+        if leaves:
+            a = L.param_input(st)
+            out += list(zip(leaves, a if len(leaves) > 1 else [a]))
+    return out
 
 
 def leaf_views(layers, flat) -> list:
     """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
-    leaves = [L for _, L in _leaves(layers)]
-    views = per_sample.param_views(flat, [tuple(p.shape) for L in leaves for p in L.params])
+    leaves = _leaves(layers)
+    shapes = [tuple(p.shape) for _, L in leaf_layers(layers) for p in L.params]
+    views = per_sample.param_views(flat, shapes)
     out, at = [], 0
-    for L in leaves:
-        out.append(views[at:at + len(L.params)])
-        at += len(L.params)
+    for _, _, leaf in leaves:
+        out.append(views[at:at + leaf.n_arrays])
+        at += leaf.n_arrays
     return out
 
 
@@ -70,38 +81,41 @@ class SequentialParameterSpace:
 
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
-        """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
-        Dense, ``x̂`` of a norm layer: ``(B, H)``) and its number of parameter arrays."""
-        counts = [len(L.params) for _, L in _leaves(self.layers)]
-        return list(zip(leaf_inputs(self.layers, cache.states), counts))
+        """``[(leaf_k, a_k)]``: each leaf (``jacgrad.param_leaves``) and its input to its parameter
+        gradients (``z_prev`` of a Dense, ``x̂`` of a norm layer: ``(B, [T,] p)``)."""
+        return leaf_inputs(self.layers, cache.states)
 
     def _param_widths(self) -> list[int]:
         """The input width and every leaf's output width (for memory estimates)."""
-        return [self.n_in] + [L.n_out for _, L in _leaves(self.layers)]
+        return [self.n_in] + [L.n_out for _, L, _ in _leaves(self.layers)]
 
     def _leaf_views(self, flat) -> list:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
         return leaf_views(self.layers, flat)
 
     def _sample_partials(self, x: Any, target: Any, loss: str):
-        """``(cache, leaf factors, partials)``: ``partials`` yields ``(k, G_k: (B, 1, H_k))``, the
+        """``(cache, [(leaf, a)], partials)``: ``partials`` yields ``(k, G_k: (B, 1, [T,] H_k))``, the
         batch loss's cotangent ``∂L/∂h_k`` at leaf k (``per_sample.output_partials``); sample i's
         own is B times its row i (scaled by the callers after their sums, as a backward's deltas)."""
         loss_fn = losses.get(loss)
         y, cache = self.forward(x)
         _, grad_y = loss_fn(y, target)
-        V = grad_y.copy()[:, None, :]
+        V = grad_y.copy()[:, None]
         factors = self.jacobian_chain(cache).factors
-        return cache, per_sample.leaf_factors(factors), per_sample.output_partials(factors, V)
+        return cache, self._param_leaf_inputs(cache), per_sample.output_partials(factors, V)
 
     # ------------------------------------------------------------------ per sample
-    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False):
+    def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False,
+                              method: str = "auto"):
         """Euclidean norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per
         top-level layer (a residual block's inner layers together) with ``per_layer=True``.
 
-        From one reverse sweep, no per-sample gradient built (``per_sample.leaf_sq_norms``):
-        dense ``(‖z_prev,i‖² + 1)‖δ_i‖²``, norm layers ``‖x̂_i⊙g_i‖² + ‖g_i‖²``; extra memory
-        ``O(B·Σ H)``. A Dask ``x`` gives a lazy Dask result (``jacgrad.distributed``).
+        From one reverse sweep, no per-sample gradient built (each leaf's ``sq_norms``,
+        ``jacgrad.param_leaves``): dense ``(‖z_prev,i‖² + 1)‖δ_i‖²``, norm layers ``‖x̂_i⊙g_i‖² +
+        ‖g_i‖²``; extra memory ``O(B·Σ H)``. With a token axis, ``method`` picks a weight's form:
+        ``"gram"`` ``⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩``, ``"instantiate"`` ``‖A_iᵀΔ_i‖²``, ``"auto"`` (default) the
+        Gram form when ``2T² ≤ p·d``; all three agree. A Dask ``x`` gives a lazy Dask result
+        (``jacgrad.distributed``).
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4)), activation="tanh"),
@@ -109,16 +123,18 @@ class SequentialParameterSpace:
             >>> net.per_sample_grad_norms(np.eye(3), np.zeros((3, 2)), per_layer=True).shape
             (3, 3)
         """
+        method = check_method(method)
         lazy = _lazy.handler_for(x)
         if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
-            return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer)
-        cache, leaves, partials = self._sample_partials(x, target, loss)
-        inputs, owner = self._param_leaf_inputs(cache), [j for j, _ in _leaves(self.layers)]
+            kw = {} if method == "auto" else {"method": method}
+            return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer, **kw)
+        cache, pairs, partials = self._sample_partials(x, target, loss)
+        owner = [j for j, _, _ in _leaves(self.layers)]
         xp = get_xp(cache.x)
         sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
         for k, G in partials:
-            a, n = inputs[k]
-            sq[:, owner[k]] += per_sample.leaf_sq_norms(leaves[k], a, G[:, 0, :], n)
+            leaf, a = pairs[k]
+            sq[:, owner[k]] += leaf.sq_norms(a, G[:, 0], method=method)
         sq *= float(cache.batch) ** 2  # after the sums, as MLP's: a dense stack gives its norms to the last bit
         return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
 
@@ -142,20 +158,20 @@ class SequentialParameterSpace:
             >>> g.flat.shape, g.layers[0]["W"].shape, g.layers[1]["gamma"].shape
             ((3, 20), (3, 3, 4), (3, 4))
         """
-        cache, leaves, partials = self._sample_partials(x, target, loss)
+        cache, pairs, partials = self._sample_partials(x, target, loss)
         B, P = cache.batch, self.n_params
         per_sample.check_budget(
             f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
             max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
             "or split the batch")
-        inputs = self._param_leaf_inputs(cache)
         flat = get_xp(cache.x).empty((B, P), dtype=self.dtype)
-        views, deltas = self._leaf_views(flat), [None] * len(leaves)
+        views, deltas = self._leaf_views(flat), [None] * len(pairs)
         for k, G in partials:
-            deltas[k] = G[:, 0, :] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
+            deltas[k] = G[:, 0] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
         for k, delta in enumerate(deltas):  # then the (B, P) block front to back: fresh memory faults in faster
-            per_sample.fill_leaf(leaves[k], views[k], inputs[k][0], delta)
-        flat_net = len(leaves) == len(self.layers)
+            leaf, a = pairs[k]
+            leaf.fill(views[k], a, delta)
+        flat_net = len(pairs) == len(self.layers)
         return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
@@ -178,8 +194,8 @@ class SequentialParameterSpace:
         xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
         flat = carve(xp, [(self.n_params,)], self.dtype, pooled=True)[0]  # as backward: reused host blocks
         views = self._leaf_views(flat)
-        inputs = [a for a, _ in self._param_leaf_inputs(cache)]
-        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, inputs, grad_y, views, C,
+        pairs = self._param_leaf_inputs(cache)
+        norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, pairs, grad_y, views, C,
                                           private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
@@ -203,10 +219,9 @@ class SequentialParameterSpace:
                                        f"{self._flat_name} (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
-        inputs = self._param_leaf_inputs(cache)
-        t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, lambda k: inputs[k][0],
+        t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, self._param_leaf_inputs(cache),
                                          self._leaf_views(v))
-        u = loss_hessians.hessian_vp(loss, y, t, target)
+        u = loss_hessians.hessian_vp(loss, _rows(y), _rows(t), _rows(target, y)).reshape(y.shape)
         u /= max(cache.batch, 1)
         return self.backward(cache, u, input_grad=False).flat
 
@@ -224,15 +239,18 @@ class SequentialParameterSpace:
         """
         per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
-        xp, B, C, item = get_xp(y), cache.batch, self.n_out, self.dtype.itemsize
+        xp, B, C, item = get_xp(y), cache.batch, _rows(y).shape[1], self.dtype.itemsize
         flat = xp.zeros(self.n_params, dtype=self.dtype)
         views = self._leaf_views(flat)
         # per sample: its (C, C) factor block as it is made, then the sweep's (C, H) cotangent blocks
-        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 3 * C * max(self._param_widths()) * item
+        T = y.shape[1] if y.ndim == 3 else 1  # a token output: the sweep's blocks are (C, T, H)
+        per_row = loss_hessians.factor_bytes_per_sample(C, item) + 3 * C * T * max(self._param_widths()) * item
         chain = self.jacobian_chain(cache)
-        inputs = [a for a, _ in self._param_leaf_inputs(cache)]
-        for sel, V in loss_hessians.hessian_factor_chunks(loss, y, target, per_sample.chunk_rows(max_memory, per_row, B)):
-            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, lambda k: inputs[k][sel], V, views, 1.0 / B)
+        pairs = self._param_leaf_inputs(cache)
+        chunks = loss_hessians.hessian_factor_chunks(loss, _rows(y), _rows(target, y), per_sample.chunk_rows(max_memory, per_row, B))
+        for sel, V in chunks:  # a token output (B, T, d) is one (B, T·d) output for the loss
+            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, [(leaf, a[sel]) for leaf, a in pairs],
+                                               V.reshape(V.shape[:2] + y.shape[1:]), views, 1.0 / B)
         return Gradients(layers=_by_name(self.layers, views), flat=flat)
 
     # ------------------------------------------------------------------ shorthands
@@ -246,6 +264,15 @@ class SequentialParameterSpace:
         forward pass, then ``jacobian_chain(cache).jacobian(order)`` (``order``: "auto", the
         cheapest bracketing, "forward" or "reverse")."""
         return self.jacobian_chain(self.forward(x)[1]).jacobian(order)
+
+
+def _rows(a, like=None):
+    """A token output ``(B, T, d)`` (or its target, shaped as ``like``) as ``(B, T·d)``: the
+    per-sample loss of a token output is the loss of its flattened entries. Others as they are."""
+    ref = a if like is None else like
+    if a is None or getattr(ref, "ndim", 2) <= 2 or getattr(a, "shape", None) != ref.shape:
+        return a
+    return a.reshape(a.shape[0], -1)
 
 
 def _by_name(layers, leaf_views: list) -> list:

@@ -69,7 +69,7 @@ def require_network(net: Any, who: str) -> None:
     raise TypeError(msg)
 
 
-def network_input(x: Any, name: str, xp, dtype):
+def network_input(x: Any, name: str, xp, dtype, in_shape: tuple | None = None, tokens: bool = False):
     """``x`` checked as an input of a network whose parameters are ``dtype``: a float array of
     namespace ``xp`` (``float_array``'s checks: int, bool and complex arrays are a ``TypeError``),
     never rounded. float64 into a float32 network is a ``TypeError`` naming both dtypes and the way
@@ -88,7 +88,22 @@ def network_input(x: Any, name: str, xp, dtype):
         x = xp.asarray(x, dtype=dtype)
     x = float_array(x, name, xp)
     check_input_dtype(name, x.dtype, dtype)
+    if in_shape is not None:
+        check_sample_shape(x.shape, name, tuple(in_shape), tokens)
     return x
+
+
+def check_sample_shape(shape: tuple, name: str, in_shape: tuple, tokens: bool) -> None:
+    """A ``ValueError`` unless ``shape`` is ``(B, *in_shape)`` or, where the network acts per token
+    (``tokens``), ``(B, T, *in_shape)``; it names the shape and what the network takes."""
+    shape = tuple(shape)
+    per = shape[1:]
+    if per == in_shape or (tokens and len(per) == len(in_shape) + 1 and per[1:] == in_shape):
+        return
+    want = f"(B, {', '.join(map(str, in_shape))})" + (f" or, per token, (B, T, {', '.join(map(str, in_shape))})"
+                                                      if tokens else "")
+    raise ValueError(f"layer 0 expects {in_shape[-1]} features, got an array of shape {shape_str(shape)} "
+                     f"({name} must be {want})")
 
 
 def check_input_dtype(name: str, have, dtype) -> None:

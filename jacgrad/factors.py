@@ -178,6 +178,14 @@ class NormFactor:
             return fused
         return self._project(_multiply(a, self.scale[..., None, :]), inplace=True)
 
+    def param_vjp_stack(self, a, need_input: bool = True):
+        """Split at the parameters (``y = γ ⊙ x̂ + β``, at the output): ``([a], Jᵀ a or None)``."""
+        return [a], (self.vjp_stack(a) if need_input else None)
+
+    def param_jvp(self, t, leaf_tangent):
+        """``leaf_tangent(0, J t)`` (``t`` None: 0): the parameter tangent enters at the output."""
+        return leaf_tangent(0, None if t is None else self.jvp(t))
+
     def dense(self, transposed: bool = False):
         """``(B, n, n)`` or ``(n, n)``; built only on request (tests, tiny chains)."""
         xp, n = self.xp, self.h_in

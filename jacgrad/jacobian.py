@@ -239,6 +239,24 @@ class LayerJacobian:
             return xp.multiply(a, dd, out=a)
         return a * dd
 
+    # ------------------------------------------------------------------ split at the parameters
+    def param_vjp_stack(self, A: Any, need_input: bool = True):
+        """The reverse sweep split at the parameters (``h = a W + b`` between ``Wᵀ`` and the
+        diagonal): ``([G], A_in)`` for output cotangent rows ``A: (B, R, H_out)``: ``G = A ⊙ d`` at
+        ``h`` (written into ``A``), ``A_in = G Wᵀ: (B, R, H_in)`` (None unless ``need_input``)."""
+        G = self.scale_stack(A, inplace=True)
+        if not need_input:
+            return [G], None
+        B, R = G.shape[0], G.shape[1]
+        xp = get_xp(G)
+        return [G], matmul(xp.ascontiguousarray(G).reshape(B * R, self.h_out), self.W.T).reshape(B, R, self.h_in)
+
+    def param_jvp(self, t: Any, leaf_tangent):
+        """The forward tangent with a parameter tangent added at ``h``: ``d ⊙ leaf_tangent(0, t W)``
+        (``t: (B, H_in)`` or None for 0; ``leaf_tangent(i, base)``: leaf i's tangent plus ``base``)."""
+        out = leaf_tangent(0, None if t is None else t @ self.W)
+        return self.scale(out, out=out)
+
     def dense(self, transposed: bool = False):
         """The Jacobian as an array: ``(H_out, H_in)`` shared, ``(B, H_out, H_in)`` per sample.
 

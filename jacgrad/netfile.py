@@ -42,7 +42,7 @@ from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open_regular, quote
 from .backend import to_device, to_numpy
 from .interop import NetSpec
-from .layers import Dense, LayerNorm, leaf_layers, Residual, RMSNorm
+from .layer_protocol import layer_class, leaf_layers
 
 __all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
@@ -188,31 +188,26 @@ def _set_activations(spec, names, given, replace, missing):
 
 
 def _check_shapes(spec, declared, prefix, width):
-    """Every declared shape against the layers' widths, before any array is read; the width out."""
+    """Every declared shape against the layers' widths, before any array is read; the width out.
+    A layer's own shapes are checked by its class (``file_widths``, through the registry)."""
     before = "the input"
     for j, s in enumerate(spec):
         where, kind = f"{prefix}{j}", s["kind"]
-        if kind == "residual":
+        if "layers" in s:  # a container (a residual block): H -> H through its inner layers
             out = _check_shapes(s["layers"], declared, f"{where}.", width)
             if width is not None and out != width:
                 raise Bad(f"layer {where}: its inner layers map {width} -> {out} features; a residual block needs H -> H")
-        elif kind == "dense":
-            (W, key, _), b = declared[f"{where}.W"], declared[f"{where}.b"]
-            if len(W) != 2:
-                raise Bad(f"layer {where}: {key} must be 2-D (H_in, H_out), got shape {W}")
-            if width is not None and W[0] != width:
-                raise Bad(f"layer {where}: {key} has shape {W} but {before} outputs {width} features")
-            if b is not None and b[0] != (W[1],):
-                raise Bad(f"layer {where}: {b[1]} has shape {b[0]} but {key} has {W[1]} outputs")
-            out = W[1]
         else:
-            for name in PARAMS[kind]:
-                shape, key, _ = declared[f"{where}.{name}"]
-                if len(shape) != 1:
-                    raise Bad(f"layer {where} ({kind}): {key} must be 1-D (n,), got shape {shape}")
-                if width is not None and shape[0] != width:
-                    raise Bad(f"layer {where} ({kind}): {key} has shape {shape} but {before} outputs {width} features")
-            out = shape[0]
+            cls = layer_class(kind)
+            shapes = {n: None if declared[f"{where}.{n}"] is None else declared[f"{where}.{n}"][:2] for n in cls.names}
+            try:
+                n_in, out = cls.file_widths(where, shapes)
+            except ValueError as exc:
+                raise Bad(str(exc)) from None
+            if width is not None and n_in != width:
+                first = shapes[cls.names[0]]
+                tag = f"layer {where}" if kind == "dense" else f"layer {where} ({kind})"
+                raise Bad(f"{tag}: {first[1]} has shape {first[0]} but {before} outputs {width} features")
         width, before = out, f"layer {where}"
     return width
 
@@ -234,18 +229,14 @@ def _check_dtypes(declared, dtype):
 
 
 def _build(spec, prefix, arrays) -> list:
+    """The layers of ``spec``, each built by its registered class (``from_spec``)."""
     out = []
     for j, s in enumerate(spec):
         key, kind = f"{prefix}{j}", s["kind"]
         try:
-            if kind == "dense":
-                out.append(Dense(arrays[f"{key}.W"], arrays[f"{key}.b"], s["activation"]))
-            elif kind == "residual":
-                out.append(Residual(_build(s["layers"], f"{key}.", arrays), s["scale"]))
-            elif kind == "layernorm":
-                out.append(LayerNorm(arrays[f"{key}.gamma"], arrays[f"{key}.beta"], s["eps"]))
-            else:
-                out.append(RMSNorm(arrays[f"{key}.gamma"], s["eps"]))
+            cls = layer_class(kind)
+            inner = _build(s["layers"], f"{key}.", arrays) if "layers" in s else None
+            out.append(cls.from_spec(s, {n: arrays[f"{key}.{n}"] for n in cls.names}, inner))
         except (KeyError, ValueError, TypeError) as exc:
             msg = exc.args[0] if exc.args else str(exc)
             if str(msg).startswith("layer "):

@@ -24,11 +24,12 @@ Works on an ``MLP`` and on a ``Sequential`` (residual blocks, LayerNorm, RMSNorm
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ._validate import network_input, require_network
 from .backend import get_xp
-from .per_sample import check_max_memory, is_norm, leaf_factors, output_partials
+from .per_sample import check_max_memory, output_partials
 
 __all__ = ["ntk"]
 
@@ -36,60 +37,39 @@ DEFAULT_MAX_MEMORY = 1 << 28  # 256 MiB of working memory per call, besides the 
 
 
 def _sweep(net, x):
-    """``(leaves, inputs, partials)``: the leaf factors, ``[(a_k, n_params_k)]`` and a generator
-    of ``(k, G_k: (N, O, H_k))``, output leaf first."""
+    """``(pairs, partials)``: ``[(leaf_k, a_k)]`` and a generator of ``(k, G_k: (N, O, [T,] H_k))``,
+    output leaf first; ``O`` the number of outputs per sample (all output entries, flattened)."""
     y, cache = net.forward(x)
     xp = get_xp(y)
-    N, O = y.shape
+    N, out_shape = y.shape[0], y.shape[1:]
+    O = math.prod(out_shape)
     V = xp.zeros((N, O, O), dtype=y.dtype)
     idx = xp.arange(O)
     V[:, idx, idx] = 1
     factors = net.jacobian_chain(cache).factors
-    return leaf_factors(factors), net._param_leaf_inputs(cache), output_partials(factors, V)
+    return net._param_leaf_inputs(cache), output_partials(factors, V.reshape((N, O) + tuple(out_shape)))
 
 
-def _gram(Ga, Gb, trace: bool):
-    """``Σ_h Ga[i, o, h] Gb[j, o', h]``: ``(Na, O, Nb, O)``, or ``(Na, Nb)`` summed over ``o = o'``."""
-    Na, O, H = Ga.shape
-    Nb = Gb.shape[0]
-    if trace:
-        return Ga.reshape(Na, O * H) @ Gb.reshape(Nb, O * H).T
-    return (Ga.reshape(Na * O, H) @ Gb.reshape(Nb * O, H).T).reshape(Na, O, Nb, O)
-
-
-def _add_leaf(J, n_params: int, left, right, trace: bool, out) -> None:
-    """Add one leaf's share of the kernel: ``left``, ``right`` = ``(a, G)`` of the two sides."""
-    (aa, Ga), (ab, Gb) = left, right
-    if is_norm(J):
-        out += _gram(aa[:, None, :] * Ga, ab[:, None, :] * Gb, trace)
-        if n_params > 1:
-            out += _gram(Ga, Gb, trace)
-        return
-    w = aa @ ab.T  # z_prev · z'_prev
-    w += 1
-    out += (w if trace else w[:, None, :, None]) * _gram(Ga, Gb, trace)
-
-
-def _left(net, x) -> tuple[list, list]:
-    """One side's sweep kept whole: ``(leaves, [(a_k, n_params_k, G_k)])``."""
-    leaves, inputs, partials = _sweep(net, x)
-    kept = [None] * len(leaves)
+def _left(net, x) -> list:
+    """One side's sweep kept whole: ``[(leaf_k, a_k, G_k)]``."""
+    pairs, partials = _sweep(net, x)
+    kept = [None] * len(pairs)
     for k, G in partials:
-        kept[k] = (inputs[k][0], inputs[k][1], G)
-    return leaves, kept
+        kept[k] = pairs[k] + (G,)
+    return kept
 
 
-def _block(leaves, left, net, xb, trace: bool, out):
+def _block(left, net, xb, trace: bool, out):
     """Add the kernel of the kept ``left`` side against ``xb`` (None: the left side itself) into
-    ``out``: ``(Na, O, Nb, O)``, or ``(Na, Nb)`` when ``trace``."""
+    ``out``: ``(Na, O, Nb, O)``, or ``(Na, Nb)`` when ``trace`` (each leaf's ``ntk_add``)."""
     if xb is None:
-        for J, (a, n, G) in zip(leaves, left):
-            _add_leaf(J, n, (a, G), (a, G), trace, out)
+        for leaf, a, G in left:
+            leaf.ntk_add((a, G), (a, G), trace, out)
         return
-    _, inputs, partials = _sweep(net, xb)
+    pairs, partials = _sweep(net, xb)
     for k, Gb in partials:
-        a, n, Ga = left[k]
-        _add_leaf(leaves[k], n, (a, Ga), (inputs[k][0], Gb), trace, out)
+        leaf, a, Ga = left[k]
+        leaf.ntk_add((a, Ga), (pairs[k][1], Gb), trace, out)
 
 
 def _widths(net) -> list[int]:
@@ -100,7 +80,8 @@ def _widths(net) -> list[int]:
 def _chunk(net, N: int, max_memory) -> int:
     """Samples per chunk: the kept side (``(O, H_k)`` partials and inputs of every leaf), the
     other side's sweep (two ``(O, max H)`` blocks and the inputs) and one ``(chunk·O)²`` kernel
-    block of a leaf within ``max_memory`` bytes."""
+    block of a leaf within ``max_memory`` bytes (a token batch passes ``max_memory / T²``: its
+    blocks are ``(T·O, T, H)`` and ``(chunk·T·O)²``)."""
     if max_memory is None:
         return N
     widths, O, itemsize = _widths(net), net.sizes[-1], net.dtype.itemsize
@@ -130,21 +111,24 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     x1 = network_input(x1, "x1", xp, net.dtype)
     sym = x2 is None
     x2 = x1 if sym else network_input(x2, "x2", get_xp(x2, _anchor(net)), net.dtype)
+    tokens = getattr(net, "takes_tokens", False)
     for name, x in (("x1", x1), ("x2", x2)):
-        if x.ndim != 2 or x.shape[1] != net.sizes[0]:
+        if x.shape[-1:] != (net.sizes[0],) or x.ndim not in ((2, 3) if tokens else (2,)) \
+                or (x.ndim == 3 and x.shape[1] != x1.shape[1]):
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "
-                             f"needs (N, {net.sizes[0]})")
-    N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1]
+                             f"needs (N, {net.sizes[0]})" + (f" or (N, T, {net.sizes[0]}) with x1's T" if tokens else ""))
+    N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * (x1.shape[1] if x1.ndim == 3 else 1)
     shape = (N1, N2) if trace else (N1, O, N2, O)
     out = xp.zeros(shape, dtype=net.dtype)
-    chunk = _chunk(net, max(N1, N2, 1), max_memory)
+    T = x1.shape[1] if x1.ndim == 3 else 1
+    chunk = _chunk(net, max(N1, N2, 1), max_memory if max_memory is None or T == 1 else max_memory / (T * T))
     for a in range(0, N1, chunk):
         sa = slice(a, min(N1, a + chunk))
-        leaves, left = _left(net, x1[sa])
+        left = _left(net, x1[sa])
         for b in (range(a, N2, chunk) if sym else range(0, N2, chunk)):
             sb = slice(b, min(N2, b + chunk))
             blk = out[sa, sb] if trace else out[sa, :, sb, :]
-            _block(leaves, left, net, None if (sym and a == b) else x2[sb], trace, blk)
+            _block(left, net, None if (sym and a == b) else x2[sb], trace, blk)
             if sym and a != b:
                 if trace:
                     out[sb, sa] = blk.T

@@ -1,26 +1,23 @@
 """Per-sample parameter-space pieces read off the layers' ``(a, δ)`` pairs and factors.
 
-Two kinds of parameterised layer ("leaves") and one container:
+Every parameterised layer has leaves (``jacgrad.param_leaves``): parameter groups whose
+per-sample gradient is bilinear in the layer's ``a_i`` and the cotangent ``δ_i`` where the
+parameters act, with a token axis (``A_i: (T, p)``, ``Δ_i: (T, d)``; T = 1 is ``(B, p)``):
 
-- dense ``h = z_prev @ W + b``: with ``δ_i = ∂ℓ_i/∂h_i``, ``∇_W ℓ_i = z_prev,i δ_iᵀ`` (an outer
-  product) and ``∇_b ℓ_i = δ_i``;
-- normalisation ``y = γ ⊙ x̂ + β`` (LayerNorm; RMSNorm has no β): with ``g_i = ∂ℓ_i/∂y_i``,
-  ``∇_γ ℓ_i = x̂_i ⊙ g_i`` (elementwise) and ``∇_β ℓ_i = g_i``;
-- a residual block ``z + s·f(z)`` holds leaves of its own and adds none.
+- a dense weight ``h = a W + b`` per token: ``∇_W ℓ_i = A_iᵀ Δ_i``, ``∇_b ℓ_i = Σ_t Δ_i,t``;
+- a normalisation ``y = γ ⊙ x̂ + β`` per token: ``∇_γ ℓ_i = Σ_t x̂_i,t ⊙ g_i,t``, ``∇_β ℓ_i = Σ_t g_i,t``;
+- a container (a residual block ``z + s·f(z)``) holds its inner layers' leaves and adds none.
 
-So every leaf pairs an input ``a`` (``z_prev``, or ``x̂``) with a delta (``δ`` or ``g``); the first
-parameter is ``a ⊗ δ`` (dense) or ``a ⊙ δ`` (norm), the optional second one ``δ``. Since every
-jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the cotangents of ONE
-ordinary reverse sweep, times B. Squared norms then cost row norms and no per-sample gradient:
-
-    dense   ‖∇_W ℓ_i‖² + ‖∇_b ℓ_i‖² = (‖z_prev,i‖² + 1) · ‖δ_i‖²        (Goodfellow 2015)
-    norm    ‖∇_γ ℓ_i‖² + ‖∇_β ℓ_i‖² = ‖x̂_i ⊙ g_i‖² + ‖g_i‖²
-
-(BackPACK's BatchL2Grad reads the same identities off a layer's input and output gradient).
+Since every jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the
+cotangents of ONE ordinary reverse sweep, times B. Squared norms then cost row norms and no
+per-sample gradient (T = 1: ``(‖z_prev,i‖² + 1)·‖δ_i‖²``, Goodfellow 2015; BackPACK's
+BatchL2Grad reads the same identities off a layer's input and output gradient).
 
 ``output_partials`` is the stacked reverse sweep behind per-sample gradients, the NTK and the
-Gauss–Newton diagonal: cotangent rows ``V_i: (R, n_out)`` per sample pulled back through the
-factors of a ``Chain`` (``LayerJacobian``, ``NormFactor``, ``ResidualFactor``) to every leaf.
+Gauss–Newton diagonal: cotangent rows ``V_i: (R, *out)`` per sample pulled back through the
+factors of a ``Chain`` to every leaf. It reads a factor only through its split at the parameters
+(``param_vjp_stack``: the cotangent at the leaf and at the input), ``vjp_stack`` (a factor without
+parameters) or its ``inner`` chain (a container); it names no factor type.
 
 This module knows nothing of ``MLP`` or ``Sequential``: it takes factors, arrays and callables.
 """
@@ -32,57 +29,51 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._gemm import matmul
 from ._validate import byte_size, float_array, shape_str
 from ._validate import check_max_memory as _check_max_memory
 from .backend import dot_along, get_xp
-from .factors import NormFactor, ResidualFactor
 
-__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "fill_leaf", "grad_sq_norms", "is_norm", "leaf_factors", "leaf_sq_norms",
-           "output_partials", "param_views"]
+__all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "grad_sq_norms", "has_leaves", "inner_factors", "n_leaves",
+           "leaf_factors", "output_partials", "param_views"]
 
 GIB = 1 << 30
 
 
-def is_norm(J) -> bool:
-    """True for a normalisation leaf (``NormFactor``), False for a dense one (``LayerJacobian``)."""
-    return isinstance(J, NormFactor)
+def inner_factors(J):
+    """The inner factors of a container factor (a residual block's ``I + s·J_inner``: it has an
+    ``inner`` chain and a ``scale``), else None."""
+    inner = getattr(J, "inner", None)
+    return inner.factors if inner is not None and hasattr(J, "scale") and hasattr(inner, "factors") else None
+
+
+def has_leaves(J) -> bool:
+    """True for a factor of a layer with parameters: it splits at them (``param_vjp_stack``)."""
+    return inner_factors(J) is None and hasattr(J, "param_vjp_stack")
 
 
 def leaf_factors(factors: Sequence[Any]) -> list:
-    """The parameterised factors of a chain, residual blocks opened, in ``Gradients.flat`` order."""
+    """One entry per leaf: the parameterised factors of a chain (a factor of ``n_leaves`` leaves
+    that many times), containers opened, in ``Gradients.flat`` order (a factor without
+    parameters, e.g. of a pooling layer, has no leaf)."""
     out = []
     for J in factors:
-        if isinstance(J, ResidualFactor):
-            out += leaf_factors(J.inner.factors)
-        else:
-            out.append(J)
+        inner = inner_factors(J)
+        if inner is not None:
+            out += leaf_factors(inner)
+        elif has_leaves(J):
+            out += [J] * n_leaves(J)
     return out
 
 
-def _dense_sq(z, delta):
-    """``(‖z_i‖² + 1)·‖δ_i‖²``: ``(B,)``."""
-    zz = dot_along(z, z, 1)
-    zz += 1
-    zz *= dot_along(delta, delta, 1)
-    return zz
-
-
-def leaf_sq_norms(J, a, delta, n_params: int):
-    """``(B,)``: per sample, the squared norm of one leaf's parameter gradient (module text).
-    ``a``: ``z_prev (B, H_in)`` or ``x̂ (B, n)``; ``delta``: the per-sample ``δ``/``g: (B, H_out)``;
-    ``n_params``: 1 (RMSNorm) or 2."""
-    if not is_norm(J):
-        return _dense_sq(a, delta)
-    ag = a * delta
-    sq = dot_along(ag, ag, 1)
-    if n_params > 1:
-        sq += dot_along(delta, delta, 1)
-    return sq
+def n_leaves(J) -> int:
+    """How many leaves a factor with parameters splits at (``J.n_leaves``; 1 when it does not say):
+    its ``param_vjp_stack`` returns that many cotangents, in its layer's ``param_leaves`` order."""
+    return int(getattr(J, "n_leaves", 1))
 
 
 def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scale: float):
-    """``(B, L)``: per sample and dense layer, ``‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖²``.
+    """``(B, L)``: per sample and dense layer, ``‖∇_{W_j} ℓ_i‖² + ‖∇_{b_j} ℓ_i‖²``
+    (``(‖z_i‖² + 1)·‖δ_i‖²``, Goodfellow 2015).
 
     ``layer_input(j)``: ``z_j: (B, H_j)`` (``x`` for ``j = -1``); ``deltas[j] = ∂L/∂h_j: (B, H_j)``
     of the batch loss; ``scale``: B, turning them into the per-sample ``δ_{j,i}``."""
@@ -90,7 +81,11 @@ def grad_sq_norms(layer_input: Callable[[int], Any], deltas: Sequence[Any], scal
     L, B = len(deltas), deltas[0].shape[0]
     out = xp.empty((B, L), dtype=deltas[0].dtype)
     for j, delta in enumerate(deltas):
-        out[:, j] = _dense_sq(layer_input(j - 1), delta)
+        z = layer_input(j - 1)
+        zz = dot_along(z, z, 1)
+        zz += 1
+        zz *= dot_along(delta, delta, 1)
+        out[:, j] = zz
     out *= scale * scale
     return out
 
@@ -104,20 +99,6 @@ def param_views(flat, shapes: Sequence[tuple]) -> list:
         views.append(flat[..., at : at + n].reshape(lead + tuple(shape)))
         at += n
     return views
-
-
-def fill_leaf(J, views: Sequence[Any], a, delta) -> None:
-    """Write one leaf's per-sample gradients into ``views`` (``(B, …)`` each): ``a ⊗ δ`` (dense:
-    ``J`` a ``LayerJacobian`` or None; ``a: (B, H_in)``, ``δ: (B, H_out)``, first view
-    ``(B, H_in, H_out)``) or ``a ⊙ δ`` (norm: a ``NormFactor``; ``a = x̂``, ``δ = g``: ``(B, n)``)
-    into the first, ``δ`` into the second when there is one."""
-    xp = get_xp(delta)
-    if is_norm(J):
-        xp.multiply(a, delta, out=views[0])
-    else:
-        xp.multiply(a[:, :, None], delta[:, None, :], out=views[0])
-    if len(views) > 1:
-        views[1][...] = delta
 
 
 def check_direction(v: Any, anchor: Any, n_params: int, dtype, layout: str):
@@ -164,7 +145,8 @@ def check_budget(what: str, nbytes: int, max_memory: float | None, hint: str) ->
 
 def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
     """For every leaf ``k`` of the chain, last first, yield ``(k, G_k)``: ``G_k = V · ∂y/∂h_k``
-    (the pre-activation of a dense leaf, the output of a norm leaf), per sample ``(B, R, H_k)``.
+    (the pre-activation of a dense leaf, the output of a norm leaf), per sample ``(B, R, H_k)``
+    (``(B, R, T, H_k)`` for a token batch).
 
     ``factors``: the network's per-sample factors, input → output (``leaf_factors`` numbers the
     leaves); ``V: (B, R, n_out)`` cotangent rows per sample (overwritten). Dense: ``G = A ⊙ d``,
@@ -178,24 +160,22 @@ def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
 
 def _sweep(factors, A, k: int, need_input: bool):
     """``output_partials`` of ``factors`` whose leaves end at number ``k``; returns the cotangent
-    at their input when ``need_input`` (else None)."""
-    xp = get_xp(A)
+    at their input when ``need_input`` (else None). Every factor is read through its split at the
+    parameters (``param_vjp_stack``), its ``vjp_stack`` (no parameters) or its ``inner`` chain."""
     for i in range(len(factors) - 1, -1, -1):
         J, more = factors[i], bool(i) or need_input
-        if isinstance(J, ResidualFactor):
-            n = len(leaf_factors(J.inner.factors))
-            inner = yield from _sweep(J.inner.factors, A * J.scale, k, more)
+        inner = inner_factors(J)
+        if inner is not None:
+            n = len(leaf_factors(inner))
+            inside = yield from _sweep(inner, A * J.scale, k, more)
             k -= n
-            A = A + inner if more else None
+            A = A + inside if more else None
             continue
-        k -= 1
-        G = A if is_norm(J) else J.scale_stack(A, inplace=True)
-        yield k, G
-        if not more:
-            A = None
-        elif is_norm(J):
-            A = J.vjp_stack(G)
-        else:
-            B, R = G.shape[0], G.shape[1]
-            A = matmul(xp.ascontiguousarray(G).reshape(B * R, J.h_out), J.W.T).reshape(B, R, J.h_in)  # _gemm: capturable
+        if not has_leaves(J):
+            A = J.vjp_stack(A) if more else None
+            continue
+        k -= n_leaves(J)
+        Gs, A = J.param_vjp_stack(A, more)
+        for i, G in enumerate(Gs):
+            yield k + i, G
     return A

@@ -9,14 +9,14 @@ and divides by the batch size:
 Every parameterised leaf pairs an input ``a_i`` with a per-sample delta ``δ_i`` (``per_sample``:
 ``z_prev`` and ``∂ℓ_i/∂h`` for a dense leaf, ``x̂`` and ``∂ℓ_i/∂y`` for a norm leaf), so
 
-- the norms ``‖g_i‖²`` are the sums over leaves of ``per_sample.leaf_sq_norms`` (no per-sample
-  gradient is built), and
-- the clipped sum of a leaf is one GEMM, ``Σ_i c_i a_i δ_iᵀ = Aᵀ · diag(c) · Δ`` (dense; a token
-  axis ``T`` folds into the rows with ``c`` broadcast over it), or one reduction,
-  ``Σ_i c_i a_i ⊙ δ_i`` (norm), with ``Σ_i c_i δ_i`` for a bias/``β``.
+- the norms ``‖g_i‖²`` are the sums over leaves of ``leaf.sq_norms`` (no per-sample gradient
+  is built), and
+- the clipped sum of a leaf is ``leaf.clipped_sum``: one GEMM, ``Σ_i c_i A_iᵀ Δ_i = Aᵀ · diag(c) · Δ``
+  (a token-dense leaf; the token axis ``T`` folds into the rows with ``c`` broadcast over it), or
+  one reduction, ``Σ_i c_i Σ_t a_i,t ⊙ δ_i,t`` (an elementwise leaf), with ``Σ_i c_i Σ_t δ_i,t`` for a bias/``β``.
 
 Extra memory ``O(B · Σ H)``: every leaf's deltas are kept until the norms are known. This module
-reads leaves only through ``per_sample`` (``is_norm``, ``leaf_sq_norms``); it names no layer.
+reads leaves only through their methods (``jacgrad.param_leaves``); it names no layer.
 
 The noise is drawn by NumPy's ``Generator(SFC64)`` (``standard_normal(out=buf, dtype=...)`` in
 the network's dtype, into a preallocated buffer: the fastest of NumPy's bit generators for this,
@@ -41,11 +41,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import losses, per_sample
-from ._gemm import matmul_into
-from ._passes import column_sums
-from .backend import dot_along, get_xp
+from .backend import get_xp
 
-__all__ = ["ClippedGradients", "check_loss", "check_private_args", "clip_factors", "clipped_leaf_sum", "clipped_sum",
+__all__ = ["ClippedGradients", "check_loss", "check_private_args", "clip_factors", "clipped_sum",
            "denominator", "leaf_flags", "noise_generator", "private_finish", "sweep_and_clip"]
 
 
@@ -138,84 +136,46 @@ def clip_factors(sq, max_norm: float):
     return norms, c
 
 
-def clipped_leaf_sum(J, views: Sequence[Any], a, delta, c) -> None:
-    """Write one leaf's ``Σ_i c_i ∇ℓ_i`` into ``views`` (the leaf's parameter arrays, in order).
-
-    ``a``: ``(B, [T,] p)``; ``delta``: the per-sample ``δ_i``, ``(B, [T,] d)`` (overwritten with
-    ``c_i δ_i``); ``c: (B,)``. Dense (``J`` not a norm factor): ``views[0] = Aᵀ diag(c) Δ``
-    ``(p, d)``, rows ``B·T``; norm: ``views[0] = Σ_i c_i a_i ⊙ δ_i``. A second view gets
-    ``Σ_i c_i δ_i``."""
-    xp = get_xp(delta)
-    delta *= c.reshape((-1,) + (1,) * (delta.ndim - 1)).astype(delta.dtype, copy=False)
-    d = delta.shape[-1]
-    rows = delta.reshape(-1, d)
-    if per_sample.is_norm(J):
-        column_sums(xp.multiply(a.reshape(-1, d), rows), views[0])
-    else:  # through _gemm: direct cuBLAS while a CUDA graph records
-        matmul_into(a.reshape(-1, a.shape[-1]).T, rows, views[0])
-    if len(views) > 1:
-        column_sums(rows, views[1])
-
-
-def clipped_sum(leaves: Sequence[Any], inputs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float,
+def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float,
                 trainable: Sequence[Sequence[bool]] | None = None, scale: float = 1.0):
     """``(norms, c)``; writes ``scale · Σ_i c_i ∇ℓ_i`` of every leaf into ``views[k]`` (``scale``
     rides on ``c``: ``1/B`` there saves a pass over the P gradients).
 
-    ``leaves[k]``: leaf k's factor (``per_sample.leaf_factors``); ``inputs[k]``: its ``a``;
-    ``partials``: ``(k, G_k)`` pairs in any order, ``G_k: (B, 1, H_k)`` the per-sample deltas
+    ``pairs[k] = (leaf, a)``: leaf k (``jacgrad.param_leaves``) and its input ``a``;
+    ``partials``: ``(k, G_k)`` pairs in any order, ``G_k: (B, 1, [T,] H_k)`` the per-sample deltas
     (``per_sample.output_partials`` of ``B·∂L/∂y``); ``views[k]``: leaf k's parameter arrays.
     ``trainable[k]``: one flag per array of leaf k (None: all): the norms count only the flagged
     ones (a frozen weight, a bias that a torch ``Linear(bias=False)`` does not have)."""
     deltas = dict((k, G[:, 0]) for k, G in partials)
     xp = get_xp(next(iter(deltas.values())))
     sq = None
-    for k, J in enumerate(leaves):
-        counted = [True] * len(views[k]) if trainable is None else list(trainable[k])
-        if all(counted):  # the leaf's own rule for its squared norms (a Gram form where it has one)
-            s = per_sample.leaf_sq_norms(J, inputs[k], deltas[k], len(views[k]))
-        elif any(counted):
-            s = _partial_sq_norms(J, inputs[k], deltas[k], counted)
-        else:
+    for k, (leaf, a) in enumerate(pairs):
+        counted = None if trainable is None else list(trainable[k])
+        if counted is not None and not any(counted):
             continue
+        s = leaf.sq_norms(a, deltas[k], counted)  # the leaf's own rule (a Gram form where it has one)
         sq = s if sq is None else xp.add(sq, s, out=sq)
     if sq is None:
         raise ValueError("clipped_grad: no parameter is trainable, so there is no gradient to clip")
     norms, c = clip_factors(sq, max_norm)
     w = c * c.dtype.type(scale) if scale != 1.0 else c
-    for k, J in enumerate(leaves):
-        clipped_leaf_sum(J, views[k], inputs[k], deltas[k], w)
+    for k, (leaf, a) in enumerate(pairs):
+        leaf.clipped_sum(views[k], a, deltas[k], w)
     return norms, c
 
 
-def _partial_sq_norms(J, a, delta, counted):
-    """``(B,)``: the squared per-sample norms of the counted arrays of one leaf: the first
-    (``a ⊗ δ``: ``‖a‖²‖δ‖²``; norm leaf ``a ⊙ δ``), the second (``δ``)."""
-    dd = dot_along(delta, delta, 1)
-    out = get_xp(delta).zeros_like(dd)
-    if counted[0]:
-        if per_sample.is_norm(J):
-            ad = a * delta
-            out += dot_along(ad, ad, 1)
-        else:
-            out += dot_along(a, a, 1) * dd
-    if len(counted) > 1 and counted[1]:
-        out += dd
-    return out
-
-
-def sweep_and_clip(factors: Sequence[Any], inputs: Sequence[Any], grad_y, views: Sequence[Sequence[Any]],
+def sweep_and_clip(factors: Sequence[Any], pairs: Sequence[Any], grad_y, views: Sequence[Sequence[Any]],
                    max_norm: float, trainable=None, scale: float = 1.0):
     """``(norms, c)``: ``scale ·`` the clipped sum of every leaf into ``views``, from ONE reverse sweep.
 
     ``factors``: the network's per-sample chain factors (``jacobian_chain(cache).factors``);
-    ``inputs[k]``: leaf k's ``a``; ``grad_y = ∂L/∂y: (B, n_out)`` of the batch loss (a mean of
-    per-sample losses, so sample i's own cotangent is ``B·grad_y[i]``; only read); ``trainable``
-    and ``scale`` as for ``clipped_sum``."""
+    ``pairs[k] = (leaf, a)``; ``grad_y = ∂L/∂y: (B, …)`` of the batch loss (a mean of per-sample
+    losses, so sample i's own cotangent is ``B·grad_y[i]``; only read); ``trainable`` and
+    ``scale`` as for ``clipped_sum``."""
     B = grad_y.shape[0]
-    V = (grad_y * grad_y.dtype.type(B))[:, None, :]
+    V = (grad_y * grad_y.dtype.type(B))[:, None]
     partials = per_sample.output_partials(factors, V)
-    return clipped_sum(per_sample.leaf_factors(factors), inputs, partials, views, max_norm, trainable, scale)
+    return clipped_sum(pairs, partials, views, max_norm, trainable, scale)
 
 
 def denominator(B: int, expected_batch_size: Any) -> float:

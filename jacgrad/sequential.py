@@ -76,6 +76,10 @@ class Sequential(SequentialParameterSpace, Imported):
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
+    in_shape = property(lambda self: tuple(self._layers[0].in_shape), doc="per sample, without B: the first layer's")
+    out_shape = property(lambda self: tuple(self._layers[-1].out_shape), doc="per sample, without B: the last layer's")
+    takes_tokens = property(lambda self: all(getattr(L, "per_token", False) for L in self._layers),
+                            doc="True when every layer acts per token: x may be (B, T, n_in)")
     dtype = property(lambda self: self._layers[0].params[0].dtype)
     xp = property(lambda self: get_xp(self._layers[0].params[0]))
 
@@ -103,7 +107,8 @@ class Sequential(SequentialParameterSpace, Imported):
         return self.forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
-        """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``; ``y`` is the caller's own
+        """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``, or per token ``(B, T, n_in)
+        -> (B, T, n_out)`` where every layer acts per token (``takes_tokens``); ``y`` is the caller's own
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
         if _lazy.handler_for(x) is not None:
@@ -111,17 +116,15 @@ class Sequential(SequentialParameterSpace, Imported):
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
         xp = get_xp(x, self._layers[0].params[0])
-        x = network_input(x, "x", xp, self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.n_in:
-            raise ValueError(f"layer 0 expects {self.n_in} features, got an array of shape {shape_str(x.shape)} "
-                             f"(x must be (B, {self.n_in}))")
+        x = network_input(x, "x", xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
         x = xp.ascontiguousarray(x.astype(self.dtype, copy=False))
         check = _require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
-        bufs = carve_forward(xp, self._layers, x.shape[0], self.dtype, pooled=True)  # as MLP: reused host blocks
+        lead = x.shape[0] if x.ndim == 1 + len(self.in_shape) else tuple(x.shape[:2])  # (B, T): a token batch
+        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True)  # as MLP: reused host blocks
         z, states = forward_layers(self._layers, x, bufs, check)
-        if isinstance(self._layers[-1], Dense) and z is states[-1][1]:
+        if isinstance(self._layers[-1], Dense) and (z is states[-1][1] or not isinstance(lead, int)):
             z = z.copy()  # the last Dense layer's saved y, which backward reads: hand out a copy
         return z, SequentialCache(x, states, self._token)
 
@@ -139,13 +142,14 @@ class Sequential(SequentialParameterSpace, Imported):
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
-        want = (cache.batch, self.n_out)
+        want = (cache.batch,) + tuple(cache.x.shape[1:-len(self.in_shape)]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
         shapes = [s for L in self._layers for s in _shapes(L)]
         flat, views = carve(xp, shapes, self.dtype, pooled=True)  # as MLP: reuse a finished step's block
-        g, bufs = carve_backward(xp, self._layers, cache.batch, self.dtype, input_grad, pooled=True)
+        g, bufs = carve_backward(xp, self._layers, want[:-len(self.out_shape)] if len(want) > 1 + len(self.out_shape)
+                                 else cache.batch, self.dtype, input_grad, pooled=True)
         xp.copyto(g, grad_y, casting="same_kind")  # never the caller's array: a layer may hand it on as a delta
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache.states, g, per_layer, bufs, input_grad,

@@ -89,3 +89,11 @@ def test_the_site_builds_strictly(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_toy_layer_page_shows_the_example_file():
+    """docs/architecture.md shows docs/examples/toy_layer.py whole (the page's block runs as every
+    example does): the file and the page never drift apart."""
+    toy = (DOCS / "examples" / "toy_layer.py").read_text(encoding="utf-8").rstrip()
+    shown = [e.code.rstrip() for e in all_examples() if e.page == "docs/architecture.md"]
+    assert toy in shown

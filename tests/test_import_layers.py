@@ -44,6 +44,9 @@ RANK: dict[str, int] = {
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
     "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
     "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
+    # the layer protocol, its registry, the parameter leaves and one module per layer
+    "token_factor": ALGEBRA, "layer_protocol": NETWORKS, "param_leaves": NETWORKS, "_token_rows": NETWORKS,
+    "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
     "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
