@@ -30,14 +30,14 @@ KNOWN_CYCLES: list[frozenset[str]] = [
 BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
 RANK: dict[str, int] = {
     # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
-    "backend": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
+    "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
     "_validate": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
     "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA,
     # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
-    "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "spectra": ALGEBRA,
+    "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "_bracket_evaluate": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
     # networks: layers, MLP and its passes, the compiled step, losses, files, interop
     "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
