@@ -25,6 +25,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jacgrad"
 KNOWN_CYCLES: list[frozenset[str]] = [
 ]
 
+# ---- layers: begin (tools/regroup.py rewrites this block for the regrouped layout)
 # The layer of every module: a module may import from its own layer or a lower one, never a
 # higher one. A name stands for the module and, for a package, everything inside it.
 BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
@@ -52,6 +53,8 @@ RANK: dict[str, int] = {
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
 }
 LAYER_NAMES = ["backend", "algebra", "networks", "parameter space / diagnostics", "command"]
+COMMAND_MODULES = ["cli", "_cli_report", "_cli_check", "_cli_common"]
+# ---- layers: end
 
 
 # ---------------------------------------------------------------------------- the graph
@@ -254,7 +257,7 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports from a higher layer: " + "; ".join(upward)
 
 
-@pytest.mark.parametrize("cli_module", ["cli", "_cli_report", "_cli_check", "_cli_common"])
+@pytest.mark.parametrize("cli_module", COMMAND_MODULES)
 def test_the_command_modules_form_no_cycle(cli_module):
     # issue 9 item 12: cli <-> _cli_report/_cli_check is untangled (helpers live in _cli_common)
     graph = import_graph()
