@@ -132,9 +132,10 @@ ALIAS_MARK = "# ---- public module paths (tools/regroup.py)"
 
 # ----------------------------------------------------------------------------- names
 def _path_of(dotted: str, root: Path = ROOT) -> Path:
-    """The file or package folder of a dotted name under jacgrad/ (the one that exists, else the .py)."""
+    """The module file or package folder of a dotted name under jacgrad/ (the .py when both exist:
+    ``cli.py`` beside the new ``cli/``)."""
     base = root / PKG / Path(*dotted.split("."))
-    return base if base.is_dir() else base.with_suffix(".py")
+    return base if base.is_dir() and not base.with_suffix(".py").is_file() else base.with_suffix(".py")
 
 
 def new_name(old: str) -> str | None:
