@@ -73,6 +73,17 @@ SUBPACKAGES: list[tuple[str, str]] = [
     ("bench", "The benchmark runner behind `jacgrad bench`. May import everything below."),
 ]
 GROUND = {"examples": "core"}  # packages that stay where they are, ranked with a subpackage
+# Subpackages that share the rank of an earlier one: the command and its benchmark runner call
+# each other's modules (``jacgrad bench`` runs bench; bench reads the command's options).
+PEERS = {"bench": "cli"}
+
+
+def ranks() -> dict[str, int]:
+    """subpackage -> rank (peers share one)."""
+    out: dict[str, int] = {}
+    for name, _ in SUBPACKAGES:
+        out[name] = out[PEERS[name]] if name in PEERS else len(set(out.values()))
+    return out
 
 # Flat dotted name (under jacgrad/) -> new dotted name. A package row moves the whole package.
 MOVES: dict[str, str] = {
@@ -229,17 +240,16 @@ def rewrite_imports(source: str, old_module: tuple[list[str], bool] | None, new_
             spelled = name if bound == name else f"{name} as {bound}"
             groups.setdefault(_spell_from(frm, node.level == 0, new_module), []).append(spelled)
         new = [f"from {frm} import {', '.join(names)}" for frm, names in groups.items()]
-        old_text = "".join(lines[node.lineno - 1: node.end_lineno])
-        indent = old_text[: len(old_text) - len(old_text.lstrip())]
         head = lines[node.lineno - 1][: node.col_offset]
         tail = lines[node.end_lineno - 1][node.end_col_offset:]
-        if head.strip() or tail.strip():  # "x = 1; from . import y": leave it, say so
-            print(f"  (left as is: an import sharing its line at line {node.lineno})", file=sys.stderr)
+        comment = tail.strip() if tail.strip().startswith("#") else ""
+        if head.strip() or (tail.strip() and not comment):  # "x = 1; from . import y": leave it, say so
+            print(f"  (left as is, line {node.lineno}: an import sharing its line with other code)", file=sys.stderr)
             continue
         indent = head
-        text = ("\n" + indent).join(_wrap(s, indent) for s in new)
+        text = ("\n" + indent).join(_wrap(s, indent) for s in new) + (f"  {comment}" if comment else "")
         original = "".join(lines[node.lineno - 1: node.end_lineno])
-        if _normal(original) != _normal(text):
+        if _normal(original) != _normal(text.replace(comment, "") if comment else text):
             edits.append((node.lineno, node.end_lineno, indent + text + "\n"))
     for start, end, text in sorted(edits, reverse=True):
         lines[start - 1: end] = [text]
@@ -415,14 +425,15 @@ def _rewrite_layer_test(test: Path) -> None:
     if a < 0 or b < 0:
         raise SystemExit(f"{test}: the markers {LAYERS_BEGIN!r} … {LAYERS_END!r} are missing; add them around RANK")
     a = text.index("\n", a) + 1
-    names = [s for s, _ in SUBPACKAGES]
-    ranks = "".join(f'    "{s}": {i},\n' for i, s in enumerate(names))
-    ranks += "".join(f'    "{k}": {names.index(v)},  # stays in place\n' for k, v in GROUND.items())
+    rank = ranks()
+    names = [s for s, _ in SUBPACKAGES if s not in PEERS]
+    table = "".join(f'    "{s}": {r},\n' for s, r in rank.items())
+    table += "".join(f'    "{k}": {rank[v]},  # stays in place\n' for k, v in GROUND.items())
     cli = [MOVES[m] for m in ("cli", "_cli_report", "_cli_check", "_cli_common")]
     block = ("# The rank of every subpackage (written by tools/regroup.py from its SUBPACKAGES table): a\n"
              "# module may import from its own subpackage or a lower one, never a higher one. A module's\n"
              "# rank is its subpackage's.\n"
-             "RANK: dict[str, int] = {\n" + ranks + "}\n"
+             "RANK: dict[str, int] = {\n" + table + "}\n"
              f"LAYER_NAMES = {names!r}\n"
              f"COMMAND_MODULES = {cli!r}\n")
     test.write_text(text[:a] + block + text[b:], encoding="utf-8")
@@ -472,9 +483,13 @@ def report(root: Path = ROOT) -> str:
                 over.append(f"- `{f.relative_to(root).as_posix()}`: {c} lines")
             deps[s] |= {t for t in _imports_of(f, root) if t in deps and t != s}
     diagram = []
+    rank = ranks()
     for s in reversed(names):
         below = sorted(deps[s], key=names.index, reverse=True)
-        diagram.append(f"{s:<12} -> {', '.join(below) if below else '(nothing of jacgrad)'}")
+        peer = [p for p in below if rank[p] == rank[s]]
+        below = [p for p in below if rank[p] < rank[s]]
+        note = f"   (one rank with {', '.join(peer)})" if peer else ""
+        diagram.append(f"{s:<12} -> {', '.join(below) if below else '(nothing of jacgrad)'}{note}")
     text = ["## The subpackages", "",
             "Imports point one way: a subpackage imports only those listed below it "
             "(`tests/test_import_layers.py` checks every module, lazy imports included).", "",
