@@ -52,12 +52,12 @@ def test_dotted_names_paths_and_jg_attributes_are_rewritten():
     text = ('monkeypatch.setattr("jacgrad.backend.cupy", None)\n::: jacgrad.interop.torch\n'
             'see jacgrad/_gemm.py and jacgrad/interop/ ; jacgrad/_kernels stays\n'
             'jg._gemm.matmul; jg.layers.Dense; jacgrad.bench.runner; jacgrad.__version__\n'
-            'jacgrad = "jacgrad.cli:main"\n')
+            'jacgrad = "jacgrad.cli:main"\njacgrad.ntk(net, x) calls the function of jacgrad.ntk\n')
     out = regroup.rewrite_text(text, root_bound={"layers"})
     assert out == ('monkeypatch.setattr("jacgrad.core.backend.cupy", None)\n::: jacgrad.io.interop.torch\n'
                    'see jacgrad/cuda/gemm.py and jacgrad/io/interop/ ; jacgrad/_kernels stays\n'
                    'jg.cuda.gemm.matmul; jg.layers.Dense; jacgrad.bench.runner; jacgrad.__version__\n'
-                   'jacgrad = "jacgrad.cli.main:main"\n')
+                   'jacgrad = "jacgrad.cli.main:main"\njacgrad.ntk(net, x) calls the function of jacgrad.params.ntk\n')
 
 
 def _fake_repo(tmp_path: pathlib.Path, extra: str | None = None) -> pathlib.Path:

@@ -285,9 +285,10 @@ def rewrite_text(text: str, root_bound: set[str]) -> str:
     """Dotted names ``jacgrad.x.y``, paths ``jacgrad/x.py`` and ``jg.<module>`` attribute chains."""
     def dotted(m):
         parts = m.group(1).split(".")
+        called = m.string[m.end(): m.end() + 1] == "("  # jacgrad.ntk(net, x): the function, not the module
         for i in range(len(parts), 0, -1):
             head = ".".join(parts[:i])
-            if head in MOVES and MOVES[head] != head:
+            if head in MOVES and MOVES[head] != head and not (called and i == len(parts)):
                 return f"{PKG}." + ".".join([MOVES[head]] + parts[i:])
         return m.group(0)
 
