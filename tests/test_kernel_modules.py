@@ -13,7 +13,6 @@ from fake_cupy_calls import FakeCupy
 from jacgrad import _cuda_build, _erf, _validate, activations, backend, kernels
 
 
-
 @pytest.fixture
 def fake(monkeypatch):
     cp = FakeCupy()
