@@ -86,14 +86,23 @@ def _fake_repo(tmp_path: pathlib.Path, extra: str | None = None) -> pathlib.Path
     return repo
 
 
+def _snapshot(repo: pathlib.Path) -> dict[str, bytes]:
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for p in repo.rglob("*") if ".git" not in p.parts and p.is_file()}
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_an_unknown_module_stops_the_script_before_any_change(tmp_path, capsys):
-    repo = _fake_repo(tmp_path, extra="brand_new.py")
-    before = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if ".git" not in p.parts)
+@pytest.mark.parametrize("spoil, says", [("unknown module", "brand_new"), ("no markers", "markers"),
+                                          ("broken file", "not parseable")])
+def test_what_would_stop_it_half_way_stops_it_before_any_change(tmp_path, capsys, spoil, says):
+    repo = _fake_repo(tmp_path, extra="brand_new.py" if spoil == "unknown module" else None)
+    if spoil == "no markers":
+        (repo / "tests" / "test_import_layers.py").write_text("RANK = {}\n")
+    if spoil == "broken file":
+        (repo / "tests" / "test_x.py").write_text("from jacgrad import (\n")
+    before = _snapshot(repo)
     assert regroup.main(["--root", str(repo)]) == 1
-    assert "brand_new" in capsys.readouterr().err
-    after = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if ".git" not in p.parts)
-    assert after == before
+    assert says in capsys.readouterr().err
+    assert _snapshot(repo) == before
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
