@@ -406,7 +406,7 @@ def regroup(root: Path = ROOT) -> None:
 
 
 def _docstring(sub: str, doc: str) -> str:
-    words, line, out = doc.split(), "", []
+    words, line, out = [f"jacgrad.{sub}:"] + doc.split(), "", []
     for w in words:
         if len(line) + len(w) + 1 > 96:
             out.append(line)
@@ -414,7 +414,7 @@ def _docstring(sub: str, doc: str) -> str:
         else:
             line = f"{line} {w}".strip()
     out.append(line)
-    return f"jacgrad.{sub}: " + "\n".join(out) + "\n"
+    return "\n".join(out) + "\n"
 
 
 def _add_aliases(init: Path) -> None:
