@@ -60,6 +60,12 @@ def test_dotted_names_paths_and_jg_attributes_are_rewritten():
                    'jacgrad = "jacgrad.cli.main:main"\njacgrad.ntk(net, x) calls the function of jacgrad.params.ntk\n')
 
 
+def test_private_file_names_in_comments_are_rewritten_and_ambiguous_ones_left():
+    text = "# see _gemm.py and ``_cuda_graph.py``; torch.py is torch's own; a_gemm.py, x/_gemm.py stay\n"
+    assert regroup.rewrite_bare_files(text) == (
+        "# see cuda/gemm.py and ``cuda/graphs.py``; torch.py is torch's own; a_gemm.py, x/_gemm.py stay\n")
+
+
 def _fake_repo(tmp_path: pathlib.Path, extra: str | None = None) -> pathlib.Path:
     """A git repository with a tiny flat jacgrad whose modules all carry names of the table."""
     repo = tmp_path / "repo"

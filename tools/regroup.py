@@ -304,6 +304,18 @@ def rewrite_text(text: str, root_bound: set[str]) -> str:
     return re.sub(r"(?<![\w.])(jg)\.(\w+)\b", jg, text)
 
 
+def rewrite_bare_files(text: str) -> str:
+    """``see _gemm.py`` in jacgrad's own comments -> ``see cuda/gemm.py``: only private (underscored)
+    names, which are unambiguous; a bare ``torch.py`` may mean another package's file."""
+    def bare(m):
+        name = m.group(1)
+        if name in MOVES and MOVES[name] != name:
+            return "/".join(MOVES[name].split(".")) + ".py"
+        return m.group(0)
+
+    return re.sub(r"(?<![\w/.])(_[a-z]\w*)\.py\b", bare, text)
+
+
 def _root_bound(init: Path) -> set[str]:
     """The names the package root binds (``from . import a, b``; ``from .x import y``)."""
     bound = set()
@@ -394,6 +406,8 @@ def regroup(root: Path = ROOT) -> None:
         except UnicodeDecodeError:
             continue  # a data file
         out = rewrite_text(text, bound)
+        if f.suffix == ".py" and f.is_relative_to(root / PKG):
+            out = rewrite_bare_files(out)
         if f.suffix == ".py":
             old_mod = new_of_file.get(f)
             new_mod = _module_of(f, root) if old_mod is not None else None
