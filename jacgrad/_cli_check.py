@@ -164,7 +164,10 @@ def _gpu_lines() -> list[str]:
 def run_info() -> int:
     from . import __version__, backend
 
-    print(f"jacgrad {__version__} ({os.path.dirname(os.path.abspath(__file__))})")
+    package = os.path.abspath(__file__)
+    for _ in range(__name__.count(".")):  # up to jacgrad/, wherever this module sits
+        package = os.path.dirname(package)
+    print(f"jacgrad {__version__} ({package})")
     print(f"python {platform.python_version()} ({sys.executable})")
     print(f"numpy {np.__version__}")
     optional = {

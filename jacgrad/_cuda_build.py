@@ -53,7 +53,7 @@ _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.MULTILINE
 
 def source_dir() -> Path:
     """The folder of the CUDA sources: the installed ``jacgrad/_kernels``, else the repo's ``kernels/``."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[__name__.count(".") - 1]  # jacgrad/, wherever this module sits
     for candidate in (package / "_kernels", package.parent / "kernels"):
         if (candidate / "activations.cuh").is_file():
             return candidate

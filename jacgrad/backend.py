@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ._foreign_arrays import from_foreign, is_foreign_array, is_gpu_array, on_gpu
+
 __all__ = [
     "asarray",
     "available",
@@ -151,32 +153,6 @@ def _cupy_module():
     return sys.modules["cupy"]
 
 
-def is_gpu_array(x: Any) -> bool:
-    """True for a CuPy array (checked without importing CuPy)."""
-    module = type(x).__module__
-    return module == "cupy" or module.startswith("cupy.")
-
-
-# DLPack device types (dlpack.h): the CUDA memory CuPy can read, and the host memory NumPy can
-_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
-
-
-def is_foreign_array(x: Any) -> bool:
-    """True for an array of another framework (torch, JAX, any DLPack or CUDA-array-interface
-    object) that ``asarray`` turns into a NumPy or CuPy array; False for NumPy, CuPy, lists, scalars."""
-    if isinstance(x, (np.ndarray, np.generic)) or is_gpu_array(x):
-        return False
-    t = type(x)
-    return hasattr(t, "__dlpack__") or hasattr(t, "__cuda_array_interface__") or t.__module__.startswith("torch")
-
-
-def _foreign_on_gpu(x: Any) -> bool:
-    """Whether a foreign array lives in CUDA device memory (read from DLPack, never by importing its framework)."""
-    if hasattr(type(x), "__dlpack_device__"):
-        return int(x.__dlpack_device__()[0]) in (_DL_CUDA, _DL_CUDA_MANAGED)
-    return hasattr(type(x), "__cuda_array_interface__")
-
-
 def asarray(a: Any):
     """``a`` as a NumPy or CuPy array, sharing its memory wherever that is possible.
 
@@ -204,47 +180,12 @@ def asarray(a: Any):
         return a
     if not is_foreign_array(a):
         return np.asarray(a)
-    if type(a).__module__.startswith("torch"):
-        return _from_torch(a)
-    if _foreign_on_gpu(a):
-        cp = _cupy_module()
-        return cp.from_dlpack(a) if hasattr(type(a), "__dlpack__") else cp.asarray(a)
-    if hasattr(type(a), "__dlpack_device__"):
-        kind = int(a.__dlpack_device__()[0])
-        if kind not in (_DL_CPU, _DL_CUDA_HOST):
-            raise TypeError(
-                f"{type(a).__name__} lives on DLPack device type {kind}, which is neither host memory nor CUDA; "
-                "move it to the CPU or a CUDA device first"
-            )
-    try:
-        return np.from_dlpack(a)
-    except (TypeError, BufferError, RuntimeError) as exc:
-        raise TypeError(f"cannot read a {type(a).__module__}.{type(a).__name__} through DLPack: {exc}") from None
-
-
-def _from_torch(t: Any):
-    """A torch tensor as NumPy (CPU) or CuPy (CUDA), sharing its memory; see ``asarray``."""
-    if str(t.dtype) == "torch.bfloat16":
-        raise TypeError("a bfloat16 tensor has no NumPy or CuPy dtype; cast it first (tensor.float() or .double())")
-    t = t.detach()
-    if t.is_conj() or t.is_neg():  # lazy conjugate/negative views have no plain memory to share
-        t = t.resolve_conj().resolve_neg()
-    kind = t.device.type
-    if kind == "cpu":
-        return t.numpy()
-    if kind == "cuda":
-        return _cupy_module().from_dlpack(t)
-    raise TypeError(f"a torch tensor on device {t.device} is neither CPU nor CUDA memory; move it with .cpu() first")
-
-
-def _on_gpu(x: Any) -> bool:
-    """Whether ``x`` is a CuPy array or a CUDA array of another framework."""
-    return is_gpu_array(x) or (is_foreign_array(x) and _foreign_on_gpu(x))
+    return from_foreign(a, _cupy_module)
 
 
 def device_of(x: Any) -> str:
     """``"gpu"`` for a CuPy array (or a CUDA array of another framework), ``"cpu"`` otherwise."""
-    return "gpu" if _on_gpu(x) else "cpu"
+    return "gpu" if on_gpu(x) else "cpu"
 
 
 def get_xp(*arrays: Any):
@@ -274,7 +215,7 @@ def get_xp(*arrays: Any):
     for i, a in enumerate(arrays):
         if a is None or isinstance(a, (int, float, complex, bool, np.generic)):
             continue
-        (gpu if _on_gpu(a) else cpu).append(i)
+        (gpu if on_gpu(a) else cpu).append(i)
     if gpu and cpu:
         raise TypeError(
             f"arrays on different devices: argument(s) {cpu} are NumPy (CPU) and {gpu} are CuPy (GPU); "
