@@ -125,10 +125,15 @@ class Capture:
 
 
 def _label(piece: Piece) -> str:
+    """What a node is before the layers are assembled (assembly replaces it with its layer)."""
     if piece.kind == "unsupported":
         return f"unsupported: {piece.reason}"
+    if piece.kind == "act":
+        return f"activation {piece.info['name']}"
     return {"structural": "structural (no layer)", "param": "a view of a parameter (read by its use)",
-            "inert": "nothing (no data flows through it)"}.get(piece.kind, "")
+            "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
+            "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",
+            "scale": "the scale of a residual branch"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:
