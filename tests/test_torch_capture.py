@@ -93,6 +93,17 @@ class Unsupported(nn.Module):
         return torch.abs(h)
 
 
+class OutOfPlace(nn.Module):
+    """An activation after a norm (no standalone activation layer) and a scale outside a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        return 2.0 * F.relu(self.ln(self.fc(x)))
+
+
 class WithBatchNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -213,6 +224,7 @@ def test_prenorm_blocks_match_torch():
     model = _model(PreNorm, torch.float64)
     x = np.random.default_rng(2).standard_normal((5, 3))
     net = jg.from_torch(model, torch.as_tensor(x), copy=True)
+    assert not np.shares_memory(net.layers[0].W, model.inp.weight.detach().numpy())
     assert repr(net).startswith("Sequential([Dense(3->8, gelu_tanh), Residual([LayerNorm(8, eps=1e-05), "
                                 "Dense(8->8, gelu), Dense(8->8, identity)], scale=1), Residual([RMSNorm(8, eps=1e-06), "
                                 "Dense(8->8, leaky_relu(negative_slope=0.2))], scale=1), LayerNorm(8")
@@ -262,9 +274,10 @@ def test_tied_weights_are_refused_naming_both_names():
 
 
 # ---------------------------------------------------------------------------- bad input
-def test_an_untraceable_model_gets_torchs_reason_in_one_line():
+def test_an_untraceable_model_gets_torchs_reason_in_one_line(capsys):
     with pytest.raises(RuntimeError) as info:
         jg.from_torch(DataDependent(), torch.randn(3, 4))
+    assert "def forward" not in capsys.readouterr().err  # torch prints its partial graph; held back
     msg = str(info.value)
     assert "\n" not in msg and "data-dependent" in msg and "if x.sum() > 0:" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -288,6 +301,17 @@ def test_every_unsupported_op_is_listed_in_one_error_and_by_explain(capsys):
     assert by_node["linear"].layer == "Dense" and by_node["linear"].module == "fc (Linear)"
     assert [r.op for r in out.unsupported] == ["exp", "sin", "abs"]
     assert all(r.source.endswith(f"test_torch_capture.py:{line[r.op]}") for r in out.unsupported)
+
+
+def test_layers_out_of_place_are_all_listed_and_explained():
+    with pytest.raises(TypeError) as info:
+        jg.from_torch(OutOfPlace(), torch.randn(3, 4))
+    msg = str(info.value)
+    assert "2 parts" in msg and "node relu (aten.relu" in msg and "no standalone activation layer" in msg
+    assert "node mul (aten.mul" in msg and "outside the end of a residual branch" in msg
+    out = jg.explain(OutOfPlace(), torch.randn(3, 4), file=False)
+    assert [r.node for r in out.unsupported] == ["relu", "mul"] and "2 parts" in out.problem
+    assert {r.node: r.layer for r in out.rows}["layer_norm"] == "layer 1: LayerNorm(4, eps=1e-05)"
 
 
 def test_batch_norm_in_training_mode_is_refused_and_eval_mode_waits_for_its_layer():

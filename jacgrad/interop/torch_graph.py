@@ -61,10 +61,7 @@ class Capture:
         if args[0].ndim != 2:
             raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs "
                             f"(per-token (B, T, d) layers come with the token axis)")
-        try:
-            ep = torch.export.export(model, args)
-        except Exception as exc:  # torch's reasons are many types; each becomes one line
-            raise untraceable_error(model, exc) from None
+        ep = _export(torch, model, args)
         self.graph = ep.graph
         sig = ep.graph_signature
         self.param_names = dict(sig.inputs_to_parameters)
@@ -122,6 +119,25 @@ class Capture:
 
     def tensor(self, placeholder):
         return self.model.get_parameter(self.param_names[placeholder.name])
+
+
+def _export(torch, model, args):
+    """``torch.export.export(model, args)``, or torch's reason in one line (a ``RuntimeError``).
+    torch prints the partial graph of a failed trace to stderr on its way out: what it prints is
+    held back, and written to stderr after all when the trace succeeds."""
+    import contextlib
+    import io
+    import sys
+
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            ep = torch.export.export(model, args)
+    except Exception as exc:  # torch's reasons are many types; each becomes one line
+        raise untraceable_error(model, exc) from None
+    if held.getvalue():
+        sys.stderr.write(held.getvalue())
+    return ep
 
 
 def _label(piece: Piece) -> str:

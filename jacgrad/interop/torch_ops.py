@@ -257,6 +257,10 @@ def classify(node, ctx) -> Piece:
     """The ``Piece`` of one ``call_function`` node. ``ctx`` gives the node's arguments by name
     (``ctx.arguments(node)``), tells data from parameters (``is_data``, ``param``) and shapes."""
     name = op_name(node)
+    raw = getattr(getattr(node.target, "overloadpacket", None), "__name__", name)
+    if raw.endswith("_") and not raw.startswith("_") and not ctx.is_data(node):
+        return _unsupported("an in-place update of a buffer (batch norm's counters in training mode): call "
+                            "model.eval() first, or write the model without it")
     if name == "batch_norm" or name.startswith("_native_batch_norm"):
         args = ctx.arguments(node)
         if args is not None and args.get("training"):
