@@ -246,6 +246,10 @@ def test_nn_sequential_gives_the_network_of_sequential_from_torch():
         np.testing.assert_array_equal(a, b)
     assert np.shares_memory(net.layers[0].W, model[0].weight.detach().numpy())
     np.testing.assert_allclose(net(x.numpy()), model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+    cast = jg.from_torch(model, x, copy=True, dtype="float64")
+    assert cast.dtype == np.float64 and repr(cast) == repr(jg.Sequential.from_torch(model, dtype="float64"))
+    with pytest.raises(ValueError, match=r"'0\.weight'.*casting it to float64 makes a copy, so copy=False cannot"):
+        jg.from_torch(model, x, copy=False, dtype="float64")
     with torch.no_grad():  # an in-place update is seen through the views
         model[0].weight.mul_(2)
     np.testing.assert_allclose(net(x.numpy()), model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
