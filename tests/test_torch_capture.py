@@ -218,6 +218,11 @@ def test_functional_mlp_matches_torch(dtype, rtol):
     assert net.layers[2].scale == pytest.approx(0.3)
     assert net.dtype == x.dtype
     _check_against_torch(model, net, x, rtol)
+    out = jg.explain(model, torch.as_tensor(x), file=False)
+    assert out.network == f"Sequential([{', '.join(map(repr, net.layers))}])" and not out.problem
+    layer_of = {r.node: r.layer for r in out.rows}
+    assert layer_of["relu"] == layer_of["linear"] == "layer 0: Dense(3->6, relu)"
+    assert layer_of["mul"] == "layer 2: Residual(scale=0.3) (its scale)" and layer_of["numpy_t"].startswith("a view")
 
 
 def test_prenorm_blocks_match_torch():

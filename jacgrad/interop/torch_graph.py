@@ -211,4 +211,3 @@ def explain(model, example_inputs, file=None) -> Explanation:
     if file is not False:
         print(out, file=file or sys.stdout)
     return out
-
