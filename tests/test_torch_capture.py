@@ -94,14 +94,15 @@ class Unsupported(nn.Module):
 
 
 class OutOfPlace(nn.Module):
-    """An activation after a norm (no standalone activation layer) and a scale outside a residual."""
+    """An op without a layer, an activation after a norm (no standalone activation layer) and a
+    scale outside a residual: all three in one error."""
 
     def __init__(self):
         super().__init__()
         self.fc, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
 
     def forward(self, x):
-        return 2.0 * F.relu(self.ln(self.fc(x)))
+        return 2.0 * F.relu(self.ln(torch.exp(self.fc(x))))
 
 
 class WithBatchNorm(nn.Module):
@@ -132,6 +133,17 @@ class TwoBranches(nn.Module):
 
     def forward(self, x):
         return x + self.f(x) + self.g(x)
+
+
+class ConcatSkip(nn.Module):
+    """A DenseNet-like concatenated skip: an unsupported op that also ends the chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.out = nn.Linear(4, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([x, torch.tanh(self.f(x))], dim=1))
 
 
 class MixerTokens(nn.Module):
@@ -312,15 +324,16 @@ def test_every_unsupported_op_is_listed_in_one_error_and_by_explain(capsys):
     assert all(r.source.endswith(f"test_torch_capture.py:{line[r.op]}") for r in out.unsupported)
 
 
-def test_layers_out_of_place_are_all_listed_and_explained():
+def test_layers_out_of_place_are_listed_with_the_unsupported_ops():
     with pytest.raises(TypeError) as info:
         jg.from_torch(OutOfPlace(), torch.randn(3, 4))
     msg = str(info.value)
-    assert "2 parts" in msg and "node relu (aten.relu" in msg and "no standalone activation layer" in msg
+    assert "3 parts" in msg and "node exp (aten.exp" in msg
+    assert "node relu (aten.relu" in msg and "no standalone activation layer" in msg
     assert "node mul (aten.mul" in msg and "outside the end of a residual branch" in msg
     out = jg.explain(OutOfPlace(), torch.randn(3, 4), file=False)
-    assert [r.node for r in out.unsupported] == ["relu", "mul"] and "2 parts" in out.problem
-    assert {r.node: r.layer for r in out.rows}["layer_norm"] == "layer 1: LayerNorm(4, eps=1e-05)"
+    assert [r.node for r in out.unsupported] == ["exp", "relu", "mul"] and "3 parts" in out.problem
+    assert {r.node: r.layer for r in out.rows}["layer_norm"] == "LayerNorm"
 
 
 def test_batch_norm_in_training_mode_is_refused_and_eval_mode_waits_for_its_layer():
@@ -341,6 +354,14 @@ def test_a_graph_that_is_not_a_chain_is_refused_by_from_torch_and_explained():
         jg.from_torch(TwoBranches(), torch.randn(3, 4))
     out = jg.explain(TwoBranches(), torch.randn(3, 4), file=False)
     assert not out.unsupported and "no general DAG" in out.problem and not out.network
+
+
+def test_a_concatenated_skip_is_listed_and_said_to_end_the_chain():
+    with pytest.raises(TypeError) as info:
+        jg.from_torch(ConcatSkip(), torch.randn(3, 4))
+    msg = str(info.value)
+    assert "1 part jacgrad cannot import" in msg and "node cat (aten.cat" in msg
+    assert "and besides: ConcatSkip: the walk back from the output stops at node cat" in msg
 
 
 def test_a_token_axis_model_is_refused_until_the_token_axis_exists():

@@ -18,14 +18,26 @@ _NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s
 
 
 def build_layers(cap, copy: bool, dtype) -> None:
-    """Fill ``cap.layers``, ``cap.sources``, ``cap.origin`` and the rows' labels, or raise."""
+    """Fill ``cap.layers``, ``cap.sources``, ``cap.origin`` and the rows' labels, or raise: one
+    ``TypeError`` for every node no layer takes (an unsupported op, or a supported one out of
+    place), the walk's reason when the graph is not a chain, a ``ValueError`` for a shared parameter."""
+    op_level = bool(cap.explanation().unsupported)
+    problems: list = []
+    try:
+        start, end = _ends(cap)
+        walk = _Walk(cap)
+        items = walk.sequence(end, start)
+        walk.check_covered(start, end)
+        specs = _specs(items, problems)
+    except TypeError as exc:
+        if not op_level:
+            raise
+        raise unsupported_error(cap.explanation(), note=str(exc)) from None
+    for node, reason in problems:
+        cap.labels[node] = f"unsupported: {reason}"
     if cap.explanation().unsupported:
         raise unsupported_error(cap.explanation())
     _check_parameters_used_once(cap)
-    start, end = _ends(cap)
-    walk = _Walk(cap)
-    items = walk.sequence(end, start)
-    walk.check_covered(start, end)
     from .torch_blocks import _Convert, _dtype
     from .torch import cast_dtype, origin
     from ..backend import asarray, get_xp
@@ -34,12 +46,7 @@ def build_layers(cap, copy: bool, dtype) -> None:
     params = [cap.tensor(n) for n in cap.graph.nodes if n.op == "placeholder" and n.name in cap.param_names]
     xp = np if not params or params[0].device.type == "cpu" else get_xp(asarray(params[0].detach()))
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
-    problems: list = []
-    cap.layers = _layers(cap, items, "", conv, problems)
-    if problems:
-        for node, reason in problems:
-            cap.labels[node] = f"unsupported: {reason}"
-        raise unsupported_error(cap.explanation())
+    cap.layers = _layers(cap, specs, "", conv)
     modules = {}
     for name, _ in cap.sources:
         if name is None:
@@ -112,6 +119,9 @@ class _Walk:
                                 f"{_NOT_A_CHAIN}")
             self.visited.add(n)
             piece = cap.pieces[n]
+            if piece.kind == "unsupported" and len(piece.data) != 1:
+                raise TypeError(f"{cap.name}: the walk back from the output stops at node {_place(cap, n)}, which "
+                                f"reads {len(piece.data)} values computed from the input")
             if piece.kind != "add":
                 items.append((n, piece))
                 n = piece.data[0]
@@ -153,18 +163,22 @@ class _Walk:
                                 f"({', '.join(u.name for u in readers)}); {_NOT_A_CHAIN}")
 
 
-def _layers(cap, items, prefix: str, conv, problems: list) -> list:
-    """The layers of walked ``items`` (a Dense absorbs the bias and activation after it)."""
+def _specs(items, problems: list) -> list:
+    """The layers of walked ``items`` as plain specs (a Dense absorbs the bias and activation
+    after it; residual items keep their inner specs); a node that fits nowhere goes to ``problems``."""
     specs: list = []
     for item in items:
         if item[0] == "residual":
-            specs.append(item)
+            _, join, scales, scale, inner = item
+            specs.append(("residual", join, scales, scale, _specs(inner, problems)))
             continue
         node, piece = item
         last = specs[-1] if specs and isinstance(specs[-1], dict) else None
         if piece.kind == "structural":
             continue
-        if piece.kind == "dense":
+        if piece.kind == "unsupported":  # listed already; what follows it fuses with nothing
+            specs.append({"kind": "unsupported"})
+        elif piece.kind == "dense":
             specs.append({"kind": "dense", "params": dict(piece.params), "act": None, "nodes": [node]})
         elif piece.kind == "bias" and last and last["kind"] == "dense" and "b" not in last["params"] \
                 and last["act"] is None:
@@ -182,12 +196,17 @@ def _layers(cap, items, prefix: str, conv, problems: list) -> list:
                 "bias": "a bias added where it is not the first thing after a bias-free matrix product",
                 "scale": "a multiplication by a constant outside the end of a residual branch: no layer",
             }[piece.kind]))
+    return specs
+
+
+def _layers(cap, specs, prefix: str, conv) -> list:
+    """The jacgrad layers of ``specs``, labelling their nodes' rows with the layer each became."""
     out = []
     for spec in specs:
         at = f"layer {prefix}{len(out)}"
         if isinstance(spec, tuple):
             _, join, scales, scale, inner = spec
-            layer = Residual(_layers(cap, inner, f"{prefix}{len(out)}.", conv, problems), scale)
+            layer = Residual(_layers(cap, inner, f"{prefix}{len(out)}.", conv), scale)
             for n in [join] + scales:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
         else:

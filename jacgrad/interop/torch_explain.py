@@ -106,14 +106,16 @@ def untraceable_error(model, exc: BaseException) -> RuntimeError:
                         f"control flow on tensor values (torch.where, torch.cond), or leave it out")
 
 
-def unsupported_error(explanation: Explanation) -> TypeError:
+def unsupported_error(explanation: Explanation, note: str = "") -> TypeError:
     """One ``TypeError`` listing every unsupported node of ``explanation`` with its op, module,
-    source and what to do."""
+    source and what to do; ``note``: what else stops the import (the graph is not a chain)."""
     bad = explanation.unsupported
     lines = [f"{explanation.model} has {len(bad)} part{'s' * (len(bad) != 1)} jacgrad cannot import:"]
     for r in bad:
         at = ", ".join(v for v in (r.module, r.source) if v)
         lines.append(f"  - node {r.node} (aten.{r.op}{', ' + at if at else ''}): {r.layer.removeprefix('unsupported: ')}")
+    if note:
+        lines.append(f"and besides: {note}")
     lines.append("jg.explain(model, example_inputs) shows how every node is read; "
                  "jacgrad.interop.torch_ops.supported_ops_markdown() lists the ops it takes")
     return TypeError("\n".join(lines))

@@ -73,6 +73,9 @@ class Capture:
                 self.data.add(n)
         torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
         self.pieces = {n: classify(n, self) for n in self.graph.nodes if n.op == "call_function"}
+        for n, piece in self.pieces.items():  # the walk passes through an unsupported node to list what follows
+            if piece.kind == "unsupported":
+                piece.data = tuple(i for i in n.all_input_nodes if i in self.data)
         self._where = {n: (module_of(n), source_of(n, torch_dir)) for n in self.pieces}
         self.labels = {n: _label(p) for n, p in self.pieces.items()}
         self.layers, self.sources, self.problem, self.origin = None, [], "", None
@@ -199,14 +202,13 @@ def explain(model, example_inputs, file=None) -> Explanation:
     are not read (copy-free)."""
     import sys
 
-    cap = capture(model, example_inputs, build=False)
-    if not cap.explanation().unsupported:
-        from .torch_chain import build_layers
+    from .torch_chain import build_layers
 
-        try:
-            build_layers(cap, copy=True, dtype=None)
-        except (TypeError, ValueError) as exc:
-            cap.problem = str(exc)
+    cap = capture(model, example_inputs, build=False)
+    try:
+        build_layers(cap, copy=True, dtype=None)
+    except (TypeError, ValueError) as exc:
+        cap.problem = str(exc)
     out = cap.explanation()
     if file is not False:
         print(out, file=file or sys.stdout)
