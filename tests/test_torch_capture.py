@@ -52,6 +52,18 @@ class PreNorm(nn.Module):
         return self.head(self.norm(h))
 
 
+class RawProducts(nn.Module):
+    """Matrix products with parameters viewed in every way: x @ W, x @ V.T, identity transposes."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.V, self.U = (nn.Parameter(torch.randn(4, 4)) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.W.transpose(0, 0))
+        return torch.mm(h @ self.V.permute(1, 0), self.U.transpose(-1, 0).t())
+
+
 class ReusedLinear(nn.Module):
     def __init__(self):
         super().__init__()
@@ -273,6 +285,14 @@ def test_nn_sequential_gives_the_network_of_sequential_from_torch():
     model.double()
     with pytest.raises(RuntimeError, match=r"re-allocated.*jg\.from_torch\(model, copy=False\)"):
         net(x.numpy())
+
+
+def test_parameter_views_in_matrix_products_are_read_as_torch_computes_them():
+    model = _model(RawProducts, torch.float64)
+    x = np.random.default_rng(4).standard_normal((5, 4))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    np.testing.assert_allclose(net(x), model(torch.as_tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(net.layers[1].W, model.V.detach().numpy().T)
 
 
 # ---------------------------------------------------------------------------- shared parameters

@@ -47,13 +47,14 @@ def _torch():
 
 
 class Capture:
-    """A traced model judged node by node: ``rows`` (``Row``s, graph order), ``layers`` (the
-    jacgrad layers, once ``build`` has run) and ``sources``: for each jacgrad parameter in the
-    order of ``BlockGradients.flat``, ``(torch name, transposed)``."""
+    """A traced model judged node by node: ``pieces`` (each node's ``torch_ops.Piece``), ``labels``
+    (what each node became, for ``explanation()``), and once ``torch_chain.build_layers`` has run,
+    ``layers``, ``origin`` and ``sources``: for each jacgrad parameter in the order of
+    ``BlockGradients.flat``, ``(torch name, transposed)`` (``(None, False)`` where jacgrad adds zeros/ones)."""
 
     def __init__(self, model, example_inputs):
-        torch = self.torch = _torch()
-        self.model, self.name = model, type(model).__name__
+        torch = _torch()
+        self.model, self.name, self.node = model, type(model).__name__, None
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"example_inputs must be one tensor (B, n) or a tuple of one; got "
@@ -103,8 +104,17 @@ class Capture:
         if x.op == "call_function" and op_name(x) in _TRANSPOSES and x.all_input_nodes:
             inner = self.param(x.all_input_nodes[0])
             if inner is not None and len(self.shape(x)) == 2:
-                return inner[0], not inner[1]
+                return inner[0], inner[1] != self._swaps(x)
         return None
+
+    def _swaps(self, node) -> bool:
+        """Whether the view ``node`` of a 2-D tensor swaps its axes (``transpose(0, 0)`` does not)."""
+        a, name = self.arguments(node) or {}, op_name(node)
+        if name == "transpose":
+            return a["dim0"] % 2 != a["dim1"] % 2
+        if name == "permute":
+            return [d % 2 for d in a["dims"]] == [1, 0]
+        return True  # t, numpy_T
 
     def dense(self, x, params: dict) -> Piece:
         return Piece("dense", (x,), params=params)
