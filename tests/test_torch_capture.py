@@ -53,14 +53,16 @@ class PreNorm(nn.Module):
 
 
 class RawProducts(nn.Module):
-    """Matrix products with parameters viewed in every way: x @ W, x @ V.T, identity transposes."""
+    """Matrix products with parameters viewed in every way: x @ W, x @ V.T, identity transposes,
+    a bias on the left."""
 
     def __init__(self):
         super().__init__()
         self.W, self.V, self.U = (nn.Parameter(torch.randn(4, 4)) for _ in range(3))
+        self.b = nn.Parameter(torch.randn(4))
 
     def forward(self, x):
-        h = torch.tanh(x @ self.W.transpose(0, 0))
+        h = torch.tanh(self.b + x @ self.W.transpose(0, 0))
         return torch.mm(h @ self.V.permute(1, 0), self.U.transpose(-1, 0).t())
 
 
@@ -293,6 +295,7 @@ def test_parameter_views_in_matrix_products_are_read_as_torch_computes_them():
     net = jg.from_torch(model, torch.as_tensor(x))
     np.testing.assert_allclose(net(x), model(torch.as_tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(net.layers[1].W, model.V.detach().numpy().T)
+    np.testing.assert_array_equal(net.layers[0].b, model.b.detach().numpy())
 
 
 # ---------------------------------------------------------------------------- shared parameters

@@ -100,6 +100,9 @@ def _linear(a: dict, ctx) -> Piece:
 def _matmul(x_key: str, w_key: str) -> Callable:
     def read(a: dict, ctx) -> Piece:
         W = ctx.param(a[w_key])
+        if not ctx.is_data(a[x_key]):
+            return _unsupported("a matrix product with the parameter on the left (W @ x) or no input in it: jacgrad's "
+                                "Dense computes x @ W over the features")
         if W is None:
             return _unsupported("a matrix product of two computed values (attention-like): no jacgrad layer yet; "
                                 "a product with a parameter matrix is a Dense layer")
@@ -125,6 +128,8 @@ def _add(sign: float) -> Callable:
         x, y = a["input"], a["other"]
         if ctx.is_data(x) and ctx.is_data(y):
             return Piece("add", (x, y), info={"alpha": alpha})
+        if ctx.is_data(y):  # b + x @ W: the bias on the left
+            x, y = y, x
         b = ctx.param(y) if ctx.is_data(x) else None
         if b is not None and alpha == 1.0 and not b[1]:
             return Piece("bias", (x,), params={"b": b})
