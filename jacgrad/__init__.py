@@ -40,6 +40,7 @@ from .chain import Chain
 from .jacobian import LayerJacobian
 from .mlp import MLP
 from .diagnostics import gradient_flow
+from .interop.torch_graph import explain, from_torch
 from .ntk import ntk
 from .products import clipped_grad, ggn_diagonal, ggn_vp, per_sample_grad_norms, per_sample_grads
 from .sequential import Sequential
@@ -61,7 +62,9 @@ __all__ = [
     "curvature",
     "diagnostics",
     "distributed",
+    "explain",
     "factors",
+    "from_torch",
     "gates",
     "get_xp",
     "ggn_diagonal",

@@ -7,6 +7,9 @@ is an ``ImportError`` that says what to install):
 - ``interop.sklearn``  a fitted ``MLPClassifier`` / ``MLPRegressor`` -> a ``NetSpec``, and
                        sklearn's loss conventions (its ``_backprop``) from jacgrad's gradients
 - ``interop.flax``     ``{'Dense_0': {'kernel', 'bias'}, ...}`` parameter dicts -> a ``NetSpec``
+- ``interop.torch_graph``  any torch model by graph capture (``torch.export``) -> layers and their
+                       ``Sequential``
+                       (``jg.from_torch``, ``jg.explain``; its op table: ``interop.torch_ops``)
 
 The importers return plain ``NetSpec``s — weights, biases, activation names — and never build
 a network themselves (``jacgrad.mlp`` sits beside this package and builds one from a spec:
