@@ -15,6 +15,7 @@ from . import (
     block_flow,
     chain,
     check,
+    checkpoints,
     compiled,
     curvature,
     diagnostics,
@@ -37,6 +38,7 @@ from . import (
 )
 from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
+from .checkpoints import load
 from .jacobian import LayerJacobian
 from .mlp import MLP
 from .diagnostics import gradient_flow
@@ -57,6 +59,7 @@ __all__ = [
     "block_flow",
     "chain",
     "check",
+    "checkpoints",
     "compiled",
     "curvature",
     "diagnostics",
@@ -72,6 +75,7 @@ __all__ = [
     "jacobian",
     "kernels",
     "layers",
+    "load",
     "loss_hessians",
     "losses",
     "mlp",
