@@ -278,3 +278,94 @@ def test_safetensors_and_npz_sizes_are_checked_before_reading(tmp_path):
 
         assert _peak(run) < 8 << 20
         assert err and name in err[0] and re.search(match, err[0]), err
+
+
+# ---------------------------------------------------------------------- the command: --weights FILE --model pkg.module:factory
+MODELS = '''
+from collections import OrderedDict
+import torch
+from torch import nn
+
+def make_net():
+    torch.manual_seed(1)
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(6, 16), act=nn.Tanh(), fc2=nn.Linear(16, 3))).double()
+
+def make_blocks():
+    from jacgrad.interop.torch_blocks import Residual
+    return nn.Sequential(OrderedDict(fc=nn.Linear(6, 8), res=Residual(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))),
+                                     out=nn.Linear(8, 3))).double()
+
+NOT_CALLABLE = 3
+
+def not_a_module():
+    return {"fc1.weight": 1}
+
+def raises():
+    raise RuntimeError("no GPU here")
+'''
+
+
+def _jacgrad(cwd, *args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]), OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", "import sys; from jacgrad.cli import main; sys.exit(main())", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def user_code(tmp_path):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "models.py").write_text(MODELS)
+    (tmp_path / "mypkg" / "broken.py").write_text("import not_installed_anywhere\n")
+    return tmp_path
+
+
+def test_cli_reads_a_lightning_checkpoint_through_the_users_own_module(user_code):
+    torch.manual_seed(5)
+    trained = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 16), act=nn.Tanh(), fc2=nn.Linear(16, 3))).double()
+    torch.save(lightning(trained.state_dict()), user_code / "run.ckpt")
+    r = _jacgrad(user_code, "report", "--weights", "run.ckpt", "--model", "mypkg.models:make_net", "--json", "out.json",
+                 "--batch", "8")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((user_code / "out.json").read_text())["reports"][0]
+    W = [trained.fc1.weight.detach().numpy().T, trained.fc2.weight.detach().numpy().T]  # the file's, not the factory's
+    assert rep["activations"] == ["tanh", "identity"]
+    assert [L["weight_spectral_norm"] for L in rep["layers"]] == pytest.approx([np.linalg.norm(w, 2) for w in W], rel=1e-10)
+    r = _jacgrad(user_code, "check", "--weights", "run.ckpt", "--model", "mypkg.models:make_net", "--device", "cpu")
+    assert r.returncode == 0 and "passed" in r.stdout, r.stderr
+
+
+def test_cli_reports_a_module_with_blocks_and_without_weights(user_code):
+    r = _jacgrad(user_code, "report", "--model", "mypkg.models:make_blocks", "--batch", "4", "--json", "b.json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((user_code / "b.json").read_text())["reports"][0]
+    assert [b["kind"] for b in rep["blocks"]] == ["dense", "residual", "dense"] and rep["norms"] == ["layernorm"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mypkg.models", "is not a module and a factory: give it as package.module:factory"),
+    ("mypkg.nope:make_net", "no module named 'mypkg.nope' in the current directory"),
+    ("mypkg.broken:make_net", "importing mypkg.broken failed (ModuleNotFoundError: No module named 'not_installed_anywhere')"),
+    ("mypkg.models:nope", "mypkg.models has no attribute 'nope' (it has: "),
+    ("mypkg.models:NOT_CALLABLE", "NOT_CALLABLE is an int, not callable"),
+    ("mypkg.models:not_a_module", "not_a_module() returned a dict, not a torch.nn.Module"),
+    ("mypkg.models:raises", "raises() raised RuntimeError: no GPU here"),
+])
+def test_cli_says_what_is_wrong_with_a_model_spec(user_code, spec, message):
+    r = _jacgrad(user_code, "report", "--model", spec)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0] and lines[0].startswith("jacgrad report: error: --model"), lines[0]
+
+
+def test_cli_names_the_keys_that_do_not_match_the_module(user_code):
+    torch.save({"model": {"encoder.weight": torch.zeros(2, 2)}}, user_code / "other.pt")
+    r = _jacgrad(user_code, "report", "--weights", "other.pt", "--model", "mypkg.models:make_net")
+    assert r.returncode == 2, r.stderr
+    assert "expected 4 keys ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), found 1 key ('encoder.weight')" in r.stderr
+    torch.save({"fc1.weight": torch.zeros(2, 2)}, user_code / "named.pt")
+    r = _jacgrad(user_code, "report", "--weights", "named.pt", "--activation", "relu")
+    assert r.returncode == 2 and "--model package.module:factory" in r.stderr, r.stderr
