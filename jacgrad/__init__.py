@@ -30,6 +30,7 @@ from . import (
     loss_hessians,
     losses,
     mlp,
+    monitor,
     per_sample,
     private,
     sequential,
@@ -41,6 +42,7 @@ from .chain import Chain
 from .checkpoints import load
 from .jacobian import LayerJacobian
 from .mlp import MLP
+from .monitor import Monitor
 from .diagnostics import gradient_flow
 from .ntk import ntk
 from .products import clipped_grad, ggn_diagonal, ggn_vp, per_sample_grad_norms, per_sample_grads
@@ -52,6 +54,7 @@ __all__ = [
     "Chain",
     "LayerJacobian",
     "MLP",
+    "Monitor",
     "Sequential",
     "activations",
     "asarray",
@@ -79,6 +82,7 @@ __all__ = [
     "loss_hessians",
     "losses",
     "mlp",
+    "monitor",
     "ntk",
     "per_sample",
     "per_sample_grad_norms",

@@ -7,6 +7,7 @@
     jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
     jacgrad report --weights run.ckpt --model mypkg.models:make_net   # named keys, your own module
+    jacgrad report --log run.jsonl --out history.png   # a jg.Monitor's training history
     jacgrad report --activation sigmoid --residual 2 --norm layernorm   # the cure: residual pre-norm blocks
     jacgrad report --weights my_net.npz --data X.npy --targets T.npy --workers 2   # over a dataset
     jacgrad check                        # GPU against the float64 NumPy reference
@@ -138,7 +139,13 @@ def _build_parser() -> _Parser:
     rep.add_argument("--plot", default=None, metavar="PATH",
                      help="write the figure, in the format the suffix names: .png, .svg, .pdf, ... (needs jacgrad[plot])")
     rep.add_argument("--dpi", type=float_option("--dpi", 0.0, strict=True), default=None, metavar="N",
-                     help="with --plot: dots per inch (default 100)")
+                     help="with --plot or --out: dots per inch (default 100)")
+    hist = rep.add_argument_group("a training run's history (instead of a network)")
+    hist.add_argument("--log", default=None, metavar="RUN.jsonl",
+                      help="the JSONL file a jg.Monitor wrote: prints the run's history")
+    hist.add_argument("--out", default=None, metavar="PATH",
+                      help="with --log: plot the history (every layer's gradient norm, χ, ‖J‖₂, dead fraction "
+                           "against the step; needs jacgrad[plot])")
 
     chk = sub.add_parser(
         "check",
@@ -201,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.code or 0)
         if args.command is None:
             raise UsageError(f"{PROG}: choose a command: report, check, info or bench (jacgrad --help)")
+        if args.command == "report" and args.log is not None:
+            from ._cli_history import run_history
+
+            return run_history(args)
+        if args.command == "report" and args.out is not None:
+            raise UsageError("--out plots a run's history: it needs --log RUN.jsonl (a network's figure is --plot)")
         if args.command == "report":
             from ._cli_report import run_report
 

@@ -47,9 +47,9 @@ RANK: dict[str, int] = {
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
     "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
-    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE,
+    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE, "monitor": PARAMETER_SPACE, "_monitor_history": PARAMETER_SPACE,
     # the command
-    "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_model": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
+    "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_model": COMMAND, "_cli_history": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
 }
 LAYER_NAMES = ["backend", "algebra", "networks", "parameter space / diagnostics", "command"]
 
