@@ -245,3 +245,13 @@ def test_cli_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, caps
     assert main(["report", "--log", str(tmp_path / "run.jsonl"), "--out", str(tmp_path / "h.png")]) == 2
     assert 'plots need matplotlib: pip install "jacgrad[plot]"' in capsys.readouterr().err
     assert not (tmp_path / "h.png").exists()
+
+
+def test_the_docs_example_runs(tmp_path):
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "monitor_loop.py"), "--steps", "20", "--every", "10",
+                        "--log", str(tmp_path / "run.jsonl")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = jg.monitor.read_log(tmp_path / "run.jsonl")
+    assert [row["step"] for row in rows] == [10, 20] and "time per step:" in r.stdout
