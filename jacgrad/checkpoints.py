@@ -75,7 +75,7 @@ def load(path, model=None, activations=None, dtype: str | None = None):
     if activations is not None:
         raise TypeError("activations= names the layers of a file read without a model; with model= the module's "
                         "activation modules give them: leave it out")
-    net = network_from_torch(model, copy=False)
+    net = network_from_torch(model, copy=False, eval_mode=True)  # the mode changes no parameter
     places = parameter_places(model, net)
     arrays, dt = _read_state(path, model, places, dtype)
     for where, L in leaf_layers(net.layers):  # what the module does not hold (a missing bias): as imported
@@ -86,14 +86,23 @@ def load(path, model=None, activations=None, dtype: str | None = None):
     return out
 
 
-def network_from_torch(model, copy: bool = True, dtype=None):
+def network_from_torch(model, copy: bool = True, dtype=None, eval_mode: bool = False):
     """``MLP.from_torch(model)`` for a stack of Linears and activations, else
     ``Sequential.from_torch(model)`` (norms, residual blocks); a module neither reads is the
-    ``TypeError``/``ValueError`` of ``Sequential.from_torch``, which names what it supports."""
+    ``TypeError``/``ValueError`` of ``Sequential.from_torch``, which names what it supports.
+    ``eval_mode``: import it as in eval mode (a training Dropout passes through), every
+    submodule's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()] if eval_mode and hasattr(model, "modules") else []
+    for m, _ in modes:
+        m.training = False
     try:
-        return MLP.from_torch(model, copy=copy, dtype=dtype)
-    except TypeError:  # a module MLP does not hold (LayerNorm, a residual block, or one nothing reads)
-        return Sequential.from_torch(model, copy=copy, dtype=dtype)
+        try:
+            return MLP.from_torch(model, copy=copy, dtype=dtype)
+        except TypeError:  # a module MLP does not hold (LayerNorm, a residual block, or one nothing reads)
+            return Sequential.from_torch(model, copy=copy, dtype=dtype)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _address(a) -> int:

@@ -133,14 +133,9 @@ class Monitor:
 
     def _network(self):
         """The model as a jacgrad network over its parameters' own memory, imported in eval mode."""
-        if not hasattr(self.model, "train") or not hasattr(self.model, "training"):
+        if not hasattr(self.model, "modules"):
             return self.model  # a jacgrad network already
-        training = self.model.training
-        self.model.eval()
-        try:
-            net = network_from_torch(self.model, copy=False)
-        finally:
-            self.model.train(training)
+        net = network_from_torch(self.model, copy=False, eval_mode=True)
         if self._names is None:
             self._names = {p.key.rsplit(".", 1)[0]: p.torch_name.rsplit(".", 1)[0]
                            for p in parameter_places(self.model, net) if p.torch_name is not None}

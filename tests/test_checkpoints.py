@@ -86,6 +86,18 @@ def test_a_named_checkpoint_loads_into_the_modules_structure(tmp_path, make, n_i
     assert net.dtype == np.float64 and net.imported_from == "torch"
 
 
+def test_a_module_in_training_mode_with_dropout_loads_and_keeps_its_modes(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(OrderedDict(fc1=nn.Linear(5, 7), act=nn.ReLU(), drop=nn.Dropout(0.5),
+                                             fc2=nn.Linear(7, 3))).double()
+    source, fresh = make().eval(), make()
+    fresh.drop.eval()  # mixed modes: each is restored as it was
+    torch.save(source.state_dict(), tmp_path / "d.pt")
+    net = jg.load(tmp_path / "d.pt", model=fresh)
+    assert forward_error(net, source, 5) < 1e-12
+    assert [m.training for m in fresh.modules()] == [True, True, True, False, True]
+
+
 def test_the_places_map_every_torch_name_to_its_jacgrad_parameter():
     from jacgrad.checkpoints import parameter_places
 
