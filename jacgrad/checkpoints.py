@@ -15,8 +15,9 @@ jacgrad's own files or from a torch checkpoint with named keys.
 
 Which torch parameter is which jacgrad parameter is found, not assumed: the module is imported
 with ``copy=False``, and each jacgrad array is a view of the torch parameter whose memory it
-shares (``parameter_places``). ``fill(net, places, arrays)`` then builds the same network over new
-arrays; both work for any importer that shares memory.
+shares (``parameter_places``: ``[Place(torch_name, key, transposed)]``). ``read_state(path, model,
+places)`` reads and checks the file against them, and ``fill(net, arrays)`` builds the same
+network over the new arrays: the three work for any importer that shares memory.
 
 Files are data, as for ``MLP.load``: ``.pt`` through ``torch.load(weights_only=True)`` only, every
 tensor's layout checked against its storage, every name and shape checked before any array is
@@ -49,7 +50,7 @@ from .layers import leaf_layers
 from .mlp import MLP
 from .sequential import Sequential
 
-__all__ = ["Place", "fill", "load", "network_from_torch", "parameter_places"]
+__all__ = ["Place", "fill", "load", "network_from_torch", "parameter_places", "read_state"]
 
 SHOWN = 5  # keys an error lists of each kind
 
@@ -77,7 +78,7 @@ def load(path, model=None, activations=None, dtype: str | None = None):
                         "activation modules give them: leave it out")
     net = network_from_torch(model, copy=False, eval_mode=True)  # the mode changes no parameter
     places = parameter_places(model, net)
-    arrays, dt = _read_state(path, model, places, dtype)
+    arrays, dt = read_state(path, model, places, dtype)
     for where, L in leaf_layers(net.layers):  # what the module does not hold (a missing bias): as imported
         for name, a in zip(L.names, L.params):
             arrays.setdefault(f"{'.'.join(map(str, where))}.{name}", np.array(to_numpy(a), dtype=dt))
@@ -159,7 +160,7 @@ def _has_spec(path: str, suffix: str) -> bool:
         return False
 
 
-def _read_state(path: str, model, places: list[Place], dtype) -> tuple[dict, np.dtype]:
+def read_state(path: str, model, places: list[Place], dtype) -> tuple[dict, np.dtype]:
     """``(arrays, dtype)``: jacgrad's name -> array of every parameter ``places`` reads from the
     file, after every key and shape of the file was checked against ``model.state_dict()``, and
     the network's dtype (``dtype``, else the file's)."""
