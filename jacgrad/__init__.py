@@ -15,6 +15,7 @@ from . import (
     block_flow,
     chain,
     check,
+    checkpoints,
     compiled,
     curvature,
     diagnostics,
@@ -29,6 +30,7 @@ from . import (
     loss_hessians,
     losses,
     mlp,
+    monitor,
     per_sample,
     private,
     sequential,
@@ -37,8 +39,10 @@ from . import (
 )
 from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
+from .checkpoints import load
 from .jacobian import LayerJacobian
 from .mlp import MLP
+from .monitor import Monitor
 from .diagnostics import gradient_flow
 from .interop.torch_graph import explain, from_torch
 from .ntk import ntk
@@ -51,6 +55,7 @@ __all__ = [
     "Chain",
     "LayerJacobian",
     "MLP",
+    "Monitor",
     "Sequential",
     "activations",
     "asarray",
@@ -58,6 +63,7 @@ __all__ = [
     "block_flow",
     "chain",
     "check",
+    "checkpoints",
     "compiled",
     "curvature",
     "diagnostics",
@@ -75,9 +81,11 @@ __all__ = [
     "jacobian",
     "kernels",
     "layers",
+    "load",
     "loss_hessians",
     "losses",
     "mlp",
+    "monitor",
     "ntk",
     "per_sample",
     "per_sample_grad_norms",
