@@ -65,9 +65,6 @@ class SequentialParameterSpace:
     and ``states``, one Dense-style state per layer), ``backward``, ``jacobian_chain``,
     ``layers``, ``n_params``, ``n_in``, ``n_out``, ``dtype``."""
 
-    # the gradient type's name in messages: Sequential's still says its old name (tests pin it)
-    _flat_name = "Gradients.flat"
-
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
         """``[(a_k, n_params_k)]``: each leaf's input to its parameter gradients (``z_prev`` of a
@@ -200,7 +197,7 @@ class SequentialParameterSpace:
             (24,)
         """
         v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
-                                       f"{self._flat_name} (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       f"Gradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         inputs = self._param_leaf_inputs(cache)
