@@ -1,7 +1,7 @@
-"""The forward and backward passes of a ``Sequential``, written into buffers the caller gives.
+"""The forward and backward passes of every network (``Sequential``, and ``MLP``, a Sequential of
+Dense layers), written into buffers the caller gives.
 
-One implementation for both callers, as ``_passes`` is for ``MLP``: ``Sequential.forward`` /
-``backward`` carve fresh buffers per call (pooled host blocks, ``_passes.carve(pooled=True)``),
+One implementation for both callers: ``Sequential.forward`` / ``backward`` carve fresh buffers per call (pooled host blocks, ``_passes.carve(pooled=True)``),
 the compiled step (``jacgrad.compiled.TrainingStep``) carves them once and replays. Each layer
 names the buffers it writes (``forward_shapes(B)``: its output first; ``backward_shapes(B,
 input_grad)``), and its ``forward``/``backward`` take them as ``out=``; the passes here hand

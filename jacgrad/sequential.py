@@ -1,5 +1,6 @@
-"""Sequential: a network of ``jacgrad.layers`` (dense, residual blocks, LayerNorm, RMSNorm) with
-the forward/backward/Jacobian interface of ``MLP``.
+"""Sequential: THE network, a stack of ``jacgrad.layers`` (dense, residual blocks, LayerNorm,
+RMSNorm): forward, backward, Jacobian chain, compiled steps, files; ``jacgrad.MLP`` is a Sequential
+of Dense layers with ``weights``/``biases``/``activations`` lists.
 
     >>> import numpy as np, jacgrad as jg
     >>> rng = np.random.default_rng(0)
