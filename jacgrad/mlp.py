@@ -230,6 +230,12 @@ class MLP(InteropMethods, Sequential):
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad, clip=clip,
                             noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
 
+    _dense_only = True  # from_torch (Sequential's one reader) refuses anything but Linear + activation
+
+    @classmethod
+    def _of_layers(cls, layers):
+        return cls([L.W for L in layers], [L.b for L in layers], [L._act for L in layers])
+
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Write ``W0, b0, W1, b1, …`` and the activation names to ``.npz`` or ``.safetensors``

@@ -271,19 +271,37 @@ class Sequential(SequentialParameterSpace, Imported):
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype=None) -> "Sequential":
-        """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
+    def from_torch(cls, module, copy: bool = True, dtype=None):
+        """The network of a torch ``nn.Sequential`` (or an iterable of modules; nested
+        ``nn.Sequential``s are flattened) of ``nn.Linear`` (+ one activation module each),
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
-        blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA). As in
-        ``MLP.from_torch``: ``copy=False`` shares the parameters' memory (``W = weight.T``, a
-        view), ``dtype`` casts them (a copy); ``module`` may be an iterable of modules, and nested
-        ``nn.Sequential``s are flattened, as there. See ``torch_blocks``."""
+        blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA).
+        ``W = weight.T``; ``copy=False`` shares the parameters' memory (a view: a model that keeps
+        training in place is seen live; run ``forward`` again after each step); ``dtype`` casts
+        them (a copy; needed for float16/bfloat16). The one reader of both networks
+        (``torch_blocks.layers_and_origin``); ``MLP.from_torch`` takes the Dense-only models.
+
+            >>> import torch, jacgrad as jg
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> jg.MLP.from_torch(model).activations
+            ['tanh', 'identity']
+        """
+        from .interop.torch import _torch
+
+        _torch()  # a clear ImportError when torch is missing
         from .interop.torch_blocks import layers_and_origin
 
-        layers, origin = layers_and_origin(module, copy=copy, dtype=dtype)
-        net = cls(layers)
+        layers, origin = layers_and_origin(module, copy=copy, dtype=dtype, importer=f"jg.{cls.__name__}.from_torch",
+                                           dense_only=cls._dense_only)
+        net = cls._of_layers(layers)
         net._origin = origin
         return net
+
+    _dense_only = False  # MLP: every layer a Dense
+
+    @classmethod
+    def _of_layers(cls, layers):
+        return cls(layers)
 
     def to_torch(self):
         """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,
