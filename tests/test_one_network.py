@@ -62,7 +62,7 @@ def test_gradients_of_a_lean_cache_match_torch(rng):
     norms = net.per_sample_grad_norms(x, t)
     one = [torch.func.grad(lambda p, xi, ti: ((torch.func.functional_call(model, p, (xi[None],)) - ti) ** 2).mean())(
         dict(model.named_parameters()), torch.tensor(x[i]), torch.tensor(t[i])) for i in range(5)]
-    np.testing.assert_allclose(norms, [np.sqrt(sum(float((v ** 2).sum()) for v in gi.values())) for gi in one],
+    np.testing.assert_allclose(norms, [np.sqrt(sum(float((v.detach() ** 2).sum()) for v in gi.values())) for gi in one],
                                rtol=1e-11)
 
 
