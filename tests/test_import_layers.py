@@ -46,7 +46,7 @@ RANK: dict[str, int] = {
     "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
+    "block_flow": PARAMETER_SPACE, "_leaf_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
     "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE,
     # the command
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
