@@ -20,14 +20,15 @@ from typing import Any, Callable, Sequence
 
 from ._passes import Gradients, carve
 from .jacobian import LayerJacobian
+from ._renamed import renamed
 from .kernels import forward_with_derivative
 from .layers import Dense, Residual
 
-__all__ = ["BlockGradients", "backward_layers", "carve_backward", "carve_forward", "forward_layers", "lean_outputs",
+__all__ = ["backward_layers", "carve_backward", "carve_forward", "forward_layers", "lean_outputs",
            "named_grads", "param_views"]
 
 
-BlockGradients = Gradients  # the old name of the one gradient type
+__getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
 
 
 def _split(views: list, counts: Sequence[int]) -> list[list]:

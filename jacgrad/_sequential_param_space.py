@@ -21,12 +21,13 @@ from .backend import get_xp
 from ._passes import Gradients
 from ._block_passes import named_grads, param_views
 from ._passes import carve
+from ._renamed import renamed
 from .layers import Residual, leaf_layers
 
-__all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
+__all__ = ["SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
-ParamArrays = Gradients  # the old name of what per_sample_grads and ggn_diagonal return
+__getattr__ = renamed(__name__, {"ParamArrays": ("jacgrad.Gradients", Gradients)})
 
 
 def _leaves(layers) -> list:

@@ -24,10 +24,11 @@ from .compiled import TrainingStep
 from ._mlp_interop import InteropMethods
 from .layers import Dense
 from .sequential import Sequential, SequentialCache
+from ._renamed import renamed
 
-__all__ = ["MLP", "ForwardCache", "Gradients"]
+__all__ = ["MLP", "Gradients"]
 
-ForwardCache = SequentialCache  # the old name of what forward returns (one cache type)
+__getattr__ = renamed(__name__, {"ForwardCache": ("jacgrad.sequential.SequentialCache", SequentialCache)})
 
 
 class MLP(InteropMethods, Sequential):

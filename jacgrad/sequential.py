@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _lazy, losses
 from ._passes import Gradients
-from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ._block_passes import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._compiled_jacobian import JacobianStep
 from .compiled import TrainingStep
@@ -33,8 +33,11 @@ from .chain import Chain
 from .kernels import activation_forward
 from .layers import chained, Dense
 from ._mlp_interop import Imported
+from ._renamed import renamed
 
-__all__ = ["BlockGradients", "Sequential", "SequentialCache"]
+__all__ = ["Gradients", "Sequential", "SequentialCache"]
+
+__getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
 
 
 class SequentialCache:
