@@ -169,7 +169,7 @@ class Sequential(SequentialParameterSpace, Imported):
         ``check_finite=True`` raises ``FloatingPointError`` naming the first layer (or the input)
         where a NaN or Inf appears; without it they propagate."""
         z, cache = self._forward(x, check_finite)
-        if z is cache._states[-1][1]:  # the last Dense layer's saved y, which backward reads: hand out a copy
+        if isinstance(self._layers[-1], Dense) and z is cache._states[-1][1]:  # its saved y, which backward reads
             z = z.copy()
         return z, cache
 

@@ -95,3 +95,20 @@ def test_mlp_from_torch_is_the_sequential_import_of_a_dense_model():
     x = torch.randn(5, 3)
     np.testing.assert_allclose(mlp(x.numpy()), model(x).detach().numpy(), rtol=1e-6, atol=1e-7)
     assert isinstance(jg.MLP.from_torch(model), jg.MLP)
+
+
+def test_forward_of_a_net_ending_in_a_residual_block_or_a_norm(rng):
+    """The output is handed out as the caller's own array whatever the last layer is."""
+    W = rng.standard_normal((3, 3)) / 2
+    for last in (L.Residual([L.Dense(W, None, "tanh")], scale=0.5), L.LayerNorm(np.ones(3))):
+        net = jg.Sequential([L.Dense(W, None, "gelu"), last])
+        x = rng.standard_normal((4, 3))
+        y, cache = net.forward(x)
+        h = x @ W
+        z = jg.activations.get("gelu").f(h)
+        want = z + 0.5 * np.tanh(z @ W) if isinstance(last, L.Residual) else (z - z.mean(1, keepdims=True)) / np.sqrt(
+            z.var(1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+        J = net.jacobian_chain(cache).jacobian()
+        y[...] = np.nan  # the caller's own array: the cache is untouched
+        np.testing.assert_array_equal(net.jacobian_chain(cache).jacobian(), J)
