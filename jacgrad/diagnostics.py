@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _flow
+from . import _above, _flow
 from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
 from ._validate import check_input_dtype, float_array, network_input, require_network, shape_str
@@ -289,3 +289,6 @@ def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:
     )
     report.hints = hints(report)
     return report
+
+
+_above.register("gradient_flow", gradient_flow)  # net.gradient_flow(x, ...): this function

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _lazy, losses
+from . import _above, _lazy, losses
 from ._passes import Gradients
 from ._block_passes import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
@@ -253,6 +253,11 @@ class Sequential(SequentialParameterSpace, Imported):
         ``I + s·J_inner`` (a ``ResidualFactor``) or a ``NormFactor``."""
         self._check_cache(cache)
         return Chain([L.factor(st) for L, st in zip(self._layers, cache._states)])  # a factor reads no input
+
+    def gradient_flow(self, x: Any, target: Any = None, loss: str = "mse", **options):
+        """The gradient-flow report of this network at ``x``: ``jg.gradient_flow(net, x, target, loss,
+        **options)`` (``jacgrad.diagnostics.gradient_flow``: its options and what the report holds)."""
+        return _above.call("gradient_flow", self, x, target, loss, **options)
 
     def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto", *,
                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):

@@ -31,7 +31,7 @@ BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
 RANK: dict[str, int] = {
     # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
     "backend": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
-    "_validate": BACKEND, "_renamed": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
+    "_validate": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,

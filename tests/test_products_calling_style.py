@@ -112,3 +112,11 @@ print(out)
     assert got.strip() == str([(True, 1, True)] * len(RENAMED))
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
         jg.compiled.NoSuchName
+
+
+@pytest.mark.parametrize("net", _nets(), ids=["mlp", "sequential"])
+def test_gradient_flow_is_a_method_too(net):
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    assert net.gradient_flow(x, t, seed=3).to_json() == jg.gradient_flow(net, x, t, seed=3).to_json()
+    assert net.gradient_flow(x).to_text() == jg.gradient_flow(net, x).to_text()
