@@ -43,6 +43,7 @@ from .checkpoints import load
 from .jacobian import LayerJacobian
 from .mlp import MLP
 from .monitor import Monitor
+from ._passes import Gradients
 from .diagnostics import gradient_flow
 from .interop.torch_graph import explain, from_torch
 from .ntk import ntk
@@ -51,50 +52,21 @@ from .sequential import Sequential
 
 __version__ = "0.1.0"
 
+# the user's concepts; internals (backend, hostpool, kernels, the modules behind the networks and
+# products) stay importable by path and as attributes (jg.backend.gpu_available(), jg.hostpool)
 __all__ = [
-    "Chain",
-    "LayerJacobian",
-    "MLP",
-    "Monitor",
-    "Sequential",
-    "activations",
-    "asarray",
-    "backend",
-    "block_flow",
-    "chain",
-    "check",
-    "checkpoints",
-    "compiled",
-    "curvature",
-    "diagnostics",
-    "distributed",
-    "explain",
-    "factors",
-    "from_torch",
-    "gates",
-    "get_xp",
-    "ggn_diagonal",
-    "ggn_vp",
-    "gradient_flow",
-    "hostpool",
-    "initializers",
-    "jacobian",
-    "kernels",
-    "layers",
-    "load",
-    "loss_hessians",
-    "losses",
-    "mlp",
-    "monitor",
-    "ntk",
-    "per_sample",
-    "per_sample_grad_norms",
-    "per_sample_grads",
-    "clipped_grad",
-    "private",
-    "sequential",
-    "spectra",
-    "to_device",
-    "to_numpy",
-    "torch",
+    # networks and their layers
+    "MLP", "Sequential", "layers", "Gradients", "from_torch", "explain", "load",
+    # factors and chains
+    "LayerJacobian", "Chain", "factors",
+    # products: each also a method of the network
+    "ntk", "per_sample_grads", "per_sample_grad_norms", "clipped_grad", "ggn_vp", "ggn_diagonal",
+    # the gradient-flow report
+    "gradient_flow", "diagnostics", "Monitor",
+    # losses, activations, gates, checks, initialisers
+    "losses", "activations", "gates", "check", "initializers",
+    # arrays and devices
+    "asarray", "to_device", "to_numpy", "get_xp",
+    # scale and frameworks
+    "distributed", "torch",
 ]

@@ -32,7 +32,7 @@ BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
 RANK: dict[str, int] = {
     # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
     "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
-    "_validate": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
+    "_validate": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
@@ -50,7 +50,7 @@ RANK: dict[str, int] = {
     "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
+    "block_flow": PARAMETER_SPACE, "_leaf_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
     "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE, "monitor": PARAMETER_SPACE, "_monitor_history": PARAMETER_SPACE,
     # the command
     "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_model": COMMAND, "_cli_history": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
