@@ -149,7 +149,7 @@ class Monitor:
                 layers.append({"index": L.index, "module": (self._names or {}).get(str(L.index)),
                                "grad_norm": L.grad_norm, "chi": L.chi,
                                "spectral_norm": None if self.spectra == "off" else L.jacobian_norm,
-                               "dead_fraction": L.dead_units / L.shape[1]})
+                               "dead_fraction": None if L.dead_units is None else L.dead_units / L.shape[1]})
         else:
             for b in rep.blocks:
                 layers.append({"index": b.index, "module": (self._names or {}).get(str(b.index)), "kind": b.kind,

@@ -140,7 +140,7 @@ def test_the_writer_receives_the_rows_scalars():
     assert all(isinstance(v, float) for _, v, _ in writer.calls)
 
 
-def test_a_model_with_blocks_gets_a_row_per_block(tmp_path):
+def test_a_model_with_blocks_gets_a_row_per_layer(tmp_path):
     from jacgrad.interop.torch_blocks import Residual
 
     torch.manual_seed(0)
@@ -152,11 +152,15 @@ def test_a_model_with_blocks_gets_a_row_per_block(tmp_path):
     mon.step()
     row = mon.rows[0]
     assert model.training  # imported in eval mode, train mode restored
-    assert row["rows"] == "blocks" and [L["kind"] for L in row["layers"]] == ["dense", "residual", "dense"]
-    assert all(L["dead_fraction"] is None and L["spectral_norm"] is None for L in row["layers"])
+    # one row per layer with parameters, residual blocks opened (Dense, LayerNorm, Dense, Dense)
+    assert row["rows"] == "layers" and len(row["layers"]) == 4
+    assert row["layers"][1]["dead_fraction"] is None and row["layers"][1]["chi"] is None  # the LayerNorm row
+    assert all(L["dead_fraction"] is not None for k, L in enumerate(row["layers"]) if k != 1)
+    assert all(L["spectral_norm"] is None for L in row["layers"])
     assert row["jacobian_spectral_norm"] is None
     direct = jg.gradient_flow(jg.Sequential.from_torch(model.eval()), x.numpy(), spectrum_samples=1, norm_samples=1)
-    assert [L["chi"] for L in row["layers"]] == [b.chi for b in direct.blocks]
+    assert [L["chi"] for L in row["layers"]] == [r.chi for r in direct.layers]
+    assert [L["grad_norm"] for L in row["layers"]] == [r.grad_norm for r in direct.layers]
 
 
 def test_lightning_callback_steps_on_the_trainers_global_step(monkeypatch, tmp_path):
