@@ -7,8 +7,10 @@ values at the kinks, and the same formulas, operation for operation, as the func
 Conventions (``jacgrad.activations`` has the table's): finite and warning-free at ±inf with the
 limits the math gives (mish(-inf) = 0, hard_swish(-inf) = 0, softsign(±inf) = ±1, where torch's
 own formulas give NaN), NaN propagates through ``f``; at the kinks torch's autograd values:
-selu'(0) = scale·alpha, hard_swish'(-3) = -0.5 and hard_swish'(3) = 1.5 (the middle piece
-``h/3 + 1/2`` on the closed interval), hard_sigmoid'(±3) = 0.
+selu'(0) = scale·alpha, hard_swish'(-3) = 0 and hard_swish'(3) = 1 (the outer pieces: torch
+2.x's hardswish_backward), hard_sigmoid'(±3) = 0. One deliberate difference: torch's float64
+hardsigmoid backward multiplies by a float32 1/6 (0.16666667163...); ours is 1/6 in the input's
+dtype.
 
     >>> import numpy as np
     >>> [round(float(r.f(np.array(1.0))), 6) for r in ROWS]
@@ -91,10 +93,10 @@ def _hard_swish_f(h):  # h·clip(h + 3, 0, 6)/6, h clamped below so that -inf·0
     return xp.maximum(h, _const(h, -_SAT)) * xp.clip(h + 3.0, _const(h, 0.0), _const(h, 6.0)) / 6.0
 
 
-def _hard_swish_df(h):  # torch: 0 below -3, h/3 + 1/2 on [-3, 3], 1 above
+def _hard_swish_df(h):  # torch: 0 up to -3, h/3 + 1/2 strictly inside (-3, 3), 1 from 3 on
     h, xp = _array(h)
     mid = h / 3.0 + 0.5
-    return xp.where(h < -3.0, _const(h, 0.0), xp.where(h <= 3.0, mid, _const(h, 1.0)))
+    return xp.where(h <= -3.0, _const(h, 0.0), xp.where(h < 3.0, mid, _const(h, 1.0)))
 
 
 def _hard_sigmoid_f(h):
@@ -105,11 +107,6 @@ def _hard_sigmoid_f(h):
 def _hard_sigmoid_df(x):  # 1/6 strictly inside (-3, 3), 0 at and beyond the kinks (torch)
     x, xp = _array(x)
     return xp.where((x > -3.0) & (x < 3.0), _const(x, 1.0 / 6.0), _const(x, 0.0))
-
-
-def _hard_sigmoid_df_y(y):  # 0 < y < 1 ⇔ -3 < h < 3
-    y, xp = _array(y)
-    return xp.where((y > 0) & (y < 1.0), _const(y, 1.0 / 6.0), _const(y, 0.0))
 
 
 # --- softsign, log_sigmoid ----------------------------------------------------------------
@@ -149,13 +146,14 @@ def _log_sigmoid_df_y(y):  # σ(−h) = 1 − e^y (y ≤ 0; a larger y, no outpu
 
 # bound = sup |φ'|: mish's at h = 1.4905711794854284592944... where φ'' = 0, φ' = 1.0884981612517278612282...
 # (mpmath, 60 digits), rounded up to a double and raised 4 ulp more, as the table's other smooth rows;
-# selu's scale·alpha (h → 0⁻), hard_swish's 1.5 (at 3, torch's value), hard_sigmoid's 1/6, softsign's and
+# selu's scale·alpha (h → 0⁻), hard_swish's 1.5 (as h → 3⁻), hard_sigmoid's 1/6, softsign's and
 # log_sigmoid's 1 (at 0, and as h → -inf).
 ROWS = (
     Activation("mish", _mish_f, _mish_df, None, 1.088498161251729, "jacgrad::Mish", f_and_df=_mish_f_and_df),
     Activation("selu", _selu_f, _selu_df, _selu_df_y, _SELU_SA, "jacgrad::Selu", kinks=(0.0,)),
     Activation("hard_swish", _hard_swish_f, _hard_swish_df, None, 1.5, "jacgrad::HardSwish", kinks=(-3.0, 3.0)),
-    Activation("hard_sigmoid", _hard_sigmoid_f, _hard_sigmoid_df, _hard_sigmoid_df_y, 1.0 / 6.0,
+    # no derivative from the output: y = (h + 3)/6 rounds to 1 for h within 2 ulp below 3, where φ' is 1/6
+    Activation("hard_sigmoid", _hard_sigmoid_f, _hard_sigmoid_df, None, 1.0 / 6.0,
                "jacgrad::HardSigmoid", kinks=(-3.0, 3.0)),
     Activation("softsign", _softsign_f, _softsign_df, _softsign_df_y, 1.0, "jacgrad::Softsign"),
     Activation("log_sigmoid", _log_sigmoid_f, _log_sigmoid_df, _log_sigmoid_df_y, 1.0, "jacgrad::LogSigmoid"),

@@ -262,26 +262,23 @@ struct Selu {
 };
 
 // torch's Hardswish: h clip(h + 3, 0, 6) / 6 (h clamped below: -inf * 0 stays 0); its derivative
-// 0 below -3, h/3 + 1/2 on [-3, 3] (torch's values at the kinks: -1/2 and 3/2), 1 above.
+// 0 up to -3, h/3 + 1/2 strictly inside (-3, 3), 1 from 3 on (torch's values at the kinks: 0 and 1).
 struct HardSwish {
   static constexpr bool has_df_y = false;
   template <class T> JG_HD static T f(T h, Params<T> = {}) {
     return math::at_least(h, -math::saturation<T>()) * math::clamp(h + T(3), T(0), T(6)) / T(6);
   }
   template <class T> JG_HD static T df(T h, Params<T> = {}) {
-    return h < T(-3) ? T(0) : (h <= T(3) ? h / T(3) + T(0.5) : T(1));
+    return h <= T(-3) ? T(0) : (h < T(3) ? h / T(3) + T(0.5) : T(1));
   }
 };
 
 // torch's Hardsigmoid: clip(h + 3, 0, 6) / 6; derivative 1/6 strictly inside (-3, 3), else 0.
-struct HardSigmoid {
-  static constexpr bool has_df_y = true;
+struct HardSigmoid {  // no df_y: y rounds to 1 for h within 2 ulp below 3, where phi' is 1/6
+  static constexpr bool has_df_y = false;
   template <class T> JG_HD static T f(T h, Params<T> = {}) { return math::clamp(h + T(3), T(0), T(6)) / T(6); }
   template <class T> JG_HD static T df(T h, Params<T> = {}) {
     return (h > T(-3) && h < T(3)) ? T(1.0 / 6.0) : T(0);
-  }
-  template <class T> JG_HD static T df_y(T y, Params<T> = {}) {
-    return (y > T(0) && y < T(1)) ? T(1.0 / 6.0) : T(0);
   }
 };
 
