@@ -82,7 +82,8 @@ def _relu6(a: dict, ctx) -> Piece:
 
 def _elu(a: dict, ctx) -> Piece:
     if float(a.get("scale", 1)) != 1.0 or float(a.get("input_scale", 1)) != 1.0:
-        return _unsupported("an ELU with scale or input_scale (SELU, CELU) has no jacgrad activation row yet")
+        return _unsupported("an ELU with scale or input_scale (CELU; F.selu is its own op) has no jacgrad activation "
+                            "row yet")
     return _act("elu", alpha="alpha")(a, ctx)
 
 
@@ -224,6 +225,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "hardtanh": ("activation hard_tanh(min_val, max_val) (also ReLU6)",
                  _act("hard_tanh", min_val="min_val", max_val="max_val")),
     "relu6": ("activation hard_tanh(0, 6)", _relu6),
+    "mish": ("activation mish", _act("mish")),
+    "selu": ("activation selu", _act("selu")),
+    "hardswish": ("activation hard_swish", _act("hard_swish")),
+    "hardsigmoid": ("activation hard_sigmoid", _act("hard_sigmoid")),
+    "log_sigmoid": ("activation log_sigmoid", _act("log_sigmoid")),
     "view": ("structural (a no-op reshape of (B, n))", _structural),
     "reshape": ("structural (a no-op reshape of (B, n))", _structural),
     "_unsafe_view": ("structural (a no-op reshape of (B, n))", _structural),
