@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
+from ..layers import Activation as _JgActivation, Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
 from .torch import passes_through, tensor
@@ -119,10 +119,11 @@ def _layers(items, where: str, conv: _Convert) -> list:
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
             out.append(Dense(W, b, "identity"))
         elif act is not None:
-            if not linear:
-                raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
-            last = out.pop()
-            out.append(Dense(last.W, last.b, act))
+            if linear:  # fused into the Dense before it
+                last = out.pop()
+                out.append(Dense(last.W, last.b, act))
+            else:  # after a norm, a residual block or another activation: a layer of its own
+                out.append(_JgActivation(act, out[-1].n_out if out else None))
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
@@ -168,6 +169,8 @@ def layers_to_torch(layers) -> nn.Sequential:
                 modules.append(act)
         elif L.kind == "residual":
             modules.append(Residual(layers_to_torch(L.layers), L.scale))
+        elif L.kind == "activation":
+            modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
             gamma = _tensor(L.gamma)
             cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm

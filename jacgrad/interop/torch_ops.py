@@ -35,7 +35,9 @@ class Piece:
     (computes nothing: views, eval dropout, copies), ``"param"`` (a view of a parameter, e.g. its
     transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
     assertions), ``"unsupported"`` (``reason`` says why and what to do).
-    ``data``: the node's data input(s), the values computed from the model's input."""
+    ``data``: the node's data input(s), the values computed from the model's input. An
+    activation spelled as several ops (softsign: ``abs``, ``add``, ``div``) is the ``"act"`` piece of
+    its last node with ``info["parts"]``, its other nodes ``"inert"`` with ``info["part_of"]``."""
 
     kind: str
     data: tuple = ()
@@ -87,6 +89,41 @@ def _elu(a: dict, ctx) -> Piece:
     return _act("elu", alpha="alpha")(a, ctx)
 
 
+def _softsign_nodes(div, ctx):
+    """``(x, abs node, add node)`` when ``div`` is torch's ``F.softsign``, ``x / (1 + |x|)`` (it has no
+    ATen op of its own: ``abs``, ``add(·, 1)``, ``div``), each intermediate read only there; else None."""
+    if op_name(div) != "div" or len(div.args) != 2 or div.kwargs:
+        return None
+    x, den = div.args
+    if not (ctx.is_data(x) and getattr(den, "op", None) == "call_function" and op_name(den) == "add"
+            and len(den.users) == 1 and len(den.args) == 2 and not den.kwargs):
+        return None
+    ab, one = den.args if hasattr(den.args[0], "op") else den.args[::-1]
+    if (isinstance(one, bool) or not isinstance(one, (int, float)) or one != 1
+            or getattr(ab, "op", None) != "call_function" or op_name(ab) != "abs" or len(ab.users) != 1
+            or not ab.args or ab.args[0] is not x):
+        return None
+    return x, ab, den
+
+
+def _softsign_part(node, ctx) -> Piece | None:
+    """The ``abs`` or ``add(·, 1)`` inside a softsign: read with its ``div`` (None: not one)."""
+    for _ in range(2):  # abs -> add -> div
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        found = _softsign_nodes(node, ctx)
+        if found is not None and ctx.node in found[1:]:
+            return Piece("inert", info={"part_of": "softsign"})
+    return None
+
+
+def _abs(a: dict, ctx) -> Piece:
+    part = _softsign_part(ctx.node, ctx)
+    return part if part is not None else _unsupported("abs outside softsign's x / (1 + |x|): no jacgrad layer")
+
+
 def _linear(a: dict, ctx) -> Piece:
     W = ctx.param(a["weight"])
     b = None if a.get("bias") is None else ctx.param(a["bias"])
@@ -125,6 +162,9 @@ def _addmm(a: dict, ctx) -> Piece:
 
 def _add(sign: float) -> Callable:
     def read(a: dict, ctx) -> Piece:
+        part = _softsign_part(ctx.node, ctx) if sign > 0 else None
+        if part is not None:
+            return part
         alpha = sign * float(a.get("alpha", 1))
         x, y = a["input"], a["other"]
         if ctx.is_data(x) and ctx.is_data(y):
@@ -142,6 +182,9 @@ def _add(sign: float) -> Callable:
 
 def _scale(divide: bool) -> Callable:
     def read(a: dict, ctx) -> Piece:
+        softsign = _softsign_nodes(ctx.node, ctx) if divide else None
+        if softsign is not None:
+            return Piece("act", (softsign[0],), info={"name": "softsign", "parts": softsign[1:]})
         x, c = a["input"], a["other"]
         if not ctx.is_data(x):
             x, c = c, x
@@ -211,7 +254,8 @@ OPS: dict[str, tuple[str, Callable]] = {
     "add": ("Residual join x + s·f(x); a bias after a matmul", _add(1.0)),
     "sub": ("Residual join x − f(x)", _add(-1.0)),
     "mul": ("the scale s of a residual branch (by a constant)", _scale(False)),
-    "div": ("the scale 1/c of a residual branch (by a constant)", _scale(True)),
+    "div": ("the scale 1/c of a residual branch (by a constant); softsign x / (1 + |x|)", _scale(True)),
+    "abs": ("part of softsign x / (1 + |x|) (F.softsign)", _abs),
     "layer_norm": ("LayerNorm (over the last axis)", _norm("layer_norm")),
     "rms_norm": ("RMSNorm (over the last axis)", _norm("rms_norm")),
     "relu": ("activation relu of the Dense before it", _act("relu")),
