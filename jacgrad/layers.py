@@ -22,11 +22,11 @@ buffers every call (``_block_passes``). ``backward`` only reads the cotangent it
 from __future__ import annotations
 
 from ._token_rows import PerToken, TokenState
-from .activation_layer import Activation
 from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+from .activation_layer import Activation  # registered after the layers with parameters (kinds in that order)
 
 __all__ = ["Activation", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]

@@ -2,8 +2,9 @@
 
 ``Residual(inner, scale)`` is a tiny ``nn.Module`` whose forward is ``x + scale·inner(x)``: put
 it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
-``nn.Sequential`` of ``nn.Linear`` (each optionally followed by one activation module),
-``nn.LayerNorm``, ``nn.RMSNorm`` and ``Residual`` into ``jacgrad.layers`` (arrays copied to
+``nn.Sequential`` of ``nn.Linear`` (an activation module right after it is its activation),
+``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` and activation modules elsewhere (after a norm, a
+residual block or another activation: an ``Activation`` layer) into ``jacgrad.layers`` (arrays copied to
 NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
 something else). The modules are walked as ``MLP.from_torch`` walks them
@@ -122,8 +123,11 @@ def _layers(items, where: str, conv: _Convert) -> list:
             if linear:  # fused into the Dense before it
                 last = out.pop()
                 out.append(Dense(last.W, last.b, act))
-            else:  # after a norm, a residual block or another activation: a layer of its own
-                out.append(_JgActivation(act, out[-1].n_out if out else None))
+            elif out:  # after a norm, a residual block or another activation: a layer of its own
+                out.append(_JgActivation(act, out[-1].n_out))
+            else:
+                raise TypeError(f"{at}: an activation must follow a layer (an nn.Linear, a norm, a Residual), whose "
+                                f"width it takes; first in the model it has none")
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
