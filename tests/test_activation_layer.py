@@ -65,7 +65,7 @@ def test_forward_and_gradients_match_torch_autograd(rng):
     grads = torch.autograd.grad(loss, ps + [xt])
     value, g = net.loss_and_grads(x, t)
     np.testing.assert_allclose(net(x), y.detach().numpy(), rtol=1e-12, atol=1e-14)
-    assert float(value) == pytest.approx(float(loss), rel=1e-12)
+    assert float(value) == pytest.approx(float(loss.detach()), rel=1e-12)
     np.testing.assert_allclose(g.flat, np.concatenate([q.numpy().ravel() for q in grads[:-1]]), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(g.input, grads[-1].numpy(), rtol=1e-10, atol=1e-13)
     assert g.layers[2] == {} and net.n_params == sum(p.numel() for p in params)
