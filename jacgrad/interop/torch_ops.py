@@ -121,7 +121,7 @@ def _softsign_part(node, ctx) -> Piece | None:
 
 def _abs(a: dict, ctx) -> Piece:
     part = _softsign_part(ctx.node, ctx)
-    return part if part is not None else _unsupported("abs outside softsign's x / (1 + |x|): no jacgrad layer")
+    return part if part is not None else _unsupported("abs outside softsign's x / (1 + abs(x)): no jacgrad layer")
 
 
 def _linear(a: dict, ctx) -> Piece:
@@ -254,11 +254,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "add": ("Residual join x + s·f(x); a bias after a matmul", _add(1.0)),
     "sub": ("Residual join x − f(x)", _add(-1.0)),
     "mul": ("the scale s of a residual branch (by a constant)", _scale(False)),
-    "div": ("the scale 1/c of a residual branch (by a constant); softsign x / (1 + |x|)", _scale(True)),
-    "abs": ("part of softsign x / (1 + |x|) (F.softsign)", _abs),
+    "div": ("the scale 1/c of a residual branch (by a constant); softsign x / (1 + abs(x))", _scale(True)),
+    "abs": ("part of softsign x / (1 + abs(x)) (F.softsign)", _abs),
     "layer_norm": ("LayerNorm (over the last axis)", _norm("layer_norm")),
     "rms_norm": ("RMSNorm (over the last axis)", _norm("rms_norm")),
-    "relu": ("activation relu of the Dense before it", _act("relu")),
+    "relu": ("activation relu: of the Dense right before it, else an Activation layer", _act("relu")),
     "tanh": ("activation tanh", _act("tanh")),
     "sigmoid": ("activation sigmoid", _act("sigmoid")),
     "silu": ("activation silu", _act("silu")),
