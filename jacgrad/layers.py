@@ -1,4 +1,4 @@
-"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``.
+"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``, ``Activation``.
 
 Each layer implements the layer protocol (``jacgrad.layer_protocol.Layer``) in a module of its
 own (``dense_layer``, ``norm_layers``, ``residual_layer``) and registers its kind there: its
@@ -26,8 +26,9 @@ from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+from .activation_layer import Activation  # registered after the layers with parameters (kinds in that order)
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Activation", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
-LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)
+LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual, Activation)

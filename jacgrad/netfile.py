@@ -209,6 +209,8 @@ def _check_shapes(spec, declared, prefix, width):
                 n_in, out = cls.file_widths(where, shapes)
             except ValueError as exc:
                 raise Bad(str(exc)) from None
+            if n_in is None:  # a layer without arrays (Activation) keeps the width before it
+                n_in = out = width
             if width is not None and n_in != width:
                 first = shapes[cls.names[0]]
                 tag = f"layer {where}" if kind == "dense" else f"layer {where} ({kind})"

@@ -89,7 +89,8 @@ MOVES: dict[str, str] = {
     "backend": "core.backend", "_foreign_arrays": "core.foreign_arrays", "_validate": "core.validation",
     "_lazy": "core.lazy", "_sample_rng": "core.sample_rng", "_cuda_build": "core.cuda_build",
     "activations": "core.activations", "_activation_row": "core.activation_row",
-    "_activation_params": "core.activation_params", "_erf": "core.erf", "gates": "core.gates",
+    "_activation_params": "core.activation_params", "_activation_more": "core.activation_more", "_erf": "core.erf",
+    "gates": "core.gates",
     # cuda
     "kernels": "cuda.kernels", "norm_kernels": "cuda.norm_kernels", "_cuda_graph": "cuda.graphs",
     "_gemm": "cuda.gemm", "hostpool": "cuda.hostpool",
@@ -100,7 +101,7 @@ MOVES: dict[str, str] = {
     "_layer_norms": "algebra.layer_norms", "check": "algebra.check", "per_sample": "algebra.per_sample",
     "curvature": "algebra.curvature",
     # nn
-    "layers": "nn.layers", "_passes": "nn.passes", "_block_passes": "nn.block_passes",
+    "layers": "nn.layers", "activation_layer": "nn.activation_layer", "diag_factor": "nn.diag_factor", "_passes": "nn.passes", "_block_passes": "nn.block_passes",
     "losses": "nn.losses", "_loss_workspace": "nn.loss_workspace", "loss_hessians": "nn.loss_hessians",
     "initializers": "nn.initializers", "_forward_cache": "nn.forward_cache",
     # io
