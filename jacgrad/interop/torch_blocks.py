@@ -143,7 +143,8 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
                     raise TypeError(f"{where} {i} ({describe(m)}) follows another activation ({name}) at {where} {k} "
                                     f"({describe(prev)}): {rule}" + ("; jg.Sequential.from_torch(model) imports it as "
                                                                      "an Activation layer" if dense_only else ""))
-                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any layer"))
+                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any "
+                                                   + ("Linear" if dense_only else "layer")))
         elif dense_only and (type(m) in (nn.LayerNorm, nn.RMSNorm) or type(m) is Residual):
             raise TypeError(f"{where} {i} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of "
                             f"nn.Linear and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm "
