@@ -1,0 +1,324 @@
+"""``MultiHeadAttention``: torch's ``nn.MultiheadAttention(batch_first=True)`` self-attention as a
+jacgrad layer — forward into buffers, backward, its Jacobian as a structured factor, and four
+token-wise Dense parameter leaves.
+
+Shapes, with letters: ``x, y: (B, T, d)``; ``h`` heads of width ``d_h = d/h``. jacgrad's weight
+convention is ``h = z @ W + b`` with ``W: (d_in, d_out)``, so ``Wq = in_proj_weight[:d].T``,
+``Wk = in_proj_weight[d:2d].T``, ``Wv = in_proj_weight[2d:].T``, ``Wo = out_proj.weight.T``
+(``from_torch_module`` does the mapping). The layer computes
+
+    Q = x Wq + bq,  K = x Wk + bk,  V = x Wv + bv      (then split into heads)
+    O = softmax(QKᵀ/√d_h + mask) V                     (per head; heads merged back to (B, T, d))
+    y = O Wo + bo
+
+Masks: ``causal=True`` hides key ``s > t`` from query ``t``; ``key_padding_mask: (B, T)`` bool,
+True = masked (torch's convention), is an argument of ``forward``. A query with every key masked
+gets a zero attention row (output ``bo``), as torch's autograd path gives (its no-grad fast
+path gives NaN there).
+
+Parameter leaves (the ``(A, Δ)`` pairs of a token-wise Dense, per-sample gradient ``A_iᵀΔ_i``,
+bias ``Σ_t Δ_i,t``), in ``params`` order — each ``A`` and ``Δ`` is ``(B, T, d)``:
+
+    leaf   weight, bias   A (``param_input(state)[k]``)   Δ (``factor(state).vjp_parts(g)[1][k]``)
+    q      Wq, bq         x                               ∂L/∂Q   (heads merged)
+    k      Wk, bk         x                               ∂L/∂K
+    v      Wv, bv         x                               ∂L/∂V
+    out    Wo, bo         O (heads merged)                ∂L/∂y
+
+    >>> import numpy as np, jacgrad as jg
+    >>> rng = np.random.default_rng(0); W = lambda: rng.standard_normal((4, 4)) / 2
+    >>> L = jg.layers.MultiHeadAttention(W(), W(), W(), W(), heads=2, causal=True)
+    >>> y, state = L.forward(rng.standard_normal((3, 5, 4)))
+    >>> y.shape, L.factor(state).h_in
+    ((3, 5, 4), 20)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._validate import float_array, shape_str
+from .attention_factor import AttentionFactor, attention_mask, attention_weights, core_jvp, merge_heads, split_heads
+from .backend import asarray, get_xp, is_foreign_array
+
+__all__ = ["MultiHeadAttention"]
+
+_LEAVES = ("q", "k", "v", "out")
+
+
+class MultiHeadAttention:
+    """Self-attention ``(B, T, d) -> (B, T, d)`` with ``heads`` heads (module text). ``Wq, Wk, Wv, Wo:
+    (d, d)``; biases ``bq, bk, bv, bo: (d,)`` — all four or none (torch's ``bias=True``/``False``);
+    ``causal``: a causal mask on every call. Arrays are kept by reference."""
+
+    kind = "multihead_attention"
+
+    def __init__(self, Wq: Any, Wk: Any, Wv: Any, Wo: Any, heads: int, bq: Any = None, bk: Any = None,
+                 bv: Any = None, bo: Any = None, causal: bool = False):
+        given = {"Wq": Wq, "Wk": Wk, "Wv": Wv, "Wo": Wo}
+        biases = {"bq": bq, "bk": bk, "bv": bv, "bo": bo}
+        if any(b is None for b in biases.values()) and any(b is not None for b in biases.values()):
+            missing = [k for k, b in biases.items() if b is None]
+            raise ValueError(f"MultiHeadAttention: give all four biases or none (torch's bias=True/False); "
+                             f"{', '.join(missing)} missing")
+        if bq is not None:
+            given.update(biases)
+        xp = get_xp(*[asarray(a) if is_foreign_array(a) else a for a in given.values()])
+        arrays = {k: float_array(a, f"MultiHeadAttention: {k}", xp) for k, a in given.items()}
+        d = arrays["Wq"].shape[0] if arrays["Wq"].ndim == 2 else -1
+        for k, a in arrays.items():
+            want = (d, d) if k[0] == "W" else (d,)
+            if d < 1 or a.shape != want or a.dtype != arrays["Wq"].dtype:
+                raise ValueError(f"MultiHeadAttention: {k} is {shape_str(a.shape)} {a.dtype} but Wq is "
+                                 f"{shape_str(arrays['Wq'].shape)} {arrays['Wq'].dtype}: needs {shape_str(want)} "
+                                 f"{arrays['Wq'].dtype} (Wq, Wk, Wv, Wo square (d, d), biases (d,))")
+        if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
+            raise ValueError(f"MultiHeadAttention: heads must be a positive int, got {heads!r}")
+        if d % int(heads):
+            raise ValueError(f"MultiHeadAttention: d = {d} is not divisible by heads = {int(heads)} "
+                             f"(each head takes d/heads features)")
+        self._arrays, self._heads, self._causal = arrays, int(heads), bool(causal)
+        self._bias = bq is not None
+
+    d = n_in = n_out = property(lambda self: self._arrays["Wq"].shape[0], doc="the model width d")
+    heads = property(lambda self: self._heads)
+    causal = property(lambda self: self._causal)
+    bias = property(lambda self: self._bias, doc="True when the layer has the four biases")
+    in_shape = out_shape = property(lambda self: (self.d,), doc="per token: ``(d,)`` (inputs ``(B, T, d)``)")
+    dtype = property(lambda self: self._arrays["Wq"].dtype)
+
+    def __getattr__(self, name):
+        arrays = self.__dict__.get("_arrays")
+        if arrays is not None and name in ("Wq", "Wk", "Wv", "Wo", "bq", "bk", "bv", "bo"):
+            return arrays.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def names(self) -> tuple:
+        """``("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")``, or the four weights without biases: leaf by leaf."""
+        return tuple(n for leaf in self.leaf_names() for n in leaf[1])
+
+    def leaf_names(self) -> list[tuple[str, tuple]]:
+        """``[(leaf, parameter names)]`` in ``params`` order: q, k, v, out (module text)."""
+        return [(leaf, (f"W{leaf[0]}",) + ((f"b{leaf[0]}",) if self._bias else ())) for leaf in _LEAVES]
+
+    @property
+    def params(self) -> list:
+        return [self._arrays[n] for n in self.names]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "heads": self._heads, "causal": self._causal, "bias": self._bias}
+
+    def __repr__(self) -> str:
+        return f"MultiHeadAttention(d={self.d}, heads={self._heads}{', causal' if self._causal else ''})"
+
+    # ------------------------------------------------------------------ buffers
+    def _lead(self, B) -> tuple[int, int]:
+        if not isinstance(B, (tuple, list)) or len(B) != 2:
+            raise ValueError(f"{self!r}: buffer shapes need the token batch (B, T), got {B!r}")
+        return int(B[0]), int(B[1])
+
+    def forward_shapes(self, B) -> list:
+        """For a token batch ``B = (B, T)``: ``y (B, T, d)``, ``Q, K, V (B, h, T, d_h)``, ``P (B, h, T, T)``, ``O (B, T, d)``."""
+        B, T = self._lead(B)
+        h, d = self._heads, self.d
+        heads = (B, h, T, d // h)
+        return [(B, T, d), heads, heads, heads, (B, h, T, T), (B, T, d)]
+
+    def backward_shapes(self, B, input_grad: bool = True) -> list:
+        """``∂L/∂Q, ∂L/∂K, ∂L/∂V: (B, T, d)``, then ``∂L/∂x: (B, T, d)`` with ``input_grad``."""
+        B, T = self._lead(B)
+        return [(B, T, self.d)] * (4 if input_grad else 3)
+
+    # ------------------------------------------------------------------ passes
+    def _where(self, where) -> str:
+        return f"{where if isinstance(where, str) else f'layer {where}'} ({self!r})"
+
+    def _check_input(self, z, where):
+        xp = get_xp(z, self._arrays["Wq"])
+        z = float_array(z, f"{self._where(where)}: x", xp)
+        if z.ndim != 3 or z.shape[2] != self.d or z.shape[1] < 1:
+            raise ValueError(f"{self._where(where)}: x has shape {shape_str(z.shape)}; needs (B, T, {self.d}) "
+                             f"with T ≥ 1 (batch_first, d = {self.d})")
+        if z.dtype != self.dtype:
+            raise TypeError(f"{self._where(where)}: x is {z.dtype} but the layer is {self.dtype}; cast one of them")
+        return z, xp
+
+    def _check_mask(self, mask, B: int, T: int, xp, where):
+        if mask is None:
+            return None
+        mask = asarray(mask) if is_foreign_array(mask) else mask
+        if not hasattr(mask, "dtype") or get_xp(mask, self._arrays["Wq"]) is not xp:
+            mask = xp.asarray(mask)
+        if mask.dtype != bool:
+            raise TypeError(f"{self._where(where)}: key_padding_mask has dtype {mask.dtype}; needs bool "
+                            f"(True = masked key, torch's convention)")
+        if mask.shape != (B, T):
+            raise ValueError(f"{self._where(where)}: key_padding_mask has shape {shape_str(mask.shape)} but x is "
+                             f"({B}, {T}, {self.d}): needs ({B}, {T})")
+        return mask
+
+    def forward(self, z, check=None, where: Any = 0, out=None, key_padding_mask: Any = None):
+        """``x: (B, T, d) -> y: (B, T, d)``; returns ``(y, state)``, ``state = (x, Q, K, V, P, O)``.
+        ``out``: the buffers of ``forward_shapes((B, T))``; ``key_padding_mask: (B, T)`` bool."""
+        z, xp = self._check_input(z, where)
+        B, T, d = z.shape
+        mask = attention_mask(xp, B, T, self._causal, self._check_mask(key_padding_mask, B, T, xp, where))
+        y, Q, K, V, P, O = out if out is not None else [xp.empty(s, self.dtype) for s in self.forward_shapes((B, T))]
+        a = self._arrays
+        for buf, n in ((Q, "q"), (K, "k"), (V, "v")):
+            proj = z @ a[f"W{n}"]
+            if self._bias:
+                proj += a[f"b{n}"]
+            xp.copyto(buf, split_heads(proj, self._heads))
+        attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), mask, out=P)
+        xp.copyto(O, merge_heads(xp.matmul(P, V)))
+        xp.matmul(O, a["Wo"], out=y)
+        if self._bias:
+            y += a["bo"]
+        if check is not None:
+            check(y, f"{self._where(where)}: output")
+        return y, (z, Q, K, V, P, O)
+
+    def factor(self, state) -> AttentionFactor:
+        """``∂y/∂x`` per sample, a structured ``AttentionFactor`` on ``(B, T·d)`` rows."""
+        _, Q, K, V, P, _ = state
+        a = self._arrays
+        return AttentionFactor(a["Wq"], a["Wk"], a["Wv"], a["Wo"], P, Q, K, V, 1.0 / math.sqrt(self.d // self._heads))
+
+    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
+                 sq=None, out=None):
+        """``g = ∂L/∂y: (B, T, d)`` (only read); writes every parameter gradient into ``grads`` (``params``
+        order); returns ``(∂L/∂x or None, (Δq, Δk, Δv, g))`` — the four leaves' ``Δ`` (module text).
+        ``sq: (B,)`` gets each sample's ``Σ_leaves ‖A_iᵀΔ_i‖² + ‖Σ_t Δ_i,t‖²`` added."""
+        xp = get_xp(g, self._arrays["Wq"])
+        x = state[0]
+        g = float_array(g, f"{self._where(where)}: grad_y", xp)
+        if g.shape != x.shape:
+            raise ValueError(f"{self._where(where)}: grad_y has shape {shape_str(g.shape)}; the forward pass "
+                             f"had x {shape_str(x.shape)}: needs the same shape")
+        gx, deltas = self.factor(state).vjp_parts(g)
+        if out is not None:
+            deltas = tuple(xp.copyto(o, dl) or o for o, dl in zip(out[:3], deltas[:3])) + (g,)
+            if input_grad:
+                gx = xp.copyto(out[3], gx) or out[3]
+        d = self.d
+        at = 0
+        for A, D in zip(self.param_input(state), deltas):
+            xp.matmul(A.reshape(-1, d).T, D.reshape(-1, d), out=grads[at])
+            if self._bias:
+                D.sum(axis=(0, 1), out=grads[at + 1])
+            if sq is not None:
+                sq += _token_sq(A, D, self._bias)
+            at += 2 if self._bias else 1
+        if check is not None:
+            for n, D in zip(_LEAVES, deltas):
+                check(D, f"{self._where(where)}: ∂L/∂({n} projection)")
+        return (gx if input_grad else None), deltas
+
+    def param_input(self, state) -> tuple:
+        """The ``A`` of each leaf, q, k, v, out: ``(x, x, x, O)``, each ``(B, T, d)`` (module text)."""
+        x, O = state[0], state[5]
+        return x, x, x, O
+
+    def param_jvp(self, state, dirs: Sequence[Any]):
+        """``ẏ: (B, T, d)``, the output's tangent along parameter directions ``dirs`` (``params``
+        shapes and order): ``ẏ = Ȯ Wo + O Ẇo + ḃo`` with ``Ȯ`` the core's JVP of ``Q̇ = x Ẇq + ḃq``, ….
+        (Gauss–Newton products.)"""
+        x, Q, K, V, P, O = state
+        xp, h = get_xp(x), self._heads
+        dirs = dict(zip(self.names, dirs))
+        t = {}
+        for n in "qkv":
+            t[n] = x @ dirs[f"W{n}"]
+            if self._bias:
+                t[n] = t[n] + dirs[f"b{n}"]
+        Od = core_jvp(P, Q, K, V, split_heads(t["q"], h), split_heads(t["k"], h), split_heads(t["v"], h),
+                      1.0 / math.sqrt(self.d // h))
+        y = merge_heads(Od) @ self._arrays["Wo"] + O @ dirs["Wo"]
+        if self._bias:
+            y += dirs["bo"]
+        return y
+
+    # ------------------------------------------------------------------ torch
+    @classmethod
+    def from_torch_module(cls, module, copy: bool = True, dtype=None) -> "MultiHeadAttention":
+        """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
+        ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
+        biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
+        ``dtype`` casts (a copy). Refused, with the reason: ``batch_first=False``, separate q/k/v
+        weights (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0
+        in train mode."""
+        from .backend import asarray as _as
+
+        m = module
+        what = f"MultiHeadAttention.from_torch_module({type(m).__name__})"
+        if not getattr(m, "batch_first", False):
+            raise ValueError(f"{what}: batch_first=False; jacgrad takes (B, T, d) inputs — build the module with "
+                             f"batch_first=True")
+        if not getattr(m, "_qkv_same_embed_dim", True) or m.in_proj_weight is None:
+            raise ValueError(f"{what}: kdim/vdim differ from embed_dim (separate q/k/v weights); only self-attention "
+                             f"with the packed in_proj_weight is supported")
+        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+            raise ValueError(f"{what}: add_bias_kv/add_zero_attn are not supported")
+        if m.training and m.dropout > 0:
+            raise ValueError(f"{what}: dropout={m.dropout} in train mode makes the layer random; call .eval() or "
+                             f"build it with dropout=0")
+
+        def arr(t):
+            t = t.detach()
+            if dtype is not None:
+                import torch
+
+                t = t.to(getattr(torch, str(np.dtype(dtype))))
+            a = _as(t)
+            return a.copy() if copy and dtype is None else a
+
+        d = m.embed_dim
+        Win = m.in_proj_weight
+        Ws = [arr(Win[i * d:(i + 1) * d]).T for i in range(3)]
+        Wo = arr(m.out_proj.weight).T
+        bs = [None] * 4
+        if m.in_proj_bias is not None:
+            bs = [arr(m.in_proj_bias[i * d:(i + 1) * d]) for i in range(3)] + [arr(m.out_proj.bias)]
+        return cls(*Ws, Wo, m.num_heads, *bs)
+
+    def to_torch(self):
+        """A torch ``nn.MultiheadAttention(d, heads, bias=self.bias, batch_first=True)`` with copies of
+        the weights (same dtype; the causal mask is an argument of torch's forward, not of the module)."""
+        import torch
+
+        from .backend import to_numpy
+
+        a = self._arrays
+        dt = getattr(torch, str(self.dtype))
+        m = torch.nn.MultiheadAttention(self.d, self._heads, bias=self._bias, batch_first=True, dtype=dt)
+        t = lambda x: torch.from_numpy(np.ascontiguousarray(to_numpy(x)))  # noqa: E731
+        with torch.no_grad():
+            m.in_proj_weight.copy_(torch.cat([t(a["Wq"]).T, t(a["Wk"]).T, t(a["Wv"]).T]))
+            m.out_proj.weight.copy_(t(a["Wo"]).T)
+            if self._bias:
+                m.in_proj_bias.copy_(torch.cat([t(a["bq"]), t(a["bk"]), t(a["bv"])]))
+                m.out_proj.bias.copy_(t(a["bo"]))
+        return m
+
+
+def _token_sq(A, D, bias: bool):
+    """``(B,)``: ``‖A_iᵀΔ_i‖² (+ ‖Σ_t Δ_i,t‖²)`` of one token-wise Dense leaf, ``A: (B, T, p)``,
+    ``Δ: (B, T, q)``: the Gram form ``⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩`` when ``2T² ≤ p·q``, else the built
+    ``A_iᵀΔ_i`` (the cost rule of Li et al. 2021). The leaf algebra of ``param_leaves``' token
+    Dense leaf computes the same; this is the layer's own ``sq`` of ``backward``."""
+    xp = get_xp(A, D)
+    T, p, q = A.shape[1], A.shape[2], D.shape[2]
+    if 2 * T * T <= p * q:
+        sq = (xp.matmul(A, A.swapaxes(1, 2)) * xp.matmul(D, D.swapaxes(1, 2))).sum(axis=(1, 2))
+    else:
+        G = xp.matmul(A.swapaxes(1, 2), D)
+        sq = (G * G).sum(axis=(1, 2))
+    if bias:
+        s = D.sum(axis=1)
+        sq += (s * s).sum(axis=1)
+    return sq
