@@ -32,8 +32,10 @@ from .chain import Chain
 from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
 from .per_sample import grad_sq_norms
+from .attention import MultiHeadAttention  # noqa: F401  token layers, each in a module of its own
+from .embedding import Embedding  # noqa: F401
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm", "named_params"]
+__all__ = ["Dense", "Embedding", "LayerNorm", "MultiHeadAttention", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm", "named_params"]
 
 
 class Dense:
