@@ -434,3 +434,45 @@ def test_attention_factor_is_exported_and_rows_refuse_an_int():
     assert isinstance(F, AttentionFactor)
     with pytest.raises(TypeError, match="give a slice or an index array"):
         F.rows(0)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_per_sample_gradients_match_opacus_dp_multihead_attention():
+    """Opacus' GradSampleModule has no rule for nn.MultiheadAttention (its functorch fallback calls the
+    module with one input); its DPMultiheadAttention (separate q, k, v Linear layers) is the peer, run
+    sequence-first: in Opacus 1.6 its batch_first=True path does not compute torch's attention."""
+    opacus = pytest.importorskip("opacus")
+    from opacus.layers import DPMultiheadAttention
+
+    B, T, d, heads, causal, pad, bias = CASES["causal+padding"]
+    m = _torch_mha(d, heads, np.float64, bias)
+    dm = DPMultiheadAttention(d, heads, batch_first=False).double()
+    dm.load_state_dict(m.state_dict())  # Opacus maps in_proj_weight onto its q, k, v Linear layers
+    x, g, kpm = _inputs(B, T, d, np.float64, pad)
+    cm = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+
+    class Self(nn.Module):
+        def __init__(self, att):
+            super().__init__()
+            self.att = att
+
+        def forward(self, z):  # z: (T, B, d)
+            return self.att(z, z, z, key_padding_mask=kpm, attn_mask=cm, need_weights=False)[0]
+
+    gsm = opacus.GradSampleModule(Self(dm), batch_first=False, loss_reduction="sum")
+    y = gsm(x.transpose(0, 1)).transpose(0, 1)
+    np.testing.assert_allclose(y.detach().numpy(), _torch_forward(m, x, True, kpm).detach().numpy(), atol=1e-12)
+    (y * g).sum().backward()       # ℓ_i = ⟨y_i, g_i⟩
+    ref = []
+    for lin in (dm.qlinear, dm.klinear, dm.vlinear, dm.out_proj):
+        ref += [lin.weight.grad_sample.transpose(1, 2).numpy(), lin.bias.grad_sample.numpy()]
+    L = _ours(m, causal=True)
+    _, st = L.forward(x.numpy(), key_padding_mask=kpm.numpy())
+    sq = np.zeros(B)
+    _, deltas = L.backward(st, g.numpy(), [np.empty(p.shape) for p in L.params], sq=sq)
+    ours = []
+    for A, D in zip(L.param_input(st), deltas):
+        ours += [np.einsum("btp,btq->bpq", A, D), D.sum(axis=1)]
+    for name, a, r in zip(L.names, ours, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-10, err_msg=name)
+    np.testing.assert_allclose(sq, sum((r.reshape(B, -1) ** 2).sum(axis=1) for r in ref), rtol=1e-10)

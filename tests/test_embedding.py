@@ -84,6 +84,7 @@ def test_per_sample_gradients_and_norms_match_torch_func(pad):
         embedding_sq_norms(state, g.numpy(), "ghost")
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_per_sample_gradients_match_opacus():
     opacus = pytest.importorskip("opacus")
     m, L, tok, g = _setup(np.float64)
