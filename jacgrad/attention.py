@@ -245,46 +245,28 @@ class MultiHeadAttention:
 
     # ------------------------------------------------------------------ torch
     @classmethod
-    def from_torch_module(cls, module, copy: bool = True, dtype=None) -> "MultiHeadAttention":
+    def from_torch_module(cls, module, copy: bool = True, dtype=None, causal: bool = False,
+                          convert=None) -> "MultiHeadAttention":
         """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
         ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
         biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
-        ``dtype`` casts (a copy). Refused, with the reason: ``batch_first=False``, separate q/k/v
-        weights (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0
-        in train mode."""
-        from .backend import asarray as _as
+        ``dtype`` casts (a copy); ``causal``: torch passes the mask at call time, so say it here.
+        ``convert(tensor, what) -> array``: how a parameter is brought over (``interop.torch``'s,
+        by default). Refused, with the reason: ``batch_first=False``, separate q/k/v weights
+        (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0 in
+        train mode."""
+        from .interop.torch import check_attention_module, parameter_converter
 
-        m = module
-        what = f"MultiHeadAttention.from_torch_module({type(m).__name__})"
-        if not getattr(m, "batch_first", False):
-            raise ValueError(f"{what}: batch_first=False; jacgrad takes (B, T, d) inputs — build the module with "
-                             f"batch_first=True")
-        if not getattr(m, "_qkv_same_embed_dim", True) or m.in_proj_weight is None:
-            raise ValueError(f"{what}: kdim/vdim differ from embed_dim (separate q/k/v weights); only self-attention "
-                             f"with the packed in_proj_weight is supported")
-        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
-            raise ValueError(f"{what}: add_bias_kv/add_zero_attn are not supported")
-        if m.training and m.dropout > 0:
-            raise ValueError(f"{what}: dropout={m.dropout} in train mode makes the layer random; call .eval() or "
-                             f"build it with dropout=0")
-
-        def arr(t):
-            t = t.detach()
-            if dtype is not None:
-                import torch
-
-                t = t.to(getattr(torch, str(np.dtype(dtype))))
-            a = _as(t)
-            return a.copy() if copy and dtype is None else a
-
-        d = m.embed_dim
-        Win = m.in_proj_weight
-        Ws = [arr(Win[i * d:(i + 1) * d]).T for i in range(3)]
-        Wo = arr(m.out_proj.weight).T
+        check_attention_module(module, f"MultiHeadAttention.from_torch_module({type(module).__name__})")
+        conv = convert if convert is not None else parameter_converter(copy, dtype)
+        m, d = module, module.embed_dim
+        Ws = [conv(m.in_proj_weight[i * d:(i + 1) * d].T, f"in_proj_weight[{i * d}:{(i + 1) * d}]") for i in range(3)]
+        Wo = conv(m.out_proj.weight.T, "out_proj.weight")
         bs = [None] * 4
         if m.in_proj_bias is not None:
-            bs = [arr(m.in_proj_bias[i * d:(i + 1) * d]) for i in range(3)] + [arr(m.out_proj.bias)]
-        return cls(*Ws, Wo, m.num_heads, *bs)
+            bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
+            bs.append(conv(m.out_proj.bias, "out_proj.bias"))
+        return cls(*Ws, Wo, m.num_heads, *bs, causal=causal)
 
     def to_torch(self):
         """A torch ``nn.MultiheadAttention(d, heads, bias=self.bias, batch_first=True)`` with copies of

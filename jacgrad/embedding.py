@@ -143,20 +143,16 @@ class Embedding:
         return embedding_param_jvp(state, dirs[0])
 
     @classmethod
-    def from_torch_module(cls, module, copy: bool = True, dtype=None) -> "Embedding":
-        """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept. Refused:
-        ``max_norm`` (renormalises E in the forward pass) and ``sparse`` gradients are fine to drop but
-        ``max_norm`` changes the function, so it is a ``ValueError``."""
-        if module.max_norm is not None:
-            raise ValueError(f"Embedding.from_torch_module: max_norm={module.max_norm} renormalises the rows of the "
-                             f"weight inside forward; not supported")
-        w = module.weight.detach()
-        if dtype is not None:
-            import torch
+    def from_torch_module(cls, module, copy: bool = True, dtype=None, convert=None) -> "Embedding":
+        """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept.
+        ``copy=False`` shares the memory; ``dtype`` casts (a copy); ``convert(tensor, what) -> array``:
+        how the weight is brought over (``interop.torch``'s, by default). ``max_norm`` (which
+        renormalises rows of the weight inside forward) is refused."""
+        from .interop.torch import check_embedding_module, parameter_converter
 
-            w = w.to(getattr(torch, str(np.dtype(dtype))))
-        E = asarray(w)
-        return cls(E.copy() if copy and dtype is None else E, module.padding_idx)
+        check_embedding_module(module, "Embedding.from_torch_module")
+        conv = convert if convert is not None else parameter_converter(copy, dtype)
+        return cls(conv(module.weight, "weight"), module.padding_idx)
 
     def to_torch(self):
         """A torch ``nn.Embedding`` with a copy of E (same dtype, padding_idx)."""

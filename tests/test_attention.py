@@ -476,3 +476,24 @@ def test_per_sample_gradients_match_opacus_dp_multihead_attention():
     for name, a, r in zip(L.names, ours, ref):
         np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-10, err_msg=name)
     np.testing.assert_allclose(sq, sum((r.reshape(B, -1) ** 2).sum(axis=1) for r in ref), rtol=1e-10)
+
+
+def test_the_torch_module_walk_maps_embedding_and_attention():
+    from jacgrad.interop.torch_blocks import layers_from_torch
+
+    torch.manual_seed(0)
+    mods = nn.Sequential(nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.LayerNorm(8)).double()
+    emb, att, ln = layers_from_torch(mods)
+    assert isinstance(emb, jg.layers.Embedding) and isinstance(att, jg.layers.MultiHeadAttention)
+    np.testing.assert_array_equal(emb.E, mods[0].weight.detach().numpy())
+    for name, a, b in zip(att.names, att.params, _ours(mods[1]).params):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    shared = layers_from_torch(mods, copy=False)[1]
+    with torch.no_grad():
+        mods[1].in_proj_weight[8, 0] += 1.0   # row 8 of in_proj_weight is column 0 of Wk
+    assert shared.Wk[0, 0] == mods[1].in_proj_weight[8, 0].item()
+    assert layers_from_torch(mods, dtype="float32")[1].dtype == np.float32
+    with pytest.raises(TypeError, match=r"module 1 \(MultiheadAttention\): parameter 'in_proj_weight' is torch.float16"):
+        layers_from_torch(nn.Sequential(nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True).half()))
+    with pytest.raises(ValueError, match=r"module 0 \(MultiheadAttention\): batch_first=False"):
+        layers_from_torch(nn.Sequential(nn.MultiheadAttention(8, 2)))

@@ -30,7 +30,7 @@ from torch import nn
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
-from .torch import passes_through, tensor
+from .torch import passes_through, tensor, token_layer
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -137,13 +137,16 @@ def _layers(items, where: str, conv: _Convert) -> list:
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
             eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
             out.append(RMSNorm(gamma, eps=eps))
+        elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # interop.torch.token_layer: (B, T) / (B, T, d) layers
+            out.append(token_layer(nn, m, conv, at))
         elif type(m) is Residual:
             inner = f"{at}: inner module"
             out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
         else:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
-                            f"nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
+                            f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), "
+                            f"jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
     return out
