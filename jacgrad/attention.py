@@ -51,23 +51,24 @@ _LEAVES = ("q", "k", "v", "out")
 
 class MultiHeadAttention:
     """Self-attention ``(B, T, d) -> (B, T, d)`` with ``heads`` heads (module text). ``Wq, Wk, Wv, Wo:
-    (d, d)``; biases ``bq, bk, bv, bo: (d,)`` — all four or none (torch's ``bias=True``/``False``);
-    ``causal``: a causal mask on every call. Arrays are kept by reference."""
+    (d, d)``; biases ``bq, bk, bv, bo: (d,)``, each None: zeros, still a parameter (as a ``Dense``
+    bias; torch's ``bias=False`` comes in so); ``causal``: a causal mask on every call. Arrays are kept
+    by reference."""
 
     kind = "multihead_attention"
+    names = ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")  # leaf by leaf: q, k, v, out
+    spec_fields = {"heads": int, "causal": bool}
 
     def __init__(self, Wq: Any, Wk: Any, Wv: Any, Wo: Any, heads: int, bq: Any = None, bk: Any = None,
                  bv: Any = None, bo: Any = None, causal: bool = False):
         given = {"Wq": Wq, "Wk": Wk, "Wv": Wv, "Wo": Wo}
         biases = {"bq": bq, "bk": bk, "bv": bv, "bo": bo}
-        if any(b is None for b in biases.values()) and any(b is not None for b in biases.values()):
-            missing = [k for k, b in biases.items() if b is None]
-            raise ValueError(f"MultiHeadAttention: give all four biases or none (torch's bias=True/False); "
-                             f"{', '.join(missing)} missing")
-        if bq is not None:
-            given.update(biases)
+        given.update({k: b for k, b in biases.items() if b is not None})
         xp = get_xp(*[asarray(a) if is_foreign_array(a) else a for a in given.values()])
         arrays = {k: float_array(a, f"MultiHeadAttention: {k}", xp) for k, a in given.items()}
+        for k, b in biases.items():
+            if b is None and arrays["Wq"].ndim == 2:
+                arrays[k] = xp.zeros(arrays["Wq"].shape[1], dtype=arrays["Wq"].dtype)
         d = arrays["Wq"].shape[0] if arrays["Wq"].ndim == 2 else -1
         for k, a in arrays.items():
             want = (d, d) if k[0] == "W" else (d,)
@@ -80,37 +81,53 @@ class MultiHeadAttention:
         if d % int(heads):
             raise ValueError(f"MultiHeadAttention: d = {d} is not divisible by heads = {int(heads)} "
                              f"(each head takes d/heads features)")
-        self._arrays, self._heads, self._causal = arrays, int(heads), bool(causal)
-        self._bias = bq is not None
+        self._arrays = {n: arrays[n] for n in self.names}
+        self._heads, self._causal = int(heads), bool(causal)
 
     d = n_in = n_out = property(lambda self: self._arrays["Wq"].shape[0], doc="the model width d")
     heads = property(lambda self: self._heads)
     causal = property(lambda self: self._causal)
-    bias = property(lambda self: self._bias, doc="True when the layer has the four biases")
     in_shape = out_shape = property(lambda self: (self.d,), doc="per token: ``(d,)`` (inputs ``(B, T, d)``)")
     dtype = property(lambda self: self._arrays["Wq"].dtype)
 
-    def __getattr__(self, name):
-        arrays = self.__dict__.get("_arrays")
-        if arrays is not None and name in ("Wq", "Wk", "Wv", "Wo", "bq", "bk", "bv", "bo"):
-            return arrays.get(name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    Wq = property(lambda self: self._arrays["Wq"], doc="``(d, d)``: q = x Wq + bq")
+    Wk = property(lambda self: self._arrays["Wk"], doc="``(d, d)``")
+    Wv = property(lambda self: self._arrays["Wv"], doc="``(d, d)``")
+    Wo = property(lambda self: self._arrays["Wo"], doc="``(d, d)``: y = O Wo + bo")
+    bq = property(lambda self: self._arrays["bq"], doc="``(d,)``")
+    bk = property(lambda self: self._arrays["bk"], doc="``(d,)``")
+    bv = property(lambda self: self._arrays["bv"], doc="``(d,)``")
+    bo = property(lambda self: self._arrays["bo"], doc="``(d,)``")
 
-    @property
-    def names(self) -> tuple:
-        """``("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")``, or the four weights without biases: leaf by leaf."""
-        return tuple(n for leaf in self.leaf_names() for n in leaf[1])
-
-    def leaf_names(self) -> list[tuple[str, tuple]]:
-        """``[(leaf, parameter names)]`` in ``params`` order: q, k, v, out (module text)."""
-        return [(leaf, (f"W{leaf[0]}",) + ((f"b{leaf[0]}",) if self._bias else ())) for leaf in _LEAVES]
+    @staticmethod
+    def leaf_names() -> list[tuple[str, tuple]]:
+        """``[(leaf, (weight, bias))]`` in ``params`` order: q, k, v, out (module text)."""
+        return [(leaf, (f"W{leaf[0]}", f"b{leaf[0]}")) for leaf in _LEAVES]
 
     @property
     def params(self) -> list:
         return [self._arrays[n] for n in self.names]
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "heads": self._heads, "causal": self._causal, "bias": self._bias}
+        return {"kind": self.kind, "heads": self._heads, "causal": self._causal}
+
+    @classmethod
+    def from_spec(cls, spec: dict, params: dict, inner=None) -> "MultiHeadAttention":
+        """The layer of a file: ``spec`` (``spec()``'s fields) and the arrays by name."""
+        return cls(params["Wq"], params["Wk"], params["Wv"], params["Wo"], spec["heads"], params.get("bq"),
+                   params.get("bk"), params.get("bv"), params.get("bo"), causal=spec["causal"])
+
+    @classmethod
+    def file_widths(cls, where: str, shapes: dict) -> tuple[int, int]:
+        """``(d, d)`` from a file's declared shapes ``{name: (shape, file key)}``; a ``ValueError`` naming
+        the key of a shape that cannot be this layer's."""
+        d = shapes["Wq"][0][0] if len(shapes["Wq"][0]) == 2 else -1
+        for name, (shape, key) in shapes.items():
+            want = (d, d) if name[0] == "W" else (d,)
+            if tuple(shape) != want or d < 1:
+                raise ValueError(f"{where} (multihead_attention): array {key!r} has shape {shape_str(shape)}; "
+                                 f"needs {shape_str(want) if d > 0 else '(d, d)'}")
+        return d, d
 
     def __repr__(self) -> str:
         return f"MultiHeadAttention(d={self.d}, heads={self._heads}{', causal' if self._causal else ''})"
@@ -171,14 +188,12 @@ class MultiHeadAttention:
         a = self._arrays
         for buf, n in ((Q, "q"), (K, "k"), (V, "v")):
             proj = z @ a[f"W{n}"]
-            if self._bias:
-                proj += a[f"b{n}"]
+            proj += a[f"b{n}"]
             xp.copyto(buf, split_heads(proj, self._heads))
         attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), mask, out=P)
         xp.copyto(O, merge_heads(xp.matmul(P, V)))
         xp.matmul(O, a["Wo"], out=y)
-        if self._bias:
-            y += a["bo"]
+        y += a["bo"]
         if check is not None:
             check(y, f"{self._where(where)}: output")
         return y, (z, Q, K, V, P, O)
@@ -209,11 +224,10 @@ class MultiHeadAttention:
         at = 0
         for A, D in zip(self.param_input(state), deltas):
             xp.matmul(A.reshape(-1, d).T, D.reshape(-1, d), out=grads[at])
-            if self._bias:
-                D.sum(axis=(0, 1), out=grads[at + 1])
+            D.sum(axis=(0, 1), out=grads[at + 1])
             if sq is not None:
-                sq += _token_sq(A, D, self._bias)
-            at += 2 if self._bias else 1
+                sq += _token_sq(A, D)
+            at += 2
         if check is not None:
             for n, D in zip(_LEAVES, deltas):
                 check(D, f"{self._where(where)}: ∂L/∂({n} projection)")
@@ -233,14 +247,11 @@ class MultiHeadAttention:
         dirs = dict(zip(self.names, dirs))
         t = {}
         for n in "qkv":
-            t[n] = x @ dirs[f"W{n}"]
-            if self._bias:
-                t[n] = t[n] + dirs[f"b{n}"]
+            t[n] = x @ dirs[f"W{n}"] + dirs[f"b{n}"]
         Od = core_jvp(P, Q, K, V, split_heads(t["q"], h), split_heads(t["k"], h), split_heads(t["v"], h),
                       1.0 / math.sqrt(self.d // h))
         y = merge_heads(Od) @ self._arrays["Wo"] + O @ dirs["Wo"]
-        if self._bias:
-            y += dirs["bo"]
+        y += dirs["bo"]
         return y
 
     # ------------------------------------------------------------------ torch
@@ -269,7 +280,7 @@ class MultiHeadAttention:
         return cls(*Ws, Wo, m.num_heads, *bs, causal=causal)
 
     def to_torch(self):
-        """A torch ``nn.MultiheadAttention(d, heads, bias=self.bias, batch_first=True)`` with copies of
+        """A torch ``nn.MultiheadAttention(d, heads, batch_first=True)`` with copies of
         the weights (same dtype; the causal mask is an argument of torch's forward, not of the module)."""
         import torch
 
@@ -277,19 +288,18 @@ class MultiHeadAttention:
 
         a = self._arrays
         dt = getattr(torch, str(self.dtype))
-        m = torch.nn.MultiheadAttention(self.d, self._heads, bias=self._bias, batch_first=True, dtype=dt)
+        m = torch.nn.MultiheadAttention(self.d, self._heads, batch_first=True, dtype=dt)
         t = lambda x: torch.from_numpy(np.ascontiguousarray(to_numpy(x)))  # noqa: E731
         with torch.no_grad():
             m.in_proj_weight.copy_(torch.cat([t(a["Wq"]).T, t(a["Wk"]).T, t(a["Wv"]).T]))
             m.out_proj.weight.copy_(t(a["Wo"]).T)
-            if self._bias:
-                m.in_proj_bias.copy_(torch.cat([t(a["bq"]), t(a["bk"]), t(a["bv"])]))
-                m.out_proj.bias.copy_(t(a["bo"]))
+            m.in_proj_bias.copy_(torch.cat([t(a["bq"]), t(a["bk"]), t(a["bv"])]))
+            m.out_proj.bias.copy_(t(a["bo"]))
         return m
 
 
-def _token_sq(A, D, bias: bool):
-    """``(B,)``: ``‖A_iᵀΔ_i‖² (+ ‖Σ_t Δ_i,t‖²)`` of one token-wise Dense leaf, ``A: (B, T, p)``,
+def _token_sq(A, D):
+    """``(B,)``: ``‖A_iᵀΔ_i‖² + ‖Σ_t Δ_i,t‖²`` of one token-wise Dense leaf, ``A: (B, T, p)``,
     ``Δ: (B, T, q)``: the Gram form ``⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩`` when ``2T² ≤ p·q``, else the built
     ``A_iᵀΔ_i`` (the cost rule of Li et al. 2021). The leaf algebra of ``param_leaves``' token
     Dense leaf computes the same; this is the layer's own ``sq`` of ``backward``."""
@@ -300,7 +310,6 @@ def _token_sq(A, D, bias: bool):
     else:
         G = xp.matmul(A.swapaxes(1, 2), D)
         sq = (G * G).sum(axis=(1, 2))
-    if bias:
-        s = D.sum(axis=1)
-        sq += (s * s).sum(axis=1)
+    s = D.sum(axis=1)
+    sq += (s * s).sum(axis=1)
     return sq

@@ -35,6 +35,7 @@ class Embedding:
 
     kind = "embedding"
     names = ("E",)
+    spec_fields = {"padding_idx": (int, type(None))}
 
     def __init__(self, E: Any, padding_idx: int | None = None):
         xp = get_xp(asarray(E) if is_foreign_array(E) else E)
@@ -63,6 +64,20 @@ class Embedding:
 
     def spec(self) -> dict:
         return {"kind": self.kind, "padding_idx": self._pad}
+
+    @classmethod
+    def from_spec(cls, spec: dict, params: dict, inner=None) -> "Embedding":
+        """The layer of a file: ``spec`` (``spec()``'s fields) and the arrays by name."""
+        return cls(params["E"], padding_idx=spec["padding_idx"])
+
+    @classmethod
+    def file_widths(cls, where: str, shapes: dict) -> tuple[int, int]:
+        """``(V, d)`` from a file's declared shapes ``{"E": (shape, file key)}``; a ``ValueError``
+        naming the key when E is not 2-D."""
+        shape, key = shapes["E"]
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"{where} (embedding): array {key!r} has shape {shape_str(shape)}; needs (V, d)")
+        return int(shape[0]), int(shape[1])
 
     def __repr__(self) -> str:
         return f"Embedding({self.num_embeddings}, {self.d}{'' if self._pad is None else f', padding_idx={self._pad}'})"

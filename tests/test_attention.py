@@ -48,18 +48,26 @@ def _torch_forward(m, x, causal, kpm):
 
 
 def _torch_grads(m, x):
-    """torch's gradients in jacgrad's parameter order and layout (q, k, v, out; W transposed)."""
+    """torch's gradients by jacgrad's names, in its layout (W transposed); no biases for bias=False."""
     d = m.embed_dim
     gW = m.in_proj_weight.grad
-    out = []
-    for i in range(3):
-        out.append(gW[i * d:(i + 1) * d].T)
+    out = {}
+    for i, n in enumerate("qkv"):
+        out[f"W{n}"] = gW[i * d:(i + 1) * d].T
         if m.in_proj_bias is not None:
-            out.append(m.in_proj_bias.grad[i * d:(i + 1) * d])
-    out.append(m.out_proj.weight.grad.T)
+            out[f"b{n}"] = m.in_proj_bias.grad[i * d:(i + 1) * d]
+    out["Wo"] = m.out_proj.weight.grad.T
     if m.out_proj.bias is not None:
-        out.append(m.out_proj.bias.grad)
-    return [t.numpy() for t in out]
+        out["bo"] = m.out_proj.bias.grad
+    return {k: t.numpy() for k, t in out.items()}
+
+
+def _compare(L, grads, ref, tol, what=""):
+    """Every torch gradient against ours by name (a bias=False torch module: the weights only)."""
+    got = dict(zip(L.names, grads))
+    assert set(ref) <= set(got) and len(ref) in (4, 8)
+    for name, r in ref.items():
+        np.testing.assert_allclose(got[name], r, rtol=tol, atol=tol, err_msg=f"{what}{name}")
 
 
 def _math_sdpa():
@@ -113,8 +121,7 @@ def test_forward_and_gradients_match_torch(case, dtype):
     grads = [np.full(p.shape, np.nan, dtype=dtype) for p in L.params]
     gx, deltas = L.backward(state, gy.numpy(), grads)
     np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=tol, atol=tol)
-    for name, ours, ref in zip(L.names, grads, _torch_grads(m, xt)):
-        np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol, err_msg=name)
+    _compare(L, grads, _torch_grads(m, xt), tol)
     assert len(deltas) == 4 and all(D.shape == (B, T, d) for D in deltas)
 
 
@@ -144,8 +151,7 @@ def test_all_equal_scores_give_uniform_weights_and_match_torch():
     grads = [np.empty(p.shape) for p in L.params]
     gx, _ = L.backward(state, gy.numpy(), grads)
     np.testing.assert_allclose(gx, xt.grad.numpy(), atol=1e-12)
-    for name, ours, ref in zip(L.names, grads, _torch_grads(m, xt)):
-        np.testing.assert_allclose(ours, ref, atol=1e-12, err_msg=name)
+    _compare(L, grads, _torch_grads(m, xt), 1e-12)
 
 
 @pytest.mark.parametrize("case", ["plain", "causal+padding", "T=1", "fully masked sample"])
@@ -309,8 +315,9 @@ def test_from_torch_module_and_to_torch_round_trip():
     with torch.no_grad():
         m.out_proj.weight[0, 0] += 1.0
     assert shared.Wo[0, 0] == m.out_proj.weight[0, 0].item()
-    assert jg.layers.MultiHeadAttention.from_torch_module(_torch_mha(8, 2, np.float64, bias=False)).names == \
-        ("Wq", "Wk", "Wv", "Wo")
+    nobias = jg.layers.MultiHeadAttention.from_torch_module(_torch_mha(8, 2, np.float64, bias=False))
+    assert nobias.names == ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")   # as a Dense: zero biases
+    assert all((b == 0).all() for b in nobias.params[1::2])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -332,8 +339,8 @@ def test_bad_input_is_a_clear_error_naming_the_layer():
         MHA(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=4)
     with pytest.raises(ValueError, match="Wk is \\(6, 5\\)"):
         MHA(W(6, 6), W(6, 5), W(6, 6), W(6, 6), heads=2)
-    with pytest.raises(ValueError, match="all four biases or none.*bo missing"):
-        MHA(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=2, bq=W(6), bk=W(6), bv=W(6))
+    with pytest.raises(ValueError, match=r"bo is \(5,\) float64 but Wq is \(6, 6\) float64: needs \(6,\)"):
+        MHA(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=2, bo=W(5))
     with pytest.raises(ValueError, match="heads must be a positive int"):
         MHA(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=0)
     L = MHA(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=2)
@@ -425,8 +432,7 @@ def test_pre_norm_transformer_block_matches_torch_end_to_end(dtype):
     np.testing.assert_allclose(g[fc2][1], a(blk.fc2.bias.grad), rtol=tol, atol=tol)
     np.testing.assert_allclose(g[ln1][0], a(blk.ln1.weight.grad), rtol=tol, atol=tol)
     np.testing.assert_allclose(g[ln2][1], a(blk.ln2.bias.grad), rtol=tol, atol=tol)
-    for name, ours, ref in zip(att.names, g[att], _torch_grads(blk.attn, xt)):
-        np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol, err_msg=name)
+    _compare(att, g[att], _torch_grads(blk.attn, xt), tol)
 
 
 def test_attention_factor_is_exported_and_rows_refuse_an_int():
@@ -497,3 +503,28 @@ def test_the_torch_module_walk_maps_embedding_and_attention():
         layers_from_torch(nn.Sequential(nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True).half()))
     with pytest.raises(ValueError, match=r"module 0 \(MultiheadAttention\): batch_first=False"):
         layers_from_torch(nn.Sequential(nn.MultiheadAttention(8, 2)))
+
+
+def test_spec_round_trip_builds_the_same_layers():
+    """``spec()`` + the arrays by name -> ``from_spec``: what file loading does through the registry."""
+    import json
+
+    rng = np.random.default_rng(0)
+    W = lambda *s: rng.standard_normal(s)
+    L = jg.layers.MultiHeadAttention(W(6, 6), W(6, 6), W(6, 6), W(6, 6), heads=3, causal=True, bq=W(6), bo=W(6))
+    spec = json.loads(json.dumps(L.spec()))
+    assert spec == {"kind": "multihead_attention", "heads": 3, "causal": True}
+    assert set(spec) - {"kind"} == set(L.spec_fields)
+    back = type(L).from_spec(spec, dict(zip(L.names, L.params)))
+    x = W(2, 4, 6)
+    np.testing.assert_array_equal(back.forward(x)[0], L.forward(x)[0])
+    assert type(L).file_widths("layer 0", {n: (p.shape, f"0.{n}") for n, p in zip(L.names, L.params)}) == (6, 6)
+    with pytest.raises(ValueError, match=r"layer 0 \(multihead_attention\): array '0.bk' has shape \(5,\); needs \(6,\)"):
+        type(L).file_widths("layer 0", {"Wq": ((6, 6), "0.Wq"), "bk": ((5,), "0.bk")})
+    E = jg.layers.Embedding(W(5, 3), padding_idx=1)
+    spec = json.loads(json.dumps(E.spec()))
+    back = type(E).from_spec(spec, {"E": E.E})
+    assert back.padding_idx == 1 and back.E is E.E
+    assert type(E).file_widths("layer 0", {"E": ((5, 3), "0.E")}) == (5, 3)
+    with pytest.raises(ValueError, match=r"array '0.E' has shape \(5,\); needs \(V, d\)"):
+        type(E).file_widths("layer 0", {"E": ((5,), "0.E")})
