@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._validate import float_array, shape_str
-from .attention_factor import AttentionFactor, attention_mask, attention_weights, core_jvp, merge_heads, split_heads
+from .attention_factor import AttentionFactor, attention_mask, attention_weights, merge_heads, split_heads
 from .backend import asarray, get_xp, is_foreign_array
 
 __all__ = ["MultiHeadAttention"]
@@ -240,19 +240,16 @@ class MultiHeadAttention:
 
     def param_jvp(self, state, dirs: Sequence[Any]):
         """``ẏ: (B, T, d)``, the output's tangent along parameter directions ``dirs`` (``params``
-        shapes and order): ``ẏ = Ȯ Wo + O Ẇo + ḃo`` with ``Ȯ`` the core's JVP of ``Q̇ = x Ẇq + ḃq``, ….
-        (Gauss–Newton products.)"""
-        x, Q, K, V, P, O = state
-        xp, h = get_xp(x), self._heads
-        dirs = dict(zip(self.names, dirs))
-        t = {}
-        for n in "qkv":
-            t[n] = x @ dirs[f"W{n}"] + dirs[f"b{n}"]
-        Od = core_jvp(P, Q, K, V, split_heads(t["q"], h), split_heads(t["k"], h), split_heads(t["v"], h),
-                      1.0 / math.sqrt(self.d // h))
-        y = merge_heads(Od) @ self._arrays["Wo"] + O @ dirs["Wo"]
-        y += dirs["bo"]
-        return y
+        shapes and order): each leaf adds ``A Ẇ + ḃ`` at its output point (``Q̇ = x Ẇq + ḃq``, …,
+        ``ẏ = Ȯ Wo + O Ẇo + ḃo``) inside the factor's ``param_jvp`` (Gauss–Newton products)."""
+        A = self.param_input(state)
+        dirs = list(dirs)
+
+        def leaf_tangent(i, base):
+            out = A[i] @ dirs[2 * i] + dirs[2 * i + 1]
+            return out if base is None else out + base
+
+        return self.factor(state).param_jvp(None, leaf_tangent)
 
     # ------------------------------------------------------------------ torch
     @classmethod

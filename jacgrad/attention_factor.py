@@ -128,15 +128,19 @@ def _frob(a, axes):
 
 
 class AttentionFactor:
-    """``∂y/∂x`` of ``y = MHA(x)`` per sample, ``x, y: (T, d)`` flattened to ``T·d``: the in-projections
-    ``Wq, Wk, Wv: (d, d)``, the core (kept ``P, Q, K, V`` of the forward pass, head layout) and the
-    out-projection ``Wo: (d, d)``. Nothing of size ``(T·d)²`` is formed by ``vjp``/``jvp``.
+    """``∂y/∂x`` of ``y = MHA(x)`` per sample, ``x, y: (T, d)``: the in-projections ``Wq, Wk, Wv: (d, d)``,
+    the core (kept ``P, Q, K, V`` of the forward pass, head layout) and the out-projection
+    ``Wo: (d, d)``. Nothing of size ``(T·d)²`` is formed by the products.
 
-    Rows are ``(B, T·d)`` (as ``Chain`` passes them) or ``(B, T, d)``; results have the layout of
-    the argument. ``vjp_parts`` also returns the cotangents at the four projections' outputs — the
-    ``Δ`` each projection leaf pairs with its ``A`` (``x`` for q, k, v; the merged heads ``O`` for out)."""
+    As a per-token factor (``token_factor.TokenFactor``): ``h_in = h_out = d``, ``tokens = T``; rows
+    ``(B, T, d)``, stacks ``(B, R, T, d)``. The flat layouts ``(B, T·d)`` and ``(B, R, T·d)`` (or a
+    shared ``(R, T·d)``) are accepted too; results have the layout of the argument. Split at its
+    four parameter leaves (q, k, v, out: ``n_leaves = 4``): ``param_vjp_stack`` gives the cotangents
+    at the projections' outputs — the ``Δ`` each leaf pairs with its ``A`` (``x`` for q, k, v; the
+    merged heads ``O`` for out) — and ``param_jvp`` adds the leaves' tangents where they act."""
 
     __slots__ = ("Wq", "Wk", "Wv", "Wo", "P", "Q", "K", "V", "heads", "scale", "T", "d", "batch", "h_in", "h_out")
+    n_leaves = 4
 
     def __init__(self, Wq, Wk, Wv, Wo, P, Q, K, V, scale: float):
         self.Wq, self.Wk, self.Wv, self.Wo = Wq, Wk, Wv, Wo
@@ -144,7 +148,9 @@ class AttentionFactor:
         self.batch, self.heads, self.T, _ = Q.shape
         self.d = Wq.shape[0]
         self.scale = float(scale)
-        self.h_in = self.h_out = self.T * self.d
+        self.h_in = self.h_out = self.d
+
+    tokens = property(lambda self: self.T, doc="T, the tokens of every sample")
 
     per_sample = property(lambda self: True)
     dtype = property(lambda self: np.dtype(self.Wq.dtype))
@@ -159,7 +165,7 @@ class AttentionFactor:
     @property
     def dense_cost(self) -> int:
         """Forming ``dense()``: ``T·d`` rows of a JVP per sample."""
-        return self.batch * self.h_in * self.row_cost
+        return self.batch * self.T * self.d * self.row_cost
 
     def __repr__(self) -> str:
         return f"AttentionFactor(B={self.batch}, T={self.T}, d={self.d}, heads={self.heads}, dtype={self.dtype})"
@@ -171,7 +177,8 @@ class AttentionFactor:
         stacks ``(B, r, T·d)``, ``(B, r, T, d)`` or ``(r, T·d)``."""
         xp = get_xp(a, self.Wq)
         a = float_array(a, what, xp)
-        n, B, T, d = self.h_in, self.batch, self.T, self.d
+        B, T, d = self.batch, self.T, self.d
+        n = T * d
         flat = a.ndim == (3 if stacked else 2) or (stacked and a.ndim == 2)
         ok = (a.shape[-1] == n) if flat else (a.ndim == (4 if stacked else 3) and a.shape[-2:] == (T, d))
         if ok and not (stacked and a.ndim == 2):
@@ -224,21 +231,50 @@ class AttentionFactor:
         v, _ = self._rows(v, "cotangent", stacked)
         return self._vjp_parts(v, stacked)
 
+    def param_vjp_stack(self, A, need_input: bool = True):
+        """The split at the parameters for cotangent rows ``A: (B, R, T, d)``: ``([Q̄, K̄, V̄, A], A_in)``,
+        the cotangents at the outputs of the q, k, v, out projections (each ``(B, R, T, d)``) and the
+        input's (None unless ``need_input``)."""
+        A, _ = self._rows(A, "cotangent stack", True)
+        P, Q, K, V = self._state(True)
+        Qb, Kb, Vb = core_vjp(P, Q, K, V, split_heads(A @ self.Wo.T, self.heads), self.scale)
+        Qb, Kb, Vb = merge_heads(Qb), merge_heads(Kb), merge_heads(Vb)
+        A_in = None
+        if need_input:
+            A_in = Qb @ self.Wq.T
+            A_in += Kb @ self.Wk.T
+            A_in += Vb @ self.Wv.T
+        return [Qb, Kb, Vb, A], A_in
+
+    def param_jvp(self, t, leaf_tangent):
+        """The output tangent ``(B, T, d)`` of an input tangent ``t: (B, T, d)`` (None: 0) with the leaves'
+        parameter tangents added where they act: ``leaf_tangent(i, base)`` (leaf i = q, k, v, out)
+        returns its tangent plus ``base``, the tangent arriving at its output point (None: 0)."""
+        if t is not None:
+            t, _ = self._rows(t, "tangent", False)
+        base = lambda W: None if t is None else t @ W  # noqa: E731
+        h = self.heads
+        Qd, Kd, Vd = (leaf_tangent(i, base(W)) for i, W in enumerate((self.Wq, self.Wk, self.Wv)))
+        Od = core_jvp(self.P, self.Q, self.K, self.V, split_heads(Qd, h), split_heads(Kd, h), split_heads(Vd, h),
+                      self.scale)
+        return leaf_tangent(3, merge_heads(Od) @ self.Wo)
+
     def jvp_stack(self, a):
-        """``J`` on every row of ``a: (B, r, T·d)`` or ``(r, T·d)`` (then broadcast) -> ``(B, r, T·d)``."""
-        a, shape = self._rows(a, "stack", True)
+        """``J`` on every row of ``a: (B, R, T, d)`` (or ``(B, R, T·d)``, ``(R, T·d)`` broadcast) -> the same
+        layout with B first."""
+        a, shape = self._rows(a, "tangent stack", True)
         out = self._jvp(a, True)
-        return out.reshape(out.shape[:-2] + (self.h_out,))
+        return out.reshape(out.shape[:2] + tuple(shape[2 if len(shape) > 2 else 1:]))
 
     def vjp_stack(self, a):
-        """``Jᵀ`` on every row of ``a: (B, r, T·d)`` or ``(r, T·d)`` -> ``(B, r, T·d)``."""
-        a, shape = self._rows(a, "stack", True)
+        """``Jᵀ`` on every row of ``a: (B, R, T, d)`` (or ``(B, R, T·d)``, ``(R, T·d)``) -> the same layout."""
+        a, shape = self._rows(a, "cotangent stack", True)
         out = self._vjp_parts(a, True)[0]
-        return out.reshape(out.shape[:-2] + (self.h_in,))
+        return out.reshape(out.shape[:2] + tuple(shape[2 if len(shape) > 2 else 1:]))
 
     def dense(self, transposed: bool = False):
         """``(B, T·d, T·d)``, built by JVPs of the identity; only on request (tests, small T·d)."""
-        eye = self.xp.eye(self.h_in, dtype=self.dtype)
+        eye = self.xp.eye(self.T * self.d, dtype=self.dtype)
         cols = self.jvp_stack(eye)  # row k: J e_k, column k of J
         return cols if transposed else cols.swapaxes(-1, -2)
 
@@ -276,7 +312,7 @@ class AttentionFactor:
             D = self.rows(rows).dense()
             return D @ D.swapaxes(-1, -2)
 
-        lam = top_eigenvalues(matvec, self.batch, self.h_in, xp=self.xp, dtype=self.dtype, seed=seed, dense=dense,
+        lam = top_eigenvalues(matvec, self.batch, self.T * self.d, xp=self.xp, dtype=self.dtype, seed=seed, dense=dense,
                               upper=_host(self.norm_bound()) ** 2, lower=np.zeros(self.batch))
         return np.sqrt(np.maximum(lam, 0.0))
 

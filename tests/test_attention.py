@@ -208,15 +208,44 @@ def test_factor_adjoint_dense_and_stacks(case):
     assert (F.norm_bound() >= sv[:, 0] * (1 - 1e-12)).all()
 
 
-def test_factor_runs_in_a_chain_with_dense_factors():
-    L, state, F, m, x, kpm = _factor("plain")
-    B, T, d = x.shape
-    rng = np.random.default_rng(4)
-    W = rng.standard_normal((T * d, 5))
-    C = jg.Chain([F, jg.LayerJacobian(np.ones(5), W)])
-    J = C.jacobian()
-    np.testing.assert_allclose(J, np.einsum("io,bij->boj", W, F.dense()), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(C.spectral_norm(), np.linalg.norm(J, 2, axis=(1, 2)), rtol=1e-9)
+def test_factor_split_at_its_parameters_matches_the_layer_backward_and_torch_jvp():
+    """``param_vjp_stack`` (the per-leaf Δ of the products' sweeps) on a stack of R cotangent rows
+    equals R separate backward passes; ``param_jvp`` with leaf tangents equals torch's JVP in the
+    parameters and the input together."""
+    B, T, d, heads, causal, pad, bias = CASES["causal+padding"]
+    m = _torch_mha(d, heads, np.float64, bias)
+    L = _ours(m, causal)
+    x, _, kpm = _inputs(B, T, d, np.float64, pad)
+    _, state = L.forward(x.numpy(), key_padding_mask=kpm.numpy())
+    F = L.factor(state)
+    assert (F.n_leaves, F.h_in, F.h_out, F.tokens, F.batch) == (4, d, d, T, B)
+    rng = np.random.default_rng(7)
+    S = rng.standard_normal((B, 3, T, d))
+    Gs, A_in = F.param_vjp_stack(S)
+    assert F.param_vjp_stack(S, need_input=False)[1] is None
+    for r in range(3):
+        gx, deltas = L.backward(state, S[:, r], [np.empty(p.shape) for p in L.params])
+        np.testing.assert_allclose(A_in[:, r], gx, rtol=1e-12, atol=1e-12)
+        for G, D in zip(Gs, deltas):
+            np.testing.assert_allclose(G[:, r], D, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(F.vjp_stack(S), A_in, rtol=1e-12, atol=1e-12)
+    # forward split: input tangent u and parameter tangents together, against torch.func.jvp
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    g = torch.Generator().manual_seed(8)
+    tang = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+    u = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    cm = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    f = lambda p, z: torch.func.functional_call(m, p, (z, z, z), dict(key_padding_mask=kpm, attn_mask=cm,
+                                                                      need_weights=False))[0]
+    with _math_sdpa():
+        _, ref = torch.func.jvp(f, (params, x), (tang, u))
+    dirs = []
+    for i in range(3):
+        dirs += [tang["in_proj_weight"][i * d:(i + 1) * d].T.numpy(), tang["in_proj_bias"][i * d:(i + 1) * d].numpy()]
+    dirs += [tang["out_proj.weight"].T.numpy(), tang["out_proj.bias"].numpy()]
+    A = L.param_input(state)
+    leaf = lambda i, base: A[i] @ dirs[2 * i] + dirs[2 * i + 1] + (0 if base is None else base)
+    np.testing.assert_allclose(F.param_jvp(u.numpy(), leaf), ref.numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_large_token_batch_spectral_norm_by_lanczos_matches_svd():
