@@ -233,6 +233,13 @@ class MultiHeadAttention:
                 check(D, f"{self._where(where)}: ∂L/∂({n} projection)")
         return (gx if input_grad else None), deltas
 
+    def param_leaves(self) -> list:
+        """Four token-wise Dense leaves with bias (``param_leaves.TokenDenseLeaf``, the layer protocol's
+        leaf algebra): q, k, v, out, paired with ``param_input``'s ``(x, x, x, O)``."""
+        from .param_leaves import TokenDenseLeaf
+
+        return [TokenDenseLeaf(bias=True) for _ in _LEAVES]
+
     def param_input(self, state) -> tuple:
         """The ``A`` of each leaf, q, k, v, out: ``(x, x, x, O)``, each ``(B, T, d)`` (module text)."""
         x, O = state[0], state[5]
@@ -254,18 +261,18 @@ class MultiHeadAttention:
     # ------------------------------------------------------------------ torch
     @classmethod
     def from_torch_module(cls, module, copy: bool = True, dtype=None, causal: bool = False,
-                          convert=None) -> "MultiHeadAttention":
+                          convert=None, where: str | None = None) -> "MultiHeadAttention":
         """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
         ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
         biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
         ``dtype`` casts (a copy); ``causal``: torch passes the mask at call time, so say it here.
         ``convert(tensor, what) -> array``: how a parameter is brought over (``interop.torch``'s,
-        by default). Refused, with the reason: ``batch_first=False``, separate q/k/v weights
+        by default); ``where``: the module's place, for the messages. Refused, with the reason: ``batch_first=False``, separate q/k/v weights
         (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0 in
         train mode."""
         from .interop.torch import check_attention_module, parameter_converter
 
-        check_attention_module(module, f"MultiHeadAttention.from_torch_module({type(module).__name__})")
+        check_attention_module(module, where or f"MultiHeadAttention.from_torch_module({type(module).__name__})")
         conv = convert if convert is not None else parameter_converter(copy, dtype)
         m, d = module, module.embed_dim
         Ws = [conv(m.in_proj_weight[i * d:(i + 1) * d].T, f"in_proj_weight[{i * d}:{(i + 1) * d}]") for i in range(3)]

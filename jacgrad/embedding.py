@@ -23,7 +23,8 @@ import numpy as np
 
 from ._validate import float_array, shape_str
 from .backend import asarray, get_xp, is_foreign_array
-from .embedding_leaf import EmbeddingTokens, embedding_param_jvp, embedding_sq_norms, embedding_weighted_sum
+from .embedding_leaf import EmbeddingFactor, EmbeddingLeaf, EmbeddingTokens, embedding_param_jvp, embedding_sq_norms
+from .embedding_leaf import embedding_weighted_sum
 
 __all__ = ["Embedding"]
 
@@ -31,7 +32,8 @@ __all__ = ["Embedding"]
 class Embedding:
     """``y[b, t] = E[tok[b, t]]``: ``tok: (B, T)`` integers in ``[0, V)``, ``E: (V, d)`` (torch's
     ``weight``, same layout). ``padding_idx``: a row whose gradient is always 0 (torch's). Kept by
-    reference; keeps the tokens for backward. Its input is discrete: it has no input Jacobian."""
+    reference; keeps the tokens for backward. Its input is discrete: its Jacobian factor has input
+    width 0 (``EmbeddingFactor``)."""
 
     kind = "embedding"
     names = ("E",)
@@ -129,10 +131,14 @@ class Embedding:
     def _state(self, tok):
         return EmbeddingTokens(tok, self._pad, self.num_embeddings)
 
-    def factor(self, state):
-        """Refused: the input is integer token ids, with no Jacobian; a chain starts after the embedding."""
-        raise TypeError(f"{self!r}: its input is integer token ids, which has no input Jacobian; take the "
-                        f"Jacobian with respect to the embedding output (the layers after it)")
+    def factor(self, state) -> EmbeddingFactor:
+        """The Jacobian factor: of width 0 on the input side (token ids are discrete), all leaf
+        (``embedding_leaf.EmbeddingFactor``)."""
+        return EmbeddingFactor(state, self._E)
+
+    def param_leaves(self) -> list:
+        """One ``EmbeddingLeaf`` (``E``), paired with the tokens (``param_input``)."""
+        return [EmbeddingLeaf()]
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = False, check=None, where: Any = 0,
                  sq=None, out=None):
@@ -158,14 +164,16 @@ class Embedding:
         return embedding_param_jvp(state, dirs[0])
 
     @classmethod
-    def from_torch_module(cls, module, copy: bool = True, dtype=None, convert=None) -> "Embedding":
+    def from_torch_module(cls, module, copy: bool = True, dtype=None, convert=None,
+                          where: str | None = None) -> "Embedding":
         """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept.
         ``copy=False`` shares the memory; ``dtype`` casts (a copy); ``convert(tensor, what) -> array``:
-        how the weight is brought over (``interop.torch``'s, by default). ``max_norm`` (which
+        how the weight is brought over (``interop.torch``'s, by default); ``where``: its place, for
+        the messages. ``max_norm`` (which
         renormalises rows of the weight inside forward) is refused."""
         from .interop.torch import check_embedding_module, parameter_converter
 
-        check_embedding_module(module, "Embedding.from_torch_module")
+        check_embedding_module(module, where or "Embedding.from_torch_module")
         conv = convert if convert is not None else parameter_converter(copy, dtype)
         return cls(conv(module.weight, "weight"), module.padding_idx)
 

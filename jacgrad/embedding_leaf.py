@@ -27,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_xp
+from .jacobian import _check_sample_selection
 
-__all__ = ["EmbeddingTokens", "embedding_fill", "embedding_ggn_diagonal", "embedding_ntk", "embedding_param_jvp",
+__all__ = ["EmbeddingFactor", "EmbeddingLeaf", "EmbeddingTokens", "embedding_fill", "embedding_ggn_diagonal", "embedding_ntk", "embedding_param_jvp",
            "embedding_sq_norms", "embedding_weighted_sum"]
 
 
@@ -151,3 +152,96 @@ def embedding_param_jvp(state, Edot):
     st = _state(state)
     y = get_xp(Edot).take(Edot, st.tok, axis=0)
     return st.masked(y)
+
+
+class EmbeddingLeaf:
+    """The leaf kind of an ``Embedding``'s ``E: (V, d)`` in the interface of ``jacgrad.param_leaves``
+    (``sq_norms``, ``fill``, ``clipped_sum``, ``ntk_add``, ``jvp``, ``ggn_diag_add``; ``n_arrays = 1``),
+    each one of the functions above. ``a`` is the layer's ``EmbeddingTokens`` (``param_input``),
+    ``δ: (B, T, d)``, ``G: (B, R, T, d)``."""
+
+    n_arrays = 1
+    bias = False
+
+    def __repr__(self) -> str:
+        return "EmbeddingLeaf()"
+
+    def sq_norms(self, a, delta, counted=None, method: str = "auto"):
+        if counted is not None and not counted[0]:
+            return get_xp(delta).zeros(delta.shape[0], dtype=delta.dtype)
+        return embedding_sq_norms(a, delta, method)
+
+    def fill(self, views, a, delta) -> None:
+        embedding_fill(a, delta, views[0])
+
+    def clipped_sum(self, views, a, delta, c) -> None:
+        embedding_weighted_sum(a, delta, c, views[0])
+
+    def ntk_add(self, left, right, trace: bool, out, method: str = "auto") -> None:
+        (aa, Ga), (ab, Gb) = left, right
+        out += embedding_ntk(aa, Ga, ab, Gb, trace)
+
+    def jvp(self, a, v, base):
+        out = embedding_param_jvp(a, v[0])
+        return out if base is None else out + base
+
+    def ggn_diag_add(self, outs, a, G, scale: float) -> None:
+        acc = get_xp(G).zeros(outs[0].shape, dtype=outs[0].dtype)
+        first = outs[0]
+        first += embedding_ggn_diagonal(a, G, acc) * scale
+
+
+class EmbeddingFactor:
+    """The Jacobian factor of an ``Embedding``: its input is discrete token ids, so the map from its
+    (zero-width) continuous input is empty — ``h_in = 0``, ``h_out = d``, ``tokens = T`` — and it is
+    all leaf: ``param_vjp_stack`` hands the cotangent rows on as the leaf's ``G`` (no input
+    cotangent), ``param_jvp`` is the leaf's tangent. Products with an input are of width 0."""
+
+    n_leaves = 1
+    per_sample = property(lambda self: True)
+
+    def __init__(self, state, E):
+        self.state, self.E = _state(state), E
+        self.batch, self.tokens = state.tok.shape
+        self.h_in, self.h_out = 0, E.shape[1]
+
+    dtype = property(lambda self: self.E.dtype)
+    xp = property(lambda self: get_xp(self.E))
+    anchor = property(lambda self: self.E)
+    row_cost = property(lambda self: 0)
+    dense_cost = property(lambda self: 0)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingFactor(B={self.batch}, T={self.tokens}, d={self.h_out})"
+
+    def param_vjp_stack(self, A, need_input: bool = True):
+        """``([A], input cotangent)``: ``A: (B, R, T, d)`` is the leaf's ``G``; the input has width 0."""
+        return [A], (self.xp.zeros(A.shape[:-1] + (0,), dtype=A.dtype) if need_input else None)
+
+    def param_jvp(self, t, leaf_tangent):
+        """The leaf's tangent ``Ė[tok]`` (an input tangent has width 0 and adds nothing)."""
+        return leaf_tangent(0, None)
+
+    def vjp(self, v):
+        return self.xp.zeros(v.shape[:-1] + (0,), dtype=v.dtype)
+
+    def jvp(self, u):
+        return self.xp.zeros(u.shape[:-1] + (self.h_out,), dtype=self.dtype)
+
+    vjp_stack = vjp
+    jvp_stack = jvp
+
+    def dense(self, transposed: bool = False):
+        n = self.tokens * self.h_out
+        return self.xp.zeros((self.batch, 0, n) if transposed else (self.batch, n, 0), dtype=self.dtype)
+
+    def rows(self, sel) -> "EmbeddingFactor":
+        _check_sample_selection(sel)
+        st = self.state
+        return EmbeddingFactor(EmbeddingTokens(st.tok[sel], st.pad, st.V), self.E)
+
+    def norm_bound(self):
+        return self.xp.zeros(self.batch, dtype=self.dtype)
+
+    def singular_values(self):
+        return self.xp.zeros((self.batch, 0), dtype=self.dtype)

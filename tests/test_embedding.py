@@ -177,8 +177,6 @@ def test_bad_tokens_are_clear_errors_naming_the_layer():
         L.forward(np.array([[-1, 1]]))
     with pytest.raises(ValueError, match=r"tokens have shape \(3,\); needs \(B, T\)"):
         L.forward(np.array([1, 2, 3]))
-    with pytest.raises(TypeError, match="no input Jacobian"):
-        L.factor(L.forward(np.array([[1]]))[1])
     with pytest.raises(ValueError, match=r"E must be 2-D \(V, d\)"):
         jg.layers.Embedding(np.ones(3))
     with pytest.raises(ValueError, match="padding_idx must lie in"):
@@ -211,3 +209,45 @@ def test_embedding_then_attention_matches_torch():
     gE = [np.empty((V, d))]
     E.backward(se, gz, gE)
     np.testing.assert_allclose(gE[0], emb.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_leaf_and_factor_give_the_products_their_pieces():
+    """``EmbeddingLeaf`` (the leaf interface of ``param_leaves``) runs the functions tested above;
+    ``EmbeddingFactor``: width 0 on the token side, its split hands the rows on as the leaf's G."""
+    from jacgrad.embedding_leaf import EmbeddingFactor, EmbeddingLeaf
+
+    m, L, tok, g = _setup(np.float64, 5)
+    B, T = tok.shape
+    _, state = L.forward(tok.numpy())
+    (leaf,) = L.param_leaves()
+    assert isinstance(leaf, EmbeddingLeaf) and leaf.n_arrays == 1 and L.param_input(state) is state
+    ref = _per_sample_torch(m, tok, g)
+    for method in ("auto", "gram", "instantiate"):
+        np.testing.assert_allclose(leaf.sq_norms(state, g.numpy(), method=method), (ref ** 2).sum(axis=(1, 2)),
+                                   rtol=1e-12)
+    assert (leaf.sq_norms(state, g.numpy(), counted=[False]) == 0).all()
+    views = [np.empty((B, V, d))]
+    leaf.fill(views, state, g.numpy())
+    np.testing.assert_allclose(views[0], ref, atol=1e-12)
+    c = np.linspace(1, 2, B)
+    out = [np.empty((V, d))]
+    leaf.clipped_sum(out, state, g.numpy(), c)
+    np.testing.assert_allclose(out[0], np.einsum("i,ivd->vd", c, ref), atol=1e-12)
+    G = g.numpy()[:, None]
+    K = np.zeros((B, 1, B, 1))
+    leaf.ntk_add((state, G), (state, G), False, K)
+    np.testing.assert_allclose(K[:, 0, :, 0], ref.reshape(B, -1) @ ref.reshape(B, -1).T, rtol=1e-12, atol=1e-12)
+    D = [np.ones((V, d))]
+    leaf.ggn_diag_add(D, state, G, 0.5)
+    np.testing.assert_allclose(D[0], 1 + 0.5 * (ref ** 2).sum(axis=0), rtol=1e-12)
+    Ed = np.random.default_rng(0).standard_normal((V, d))
+    np.testing.assert_array_equal(leaf.jvp(state, [Ed], None), embedding_param_jvp(state, Ed))
+    F = L.factor(state)
+    assert isinstance(F, EmbeddingFactor) and (F.h_in, F.h_out, F.batch, F.tokens, F.n_leaves) == (0, d, B, T, 1)
+    S = np.random.default_rng(1).standard_normal((B, 2, T, d))
+    Gs, A_in = F.param_vjp_stack(S)
+    assert Gs[0] is S and A_in.shape == (B, 2, T, 0)
+    assert F.param_vjp_stack(S, need_input=False)[1] is None
+    np.testing.assert_array_equal(F.param_jvp(None, lambda i, base: leaf.jvp(state, [Ed], base)),
+                                  embedding_param_jvp(state, Ed))
+    assert F.dense().shape == (B, T * d, 0) and F.rows([0]).batch == 1

@@ -42,7 +42,7 @@ from . import NetSpec, Origin, require
 
 __all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "check_attention_module",
            "check_embedding_module", "custom_note", "describe", "flatten", "origin", "parameter_converter",
-           "passes_through", "spec_from_torch", "tensor", "to_torch", "token_layer"]
+           "passes_through", "spec_from_torch", "tensor", "to_torch"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -235,24 +235,6 @@ def check_embedding_module(m, what: str) -> None:
     if m.max_norm is not None:
         raise ValueError(f"{what}: max_norm={m.max_norm} renormalises the rows of the weight inside forward; "
                          f"not supported")
-
-
-def token_layer(nn, m, convert, where: str, causal: bool = False):
-    """The jacgrad layer of an ``nn.Embedding`` or an ``nn.MultiheadAttention(batch_first=True)``
-    (self-attention; ``causal`` as the caller knows it: torch passes masks at call time), or None for
-    any other module. ``convert(tensor, what)``: how parameters come over (``parameter_converter``,
-    or an importer's own)."""
-    if type(m) is nn.Embedding:
-        from ..embedding import Embedding
-
-        check_embedding_module(m, where)
-        return Embedding.from_torch_module(m, convert=lambda p, what: convert(p, f"{where}: {what}"))
-    if type(m) is nn.MultiheadAttention:
-        from ..attention import MultiHeadAttention
-
-        check_attention_module(m, where)
-        return MultiHeadAttention.from_torch_module(m, causal=causal, convert=lambda p, what: convert(p, f"{where}: {what}"))
-    return None
 
 
 def passes_through(nn, where: str, m) -> bool:
