@@ -58,6 +58,7 @@ class MultiHeadAttention:
     kind = "multihead_attention"
     names = ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")  # leaf by leaf: q, k, v, out
     spec_fields = {"heads": int, "causal": bool}
+    per_token = True  # takes token batches (B, T, ·): what Sequential.takes_tokens asks of every layer
 
     def __init__(self, Wq: Any, Wk: Any, Wv: Any, Wo: Any, heads: int, bq: Any = None, bk: Any = None,
                  bv: Any = None, bo: Any = None, causal: bool = False):

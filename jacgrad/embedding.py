@@ -38,6 +38,7 @@ class Embedding:
     kind = "embedding"
     names = ("E",)
     spec_fields = {"padding_idx": (int, type(None))}
+    per_token = True  # takes token batches (B, T, ·): what Sequential.takes_tokens asks of every layer
 
     def __init__(self, E: Any, padding_idx: int | None = None):
         xp = get_xp(asarray(E) if is_foreign_array(E) else E)

@@ -42,6 +42,15 @@ class EmbeddingTokens:
     def __init__(self, tok, pad, V):
         self.tok, self.pad, self.V, self._keep = tok, pad, V, None
 
+    def __getitem__(self, sel) -> "EmbeddingTokens":
+        """The tokens of the samples ``sel`` (a slice or index array), as a leaf input is sliced by sample."""
+        return EmbeddingTokens(self.tok[sel], self.pad, self.V)
+
+    @property
+    def shape(self) -> tuple:
+        """``(B, T)``: the samples and tokens (as an ``a: (B, T, p)`` would give them first)."""
+        return tuple(self.tok.shape)
+
     @property
     def keep(self):
         if self.pad is None:
@@ -237,8 +246,7 @@ class EmbeddingFactor:
 
     def rows(self, sel) -> "EmbeddingFactor":
         _check_sample_selection(sel)
-        st = self.state
-        return EmbeddingFactor(EmbeddingTokens(st.tok[sel], st.pad, st.V), self.E)
+        return EmbeddingFactor(self.state[sel], self.E)
 
     def norm_bound(self):
         return self.xp.zeros(self.batch, dtype=self.dtype)
