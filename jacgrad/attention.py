@@ -29,8 +29,9 @@ bias ``Σ_t Δ_i,t``), in ``params`` order — each ``A`` and ``Δ`` is ``(B, T,
     >>> rng = np.random.default_rng(0); W = lambda: rng.standard_normal((4, 4)) / 2
     >>> L = jg.layers.MultiHeadAttention(W(), W(), W(), W(), heads=2, causal=True)
     >>> y, state = L.forward(rng.standard_normal((3, 5, 4)))
-    >>> y.shape, L.factor(state).h_in
-    ((3, 5, 4), 20)
+    >>> F = L.factor(state)                      # ∂y/∂x per sample, applied, never formed
+    >>> y.shape, F.vjp(np.ones((3, 5, 4))).shape, F.dense().shape
+    ((3, 5, 4), (3, 5, 4), (3, 20, 20))
 """
 
 from __future__ import annotations

@@ -557,3 +557,24 @@ def test_spec_round_trip_builds_the_same_layers():
     assert type(E).file_widths("layer 0", {"E": ((5, 3), "0.E")}) == (5, 3)
     with pytest.raises(ValueError, match=r"array '0.E' has shape \(5,\); needs \(V, d\)"):
         type(E).file_widths("layer 0", {"E": ((5,), "0.E")})
+
+
+def test_forward_and_backward_into_the_callers_buffers_give_the_same_numbers():
+    L, state, F, m, x, kpm = _factor("causal+padding")
+    B, T, d = x.shape
+    g = np.random.default_rng(9).standard_normal((B, T, d))
+    fb = [np.full(s, np.nan) for s in L.forward_shapes((B, T))]
+    y, st = L.forward(x.numpy(), out=fb, key_padding_mask=kpm.numpy())
+    assert y is fb[0]
+    y0, st0 = L.forward(x.numpy(), key_padding_mask=kpm.numpy())
+    np.testing.assert_array_equal(y, y0)
+    bb = [np.full(s, np.nan) for s in L.backward_shapes((B, T))]
+    gx, deltas = L.backward(st, g, [np.empty(p.shape) for p in L.params], out=bb)
+    gx0, deltas0 = L.backward(st0, g, [np.empty(p.shape) for p in L.params])
+    assert gx is bb[3] and all(D is b for D, b in zip(deltas[:3], bb[:3]))
+    np.testing.assert_array_equal(gx, gx0)
+    for D, D0 in zip(deltas, deltas0):
+        np.testing.assert_array_equal(D, D0)
+    assert L.backward(st, g, [np.empty(p.shape) for p in L.params], input_grad=False)[0] is None
+    with pytest.raises(ValueError, match=r"buffer shapes need the token batch \(B, T\), got 3"):
+        L.forward_shapes(3)
