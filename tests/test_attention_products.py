@@ -125,3 +125,16 @@ def test_ggn_vp_and_diagonal(setup):
                                rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(net.ggn_diagonal(x.numpy(), t.numpy()).flat, scale * np.einsum("bop,bop->p", J, J),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_save_and_load_round_trip(setup, tmp_path, suffix):
+    """The layer's ``spec`` (``heads``, ``causal``: a JSON bool) and its eight arrays through a file."""
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    f, params, net, x, t = setup
+    path = tmp_path / f"net{suffix}"
+    net.save(path)
+    back = jg.Sequential.load(path)
+    assert back.layers[0].causal is True and back.layers[0].heads == 2
+    np.testing.assert_array_equal(back(x.numpy()), net(x.numpy()))
