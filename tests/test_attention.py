@@ -12,7 +12,7 @@ from jacgrad.attention_factor import AttentionFactor
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
 
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
 TDT = {np.float64: torch.float64, np.float32: torch.float32}
@@ -178,7 +178,7 @@ def _factor(case="causal+padding", dtype=np.float64):
     return L, state, L.factor(state), m, x, kpm
 
 
-@pytest.mark.parametrize("case", ["plain", "causal+padding", "T=1", "heads=1"])
+@pytest.mark.parametrize("case", ["plain", "causal+padding", "T=1", "heads=1", "fully masked sample"])
 def test_factor_adjoint_dense_and_stacks(case):
     L, state, F, m, x, kpm = _factor(case)
     B, T, d = x.shape
