@@ -26,8 +26,10 @@ from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+from .attention import MultiHeadAttention  # token layers, each in a module of its own
+from .embedding import Embedding
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Dense", "Embedding", "LayerNorm", "MultiHeadAttention", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)
