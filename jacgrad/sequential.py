@@ -115,9 +115,8 @@ class Sequential(SequentialParameterSpace, Imported):
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
-        xp = get_xp(x, self._layers[0].params[0])
-        x = network_input(x, "x", xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
-        x = xp.ascontiguousarray(x.astype(self.dtype, copy=False))
+        x = self.checked_input(x, "x")
+        xp = self.xp
         check = _require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
@@ -127,6 +126,19 @@ class Sequential(SequentialParameterSpace, Imported):
         if isinstance(self._layers[-1], Dense) and (z is states[-1][1] or not isinstance(lead, int)):
             z = z.copy()  # the last Dense layer's saved y, which backward reads: hand out a copy
         return z, SequentialCache(x, states, self._token)
+
+    def checked_input(self, x: Any, name: str = "x"):
+        """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
+        it takes discrete inputs (a layer with ``check_tokens(x, where)``, e.g. ``Embedding``: integer
+        ``(B, T)`` ids, kept as they are); else a float ``(B, *in_shape)`` or, per token,
+        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype."""
+        first = self._layers[0]
+        check_tokens = getattr(first, "check_tokens", None)
+        if check_tokens is not None:
+            return check_tokens(x, 0)
+        xp = get_xp(x, first.params[0])
+        x = network_input(x, name, xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
+        return xp.ascontiguousarray(x.astype(self.dtype, copy=False))
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, SequentialCache):
@@ -142,7 +154,7 @@ class Sequential(SequentialParameterSpace, Imported):
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
-        want = (cache.batch,) + tuple(cache.x.shape[1:-len(self.in_shape)]) + tuple(self.out_shape)
+        want = (cache.batch,) + tuple(cache.x.shape[1:cache.x.ndim - len(self.in_shape)]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
