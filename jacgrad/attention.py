@@ -225,11 +225,11 @@ class MultiHeadAttention:
                 gx = xp.copyto(out[3], gx) or out[3]
         d = self.d
         at = 0
-        for A, D in zip(self.param_input(state), deltas):
+        for leaf, A, D in zip(self.param_leaves(), self.param_input(state), deltas):
             xp.matmul(A.reshape(-1, d).T, D.reshape(-1, d), out=grads[at])
             D.sum(axis=(0, 1), out=grads[at + 1])
             if sq is not None:
-                sq += _token_sq(A, D)
+                sq += leaf.sq_norms(A, D)  # the leaf algebra's own (its "auto" cost rule)
             at += 2
         if check is not None:
             for n, D in zip(_LEAVES, deltas):
@@ -307,19 +307,3 @@ class MultiHeadAttention:
 
 register_layer("multihead_attention", MultiHeadAttention)
 
-
-def _token_sq(A, D):
-    """``(B,)``: ``‖A_iᵀΔ_i‖² + ‖Σ_t Δ_i,t‖²`` of one token-wise Dense leaf, ``A: (B, T, p)``,
-    ``Δ: (B, T, q)``: the Gram form ``⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩`` when ``2T² ≤ p·q``, else the built
-    ``A_iᵀΔ_i`` (the cost rule of Li et al. 2021). The leaf algebra of ``param_leaves``' token
-    Dense leaf computes the same; this is the layer's own ``sq`` of ``backward``."""
-    xp = get_xp(A, D)
-    T, p, q = A.shape[1], A.shape[2], D.shape[2]
-    if 2 * T * T <= p * q:
-        sq = (xp.matmul(A, A.swapaxes(1, 2)) * xp.matmul(D, D.swapaxes(1, 2))).sum(axis=(1, 2))
-    else:
-        G = xp.matmul(A.swapaxes(1, 2), D)
-        sq = (G * G).sum(axis=(1, 2))
-    s = D.sum(axis=1)
-    sq += (s * s).sum(axis=1)
-    return sq

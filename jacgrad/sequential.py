@@ -29,7 +29,7 @@ from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, network_input, shape_str
 from .backend import get_xp
 from .chain import Chain
-from .layers import chained, Dense
+from .layers import chained, Dense, leaf_layers
 from ._mlp_interop import Imported
 from .mlp import _require_finite
 
@@ -192,12 +192,28 @@ class Sequential(SequentialParameterSpace, Imported):
         ``expected_batch_size``): a private DP-SGD step, ``(loss, ClippedGradients)`` per call, the
         numbers of ``clipped_grad`` (``jacgrad._private_step``), without ``∂L/∂x`` whatever
         ``input_grad`` says."""
+        self._refuse_token_only(batch, "compile")
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
                             noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
+
+    def _refuse_token_only(self, batch: Any, what: str) -> None:
+        """A ``ValueError`` naming the first layer that runs on token batches ``(B, T, ·)`` only (its
+        ``forward_shapes(batch)`` refuses an int batch: ``MultiHeadAttention``, ``Embedding``): a
+        compiled step's buffers are ``(batch, n)``."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            return  # the step's own check names a bad batch
+        for path, L in leaf_layers(self._layers):
+            try:
+                L.forward_shapes(int(batch))
+            except ValueError:
+                raise ValueError(f"{what}: layer {'.'.join(map(str, path))} ({L!r}) runs on token batches (B, T, ·) "
+                                 f"only, and a compiled step's buffers are (batch, features): use loss_and_grads "
+                                 f"or clipped_grad on token batches") from None
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the
         GPU; the contract of ``MLP.compile_jacobian`` (``jacgrad._compiled_jacobian``)."""
+        self._refuse_token_only(batch, "compile_jacobian")
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
