@@ -143,10 +143,10 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
 
 
 def _input(net, x, name: str, xp):
-    """``x`` checked as ``net``'s input: by the network where it checks its own (``Sequential.checked_input``:
-    a first layer of discrete token ids checks those), else as a float batch in its dtype."""
-    checked = getattr(net, "checked_input", None)
-    return checked(x, name) if checked is not None else network_input(x, name, xp, net.dtype)
+    """``x`` checked as ``net``'s input: by its first layer where that takes discrete token ids (a
+    layer with ``check_tokens``: ``Embedding``), else as a float batch in its dtype."""
+    check_tokens = getattr(net.layers[0], "check_tokens", None)
+    return check_tokens(x, 0) if check_tokens is not None else network_input(x, name, xp, net.dtype)
 
 
 def _anchor(net):
