@@ -11,7 +11,7 @@ MultiHeadAttention(d, heads), residual; LayerNorm → Linear(d, 4d) → GELU →
 Each side is checked against the other in the same run. Prints the CPU model and the ratios.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/transformer_products.py [--blocks 2] [--T 128] [--d 256]
-        [--heads 4] [--batch 16] [--ntk-n 8] [--ntk-T 16] [--n-out 2]
+        [--heads 4] [--batch 16] [--ntk-n 8] [--ntk-T 16] [--n-out 2] [--rounds 3]
 """
 
 import argparse
@@ -31,14 +31,16 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
-def timed(fn, reps: int = 1):
-    fn()  # warm-up (pools, caches, torch's dispatch)
-    best = np.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def interleaved(fns: dict, rounds: int) -> dict:
+    """``{name: (best seconds, last result)}``, the functions run in turn each round (a loaded
+    machine slows them alike), after one warm-up call each (pools, caches, torch's dispatch)."""
+    out = {k: [np.inf, fn()] for k, fn in fns.items()}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            r = fn()
+            out[k] = [min(out[k][0], time.perf_counter() - t0), r]
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def build(a, T):
@@ -79,6 +81,7 @@ def main():
     for name, default in (("blocks", 2), ("T", 128), ("d", 256), ("heads", 4), ("batch", 16), ("ntk-n", 8),
                           ("ntk-T", 16), ("n-out", 2), ("vocab", 512)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-ntk", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -92,10 +95,6 @@ def main():
     tgt = rng.standard_normal((B, T, a.n_out)).astype(np.float32)
     print(f"net: {a.blocks} pre-norm blocks, T = {T}, d = {a.d}, {a.heads} heads, B = {B}, {net.n_params} parameters")
 
-    t_lg, _ = timed(lambda: net.loss_and_grads(tok, tgt, input_grad=False))
-    res = {}
-    for m in ("auto", "gram", "instantiate"):
-        res[m] = timed(lambda: net.per_sample_grad_norms(tok, tgt, method=m))
     loss_i = lambda p, ti, yi: ((f(p, ti[None])[0] - yi) ** 2).mean()  # noqa: E731
     psg = torch.func.vmap(torch.func.grad(loss_i), in_dims=(None, 0, 0))
 
@@ -104,7 +103,11 @@ def main():
             g = psg(params, torch.from_numpy(tok), torch.from_numpy(tgt))
         return torch.sqrt(sum((v.reshape(B, -1) ** 2).sum(1) for v in g.values())).numpy()
 
-    t_tf, ref = timed(torch_norms)
+    fns = {m: (lambda m=m: net.per_sample_grad_norms(tok, tgt, method=m)) for m in ("auto", "gram", "instantiate")}
+    fns["loss_and_grads"] = lambda: net.loss_and_grads(tok, tgt, input_grad=False)
+    fns["torch"] = torch_norms
+    res = interleaved(fns, a.rounds)
+    (t_lg, _), (t_tf, ref) = res.pop("loss_and_grads"), res.pop("torch")
     for m, (t, got) in res.items():
         err = np.max(np.abs(got - ref) / ref)
         print(f"  per_sample_grad_norms({m:11s}) {t:7.3f} s  = {t / t_lg:5.2f}× loss_and_grads ({t_lg:.3f} s), "
@@ -117,7 +120,7 @@ def main():
     Tn, N = a.ntk_T, a.ntk_n
     net, f, params = build(a, Tn)
     x = rng.integers(0, a.vocab, (N, Tn))
-    t_jg, K = timed(lambda: jg.ntk(net, x))
+    t_jg, K = interleaved({"jg": lambda: jg.ntk(net, x)}, 1)["jg"]
     xt = torch.from_numpy(x)
     fn = lambda p, xi: f(p, xi[None])[0].reshape(-1)  # noqa: E731  one sample: (T·O,)
 
@@ -135,11 +138,11 @@ def main():
         with sdpa_kernel(SDPBackend.MATH):
             return torch.stack([torch.stack([one(xt[i], xt[j]) for j in range(N)]) for i in range(N)]).numpy()
 
-    t_c, Kc = timed(contraction)
+    t_c, Kc = interleaved({"c": contraction}, 1)["c"]
     err = np.max(np.abs(K - Kc)) / np.max(np.abs(Kc))
     print(f"  ntk full (N = {N}, T = {Tn}, O = {a.n_out}): jacgrad {t_jg:.3f} s; torch.func contraction {t_c:.3f} s "
           f"= {t_c / t_jg:.2f}× slower (max diff / max {err:.1e})")
-    t_v, Kv = timed(ntk_vps)
+    t_v, Kv = interleaved({"v": ntk_vps}, 1)["v"]
     err = np.max(np.abs(K - Kv)) / np.max(np.abs(Kv))
     print(f"  ntk full: torch.func NTK-vector products {t_v:.3f} s = {t_v / t_jg:.2f}× slower (max diff / max {err:.1e}); "
           f"vs the better torch recipe {min(t_c, t_v) / t_jg:.2f}×")
