@@ -211,3 +211,30 @@ def test_token_ids_are_checked_by_the_first_layer(case):
     y, cache = net.forward(np.zeros((2, 3), dtype=np.int32))
     with pytest.raises(ValueError, match=r"grad_y has shape \(2, 3\) .* needs \(2, 3, 3\)"):
         net.backward(cache, np.zeros((2, 3)))
+
+
+def test_gelu_dense_evaluates_erfc_once_per_pass(monkeypatch):
+    """A GELU Dense layer makes φ'(h) with φ(h) (``Activation.f_and_df``: one erfc over h, not two):
+    loss_and_grads runs erfc once per GELU layer, and its gradients equal finite differences."""
+    import jacgrad.activations as acts
+
+    calls = []
+    real = acts.erfc
+    monkeypatch.setattr(acts, "erfc", lambda x: calls.append(x.shape) or real(x))
+    rng = np.random.default_rng(4)
+    L = jg.layers
+    net = jg.Sequential([L.Dense(rng.standard_normal((4, 6)), rng.standard_normal(6), "gelu"),
+                         L.Residual([L.LayerNorm(np.ones(6)), L.Dense(rng.standard_normal((6, 6)), None, "gelu")]),
+                         L.Dense(rng.standard_normal((6, 2)))])
+    x, t = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 5, 2))
+    loss, g = net.loss_and_grads(x, t)
+    assert calls == [(15, 6), (15, 6)]
+    W, eps = net.layers[1].layers[1].W, 1e-6
+    fd = np.zeros_like(W)
+    for idx in np.ndindex(W.shape):
+        W[idx] += eps
+        up = jg.losses.mse(net(x), t)[0]
+        W[idx] -= 2 * eps
+        fd[idx] = (up - jg.losses.mse(net(x), t)[0]) / (2 * eps)
+        W[idx] += eps
+    np.testing.assert_allclose(g.layers[1][1]["W"], fd, rtol=1e-6, atol=1e-9)  # the inner GELU Dense's ∂W
