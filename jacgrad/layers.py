@@ -1,7 +1,9 @@
-"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``.
+"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``,
+``Embedding``, ``MultiHeadAttention``.
 
 Each layer implements the layer protocol (``jacgrad.layer_protocol.Layer``) in a module of its
-own (``dense_layer``, ``norm_layers``, ``residual_layer``) and registers its kind there: its
+own (``dense_layer``, ``norm_layers``, ``residual_layer``, ``embedding``, ``attention``) and
+registers its kind there: its
 ``forward`` (the output and the least state its backward needs), its ``backward`` (parameter
 gradients written into the views it is given, and ∂L/∂input), its Jacobian ``factor`` for
 ``Chain``, its parameter leaves (``jacgrad.param_leaves``) and its file ``spec``. Dense, the

@@ -2,8 +2,7 @@
 gradient norms (all three methods, per layer), per-sample gradients, the NTK (trace and full),
 ``ggn_vp``, ``ggn_diagonal`` and ``clipped_grad`` — against ``torch.func`` on the same torch modules,
 float64 to 1e-10. The products read the layer only through the layer protocol (its factor's
-``param_vjp_stack``/``param_jvp`` and its four ``TokenDenseLeaf`` leaves), which lives on the
-``j-protocol`` branch: until it is merged this file skips."""
+``param_vjp_stack``/``param_jvp`` and its four ``TokenDenseLeaf`` leaves)."""
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import pytest
 import jacgrad as jg
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("jacgrad.layer_protocol", reason="the layer protocol (branch j-protocol) is not merged yet")
 pytestmark = pytest.mark.torch
 
 B, T, d, O = 3, 5, 8, 4
