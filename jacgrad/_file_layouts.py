@@ -162,7 +162,7 @@ def _check_spec(spec, prefix, depth):
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
                       f"{', '.join(['kind', *fields])}")
         for name, types in fields.items():
-            if not isinstance(s[name], types) or isinstance(s[name], bool):
+            if not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if "layers" in fields:  # a container: its inner layer list
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)

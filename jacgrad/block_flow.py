@@ -234,6 +234,7 @@ class BlockChunk:
     def __call__(self, net, x, target=None, *, start: int = 0):
         xp = net.xp
         x = xp.asarray(x)
+        _refuse_tokens(net, x)
         if x.ndim != 2 or x.shape[1] != net.n_in:
             raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {net.n_in}) inputs")
         _check_finite(net, x, start)
@@ -246,6 +247,17 @@ class BlockChunk:
         with np.errstate(all="ignore"):
             return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total, self.norm_rows,
                             spectrum=True, spectrum_samples=self.spectrum_samples)
+
+
+def _refuse_tokens(net, x) -> None:
+    """A ``ValueError`` for a token batch ``(B, T, *in_shape)`` (token ids ``(B, T)`` into an
+    ``Embedding``): the report's per-block χ, ‖J‖₂ and input-output spectrum read ``(B, n_in)`` rows."""
+    shape = tuple(getattr(x, "shape", ()))
+    if net.takes_tokens and len(shape) == len(net.in_shape) + 2:
+        raise ValueError(f"gradient_flow: x has shape {shape}, a token batch (B, T{', ' if net.in_shape else ''}"
+                         f"{', '.join(map(str, net.in_shape))}); the report (χ, ‖J‖₂ per block, the input-output "
+                         f"spectrum) does not take token batches yet: use per_sample_grad_norms, ntk or "
+                         f"jacobian_chain on them")
 
 
 def _check_finite(net, x, start: int) -> None:
@@ -299,6 +311,7 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
         xp = get_xp(x, _anchor(net.layers))
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
+    _refuse_tokens(net, x)
     x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")

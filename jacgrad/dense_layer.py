@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from ._passes import dense_backward, dense_forward
 from ._token_rows import PerToken
 from ._validate import float_array, shape_str
@@ -107,6 +109,10 @@ class Dense(PerToken):
         from_output = self._act.df_from_output is not None
         bufs = out if out is not None else _buffers(None, self.forward_shapes(z.shape[0]), z)
         h, d = (bufs[0], None) if from_output else (bufs[1], bufs[2] if len(bufs) == 3 else None)
+        if d is None and self._act.f_and_df is not None and get_xp(z) is np:
+            # gelu, gelu_tanh, silu: φ and φ' share their costly part (gelu's erfc: a quarter of a
+            # transformer's training step), so φ'(h) is made with φ(h), bitwise as the factor's df(h)
+            d = np.empty_like(h)
         y = dense_forward(z, self._W, self._b, self._act, h, None if from_output else bufs[0], d, check, where)
         return y, (z, h, from_output, d)
 

@@ -1,7 +1,9 @@
-"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``, ``Activation``.
+"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``, ``Activation``,
+``Embedding``, ``MultiHeadAttention``.
 
 Each layer implements the layer protocol (``jacgrad.layer_protocol.Layer``) in a module of its
-own (``dense_layer``, ``norm_layers``, ``residual_layer``) and registers its kind there: its
+own (``dense_layer``, ``norm_layers``, ``residual_layer``, ``embedding``, ``attention``) and
+registers its kind there: its
 ``forward`` (the output and the least state its backward needs), its ``backward`` (parameter
 gradients written into the views it is given, and ∂L/∂input), its Jacobian ``factor`` for
 ``Chain``, its parameter leaves (``jacgrad.param_leaves``) and its file ``spec``. Dense, the
@@ -26,9 +28,11 @@ from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+from .attention import MultiHeadAttention  # token layers, each in a module of its own
+from .embedding import Embedding
 from .activation_layer import Activation  # registered after the layers with parameters (kinds in that order)
 
-__all__ = ["Activation", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Activation", "Dense", "Embedding", "LayerNorm", "MultiHeadAttention", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual, Activation)

@@ -108,19 +108,24 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     require_network(net, "ntk")
     check_max_memory(max_memory)
     xp = get_xp(x1, _anchor(net))
-    x1 = network_input(x1, "x1", xp, net.dtype)
+    x1 = _input(net, x1, "x1", xp)
     sym = x2 is None
-    x2 = x1 if sym else network_input(x2, "x2", get_xp(x2, _anchor(net)), net.dtype)
+    x2 = x1 if sym else _input(net, x2, "x2", get_xp(x2, _anchor(net)))
     tokens = getattr(net, "takes_tokens", False)
+    ids = tuple(getattr(net, "in_shape", (None,))) == ()  # (N, T) token ids, checked by layer 0 (an Embedding)
     for name, x in (("x1", x1), ("x2", x2)):
+        if ids:
+            if x.shape[1] != x1.shape[1]:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}: token ids (N, T) with x1's T = {x1.shape[1]}")
+            continue
         if x.shape[-1:] != (net.sizes[0],) or x.ndim not in ((2, 3) if tokens else (2,)) \
                 or (x.ndim == 3 and x.shape[1] != x1.shape[1]):
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "
                              f"needs (N, {net.sizes[0]})" + (f" or (N, T, {net.sizes[0]}) with x1's T" if tokens else ""))
-    N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * (x1.shape[1] if x1.ndim == 3 else 1)
+    T = x1.shape[1] if x1.ndim == 3 or ids else 1
+    N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * T
     shape = (N1, N2) if trace else (N1, O, N2, O)
     out = xp.zeros(shape, dtype=net.dtype)
-    T = x1.shape[1] if x1.ndim == 3 else 1
     chunk = _chunk(net, max(N1, N2, 1), max_memory if max_memory is None or T == 1 else max_memory / (T * T))
     for a in range(0, N1, chunk):
         sa = slice(a, min(N1, a + chunk))
@@ -135,6 +140,13 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
                 else:
                     out[sb, :, sa, :] = blk.transpose(2, 3, 0, 1)
     return out if trace else xp.ascontiguousarray(out.transpose(0, 2, 1, 3))
+
+
+def _input(net, x, name: str, xp):
+    """``x`` checked as ``net``'s input: by its first layer where that takes discrete token ids (a
+    layer with ``check_tokens``: ``Embedding``), else as a float batch in its dtype."""
+    check_tokens = getattr(net.layers[0], "check_tokens", None)
+    return check_tokens(x, 0) if check_tokens is not None else network_input(x, name, xp, net.dtype)
 
 
 def _anchor(net):

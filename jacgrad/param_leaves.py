@@ -148,27 +148,35 @@ class TokenDenseLeaf:
         if method == "instantiate" or (method == "auto" and self._ntk_instantiates(aa, ab, Ga, Gb)):
             out += _gram(self._jacobians(aa, Ga), self._jacobians(ab, Gb), trace)
             return
-        w = xp.einsum("isp,jtp->isjt", aa, ab)  # the T × T' cross-Gram of the inputs
+        (Na, T, p), (Nb, T2, _) = aa.shape, ab.shape  # the T × T' cross-Gram of the inputs, one GEMM
+        w = (aa.reshape(Na * T, p) @ ab.reshape(Nb * T2, p).T).reshape(Na, T, Nb, T2)
         if self.bias:
             w += 1
-        if trace:
-            out += xp.einsum("isjt,iosh,joth->ij", w, Ga, Gb, optimize=True)
-        else:
-            out += xp.einsum("isjt,iosh,jqth->iojq", w, Ga, Gb, optimize=True)
+        O, d = Ga.shape[1], Ga.shape[3]
+        # Y[i, (j, t), (o, h)] = Σ_s w[i, s, j, t] G_io,s,h: batched GEMMs over i (an einsum with the
+        # shared i runs numpy's unblocked c_einsum, 50× slower)
+        Y = xp.matmul(w.reshape(Na, T, Nb * T2).swapaxes(1, 2), Ga.transpose(0, 2, 1, 3).reshape(Na, T, O * d))
+        Y = Y.reshape(Na, Nb, T2, O, d).transpose(1, 0, 3, 2, 4)  # (j, i, o, t, h)
+        if trace:  # Σ_o Σ_t,h Y[j, i, o, t, h] G′_jo,t,h
+            out += (Y * Gb[:, None]).sum(axis=(2, 3, 4)).T
+        else:  # batched GEMMs over j: (i·o, t·h) @ (t·h, q)
+            K = xp.matmul(Y.reshape(Nb, Na * O, T2 * d), Gb.reshape(Nb, O, T2 * d).swapaxes(1, 2))
+            out += K.reshape(Nb, Na, O, O).transpose(1, 2, 0, 3)
 
     @staticmethod
     def _ntk_instantiates(aa, ab, Ga, Gb) -> bool:
-        """The NTK cost rule: build the per-sample, per-output Jacobians ``A_iᵀ G_io`` (``O(N·O·T·p·d)``
-        plus a ``(N·O)² · p·d`` GEMM) where that costs less than the cross-Gram's ``(N·O·T)² · d``."""
+        """The NTK cost rule, in multiply-adds: build the per-sample, per-output Jacobians ``A_iᵀ G_io``
+        (``(N·T + N′·T′)·O·p·d``) and their ``(N·O)(N′·O)·p·d`` GEMM, where that costs less than the
+        cross-Gram path's ``N·N′·T·T′·p`` (inputs) + ``N·N′·O·T′·d·(T + O)`` (its two batched GEMMs)."""
         (Na, O, T, d), (Nb, _, T2, _), p = Ga.shape, Gb.shape, aa.shape[-1]
         build = (Na * T + Nb * T2) * O * p * d + Na * O * Nb * O * p * d
-        return build < Na * O * T * Nb * O * T2 * (d + 1)
+        return build < Na * Nb * T * T2 * p + Na * Nb * O * T2 * d * (T + O)
 
     def _jacobians(self, a, G):
         """``(N, O, p·d [+ d])``: per sample and output row, ``A_iᵀ G_io`` flattened (and ``Σ_t G_io,t``)."""
         xp = get_xp(a, G)
         N, O, T, d = G.shape
-        J = xp.einsum("itp,iotd->iopd", a, G).reshape(N, O, a.shape[-1] * d)
+        J = xp.matmul(a.swapaxes(1, 2)[:, None], G).reshape(N, O, a.shape[-1] * d)  # batched GEMMs, not c_einsum
         return xp.concatenate([J, G.sum(axis=2)], axis=2) if self.bias else J
 
     def jvp(self, a, v: Sequence[Any], base):

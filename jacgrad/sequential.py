@@ -31,7 +31,7 @@ from ._validate import float_array, network_input, shape_str
 from .backend import get_xp
 from .chain import Chain
 from .kernels import activation_forward
-from .layers import chained, Dense
+from .layers import chained, Dense, leaf_layers
 from .layer_protocol import anchor as _first_param
 from ._mlp_interop import Imported
 from ._renamed import renamed
@@ -185,11 +185,8 @@ class Sequential(SequentialParameterSpace, Imported):
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
-        xp = get_xp(x, self._anchor)
-        x = network_input(x, "x", xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
-        # one memory layout for every x: the GEMMs (and so the last bits of ∂W_0) do not depend on
-        # how x is laid out, and a compiled step (which copies x into a C-contiguous buffer) agrees
-        x = xp.ascontiguousarray(x.astype(self.dtype, copy=False))
+        x = self.checked_input(x, "x")
+        xp = self.xp
         check = _require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
@@ -200,6 +197,19 @@ class Sequential(SequentialParameterSpace, Imported):
         bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True, lean=isinstance(lead, int))
         z, states = forward_layers(self._layers, x, bufs, check)
         return z, SequentialCache(x, states, self._token, self._layers)
+
+    def checked_input(self, x: Any, name: str = "x"):
+        """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
+        it takes discrete inputs (a layer with ``check_tokens(x, where)``, e.g. ``Embedding``: integer
+        ``(B, T)`` ids, kept as they are); else a float ``(B, *in_shape)`` or, per token,
+        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype."""
+        first = self._layers[0]
+        check_tokens = getattr(first, "check_tokens", None)
+        if check_tokens is not None:
+            return check_tokens(x, 0)
+        xp = get_xp(x, self._anchor)
+        x = network_input(x, name, xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
+        return xp.ascontiguousarray(x.astype(self.dtype, copy=False))
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, SequentialCache):
@@ -222,7 +232,7 @@ class Sequential(SequentialParameterSpace, Imported):
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
-        want = (cache.batch,) + tuple(cache.x.shape[1:-len(self.in_shape)]) + tuple(self.out_shape)
+        want = (cache.batch,) + tuple(cache.x.shape[1:cache.x.ndim - len(self.in_shape)]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
@@ -275,12 +285,28 @@ class Sequential(SequentialParameterSpace, Imported):
         ``expected_batch_size``): a private DP-SGD step, ``(loss, ClippedGradients)`` per call, the
         numbers of ``clipped_grad`` (``jacgrad._private_step``), without ``∂L/∂x`` whatever
         ``input_grad`` says."""
+        self._refuse_token_only(batch, "compile")
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
                             noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
+
+    def _refuse_token_only(self, batch: Any, what: str) -> None:
+        """A ``ValueError`` naming the first layer that runs on token batches ``(B, T, ·)`` only (its
+        ``forward_shapes(batch)`` refuses an int batch: ``MultiHeadAttention``, ``Embedding``): a
+        compiled step's buffers are ``(batch, n)``."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            return  # the step's own check names a bad batch
+        for path, L in leaf_layers(self._layers):
+            try:
+                L.forward_shapes(int(batch))
+            except ValueError:
+                raise ValueError(f"{what}: layer {'.'.join(map(str, path))} ({L!r}) runs on token batches (B, T, ·) "
+                                 f"only, and a compiled step's buffers are (batch, features): use loss_and_grads "
+                                 f"or clipped_grad on token batches") from None
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the
         GPU; the contract of ``MLP.compile_jacobian`` (``jacgrad._compiled_jacobian``)."""
+        self._refuse_token_only(batch, "compile_jacobian")
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod

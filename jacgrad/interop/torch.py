@@ -42,8 +42,9 @@ from .. import activations as _activations
 from ..backend import asarray, is_gpu_array
 from . import Origin, require
 
-__all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "custom_note", "describe", "flatten",
-           "origin", "passes_through", "tensor"]
+__all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "check_attention_module",
+           "check_embedding_module", "custom_note", "describe", "flatten", "origin", "parameter_converter",
+           "passes_through", "tensor"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Mish", "SELU", "Hardswish", "Hardsigmoid", "Softsign", "LogSigmoid", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -199,6 +200,39 @@ def _parameter(torch, p, what: str, copy: bool, dtype):
     if copy:
         return a.copy(order="K")
     return a
+
+
+def parameter_converter(copy: bool = True, dtype=None):
+    """``convert(tensor, what) -> array``: ``_parameter`` with ``copy`` and the cast ``dtype`` fixed —
+    how a layer's ``from_torch_module`` brings a parameter (or a view of one: a slice, ``.T``) over."""
+    import torch
+
+    cast = cast_dtype(dtype)
+    return lambda p, what: _parameter(torch, p, what, copy, cast)
+
+
+def check_attention_module(m, what: str) -> None:
+    """A ``ValueError`` saying why an ``nn.MultiheadAttention`` is not jacgrad's self-attention layer:
+    ``batch_first=False``, separate q/k/v weights, ``add_bias_kv``/``add_zero_attn``, train-mode dropout."""
+    if not m.batch_first:
+        raise ValueError(f"{what}: batch_first=False; jacgrad takes (B, T, d) inputs — build the module with "
+                         f"batch_first=True")
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        raise ValueError(f"{what}: kdim/vdim differ from embed_dim (separate q/k/v weights); only self-attention "
+                         f"with the packed in_proj_weight is supported")
+    if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+        raise ValueError(f"{what}: add_bias_kv/add_zero_attn are not supported")
+    if m.training and m.dropout > 0:
+        raise ValueError(f"{what}: dropout={m.dropout} in train mode makes the layer random; call .eval() or "
+                         f"build it with dropout=0")
+
+
+def check_embedding_module(m, what: str) -> None:
+    """A ``ValueError`` for an ``nn.Embedding`` with ``max_norm`` (it renormalises rows of the weight
+    inside forward, which jacgrad does not)."""
+    if m.max_norm is not None:
+        raise ValueError(f"{what}: max_norm={m.max_norm} renormalises the rows of the weight inside forward; "
+                         f"not supported")
 
 
 def passes_through(nn, where: str, m) -> bool:

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import Activation as _JgActivation, Dense, LayerNorm, Residual as _JgResidual, RMSNorm
+from ..layers import Activation as _JgActivation, Dense, Embedding, LayerNorm, MultiHeadAttention, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import origin, passes_through, tensor
 
-__all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
+__all__ = ["Residual", "layers_from_torch", "layers_to_torch", "token_layer"]
 
 
 class Residual(nn.Module):
@@ -163,18 +163,32 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
             eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
             out.append(RMSNorm(gamma, eps=eps))
+        elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # (B, T) tokens / (B, T, d) sequences
+            out.append(token_layer(m, conv, at))
         elif type(m) is Residual:
             inner = f"{at}: inner module"
             out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
         else:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
-                            f"nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
+                            f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), "
+                            f"jacgrad.interop.torch_blocks.Residual")
         if act is None:
             width = (out[-1].n_out, i, type(m).__name__)
     if not out:
         raise ValueError(f"{where}s: no layers to convert (no nn.Linear, nn.LayerNorm, nn.RMSNorm or Residual)")
     return out
+
+
+def token_layer(m, convert, where: str, causal: bool = False):
+    """The jacgrad layer of an ``nn.Embedding`` or an ``nn.MultiheadAttention(batch_first=True)``
+    (self-attention; ``causal`` as the caller knows it: torch passes masks at call time).
+    ``convert(tensor, what)``: how parameters come over (``_Convert``, or
+    ``interop.torch.parameter_converter``); refusals name ``where``."""
+    conv = lambda p, what: convert(p, f"{where}: {what}")  # noqa: E731
+    if type(m) is nn.Embedding:
+        return Embedding.from_torch_module(m, convert=conv, where=where)
+    return MultiHeadAttention.from_torch_module(m, causal=causal, convert=conv, where=where)
 
 
 def layers_to_torch(layers) -> nn.Sequential:
