@@ -32,8 +32,13 @@ from .chain import Chain
 from .factors import NormFactor, ResidualFactor
 from .jacobian import LayerJacobian
 from .per_sample import grad_sq_norms
+# the convolutional family: one module per concept, exported here
+from .batchnorm_layers import BatchNorm1d, BatchNorm2d
+from .conv_layers import Conv1d, Conv2d
+from .pool_layers import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm", "named_params"]
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dense", "Flatten", "LayerNorm",
+           "MaxPool2d", "NORMS", "RMSNorm", "Residual", "chained", "leaf_layers", "make_norm", "named_params"]
 
 
 class Dense:

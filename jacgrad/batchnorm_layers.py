@@ -1,0 +1,160 @@
+"""``BatchNorm1d`` and ``BatchNorm2d`` in eval mode: a per-channel affine map from the running
+statistics, ``y = (x − μ_run)/sqrt(σ²_run + eps) · γ + β`` (torch's names: ``weight`` = γ,
+``bias`` = β; ``running_mean``, ``running_var`` are constants, not parameters).
+
+Train mode normalises with the batch's own statistics, which couples the samples: a sample's
+output then depends on the others, so per-sample Jacobians and gradients lose their meaning.
+It is not offered (``interop`` refuses a torch module in train mode with that reason).
+
+The Jacobian is ``diag(γ/σ)`` per channel, shared by every sample (``ChannelScaleOp``). The
+parameter leaf is elementwise: ``∂γ_b = Σ_t g_b ⊙ x̂_b``, ``∂β_b = Σ_t g_b`` with
+``x̂ = param_input(state): (B, C, *spatial)`` and ``g = ∂L/∂y`` of the same shape.
+
+    >>> import numpy as np, jacgrad as jg
+    >>> bn = jg.layers.BatchNorm2d(np.full(2, 2.0), np.zeros(2), np.zeros(2), np.full(2, 4.0), eps=0.0)
+    >>> bn.forward(np.ones((1, 2, 1, 1)))[0].ravel().tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._validate import float_array, shape_str
+from .backend import get_xp
+from .conv_factors import ChannelScaleOp, SpatialFactor
+
+__all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+
+class BatchNorm2d:
+    """Eval ``torch.nn.BatchNorm2d``: ``weight, bias: (C,)`` (None for both: ``affine=False``),
+    ``running_mean, running_var: (C,)``, ``eps > 0``; input ``(B, C, H, W)``. Keeps ``x̂`` for backward."""
+
+    kind = "batchnorm2d"
+    _spatial = (2,)
+
+    def __init__(self, weight: Any, bias: Any, running_mean: Any, running_var: Any, eps: float = 1e-5,
+                 in_shape: Sequence[int] | None = None):
+        name = type(self).__name__
+        xp = get_xp(*[a for a in (weight, bias, running_mean, running_var) if a is not None])
+        mean, var = float_array(running_mean, "running_mean", xp), float_array(running_var, "running_var", xp)
+        if mean.ndim != 1 or mean.shape[0] < 1 or var.shape != mean.shape or var.dtype != mean.dtype:
+            raise ValueError(f"{name}: running_mean {shape_str(mean.shape)} and running_var {shape_str(var.shape)} "
+                             f"must both be (C,) of one dtype")
+        if (weight is None) != (bias is None):
+            raise ValueError(f"{name}: give both weight and bias (affine=True) or neither (affine=False)")
+        if weight is not None:
+            weight, bias = float_array(weight, "weight", xp), float_array(bias, "bias", xp)
+            for what, a in (("weight", weight), ("bias", bias)):
+                if a.shape != mean.shape or a.dtype != mean.dtype:
+                    raise ValueError(f"{name}: {what} is {shape_str(a.shape)} {a.dtype} but running_mean is "
+                                     f"{shape_str(mean.shape)} {mean.dtype}: they must match")
+        eps = float(eps)
+        if not (eps >= 0 and np.isfinite(eps)):
+            raise ValueError(f"{name}: eps must be finite and ≥ 0, got {eps!r}")
+        if bool((var + eps <= 0).any()):
+            raise ValueError(f"{name}: running_var + eps must be > 0 in every channel")
+        self._w, self._b, self._mean, self._var, self._eps = weight, bias, mean, var, eps
+        self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+        self.out_shape = self.in_shape
+
+    weight = property(lambda self: self._w, doc="γ: ``(C,)`` or None")
+    bias = property(lambda self: self._b, doc="β: ``(C,)`` or None")
+    running_mean = property(lambda self: self._mean)
+    running_var = property(lambda self: self._var)
+    eps = property(lambda self: self._eps)
+    num_features = property(lambda self: self._mean.shape[0])
+    n_in = n_out = property(lambda self: None if self.in_shape is None else int(np.prod(self.in_shape)))
+
+    @property
+    def names(self) -> tuple:
+        return () if self._w is None else ("weight", "bias")
+
+    @property
+    def params(self) -> list:
+        return [] if self._w is None else [self._w, self._b]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "eps": self._eps, "affine": self._w is not None}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_features}, eps={self._eps:g}, eval)"
+
+    def _inv(self):
+        return 1.0 / get_xp(self._var).sqrt(self._var + self._eps)
+
+    def _scale(self):
+        """``γ/σ: (C,)`` (``1/σ`` without affine)."""
+        inv = self._inv()
+        return inv if self._w is None else self._w * inv
+
+    def _check(self, x):
+        name = type(self).__name__
+        ok = x.ndim - 2 in self._spatial and x.shape[1] == self.num_features
+        if not ok:
+            want = "(B, C, H, W)" if self._spatial == (2,) else "(B, C) or (B, C, L)"
+            raise ValueError(f"{name}: input of shape {shape_str(x.shape)} is not {want} with C = {self.num_features}")
+
+    def _col(self, a, x):
+        return a.reshape((-1,) + (1,) * (x.ndim - 2))
+
+    def forward_shapes(self, B: int) -> list:
+        """The output and ``x̂``, both ``(B, *in_shape)``."""
+        if self.in_shape is None:
+            raise ValueError(f"{self!r}: forward_shapes needs in_shape; build the layer with in_shape=(C, ...)")
+        return [(B,) + self.in_shape] * 2
+
+    def backward_shapes(self, B: int, input_grad: bool = True) -> list:
+        return [(B,) + self.in_shape] if input_grad else []
+
+    def forward(self, x, check=None, where: Any = 0, out=None):
+        """``x: (B, C, …) -> (B, C, …)``; returns ``(y, x̂)``."""
+        self._check(x)
+        xp = get_xp(x, self._mean)
+        y, xhat = out if out is not None else (xp.empty_like(x), xp.empty_like(x))
+        xp.subtract(x, self._col(self._mean, x), out=xhat)
+        xp.multiply(xhat, self._col(self._inv(), x), out=xhat)
+        if self._w is None:
+            y[...] = xhat
+        else:
+            xp.multiply(xhat, self._col(self._w, x), out=y)
+            y += self._col(self._b, x)
+        if check is not None:
+            check(y, f"{where if isinstance(where, str) else f'layer {where}'}: output")
+        return y, xhat
+
+    def factor(self, state) -> SpatialFactor:
+        """``diag(γ/σ)`` per channel, shared by every sample."""
+        return SpatialFactor(ChannelScaleOp(self._scale(), state.shape[1:]), anchor=state)
+
+    def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
+                 sq=None, out=None):
+        """``∂γ = Σ g⊙x̂``, ``∂β = Σ g`` (over batch and positions); returns ``(g·γ/σ or None, g)``."""
+        axes = (0,) + tuple(range(2, g.ndim))
+        if self._w is not None:
+            gx = g * state
+            grads[0][...] = gx.sum(axis=axes)
+            grads[1][...] = g.sum(axis=axes)
+            if sq is not None:
+                per = tuple(range(2, g.ndim))
+                a, b = (gx.sum(axis=per), g.sum(axis=per)) if per else (gx, g)
+                sq += (a * a).sum(axis=1) + (b * b).sum(axis=1)
+        if not input_grad:
+            return None, g
+        xp = get_xp(g)
+        gin = xp.multiply(g, self._col(self._scale(), g), out=out[0] if out else None)
+        return gin, g
+
+    def param_input(self, state):
+        """``x̂: (B, C, …)``: the elementwise leaf's input (``∂γ_b = Σ_t g_b ⊙ x̂_b``)."""
+        return state
+
+
+class BatchNorm1d(BatchNorm2d):
+    """Eval ``torch.nn.BatchNorm1d``: input ``(B, C)`` or ``(B, C, L)``; everything else as ``BatchNorm2d``."""
+
+    kind = "batchnorm1d"
+    _spatial = (0, 1)
