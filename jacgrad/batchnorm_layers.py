@@ -6,9 +6,11 @@ Train mode normalises with the batch's own statistics, which couples the samples
 output then depends on the others, so per-sample Jacobians and gradients lose their meaning.
 It is not offered (``interop`` refuses a torch module in train mode with that reason).
 
-The Jacobian is ``diag(γ/σ)`` per channel, shared by every sample (``ChannelScaleOp``). The
-parameter leaf is elementwise: ``∂γ_b = Σ_t g_b ⊙ x̂_b``, ``∂β_b = Σ_t g_b`` with
-``x̂ = param_input(state): (B, C, *spatial)`` and ``g = ∂L/∂y`` of the same shape.
+An activation may be fused, as in ``Dense`` (torch's conv → BatchNorm → ReLU):
+``y = φ(h)``, ``h = x̂·γ + β``. The Jacobian is ``diag(φ'(h))·diag(γ/σ)`` per channel
+(``ChannelScaleOp``), shared by every sample with the identity. The parameter leaf is
+elementwise: ``∂γ_b = Σ_t δ_b ⊙ x̂_b``, ``∂β_b = Σ_t δ_b`` with ``x̂ = param_input(state):
+(B, C, *spatial)`` and ``δ = ∂L/∂h`` (what ``backward`` returns) of the same shape.
 
     >>> import numpy as np, jacgrad as jg
     >>> bn = jg.layers.BatchNorm2d(np.full(2, 2.0), np.zeros(2), np.zeros(2), np.full(2, 4.0), eps=0.0)
@@ -24,20 +26,23 @@ import numpy as np
 
 from ._validate import float_array, shape_str
 from .backend import get_xp
+from .activations import get as get_activation
 from .conv_factors import ChannelScaleOp, SpatialFactor
+from .kernels import activation_forward, derivative, scale_cotangent
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
 
 class BatchNorm2d:
     """Eval ``torch.nn.BatchNorm2d``: ``weight, bias: (C,)`` (None for both: ``affine=False``),
-    ``running_mean, running_var: (C,)``, ``eps > 0``; input ``(B, C, H, W)``. Keeps ``x̂`` for backward."""
+    ``running_mean, running_var: (C,)``, ``eps > 0``; input ``(B, C, H, W)``; ``activation``
+    fused after it. Keeps ``x̂`` for backward, and ``y`` or ``h`` where the activation is not the identity."""
 
     kind = "batchnorm2d"
     _spatial = (2,)
 
     def __init__(self, weight: Any, bias: Any, running_mean: Any, running_var: Any, eps: float = 1e-5,
-                 in_shape: Sequence[int] | None = None):
+                 in_shape: Sequence[int] | None = None, activation: str = "identity"):
         name = type(self).__name__
         xp = get_xp(*[a for a in (weight, bias, running_mean, running_var) if a is not None])
         mean, var = float_array(running_mean, "running_mean", xp), float_array(running_var, "running_var", xp)
@@ -58,6 +63,7 @@ class BatchNorm2d:
         if bool((var + eps <= 0).any()):
             raise ValueError(f"{name}: running_var + eps must be > 0 in every channel")
         self._w, self._b, self._mean, self._var, self._eps = weight, bias, mean, var, eps
+        self._act = get_activation(activation)
         self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
         self.out_shape = self.in_shape
 
@@ -66,6 +72,7 @@ class BatchNorm2d:
     running_mean = property(lambda self: self._mean)
     running_var = property(lambda self: self._var)
     eps = property(lambda self: self._eps)
+    activation = property(lambda self: self._act.name)
     num_features = property(lambda self: self._mean.shape[0])
     n_in = n_out = property(lambda self: None if self.in_shape is None else int(np.prod(self.in_shape)))
 
@@ -78,10 +85,10 @@ class BatchNorm2d:
         return [] if self._w is None else [self._w, self._b]
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "eps": self._eps, "affine": self._w is not None}
+        return {"kind": self.kind, "eps": self._eps, "affine": self._w is not None, "activation": self._act.name}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.num_features}, eps={self._eps:g}, eval)"
+        return f"{type(self).__name__}({self.num_features}, eps={self._eps:g}, eval, {self._act.name})"
 
     def _inv(self):
         return 1.0 / get_xp(self._var).sqrt(self._var + self._eps)
@@ -102,37 +109,52 @@ class BatchNorm2d:
         return a.reshape((-1,) + (1,) * (x.ndim - 2))
 
     def forward_shapes(self, B: int) -> list:
-        """The output and ``x̂``, both ``(B, *in_shape)``."""
+        """The output and ``x̂`` (and ``h`` where φ' needs it), all ``(B, *in_shape)``."""
         if self.in_shape is None:
             raise ValueError(f"{self!r}: forward_shapes needs in_shape; build the layer with in_shape=(C, ...)")
-        return [(B,) + self.in_shape] * 2
+        return [(B,) + self.in_shape] * (2 if self._plain_or_from_output() else 3)
+
+    def _plain_or_from_output(self) -> bool:
+        return self._act.name == "identity" or self._act.df_from_output is not None
 
     def backward_shapes(self, B: int, input_grad: bool = True) -> list:
         return [(B,) + self.in_shape] if input_grad else []
 
     def forward(self, x, check=None, where: Any = 0, out=None):
-        """``x: (B, C, …) -> (B, C, …)``; returns ``(y, x̂)``."""
+        """``x: (B, C, …) -> (B, C, …)``; returns ``(y, (x̂, y or h or None))``."""
         self._check(x)
         xp = get_xp(x, self._mean)
-        y, xhat = out if out is not None else (xp.empty_like(x), xp.empty_like(x))
+        plain = self._plain_or_from_output()
+        bufs = out if out is not None else [xp.empty_like(x) for _ in range(2 if plain else 3)]
+        y, xhat = bufs[0], bufs[1]
+        h = y if plain else bufs[2]
         xp.subtract(x, self._col(self._mean, x), out=xhat)
         xp.multiply(xhat, self._col(self._inv(), x), out=xhat)
         if self._w is None:
-            y[...] = xhat
+            h[...] = xhat
         else:
-            xp.multiply(xhat, self._col(self._w, x), out=y)
-            y += self._col(self._b, x)
+            xp.multiply(xhat, self._col(self._w, x), out=h)
+            h += self._col(self._b, x)
+        if self._act.name != "identity":
+            activation_forward(h, self._act, out=y)
         if check is not None:
             check(y, f"{where if isinstance(where, str) else f'layer {where}'}: output")
-        return y, xhat
+        return y, (xhat, None if self._act.name == "identity" else y if plain else h)
 
     def factor(self, state) -> SpatialFactor:
-        """``diag(γ/σ)`` per channel, shared by every sample."""
-        return SpatialFactor(ChannelScaleOp(self._scale(), state.shape[1:]), anchor=state)
+        """``diag(φ'(h))·diag(γ/σ)`` per channel: shared by every sample with the identity."""
+        xhat, saved = state
+        d = None if saved is None else derivative(saved, self._act, from_output=self._act.df_from_output is not None)
+        return SpatialFactor(ChannelScaleOp(self._scale(), xhat.shape[1:]), d, anchor=xhat)
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
                  sq=None, out=None):
-        """``∂γ = Σ g⊙x̂``, ``∂β = Σ g`` (over batch and positions); returns ``(g·γ/σ or None, g)``."""
+        """``δ = g ⊙ φ'(h)``, ``∂γ = Σ δ⊙x̂``, ``∂β = Σ δ`` (over batch and positions); returns
+        ``(δ·γ/σ or None, δ)``; ``g`` is only read."""
+        xhat, saved = state
+        if saved is not None:
+            g = scale_cotangent(g, saved, self._act, from_output=self._act.df_from_output is not None)
+        state = xhat
         axes = (0,) + tuple(range(2, g.ndim))
         if self._w is not None:
             gx = g * state
@@ -149,8 +171,8 @@ class BatchNorm2d:
         return gin, g
 
     def param_input(self, state):
-        """``x̂: (B, C, …)``: the elementwise leaf's input (``∂γ_b = Σ_t g_b ⊙ x̂_b``)."""
-        return state
+        """``x̂: (B, C, …)``: the elementwise leaf's input (``∂γ_b = Σ_t δ_b ⊙ x̂_b``)."""
+        return state[0]
 
 
 class BatchNorm1d(BatchNorm2d):

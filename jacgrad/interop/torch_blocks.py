@@ -115,7 +115,7 @@ def _layers(items, where: str, conv: _Convert) -> list:
             act = activation_name(nn, m)
         except ValueError as exc:
             raise ValueError(f"{at}: {exc}") from None
-        linear, after_linear = after_linear, type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d)
+        linear, after_linear = after_linear, type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
         if image is not None:
             out.append(image)
         elif type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
@@ -124,7 +124,7 @@ def _layers(items, where: str, conv: _Convert) -> list:
             out.append(Dense(W, b, "identity"))
         elif act is not None:
             if not linear:
-                raise TypeError(f"{at}: an activation must directly follow an nn.Linear or a convolution")
+                raise TypeError(f"{at}: an activation must directly follow an nn.Linear, a convolution or a BatchNorm")
             last = out.pop()
             out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
         elif type(m) is nn.LayerNorm:

@@ -2,7 +2,7 @@
 own ``nn.Conv1d``/``nn.Conv2d`` (``padding_mode="zeros"``), ``nn.AvgPool2d``, ``nn.MaxPool2d``,
 ``nn.AdaptiveAvgPool2d(1)``, ``nn.Flatten`` after an image layer, and ``nn.BatchNorm1d``/
 ``nn.BatchNorm2d`` in eval mode, each to its ``jacgrad.layers`` twin with torch's arguments.
-An activation module right after a convolution is fused into it, as after an ``nn.Linear``.
+An activation module right after a convolution or a BatchNorm is fused into it, as after an ``nn.Linear``.
 
 A BatchNorm in train mode is refused: it normalises each sample with the batch's statistics,
 which couples the samples (a per-sample Jacobian or gradient would depend on the rest of the
@@ -78,8 +78,10 @@ def conv_layer(m, at: str, conv, before: list):
 
 
 def with_activation(layer, act: str):
-    """``layer`` (a convolution) with the activation ``act`` fused, the same arrays."""
+    """``layer`` (a convolution or a BatchNorm) with the activation ``act`` fused, the same arrays."""
     cls = type(layer)
+    if isinstance(layer, BatchNorm2d):    # BatchNorm2d and its 1-D subclass
+        return cls(layer.weight, layer.bias, layer.running_mean, layer.running_var, eps=layer.eps, activation=act)
     stride, padding, dilation = layer._torch_args()
     return cls(layer.W, layer.b, stride=stride, padding=padding, dilation=dilation, groups=layer.groups,
                activation=act)
