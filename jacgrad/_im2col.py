@@ -20,7 +20,7 @@ strided adds, on NumPy and CuPy alike (no numpy-only call, no dense Toeplitz mat
 is cut into chunks so that one chunk's patch matrix stays under ``max_memory`` bytes.
 
     >>> import numpy as np
-    >>> geo = Geometry.make("Conv2d", (1, 4, 4), (1, 3, 3), 1, 1, 1, 1)
+    >>> geo = Geometry.make("Conv2d", (1, 4, 4), (1, 3, 3), (1, 1), 1, (1, 1))
     >>> geo.out_hw, geo.pads
     ((4, 4), (1, 1, 1, 1))
 """

@@ -17,7 +17,7 @@ and ``∂b_b = Σ_t Δ_b[t]``. With ``groups = G > 1``, ``A: (G, B, T, p)``: gro
     >>> import numpy as np, jacgrad as jg
     >>> L = jg.layers.Conv2d(np.ones((2, 1, 3, 3)), np.zeros(2), padding="same", activation="relu")
     >>> y, state = L.forward(np.ones((1, 1, 4, 4)))
-    >>> y.shape, y[0, 0, 0, 0], L.factor(state).h_in
+    >>> y.shape, float(y[0, 0, 0, 0]), L.factor(state).h_in
     ((1, 2, 4, 4), 4.0, 16)
 """
 
