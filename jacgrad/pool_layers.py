@@ -131,7 +131,8 @@ class AvgPool2d(_Window):
 
 class MaxPool2d(_Window):
     """``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0, dilation=1)`` (``ceil_mode=False``;
-    padding is −∞). State: each output's window offset ``arg: (B, C, H_out, W_out)`` int32."""
+    padding is −∞). State: each output's window offset ``arg: (B, C, H_out, W_out)`` (int8 for windows
+    of up to 127 elements, else int32)."""
 
     kind = "maxpool2d"
 
@@ -143,15 +144,16 @@ class MaxPool2d(_Window):
         _images(self, z)
         xp, geo = get_xp(z), self.geometry(z.shape[1:])
         zpad = geo.pad(z, value=-np.inf)
-        best, arg = None, None
-        for k, rows, cols in geo.offsets():
-            s = zpad[:, :, rows, cols]
-            if best is None:
-                best, arg = s.copy(), xp.zeros(s.shape, dtype=xp.int32)
-                continue
-            better = s > best
-            xp.copyto(best, s, where=better)
-            arg[better] = k
+        windows = [(k, zpad[:, :, rows, cols]) for k, rows, cols in geo.offsets()]
+        best = windows[0][1].copy()
+        for _, s in windows[1:]:
+            xp.maximum(best, s, out=best)
+        # the offset of the first maximum (torch's choice among ties): the last write wins, so go backwards
+        arg = xp.zeros(best.shape, dtype=xp.int8 if geo.window <= 127 else xp.int32)
+        for k, s in reversed(windows[1:]):
+            xp.copyto(arg, k, where=s == best)
+        where_first = windows[0][1] == best
+        xp.copyto(arg, 0, where=where_first)
         return self._write(best, out), (z.shape[1:], geo, arg, z)
 
     def factor(self, state) -> SpatialFactor:
