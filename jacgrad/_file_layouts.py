@@ -13,6 +13,7 @@ import re
 
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, quote
+from . import _file_conv
 from .layers import NORMS, Dense
 
 __all__ = ["dense_layers", "plan"]
@@ -22,7 +23,7 @@ _JACGRAD_KEY = re.compile(rf"^([Wb])({_N})$")
 _TORCH_KEY = re.compile(rf"^({_N}(?:\.{_N})*)\.(weight|bias)$")
 PARAMS = {"dense": Dense.names, **{k: cls.names for k, cls in NORMS.items()}}
 _FIELDS = {"dense": {"activation": str}, "residual": {"scale": (int, float), "layers": list},
-           **{k: {"eps": (int, float)} for k in NORMS}}
+           **{k: {"eps": (int, float)} for k in NORMS}, **_file_conv.FIELDS}
 MAX_DEPTH = 32
 
 
@@ -133,7 +134,7 @@ def _check_spec(spec, prefix, depth):
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
                       f"{', '.join(['kind', *fields])}")
         for name, types in fields.items():
-            if not isinstance(s[name], types) or isinstance(s[name], bool):
+            if not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if kind == "residual":
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
@@ -144,7 +145,8 @@ def _param_keys(spec, prefix):
         if s["kind"] == "residual":
             yield from _param_keys(s["layers"], f"{prefix}{j}.")
         else:
-            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in PARAMS[s["kind"]])
+            names = _file_conv.array_names(s) if s["kind"] in _file_conv.FIELDS else PARAMS[s["kind"]]
+            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in names)
 
 
 def dense_layers(spec):

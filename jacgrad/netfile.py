@@ -35,6 +35,7 @@ import os
 
 import numpy as np
 
+from . import _file_conv
 from . import activations as _activations
 from ._file_layouts import PARAMS, dense_layers, plan
 from ._file_readers import read_npz, read_safetensors, read_torch
@@ -65,7 +66,8 @@ def save(weights, biases, activations, path) -> None:
 def save_layers(layers, path) -> None:
     """Write a layer list in Sequential's layout (``Sequential.save``): ``.npz`` or ``.safetensors``."""
     arrays = {f"{'.'.join(map(str, where))}.{name}": p
-              for where, L in leaf_layers(layers) for name, p in zip(L.names, L.params)}
+              for where, L in leaf_layers(layers)
+              for name, p in (_file_conv.file_arrays(L) if L.kind in _file_conv.FIELDS else zip(L.names, L.params))}
     spec = json.dumps([L.spec() for L in layers])
     _write(path, arrays, {"spec": np.array(spec)}, {"spec": spec})
 
@@ -205,6 +207,8 @@ def _check_shapes(spec, declared, prefix, width):
             if b is not None and b[0] != (W[1],):
                 raise Bad(f"layer {where}: {b[1]} has shape {b[0]} but {key} has {W[1]} outputs")
             out = W[1]
+        elif kind in _file_conv.FIELDS:
+            out = _file_conv.check_shapes(s, declared, where)
         else:
             for name in PARAMS[kind]:
                 shape, key, _ = declared[f"{where}.{name}"]
@@ -242,6 +246,8 @@ def _build(spec, prefix, arrays) -> list:
                 out.append(Dense(arrays[f"{key}.W"], arrays[f"{key}.b"], s["activation"]))
             elif kind == "residual":
                 out.append(Residual(_build(s["layers"], f"{key}.", arrays), s["scale"]))
+            elif kind in _file_conv.FIELDS:
+                out.append(_file_conv.build(s, key, arrays))
             elif kind == "layernorm":
                 out.append(LayerNorm(arrays[f"{key}.gamma"], arrays[f"{key}.beta"], s["eps"]))
             else:

@@ -40,7 +40,7 @@ RANK: dict[str, int] = {
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
     # networks: layers, MLP and its passes, the compiled step, losses, files, interop
-    "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
+    "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_conv": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
     "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "conv_layers": NETWORKS, "pool_layers": NETWORKS,
     "batchnorm_layers": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
