@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._validate import float_array, shape_str
+from . import kernels
 from .backend import get_xp
 from .activations import get as get_activation
 from .conv_factors import ChannelScaleOp, SpatialFactor
-from .kernels import activation_forward, derivative, scale_cotangent
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -136,7 +136,7 @@ class BatchNorm2d:
             xp.multiply(xhat, self._col(self._w, x), out=h)
             h += self._col(self._b, x)
         if self._act.name != "identity":
-            activation_forward(h, self._act, out=y)
+            kernels.activation_forward(h, self._act, out=y)
         if check is not None:
             check(y, f"{where if isinstance(where, str) else f'layer {where}'}: output")
         return y, (xhat, None if self._act.name == "identity" else y if plain else h)
@@ -144,7 +144,7 @@ class BatchNorm2d:
     def factor(self, state) -> SpatialFactor:
         """``diag(φ'(h))·diag(γ/σ)`` per channel: shared by every sample with the identity."""
         xhat, saved = state
-        d = None if saved is None else derivative(saved, self._act, from_output=self._act.df_from_output is not None)
+        d = None if saved is None else kernels.derivative(saved, self._act, from_output=self._act.df_from_output is not None)
         return SpatialFactor(ChannelScaleOp(self._scale(), xhat.shape[1:]), d, anchor=xhat)
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
@@ -153,7 +153,7 @@ class BatchNorm2d:
         ``(δ·γ/σ or None, δ)``; ``g`` is only read."""
         xhat, saved = state
         if saved is not None:
-            g = scale_cotangent(g, saved, self._act, from_output=self._act.df_from_output is not None)
+            g = kernels.scale_cotangent(g, saved, self._act, from_output=self._act.df_from_output is not None)
         state = xhat
         axes = (0,) + tuple(range(2, g.ndim))
         if self._w is not None:

@@ -27,13 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _im2col
+from . import _im2col, kernels
 from ._im2col import Geometry, check_input, pair
 from ._validate import check_max_memory, float_array, shape_str
 from .activations import get as get_activation
 from .backend import get_xp
 from .conv_factors import ConvOp, SpatialFactor
-from .kernels import activation_forward, derivative, scale_cotangent
 
 __all__ = ["Conv1d", "Conv2d"]
 
@@ -174,7 +173,7 @@ class Conv2d:
         name = where if isinstance(where, str) else f"layer {where}"
         if check is not None:
             check(h, f"{name}: pre-activation h")
-        y = activation_forward(h, self._act, out=h if from_output else bufs[0])
+        y = kernels.activation_forward(h, self._act, out=h if from_output else bufs[0])
         if check is not None:
             check(y, f"{name}: output z")
         return y, (z, y if from_output else h, from_output, geo)
@@ -184,7 +183,7 @@ class Conv2d:
         _, saved, from_output, geo = state
         d = None
         if self._act.name != "identity":
-            d = derivative(saved, self._act, from_output=from_output).reshape((saved.shape[0], self.out_channels) + geo.out_hw)
+            d = kernels.derivative(saved, self._act, from_output=from_output).reshape((saved.shape[0], self.out_channels) + geo.out_hw)
         return SpatialFactor(ConvOp(self._Wg(), geo, self._groups, self._max_memory), d, anchor=self._W)
 
     def backward(self, state, g, grads: Sequence[Any], input_grad: bool = True, check=None, where: Any = 0,
@@ -194,7 +193,7 @@ class Conv2d:
         z, saved, from_output, geo = state
         z4 = z if self._dims == 2 else z[:, :, None, :]
         B = g.shape[0]
-        delta = scale_cotangent(g, saved, self._act, from_output=from_output, out=None if out is None else out[0])
+        delta = kernels.scale_cotangent(g, saved, self._act, from_output=from_output, out=None if out is None else out[0])
         if check is not None:
             check(delta, f"{where if isinstance(where, str) else f'layer {where}'}: gradient ∂L/∂h")
         d4 = delta.reshape((B, self.out_channels) + geo.out_hw)

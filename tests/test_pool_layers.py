@@ -152,3 +152,31 @@ def test_pool_errors_name_the_layer():
         jg.layers.Flatten(start_dim=2)
     L = jg.layers.MaxPool2d(2, in_shape=(3, 8, 6))
     assert L.out_shape == (3, 4, 3) and L.forward_shapes(5) == [(5, 3, 4, 3)] and L.n_in == 144
+
+
+@pytest.mark.parametrize("act,tact", [("relu", torch.relu), ("gelu", torch.nn.functional.gelu)])
+def test_batchnorm_with_a_fused_activation(act, tact):
+    """BatchNorm2d(activation=...) is torch's BatchNorm2d then the activation: output, gradients,
+    the per-sample factor diag(φ')·diag(γ/σ) (adjoint test, JVP against torch.func.jvp)."""
+    rng = np.random.default_rng(4)
+    m, L0 = _bn(nn.BatchNorm2d, 3, rng)
+    L = jg.layers.BatchNorm2d(L0.weight, L0.bias, L0.running_mean, L0.running_var, eps=L0.eps, activation=act)
+    f = lambda xt: tact(m(xt))
+    x = rng.standard_normal((2, 3, 4, 4))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = f(xt)
+    y, state = L.forward(x)
+    _close(y, yt.detach().numpy(), np.float64)
+    g = rng.standard_normal(x.shape)
+    yt.backward(torch.tensor(g))
+    grads = [np.empty(3), np.empty(3)]
+    gin, _ = L.backward(state, g, grads)
+    _close(gin, xt.grad.numpy(), np.float64)
+    _close(grads[0], m.weight.grad.numpy(), np.float64)
+    _close(grads[1], m.bias.grad.numpy(), np.float64)
+    J = L.factor(state)
+    assert J.per_sample
+    u, v = rng.standard_normal((2, 48)), rng.standard_normal((2, 48))
+    assert abs(np.sum(v * J.jvp(u)) - np.sum(J.vjp(v) * u)) <= 1e-12 * np.abs(v).sum()
+    _, jt = torch.func.jvp(f, (torch.tensor(x),), (torch.tensor(u.reshape(x.shape)),))
+    _close(J.jvp(u), jt.detach().numpy().reshape(2, -1), np.float64)
