@@ -64,7 +64,7 @@ class BatchNorm2d:
             raise ValueError(f"{name}: running_var + eps must be > 0 in every channel")
         self._w, self._b, self._mean, self._var, self._eps = weight, bias, mean, var, eps
         self._act = get_activation(activation)
-        self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+        self.in_shape = None if in_shape is None else self.output_shape(tuple(int(s) for s in in_shape))
         self.out_shape = self.in_shape
 
     weight = property(lambda self: self._w, doc="γ: ``(C,)`` or None")
@@ -107,6 +107,13 @@ class BatchNorm2d:
 
     def _col(self, a, x):
         return a.reshape((-1,) + (1,) * (x.ndim - 2))
+
+    def output_shape(self, in_shape) -> tuple:
+        """``in_shape`` itself, checked: ``(C, …)`` with C = ``num_features``."""
+        in_shape = tuple(in_shape)
+        if not in_shape or len(in_shape) - 1 not in self._spatial or in_shape[0] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: in_shape {in_shape} is not (C, …) with C = {self.num_features}")
+        return in_shape
 
     def forward_shapes(self, B: int) -> list:
         """The output and ``x̂`` (and ``h`` where φ' needs it), all ``(B, *in_shape)``."""

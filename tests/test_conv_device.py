@@ -49,3 +49,33 @@ def test_cnn_on_device_arrays_matches_numpy_without_host_transfers(monkeypatch):
     for a, b in zip(out, ref):
         assert type(a).__module__ == "cupy"
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: L.Conv2d(np.ones((4, 3, 3, 3)) / 9, np.zeros(4), stride=2, padding=1, activation="gelu", in_shape=(3, 7, 6)), (3, 7, 6)),
+    (lambda: L.Conv2d(np.ones((4, 3, 3, 3)) / 9, None, activation="tanh", in_shape=(3, 7, 6)), (3, 7, 6)),
+    (lambda: L.Conv1d(np.ones((4, 2, 3)) / 3, np.ones(4), groups=2, activation="silu", in_shape=(4, 9)), (4, 9)),
+    (lambda: L.BatchNorm2d(np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), activation="gelu", in_shape=(3, 4, 4)), (3, 4, 4)),
+    (lambda: L.BatchNorm1d(np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), in_shape=(3,)), (3,)),
+    (lambda: L.MaxPool2d(2, in_shape=(3, 4, 5)), (3, 4, 5)),
+    (lambda: L.AvgPool2d(3, 1, 1, in_shape=(3, 4, 5)), (3, 4, 5)),
+    (lambda: L.AdaptiveAvgPool2d(1, in_shape=(3, 4, 5)), (3, 4, 5)),
+    (lambda: L.Flatten(in_shape=(3, 4, 5)), (3, 4, 5)),
+])
+def test_passes_into_the_buffers_they_name(make, shape):
+    """forward/backward into the buffers of forward_shapes/backward_shapes (what a compiled step hands
+    them) give what the fresh-array calls give, and the results are those buffers."""
+    layer, rng = make(), np.random.default_rng(2)
+    x = rng.standard_normal((3,) + shape)
+    y0, s0 = layer.forward(x)
+    g = rng.standard_normal(y0.shape)
+    gr0 = [np.empty_like(p) for p in layer.params]
+    gin0, d0 = layer.backward(s0, g, gr0)
+    fb = [np.full(s, np.nan) for s in layer.forward_shapes(3)]
+    bb = [np.full(s, np.nan) for s in layer.backward_shapes(3)]
+    y1, s1 = layer.forward(x, out=fb)
+    gr1 = [np.empty_like(p) for p in layer.params]
+    gin1, d1 = layer.backward(s1, g.copy(), gr1, out=bb)
+    assert y1 is fb[0] and gin1 is bb[-1] and y1.shape == (3,) + layer.out_shape
+    for a, b in zip([y1, gin1, d1] + gr1, [y0, gin0, d0] + gr0):
+        np.testing.assert_array_equal(a, b)
