@@ -57,13 +57,24 @@ class ConvOp:
         return int(np.prod(self.out_shape)) * self.Wg.shape[2]
 
     def norm_bound(self) -> float:
-        """``Σ_k max_g ‖W_g[:, :, k]‖₂`` ≥ ‖C_W‖₂: a convolution is a sum over the kernel offsets of
-        a channel mixing (block-diagonal over groups) after a shift-and-subsample of norm ≤ 1."""
+        """The smaller of two bounds of ‖C_W‖₂: ``Σ_k max_g ‖W_g[:, :, k]‖₂`` (a convolution is a sum
+        over the kernel offsets of a channel mixing, block-diagonal over groups, after a
+        shift-and-subsample of norm ≤ 1), and ``sqrt(cover)·max_g ‖W_g‖₂`` (``C_W = W · im2col``,
+        and im2col, a 0/1 selection, has norm ``sqrt(most patches one input lies in)``)."""
         xp = get_xp(self.Wg)
         G, O, p = self.Wg.shape
         W = self.Wg.reshape(G, O, p // self.geo.window, self.geo.window).transpose(3, 0, 1, 2)   # (k, G, O, C/G)
         top = xp.linalg.svd(W, compute_uv=False)[..., 0]                                         # (k, G), one batched SVD
-        return float(top.max(axis=1).sum())
+        whole = xp.linalg.svd(self.Wg, compute_uv=False)[..., 0].max()
+        return float(min(top.max(axis=1).sum(), math.sqrt(_cover(self.geo)) * whole))
+
+
+def _cover(geo) -> int:
+    """The most windows (patches) one input element lies in: per axis at most ``k`` (one per kernel
+    offset) and at most ``ceil(span/s)`` (windows ``s`` apart over a span ``d·(k−1)+1``)."""
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel[1:], geo.stride, geo.dilation
+    axis = lambda k, s, d: min(k, max(1, math.ceil((d * (k - 1) + 1) / s)))
+    return axis(kh, sh, dh) * axis(kw, sw, dw)
 
 
 class _Windowed:
@@ -142,9 +153,7 @@ class MaxPoolOp(_Windowed):
 
     def norm_bound(self) -> float:
         """``sqrt(max windows covering one input)`` ≥ ‖S‖₂ (each column of S has that many ones at most)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.geo.kernel[1:], self.geo.stride, self.geo.dilation
-        cover = lambda k, s, d: min(k, max(1, math.ceil((d * (k - 1) + 1) / s)))
-        return math.sqrt(cover(kh, sh, dh) * cover(kw, sw, dw))
+        return math.sqrt(_cover(self.geo))
 
 
 class MeanOp:
