@@ -122,8 +122,8 @@ class Conv2d:
         if key not in self._geos:
             shape4 = key if self._dims == 2 else (key[0], 1, key[1])
             kernel = (self.out_channels,) + (self._W.shape[2:] if self._dims == 2 else (1, self._W.shape[2]))
-            pad = self._padding if isinstance(self._padding, str) else self._padding
-            self._geos[key] = Geometry.make(type(self).__name__, shape4, kernel, self._stride, pad, self._dilation)
+            self._geos[key] = Geometry.make(type(self).__name__, shape4, kernel, self._stride, self._padding,
+                                            self._dilation)
         return self._geos[key]
 
     def output_shape(self, in_shape) -> tuple:
