@@ -14,7 +14,7 @@ import re
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, quote
 from . import layers as _layers  # noqa: F401  (registers the built-in kinds)
-from .layer_protocol import layer_class, layer_kinds
+from .layer_protocol import layer_class, layer_kinds, stored_names
 
 __all__ = ["dense_layers", "plan"]
 
@@ -158,7 +158,7 @@ def _check_spec(spec, prefix, depth):
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
                       f"{', '.join(['kind', *fields])}")
         for name, types in fields.items():
-            if not isinstance(s[name], types) or isinstance(s[name], bool):
+            if not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if "layers" in fields:  # a container: its inner layer list
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
@@ -169,7 +169,8 @@ def _param_keys(spec, prefix):
         if "layers" in s:
             yield from _param_keys(s["layers"], f"{prefix}{j}.")
         else:
-            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in PARAMS[s["kind"]])
+            names = stored_names(layer_class(s["kind"]), s)
+            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in names)
 
 
 def dense_layers(spec):

@@ -26,8 +26,12 @@ from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+# the convolutional family: one module per concept, each registering its kinds
+from .batchnorm_layers import BatchNorm1d, BatchNorm2d
+from .conv_layers import Conv1d, Conv2d
+from .pool_layers import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
 
-__all__ = ["Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Flatten", "MaxPool2d", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)

@@ -30,6 +30,7 @@ from ._validate import float_array, network_input, shape_str
 from .backend import get_xp
 from .chain import Chain
 from .layers import chained, Dense
+from .layer_protocol import bind_shapes
 from ._mlp_interop import Imported
 from .mlp import _require_finite
 
@@ -58,7 +59,9 @@ class Sequential(SequentialParameterSpace, Imported):
     """A stack of layers from ``jacgrad.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
-    def __init__(self, layers: Sequence[Any]):
+    def __init__(self, layers: Sequence[Any], in_shape: Sequence[int] | None = None):
+        layers = list(layers)
+        bind_shapes(layers, in_shape)  # image layers: (C, H, W) through the stack (layer_protocol)
         layers = chained(layers, "", "layer")
         params = [(j, p) for j, L in enumerate(layers) for p in L.params]
         try:

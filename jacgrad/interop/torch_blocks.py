@@ -31,6 +31,7 @@ from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
 from .torch import passes_through, tensor
+from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
 
@@ -107,22 +108,25 @@ def _layers(items, where: str, conv: _Convert) -> list:
                 if p.dtype not in (torch.float32, torch.float64):
                     raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
                                     f"cast the model first (model.float() or model.double()), or pass dtype=")
-        if passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: as in MLP.from_torch
+        image = conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv), else None
+        if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: as in MLP.from_torch
             continue
         try:
             act = activation_name(nn, m)
         except ValueError as exc:
             raise ValueError(f"{at}: {exc}") from None
-        linear, after_linear = after_linear, type(m) is nn.Linear
-        if type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
+        linear, after_linear = after_linear, type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+        if image is not None:
+            out.append(image)
+        elif type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
             W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
             out.append(Dense(W, b, "identity"))
         elif act is not None:
             if not linear:
-                raise TypeError(f"{at}: an activation must directly follow an nn.Linear")
+                raise TypeError(f"{at}: an activation must directly follow an nn.Linear, a convolution or a BatchNorm")
             last = out.pop()
-            out.append(Dense(last.W, last.b, act))
+            out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
@@ -143,7 +147,7 @@ def _layers(items, where: str, conv: _Convert) -> list:
         else:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
-                            f"nn.RMSNorm, jacgrad.interop.torch_blocks.Residual")
+                            f"nn.RMSNorm, {', '.join(IMAGE_MODULES)}, jacgrad.interop.torch_blocks.Residual")
     if not out:
         raise ValueError(f"{where}s: no layers to convert")
     return out
