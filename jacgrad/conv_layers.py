@@ -11,8 +11,8 @@ Weight leaf (for the per-sample products): ``param_input(state)`` is the patch m
 ``A: (B, T, p)``, ``T = H_out·W_out`` output positions (row-major), ``p = (C_in/G)·kh·kw`` in
 torch's weight order; its ``Δ: (B, T, C_out)`` is ``δ.reshape(B, C_out, T).transpose(0, 2, 1)``
 with ``δ = ∂L/∂h`` as ``backward`` returns it. Per sample ``∂W_b = (Δ_bᵀ A_b).reshape(W.shape)``
-and ``∂b_b = Σ_t Δ_b[t]``. With ``groups = G > 1``, ``A: (G, B, T, p)``: group ``g`` pairs
-``A[g]`` with ``Δ[..., g·C_out/G:(g+1)·C_out/G]``.
+and ``∂b_b = Σ_t Δ_b[t]``. With ``groups = G > 1``, ``A: (B, G, T, p)``: group ``g`` pairs
+``A[:, g]`` with ``Δ[..., g·C_out/G:(g+1)·C_out/G]``.
 
     >>> import numpy as np, jacgrad as jg
     >>> L = jg.layers.Conv2d(np.ones((2, 1, 3, 3)), np.zeros(2), padding="same", activation="relu")
@@ -260,12 +260,12 @@ class Conv2d:
         return gin, delta
 
     def param_input(self, state):
-        """The patch matrix ``A: (B, T, p)`` (``(G, B, T, p)`` with groups): see the module docstring."""
+        """The patch matrix ``A: (B, T, p)`` (``(B, G, T, p)`` with groups): see the module docstring."""
         z, _, _, geo = state
         z4 = z if self._dims == 2 else z[:, :, None, :]
         B, T = z.shape[0], geo.out_hw[0] * geo.out_hw[1]
-        A = _im2col.im2col(z4, geo, self._groups).reshape(self._groups, -1, B, T).transpose(0, 2, 3, 1)
-        return A[0] if self._groups == 1 else A
+        A = _im2col.im2col(z4, geo, self._groups).reshape(self._groups, -1, B, T).transpose(2, 0, 3, 1)
+        return A[:, 0] if self._groups == 1 else A  # batch first: a[sel] selects samples
 
 
 class Conv1d(Conv2d):

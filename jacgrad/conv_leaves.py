@@ -9,7 +9,7 @@ channel: the leaf pairs ``a: (B, T, p)`` (im2col patches; BatchNorm's ``x̂`` ch
 ``Δ: (B, T, C_out)``, the cotangent at ``h`` channels-last.
 
 ``ConvLeaf`` — the weight ``(C_out, C_in/G, kh, kw)`` is ``Wᵀ`` of the dense leaf's ``(p, d)``
-layout, one block per group g (``a[g]: (B, T, p)`` with ``p = (C_in/G)·kh·kw``, channels
+layout, one block per group g (``a[:, g]: (B, T, p)`` with ``p = (C_in/G)·kh·kw``, channels
 ``g·C_out/G …``): each method runs ``TokenDenseLeaf`` on the group's slices, writing through
 transposed views, so the algebra (gram/instantiate, the NTK cross-Gram, the GGN diagonal)
 stays written once.
@@ -48,7 +48,7 @@ def to_images(x, image_shape: tuple):
 
 class ConvLeaf:
     """A convolution's weight ``(C_out, C_in/G, kh, kw)`` (Conv1d: ``(C_out, C_in/G, k)``) and
-    optional bias ``(C_out,)``, ``G = groups``. ``a``: ``(B, T, p)``, or ``(G, B, T, p)`` with
+    optional bias ``(C_out,)``, ``G = groups``. ``a``: ``(B, T, p)``, or ``(B, G, T, p)`` with
     groups; ``δ``/``G`` cotangents ``(B, [R,] T, C_out)``."""
 
     def __init__(self, groups: int = 1, bias: bool = True):
@@ -61,7 +61,7 @@ class ConvLeaf:
 
     # ---- the per-group pieces: a's block, the cotangent's channels, the views in (p, d) layout
     def _a(self, a, g):
-        return a if self.groups == 1 else a[g]
+        return a if self.groups == 1 else a[:, g]
 
     def _ch(self, x, g):
         d = x.shape[-1] // self.groups

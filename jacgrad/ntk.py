@@ -112,7 +112,12 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     sym = x2 is None
     x2 = x1 if sym else network_input(x2, "x2", get_xp(x2, _anchor(net)), net.dtype)
     tokens = getattr(net, "takes_tokens", False)
+    image = tuple(getattr(net, "in_shape", ())) if len(getattr(net, "in_shape", ())) > 1 else None
     for name, x in (("x1", x1), ("x2", x2)):
+        if image is not None:  # an image network: (N, C, H, W)
+            if tuple(x.shape[1:]) != image:
+                raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes inputs {image}: needs (N, *{image})")
+            continue
         if x.shape[-1:] != (net.sizes[0],) or x.ndim not in ((2, 3) if tokens else (2,)) \
                 or (x.ndim == 3 and x.shape[1] != x1.shape[1]):
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "

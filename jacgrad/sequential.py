@@ -192,17 +192,19 @@ class Sequential(SequentialParameterSpace, Imported):
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype=None) -> "Sequential":
+    def from_torch(cls, module, copy: bool = True, dtype=None, in_shape: Sequence[int] | None = None) -> "Sequential":
         """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
         blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA). As in
         ``MLP.from_torch``: ``copy=False`` shares the parameters' memory (``W = weight.T``, a
         view), ``dtype`` casts them (a copy); ``module`` may be an iterable of modules, and nested
-        ``nn.Sequential``s are flattened, as there. See ``torch_blocks``."""
+        ``nn.Sequential``s are flattened, as there. A CNN (``nn.Conv1d``/``Conv2d``, the pools,
+        ``nn.Flatten``, eval ``nn.BatchNorm1d``/``2d``; ``interop.torch_conv``) needs ``in_shape``,
+        the per-sample input shape ``(C, H, W)``. See ``torch_blocks``."""
         from .interop.torch_blocks import layers_and_origin
 
         layers, origin = layers_and_origin(module, copy=copy, dtype=dtype)
-        net = cls(layers)
+        net = cls(layers, in_shape=in_shape)
         net._origin = origin
         return net
 
@@ -234,4 +236,4 @@ class Sequential(SequentialParameterSpace, Imported):
         with the file is a ``ValueError`` naming it (``jacgrad.netfile``)."""
         from .netfile import load_layers
 
-        return cls(load_layers(path, activations))
+        return cls(load_layers(path, activations))  # image layers keep their in_shape in the spec

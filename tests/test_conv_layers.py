@@ -115,7 +115,7 @@ def test_patch_leaf_gives_per_sample_gradients(cls, case):
         per = np.einsum("btp,bto->bop", A, D)
     else:
         Dg = D.reshape(B, D.shape[1], G, O // G)
-        per = np.einsum("gbtp,btgo->bgop", A, Dg).reshape(B, O, -1)
+        per = np.einsum("bgtp,btgo->bgop", A, Dg).reshape(B, O, -1)
     _close(per.reshape(gW.shape), gW.numpy(), np.float64)
     _close(D.sum(axis=1), gb.numpy(), np.float64)
     ref = (gW.numpy() ** 2).reshape(3, -1).sum(1) + (gb.numpy() ** 2).sum(1)
