@@ -220,3 +220,26 @@ def test_norms_and_ggn_diagonal_match_backpack(groups):
     _close(net.per_sample_grad_norms(x, y, loss="softmax_cross_entropy"), np.sqrt(sq) * B, np.float32)
     diag = {k: p.diag_ggn_exact for k, p in model.named_parameters()}
     _close(net.ggn_diagonal(x, y, loss="softmax_cross_entropy").flat, _to_flat(model, diag, lead=0), np.float32)
+
+
+def test_gradient_flow_rows_match_torch_per_block():
+    """``gradient_flow`` on a CNN: one row per layer; χ = mean_i ‖J_i‖_F²/h_out, ‖J‖₂ (mean over
+    samples) and ‖∂L/∂θ‖ against each block's Jacobian by torch.func and torch's gradient."""
+    model, net, x, t, params, f = _setup(np.float64)
+    r = jg.gradient_flow(net, x, t)
+    assert [row.kind for row in r.blocks] == [L.kind for L in net.layers]
+    blocks = [model[0:2], model[2:3], model[3:4], model[4:6], model[6:7], model[7:8], model[8:9]]
+    X, T = torch.tensor(x), torch.tensor(t)
+    model.zero_grad()
+    ((model(X) - T) ** 2).mean().backward()
+    z = X
+    for row, block in zip(r.blocks, blocks):
+        J = torch.func.vmap(torch.func.jacrev(lambda zi: block(zi[None])[0]))(z.detach())
+        z = block(z).detach()
+        J = J.reshape(len(x), z[0].numel(), -1).detach().numpy()
+        np.testing.assert_allclose(row.chi, (J ** 2).sum(axis=(1, 2)).mean() / J.shape[1], rtol=1e-10)
+        np.testing.assert_allclose(row.jacobian_norm, np.linalg.norm(J, 2, axis=(1, 2)).mean(), rtol=1e-8)
+        assert row.jacobian_bound >= row.jacobian_norm * (1 - 1e-12)
+        grads = [p.grad.numpy().ravel() for p in block.parameters()]
+        np.testing.assert_allclose(row.grad_norm, np.linalg.norm(np.concatenate(grads)) if grads else 0.0,
+                                   rtol=1e-10, atol=1e-14)
