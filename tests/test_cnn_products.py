@@ -243,3 +243,17 @@ def test_gradient_flow_rows_match_torch_per_block():
         grads = [p.grad.numpy().ravel() for p in block.parameters()]
         np.testing.assert_allclose(row.grad_norm, np.linalg.norm(np.concatenate(grads)) if grads else 0.0,
                                    rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_step_on_a_cnn_gives_loss_and_grads():
+    """``net.compile(B)`` (and its private form) on image batches: the numbers of ``loss_and_grads``
+    and ``clipped_grad`` (checked against torch above), bit for bit on NumPy."""
+    model, net, x, t, params, f = _setup(np.float64)
+    value, g = net.compile(len(x))(x, t)
+    want_value, want = net.loss_and_grads(x, t)
+    assert float(value) == float(want_value)
+    np.testing.assert_array_equal(g.flat, want.flat)
+    _, r = net.compile(len(x), clip=0.5)(x, t)
+    np.testing.assert_array_equal(r.grads.flat, net.clipped_grad(x, t, max_norm=0.5).grads.flat)
+    with pytest.raises(ValueError, match=r"compiled for batch 4 of inputs \(3, 8, 8\): x must be \(4, 3, 8, 8\)"):
+        net.compile(len(x))(x[:, :, :4], t)
