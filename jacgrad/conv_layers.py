@@ -265,9 +265,9 @@ class Conv2d:
         z4 = z if self._dims == 2 else z[:, :, None, :]
         B, T = z.shape[0], geo.out_hw[0] * geo.out_hw[1]
         A = _im2col.im2col(z4, geo, self._groups).reshape(self._groups, -1, B, T).transpose(2, 0, 3, 1)
-        # batch first (a[sel] selects samples) and contiguous: every leaf product is then a BLAS GEMM
-        # (NumPy's matmul takes a slow loop on the strided view)
-        return get_xp(A).ascontiguousarray(A[:, 0] if self._groups == 1 else A)
+        # batch first (a[sel] selects samples); a view, not a copy: each sample's (T, p) block has unit
+        # stride along T, so the leaves' GEMMs run on it through the BLAS as they are
+        return A[:, 0] if self._groups == 1 else A
 
 
 class Conv1d(Conv2d):
