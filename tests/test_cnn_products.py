@@ -257,3 +257,28 @@ def test_compiled_step_on_a_cnn_gives_loss_and_grads():
     np.testing.assert_array_equal(r.grads.flat, net.clipped_grad(x, t, max_norm=0.5).grads.flat)
     with pytest.raises(ValueError, match=r"compiled for batch 4 of inputs \(3, 8, 8\): x must be \(4, 3, 8, 8\)"):
         net.compile(len(x))(x[:, :, :4], t)
+
+
+def test_conv1d_without_bias_and_batchnorm1d_products_match_torch_func():
+    """Conv1d (bias=False, stride 2) -> BatchNorm1d on (B, C, L) -> ReLU -> Flatten -> Linear ->
+    BatchNorm1d on (B, C): per-sample gradients, the NTK trace and the GGN diagonal."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, bias=False), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 4, 3), nn.BatchNorm1d(3)).double()
+    with torch.no_grad():
+        for bn in (m[1], m[5]):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    m.eval()
+    net = jg.Sequential.from_torch(m, in_shape=(2, 9))
+    rng = np.random.default_rng(4)
+    x, t = rng.standard_normal((5, 2, 9)), rng.standard_normal((5, 3))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    buffers = {k: v.detach() for k, v in m.named_buffers()}
+    f = lambda p, xi: torch.func.functional_call(m, (p, buffers), (xi[None],))[0]  # noqa: E731
+    g = torch.func.vmap(torch.func.grad(_mse(f)), in_dims=(None, 0, 0))(params, torch.tensor(x), torch.tensor(t))
+    _close(net.per_sample_grads(x, t).flat, _to_flat(m, g), np.float64)
+    J = _flat_jac(m, torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, torch.tensor(x)))
+    _close(jg.ntk(net, x, trace=True), np.einsum("iop,jop->ij", J, J), np.float64)
+    _close(net.ggn_diagonal(x, t).flat, np.einsum("iop,iop->p", J, J) * (2 / 3) / 5, np.float64)
