@@ -15,6 +15,7 @@ from . import (
     block_flow,
     chain,
     check,
+    checkpoints,
     compiled,
     curvature,
     diagnostics,
@@ -29,6 +30,7 @@ from . import (
     loss_hessians,
     losses,
     mlp,
+    monitor,
     per_sample,
     private,
     sequential,
@@ -37,8 +39,11 @@ from . import (
 )
 from .backend import asarray, get_xp, to_device, to_numpy
 from .chain import Chain
+from .checkpoints import load
 from .jacobian import LayerJacobian
 from .mlp import MLP
+from .monitor import Monitor
+from ._passes import Gradients
 from .diagnostics import gradient_flow
 from .interop.torch_graph import explain, from_torch
 from .ntk import ntk
@@ -47,46 +52,21 @@ from .sequential import Sequential
 
 __version__ = "0.1.0"
 
+# the user's concepts; internals (backend, hostpool, kernels, the modules behind the networks and
+# products) stay importable by path and as attributes (jg.backend.gpu_available(), jg.hostpool)
 __all__ = [
-    "Chain",
-    "LayerJacobian",
-    "MLP",
-    "Sequential",
-    "activations",
-    "asarray",
-    "backend",
-    "block_flow",
-    "chain",
-    "check",
-    "compiled",
-    "curvature",
-    "diagnostics",
-    "distributed",
-    "explain",
-    "factors",
-    "from_torch",
-    "gates",
-    "get_xp",
-    "ggn_diagonal",
-    "ggn_vp",
-    "gradient_flow",
-    "hostpool",
-    "initializers",
-    "jacobian",
-    "kernels",
-    "layers",
-    "loss_hessians",
-    "losses",
-    "mlp",
-    "ntk",
-    "per_sample",
-    "per_sample_grad_norms",
-    "per_sample_grads",
-    "clipped_grad",
-    "private",
-    "sequential",
-    "spectra",
-    "to_device",
-    "to_numpy",
-    "torch",
+    # networks and their layers
+    "MLP", "Sequential", "layers", "Gradients", "from_torch", "explain", "load",
+    # factors and chains
+    "LayerJacobian", "Chain", "factors",
+    # products: each also a method of the network
+    "ntk", "per_sample_grads", "per_sample_grad_norms", "clipped_grad", "ggn_vp", "ggn_diagonal",
+    # the gradient-flow report
+    "gradient_flow", "diagnostics", "Monitor",
+    # losses, activations, gates, checks, initialisers
+    "losses", "activations", "gates", "check", "initializers",
+    # arrays and devices
+    "asarray", "to_device", "to_numpy", "get_xp",
+    # scale and frameworks
+    "distributed", "torch",
 ]

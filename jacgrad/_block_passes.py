@@ -1,7 +1,7 @@
-"""The forward and backward passes of a ``Sequential``, written into buffers the caller gives.
+"""The forward and backward passes of every network (``Sequential``, and ``MLP``, a Sequential of
+Dense layers), written into buffers the caller gives.
 
-One implementation for both callers, as ``_passes`` is for ``MLP``: ``Sequential.forward`` /
-``backward`` carve fresh buffers per call (pooled host blocks, ``_passes.carve(pooled=True)``),
+One implementation for both callers: ``Sequential.forward`` / ``backward`` carve fresh buffers per call (pooled host blocks, ``_passes.carve(pooled=True)``),
 the compiled step (``jacgrad.compiled.TrainingStep``) carves them once and replays. Each layer
 names the buffers it writes (``forward_shapes(B)``: its output first; ``backward_shapes(B,
 input_grad)``), and its ``forward``/``backward`` take them as ``out=``; the passes here hand
@@ -20,13 +20,16 @@ from typing import Any, Callable, Sequence
 
 from ._passes import Gradients, carve
 from .layer_protocol import lead_shape
+from .jacobian import LayerJacobian
+from ._renamed import renamed
+from .kernels import forward_with_derivative
 from .layers import Dense, Residual
 
-__all__ = ["BlockGradients", "backward_layers", "carve_backward", "carve_forward", "forward_layers", "named_grads",
-           "param_views"]
+__all__ = ["backward_layers", "carve_backward", "carve_forward", "forward_layers", "lean_outputs",
+           "named_grads", "param_views"]
 
 
-BlockGradients = Gradients  # the old name of the one gradient type
+__getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
 
 
 def _split(views: list, counts: Sequence[int]) -> list[list]:
@@ -37,18 +40,31 @@ def _split(views: list, counts: Sequence[int]) -> list[list]:
     return out
 
 
+def lean_outputs(layers: Sequence[Any]) -> list[bool]:
+    """Per layer: is it a Dense whose φ' needs ``h`` and whose output only a Dense reads (the next
+    layer, or the caller)? Such a layer keeps ``h`` alone; the next Dense recomputes its input
+    ``z = φ(h)`` when backward needs it (with ``φ'(h)`` in the same pass), so a forward cache holds
+    one ``(B, H)`` array per Dense layer: ``B·Σ H`` elements for a dense stack."""
+    K = len(layers)
+    return [isinstance(L, Dense) and L._act.df_from_output is None
+            and (j == K - 1 or isinstance(layers[j + 1], Dense)) for j, L in enumerate(layers)]
+
+
 def carve_forward(xp, layers: Sequence[Any], B: int, dtype, zero: bool = False, pooled: bool = False,
-                  keep_derivative: bool = False) -> list[list]:
-    """Per layer, the buffers of ``forward_shapes(B)``: the last layer's output in a block of its
-    own (an output kept on its own does not keep the states alive), everything else in one.
-    ``keep_derivative`` (a compiled step): a Dense layer's ``φ'(h)`` too, where φ' needs ``h``."""
-    shapes = [L.forward_shapes(B, True) if keep_derivative and isinstance(L, Dense) else L.forward_shapes(B)
-              for L in layers]
+                  keep_derivative: bool = False, lean: bool = False) -> list[list]:
+    """Per layer, the buffers of ``forward_shapes(B)``: the last layer's kept array in a block of
+    its own (an output kept on its own does not keep the states alive), everything else in one.
+    ``keep_derivative`` (a compiled step): a Dense layer's ``φ'(h)`` too, where φ' needs ``h``.
+    ``lean`` (a forward cache): a ``lean_outputs`` layer gets ``[None, h]`` (its output a fresh
+    array the cache does not keep)."""
+    thin = lean_outputs(layers) if lean else [False] * len(layers)
+    shapes = [[L.forward_shapes(B)[1]] if t else L.forward_shapes(B, True) if keep_derivative and isinstance(L, Dense)
+              else L.forward_shapes(B) for L, t in zip(layers, thin)]
     _, views = carve(xp, [s for sh in shapes[:-1] for s in sh] + shapes[-1][1:], dtype, zero=zero, pooled=pooled)
     _, last = carve(xp, shapes[-1][:1], dtype, zero=zero, pooled=pooled)
     per = _split(views, [len(sh) for sh in shapes[:-1]] + [len(shapes[-1]) - 1])
     per[-1] = last + per[-1]
-    return per
+    return [[None] + p if t else p for p, t in zip(per, thin)]
 
 
 def carve_backward(xp, layers: Sequence[Any], B: int, dtype, input_grad: bool, grad_y: bool = True,
@@ -94,10 +110,13 @@ def named_grads(layers: Sequence[Any], per_layer: list[list]) -> list:
 
 
 def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable | None = None) -> tuple[Any, list]:
-    """``(z_K, states)``: every layer's forward into its buffers."""
+    """``(z_K, states)``: every layer's forward into its buffers. After a lean layer (``carve_forward
+    (lean=True)``: its output buffer None) the next Dense's state keeps None for its input."""
     z, states = x, []
     for j, L in enumerate(layers):
         z, st = L.forward(z, check, j, bufs[j])
+        if j and bufs[j - 1][0] is None:
+            st = (None,) + st[1:]  # z_{j-1} = φ(h_{j-1}): recomputed by backward_layers, not kept
         states.append(st)
     return z, states
 
@@ -106,12 +125,20 @@ def backward_layers(layers: Sequence[Any], states: list, g, grads: list[list], b
                     check: Callable | None = None, factors: list | None = None) -> tuple[Any, list]:
     """``(∂L/∂x or None, deltas)`` from ``g = ∂L/∂y`` (only read): every layer's backward into its
     buffers and its parameter gradients into ``grads[j]``. ``factors``: per Dense layer its
-    ``factor(states[j])`` when the caller keeps it (None elsewhere)."""
-    deltas = [None] * len(layers)
+    ``factor(states[j])`` when the caller keeps it (None elsewhere). A Dense whose input was not
+    kept (``forward_layers``) gets it back from ``h_{j-1}`` with ``d = φ'(h_{j-1})`` in the same
+    pass, and layer ``j - 1`` then scales by that ``d`` (``LayerJacobian(d, W)``)."""
+    deltas, d_next = [None] * len(layers), None
     for j in range(len(layers) - 1, -1, -1):
-        if factors is not None and factors[j] is not None:
-            g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j],
-                                              factor=factors[j])
+        L, st = layers[j], states[j]
+        factor = factors[j] if factors is not None else None
+        if d_next is not None:
+            factor, d_next = LayerJacobian(d_next, L.W), None
+        if isinstance(L, Dense) and st[0] is None:
+            z_prev, d_next = forward_with_derivative(states[j - 1][1], layers[j - 1]._act)
+            st = (z_prev,) + st[1:]
+        if factor is not None:
+            g, deltas[j] = L.backward(st, g, grads[j], bool(j) or input_grad, check, j, out=bufs[j], factor=factor)
         else:
-            g, deltas[j] = layers[j].backward(states[j], g, grads[j], bool(j) or input_grad, check, j, out=bufs[j])
+            g, deltas[j] = L.backward(st, g, grads[j], bool(j) or input_grad, check, j, out=bufs[j])
     return g, deltas

@@ -68,7 +68,19 @@ def run_check(args) -> int:
 
     candidates, note = _candidates(args.device)
     out_spec = getattr(args, "output_activation", None)
-    if args.weights is not None:
+    model = getattr(args, "model", None)
+    if model is not None:
+        from ._cli_model import network_of_model
+
+        if args.activation is not None or out_spec is not None:
+            raise UsageError("--model cannot be combined with --activation or --output-activation: the module's "
+                             "activation modules name the activations")
+        ref_net = network_of_model(model, args.weights, "float64", "cpu")
+        if not isinstance(ref_net, MLP):
+            raise UsageError(f"--model {model!r}: jacgrad check validates dense stacks (nn.Linear and activations); "
+                             f"this module has norms or residual blocks: use jacgrad report")
+        what = f"{args.weights or model}"
+    elif args.weights is not None:
         ref_net = load_weights(args.weights, "float64", "cpu", args.activation, out_spec)
         what = f"{args.weights}"
     else:

@@ -316,6 +316,7 @@ def load_weights(path: str, dtype: str, device: str, activations: str | None = N
 # The library's argument names, as the command line spells them (item 26: errors the CLI
 # re-raises speak its own language).
 _CLI_WORDS = (
+    ("pass the torch module: jg.load(path, model=module)", "give the torch module that names them: --model package.module:factory"),
     ("leave out activations=", "leave out --activation and --output-activation"),
     ("pass activations= (one per Linear)", "give --activation (the hidden layers) and --output-activation (default identity)"),
     ("add one, or pass activations=", "add one, or give --activation (hidden layers) and --output-activation"),

@@ -57,8 +57,9 @@ def _check_block_options(args) -> None:
         if given:
             raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --residual K (the blocks)")
         return
-    if args.weights is not None:
-        raise UsageError("--residual cannot be combined with --weights: the file defines the network")
+    if args.weights is not None or getattr(args, "model", None) is not None:
+        raise UsageError(f"--residual cannot be combined with {'--model' if getattr(args, 'model', None) else '--weights'}: "
+                         f"the {'module' if getattr(args, 'model', None) else 'file'} defines the network")
     if norm is not None and norm not in NORMS:
         raise UsageError(f"--norm: unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
 
@@ -70,6 +71,16 @@ def _blocks_label(every: int, scale: float, norm) -> str:
 def _networks(args, device: str) -> list[tuple[str, object]]:
     _check_block_options(args)
     residual, residual_scale, norm, data = _block_options(args)
+    model = getattr(args, "model", None)
+    if model is not None:
+        clash = [_option(n) for n in _NET_OPTIONS if getattr(args, n) is not None]
+        if clash:
+            raise UsageError(f"--model cannot be combined with {', '.join(clash)}: the module defines the network "
+                             f"(its activation modules name the activations)")
+        from ._cli_model import network_of_model
+
+        net = network_of_model(model, args.weights, args.dtype, device)
+        return [(os.path.basename(args.weights) if args.weights is not None else model, net)]
     if args.weights is not None:
         clash = [_option(n) for n in _NET_OPTIONS if n not in ("activation", "output_activation")
                  and getattr(args, n) is not None]

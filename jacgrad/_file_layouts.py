@@ -15,6 +15,7 @@ from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, quote
 from . import layers as _layers  # noqa: F401  (registers the built-in kinds)
 from .layer_protocol import layer_class, layer_kinds, stored_names
+from ._state_keys import strip_prefix
 
 __all__ = ["dense_layers", "plan"]
 
@@ -104,12 +105,15 @@ def _jacgrad_plan(c, suffix):
 
 def _torch_plan(c):
     layers: dict[tuple, dict] = {}
+    # a trainer's prefix on every key (Lightning's 'model.0.weight'): read past it
+    prefix = strip_prefix(c.arrays, lambda keys: all(_TORCH_KEY.match(k) for k in keys)) or ""
     for k in c.arrays:
-        m = _TORCH_KEY.match(k)
+        m = _TORCH_KEY.match(k[len(prefix):])
         if m is None:
             raise Bad(f"key {quote(k)} is not the weight or bias of a Linear at a numeric module path "
                       f"(like '0.weight', '2.bias', numbers without leading zeros): jacgrad reads nn.Sequential "
-                      f"state dicts of Linears")
+                      f"state dicts of Linears; for a model's named keys ('fc1.weight') pass the torch module: "
+                      f"jg.load(path, model=module)")
         layers.setdefault(tuple(int(p) for p in m.group(1).split(".")), {})[m.group(2)] = k
     if not layers:
         raise Bad("holds no tensors")

@@ -10,9 +10,10 @@ declared size is believed beyond what the file's bytes can hold.
   size is refused; object arrays never load (no pickle).
 - ``.safetensors``: the 8-byte header length and the JSON header (duplicate names refused), every
   tensor's offsets checked to tile the data exactly; tensors read with plain file reads.
-- ``.pt``/``.pth``: torch's zip format only, every member stored (uncompressed), read with
-  ``torch.load(weights_only=True)``; each tensor's strides, offset and storage size are checked
-  before it is turned into an array.
+- ``.pt``/``.pth``/``.ckpt``: torch's zip format only, every member stored (uncompressed), read
+  with ``torch.load(weights_only=True)``; a training checkpoint's state dict is taken from under
+  its ``"state_dict"`` or ``"model"`` key (``jacgrad._state_keys``); each tensor's strides, offset
+  and storage size are checked before it is turned into an array.
 
 A ``Contents`` has ``.arrays`` (name -> ``(shape, dtype)``, dtype a NumPy dtype or
 ``"bfloat16"``), ``.text`` (name -> str or list of str) and ``.read(name, dtype)``. Problems are
@@ -30,6 +31,7 @@ import numpy as np
 
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import clip, quote
+from ._state_keys import WRAPPERS, unwrap
 from .interop import plain_message
 
 __all__ = ["Contents", "read_npz", "read_safetensors", "read_torch"]
@@ -263,12 +265,15 @@ def read_torch(f) -> Contents:
         lines = [ln for ln in text.splitlines() if "WeightsUnpickler error" in ln] or [text]
         why = clip(lines[0]) or type(exc).__name__
         raise Bad(f"is not a state dict that torch.load(weights_only=True) reads ({why})") from None
+    state, wrapper = unwrap(state)  # a training checkpoint: {"state_dict": sd, ...} or {"model": sd, ...}
+    inside = f" under {wrapper!r}" if wrapper else ""
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise Bad(f"holds a {type(state).__name__}, not a state dict of tensors (save model.state_dict())")
+        raise Bad(f"holds a {type(state).__name__}{inside}, not a state dict of tensors (save model.state_dict())")
     arrays = {}
     for k, v in state.items():
         if type(v) not in (torch.Tensor, torch.nn.Parameter):
-            raise Bad(f"holds a {type(v).__name__} at {quote(k)}, not a state dict of tensors (save model.state_dict())")
+            raise Bad(f"holds a {type(v).__name__} at {quote(k)}{inside}, not a state dict of tensors (save "
+                      f"model.state_dict(), or a checkpoint with it under {' or '.join(map(repr, WRAPPERS))})")
         arrays[k] = (tuple(v.shape), _torch_storage(k, v, torch))
 
     def read(name, dtype=None):

@@ -37,8 +37,8 @@ from .backend import get_xp
 from .jacobian import LayerJacobian
 
 __all__ = [
-    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "merge", "norm_subsample",
-    "partials",
+    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "layer_partial", "layer_row",
+    "merge", "merge_layer", "norm_subsample", "partials",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
@@ -235,11 +235,12 @@ def norm_subsample(total: int, samples: int | None, seed: int) -> np.ndarray | N
     return np.sort(np.random.default_rng([seed, 11]).choice(total, size=int(samples), replace=False))
 
 
-def _merge_layer(a: dict, b: dict) -> dict:
+def merge_layer(a: dict, b: dict) -> dict:
+    """Two chunks' partials of one layer (``layer_partial``), merged."""
     out = dict(a)
     for name in ("count", "norm_count", "grad", "delta2", "norm_sum", "bound_sum", "d_sum", "active", "saturated",
                  "fro2_sum"):
-        out[name] = a[name] + b[name]
+        out[name] = None if a[name] is None else a[name] + b[name]
     out["bias_grad"] = None if a["bias_grad"] is None else a["bias_grad"] + b["bias_grad"]
     out["ever_active"] = a["ever_active"] | b["ever_active"]
     out["finite"] = a["finite"] and b["finite"]
@@ -258,8 +259,33 @@ def merge(a: dict, b: dict) -> dict:
         count=a["count"] + b["count"],
         loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"],
         nonfinite=min(firsts, key=lambda n: n["key"]) if firsts else None,
-        layers=[_merge_layer(la, lb) for la, lb in zip(a["layers"], b["layers"])],
+        layers=[merge_layer(la, lb) for la, lb in zip(a["layers"], b["layers"])],
         spectrum=None if a["spectrum"] is None or b["spectrum"] is None else merge_spectrum(a["spectrum"], b["spectrum"]),
+    )
+
+
+def layer_row(j: int, lp: dict, N: int, per: float, g2: float, b2: float) -> LayerFlow:
+    """The ``LayerFlow`` of a dense layer's (merged) partial ``lp`` over ``N`` samples; ``per``: N for
+    the gradients of a mean loss (per-sample sums), else 1; ``g2``, ``b2``: its squared gradient norms."""
+    h_in, h_out = lp["shape"]
+    n = N * h_out
+    ok, nan = lp["finite"], math.nan
+    return LayerFlow(
+        index=j,
+        shape=(h_in, h_out),
+        activation=lp["activation"],
+        grad_norm=math.sqrt(g2) / per,
+        bias_grad_norm=math.sqrt(b2) / per,
+        delta_norm=math.sqrt(lp["delta2"]) / per if lp["delta2"] is not None else None,
+        jacobian_norm=lp["norm_sum"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
+        jacobian_bound=lp["bound_sum"] * lp["w2"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
+        weight_spectral_norm=lp["w2"] if ok else nan,
+        derivative_mean=lp["d_sum"] / n if ok else nan,
+        active_fraction=lp["active"] / n if ok else nan,
+        dead_units=int(h_out - lp["ever_active"].sum()) if ok else 0,
+        saturated_fraction=lp["saturated"] / n if ok else nan,
+        chi=lp["fro2_sum"] / N / h_out if ok else nan,
+        finite=ok,
     )
 
 
@@ -274,33 +300,12 @@ def finish(p: dict) -> dict:
     with np.errstate(all="ignore"):  # overflowed gradients give inf/NaN norms, reported as such
         sq = iter(_host(xp.stack([(g * g).sum() for g in grads])).astype(np.float64))  # one transfer
     per = N if p["mean"] else 1  # a mean loss's gradients: the per-sample sums over N
-    nan = math.nan
     layers = []
     for j, lp in enumerate(p["layers"]):
-        h_in, h_out = lp["shape"]
-        n = N * h_out
         g2 = float(next(sq))
-        b2 = float(next(sq)) if lp["bias_grad"] is not None else nan
-        ok = lp["finite"]
-        f = LayerFlow(
-            index=j,
-            shape=(h_in, h_out),
-            activation=lp["activation"],
-            grad_norm=math.sqrt(g2) / per,
-            bias_grad_norm=math.sqrt(b2) / per,
-            delta_norm=math.sqrt(lp["delta2"]) / per,
-            jacobian_norm=lp["norm_sum"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
-            jacobian_bound=lp["bound_sum"] * lp["w2"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
-            weight_spectral_norm=lp["w2"] if ok else nan,
-            derivative_mean=lp["d_sum"] / n if ok else nan,
-            active_fraction=lp["active"] / n if ok else nan,
-            dead_units=int(h_out - lp["ever_active"].sum()) if ok else 0,
-            saturated_fraction=lp["saturated"] / n if ok else nan,
-            chi=lp["fro2_sum"] / N / h_out if ok else nan,
-            finite=ok,
-        )
+        f = layer_row(j, lp, N, per, g2, float(next(sq)) if lp["bias_grad"] is not None else math.nan)
         if forward_overflow:  # the backward pass ran through the overflowed layers: no gradient is meaningful
-            f.grad_norm = f.bias_grad_norm = f.delta_norm = nan
+            f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
         layers.append(f)
     n_in = p["sizes"][0]
     return dict(

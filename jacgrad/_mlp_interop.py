@@ -1,5 +1,5 @@
-"""Bring your own model: ``MLP``'s constructors from (and export to) PyTorch, scikit-learn, Flax and
-``jacgrad.interop.NetSpec``. ``MLP`` inherits these methods; each framework is imported by
+"""Bring your own model: ``MLP``'s constructors from scikit-learn, Flax and
+``jacgrad.interop.NetSpec`` (PyTorch: ``Sequential.from_torch``/``to_torch``, which MLP inherits). ``MLP`` inherits these methods; each framework is imported by
 ``jacgrad.interop`` only when called."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Imported:
 
 
 class InteropMethods(Imported):
-    """``from_spec``, ``from_torch``, ``to_torch``, ``from_sklearn``, ``from_flax`` (``MLP``'s)."""
+    """``from_spec``, ``from_sklearn``, ``from_flax`` (``MLP``'s; ``from_torch`` and ``to_torch`` are
+    ``Sequential``'s, one importer for both networks)."""
 
     @classmethod
     def from_spec(cls: type[Net], spec) -> Net:
@@ -41,30 +42,6 @@ class InteropMethods(Imported):
         net = cls(spec.weights, spec.biases, spec.activations)
         net._origin = spec.origin
         return net
-
-    @classmethod
-    def from_torch(cls: type[Net], module, copy: bool = True, dtype: str | None = None) -> Net:
-        """The network of an ``nn.Sequential`` (or iterable of modules) of ``nn.Linear`` and
-        activation modules; ``W_j = weight.T``. ``copy=False`` shares the parameters' memory, so a
-        model that keeps training is seen live (run ``forward`` again after each step: a cache
-        taken before it mixes old activations with new weights). Details and the supported
-        modules: ``jacgrad.interop.torch``.
-
-            >>> import torch, jacgrad as jg
-            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-            >>> jg.MLP.from_torch(model).activations
-            ['tanh', 'identity']
-        """
-        from .interop.torch import spec_from_torch
-
-        return cls.from_spec(spec_from_torch(module, copy=copy, dtype=dtype))
-
-    def to_torch(self):
-        """An ``nn.Sequential`` with copies of these weights and the same activations (CUDA for a
-        GPU network); ``MLP.from_torch`` of it gives this network back exactly."""
-        from .interop.torch import to_torch
-
-        return to_torch(self.weights, self.biases, self.activations)
 
     @classmethod
     def from_sklearn(cls: type[Net], estimator, copy: bool = True) -> Net:

@@ -1,13 +1,10 @@
-"""The forward and backward passes of an MLP, written into buffers the caller gives.
+"""The one gradient type, one buffer carver, and a dense layer's two steps written into buffers the
+caller gives: ``jacgrad.layers.Dense`` runs them for every network (``Sequential``, ``MLP``) and
+every compiled step (``_block_passes`` walks the layers). Per Dense layer:
 
-One implementation for both callers: ``MLP.forward`` / ``MLP.backward`` carve fresh buffers per
-call; the compiled step (``TrainingStep``) runs a Dense layer's ``dense_forward`` /
-``dense_backward`` into buffers it carves once. Per layer ``j`` (``K`` layers):
-
-    forward    h_j = z_{j-1} @ W_j + b_j ;  z_j = φ_j(h_j)
-    backward   δ_j = J_j.scale(g_j)          (g_{K-1} = ∂L/∂y, the fused g ⊙ φ_j' pass)
-               ∂L/∂W_j = z_{j-1}ᵀ δ_j ;  ∂L/∂b_j = Σ_batch δ_j
-               g_{j-1} = J_j.through_weights_t(δ_j)   written straight into δ_{j-1}'s buffer
+    forward    h = z_prev @ W + b ;  z = φ(h)
+    backward   δ = J.scale(g)          (the fused g ⊙ φ'(h) pass of the factor J = diag(φ'(h))·Wᵀ)
+               ∂L/∂W = z_prevᵀ δ ;  ∂L/∂b = Σ_batch δ ;  ∂L/∂z_prev = δ Wᵀ
 
 Buffers come from ``carve``: ONE allocation split into views. A training step makes a few
 large arrays (the saved activations, the deltas, the gradients), one block each; on NumPy the
@@ -27,11 +24,9 @@ import numpy as np
 from . import hostpool
 from ._gemm import matmul_into
 from .backend import get_xp
-from .jacobian import LayerJacobian
 from .kernels import activation_forward, forward_with_derivative
 
-__all__ = ["Gradients", "backward_into", "carve", "carve_gradients", "column_sums", "dense_backward", "dense_forward", "forward_into",
-           "grad_shapes"]
+__all__ = ["Gradients", "carve", "column_sums", "dense_backward", "dense_forward"]
 
 Check = Callable[[Any, str], None]
 
@@ -120,40 +115,8 @@ def _views(flat, shapes: Sequence[tuple]) -> list:
     return views
 
 
-def carve_gradients(xp, weights: Sequence[Any], dtype, zero: bool = False, pooled: bool = False) -> tuple[Any, list, list]:
-    """``(flat, dW, db)``: one block for every parameter gradient (``Gradients.flat``) and its
-    per-layer views, laid out as ``grad_shapes(weights)``; ``zero``/``pooled`` as for ``carve``."""
-    flat, views = carve(xp, grad_shapes(weights), dtype, zero=zero, pooled=pooled)
-    return flat, views[0::2], views[1::2]
-
-
-def grad_shapes(weights: Sequence[Any]) -> list[tuple]:
-    """Shapes of ``[∂W_0, ∂b_0, ∂W_1, ∂b_1, …]``: the order of ``Gradients.flat``."""
-    shapes = []
-    for W in weights:
-        shapes += [tuple(W.shape), (W.shape[1],)]
-    return shapes
-
-
-def forward_into(x, weights, biases, acts, saved: list, zs: list | None = None, check: Check | None = None,
-                 ds: list | None = None):
-    """``z_K`` after writing ``h_j`` into ``saved[j]: (B, H_j)`` and applying ``φ_j``.
-
-    Where ``φ_j'`` is a function of the output, ``y_j = φ_j(h_j)`` overwrites ``h_j`` in
-    ``saved[j]``; else ``h_j`` stays and ``z_j`` goes to ``zs[j]`` (a fresh array when ``zs`` is
-    None or ``zs[j]`` is None) — and, where ``ds[j]`` is given, ``φ_j'(h_j)`` goes to it in the
-    same pass (``kernels.forward_with_derivative``), for a backward pass that keeps it.
-    ``check(a, where)`` is called on every ``h_j`` and ``z_j``.
-    """
-    z = x
-    for j, (W, b, act) in enumerate(zip(weights, biases, acts)):
-        z = dense_forward(z, W, b, act, saved[j], None if zs is None else zs[j], None if ds is None else ds[j],
-                          check, j)
-    return z
-
-
 def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | None = None, where: Any = 0):
-    """One dense layer of ``forward_into`` (and of ``jacgrad.layers.Dense``): ``h = z @ W + b``
+    """The forward step of ``jacgrad.layers.Dense``: ``h = z @ W + b``
     written into ``h_out: (B, H_out)``, then ``φ(h)`` — into ``h_out`` itself where ``φ'`` is a
     function of the output, else into ``z_out`` (fresh when None), with ``φ'(h)`` into ``d_out``
     in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
@@ -194,28 +157,8 @@ def _where(where) -> str:
     return f"layer {where}" if isinstance(where, int) else str(where)
 
 
-def backward_into(factors, grad_y, layer_input: Callable[[int], tuple], dW: list, db: list, deltas: list,
-                  gin=None, check: Check | None = None) -> None:
-    """Backprop ``grad_y = ∂L/∂y`` through ``factors`` (the layers' ``LayerJacobian``).
-
-    Writes ``δ_j`` into ``deltas[j]``, ``∂L/∂W_j`` into ``dW[j]``, ``∂L/∂b_j`` into ``db[j]`` and,
-    when ``gin`` is given, ``∂L/∂x`` into it. ``layer_input(j)`` is ``(z_j, d_j)``: the layer's
-    output (``x`` for ``j = -1``) and, when it came out of the same computation (recomputing
-    ``z_j`` from a saved ``h_j``: gelu's normal CDF serves both), ``d_j = φ_j'(h_j)``, else None;
-    step ``j`` then scales by that ``d_j`` instead of computing it again. ``grad_y`` is only read.
-    ``check(δ_j, where)`` is called on every delta.
-    """
-    K = len(factors)
-    d_next = None  # φ'_j(h_j), when the previous step computed it with z_j
-    for j in range(K - 1, -1, -1):
-        J = factors[j] if d_next is None else LayerJacobian(d_next, factors[j].W)
-        z_prev, d_next = layer_input(j - 1)
-        dense_backward(J, grad_y if j == K - 1 else deltas[j], z_prev, dW[j], db[j], deltas[j],
-                       deltas[j - 1] if j else gin, check, j)
-
-
 def dense_backward(J, g, z_prev, dW, db, delta_out, gin=None, check: Check | None = None, where: Any = 0):
-    """One dense layer of ``backward_into`` (and of ``jacgrad.layers.Dense``), its factor ``J``
+    """The backward step of ``jacgrad.layers.Dense``, its factor ``J``
     given: ``δ = J.scale(g)`` into ``delta_out``, ``∂L/∂W = z_prevᵀ δ`` into ``dW``, ``∂L/∂b =
     Σ_batch δ`` into ``db`` and, when ``gin`` is given, ``δ Wᵀ`` into it. Returns ``δ``."""
     delta = J.scale(g, out=delta_out)

@@ -23,11 +23,12 @@ from ._block_passes import named_grads, param_views
 from ._passes import carve
 from .layers import leaf_layers
 from .param_leaves import check_method
+from ._renamed import renamed
 
-__all__ = ["ParamArrays", "SequentialParameterSpace", "leaf_inputs", "leaf_views"]
+__all__ = ["SequentialParameterSpace", "leaf_inputs", "leaf_views"]
 
 
-ParamArrays = Gradients  # the old name of what per_sample_grads and ggn_diagonal return
+__getattr__ = renamed(__name__, {"ParamArrays": ("jacgrad.Gradients", Gradients)})
 
 
 def _leaves(layers) -> list:
@@ -75,9 +76,6 @@ class SequentialParameterSpace:
     network (``Sequential``, ``MLP``) that supplies ``forward`` (whose cache has ``x``, ``batch``
     and ``states``, one Dense-style state per layer), ``backward``, ``jacobian_chain``,
     ``layers``, ``n_params``, ``n_in``, ``n_out``, ``dtype``."""
-
-    # the gradient type's name in messages: Sequential's still says its old name (tests pin it)
-    _flat_name = "Gradients.flat"
 
     # ------------------------------------------------------------------ the leaves
     def _param_leaf_inputs(self, cache) -> list:
@@ -216,7 +214,7 @@ class SequentialParameterSpace:
             (24,)
         """
         v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
-                                       f"{self._flat_name} (layer order; Dense: W, b; LayerNorm: gamma, beta; "
+                                       f"Gradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, self._param_leaf_inputs(cache),

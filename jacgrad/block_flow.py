@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _sample_rng, losses
 from ._flow import norm_subsample
+from ._leaf_flow import finish_leaves, leaf_partials, merge_leaves
 from ._io_spectrum import finish_spectrum, merge_spectrum, spectrum_partial
 from ._verdict import decide
 from ._validate import float_array, require_network
@@ -151,6 +152,7 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
+    leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel)  # the report's .layers rows
     exact = _exact(total, net.n_in, net.n_out)
     if all(math.isfinite(b["chi_sum"]) for b in blocks):
         whole = _norm_sum(chain, "exact" if exact else "lanczos", seed, sel)
@@ -159,7 +161,7 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
     sv = (spectrum_partial(xp, chain, start, total, spectrum_samples, seed) if spectrum and math.isfinite(whole)
           else None)
     return dict(count=B, spectrum=sv, norm_count=B if sel is None else len(sel), loss=None if loss_sum is None else loss,
-                loss_sum=loss_sum, norm_sum=whole, blocks=blocks,
+                loss_sum=loss_sum, norm_sum=whole, blocks=blocks, layers=leaves,
                 sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
                 has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
                 dtype=str(np.dtype(net.dtype)), device="cpu" if xp is np else "gpu")
@@ -178,8 +180,9 @@ def merge_block_partials(a: dict, b: dict) -> dict:
                    bound_sum=pa["bound_sum"] + pb["bound_sum"], grad=pa["grad"] + pb["grad"])
               for pa, pb in zip(a["blocks"], b["blocks"])]
     sv = None if a["spectrum"] is None or b["spectrum"] is None else merge_spectrum(a["spectrum"], b["spectrum"])
+    layers = merge_leaves(a["layers"], b["layers"])
     return dict(a, spectrum=sv, count=a["count"] + b["count"], norm_count=a["norm_count"] + b["norm_count"],
-                norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks,
+                norm_sum=a["norm_sum"] + b["norm_sum"], blocks=blocks, layers=layers,
                 loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"])
 
 
@@ -318,7 +321,7 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     spectrum.pop("jacobian_spectral_norm")  # the blocks' own: over the norm_samples subsample
     first = next((r for r in rows if not math.isfinite(r.chi)), None)
     report = BlockFlowReport(
-        block_rows=rows, chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
+        block_rows=rows, layers=finish_leaves(p), chi=chi, chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi, verdict=verdict,
         jacobian_spectral_norm=p["norm_sum"] / (p["norm_count"] or math.nan), sizes=p["sizes"], activations=p["activations"],
         has_residual=p["has_residual"], norms=p["norms"], batch=N, dtype=p["dtype"], device=p["device"],
         loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,

@@ -6,6 +6,8 @@
     jacgrad report --activation relu,tanh,tanh --sizes 8,16x3,2   # one activation per hidden layer
     jacgrad report --activation relu --activation tanh             # two networks compared
     jacgrad report --weights my_net.npz --json flow.json
+    jacgrad report --weights run.ckpt --model mypkg.models:make_net   # named keys, your own module
+    jacgrad report --log run.jsonl --out history.png   # a jg.Monitor's training history
     jacgrad report --activation sigmoid --residual 2 --norm layernorm   # the cure: residual pre-norm blocks
     jacgrad report --weights my_net.npz --data X.npy --targets T.npy --workers 2   # over a dataset
     jacgrad check                        # GPU against the float64 NumPy reference
@@ -42,9 +44,16 @@ _WEIGHTS_FORMAT = """\
   name for all). A torch nn.Sequential state dict (.safetensors, or .pt/.pth read with
   weights_only=True) carries no activations: give the hidden layers' with --activation relu (or
   relu,tanh, one per hidden layer, or relu*2) and the last layer's with --output-activation
-  (default identity). An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
+  (default identity). A training checkpoint holding the state dict under "state_dict" (Lightning's
+  .ckpt, whose "model." key prefix is read past) or "model" is read too. Named keys (fc1.weight)
+  need the module that names them: --model package.module:factory (factory() builds it).
+  An example ships with jacgrad: jacgrad/examples/tiny_mlp.npz
   (python -c "import jacgrad.examples as e; print(e.TINY_MLP)").
 """
+
+_MODEL_HELP = ("your torch module, built by factory() in your own code (imported as python -m would, from the "
+               "current directory): --weights keys such as fc1.weight are matched against its names, and its "
+               "activation modules name the activations; without --weights, its own weights are reported")
 
 _REPORT_EPILOG = (
     """\
@@ -94,7 +103,8 @@ def _build_parser() -> _Parser:
                      help="weight init (default: he_normal when every hidden activation is ReLU-like, else xavier_normal)")
     net.add_argument("--gain", type=float_option("--gain", 0.0, strict=True), default=None, help="multiplies the init (default 1)")
     net.add_argument("--bias-std", type=float_option("--bias-std", 0.0), default=None, help="biases ~ N(0, s²) (default 0)")
-    net.add_argument("--weights", default=None, metavar="FILE", help="a network from a file (.npz, .safetensors, .pt, .pth: format below)")
+    net.add_argument("--weights", default=None, metavar="FILE", help="a network from a file (.npz, .safetensors, .pt, .pth, .ckpt: format below)")
+    net.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY", help=_MODEL_HELP)
     net.add_argument("--residual", type=int_at_least("--residual", 1), default=None, metavar="K",
                      help="a skip z + s·f(z) around every K hidden H -> H dense layers (the report then has a row per block)")
     net.add_argument("--residual-scale", type=float_option("--residual-scale"), default=None, metavar="S",
@@ -129,7 +139,13 @@ def _build_parser() -> _Parser:
     rep.add_argument("--plot", default=None, metavar="PATH",
                      help="write the figure, in the format the suffix names: .png, .svg, .pdf, ... (needs jacgrad[plot])")
     rep.add_argument("--dpi", type=float_option("--dpi", 0.0, strict=True), default=None, metavar="N",
-                     help="with --plot: dots per inch (default 100)")
+                     help="with --plot or --out: dots per inch (default 100)")
+    hist = rep.add_argument_group("a training run's history (instead of a network)")
+    hist.add_argument("--log", default=None, metavar="RUN.jsonl",
+                      help="the JSONL file a jg.Monitor wrote: prints the run's history")
+    hist.add_argument("--out", default=None, metavar="PATH",
+                      help="with --log: plot the history (every layer's gradient norm, χ, ‖J‖₂, dead fraction "
+                           "against the step; needs jacgrad[plot])")
 
     chk = sub.add_parser(
         "check",
@@ -151,6 +167,7 @@ def _build_parser() -> _Parser:
                      help="activation of the last layer (default identity), of the random net or of a --weights "
                           "file that carries none")
     chk.add_argument("--weights", default=None, metavar="FILE", help="check this network instead (formats below)")
+    chk.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY", help=_MODEL_HELP)
     chk.add_argument("--batch", type=int_at_least("--batch", 1), default=16, help="samples (default 16)")
     chk.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="random seed (default 0)")
     chk.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
@@ -191,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.code or 0)
         if args.command is None:
             raise UsageError(f"{PROG}: choose a command: report, check, info or bench (jacgrad --help)")
+        if args.command == "report" and args.log is not None:
+            from ._cli_history import run_history
+
+            return run_history(args)
+        if args.command == "report" and args.out is not None:
+            raise UsageError("--out plots a run's history: it needs --log RUN.jsonl (a network's figure is --plot)")
         if args.command == "report":
             from ._cli_report import run_report
 

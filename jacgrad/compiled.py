@@ -75,11 +75,12 @@ from ._loss_workspace import LossWorkspace
 from ._passes import Gradients, carve
 from ._private_step import PrivatePart, check_clip_args
 from ._sequential_param_space import leaf_inputs, leaf_views
+from ._renamed import renamed
 from ._step_io import StepIO, check_rebound, check_step_args, locked
 from .activations import get as get_activation
 from .layers import Dense, named_params
 
-__all__ = ["SequentialStep", "TrainingStep"]
+__all__ = ["TrainingStep"]
 
 _LISTS = ("weights", "biases", "activations", "xp", "sizes", "dtype")
 
@@ -287,7 +288,7 @@ class TrainingStep(StepIO):
         return f"TrainingStep({self._net!r}, batch={self.batch}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
 
 
-SequentialStep = TrainingStep  # the old name of Sequential.compile's step
+__getattr__ = renamed(__name__, {"SequentialStep": ("jacgrad.compiled.TrainingStep", TrainingStep)})
 
 
 def _views(flat, params) -> list:

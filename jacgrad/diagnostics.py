@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _flow
+from . import _above, _flow
 from . import losses as _losses
 from ._flow import SATURATION, LayerFlow, all_finite
 from ._validate import check_input_dtype, float_array, network_input, require_network, shape_str
@@ -130,7 +130,8 @@ def gradient_flow(
     require_network(net, "gradient_flow")
     _check_count("spectrum_samples", spectrum_samples, 0, "as many samples as the cost allows; 0 skips the spectrum")
     _check_count("norm_samples", norm_samples, 1, f"every sample; {DATASET_NORM_SAMPLES} of a Dask batch")
-    if isinstance(net, Sequential):  # one row per block, from jacgrad.block_flow
+    if isinstance(net, Sequential) and not hasattr(net, "weights"):  # one row per block (jacgrad.block_flow);
+        # an MLP (a Sequential of Dense layers with weights/biases/activations lists) gets the per-layer report
         if is_dask(x) or is_dask(target):
             norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
             return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples, spectrum_samples)
@@ -288,3 +289,6 @@ def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:
     )
     report.hints = hints(report)
     return report
+
+
+_above.register("gradient_flow", gradient_flow)  # net.gradient_flow(x, ...): this function

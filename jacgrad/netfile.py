@@ -1,4 +1,4 @@
-"""Network files: ``.npz``, ``.safetensors`` and PyTorch ``.pt``/``.pth`` state dicts, by suffix
+"""Network files: ``.npz``, ``.safetensors`` and PyTorch ``.pt``/``.pth``/``.ckpt`` state dicts, by suffix
 (compared in any case; a file is written at exactly the path given).
 
 One reader serves ``MLP.load`` and ``Sequential.load``: every file becomes a layer list (the
@@ -14,11 +14,14 @@ residual block); ``load`` turns a list of dense layers into a ``jacgrad.interop.
   (``h = z @ W + b``), ``bj`` is ``(H_j,)`` and may be omitted (zeros). Write one from any
   framework with ``np.savez(path, W0=..., b0=..., activations=np.array(["tanh", "identity"]))``
   — from a ``torch.nn.Linear`` take ``weight.T``. Numbers are written without leading zeros.
-- A torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``): ``0.weight``
+- A torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``/``.ckpt``): ``0.weight``
   ``(out, in)``, ``0.bias``, ``2.weight``, … — Linear layers at numeric module paths, in numeric
-  order, ``W = weight.T``. It carries no activations: pass ``activations=``. ``.pt``/``.pth``
+  order, ``W = weight.T``. It carries no activations: pass ``activations=``. ``.pt``/``.pth``/``.ckpt``
   are read with ``torch.load(weights_only=True)`` only (torch's zip format), which unpickles
-  tensors and plain containers and never code.
+  tensors and plain containers and never code; a training checkpoint's state dict is read from
+  under its ``"state_dict"`` (Lightning) or ``"model"`` key, and a prefix on every key
+  (``model.0.weight``) is read past (``jacgrad._state_keys``). Named keys (``fc1.weight``) need
+  the torch module that names them: ``jacgrad.checkpoints.load(path, model=module)``.
 
 Files are data: loading runs no code and allocates no more than the file's real contents
 justify (``jacgrad._file_readers``); only regular files are opened; a save goes to a temporary
@@ -46,9 +49,10 @@ from .layer_protocol import layer_class, leaf_layers, stored_arrays, stored_name
 
 __all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
-SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+SUFFIXES = (".npz", ".safetensors", ".pt", ".pth", ".ckpt")
 SAVE_SUFFIXES = (".npz", ".safetensors")
-_READERS = {".npz": read_npz, ".safetensors": read_safetensors, ".pt": read_torch, ".pth": read_torch}
+_READERS = {".npz": read_npz, ".safetensors": read_safetensors, ".pt": read_torch, ".pth": read_torch,
+            ".ckpt": read_torch}
 MAX_NAME = 120  # characters: longer than any activation's canonical spelling
 
 
@@ -115,11 +119,12 @@ def load(path, activations=None, dtype: str | None = None, device: str = "cpu") 
     return NetSpec(W, b, [s["activation"] for s in spec], source=path)
 
 
-def load_layers(path, activations=None) -> list:
+def load_layers(path, activations=None, dtype: str | None = None) -> list:
     """The ``jacgrad.layers`` of any network file; ``activations``: names replacing the file's,
-    one per Dense layer in layer order (residual inner layers included), or one for all."""
+    one per Dense layer in layer order (residual inner layers included), or one for all;
+    ``dtype``: cast every array (else the file's float32/float64)."""
     path = os.fspath(path)
-    spec, arrays = _read(path, activations, None, replace=True)
+    spec, arrays = _read(path, activations, dtype, replace=True)
     try:
         return _build(spec, "", arrays)
     except (KeyError, ValueError, TypeError) as exc:

@@ -1,5 +1,6 @@
-"""Sequential: a network of ``jacgrad.layers`` (dense, residual blocks, LayerNorm, RMSNorm) with
-the forward/backward/Jacobian interface of ``MLP``.
+"""Sequential: THE network, a stack of ``jacgrad.layers`` (dense, residual blocks, LayerNorm,
+RMSNorm): forward, backward, Jacobian chain, compiled steps, files; ``jacgrad.MLP`` is a Sequential
+of Dense layers with ``weights``/``biases``/``activations`` lists.
 
     >>> import numpy as np, jacgrad as jg
     >>> rng = np.random.default_rng(0)
@@ -18,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _lazy, losses
+from . import _above, _lazy, losses
 from ._passes import Gradients
-from ._block_passes import BlockGradients, backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ._block_passes import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
 from ._block_passes import param_views
 from ._compiled_jacobian import JacobianStep
 from .compiled import TrainingStep
@@ -29,26 +30,84 @@ from ._sequential_param_space import SequentialParameterSpace
 from ._validate import float_array, network_input, shape_str
 from .backend import get_xp
 from .chain import Chain
+from .kernels import activation_forward
 from .layers import chained, Dense
 from .layer_protocol import bind_shapes
 from ._mlp_interop import Imported
-from .mlp import _require_finite
+from ._renamed import renamed
 
-__all__ = ["BlockGradients", "Sequential", "SequentialCache"]
+__all__ = ["Gradients", "Sequential", "SequentialCache"]
+
+__getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
 
 
 class SequentialCache:
-    """What ``Sequential.forward`` keeps: the input and each layer's state (see each layer's
-    docstring for what it keeps). Parameters are read from the layers at backward time."""
+    """What ``forward`` keeps for ``backward`` and ``jacobian_chain``: a reference (not a copy) to
+    the input ``x`` (a C-contiguous copy of it when ``x`` was not C-contiguous or not of the
+    network's dtype) and each layer's state (see each layer's docstring for what it keeps).
 
-    __slots__ = ("x", "states", "_owner")
+    A Dense layer keeps ONE ``(B, H_j)`` array, ``saved[j]``: its output ``y_j`` where ``φ_j'`` is
+    a function of the output (tanh, sigmoid, relu, …), else its pre-activation ``h_j`` (gelu, silu,
+    softplus), and where only a Dense reads its output, that output is not kept: backward
+    recomputes ``z_j = φ_j(h_j)`` (``_block_passes.lean_outputs``). A dense stack's cache is so
+    ``B · Σ_j H_j`` elements. The ``y`` that ``forward`` returns is never one of these arrays.
 
-    def __init__(self, x, states, owner):
-        self.x, self.states, self._owner = x, states, owner
+    Parameters are not copied: ``backward`` and ``jacobian_chain`` read them when called. Replacing
+    a Dense layer's weight or activation after the forward pass (``net.weights[j] = W`` on an
+    ``MLP``) makes them raise ``ValueError`` (run forward again); a change IN PLACE (``W -= lr *
+    dW``) is not detected, and neither is one of ``x``: backward then combines the new weights
+    with the old activations. Run forward again after an update."""
+
+    __slots__ = ("x", "_states", "_owner", "_layers", "_bound")
+
+    def __init__(self, x, states, owner, layers):
+        self.x, self._states, self._owner, self._layers = x, states, owner, tuple(layers)
+        self._bound = [(L.W, L._act) if isinstance(L, Dense) else None for L in layers]
 
     @property
     def batch(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def states(self) -> list:
+        """Per layer, its forward state, a Dense's input recomputed (a fresh array) where not kept."""
+        out = list(self._states)
+        for j, st in enumerate(out):
+            if isinstance(self._layers[j], Dense) and st[0] is None:
+                out[j] = (activation_forward(out[j - 1][1], self._layers[j - 1]._act),) + st[1:]
+        return out
+
+    @property
+    def saved(self) -> list:
+        """Per layer, the ``(B, H_j)`` array a Dense keeps for its factor (``y_j`` or ``h_j``); None
+        for the other layers."""
+        return [st[1] if isinstance(L, Dense) else None for L, st in zip(self._layers, self._states)]
+
+    @property
+    def from_output(self) -> list:
+        """Per Dense layer, whether ``saved[j]`` is its output ``y_j`` (else ``h_j``); None elsewhere."""
+        return [st[2] if isinstance(L, Dense) else None for L, st in zip(self._layers, self._states)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays the cache keeps (the input is the caller's)."""
+        seen: dict = {}
+        stack = list(self._states)
+        while stack:
+            a = stack.pop()
+            if isinstance(a, (tuple, list)):
+                stack.extend(a)
+            elif hasattr(a, "nbytes") and a is not self.x:
+                seen[id(a)] = a.nbytes
+        return int(sum(seen.values()))
+
+
+def _require_finite(a, where: str) -> None:
+    xp = get_xp(a)
+    bad = ~xp.isfinite(a)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
+        raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
 
 
 def _shapes(layer) -> list:
@@ -75,7 +134,6 @@ class Sequential(SequentialParameterSpace, Imported):
         self._layers = tuple(layers)
         self._token = object()
 
-    _flat_name = "BlockGradients.flat"
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
@@ -107,29 +165,41 @@ class Sequential(SequentialParameterSpace, Imported):
         lazy = _lazy.handler_for(x)
         if lazy is not None:
             return lazy("__call__", self, x)
-        return self.forward(x)[0]
+        return self._forward(x)[0]
 
     def forward(self, x: Any, check_finite: bool = False):
         """``y, cache = net.forward(x)``: ``x (B, n_in) -> y (B, n_out)``, or per token ``(B, T, n_in)
         -> (B, T, n_out)`` where every layer acts per token (``takes_tokens``); ``y`` is the caller's own
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
+        z, cache = self._forward(x, check_finite)
+        if isinstance(self._layers[-1], Dense) and (cache.x.ndim != 1 + len(self.in_shape)
+                                                    or z is cache._states[-1][1]):
+            z = z.copy()  # the last Dense layer's saved y (or a view of it), which backward reads
+        return z, cache
+
+    def _forward(self, x: Any, check_finite: bool = False):
+        """``forward`` without the copy of the output (which may be the cache's): for callers that
+        never hand it out while the cache lives (``loss_and_grads``, ``__call__``)."""
         if _lazy.handler_for(x) is not None:
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
         xp = get_xp(x, self._layers[0].params[0])
         x = network_input(x, "x", xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
+        # one memory layout for every x: the GEMMs (and so the last bits of ∂W_0) do not depend on
+        # how x is laid out, and a compiled step (which copies x into a C-contiguous buffer) agrees
         x = xp.ascontiguousarray(x.astype(self.dtype, copy=False))
         check = _require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
         lead = x.shape[0] if x.ndim == 1 + len(self.in_shape) else tuple(x.shape[:2])  # (B, T): a token batch
-        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True)  # as MLP: reused host blocks
+        # pooled host blocks (a loop reuses those of finished calls); the last layer's kept array in
+        # a block of its own, so an output kept on its own does not keep the others alive; a (B, d)
+        # batch's Dense layers keep one array each (lean: their inputs recomputed by backward)
+        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True, lean=isinstance(lead, int))
         z, states = forward_layers(self._layers, x, bufs, check)
-        if isinstance(self._layers[-1], Dense) and (z is states[-1][1] or not isinstance(lead, int)):
-            z = z.copy()  # the last Dense layer's saved y, which backward reads: hand out a copy
-        return z, SequentialCache(x, states, self._token)
+        return z, SequentialCache(x, states, self._token, self._layers)
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, SequentialCache):
@@ -137,6 +207,13 @@ class Sequential(SequentialParameterSpace, Imported):
         if cache._owner is not self._token:
             raise ValueError("this cache was made by another network's forward; run forward on this network")
         self._check_origin()
+        for j, (L, then) in enumerate(zip(self._layers, cache._bound)):
+            if then is not None:
+                for what, a, b in (("weights", L.W, then[0]), ("activations", L._act, then[1])):
+                    if a is not b:
+                        raise ValueError(
+                            f"net.{what}[{j}] was replaced after this cache's forward pass; run forward again "
+                            f"(backward and jacobian_chain read the network's current {what})")
 
     def backward(self, cache: SequentialCache, grad_y: Any, input_grad: bool = True,
                  check_finite: bool = False) -> Gradients:
@@ -150,19 +227,29 @@ class Sequential(SequentialParameterSpace, Imported):
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
         shapes = [s for L in self._layers for s in _shapes(L)]
-        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # as MLP: reuse a finished step's block
-        g, bufs = carve_backward(xp, self._layers, want[:-len(self.out_shape)] if len(want) > 1 + len(self.out_shape)
-                                 else cache.batch, self.dtype, input_grad, pooled=True)
-        xp.copyto(g, grad_y, casting="same_kind")  # never the caller's array: a layer may hand it on as a delta
+        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
+        lead = want[:-len(self.out_shape)] if len(want) > 1 + len(self.out_shape) else cache.batch
+        # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
+        # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
+        # it on as its delta, so it gets a copy: never the caller's array
+        copy = not isinstance(self._layers[-1], Dense)
+        g, bufs = carve_backward(xp, self._layers, lead, self.dtype, input_grad, grad_y=copy, pooled=True,
+                                 in_place=isinstance(lead, int))
+        if copy:
+            xp.copyto(g, grad_y, casting="same_kind")
+        else:
+            g = grad_y.astype(self.dtype, copy=False)
         per_layer = param_views(self._layers, views)
-        gin, deltas = backward_layers(self._layers, cache.states, g, per_layer, bufs, input_grad,
+        gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
                                       _require_finite if check_finite else None)
         return Gradients(layers=named_grads(self._layers, per_layer), input=gin, deltas=deltas, flat=flat)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
-        """``(value, BlockGradients)`` of ``loss`` (see ``jacgrad.losses``) against ``target``."""
+        """``(value, Gradients)`` of ``loss`` (``mse``, ``softmax_cross_entropy``, ``sigmoid_bce``; see
+        ``jacgrad.losses``) of the network's output against ``target``. ``input_grad=False`` skips
+        ``∂L/∂x`` (one GEMM of a Dense layer's three), as a training loop may."""
         loss_fn = losses.get(loss)
-        y, cache = self.forward(x)
+        y, cache = self._forward(x)  # y is not handed out: no copy needed
         value, grad_y = loss_fn(y, losses.one_layout(target))  # one layout, as in a compiled step: the same sums
         return value, self.backward(cache, grad_y, input_grad=input_grad)
 
@@ -170,7 +257,12 @@ class Sequential(SequentialParameterSpace, Imported):
         """The per-sample ``Chain`` of this forward pass, one factor per layer: ``diag(d)·Wᵀ``,
         ``I + s·J_inner`` (a ``ResidualFactor``) or a ``NormFactor``."""
         self._check_cache(cache)
-        return Chain([L.factor(st) for L, st in zip(self._layers, cache.states)])
+        return Chain([L.factor(st) for L, st in zip(self._layers, cache._states)])  # a factor reads no input
+
+    def gradient_flow(self, x: Any, target: Any = None, loss: str = "mse", **options):
+        """The gradient-flow report of this network at ``x``: ``jg.gradient_flow(net, x, target, loss,
+        **options)`` (``jacgrad.diagnostics.gradient_flow``: its options and what the report holds)."""
+        return _above.call("gradient_flow", self, x, target, loss, **options)
 
     def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto", *,
                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
@@ -192,21 +284,39 @@ class Sequential(SequentialParameterSpace, Imported):
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype=None, in_shape: Sequence[int] | None = None) -> "Sequential":
-        """The network of a torch ``nn.Sequential`` of ``nn.Linear`` (+ activation modules),
+    def from_torch(cls, module, copy: bool = True, dtype=None, in_shape: Sequence[int] | None = None):
+        """The network of a torch ``nn.Sequential`` (or an iterable of modules; nested
+        ``nn.Sequential``s are flattened) of ``nn.Linear`` (+ one activation module each),
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
-        blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA). As in
-        ``MLP.from_torch``: ``copy=False`` shares the parameters' memory (``W = weight.T``, a
-        view), ``dtype`` casts them (a copy); ``module`` may be an iterable of modules, and nested
-        ``nn.Sequential``s are flattened, as there. A CNN (``nn.Conv1d``/``Conv2d``, the pools,
-        ``nn.Flatten``, eval ``nn.BatchNorm1d``/``2d``; ``interop.torch_conv``) needs ``in_shape``,
-        the per-sample input shape ``(C, H, W)``. See ``torch_blocks``."""
+        blocks ``x + s·inner(x)``), on the module's device (NumPy for CPU, CuPy for CUDA).
+        ``W = weight.T``; ``copy=False`` shares the parameters' memory (a view: a model that keeps
+        training in place is seen live; run ``forward`` again after each step); ``dtype`` casts
+        them (a copy; needed for float16/bfloat16). The one reader of both networks
+        (``torch_blocks.layers_and_origin``); ``MLP.from_torch`` takes the Dense-only models.
+        A CNN (``nn.Conv1d``/``Conv2d``, the pools, ``nn.Flatten``, eval ``nn.BatchNorm1d``/``2d``;
+        ``interop.torch_conv``) needs ``in_shape``, the per-sample input shape ``(C, H, W)``.
+
+            >>> import torch, jacgrad as jg
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> jg.MLP.from_torch(model).activations
+            ['tanh', 'identity']
+        """
+        from .interop.torch import _torch
+
+        _torch()  # a clear ImportError when torch is missing
         from .interop.torch_blocks import layers_and_origin
 
-        layers, origin = layers_and_origin(module, copy=copy, dtype=dtype)
-        net = cls(layers, in_shape=in_shape)
+        layers, origin = layers_and_origin(module, copy=copy, dtype=dtype, importer=f"jg.{cls.__name__}.from_torch",
+                                           dense_only=cls._dense_only)
+        net = cls._of_layers(layers) if in_shape is None else cls(layers, in_shape=in_shape)
         net._origin = origin
         return net
+
+    _dense_only = False  # MLP: every layer a Dense
+
+    @classmethod
+    def _of_layers(cls, layers):
+        return cls(layers)
 
     def to_torch(self):
         """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,

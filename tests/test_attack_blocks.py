@@ -120,7 +120,7 @@ def test_both_networks_check_v_with_one_message(kind):
     nets, x, _ = _small_nets()
     net = nets[kind]
     P = net.n_params if kind == "sequential" else sum(W.size + W.shape[1] for W in net.weights)
-    layout = "BlockGradients.flat" if kind == "sequential" else "Gradients.flat"
+    layout = "Gradients.flat"
     with pytest.raises(ValueError, match=rf"v has shape \({P}, 1\) but the network has P={P} parameters: needs "
                                          rf"\({P},\), laid out as {layout}"):
         net.ggn_vp(x, np.ones((P, 1)))

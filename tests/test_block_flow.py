@@ -59,9 +59,16 @@ def test_large_blocks_estimate_chi_and_use_lanczos(monkeypatch):
         assert b.jacobian_norm == pytest.approx(a.jacobian_norm, rel=1e-8)
 
 
-def test_block_flow_needs_a_sequential():
-    with pytest.raises(TypeError, match="block_flow reads a jacgrad.Sequential, got MLP"):
-        bf.block_flow(jg.MLP.init([2, 2]), np.ones((1, 2)))
+def test_block_flow_needs_a_sequential_and_an_mlp_is_one():
+    """An MLP is a Sequential of Dense layers (issue 19): its rows are those of that Sequential."""
+    with pytest.raises(TypeError, match="block_flow needs a jacgrad network"):
+        bf.block_flow([np.ones((2, 2))], np.ones((1, 2)))
+    mlp = jg.MLP.init([3, 4, 2], activation="gelu", seed=0, bias_std=0.1)
+    seq = jg.Sequential([jg.layers.Dense(W, b, a) for W, b, a in zip(mlp.weights, mlp.biases, mlp.activations)])
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    got, want = bf.block_flow(mlp, x), bf.block_flow(seq, x)
+    assert [vars(r) if hasattr(r, "__dict__") else r for r in got] == [vars(r) if hasattr(r, "__dict__") else r
+                                                                         for r in want]
 
 
 def test_chi_is_the_mlp_reports_on_a_narrowing_net():

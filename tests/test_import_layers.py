@@ -32,7 +32,7 @@ BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
 RANK: dict[str, int] = {
     # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
     "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
-    "_validate": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
+    "_validate": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
@@ -41,7 +41,7 @@ RANK: dict[str, int] = {
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "_bracket_evaluate": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
     # networks: layers, MLP and its passes, the compiled step, losses, files, interop
-    "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
+    "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "checkpoints": NETWORKS, "_state_keys": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
     "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "conv_layers": NETWORKS, "pool_layers": NETWORKS,
     "batchnorm_layers": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
@@ -51,10 +51,10 @@ RANK: dict[str, int] = {
     "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "block_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
-    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE,
+    "block_flow": PARAMETER_SPACE, "_leaf_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
+    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE, "monitor": PARAMETER_SPACE, "_monitor_history": PARAMETER_SPACE,
     # the command
-    "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
+    "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_model": COMMAND, "_cli_history": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
 }
 LAYER_NAMES = ["backend", "algebra", "networks", "parameter space / diagnostics", "command"]
 COMMAND_MODULES = ["cli", "_cli_report", "_cli_check", "_cli_common"]

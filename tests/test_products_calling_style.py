@@ -66,3 +66,57 @@ def test_a_torch_model_is_told_which_importer_to_call():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.container\.Sequential.*from_torch"):
         jg.per_sample_grad_norms(model, np.ones((2, 4)), np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------- names (issue 19 item 5)
+INTERNALS = ["backend", "hostpool", "kernels", "block_flow", "compiled", "curvature", "jacobian", "loss_hessians",
+             "mlp", "per_sample", "private", "sequential", "spectra", "chain"]
+
+
+def test_all_holds_user_concepts_and_the_internals_stay_reachable():
+    assert not set(INTERNALS) & set(jg.__all__)
+    assert {"MLP", "Sequential", "Gradients", "Chain", "LayerJacobian", "ntk", "per_sample_grad_norms",
+            "gradient_flow", "losses", "activations", "asarray", "to_device"} <= set(jg.__all__)
+    assert all(hasattr(jg, name) for name in jg.__all__ + INTERNALS)
+    assert jg.backend.gpu_available() in (True, False) and callable(jg.hostpool.take)
+
+
+RENAMED = [("jacgrad._block_passes", "BlockGradients", "jacgrad.Gradients"),
+           ("jacgrad.sequential", "BlockGradients", "jacgrad.Gradients"),
+           ("jacgrad._sequential_param_space", "ParamArrays", "jacgrad.Gradients"),
+           ("jacgrad.compiled", "SequentialStep", "jacgrad.compiled.TrainingStep"),
+           ("jacgrad._compiled_sequential", "SequentialStep", "jacgrad.compiled.TrainingStep"),
+           ("jacgrad.mlp", "ForwardCache", "jacgrad.sequential.SequentialCache")]
+
+
+def test_a_renamed_name_still_works_and_warns_once_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib, warnings
+import jacgrad as jg
+out = []
+for module, old, new in {RENAMED!r}:
+    mod = importlib.import_module(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = getattr(mod, old) is getattr(mod, old) is eval(new.replace("jacgrad.", "jg.", 1))
+    msgs = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    out.append((same, len(msgs), all(f"{{module}}.{{old}} is renamed {{new}}" in m for m in msgs)))
+print(out)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert got.strip() == str([(True, 1, True)] * len(RENAMED))
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        jg.compiled.NoSuchName
+
+
+@pytest.mark.parametrize("net", _nets(), ids=["mlp", "sequential"])
+def test_gradient_flow_is_a_method_too(net):
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    assert net.gradient_flow(x, t, seed=3).to_json() == jg.gradient_flow(net, x, t, seed=3).to_json()
+    assert net.gradient_flow(x).to_text() == jg.gradient_flow(net, x).to_text()

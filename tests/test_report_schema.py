@@ -35,7 +35,9 @@ def test_one_class_and_the_same_top_level_keys_with_a_schema_version():
     assert dm["schema"] == ds["schema"] == "jacgrad.gradient_flow/2"
     assert (dm["kind"], ds["kind"]) == ("layers", "blocks")
     assert len(dm["layers"]) == 3 and dm["blocks"] is None and dm["has_residual"] is False and dm["norms"] == []
-    assert [b["kind"] for b in ds["blocks"]] == ["residual", "dense"] and ds["layers"] == []
+    assert [b["kind"] for b in ds["blocks"]] == ["residual", "dense"]
+    assert [r["activation"] for r in ds["layers"]] == ["layernorm", "tanh", "identity"]  # every parameterised layer
+    assert ds["layers"][0].keys() == dm["layers"][0].keys() and ds["layers"][0]["chi"] is None
     assert ds["has_residual"] is True and ds["norms"] == ["layernorm"]
     assert dm["depth"] == 3 and ds["depth"] == 2
 

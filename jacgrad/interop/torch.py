@@ -1,10 +1,11 @@
-"""PyTorch: an ``nn.Sequential`` of ``nn.Linear`` and activation modules <-> a ``NetSpec``.
+"""PyTorch: the pieces of the one torch reader (``interop.torch_blocks.layers_and_origin``, behind
+``Sequential.from_torch`` and ``MLP.from_torch``) that need no torch at import: the activation
+table both ways, the walk, the parameter reads and the ``copy=False`` link.
 
-Reading (``spec_from_torch``, behind ``MLP.from_torch``) walks the modules in order with
-``flatten``, the walk ``Sequential.from_torch`` shares (nested ``nn.Sequential``s are flattened;
-an index is their ``state_dict`` path such as ``"2"`` or ``"1.0"``; a module listed twice is
-read twice when it has no parameters, and refused when it has: tied parameters are not
-supported yet):
+The walk (``flatten``) takes an ``nn.Sequential``, an iterable of modules or one module; nested
+``nn.Sequential``s are flattened (an index is their ``state_dict`` path such as ``"2"`` or
+``"1.0"``); a module listed twice is read twice when it has no parameters, and refused when it
+has (tied parameters are not supported yet). For a dense stack:
 
 - ``nn.Linear(in, out, bias=True|False)`` starts a layer. ``W = weight.T`` — a transposed view
   of the same memory, never a transposing copy; a missing bias is zeros;
@@ -15,11 +16,11 @@ supported yet):
 - ``nn.Identity``, ``nn.Flatten()`` of ``(B, n)`` inputs and ``nn.Dropout`` in eval mode pass
   through (they compute nothing at inference);
 - anything else is a ``TypeError`` naming the module, its index and what is supported (a
-  LayerNorm, RMSNorm or Residual: use ``jg.Sequential.from_torch``).
+  LayerNorm, RMSNorm or Residual: ``jg.Sequential.from_torch`` reads them, ``MLP.from_torch`` refuses them).
 
 ``copy=False`` shares the parameters' memory: the weights are NumPy views of CPU parameters, or
 CuPy views (DLPack) of CUDA ones. A torch optimiser updates parameters in place, so the network
-sees each step without re-importing. A ``ForwardCache`` taken before a step still holds the
+sees each step without re-importing. A forward cache taken before a step still holds the
 activations of the old weights, while ``backward`` and ``jacobian_chain`` read the current ones:
 run ``forward`` again after every step (a cache mixes the two otherwise). Replacing a parameter
 rather than updating it (``model.double()``, ``.to(device)``, loading a state dict with
@@ -37,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _activations
-from ..backend import asarray, get_xp, is_gpu_array
-from . import NetSpec, Origin, require
+from ..backend import asarray, is_gpu_array
+from . import Origin, require
 
 __all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "custom_note", "describe", "flatten",
-           "origin", "passes_through", "spec_from_torch", "tensor", "to_torch"]
+           "origin", "passes_through", "tensor"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
              "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
@@ -167,16 +168,6 @@ def describe(m) -> str:
     return type(m).__name__
 
 
-def _unsupported(index, m) -> TypeError:
-    nn = _torch().nn
-    block = type(m).__module__ == f"{__package__}.torch_blocks"  # its Residual (importing it here is a cycle)
-    if type(m) in (nn.LayerNorm, nn.RMSNorm) or block:
-        return TypeError(f"module {index} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of nn.Linear "
-                         f"and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm and residual "
-                         f"blocks too")
-    return TypeError(f"module {index} ({describe(m)}) is not supported{custom_note(m)}; supported: {', '.join(SUPPORTED)}")
-
-
 def custom_note(m, also: str = "") -> str:
     """``": it is a custom module (pkg.mod.Class), ..."`` for a module class not from torch (its full
     name, where the repr could be pages long), else ``""``; ``also``: what else is read."""
@@ -226,54 +217,6 @@ def cast_dtype(dtype):
     return dtype
 
 
-def spec_from_torch(module, copy: bool = True, dtype=None) -> NetSpec:
-    """A ``NetSpec`` of ``module`` (see the module docstring). ``dtype``: cast every parameter
-    to ``"float32"``/``"float64"`` (needed for float16/bfloat16 parameters)."""
-    torch = _torch()
-    nn = torch.nn
-    dtype = cast_dtype(dtype)
-    layers: list[dict] = []
-    for index, m in flatten(torch, module):
-        if isinstance(m, nn.Linear) and type(m) is nn.Linear:
-            if layers and m.in_features != layers[-1]["out"]:
-                raise ValueError(f"module {index} ({m!r}) takes {m.in_features} features but the Linear before it "
-                                 f"(module {layers[-1]['index']}) gives {layers[-1]['out']}")
-            layers.append({"index": index, "module": m, "out": m.out_features, "activation": None})
-            continue
-        if passes_through(nn, f"module {index}", m):
-            continue
-        try:
-            name = activation_name(nn, m)
-        except ValueError as exc:
-            raise ValueError(f"module {index}: {exc}") from None
-        if name is None:
-            raise _unsupported(index, m)
-        if not layers:
-            raise TypeError(f"module {index} ({m!r}) comes before any Linear; jacgrad's layers are Linear then activation")
-        if layers[-1]["activation"] is not None:
-            raise TypeError(f"module {index} ({m!r}) follows another activation ({layers[-1]['activation']}) "
-                            f"after module {layers[-1]['index']}; one activation per Linear")
-        layers[-1]["activation"] = name
-    if not layers:
-        raise ValueError("the module has no nn.Linear: nothing to import")
-    weights, biases = [], []
-    link = origin([(f"module {L['index']} (Linear)", L["module"]) for L in layers], copy, "jg.MLP.from_torch")
-    for L in layers:
-        m, index = L["module"], L["index"]
-        W = _parameter(torch, m.weight.T, f"module {index} ({m!r}): weight", copy, dtype)
-        if m.bias is not None:
-            b = _parameter(torch, m.bias, f"module {index} ({m!r}): bias", copy, dtype)
-        else:
-            b = get_xp(W).zeros(W.shape[1], dtype=W.dtype)
-        weights.append(W)
-        biases.append(b)
-    devices = {is_gpu_array(W) for W in weights}
-    if len(devices) > 1:
-        raise ValueError("the module's Linears live on different devices (some CPU, some CUDA); move it to one device")
-    return NetSpec(weights, biases, [L["activation"] or "identity" for L in layers], source=type(module).__name__,
-                   origin=link)
-
-
 class TorchLink(Origin):
     """What a ``copy=False`` import shares with the torch model: each parameter's module,
     name, tensor, address, dtype and shape at import. ``check()`` — O(number of parameters),
@@ -319,26 +262,6 @@ def origin(modules, copy: bool, importer: str) -> Origin:
         return Origin("torch")
     return TorchLink([(where, m, name, p) for where, m in modules for name, p in m.named_parameters(recurse=False)],
                      importer)
-
-
-def to_torch(weights, biases, activations):
-    """An ``nn.Sequential`` of ``Linear`` (+ activation module, none for identity) per layer, with
-    copies of ``weights[j].T`` and ``biases[j]`` in the same dtype, on the same device (CUDA
-    for CuPy arrays). Reading it back with ``spec_from_torch`` gives the same arrays exactly."""
-    torch = _torch()
-    nn = torch.nn
-    modules = []
-    for W, b, name in zip(weights, biases, activations):
-        t_W, t_b = tensor(torch, W), tensor(torch, b)
-        lin = nn.Linear(W.shape[0], W.shape[1], dtype=t_W.dtype, device=t_W.device)
-        with torch.no_grad():
-            lin.weight.copy_(t_W.T)
-            lin.bias.copy_(t_b)
-        modules.append(lin)
-        act = activation_module(nn, name)
-        if act is not None:
-            modules.append(act)
-    return nn.Sequential(*modules)
 
 
 def tensor(torch, a):

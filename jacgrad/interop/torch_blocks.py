@@ -29,8 +29,8 @@ from torch import nn
 
 from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
-from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, flatten, origin
-from .torch import passes_through, tensor
+from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
+from .torch import origin, passes_through, tensor
 from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch"]
@@ -63,9 +63,13 @@ def layers_from_torch(module, where: str = "module", dtype=None, copy: bool = Tr
     return layers
 
 
-def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = True):
+def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = True,
+                      importer: str = "jg.Sequential.from_torch", dense_only: bool = False):
     """``(layers, origin)``: ``layers_from_torch``'s layers and the ``Origin`` the network keeps
-    (with ``copy=False``, the ``TorchLink`` that checks the shared memory before each read)."""
+    (with ``copy=False``, the ``TorchLink`` that checks the shared memory before each read) — the
+    one reader behind ``Sequential.from_torch`` and ``MLP.from_torch``. ``dense_only`` (an MLP):
+    a module that becomes anything but a Dense layer is a ``TypeError`` pointing to
+    ``importer``'s Sequential counterpart."""
     cast = cast_dtype(dtype)
     seen: dict = {}
     items = flatten(torch, module, where, seen)
@@ -73,9 +77,8 @@ def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = Tr
     first = params[0] if params else None
     xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), seen)
-    layers = _layers(items, where, conv)
-    return layers, origin(conv.read, copy, "jg.Sequential.from_torch")
-
+    layers = _layers(items, where, conv, dense_only)
+    return layers, origin(conv.read, copy, importer)
 
 class _Convert:
     """How each parameter is brought over: copied or viewed, cast, on which array module; the
@@ -95,10 +98,12 @@ class _Convert:
         return self.xp.zeros(n, dtype=self.dtype)
 
 
-def _layers(items, where: str, conv: _Convert) -> list:
+def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list:
     """The layers of the ``(index, module)`` pairs of ``flatten``."""
     out: list = []
-    after_linear = False  # the last module that computes something was an nn.Linear (Identity computes nothing)
+    after_linear = None  # the last module that computes something, when it was an nn.Linear (Identity computes nothing)
+    last_act = None  # (index, name) of the activation just read
+    width = None  # (features, index, class) of the last layer's output
     for i, m in items:
         at = f"{where} {i} ({type(m).__name__})"
         if next(m.parameters(recurse=False), None) is not None:
@@ -107,26 +112,43 @@ def _layers(items, where: str, conv: _Convert) -> list:
             for name, p in m.named_parameters(recurse=False):
                 if p.dtype not in (torch.float32, torch.float64):
                     raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
-                                    f"cast the model first (model.float() or model.double()), or pass dtype=")
-        image = conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv), else None
-        if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: as in MLP.from_torch
+                                    f"cast the model first (model.float() or model.double()), or pass dtype='float32' "
+                                    f"(or 'float64') to cast it")
+        image = None if dense_only else conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv)
+        if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: they compute nothing
             continue
         try:
             act = activation_name(nn, m)
         except ValueError as exc:
             raise ValueError(f"{at}: {exc}") from None
-        linear, after_linear = after_linear, type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+        computes = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)  # what an activation may follow
+        linear, after_linear, act_before = after_linear, (i if type(m) in computes else None), last_act
+        last_act = None if act is None else (i, act, m)
         if image is not None:
             out.append(image)
         elif type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
+            if width is not None and width[0] is not None and m.in_features != width[0]:
+                raise ValueError(f"{where} {i} ({describe(m)}) takes {m.in_features} features but the {width[2]} "
+                                 f"before it ({where} {width[1]}) gives {width[0]}")
             W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
             out.append(Dense(W, b, "identity"))
         elif act is not None:
-            if not linear:
-                raise TypeError(f"{at}: an activation must directly follow an nn.Linear, a convolution or a BatchNorm")
+            if linear is None:
+                rule = "an activation must directly follow an nn.Linear"
+                if any(getattr(L, "in_shape", None) is None or len(L.in_shape) > 1 for L in out):  # after image layers
+                    rule += ", a convolution or a BatchNorm"
+                if act_before is not None:
+                    k, name, prev = act_before
+                    raise TypeError(f"{where} {i} ({describe(m)}) follows another activation ({name}) at {where} {k} "
+                                    f"({describe(prev)}): {rule}")
+                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any Linear"))
             last = out.pop()
             out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
+        elif dense_only and (type(m) in (nn.LayerNorm, nn.RMSNorm) or type(m) is Residual):
+            raise TypeError(f"{where} {i} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of "
+                            f"nn.Linear and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm "
+                            f"and residual blocks too")
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
@@ -148,8 +170,10 @@ def _layers(items, where: str, conv: _Convert) -> list:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
                             f"nn.RMSNorm, {', '.join(IMAGE_MODULES)}, jacgrad.interop.torch_blocks.Residual")
+        if act is None:
+            width = (out[-1].n_out, i, type(m).__name__)
     if not out:
-        raise ValueError(f"{where}s: no layers to convert")
+        raise ValueError(f"{where}s: no layers to convert (no nn.Linear, nn.LayerNorm, nn.RMSNorm or Residual)")
     return out
 
 
