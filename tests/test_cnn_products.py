@@ -243,6 +243,12 @@ def test_gradient_flow_rows_match_torch_per_block():
         grads = [p.grad.numpy().ravel() for p in block.parameters()]
         np.testing.assert_allclose(row.grad_norm, np.linalg.norm(np.concatenate(grads)) if grads else 0.0,
                                    rtol=1e-10, atol=1e-14)
+    # .layers: one row per parameterised layer (conv, conv, BatchNorm, Linear): weight and bias gradient norms
+    owners = [model[0], model[3], model[4], model[8]]
+    assert len(r.layers) == len(owners)
+    for row, mod in zip(r.layers, owners):
+        np.testing.assert_allclose(row.grad_norm, float(mod.weight.grad.norm()), rtol=1e-10)
+        np.testing.assert_allclose(row.bias_grad_norm, float(mod.bias.grad.norm()), rtol=1e-10)
 
 
 def test_compiled_step_on_a_cnn_gives_loss_and_grads():
