@@ -53,6 +53,7 @@ from ._validate import shape_str
 from .backend import is_gpu_array
 from .chain import ORDERS
 from .layers import named_params
+from .layer_protocol import anchor
 
 __all__ = ["JacobianStep"]
 
@@ -91,7 +92,7 @@ class JacobianStep(StepIO):
         self._net, self._xp, self.order, self.dtype, self._capture = net, xp, order, dt, capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
         self._bound = _binding(net)
-        first = net.layers[0].params[0] if hasattr(net, "layers") else net.weights[0]
+        first = anchor(net.layers) if hasattr(net, "layers") else net.weights[0]
         self._device = first.device if self._gpu else None
         self.n_in, self.n_out = int(net.sizes[0]), int(net.sizes[-1])
         with self._on_device():

@@ -22,6 +22,7 @@ from ._passes import Gradients
 from ._block_passes import named_grads, param_views
 from ._passes import carve
 from .layers import leaf_layers
+from .layer_protocol import anchor
 from .param_leaves import check_method
 from ._renamed import renamed
 
@@ -213,7 +214,7 @@ class SequentialParameterSpace:
             >>> net.ggn_vp(np.eye(3), np.ones(24)).shape
             (24,)
         """
-        v = per_sample.check_direction(v, self.layers[0].params[0], self.n_params, self.dtype,
+        v = per_sample.check_direction(v, anchor(self.layers), self.n_params, self.dtype,
                                        f"Gradients.flat (layer order; Dense: W, b; LayerNorm: gamma, beta; "
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)

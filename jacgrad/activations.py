@@ -7,7 +7,8 @@ shape, float32 or float64, and return an array of the same shape and dtype; the 
 once against ``xp = get_xp(h)``. The same formulas, operation for operation, live in
 ``kernels/activations.cuh`` (the functor named by ``Activation.cuda``), and the host test
 compares the two on a grid with 0, ±tiny, ±large and ±inf. The row type is in
-``_activation_row``; the parameterised rows and their spelling in ``_activation_params``.
+``_activation_row``; the parameterised rows and their spelling in ``_activation_params``; mish,
+selu, hard_swish, hard_sigmoid, softsign and log_sigmoid in ``_activation_more``.
 
 Conventions:
 - derivatives at kinks are PyTorch autograd's: relu'(0) = 0, leaky_relu'(0) = negative_slope,
@@ -38,6 +39,7 @@ import numbers
 
 import numpy as np
 
+from ._activation_more import ROWS as _MORE
 from ._activation_params import _FAMILIES, _canonical, _parse
 from ._activation_row import Activation, _array, _const, _logistic, _SAT
 from ._activation_row import (_identity_into, _positive_into, _relu_into, _sigmoid_df_y_into, _tanh_df_y_into,
@@ -211,8 +213,8 @@ _FIXED = (
     Activation("silu", _silu_f, _silu_df, None, 1.0998393201288679, "jacgrad::Silu", f_and_df=_silu_f_and_df),
 )
 _ORDER = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "softplus", "elu", "gelu", "gelu_tanh", "silu",
-          "hard_tanh")
-_BUILT: dict[str, Activation] = {a.name: a for a in _FIXED}  # canonical name -> row (parameterised ones on demand)
+          "hard_tanh") + tuple(a.name for a in _MORE)  # mish, selu, hard_swish, ... (_activation_more)
+_BUILT: dict[str, Activation] = {a.name: a for a in _FIXED + _MORE}  # canonical name -> row (parameterised ones on demand)
 
 
 class UnknownActivationError(KeyError, ValueError):

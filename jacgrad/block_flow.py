@@ -32,6 +32,7 @@ from .chain import Chain
 from .distributed import reduce_in_memory
 from ._report_blocks import BlockFlowReport, block_hints
 from .layers import NORMS, leaf_layers
+from .layer_protocol import anchor as _anchor
 from .sequential import Sequential
 
 __all__ = ["BlockChunk", "BlockFlow", "BlockFlowReport", "block_flow", "block_report", "block_report_bytes",
@@ -298,7 +299,7 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     if not isinstance(net, Sequential):
         raise TypeError(f"block_report reads a jacgrad.Sequential, got {type(net).__name__}")
     try:
-        xp = get_xp(x, net.layers[0].params[0])
+        xp = get_xp(x, _anchor(net.layers))
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
     x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them

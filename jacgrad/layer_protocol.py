@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Layer", "bind_shapes", "buffers", "chained", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
+__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
            "register_layer"]
 
 
@@ -191,6 +191,17 @@ def named_params(layers: Sequence[Any], prefix: str = "layer ") -> list:
             for path, L in leaf_layers(layers) for name, p in zip(L.names, L.params)]
 
 
+def anchor(layers: Sequence[Any]):
+    """The first parameter array of ``layers`` (containers opened; a layer without parameters,
+    an ``Activation``, skipped): what a network's dtype and device are read from; a ``ValueError``
+    when no layer has one."""
+    for _, L in leaf_layers(layers):
+        if L.params:
+            return L.params[0]
+    raise ValueError("a network needs at least one layer with parameters; these have none: "
+                     f"{', '.join(map(repr, layers))}")
+
+
 def chained(layers: Sequence[Any], owner: str, label: str) -> list:
     """``layers`` as a list, checked: at least one, each of a registered layer class, consecutive
     widths agreeing; errors read ``f"{owner}{label} {j} ..."``."""
@@ -203,6 +214,10 @@ def chained(layers: Sequence[Any], owner: str, label: str) -> list:
             raise TypeError(f"{owner}{label} {j} is a {type(L).__name__}, not one of "
                             f"{', '.join(t.__name__ for t in classes)} (jacgrad.layers; "
                             f"jacgrad.layer_protocol.register_layer adds a kind)")
+        if L.n_in is None and hasattr(L, "with_width"):  # a width-preserving layer made without one (Activation)
+            if not j:
+                raise ValueError(f"{owner}{label} 0 ({L!r}) has no width: give it one, e.g. Activation('relu', n)")
+            layers[j] = L = L.with_width(layers[j - 1].n_out)
         if j and None not in (L.n_in, layers[j - 1].n_out) and L.n_in != layers[j - 1].n_out:
             raise ValueError(f"{owner}{label} {j} ({L!r}) takes {L.n_in} features but {label} {j - 1} "
                              f"({layers[j - 1]!r}) outputs {layers[j - 1].n_out}")

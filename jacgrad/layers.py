@@ -1,4 +1,4 @@
-"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``.
+"""Layers of a ``jacgrad.Sequential``: ``Dense``, ``Residual``, ``LayerNorm``, ``RMSNorm``, ``Activation``.
 
 Each layer implements the layer protocol (``jacgrad.layer_protocol.Layer``) in a module of its
 own (``dense_layer``, ``norm_layers``, ``residual_layer``) and registers its kind there: its
@@ -30,8 +30,9 @@ from .residual_layer import Residual
 from .batchnorm_layers import BatchNorm1d, BatchNorm2d
 from .conv_layers import Conv1d, Conv2d
 from .pool_layers import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
+from .activation_layer import Activation  # registered after the layers with parameters (kinds in that order)
 
-__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Flatten", "MaxPool2d", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Activation", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Flatten", "MaxPool2d", "Dense", "LayerNorm", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
-LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual)
+LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual, Activation)

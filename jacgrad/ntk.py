@@ -144,4 +144,6 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
 
 def _anchor(net):
     """One parameter array of ``net``: what its inputs' device is checked against."""
-    return net.layers[0].params[0]
+    from .layer_protocol import anchor
+
+    return anchor(net.layers)

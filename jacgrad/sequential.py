@@ -32,6 +32,7 @@ from .backend import get_xp
 from .chain import Chain
 from .kernels import activation_forward
 from .layers import chained, Dense
+from .layer_protocol import anchor as _first_param
 from .layer_protocol import bind_shapes
 from ._mlp_interop import Imported
 from ._renamed import renamed
@@ -122,6 +123,7 @@ class Sequential(SequentialParameterSpace, Imported):
         layers = list(layers)
         bind_shapes(layers, in_shape)  # image layers: (C, H, W) through the stack (layer_protocol)
         layers = chained(layers, "", "layer")
+        _first_param(layers)  # a ValueError when no layer has parameters
         params = [(j, p) for j, L in enumerate(layers) for p in L.params]
         try:
             get_xp(*[p for _, p in params])
@@ -141,8 +143,9 @@ class Sequential(SequentialParameterSpace, Imported):
     out_shape = property(lambda self: tuple(self._layers[-1].out_shape), doc="per sample, without B: the last layer's")
     takes_tokens = property(lambda self: all(getattr(L, "per_token", False) for L in self._layers),
                             doc="True when every layer acts per token: x may be (B, T, n_in)")
-    dtype = property(lambda self: self._layers[0].params[0].dtype)
-    xp = property(lambda self: get_xp(self._layers[0].params[0]))
+    _anchor = property(lambda self: _first_param(self._layers), doc="the first parameter array (dtype, device)")
+    dtype = property(lambda self: self._anchor.dtype)
+    xp = property(lambda self: get_xp(self._anchor))
 
     @property
     def sizes(self) -> list[int]:
@@ -185,7 +188,7 @@ class Sequential(SequentialParameterSpace, Imported):
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
-        xp = get_xp(x, self._layers[0].params[0])
+        xp = get_xp(x, self._anchor)
         x = network_input(x, "x", xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
         # one memory layout for every x: the GEMMs (and so the last bits of ∂W_0) do not depend on
         # how x is laid out, and a compiled step (which copies x into a C-contiguous buffer) agrees
@@ -221,7 +224,7 @@ class Sequential(SequentialParameterSpace, Imported):
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
         self._check_cache(cache)
         xp = self.xp
-        grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._layers[0].params[0]))
+        grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
         want = (cache.batch,) + tuple(cache.x.shape[1:-len(self.in_shape)]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "

@@ -217,6 +217,98 @@ struct HardTanh {  // clip to [a, b] = [min_val, max_val], torch's default [-1, 
   }
 };
 
+// torch's Mish: h tanh(softplus(h)). t = tanh(softplus(c)) with e = exp(-|c|): for c <= 0,
+// n = e (e + 2), t = n / (n + 2); for c > 0, t = (1 + 2e) / (1 + 2e + 2e^2); 1 - t without cancelling.
+struct Mish {
+  static constexpr bool has_df_y = false;
+  template <class T> JG_HD static void parts(T h, T& c, T& t, T& omt) {
+    c = math::clamp(h, -math::saturation<T>(), math::saturation<T>());
+    const T e = math::exp_(-math::abs_(c));
+    const bool neg = c <= T(0);
+    const T num = neg ? e * (e + T(2)) : T(1) + T(2) * e;
+    const T rest = neg ? T(2) : T(2) * (e * e);
+    const T den = num + rest;
+    t = num / den;
+    omt = rest / den;
+  }
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
+    T c, t, omt;
+    parts(h, c, t, omt);
+    return math::at_least(h, -math::saturation<T>()) * t;
+  }
+  // tanh(sp) + h sigma(h) sech^2(sp), sech^2 = (1 - t)(1 + t)
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
+    T c, t, omt, s, q;
+    parts(h, c, t, omt);
+    math::logistic(c, s, q);
+    return t + c * s * (omt * (T(1) + t));
+  }
+};
+
+// torch's SELU: scale h for h > 0, scale alpha (e^h - 1) below; selu'(0) = scale alpha.
+struct Selu {
+  static constexpr bool has_df_y = true;
+  template <class T> JG_HD static T scale() { return T(1.0507009873554804934193349852946); }
+  template <class T> JG_HD static T scale_alpha() {
+    return T(1.0507009873554804934193349852946 * 1.6732632423543772848170429916717);
+  }
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
+    return h > T(0) ? scale<T>() * h : scale_alpha<T>() * math::expm1_(h);
+  }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
+    return h > T(0) ? scale<T>() : scale_alpha<T>() * math::exp_(h);
+  }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) { return y > T(0) ? scale<T>() : y + scale_alpha<T>(); }
+};
+
+// torch's Hardswish: h clip(h + 3, 0, 6) / 6 (h clamped below: -inf * 0 stays 0); its derivative
+// 0 up to -3, h/3 + 1/2 strictly inside (-3, 3), 1 from 3 on (torch's values at the kinks: 0 and 1).
+struct HardSwish {
+  static constexpr bool has_df_y = false;
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
+    return math::at_least(h, -math::saturation<T>()) * math::clamp(h + T(3), T(0), T(6)) / T(6);
+  }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
+    return h <= T(-3) ? T(0) : (h < T(3) ? h / T(3) + T(0.5) : T(1));
+  }
+};
+
+// torch's Hardsigmoid: clip(h + 3, 0, 6) / 6; derivative 1/6 strictly inside (-3, 3), else 0.
+struct HardSigmoid {  // no df_y: y rounds to 1 for h within 2 ulp below 3, where phi' is 1/6
+  static constexpr bool has_df_y = false;
+  template <class T> JG_HD static T f(T h, Params<T> = {}) { return math::clamp(h + T(3), T(0), T(6)) / T(6); }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
+    return (h > T(-3) && h < T(3)) ? T(1.0 / 6.0) : T(0);
+  }
+};
+
+// h / (1 + |h|), h clamped to +-2^60 (where 1 + |h| == |h|: exactly +-1, and no inf / inf).
+struct Softsign {
+  static constexpr bool has_df_y = true;
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
+    const T c = math::clamp(h, T(-1.152921504606846976e18), T(1.152921504606846976e18));
+    return c / (T(1) + math::abs_(c));
+  }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) {
+    const T r = T(1) / (T(1) + math::abs_(h));
+    return r * r;
+  }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) {
+    const T r = T(1) - math::abs_(y);
+    return r * r;
+  }
+};
+
+// torch's LogSigmoid: min(h, 0) - log1p(exp(-|h|)); derivative sigma(-h) = 1 - e^y.
+struct LogSigmoid {
+  static constexpr bool has_df_y = true;
+  template <class T> JG_HD static T f(T h, Params<T> = {}) {
+    return (h > T(0) ? T(0) : h) - math::log1p_(math::exp_(-math::abs_(h)));
+  }
+  template <class T> JG_HD static T df(T h, Params<T> = {}) { return Sigmoid::f(-h); }
+  template <class T> JG_HD static T df_y(T y, Params<T> = {}) { return -math::expm1_(y > T(0) ? T(0) : y); }
+};
+
 // phi'(x): from the pre-activation (FROM_OUTPUT = false) or from the output y (true).
 template <class Act, bool FROM_OUTPUT, class T> JG_HD inline T derivative(T x, Params<T> p) {
   if constexpr (FROM_OUTPUT) {

@@ -16,6 +16,7 @@ from jacgrad import activations
 
 EPS = np.finfo(np.float64).eps
 INF = math.inf
+SCALE, SA = 1.0507009873554804934193349852946, 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,20 @@ SPECS = [
     Spec("gelu_tanh", "F.gelu(x, approximate='tanh')", (0, 0, 1000.0, INF), (0, 0, 1, 1)),
     Spec("silu", "F.silu(x)", (0, 0, 1000.0, INF), (0, 0, 1, 1)),
     Spec("hard_tanh", "F.hardtanh(x)", (-1, -1, 1, 1), (0, 0, 0, 0)),
+    # the rows of _activation_more (tests/test_activations_more.py checks them further)
+    Spec("mish", "F.mish(x)", (0, 0, 1000.0, INF), (0, 0, 1, 1)),
+    Spec("selu", "F.selu(x)", (-SA, -SA, 1000.0 * SCALE, INF), (0, 0, SCALE, SCALE)),
+    Spec("hard_swish", "F.hardswish(x)", (0, 0, 1000.0, INF), (0, 0, 1, 1)),
+    Spec("hard_sigmoid", "F.hardsigmoid(x)", (0, 0, 1, 1), (0, 0, 0, 0)),
+    Spec("softsign", "F.softsign(x)", (-1, -1000 / 1001, 1000 / 1001, 1), (0, (1 / 1001) * (1 / 1001),
+                                                                           (1 / 1001) * (1 / 1001), 0)),
+    Spec("log_sigmoid", "F.logsigmoid(x)", (-INF, -1000.0, 0, 0), (1, 1, 0, 0)),
 ]
 BY_NAME = {s.name: s for s in SPECS}
 ENDS = np.array([-INF, -1000.0, 1000.0, INF])
-PIECEWISE_LINEAR = {"identity", "relu", "leaky_relu", "hard_tanh"}
+PIECEWISE_LINEAR = {"identity", "relu", "leaky_relu", "hard_tanh", "hard_swish"}  # bitwise torch's
+# torch's float64 hardsigmoid backward multiplies by a float32 1/6; ours is 1/6 (test_activations_more)
+TORCH_ROUNDS_DF = {"hard_sigmoid": 3e-8}
 
 
 @pytest.fixture(params=[s.name for s in SPECS])
@@ -72,7 +83,7 @@ def test_names_is_every_row_of_the_table_once():
     # families but not to it would get no kernel instantiation (kernels._functors reads names())
     from jacgrad._activation_params import _FAMILIES
 
-    rows = [a.name for a in activations._FIXED] + list(_FAMILIES)
+    rows = [a.name for a in activations._FIXED + activations._MORE] + list(_FAMILIES)
     assert sorted(activations.names()) == sorted(rows) and len(set(rows)) == len(rows)
 
 
@@ -87,7 +98,8 @@ def test_unknown_name_lists_the_valid_names():
 
 def test_from_output_exists_exactly_where_it_is_exact():
     have = {n for n in activations.names() if activations.get(n).df_from_output is not None}
-    assert have == {"identity", "relu", "leaky_relu", "sigmoid", "tanh", "elu", "hard_tanh"}
+    assert have == {"identity", "relu", "leaky_relu", "sigmoid", "tanh", "elu", "hard_tanh", "selu", "softsign",
+                    "log_sigmoid"}
 
 
 # --- derivatives ------------------------------------------------------------------------
@@ -113,7 +125,8 @@ def test_df_from_output_agrees_with_df(name, rng):
 @pytest.mark.parametrize(
     "name, h, expected",
     [("relu", 0.0, 0.0), ("leaky_relu", 0.0, 0.01), ("hard_tanh", 1.0, 0.0), ("hard_tanh", -1.0, 0.0),
-     ("elu", 0.0, 1.0)],
+     ("elu", 0.0, 1.0), ("selu", 0.0, SA), ("hard_swish", -3.0, 0.0), ("hard_swish", 3.0, 1.0),
+     ("hard_sigmoid", -3.0, 0.0), ("hard_sigmoid", 3.0, 0.0)],
 )
 def test_kink_conventions_are_torchs(name, h, expected):
     act = activations.get(name)
@@ -195,6 +208,8 @@ def test_matches_torch_autograd(act):
     for what, ours, theirs in [("f", act.f(grid), y.detach().numpy()), ("df", act.df(grid), dy.numpy())]:
         if act.name in PIECEWISE_LINEAR:
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{act.name}.{what}")
+        elif what == "df" and act.name in TORCH_ROUNDS_DF:
+            np.testing.assert_allclose(ours, theirs, rtol=TORCH_ROUNDS_DF[act.name], atol=0, err_msg=act.name)
         else:
             # torch's 1 - tanh², 1 + erf, 1 + tanh cancel in the tails, so the two agree to a few
             # ulp of max(1, |h|) — not relatively where the value is tiny (ours keeps those digits)

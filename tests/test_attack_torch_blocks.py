@@ -56,11 +56,18 @@ def test_an_identity_between_a_linear_and_its_activation_passes_through():
 
 
 @pytest.mark.parametrize("mods", [(nn.Linear(4, 4), nn.Tanh(), nn.ReLU()), (nn.LayerNorm(4), nn.Tanh()),
-                                  (nn.Tanh(), nn.Linear(4, 4)), (nn.Linear(4, 4), nn.Tanh(), nn.Identity(), nn.ReLU())],
-                         ids=["two activations", "after a norm", "first", "two activations around an identity"])
-def test_an_activation_not_after_a_linear_is_refused(mods):
-    with pytest.raises(TypeError, match=r"\): an activation must directly follow an nn.Linear"):
-        jg.Sequential.from_torch(nn.Sequential(*mods))
+                                  (nn.Linear(4, 4), nn.Tanh(), nn.Identity(), nn.ReLU())],
+                         ids=["two activations", "after a norm", "two activations around an identity"])
+def test_an_activation_not_after_a_linear_is_a_layer_of_its_own(mods):
+    m = nn.Sequential(*mods).double()
+    net = jg.Sequential.from_torch(m)
+    assert net.layers[-1].kind == "activation" and net.layers[-1].n_out == 4
+    _check_forward(m, net, 4)
+
+
+def test_an_activation_first_is_refused():
+    with pytest.raises(TypeError, match=r"module 0 \(Tanh\): an activation must follow a layer .* whose width"):
+        jg.Sequential.from_torch(nn.Sequential(nn.Tanh(), nn.Linear(4, 4)))
 
 
 @pytest.mark.parametrize("reader", ["mlp", "sequential"])

@@ -97,3 +97,14 @@ def test_the_toy_layer_page_shows_the_example_file():
     toy = (DOCS / "examples" / "toy_layer.py").read_text(encoding="utf-8").rstrip()
     shown = [e.code.rstrip() for e in all_examples() if e.page == "docs/architecture.md"]
     assert toy in shown
+
+
+def test_the_supported_op_table_in_the_docs_is_the_importers_own():
+    """docs/importing.md shows the graph importer's op table as the importer itself prints it."""
+    from jacgrad.interop.torch_ops import supported_ops_markdown
+
+    page = (ROOT / "docs" / "importing.md").read_text(encoding="utf-8")
+    shown = re.search(r"<!-- ops: begin -->\n(.*?)\n<!-- ops: end -->", page, re.S)
+    assert shown is not None, "docs/importing.md lost its op-table markers"
+    assert shown.group(1).strip() == supported_ops_markdown().strip(), (
+        "the op table in docs/importing.md is stale: paste jacgrad.interop.torch_ops.supported_ops_markdown()")

@@ -34,9 +34,9 @@ RANK: dict[str, int] = {
     "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
     "_validate": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
-    "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
+    "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_activation_more": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
-    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA, "_im2col": ALGEBRA, "conv_factors": ALGEBRA, "conv_leaves": NETWORKS,
+    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA, "diag_factor": ALGEBRA, "_im2col": ALGEBRA, "conv_factors": ALGEBRA, "conv_leaves": NETWORKS,
     # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "_bracket_evaluate": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
@@ -48,7 +48,7 @@ RANK: dict[str, int] = {
     "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
     # the layer protocol, its registry, the parameter leaves and one module per layer
     "token_factor": ALGEBRA, "layer_protocol": NETWORKS, "param_leaves": NETWORKS, "_token_rows": NETWORKS,
-    "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS,
+    "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS, "activation_layer": NETWORKS,
     # parameter-space products and diagnostics
     "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
     "block_flow": PARAMETER_SPACE, "_leaf_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,

@@ -27,13 +27,13 @@ from jacgrad import activations, kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = activations.names()
-GRID = [0.0, 1e-30, 1e-8, 0.5, 1.0, 3.0, 20.0, 1000.0, np.inf]
+GRID = [0.0, 1e-30, 1e-8, 0.5, 1.0, 1.5, 3.0, 20.0, 1000.0, 1e19, np.inf]  # 3: hard_swish's kinks
 _rng = np.random.default_rng(7)
 # random points: pre-activations, and outputs in [-1, 1] for the df_y of sigmoid, tanh, hard_tanh
 POINTS = np.concatenate([GRID, np.negative(GRID), [np.nan], _rng.normal(0.0, 4.0, 200), _rng.uniform(-1.0, 1.0, 100)])
 # These derivatives cross zero where their two terms (about 0.2 to 0.5 each) cancel: a 1-ulp
 # difference in a term is many ulps of the small result, so there the gap is counted in ulps of 1/2.
-CANCELLING_DF = {"gelu", "gelu_tanh", "silu"}
+CANCELLING_DF = {"gelu", "gelu_tanh", "silu", "mish"}
 CTYPE = {"float": np.float32, "double": np.float64}
 
 DRIVER = r"""
@@ -152,7 +152,7 @@ def test_header_on_the_host_matches_the_numpy_table(builds, compiler):
     host = run_driver(path)
     failures = []
     for name in NAMES:
-        piecewise = name in {"identity", "relu", "leaky_relu", "hard_tanh"}
+        piecewise = name in {"identity", "relu", "leaky_relu", "hard_tanh", "hard_sigmoid", "hard_swish"}
         for ctype, dtype in CTYPE.items():
             for fn, reference in table_values(name, ctype).items():
                 got = host.get((name, ctype, fn))
@@ -218,7 +218,8 @@ def test_name_expressions():
     expr = kernels.name_expression("scale_cotangent", np.float32, tanh, True)
     assert expr == "jacgrad::scale_cotangent<float, jacgrad::Tanh, true>"
     assert kernels.name_expression("erfc_elementwise", "float64") == "jacgrad::erfc_elementwise<double>"
-    assert len(kernels.instantiations("scale_cotangent")) == 2 * (len(NAMES) + 7)
+    with_df_y = sum(activations.get(n).df_from_output is not None for n in NAMES)  # identity, relu, ..., selu, softsign
+    assert len(kernels.instantiations("scale_cotangent")) == 2 * (len(NAMES) + with_df_y)
     with pytest.raises(TypeError, match="float16"):
         kernels.name_expression("activation_forward", np.float16, tanh)
 

@@ -52,7 +52,7 @@ def test_a_registered_kind_is_saved_and_loaded_through_the_registry(tmp_path):
 def test_unknown_kind_and_conflicts_are_refused():
     with pytest.raises(KeyError, match=r"unknown layer kind 'conv9d'; registered: dense, .*residual"):
         layer_class("conv9d")
-    with pytest.raises(ValueError, match=r"kind 'dense' is already jacgrad\.dense_layer\.Dense"):
+    with pytest.raises(ValueError, match=r"kind 'dense' is already jacgrad\.(\w+\.)+Dense;"):
         Other = type("Dense2", (L.Dense,), {})
         register_layer("dense", Other)
     with pytest.raises(ValueError, match=r"has kind 'dense', not 'dense_too'"):

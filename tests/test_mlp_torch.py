@@ -27,6 +27,13 @@ TORCH_ACT = {
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
     "silu": F.silu,
     "hard_tanh": F.hardtanh,
+    "mish": F.mish,
+    "selu": F.selu,
+    "hard_swish": F.hardswish,
+    # torch's own float64 hardsigmoid backward multiplies by a float32 1/6: its definition, composed
+    "hard_sigmoid": lambda h: F.hardtanh(h + 3.0, 0.0, 6.0) / 6.0,
+    "softsign": F.softsign,
+    "log_sigmoid": F.logsigmoid,
 }
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}

@@ -70,17 +70,31 @@ def test_gradients_of_a_lean_cache_match_torch(rng):
 @pytest.mark.parametrize("mods, error, match", [
     (lambda nn: (nn.Linear(4, 3), nn.ReLU(), nn.Linear(5, 2)), ValueError,
      r"^module 2 \(Linear\(in_features=5.*\) takes 5 features but the Linear before it \(module 0\) gives 3$"),
-    (lambda nn: (nn.Linear(4, 3), nn.ReLU(), nn.Identity(), nn.Tanh()), TypeError,
-     r"^module 3 \(Tanh\(\)\) follows another activation \(relu\) at module 1 \(ReLU\(\)\): an activation must "
-     r"directly follow an nn\.Linear$"),
-    (lambda nn: (nn.Tanh(), nn.Linear(4, 3)), TypeError,
-     r"^module 0 \(Tanh\): an activation must directly follow an nn\.Linear, and this one comes before any Linear$"),
     (lambda nn: (), ValueError, r"no layers to convert \(no nn\.Linear"),
 ])
 def test_both_networks_import_through_one_reader_with_one_message(importer, mods, error, match):
     torch = pytest.importorskip("torch")
     with pytest.raises(error, match=match):
         getattr(jg, importer).from_torch(torch.nn.Sequential(*mods(torch.nn)))
+
+
+def test_an_activation_not_after_a_linear_is_a_layer_of_a_sequential_and_refused_by_mlp():
+    """The one reader: a Sequential imports an activation after another as an Activation layer
+    (checked against torch); MLP.from_torch, a dense stack, refuses it and says where it would fit."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Identity(), nn.Tanh()).double()
+    with pytest.raises(TypeError, match=r"^module 3 \(Tanh\(\)\) follows another activation \(relu\) at module 1 "
+                                        r"\(ReLU\(\)\): an activation must directly follow an nn\.Linear; "
+                                        r"jg\.Sequential\.from_torch\(model\) imports it as an Activation layer$"):
+        jg.MLP.from_torch(model)
+    net = jg.Sequential.from_torch(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    np.testing.assert_allclose(net(x.numpy()), model(x).detach().numpy(), rtol=0, atol=1e-15)
+    for importer, rule in (("MLP", "directly follow an nn\\.Linear, and this one comes before any Linear"),
+                           ("Sequential", "follow a layer .*, whose width it takes, and this one comes before any layer")):
+        with pytest.raises(TypeError, match=rf"^module 0 \(Tanh\): an activation must {rule}$"):
+            getattr(jg, importer).from_torch(nn.Sequential(nn.Tanh(), nn.Linear(4, 3)))
 
 
 def test_mlp_from_torch_is_the_sequential_import_of_a_dense_model():

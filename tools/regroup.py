@@ -41,20 +41,31 @@ PKG = "jacgrad"
 # (name, what lives there and what it may import). Order = rank, from the ground up: a module may
 # import from its own subpackage or one listed before it, never one listed after.
 SUBPACKAGES: list[tuple[str, str]] = [
-    ("core", "The ground floor: array backends (NumPy, CuPy), input validation, lazy optional imports, "
-             "sample RNG, the activation and gate tables (one row per op) and the CUDA build step that "
-             "compiles source text on first use (the activation table's GPU erf needs it). "
+    ("core", "The ground floor: array backends (NumPy, CuPy) and foreign arrays, input validation, lazy "
+             "optional imports, the sample RNG, renamed-name warnings, the registry of calls into higher "
+             "subpackages' functions, and the CUDA build step that compiles source text on first use. "
              "Imports nothing else of jacgrad."),
+    ("elementwise", "The elementwise tables, one row per op: the activations (forward, derivative, "
+                    "derivative from the output, bound, CUDA device function) and the gates with their "
+                    "VJPs. May import core."),
     ("cuda", "The GPU plumbing: the elementwise and norm kernels (built from kernels/*.cu, reading the "
-             "activation table), cuBLAS GEMMs, CUDA graphs and the reused host blocks. May import core."),
-    ("algebra", "The factor algebra: LayerJacobian diag(d)·Wᵀ, structured factors, chains, their "
-                "bracketing and evaluation, spectra and Lanczos, per-sample (a, δ) leaves and their "
-                "curvature, finite-difference checks. Knows no network. May import core, cuda."),
-    ("nn", "What a network is made of: layers, their forward/backward passes, losses and their "
-           "Hessians, initializers, the forward cache. May import core, cuda, algebra."),
+             "activation table), GEMMs, CUDA graphs and the reused host blocks. May import core, elementwise."),
+    ("algebra", "The factor algebra: LayerJacobian diag(d)·Wᵀ and the other structured factors (norms, "
+                "residual, per token, diagonal), chains, their bracketing and evaluation, spectra and "
+                "Lanczos, the per-sample (a, δ) sweeps and their curvature, finite-difference checks. Knows "
+                "no network. May import core … cuda."),
+    ("protocol", "What a layer implements and what every layer shares: the layer protocol and its "
+                 "registry, the dense passes, the parameter leaves ((a, δ) pairs with a token axis) and "
+                 "the per-token rows. May import core … algebra."),
+    ("conv", "The convolutional family: Conv1d/Conv2d, pools, Flatten, eval BatchNorm, their im2col "
+             "operators, factors and leaves. May import core … protocol."),
+    ("attention", "Token layers: MultiHeadAttention and Embedding, their factors and leaves. "
+                  "May import core … protocol."),
+    ("nn", "The dense family of layers (Dense, LayerNorm, RMSNorm, Residual, Activation), the façade "
+           "jacgrad.layers that exports every layer, the passes through a stack of layers, losses and "
+           "their Hessians, initialisers. May import core … attention."),
     ("io", "Files and other frameworks: the network file format, its readers, layouts and safety "
-           "checks, and interop/ (torch, sklearn, flax importers returning plain specs). "
-           "May import core … nn."),
+           "checks, checkpoint keys, and interop/ (torch module walks, sklearn, flax). May import core … nn."),
     ("params", "Parameter-space products from a network's (a, δ) pairs: per-sample gradients and "
                "norms, the NTK, Gauss–Newton products, private (clipped, noised) gradients, and the "
                "free functions jg.ntk, jg.per_sample_grad_norms, …. May import core … io."),
@@ -63,10 +74,12 @@ SUBPACKAGES: list[tuple[str, str]] = [
     ("network", "The network: Sequential, and MLP (a Sequential of Dense layers), with their "
                 "methods; and jg.torch (DP-SGD for a torch model through a Sequential). "
                 "May import core … steps."),
+    ("models", "Any torch model in: graph capture (jg.from_torch), jg.explain, the op table, named "
+               "checkpoints (jg.load). May import core … network."),
     ("distributed", "The same computations over Dask arrays chunked along the batch. "
-                    "May import core … network."),
-    ("flow", "The gradient-flow report: statistics, verdict, blocks, plot, JSON. "
-             "May import core … distributed."),
+                    "May import core … models."),
+    ("flow", "The gradient-flow report: statistics, per-layer and per-block rows, verdict, plot, JSON, "
+             "and jg.Monitor for training loops. May import core … distributed."),
     ("cli", "The jacgrad command (report, check, info, bench). May import everything below."),
     ("bench", "The benchmark runner behind `jacgrad bench`. May import everything below."),
 ]
@@ -88,24 +101,38 @@ MOVES: dict[str, str] = {
     # core
     "backend": "core.backend", "_foreign_arrays": "core.foreign_arrays", "_validate": "core.validation",
     "_lazy": "core.lazy", "_sample_rng": "core.sample_rng", "_cuda_build": "core.cuda_build",
-    "activations": "core.activations", "_activation_row": "core.activation_row",
-    "_activation_params": "core.activation_params", "_erf": "core.erf", "gates": "core.gates",
+    "_renamed": "core.renamed", "_above": "core.above",
+    # elementwise
+    "activations": "elementwise.activations", "_activation_row": "elementwise.activation_row",
+    "_activation_params": "elementwise.activation_params", "_activation_more": "elementwise.activation_more",
+    "_erf": "elementwise.erf", "gates": "elementwise.gates",
     # cuda
     "kernels": "cuda.kernels", "norm_kernels": "cuda.norm_kernels", "_cuda_graph": "cuda.graphs",
     "_gemm": "cuda.gemm", "hostpool": "cuda.hostpool",
     # algebra
     "jacobian": "algebra.jacobian", "chain": "algebra.chain", "factors": "algebra.factors",
+    "token_factor": "algebra.token_factor", "diag_factor": "algebra.diag_factor",
     "bracketing": "algebra.bracketing", "_bracket_evaluate": "algebra.bracket_evaluate",
-    "spectra": "algebra.spectra", "_lanczos": "algebra.lanczos", "_io_spectrum": "algebra.io_spectrum",
-    "_layer_norms": "algebra.layer_norms", "check": "algebra.check", "per_sample": "algebra.per_sample",
-    "curvature": "algebra.curvature",
+    "spectra": "algebra.spectra", "_lanczos": "algebra.lanczos", "check": "algebra.check",
+    "per_sample": "algebra.per_sample", "curvature": "algebra.curvature",
+    # protocol
+    "layer_protocol": "protocol.layer", "_passes": "protocol.passes", "param_leaves": "protocol.leaves",
+    "_token_rows": "protocol.token_rows",
     # nn
-    "layers": "nn.layers", "_passes": "nn.passes", "_block_passes": "nn.block_passes",
+    "layers": "nn.layers", "dense_layer": "nn.dense", "norm_layers": "nn.norms", "residual_layer": "nn.residual",
+    "activation_layer": "nn.activation", "_block_passes": "nn.stack",
     "losses": "nn.losses", "_loss_workspace": "nn.loss_workspace", "loss_hessians": "nn.loss_hessians",
-    "initializers": "nn.initializers", "_forward_cache": "nn.forward_cache",
+    "initializers": "nn.initializers",
+    # conv
+    "_im2col": "conv.im2col", "conv_factors": "conv.factors", "conv_leaves": "conv.leaves", "conv_layers": "conv.layers",
+    "pool_layers": "conv.pools", "batchnorm_layers": "conv.batchnorm",
+    # models (before the interop row: these leave the interop package first)
+    "interop.torch_graph": "models.graph", "interop.torch_chain": "models.chain",
+    "interop.torch_explain": "models.explain", "interop.torch_ops": "models.ops", "checkpoints": "models.checkpoints",
     # io
     "netfile": "io.netfile", "_file_readers": "io.file_readers", "_file_layouts": "io.file_layouts",
-    "_file_safety": "io.file_safety", "_mlp_interop": "io.mlp_interop", "interop": "io.interop",
+    "_file_safety": "io.file_safety", "_state_keys": "io.state_keys", "_mlp_interop": "io.mlp_interop",
+    "interop": "io.interop",
     # params
     "ntk": "params.ntk", "private": "params.private", "_sequential_param_space": "params.param_space",
     "products": "params.products",
@@ -117,11 +144,13 @@ MOVES: dict[str, str] = {
     "mlp": "network.mlp", "sequential": "network.sequential", "torch": "network.torch_dp",
     # flow
     "diagnostics": "flow.diagnostics", "_flow": "flow.statistics", "report": "flow.report",
-    "_report_plot": "flow.report_plot", "_report_blocks": "flow.report_blocks",
-    "block_flow": "flow.block_flow", "_verdict": "flow.verdict",
+    "_report_plot": "flow.report_plot", "_report_blocks": "flow.report_blocks", "_leaf_flow": "flow.layer_rows",
+    "block_flow": "flow.block_flow", "_verdict": "flow.verdict", "_io_spectrum": "flow.io_spectrum",
+    "_layer_norms": "flow.layer_norms", "monitor": "flow.monitor", "_monitor_history": "flow.monitor_history",
     # cli
     "cli": "cli.main", "_cli_common": "cli.common", "_cli_report": "cli.report",
-    "_cli_check": "cli.check", "_cli_threads": "cli.threads",
+    "_cli_check": "cli.check", "_cli_threads": "cli.threads", "_cli_model": "cli.model",
+    "_cli_history": "cli.history",
     # packages that stay
     "distributed": "distributed", "bench": "bench", "examples": "examples",
 }

@@ -11,7 +11,8 @@ has (tied parameters are not supported yet). For a dense stack:
   of the same memory, never a transposing copy; a missing bias is zeros;
 - one activation module may follow a Linear: ``ReLU``, ``LeakyReLU(negative_slope)``, ``Tanh``,
   ``Sigmoid``, ``Softplus(beta, threshold)``, ``ELU(alpha)``, ``GELU(approximate='none'|'tanh')``,
-  ``SiLU``, ``Hardtanh(min_val, max_val)`` (and ``ReLU6``, a Hardtanh); a Linear followed by
+  ``SiLU``, ``Hardtanh(min_val, max_val)`` (and ``ReLU6``, a Hardtanh), ``Mish``, ``SELU``,
+  ``Hardswish``, ``Hardsigmoid``, ``Softsign``, ``LogSigmoid``; a Linear followed by
   another Linear, or last, gets ``identity``;
 - ``nn.Identity``, ``nn.Flatten()`` of ``(B, n)`` inputs and ``nn.Dropout`` in eval mode pass
   through (they compute nothing at inference);
@@ -45,7 +46,7 @@ __all__ = ["SUPPORTED", "TorchLink", "activation_module", "activation_name", "cu
            "origin", "passes_through", "tensor"]
 
 SUPPORTED = ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "ELU", "GELU", "SiLU", "Hardtanh",
-             "ReLU6", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
+             "ReLU6", "Mish", "SELU", "Hardswish", "Hardsigmoid", "Softsign", "LogSigmoid", "Identity", "Dropout (eval mode)", "Flatten (of (B, n) inputs)")
 
 
 def _torch():
@@ -65,6 +66,12 @@ _ACTIVATION_MODULES = (
     ("elu", "ELU", ("alpha",), {}),
     ("softplus", "Softplus", ("beta", "threshold"), {}),
     ("hard_tanh", "Hardtanh", ("min_val", "max_val"), {}),
+    ("mish", "Mish", (), {}),
+    ("selu", "SELU", (), {}),
+    ("hard_swish", "Hardswish", (), {}),
+    ("hard_sigmoid", "Hardsigmoid", (), {}),
+    ("softsign", "Softsign", (), {}),
+    ("log_sigmoid", "LogSigmoid", (), {}),
 )
 _READ_AS = {"ReLU6": "Hardtanh"}  # read through its base class's row (ReLU6 is Hardtanh(0, 6))
 

@@ -2,8 +2,9 @@
 
 ``Residual(inner, scale)`` is a tiny ``nn.Module`` whose forward is ``x + scale·inner(x)``: put
 it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
-``nn.Sequential`` of ``nn.Linear`` (each optionally followed by one activation module),
-``nn.LayerNorm``, ``nn.RMSNorm`` and ``Residual`` into ``jacgrad.layers`` (arrays copied to
+``nn.Sequential`` of ``nn.Linear`` (an activation module right after it is its activation),
+``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` and activation modules elsewhere (after a norm, a
+residual block or another activation: an ``Activation`` layer) into ``jacgrad.layers`` (arrays copied to
 NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
 something else). The modules are walked as ``MLP.from_torch`` walks them
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import Dense, LayerNorm, Residual as _JgResidual, RMSNorm
+from ..layers import Activation as _JgActivation, Dense, LayerNorm, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import origin, passes_through, tensor
@@ -134,17 +135,21 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
             out.append(Dense(W, b, "identity"))
         elif act is not None:
-            if linear is None:
-                rule = "an activation must directly follow an nn.Linear"
-                if any(getattr(L, "in_shape", None) is None or len(L.in_shape) > 1 for L in out):  # after image layers
-                    rule += ", a convolution or a BatchNorm"
+            if linear is not None:  # fused into the layer before it (a Dense, a convolution, an eval BatchNorm)
+                last = out.pop()
+                out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
+            elif out and not dense_only:  # after a norm, a residual block or another activation: a layer of its own
+                out.append(_JgActivation(act, out[-1].n_out))
+            else:
+                rule = ("an activation must directly follow an nn.Linear" if dense_only else
+                        "an activation must follow a layer (an nn.Linear, a norm, a Residual), whose width it takes")
                 if act_before is not None:
                     k, name, prev = act_before
                     raise TypeError(f"{where} {i} ({describe(m)}) follows another activation ({name}) at {where} {k} "
-                                    f"({describe(prev)}): {rule}")
-                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any Linear"))
-            last = out.pop()
-            out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
+                                    f"({describe(prev)}): {rule}" + ("; jg.Sequential.from_torch(model) imports it as "
+                                                                     "an Activation layer" if dense_only else ""))
+                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any "
+                                                   + ("Linear" if dense_only else "layer")))
         elif dense_only and (type(m) in (nn.LayerNorm, nn.RMSNorm) or type(m) is Residual):
             raise TypeError(f"{where} {i} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of "
                             f"nn.Linear and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm "
@@ -196,6 +201,8 @@ def layers_to_torch(layers) -> nn.Sequential:
                 modules.append(act)
         elif L.kind == "residual":
             modules.append(Residual(layers_to_torch(L.layers), L.scale))
+        elif L.kind == "activation":
+            modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
             gamma = _tensor(L.gamma)
             cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import Dense, LayerNorm, Residual, RMSNorm
+from ..layers import Activation, Dense, LayerNorm, Residual, RMSNorm
 from .torch_explain import unsupported_error
 
 __all__ = ["build_layers"]
@@ -186,13 +186,14 @@ def _specs(items, problems: list) -> list:
             last["nodes"].append(node)
         elif piece.kind == "act" and last and last["kind"] == "dense" and last["act"] is None:
             last["act"] = piece.info["name"]
-            last["nodes"].append(node)
+            last["nodes"] += [node, *piece.info.get("parts", ())]
+        elif piece.kind == "act":  # after a norm, a residual join or another activation: a layer of its own
+            specs.append({"kind": "activation", "act": piece.info["name"], "params": {},
+                          "nodes": [node, *piece.info.get("parts", ())]})
         elif piece.kind in ("layernorm", "rmsnorm"):
             specs.append({"kind": piece.kind, "params": piece.params, "info": piece.info, "nodes": [node]})
         else:
             problems.append((node, {
-                "act": "an activation that does not directly follow a matrix product (after a norm, a residual "
-                       "join or another activation): jacgrad has no standalone activation layer yet",
                 "bias": "a bias added where it is not the first thing after a bias-free matrix product",
                 "scale": "a multiplication by a constant outside the end of a residual branch: no layer",
             }[piece.kind]))
@@ -210,9 +211,11 @@ def _layers(cap, specs, prefix: str, conv) -> list:
             for n in [join] + scales:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
         else:
-            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",)}[spec["kind"]]
+            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
+                     "activation": ()}[spec["kind"]]
             arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}
-            layer = _make(spec, arrays, conv)
+            layer = Activation(spec["act"], cap.shape(spec["nodes"][0])[-1]) if spec["kind"] == "activation" \
+                else _make(spec, arrays, conv)
             for n in spec["nodes"]:
                 cap.labels[n] = f"{at}: {layer!r}"
         out.append(layer)

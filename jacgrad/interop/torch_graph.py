@@ -8,13 +8,14 @@ walked back from the output into a chain of jacgrad layers:
   a bias ``add``: a ``Dense``; the activation right after it (views, eval dropout and copies in
   between compute nothing) becomes its activation;
 - ``layer_norm`` / ``rms_norm`` over the last axis: ``LayerNorm`` / ``RMSNorm``;
+- an activation anywhere else (after a norm, a residual join or another activation): an
+  ``Activation`` layer of its own;
 - an ``add`` whose one operand is computed from the other, ``x + s·f(x)`` (``s`` from a
   multiplication or division by a constant at the branch's end, or ``add``'s ``alpha``; ``x − f(x)``
   is ``s = −1``): a ``Residual`` around the layers of ``f``.
 
 Refused, each with its node, op, module and source line: ops without a layer (all of them in one
-``TypeError``; ``jg.explain`` shows the same verdicts as a table); an activation that does not
-follow a matrix product (jacgrad has no standalone activation layer); graphs that are not a chain
+``TypeError``; ``jg.explain`` shows the same verdicts as a table); graphs that are not a chain
 of layers and residual blocks — concatenated skips, a value used by two branches, several outputs
 — (a ``TypeError``; a general DAG of factors is not supported); a parameter used in two places, a
 re-used ``nn.Linear`` or tied weights (a ``ValueError`` naming both uses and the parameter's torch
@@ -159,6 +160,8 @@ def _label(piece: Piece) -> str:
         return f"unsupported: {piece.reason}"
     if piece.kind == "act":
         return f"activation {piece.info['name']}"
+    if piece.info.get("part_of"):
+        return f"part of {piece.info['part_of']} (read with the node it feeds)"
     return {"structural": "structural (no layer)", "param": "a view of a parameter (read by its use)",
             "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
             "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",

@@ -35,7 +35,9 @@ class Piece:
     (computes nothing: views, eval dropout, copies), ``"param"`` (a view of a parameter, e.g. its
     transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
     assertions), ``"unsupported"`` (``reason`` says why and what to do).
-    ``data``: the node's data input(s), the values computed from the model's input."""
+    ``data``: the node's data input(s), the values computed from the model's input. An
+    activation spelled as several ops (softsign: ``abs``, ``add``, ``div``) is the ``"act"`` piece of
+    its last node with ``info["parts"]``, its other nodes ``"inert"`` with ``info["part_of"]``."""
 
     kind: str
     data: tuple = ()
@@ -82,8 +84,44 @@ def _relu6(a: dict, ctx) -> Piece:
 
 def _elu(a: dict, ctx) -> Piece:
     if float(a.get("scale", 1)) != 1.0 or float(a.get("input_scale", 1)) != 1.0:
-        return _unsupported("an ELU with scale or input_scale (SELU, CELU) has no jacgrad activation row yet")
+        return _unsupported("an ELU with scale or input_scale (CELU; F.selu is its own op) has no jacgrad activation "
+                            "row yet")
     return _act("elu", alpha="alpha")(a, ctx)
+
+
+def _softsign_nodes(div, ctx):
+    """``(x, abs node, add node)`` when ``div`` is torch's ``F.softsign``, ``x / (1 + |x|)`` (it has no
+    ATen op of its own: ``abs``, ``add(·, 1)``, ``div``), each intermediate read only there; else None."""
+    if op_name(div) != "div" or len(div.args) != 2 or div.kwargs:
+        return None
+    x, den = div.args
+    if not (ctx.is_data(x) and getattr(den, "op", None) == "call_function" and op_name(den) == "add"
+            and len(den.users) == 1 and len(den.args) == 2 and not den.kwargs):
+        return None
+    ab, one = den.args if hasattr(den.args[0], "op") else den.args[::-1]
+    if (isinstance(one, bool) or not isinstance(one, (int, float)) or one != 1
+            or getattr(ab, "op", None) != "call_function" or op_name(ab) != "abs" or len(ab.users) != 1
+            or not ab.args or ab.args[0] is not x):
+        return None
+    return x, ab, den
+
+
+def _softsign_part(node, ctx) -> Piece | None:
+    """The ``abs`` or ``add(·, 1)`` inside a softsign: read with its ``div`` (None: not one)."""
+    for _ in range(2):  # abs -> add -> div
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        found = _softsign_nodes(node, ctx)
+        if found is not None and ctx.node in found[1:]:
+            return Piece("inert", info={"part_of": "softsign"})
+    return None
+
+
+def _abs(a: dict, ctx) -> Piece:
+    part = _softsign_part(ctx.node, ctx)
+    return part if part is not None else _unsupported("abs outside softsign's x / (1 + abs(x)): no jacgrad layer")
 
 
 def _linear(a: dict, ctx) -> Piece:
@@ -124,6 +162,9 @@ def _addmm(a: dict, ctx) -> Piece:
 
 def _add(sign: float) -> Callable:
     def read(a: dict, ctx) -> Piece:
+        part = _softsign_part(ctx.node, ctx) if sign > 0 else None
+        if part is not None:
+            return part
         alpha = sign * float(a.get("alpha", 1))
         x, y = a["input"], a["other"]
         if ctx.is_data(x) and ctx.is_data(y):
@@ -141,6 +182,9 @@ def _add(sign: float) -> Callable:
 
 def _scale(divide: bool) -> Callable:
     def read(a: dict, ctx) -> Piece:
+        softsign = _softsign_nodes(ctx.node, ctx) if divide else None
+        if softsign is not None:
+            return Piece("act", (softsign[0],), info={"name": "softsign", "parts": softsign[1:]})
         x, c = a["input"], a["other"]
         if not ctx.is_data(x):
             x, c = c, x
@@ -210,10 +254,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "add": ("Residual join x + s·f(x); a bias after a matmul", _add(1.0)),
     "sub": ("Residual join x − f(x)", _add(-1.0)),
     "mul": ("the scale s of a residual branch (by a constant)", _scale(False)),
-    "div": ("the scale 1/c of a residual branch (by a constant)", _scale(True)),
+    "div": ("the scale 1/c of a residual branch (by a constant); softsign x / (1 + abs(x))", _scale(True)),
+    "abs": ("part of softsign x / (1 + abs(x)) (F.softsign)", _abs),
     "layer_norm": ("LayerNorm (over the last axis)", _norm("layer_norm")),
     "rms_norm": ("RMSNorm (over the last axis)", _norm("rms_norm")),
-    "relu": ("activation relu of the Dense before it", _act("relu")),
+    "relu": ("activation relu: of the Dense right before it, else an Activation layer", _act("relu")),
     "tanh": ("activation tanh", _act("tanh")),
     "sigmoid": ("activation sigmoid", _act("sigmoid")),
     "silu": ("activation silu", _act("silu")),
@@ -224,6 +269,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "hardtanh": ("activation hard_tanh(min_val, max_val) (also ReLU6)",
                  _act("hard_tanh", min_val="min_val", max_val="max_val")),
     "relu6": ("activation hard_tanh(0, 6)", _relu6),
+    "mish": ("activation mish", _act("mish")),
+    "selu": ("activation selu", _act("selu")),
+    "hardswish": ("activation hard_swish", _act("hard_swish")),
+    "hardsigmoid": ("activation hard_sigmoid", _act("hard_sigmoid")),
+    "log_sigmoid": ("activation log_sigmoid", _act("log_sigmoid")),
     "view": ("structural (a no-op reshape of (B, n))", _structural),
     "reshape": ("structural (a no-op reshape of (B, n))", _structural),
     "_unsafe_view": ("structural (a no-op reshape of (B, n))", _structural),
