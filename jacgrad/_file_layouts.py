@@ -14,7 +14,7 @@ import re
 from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, quote
 from . import layers as _layers  # noqa: F401  (registers the built-in kinds)
-from .layer_protocol import layer_class, layer_kinds
+from .layer_protocol import layer_class, layer_kinds, stored_names
 from ._state_keys import strip_prefix
 
 __all__ = ["dense_layers", "plan"]
@@ -173,7 +173,8 @@ def _param_keys(spec, prefix):
         if "layers" in s:
             yield from _param_keys(s["layers"], f"{prefix}{j}.")
         else:
-            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in PARAMS[s["kind"]])
+            names = stored_names(layer_class(s["kind"]), s)
+            yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in names)
 
 
 def dense_layers(spec):

@@ -150,6 +150,8 @@ class StepIO:
     # ------------------------------------------------------------------ inputs
     def _shape_help(self, what: str) -> str:
         B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[1]
+        if what == "x" and self._x.ndim > 2:
+            return f"batch {B} of inputs {shape_str(self._x.shape[1:])}: x must be {shape_str(self._x.shape)}"
         if what == "x":
             return f"batch {B} × {n_in} features: x must be {shape_str((B, n_in))}"
         if self.loss == "softmax_cross_entropy":

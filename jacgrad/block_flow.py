@@ -144,6 +144,9 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
         exact = _exact(total, F.h_in, F.h_out)
         chi_sum, norm_sum = _measures(F, exact, seed + j, sel)
         bound = F.norm_bound()
+        if not getattr(F, "per_sample", True):  # one Jacobian shared by the samples (a pool): each sample's row
+            chi_sum, norm_sum = chi_sum * B, norm_sum * (B if sel is None else len(sel))
+            bound = xp.full(B, float(to_numpy(bound)), dtype=net.dtype)
         blocks.append(dict(
             kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=chi_sum,
             norm_sum=norm_sum, bound_sum=float(to_numpy((bound if sel is None else bound[xp.asarray(sel)]).sum())),
@@ -235,8 +238,8 @@ class BlockChunk:
         xp = net.xp
         x = xp.asarray(x)
         _refuse_tokens(net, x)
-        if x.ndim != 2 or x.shape[1] != net.n_in:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {net.n_in}) inputs")
+        if tuple(x.shape[1:]) != tuple(net.in_shape) or x.ndim < 2:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {', '.join(map(str, net.in_shape))}) inputs")
         _check_finite(net, x, start)
         grad_y = None
         if target is None:
@@ -270,7 +273,7 @@ def _check_finite(net, x, start: int) -> None:
             if not bool(to_numpy(xp.isfinite(p).all())):
                 raise ValueError(f"{where}: {name} has non-finite values (inf or NaN); the report needs finite parameters")
     if x.dtype.kind in "fc" and not bool(to_numpy(xp.isfinite(x).all())):
-        bad = np.flatnonzero(~to_numpy(xp.isfinite(x).all(axis=1))) + start
+        bad = np.flatnonzero(~to_numpy(xp.isfinite(x).reshape(x.shape[0], -1).all(axis=1))) + start
         raise ValueError(f"x has non-finite values (inf or NaN) in {len(bad)} rows (first: sample {int(bad[0])}); "
                          f"the report needs finite inputs")
 
@@ -313,9 +316,9 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
         raise TypeError(f"x and the network live on different devices: {exc}") from None
     _refuse_tokens(net, x)
     x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
-    if x.ndim == 2 and x.shape[0] == 0:
+    if x.ndim >= 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
-    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim == 2 else 0, norm_samples, spectrum_samples)
+    chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim >= 2 else 0, norm_samples, spectrum_samples)
     targets = () if target is None else (target,)
     p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
                          max_memory=max_memory)

@@ -138,7 +138,7 @@ class TrainingStep(StepIO):
         n_in, n_out = layers[0].n_in, layers[-1].n_out
         self._device = params[0][1].device if self._gpu else None
         with self._on_device():
-            self._x = xp.zeros((B, n_in), dtype=dt)
+            self._x = xp.zeros((B,) + tuple(getattr(layers[0], "in_shape", None) or (n_in,)), dtype=dt)  # images: (B, C, H, W)
             self._target = xp.zeros((B, n_out), dtype=dt)
             self._fbufs = carve_forward(xp, layers, B, dt, zero=True, keep_derivative=True)
             _, self._bbufs = carve_backward(xp, layers, B, dt, self.input_grad, grad_y=False, zero=True, in_place=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Layer", "anchor", "buffers", "chained", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
+__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
            "register_layer"]
 
 
@@ -72,7 +72,12 @@ class Layer(Protocol):
         bias may be None), ``inner`` the built inner layers of a container (``Residual``) else None.
         ``file_widths(where, shapes) -> (n_in, n_out)`` (a classmethod): the widths of a file's
         declared parameter shapes (``{name: (shape, file key)}``), a ``ValueError`` naming the
-        key when they cannot be this layer's.
+        key when they cannot be this layer's; ``(None, None)`` for a layer whose widths do not chain
+        (an image layer: the next layer's widths are then not checked against it).
+        Optional: ``file_names(spec)`` (a classmethod), the arrays a file of ``spec`` stores for this
+        layer, by name (default ``names``: a conv without bias stores no ``bias``, a BatchNorm also its
+        running statistics), and ``file_arrays()``, ``[(name, array)]`` of those (default: ``names``
+        with ``params``) — ``stored_names``/``stored_arrays`` below.
         The torch mapping (``interop.torch_blocks``) and the report row (``block_flow``) are
         entries of their own modules keyed by ``kind``.
 
@@ -213,7 +218,42 @@ def chained(layers: Sequence[Any], owner: str, label: str) -> list:
             if not j:
                 raise ValueError(f"{owner}{label} 0 ({L!r}) has no width: give it one, e.g. Activation('relu', n)")
             layers[j] = L = L.with_width(layers[j - 1].n_out)
-        if j and L.n_in != layers[j - 1].n_out:
+        if j and None not in (L.n_in, layers[j - 1].n_out) and L.n_in != layers[j - 1].n_out:
             raise ValueError(f"{owner}{label} {j} ({L!r}) takes {L.n_in} features but {label} {j - 1} "
                              f"({layers[j - 1]!r}) outputs {layers[j - 1].n_out}")
     return layers
+
+
+def stored_names(cls: type, spec: dict) -> tuple:
+    """The arrays a network file stores for a layer of class ``cls`` and ``spec``: its
+    ``file_names(spec)`` where it has one, else its ``names``."""
+    f = getattr(cls, "file_names", None)
+    return tuple(f(spec)) if f is not None else tuple(cls.names)
+
+
+def stored_arrays(layer) -> list:
+    """``[(name, array)]`` a network file stores for ``layer``: its ``file_arrays()`` where it has
+    one, else its ``names`` with its ``params``."""
+    f = getattr(layer, "file_arrays", None)
+    return list(f()) if f is not None else list(zip(layer.names, layer.params))
+
+
+def bind_shapes(layers: Sequence[Any], in_shape: Any = None, owner: str = "Sequential") -> None:
+    """Give every image layer (one with ``bind_in_shape``: convolutions, pools, BatchNorm, Flatten)
+    its per-sample input shape, walking from ``in_shape`` (None: the first layer's own) through each
+    layer's ``out_shape``. A ``ValueError`` names the first layer left without one."""
+    shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+    if shape is None and layers:
+        shape = getattr(layers[0], "in_shape", None)
+    for j, L in enumerate(layers):
+        if hasattr(L, "bind_in_shape"):
+            if shape is None:
+                raise ValueError(f"{owner}: layer {j} ({L!r}) needs the per-sample input shape: pass in_shape=(C, H, W) "
+                                 f"(Conv1d: (C, L)), or build the first layer with in_shape=")
+            try:
+                shape = L.bind_in_shape(shape)
+            except ValueError as exc:
+                raise ValueError(f"{owner}: layer {j}: {exc}") from None
+        else:
+            out = getattr(L, "out_shape", None)
+            shape = None if out is None else tuple(out)

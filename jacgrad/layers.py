@@ -28,11 +28,15 @@ from .dense_layer import Dense
 from .layer_protocol import chained, layer_class, layer_kinds, leaf_layers, named_params, register_layer
 from .norm_layers import NORMS, LayerNorm, RMSNorm, make_norm
 from .residual_layer import Residual
+# the convolutional family: one module per concept, each registering its kinds
+from .batchnorm_layers import BatchNorm1d, BatchNorm2d
+from .conv_layers import Conv1d, Conv2d
+from .pool_layers import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
 from .attention import MultiHeadAttention  # token layers, each in a module of its own
 from .embedding import Embedding
 from .activation_layer import Activation  # registered after the layers with parameters (kinds in that order)
 
-__all__ = ["Activation", "Dense", "Embedding", "LayerNorm", "MultiHeadAttention", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Activation", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dense", "Embedding", "Flatten", "LayerNorm", "MaxPool2d", "MultiHeadAttention", "NORMS", "PerToken", "RMSNorm", "Residual", "TokenState", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual, Activation)

@@ -45,7 +45,7 @@ from ._file_safety import NetworkFileError as Bad
 from ._file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open_regular, quote
 from .backend import to_device, to_numpy
 from .interop import NetSpec
-from .layer_protocol import layer_class, leaf_layers
+from .layer_protocol import layer_class, leaf_layers, stored_arrays, stored_names
 
 __all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
@@ -69,7 +69,8 @@ def save(weights, biases, activations, path) -> None:
 def save_layers(layers, path) -> None:
     """Write a layer list in Sequential's layout (``Sequential.save``): ``.npz`` or ``.safetensors``."""
     arrays = {f"{'.'.join(map(str, where))}.{name}": p
-              for where, L in leaf_layers(layers) for name, p in zip(L.names, L.params)}
+              for where, L in leaf_layers(layers)
+              for name, p in stored_arrays(L)}
     spec = json.dumps([L.spec() for L in layers])
     _write(path, arrays, {"spec": np.array(spec)}, {"spec": spec})
 
@@ -204,15 +205,16 @@ def _check_shapes(spec, declared, prefix, width):
                 raise Bad(f"layer {where}: its inner layers map {width} -> {out} features; a residual block needs H -> H")
         else:
             cls = layer_class(kind)
-            shapes = {n: None if declared[f"{where}.{n}"] is None else declared[f"{where}.{n}"][:2] for n in cls.names}
+            names = stored_names(cls, s)
+            shapes = {n: None if declared[f"{where}.{n}"] is None else declared[f"{where}.{n}"][:2] for n in names}
             try:
                 n_in, out = cls.file_widths(where, shapes)
             except ValueError as exc:
                 raise Bad(str(exc)) from None
-            if n_in is None:  # a layer without arrays (Activation) keeps the width before it
+            if n_in is None and not hasattr(cls, "bind_in_shape"):  # a layer without arrays (Activation) keeps the width
                 n_in = out = width
-            if width is not None and n_in != width:
-                first = shapes[cls.names[0]]
+            if width is not None and n_in is not None and n_in != width:  # (image layers: (None, None), not chained)
+                first = shapes[names[0]]
                 tag = f"layer {where}" if kind == "dense" else f"layer {where} ({kind})"
                 raise Bad(f"{tag}: {first[1]} has shape {first[0]} but {before} outputs {width} features")
         width, before = out, f"layer {where}"
@@ -243,7 +245,7 @@ def _build(spec, prefix, arrays) -> list:
         try:
             cls = layer_class(kind)
             inner = _build(s["layers"], f"{key}.", arrays) if "layers" in s else None
-            out.append(cls.from_spec(s, {n: arrays[f"{key}.{n}"] for n in cls.names}, inner))
+            out.append(cls.from_spec(s, {n: arrays[f"{key}.{n}"] for n in stored_names(cls, s)}, inner))
         except (KeyError, ValueError, TypeError) as exc:
             msg = exc.args[0] if exc.args else str(exc)
             if str(msg).startswith("layer "):

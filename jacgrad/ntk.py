@@ -113,10 +113,15 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     x2 = x1 if sym else _input(net, x2, "x2", get_xp(x2, _anchor(net)))
     tokens = getattr(net, "takes_tokens", False)
     ids = tuple(getattr(net, "in_shape", (None,))) == ()  # (N, T) token ids, checked by layer 0 (an Embedding)
+    image = tuple(getattr(net, "in_shape", ())) if len(getattr(net, "in_shape", ())) > 1 else None
     for name, x in (("x1", x1), ("x2", x2)):
         if ids:
             if x.shape[1] != x1.shape[1]:
                 raise ValueError(f"{name} has shape {tuple(x.shape)}: token ids (N, T) with x1's T = {x1.shape[1]}")
+            continue
+        if image is not None:  # an image network: (N, C, H, W)
+            if tuple(x.shape[1:]) != image:
+                raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes inputs {image}: needs (N, *{image})")
             continue
         if x.shape[-1:] != (net.sizes[0],) or x.ndim not in ((2, 3) if tokens else (2,)) \
                 or (x.ndim == 3 and x.shape[1] != x1.shape[1]):

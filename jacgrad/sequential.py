@@ -33,6 +33,7 @@ from .chain import Chain
 from .kernels import activation_forward
 from .layers import chained, Dense, leaf_layers
 from .layer_protocol import anchor as _first_param
+from .layer_protocol import bind_shapes
 from ._mlp_interop import Imported
 from ._renamed import renamed
 
@@ -118,7 +119,9 @@ class Sequential(SequentialParameterSpace, Imported):
     """A stack of layers from ``jacgrad.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
-    def __init__(self, layers: Sequence[Any]):
+    def __init__(self, layers: Sequence[Any], in_shape: Sequence[int] | None = None):
+        layers = list(layers)
+        bind_shapes(layers, in_shape)  # image layers: (C, H, W) through the stack (layer_protocol)
         layers = chained(layers, "", "layer")
         _first_param(layers)  # a ValueError when no layer has parameters
         params = [(j, p) for j, L in enumerate(layers) for p in L.params]
@@ -310,7 +313,7 @@ class Sequential(SequentialParameterSpace, Imported):
         return JacobianStep(self, batch, order=order, capture=capture)
 
     @classmethod
-    def from_torch(cls, module, copy: bool = True, dtype=None):
+    def from_torch(cls, module, copy: bool = True, dtype=None, in_shape: Sequence[int] | None = None):
         """The network of a torch ``nn.Sequential`` (or an iterable of modules; nested
         ``nn.Sequential``s are flattened) of ``nn.Linear`` (+ one activation module each),
         ``nn.LayerNorm``, ``nn.RMSNorm`` and ``jacgrad.interop.torch_blocks.Residual`` (residual
@@ -319,6 +322,8 @@ class Sequential(SequentialParameterSpace, Imported):
         training in place is seen live; run ``forward`` again after each step); ``dtype`` casts
         them (a copy; needed for float16/bfloat16). The one reader of both networks
         (``torch_blocks.layers_and_origin``); ``MLP.from_torch`` takes the Dense-only models.
+        A CNN (``nn.Conv1d``/``Conv2d``, the pools, ``nn.Flatten``, eval ``nn.BatchNorm1d``/``2d``;
+        ``interop.torch_conv``) needs ``in_shape``, the per-sample input shape ``(C, H, W)``.
 
             >>> import torch, jacgrad as jg
             >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -332,7 +337,7 @@ class Sequential(SequentialParameterSpace, Imported):
 
         layers, origin = layers_and_origin(module, copy=copy, dtype=dtype, importer=f"jg.{cls.__name__}.from_torch",
                                            dense_only=cls._dense_only)
-        net = cls._of_layers(layers)
+        net = cls._of_layers(layers) if in_shape is None else cls(layers, in_shape=in_shape)
         net._origin = origin
         return net
 
@@ -370,4 +375,4 @@ class Sequential(SequentialParameterSpace, Imported):
         with the file is a ``ValueError`` naming it (``jacgrad.netfile``)."""
         from .netfile import load_layers
 
-        return cls(load_layers(path, activations))
+        return cls(load_layers(path, activations))  # image layers keep their in_shape in the spec

@@ -212,9 +212,9 @@ def test_activations_with_a_model_is_refused():
 
 
 def test_a_module_the_importers_do_not_read_is_their_error(tmp_path):
-    torch.save(nn.Conv1d(2, 2, 3).state_dict(), tmp_path / "conv.pt")
-    with pytest.raises(TypeError, match="Conv1d.*not supported"):
-        jg.load(tmp_path / "conv.pt", model=nn.Sequential(nn.Conv1d(2, 2, 3)))
+    torch.save(nn.Conv3d(2, 2, 3).state_dict(), tmp_path / "conv.pt")
+    with pytest.raises(TypeError, match="Conv3d.*not supported"):
+        jg.load(tmp_path / "conv.pt", model=nn.Sequential(nn.Conv3d(2, 2, 3)))
 
 
 # ---------------------------------------------------------------------- hostile files

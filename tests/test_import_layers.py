@@ -36,7 +36,7 @@ RANK: dict[str, int] = {
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_activation_more": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
-    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA, "diag_factor": ALGEBRA, "attention_factor": ALGEBRA, "embedding_leaf": ALGEBRA,
+    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA, "diag_factor": ALGEBRA, "attention_factor": ALGEBRA, "embedding_leaf": ALGEBRA, "_im2col": ALGEBRA, "conv_factors": ALGEBRA, "conv_leaves": NETWORKS,
     # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
     "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "_bracket_evaluate": ALGEBRA, "spectra": ALGEBRA,
     "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
@@ -44,6 +44,7 @@ RANK: dict[str, int] = {
     "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "checkpoints": NETWORKS, "_state_keys": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
     "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "attention": NETWORKS, "embedding": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
+    "conv_layers": NETWORKS, "pool_layers": NETWORKS, "batchnorm_layers": NETWORKS,
     "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
     # the layer protocol, its registry, the parameter leaves and one module per layer
     "token_factor": ALGEBRA, "layer_protocol": NETWORKS, "param_leaves": NETWORKS, "_token_rows": NETWORKS,

@@ -210,8 +210,8 @@ def test_a_probe_or_model_that_cannot_be_reported_fails_at_construction_not_at_s
         jg.Monitor(small_mlp().float(), data()[0], log=None)
     with pytest.raises(ValueError, match=r"x_probe has shape \(48, 5\) but the model takes \(B, 6\)"):
         jg.Monitor(small_mlp(), data()[0][:, :5], log=None)
-    with pytest.raises(TypeError, match="Conv1d"):
-        jg.Monitor(nn.Sequential(nn.Conv1d(1, 1, 3)), np.zeros((2, 6)), log=None)
+    with pytest.raises(TypeError, match="Conv3d"):
+        jg.Monitor(nn.Sequential(nn.Conv3d(1, 1, 3)), np.zeros((2, 6)), log=None)
 
 
 def test_cli_prints_and_plots_a_runs_history(tmp_path):

@@ -123,6 +123,9 @@ MOVES: dict[str, str] = {
     "activation_layer": "nn.activation", "_block_passes": "nn.stack",
     "losses": "nn.losses", "_loss_workspace": "nn.loss_workspace", "loss_hessians": "nn.loss_hessians",
     "initializers": "nn.initializers",
+    # conv
+    "_im2col": "conv.im2col", "conv_factors": "conv.factors", "conv_leaves": "conv.leaves", "conv_layers": "conv.layers",
+    "pool_layers": "conv.pools", "batchnorm_layers": "conv.batchnorm",
     # models (before the interop row: these leave the interop package first)
     "interop.torch_graph": "models.graph", "interop.torch_chain": "models.chain",
     "interop.torch_explain": "models.explain", "interop.torch_ops": "models.ops", "checkpoints": "models.checkpoints",

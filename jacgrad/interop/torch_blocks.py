@@ -32,6 +32,7 @@ from ..layers import Activation as _JgActivation, Dense, Embedding, LayerNorm, M
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import origin, passes_through, tensor
+from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
 
 __all__ = ["Residual", "layers_from_torch", "layers_to_torch", "token_layer"]
 
@@ -114,25 +115,29 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
                     raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
                                     f"cast the model first (model.float() or model.double()), or pass dtype='float32' "
                                     f"(or 'float64') to cast it")
-        if passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: they compute nothing
+        image = None if dense_only else conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv)
+        if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: they compute nothing
             continue
         try:
             act = activation_name(nn, m)
         except ValueError as exc:
             raise ValueError(f"{at}: {exc}") from None
-        linear, after_linear, act_before = after_linear, (i if type(m) is nn.Linear else None), last_act
+        computes = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)  # what an activation may follow
+        linear, after_linear, act_before = after_linear, (i if type(m) in computes else None), last_act
         last_act = None if act is None else (i, act, m)
-        if type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
-            if width is not None and m.in_features != width[0]:
+        if image is not None:
+            out.append(image)
+        elif type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
+            if width is not None and width[0] is not None and m.in_features != width[0]:
                 raise ValueError(f"{where} {i} ({describe(m)}) takes {m.in_features} features but the {width[2]} "
                                  f"before it ({where} {width[1]}) gives {width[0]}")
             W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
             out.append(Dense(W, b, "identity"))
         elif act is not None:
-            if linear is not None:  # fused into the Dense before it
+            if linear is not None:  # fused into the layer before it (a Dense, a convolution, an eval BatchNorm)
                 last = out.pop()
-                out.append(Dense(last.W, last.b, act))
+                out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
             elif out and not dense_only:  # after a norm, a residual block or another activation: a layer of its own
                 out.append(_JgActivation(act, out[-1].n_out))
             else:
@@ -171,7 +176,7 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
         else:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
-                            f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), "
+                            f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), {', '.join(IMAGE_MODULES)}, "
                             f"jacgrad.interop.torch_blocks.Residual")
         if act is None:
             width = (out[-1].n_out, i, type(m).__name__)
