@@ -102,6 +102,8 @@ def check_sample_shape(shape: tuple, name: str, in_shape: tuple, tokens: bool) -
         return
     want = f"(B, {', '.join(map(str, in_shape))})" + (f" or, per token, (B, T, {', '.join(map(str, in_shape))})"
                                                       if tokens else "")
+    if len(in_shape) == 1 and len(per) in ((1, 2) if tokens else (1,)):  # the right rank, the wrong width
+        raise ValueError(f"layer 0 expects {in_shape[-1]} features, got {per[-1]} ({name} must be {want})")
     raise ValueError(f"layer 0 expects {in_shape[-1]} features, got an array of shape {shape_str(shape)} "
                      f"({name} must be {want})")
 

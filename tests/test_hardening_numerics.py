@@ -97,7 +97,9 @@ def test_a_fresh_process_rebuilds_the_parameterised_rows(tmp_path):
         import pickle, sys, numpy as np
         nets, x = pickle.loads(open({str(tmp_path / 'nets.pkl')!r}, 'rb').read())
         np.save({str(tmp_path / 'out.npy')!r}, np.stack([net(x) for net in nets]))
-        print(sorted({{a.name for net in nets for a in getattr(net, '_acts', [])}} - {{'identity'}}))
+        from jacgrad.layers import leaf_layers
+        print(sorted({{L.activation for net in nets for _, L in leaf_layers(net.layers)
+                      if hasattr(L, 'activation')}} - {{'identity'}}))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
