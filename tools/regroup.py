@@ -126,6 +126,9 @@ MOVES: dict[str, str] = {
     # conv
     "_im2col": "conv.im2col", "conv_factors": "conv.factors", "conv_leaves": "conv.leaves", "conv_layers": "conv.layers",
     "pool_layers": "conv.pools", "batchnorm_layers": "conv.batchnorm",
+    # attention
+    "attention": "attention.multihead", "attention_factor": "attention.factor", "embedding": "attention.embedding",
+    "embedding_leaf": "attention.embedding_leaf",
     # models (before the interop row: these leave the interop package first)
     "interop.torch_graph": "models.graph", "interop.torch_chain": "models.chain",
     "interop.torch_explain": "models.explain", "interop.torch_ops": "models.ops", "checkpoints": "models.checkpoints",
