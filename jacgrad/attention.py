@@ -5,7 +5,7 @@ token-wise Dense parameter leaves.
 Shapes, with letters: ``x, y: (B, T, d)``; ``h`` heads of width ``d_h = d/h``. jacgrad's weight
 convention is ``h = z @ W + b`` with ``W: (d_in, d_out)``, so ``Wq = in_proj_weight[:d].T``,
 ``Wk = in_proj_weight[d:2d].T``, ``Wv = in_proj_weight[2d:].T``, ``Wo = out_proj.weight.T``
-(``from_torch_module`` does the mapping). The layer computes
+(``jacgrad.interop.torch_blocks.attention_from_torch`` does the mapping). The layer computes
 
     Q = x Wq + bq,  K = x Wk + bk,  V = x Wv + bv      (then split into heads)
     O = softmax(QKᵀ/√d_h + mask) V                     (per head; heads merged back to (B, T, d))
@@ -262,30 +262,6 @@ class MultiHeadAttention:
         return self.factor(state).param_jvp(None, leaf_tangent)
 
     # ------------------------------------------------------------------ torch
-    @classmethod
-    def from_torch_module(cls, module, copy: bool = True, dtype=None, causal: bool = False,
-                          convert=None, where: str | None = None) -> "MultiHeadAttention":
-        """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
-        ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
-        biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
-        ``dtype`` casts (a copy); ``causal``: torch passes the mask at call time, so say it here.
-        ``convert(tensor, what) -> array``: how a parameter is brought over (``interop.torch``'s,
-        by default); ``where``: the module's place, for the messages. Refused, with the reason: ``batch_first=False``, separate q/k/v weights
-        (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0 in
-        train mode."""
-        from .interop.torch import check_attention_module, parameter_converter
-
-        check_attention_module(module, where or f"MultiHeadAttention.from_torch_module({type(module).__name__})")
-        conv = convert if convert is not None else parameter_converter(copy, dtype)
-        m, d = module, module.embed_dim
-        Ws = [conv(m.in_proj_weight[i * d:(i + 1) * d].T, f"in_proj_weight[{i * d}:{(i + 1) * d}]") for i in range(3)]
-        Wo = conv(m.out_proj.weight.T, "out_proj.weight")
-        bs = [None] * 4
-        if m.in_proj_bias is not None:
-            bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
-            bs.append(conv(m.out_proj.bias, "out_proj.bias"))
-        return cls(*Ws, Wo, m.num_heads, *bs, causal=causal)
-
     def to_torch(self):
         """A torch ``nn.MultiheadAttention(d, heads, batch_first=True)`` with copies of
         the weights (same dtype; the causal mask is an argument of torch's forward, not of the module)."""

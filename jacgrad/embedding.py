@@ -165,20 +165,6 @@ class Embedding:
         """``ẏ = Ė[tok]: (B, T, d)`` for the direction ``dirs = [Ė]``."""
         return embedding_param_jvp(state, dirs[0])
 
-    @classmethod
-    def from_torch_module(cls, module, copy: bool = True, dtype=None, convert=None,
-                          where: str | None = None) -> "Embedding":
-        """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept.
-        ``copy=False`` shares the memory; ``dtype`` casts (a copy); ``convert(tensor, what) -> array``:
-        how the weight is brought over (``interop.torch``'s, by default); ``where``: its place, for
-        the messages. ``max_norm`` (which
-        renormalises rows of the weight inside forward) is refused."""
-        from .interop.torch import check_embedding_module, parameter_converter
-
-        check_embedding_module(module, where or "Embedding.from_torch_module")
-        conv = convert if convert is not None else parameter_converter(copy, dtype)
-        return cls(conv(module.weight, "weight"), module.padding_idx)
-
     def to_torch(self):
         """A torch ``nn.Embedding`` with a copy of E (same dtype, padding_idx)."""
         import torch

@@ -11,6 +11,13 @@ import jacgrad as jg
 from jacgrad.attention_factor import AttentionFactor
 
 torch = pytest.importorskip("torch")
+
+
+def _tb():
+    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
+    from jacgrad.interop import torch_blocks
+
+    return torch_blocks
 nn = torch.nn
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
 
@@ -333,18 +340,18 @@ def test_param_jvp_matches_torch_func_jvp_in_the_parameters():
 
 def test_from_torch_module_and_to_torch_round_trip():
     m = _torch_mha(8, 2, np.float64)
-    L = jg.layers.MultiHeadAttention.from_torch_module(m)
+    L = _tb().attention_from_torch(m)
     ref = _ours(m)
     for name, a, b in zip(L.names, L.params, ref.params):
         np.testing.assert_array_equal(a, b, err_msg=name)
     back = L.to_torch()
     for (k, a), (_, b) in zip(back.state_dict().items(), m.state_dict().items()):
         assert torch.equal(a, b), k
-    shared = jg.layers.MultiHeadAttention.from_torch_module(m, copy=False)
+    shared = _tb().attention_from_torch(m, copy=False)
     with torch.no_grad():
         m.out_proj.weight[0, 0] += 1.0
     assert shared.Wo[0, 0] == m.out_proj.weight[0, 0].item()
-    nobias = jg.layers.MultiHeadAttention.from_torch_module(_torch_mha(8, 2, np.float64, bias=False))
+    nobias = _tb().attention_from_torch(_torch_mha(8, 2, np.float64, bias=False))
     assert nobias.names == ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")   # as a Dense: zero biases
     assert all((b == 0).all() for b in nobias.params[1::2])
 
@@ -357,7 +364,7 @@ def test_from_torch_module_and_to_torch_round_trip():
 ])
 def test_from_torch_module_refuses_what_it_cannot_compute(kw, match):
     with pytest.raises(ValueError, match=match):
-        jg.layers.MultiHeadAttention.from_torch_module(nn.MultiheadAttention(8, 2, **kw))
+        _tb().attention_from_torch(nn.MultiheadAttention(8, 2, **kw))
 
 
 def test_bad_input_is_a_clear_error_naming_the_layer():
@@ -424,7 +431,7 @@ def test_pre_norm_transformer_block_matches_torch_end_to_end(dtype):
     a = lambda t: t.detach().numpy().copy()
     L = jg.layers
     ln1 = L.LayerNorm(a(blk.ln1.weight), a(blk.ln1.bias))
-    att = L.MultiHeadAttention.from_torch_module(blk.attn)
+    att = _tb().attention_from_torch(blk.attn)
     att = L.MultiHeadAttention(*att.params[0::2], heads=heads, causal=True, bq=att.bq, bk=att.bk, bv=att.bv,
                                bo=att.bo)
     ln2 = L.LayerNorm(a(blk.ln2.weight), a(blk.ln2.bias))

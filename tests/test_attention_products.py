@@ -10,6 +10,13 @@ import pytest
 import jacgrad as jg
 
 torch = pytest.importorskip("torch")
+
+
+def _tb():
+    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
+    from jacgrad.interop import torch_blocks
+
+    return torch_blocks
 pytestmark = pytest.mark.torch
 
 B, T, d, O = 3, 5, 8, 4
@@ -43,7 +50,7 @@ def setup():
 
     params = {f"{n}.{k}": v.detach() for n, m in mods.items() for k, v in m.named_parameters()}
     L = jg.layers
-    net = jg.Sequential([L.MultiHeadAttention.from_torch_module(mha, causal=True),
+    net = jg.Sequential([_tb().attention_from_torch(mha, causal=True),
                          L.LayerNorm(ln.weight.detach().numpy().copy(), ln.bias.detach().numpy().copy()),
                          L.Dense(lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy(), "tanh")])
     g = torch.Generator().manual_seed(1)

@@ -12,6 +12,13 @@ from jacgrad.embedding_leaf import (embedding_fill, embedding_ggn_diagonal, embe
                                     embedding_sq_norms, embedding_weighted_sum)
 
 torch = pytest.importorskip("torch")
+
+
+def _tb():
+    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
+    from jacgrad.interop import torch_blocks
+
+    return torch_blocks
 nn = torch.nn
 pytestmark = pytest.mark.torch
 
@@ -150,18 +157,18 @@ def test_param_jvp_matches_torch_func_jvp():
 
 def test_from_torch_module_and_to_torch_round_trip():
     m = nn.Embedding(V, d, padding_idx=2, dtype=torch.float64)
-    L = jg.layers.Embedding.from_torch_module(m)
+    L = _tb().embedding_from_torch(m)
     assert L.padding_idx == 2
     np.testing.assert_array_equal(L.E, m.weight.detach().numpy())
     back = L.to_torch()
     assert back.padding_idx == 2 and torch.equal(back.weight, m.weight)
-    shared = jg.layers.Embedding.from_torch_module(m, copy=False)
+    shared = _tb().embedding_from_torch(m, copy=False)
     with torch.no_grad():
         m.weight[0, 0] += 1
     assert shared.E[0, 0] == m.weight[0, 0].item()
     with pytest.raises(ValueError, match="max_norm=1.0 renormalises"):
-        jg.layers.Embedding.from_torch_module(nn.Embedding(V, d, max_norm=1.0))
-    assert jg.layers.Embedding.from_torch_module(m, dtype=np.float32).E.dtype == np.float32
+        _tb().embedding_from_torch(nn.Embedding(V, d, max_norm=1.0))
+    assert _tb().embedding_from_torch(m, dtype=np.float32).E.dtype == np.float32
 
 
 def test_bad_tokens_are_clear_errors_naming_the_layer():
@@ -199,8 +206,8 @@ def test_embedding_then_attention_matches_torch():
     y = att(z, z, z, attn_mask=torch.triu(torch.ones(T, T, dtype=torch.bool), 1), need_weights=False)[0]
     gy = torch.randn_like(y)
     y.backward(gy)
-    E = jg.layers.Embedding.from_torch_module(emb)
-    A = jg.layers.MultiHeadAttention.from_torch_module(att)
+    E = _tb().embedding_from_torch(emb)
+    A = _tb().attention_from_torch(att)
     A = jg.layers.MultiHeadAttention(*A.params[0::2], heads=2, causal=True, bq=A.bq, bk=A.bk, bv=A.bv, bo=A.bo)
     zj, se = E.forward(tok.numpy())
     yj, sa = A.forward(zj)

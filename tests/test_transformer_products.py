@@ -11,6 +11,13 @@ import pytest
 import jacgrad as jg
 
 torch = pytest.importorskip("torch")
+
+
+def _tb():
+    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
+    from jacgrad.interop import torch_blocks
+
+    return torch_blocks
 pytestmark = pytest.mark.torch
 
 V, d, H, F, O, B, T = 11, 8, 2, 16, 3, 3, 5
@@ -90,7 +97,7 @@ def case(request):
         net = jg.Sequential([L.Embedding(m[0].weight.detach().numpy().copy()),
                              L.Residual([L.LayerNorm(m[1].inner[0].weight.detach().numpy().copy(),
                                                      m[1].inner[0].bias.detach().numpy().copy()),
-                                         L.MultiHeadAttention.from_torch_module(mha, causal=True)]),
+                                         _tb().attention_from_torch(mha, causal=True)]),
                              jg.Sequential.from_torch(m[2:]).layers[0],
                              jg.Sequential.from_torch(m[3:]).layers[0]])
     else:

@@ -59,11 +59,11 @@ SUBPACKAGES: list[tuple[str, str]] = [
                  "the per-token rows. May import core … algebra."),
     ("conv", "The convolutional family: Conv1d/Conv2d, pools, Flatten, eval BatchNorm, their im2col "
              "operators, factors and leaves. May import core … protocol."),
-    ("attention", "Token layers: MultiHeadAttention and Embedding, their factors and leaves. "
-                  "May import core … protocol."),
+    ("tokens", "Token layers: MultiHeadAttention and Embedding, their factors and leaves (their torch "
+               "mapping is in io.interop). May import core … protocol."),
     ("nn", "The dense family of layers (Dense, LayerNorm, RMSNorm, Residual, Activation), the façade "
            "jacgrad.layers that exports every layer, the passes through a stack of layers, losses and "
-           "their Hessians, initialisers. May import core … attention."),
+           "their Hessians, initialisers. May import core … tokens."),
     ("io", "Files and other frameworks: the network file format, its readers, layouts and safety "
            "checks, checkpoint keys, and interop/ (torch module walks, sklearn, flax). May import core … nn."),
     ("params", "Parameter-space products from a network's (a, δ) pairs: per-sample gradients and "
@@ -126,9 +126,9 @@ MOVES: dict[str, str] = {
     # conv
     "_im2col": "conv.im2col", "conv_factors": "conv.factors", "conv_leaves": "conv.leaves", "conv_layers": "conv.layers",
     "pool_layers": "conv.pools", "batchnorm_layers": "conv.batchnorm",
-    # attention
-    "attention": "attention.multihead", "attention_factor": "attention.factor", "embedding": "attention.embedding",
-    "embedding_leaf": "attention.embedding_leaf",
+    # tokens
+    "attention": "tokens.attention", "attention_factor": "tokens.attention_factor", "embedding": "tokens.embedding",
+    "embedding_leaf": "tokens.embedding_leaf",
     # models (before the interop row: these leave the interop package first)
     "interop.torch_graph": "models.graph", "interop.torch_chain": "models.chain",
     "interop.torch_explain": "models.explain", "interop.torch_ops": "models.ops", "checkpoints": "models.checkpoints",

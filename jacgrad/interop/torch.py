@@ -204,7 +204,7 @@ def _parameter(torch, p, what: str, copy: bool, dtype):
 
 def parameter_converter(copy: bool = True, dtype=None):
     """``convert(tensor, what) -> array``: ``_parameter`` with ``copy`` and the cast ``dtype`` fixed —
-    how a layer's ``from_torch_module`` brings a parameter (or a view of one: a slice, ``.T``) over."""
+    how ``torch_blocks.attention_from_torch``/``embedding_from_torch`` bring a parameter (or a view of one: a slice, ``.T``) over."""
     import torch
 
     cast = cast_dtype(dtype)

@@ -31,10 +31,10 @@ from torch import nn
 from ..layers import Activation as _JgActivation, Dense, Embedding, LayerNorm, MultiHeadAttention, Residual as _JgResidual, RMSNorm
 from ..backend import asarray, get_xp
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
-from .torch import origin, passes_through, tensor
+from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
 from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
 
-__all__ = ["Residual", "layers_from_torch", "layers_to_torch", "token_layer"]
+__all__ = ["Residual", "attention_from_torch", "embedding_from_torch", "layers_from_torch", "layers_to_torch", "token_layer"]
 
 
 class Residual(nn.Module):
@@ -192,8 +192,44 @@ def token_layer(m, convert, where: str, causal: bool = False):
     ``interop.torch.parameter_converter``); refusals name ``where``."""
     conv = lambda p, what: convert(p, f"{where}: {what}")  # noqa: E731
     if type(m) is nn.Embedding:
-        return Embedding.from_torch_module(m, convert=conv, where=where)
-    return MultiHeadAttention.from_torch_module(m, causal=causal, convert=conv, where=where)
+        return embedding_from_torch(m, convert=conv, where=where)
+    return attention_from_torch(m, causal=causal, convert=conv, where=where)
+
+
+def attention_from_torch(module, copy: bool = True, dtype=None, causal: bool = False,
+                      convert=None, where: str | None = None) -> MultiHeadAttention:
+    """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
+    ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
+    biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
+    ``dtype`` casts (a copy); ``causal``: torch passes the mask at call time, so say it here.
+    ``convert(tensor, what) -> array``: how a parameter is brought over (``interop.torch``'s,
+    by default); ``where``: the module's place, for the messages. Refused, with the reason: ``batch_first=False``, separate q/k/v weights
+    (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0 in
+    train mode."""
+
+    check_attention_module(module, where or f"attention_from_torch({type(module).__name__})")
+    conv = convert if convert is not None else parameter_converter(copy, dtype)
+    m, d = module, module.embed_dim
+    Ws = [conv(m.in_proj_weight[i * d:(i + 1) * d].T, f"in_proj_weight[{i * d}:{(i + 1) * d}]") for i in range(3)]
+    Wo = conv(m.out_proj.weight.T, "out_proj.weight")
+    bs = [None] * 4
+    if m.in_proj_bias is not None:
+        bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
+        bs.append(conv(m.out_proj.bias, "out_proj.bias"))
+    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal)
+
+
+def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
+                      where: str | None = None) -> Embedding:
+    """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept.
+    ``copy=False`` shares the memory; ``dtype`` casts (a copy); ``convert(tensor, what) -> array``:
+    how the weight is brought over (``interop.torch``'s, by default); ``where``: its place, for
+    the messages. ``max_norm`` (which
+    renormalises rows of the weight inside forward) is refused."""
+
+    check_embedding_module(module, where or "embedding_from_torch")
+    conv = convert if convert is not None else parameter_converter(copy, dtype)
+    return Embedding(conv(module.weight, "weight"), module.padding_idx)
 
 
 def layers_to_torch(layers) -> nn.Sequential:
