@@ -47,7 +47,11 @@ class PerToken:
         if z.ndim == 2:
             return self._forward_rows(z, check, where, out)
         B, T = z.shape[:2]
-        y, st = self._forward_rows(z.reshape(B * T, z.shape[2]), check, where, _as_rows(out, B * T))
+        rows = z.reshape(B * T, z.shape[2])
+        if getattr(self, "token_forward_keeps_derivative", False):  # a Dense: φ'(h) made with φ(h), kept
+            y, st = self._forward_rows(rows, check, where, _as_rows(out, B * T), keep_derivative=True)
+        else:
+            y, st = self._forward_rows(rows, check, where, _as_rows(out, B * T))
         return y.reshape(B, T, y.shape[-1]), TokenState(st, (B, T))
 
     def factor(self, state):

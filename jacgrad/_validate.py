@@ -1,13 +1,11 @@
-"""Checks at the public edge: float dtypes and shapes, with messages that name what is wrong, and
-``LayerList``, the per-layer list type of a network that checks every entry put into it."""
+"""Checks at the public edge: float dtypes and shapes, with messages that name what is wrong
+(``_layer_list.LayerList``: the per-layer lists of an MLP that check every entry put into them)."""
 
 from __future__ import annotations
 
 import math
 import numbers
-import operator
-from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +100,7 @@ def check_sample_shape(shape: tuple, name: str, in_shape: tuple, tokens: bool) -
         return
     want = f"(B, {', '.join(map(str, in_shape))})" + (f" or, per token, (B, T, {', '.join(map(str, in_shape))})"
                                                       if tokens else "")
-    if len(in_shape) == 1 and len(per) in ((1, 2) if tokens else (1,)):  # the right rank, the wrong width
+    if len(in_shape) == 1 and len(per) == 1:  # (B, n): the right rank, the wrong width
         raise ValueError(f"layer 0 expects {in_shape[-1]} features, got {per[-1]} ({name} must be {want})")
     raise ValueError(f"layer 0 expects {in_shape[-1]} features, got an array of shape {shape_str(shape)} "
                      f"({name} must be {want})")
@@ -118,11 +116,6 @@ def check_input_dtype(name: str, have, dtype) -> None:
             f"{name}.astype(np.{dtype}), or build the network in {have} (dtype='{have}' in MLP.init, load, "
             f"from_torch)"
         )
-
-
-def common_dtype(*arrays) -> np.dtype:
-    """float64 if any array is float64, else float32 (arrays already checked by float_array)."""
-    return np.result_type(*[a.dtype for a in arrays if a is not None])
 
 
 def shape_str(shape) -> str:
@@ -227,139 +220,3 @@ def check_max_memory(value: Any, none_means: str = "no limit"):
     else:
         return value
     raise ValueError(f"max_memory must be a number of bytes > 0, or None for {none_means}; got {why}")
-
-
-class LayerList(Sequence):
-    """A fixed-length sequence, one entry per layer, whose item assignment is validated.
-
-    A network's public per-layer list (``net.weights``, ``net.biases``,
-    ``net.activations``) that IS what the computation reads, and validates what is put in it.
-
-    A plain Python list handed out as ``net.weights`` could be changed in ways the network never
-    checks: a weight of the wrong shape or dtype fails later inside a matmul, an appended layer is
-    half a layer, and a copy kept beside it drifts (``net.activations[0] = "relu"`` while forward
-    still ran tanh). A ``LayerList`` has one entry per layer, for the network's whole life:
-
-    - ``lst[j] = value`` runs the network's check for layer ``j`` first and stores the value only
-      if it passes (an error names the layer; nothing is changed);
-    - the number of layers is fixed: ``append``, ``extend``, ``insert``, ``pop``, ``remove``,
-      ``clear``, ``del``, ``+=``, ``*=`` and slice assignment raise ``TypeError``;
-    - reading is a list's: ``lst[j]``, ``lst[1:]`` (a plain list), ``len``, iteration, ``in``,
-      ``==`` against a list or tuple, ``lst + other`` (a plain list), ``list(lst)``.
-
-        >>> lst = LayerList([1, 2], "weights", lambda j, v: v)
-        >>> lst[0] = 5; lst, lst + [3]
-        ([5, 2], [5, 2, 3])
-        >>> lst.append(3)
-        Traceback (most recent call last):
-        ...
-        TypeError: net.weights has one entry per layer and its length is fixed (2 layers): append is not supported; build a new MLP to change the layers
-
-    items: the entries as stored. what: the attribute's name, for messages (``"weights"``).
-    check(j, value) -> stored: validates a new entry for layer ``j`` (raising an error that
-    names the layer) and returns what to store. show(stored) -> what reading returns (default:
-    the stored entry itself; ``activations`` stores resolved rows and shows their names).
-    """
-
-    __slots__ = ("_items", "_what", "_check", "_show")
-
-    def __init__(self, items, what: str, check: Callable[[int, Any], Any], show: Callable[[Any], Any] | None = None):
-        self._items, self._what, self._check, self._show = list(items), what, check, show
-
-    # ---------------------------------------------------------------- reading
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._view(v) for v in self._items[i]]
-        return self._view(self._items[i])
-
-    def __iter__(self):
-        return iter([self._view(v) for v in self._items]) if self._show else iter(self._items)
-
-    def _view(self, v):
-        return v if self._show is None else self._show(v)
-
-    @property
-    def stored(self) -> list:
-        """The entries as stored (a new list), e.g. the resolved ``Activation`` rows."""
-        return list(self._items)
-
-    def __eq__(self, other):
-        if isinstance(other, (LayerList, list, tuple)):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # mutable
-
-    def __add__(self, other):
-        return list(self) + list(other)
-
-    def __radd__(self, other):
-        return list(other) + list(self)
-
-    def copy(self) -> list:
-        """A plain list of the entries (the arrays themselves, not copies of them)."""
-        return list(self)
-
-    def __repr__(self) -> str:
-        return repr(list(self))
-
-    # ---------------------------------------------------------------- writing
-    def __setitem__(self, i, value) -> None:
-        if isinstance(i, slice):
-            raise TypeError(
-                f"net.{self._what}[{_slice_str(i)}] = …: slice assignment is not supported; assign one layer at "
-                f"a time (net.{self._what}[j] = …)"
-            )
-        n = len(self._items)
-        j = operator.index(i)
-        if not -n <= j < n:
-            raise IndexError(f"net.{self._what}[{j}]: the network has {n} layers (0 … {n - 1})")
-        j %= n
-        self._items[j] = self._check(j, value)
-
-    def _fixed(self, op: str):
-        raise TypeError(
-            f"net.{self._what} has one entry per layer and its length is fixed ({len(self._items)} layers): "
-            f"{op} is not supported; build a new MLP to change the layers"
-        )
-
-    def __delitem__(self, i):
-        self._fixed("del")
-
-    def append(self, value):
-        self._fixed("append")
-
-    def extend(self, values):
-        self._fixed("extend")
-
-    def insert(self, i, value):
-        self._fixed("insert")
-
-    def pop(self, i=-1):
-        self._fixed("pop")
-
-    def remove(self, value):
-        self._fixed("remove")
-
-    def clear(self):
-        self._fixed("clear")
-
-    def sort(self, *args, **kwargs):
-        self._fixed("sort")
-
-    def reverse(self):
-        self._fixed("reverse")
-
-    def __iadd__(self, other):
-        self._fixed("+=")
-
-    def __imul__(self, other):
-        self._fixed("*=")
-
-
-def _slice_str(s: slice) -> str:
-    parts = ["" if v is None else str(v) for v in (s.start, s.stop)]
-    return ":".join(parts) + ("" if s.step is None else f":{s.step}")

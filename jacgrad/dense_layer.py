@@ -102,14 +102,19 @@ class Dense(PerToken):
         lead = lead_shape(B)
         return [lead + (self.n_out,)] + ([lead + (self.n_in,)] if input_grad else [])
 
-    def _forward_rows(self, z, check=None, where: Any = 0, out=None):
+    # on a token batch, gelu/gelu_tanh/silu make φ'(h) with φ(h) and keep it (one erfc, not two);
+    # a (B, d) batch keeps one array per layer, as the cache's memory contract says
+    token_forward_keeps_derivative = True
+
+    def _forward_rows(self, z, check=None, where: Any = 0, out=None, keep_derivative: bool = False):
         """``z: (B, H_in) -> (B, H_out)``; returns ``(out, state)``. ``out``: the buffers of
         ``forward_shapes`` to write into (fresh ones when None; three, ``[z, h, d]``, also keep
-        ``d = φ'(h)``)."""
+        ``d = φ'(h)``). ``keep_derivative`` (token batches): where φ and φ' share their costly part
+        (``f_and_df``), ``d`` is made in the same pass and kept even without a third buffer."""
         from_output = self._act.df_from_output is not None
         bufs = out if out is not None else _buffers(None, self.forward_shapes(z.shape[0]), z)
         h, d = (bufs[0], None) if from_output else (bufs[1], bufs[2] if len(bufs) == 3 else None)
-        if d is None and self._act.f_and_df is not None and get_xp(z) is np:
+        if keep_derivative and d is None and self._act.f_and_df is not None and get_xp(z) is np:
             # gelu, gelu_tanh, silu: φ and φ' share their costly part (gelu's erfc: a quarter of a
             # transformer's training step), so φ'(h) is made with φ(h), bitwise as the factor's df(h)
             d = np.empty_like(h)

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import initializers
 from ._passes import Gradients
-from ._validate import LayerList, float_array, layer_widths, nonnegative_finite, replacement, shape_str
+from ._layer_list import LayerList
+from ._validate import float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from .activations import get as get_activation
 from .backend import device_of, get_xp, resolve_device, to_device
 from .compiled import TrainingStep

@@ -32,7 +32,7 @@ BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
 RANK: dict[str, int] = {
     # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
     "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
-    "_validate": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
+    "_validate": BACKEND, "_layer_list": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
     # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
     "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_activation_more": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
     "norm_kernels": ALGEBRA,
@@ -43,7 +43,7 @@ RANK: dict[str, int] = {
     # networks: layers, MLP and its passes, the compiled step, losses, files, interop
     "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "checkpoints": NETWORKS, "_state_keys": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
     "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
-    "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "attention": NETWORKS, "embedding": NETWORKS, "sequential": NETWORKS, "interop": NETWORKS,
+    "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "attention": NETWORKS, "embedding": NETWORKS, "sequential": NETWORKS, "_sequential_cache": NETWORKS, "interop": NETWORKS,
     "conv_layers": NETWORKS, "pool_layers": NETWORKS, "batchnorm_layers": NETWORKS,
     "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
     # the layer protocol, its registry, the parameter leaves and one module per layer

@@ -101,7 +101,7 @@ MOVES: dict[str, str] = {
     # core
     "backend": "core.backend", "_foreign_arrays": "core.foreign_arrays", "_validate": "core.validation",
     "_lazy": "core.lazy", "_sample_rng": "core.sample_rng", "_cuda_build": "core.cuda_build",
-    "_renamed": "core.renamed", "_above": "core.above",
+    "_renamed": "core.renamed", "_layer_list": "core.layer_list", "_above": "core.above",
     # elementwise
     "activations": "elementwise.activations", "_activation_row": "elementwise.activation_row",
     "_activation_params": "elementwise.activation_params", "_activation_more": "elementwise.activation_more",
@@ -144,7 +144,7 @@ MOVES: dict[str, str] = {
     "_compiled_jacobian": "steps.compiled_jacobian", "_step_io": "steps.step_io",
     "_private_step": "steps.private_step",
     # network
-    "mlp": "network.mlp", "sequential": "network.sequential", "torch": "network.torch_dp",
+    "mlp": "network.mlp", "sequential": "network.sequential", "_sequential_cache": "network.cache", "torch": "network.torch_dp",
     # flow
     "diagnostics": "flow.diagnostics", "_flow": "flow.statistics", "report": "flow.report",
     "_report_plot": "flow.report_plot", "_report_blocks": "flow.report_blocks", "_leaf_flow": "flow.layer_rows",
