@@ -1,6 +1,6 @@
 """Which small GEMMs gain from a second BLAS thread here: ``(B, H) @ (H, H)`` in float64 with
 1 and 2 OpenBLAS threads (threadpoolctl), median of 5 timings of a loop of about 2e8
-multiply-adds, 1- and 2-thread runs alternated per width. The rule in ``jacgrad/_cli_threads.py``
+multiply-adds, 1- and 2-thread runs alternated per width. The rule in ``jacgrad/cli/threads.py``
 quotes its numbers.
 
     python benchmarks/blas_threads.py [--batch 64,256] [--widths 32,64,128,256,512,1024,2048]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import jacgrad as jg
-from jacgrad.interop.torch_blocks import Residual
+from jacgrad.io.interop.torch_blocks import Residual
 
 
 def best(f, rounds: int) -> float:

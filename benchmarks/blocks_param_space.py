@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import jacgrad as jg
-from jacgrad.interop.torch_blocks import Residual
+from jacgrad.io.interop.torch_blocks import Residual
 
 from blocks import best  # noqa: E402 - benchmarks/ is this script's own folder on sys.path
 

@@ -35,7 +35,7 @@ def models(seed: int = 0):
                           nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(128, 10))
-    from jacgrad.interop.torch_blocks import layers_from_torch
+    from jacgrad.io.interop.torch_blocks import layers_from_torch
     return model, layers_from_torch(model)
 
 

@@ -46,7 +46,7 @@ def _spectral(net, X):
 
 
 def _gradnorm(net, X, T):
-    # what net.per_sample_grad_norms(X, T) does with a Dask X once it hands Dask arrays to jacgrad._lazy
+    # what net.per_sample_grad_norms(X, T) does with a Dask X once it hands Dask arrays to jacgrad.core.lazy
     return jd.lazy_method("per_sample_grad_norms", net, X, T)
 
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import jacgrad as jg
-from jacgrad import bracketing
+from jacgrad.algebra import bracketing
 
 
 def profiles(K: int, rng) -> dict[str, list[int]]:

@@ -120,7 +120,7 @@ def main() -> int:
         profile(f"gradient_flow (block report), B={spec['B']}, {spec['blocks']} blocks of 2×{spec['H']}",
                 lambda: jg.diagnostics.gradient_flow(bnet, bx, bt), sync, 3, out, top=40)
         # last: the only part that calls cuBLAS through ctypes, whose failure could end the process
-        from jacgrad._gemm import direct_cublas
+        from jacgrad.cuda.gemm import direct_cublas
 
         def direct_step():
             with direct_cublas():

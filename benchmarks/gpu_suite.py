@@ -8,7 +8,7 @@ section only; the results are written after every section), in < 8 minutes on an
 
 1. environment  — device name, CUDA runtime and driver, library versions, commit, date;
 2. ceilings     — device-to-device copy bandwidth and the GEMM rate (float32, float64);
-3. fused_kernel — ``jacgrad.kernels``' fused elementwise kernels on big arrays: GB/s and % of copy
+3. fused_kernel — ``jacgrad.cuda.kernels``' fused elementwise kernels on big arrays: GB/s and % of copy
                   bandwidth (same-shape and (H,)-broadcast ``scale_cotangent``, ``forward_with_derivative``);
 3b. norm_kernels — the LayerNorm/RMSNorm kernels (``kernels/norm.cu``: forward, factor VJP/JVP,
                   backward) validated against float64 NumPy, GB/s and % of copy bandwidth;
@@ -19,7 +19,7 @@ section only; the results are written after every section), in < 8 minutes on an
 5b. blocks      — ``jg.Sequential`` (residual LayerNorm/RMSNorm blocks): passes, Jacobians, the compiled
                   step, parameter-space products (and an MLP's), ``gradient_flow`` against float64 NumPy,
                   timed against NumPy and torch-CUDA;
-6. tf32         — ``jacgrad.backend.tf32``: GEMM and gradient accuracy against float64, and the
+6. tf32         — ``jacgrad.core.backend.tf32``: GEMM and gradient accuracy against float64, and the
                   training step's speed, TF32 off and on;
 7. peers        — jacgrad-cupy against torch-CUDA eager and jax-GPU (and jacgrad/torch on the CPU
                   for the small cases), one child process per case;

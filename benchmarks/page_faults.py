@@ -4,7 +4,7 @@ A plain ``net.loss_and_grads`` returns fresh arrays every call (the caller owns 
 are allocated matters on the CPU: one array per layer (a (B, H) delta, a (H, H) gradient, …)
 means every step first-touches tens of MB in 4 KiB pages, each a page fault. jacgrad carves the
 saved activations, the deltas and the parameter gradients from ONE block each
-(``jacgrad/_passes.py``), which NumPy (≥ 4 MiB) hands to the kernel as a huge-page candidate.
+(``jacgrad/protocol/passes.py``), which NumPy (≥ 4 MiB) hands to the kernel as a huge-page candidate.
 
 Each row runs as a training loop would, in a process of its own (the C allocator's state is
 part of what is measured): ``--calls`` calls in a row, the first untimed; the rows take turns

@@ -23,8 +23,8 @@ import numpy as np
 
 import jacgrad as jg
 from jacgrad.bench.machine import _cpu_model
-from jacgrad.diagnostics import gradient_flow
-from jacgrad.spectra import ConvergenceWarning
+from jacgrad.flow.diagnostics import gradient_flow
+from jacgrad.algebra.spectra import ConvergenceWarning
 
 INITS = ("xavier_normal", "orthogonal", "he_normal", "lecun_normal", "normal", "xavier_uniform", "he_uniform",
          "uniform_fan_in", "near-orthogonal")

@@ -1,12 +1,12 @@
 """The device side of ``gpu_suite.py``: where arrays live, how to time on it, and the ceilings.
 
-``Device("gpu")`` is CuPy (reached through ``jacgrad.backend``, never imported here);
+``Device("gpu")`` is CuPy (reached through ``jacgrad.core.backend``, never imported here);
 ``Device("cpu")`` is NumPy — the dry run's stand-in, so every section runs here too.
 
 Ceilings measured on the device:
 - device-to-device copy bandwidth (``copyto`` of a large float32 array; bytes read + written);
 - the GEMM rate (float32 and float64 square products);
-- the fused elementwise kernels of ``jacgrad.kernels`` on big arrays (``scale_cotangent`` same-shape
+- the fused elementwise kernels of ``jacgrad.cuda.kernels`` on big arrays (``scale_cotangent`` same-shape
   and with one (H,) row shared by every row, ``forward_with_derivative``), as a bandwidth (the
   bytes each must move) and as a % of the copy bandwidth, next to the unfused array expression
   one of them replaces.
@@ -175,11 +175,11 @@ def _frobenius_error(a, ref) -> float:
 
 
 def tf32_mode(dev: Device, widths: list[int], batch: int, time_widths: list[int], time_batch: int) -> dict:
-    """``jacgrad.backend.tf32``: accuracy (normwise relative error of one GEMM and of the weight
+    """``jacgrad.core.backend.tf32``: accuracy (normwise relative error of one GEMM and of the weight
     gradients of a net, against float64) and speed of a float32 training step, TF32 off and on."""
     import warnings
 
-    from jacgrad.backend import tf32
+    from jacgrad.core.backend import tf32
 
     rng = np.random.default_rng(0)
     out: dict = {"accuracy": [], "timing": []}

@@ -197,7 +197,7 @@ def markdown(results: dict) -> str:
 
     d = secs.get("tf32", {}).get("data")
     if d:
-        L += ["", "## TF32 mode (`jacgrad.backend.tf32`)", "",
+        L += ["", "## TF32 mode (`jacgrad.core.backend.tf32`)", "",
               "| TF32 | GEMM 1024³ rel. err. | net | max rel. err. of grad W (Frobenius) |", "|---|---|---|---|"]
         for r in d["accuracy"]:
             L.append(f"| {'on' if r['tf32'] else 'off'} | {r['gemm_1024_rel_err']:.2e} | {r['net']}, B={r['batch']} | "

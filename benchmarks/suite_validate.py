@@ -1,7 +1,7 @@
 """Validation for ``gpu_suite.py``: every device result against the float64 NumPy reference.
 
 The same weights and inputs, rounded to the dtype under test, run twice: on the device in that
-dtype, and on NumPy in float64. Each result is compared with ``jacgrad.check.relative_error``
+dtype, and on NumPy in float64. Each result is compared with ``jacgrad.algebra.check.relative_error``
 (``max|a − ref| / max|ref|``) against 1e-5 (float32) or 1e-12 (float64):
 
 - per activation (every row of the table), a 16-32-32-8 net at B=8: forward output, MSE loss,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 import jacgrad as jg
-from jacgrad.check import relative_error
+from jacgrad.algebra.check import relative_error
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
 ACT_NET = [16, 32, 32, 8]

@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import jacgrad as jg
-from jacgrad import kernels, losses
-from jacgrad._passes import column_sums
+from jacgrad.cuda import kernels
+from jacgrad.nn import losses
+from jacgrad.protocol.passes import column_sums
 
 
 def _cpu() -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import jacgrad as jg
-from jacgrad.interop.torch_blocks import Residual
+from jacgrad.io.interop.torch_blocks import Residual
 
 
 def cpu_model() -> str:

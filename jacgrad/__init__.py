@@ -9,46 +9,29 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
            [0.  , 1.  ]])
 """
 
-from . import (
-    activations,
-    backend,
-    block_flow,
-    chain,
-    check,
-    checkpoints,
-    compiled,
-    curvature,
-    diagnostics,
-    distributed,
-    factors,
-    gates,
-    hostpool,
-    initializers,
-    jacobian,
-    kernels,
-    layers,
-    loss_hessians,
-    losses,
-    mlp,
-    monitor,
-    per_sample,
-    private,
-    sequential,
-    spectra,
-    torch,
-)
-from .backend import asarray, get_xp, to_device, to_numpy
-from .chain import Chain
-from .checkpoints import load
-from .jacobian import LayerJacobian
-from .mlp import MLP
-from .monitor import Monitor
-from ._passes import Gradients
-from .diagnostics import gradient_flow
-from .interop.torch_graph import explain, from_torch
-from .ntk import ntk
-from .products import clipped_grad, ggn_diagonal, ggn_vp, per_sample_grad_norms, per_sample_grads
-from .sequential import Sequential
+from .elementwise import activations, gates
+from .core import backend
+from .flow import block_flow, diagnostics, monitor
+from .algebra import chain, check, curvature, factors, jacobian, per_sample, spectra
+from .models import checkpoints
+from .steps import compiled
+from . import distributed
+from .cuda import hostpool, kernels
+from .nn import initializers, layers, loss_hessians, losses
+from .network import mlp, sequential, torch_dp as torch
+from .params import private
+from .core.backend import asarray, get_xp, to_device, to_numpy
+from .algebra.chain import Chain
+from .models.checkpoints import load
+from .algebra.jacobian import LayerJacobian
+from .network.mlp import MLP
+from .flow.monitor import Monitor
+from .protocol.passes import Gradients
+from .flow.diagnostics import gradient_flow
+from .models.graph import explain, from_torch
+from .params.ntk import ntk
+from .params.products import clipped_grad, ggn_diagonal, ggn_vp, per_sample_grad_norms, per_sample_grads
+from .network.sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -70,3 +53,27 @@ __all__ = [
     # scale and frameworks
     "distributed", "torch",
 ]
+
+
+# ---- public module paths (tools/regroup.py): ``import jacgrad.layers`` still gives jacgrad.nn.layers,
+# the very module (not a copy), so imports written for the flat layout keep working.
+import importlib as _importlib  # noqa: E402
+import sys as _sys  # noqa: E402
+
+_PUBLIC_PATHS = {
+    "activations": "elementwise.activations",
+    "backend": "core.backend",
+    "check": "algebra.check",
+    "compiled": "steps.compiled",
+    "diagnostics": "flow.diagnostics",
+    "gates": "elementwise.gates",
+    "hostpool": "cuda.hostpool",
+    "layers": "nn.layers",
+    "losses": "nn.losses",
+    "torch": "network.torch_dp",
+}
+for _name, _path in _PUBLIC_PATHS.items():
+    _module = _importlib.import_module(f"{__name__}.{_path}")
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
+    globals().setdefault(_name, _module)
+del _name, _path, _module

@@ -2,11 +2,11 @@
 // the output, df_y(y) = phi'(h) written in terms of y = phi(h).
 //
 // This header is the one place the GPU's activation math lives. It is compiled three ways:
-//   * by NVRTC, through CuPy's RawModule (jacgrad/kernels.py inlines it into the .cu sources);
+//   * by NVRTC, through CuPy's RawModule (jacgrad/cuda/kernels.py inlines it into the .cu sources);
 //   * by nvcc, for sm_90 in CI (tests/test_kernels_host.py);
 //   * by g++ and by nvcc as *host* code, in a test driver whose output is compared with the
-//     NumPy table in jacgrad/activations.py on a grid with 0, +-tiny, +-large and +-inf.
-// So the formulas here mirror jacgrad/activations.py operation for operation: change one, change
+//     NumPy table in jacgrad/elementwise/activations.py on a grid with 0, +-tiny, +-large and +-inf.
+// So the formulas here mirror jacgrad/elementwise/activations.py operation for operation: change one, change
 // both, and the host test says whether they still agree.
 //
 // Every functor is a struct with static templates f, df (and df_y when has_df_y) over T = float
@@ -69,7 +69,7 @@ template <class T> JG_HD inline void logistic(T t, T& s, T& q) {
 }  // namespace math
 
 // The parameters of a parameterised activation (which is which: see each functor); the numbers
-// jacgrad/activations.py calls Activation.kernel_args.
+// jacgrad/elementwise/activations.py calls Activation.kernel_args.
 template <class T> struct Params {
   T a, b;
 };

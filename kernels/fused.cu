@@ -1,6 +1,6 @@
 // The elementwise steps of the hot path, one pass each, templated on the float type T, the
 // activation functor Act (kernels/activations.cuh) and whether the derivative is taken from the
-// activation's output. jacgrad/kernels.py instantiates them through CuPy's RawModule with
+// activation's output. jacgrad/cuda/kernels.py instantiates them through CuPy's RawModule with
 // name expressions such as "jacgrad::scale_cotangent<float, jacgrad::Tanh, false>", all those of
 // one dtype in one module.
 //

@@ -1,5 +1,5 @@
 // The normalisation layers' kernels (LayerNorm, RMSNorm), T = float or double, instantiated by
-// jacgrad/norm_kernels.py as "jacgrad::norm_forward<float>" etc., all of one dtype in one NVRTC
+// jacgrad/cuda/norm_kernels.py as "jacgrad::norm_forward<float>" etc., all of one dtype in one NVRTC
 // module. The math is kernels/norm.cuh's (host-tested); these wrappers only hand it the
 // coordinates of the thread's row group. Flags are ints (0/1), uniform per launch; `group` is
 // the threads per row: blockDim.x (one block per row) or a power of two below 32.

@@ -13,7 +13,7 @@
 // HostBlock). Indices within a row are int; the only 64-bit divisions are one per row (the
 // sample of a stacked row).
 //
-// The formulas mirror jacgrad/layers.py (_Norm.forward) and jacgrad/factors.py
+// The formulas mirror jacgrad/nn/layers.py (_Norm.forward) and jacgrad/algebra/factors.py
 // (NormFactor._project), which stay the NumPy reference:
 //   forward   mu = mean(x) (0 for RMSNorm), inv = 1/sqrt(mean((x - mu)^2) + eps),
 //             xhat = (x - mu) * inv, y = xhat * gamma + beta        (two passes: no cancellation)
@@ -244,7 +244,7 @@ struct DeviceGroup {
 };
 
 // The device's block as one group (rows of 32 packs or more): blockDim.x a multiple of 32
-// (jacgrad/norm_kernels.py launches 32..256 threads).
+// (jacgrad/cuda/norm_kernels.py launches 32..256 threads).
 struct DeviceBlock {
   int tid, size;
 

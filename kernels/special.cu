@@ -1,4 +1,4 @@
-// Special functions for the GPU side of jacgrad/activations.py (the erf-form gelu on CuPy
+// Special functions for the GPU side of jacgrad/elementwise/activations.py (the erf-form gelu on CuPy
 // arrays): the CUDA erf/erfc of T = float or double, elementwise, through kernels/elementwise.cuh's
 // grid-stride loop (64-bit indices, 16-byte loads and stores when aligned).
 #include "activations.cuh"

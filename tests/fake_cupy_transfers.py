@@ -1,7 +1,7 @@
 """A fake CuPy for counting device-to-host transfers on a machine without a GPU.
 
 ``FakeCupy()`` is a module named ``cupy`` that wraps NumPy: its arrays are an ``ndarray``
-subclass whose ``type(a).__module__`` is ``"cupy"``, so ``jacgrad.backend.get_xp`` dispatches to
+subclass whose ``type(a).__module__`` is ``"cupy"``, so ``jacgrad.core.backend.get_xp`` dispatches to
 it exactly as to the real CuPy (``sys.modules["cupy"]``). Like CuPy, reductions and scalar
 indexing give 0-d device arrays, not host scalars, so every read of a value on the host goes
 through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``int()``,
@@ -9,7 +9,7 @@ through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``
 line that asked, in ``fake.where``) when the caller is jacgrad's code.
 
 ``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels (the
-elementwise ones and the norm layers', ``jacgrad.norm_kernels``) and its direct cuBLAS path to
+elementwise ones and the norm layers', ``jacgrad.cuda.norm_kernels``) and its direct cuBLAS path to
 their NumPy versions, so whole reports run on fake device arrays.
 Its only stream is ``cuda.get_current_stream()``, whose ``record``/``wait_event`` (what a compiled
 step orders its calls with) do nothing; it has no graphs or RawModule: for recording and failing
@@ -161,10 +161,10 @@ class FakeCupy:
 
 def install(monkeypatch) -> FakeCupy:
     """The fake as ``sys.modules["cupy"]``, with jacgrad's kernels and GEMM on their NumPy paths."""
-    import jacgrad._gemm as gemm
-    import jacgrad._passes as passes
-    import jacgrad.kernels as kernels
-    import jacgrad.norm_kernels as norm_kernels
+    import jacgrad.cuda.gemm as gemm
+    import jacgrad.protocol.passes as passes
+    import jacgrad.cuda.kernels as kernels
+    import jacgrad.cuda.norm_kernels as norm_kernels
 
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
@@ -180,7 +180,7 @@ def install(monkeypatch) -> FakeCupy:
         monkeypatch.setattr(kernels, name, on_numpy)
         if hasattr(passes, name):
             monkeypatch.setattr(passes, name, on_numpy)
-    for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.norm_kernels)
+    for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.cuda.norm_kernels)
         monkeypatch.setattr(norm_kernels, name, _routed(fn))
     return fake
 
@@ -194,9 +194,10 @@ def _routed(fn):
 
 
 def _norm_steps_on_numpy() -> dict:
-    """``jacgrad.norm_kernels``' three steps computed by the NumPy reference they are tested against
-    (``jacgrad.layers``' norm layers and ``jacgrad.factors.NormFactor`` on NumPy arrays)."""
-    from jacgrad import factors, layers
+    """``jacgrad.cuda.norm_kernels``' three steps computed by the NumPy reference they are tested against
+    (``jacgrad.nn.layers``' norm layers and ``jacgrad.algebra.factors.NormFactor`` on NumPy arrays)."""
+    from jacgrad.algebra import factors
+    from jacgrad.nn import layers
 
     def layer(gamma, with_beta, eps=1e-5):
         return layers.LayerNorm(gamma, np.zeros_like(gamma), eps) if with_beta else layers.RMSNorm(gamma, eps)

@@ -8,7 +8,7 @@ same row functions as the device, in the same thread partition.
 
 ``HostModule(lib)`` stands in for a CuPy ``RawModule`` of norm.cu: ``get_function(name
 expression)`` gives a callable ``fn(grid, block, args)`` that takes the arguments exactly as
-``jacgrad.norm_kernels`` hands them to CuPy (arrays, and NumPy scalars of the kernel's
+``jacgrad.cuda.norm_kernels`` hands them to CuPy (arrays, and NumPy scalars of the kernel's
 parameter types, checked) and runs the host build. The tests use it to check the numbers
 (tests/test_kernels_norm_host.py) and the wiring (tests/test_norm_wiring_fake.py).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jacgrad import kernels
+from jacgrad.cuda import kernels
 
 LIBRARY = r"""
 #include <condition_variable>
@@ -199,7 +199,7 @@ class HostModule:
 
 
 class FakeNormCupy:
-    """What ``jacgrad._cuda_build`` asks of CuPy (``RawModule``, ``cuda.Device().id``), with norm.cu's
+    """What ``jacgrad.core.cuda_build`` asks of CuPy (``RawModule``, ``cuda.Device().id``), with norm.cu's
     kernels on the host library. ``modules``: every module built, ``(code, options, expressions)``."""
 
     def __init__(self, path):
@@ -230,7 +230,8 @@ def install(monkeypatch, path) -> tuple[FakeNormCupy, object]:
     ``(the kernels' fake CuPy, the arrays' fake CuPy)``; ``arrays.asarray(a)`` makes a device array."""
     import fake_cupy_transfers
 
-    from jacgrad import _cuda_build, norm_kernels
+    from jacgrad.core import cuda_build as _cuda_build
+    from jacgrad.cuda import norm_kernels
 
     real = {name: getattr(norm_kernels, name) for name in ("forward", "project", "backward")}
     arrays = fake_cupy_transfers.install(monkeypatch)
@@ -243,7 +244,7 @@ def install(monkeypatch, path) -> tuple[FakeNormCupy, object]:
 
 
 def clear_caches() -> None:
-    from jacgrad import _cuda_build
+    from jacgrad.core import cuda_build as _cuda_build
 
     _cuda_build._module.cache_clear()
     _cuda_build._function.cache_clear()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import check
-from jacgrad.diag_factor import DiagonalFactor
+from jacgrad.algebra import check
+from jacgrad.algebra.diag_factor import DiagonalFactor
 
 L = jg.layers
 

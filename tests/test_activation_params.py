@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import activations, kernels
+from jacgrad.elementwise import activations
+from jacgrad.cuda import kernels
 
 # (name, keyword parameters, how torch computes it on x with F = torch.nn.functional)
 CASES = [

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from jacgrad import activations
+from jacgrad.elementwise import activations
 
 EPS = np.finfo(np.float64).eps
 INF = math.inf
@@ -81,7 +81,7 @@ def test_table_lists_every_activation():
 def test_names_is_every_row_of_the_table_once():
     # names() is a hand-written order: a row added to the fixed table or to the parameterised
     # families but not to it would get no kernel instantiation (kernels._functors reads names())
-    from jacgrad._activation_params import _FAMILIES
+    from jacgrad.elementwise.activation_params import _FAMILIES
 
     rows = [a.name for a in activations._FIXED + activations._MORE] + list(_FAMILIES)
     assert sorted(activations.names()) == sorted(rows) and len(set(rows)) == len(rows)

@@ -1,4 +1,4 @@
-"""The rows of ``jacgrad._activation_more`` (mish, selu, hard_swish, hard_sigmoid, softsign,
+"""The rows of ``jacgrad.elementwise.activation_more`` (mish, selu, hard_swish, hard_sigmoid, softsign,
 log_sigmoid) against torch autograd in float64 (1e-12) and float32, at and around the kinks, and
 against mpmath. tests/test_activations.py walks them through the table's common checks too;
 tests/test_kernels_host.py compares the CUDA header with them."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jacgrad import activations
+from jacgrad.elementwise import activations
 
 NEW = ["mish", "selu", "hard_swish", "hard_sigmoid", "softsign", "log_sigmoid"]
 TORCH = {"mish": "mish", "selu": "selu", "hard_swish": "hardswish", "hard_sigmoid": "hardsigmoid",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import backend
+from jacgrad.core import backend
 
 torch = pytest.importorskip("torch")
 

@@ -90,7 +90,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_layers_to_torch_takes_reversed_and_read_only_arrays():
-    from jacgrad.interop.torch_blocks import layers_from_torch, layers_to_torch
+    from jacgrad.io.interop.torch_blocks import layers_from_torch, layers_to_torch
 
     rng = np.random.default_rng(3)
     W = rng.standard_normal((4, 3))[::-1]  # negative strides: torch cannot view them

@@ -10,7 +10,7 @@ import jacgrad as jg
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-from jacgrad.interop.torch_blocks import Residual  # noqa: E402
+from jacgrad.io.interop.torch_blocks import Residual  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.attention_factor import AttentionFactor
+from jacgrad.tokens.attention_factor import AttentionFactor
 
 torch = pytest.importorskip("torch")
 
 
 def _tb():
-    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
-    from jacgrad.interop import torch_blocks
+    """The torch mapping of the token layers (jacgrad.io.interop.torch_blocks; torch is imported)."""
+    from jacgrad.io.interop import torch_blocks
 
     return torch_blocks
 nn = torch.nn
@@ -521,7 +521,7 @@ def test_per_sample_gradients_match_opacus_dp_multihead_attention():
 
 
 def test_the_torch_module_walk_maps_embedding_and_attention():
-    from jacgrad.interop.torch_blocks import layers_from_torch
+    from jacgrad.io.interop.torch_blocks import layers_from_torch
 
     torch.manual_seed(0)
     mods = nn.Sequential(nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.LayerNorm(8)).double()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.embedding_leaf import embedding_fill, embedding_ggn_diagonal, embedding_ntk, embedding_sq_norms
+from jacgrad.tokens.embedding_leaf import embedding_fill, embedding_ggn_diagonal, embedding_ntk, embedding_sq_norms
 
 from fake_cupy_transfers import install
 

@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 
 
 def _tb():
-    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
-    from jacgrad.interop import torch_blocks
+    """The torch mapping of the token layers (jacgrad.io.interop.torch_blocks; torch is imported)."""
+    from jacgrad.io.interop import torch_blocks
 
     return torch_blocks
 pytestmark = pytest.mark.torch
@@ -86,7 +86,7 @@ def _jacobians(setup, n=B):
 
 
 def test_the_layers_are_registered():
-    from jacgrad.layer_protocol import layer_class
+    from jacgrad.protocol.layer import layer_class
 
     assert layer_class("multihead_attention") is jg.layers.MultiHeadAttention
     assert layer_class("embedding") is jg.layers.Embedding

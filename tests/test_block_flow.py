@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import block_flow as bf
+from jacgrad.flow import block_flow as bf
 
 L = jg.layers
 

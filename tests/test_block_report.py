@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.block_flow import BlockFlowReport
+from jacgrad.flow.block_flow import BlockFlowReport
 
 L = jg.layers
 ACT = {"tanh": (np.tanh, lambda h: 1 - np.tanh(h) ** 2),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import block_flow
-from jacgrad.diagnostics import gradient_flow
+from jacgrad.flow import block_flow
+from jacgrad.flow.diagnostics import gradient_flow
 
 da = pytest.importorskip("dask.array")
 L = jg.layers

@@ -1,5 +1,5 @@
 """Chain bracketing: "auto" against an exhaustive search written here, independently of
-jacgrad.bracketing (its own tree enumerator and its own cost model); deep chains and deep trees
+jacgrad.algebra.bracketing (its own tree enumerator and its own cost model); deep chains and deep trees
 without recursion."""
 
 import sys
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import bracketing
-from jacgrad.check import relative_error
+from jacgrad.algebra import bracketing
+from jacgrad.algebra.check import relative_error
 
 
 def all_bracketings(i, j):

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jacgrad as jg
-from jacgrad import bracketing
-from jacgrad.check import check_adjoint, relative_error
-from jacgrad.spectra import ConvergenceWarning
+from jacgrad.algebra import bracketing
+from jacgrad.algebra.check import check_adjoint, relative_error
+from jacgrad.algebra.spectra import ConvergenceWarning
 
 
 def make_chain(rng, widths, B, shared=(), dtype=np.float64, xp=np):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.check import relative_error
+from jacgrad.algebra.check import relative_error
 
 
 def make_chain(rng, widths, B):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import bracketing
-from jacgrad.factors import NormFactor, ResidualFactor
+from jacgrad.algebra import bracketing
+from jacgrad.algebra.factors import NormFactor, ResidualFactor
 
 
 def _all_trees(i, j) -> list:

@@ -1,10 +1,10 @@
-"""jacgrad.check: the checks themselves must be right, and must be able to fail."""
+"""jacgrad.algebra.check: the checks themselves must be right, and must be able to fail."""
 
 import numpy as np
 import pytest
 
-from jacgrad import backend
-from jacgrad.check import check_adjoint, check_vjp, compare_backends, numerical_jacobian, relative_error
+from jacgrad.core import backend
+from jacgrad.algebra.check import check_adjoint, check_vjp, compare_backends, numerical_jacobian, relative_error
 
 RNG = np.random.default_rng(0)
 A = RNG.standard_normal((4, 3))

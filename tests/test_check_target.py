@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from jacgrad import _loss_workspace, loss_hessians, losses
+from jacgrad.nn import loss_workspace as _loss_workspace, loss_hessians, losses
 
 CASES = [
     ("mse", np.zeros((3, 2)), np.zeros((3, 3))),

@@ -21,7 +21,7 @@ import jacgrad as jg
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-from jacgrad.interop.torch_blocks import Residual  # noqa: E402  (needs torch)
+from jacgrad.io.interop.torch_blocks import Residual  # noqa: E402  (needs torch)
 
 rng = np.random.default_rng(0)
 
@@ -99,7 +99,7 @@ def test_a_module_in_training_mode_with_dropout_loads_and_keeps_its_modes(tmp_pa
 
 
 def test_the_places_map_every_torch_name_to_its_jacgrad_parameter():
-    from jacgrad.checkpoints import parameter_places
+    from jacgrad.models.checkpoints import parameter_places
 
     model = named_blocks(0)
     net = jg.Sequential.from_torch(model, copy=False)
@@ -303,7 +303,7 @@ def make_net():
     return nn.Sequential(OrderedDict(fc1=nn.Linear(6, 16), act=nn.Tanh(), fc2=nn.Linear(16, 3))).double()
 
 def make_blocks():
-    from jacgrad.interop.torch_blocks import Residual
+    from jacgrad.io.interop.torch_blocks import Residual
     return nn.Sequential(OrderedDict(fc=nn.Linear(6, 8), res=Residual(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))),
                                      out=nn.Linear(8, 3))).double()
 
@@ -322,7 +322,7 @@ def _jacgrad(cwd, *args):
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]), OPENBLAS_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", "import sys; from jacgrad.cli import main; sys.exit(main())", *args],
+    return subprocess.run([sys.executable, "-c", "import sys; from jacgrad.cli.main import main; sys.exit(main())", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""The ``jacgrad`` command, called in-process through ``jacgrad.cli.main`` (one test runs the
+"""The ``jacgrad`` command, called in-process through ``jacgrad.cli.main.main`` (one test runs the
 installed console script). Every bad input must give exit status 2 and exactly one line on
 stderr naming the problem — never a traceback."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import cli
-from jacgrad.cli import main, parse_sizes
+from jacgrad.cli import main as cli
+from jacgrad.cli.main import main, parse_sizes
 from jacgrad.examples import TINY_MLP
 
 SMALL = ["--depth", "3", "--width", "12", "--batch", "6"]
@@ -136,7 +136,7 @@ def test_plot_path_that_is_a_directory(capsys, tmp_path):
 def test_unwritable_plot_path_found_at_save_time(capsys, tmp_path, monkeypatch):
     # the early check is skipped (root passes os.access everywhere), so savefig itself fails
     pytest.importorskip("matplotlib")
-    import jacgrad._cli_report as cli_report
+    import jacgrad.cli.report as cli_report
 
     monkeypatch.setattr(cli_report, "check_output_path", lambda path, option: None)
     target = tmp_path / "missing-dir" / "flow.png"
@@ -145,12 +145,12 @@ def test_unwritable_plot_path_found_at_save_time(capsys, tmp_path, monkeypatch):
 
 
 def test_out_of_memory_is_one_line(capsys, monkeypatch):
-    import jacgrad.diagnostics
+    import jacgrad.flow.diagnostics
 
     def boom(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(jacgrad.diagnostics, "gradient_flow", boom)
+    monkeypatch.setattr(jacgrad.flow.diagnostics, "gradient_flow", boom)
     assert_usage_error(capsys, "report", *SMALL, match="out of memory")
 
 

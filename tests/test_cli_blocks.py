@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad._cli_common import block_net
-from jacgrad.cli import main
+from jacgrad.cli.common import block_net
+from jacgrad.cli.main import main
 
 SMALL = ["--depth", "6", "--width", "10", "--batch", "5"]
 

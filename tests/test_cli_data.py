@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.cli import main
+from jacgrad.cli.main import main
 from test_cli_errors import one_line_error
 from test_distributed_report import assert_same_report
 
@@ -32,7 +32,7 @@ def files(tmp_path):
 
 def _many_chunks(monkeypatch, net, rows):
     """A budget of ``rows`` samples per task, so the small files are read in several chunks."""
-    from jacgrad.diagnostics import _report_bytes
+    from jacgrad.flow.diagnostics import _report_bytes
     from jacgrad.distributed import budget
 
     monkeypatch.setattr(budget, "default_max_memory", lambda x=None: rows * _report_bytes(net))
@@ -130,8 +130,8 @@ def test_an_unreachable_scheduler_is_one_line(capsys, files, monkeypatch):
 def test_residual_norm_net_over_a_dataset_equals_the_python_block_report(capsys, tmp_path, files, monkeypatch):
     """`--residual K --norm` with `--data`: the block report over the file, in chunks, is the
     in-memory block report of the same network."""
-    from jacgrad import block_flow
-    from jacgrad._cli_common import block_net, random_net
+    from jacgrad.flow import block_flow
+    from jacgrad.cli.common import block_net, random_net
 
     _, x, _, t, p = files
     sizes = [10, 16, 16, 16, 16, 3]

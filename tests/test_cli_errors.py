@@ -13,7 +13,7 @@ import jacgrad as jg
 from jacgrad import bench
 from jacgrad.bench import cases as bench_cases
 from jacgrad.bench import runner as bench_runner
-from jacgrad.cli import main
+from jacgrad.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -114,7 +114,7 @@ def test_activation_list_gives_one_activation_per_hidden_layer(capsys):
 def test_activation_list_computes_with_those_activations(capsys):
     # The per-layer net must compute with its list: its forward output equals a NumPy forward
     # pass written out here with relu, tanh, gelu by hand.
-    from jacgrad import _cli_report
+    from jacgrad.cli import report as _cli_report
 
     class Args:
         weights = depth = width = init = gain = bias_std = None
@@ -138,7 +138,7 @@ def test_activation_list_of_the_wrong_length(capsys):
 
 
 def test_check_takes_an_activation_list(capsys, monkeypatch):
-    from jacgrad import _cli_check
+    from jacgrad.cli import check as _cli_check
 
     seen, quantities = [], _cli_check.quantities
     monkeypatch.setattr(_cli_check, "quantities", lambda net, x, t: seen.append(list(net.activations)) or quantities(net, x, t))
@@ -223,16 +223,16 @@ def test_bench_json_path_is_checked_before_the_run(capsys, monkeypatch, tmp_path
 
 def test_unwritable_json_path_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
     # root may write anywhere, so the permission is simulated where the check asks for it
-    from jacgrad import _cli_common
+    from jacgrad.cli import common as _cli_common
 
     _no_run(monkeypatch)
     monkeypatch.setattr(_cli_common.os, "access", lambda path, mode: False)
     target = str(tmp_path / "out.json")
     one_line_error(capsys, bench.main(["--quick", "--backends", "jacgrad-numpy", "--json", target, "--no-progress"]),
                    "--json", "not writable")
-    import jacgrad.diagnostics
+    import jacgrad.flow.diagnostics
 
-    monkeypatch.setattr(jacgrad.diagnostics, "gradient_flow", lambda *a, **k: pytest.fail("the report ran"))
+    monkeypatch.setattr(jacgrad.flow.diagnostics, "gradient_flow", lambda *a, **k: pytest.fail("the report ran"))
     one_line_error(capsys, main(["report", *SMALL, "--json", target]), "--json", "not writable")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.cli import main
+from jacgrad.cli.main import main
 
 torch = pytest.importorskip("torch")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import loss_hessians, losses
-from jacgrad.cli import main
+from jacgrad.nn import loss_hessians, losses
+from jacgrad.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -121,7 +121,7 @@ def test_weights_with_activation_leaves_the_output_layer_alone(capsys, tmp_path,
     (rep,) = _report_json(capsys, ["--weights", str(path), "--activation", "tanh", *extra])
     assert rep["activations"] == ["tanh", "tanh", out_act]
     # the loaded network computes what the torch module (tanh hidden, the output as asked) computes
-    from jacgrad._cli_common import load_weights
+    from jacgrad.cli.common import load_weights
 
     net = load_weights(str(path), "float64", "cpu", "tanh", extra[1] if extra else None)
     x = np.random.default_rng(1).standard_normal((5, 4))
@@ -143,7 +143,7 @@ def test_repeat_shorthand_names_each_hidden_layer(capsys):
 
 
 def test_check_takes_hidden_and_output_activations(capsys, monkeypatch, tmp_path):
-    from jacgrad import _cli_check
+    from jacgrad.cli import check as _cli_check
 
     seen, quantities = [], _cli_check.quantities
     monkeypatch.setattr(_cli_check, "quantities", lambda net, x, t: seen.append(list(net.activations)) or quantities(net, x, t))
@@ -171,7 +171,7 @@ def test_errors_name_the_cli_options_not_the_library_arguments(capsys, tmp_path)
 
 # ---------------------------------------------------------------------------- item 24: BLAS threads
 def test_the_thread_rule_keeps_small_gemms_on_one_thread():
-    from jacgrad import _cli_threads as T
+    from jacgrad.cli import threads as T
 
     default_report = T.gemm_macs([256] * 21, 64)  # 64 x 256 x 256
     assert default_report == 64 * 256 * 256
@@ -185,7 +185,7 @@ def test_the_thread_rule_keeps_small_gemms_on_one_thread():
 
 @pytest.mark.parametrize("var", ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"])
 def test_a_thread_count_in_the_environment_is_honoured(monkeypatch, var):
-    from jacgrad import _cli_threads as T
+    from jacgrad.cli import threads as T
 
     for v in T.ENV_VARS:
         monkeypatch.delenv(v, raising=False)
@@ -204,7 +204,7 @@ def test_info_prints_the_blas_threads(capsys, monkeypatch):
 
 def test_report_sets_one_blas_thread_for_small_gemms(capsys, monkeypatch):
     threadpoolctl = pytest.importorskip("threadpoolctl", reason="the thread count is read back through threadpoolctl")
-    from jacgrad import _cli_threads as T
+    from jacgrad.cli import threads as T
 
     for v in T.ENV_VARS:
         monkeypatch.delenv(v, raising=False)
@@ -251,8 +251,8 @@ def _per_sample_layer_norms(net, x):
 
 def test_dataset_report_measures_the_norms_on_a_seeded_subsample():
     da = pytest.importorskip("dask.array", reason="the dataset report runs on Dask arrays")
-    from jacgrad import _flow
-    from jacgrad.diagnostics import gradient_flow
+    from jacgrad.flow import statistics as _flow
+    from jacgrad.flow.diagnostics import gradient_flow
 
     rng = np.random.default_rng(0)
     net = jg.MLP.init([6, 9, 7, 3], activation="tanh", seed=2)
@@ -303,7 +303,7 @@ def _cli(*args, **kwargs):
 
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "jacgrad.cli", "report", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "jacgrad.cli.main", "report", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
@@ -392,9 +392,9 @@ def test_norm_samples_must_be_none_or_a_positive_int(bad):
 
 def test_block_report_over_a_dataset_measures_the_norms_on_the_subsample():
     da = pytest.importorskip("dask.array", reason="the dataset report runs on Dask arrays")
-    from jacgrad import _flow
-    from jacgrad._cli_common import block_net
-    from jacgrad.diagnostics import gradient_flow
+    from jacgrad.flow import statistics as _flow
+    from jacgrad.cli.common import block_net
+    from jacgrad.flow.diagnostics import gradient_flow
 
     rng = np.random.default_rng(1)
     net = block_net(jg.MLP.init([5, 6, 6, 6, 6, 2], activation="tanh", seed=4), 2, 1.0, "layernorm")

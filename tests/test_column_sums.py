@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad._passes import column_sums
+from jacgrad.protocol.passes import column_sums
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-6), ("float64", 1e-14)])

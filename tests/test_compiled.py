@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.compiled import TrainingStep
+from jacgrad.steps.compiled import TrainingStep
 
 # (loss, target kind): every compiled loss and both target forms of softmax cross-entropy
 LOSSES = [("mse", "float"), ("sigmoid_bce", "float"), ("softmax_cross_entropy", "labels"),
@@ -234,7 +234,7 @@ class _RefusedCapture:
         self.cleared = 0
 
     def run(self, key, fn):
-        from jacgrad._cuda_graph import CaptureError
+        from jacgrad.cuda.graphs import CaptureError
 
         fn()
         raise CaptureError("capturing the training step into a CUDA graph failed (NotImplementedError: "
@@ -245,7 +245,7 @@ class _RefusedCapture:
 
 
 def test_a_refused_capture_falls_back_under_auto_and_raises_under_true(rng):
-    from jacgrad._cuda_graph import CaptureError
+    from jacgrad.cuda.graphs import CaptureError
 
     net = jg.MLP.init([4, 6, 3], seed=0)
     x, t = rng.standard_normal((5, 4)), rng.random((5, 3))

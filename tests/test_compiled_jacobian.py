@@ -10,9 +10,9 @@ import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import FakeCupy
-from jacgrad import _cuda_graph
-from jacgrad._compiled_jacobian import JacobianStep
-from jacgrad._cuda_graph import CaptureError, GraphCache
+from jacgrad.cuda import graphs as _cuda_graph
+from jacgrad.steps.compiled_jacobian import JacobianStep
+from jacgrad.cuda.graphs import CaptureError, GraphCache
 
 L = jg.layers
 
@@ -257,7 +257,7 @@ class _HostCublas:
 
     def _op(self, ptr, rows, cols, ld, trans, dtype):
         """``op(X)``, rows × cols: ``X`` itself stored column-major, or (OP_T) its transpose."""
-        from jacgrad._gemm import OP_N
+        from jacgrad.cuda.gemm import OP_N
 
         return self._colmajor(ptr, rows, cols, ld, dtype) if trans == OP_N else self._colmajor(ptr, cols, rows, ld, dtype).T
 
@@ -276,7 +276,7 @@ def test_while_recording_every_product_goes_through_jacgrads_cublas_calls(monkey
     import types
 
     from fake_cupy_transfers import FakeArray, install
-    from jacgrad import _gemm
+    from jacgrad.cuda import gemm as _gemm
 
     fake = install(monkeypatch)
     host = _HostCublas()

@@ -9,9 +9,9 @@ import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import FakeCupy
-from jacgrad import _cuda_graph
-from jacgrad._compiled_sequential import SequentialStep
-from jacgrad._cuda_graph import CaptureError, GraphCache
+from jacgrad.cuda import graphs as _cuda_graph
+from jacgrad.steps.compiled_sequential import SequentialStep
+from jacgrad.cuda.graphs import CaptureError, GraphCache
 
 L = jg.layers
 LOSSES = [("mse", "float"), ("sigmoid_bce", "float"), ("softmax_cross_entropy", "labels"),
@@ -293,7 +293,7 @@ def test_a_failed_capture_falls_back_under_auto_and_raises_under_true(monkeypatc
 
 # ---------------------------------------------------------------------- the plain passes' memory
 def test_forward_and_backward_reuse_pooled_blocks_and_never_overwrite_kept_results(rng):
-    from jacgrad import hostpool
+    from jacgrad.cuda import hostpool
 
     hostpool.release()
     net = _net()

@@ -112,7 +112,7 @@ def test_on_the_gpu_each_call_waits_on_the_device_for_the_previous_one(monkeypat
 
     from fake_cupy_transfers import install
 
-    from jacgrad._compiled_jacobian import JacobianStep
+    from jacgrad.steps.compiled_jacobian import JacobianStep
 
     fake = install(monkeypatch)
     log = []

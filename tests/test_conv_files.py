@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import netfile
-from jacgrad._file_safety import NetworkFileError
+from jacgrad.io import netfile
+from jacgrad.io.file_safety import NetworkFileError
 
 L = jg.layers
 

@@ -9,7 +9,7 @@ import pytest
 import jacgrad as jg
 
 torch = pytest.importorskip("torch", reason="from_torch needs torch")
-from jacgrad.interop.torch_blocks import layers_from_torch  # noqa: E402
+from jacgrad.io.interop.torch_blocks import layers_from_torch  # noqa: E402
 
 nn = torch.nn
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _im2col
+from jacgrad.conv import im2col as _im2col
 
 torch = pytest.importorskip("torch", reason="the conv layers are checked against torch")
 F = torch.nn.functional

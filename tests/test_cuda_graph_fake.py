@@ -12,8 +12,8 @@ import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import CUDARuntimeError, FakeCupy
-from jacgrad import _cuda_graph, _gemm
-from jacgrad._cuda_graph import CaptureError, GraphCache
+from jacgrad.cuda import graphs as _cuda_graph, gemm as _gemm
+from jacgrad.cuda.graphs import CaptureError, GraphCache
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _flow, _io_spectrum
-from jacgrad._lanczos import top_eigenvalues
-from jacgrad.diagnostics import GAIN_BAND, decide, gradient_flow
+from jacgrad.flow import statistics as _flow, io_spectrum as _io_spectrum
+from jacgrad.algebra.lanczos import top_eigenvalues
+from jacgrad.flow.diagnostics import GAIN_BAND, decide, gradient_flow
 
 
 

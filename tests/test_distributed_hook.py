@@ -1,10 +1,10 @@
-"""jacgrad._lazy: the networks hand chunked arrays to the handler registered for their type."""
+"""jacgrad.core.lazy: the networks hand chunked arrays to the handler registered for their type."""
 
 import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _lazy
+from jacgrad.core import lazy as _lazy
 
 
 class _Chunked:

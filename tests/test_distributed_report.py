@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.diagnostics import gradient_flow
+from jacgrad.flow.diagnostics import gradient_flow
 
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
@@ -17,7 +17,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 N = 150
-# ‖J_j‖₂ per sample comes from Lanczos to 1e-6 relative (jacgrad._layer_norms.report_tol): its
+# ‖J_j‖₂ per sample comes from Lanczos to 1e-6 relative (jacgrad.flow.layer_norms.report_tol): its
 # mean agrees to that; every other float to summation order.
 LANCZOS = {"jacobian_norm"}
 
@@ -104,8 +104,8 @@ def test_a_numpy_batch_above_the_budget_is_reported_in_chunks(monkeypatch):
     x, target = _data("mse")
     want = gradient_flow(net, x, target, spectrum_samples=50).to_dict()
     calls = []
-    real = jg._flow.partials
-    monkeypatch.setattr(jg._flow, "partials", lambda *a, **k: calls.append(k.get("start", 0)) or real(*a, **k))
+    real = jg.flow.statistics.partials
+    monkeypatch.setattr(jg.flow.statistics, "partials", lambda *a, **k: calls.append(k.get("start", 0)) or real(*a, **k))
     per_sample = jg.diagnostics._report_bytes(net)
     got = gradient_flow(net, x, target, spectrum_samples=50, max_memory=40 * per_sample)
     assert calls == list(range(0, N, 40))  # 4 chunks of at most 40 rows

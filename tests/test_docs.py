@@ -52,7 +52,7 @@ def test_there_are_command_transcripts():
 
 @pytest.mark.parametrize("page,line,argv,expected", TRANSCRIPTS, ids=[f"{t[0]}:{t[1]}" for t in TRANSCRIPTS])
 def test_a_command_transcript_prints_what_the_page_shows(page, line, argv, expected, capsys, tmp_path, monkeypatch):
-    from jacgrad.cli import main
+    from jacgrad.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 0
@@ -101,10 +101,10 @@ def test_the_toy_layer_page_shows_the_example_file():
 
 def test_the_supported_op_table_in_the_docs_is_the_importers_own():
     """docs/importing.md shows the graph importer's op table as the importer itself prints it."""
-    from jacgrad.interop.torch_ops import supported_ops_markdown
+    from jacgrad.models.ops import supported_ops_markdown
 
     page = (ROOT / "docs" / "importing.md").read_text(encoding="utf-8")
     shown = re.search(r"<!-- ops: begin -->\n(.*?)\n<!-- ops: end -->", page, re.S)
     assert shown is not None, "docs/importing.md lost its op-table markers"
     assert shown.group(1).strip() == supported_ops_markdown().strip(), (
-        "the op table in docs/importing.md is stale: paste jacgrad.interop.torch_ops.supported_ops_markdown()")
+        "the op table in docs/importing.md is stale: paste jacgrad.models.ops.supported_ops_markdown()")

@@ -1,7 +1,7 @@
 """Every example in jacgrad's docstrings runs and prints what it says (doctest, one test per
 docstring). A docstring whose examples import an optional package this environment lacks, or
 call jacgrad code that imports one, is skipped, naming it; so is a module that cannot be imported
-without one (jacgrad.interop.torch_blocks subclasses torch.nn.Module)."""
+without one (jacgrad.io.interop.torch_blocks subclasses torch.nn.Module)."""
 
 import doctest
 import importlib

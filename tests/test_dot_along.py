@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.backend import dot_along, get_xp
+from jacgrad.core.backend import dot_along, get_xp
 
 from fake_cupy_transfers import FakeArray, install
 
@@ -51,7 +51,7 @@ def test_get_xp_fast_path_for_device_arrays_keeps_the_mixed_device_error(monkeyp
 
 
 def test_float_array_fast_path_keeps_its_checks(monkeypatch):
-    fv = jg._validate.float_array
+    fv = jg.core.validation.float_array
     x = np.ones(3, np.float32)
     assert fv(x, "x") is x and fv(x, "x", np) is x
     with pytest.raises(TypeError, match="x has dtype int64"):

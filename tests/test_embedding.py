@@ -1,4 +1,4 @@
-"""``jg.layers.Embedding`` and its leaf algebra (``jacgrad.embedding_leaf``) against torch
+"""``jg.layers.Embedding`` and its leaf algebra (``jacgrad.tokens.embedding_leaf``) against torch
 ``nn.Embedding`` with the same weight: forward and ∂E (float64 and float32, repeated tokens,
 padding_idx), per-sample gradients and norms (both methods) against ``torch.func.vmap(grad)`` and
 Opacus' ``GradSampleModule``, the weighted sum, the NTK term against ``torch.func.jacrev``, the GGN
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.embedding_leaf import (embedding_fill, embedding_ggn_diagonal, embedding_ntk, embedding_param_jvp,
+from jacgrad.tokens.embedding_leaf import (embedding_fill, embedding_ggn_diagonal, embedding_ntk, embedding_param_jvp,
                                     embedding_sq_norms, embedding_weighted_sum)
 
 torch = pytest.importorskip("torch")
 
 
 def _tb():
-    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
-    from jacgrad.interop import torch_blocks
+    """The torch mapping of the token layers (jacgrad.io.interop.torch_blocks; torch is imported)."""
+    from jacgrad.io.interop import torch_blocks
 
     return torch_blocks
 nn = torch.nn
@@ -221,7 +221,7 @@ def test_embedding_then_attention_matches_torch():
 def test_leaf_and_factor_give_the_products_their_pieces():
     """``EmbeddingLeaf`` (the leaf interface of ``param_leaves``) runs the functions tested above;
     ``EmbeddingFactor``: width 0 on the token side, its split hands the rows on as the leaf's G."""
-    from jacgrad.embedding_leaf import EmbeddingFactor, EmbeddingLeaf
+    from jacgrad.tokens.embedding_leaf import EmbeddingFactor, EmbeddingLeaf
 
     m, L, tok, g = _setup(np.float64, 5)
     B, T = tok.shape

@@ -1,4 +1,4 @@
-"""jacgrad.gates: one spec per gate, one checker; the worked circuits of the cs231n notes."""
+"""jacgrad.elementwise.gates: one spec per gate, one checker; the worked circuits of the cs231n notes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jacgrad import gates
-from jacgrad.check import check_vjp, numerical_jacobian, relative_error
+from jacgrad.elementwise import gates
+from jacgrad.algebra.check import check_vjp, numerical_jacobian, relative_error
 
 
 def normal(*shape):

@@ -1,4 +1,4 @@
-"""jacgrad.gates at the edges: fresh gradient memory, exact zeros (no 0·∞), Python numbers as 0-d
+"""jacgrad.elementwise.gates at the edges: fresh gradient memory, exact zeros (no 0·∞), Python numbers as 0-d
 arrays, and non-numbers refused. The reference is PyTorch autograd, gate by gate."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from jacgrad import gates, to_numpy
+from jacgrad.elementwise import gates
+from jacgrad import to_numpy
 
 torch = pytest.importorskip("torch")
 

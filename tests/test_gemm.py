@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _gemm
-from jacgrad._gemm import OP_N, OP_T, gemm_plan
+from jacgrad.cuda import gemm as _gemm
+from jacgrad.cuda.gemm import OP_N, OP_T, gemm_plan
 
 
 def _memory(x):
@@ -122,7 +122,7 @@ def test_gpu_direct_cublas_matches_cupy_matmul(rng, dtype, ka, kb):
 @pytest.mark.gpu
 def test_gpu_direct_cublas_records_into_a_cuda_graph_and_replays(rng):
     cp = pytest.importorskip("cupy")
-    from jacgrad._cuda_graph import GraphCache
+    from jacgrad.cuda.graphs import GraphCache
 
     a = cp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
     W = cp.asarray(rng.standard_normal((48, 32)).astype(np.float32))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import activations
+from jacgrad.elementwise import activations
 
 L = jg.layers
 
@@ -97,7 +97,7 @@ def test_a_fresh_process_rebuilds_the_parameterised_rows(tmp_path):
         import pickle, sys, numpy as np
         nets, x = pickle.loads(open({str(tmp_path / 'nets.pkl')!r}, 'rb').read())
         np.save({str(tmp_path / 'out.npy')!r}, np.stack([net(x) for net in nets]))
-        from jacgrad.layers import leaf_layers
+        from jacgrad.nn.layers import leaf_layers
         print(sorted({{L.activation for net in nets for _, L in leaf_layers(net.layers)
                       if hasattr(L, 'activation')}} - {{'identity'}}))
     """)
@@ -292,7 +292,7 @@ def test_a_bad_max_memory_is_refused_by_what_it_is(bad, why):
                                      (2000, "1.95 KiB"), (16 << 20, "16 MiB"), (int(1.5 * 2**30), "1.5 GiB"),
                                      (5 << 40, "5 TiB"), (0.5, "0.5 bytes")])
 def test_sizes_are_written_in_the_unit_their_magnitude_calls_for(n, text):
-    from jacgrad._validate import byte_size
+    from jacgrad.core.validation import byte_size
 
     assert byte_size(n) == text
 
@@ -385,7 +385,7 @@ def test_a_float64_torch_tensor_to_a_float32_network_is_refused():
 
 def test_the_command_names_a_data_file_wider_than_dtype(tmp_path, capsys):
     pytest.importorskip("dask.array")
-    from jacgrad.cli import main
+    from jacgrad.cli.main import main
 
     np.save(tmp_path / "x.npy", np.random.default_rng(18).standard_normal((20, 8)))
     code = main(["report", "--data", str(tmp_path / "x.npy"), "--dtype", "float32", "--sizes", "8,6,3"])

@@ -1,10 +1,10 @@
-"""jacgrad.hostpool: blocks come back only when nothing refers to them; results never alias."""
+"""jacgrad.cuda.hostpool: blocks come back only when nothing refers to them; results never alias."""
 
 import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import hostpool
+from jacgrad.cuda import hostpool
 
 
 @pytest.fixture(autouse=True)

@@ -26,38 +26,31 @@ KNOWN_CYCLES: list[frozenset[str]] = [
 ]
 
 # ---- layers: begin (tools/regroup.py rewrites this block for the regrouped layout)
-# The layer of every module: a module may import from its own layer or a lower one, never a
-# higher one. A name stands for the module and, for a package, everything inside it.
-BACKEND, ALGEBRA, NETWORKS, PARAMETER_SPACE, COMMAND = range(5)
+# The rank of every subpackage (written by tools/regroup.py from its SUBPACKAGES table): a
+# module may import from its own subpackage or a lower one, never a higher one. A module's
+# rank is its subpackage's.
 RANK: dict[str, int] = {
-    # backend: choosing numpy/cupy, memory, raw GEMMs, input checks, data files
-    "backend": BACKEND, "_foreign_arrays": BACKEND, "hostpool": BACKEND, "_gemm": BACKEND, "_cuda_graph": BACKEND,
-    "_validate": BACKEND, "_layer_list": BACKEND, "_renamed": BACKEND, "_above": BACKEND, "_lazy": BACKEND, "_sample_rng": BACKEND, "examples": BACKEND,
-    # algebra: activations and their kernels, the diag(d)·Wᵀ factor, chains, spectra, gates
-    "activations": ALGEBRA, "_activation_row": ALGEBRA, "_activation_params": ALGEBRA, "_activation_more": ALGEBRA, "_erf": ALGEBRA, "kernels": ALGEBRA, "_cuda_build": ALGEBRA,
-    "norm_kernels": ALGEBRA,
-    "jacobian": ALGEBRA, "chain": ALGEBRA, "factors": ALGEBRA, "diag_factor": ALGEBRA, "attention_factor": ALGEBRA, "embedding_leaf": ALGEBRA, "_im2col": ALGEBRA, "conv_factors": ALGEBRA, "conv_leaves": NETWORKS,
-    # the per-sample (z, δ) algebra under the parameter-space products: it knows no network
-    "per_sample": ALGEBRA, "curvature": ALGEBRA, "bracketing": ALGEBRA, "_bracket_evaluate": ALGEBRA, "spectra": ALGEBRA,
-    "_lanczos": ALGEBRA, "_layer_norms": ALGEBRA, "_io_spectrum": ALGEBRA, "gates": ALGEBRA, "check": ALGEBRA, "initializers": ALGEBRA,
-    # networks: layers, MLP and its passes, the compiled step, losses, files, interop
-    "mlp": NETWORKS, "_mlp_param_space": NETWORKS, "_sequential_param_space": NETWORKS, "_mlp_interop": NETWORKS, "_forward_cache": NETWORKS, "compiled": NETWORKS, "netfile": NETWORKS, "checkpoints": NETWORKS, "_state_keys": NETWORKS, "_file_readers": NETWORKS, "_file_layouts": NETWORKS, "_file_safety": NETWORKS, "_passes": NETWORKS, "_step_io": NETWORKS,
-    "_block_passes": NETWORKS, "_compiled_sequential": NETWORKS, "_private_step": NETWORKS, "_compiled_jacobian": NETWORKS,
-    "losses": NETWORKS, "_loss_workspace": NETWORKS, "layers": NETWORKS, "attention": NETWORKS, "embedding": NETWORKS, "sequential": NETWORKS, "_sequential_cache": NETWORKS, "interop": NETWORKS,
-    "conv_layers": NETWORKS, "pool_layers": NETWORKS, "batchnorm_layers": NETWORKS,
-    "loss_hessians": NETWORKS, "private": NETWORKS, "ntk": NETWORKS,
-    # the layer protocol, its registry, the parameter leaves and one module per layer
-    "token_factor": ALGEBRA, "layer_protocol": NETWORKS, "param_leaves": NETWORKS, "_token_rows": NETWORKS,
-    "dense_layer": NETWORKS, "norm_layers": NETWORKS, "residual_layer": NETWORKS, "activation_layer": NETWORKS,
-    # parameter-space products and diagnostics
-    "diagnostics": PARAMETER_SPACE, "_flow": PARAMETER_SPACE, "report": PARAMETER_SPACE, "_report_plot": PARAMETER_SPACE,
-    "block_flow": PARAMETER_SPACE, "_leaf_flow": PARAMETER_SPACE, "_verdict": PARAMETER_SPACE, "_report_blocks": PARAMETER_SPACE,
-    "distributed": PARAMETER_SPACE, "torch": PARAMETER_SPACE, "products": PARAMETER_SPACE, "monitor": PARAMETER_SPACE, "_monitor_history": PARAMETER_SPACE,
-    # the command
-    "cli": COMMAND, "_cli_common": COMMAND, "_cli_report": COMMAND, "_cli_check": COMMAND, "_cli_model": COMMAND, "_cli_history": COMMAND, "_cli_threads": COMMAND, "bench": COMMAND,
+    "core": 0,
+    "elementwise": 1,
+    "cuda": 2,
+    "algebra": 3,
+    "protocol": 4,
+    "conv": 5,
+    "tokens": 6,
+    "nn": 7,
+    "io": 8,
+    "params": 9,
+    "steps": 10,
+    "network": 11,
+    "models": 12,
+    "distributed": 13,
+    "flow": 14,
+    "cli": 15,
+    "bench": 15,
+    "examples": 0,  # stays in place
 }
-LAYER_NAMES = ["backend", "algebra", "networks", "parameter space / diagnostics", "command"]
-COMMAND_MODULES = ["cli", "_cli_report", "_cli_check", "_cli_common"]
+LAYER_NAMES = ['core', 'elementwise', 'cuda', 'algebra', 'protocol', 'conv', 'tokens', 'nn', 'io', 'params', 'steps', 'network', 'models', 'distributed', 'flow', 'cli']
+COMMAND_MODULES = ['cli.main', 'cli.report', 'cli.check', 'cli.common']
 # ---- layers: end
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.check import relative_error
+from jacgrad.algebra.check import relative_error
 
 NAMES = ["tanh", "relu", "gelu", "silu", "elu(alpha=0.5)", "leaky_relu(negative_slope=0.2)", "sigmoid", "identity"]
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the torch importers need torch")
 from torch import nn  # noqa: E402
 
 import jacgrad as jg  # noqa: E402
-from jacgrad.interop.torch_blocks import Residual  # noqa: E402
+from jacgrad.io.interop.torch_blocks import Residual  # noqa: E402
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
@@ -345,7 +345,7 @@ def test_every_output_sklearn_sets_is_mapped_or_refused():
     """sklearn's table of activations, minus the hidden-only ones, is exactly what the importer
     reads or refuses by name."""
     base = pytest.importorskip("sklearn.neural_network._base", reason="needs scikit-learn")
-    from jacgrad.interop.sklearn import ACTIVATIONS, OUTPUT_ACTIVATIONS
+    from jacgrad.io.interop.sklearn import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
     outputs = set(base.ACTIVATIONS) - (set(ACTIVATIONS) - {"identity", "logistic"})
     assert set(OUTPUT_ACTIVATIONS) == outputs

@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.neural_network import MLPClassifier, MLPRegressor  # noqa: E402
 
-from jacgrad.interop.sklearn import sklearn_loss_and_grads  # noqa: E402
+from jacgrad.io.interop.sklearn import sklearn_loss_and_grads  # noqa: E402
 
 TOL = 1e-12
 

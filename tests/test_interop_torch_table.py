@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import jacgrad as jg  # noqa: E402
-from jacgrad import activations  # noqa: E402
-from jacgrad.interop.torch import activation_module, activation_name  # noqa: E402
-from jacgrad.interop.torch_blocks import Residual  # noqa: E402
+from jacgrad.elementwise import activations  # noqa: E402
+from jacgrad.io.interop.torch import activation_module, activation_name  # noqa: E402
+from jacgrad.io.interop.torch_blocks import Residual  # noqa: E402
 
 PARAMETERISED = [nn.LeakyReLU(0.2), nn.ELU(0.7), nn.Softplus(beta=2.0, threshold=10.0), nn.Hardtanh(-2.0, 3.0),
                  nn.ReLU6(), nn.GELU(approximate="tanh"), nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.ReLU()]
@@ -54,7 +54,7 @@ def test_blocks_reader_error_lists_the_supported_modules():
 
 
 def test_blocks_round_trip_through_torch_exactly():
-    from jacgrad.interop.torch_blocks import layers_from_torch, layers_to_torch
+    from jacgrad.io.interop.torch_blocks import layers_from_torch, layers_to_torch
 
     rng = np.random.default_rng(0)
     L = jg.layers

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.check import check_adjoint, numerical_jacobian, relative_error
+from jacgrad.algebra.check import check_adjoint, numerical_jacobian, relative_error
 
 # (B or None for a shared diagonal, H_in, H_out): B = 1, B = 0, width 1 and bottlenecks included.
 SHAPES = [(5, 7, 4), (1, 3, 3), (3, 1, 6), (4, 6, 1), (None, 5, 8), (None, 1, 1), (2, 16, 2), (0, 4, 3)]

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from fake_cupy_calls import FakeCupy
-from jacgrad import _cuda_build, _erf, _validate, activations, backend, kernels
+from jacgrad.core import cuda_build as _cuda_build, validation as _validate, backend
+from jacgrad.elementwise import erf as _erf, activations
+from jacgrad.cuda import kernels
 
 
 @pytest.fixture
@@ -140,7 +142,7 @@ def test_a_launch_lists_the_module_expressions_once_per_source_and_dtype(fake, m
 
 
 def test_the_norm_layers_compile_one_module_per_dtype_with_their_four_kernels(fake):
-    from jacgrad import norm_kernels
+    from jacgrad.cuda import norm_kernels
 
     names = ["norm_forward", "norm_product", "norm_backward", "norm_param_grads"]
     for _ in range(2):  # the second round compiles nothing

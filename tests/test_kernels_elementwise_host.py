@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from jacgrad import kernels
+from jacgrad.cuda import kernels
 
 DRIVER = r"""
 #include <cmath>

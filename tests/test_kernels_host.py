@@ -1,4 +1,4 @@
-"""The CUDA sources without a GPU, and jacgrad.kernels' dispatchers.
+"""The CUDA sources without a GPU, and jacgrad.cuda.kernels' dispatchers.
 
 - ``kernels/activations.cuh`` is built for the host with g++ and with nvcc (host code); a driver
   evaluates f, df and df_y of every activation in float and double on a grid with 0, ±tiny,
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jacgrad import activations, kernels
+from jacgrad.elementwise import activations
+from jacgrad.cuda import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = activations.names()
@@ -207,7 +208,7 @@ def test_installed_wheel_finds_its_sources(tmp_path):
         pytest.skip(f"could not build a wheel here: {build.stderr.strip()[-300:]}")
     (wheel,) = tmp_path.glob("*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    probe = "import jacgrad.kernels as k; print(k.source_dir()); print(len(k.module_source('fused.cu')))"
+    probe = "import jacgrad.cuda.kernels as k; print(k.source_dir()); print(len(k.module_source('fused.cu')))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(tmp_path / "site" / "jacgrad" / "_kernels") and int(out[1]) > 1000
@@ -225,7 +226,7 @@ def test_name_expressions():
 
 
 def test_compile_report_says_why_without_a_gpu():
-    from jacgrad import backend
+    from jacgrad.core import backend
 
     if backend.gpu_available():
         pytest.skip("a GPU is usable here: test_gpu_compile_report covers it")

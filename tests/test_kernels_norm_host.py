@@ -2,7 +2,7 @@
 
 The header is built for the host by g++ and by nvcc (host code) into a library that runs every
 block of the grid with its threads on host threads (tests/norm_host_kernels.py); the kernels are
-launched through ``jacgrad.norm_kernels`` itself, on CuPy-typed fake arrays, so the dispatcher's
+launched through ``jacgrad.cuda.norm_kernels`` itself, on CuPy-typed fake arrays, so the dispatcher's
 arguments, grid and block are the ones a GPU would get. The references are independent: the
 formulas in float64, and the factor's products against its dense matrix
 ``diag(γ/σ)(I − 11ᵀ/n − x̂x̂ᵀ/n)`` built here. Rows cover n = 1, 2, widths that are and are not a
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import norm_host_kernels as host
-from jacgrad import kernels, norm_kernels
+from jacgrad.cuda import kernels, norm_kernels
 
 WIDTHS = [1, 2, 3, 4, 5, 8, 17, 64, 100, 257, 1027]
 EPS = {np.float32: np.finfo(np.float32).eps, np.float64: np.finfo(np.float64).eps}

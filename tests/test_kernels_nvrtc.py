@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jacgrad import _cuda_build, kernels
+from jacgrad.core import cuda_build as _cuda_build
+from jacgrad.cuda import kernels
 
 SOURCES = sorted({src for src, _, _ in kernels.KERNELS.values()})
 

@@ -3,9 +3,9 @@
 import numpy as np
 
 import jacgrad as jg
-from jacgrad._lanczos import top_eigenvalues
-from jacgrad.diagnostics import gradient_flow
-from jacgrad._layer_norms import layer_dense, layer_gram
+from jacgrad.algebra.lanczos import top_eigenvalues
+from jacgrad.flow.diagnostics import gradient_flow
+from jacgrad.flow.layer_norms import layer_dense, layer_gram
 
 
 class CountingW(np.ndarray):
@@ -48,8 +48,8 @@ def test_gram_formed_once_on_first_use_and_operators_match_dense():
 def test_report_forms_each_layers_gram_once_for_norm_and_both_operators(monkeypatch):
     """‖W‖₂ (weight_norm_squared), the matrix-free and the dense layer operator share one WᵀW per
     layer: the report's layer partial forms one Gram GEMM per layer, not up to three."""
-    import jacgrad._flow as flow
-    import jacgrad._layer_norms as ln
+    import jacgrad.flow.statistics as flow
+    import jacgrad.flow.layer_norms as ln
 
     real, memos = ln.small_gram, []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.layer_protocol import Layer, layer_class, layer_kinds, register_layer
+from jacgrad.protocol.layer import Layer, layer_class, layer_kinds, register_layer
 
 L = jg.layers
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.factors import NormFactor, ResidualFactor
+from jacgrad.algebra.factors import NormFactor, ResidualFactor
 
 L = jg.layers
 rng = np.random.default_rng(0)

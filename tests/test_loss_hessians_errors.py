@@ -1,9 +1,9 @@
-"""loss_hessians names a bad loss as jacgrad.losses.get does (one check, one message)."""
+"""loss_hessians names a bad loss as jacgrad.nn.losses.get does (one check, one message)."""
 
 import numpy as np
 import pytest
 
-from jacgrad import loss_hessians
+from jacgrad.nn import loss_hessians
 
 MESSAGE = "unknown loss {}; valid names: mse, sigmoid_bce, softmax_cross_entropy;"
 

@@ -1,4 +1,4 @@
-"""jacgrad.losses: one spec per loss, one checker against finite differences and PyTorch."""
+"""jacgrad.nn.losses: one spec per loss, one checker against finite differences and PyTorch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jacgrad import losses
-from jacgrad.check import numerical_jacobian, relative_error
+from jacgrad.nn import losses
+from jacgrad.algebra.check import numerical_jacobian, relative_error
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import initializers
-from jacgrad.check import numerical_jacobian, relative_error
+from jacgrad.nn import initializers
+from jacgrad.algebra.check import numerical_jacobian, relative_error
 
 ACTIVATIONS = jg.activations.names()
 
@@ -123,7 +123,7 @@ def test_forward_keeps_one_array_per_layer_and_backward_peak_is_bounded(activati
 def test_gelu_backward_computes_the_normal_cdf_once_per_layer(rng, monkeypatch):
     """Recomputing z_{j-1} from h_{j-1} for ∂L/∂W_j also yields φ'_{j-1}: one normal CDF per
     layer in backward (K), not one for z and one for φ' (2K - 1)."""
-    from jacgrad import activations
+    from jacgrad.elementwise import activations
 
     calls = []
     real = activations._normal_cdf

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.check import relative_error
+from jacgrad.algebra.check import relative_error
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

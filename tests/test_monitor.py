@@ -141,7 +141,7 @@ def test_the_writer_receives_the_rows_scalars():
 
 
 def test_a_model_with_blocks_gets_a_row_per_layer(tmp_path):
-    from jacgrad.interop.torch_blocks import Residual
+    from jacgrad.io.interop.torch_blocks import Residual
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), Residual(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())),
@@ -221,7 +221,7 @@ def test_cli_prints_and_plots_a_runs_history(tmp_path):
     mon = jg.Monitor(model, x[:16], every=2, log=log, target=t[:16])
     train(model, mon, 6)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([sys.executable, "-c", "import sys; from jacgrad.cli import main; sys.exit(main())",
+    run = lambda *a: subprocess.run([sys.executable, "-c", "import sys; from jacgrad.cli.main import main; sys.exit(main())",
                                      "report", *a], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     r = run("--log", "run.jsonl")
     assert r.returncode == 0, r.stderr
@@ -241,7 +241,7 @@ def test_cli_prints_and_plots_a_runs_history(tmp_path):
 
 
 def test_cli_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
-    from jacgrad.cli import main
+    from jacgrad.cli.main import main
 
     mon = jg.Monitor(small_mlp(), data()[0][:4], every=1, log=tmp_path / "run.jsonl")
     mon.step()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import netfile
+from jacgrad.io import netfile
 
 torch = pytest.importorskip("torch")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -179,7 +179,7 @@ def test_netfile_does_not_import_the_network_classes():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "mlp" not in imported and not any(m and m.endswith(".mlp") for m in imported)
     from jacgrad.examples import TINY_MLP
-    from jacgrad.interop import NetSpec
+    from jacgrad.io.interop import NetSpec
 
     assert isinstance(netfile.load(TINY_MLP), NetSpec)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import netfile
+from jacgrad.io import netfile
 
 L = jg.layers
 LOADERS = [pytest.param(lambda p, **kw: jg.MLP.load(p, **kw), id="MLP.load"),

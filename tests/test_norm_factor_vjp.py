@@ -4,7 +4,7 @@ product with the dense Jacobian, per sample and shared, for LayerNorm and RMSNor
 import numpy as np
 import pytest
 
-from jacgrad.factors import NormFactor
+from jacgrad.algebra.factors import NormFactor
 
 
 @pytest.mark.parametrize("centered", [True, False])

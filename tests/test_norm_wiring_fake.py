@@ -15,8 +15,8 @@ import pytest
 
 import jacgrad as jg
 import norm_host_kernels as host
-from jacgrad import norm_kernels
-from jacgrad.factors import NormFactor
+from jacgrad.cuda import norm_kernels
+from jacgrad.algebra.factors import NormFactor
 
 L = jg.layers
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-ntk_module = importlib.import_module("jacgrad.ntk")  # jacgrad.ntk is also the name of the function
+ntk_module = importlib.import_module("jacgrad.params.ntk")  # jacgrad.params.ntk is also the name of the function
 
 
 def _counted(net, monkeypatch):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad._block_passes import BlockGradients
-from jacgrad._passes import Gradients
+from jacgrad.nn.stack import BlockGradients
+from jacgrad.protocol.passes import Gradients
 
 
 def _dense_net(rng):

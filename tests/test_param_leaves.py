@@ -1,4 +1,4 @@
-"""The leaf algebra of ``jacgrad.param_leaves`` on its own, against per-sample gradients built
+"""The leaf algebra of ``jacgrad.protocol.leaves`` on its own, against per-sample gradients built
 explicitly in float64 NumPy (one sample, one output row at a time): squared norms (every method,
 and only some arrays counted), filled gradients, the clipped sum, the NTK term (cross-Gram and
 instantiated), the parameter JVP and the GGN diagonal — with T > 1 tokens, T = 1 given as
@@ -7,7 +7,7 @@ instantiated), the parameter JVP and the GGN diagonal — with T > 1 tokens, T =
 import numpy as np
 import pytest
 
-from jacgrad.param_leaves import ElementwiseLeaf, TokenDenseLeaf, check_method, gram_is_cheaper
+from jacgrad.protocol.leaves import ElementwiseLeaf, TokenDenseLeaf, check_method, gram_is_cheaper
 
 B, R, p, d = 3, 2, 4, 5
 LEAVES = [("dense", True), ("dense", False), ("elementwise", True), ("elementwise", False)]

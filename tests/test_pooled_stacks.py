@@ -1,4 +1,4 @@
-"""The Jacobian products' big NumPy stacks come from ``jacgrad.hostpool`` (fresh ones are
+"""The Jacobian products' big NumPy stacks come from ``jacgrad.cuda.hostpool`` (fresh ones are
 page-faulted in on every call): reused once nothing refers to them, never under a result the
 caller kept."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _gemm, hostpool
+from jacgrad.cuda import gemm as _gemm, hostpool
 
 L = jg.layers
 

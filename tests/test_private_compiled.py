@@ -10,8 +10,8 @@ import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import FakeCupy
-from jacgrad import _cuda_graph
-from jacgrad._cuda_graph import GraphCache
+from jacgrad.cuda import graphs as _cuda_graph
+from jacgrad.cuda.graphs import GraphCache
 
 L = jg.layers
 
@@ -129,5 +129,5 @@ def test_import_jacgrad_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, jacgrad; assert callable(jacgrad.torch.dp_backward); assert 'torch' not in sys.modules"
+    code = "import sys, jacgrad; assert callable(jacgrad.network.torch_dp.dp_backward); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

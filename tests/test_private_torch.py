@@ -20,7 +20,7 @@ nn = torch.nn
 
 from test_private import _clipped_mean, _close, _psg  # noqa: E402 (tests/ is on sys.path)
 from test_param_space import LOSSES  # noqa: E402
-from jacgrad.interop.torch_blocks import Residual  # noqa: E402
+from jacgrad.io.interop.torch_blocks import Residual  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -81,12 +81,12 @@ def test_all_holds_user_concepts_and_the_internals_stay_reachable():
     assert jg.backend.gpu_available() in (True, False) and callable(jg.hostpool.take)
 
 
-RENAMED = [("jacgrad._block_passes", "BlockGradients", "jacgrad.Gradients"),
-           ("jacgrad.sequential", "BlockGradients", "jacgrad.Gradients"),
-           ("jacgrad._sequential_param_space", "ParamArrays", "jacgrad.Gradients"),
-           ("jacgrad.compiled", "SequentialStep", "jacgrad.compiled.TrainingStep"),
-           ("jacgrad._compiled_sequential", "SequentialStep", "jacgrad.compiled.TrainingStep"),
-           ("jacgrad.mlp", "ForwardCache", "jacgrad.sequential.SequentialCache")]
+RENAMED = [("jacgrad.nn.stack", "BlockGradients", "jacgrad.Gradients"),
+           ("jacgrad.network.sequential", "BlockGradients", "jacgrad.Gradients"),
+           ("jacgrad.params.param_space", "ParamArrays", "jacgrad.Gradients"),
+           ("jacgrad.steps.compiled", "SequentialStep", "jacgrad.steps.compiled.TrainingStep"),
+           ("jacgrad.steps.compiled_sequential", "SequentialStep", "jacgrad.steps.compiled.TrainingStep"),
+           ("jacgrad.network.mlp", "ForwardCache", "jacgrad.network.sequential.SequentialCache")]
 
 
 def test_a_renamed_name_still_works_and_warns_once_in_a_fresh_process():

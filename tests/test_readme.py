@@ -9,7 +9,7 @@ import pytest
 from doc_examples import DOCS, README, ROOT, examples
 from optional_imports import missing_optional, missing_package
 
-from jacgrad.interop import require
+from jacgrad.io.interop import require
 
 MAX_LINES = 350
 
@@ -46,7 +46,7 @@ def test_the_internal_fragments_are_gone():
 def test_only_a_missing_optional_package_skips_an_example(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # torch made unimportable, as on a machine without it
     assert missing_optional("import numpy as np, torch\nfrom torch import nn") == ["torch"]
-    assert missing_optional("import numpy as np\nfrom jacgrad.interop.torch_blocks import Residual") == []
+    assert missing_optional("import numpy as np\nfrom jacgrad.io.interop.torch_blocks import Residual") == []
     assert missing_optional("import no_such_module_of_jacgrad") == []  # not optional: the example runs and fails
     with pytest.raises(ImportError) as direct:
         import torch  # noqa: F401

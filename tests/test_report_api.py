@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import diagnostics as diagnostics_module
-from jacgrad import report as report_module
-from jacgrad.diagnostics import gradient_flow
+from jacgrad.flow import diagnostics as diagnostics_module
+from jacgrad.flow import report as report_module
+from jacgrad.flow.diagnostics import gradient_flow
 
 
 
@@ -83,7 +83,7 @@ def test_plot_has_labelled_axes_integer_layer_ticks_outside_legends_and_few_bins
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from jacgrad._report_plot import _plot_one, histogram_bins
+    from jacgrad.flow.report_plot import _plot_one, histogram_bins
 
     net = jg.MLP.init([6, 7, 7, 3], activation="tanh", seed=3)
     rep = gradient_flow(net, np.random.default_rng(3).standard_normal((2, 6)))  # 2 x 3 = 6 singular values

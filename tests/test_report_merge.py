@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _flow
-from jacgrad.diagnostics import gradient_flow, report_from_partials
+from jacgrad.flow import statistics as _flow
+from jacgrad.flow.diagnostics import gradient_flow, report_from_partials
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad import _layer_norms
-from jacgrad._lanczos import top_eigenvalues
-from jacgrad.diagnostics import gradient_flow
-from jacgrad.spectra import ConvergenceWarning
+from jacgrad.flow import layer_norms as _layer_norms
+from jacgrad.algebra.lanczos import top_eigenvalues
+from jacgrad.flow.diagnostics import gradient_flow
+from jacgrad.algebra.spectra import ConvergenceWarning
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -136,7 +136,7 @@ def test_small_layers_use_one_batched_eigensolve():
 
 @pytest.mark.parametrize("rel", [1e-6, 1e-12])
 def test_multisection_brackets_the_top_eigenvalue_of_tridiagonals(rel):
-    from jacgrad._lanczos import _top_eigenvalue_bounded
+    from jacgrad.algebra.lanczos import _top_eigenvalue_bounded
 
     rng = np.random.default_rng(5)
     P, k = 40, 30

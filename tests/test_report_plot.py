@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.cli import main
+from jacgrad.cli.main import main
 
 pytest.importorskip("matplotlib")
 SMALL = ["--depth", "3", "--width", "12", "--batch", "6"]
@@ -83,7 +83,7 @@ def _panels(rep):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from jacgrad._report_plot import _plot_blocks, _plot_one
+    from jacgrad.flow.report_plot import _plot_blocks, _plot_one
 
     fig, row = plt.subplots(1, 3, figsize=(13, 4.4))
     (_plot_blocks if hasattr(rep, "blocks") else _plot_one)(row, rep)
@@ -142,7 +142,7 @@ def test_a_full_rank_jacobian_gets_no_spectrum_line():
 
 
 def test_spectrum_verdict_threshold_against_a_hand_made_spectrum():
-    from jacgrad._verdict import spectrum_verdict
+    from jacgrad.flow.verdict import spectrum_verdict
 
     assert spectrum_verdict(np.array([[1.0, 0.5, 2e-3, 1e-3, 1e-4]])) is None  # median 2e-3 ≥ 1e-3
     said = spectrum_verdict(np.array([[1.0, 0.5, 5e-4, 1e-4, 1e-5]]))  # median 5e-4 < 1e-3

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.block_flow import BlockFlowReport
-from jacgrad.diagnostics import GradientFlowReport, gradient_flow
+from jacgrad.flow.block_flow import BlockFlowReport
+from jacgrad.flow.diagnostics import GradientFlowReport, gradient_flow
 
 Ly = jg.layers
 
@@ -134,7 +134,7 @@ def test_the_block_plot_draws_the_singular_values_and_flags_a_rank_deficient_spe
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from jacgrad._report_plot import _plot_blocks
+    from jacgrad.flow.report_plot import _plot_blocks
 
     rng = np.random.default_rng(3)
     W0, W1 = rng.standard_normal((8, 2)), rng.standard_normal((2, 8))

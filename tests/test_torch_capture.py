@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch", reason="graph capture imports torch models"
 nn, F = torch.nn, torch.nn.functional
 
 import jacgrad as jg  # noqa: E402
-from jacgrad.interop.torch_ops import OPS, PENDING, supported_ops_markdown  # noqa: E402
-from jacgrad.layers import named_params  # noqa: E402
+from jacgrad.models.ops import OPS, PENDING, supported_ops_markdown  # noqa: E402
+from jacgrad.nn.layers import named_params  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- the zoo

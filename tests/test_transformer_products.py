@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 
 def _tb():
-    """The torch mapping of the token layers (jacgrad.interop.torch_blocks; torch is imported)."""
-    from jacgrad.interop import torch_blocks
+    """The torch mapping of the token layers (jacgrad.io.interop.torch_blocks; torch is imported)."""
+    from jacgrad.io.interop import torch_blocks
 
     return torch_blocks
 pytestmark = pytest.mark.torch
@@ -30,7 +30,7 @@ def _math_sdpa():
 
 
 def _model():
-    from jacgrad.interop.torch_blocks import Residual
+    from jacgrad.io.interop.torch_blocks import Residual
 
     nn = torch.nn
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def test_token_ids_are_checked_by_the_first_layer(case):
 def test_gelu_dense_evaluates_erfc_once_per_pass(monkeypatch):
     """A GELU Dense layer makes φ'(h) with φ(h) (``Activation.f_and_df``: one erfc over h, not two):
     loss_and_grads runs erfc once per GELU layer, and its gradients equal finite differences."""
-    import jacgrad.activations as acts
+    import jacgrad.elementwise.activations as acts
 
     calls = []
     real = acts.erfc

@@ -1,4 +1,4 @@
-"""Fit the float32 erfc of ``jacgrad/_erf.py`` and print its coefficients.
+"""Fit the float32 erfc of ``jacgrad/elementwise/erf.py`` and print its coefficients.
 
 For z = |x| in [0, 10.5] and t = 1/(1 + z/2) in [0.16, 1], erfc(z) = t·exp(g(t) − z²) with g
 smooth. g is fitted by least squares in the Chebyshev basis of u = (t − 0.58)/0.42 ∈ [−1, 1]

@@ -24,7 +24,7 @@ BLOCK_ARGS = ["--residual", "2", "--norm", "layernorm", "--activation", "sigmoid
 
 
 def _report(argv: list[str]) -> str:
-    from jacgrad.cli import main
+    from jacgrad.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

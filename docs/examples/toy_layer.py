@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 import jacgrad as jg
-from jacgrad.layer_protocol import buffers, lead_shape, register_layer
-from jacgrad.param_leaves import ElementwiseLeaf
+from jacgrad.protocol.layer import buffers, lead_shape, register_layer
+from jacgrad.protocol.leaves import ElementwiseLeaf
 
 
 class ScaleFactor:

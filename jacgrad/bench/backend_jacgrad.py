@@ -36,21 +36,21 @@ class Jacgrad(Backend):
     def unavailable(self):
         if self.device == "cpu":
             return None
-        from ..backend import gpu_unavailable_reason
+        from ..core.backend import gpu_unavailable_reason
 
         return gpu_unavailable_reason()
 
     def threads(self) -> str:
         if self.device != "cpu":
             return "CuPy (cuBLAS)"
-        from .._cli_threads import blas_libraries
+        from ..cli.threads import blas_libraries
 
         counts = sorted({lib["threads"] for lib in blas_libraries()})
         return f"{'/'.join(map(str, counts))} threads (NumPy BLAS)" if counts else "NumPy BLAS (threads unknown: no threadpoolctl)"
 
     def _xp(self):
         if self._module is None:
-            from ..backend import get_xp
+            from ..core.backend import get_xp
 
             self._module = get_xp(self._to(np.zeros(1), "float32"))
         return self._module
@@ -60,14 +60,14 @@ class Jacgrad(Backend):
             self._xp().cuda.get_current_stream().synchronize()
 
     def _to(self, a, dtype):
-        from ..backend import to_device
+        from ..core.backend import to_device
 
         a = np.ascontiguousarray(a, dtype=dtype)
         return to_device(a, "gpu") if self.device == "gpu" else a
 
     def prepare(self, case, data):
-        from .. import losses
-        from ..mlp import MLP
+        from ..nn import losses
+        from ..network.mlp import MLP
 
         to = lambda a: self._to(a, data.dtype)  # noqa: E731
         net = MLP([to(W) for W in data.weights], [to(b) for b in data.biases], data.activations)
@@ -121,7 +121,7 @@ class Jacgrad(Backend):
     def _param_space(self, case, data, net, x) -> Prepared:
         """Every product its own row, named by what it computes (its ``kind``); softmax
         cross-entropy on ``data.labels``, as the peers (``peer_param_space``)."""
-        from ..ntk import ntk
+        from ..params.ntk import ntk
 
         loss = "softmax_cross_entropy"
         labels = self._to(data.labels, "int64")

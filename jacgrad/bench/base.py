@@ -105,6 +105,6 @@ def gemm_operands(gemms: list[Gemm], alloc: Callable[[tuple], Any]):
 
 
 def host64(items) -> list:
-    from ..backend import to_numpy
+    from ..core.backend import to_numpy
 
     return [np.array(to_numpy(a), dtype=np.float64) for a in items]  # copies: results may be reused buffers

@@ -205,7 +205,7 @@ class NetData:
 
 def make_data(case: Case, seed: int = 0) -> NetData:
     """Xavier-normal weights, small biases and Gaussian inputs for ``case`` (seeded)."""
-    from ..mlp import MLP
+    from ..network.mlp import MLP
 
     net = MLP.init(case.widths, activation=case.activation, output_activation="identity",
                    init="xavier_normal", bias_std=0.1, seed=seed, dtype="float64")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..bracketing import peel_spine
+from ..algebra.bracketing import peel_spine
 
 __all__ = ["Gemm", "forward_gemms", "ggn_gemms", "jacobian_task_gemms", "ntk_gemms", "per_sample_gemms", "train_gemms",
            "vjp_gemms"]
@@ -45,8 +45,8 @@ def forward_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
 
 def _jacobian_gemms(widths: Sequence[int], B: int) -> list[Gemm]:
     """The products of ``Chain.jacobian("auto")`` for an MLP (every diagonal per sample),
-    in the shapes ``jacgrad.bracketing.evaluate`` multiplies them."""
-    from ..bracketing import plan
+    in the shapes ``jacgrad.algebra.bracketing.evaluate`` multiplies them."""
+    from ..algebra.bracketing import plan
 
     K = len(widths) - 1
     w = list(widths)

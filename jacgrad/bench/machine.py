@@ -93,7 +93,7 @@ def _gpu_name(live: list[Backend]) -> str | None:
     if not any(b.device == "gpu" for b in live):
         return None
     try:
-        from ..backend import get_xp, gpu_available, to_device
+        from ..core.backend import get_xp, gpu_available, to_device
 
         if gpu_available():
             xp = get_xp(to_device(np.zeros(1), "gpu"))

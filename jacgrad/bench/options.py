@@ -172,7 +172,7 @@ def parse(argv: list[str] | None) -> Options:
     if a.dtype not in ("float32", "float64"):
         raise UsageError(f"--dtype: {a.dtype!r} is not float32 or float64")
     o.dtype = a.dtype
-    from ..activations import names as activation_names
+    from ..elementwise.activations import names as activation_names
 
     acts = _names("--activation", a.activation, activation_names(), "activation")
     if len(acts) != 1:
@@ -195,7 +195,7 @@ def parse(argv: list[str] | None) -> Options:
         folder = os.path.dirname(os.path.abspath(a.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: the folder {folder!r} does not exist")
-        from .._cli_common import UsageError as CommandError, check_output_path
+        from ..cli.common import UsageError as CommandError, check_output_path
 
         try:  # a folder, or a path that cannot be written: refused before the run, as by `jacgrad report`
             check_output_path(a.json, "--json")

@@ -239,7 +239,7 @@ def bench_threads(requested: int | None) -> int:
     """The CPU threads of every contender: ``--threads``, else the count the environment names
     (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``: honoured, never
     overridden), else every CPU."""
-    from .._cli_threads import user_setting
+    from ..cli.threads import user_setting
 
     if requested is not None:
         return requested

@@ -140,7 +140,7 @@ def set_threads(n: int) -> dict:
     """Give NumPy's BLAS (through threadpoolctl, when installed) and PyTorch (when imported
     later by a backend) ``n`` threads. Returns what was done, for the table header."""
     global _LIMITER
-    from .._cli_threads import user_setting
+    from ..cli.threads import user_setting
 
     user = user_setting()
     done = {"requested": n, "source": f"{user[0]}={user[1]}" if user is not None and user[1] == n else None}

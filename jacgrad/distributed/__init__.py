@@ -19,7 +19,7 @@ jacgrad[dask]``); the NumPy paths need nothing more.
     True
 """
 
-from .. import _lazy
+from ..core import lazy as _lazy
 from . import budget
 from .budget import default_max_memory
 from .cluster import compute, session

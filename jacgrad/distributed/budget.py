@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import bracketing
-from .._validate import byte_size, check_max_memory
+from ..algebra import bracketing
+from ..core.validation import byte_size, check_max_memory
 
 __all__ = [
     "FRACTION",

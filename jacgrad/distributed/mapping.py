@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_input_dtype, require_network, shape_str
-from ..backend import get_xp
+from ..core.validation import FLOAT_DTYPES, check_input_dtype, require_network, shape_str
+from ..core.backend import get_xp
 from . import budget
 
 __all__ = ["embed", "is_dask", "map_samples", "reduce_in_memory", "reduce_samples"]

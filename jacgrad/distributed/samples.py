@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._validate import require_network
+from ..core.validation import require_network
 from . import budget
 from .mapping import map_samples
 
@@ -99,7 +99,7 @@ class _Method:
 
 
 def lazy_method(name: str, net, X, *args: Any, **kwargs: Any):
-    """What a network method does with a Dask ``X`` (registered in ``jacgrad._lazy``):
+    """What a network method does with a Dask ``X`` (registered in ``jacgrad.core.lazy``):
     ``__call__`` is ``forward``; ``per_sample_grad_norms(X, T, loss=…, per_layer=…)`` maps the
     method over the chunks, ``(N,)`` or ``(N, L)`` with ``per_layer=True``."""
     if name == "__call__":

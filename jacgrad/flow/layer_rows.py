@@ -1,0 +1,79 @@
+"""The ``.layers`` rows of a ``Sequential``'s gradient-flow report: one per parameterised layer
+(a residual block's inner layers included, in parameter order), as mergeable partials. A Dense's row
+is an MLP report's row (``_flow.layer_partial`` / ``layer_row`` on its factor ``diag(d)·Wᵀ``), with
+``delta_norm`` None inside a residual block (its δ is not kept); a norm layer's row has its gradient
+norms (γ, and β as ``bias_grad_norm``) and None in the fields that are a dense layer's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
+from ..core.backend import to_numpy
+from ..nn.layers import Dense, Residual
+
+__all__ = ["finish_leaves", "leaf_partials", "merge_leaves"]
+
+
+def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel) -> list[dict]:
+    """Per parameterised layer its partial over the chunk (``B`` samples; the gradients times
+    ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all)."""
+    return [leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
+            for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas))]
+
+
+def merge_leaves(a: list[dict], b: list[dict]) -> list[dict]:
+    """Two chunks' leaf partials, merged."""
+    return [merge_layer(la, lb) if "delta2" in la else dict(la, grad=la["grad"] + lb["grad"], bias_grad=None
+            if la["bias_grad"] is None else la["bias_grad"] + lb["bias_grad"]) for la, lb in zip(a, b)]
+
+
+def _leaves(layers, factors, grads, deltas):
+    """``(layer, factor, gradients by name, δ or None)`` of every parameterised layer, residual blocks
+    opened, in parameter order; δ = ∂L/∂h of a top-level Dense (an inner layer's is not kept)."""
+    for L, F, gr, d in zip(layers, factors, grads, deltas):
+        if isinstance(L, Residual):
+            yield from _leaves(L.layers, F.inner.factors, gr, [None] * len(L.layers))
+        elif L.params:
+            yield L, F, gr, d if isinstance(L, Dense) else None
+
+
+def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, seed: int, sel) -> dict:
+    """Leaf ``k``'s sums over the chunk: a Dense's those of an MLP's layer row (``_flow.layer_partial``;
+    ``delta2`` None where its δ is not kept); a norm layer's its parameter gradients (times ``factor``)."""
+    if isinstance(L, Dense):
+        shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
+                      {k: grads["W"] if factor != 1 else grads["W"].copy()},
+                      {k: grads["b"] if factor != 1 else grads["b"].copy()})
+        lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, False, sel)
+        return lp if delta is not None else dict(lp, delta2=None)
+    named = [grads[n] * factor for n in L.names]  # fresh arrays: the pooled gradient block is reused
+    return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=named[0], bias_grad=named[1] if len(named) > 1 else None)
+
+
+class _Grads:
+    """What ``_flow.layer_partial`` reads of a ``Gradients``: ``deltas``, ``weights``, ``biases`` by index."""
+
+    def __init__(self, deltas, weights, biases):
+        self.deltas, self.weights, self.biases = deltas, weights, biases
+
+
+def finish_leaves(p: dict) -> list[LayerFlow]:
+    """A ``LayerFlow`` per parameterised layer: a Dense's as in an MLP's report (``delta_norm`` None
+    inside a residual block); a norm layer's gradient norms (γ; β as ``bias_grad_norm``), None elsewhere."""
+    N = p["count"]
+    per = N if p["loss_sum"] is not None else 1
+    rows = []
+    for k, lp in enumerate(p["layers"]):
+        with np.errstate(over="ignore", invalid="ignore"):
+            g2, b2 = (math.nan if a is None else float(to_numpy((a * a).sum())) for a in (lp["grad"], lp["bias_grad"]))
+        if "delta2" in lp:
+            rows.append(layer_row(k, lp, N, per, g2, b2))
+        else:
+            rows.append(LayerFlow(k, lp["shape"], lp["activation"], math.sqrt(g2) / per,
+                                  None if lp["bias_grad"] is None else math.sqrt(b2) / per,
+                                  *([None] * 9), finite=math.isfinite(g2) and (lp["bias_grad"] is None or math.isfinite(b2))))
+    return rows

@@ -1,0 +1,284 @@
+"""PyTorch blocks that ``jacgrad.Sequential.from_torch`` understands, and the converter.
+
+``Residual(inner, scale)`` is a tiny ``nn.Module`` whose forward is ``x + scale·inner(x)``: put
+it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
+``nn.Sequential`` of ``nn.Linear`` (an activation module right after it is its activation),
+``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` and activation modules elsewhere (after a norm, a
+residual block or another activation: an ``Activation`` layer) into ``jacgrad.nn.layers`` (arrays copied to
+NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
+through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
+something else). The modules are walked as ``MLP.from_torch`` walks them
+(``jacgrad.io.interop.torch.flatten``): an iterable of modules is taken too, nested
+``nn.Sequential``s are flattened (``"1.0"``), a re-used parameter-free module is applied in each
+place, and a re-used module with parameters (tied parameters) is refused. A missing bias
+(``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
+
+    >>> import torch, jacgrad as jg
+    >>> from jacgrad.io.interop.torch_blocks import Residual
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+    ...                         Residual(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), 0.5),
+    ...                         torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    >>> jg.Sequential.from_torch(m)
+    Sequential([Dense(3->4, tanh), Residual([Dense(4->4, relu)], scale=0.5), LayerNorm(4, eps=1e-05), Dense(4->2, identity)], float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...nn.layers import (
+    Activation as _JgActivation,
+    Dense,
+    Embedding,
+    LayerNorm,
+    MultiHeadAttention,
+    Residual as _JgResidual,
+    RMSNorm,
+)
+from ...core.backend import asarray, get_xp
+from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
+from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
+from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
+
+__all__ = ["Residual", "attention_from_torch", "embedding_from_torch", "layers_from_torch", "layers_to_torch", "token_layer"]
+
+
+class Residual(nn.Module):
+    """``x + scale·inner(x)``; ``inner`` maps ``(B, H) -> (B, H)``."""
+
+    def __init__(self, inner: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.inner, self.scale = inner, float(scale)
+
+    def forward(self, x):
+        return x + self.scale * self.inner(x)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+def layers_from_torch(module, where: str = "module", dtype=None, copy: bool = True) -> list:
+    """``jacgrad.nn.layers`` equivalent to ``module`` (an ``nn.Sequential``, an iterable of modules,
+    or one supported module); an unsupported module is a ``TypeError`` naming its index.
+    Parameters become NumPy arrays (CPU) or CuPy arrays (CUDA, through DLPack) on the module's device, as in
+    ``MLP.from_torch``: copies, or with ``copy=False`` views of the parameters' own memory (an
+    optimiser's in-place steps are seen). ``dtype``: cast every parameter to float32/float64 (a
+    copy; needed for float16/bfloat16 parameters, which are a ``TypeError`` naming the module
+    without it); default: the parameters' own, and that of the first parameter for norm layers
+    without any (float32 when the module has none)."""
+    layers, _ = layers_and_origin(module, where, dtype, copy)
+    return layers
+
+
+def layers_and_origin(module, where: str = "module", dtype=None, copy: bool = True,
+                      importer: str = "jg.Sequential.from_torch", dense_only: bool = False):
+    """``(layers, origin)``: ``layers_from_torch``'s layers and the ``Origin`` the network keeps
+    (with ``copy=False``, the ``TorchLink`` that checks the shared memory before each read) — the
+    one reader behind ``Sequential.from_torch`` and ``MLP.from_torch``. ``dense_only`` (an MLP):
+    a module that becomes anything but a Dense layer is a ``TypeError`` pointing to
+    ``importer``'s Sequential counterpart."""
+    cast = cast_dtype(dtype)
+    seen: dict = {}
+    items = flatten(torch, module, where, seen)
+    params = [p for _, m in items for p in m.parameters()]
+    first = params[0] if params else None
+    xp = np if first is None or first.device.type == "cpu" else get_xp(asarray(first.detach()))
+    conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), seen)
+    layers = _layers(items, where, conv, dense_only)
+    return layers, origin(conv.read, copy, importer)
+
+class _Convert:
+    """How each parameter is brought over: copied or viewed, cast, on which array module; the
+    walk's places (``seen``, for tied parameters) and the ``(where, module)`` pairs read."""
+
+    def __init__(self, copy: bool, cast, xp, dtype, seen: dict):
+        self.copy, self.cast, self.xp, self.dtype = bool(copy), cast, xp, np.dtype(dtype)
+        self.seen, self.read = seen, []
+
+    def __call__(self, p, what: str):
+        return _parameter(torch, p, what, self.copy, self.cast)
+
+    def ones(self, n: int):
+        return self.xp.ones(n, dtype=self.dtype)
+
+    def zeros(self, n: int):
+        return self.xp.zeros(n, dtype=self.dtype)
+
+
+def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list:
+    """The layers of the ``(index, module)`` pairs of ``flatten``."""
+    out: list = []
+    after_linear = None  # the last module that computes something, when it was an nn.Linear (Identity computes nothing)
+    last_act = None  # (index, name) of the activation just read
+    width = None  # (features, index, class) of the last layer's output
+    for i, m in items:
+        at = f"{where} {i} ({type(m).__name__})"
+        if next(m.parameters(recurse=False), None) is not None:
+            conv.read.append((at, m))
+        if conv.cast is None:
+            for name, p in m.named_parameters(recurse=False):
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"{at}: parameter {name!r} is {p.dtype}; jacgrad works in float32 or float64: "
+                                    f"cast the model first (model.float() or model.double()), or pass dtype='float32' "
+                                    f"(or 'float64') to cast it")
+        image = None if dense_only else conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv)
+        if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: they compute nothing
+            continue
+        try:
+            act = activation_name(nn, m)
+        except ValueError as exc:
+            raise ValueError(f"{at}: {exc}") from None
+        computes = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)  # what an activation may follow
+        linear, after_linear, act_before = after_linear, (i if type(m) in computes else None), last_act
+        last_act = None if act is None else (i, act, m)
+        if image is not None:
+            out.append(image)
+        elif type(m) is nn.Linear:  # torch's own classes only: a subclass may compute something else
+            if width is not None and width[0] is not None and m.in_features != width[0]:
+                raise ValueError(f"{where} {i} ({describe(m)}) takes {m.in_features} features but the {width[2]} "
+                                 f"before it ({where} {width[1]}) gives {width[0]}")
+            W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
+            b = None if m.bias is None else conv(m.bias, f"{at}: bias")
+            out.append(Dense(W, b, "identity"))
+        elif act is not None:
+            if linear is not None:  # fused into the layer before it (a Dense, a convolution, an eval BatchNorm)
+                last = out.pop()
+                out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
+            elif out and not dense_only:  # after a norm, a residual block or another activation: a layer of its own
+                out.append(_JgActivation(act, out[-1].n_out))
+            else:
+                rule = ("an activation must directly follow an nn.Linear" if dense_only else
+                        "an activation must follow a layer (an nn.Linear, a norm, a Residual), whose width it takes")
+                if act_before is not None:
+                    k, name, prev = act_before
+                    raise TypeError(f"{where} {i} ({describe(m)}) follows another activation ({name}) at {where} {k} "
+                                    f"({describe(prev)}): {rule}" + ("; jg.Sequential.from_torch(model) imports it as "
+                                                                     "an Activation layer" if dense_only else ""))
+                raise TypeError(f"{at}: {rule}" + ("" if out else ", and this one comes before any "
+                                                   + ("Linear" if dense_only else "layer")))
+        elif dense_only and (type(m) in (nn.LayerNorm, nn.RMSNorm) or type(m) is Residual):
+            raise TypeError(f"{where} {i} ({describe(m)}) is not a dense layer: MLP.from_torch reads stacks of "
+                            f"nn.Linear and activations; jg.Sequential.from_torch(model) imports LayerNorm, RMSNorm "
+                            f"and residual blocks too")
+        elif type(m) is nn.LayerNorm:
+            if len(m.normalized_shape) != 1:
+                raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
+            n = m.normalized_shape[0]
+            gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
+            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else conv.zeros(n)
+            out.append(LayerNorm(gamma, beta, eps=m.eps))
+        elif type(m) is nn.RMSNorm:
+            if len(m.normalized_shape) != 1:
+                raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
+            n = m.normalized_shape[0]
+            gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
+            eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
+            out.append(RMSNorm(gamma, eps=eps))
+        elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # (B, T) tokens / (B, T, d) sequences
+            out.append(token_layer(m, conv, at))
+        elif type(m) is Residual:
+            inner = f"{at}: inner module"
+            out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
+        else:
+            note = custom_note(m, f" and {__name__}.Residual")
+            raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
+                            f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), {', '.join(IMAGE_MODULES)}, "
+                            f"jacgrad.io.interop.torch_blocks.Residual")
+        if act is None:
+            width = (out[-1].n_out, i, type(m).__name__)
+    if not out:
+        raise ValueError(f"{where}s: no layers to convert (no nn.Linear, nn.LayerNorm, nn.RMSNorm or Residual)")
+    return out
+
+
+def token_layer(m, convert, where: str, causal: bool = False):
+    """The jacgrad layer of an ``nn.Embedding`` or an ``nn.MultiheadAttention(batch_first=True)``
+    (self-attention; ``causal`` as the caller knows it: torch passes masks at call time).
+    ``convert(tensor, what)``: how parameters come over (``_Convert``, or
+    ``interop.torch.parameter_converter``); refusals name ``where``."""
+    conv = lambda p, what: convert(p, f"{where}: {what}")  # noqa: E731
+    if type(m) is nn.Embedding:
+        return embedding_from_torch(m, convert=conv, where=where)
+    return attention_from_torch(m, causal=causal, convert=conv, where=where)
+
+
+def attention_from_torch(module, copy: bool = True, dtype=None, causal: bool = False,
+                      convert=None, where: str | None = None) -> MultiHeadAttention:
+    """From a torch ``nn.MultiheadAttention(batch_first=True)`` (self-attention: the packed
+    ``in_proj_weight``): ``Wq, Wk, Wv = in_proj_weight.chunk(3)ᵀ``, ``Wo = out_proj.weight.T``,
+    biases from ``in_proj_bias``/``out_proj.bias``. ``copy=False`` shares the memory (views);
+    ``dtype`` casts (a copy); ``causal``: torch passes the mask at call time, so say it here.
+    ``convert(tensor, what) -> array``: how a parameter is brought over (``interop.torch``'s,
+    by default); ``where``: the module's place, for the messages. Refused, with the reason: ``batch_first=False``, separate q/k/v weights
+    (``kdim``/``vdim`` ≠ ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, dropout > 0 in
+    train mode."""
+
+    check_attention_module(module, where or f"attention_from_torch({type(module).__name__})")
+    conv = convert if convert is not None else parameter_converter(copy, dtype)
+    m, d = module, module.embed_dim
+    Ws = [conv(m.in_proj_weight[i * d:(i + 1) * d].T, f"in_proj_weight[{i * d}:{(i + 1) * d}]") for i in range(3)]
+    Wo = conv(m.out_proj.weight.T, "out_proj.weight")
+    bs = [None] * 4
+    if m.in_proj_bias is not None:
+        bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
+        bs.append(conv(m.out_proj.bias, "out_proj.bias"))
+    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal)
+
+
+def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
+                      where: str | None = None) -> Embedding:
+    """From a torch ``nn.Embedding``: ``E = weight`` (same layout), ``padding_idx`` kept.
+    ``copy=False`` shares the memory; ``dtype`` casts (a copy); ``convert(tensor, what) -> array``:
+    how the weight is brought over (``interop.torch``'s, by default); ``where``: its place, for
+    the messages. ``max_norm`` (which
+    renormalises rows of the weight inside forward) is refused."""
+
+    check_embedding_module(module, where or "embedding_from_torch")
+    conv = convert if convert is not None else parameter_converter(copy, dtype)
+    return Embedding(conv(module.weight, "weight"), module.padding_idx)
+
+
+def layers_to_torch(layers) -> nn.Sequential:
+    """An ``nn.Sequential`` computing the ``jacgrad.nn.layers`` in order — ``nn.Linear`` (+ its
+    activation module), ``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` around an inner
+    ``nn.Sequential`` — with copies of the parameters in their dtype, on their device (CUDA for
+    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly."""
+    modules = []
+    for L in layers:
+        if L.kind == "dense":
+            W = _tensor(L.W)
+            lin = nn.Linear(W.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
+            with torch.no_grad():
+                lin.weight.copy_(W.T)
+                lin.bias.copy_(_tensor(L.b))
+            modules.append(lin)
+            act = activation_module(nn, L.activation)
+            if act is not None:
+                modules.append(act)
+        elif L.kind == "residual":
+            modules.append(Residual(layers_to_torch(L.layers), L.scale))
+        elif L.kind == "activation":
+            modules.append(activation_module(nn, L.activation) or nn.Identity())
+        else:
+            gamma = _tensor(L.gamma)
+            cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm
+            norm = cls(gamma.shape[0], eps=L.eps, dtype=gamma.dtype, device=gamma.device)
+            with torch.no_grad():
+                norm.weight.copy_(gamma)
+                if L.kind == "layernorm":
+                    norm.bias.copy_(_tensor(L.beta))
+            modules.append(norm)
+    return nn.Sequential(*modules)
+
+
+def _tensor(a):
+    return tensor(torch, a)
+
+
+def _dtype(params):
+    """The NumPy dtype of the first of ``params`` (float32 without any)."""
+    for p in params:
+        return {torch.float32: np.float32, torch.float64: np.float64}.get(p.dtype, np.float32)
+    return np.float32

@@ -1,0 +1,87 @@
+"""The convolutional family of ``jacgrad.Sequential.from_torch`` (``torch_blocks``'s walk): torch's
+own ``nn.Conv1d``/``nn.Conv2d`` (``padding_mode="zeros"``), ``nn.AvgPool2d``, ``nn.MaxPool2d``,
+``nn.AdaptiveAvgPool2d(1)``, ``nn.Flatten`` after an image layer, and ``nn.BatchNorm1d``/
+``nn.BatchNorm2d`` in eval mode, each to its ``jacgrad.nn.layers`` twin with torch's arguments.
+An activation module right after a convolution or a BatchNorm is fused into it, as after an ``nn.Linear``.
+
+A BatchNorm in train mode is refused: it normalises each sample with the batch's statistics,
+which couples the samples (a per-sample Jacobian or gradient would depend on the rest of the
+batch); ``model.eval()`` makes it the per-channel affine map of its running statistics.
+
+    >>> import torch, jacgrad as jg
+    >>> from jacgrad.io.interop.torch_blocks import layers_from_torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    ...                         torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    >>> [type(L).__name__ for L in layers_from_torch(m)]
+    ['Conv2d', 'MaxPool2d', 'Flatten', 'Dense']
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...conv.batchnorm import BatchNorm1d, BatchNorm2d
+from ...conv.layers import Conv1d, Conv2d
+from ...conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
+
+__all__ = ["IMAGE_MODULES", "conv_layer", "with_activation"]
+
+IMAGE_MODULES = ("nn.Conv1d", "nn.Conv2d", "nn.AvgPool2d", "nn.MaxPool2d", "nn.AdaptiveAvgPool2d(1)",
+                 "nn.BatchNorm1d (eval)", "nn.BatchNorm2d (eval)", "nn.Flatten")
+_IMAGE_LAYERS = (Conv1d, Conv2d, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d)
+
+
+def _refuse(at: str, m, why: str):
+    raise TypeError(f"{at} ({m!r}): {why}")
+
+
+def conv_layer(m, at: str, conv, before: list):
+    """The jacgrad layer of torch module ``m`` when it is one of this family, else None.
+    ``conv(tensor, what)``: the importer's array maker; ``before``: the layers made so far (an
+    ``nn.Flatten`` becomes a layer only after an image layer, else it passes through)."""
+    kind = type(m)
+    if kind in (nn.Conv1d, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            _refuse(at, m, f"padding_mode={m.padding_mode!r} is not supported; only 'zeros'")
+        one = (lambda t: t[0]) if kind is nn.Conv1d else (lambda t: t)
+        padding = m.padding if isinstance(m.padding, str) else one(m.padding)
+        cls = Conv1d if kind is nn.Conv1d else Conv2d
+        return cls(conv(m.weight, f"{at}: weight"), None if m.bias is None else conv(m.bias, f"{at}: bias"),
+                   stride=one(m.stride), padding=padding, dilation=one(m.dilation), groups=m.groups)
+    if kind is nn.MaxPool2d:
+        if m.ceil_mode or m.return_indices:
+            _refuse(at, m, "ceil_mode=True and return_indices=True are not supported")
+        return MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation)
+    if kind is nn.AvgPool2d:
+        if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+            _refuse(at, m, "only ceil_mode=False, count_include_pad=True and divisor_override=None are supported")
+        return AvgPool2d(m.kernel_size, m.stride, m.padding)
+    if kind is nn.AdaptiveAvgPool2d:
+        try:
+            return AdaptiveAvgPool2d(m.output_size)
+        except ValueError as exc:
+            raise TypeError(f"{at}: {exc}") from None
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if m.training:
+            _refuse(at, m, "is in train mode, where it normalises with the batch's own statistics: that couples the "
+                           "samples, so per-sample Jacobians and gradients are not defined; call model.eval() first")
+        if m.running_mean is None:
+            _refuse(at, m, "has no running statistics (track_running_stats=False), so it always uses the batch's: "
+                           "that couples the samples; build it with track_running_stats=True")
+        cls = BatchNorm1d if kind is nn.BatchNorm1d else BatchNorm2d
+        w = None if m.weight is None else conv(m.weight, f"{at}: weight")
+        b = None if m.bias is None else conv(m.bias, f"{at}: bias")
+        return cls(w, b, conv(m.running_mean, f"{at}: running_mean"), conv(m.running_var, f"{at}: running_var"), eps=m.eps)
+    if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and before and isinstance(before[-1], _IMAGE_LAYERS):
+        return Flatten()
+    return None
+
+
+def with_activation(layer, act: str):
+    """``layer`` (a convolution or a BatchNorm) with the activation ``act`` fused, the same arrays."""
+    cls = type(layer)
+    if isinstance(layer, BatchNorm2d):    # BatchNorm2d and its 1-D subclass
+        return cls(layer.weight, layer.bias, layer.running_mean, layer.running_var, eps=layer.eps, activation=act)
+    stride, padding, dilation = layer._torch_args()
+    return cls(layer.W, layer.b, stride=stride, padding=padding, dilation=dilation, groups=layer.groups,
+               activation=act)

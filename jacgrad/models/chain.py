@@ -1,0 +1,245 @@
+"""The judged nodes of a traced model (``torch_graph.Capture``) made into jacgrad layers: the walk
+back from the output into a chain of layers and residual blocks, the checks that the graph is
+such a chain and uses each parameter once, and the layers themselves (their parameters copied or
+viewed as in ``Sequential.from_torch``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..nn.layers import Activation, Dense, LayerNorm, Residual, RMSNorm
+from .explain import unsupported_error
+
+__all__ = ["build_layers"]
+
+_NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s·f(x); concatenated skips, a "
+                "value used by two branches and several outputs are not supported (no general DAG of factors)")
+
+
+def build_layers(cap, copy: bool, dtype) -> None:
+    """Fill ``cap.layers``, ``cap.sources``, ``cap.origin`` and the rows' labels, or raise: one
+    ``TypeError`` for every node no layer takes (an unsupported op, or a supported one out of
+    place), the walk's reason when the graph is not a chain, a ``ValueError`` for a shared parameter."""
+    op_level = bool(cap.explanation().unsupported)
+    problems: list = []
+    try:
+        start, end = _ends(cap)
+        walk = _Walk(cap)
+        items = walk.sequence(end, start)
+        walk.check_covered(start, end)
+        specs = _specs(items, problems)
+    except TypeError as exc:
+        if not op_level:
+            raise
+        raise unsupported_error(cap.explanation(), note=str(exc)) from None
+    for node, reason in problems:
+        cap.labels[node] = f"unsupported: {reason}"
+    if cap.explanation().unsupported:
+        raise unsupported_error(cap.explanation())
+    _check_parameters_used_once(cap)
+    from ..io.interop.torch_blocks import _Convert, _dtype
+    from ..io.interop.torch import cast_dtype, origin
+    from ..core.backend import asarray, get_xp
+
+    cast = cast_dtype(dtype)
+    params = [cap.tensor(n) for n in cap.graph.nodes if n.op == "placeholder" and n.name in cap.param_names]
+    xp = np if not params or params[0].device.type == "cpu" else get_xp(asarray(params[0].detach()))
+    conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
+    cap.layers = _layers(cap, specs, "", conv)
+    modules = {}
+    for name, _ in cap.sources:
+        if name is None:
+            continue
+        prefix = name.rpartition(".")[0]
+        m = cap.model.get_submodule(prefix)
+        modules.setdefault(id(m), (f"{prefix or 'the model'} ({type(m).__name__})", m))
+    cap.origin = origin(list(modules.values()), copy, "jg.from_torch")
+
+
+def _place(cap, node) -> str:
+    module, source = cap._where[node]
+    return f"{node.name} ({', '.join(v for v in (module, source) if v)})"
+
+
+def _check_parameters_used_once(cap) -> None:
+    uses: dict = {}
+    for n, piece in cap.pieces.items():
+        for role, (ph, _) in piece.params.items():
+            uses.setdefault(ph, []).append((n, role))
+    for ph, where in uses.items():
+        if len(where) > 1:
+            names = cap.torch_names(ph)
+            tied = f" (tied: also named {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
+            places = "; ".join(f"{_place(cap, n)} as {role}" for n, role in where)
+            raise ValueError(
+                f"{cap.name}: the parameter {names[0]!r}{tied} is used in {len(where)} places: {places}. jacgrad has "
+                f"no parameter sharing yet, and importing it as independent copies would count it twice and split its "
+                f"gradient: give each place its own parameter (copy.deepcopy the module, or untie the weights)")
+
+
+def _ends(cap):
+    (start,) = [n for n in cap.graph.nodes if n.op == "placeholder" and n in cap.data]
+    (out,) = [n for n in cap.graph.nodes if n.op == "output"]
+    results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    if len(results) != 1:
+        raise TypeError(f"{cap.name} returns {len(results)} outputs ({', '.join(str(r) for r in results)}); a jacgrad "
+                        f"network has one: return one tensor (B, n_out)")
+    end = results[0]
+    if not cap.is_data(end) or end is start:
+        raise TypeError(f"{cap.name} returns {'its input' if end is start else 'a value not computed from its input'}: "
+                        f"nothing to import")
+    if len(cap.shape(end)) != 2:
+        raise TypeError(f"{cap.name} returns a {cap.shape(end)} tensor: jacgrad networks give (B, n_out) outputs")
+    return start, end
+
+
+class _Walk:
+    """The walk back from the output: each node's one data input, and at a residual join, the
+    branch down to the operand it starts from."""
+
+    def __init__(self, cap):
+        self.cap, self.visited, self.skips = cap, set(), {}
+        self.ancestors: dict = {}
+        for n in cap.graph.nodes:
+            if n in cap.data:
+                up = set()
+                for i in n.all_input_nodes:
+                    if i in cap.data:
+                        up |= {i} | self.ancestors[i]
+                self.ancestors[n] = up
+
+    def sequence(self, end, start) -> list:
+        """Items from ``start`` (exclusive) to ``end`` in forward order: ``(node, piece)`` or
+        ``("residual", join, scale nodes, scale, inner items)``."""
+        cap, items, n = self.cap, [], end
+        while n is not start:
+            if n.op != "call_function":
+                raise TypeError(f"{cap.name}: the walk back from the output reached {n.name} before the input; "
+                                f"{_NOT_A_CHAIN}")
+            self.visited.add(n)
+            piece = cap.pieces[n]
+            if piece.kind == "unsupported" and len(piece.data) != 1:
+                raise TypeError(f"{cap.name}: the walk back from the output stops at node {_place(cap, n)}, which "
+                                f"reads {len(piece.data)} values computed from the input")
+            if piece.kind != "add":
+                items.append((n, piece))
+                n = piece.data[0]
+                continue
+            (a, b), alpha = piece.data, piece.info["alpha"]
+            if b is not a and b in self.ancestors[a]:
+                skip, branch, scale = b, a, 1.0 if alpha == 1.0 else None
+            elif a in self.ancestors[b]:
+                skip, branch, scale = a, b, alpha
+            else:
+                raise TypeError(f"{cap.name}: node {_place(cap, n)} adds two values neither of which is computed from "
+                                f"the other; {_NOT_A_CHAIN}")
+            if scale is None:
+                raise TypeError(f"{cap.name}: node {_place(cap, n)} scales the skip, not the branch "
+                                f"(f(x) − x or f(x) + c·x); jacgrad's Residual is x + s·f(x)")
+            scales = []
+            while cap.pieces.get(branch) is not None and cap.pieces[branch].kind == "scale":
+                scales.append(branch)
+                self.visited.add(branch)
+                scale *= cap.pieces[branch].info["scale"]
+                branch = cap.pieces[branch].data[0]
+            if branch is skip:
+                raise TypeError(f"{cap.name}: node {_place(cap, n)} adds a value to a multiple of itself: no layer")
+            self.skips[skip] = self.skips.get(skip, 0) + 1
+            items.append(("residual", n, scales, scale, self.sequence(branch, skip)))
+            n = skip
+        return items[::-1]
+
+    def check_covered(self, start, end) -> None:
+        """Every node computed from the input is on the chain, and each is read only by the chain."""
+        cap = self.cap
+        for n in cap.graph.nodes:
+            if n in cap.data and n is not start and n not in self.visited and cap.pieces[n].kind != "inert":
+                raise TypeError(f"{cap.name}: node {_place(cap, n)} is not on the path to the output; {_NOT_A_CHAIN}")
+        for n in self.visited | {start}:
+            readers = [u for u in n.users if u.op == "output" or cap.pieces[u].kind != "inert"]
+            if len(readers) != 1 + self.skips.get(n, 0):
+                raise TypeError(f"{cap.name}: the value of node {n.name} is read by {len(readers)} nodes "
+                                f"({', '.join(u.name for u in readers)}); {_NOT_A_CHAIN}")
+
+
+def _specs(items, problems: list) -> list:
+    """The layers of walked ``items`` as plain specs (a Dense absorbs the bias and activation
+    after it; residual items keep their inner specs); a node that fits nowhere goes to ``problems``."""
+    specs: list = []
+    for item in items:
+        if item[0] == "residual":
+            _, join, scales, scale, inner = item
+            specs.append(("residual", join, scales, scale, _specs(inner, problems)))
+            continue
+        node, piece = item
+        last = specs[-1] if specs and isinstance(specs[-1], dict) else None
+        if piece.kind == "structural":
+            continue
+        if piece.kind == "unsupported":  # listed already; what follows it fuses with nothing
+            specs.append({"kind": "unsupported"})
+        elif piece.kind == "dense":
+            specs.append({"kind": "dense", "params": dict(piece.params), "act": None, "nodes": [node]})
+        elif piece.kind == "bias" and last and last["kind"] == "dense" and "b" not in last["params"] \
+                and last["act"] is None:
+            last["params"].update(piece.params)
+            last["nodes"].append(node)
+        elif piece.kind == "act" and last and last["kind"] == "dense" and last["act"] is None:
+            last["act"] = piece.info["name"]
+            last["nodes"] += [node, *piece.info.get("parts", ())]
+        elif piece.kind == "act":  # after a norm, a residual join or another activation: a layer of its own
+            specs.append({"kind": "activation", "act": piece.info["name"], "params": {},
+                          "nodes": [node, *piece.info.get("parts", ())]})
+        elif piece.kind in ("layernorm", "rmsnorm"):
+            specs.append({"kind": piece.kind, "params": piece.params, "info": piece.info, "nodes": [node]})
+        else:
+            problems.append((node, {
+                "bias": "a bias added where it is not the first thing after a bias-free matrix product",
+                "scale": "a multiplication by a constant outside the end of a residual branch: no layer",
+            }[piece.kind]))
+    return specs
+
+
+def _layers(cap, specs, prefix: str, conv) -> list:
+    """The jacgrad layers of ``specs``, labelling their nodes' rows with the layer each became."""
+    out = []
+    for spec in specs:
+        at = f"layer {prefix}{len(out)}"
+        if isinstance(spec, tuple):
+            _, join, scales, scale, inner = spec
+            layer = Residual(_layers(cap, inner, f"{prefix}{len(out)}.", conv), scale)
+            for n in [join] + scales:
+                cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
+        else:
+            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
+                     "activation": ()}[spec["kind"]]
+            arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}
+            layer = Activation(spec["act"], cap.shape(spec["nodes"][0])[-1]) if spec["kind"] == "activation" \
+                else _make(spec, arrays, conv)
+            for n in spec["nodes"]:
+                cap.labels[n] = f"{at}: {layer!r}"
+        out.append(layer)
+    return out
+
+
+def _array(cap, conv, param, what: str):
+    """The array of ``param`` (``(placeholder, transposed)``), recorded in ``cap.sources``; None
+    (recorded as ``(None, False)``) where torch has no parameter and jacgrad makes zeros or ones."""
+    if param is None:
+        cap.sources.append((None, False))
+        return None
+    placeholder, transposed = param
+    t = cap.tensor(placeholder)
+    name = cap.param_names[placeholder.name]
+    cap.sources.append((name, transposed))
+    return conv(t.T if transposed else t, f"{what}: the torch parameter {name!r}")
+
+
+def _make(spec: dict, a: dict, conv):
+    if spec["kind"] == "dense":
+        return Dense(a["W"], a.get("b"), spec["act"] or "identity")
+    n, eps = spec["info"]["width"], spec["info"]["eps"]
+    gamma = a["gamma"] if a["gamma"] is not None else conv.ones(n)
+    if spec["kind"] == "layernorm":
+        return LayerNorm(gamma, a["beta"] if a["beta"] is not None else conv.zeros(n), eps=eps)
+    return RMSNorm(gamma, eps=eps if eps is not None else float(np.finfo(gamma.dtype).eps))

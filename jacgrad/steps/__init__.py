@@ -1,0 +1,3 @@
+"""jacgrad.steps: Compiled steps: buffers once, parameters by reference, one CUDA graph on CuPy —
+the training step, the compiled Jacobian, the private step. May import core … params.
+"""
