@@ -57,7 +57,7 @@ def test_unknown_kind_and_conflicts_are_refused():
         register_layer("dense", Other)
     with pytest.raises(ValueError, match=r"has kind 'dense', not 'dense_too'"):
         register_layer("dense_too", L.Dense)
-    with pytest.raises(TypeError, match=r"missing .*from_spec.*layer_protocol\.Layer"):
+    with pytest.raises(TypeError, match=r"missing .*from_spec.*protocol\.layer\.Layer"):
         register_layer("half", type("Half", (), {"kind": "half"}))
     assert layer_class("dense") is L.Dense  # a refused call changes nothing
 
