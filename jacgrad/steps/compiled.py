@@ -13,6 +13,11 @@ GPU the whole step replayed as one captured CUDA graph. ``SequentialStep`` is an
     >>> for W, dW in zip(net.weights, g.weights):   # SGD in place: the next call sees it
     ...     W -= 0.1 * dW
 
+Token batches: ``net.compile(B, tokens=T)`` makes the buffers ``(B, T, ·)``: ``x (B, T, n_in)``
+floats, or ``(B, T)`` integer ids where an ``Embedding`` comes first (checked by that layer and
+copied as they are, never cast), and targets ``(B, T, n_out)`` (mse, sigmoid_bce: softmax
+cross-entropy takes ``(B, C)`` logits). Everything below holds for them too, the private step included.
+
 The passes are every layer's own ``forward``/``backward`` with ``out=`` buffers
 (``_block_passes.forward_layers`` / ``backward_layers``, as ``Sequential`` runs them; a Dense
 layer runs ``_passes.dense_forward`` / ``dense_backward``, ``MLP``'s per-layer code), so on
