@@ -169,3 +169,15 @@ def test_bad_compile_arguments():
         net.compile(B, tokens=0)
     with pytest.raises(ValueError, match=r"softmax_cross_entropy takes \(B, C\) logits"):
         net.compile(B, loss="softmax_cross_entropy", tokens=T)
+
+
+def test_float32_token_step_is_loss_and_grads_bitwise(transformer):
+    m, _, tok, t = transformer
+    net = jg.Sequential.from_torch(m, dtype="float32")
+    t32 = t.astype(np.float32)
+    step = net.compile(B, tokens=T, loss="sigmoid_bce")
+    for _ in range(2):  # the second call: the same buffers, the same numbers
+        loss, g = step(tok.astype(np.int32), (t32 > 0).astype(np.float32))
+        ref_loss, ref = net.loss_and_grads(tok, (t32 > 0).astype(np.float32), loss="sigmoid_bce", input_grad=False)
+        assert loss.dtype == np.float32 and loss == ref_loss
+        _same(g, ref)
