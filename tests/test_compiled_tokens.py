@@ -169,6 +169,11 @@ def test_bad_compile_arguments():
         net.compile(B, tokens=0)
     with pytest.raises(ValueError, match=r"softmax_cross_entropy takes \(B, C\) logits"):
         net.compile(B, loss="softmax_cross_entropy", tokens=T)
+    L = jg.layers
+    cnn = jg.Sequential([L.Conv2d(np.ones((2, 1, 3, 3)), np.zeros(2)), L.Flatten(), L.Dense(np.ones((8, 1)))],
+                        in_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"compile\(tokens=5\): layer 0 \(Conv2d.*does not run on token batches"):
+        cnn.compile(B, tokens=T)
 
 
 def test_float32_token_step_is_loss_and_grads_bitwise(transformer):

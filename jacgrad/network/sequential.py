@@ -232,6 +232,8 @@ class Sequential(SequentialParameterSpace, Imported):
         first, integer ids ``(B, T)``, and targets ``(B, T, n_out)`` (mse, sigmoid_bce)."""
         if tokens is None:
             self._refuse_token_only(batch, "compile")
+        else:
+            self._refuse_per_sample_only(tokens)
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
                             noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size,
                             tokens=tokens)
@@ -250,6 +252,14 @@ class Sequential(SequentialParameterSpace, Imported):
                        "a compiled step's buffers are (batch, features): use loss_and_grads on token batches")
                 raise ValueError(f"{what}: layer {'.'.join(map(str, path))} ({L!r}) runs on token batches (B, T, ·) "
                                  f"only; {how}") from None
+
+    def _refuse_per_sample_only(self, tokens: Any) -> None:
+        """A ``ValueError`` naming the first layer that does not act per token (a convolution, a pool:
+        no ``per_token``, what ``takes_tokens`` asks of every layer), for ``compile(B, tokens=T)``."""
+        for path, L in leaf_layers(self._layers):
+            if not getattr(L, "per_token", False):
+                raise ValueError(f"compile(tokens={tokens}): layer {'.'.join(map(str, path))} ({L!r}) does not run "
+                                 f"on token batches (B, T, ·); compile this network without tokens=")
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the
