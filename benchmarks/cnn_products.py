@@ -24,6 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import jacgrad as jg
+from jacgrad.bench.models import build_cnn, cnn_module as model, vmap_grad_norms  # one builder, one recipe
 
 nn = torch.nn
 
@@ -31,14 +32,6 @@ nn = torch.nn
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
-
-
-def model(seed: int = 0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(128 * 4 * 4, 10)).float().eval()
 
 
 def timed(f, repeat: int) -> float:
@@ -61,25 +54,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    m = model()
-    net = jg.Sequential.from_torch(m, in_shape=(3, 32, 32))
-    rng = np.random.default_rng(0)
     B = args.batch
-    x = rng.standard_normal((B, 3, 32, 32)).astype(np.float32)
-    y = rng.integers(0, 10, B)
+    built = build_cnn(B)  # the bench's cnn_norms task times the same model and recipe
+    net, x, y, params, f1 = built["net"], built["x"], built["y"], built["params"], built["f1"]
     X, Y = torch.tensor(x), torch.tensor(y)
-    params = {k: v.detach() for k, v in m.named_parameters()}
     ce = "softmax_cross_entropy"
-
-    def f1(p, xi):
-        return torch.func.functional_call(m, p, (xi[None],))[0]
-
-    def loss1(p, xi, yi):
-        return nn.functional.cross_entropy(f1(p, xi)[None], yi[None])
-
-    def tf_norms():
-        g = torch.func.vmap(torch.func.grad(loss1), in_dims=(None, 0, 0))(params, X, Y)
-        return torch.sqrt(sum((v.reshape(B, -1) ** 2).sum(1) for v in g.values()))
+    tf_norms = vmap_grad_norms(built)
 
     ref = tf_norms().numpy()
     for method in ("auto", "gram", "instantiate"):

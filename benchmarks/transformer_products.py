@@ -20,10 +20,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 import jacgrad as jg
-from jacgrad.io.interop.torch_blocks import Residual
+from jacgrad.bench.models import build_transformer, vmap_grad_norms  # one builder: the bench's transformer_norms task
 
 
 def cpu_model() -> str:
@@ -44,36 +43,9 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 
 def build(a, T):
-    torch.manual_seed(0)
-    d = a.d
-    blocks = []
-    for _ in range(a.blocks):
-        blocks += [Residual(nn.Sequential(nn.LayerNorm(d), nn.MultiheadAttention(d, a.heads, batch_first=True))),
-                   Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)))]
-    model = nn.Sequential(nn.Embedding(a.vocab, d), *blocks, nn.Linear(d, a.n_out)).float()
-    net = jg.Sequential.from_torch(model)
-    L = jg.layers
-    layers = list(net.layers)
-    for j in range(1, 1 + 2 * a.blocks, 2):  # the attention blocks, causal (torch passes the mask at call time)
-        ln, mha = layers[j].layers
-        layers[j] = L.Residual([ln, L.MultiHeadAttention(mha.Wq, mha.Wk, mha.Wv, mha.Wo, mha.heads, mha.bq, mha.bk,
-                                                         mha.bv, mha.bo, causal=True)])
-    net = jg.Sequential(layers)
-    cm = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
-    call = torch.func.functional_call
-
-    def f(p, tok):  # (N, T) -> (N, T, O)
-        sub = lambda pre: {k[len(pre):]: v for k, v in p.items() if k.startswith(pre)}  # noqa: E731
-        z = call(model[0], sub("0."), (tok,))
-        for j in range(1, 1 + 2 * a.blocks, 2):
-            ln, mha = model[j].inner
-            u = call(ln, sub(f"{j}.inner.0."), (z,))
-            z = z + call(mha, sub(f"{j}.inner.1."), (u, u, u), dict(attn_mask=cm, need_weights=False))[0]
-            z = z + call(model[j + 1].inner, sub(f"{j + 1}.inner."), (z,))
-        return call(model[-1], sub(f"{len(model) - 1}."), (z,))
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    return net, f, params
+    """``(net, f, params)`` of ``jacgrad.bench.models.build_transformer`` (the bench's transformer_norms model)."""
+    m = build_transformer(1, T=T, d=a.d, heads=a.heads, blocks=a.blocks, vocab=a.vocab, n_out=a.n_out)
+    return m["net"], m["f"], m["params"]
 
 
 def main():
@@ -90,18 +62,12 @@ def main():
 
     rng = np.random.default_rng(0)
     B, T = a.batch, a.T
-    net, f, params = build(a, T)
-    tok = rng.integers(0, a.vocab, (B, T))
-    tgt = rng.standard_normal((B, T, a.n_out)).astype(np.float32)
+    built = build_transformer(B, T=T, d=a.d, heads=a.heads, blocks=a.blocks, vocab=a.vocab, n_out=a.n_out)
+    net, tok, tgt = built["net"], built["x"], built["y"]
     print(f"net: {a.blocks} pre-norm blocks, T = {T}, d = {a.d}, {a.heads} heads, B = {B}, {net.n_params} parameters")
 
-    loss_i = lambda p, ti, yi: ((f(p, ti[None])[0] - yi) ** 2).mean()  # noqa: E731
-    psg = torch.func.vmap(torch.func.grad(loss_i), in_dims=(None, 0, 0))
-
-    def torch_norms():
-        with sdpa_kernel(SDPBackend.MATH):
-            g = psg(params, torch.from_numpy(tok), torch.from_numpy(tgt))
-        return torch.sqrt(sum((v.reshape(B, -1) ** 2).sum(1) for v in g.values())).numpy()
+    norms = vmap_grad_norms(built)  # the recipe the bench's transformer_norms task times
+    torch_norms = lambda: norms().numpy()  # noqa: E731
 
     fns = {m: (lambda m=m: net.per_sample_grad_norms(tok, tgt, method=m)) for m in ("auto", "gram", "instantiate")}
     fns["loss_and_grads"] = lambda: net.loss_and_grads(tok, tgt, input_grad=False)

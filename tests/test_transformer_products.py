@@ -3,7 +3,8 @@ causal MultiHeadAttention, residual; LayerNorm â†’ Dense-GELU-Dense, residual) â
 integer token ids, against ``torch.func`` on the same torch modules: float64 to 1e-10, float32 to
 1e-4. The network is built twice: by hand from ``jg.layers`` (causal attention) and by
 ``Sequential.from_torch`` of the matching ``nn.Sequential`` (torch keeps masks out of the module,
-so that one is not causal). ``gradient_flow`` and ``compile`` refuse token batches, saying so."""
+so that one is not causal). ``gradient_flow`` refuses token batches, saying so; ``compile`` needs
+``tokens=T`` for them (``test_compiled_tokens``)."""
 
 import numpy as np
 import pytest

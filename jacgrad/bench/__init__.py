@@ -13,7 +13,12 @@ float64 reference and jacgrad's rows against their peer's result in the same run
                    against torch.func ``vmap(grad)`` (+ norms) and BackPACK BatchL2Grad / BatchGrad;
 - ``ntk``        — ``jg.ntk`` against the two recipes of PyTorch's NTK tutorial;
 - ``ggn``        — ``ggn_vp`` against torch.func jvp → H → vjp, ``ggn_diagonal`` against
-                   BackPACK DiagGGNExact.
+                   BackPACK DiagGGNExact;
+- ``cnn_norms``, ``transformer_norms`` — issue 21's small CNN (B = 64, 3×32×32, convs of 32-64-128)
+                   and 2-block transformer (B = 16, T = 128, d = 256, 4 heads): ``loss_and_grads``,
+                   the compiled step, ``per_sample_grad_norms`` (auto, gram, instantiate) against
+                   torch's own step and torch.func ``vmap(grad)`` + norm (``jacgrad.bench.models``;
+                   ``--model-size tiny`` for a smoke test).
 
 Backends: ``jacgrad-numpy``, ``jacgrad-cupy``, ``torch-cpu``, ``torch-cuda``, ``jax-cpu``,
 ``jax-gpu`` — each where it is installed and usable (skipped with a note otherwise). Every case
@@ -26,6 +31,7 @@ products timed alone on that backend); ``--json PATH`` writes every number.
     jacgrad bench --quick    # a smoke test: 15 s of CPU time (50 s of wall time on a busy 2-core EPYC)
     jacgrad bench --backends jacgrad-numpy,torch-cpu --tasks train --batch 256 --width 1024 --depth 8
     jacgrad bench --tasks per_sample,ntk,ggn --activation relu    # the parameter-space products
+    jacgrad bench --tasks cnn_norms,transformer_norms --backends jacgrad-numpy,torch-cpu
 
     >>> main(["--backends", "nope"])  # doctest: +SKIP
     jacgrad bench: error: --backends: unknown backend 'nope'; valid backends: jacgrad-numpy, ...

@@ -69,6 +69,10 @@ class Jacgrad(Backend):
         from ..nn import losses
         from ..network.mlp import MLP
 
+        if case.spec is not None:  # the CNN / transformer (models: built in torch, imported)
+            from .models import prepare_jacgrad
+
+            return prepare_jacgrad(case, data.dtype, host64, self._sync, self.device)
         to = lambda a: self._to(a, data.dtype)  # noqa: E731
         net = MLP([to(W) for W in data.weights], [to(b) for b in data.biases], data.activations)
         x, t, v = to(data.x), to(data.target), to(data.v)

@@ -15,6 +15,10 @@ argmax of ``NetData.target``), each timing several products whose rows carry a `
 - ``ntk``        — the empirical NTK ``(N, N, O, O)`` of ``N = batch`` inputs;
 - ``ggn``        — ``loss_and_grads``, the Gauss–Newton product ``G v: (P,)`` and ``diag G``.
 
+Model tasks (opt-in with ``--tasks``; ``jacgrad.bench.models``, torch needed): ``cnn_norms`` and
+``transformer_norms``, the issue's small CNN and 2-block transformer — ``loss_and_grads``, the
+compiled step, per-sample gradient norms (auto, gram, instantiate) against torch's step and torch.func.
+
 Networks are width lists ``[n_in, H_1, …, n_out]`` with the hidden activation on every layer
 but the last (identity), as ``MLP.init`` builds them. The rectangular grid nets are
 ``depth × width`` (``8×1024`` is nine widths of 1024); named nets are ``tapering`` and
@@ -78,6 +82,7 @@ class Case:
     name: str | None = None
     activation: str = "tanh"
     dtype: str = "float32"
+    spec: dict | None = None  # a model task's sizes (``models.SIZES``); its net is built from them, not widths
     gemms: list[Gemm] = field(init=False)
 
     def __post_init__(self):
@@ -137,7 +142,8 @@ class Task:
     rectangular nets, ``"nets"`` on the ``--nets`` list at the ``--jac-batch`` sizes; ``gemms``:
     ``(widths, B) -> [Gemm]``, the products the task needs (its FLOPs and its GEMM floor).
     ``"param"`` on ``--param-nets`` at ``--param-batch``, ``"ntk"`` on ``--ntk-nets`` with
-    ``--ntk-n`` inputs. ``default``: run when ``--tasks`` is not given.
+    ``--ntk-n`` inputs. ``"model"``: the issue's CNN or transformer (``models``) at ``--model-size``,
+    with no GEMM floor. ``default``: run when ``--tasks`` is not given.
     A new task is a row here plus a branch in each backend's ``prepare`` (a backend whose
     ``supports(task)`` is False sits the task out)."""
 
@@ -153,6 +159,8 @@ TASKS: dict[str, Task] = {
     "per_sample": Task("param", per_sample_gemms, default=False),
     "ntk": Task("ntk", ntk_gemms, default=False),
     "ggn": Task("param", ggn_gemms, default=False),
+    "cnn_norms": Task("model", lambda widths, B: [], default=False),
+    "transformer_norms": Task("model", lambda widths, B: [], default=False),
 }
 PARAM_SPACE_TASKS = ("per_sample", "ntk", "ggn")
 

@@ -22,10 +22,10 @@ __all__ = ["Options", "UsageError", "parse", "parser"]
 
 DEFAULTS = dict(batch="64,256", width="256,1024", depth="4,8", nets="tapering,hourglass", jac_batch="32",
                 param_nets="784-256-256-10", param_batch="128", ntk_nets="128-512-512-512-8", ntk_n="16",
-                repeats=5, warmup=1, min_time=0.02)
+                repeats=5, warmup=1, min_time=0.02, model_size="issue")
 QUICK = dict(batch="64", width="256", depth="4", nets="tapering,hourglass", jac_batch="8",
              param_nets="196-64-10", param_batch="16", ntk_nets="32-64-64-64-8", ntk_n="4",
-             repeats=3, warmup=1, min_time=0.005)
+             repeats=3, warmup=1, min_time=0.005, model_size="tiny")
 
 
 class UsageError(ValueError):
@@ -46,6 +46,7 @@ class Options:
     ntk_nets: list[str] = field(default_factory=lambda: ["128-512-512-512-8"])
     ntk_n: list[int] = field(default_factory=lambda: [16])
     dtype: str = "float32"
+    model_size: str = "issue"  # the sizes of the model tasks (cnn_norms, transformer_norms): models.SIZES
     activation: str = "tanh"
     repeats: int = 5
     warmup: int = 1
@@ -92,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ntk-nets", help=f"nets of the ntk task (default {DEFAULTS['ntk_nets']})")
     p.add_argument("--ntk-n", help=f"input counts N of the ntk task, a (N, N, O, O) kernel (default {DEFAULTS['ntk_n']})")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    p.add_argument("--model-size", help="sizes of the cnn_norms and transformer_norms tasks: issue (issue 21's: "
+                                        "B = 64 3×32×32 images; B = 16, T = 128, d = 256) or tiny (default issue; "
+                                        "--quick: tiny)")
     p.add_argument("--activation", default="tanh", help="hidden activation (default tanh); the last layer is identity")
     p.add_argument("--repeats", type=str, help=f"timed samples per backend (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=str, help=f"untimed calls first (default {DEFAULTS['warmup']})")
@@ -169,6 +173,9 @@ def parse(argv: list[str] | None) -> Options:
     o.nets = _nets("--nets", a.nets or base["nets"])
     o.param_nets = _nets("--param-nets", base["param_nets"] if a.param_nets is None else a.param_nets)
     o.ntk_nets = _nets("--ntk-nets", base["ntk_nets"] if a.ntk_nets is None else a.ntk_nets)
+    o.model_size = base["model_size"] if a.model_size is None else a.model_size
+    if o.model_size not in ("issue", "tiny"):
+        raise UsageError(f"--model-size: {a.model_size!r} is not issue or tiny")
     if a.dtype not in ("float32", "float64"):
         raise UsageError(f"--dtype: {a.dtype!r} is not float32 or float64")
     o.dtype = a.dtype

@@ -125,7 +125,7 @@ class Jax(Backend):
     def supports(self, task: str) -> bool:
         from .cases import PARAM_SPACE_TASKS
 
-        return task not in PARAM_SPACE_TASKS  # no JAX recipes for them (neural-tangents is not installed here)
+        return task not in PARAM_SPACE_TASKS + ("cnn_norms", "transformer_norms")  # no JAX recipes for them (neural-tangents is not installed here)
 
     def prepare(self, case, data):
         jax = _jax()

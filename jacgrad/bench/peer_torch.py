@@ -87,6 +87,10 @@ class Torch(Backend):
     def prepare(self, case, data):
         import torch
 
+        if case.spec is not None:  # the CNN / transformer (models)
+            from .models import prepare_torch
+
+            return prepare_torch(case, data.dtype, self._sync, self.device)
         to, Ws, bs = self._tensors(data)
         acts = [_torch_activation(a) for a in data.activations]
         x, t, v = to(data.x), to(data.target), to(data.v)

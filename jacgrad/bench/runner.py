@@ -34,7 +34,12 @@ def build_cases(o: Options) -> list[Case]:
     cases = []
     for task in o.tasks:
         grid = TASKS[task].grid
-        if grid in ("param", "ntk"):
+        if grid == "model":
+            from .models import SIZES, label
+
+            spec = SIZES[o.model_size][task]
+            cases.append(Case(task, [1, 1], spec["batch"], name=label(task, spec), dtype=o.dtype, spec=spec))
+        elif grid in ("param", "ntk"):
             nets, batches = (o.param_nets, o.param_batch) if grid == "param" else (o.ntk_nets, o.ntk_n)
             for spec in nets:
                 name, widths = parse_net(spec)
@@ -74,11 +79,12 @@ def run_case(case: Case, live: list[Backend], o: Options, progress: Progress) ->
             row.update(status="failed", error=short_error(exc))
             progress.advance(f"{case.key()} · {b.name} failed", steps=_units(case, b, o))
             continue
+        floor = None
         try:
-            floor = Entry(f"{b.name}:floor", *_floor(b, case))
-            entries.append(floor)
+            if case.gemms:  # a model task has no GEMM floor
+                floor = Entry(f"{b.name}:floor", *_floor(b, case))
+                entries.append(floor)
         except Exception as exc:  # noqa: BLE001
-            floor = None
             row["floor_error"] = short_error(exc)
         variants = {v: Entry(f"{b.name}[{v}]" if v else b.name, fn, prep.sync) for v, fn in prep.variants.items()}
         entries += list(variants.values())
@@ -148,7 +154,7 @@ def _fill(row: dict, case: Case, variants: dict[str, Entry], floor: Entry | None
     s = timed[best].stats()
     row.update({k: s[k] for k in ("median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms", "n")})
     row["number"] = timed[best].number
-    row["gflops_per_s"] = case.flops / (s["median_ms"] * 1e-3) / 1e9 if s["median_ms"] > 0 else None
+    row["gflops_per_s"] = case.flops / (s["median_ms"] * 1e-3) / 1e9 if s["median_ms"] > 0 and case.flops else None
     notes = []
     if best and len(variants) > 1:
         row["variant"] = best
@@ -200,6 +206,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def _variants_guess(case: Case, b: Backend) -> int:
     """How many variants a backend will time (for the progress bar, before it is prepared)."""
+    if case.spec is not None:  # a model task: loss_and_grads, compiled, three norms; torch's step and torch.func
+        return {"jacgrad": 5, "torch": 2}.get(b.family, 0)
     if case.task in PARAM_SPACE_TASKS:
         per_family = {"jacgrad": {"per_sample": 3, "ntk": 2, "ggn": 3}, "torch": {"per_sample": 5, "ntk": 2, "ggn": 3}}
         return per_family.get(b.family, {}).get(case.task, 0)
@@ -282,6 +290,9 @@ def run(o: Options, stream=None) -> dict:
     t0 = time.perf_counter()
     load_start = load_average()
     cases = build_cases(o)
+    if any(c.spec is not None for c in cases) and importlib.util.find_spec("torch") is None:
+        raise UsageError("--tasks cnn_norms/transformer_norms build the models in torch, which is not installed "
+                         "(pip install torch)")
     check_memory(cases)
     live, skipped, threads = start_backends(o.backends, bench_threads(o.threads))
     _require_live(live, skipped)

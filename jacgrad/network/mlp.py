@@ -216,7 +216,8 @@ class MLP(InteropMethods, Sequential):
 
     # ------------------------------------------------------------------ compiled step
     def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False, *,
-                clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
+                clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None,
+                tokens: Any = None):
         """A ``jacgrad.steps.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
         the numbers of ``loss_and_grads`` (bitwise on NumPy, for any memory layout of ``x`` and
         ``target``) from buffers allocated once (a CUDA graph on the GPU).
@@ -228,9 +229,11 @@ class MLP(InteropMethods, Sequential):
         ``clip=C`` (with ``noise_multiplier=σ``, ``seed``, ``expected_batch_size``): a private
         DP-SGD step returning ``(loss, ClippedGradients)``, the numbers of ``clipped_grad``
         (``jacgrad.steps.private_step``: the noise is drawn after the graph, every call).
+        ``tokens=T``: the MLP per token, ``x (B, T, n_in)`` and targets ``(B, T, n_out)``.
         """
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad, clip=clip,
-                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
+                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size,
+                            tokens=tokens)
 
     _dense_only = True  # from_torch (Sequential's one reader) refuses anything but Linear + activation
 

@@ -218,7 +218,8 @@ class Sequential(SequentialParameterSpace, Imported):
         return _above.call("gradient_flow", self, x, target, loss, **options)
 
     def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto", *,
-                clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
+                clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None,
+                tokens: Any = None):
         """A ``jacgrad.steps.compiled.TrainingStep`` (the one compiled step): ``loss, g = step(x, target)`` for
         batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
         allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
@@ -227,10 +228,15 @@ class Sequential(SequentialParameterSpace, Imported):
         until ``step.rebind()``). ``clip=C`` (with ``noise_multiplier``, ``seed``,
         ``expected_batch_size``): a private DP-SGD step, ``(loss, ClippedGradients)`` per call, the
         numbers of ``clipped_grad`` (``jacgrad.steps.private_step``), without ``∂L/∂x`` whatever
-        ``input_grad`` says."""
-        self._refuse_token_only(batch, "compile")
+        ``input_grad`` says. ``tokens=T``: token batches, ``x (B, T, n_in)`` or, an ``Embedding``
+        first, integer ids ``(B, T)``, and targets ``(B, T, n_out)`` (mse, sigmoid_bce)."""
+        if tokens is None:
+            self._refuse_token_only(batch, "compile")
+        else:
+            self._refuse_per_sample_only(tokens)
         return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
-                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size)
+                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size,
+                            tokens=tokens)
 
     def _refuse_token_only(self, batch: Any, what: str) -> None:
         """A ``ValueError`` naming the first layer that runs on token batches ``(B, T, ·)`` only (its
@@ -242,9 +248,18 @@ class Sequential(SequentialParameterSpace, Imported):
             try:
                 L.forward_shapes(int(batch))
             except ValueError:
+                how = ("compile token batches with compile(batch, tokens=T)" if what == "compile" else
+                       "a compiled step's buffers are (batch, features): use loss_and_grads on token batches")
                 raise ValueError(f"{what}: layer {'.'.join(map(str, path))} ({L!r}) runs on token batches (B, T, ·) "
-                                 f"only, and a compiled step's buffers are (batch, features): use loss_and_grads "
-                                 f"or clipped_grad on token batches") from None
+                                 f"only; {how}") from None
+
+    def _refuse_per_sample_only(self, tokens: Any) -> None:
+        """A ``ValueError`` naming the first layer that does not act per token (a convolution, a pool:
+        no ``per_token``, what ``takes_tokens`` asks of every layer), for ``compile(B, tokens=T)``."""
+        for path, L in leaf_layers(self._layers):
+            if not getattr(L, "per_token", False):
+                raise ValueError(f"compile(tokens={tokens}): layer {'.'.join(map(str, path))} ({L!r}) does not run "
+                                 f"on token batches (B, T, ·); compile this network without tokens=")
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the

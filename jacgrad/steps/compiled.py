@@ -13,6 +13,11 @@ GPU the whole step replayed as one captured CUDA graph. ``SequentialStep`` is an
     >>> for W, dW in zip(net.weights, g.weights):   # SGD in place: the next call sees it
     ...     W -= 0.1 * dW
 
+Token batches: ``net.compile(B, tokens=T)`` makes the buffers ``(B, T, ·)``: ``x (B, T, n_in)``
+floats, or ``(B, T)`` integer ids where an ``Embedding`` comes first (checked by that layer and
+copied as they are, never cast), and targets ``(B, T, n_out)`` (mse, sigmoid_bce: softmax
+cross-entropy takes ``(B, C)`` logits). Everything below holds for them too, the private step included.
+
 The passes are every layer's own ``forward``/``backward`` with ``out=`` buffers
 (``_block_passes.forward_layers`` / ``backward_layers``, as ``Sequential`` runs them; a Dense
 layer runs ``_passes.dense_forward`` / ``dense_backward``, ``MLP``'s per-layer code), so on
@@ -83,7 +88,8 @@ from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
 from ..params.param_space import leaf_inputs, leaf_views
 from ..core.renamed import renamed
-from .step_io import StepIO, check_rebound, check_step_args, locked
+from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
+from ..protocol.layer import lead_shape
 from ..elementwise.activations import get as get_activation
 from ..nn.layers import Dense, named_params
 
@@ -122,7 +128,8 @@ class TrainingStep(StepIO):
     """
 
     def __init__(self, net, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False,
-                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None):
+                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None,
+                 tokens: Any = None):
         lists = all(hasattr(net, a) for a in _LISTS)
         if not lists and not all(hasattr(net, a) for a in ("layers", "xp", "dtype", "n_in", "n_out")):
             raise TypeError(f"TrainingStep compiles an MLP (weights, biases and activations lists) or a Sequential "
@@ -131,30 +138,35 @@ class TrainingStep(StepIO):
         self._gpu = xp is not np
         batch = check_step_args(batch, loss, capture, self._gpu)
         loss = losses.canonical(loss)  # torch's alias names the same loss
+        self.tokens = check_tokens_arg(tokens, loss, lists and not hasattr(net, "layers"))
         self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
         if self.clip is not None and input_grad:
             raise ValueError("a private step (clip=C) returns no ∂L/∂x: compile it with input_grad=False")
         self._net, self._xp, self.batch, self.loss, self.input_grad = net, xp, int(batch), loss, bool(input_grad)
         self._capture = capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
-        dt, B = net.dtype, self.batch
+        dt = net.dtype
+        B = self._lead = self.batch if self.tokens is None else (self.batch, self.tokens)  # buffers' leading dims
         self.dtype = dt
         layers, params, _ = _bound(net)
         if layers is None:
             layers = tuple(Dense(p, q, a) for (_, p), (_, q), a in zip(params[0::2], params[1::2], net.activations))
         n_in, n_out = layers[0].n_in, layers[-1].n_out
         self._device = params[0][1].device if self._gpu else None
+        # token ids (an Embedding first: its check_tokens) are loaded as they are, never cast to float
+        self._ids = getattr(layers[0], "check_tokens", None) if self.tokens is not None else None
+        in_shape = tuple(getattr(layers[0], "in_shape", None) or (n_in,))  # images: (B, C, H, W)
         with self._on_device():
-            self._x = xp.zeros((B,) + tuple(getattr(layers[0], "in_shape", None) or (n_in,)), dtype=dt)  # images: (B, C, H, W)
-            self._target = xp.zeros((B, n_out), dtype=dt)
+            self._x = xp.zeros(lead_shape(B) + (() if self._ids else in_shape), dtype=xp.int64 if self._ids else dt)
+            self._target = xp.zeros(lead_shape(B) + (n_out,), dtype=dt)
             self._fbufs = carve_forward(xp, layers, B, dt, zero=True, keep_derivative=True)
             _, self._bbufs = carve_backward(xp, layers, B, dt, self.input_grad, grad_y=False, zero=True, in_place=True)
             self._flat, views = carve(xp, [tuple(p.shape) for _, p in params], dt, zero=True)
             self._grads = param_views(layers, views)
-            self._loss = LossWorkspace(loss, xp, (B, n_out), dt)
+            self._loss = LossWorkspace(loss, xp, self._target.shape, dt)
             self._graphs = self._graph_cache()  # its capture stream lives on the parameters' device
             self._private = None if self.clip is None else PrivatePart(
-                xp, self._flat.size, B, dt, self.clip, sigma, seed, expected_batch_size)
+                xp, self._flat.size, self.batch, dt, self.clip, sigma, seed, expected_batch_size)
             self._pviews = None if self._private is None else leaf_views(layers, self._private.sum)
         self._gin, self._deltas, self._act_names = None, None, None  # which buffers: set by each run
         self._layers, self._layout = layers, [self._buffer_layout(L) for L in layers]
@@ -163,7 +175,7 @@ class TrainingStep(StepIO):
     def _buffer_layout(self, layer) -> tuple:
         """What the step's buffers depend on: the layer's kind, the shapes it writes and its number of
         parameters (their shapes are checked one by one, with their names, by ``rebind``)."""
-        B = self.batch
+        B = self._lead
         return type(layer), tuple(layer.forward_shapes(B)), tuple(layer.backward_shapes(B, True)), len(layer.params)
 
     # ------------------------------------------------------------------ binding
@@ -191,7 +203,7 @@ class TrainingStep(StepIO):
             layout = [self._buffer_layout(L) for L in layers]
             if layout != self._layout:  # an activation changed what the forward pass keeps
                 with self._on_device():
-                    self._fbufs = carve_forward(self._xp, layers, self.batch, self.dtype, zero=True, keep_derivative=True)
+                    self._fbufs = carve_forward(self._xp, layers, self._lead, self.dtype, zero=True, keep_derivative=True)
                 self._layout = layout
             self._act_names = [a.name for a in acts]
         elif [self._buffer_layout(L) for L in layers] != self._layout:
@@ -253,7 +265,9 @@ class TrainingStep(StepIO):
         z, states = forward_layers(self._layers, self._x, self._fbufs)
         self._loss(z, self._target, labels=labels)
         if self._factors is None:  # the states are the same buffers every call: a Dense's factor is made once
-            self._factors = [L.factor(st) if isinstance(L, Dense) else None for L, st in zip(self._layers, states)]
+            # (a Dense on token batches makes its row factor itself: its factor(st) is a TokenFactor)
+            self._factors = [L.factor(st) if isinstance(L, Dense) and self.tokens is None else None
+                             for L, st in zip(self._layers, states)]
         if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
             factors = [J if J is not None else L.factor(st) for J, L, st in zip(self._factors, self._layers, states)]
             self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
@@ -292,7 +306,8 @@ class TrainingStep(StepIO):
 
     def __repr__(self) -> str:
         mode = "CUDA graph" if self.captured else "buffers"
-        return f"TrainingStep({self._net!r}, batch={self.batch}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
+        tok = "" if self.tokens is None else f", tokens={self.tokens}"
+        return f"TrainingStep({self._net!r}, batch={self.batch}{tok}, loss={self.loss!r}, {mode}, {self.nbytes} bytes)"
 
 
 __getattr__ = renamed(__name__, {"SequentialStep": ("jacgrad.steps.compiled.TrainingStep", TrainingStep)})

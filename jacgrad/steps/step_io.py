@@ -30,7 +30,7 @@ from ..nn.loss_workspace import NAMES as LOSS_NAMES
 from ..core.validation import float_array, network_input, shape_str
 from ..core.backend import is_gpu_array, tf32_enabled
 
-__all__ = ["StepIO", "check_batch_and_capture", "check_rebound", "check_step_args", "locked"]
+__all__ = ["StepIO", "check_batch_and_capture", "check_rebound", "check_step_args", "check_tokens_arg", "locked"]
 
 _CAPTURE = ("auto", True, False)
 
@@ -40,6 +40,23 @@ def check_step_args(batch: Any, loss: str, capture: Any, gpu: bool) -> int:
     if losses.canonical(loss) not in LOSS_NAMES:  # ValueError listing every loss for an unknown name
         raise ValueError(f"loss {loss!r} has no compiled form; compiled steps support {', '.join(LOSS_NAMES)}")
     return check_batch_and_capture(batch, capture, gpu)
+
+
+def check_tokens_arg(tokens: Any, loss: str, lists_only: bool) -> int | None:
+    """``tokens`` (T of a token batch ``(B, T, ·)``) as an int, or None for ``(B, ·)`` batches.
+    softmax cross-entropy takes ``(B, C)`` logits, so a token step (output ``(B, T, C)``) refuses it,
+    as ``loss_and_grads`` does; a duck-typed net of lists has no per-token layers to run."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
+        raise ValueError(f"tokens must be a positive integer (T, the positions of a (B, T, ·) batch), got {tokens!r}")
+    if loss == "softmax_cross_entropy":
+        raise ValueError("softmax_cross_entropy takes (B, C) logits, but a token step's output is (B, T, C): "
+                         "compile the token step with loss='mse' or 'sigmoid_bce'")
+    if lists_only:
+        raise TypeError("tokens= compiles a Sequential (or an MLP), whose layers act per token; this net has "
+                        "only weights/biases/activations lists")
+    return int(tokens)
 
 
 def check_batch_and_capture(batch: Any, capture: Any, gpu: bool) -> int:
@@ -149,7 +166,14 @@ class StepIO:
 
     # ------------------------------------------------------------------ inputs
     def _shape_help(self, what: str) -> str:
-        B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[1]
+        B, n_in, n_out = self.batch, self._x.shape[1], self._target.shape[-1]
+        T = getattr(self, "tokens", None)
+        if T is not None:
+            x = (f"integer token ids {shape_str(self._x.shape)}" if self._ids is not None
+                 else shape_str(self._x.shape))
+            if what == "x":
+                return f"token batches of {B} × T={T}: x must be {x}"
+            return f"token batches of {B} × T={T} × {n_out} outputs: the target must be {shape_str(self._target.shape)}"
         if what == "x" and self._x.ndim > 2:
             return f"batch {B} of inputs {shape_str(self._x.shape[1:])}: x must be {shape_str(self._x.shape)}"
         if what == "x":
@@ -172,6 +196,14 @@ class StepIO:
             raise ValueError(f"{name} is on GPU {a.device.id} but this step's buffers are on GPU {self._device.id}")
 
     def _load(self, buf, a, name: str, help: str) -> None:
+        ids = getattr(self, "_ids", None) if buf is self._x else None
+        if ids is not None:  # token ids: the first layer's own check (integers in [0, V)), never cast
+            a = ids(a, 0)
+            self._check_device(a, name)
+            if a.shape != buf.shape:
+                raise ValueError(f"this step was compiled for {help}, got {shape_str(a.shape)}")
+            self._xp.copyto(buf, a, casting="same_kind")
+            return
         self._check_device(a, name)
         # x as every network entry point takes it (never rounded); the target as the losses take it
         a = network_input(a, name, self._xp, buf.dtype) if buf is self._x else float_array(a, name, self._xp)
