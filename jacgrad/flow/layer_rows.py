@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
+from .token_flow import token_rows
 from ..core.backend import to_numpy
 from ..nn.layers import Dense, Residual
 
@@ -45,12 +46,19 @@ def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, se
     """Leaf ``k``'s sums over the chunk: a Dense's those of an MLP's layer row (``_flow.layer_partial``;
     ``delta2`` None where its δ is not kept); a norm layer's its parameter gradients (times ``factor``)."""
     if isinstance(L, Dense):
+        T = getattr(F, "tokens", None)
+        if T is not None:  # a token batch: the statistics of the B·T token rows (jacgrad.flow.token_flow)
+            F, B, sel = F.inner, B * T, token_rows(sel, T)
+            delta = None if delta is None else delta.reshape(B, L.n_out)
         shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
                       {k: grads["W"] if factor != 1 else grads["W"].copy()},
                       {k: grads["b"] if factor != 1 else grads["b"].copy()})
         lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, False, sel)
         return lp if delta is not None else dict(lp, delta2=None)
     named = [grads[n] * factor for n in L.names]  # fresh arrays: the pooled gradient block is reused
+    if len(named) > 2:  # several (weight, bias) pairs (attention's q, k, v, out): the weights' and the biases' together
+        return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=xp.concatenate([a.ravel() for a in named[::2]]),
+                    bias_grad=xp.concatenate([a.ravel() for a in named[1::2]]))
     return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=named[0], bias_grad=named[1] if len(named) > 1 else None)
 
 
@@ -70,8 +78,8 @@ def finish_leaves(p: dict) -> list[LayerFlow]:
     for k, lp in enumerate(p["layers"]):
         with np.errstate(over="ignore", invalid="ignore"):
             g2, b2 = (math.nan if a is None else float(to_numpy((a * a).sum())) for a in (lp["grad"], lp["bias_grad"]))
-        if "delta2" in lp:
-            rows.append(layer_row(k, lp, N, per, g2, b2))
+        if "delta2" in lp:  # lp["count"]: its rows, N samples or, on a token batch, the N·T token rows
+            rows.append(layer_row(k, lp, lp["count"], per, g2, b2))
         else:
             rows.append(LayerFlow(k, lp["shape"], lp["activation"], math.sqrt(g2) / per,
                                   None if lp["bias_grad"] is None else math.sqrt(b2) / per,

@@ -1,0 +1,47 @@
+"""What the gradient-flow report of a ``Sequential`` reads differently on a token batch ``(B, T, d)``
+(token ids ``(B, T)`` into an ``Embedding``): the chain on each sample's flattened tokens, the
+embedded input, the per-sample cotangents of ``(B, T, n_out)`` outputs, and the token rows of a
+per-token layer.
+
+Definitions (``jacgrad.flow.block_flow``, ``layer_rows``): a block's Jacobian on a token batch is
+sample i's ``J_i: (T·n_out, T·n_in)`` of its flattened tokens, and its χ is ``‖J_i‖_F²/(T·n_out)``
+averaged over the samples: the mean over every (sample, token) row of ``‖∂y_{i,t}/∂x_i‖_F²/n_out``,
+the dense report's per-sample χ taken per token row. For a per-token layer (block-diagonal ``J_i``)
+that is the mean of its per-token-row Jacobians' ``‖J_{i,t}‖_F²/n_out``; attention couples the tokens
+and its rows count every token's input. ``‖J‖₂`` is of the whole ``J_i``. An ``Embedding`` has no
+continuous input (ids): its block has ``h_in = 0`` (χ and ‖J‖₂ are 0 and it is left out of the
+verdict), and the input-output spectrum is that of the embedded input, ``(T·n_out, T·d)``, from
+the chain after the ``Embedding``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..algebra.chain import Chain
+
+__all__ = ["is_token_batch", "report_chains", "token_rows"]
+
+
+def is_token_batch(net, x) -> bool:
+    """Whether ``x`` is a token batch ``(B, T, *in_shape)`` (ids ``(B, T)`` for an ``Embedding``)."""
+    return bool(getattr(net, "takes_tokens", False)) and getattr(x, "ndim", 0) == len(net.in_shape) + 2
+
+
+def report_chains(chain: Chain):
+    """``(blocks, whole)``: the chain whose factors the block rows measure, and the chain of the
+    input-output spectrum — the chain itself twice on ``(B, n)`` rows; on tokens, its
+    ``flat_tokens()``, and that without a first ``Embedding`` (width-0 input: the embedded input)."""
+    if chain.tokens is None:
+        return chain, chain
+    flat = chain.flat_tokens()
+    if flat.n_in == 0 and len(flat) > 1:
+        return flat, Chain(flat.factors[1:])
+    return flat, flat
+
+
+def token_rows(sel, tokens: int):
+    """The token rows ``b·T + t`` of the samples ``sel`` (host indices; None stays None)."""
+    if sel is None:
+        return None
+    return (np.asarray(sel, dtype=np.int64)[:, None] * tokens + np.arange(tokens)).reshape(-1)
