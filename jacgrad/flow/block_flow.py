@@ -156,7 +156,9 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
-    leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel)  # the report's .layers rows
+    measure = None if chain.tokens is None else (  # a norm's or attention's χ and ‖J‖₂ on tokens
+        lambda F, k: _measures(F, _exact(total, F.h_in, F.h_out), seed + len(net.layers) + k, sel))
+    leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel, measure)  # the report's .layers rows
     exact = _exact(total, io.n_in, io.n_out)
     if all(math.isfinite(b["chi_sum"]) for b in blocks):
         whole = _norm_sum(io, "exact" if exact else "lanczos", seed, sel)

@@ -13,23 +13,32 @@ import numpy as np
 
 from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
 from .token_flow import token_rows
+from ..algebra.token_factor import FlatTokens
 from ..core.backend import to_numpy
 from ..nn.layers import Dense, Residual
 
 __all__ = ["finish_leaves", "leaf_partials", "merge_leaves"]
 
 
-def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel) -> list[dict]:
+def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel, measure=None) -> list[dict]:
     """Per parameterised layer its partial over the chunk (``B`` samples; the gradients times
-    ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all)."""
-    return [leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
-            for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas))]
+    ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all).
+    ``measure(F, k) -> (Σχ, Σ‖J‖₂)`` of a factor on flattened tokens: on a token batch, a norm's or
+    attention's row gets its χ and ‖J‖₂ so (``jacgrad.flow.token_flow``; None on ``(B, d)`` rows)."""
+    rows = []
+    for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas)):
+        lp = leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
+        if measure is not None and "delta2" not in lp and getattr(F, "tokens", None) is not None and F.h_in:
+            lp["chi_sum"], lp["norm_sum"] = measure(FlatTokens(F), k)
+        rows.append(lp)
+    return rows
 
 
 def merge_leaves(a: list[dict], b: list[dict]) -> list[dict]:
     """Two chunks' leaf partials, merged."""
     return [merge_layer(la, lb) if "delta2" in la else dict(la, grad=la["grad"] + lb["grad"], bias_grad=None
-            if la["bias_grad"] is None else la["bias_grad"] + lb["bias_grad"]) for la, lb in zip(a, b)]
+            if la["bias_grad"] is None else la["bias_grad"] + lb["bias_grad"],
+            **{s: la[s] + lb[s] for s in ("chi_sum", "norm_sum") if s in la}) for la, lb in zip(a, b)]
 
 
 def _leaves(layers, factors, grads, deltas):
@@ -81,7 +90,10 @@ def finish_leaves(p: dict) -> list[LayerFlow]:
         if "delta2" in lp:  # lp["count"]: its rows, N samples or, on a token batch, the N·T token rows
             rows.append(layer_row(k, lp, lp["count"], per, g2, b2))
         else:
+            measured = "chi_sum" in lp  # a norm or attention on tokens: χ and ‖J‖₂ of its flattened tokens
             rows.append(LayerFlow(k, lp["shape"], lp["activation"], math.sqrt(g2) / per,
-                                  None if lp["bias_grad"] is None else math.sqrt(b2) / per,
-                                  *([None] * 9), finite=math.isfinite(g2) and (lp["bias_grad"] is None or math.isfinite(b2))))
+                                  None if lp["bias_grad"] is None else math.sqrt(b2) / per, None,
+                                  lp["norm_sum"] / (p["norm_count"] or math.nan) if measured else None,
+                                  *([None] * 6), lp["chi_sum"] / N if measured else None,
+                                  finite=math.isfinite(g2) and (lp["bias_grad"] is None or math.isfinite(b2))))
     return rows
