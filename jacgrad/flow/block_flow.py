@@ -32,7 +32,7 @@ from ..algebra.bracketing import stack_jvp
 from ..algebra.chain import Chain
 from ..distributed import reduce_in_memory
 from .report_blocks import BlockFlowReport, block_hints
-from .token_flow import is_token_batch, report_chains
+from .token_flow import is_token_batch, report_chains, token_rows
 from ..nn.layers import NORMS, leaf_layers
 from ..protocol.layer import anchor as _anchor
 from ..network.sequential import Sequential
@@ -156,8 +156,9 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
-    measure = None if chain.tokens is None else (  # a norm's or attention's χ and ‖J‖₂ on tokens
-        lambda F, k: _measures(F, _exact(total, F.h_in, F.h_out), seed + len(net.layers) + k, sel))
+    measure = None if chain.tokens is None else (  # a norm's or attention's χ and ‖J‖₂ on tokens, per sample
+        lambda F, k, T: tuple(v / T for v in _measures(F, _exact(total * T, F.h_in, F.h_out), seed + len(net.layers) + k,
+                                                       token_rows(sel, T) if T > 1 else sel)))
     leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel, measure)  # the report's .layers rows
     exact = _exact(total, io.n_in, io.n_out)
     if all(math.isfinite(b["chi_sum"]) for b in blocks):
@@ -327,7 +328,7 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     """The ``BlockFlowReport`` of a (merged) partial of ``BlockChunk``."""
     rows = _finish_rows(p)
     chi = [r.chi for r in rows]
-    gains = [r.chi for r in rows if r.h_in]  # an Embedding (ids in, h_in = 0) has no input Jacobian
+    gains = [r.chi for r in rows if r.kind != "embedding"]  # ids in: an Embedding has no input Jacobian
     verdict, chi_bar, gamma, xi = decide(gains, not all(math.isfinite(c) for c in gains))
     N, (n_in, n_out) = p["count"], p.get("io_widths", (p["sizes"][0], p["sizes"][-1]))
     spectrum = finish_spectrum(p["spectrum"], n_in, min(n_in, n_out), p["spectrum"] is None)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
 from .token_flow import token_rows
-from ..algebra.token_factor import FlatTokens
+from ..algebra.token_factor import FlatTokens, TokenFactor
 from ..core.backend import to_numpy
 from ..nn.layers import Dense, Residual
 
@@ -23,13 +23,16 @@ __all__ = ["finish_leaves", "leaf_partials", "merge_leaves"]
 def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel, measure=None) -> list[dict]:
     """Per parameterised layer its partial over the chunk (``B`` samples; the gradients times
     ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all).
-    ``measure(F, k) -> (Σχ, Σ‖J‖₂)`` of a factor on flattened tokens: on a token batch, a norm's or
-    attention's row gets its χ and ‖J‖₂ so (``jacgrad.flow.token_flow``; None on ``(B, d)`` rows)."""
+    ``measure(F, k, T) -> (Σχ, Σ‖J‖₂)`` per sample of a factor on ``T`` rows per sample: on a token
+    batch, a norm's row gets its token rows' χ and ‖J‖₂, attention's those of its flattened tokens
+    (``jacgrad.flow.token_flow``; None on ``(B, d)`` rows)."""
     rows = []
     for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas)):
         lp = leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
         if measure is not None and "delta2" not in lp and getattr(F, "tokens", None) is not None and F.h_in:
-            lp["chi_sum"], lp["norm_sum"] = measure(FlatTokens(F), k)
+            # per token (norms): its token rows' χ and ‖J‖₂, as a Dense's; attention couples the tokens: per sample
+            lp["chi_sum"], lp["norm_sum"] = (measure(F.inner, k, F.tokens) if isinstance(F, TokenFactor)
+                                             else measure(FlatTokens(F), k, 1))
         rows.append(lp)
     return rows
 

@@ -41,7 +41,7 @@ def block_hints(report) -> list[str]:
         return []
     out: list[str] = []
     blocks = report.blocks
-    finite = [b for b in blocks if math.isfinite(b.chi) and b.h_in]  # an Embedding (h_in = 0): no input Jacobian
+    finite = [b for b in blocks if math.isfinite(b.chi) and b.kind != "embedding"]  # ids in: no input Jacobian
     if len(finite) < len(blocks):
         out.append("the values overflowed (non-finite χ): the weights are far too large for this depth — "
                    "re-initialise smaller before anything else")
