@@ -4,8 +4,10 @@ A per-token layer (Dense, LayerNorm, RMSNorm on ``(B, T, d)``) computes on the `
 input; its factor on those rows (a ``LayerJacobian`` or ``NormFactor`` with ``B·T`` samples) is
 the per-token Jacobian. Per sample the Jacobian is block-diagonal over the tokens; this wrapper
 reshapes ``(B, T, n) ↔ (B·T, n)`` (and cotangent stacks ``(B, R, T, n) ↔ (B·T, R, n)``) around the
-row factor's GEMMs and never forms the ``(T·n_out, T·n_in)`` blocks: ``dense()`` and the spectra
-refuse with a message. T = 1 inputs given as ``(B, d)`` keep the row factor itself.
+row factor's GEMMs and never forms the ``(T·n_out, T·n_in)`` blocks: its ``dense()`` and spectra
+refuse with a message. ``FlatTokens`` is the same factor on each sample's flattened tokens
+``(B, T·n)``: ``Chain.jacobian`` of a token chain brackets those, and builds the per-sample
+``(T·n_out, T·n_in)`` Jacobian. T = 1 inputs given as ``(B, d)`` keep the row factor itself.
 
     >>> import numpy as np, jacgrad as jg
     >>> F = TokenFactor(jg.LayerJacobian(np.ones((6, 2)), np.ones((3, 2))), (2, 3))
@@ -132,8 +134,9 @@ class TokenFactor:
         return self.inner.norm_bound().reshape(self.batch, self.tokens).max(axis=1)
 
     def dense(self, transposed: bool = False):
-        raise ValueError(f"the per-sample Jacobian of a token batch (B={self.batch}, T={self.tokens}) is not built "
-                         f"as a dense (T·{self.h_out}, T·{self.h_in}) array; use vjp/jvp, or give (B, d) inputs")
+        raise ValueError(f"a per-token factor (B={self.batch}, T={self.tokens}) has no dense form of its own rows; the "
+                         f"per-sample (T·{self.h_out}, T·{self.h_in}) Jacobian is FlatTokens(factor).dense() "
+                         f"(Chain.jacobian of a token chain)")
 
     def singular_values(self):
         self.dense()
