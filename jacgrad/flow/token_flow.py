@@ -4,11 +4,16 @@ embedded input, the per-sample cotangents of ``(B, T, n_out)`` outputs, and the 
 per-token layer.
 
 Definitions (``jacgrad.flow.block_flow``, ``layer_rows``): a block's Jacobian on a token batch is
-sample i's ``J_i: (T·n_out, T·n_in)`` of its flattened tokens, and its χ is ``‖J_i‖_F²/(T·n_out)``
-averaged over the samples: the mean over every (sample, token) row of ``‖∂y_{i,t}/∂x_i‖_F²/n_out``,
-the dense report's per-sample χ taken per token row. For a per-token layer (block-diagonal ``J_i``)
-that is the mean of its per-token-row Jacobians' ``‖J_{i,t}‖_F²/n_out``; attention couples the tokens
-and its rows count every token's input. ``‖J‖₂`` is of the whole ``J_i``. An ``Embedding`` has no
+sample i's ``J_i: (T·n_out, T·n_in)`` of its flattened tokens (the row's shape is ``T·n_in x T·n_out``),
+and its χ is ``‖J_i‖_F²/(T·n_out)`` averaged over the samples: the mean over every (sample, token)
+row of ``‖∂y_{i,t}/∂x_i‖_F²/n_out``, the dense report's per-sample χ taken per token row. For a
+per-token layer (block-diagonal ``J_i``) that is the mean of its per-token-row Jacobians'
+``‖J_{i,t}‖_F²/n_out``; attention couples the tokens and its rows count every token's input. A block's
+``‖J‖₂`` and bound are of the whole ``J_i`` (for a per-token block: the largest over its tokens),
+averaged over the samples. The ``.layers`` rows of per-token layers (Dense, norms) are per token row:
+χ, ‖J‖₂ (and a Dense's bound, φ' statistics) averaged over the B·T rows, dead units: a feature whose
+φ' is 0 on every token of every sample; attention's row: χ and ‖J‖₂ of its flattened tokens per
+sample, its gradient norms over its four weights (``grad_norm``) and biases (``bias_grad_norm``). An ``Embedding`` has no
 continuous input (ids): its block has ``h_in = 0`` (χ and ‖J‖₂ are 0 and it is left out of the
 verdict), and the input-output spectrum is that of the embedded input, ``(T·n_out, T·d)``, from
 the chain after the ``Embedding``.
