@@ -136,3 +136,27 @@ def test_embedding_input_reports_the_embedded_spectrum():
     np.testing.assert_allclose(r.jacobian_singular_values, s, rtol=0, atol=1e-10 * s.max())
     chis = [b.chi for b in r.blocks[1:]]
     assert r.chi_bar == pytest.approx(decide(chis)[1], rel=1e-12) and r.verdict == decide(chis)[0]
+
+
+def test_chunked_and_subsampled_token_reports_agree(case):
+    """Under a small ``max_memory`` the batch is measured a chunk of samples at a time: the same
+    numbers; ``norm_samples`` measures ‖J‖₂ over a subsample of samples (all of each one's tokens)."""
+    m, net, x, t, r = case
+    chunked = jg.gradient_flow(net, x, t, max_memory=net_bytes(net, x))
+    for a, b in zip(r.blocks + r.layers, chunked.blocks + chunked.layers):
+        for f in ("chi", "jacobian_norm", "grad_norm"):
+            assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-10), (a, f)
+    np.testing.assert_allclose(chunked.jacobian_singular_values, r.jacobian_singular_values, rtol=1e-10)
+    sub = jg.gradient_flow(net, x, t, norm_samples=1)
+    assert sub.norm_samples == 1
+    with torch.no_grad():
+        z2 = _torch_forward(m[:2])(torch.from_numpy(x))  # the head's input
+    norms = np.linalg.norm(_jac(_torch_forward(m[2]), z2), 2, axis=(1, 2))  # one per sample
+    assert sum(sub.blocks[2].jacobian_norm == pytest.approx(n, rel=1e-9) for n in norms) == 1
+
+
+def net_bytes(net, x):
+    """A ``max_memory`` that fits one sample of ``x`` at a time (``block_report_bytes`` times T)."""
+    from jacgrad.flow.block_flow import block_report_bytes
+
+    return x.shape[1] * block_report_bytes(net) + 1

@@ -32,7 +32,7 @@ from ..algebra.bracketing import stack_jvp
 from ..algebra.chain import Chain
 from ..distributed import reduce_in_memory
 from .report_blocks import BlockFlowReport, block_hints
-from .token_flow import is_token_batch, report_chains, token_rows
+from .token_flow import is_token_batch, reduce_tokens, report_chains, token_rows
 from ..nn.layers import NORMS, leaf_layers
 from ..protocol.layer import anchor as _anchor
 from ..network.sequential import Sequential
@@ -317,10 +317,11 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
         raise ValueError("x has no samples (B = 0); the report needs at least one")
     chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim >= 2 else 0, norm_samples, spectrum_samples)
     targets = () if target is None else (target,)
-    T = int(x.shape[1]) if tokens else 1
-    p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets,
-                         bytes_per_sample=(lambda n: T * block_report_bytes(n)) if tokens else block_report_bytes,
-                         max_memory=max_memory)
+    if tokens:  # chunks of whole samples, T token rows each
+        p = reduce_tokens(chunk, merge_block_partials, net, x, targets, x.shape[1] * block_report_bytes(net), max_memory)
+    else:
+        p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
+                             max_memory=max_memory)
     return report_from_block_partial(p, label=label)
 
 

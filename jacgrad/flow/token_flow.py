@@ -24,8 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..algebra.chain import Chain
+from ..core.backend import get_xp
+from ..distributed.budget import default_max_memory, rows_per_task
 
-__all__ = ["is_token_batch", "report_chains", "token_rows"]
+__all__ = ["is_token_batch", "reduce_tokens", "report_chains", "token_rows"]
 
 
 def is_token_batch(net, x) -> bool:
@@ -50,3 +52,19 @@ def token_rows(sel, tokens: int):
     if sel is None:
         return None
     return (np.asarray(sel, dtype=np.int64)[:, None] * tokens + np.arange(tokens)).reshape(-1)
+
+
+def reduce_tokens(chunk, combine, net, x, targets, bytes_per_sample: int, max_memory):
+    """``distributed.reduce_in_memory`` for a token batch (``jacgrad.distributed`` reads ``(B, n)``
+    rows): ``chunk(net, x[a:b], *targets[a:b], start=a)`` over runs of whole samples that fit in
+    ``max_memory`` (``bytes_per_sample`` each; None: the default budget of a NumPy batch, one go on
+    CuPy), merged by ``combine``."""
+    B = int(x.shape[0])
+    rows = B
+    if get_xp(x) is np or max_memory is not None:
+        rows = rows_per_task(bytes_per_sample, default_max_memory(x) if max_memory is None else max_memory)
+    p = None
+    for a in range(0, B, rows):
+        q = chunk(net, x[a:a + rows], *[t[a:a + rows] for t in targets], start=a)
+        p = q if p is None else combine(p, q)
+    return p
