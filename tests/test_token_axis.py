@@ -178,11 +178,14 @@ def test_unknown_method_is_refused():
         _net().per_sample_grad_norms(x, t, method="ghost")
 
 
-def test_dense_jacobian_of_a_token_batch_is_refused_clearly():
+def test_dense_jacobian_of_a_token_batch_over_max_memory_is_refused_clearly():
     net = _net()
     x, _ = _data()
-    with pytest.raises(ValueError, match=r"token batch.*not built"):
-        net.jacobian(x)
+    B, T = x.shape[:2]
+    with pytest.raises(ValueError, match=rf"jacobian: the per-sample Jacobians of this token batch \(B={B}, T={T}, "
+                                         r".* over max_memory=10 bytes"):
+        net.jacobian(x, max_memory=10)
+    assert net.jacobian(x).shape == (B, T * net.n_out, T * net.n_in)  # tests/test_token_jacobian.py: the numbers
 
 
 def test_chunks_under_max_memory_give_the_same_numbers(ref):

@@ -3,8 +3,8 @@ causal MultiHeadAttention, residual; LayerNorm → Dense-GELU-Dense, residual) �
 integer token ids, against ``torch.func`` on the same torch modules: float64 to 1e-10, float32 to
 1e-4. The network is built twice: by hand from ``jg.layers`` (causal attention) and by
 ``Sequential.from_torch`` of the matching ``nn.Sequential`` (torch keeps masks out of the module,
-so that one is not causal). ``gradient_flow`` refuses token batches, saying so; ``compile`` needs
-``tokens=T`` for them (``test_compiled_tokens``)."""
+so that one is not causal). ``gradient_flow`` reports on token batches (its numbers: tests/test_token_flow.py);
+``compile`` needs ``tokens=T`` for them (``test_compiled_tokens``)."""
 
 import numpy as np
 import pytest
@@ -192,18 +192,18 @@ def test_ggn_vp_and_diagonal(case, prec):
                                atol=rtol * np.abs(ref).max())
 
 
-def test_report_and_compiled_step_refuse_token_batches(case):
+def test_report_takes_token_batches_and_compiled_step_refuses_them(case):
     net, tok, t, _, _ = case
-    with pytest.raises(ValueError, match=r"gradient_flow: x has shape \(3, 5\), a token batch \(B, T\); the report"):
-        jg.gradient_flow(net, tok, t)
+    report = jg.gradient_flow(net, tok, t)
+    assert [b.kind for b in report.blocks] == ["embedding", "residual", "residual", "dense"]
+    assert report.jacobian_singular_values.shape == (B, T * O)  # of the embedded input: (T·O, T·d) per sample, O < d
     with pytest.raises(ValueError, match=r"compile: layer 0 \(Embedding\(11, 8\)\) runs on token batches"):
         net.compile(B)
     with pytest.raises(ValueError, match=r"compile_jacobian: layer 0 \(Embedding"):
         net.compile_jacobian(B)
     body = jg.Sequential(net.layers[1:])  # float (B, T, d) batches, no Embedding
     x = np.random.default_rng(3).standard_normal((B, T, d))
-    with pytest.raises(ValueError, match=r"a token batch \(B, T, 8\)"):
-        jg.gradient_flow(body, x)
+    assert jg.gradient_flow(body, x).blocks[0].h_in == T * d
     with pytest.raises(ValueError, match=r"layer 0\.1 \(MultiHeadAttention\(d=8, heads=2"):
         body.compile(B)
 

@@ -25,6 +25,7 @@ from .jacobian import LayerJacobian
 from .lanczos import top_eigenvalues
 from .spectra import power_spectral_norm, singular_values, spectral_norm_dense
 from . import bracketing as _br
+from .token_factor import DEFAULT_MAX_MEMORY, FlatTokens, token_jacobian_bytes
 
 __all__ = ["Chain", "ORDERS"]
 
@@ -115,6 +116,27 @@ class Chain:
         return Chain([J.rows(sel) for J in self.factors])
 
     @property
+    def tokens(self) -> int | None:
+        """T when the factors act per token on ``(B, T, ·)`` (``TokenFactor``, attention, a residual
+        block of those), else None. Widths are then per token; ``jacobian`` and the spectra are of
+        each sample's flattened tokens, ``(T·n_out, T·n_in)``."""
+        for J in self.factors:
+            T = getattr(J, "tokens", None)
+            if T is None and isinstance(getattr(J, "inner", None), Chain):
+                T = J.inner.tokens
+            if T is not None:
+                return int(T)
+        return None
+
+    def flat_tokens(self) -> "Chain":
+        """A token chain on each sample's flattened tokens: every factor maps ``(B, T·n_in) ->
+        (B, T·n_out)`` (``token_factor.FlatTokens``; a residual block's inner chain likewise).
+        A ``ValueError`` for a chain that is not one of tokens, or mixes token factors with others."""
+        if self.tokens is None:
+            raise ValueError(f"{self!r} holds no token factors: its rows are (B, n) already")
+        return Chain([_flat_factor(J, k) for k, J in enumerate(self.factors)])
+
+    @property
     def widths(self) -> list[int]:
         """``[n_in, H_1, …, n_out]``."""
         return [self.factors[0].h_in] + [J.h_out for J in self.factors]
@@ -190,8 +212,14 @@ class Chain:
             self._plans[order] = _br.plan(order, self.widths, per_sample, self.batch or 1, costs, dense)
         return self._plans[order]
 
-    def jacobian(self, order: str = "auto"):
+    def jacobian(self, order: str = "auto", max_memory: float | None = DEFAULT_MAX_MEMORY):
         """The whole Jacobian: ``(B, n_out, n_in)`` per sample, ``(n_out, n_in)`` when shared.
+
+        A token chain (``tokens`` = T; inputs ``(B, T, n_in)``): each sample's Jacobian of its
+        flattened output by its flattened input, ``(B, T·n_out, T·n_in)`` (index ``t·n + i`` is
+        token t's feature i), bracketed as below on ``flat_tokens()``; a ``ValueError`` when its
+        largest intermediate (``token_factor.token_jacobian_bytes``) exceeds ``max_memory`` bytes
+        (default 1 GiB; None: no limit).
 
         ``order``: ``"forward"`` (accumulate from the input side, cheap when n_in is small),
         ``"reverse"`` (from the output side, cheap when n_out is small) or ``"auto"`` — the
@@ -205,14 +233,29 @@ class Chain:
         ``b·r·row_cost``, see ``bracketing.plan``): "auto" is the cheapest bracketing under
         that model up to EXACT_LIMIT factors; beyond, the cheaper of forward and reverse.
         """
+        if self.tokens is not None:
+            return self._token_check(max_memory, "jacobian").jacobian(order)
         plan = self._plan(order)
         out = _br.evaluate(plan.tree, self.factors, transposed=False)
         return self.xp.ascontiguousarray(out)
 
+    def _token_check(self, max_memory, what: str) -> "Chain":
+        """``flat_tokens()``, after the ``max_memory`` check of a token chain's whole Jacobian."""
+        T, B = self.tokens, self.batch or 1
+        heads = max([getattr(J, "heads", 0) for J in _leaf_factors(self.factors)] + [0])
+        need = token_jacobian_bytes(self.widths, B, T, heads, np.dtype(self.dtype).itemsize)
+        if max_memory is not None and need > max_memory:
+            raise ValueError(f"{what}: the per-sample Jacobians of this token batch (B={B}, T={T}, widths "
+                             f"{'-'.join(map(str, self.widths))}: ({B}, {T * self.n_out}, {T * self.n_in})) pass through "
+                             f"{need:,} bytes, over max_memory={int(max_memory):,} bytes; raise max_memory, "
+                             f"take fewer samples (chain.rows(sel)) or use vjp/jvp and spectral_norm(method='lanczos')")
+        return self.flat_tokens()
+
     # ------------------------------------------------------------------ spectra
-    def singular_values(self, order: str = "auto"):
-        """Exact singular values of the whole Jacobian, descending: ``(B, k)`` or ``(k,)``."""
-        return singular_values(self.jacobian(order))
+    def singular_values(self, order: str = "auto", max_memory: float | None = DEFAULT_MAX_MEMORY):
+        """Exact singular values of the whole Jacobian, descending: ``(B, k)`` or ``(k,)`` (a token
+        chain's: of ``(T·n_out, T·n_in)`` per sample, under ``max_memory`` as ``jacobian``)."""
+        return singular_values(self.jacobian(order, max_memory))
 
     def spectral_norm(self, method: str = "auto", tol: float | None = None, max_iter: int = 1000, seed: int = 0):
         """‖J_K ⋯ J_1‖₂ per sample (``(B,)``) or shared (0-d), on the chain's device.
@@ -227,6 +270,9 @@ class Chain:
         methods = ("auto", "exact", "lanczos", "power")
         if method not in methods:
             raise ValueError(f"method {method!r} is not one of {', '.join(methods)}")
+        if self.tokens is not None:  # of each sample's flattened tokens: (T·n_out, T·n_in)
+            flat = self._token_check(DEFAULT_MAX_MEMORY, "spectral_norm") if method == "exact" else self.flat_tokens()
+            return flat.spectral_norm(method, tol=tol, max_iter=max_iter, seed=seed)
         if method == "auto":
             size = (self.batch or 1) * self.n_out * self.n_in
             method = "exact" if size <= _EXACT_SPECTRAL_LIMIT else "lanczos"
@@ -256,3 +302,23 @@ class Chain:
         for J in self.factors[1:]:
             bound = bound * J.norm_bound()
         return bound
+
+
+def _flat_factor(J, k: int):
+    """Factor ``k`` of a token chain on flattened tokens (``Chain.flat_tokens``)."""
+    if getattr(J, "tokens", None) is not None:
+        return FlatTokens(J)
+    inner = getattr(J, "inner", None)
+    if isinstance(inner, Chain) and inner.tokens is not None:
+        return type(J)(inner.flat_tokens(), J.scale)  # a residual block: I + s·J_inner on the flat rows
+    raise ValueError(f"factor {k} ({J!r}) does not act per token, but the chain's others do: a token chain "
+                     f"needs every factor per token")
+
+
+def _leaf_factors(factors):
+    for J in factors:
+        inner = getattr(J, "inner", None)
+        if isinstance(inner, Chain):
+            yield from _leaf_factors(inner.factors)
+        else:
+            yield J

@@ -4,8 +4,10 @@ A per-token layer (Dense, LayerNorm, RMSNorm on ``(B, T, d)``) computes on the `
 input; its factor on those rows (a ``LayerJacobian`` or ``NormFactor`` with ``B·T`` samples) is
 the per-token Jacobian. Per sample the Jacobian is block-diagonal over the tokens; this wrapper
 reshapes ``(B, T, n) ↔ (B·T, n)`` (and cotangent stacks ``(B, R, T, n) ↔ (B·T, R, n)``) around the
-row factor's GEMMs and never forms the ``(T·n_out, T·n_in)`` blocks: ``dense()`` and the spectra
-refuse with a message. T = 1 inputs given as ``(B, d)`` keep the row factor itself.
+row factor's GEMMs and never forms the ``(T·n_out, T·n_in)`` blocks: its ``dense()`` and spectra
+refuse with a message. ``FlatTokens`` is the same factor on each sample's flattened tokens
+``(B, T·n)``: ``Chain.jacobian`` of a token chain brackets those, and builds the per-sample
+``(T·n_out, T·n_in)`` Jacobian. T = 1 inputs given as ``(B, d)`` keep the row factor itself.
 
     >>> import numpy as np, jacgrad as jg
     >>> F = TokenFactor(jg.LayerJacobian(np.ones((6, 2)), np.ones((3, 2))), (2, 3))
@@ -21,7 +23,10 @@ import numpy as np
 
 from ..core.backend import get_xp
 
-__all__ = ["TokenFactor"]
+__all__ = ["TokenFactor", "FlatTokens", "DEFAULT_MAX_MEMORY", "token_jacobian_bytes"]
+
+# The largest per-sample token Jacobian computation a Chain runs without being asked (bytes; None: no limit).
+DEFAULT_MAX_MEMORY = 1 << 30
 
 
 class TokenFactor:
@@ -129,8 +134,9 @@ class TokenFactor:
         return self.inner.norm_bound().reshape(self.batch, self.tokens).max(axis=1)
 
     def dense(self, transposed: bool = False):
-        raise ValueError(f"the per-sample Jacobian of a token batch (B={self.batch}, T={self.tokens}) is not built "
-                         f"as a dense (T·{self.h_out}, T·{self.h_in}) array; use vjp/jvp, or give (B, d) inputs")
+        raise ValueError(f"a per-token factor (B={self.batch}, T={self.tokens}) has no dense form of its own rows; the "
+                         f"per-sample (T·{self.h_out}, T·{self.h_in}) Jacobian is FlatTokens(factor).dense() "
+                         f"(Chain.jacobian of a token chain)")
 
     def singular_values(self):
         self.dense()
@@ -148,3 +154,96 @@ def _stack_op(J, which: str, S):
     if which == "vjp":
         return get_xp(S).matmul(J.scale_stack(S), J.W.T)
     return J.scale_stack(get_xp(S).matmul(S, J.W), inplace=True)
+
+
+class FlatTokens:
+    """A per-token factor (``tokens`` = T, widths ``n`` per token: a ``TokenFactor``, an
+    ``AttentionFactor``, an ``EmbeddingFactor``) on each sample's flattened tokens: rows
+    ``(B, T·n_in) -> (B, T·n_out)``, stacks ``(B, R, T·n)``; ``h_in = T·n_in``, ``h_out = T·n_out``.
+    It is what ``Chain.jacobian`` of a token chain brackets: ``dense()`` is the sample's whole
+    ``(B, T·n_out, T·n_in)`` Jacobian (block-diagonal over tokens for a ``TokenFactor``, built from
+    its row factor's ``(B·T, n_out, n_in)`` blocks; the factor's own for attention, which couples them).
+
+        >>> import numpy as np, jacgrad as jg
+        >>> F = FlatTokens(TokenFactor(jg.LayerJacobian(np.ones((6, 2)), np.ones((3, 2))), (2, 3)))
+        >>> F.dense().shape, F.jvp(np.ones((2, 9))).shape
+        ((2, 6, 9), (2, 6))
+    """
+
+    __slots__ = ("factor", "batch", "T", "h_in", "h_out")  # T, not tokens: its rows are flat
+
+    def __init__(self, factor: Any):
+        self.factor, self.batch, self.T = factor, factor.batch, factor.tokens
+        self.h_in, self.h_out = self.T * factor.h_in, self.T * factor.h_out
+
+    per_sample = property(lambda self: True)
+    dtype = property(lambda self: self.factor.dtype)
+    xp = property(lambda self: self.factor.xp)
+    anchor = property(lambda self: self.factor.anchor)
+    row_cost = property(lambda self: self.factor.row_cost, doc="the factor's: its rows are whole samples already")
+    dense_cost = property(lambda self: self.factor.dense_cost)
+
+    def __repr__(self) -> str:
+        return f"FlatTokens({self.factor!r})"
+
+    def _tokens(self, a, width: int, what: str):
+        """``a: (B, T·n)`` or a stack ``(B, R, T·n)`` (``(R, T·n)`` broadcast to every sample) as
+        ``(B, [R,] T, n)``."""
+        xp, T = self.xp, self.T
+        if a.ndim == 2 and a.shape[0] != self.batch and a.shape[-1] == T * width:
+            a = xp.broadcast_to(a[None], (self.batch,) + a.shape)
+        if a.ndim not in (2, 3) or a.shape[0] != self.batch or a.shape[-1] != T * width:
+            raise ValueError(f"{what} has shape {tuple(a.shape)} but this token factor maps B={self.batch} samples of "
+                             f"T={T} tokens of width {width}: needs ({self.batch}, [R,] {T * width})")
+        return a.reshape(a.shape[:-1] + (T, width))
+
+    def _flat(self, r):
+        return r.reshape(r.shape[:-2] + (r.shape[-2] * r.shape[-1],))
+
+    def vjp(self, v):
+        """``(B, T·n_out) -> (B, T·n_in)``."""
+        return self._flat(self.factor.vjp(self._tokens(v, self.factor.h_out, "cotangent")))
+
+    def jvp(self, u):
+        """``(B, T·n_in) -> (B, T·n_out)``."""
+        return self._flat(self.factor.jvp(self._tokens(u, self.factor.h_in, "tangent")))
+
+    def vjp_stack(self, A):
+        """``Jᵀ`` on every row of ``A: (B, R, T·n_out)`` (or ``(R, T·n_out)``) -> ``(B, R, T·n_in)``."""
+        A = self._tokens(A, self.factor.h_out, "cotangent stack")
+        if A.ndim == 3:
+            raise ValueError("vjp_stack needs a stack (B, R, T·n_out) or (R, T·n_out)")
+        return self._flat(self.factor.vjp_stack(A))
+
+    def jvp_stack(self, A):
+        """``J`` on every row of ``A: (B, R, T·n_in)`` (or ``(R, T·n_in)``) -> ``(B, R, T·n_out)``."""
+        A = self._tokens(A, self.factor.h_in, "tangent stack")
+        if A.ndim == 3:
+            raise ValueError("jvp_stack needs a stack (B, R, T·n_in) or (R, T·n_in)")
+        return self._flat(self.factor.jvp_stack(A))
+
+    def dense(self, transposed: bool = False):
+        """``(B, T·n_out, T·n_in)`` (or its transpose)."""
+        F = self.factor
+        if not isinstance(F, TokenFactor):
+            return F.dense(transposed=transposed)
+        xp, B, T = self.xp, self.batch, self.T
+        D = F.inner.dense(transposed=transposed)  # (B·T, m, n) per row, or (m, n) shared by the rows
+        m, n = D.shape[-2:]
+        D = xp.broadcast_to(D, (B * T, m, n)).reshape(B, T, m, 1, n)
+        eye = xp.eye(T, dtype=D.dtype).reshape(1, T, 1, T, 1)
+        return (D * eye).reshape(B, T * m, T * n)  # token t's block on the diagonal, zeros elsewhere
+
+    def rows(self, sel) -> "FlatTokens":
+        return FlatTokens(self.factor.rows(sel))
+
+    def norm_bound(self):
+        return self.factor.norm_bound()
+
+
+def token_jacobian_bytes(widths, batch: int, tokens: int, heads: int, itemsize: int) -> int:
+    """Bytes of the largest array a token chain's whole Jacobian passes through: a stack of
+    ``T·w`` rows of ``T·w`` for the widest layer w, or, inside an attention core, of
+    ``(T·w, heads, T, T)`` per sample."""
+    w = max(widths)
+    return int(itemsize) * int(batch) * tokens * w * tokens * max(w, heads * tokens, 1)

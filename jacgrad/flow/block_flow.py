@@ -32,6 +32,7 @@ from ..algebra.bracketing import stack_jvp
 from ..algebra.chain import Chain
 from ..distributed import reduce_in_memory
 from .report_blocks import BlockFlowReport, block_hints
+from .token_flow import is_token_batch, reduce_tokens, report_chains, token_rows
 from ..nn.layers import NORMS, leaf_layers
 from ..protocol.layer import anchor as _anchor
 from ..network.sequential import Sequential
@@ -135,12 +136,13 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
         loss_sum, factor = float(to_numpy(value)) * B, float(B)  # a mean loss: its gradients times B are sums
     g = net.backward(cache, grad_y, input_grad=False)
     chain = net.jacobian_chain(cache)
+    flat, io = report_chains(chain)  # on a token batch: each sample's flattened tokens (jacgrad.flow.token_flow)
     sel = None  # the chunk's rows among the norm subsample (norm_rows: indices into the whole batch)
     if norm_rows is not None:
         lo, hi = np.searchsorted(norm_rows, [start, start + B])
         sel = np.asarray(norm_rows[lo:hi], dtype=np.int64) - start
     blocks, at = [], 0
-    for j, (layer, F) in enumerate(zip(net.layers, chain.factors)):
+    for j, (layer, F) in enumerate(zip(net.layers, flat.factors)):
         n_par = sum(int(p.size) for p in layer.params)
         exact = _exact(total, F.h_in, F.h_out)
         chi_sum, norm_sum = _measures(F, exact, seed + j, sel)
@@ -154,18 +156,22 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
             grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
         at += n_par
-    leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel)  # the report's .layers rows
-    exact = _exact(total, net.n_in, net.n_out)
+    measure = None if chain.tokens is None else (  # a norm's or attention's χ and ‖J‖₂ on tokens, per sample
+        lambda F, k, T: tuple(v / T for v in _measures(F, _exact(total * T, F.h_in, F.h_out), seed + len(net.layers) + k,
+                                                       token_rows(sel, T) if T > 1 else sel)))
+    leaves = leaf_partials(xp, net.layers, chain, g, B, factor, seed, sel, measure)  # the report's .layers rows
+    exact = _exact(total, io.n_in, io.n_out)
     if all(math.isfinite(b["chi_sum"]) for b in blocks):
-        whole = _norm_sum(chain, "exact" if exact else "lanczos", seed, sel)
+        whole = _norm_sum(io, "exact" if exact else "lanczos", seed, sel)
     else:
         whole = math.inf  # a block overflowed: so does the whole Jacobian's norm
-    sv = (spectrum_partial(xp, chain, start, total, spectrum_samples, seed) if spectrum and math.isfinite(whole)
+    sv = (spectrum_partial(xp, io, start, total, spectrum_samples, seed) if spectrum and math.isfinite(whole)
           else None)
     return dict(count=B, spectrum=sv, norm_count=B if sel is None else len(sel), loss=None if loss_sum is None else loss,
                 loss_sum=loss_sum, norm_sum=whole, blocks=blocks, layers=leaves,
                 sizes=net.sizes, activations=[L.activation for L in _dense_layers(net.layers)],
-                has_residual=any(L.kind == "residual" for L in net.layers), norms=sorted(set(_norm_kinds(net.layers))),
+                io_widths=(io.n_in, io.n_out), has_residual=any(L.kind == "residual" for L in net.layers),
+                norms=sorted(set(_norm_kinds(net.layers))),
                 dtype=str(np.dtype(net.dtype)), device="cpu" if xp is np else "gpu")
 
 
@@ -238,30 +244,19 @@ class BlockChunk:
     def __call__(self, net, x, target=None, *, start: int = 0):
         xp = net.xp
         x = xp.asarray(x)
-        _refuse_tokens(net, x)
-        if tuple(x.shape[1:]) != tuple(net.in_shape) or x.ndim < 2:
+        tokens = is_token_batch(net, x)
+        if tuple(x.shape[1 + tokens:]) != tuple(net.in_shape) or x.ndim < 2:
             raise ValueError(f"x has shape {tuple(x.shape)} but the network takes (B, {', '.join(map(str, net.in_shape))}) inputs")
         _check_finite(net, x, start)
         grad_y = None
-        if target is None:
-            B = int(x.shape[0])
-            v = _sample_rng.rows((self.seed,), start, start + B, net.n_out)
+        if target is None:  # a random unit cotangent per sample: of its flattened (T·n_out) output on tokens
+            B, T = int(x.shape[0]), int(x.shape[1]) if tokens else 1
+            v = _sample_rng.rows((self.seed,), start, start + B, T * net.n_out)
             v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
-            grad_y = xp.asarray(v.astype(net.dtype))
+            grad_y = xp.asarray(v.astype(net.dtype).reshape((B, T, net.n_out) if tokens else (B, net.n_out)))
         with np.errstate(all="ignore"):
             return _partial(net, x, target, self.loss, self.seed, grad_y, start, self.total, self.norm_rows,
                             spectrum=True, spectrum_samples=self.spectrum_samples)
-
-
-def _refuse_tokens(net, x) -> None:
-    """A ``ValueError`` for a token batch ``(B, T, *in_shape)`` (token ids ``(B, T)`` into an
-    ``Embedding``): the report's per-block χ, ‖J‖₂ and input-output spectrum read ``(B, n_in)`` rows."""
-    shape = tuple(getattr(x, "shape", ()))
-    if net.takes_tokens and len(shape) == len(net.in_shape) + 2:
-        raise ValueError(f"gradient_flow: x has shape {shape}, a token batch (B, T{', ' if net.in_shape else ''}"
-                         f"{', '.join(map(str, net.in_shape))}); the report (χ, ‖J‖₂ per block, the input-output "
-                         f"spectrum) does not take token batches yet: use per_sample_grad_norms, ntk or "
-                         f"jacobian_chain on them")
 
 
 def _check_finite(net, x, start: int) -> None:
@@ -315,14 +310,18 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
         xp = get_xp(x, _anchor(net.layers))
     except TypeError as exc:
         raise TypeError(f"x and the network live on different devices: {exc}") from None
-    _refuse_tokens(net, x)
-    x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
+    tokens = is_token_batch(net, x)
+    if not (tokens and hasattr(net.layers[0], "check_tokens")):  # token ids are checked by the Embedding
+        x = float_array(x, "x", xp)  # torch (requires_grad too), JAX, DLPack: as gradient_flow of an MLP takes them
     if x.ndim >= 2 and x.shape[0] == 0:
         raise ValueError("x has no samples (B = 0); the report needs at least one")
     chunk = BlockChunk(loss, seed, x.shape[0] if x.ndim >= 2 else 0, norm_samples, spectrum_samples)
     targets = () if target is None else (target,)
-    p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
-                         max_memory=max_memory)
+    if tokens:  # chunks of whole samples, T token rows each
+        p = reduce_tokens(chunk, merge_block_partials, net, x, targets, x.shape[1] * block_report_bytes(net), max_memory)
+    else:
+        p = reduce_in_memory(chunk, merge_block_partials, net, x, *targets, bytes_per_sample=block_report_bytes,
+                             max_memory=max_memory)
     return report_from_block_partial(p, label=label)
 
 
@@ -330,9 +329,10 @@ def report_from_block_partial(p: dict, label: str = "") -> BlockFlowReport:
     """The ``BlockFlowReport`` of a (merged) partial of ``BlockChunk``."""
     rows = _finish_rows(p)
     chi = [r.chi for r in rows]
-    verdict, chi_bar, gamma, xi = decide(chi, not all(math.isfinite(c) for c in chi))
-    N, n_in = p["count"], p["sizes"][0]
-    spectrum = finish_spectrum(p["spectrum"], n_in, min(n_in, p["sizes"][-1]), p["spectrum"] is None)
+    gains = [r.chi for r in rows if r.kind != "embedding"]  # ids in: an Embedding has no input Jacobian
+    verdict, chi_bar, gamma, xi = decide(gains, not all(math.isfinite(c) for c in gains))
+    N, (n_in, n_out) = p["count"], p.get("io_widths", (p["sizes"][0], p["sizes"][-1]))
+    spectrum = finish_spectrum(p["spectrum"], n_in, min(n_in, n_out), p["spectrum"] is None)
     spectrum.pop("jacobian_spectral_norm")  # the blocks' own: over the norm_samples subsample
     first = next((r for r in rows if not math.isfinite(r.chi)), None)
     report = BlockFlowReport(

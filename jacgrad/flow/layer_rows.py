@@ -12,23 +12,36 @@ import math
 import numpy as np
 
 from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
+from .token_flow import token_rows
+from ..algebra.token_factor import FlatTokens, TokenFactor
 from ..core.backend import to_numpy
 from ..nn.layers import Dense, Residual
 
 __all__ = ["finish_leaves", "leaf_partials", "merge_leaves"]
 
 
-def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel) -> list[dict]:
+def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, sel, measure=None) -> list[dict]:
     """Per parameterised layer its partial over the chunk (``B`` samples; the gradients times
-    ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all)."""
-    return [leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
-            for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas))]
+    ``factor``, B for a mean loss); ``sel``: the rows whose ‖J‖₂ is measured (None: all).
+    ``measure(F, k, T) -> (Σχ, Σ‖J‖₂)`` per sample of a factor on ``T`` rows per sample: on a token
+    batch, a norm's row gets its token rows' χ and ‖J‖₂, attention's those of its flattened tokens
+    (``jacgrad.flow.token_flow``; None on ``(B, d)`` rows)."""
+    rows = []
+    for k, (L, F, gr, delta) in enumerate(_leaves(layers, chain.factors, grads.layers, grads.deltas)):
+        lp = leaf_partial(xp, k, L, F, gr, delta, B, factor, seed, sel)
+        if measure is not None and "delta2" not in lp and getattr(F, "tokens", None) is not None and F.h_in:
+            # per token (norms): its token rows' χ and ‖J‖₂, as a Dense's; attention couples the tokens: per sample
+            lp["chi_sum"], lp["norm_sum"] = (measure(F.inner, k, F.tokens) if isinstance(F, TokenFactor)
+                                             else measure(FlatTokens(F), k, 1))
+        rows.append(lp)
+    return rows
 
 
 def merge_leaves(a: list[dict], b: list[dict]) -> list[dict]:
     """Two chunks' leaf partials, merged."""
     return [merge_layer(la, lb) if "delta2" in la else dict(la, grad=la["grad"] + lb["grad"], bias_grad=None
-            if la["bias_grad"] is None else la["bias_grad"] + lb["bias_grad"]) for la, lb in zip(a, b)]
+            if la["bias_grad"] is None else la["bias_grad"] + lb["bias_grad"],
+            **{s: la[s] + lb[s] for s in ("chi_sum", "norm_sum") if s in la}) for la, lb in zip(a, b)]
 
 
 def _leaves(layers, factors, grads, deltas):
@@ -45,12 +58,19 @@ def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, se
     """Leaf ``k``'s sums over the chunk: a Dense's those of an MLP's layer row (``_flow.layer_partial``;
     ``delta2`` None where its δ is not kept); a norm layer's its parameter gradients (times ``factor``)."""
     if isinstance(L, Dense):
+        T = getattr(F, "tokens", None)
+        if T is not None:  # a token batch: the statistics of the B·T token rows (jacgrad.flow.token_flow)
+            F, B, sel = F.inner, B * T, token_rows(sel, T)
+            delta = None if delta is None else delta.reshape(B, L.n_out)
         shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
                       {k: grads["W"] if factor != 1 else grads["W"].copy()},
                       {k: grads["b"] if factor != 1 else grads["b"].copy()})
         lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, False, sel)
         return lp if delta is not None else dict(lp, delta2=None)
     named = [grads[n] * factor for n in L.names]  # fresh arrays: the pooled gradient block is reused
+    if len(named) > 2:  # several (weight, bias) pairs (attention's q, k, v, out): the weights' and the biases' together
+        return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=xp.concatenate([a.ravel() for a in named[::2]]),
+                    bias_grad=xp.concatenate([a.ravel() for a in named[1::2]]))
     return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=named[0], bias_grad=named[1] if len(named) > 1 else None)
 
 
@@ -70,10 +90,13 @@ def finish_leaves(p: dict) -> list[LayerFlow]:
     for k, lp in enumerate(p["layers"]):
         with np.errstate(over="ignore", invalid="ignore"):
             g2, b2 = (math.nan if a is None else float(to_numpy((a * a).sum())) for a in (lp["grad"], lp["bias_grad"]))
-        if "delta2" in lp:
-            rows.append(layer_row(k, lp, N, per, g2, b2))
+        if "delta2" in lp:  # lp["count"]: its rows, N samples or, on a token batch, the N·T token rows
+            rows.append(layer_row(k, lp, lp["count"], per, g2, b2))
         else:
+            measured = "chi_sum" in lp  # a norm or attention on tokens: χ and ‖J‖₂ of its flattened tokens
             rows.append(LayerFlow(k, lp["shape"], lp["activation"], math.sqrt(g2) / per,
-                                  None if lp["bias_grad"] is None else math.sqrt(b2) / per,
-                                  *([None] * 9), finite=math.isfinite(g2) and (lp["bias_grad"] is None or math.isfinite(b2))))
+                                  None if lp["bias_grad"] is None else math.sqrt(b2) / per, None,
+                                  lp["norm_sum"] / (p["norm_count"] or math.nan) if measured else None,
+                                  *([None] * 6), lp["chi_sum"] / N if measured else None,
+                                  finite=math.isfinite(g2) and (lp["bias_grad"] is None or math.isfinite(b2))))
     return rows

@@ -41,7 +41,7 @@ def block_hints(report) -> list[str]:
         return []
     out: list[str] = []
     blocks = report.blocks
-    finite = [b for b in blocks if math.isfinite(b.chi)]
+    finite = [b for b in blocks if math.isfinite(b.chi) and b.kind != "embedding"]  # ids in: no input Jacobian
     if len(finite) < len(blocks):
         out.append("the values overflowed (non-finite χ): the weights are far too large for this depth — "
                    "re-initialise smaller before anything else")
@@ -116,7 +116,8 @@ def block_text(report) -> str:
                      f"samples; every other column over all {report.batch:,}")
     xi = "inf" if math.isinf(report.depth_scale) else f"{report.depth_scale:.3g}"
     g = report.backward_gain
-    lines.append(f"χ̄ = {report.chi_bar:.4g} per block; over {report.depth} blocks the squared gradient norm changes by "
+    gained = sum(b.kind != "embedding" for b in report.blocks)  # ids in: an Embedding is not in Γ
+    lines.append(f"χ̄ = {report.chi_bar:.4g} per block; over {gained} blocks the squared gradient norm changes by "
                  f"Γ = {g:.3g} (×{math.sqrt(g):.3g} in norm); depth scale ξ = {xi} blocks")
     lines.append(f"input-output Jacobian: ‖J‖₂ = {report.jacobian_spectral_norm:.3g}")
     spectrum = report.spectrum_verdict

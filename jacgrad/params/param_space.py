@@ -18,6 +18,7 @@ from typing import Any
 
 from ..core import lazy as _lazy
 from ..algebra import curvature, per_sample
+from ..algebra.token_factor import DEFAULT_MAX_MEMORY as DEFAULT_TOKEN_MEMORY
 from ..nn import loss_hessians, losses
 from . import ntk as _ntk, private
 from ..core.backend import get_xp
@@ -261,11 +262,13 @@ class SequentialParameterSpace:
         ``(N1, N2, n_out, n_out)``, or ``(N1, N2)`` with ``trace=True``."""
         return _ntk.ntk(self, x1, x2, trace=trace, max_memory=max_memory)
 
-    def jacobian(self, x: Any, order: str = "auto"):
+    def jacobian(self, x: Any, order: str = "auto", max_memory: float | None = DEFAULT_TOKEN_MEMORY):
         """``J: (B, n_out, n_in)``, the per-sample input-output Jacobians at ``x: (B, n_in)``: the
-        forward pass, then ``jacobian_chain(cache).jacobian(order)`` (``order``: "auto", the
-        cheapest bracketing, "forward" or "reverse")."""
-        return self.jacobian_chain(self.forward(x)[1]).jacobian(order)
+        forward pass, then ``jacobian_chain(cache).jacobian(order, max_memory)`` (``order``: "auto",
+        the cheapest bracketing, "forward" or "reverse"). A token batch ``(B, T, n_in)``: each
+        sample's ``(T·n_out, T·n_in)`` of its flattened tokens, refused over ``max_memory`` bytes
+        (default 1 GiB; None: no limit; ``Chain.jacobian``)."""
+        return self.jacobian_chain(self.forward(x)[1]).jacobian(order, max_memory)
 
 
 def _rows(a, like=None):
