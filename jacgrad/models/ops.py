@@ -15,6 +15,7 @@ with the arguments normalised to keywords by ``torch.fx.operator_schemas`` (pass
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -218,6 +219,8 @@ def _norm(kind: str) -> Callable:
 def _structural(a: dict, ctx) -> Piece:
     x = a["input"] if "input" in a else a["self"]
     before, after = ctx.shape(x), ctx.shape(ctx.node)
+    if len(before) > 2 and tuple(after) == (before[0], math.prod(before[1:])):
+        return Piece("flatten", (x,))  # an image (B, C, H, W) to (B, C·H·W): a Flatten
     if tuple(before) != tuple(after):
         return _unsupported(f"a reshape from {tuple(before)} to {tuple(after)}: jacgrad layers take (B, n) inputs; "
                             f"per-token (B, T, d) layers come with the token axis")
@@ -274,10 +277,12 @@ OPS: dict[str, tuple[str, Callable]] = {
     "hardswish": ("activation hard_swish", _act("hard_swish")),
     "hardsigmoid": ("activation hard_sigmoid", _act("hard_sigmoid")),
     "log_sigmoid": ("activation log_sigmoid", _act("log_sigmoid")),
-    "view": ("structural (a no-op reshape of (B, n))", _structural),
+    "view": ("structural (a no-op reshape of (B, n)); Flatten from an image (B, C, H, W) to (B, C·H·W)",
+             _structural),
     "reshape": ("structural (a no-op reshape of (B, n))", _structural),
     "_unsafe_view": ("structural (a no-op reshape of (B, n))", _structural),
-    "flatten": ("structural (a no-op flatten of (B, n))", _structural),
+    "flatten": ("structural (a no-op flatten of (B, n)); Flatten from an image (B, C, H, W) to (B, C·H·W)",
+                _structural),
     "alias": ("structural", _structural),
     "clone": ("structural", _structural),
     "contiguous": ("structural", _structural),
@@ -293,19 +298,13 @@ OPS: dict[str, tuple[str, Callable]] = {
 
 # Ops whose jacgrad layer is being written on another branch: "unsupported until merged".
 PENDING: dict[str, str] = {
-    "convolution": "Conv1d / Conv2d (branch j-conv)",
-    "_convolution": "Conv1d / Conv2d (branch j-conv)",
-    "conv1d": "Conv1d (branch j-conv)",
-    "conv2d": "Conv2d (branch j-conv)",
-    "max_pool2d": "MaxPool2d (branch j-conv)",
-    "max_pool2d_with_indices": "MaxPool2d (branch j-conv)",
-    "avg_pool2d": "AvgPool2d (branch j-conv)",
-    "adaptive_avg_pool2d": "AdaptiveAvgPool2d (branch j-conv)",
-    "batch_norm": "BatchNorm1d / BatchNorm2d, eval mode (branch j-conv)",
-    "_native_batch_norm_legit_no_training": "BatchNorm1d / BatchNorm2d, eval mode (branch j-conv)",
     "embedding": "Embedding (branch j-attn)",
     "scaled_dot_product_attention": "MultiHeadAttention (branch j-attn)",
 }
+
+from .ops_conv import CONV_OPS, getitem_piece  # noqa: E402 (its readers use Piece, defined above)
+
+OPS.update(CONV_OPS)
 
 
 def classify(node, ctx) -> Piece:
@@ -321,6 +320,8 @@ def classify(node, ctx) -> Piece:
         if args is not None and args.get("training"):
             return _unsupported("batch norm in training mode normalises by the batch's own statistics: "
                                 "call model.eval() first")
+    if name == "getitem":
+        return getitem_piece(node, ctx)
     if name in PENDING:
         return _unsupported(f"unsupported until merged: its layer, {PENDING[name]}, is not in this build")
     if name.endswith("_") and name[:-1] not in OPS and not name.startswith("_"):
