@@ -3,8 +3,9 @@ jacgrad layer (``jacgrad.models.graph`` walks the graph, this module judges each
 
 One row per op, as in the tables of gates and gradients: the op's name (its overload packet,
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
-the function that reads the node's arguments into a ``Piece``. Ops that other layers will take
-(convolutions, pools, embeddings, attention, eval-mode batch norm) are listed in ``PENDING``:
+the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
+pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``. Ops that other layers will take
+(embeddings, attention) are listed in ``PENDING``:
 they stay "unsupported until merged" until their layer exists, and switching one on is one
 row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
@@ -16,35 +17,13 @@ with the arguments normalised to keywords by ``torch.fx.operator_schemas`` (pass
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from ..elementwise import activations as _activations
+from .ops_conv import CONV_OPS, getitem_piece
+from .piece import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
-
-
-@dataclass
-class Piece:
-    """What one graph node is to the importer.
-
-    ``kind``: ``"dense"`` (``params``: ``W`` and maybe ``b``, each ``(placeholder, transposed)``
-    where ``transposed`` says the torch tensor is ``Wᵀ``), ``"bias"`` (a parameter added after
-    a bias-free matmul), ``"act"`` (``info["name"]``), ``"layernorm"``/``"rmsnorm"``
-    (``params`` gamma/beta, ``info["eps"]``), ``"add"`` (two data operands and ``info["alpha"]``:
-    a residual join), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
-    (computes nothing: views, eval dropout, copies), ``"param"`` (a view of a parameter, e.g. its
-    transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
-    assertions), ``"unsupported"`` (``reason`` says why and what to do).
-    ``data``: the node's data input(s), the values computed from the model's input. An
-    activation spelled as several ops (softsign: ``abs``, ``add``, ``div``) is the ``"act"`` piece of
-    its last node with ``info["parts"]``, its other nodes ``"inert"`` with ``info["part_of"]``."""
-
-    kind: str
-    data: tuple = ()
-    params: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    reason: str = ""
 
 
 def op_name(node) -> str:
@@ -55,10 +34,6 @@ def op_name(node) -> str:
     if name.endswith("_") and not name.startswith("_") and name[:-1] in OPS:
         return name[:-1]
     return name
-
-
-def _unsupported(reason: str) -> Piece:
-    return Piece("unsupported", reason=reason)
 
 
 def _act(family: str, **params) -> Callable:
@@ -301,8 +276,6 @@ PENDING: dict[str, str] = {
     "embedding": "Embedding (branch j-attn)",
     "scaled_dot_product_attention": "MultiHeadAttention (branch j-attn)",
 }
-
-from .ops_conv import CONV_OPS, getitem_piece  # noqa: E402 (its readers use Piece, defined above)
 
 OPS.update(CONV_OPS)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
-from .ops import Piece, _unsupported, op_name
+from .piece import Piece, _unsupported
 
 _TUPLES = ("_native_batch_norm_legit_no_training",)
 
@@ -119,7 +119,7 @@ def getitem_piece(node, ctx) -> Piece:
     """``getitem(t, 0)`` of ``_native_batch_norm_legit_no_training``'s output tuple is its output
     (structural); other getitems are no jacgrad layer."""
     src, index = (node.args + (None, None))[:2]
-    if index == 0 and getattr(src, "op", None) == "call_function" and op_name(src) in _TUPLES:
+    if index == 0 and getattr(src, "op", None) == "call_function" and getattr(getattr(src.target, "overloadpacket", None), "__name__", "") in _TUPLES:
         return Piece("structural", (src,))
     return _unsupported("an element of a tuple-valued op: only the output of an eval-mode batch norm is read")
 
