@@ -119,7 +119,8 @@ def test_stride_dilation_groups_and_a_mean_over_the_image_match_torch():
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="jg.ntk of any Conv1d network fails in conv/leaves.py ntk_add (shapes (B,4,B,4) vs (B,2,B,2)); "
+                   reason="jg.ntk of any Conv1d network fails in conv/leaves.py ntk_add (shapes (B,4,B,4) vs "
+                          "(B,2,B,2)); "
                           "Sequential.from_torch gives the same network and the same error: a conv-layer bug, not the "
                           "importer's. Forward, gradients and per-sample norms are checked (and pass) before the NTK")
 def test_a_conv1d_model_matches_torch():

@@ -51,7 +51,8 @@ def build_layers(cap, copy: bool, dtype) -> None:
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
     cap.layers = _layers(cap, specs, "", conv)
     if cap.in_shape is not None and not type(cap.layers[0]).__module__.startswith("jacgrad.conv"):
-        raise TypeError(f"{cap.name}: the example input is (B, {', '.join(map(str, cap.in_shape))}) but the first layer "
+        shape = ", ".join(map(str, cap.in_shape))
+        raise TypeError(f"{cap.name}: the example input is (B, {shape}) but the first layer "
                         f"is {cap.layers[0]!r}: jacgrad takes (B, n) inputs, or images into a convolution, pool, "
                         f"BatchNorm or Flatten (per-token (B, T, d) layers come with the token axis)")
     modules = {}

@@ -25,7 +25,8 @@ simply applied twice. Inputs and outputs are ``(B, n)``, or images ``(B, C, L)``
 convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
 ``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
 after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);
-a residual join around convolutions is refused. Per-token ``(B, T, d)`` layers come with the token axis. A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
+a residual join around convolutions is refused. Per-token ``(B, T, d)`` layers come with the token axis.
+A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
 ``Sequential.from_torch`` does (``jacgrad.io.interop.torch.TorchLink``): after ``model.double()`` or
@@ -195,7 +196,8 @@ def from_torch(model, example_inputs, copy: bool = False, dtype=None):
     """The ``jacgrad.Sequential`` computing the torch ``model`` (any ``nn.Module`` that
     ``torch.export`` traces and whose graph is a chain of layers and residual blocks; see the
     module docstring for what is read and what is refused). ``example_inputs``: one tensor
-    ``(B, n)`` or ``(B, C, H, W)`` / ``(B, C, L)`` (or a tuple of one), used only to trace. ``copy=False`` (the default) shares the
+    ``(B, n)`` or ``(B, C, H, W)`` / ``(B, C, L)`` (or a tuple of one), used only to trace.
+    ``copy=False`` (the default) shares the
     parameters' memory: an optimiser's in-place steps are seen, and a re-allocation
     (``model.double()``, ``.to()``) is an error at the next call; ``copy=True`` copies them.
     ``dtype``: cast every parameter to float32/float64 (a copy).

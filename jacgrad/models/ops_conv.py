@@ -119,7 +119,8 @@ def getitem_piece(node, ctx) -> Piece:
     """``getitem(t, 0)`` of ``_native_batch_norm_legit_no_training``'s output tuple is its output
     (structural); other getitems are no jacgrad layer."""
     src, index = (node.args + (None, None))[:2]
-    if index == 0 and getattr(src, "op", None) == "call_function" and getattr(getattr(src.target, "overloadpacket", None), "__name__", "") in _TUPLES:
+    op = getattr(getattr(getattr(src, "target", None), "overloadpacket", None), "__name__", "")
+    if index == 0 and getattr(src, "op", None) == "call_function" and op in _TUPLES:
         return Piece("structural", (src,))
     return _unsupported("an element of a tuple-valued op: only the output of an eval-mode batch norm is read")
 
