@@ -360,12 +360,16 @@ def test_layers_out_of_place_are_listed_with_the_unsupported_ops():
     assert {r.node: r.layer for r in out.rows}["layer_norm"] == "LayerNorm"
 
 
-def test_batch_norm_in_training_mode_is_refused_and_eval_mode_waits_for_its_layer():
-    model = WithBatchNorm()
+def test_batch_norm_in_training_mode_is_refused_and_eval_mode_is_a_batchnorm1d():
+    model = _model(WithBatchNorm, torch.float64)
     with pytest.raises(TypeError, match=r"batch norm in training mode.*model\.eval\(\)"):
         jg.from_torch(model.train(), torch.randn(3, 4))
-    with pytest.raises(TypeError, match=r"unsupported until merged: its layer, BatchNorm1d"):
-        jg.from_torch(model.eval(), torch.randn(3, 4))
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5), model.bn.running_var.uniform_(0.5, 1.5)
+    x = np.random.default_rng(4).standard_normal((5, 4))
+    net = jg.from_torch(model.eval(), torch.as_tensor(x))
+    assert [type(L).__name__ for L in net.layers] == ["Dense", "BatchNorm1d"]
+    _check_against_torch(model, net, x, 1e-10)
 
 
 def test_two_outputs_are_refused():
@@ -389,8 +393,10 @@ def test_a_concatenated_skip_is_listed_and_said_to_end_the_chain():
 
 
 def test_a_token_axis_model_is_refused_until_the_token_axis_exists():
-    with pytest.raises(TypeError, match=r"\(B, n\) inputs.*token axis"):
-        jg.from_torch(MixerTokens(), torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match=r"transposing an activation \(token mixing\) needs the token axis"):
+        jg.from_torch(MixerTokens(), torch.randn(2, 5, 4))
+    with pytest.raises(TypeError, match=r"example input is \(B, 5, 4\) but the first layer is Dense.*token axis"):
+        jg.from_torch(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(15, 2)), torch.randn(2, 5, 4))
 
 
 # ---------------------------------------------------------------------------- the op table

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn.layers import Activation, Dense, LayerNorm, Residual, RMSNorm
+from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
+from ..conv.layers import Conv1d, Conv2d
+from ..conv.pools import Flatten
 from .explain import unsupported_error
 
 __all__ = ["build_layers"]
@@ -47,6 +50,11 @@ def build_layers(cap, copy: bool, dtype) -> None:
     xp = np if not params or params[0].device.type == "cpu" else get_xp(asarray(params[0].detach()))
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
     cap.layers = _layers(cap, specs, "", conv)
+    if cap.in_shape is not None and not type(cap.layers[0]).__module__.startswith("jacgrad.conv"):
+        shape = ", ".join(map(str, cap.in_shape))
+        raise TypeError(f"{cap.name}: the example input is (B, {shape}) but the first layer "
+                        f"is {cap.layers[0]!r}: jacgrad takes (B, n) inputs, or images into a convolution, pool, "
+                        f"BatchNorm or Flatten (per-token (B, T, d) layers come with the token axis)")
     modules = {}
     for name, _ in cap.sources:
         if name is None:
@@ -184,7 +192,14 @@ def _specs(items, problems: list) -> list:
                 and last["act"] is None:
             last["params"].update(piece.params)
             last["nodes"].append(node)
-        elif piece.kind == "act" and last and last["kind"] == "dense" and last["act"] is None:
+        elif piece.kind in ("conv", "batchnorm"):
+            specs.append({"kind": piece.kind, "params": dict(piece.params), "info": piece.info, "act": None,
+                          "nodes": [node]})
+        elif piece.kind == "pool":  # a mean over H, W without keepdim: the pool and a Flatten
+            specs += [{"kind": "pool", "params": {}, "make": make, "nodes": [node]} for make in piece.info["make"]]
+        elif piece.kind == "flatten":
+            specs.append({"kind": "flatten", "params": {}, "nodes": [node]})
+        elif piece.kind == "act" and last and last["kind"] in ("dense", "conv", "batchnorm") and last["act"] is None:
             last["act"] = piece.info["name"]
             last["nodes"] += [node, *piece.info.get("parts", ())]
         elif piece.kind == "act":  # after a norm, a residual join or another activation: a layer of its own
@@ -207,12 +222,20 @@ def _layers(cap, specs, prefix: str, conv) -> list:
         at = f"layer {prefix}{len(out)}"
         if isinstance(spec, tuple):
             _, join, scales, scale, inner = spec
-            layer = Residual(_layers(cap, inner, f"{prefix}{len(out)}.", conv), scale)
+            inner_layers = _layers(cap, inner, f"{prefix}{len(out)}.", conv)
+            if any(type(L).__module__.startswith("jacgrad.conv") for L in inner_layers):
+                raise TypeError(f"{cap.name}: the residual join {_place(cap, join)} is around convolutional layers: "
+                                f"jacgrad's Residual takes (B, n) layers only, not images (a ResNet block is not "
+                                f"supported yet)")
+            layer = Residual(inner_layers, scale)
             for n in [join] + scales:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
         else:
             roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
-                     "activation": ()}[spec["kind"]]
+                     "activation": (), "pool": (), "flatten": ()}.get(spec["kind"])
+            if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
+                roles = tuple(spec["params"])
+            spec.update(cap=cap, at=at)
             arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}
             layer = Activation(spec["act"], cap.shape(spec["nodes"][0])[-1]) if spec["kind"] == "activation" \
                 else _make(spec, arrays, conv)
@@ -236,6 +259,20 @@ def _array(cap, conv, param, what: str):
 
 
 def _make(spec: dict, a: dict, conv):
+    kind, info = spec["kind"], spec.get("info", {})
+    if kind == "conv":
+        cls = Conv1d if info["dims"] == 1 else Conv2d
+        return cls(a["W"], a.get("b"), stride=info["stride"], padding=info["padding"], dilation=info["dilation"],
+                   groups=info["groups"], activation=spec["act"] or "identity")
+    if kind == "batchnorm":
+        cls = BatchNorm1d if info["dims"] == 1 else BatchNorm2d
+        mean, var = (conv(spec["cap"].tensor(ph), f"{spec['at']}: {spec['cap'].buffer_names[ph.name]!r}")
+                     for ph in info["stats"])
+        return cls(a.get("weight"), a.get("bias"), mean, var, eps=info["eps"], activation=spec["act"] or "identity")
+    if kind == "pool":
+        return spec["make"]()
+    if kind == "flatten":
+        return Flatten()
     if spec["kind"] == "dense":
         return Dense(a["W"], a.get("b"), spec["act"] or "identity")
     n, eps = spec["info"]["width"], spec["info"]["eps"]

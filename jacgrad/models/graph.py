@@ -21,8 +21,12 @@ of layers and residual blocks — concatenated skips, a value used by two branch
 re-used ``nn.Linear`` or tied weights (a ``ValueError`` naming both uses and the parameter's torch
 names: jacgrad has no parameter sharing yet, and two independent copies would count it twice and
 split its gradient). A parameter-free module used twice (one ``nn.ReLU`` after two Linears) is
-simply applied twice. Inputs and outputs are ``(B, n)``: per-token ``(B, T, d)`` layers come with the
-token axis. A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
+simply applied twice. Inputs and outputs are ``(B, n)``, or images ``(B, C, L)`` / ``(B, C, H, W)`` into a
+convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
+``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
+after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);
+a residual join around convolutions is refused. Per-token ``(B, T, d)`` layers come with the token axis.
+A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
 ``Sequential.from_torch`` does (``jacgrad.io.interop.torch.TorchLink``): after ``model.double()`` or
@@ -60,13 +64,15 @@ class Capture:
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"example_inputs must be one tensor (B, n) or a tuple of one; got "
                             f"{[type(a).__name__ for a in args]}")
-        if args[0].ndim != 2:
-            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs "
-                            f"(per-token (B, T, d) layers come with the token axis)")
+        if args[0].ndim not in (2, 3, 4):
+            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs, "
+                            f"or images (B, C, L) / (B, C, H, W) for convolutional models")
+        self.in_shape = tuple(args[0].shape[1:]) if args[0].ndim > 2 else None
         ep = _export(torch, model, args)
         self.graph = ep.graph
         sig = ep.graph_signature
         self.param_names = dict(sig.inputs_to_parameters)
+        self.buffer_names = dict(sig.inputs_to_buffers)
         data_inputs = set(sig.user_inputs)
         self.data: set = set()
         for n in self.graph.nodes:
@@ -108,6 +114,10 @@ class Capture:
                 return inner[0], inner[1] != self._swaps(x)
         return None
 
+    def buffer(self, x):
+        """The placeholder ``x`` when it is a buffer of the model (batch norm's running statistics), else None."""
+        return x if getattr(x, "op", None) == "placeholder" and x.name in self.buffer_names else None
+
     def _swaps(self, node) -> bool:
         """Whether the view ``node`` of a 2-D tensor swaps its axes (``transpose(0, 0)`` does not)."""
         a, name = self.arguments(node) or {}, op_name(node)
@@ -132,6 +142,8 @@ class Capture:
         return [k for k, q in self.model.named_parameters(remove_duplicate=False) if q is p]
 
     def tensor(self, placeholder):
+        if placeholder.name in self.buffer_names:
+            return self.model.get_buffer(self.buffer_names[placeholder.name])
         return self.model.get_parameter(self.param_names[placeholder.name])
 
 
@@ -165,7 +177,8 @@ def _label(piece: Piece) -> str:
     return {"structural": "structural (no layer)", "param": "a view of a parameter (read by its use)",
             "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
             "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",
-            "scale": "the scale of a residual branch"}[piece.kind]
+            "scale": "the scale of a residual branch", "conv": f"Conv{piece.info.get('dims')}d",
+            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:
@@ -183,7 +196,8 @@ def from_torch(model, example_inputs, copy: bool = False, dtype=None):
     """The ``jacgrad.Sequential`` computing the torch ``model`` (any ``nn.Module`` that
     ``torch.export`` traces and whose graph is a chain of layers and residual blocks; see the
     module docstring for what is read and what is refused). ``example_inputs``: one tensor
-    ``(B, n)`` (or a tuple of one), used only to trace. ``copy=False`` (the default) shares the
+    ``(B, n)`` or ``(B, C, H, W)`` / ``(B, C, L)`` (or a tuple of one), used only to trace.
+    ``copy=False`` (the default) shares the
     parameters' memory: an optimiser's in-place steps are seen, and a re-allocation
     (``model.double()``, ``.to()``) is an error at the next call; ``copy=True`` copies them.
     ``dtype``: cast every parameter to float32/float64 (a copy).
@@ -202,7 +216,7 @@ def from_torch(model, example_inputs, copy: bool = False, dtype=None):
     from ..network.sequential import Sequential
 
     cap = capture(model, example_inputs, copy=copy, dtype=dtype)
-    net = Sequential(cap.layers)
+    net = Sequential(cap.layers, in_shape=cap.in_shape)
     net._origin = cap.origin
     return net
 

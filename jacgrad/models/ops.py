@@ -3,8 +3,9 @@ jacgrad layer (``jacgrad.models.graph`` walks the graph, this module judges each
 
 One row per op, as in the tables of gates and gradients: the op's name (its overload packet,
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
-the function that reads the node's arguments into a ``Piece``. Ops that other layers will take
-(convolutions, pools, embeddings, attention, eval-mode batch norm) are listed in ``PENDING``:
+the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
+pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``. Ops that other layers will take
+(embeddings, attention) are listed in ``PENDING``:
 they stay "unsupported until merged" until their layer exists, and switching one on is one
 row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
@@ -15,35 +16,14 @@ with the arguments normalised to keywords by ``torch.fx.operator_schemas`` (pass
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import math
+from typing import Callable
 
 from ..elementwise import activations as _activations
+from .ops_conv import CONV_OPS, getitem_piece
+from .piece import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
-
-
-@dataclass
-class Piece:
-    """What one graph node is to the importer.
-
-    ``kind``: ``"dense"`` (``params``: ``W`` and maybe ``b``, each ``(placeholder, transposed)``
-    where ``transposed`` says the torch tensor is ``Wᵀ``), ``"bias"`` (a parameter added after
-    a bias-free matmul), ``"act"`` (``info["name"]``), ``"layernorm"``/``"rmsnorm"``
-    (``params`` gamma/beta, ``info["eps"]``), ``"add"`` (two data operands and ``info["alpha"]``:
-    a residual join), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
-    (computes nothing: views, eval dropout, copies), ``"param"`` (a view of a parameter, e.g. its
-    transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
-    assertions), ``"unsupported"`` (``reason`` says why and what to do).
-    ``data``: the node's data input(s), the values computed from the model's input. An
-    activation spelled as several ops (softsign: ``abs``, ``add``, ``div``) is the ``"act"`` piece of
-    its last node with ``info["parts"]``, its other nodes ``"inert"`` with ``info["part_of"]``."""
-
-    kind: str
-    data: tuple = ()
-    params: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    reason: str = ""
 
 
 def op_name(node) -> str:
@@ -54,10 +34,6 @@ def op_name(node) -> str:
     if name.endswith("_") and not name.startswith("_") and name[:-1] in OPS:
         return name[:-1]
     return name
-
-
-def _unsupported(reason: str) -> Piece:
-    return Piece("unsupported", reason=reason)
 
 
 def _act(family: str, **params) -> Callable:
@@ -218,6 +194,8 @@ def _norm(kind: str) -> Callable:
 def _structural(a: dict, ctx) -> Piece:
     x = a["input"] if "input" in a else a["self"]
     before, after = ctx.shape(x), ctx.shape(ctx.node)
+    if len(before) > 2 and tuple(after) == (before[0], math.prod(before[1:])):
+        return Piece("flatten", (x,))  # an image (B, C, H, W) to (B, C·H·W): a Flatten
     if tuple(before) != tuple(after):
         return _unsupported(f"a reshape from {tuple(before)} to {tuple(after)}: jacgrad layers take (B, n) inputs; "
                             f"per-token (B, T, d) layers come with the token axis")
@@ -274,10 +252,12 @@ OPS: dict[str, tuple[str, Callable]] = {
     "hardswish": ("activation hard_swish", _act("hard_swish")),
     "hardsigmoid": ("activation hard_sigmoid", _act("hard_sigmoid")),
     "log_sigmoid": ("activation log_sigmoid", _act("log_sigmoid")),
-    "view": ("structural (a no-op reshape of (B, n))", _structural),
+    "view": ("structural (a no-op reshape of (B, n)); Flatten from an image (B, C, H, W) to (B, C·H·W)",
+             _structural),
     "reshape": ("structural (a no-op reshape of (B, n))", _structural),
     "_unsafe_view": ("structural (a no-op reshape of (B, n))", _structural),
-    "flatten": ("structural (a no-op flatten of (B, n))", _structural),
+    "flatten": ("structural (a no-op flatten of (B, n)); Flatten from an image (B, C, H, W) to (B, C·H·W)",
+                _structural),
     "alias": ("structural", _structural),
     "clone": ("structural", _structural),
     "contiguous": ("structural", _structural),
@@ -293,19 +273,11 @@ OPS: dict[str, tuple[str, Callable]] = {
 
 # Ops whose jacgrad layer is being written on another branch: "unsupported until merged".
 PENDING: dict[str, str] = {
-    "convolution": "Conv1d / Conv2d (branch j-conv)",
-    "_convolution": "Conv1d / Conv2d (branch j-conv)",
-    "conv1d": "Conv1d (branch j-conv)",
-    "conv2d": "Conv2d (branch j-conv)",
-    "max_pool2d": "MaxPool2d (branch j-conv)",
-    "max_pool2d_with_indices": "MaxPool2d (branch j-conv)",
-    "avg_pool2d": "AvgPool2d (branch j-conv)",
-    "adaptive_avg_pool2d": "AdaptiveAvgPool2d (branch j-conv)",
-    "batch_norm": "BatchNorm1d / BatchNorm2d, eval mode (branch j-conv)",
-    "_native_batch_norm_legit_no_training": "BatchNorm1d / BatchNorm2d, eval mode (branch j-conv)",
     "embedding": "Embedding (branch j-attn)",
     "scaled_dot_product_attention": "MultiHeadAttention (branch j-attn)",
 }
+
+OPS.update(CONV_OPS)
 
 
 def classify(node, ctx) -> Piece:
@@ -321,6 +293,8 @@ def classify(node, ctx) -> Piece:
         if args is not None and args.get("training"):
             return _unsupported("batch norm in training mode normalises by the batch's own statistics: "
                                 "call model.eval() first")
+    if name == "getitem":
+        return getitem_piece(node, ctx)
     if name in PENDING:
         return _unsupported(f"unsupported until merged: its layer, {PENDING[name]}, is not in this build")
     if name.endswith("_") and name[:-1] not in OPS and not name.startswith("_"):
