@@ -127,7 +127,7 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
                 or (x.ndim == 3 and x.shape[1] != x1.shape[1]):
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "
                              f"needs (N, {net.sizes[0]})" + (f" or (N, T, {net.sizes[0]}) with x1's T" if tokens else ""))
-    T = x1.shape[1] if x1.ndim == 3 or ids else 1
+    T = x1.shape[1] if ids or (image is None and x1.ndim == 3) else 1  # (N, C, L) images have no token axis
     N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * T
     shape = (N1, N2) if trace else (N1, O, N2, O)
     out = xp.zeros(shape, dtype=net.dtype)
