@@ -6,7 +6,7 @@ One row per op, as in the tables of gates and gradients: the op's name (its over
 the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
 pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``. Ops that other layers will take
 (embeddings, attention) are listed in ``PENDING``:
-they stay "unsupported until merged" until their layer exists, and switching one on is one
+they stay "not read from the graph yet" until the graph importer builds their layer, and switching one on is one
 row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
 
@@ -271,10 +271,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "sym_size": ("nothing (a shape read)", _inert),
 }
 
-# Ops whose jacgrad layer is being written on another branch: "unsupported until merged".
+# Ops whose jacgrad layer exists but which the graph importer does not build yet: such models come
+# in through Sequential.from_torch (its module walk reads nn.Embedding and nn.MultiheadAttention).
 PENDING: dict[str, str] = {
-    "embedding": "Embedding (branch j-attn)",
-    "scaled_dot_product_attention": "MultiHeadAttention (branch j-attn)",
+    "embedding": "Embedding (import the model with jg.Sequential.from_torch)",
+    "scaled_dot_product_attention": "MultiHeadAttention (import the model with jg.Sequential.from_torch)",
 }
 
 OPS.update(CONV_OPS)
@@ -296,7 +297,7 @@ def classify(node, ctx) -> Piece:
     if name == "getitem":
         return getitem_piece(node, ctx)
     if name in PENDING:
-        return _unsupported(f"unsupported until merged: its layer, {PENDING[name]}, is not in this build")
+        return _unsupported(f"not read from the graph yet: {PENDING[name]}")
     if name.endswith("_") and name[:-1] not in OPS and not name.startswith("_"):
         return _unsupported("an in-place update (of a buffer or an input): call model.eval() for batch norm, "
                             "or write the model without it")
@@ -318,5 +319,5 @@ def supported_ops_markdown() -> str:
     """
     lines = ["| ATen op | jacgrad layer |", "|---|---|"]
     lines += [f"| `aten.{name}` | {what} |" for name, (what, _) in OPS.items()]
-    lines += [f"| `aten.{name}` | unsupported until merged: {what} |" for name, what in PENDING.items()]
+    lines += [f"| `aten.{name}` | not read from the graph yet: {what} |" for name, what in PENDING.items()]
     return "\n".join(lines) + "\n"
