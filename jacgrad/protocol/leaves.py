@@ -34,6 +34,8 @@ Every leaf kind implements the same methods (``n_arrays`` arrays, in the layer's
 
 from __future__ import annotations
 
+import operator
+
 from typing import Any, Sequence
 
 from ..cuda.gemm import matmul_into
@@ -64,6 +66,21 @@ def _counted(counted, n: int) -> list:
 def _one(x, axis: int = 1):
     """A one-token array with its token axis dropped (T = 1 runs the 2-D formulas, bit for bit)."""
     return x[(slice(None),) * axis + (0,)] if x.ndim == axis + 2 and x.shape[axis] == 1 else x
+
+
+def _leaf_jvp(weight, a, v: Sequence[Any], base):
+    """The output tangent of a leaf ``y = weight(a, W) [+ b]`` in the direction ``v = [Ẇ, (ḃ)]``,
+    plus ``base`` (the tangent already arriving there, or None): ``weight(a, Ẇ) + base + ḃ``
+    (``a @ Ẇ`` for a dense leaf, ``a ⊙ γ̇`` for an elementwise one); a one-token ``a`` runs the
+    2-D formula (T = 1 bit for bit)."""
+    if a.ndim == 3 and a.shape[1] == 1:
+        return _leaf_jvp(weight, a[:, 0], v, None if base is None else base[:, 0])[:, None]
+    out = weight(a, v[0])
+    if base is not None:
+        out += base
+    if len(v) > 1:
+        out += v[1]
+    return out
 
 
 def _grads_w(a, delta):
@@ -180,14 +197,7 @@ class TokenDenseLeaf:
         return xp.concatenate([J, G.sum(axis=2)], axis=2) if self.bias else J
 
     def jvp(self, a, v: Sequence[Any], base):
-        if a.ndim == 3 and a.shape[1] == 1:
-            return self.jvp(a[:, 0], v, None if base is None else base[:, 0])[:, None]
-        out = a @ v[0]
-        if base is not None:
-            out += base
-        if len(v) > 1:
-            out += v[1]
-        return out
+        return _leaf_jvp(operator.matmul, a, v, base)
 
     def ggn_diag_add(self, outs: Sequence[Any], a, G, scale: float) -> None:
         a, G = _one(a), _one(G, 2)
@@ -269,14 +279,7 @@ class ElementwiseLeaf:
             out += _gram(Ga.sum(axis=2), Gb.sum(axis=2), trace)
 
     def jvp(self, a, v: Sequence[Any], base):
-        if a.ndim == 3 and a.shape[1] == 1:
-            return self.jvp(a[:, 0], v, None if base is None else base[:, 0])[:, None]
-        out = a * v[0]
-        if base is not None:
-            out += base
-        if len(v) > 1:
-            out += v[1]
-        return out
+        return _leaf_jvp(operator.mul, a, v, base)
 
     def ggn_diag_add(self, outs: Sequence[Any], a, G, scale: float) -> None:
         a, G = _one(a), _one(G, 2)
