@@ -191,7 +191,7 @@ def _squeeze(a: dict, ctx) -> Piece:
         if ctx.is_data(x) and len(ctx.shape(x)) == 3 and ctx.shape(src)[1] == 1:
             index = int(start) + (T if int(start) < 0 else 0)
             d = ctx.shape(x)[2]
-            return _layer(f"SelectToken({index})", x, lambda arr: SelectToken(index, d))
+            return _layer(f"SelectToken({index})", src, lambda arr: SelectToken(index, d))  # the slice: structural
     return _unsupported("squeeze: only of a one-token slice x[:, i:i+1] (SelectToken) is a jacgrad layer")
 
 
