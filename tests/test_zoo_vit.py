@@ -151,3 +151,16 @@ def test_tiny_vit_with_attention_is_not_read_from_the_graph_yet():
     x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"scaled_dot_product_attention.*not read from the graph yet"):
         jg.from_torch(model, (x,))
+
+
+def test_timm_vit_tiny_explain_covers_all_but_attention():
+    """timm's ``vit_tiny_patch16_224`` (random weights): every node ``jg.explain`` cannot read is inside an
+    attention module, so every parameter outside attention is covered. Skips without timm (timm 1.0.31
+    imports torchvision at import time; neither is a jacgrad dependency). Not yet run where timm imports."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    ex = jg.explain(model, (torch.randn(2, 3, 224, 224),))
+    outside = [r for r in ex.rows if not r.supported and ".attn" not in r.module]
+    assert not outside, f"unsupported outside attention: {[(r.node, r.op, r.layer) for r in outside]}"
+    rows = {r.op: r.layer for r in ex.rows}
+    assert "ClassToken" in rows["cat"] and "select" in rows
