@@ -164,3 +164,20 @@ def test_timm_vit_tiny_explain_covers_all_but_attention():
     assert not outside, f"unsupported outside attention: {[(r.node, r.op, r.layer) for r in outside]}"
     rows = {r.op: r.layer for r in ex.rows}
     assert "ClassToken" in rows["cat"] and "select" in rows
+
+
+def test_tiny_vit_compiled_and_private_steps():
+    """``net.compile(B)`` of the imported ViT gives the numbers of ``loss_and_grads`` bitwise; the private
+    step (clip, no noise) those of ``clipped_grad``."""
+    model = _model(np.float64)
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((4, 3, 8, 8)), rng.standard_normal((4, 3))
+    net = jg.from_torch(model, (torch.tensor(x),))
+    value, g = net.loss_and_grads(x, t)
+    step = net.compile(4)
+    for _ in range(2):
+        v2, g2 = step(x, t)
+        assert v2 == value
+        np.testing.assert_array_equal(g2.flat, g.flat)
+    private = net.compile(4, clip=0.5, noise_multiplier=0.0, input_grad=False)
+    np.testing.assert_allclose(private(x, t)[1].flat, net.clipped_grad(x, t, max_norm=0.5).flat, rtol=1e-12, atol=1e-15)
