@@ -205,6 +205,8 @@ def _specs(items, problems: list) -> list:
         elif piece.kind == "act":  # after a norm, a residual join or another activation: a layer of its own
             specs.append({"kind": "activation", "act": piece.info["name"], "params": {},
                           "nodes": [node, *piece.info.get("parts", ())]})
+        elif piece.kind == "layer":  # one layer its op reader makes (ops_vit: the token layers)
+            specs.append({"kind": "layer", "params": dict(piece.params), "make": piece.info["make"], "nodes": [node]})
         elif piece.kind in ("layernorm", "rmsnorm"):
             specs.append({"kind": piece.kind, "params": piece.params, "info": piece.info, "nodes": [node]})
         else:
@@ -271,6 +273,8 @@ def _make(spec: dict, a: dict, conv):
         return cls(a.get("weight"), a.get("bias"), mean, var, eps=info["eps"], activation=spec["act"] or "identity")
     if kind == "pool":
         return spec["make"]()
+    if kind == "layer":
+        return spec["make"](a)
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":

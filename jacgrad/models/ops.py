@@ -4,7 +4,8 @@ jacgrad layer (``jacgrad.models.graph`` walks the graph, this module judges each
 One row per op, as in the tables of gates and gradients: the op's name (its overload packet,
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
 the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
-pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``. Ops that other layers will take
+pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``, a ViT's token plumbing (patch tokens,
+class token, positional embedding, token read-outs) in ``jacgrad.models.ops_vit``. Ops that other layers will take
 (embeddings, attention) are listed in ``PENDING``:
 they stay "not read from the graph yet" until the graph importer builds their layer, and switching one on is one
 row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
@@ -21,6 +22,7 @@ from typing import Callable
 
 from ..elementwise import activations as _activations
 from .ops_conv import CONV_OPS, getitem_piece
+from .ops_vit import vit_ops
 from .piece import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
@@ -279,6 +281,7 @@ PENDING: dict[str, str] = {
 }
 
 OPS.update(CONV_OPS)
+OPS.update(vit_ops(OPS))  # the token plumbing of a ViT: its rows wrap (and fall back to) the readings above
 
 
 def classify(node, ctx) -> Piece:
