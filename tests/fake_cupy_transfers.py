@@ -180,6 +180,9 @@ def install(monkeypatch) -> FakeCupy:
         monkeypatch.setattr(kernels, name, on_numpy)
         if hasattr(passes, name):
             monkeypatch.setattr(passes, name, on_numpy)
+        for mod in [m for n, m in sys.modules.items() if n.startswith("jacgrad.") and m is not None]:
+            if getattr(mod, name, None) is original:  # every module that imported it by name (network.cache)
+                monkeypatch.setattr(mod, name, on_numpy)
     for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.cuda.norm_kernels)
         monkeypatch.setattr(norm_kernels, name, _routed(fn))
     return fake

@@ -311,3 +311,121 @@ def test_eight_threads_each_get_their_own_inputs_results():
     for th in threads:
         th.join()
     assert not errors, errors
+
+
+# ---------------------------------------------------------------------- the capture path on the fake CuPys
+@pytest.fixture
+def recording(monkeypatch):
+    """``fake_cupy_transfers`` as ``cupy``, jacgrad's cuBLAS calls carried out on the host
+    (``_HostCublas``), and CuPy's own matmul refused inside ``direct_cublas()`` as CuPy refuses it
+    under stream capture (``NotImplementedError``)."""
+    import types
+
+    from fake_cupy_transfers import FakeArray, install
+    from test_compiled_jacobian import _HostCublas
+
+    fake = install(monkeypatch)
+    host = _HostCublas()
+    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: host))
+    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
+                        raising=False)
+
+    def refused(*args, **kwargs):
+        if _gemm._direct:
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+        return np.matmul(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
+                         **kwargs).view(FakeArray)
+
+    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: refused(a, b))
+    fake.module.matmul = refused
+    fake.host = host
+    return fake
+
+
+def _inputs(product, net, seed=7):
+    rng = np.random.default_rng(seed)
+    x, t, v = rng.standard_normal((B, net.n_in)), rng.standard_normal((B, net.n_out)), rng.standard_normal(net.n_params)
+    return x, t, v, ((t,) if product in ("grad_norms", "grads") else (v,) if product == "ggn_vp" else ())
+
+
+@pytest.mark.parametrize("make", ["mlp", "seq"])
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("loss", ["mse", "softmax_cross_entropy"])
+def test_dense_nets_record_through_direct_cublas_with_no_host_transfer(recording, make, product, loss):
+    """What a capture runs (``step._run`` inside ``direct_cublas()``) on fake device arrays: no
+    device-to-host read (a graph cannot hold one), no CuPy matmul (CuPy refuses them under
+    capture), and the cuBLAS calls jacgrad makes instead give the eager NumPy numbers."""
+    from test_compiled_jacobian import _mlp, _seq
+
+    build = {"mlp": _mlp, "seq": _seq}[make]
+    host, net = build(), build(to=recording.asarray)
+    x, t, v, rest = _inputs(product, host)
+    step = ProductStep(net, B, product, loss=loss, capture=False)
+    step(recording.asarray(np.zeros_like(x)), *(recording.asarray(a) for a in rest))  # warm-up, outside the block
+    step._x[...] = recording.asarray(x)
+    recording.reset()
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        step._run(False)
+    assert recording.transfers == 0, dict(recording.where)
+    assert recording.host.calls  # the products went through jacgrad's cuBLAS calls
+    kw = {} if product == "ntk" else {"loss": loss}
+    want = {"grad_norms": lambda: host.per_sample_grad_norms(x, t, **kw),
+            "grads": lambda: host.per_sample_grads(x, t, **kw).flat, "ntk": lambda: jg.ntk(host, x),
+            "ggn_vp": lambda: host.ggn_vp(x, v, **kw), "ggn_diagonal": lambda: host.ggn_diagonal(x, **kw).flat}[product]()
+    got = np.asarray(step._out.view(np.ndarray))
+    assert np.linalg.norm(got - want) <= 1e-12 * np.linalg.norm(want)
+
+
+@pytest.fixture
+def graphs(recording, monkeypatch):
+    """The CUDA-graph calls (``fake_cupy_calls``) beside the fake arrays: what ``GraphCache`` records."""
+    cp = FakeCupy()
+    monkeypatch.setattr(_cuda_graph.backend, "cupy", lambda: cp)
+    return cp
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_a_dense_net_is_recorded_once_replayed_and_dropped_by_rebind(recording, graphs, product):
+    from test_compiled_jacobian import _seq
+
+    host, net = _seq(), _seq(to=recording.asarray)
+    x, t, v, rest = _inputs(product, host)
+    step = net.compile(B, product=product)
+    assert step._graphs is not None  # on the (fake) GPU with capture="auto"
+    r = step(recording.asarray(x), *(recording.asarray(a) for a in rest))  # eager, then recorded
+    want = _eager(host, product, x, t, v)
+    np.testing.assert_allclose(np.asarray((r.flat if product in ("grads", "ggn_diagonal") else r).view(np.ndarray)), want,
+                               rtol=1e-12, atol=1e-14)
+    assert graphs.calls == ["stream enter", f"alloc {32 << 20}", "begin_capture", "end_capture", "upload",
+                            "stream exit"], (graphs.calls, step.capture_error)
+    step(recording.asarray(x), *(recording.asarray(a) for a in rest))
+    assert graphs.calls[-1] == "launch" and step.captured and step.capture_error is None
+    net.layers[0]._W = net.layers[0].W + 0.0
+    step.rebind()  # drops the graph, waiting for the device first
+    assert len(step._graphs) == 0 and "synchronize" in graphs.calls
+
+
+def test_what_cannot_be_recorded_falls_back_under_auto_naming_it(recording, graphs):
+    """A token batch's leaves multiply per-sample stacks with CuPy's batched matmul (not yet through
+    ``_gemm``): under capture that raises, so ``"auto"`` returns the eager results and runs without a
+    graph from then on, ``capture_error`` naming the function; ``capture=True`` raises."""
+    L = jg.layers
+    rng = np.random.default_rng(8)
+
+    def make(to):
+        r = np.random.default_rng(9)
+        return jg.Sequential([L.Dense(to(r.standard_normal((5, 6)) / 3), to(r.standard_normal(6)), "tanh"),
+                              L.LayerNorm(to(1 + 0.2 * r.standard_normal(6)), to(r.standard_normal(6))),
+                              L.Dense(to(r.standard_normal((6, 3)) / 3), to(r.standard_normal(3)))])
+
+    host, net = make(lambda a: a), make(recording.asarray)
+    step = net.compile(B, product="grad_norms", tokens=3)
+    for _ in range(2):
+        x, t = rng.standard_normal((B, 3, 5)), rng.standard_normal((B, 3, 3))
+        got = step(recording.asarray(x), recording.asarray(t))
+        np.testing.assert_allclose(np.asarray(got.view(np.ndarray)), host.per_sample_grad_norms(x, t), rtol=1e-12)
+    assert not step.captured
+    assert "NotImplementedError" in step.capture_error and "in jacgrad.protocol.leaves." in step.capture_error
+    strict = net.compile(B, product="grad_norms", tokens=3, capture=True)
+    with pytest.raises(CaptureError, match=r"in jacgrad\.protocol\.leaves\.\w+\.sq_norms"):
+        strict(recording.asarray(x), recording.asarray(t))
