@@ -169,7 +169,8 @@ def install(monkeypatch) -> FakeCupy:
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     monkeypatch.setattr(gemm, "_direct", [])  # no direct_cublas() block open: GEMMs go through xp.matmul
-    for name in ("scale_cotangent", "derivative", "activation_forward", "forward_with_derivative", "special"):
+    for name in ("scale_cotangent", "derivative", "activation_forward", "bias_activation_forward",
+                 "forward_with_derivative", "special"):
         original = getattr(kernels, name)
 
         def on_numpy(*args, _original=original, **kwargs):
