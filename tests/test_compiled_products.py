@@ -429,3 +429,24 @@ def test_what_cannot_be_recorded_falls_back_under_auto_naming_it(recording, grap
     strict = net.compile(B, product="grad_norms", tokens=3, capture=True)
     with pytest.raises(CaptureError, match=r"in jacgrad\.protocol\.leaves\.\w+\.sq_norms"):
         strict(recording.asarray(x), recording.asarray(t))
+
+
+@pytest.mark.parametrize("product", ["grad_norms", "grads"])
+def test_integer_labels_are_checked_at_load_and_not_read_back_while_recording(recording, product):
+    """The eager loss range-checks integer labels on the host (one device-to-host read); a compiled
+    product checks them when it loads them, before its graph, and runs the loss without the read."""
+    from test_compiled_jacobian import _mlp
+
+    host, net = _mlp(), _mlp(to=recording.asarray)
+    x, labels = np.random.default_rng(12).standard_normal((B, 5)), np.array([0, 3, 1, 2])
+    step = ProductStep(net, B, product, loss="softmax_cross_entropy", capture=False)
+    with pytest.raises(ValueError, match=r"label 4 is out of range for C=4 classes"):
+        step(recording.asarray(x), recording.asarray(np.array([0, 4, 1, 2])))
+    step(recording.asarray(x), recording.asarray(labels))
+    recording.reset()
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        step._run(True)
+    assert recording.transfers == 0, dict(recording.where)
+    want = (host.per_sample_grad_norms(x, labels, loss="softmax_cross_entropy") if product == "grad_norms"
+            else host.per_sample_grads(x, labels, loss="softmax_cross_entropy").flat)
+    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-15)

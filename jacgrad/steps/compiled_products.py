@@ -3,21 +3,18 @@
 One spelling for all of them, the training step's (``product="step"``, the default, is
 ``jacgrad.steps.compiled.TrainingStep``):
 
-==================  ==========================  ==============================================
-``product=``        call                        result (the step's buffer)
-==================  ==========================  ==============================================
-``"grad_norms"``    ``step(x, target)``         ``(B,)``, or ``(B, L)`` with ``per_layer=True``
-``"grads"``         ``step(x, target)``         ``Gradients``: ``flat (B, P)`` and its views
-``"ntk"``           ``step(x)`` / ``step(x1, x2)``  ``(N1, N2, O, O)``, ``(N1, N2)`` with ``trace``
-``"ggn_vp"``        ``step(x, v)``              ``(P,)``: ``G v``
-``"ggn_diagonal"``  ``step(x)``                 ``Gradients``: ``flat (P,)``
-==================  ==========================  ==============================================
+- ``"grad_norms"``: ``step(x, target)`` → ``(B,)``, or ``(B, L)`` with ``per_layer=True``;
+- ``"grads"``: ``step(x, target)`` → ``Gradients`` (``flat: (B, P)`` and its views);
+- ``"ntk"``: ``step(x)`` or ``step(x1, x2)`` → ``(N1, N2, O, O)``, ``(N1, N2)`` with ``trace=True``;
+- ``"ggn_vp"``: ``step(x, v)`` → ``(P,)``, ``G v``;
+- ``"ggn_diagonal"``: ``step(x)`` → ``Gradients`` (``flat: (P,)``).
 
 The NTK's batch is ``batch=N`` for the kernel of one batch with itself (``K(x, x)``, called
 ``step(x)``: the eager ``jg.ntk(net, x)``, which computes the blocks on and above the diagonal
 only) or ``batch=(N1, N2)`` for two batches (``step(x1, x2)``). ``"per_sample_grad_norms"`` and
 ``"per_sample_grads"`` are other names of the first two. The Gauss–Newton products take no
-target: for jacgrad's losses the Hessian of the loss in the output does not depend on it.
+target: they are the eager products with ``target=None`` (the loss Hessian of mse and sigmoid_bce
+does not depend on it; softmax cross-entropy's is that of labels or probability rows summing to 1).
 
     >>> import numpy as np, jacgrad as jg
     >>> net = jg.MLP.init([4, 8, 3], seed=0)
@@ -70,6 +67,7 @@ from ..nn import losses
 from ..params import ntk as _ntk
 from ..params.param_space import named_views
 from ..protocol.layer import anchor, lead_shape
+from ..protocol.leaves import check_method
 from ..protocol.passes import Gradients
 from ..algebra.per_sample import check_direction
 from .step_io import IdentityBinding, StepIO, check_batch_and_capture, check_tokens_arg, param_binding
@@ -130,7 +128,7 @@ class ProductStep(IdentityBinding, StepIO):
         self.loss = losses.canonical(loss)
         losses.get(self.loss)  # a KeyError listing the losses for an unknown name
         self.tokens = check_tokens_arg(tokens, "mse" if product == "ntk" else self.loss, False)
-        self.per_layer, self.method, self.trace = bool(per_layer), method, bool(trace)
+        self.per_layer, self.method, self.trace = bool(per_layer), check_method(method), bool(trace)
         self._net, self._xp, self.dtype, self._capture = net, xp, dt, capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
         self._kw = {} if max_memory is _DEFAULT else {"max_memory": max_memory}
@@ -210,8 +208,14 @@ class ProductStep(IdentityBinding, StepIO):
 
     def _run(self, labels: bool = False) -> None:
         """The eager product on the static buffers, into ``self._out`` (what a graph records)."""
+        if labels:  # checked by _load_target on the host: no device-to-host read while recording
+            with losses.labels_checked():
+                self._product(self._loss.labels)
+        else:
+            self._product(self._target)
+
+    def _product(self, target) -> None:
         net, x, p, out = self._net, self._x, self.product, self._out
-        target = self._loss.labels if labels else self._target
         if p == "grad_norms":
             net.per_sample_grad_norms(x, target, loss=self.loss, per_layer=self.per_layer, method=self.method, out=out)
         elif p == "grads":
