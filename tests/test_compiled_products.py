@@ -450,3 +450,21 @@ def test_integer_labels_are_checked_at_load_and_not_read_back_while_recording(re
     want = (host.per_sample_grad_norms(x, labels, loss="softmax_cross_entropy") if product == "grad_norms"
             else host.per_sample_grads(x, labels, loss="softmax_cross_entropy").flat)
     np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-15)
+
+
+def test_the_eager_products_out_argument_is_checked_and_written():
+    _, net, in_shape = _model("blocks")
+    x, t, v = _data(net, in_shape)
+    out = np.empty(B)
+    assert jg.per_sample_grad_norms(net, x, t, out=out) is out
+    np.testing.assert_array_equal(out, jg.per_sample_grad_norms(net, x, t))
+    with pytest.raises(ValueError, match=r"per_sample_grad_norms: out is \(3,\) float64; the result is \(4,\) float64"):
+        jg.per_sample_grad_norms(net, x, t, out=np.empty(3))
+    with pytest.raises(ValueError, match=r"ggn_vp: out is \(\d+,\) float32; the result is \(\d+,\) float64"):
+        jg.ggn_vp(net, x, v, out=np.empty(net.n_params, np.float32))
+    with pytest.raises(ValueError, match="ntk: out must be C-contiguous"):
+        jg.ntk(net, x, trace=True, out=np.empty((B, 2 * B))[:, ::2])
+    with pytest.raises(TypeError, match="ggn_diagonal: out must be a numpy array"):
+        jg.ggn_diagonal(net, x, out=list(range(net.n_params)))
+    g = jg.per_sample_grads(net, x, t, out=np.empty((B, net.n_params)))
+    np.testing.assert_array_equal(g.flat, jg.per_sample_grads(net, x, t).flat)
