@@ -46,7 +46,8 @@ class Counter:
         where = "(outside jacgrad)" if frame is None else (
             f"{frame.f_globals['__name__']}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}")
         self.by_kind[kind] += 1
-        self.by_caller[where] += 1
+        if kind != "empty (no launch)":
+            self.by_caller[where] += 1
 
     @property
     def launches(self) -> int:
