@@ -36,6 +36,20 @@ __global__ void activation_forward(const T* __restrict__ h, T* __restrict__ y, l
   ew::map1(JG_GRID_THREAD, h, y, n, [p](T a) { return Act::f(a, p); });
 }
 
+// h[i] += b[i mod H]; y[i] = phi(h[i]): a dense layer's bias and activation in one pass over h
+// (eager, that was two launches per layer). y may be h itself (activations whose derivative is
+// read from the output keep no h): each element is read, then written by the same thread, h first.
+template <class T, class Act>
+__global__ void bias_activation_forward(T* h, const T* __restrict__ b, T* y, long long n, long long period,
+                                        T pa, T pb) {
+  const Params<T> p{pa, pb};
+  ew::strided(JG_GRID_THREAD, n, period, [&](long long i, long long c) {
+    const T v = h[i] + b[c];
+    h[i] = v;
+    y[i] = Act::f(v, p);
+  });
+}
+
 // d[i] = phi'(x[i]), x being the pre-activation h or (FROM_OUTPUT) the output y
 template <class T, class Act, bool FROM_OUTPUT>
 __global__ void activation_derivative(const T* __restrict__ x, T* __restrict__ d, long long n, T pa, T pb) {

@@ -169,7 +169,8 @@ def install(monkeypatch) -> FakeCupy:
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     monkeypatch.setattr(gemm, "_direct", [])  # no direct_cublas() block open: GEMMs go through xp.matmul
-    for name in ("scale_cotangent", "derivative", "activation_forward", "forward_with_derivative", "special"):
+    for name in ("scale_cotangent", "derivative", "activation_forward", "bias_activation_forward",
+                 "forward_with_derivative", "special"):
         original = getattr(kernels, name)
 
         def on_numpy(*args, _original=original, **kwargs):
@@ -180,6 +181,9 @@ def install(monkeypatch) -> FakeCupy:
         monkeypatch.setattr(kernels, name, on_numpy)
         if hasattr(passes, name):
             monkeypatch.setattr(passes, name, on_numpy)
+        for mod in [m for n, m in sys.modules.items() if n.startswith("jacgrad.") and m is not None]:
+            if getattr(mod, name, None) is original:  # every module that imported it by name (network.cache)
+                monkeypatch.setattr(mod, name, on_numpy)
     for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.cuda.norm_kernels)
         monkeypatch.setattr(norm_kernels, name, _routed(fn))
     return fake

@@ -254,7 +254,7 @@ class LayerJacobian:
     def param_jvp(self, t: Any, leaf_tangent):
         """The forward tangent with a parameter tangent added at ``h``: ``d ⊙ leaf_tangent(0, t W)``
         (``t: (B, H_in)`` or None for 0; ``leaf_tangent(i, base)``: leaf i's tangent plus ``base``)."""
-        out = leaf_tangent(0, None if t is None else t @ self.W)
+        out = leaf_tangent(0, None if t is None else matmul(t, self.W))
         return self.scale(out, out=out)
 
     def dense(self, transposed: bool = False):

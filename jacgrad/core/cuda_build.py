@@ -32,6 +32,7 @@ from .backend import get_xp
 KERNELS: dict[str, tuple[str, bool, bool]] = {
     "scale_cotangent": ("fused.cu", True, True),
     "activation_forward": ("fused.cu", True, False),
+    "bias_activation_forward": ("fused.cu", True, False),
     "activation_derivative": ("fused.cu", True, True),
     "forward_with_derivative": ("fused.cu", True, False),
     "erf_elementwise": ("special.cu", False, False),

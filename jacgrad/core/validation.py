@@ -220,3 +220,16 @@ def check_max_memory(value: Any, none_means: str = "no limit"):
     else:
         return value
     raise ValueError(f"max_memory must be a number of bytes > 0, or None for {none_means}; got {why}")
+
+
+def check_out(out: Any, shape: tuple, dtype, who: str, xp):
+    """``out`` checked as the array a product ``who`` writes its result into: an array of ``xp``
+    (the inputs' device), of exactly ``shape`` and ``dtype``, C-contiguous; returned as it is."""
+    if not hasattr(out, "shape") or not hasattr(out, "flags") or is_gpu_array(out) != (xp is not np):
+        raise TypeError(f"{who}: out must be a {xp.__name__} array on the inputs' device, not {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or np.dtype(out.dtype) != np.dtype(dtype):
+        raise ValueError(f"{who}: out is {shape_str(out.shape)} {out.dtype}; the result is {shape_str(shape)} "
+                         f"{np.dtype(dtype)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{who}: out must be C-contiguous (its views are handed out as the result)")
+    return out

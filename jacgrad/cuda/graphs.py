@@ -37,11 +37,25 @@ from typing import Callable, Hashable
 from ..core import backend
 from .gemm import direct_cublas, workspace_bytes
 
-__all__ = ["CaptureError", "GraphCache"]
+__all__ = ["CaptureError", "GraphCache", "raised_in"]
 
 
 class CaptureError(RuntimeError):
     """Recording the step into a CUDA graph failed; the eager warm-up before it had succeeded."""
+
+
+def raised_in(exc: BaseException) -> str:
+    """`` in <module>.<function>``: the innermost jacgrad function outside ``jacgrad.cuda`` that the
+    exception passed through (the piece that could not be recorded, e.g. a CuPy matmul in a
+    layer's batched product), or "" when none did."""
+    tb, where = exc.__traceback__, ""
+    while tb is not None:
+        frame = tb.tb_frame
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("jacgrad.") and not module.startswith("jacgrad.cuda."):
+            where = f" in {module}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+        tb = tb.tb_next
+    return where
 
 
 class GraphCache:
@@ -90,7 +104,7 @@ class GraphCache:
             except Exception as exc:
                 hint = " (cuBLAS under stream capture: see jacgrad/cuda/gemm.py)" if "cublas" in str(exc).lower() else ""
                 raise CaptureError(
-                    f"capturing the step into a CUDA graph failed ({type(exc).__name__}: {exc}){hint}; "
+                    f"capturing the step into a CUDA graph failed ({type(exc).__name__}: {exc}){hint}{raised_in(exc)}; "
                     "compiled with capture='auto' or False, the same step runs without a graph"
                 ) from exc
             finally:

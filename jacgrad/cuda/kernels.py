@@ -54,6 +54,7 @@ from ..core.backend import get_xp
 __all__ = [
     "KERNELS",
     "activation_forward",
+    "bias_activation_forward",
     "compile_report",
     "derivative",
     "forward_with_derivative",
@@ -254,6 +255,32 @@ def activation_forward(h: Any, activation: str | Activation, out: Any = None):
     out = xp.empty_like(h) if out is None else out
     launch(compiled_kernel("activation_forward", h.dtype, act), h.size,
            (h, out, np.int64(h.size), *_params(act, h.dtype)), h.itemsize)
+    return out
+
+
+def bias_activation_forward(h: Any, b: Any, activation: str | Activation, out: Any = None):
+    """``h += b`` (``b: (H,)`` shared by every row of ``h: (…, H)``, in place), then ``φ(h)`` into
+    ``out`` (may be ``h``; fresh when None): a dense layer's bias and activation. On the GPU one
+    kernel (``kernels/fused.cu``) where eagerly there were two; the same additions and the same
+    ``φ``, so the same numbers. On NumPy the two steps as they were.
+
+        >>> import numpy as np
+        >>> h = np.array([[-1.0, 2.0]])
+        >>> bias_activation_forward(h, np.array([0.5, -3.0]), "relu"), h
+        (array([[0., 0.]]), array([[-0.5, -1. ]]))
+    """
+    act = _resolve(activation)
+    where = f"bias_activation_forward({act.name})"
+    xp = get_xp(h, b, out)
+    if xp is np:
+        h += b
+        return activation_forward(h, act, out=out)
+    if b.shape != h.shape[-1:] or b.dtype != h.dtype or not h.flags.c_contiguous or not b.flags.c_contiguous:
+        raise ValueError(f"{where}: h {shape_str(h.shape)} {h.dtype} (C-contiguous) takes a contiguous bias "
+                         f"({h.shape[-1] if h.ndim else 0},) of its dtype, got {shape_str(b.shape)} {b.dtype}")
+    out = xp.empty_like(h) if out is None else _check_out(where, out, h.shape, h.dtype, xp)
+    launch(compiled_kernel("bias_activation_forward", h.dtype, act), h.size,
+           (h, b, out, np.int64(h.size), np.int64(max(h.shape[-1], 1)), *_params(act, h.dtype)), h.itemsize)
     return out
 
 

@@ -21,7 +21,7 @@ from ..core.layer_list import LayerList
 from ..core.validation import float_array, layer_widths, nonnegative_finite, replacement, shape_str
 from ..elementwise.activations import get as get_activation
 from ..core.backend import device_of, get_xp, resolve_device, to_device
-from ..steps.compiled import TrainingStep
+from ..steps.compiled_products import compile_step
 from ..io.mlp_interop import InteropMethods
 from ..nn.layers import Dense
 from .sequential import Sequential, SequentialCache
@@ -217,7 +217,7 @@ class MLP(InteropMethods, Sequential):
     # ------------------------------------------------------------------ compiled step
     def compile(self, batch: int, loss: str = "mse", capture: Any = "auto", input_grad: bool = False, *,
                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None,
-                tokens: Any = None):
+                tokens: Any = None, product: str = "step", **options):
         """A ``jacgrad.steps.compiled.TrainingStep``: ``loss, g = step(x, target)`` for batches of ``batch``,
         the numbers of ``loss_and_grads`` (bitwise on NumPy, for any memory layout of ``x`` and
         ``target``) from buffers allocated once (a CUDA graph on the GPU).
@@ -230,10 +230,12 @@ class MLP(InteropMethods, Sequential):
         DP-SGD step returning ``(loss, ClippedGradients)``, the numbers of ``clipped_grad``
         (``jacgrad.steps.private_step``: the noise is drawn after the graph, every call).
         ``tokens=T``: the MLP per token, ``x (B, T, n_in)`` and targets ``(B, T, n_out)``.
+        ``product="grad_norms" | "grads" | "ntk" | "ggn_vp" | "ggn_diagonal"``: that product compiled
+        with the same contract (``jacgrad.steps.compiled_products``).
         """
-        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad, clip=clip,
-                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size,
-                            tokens=tokens)
+        training = dict(input_grad=input_grad, clip=clip, noise_multiplier=noise_multiplier, seed=seed,
+                        expected_batch_size=expected_batch_size)
+        return compile_step(self, batch, product, loss, capture, tokens, training, options)
 
     _dense_only = True  # from_torch (Sequential's one reader) refuses anything but Linear + activation
 

@@ -25,7 +25,7 @@ from ..protocol.passes import Gradients
 from ..nn.stack import backward_layers, carve_backward, carve_forward, forward_layers, layer_leads, named_grads
 from ..nn.stack import param_views
 from ..steps.compiled_jacobian import JacobianStep
-from ..steps.compiled import TrainingStep
+from ..steps.compiled_products import compile_step
 from ..protocol.passes import carve
 from ..params.param_space import SequentialParameterSpace
 from ..core.validation import float_array, network_input, shape_str
@@ -219,7 +219,7 @@ class Sequential(SequentialParameterSpace, Imported):
 
     def compile(self, batch: int, loss: str = "mse", input_grad: bool = True, capture: Any = "auto", *,
                 clip: Any = None, noise_multiplier: float = 0.0, seed: Any = None, expected_batch_size: Any = None,
-                tokens: Any = None):
+                tokens: Any = None, product: str = "step", **options):
         """A ``jacgrad.steps.compiled.TrainingStep`` (the one compiled step): ``loss, g = step(x, target)`` for
         batches of ``batch``, the numbers of ``loss_and_grads`` (bitwise on NumPy) from buffers
         allocated once (a CUDA graph on the GPU). As for ``MLP.compile``, the results ARE the
@@ -229,14 +229,17 @@ class Sequential(SequentialParameterSpace, Imported):
         ``expected_batch_size``): a private DP-SGD step, ``(loss, ClippedGradients)`` per call, the
         numbers of ``clipped_grad`` (``jacgrad.steps.private_step``), without ``∂L/∂x`` whatever
         ``input_grad`` says. ``tokens=T``: token batches, ``x (B, T, n_in)`` or, an ``Embedding``
-        first, integer ids ``(B, T)``, and targets ``(B, T, n_out)`` (mse, sigmoid_bce)."""
+        first, integer ids ``(B, T)``, and targets ``(B, T, n_out)`` (mse, sigmoid_bce).
+        ``product="grad_norms" | "grads" | "ntk" | "ggn_vp" | "ggn_diagonal"`` (``options``:
+        ``per_layer``, ``method``, ``trace``, ``max_memory``): that product compiled instead, with the
+        same contract (``jacgrad.steps.compiled_products``; ``input_grad`` does not apply)."""
         if tokens is None:
             self._refuse_token_only(batch, "compile")
         else:
             self._refuse_per_sample_only(tokens)
-        return TrainingStep(self, batch, loss=loss, capture=capture, input_grad=input_grad and clip is None, clip=clip,
-                            noise_multiplier=noise_multiplier, seed=seed, expected_batch_size=expected_batch_size,
-                            tokens=tokens)
+        training = dict(input_grad=input_grad and clip is None, clip=clip, noise_multiplier=noise_multiplier, seed=seed,
+                        expected_batch_size=expected_batch_size)
+        return compile_step(self, batch, product, loss, capture, tokens, training, options)
 
     def _refuse_token_only(self, batch: Any, what: str) -> None:
         """A ``ValueError`` naming the first layer that runs on token batches ``(B, T, ·)`` only (its

@@ -26,7 +26,9 @@ class LossWorkspace:
             raise KeyError(f"unknown loss {name!r}; valid names: {', '.join(NAMES)}")
         self.name, self.xp = name, xp
         shape = tuple(shape)
-        self.value = xp.zeros((), dtype=dtype)
+        # every buffer is written before it is read (labels by the caller): empty, not zeros — an
+        # eager loss makes a workspace per call, and each zeros is a memset kernel on the GPU
+        self.value = xp.empty((), dtype=dtype)
         self.grad = xp.empty(shape, dtype=dtype)
         self._t1 = xp.empty(shape, dtype=dtype)
         self._t2 = xp.empty(shape, dtype=dtype) if name != "mse" else None
@@ -35,11 +37,12 @@ class LossWorkspace:
             self._mask = xp.empty(shape, dtype=bool)
         if name == "softmax_cross_entropy":
             B, C = shape
-            self._col = xp.zeros((B, 1), dtype=dtype)
-            self._picked = xp.zeros(B, dtype=dtype)
-            self.labels = xp.zeros(B, dtype=xp.int64)
-            self._flat = xp.zeros(B, dtype=xp.int64)
-            self._row_start = xp.arange(B, dtype=xp.int64) * C
+            self._col = xp.empty((B, 1), dtype=dtype)
+            self._picked = xp.empty(B, dtype=dtype)
+            self.labels = xp.empty(B, dtype=xp.int64)
+            self._flat = xp.empty(B, dtype=xp.int64)
+            # b·C: one kernel, not two (arange, then a product); no classes: all 0
+            self._row_start = xp.arange(0, B * C, C, dtype=xp.int64) if C else xp.zeros(B, dtype=xp.int64)
 
     @property
     def nbytes(self) -> int:

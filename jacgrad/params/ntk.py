@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..core.validation import network_input, require_network
+from ..core.validation import check_out, network_input, require_network
 from ..core.backend import get_xp
 from ..algebra.per_sample import check_max_memory, output_partials
 from ..nn.stack import layer_leads
@@ -92,7 +92,8 @@ def _chunk(net, N: int, max_memory) -> int:
     return int(max(1, min(N, by_sweeps, by_block)))
 
 
-def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = DEFAULT_MAX_MEMORY):
+def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = DEFAULT_MAX_MEMORY,
+        out: Any = None):
     """The empirical NTK ``J_θ(x1) J_θ(x2)ᵀ`` over all parameters of ``net`` (an ``MLP`` or a ``Sequential``).
 
     ``x1: (N1, n_in)``, ``x2: (N2, n_in)`` or None (then ``x1``, and only the blocks on and above
@@ -100,6 +101,9 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     or ``(N1, N2)`` with ``trace=True`` (``Σ_o K[:, :, o, o]``), on the inputs' device and in the
     network's dtype. Samples go through in chunks whose working blocks (the partial Jacobians of
     both sides and one leaf's kernel block) stay under ``max_memory`` bytes (None: one chunk).
+    ``out``: an array of the result's shape and dtype to write it into (``net.compile(…,
+    product="ntk")`` passes its buffer; without ``trace`` the kernel is summed in its
+    ``(N1, n_out, N2, n_out)`` layout and copied in).
 
         >>> import numpy as np, jacgrad as jg
         >>> net = jg.MLP.init([3, 8, 2], seed=0)
@@ -132,8 +136,13 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     lead = layer_leads(net.layers, (x1.shape[0], x1.shape[1]) if tokens_in else x1.shape[0])[-1]
     T = lead[1] if isinstance(lead, tuple) else 1  # the output's tokens: a layer may change the token axis
     N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * T
-    shape = (N1, N2) if trace else (N1, O, N2, O)
-    out = xp.zeros(shape, dtype=net.dtype)
+    if out is not None:
+        check_out(out, (N1, N2) if trace else (N1, N2, O, O), net.dtype, "ntk", xp)
+    given = out
+    if trace and given is not None:
+        out[...] = 0
+    else:
+        out = xp.zeros((N1, N2) if trace else (N1, O, N2, O), dtype=net.dtype)
     chunk = _chunk(net, max(N1, N2, 1), max_memory if max_memory is None or T == 1 else max_memory / (T * T))
     for a in range(0, N1, chunk):
         sa = slice(a, min(N1, a + chunk))
@@ -147,7 +156,12 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
                     out[sb, sa] = blk.T
                 else:
                     out[sb, :, sa, :] = blk.transpose(2, 3, 0, 1)
-    return out if trace else xp.ascontiguousarray(out.transpose(0, 2, 1, 3))
+    if trace:
+        return out
+    if given is None:
+        return xp.ascontiguousarray(out.transpose(0, 2, 1, 3))
+    xp.copyto(given, out.transpose(0, 2, 1, 3))
+    return given
 
 
 def _input(net, x, name: str, xp):

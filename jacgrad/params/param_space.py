@@ -29,8 +29,9 @@ from ..nn.layers import leaf_layers
 from ..protocol.layer import anchor
 from ..protocol.leaves import check_method
 from ..core.renamed import renamed
+from ..core.validation import check_out
 
-__all__ = ["SequentialParameterSpace", "leaf_inputs", "leaf_views"]
+__all__ = ["SequentialParameterSpace", "leaf_inputs", "leaf_views", "named_views"]
 
 
 __getattr__ = renamed(__name__, {"ParamArrays": ("jacgrad.Gradients", Gradients)})
@@ -76,6 +77,11 @@ def leaf_views(layers, flat) -> list:
     return out
 
 
+def named_views(layers, flat) -> list:
+    """``Gradients.layers`` of a parameter block ``flat: (…, P)``: per layer, its views by name."""
+    return _by_name(layers, leaf_views(layers, flat))
+
+
 class SequentialParameterSpace:
     """Per-sample gradients and norms, ``clipped_grad``, ``ggn_vp`` and ``ggn_diagonal`` for a
     network (``Sequential``, ``MLP``) that supplies ``forward`` (whose cache has ``x``, ``batch``
@@ -109,7 +115,7 @@ class SequentialParameterSpace:
 
     # ------------------------------------------------------------------ per sample
     def per_sample_grad_norms(self, x: Any, target: Any, loss: str = "mse", per_layer: bool = False,
-                              method: str = "auto"):
+                              method: str = "auto", out: Any = None):
         """Euclidean norms of every sample's own gradient ``∇_θ ℓ_i``: ``(B,)``, or ``(B, L)`` per
         top-level layer (a residual block's inner layers together) with ``per_layer=True``.
 
@@ -118,7 +124,8 @@ class SequentialParameterSpace:
         ‖g_i‖²``; extra memory ``O(B·Σ H)``. With a token axis, ``method`` picks a weight's form:
         ``"gram"`` ``⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩``, ``"instantiate"`` ``‖A_iᵀΔ_i‖²``, ``"auto"`` (default) the
         Gram form when ``2T² ≤ p·d``; all three agree. A Dask ``x`` gives a lazy Dask result
-        (``jacgrad.distributed``).
+        (``jacgrad.distributed``). ``out``: an array of the result's shape and dtype to write it into
+        (what ``net.compile(B, product="grad_norms")`` passes: its buffer).
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4)), activation="tanh"),
@@ -129,6 +136,8 @@ class SequentialParameterSpace:
         method = check_method(method)
         lazy = _lazy.handler_for(x)
         if lazy is not None:  # a Dask array: jacgrad.distributed maps this method over its chunks
+            if out is not None:
+                raise ValueError("out= takes the result of an in-memory batch; a Dask x gives a lazy result")
             kw = {} if method == "auto" else {"method": method}
             return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer, **kw)
         cache, pairs, partials = self._sample_partials(x, target, loss)
@@ -139,9 +148,13 @@ class SequentialParameterSpace:
             leaf, a = pairs[k]
             sq[:, owner[k]] += leaf.sq_norms(a, G[:, 0], method=method)
         sq *= float(cache.batch) ** 2  # after the sums, as MLP's: a dense stack gives its norms to the last bit
-        return xp.sqrt(sq) if per_layer else xp.sqrt(sq.sum(axis=1))
+        res = sq if per_layer else sq.sum(axis=1)
+        if out is None:
+            return xp.sqrt(res)
+        return xp.sqrt(res, out=check_out(out, res.shape, self.dtype, "per_sample_grad_norms", xp))
 
-    def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB):
+    def per_sample_grads(self, x: Any, target: Any, loss: str = "mse", max_memory: float | None = per_sample.GIB,
+                         out: Any = None):
         """Every sample's own gradient ``∇_θ ℓ_i`` as a ``Gradients``: ``flat: (B, P)`` (row i laid
         out as ``Gradients.flat``), ``layers[j]`` named views ``(B, *shape)`` (``weights[j]: (B,
         H_{j-1}, H_j)`` and ``biases[j]: (B, H_j)`` for a net of Dense layers); ``deltas[k]: (B,
@@ -153,7 +166,8 @@ class SequentialParameterSpace:
         batch gradient), so it is ours divided by B; ``mean_i`` of ours is ``loss_and_grads``'
         gradient. It materialises ``B × P`` numbers on purpose; when ``B·P·itemsize`` exceeds
         ``max_memory`` bytes (default 1 GiB; None: no limit) it raises ``ValueError`` with the size
-        before allocating — ``per_sample_grad_norms`` gives the norms in ``O(B·Σ H)``.
+        before allocating — ``per_sample_grad_norms`` gives the norms in ``O(B·Σ H)``. ``out: (B, P)``:
+        the block to write ``flat`` into (then no budget check: the memory exists).
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
@@ -162,12 +176,14 @@ class SequentialParameterSpace:
             ((3, 20), (3, 3, 4), (3, 4))
         """
         cache, pairs, partials = self._sample_partials(x, target, loss)
-        B, P = cache.batch, self.n_params
-        per_sample.check_budget(
-            f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
-            max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
-            "or split the batch")
-        flat = get_xp(cache.x).empty((B, P), dtype=self.dtype)
+        B, P, xp = cache.batch, self.n_params, get_xp(cache.x)
+        if out is None:
+            per_sample.check_budget(
+                f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
+                max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
+                "or split the batch")
+        flat = xp.empty((B, P), dtype=self.dtype) if out is None else check_out(out, (B, P), self.dtype,
+                                                                                  "per_sample_grads", xp)
         views, deltas = self._leaf_views(flat), [None] * len(pairs)
         for k, G in partials:
             deltas[k] = G[:, 0] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
@@ -206,12 +222,13 @@ class SequentialParameterSpace:
                                         std)
 
     # ------------------------------------------------------------------ Gauss–Newton
-    def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse"):
+    def ggn_vp(self, x: Any, v: Any, target: Any = None, loss: str = "mse", out: Any = None):
         """The Gauss–Newton product ``G v = (1/B) Σ_i J_iᵀ H_i J_i v``: ``v``, result flat ``(P,)``
         in ``Gradients.flat`` order; as ``MLP.ggn_vp`` (``target`` optional, only checked).
 
         One forward-mode pass in parameter space through every layer kind
-        (``curvature.leaf_parameter_jvp``), ``H_i / B`` per sample, one ``backward``.
+        (``curvature.leaf_parameter_jvp``), ``H_i / B`` per sample, one ``backward``; ``out: (P,)``
+        receives the result (a copy of the backward's block).
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.LayerNorm(np.ones(4))])
@@ -226,14 +243,19 @@ class SequentialParameterSpace:
                                          self._leaf_views(v))
         u = loss_hessians.hessian_vp(loss, _rows(y), _rows(t), _rows(target, y)).reshape(y.shape)
         u /= max(cache.batch, 1)
-        return self.backward(cache, u, input_grad=False).flat
+        g = self.backward(cache, u, input_grad=False).flat
+        if out is None:
+            return g
+        check_out(out, g.shape, self.dtype, "ggn_vp", get_xp(g))[...] = g
+        return out
 
-    def ggn_diagonal(self, x: Any, target: Any = None, loss: str = "mse", max_memory: float | None = 1 << 28):
+    def ggn_diagonal(self, x: Any, target: Any = None, loss: str = "mse", max_memory: float | None = 1 << 28,
+                     out: Any = None):
         """The exact diagonal of ``ggn_vp``'s ``G`` as ``ParamArrays`` (``flat: (P,)``) — BackPACK's
         DiagGGNExact. Samples go through in chunks whose working blocks — the loss-Hessian factor's
         ``(chunk, n_out, n_out)`` and the sweep's ``(chunk, n_out, max H)`` — stay under
         ``max_memory`` bytes (default 256 MiB; the forward cache comes on top). ``target`` as for
-        ``ggn_vp``.
+        ``ggn_vp``. ``out: (P,)``: the block ``flat`` is (zeroed, then summed into).
 
             >>> import numpy as np, jacgrad as jg
             >>> net = jg.Sequential([jg.layers.Dense(np.ones((3, 4))), jg.layers.RMSNorm(np.ones(4))])
@@ -243,7 +265,11 @@ class SequentialParameterSpace:
         per_sample.check_max_memory(max_memory)
         y, cache = self.forward(x)
         xp, B, C, item = get_xp(y), cache.batch, _rows(y).shape[1], self.dtype.itemsize
-        flat = xp.zeros(self.n_params, dtype=self.dtype)
+        if out is None:
+            flat = xp.zeros(self.n_params, dtype=self.dtype)
+        else:
+            flat = check_out(out, (self.n_params,), self.dtype, "ggn_diagonal", xp)
+            flat[...] = 0
         views = self._leaf_views(flat)
         # per sample: its (C, C) factor block as it is made, then the sweep's (C, H) cotangent blocks
         T = y.shape[1] if y.ndim == 3 else 1  # a token output: the sweep's blocks are (C, T, H)
@@ -257,10 +283,11 @@ class SequentialParameterSpace:
         return Gradients(layers=_by_name(self.layers, views), flat=flat)
 
     # ------------------------------------------------------------------ shorthands
-    def ntk(self, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = _ntk.DEFAULT_MAX_MEMORY):
-        """``jg.ntk(net, x1, x2, trace, max_memory)``: the empirical NTK ``J_θ(x1) J_θ(x2)ᵀ``,
+    def ntk(self, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = _ntk.DEFAULT_MAX_MEMORY,
+            out: Any = None):
+        """``jg.ntk(net, x1, x2, trace, max_memory, out)``: the empirical NTK ``J_θ(x1) J_θ(x2)ᵀ``,
         ``(N1, N2, n_out, n_out)``, or ``(N1, N2)`` with ``trace=True``."""
-        return _ntk.ntk(self, x1, x2, trace=trace, max_memory=max_memory)
+        return _ntk.ntk(self, x1, x2, trace=trace, max_memory=max_memory, out=out)
 
     def jacobian(self, x: Any, order: str = "auto", max_memory: float | None = DEFAULT_TOKEN_MEMORY):
         """``J: (B, n_out, n_in)``, the per-sample input-output Jacobians at ``x: (B, n_in)``: the

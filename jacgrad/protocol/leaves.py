@@ -38,7 +38,7 @@ import operator
 
 from typing import Any, Sequence
 
-from ..cuda.gemm import matmul_into
+from ..cuda.gemm import matmul, matmul_into
 from .passes import column_sums
 from ..core.backend import dot_along, get_xp
 
@@ -156,7 +156,7 @@ class TokenDenseLeaf:
         (aa, Ga), (ab, Gb) = left, right
         aa, ab, Ga, Gb = _one(aa), _one(ab), _one(Ga, 2), _one(Gb, 2)
         if aa.ndim == 2:
-            w = aa @ ab.T  # a · a'
+            w = matmul(aa, ab.T)  # a · a' (through _gemm: direct cuBLAS while a graph records)
             if self.bias:
                 w += 1
             out += (w if trace else w[:, None, :, None]) * _gram(Ga, Gb, trace)
@@ -197,14 +197,14 @@ class TokenDenseLeaf:
         return xp.concatenate([J, G.sum(axis=2)], axis=2) if self.bias else J
 
     def jvp(self, a, v: Sequence[Any], base):
-        return _leaf_jvp(operator.matmul, a, v, base)
+        return _leaf_jvp(matmul, a, v, base)
 
     def ggn_diag_add(self, outs: Sequence[Any], a, G, scale: float) -> None:
         a, G = _one(a), _one(G, 2)
         first = outs[0]  # in place: outs may be a tuple of views
         if a.ndim == 2:
             s = dot_along(G, G, 1)
-            first += ((a * a).T @ s) * scale
+            first += matmul((a * a).T, s) * scale
             if len(outs) > 1:
                 bias = outs[1]
                 bias += s.sum(axis=0) * scale
@@ -304,5 +304,5 @@ def _gram(Ga, Gb, trace: bool):
     Na, O, H = Ga.shape
     Nb = Gb.shape[0]
     if trace:
-        return Ga.reshape(Na, O * H) @ Gb.reshape(Nb, O * H).T
-    return (Ga.reshape(Na * O, H) @ Gb.reshape(Nb * O, H).T).reshape(Na, O, Nb, O)
+        return matmul(Ga.reshape(Na, O * H), Gb.reshape(Nb, O * H).T)
+    return matmul(Ga.reshape(Na * O, H), Gb.reshape(Nb * O, H).T).reshape(Na, O, Nb, O)

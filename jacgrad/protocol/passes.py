@@ -24,7 +24,7 @@ import numpy as np
 from ..cuda import hostpool
 from ..cuda.gemm import matmul_into
 from ..core.backend import get_xp
-from ..cuda.kernels import activation_forward, forward_with_derivative
+from ..cuda.kernels import activation_forward, bias_activation_forward, forward_with_derivative
 
 __all__ = ["Gradients", "carve", "column_sums", "dense_backward", "dense_forward"]
 
@@ -122,6 +122,8 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
     (an int ``j`` reads "layer j")."""
     h = matmul_into(z, W, h_out)
+    if check is None and d_out is None and _fusable(h, b):  # the GPU: bias and φ in one kernel
+        return bias_activation_forward(h, b, act, out=h if act.df_from_output is not None else z_out)
     h += b
     if check is not None:
         check(h, f"{_where(where)}: pre-activation h")
@@ -134,6 +136,12 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     if check is not None:
         check(z, f"{_where(where)}: output z")
     return z
+
+
+def _fusable(h, b) -> bool:
+    """True on the GPU for a C-contiguous ``h (…, H)`` and bias ``(H,)`` of its dtype, non-empty."""
+    return (get_xp(h) is not np and b is not None and h.size > 0 and b.shape == h.shape[-1:]
+            and b.dtype == h.dtype and h.flags.c_contiguous and b.flags.c_contiguous)
 
 
 def column_sums(delta, out):

@@ -48,38 +48,22 @@ from typing import Any
 
 import numpy as np
 
-from .step_io import StepIO, check_batch_and_capture, locked
+from .step_io import IdentityBinding, StepIO, check_batch_and_capture, param_binding
 from ..core.validation import shape_str
-from ..core.backend import is_gpu_array
 from ..algebra.chain import ORDERS
-from ..nn.layers import named_params
 from ..protocol.layer import anchor
 
 __all__ = ["JacobianStep"]
 
 
-def _binding(net) -> list[tuple[str, Any]]:
-    """``[(where, object)]`` that a recorded graph depends on: every parameter array (and layer,
-    activation name) of ``net``, compared by identity (names by value) at each call."""
-    if not hasattr(net, "weights"):  # a Sequential (an MLP's Dense layers hold what its lists hold)
-        layers = tuple(net.layers)
-        return [(f"layer {j} ({type(L).__name__})", L) for j, L in enumerate(layers)] + named_params(layers)
-    K = len(net.weights)
-    return ([(f"weights[{j}]", W) for j, W in enumerate(net.weights)]
-            + [(f"biases[{j}]", b) for j, b in enumerate(net.biases)]
-            + [(f"activations[{j}]", a) for j, a in enumerate(net.activations)] + [("depth", K)])
-
-
-def _same(a, b) -> bool:
-    return a == b if isinstance(a, (str, int)) else a is b
-
-
-class JacobianStep(StepIO):
+class JacobianStep(IdentityBinding, StepIO):
     """``J = step(x)``: ``(batch, n_out, n_in)`` per-sample Jacobians (module docstring).
 
     net: an ``MLP`` or a ``Sequential`` on NumPy or CuPy. batch: B. order: ``"auto"``, ``"forward"``
     or ``"reverse"`` (``Chain.jacobian``). capture: ``"auto"``, ``True`` or ``False``.
     """
+
+    _what = "Jacobian step"
 
     def __init__(self, net, batch: int, order: str = "auto", capture: Any = "auto"):
         if not hasattr(net, "jacobian_chain") or not hasattr(net, "forward"):
@@ -91,7 +75,7 @@ class JacobianStep(StepIO):
         self.batch = check_batch_and_capture(batch, capture, self._gpu)
         self._net, self._xp, self.order, self.dtype, self._capture = net, xp, order, dt, capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
-        self._bound = _binding(net)
+        self._bound = param_binding(net)
         first = anchor(net.layers) if hasattr(net, "layers") else net.weights[0]
         self._device = first.device if self._gpu else None
         self.n_in, self.n_out = int(net.sizes[0]), int(net.sizes[-1])
@@ -118,35 +102,3 @@ class JacobianStep(StepIO):
         if self._out is None:  # the first, eager run: never while a graph is being recorded
             self._out = self._xp.empty(J.shape, dtype=J.dtype)
         self._xp.copyto(self._out, J)
-
-    # ------------------------------------------------------------------ binding
-    def _check_binding(self) -> None:
-        now = _binding(self._net)
-        if len(now) == len(self._bound) and all(_same(a, b) for (_, a), (_, b) in zip(now, self._bound)):
-            return
-        for (where, a), (_, b) in zip(now, self._bound):
-            if not _same(a, b):
-                break
-        else:
-            where = f"the network's structure ({len(now)} parameters and layers, compiled with {len(self._bound)})"
-        raise RuntimeError(
-            f"{where} is no longer what this Jacobian step was compiled with. The step reads parameters by "
-            f"reference: update them in place (W -= lr * dW), or call step.rebind() after replacing them")
-
-    @locked
-    def rebind(self) -> None:
-        """Adopt the arrays (and layers) now in the network — same shapes, dtype and device — and drop
-        the recorded graphs (the next call records again)."""
-        now = _binding(self._net)
-        if len(now) != len(self._bound):
-            raise ValueError(f"the network now has {len(now)} parameters and layers; this step was compiled for "
-                             f"{len(self._bound)}: compile a new step")
-        for (where, a), (_, b) in zip(now, self._bound):
-            if hasattr(b, "shape") and hasattr(b, "dtype") and not hasattr(b, "params"):
-                if not hasattr(a, "shape") or a.shape != b.shape or a.dtype != b.dtype or is_gpu_array(a) != self._gpu:
-                    have = f"{shape_str(a.shape)} {a.dtype}" if hasattr(a, "shape") else type(a).__name__
-                    raise ValueError(f"{where} is now {have}; this step was compiled for {shape_str(b.shape)} "
-                                     f"{b.dtype} on the {'GPU' if self._gpu else 'CPU'}: compile a new step")
-        if self._graphs is not None:
-            self._graphs.clear()
-        self._bound = now

@@ -29,8 +29,9 @@ from ..cuda.graphs import CaptureError
 from ..nn.loss_workspace import NAMES as LOSS_NAMES
 from ..core.validation import float_array, network_input, shape_str
 from ..core.backend import is_gpu_array, tf32_enabled
+from ..nn.layers import named_params
 
-__all__ = ["StepIO", "check_batch_and_capture", "check_rebound", "check_step_args", "check_tokens_arg", "locked"]
+__all__ = ["IdentityBinding", "StepIO", "check_batch_and_capture", "param_binding", "check_rebound", "check_step_args", "check_tokens_arg", "locked"]
 
 _CAPTURE = ("auto", True, False)
 
@@ -245,3 +246,58 @@ class StepIO:
         workspace (32 MiB on sm_90, 4 MiB before) and whatever library calls allocated while being
         captured. 0 on the CPU and before the first capture."""
         return 0 if self._graphs is None else self._graphs.pool_bytes
+
+
+def param_binding(net) -> list[tuple[str, Any]]:
+    """``[(where, object)]`` that a recorded graph depends on: every parameter array (and layer,
+    activation name) of ``net``, compared by identity (names by value) at each call."""
+    if not hasattr(net, "weights"):  # a Sequential (an MLP's Dense layers hold what its lists hold)
+        layers = tuple(net.layers)
+        return [(f"layer {j} ({type(L).__name__})", L) for j, L in enumerate(layers)] + named_params(layers)
+    K = len(net.weights)
+    return ([(f"weights[{j}]", W) for j, W in enumerate(net.weights)]
+            + [(f"biases[{j}]", b) for j, b in enumerate(net.biases)]
+            + [(f"activations[{j}]", a) for j, a in enumerate(net.activations)] + [("depth", K)])
+
+
+def _same(a, b) -> bool:
+    return a == b if isinstance(a, (str, int)) else a is b
+
+
+class IdentityBinding:
+    """``_check_binding`` and ``rebind`` of a step that reruns the network's own code (the compiled
+    Jacobian and the compiled products): ``self._bound`` (``param_binding``) compared by identity
+    at every call; ``_what`` names the step in the messages."""
+
+    _what = "step"
+
+    def _check_binding(self) -> None:
+        now = param_binding(self._net)
+        if len(now) == len(self._bound) and all(_same(a, b) for (_, a), (_, b) in zip(now, self._bound)):
+            return
+        for (where, a), (_, b) in zip(now, self._bound):
+            if not _same(a, b):
+                break
+        else:
+            where = f"the network's structure ({len(now)} parameters and layers, compiled with {len(self._bound)})"
+        raise RuntimeError(
+            f"{where} is no longer what this {self._what} was compiled with. The step reads parameters by "
+            f"reference: update them in place (W -= lr * dW), or call step.rebind() after replacing them")
+
+    @locked
+    def rebind(self) -> None:
+        """Adopt the arrays (and layers) now in the network — same shapes, dtype and device — and drop
+        the recorded graphs (the next call records again)."""
+        now = param_binding(self._net)
+        if len(now) != len(self._bound):
+            raise ValueError(f"the network now has {len(now)} parameters and layers; this step was compiled for "
+                             f"{len(self._bound)}: compile a new step")
+        for (where, a), (_, b) in zip(now, self._bound):
+            if hasattr(b, "shape") and hasattr(b, "dtype") and not hasattr(b, "params"):
+                if not hasattr(a, "shape") or a.shape != b.shape or a.dtype != b.dtype or is_gpu_array(a) != self._gpu:
+                    have = f"{shape_str(a.shape)} {a.dtype}" if hasattr(a, "shape") else type(a).__name__
+                    raise ValueError(f"{where} is now {have}; this step was compiled for {shape_str(b.shape)} "
+                                     f"{b.dtype} on the {'GPU' if self._gpu else 'CPU'}: compile a new step")
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._bound = now
