@@ -33,7 +33,8 @@ from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..nn.layers import chained, Dense, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes
+from ..protocol.layer import bind_shapes, named_params
+from ..protocol.sharing import Ties
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
 from .cache import SequentialCache
@@ -49,10 +50,6 @@ def _require_finite(a, where: str) -> None:
     if bool(bad.any()):
         first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
         raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
-
-
-def _shapes(layer) -> list:
-    return [tuple(p.shape) for p in layer.params]
 
 
 class Sequential(SequentialParameterSpace, Imported):
@@ -73,6 +70,7 @@ class Sequential(SequentialParameterSpace, Imported):
             if p.dtype != params[0][1].dtype:
                 raise TypeError(f"layer {j}: a parameter has dtype {p.dtype} but layer 0 has "
                                 f"{params[0][1].dtype}; use one dtype")
+        Ties(named_params(layers))  # a ValueError for two parameters overlapping in memory, not one array
         self._layers = tuple(layers)
         self._token = object()
 
@@ -93,7 +91,13 @@ class Sequential(SequentialParameterSpace, Imported):
 
     @property
     def n_params(self) -> int:
-        return sum(int(np.prod(s)) for L in self._layers for s in _shapes(L))
+        """``P``: every parameter once, a shared one (several uses, ``docs/sharing.md``) too."""
+        return self._ties().n_params
+
+    def _ties(self) -> Ties:
+        """The parameters of the layers' uses (``jacgrad.protocol.sharing.Ties``): read from the
+        arrays the layers hold now."""
+        return Ties(named_params(self._layers))
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -179,8 +183,8 @@ class Sequential(SequentialParameterSpace, Imported):
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
-        shapes = [s for L in self._layers for s in _shapes(L)]
-        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
+        ties = self._ties()
+        flat, views = carve(xp, ties.use_shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
         lead = want[:-len(self.out_shape)] if len(want) > 1 + len(self.out_shape) else cache.batch
         # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
         # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
@@ -195,6 +199,9 @@ class Sequential(SequentialParameterSpace, Imported):
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
                                       _require_finite if check_finite else None)
+        if ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum
+            flat = ties.reduce(flat)
+            per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)))
         return Gradients(layers=named_grads(self._layers, per_layer), input=gin, deltas=deltas, flat=flat)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
