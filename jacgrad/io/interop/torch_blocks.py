@@ -9,8 +9,9 @@ NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
 something else). The modules are walked as ``MLP.from_torch`` walks them
 (``jacgrad.io.interop.torch.flatten``): an iterable of modules is taken too, nested
-``nn.Sequential``s are flattened (``"1.0"``), a re-used parameter-free module is applied in each
-place, and a re-used module with parameters (tied parameters) is refused. A missing bias
+``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
+parameter used in several places (a re-used module, ``b.weight = a.weight``) is ONE shared
+jacgrad parameter (``docs/sharing.md``). A missing bias
 (``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
@@ -98,7 +99,19 @@ class _Convert:
         self.seen, self.read = seen, []
 
     def __call__(self, p, what: str):
-        return _parameter(torch, p, what, self.copy, self.cast)
+        """``p`` brought over, once: a tensor read again (a re-used module, a tied parameter) gives
+        the same array, and its transpose (``head.weight = emb.weight`` read as ``W = weight.T``)
+        that array's transpose — one shared jacgrad parameter (``protocol.sharing``), with copies too."""
+        key = (p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        memo = self.seen.setdefault("arrays", {})
+        if key in memo:
+            return memo[key]
+        if p.dim() == 2:
+            flipped = (key[0], key[1][::-1], key[2][::-1], p.dtype)
+            if flipped in memo:
+                return memo[flipped].T
+        a = memo[key] = _parameter(torch, p, what, self.copy, self.cast)
+        return a
 
     def ones(self, n: int):
         return self.xp.ones(n, dtype=self.dtype)
