@@ -33,7 +33,7 @@ import numpy as np
 
 from ..core.backend import get_xp
 
-__all__ = ["Ties"]
+__all__ = ["Ties", "array_key"]
 
 
 def _ptr(a) -> int:
@@ -48,6 +48,12 @@ def _bounds(a) -> tuple[int, int]:
     lo = p + sum(min(0, (n - 1) * s) for n, s in zip(a.shape, a.strides))
     hi = p + sum(max(0, (n - 1) * s) for n, s in zip(a.shape, a.strides)) + a.itemsize
     return lo, hi
+
+
+def array_key(a, transposed: bool = False) -> tuple:
+    """What makes two arrays the same parameter: address, shape, strides, dtype (``transposed``:
+    the key of ``a.T``'s memory read as ``a``, i.e. ``array_key(E.T, True) == array_key(E)``)."""
+    return _key(a, transposed)
 
 
 def _key(a, transposed: bool = False) -> tuple:

@@ -39,6 +39,7 @@ from ...nn.layers import (
     RMSNorm,
 )
 from ...core.backend import asarray, get_xp
+from ...protocol.sharing import array_key
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
 from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
@@ -253,25 +254,34 @@ def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
     return Embedding(conv(module.weight, "weight"), module.padding_idx)
 
 
-def layers_to_torch(layers) -> nn.Sequential:
+def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
     """An ``nn.Sequential`` computing the ``jacgrad.nn.layers`` in order — ``nn.Linear`` (+ its
     activation module), ``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` around an inner
     ``nn.Sequential`` — with copies of the parameters in their dtype, on their device (CUDA for
-    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly."""
+    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly. A shared
+    parameter (``protocol.sharing``) is one torch parameter in every place (``b.weight =
+    a.weight``); a Dense whose W is another Dense's W transposed has no torch spelling: a
+    ``ValueError``."""
+    tied = {} if _tied is None else _tied  # array_key -> the torch Parameter of its first use
     modules = []
-    for L in layers:
+    for j, L in enumerate(layers):
         if L.kind == "dense":
             W = _tensor(L.W)
             lin = nn.Linear(W.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
             with torch.no_grad():
                 lin.weight.copy_(W.T)
                 lin.bias.copy_(_tensor(L.b))
+            if array_key(L.W, transposed=True) in tied and array_key(L.W) not in tied:
+                raise ValueError(f"to_torch: layer {j}'s W is another Dense layer's W transposed; torch cannot tie "
+                                 "a Linear's weight to another's transpose")
+            lin.weight = tied.setdefault(array_key(L.W), lin.weight)
+            lin.bias = tied.setdefault(array_key(L.b), lin.bias)
             modules.append(lin)
             act = activation_module(nn, L.activation)
             if act is not None:
                 modules.append(act)
         elif L.kind == "residual":
-            modules.append(Residual(layers_to_torch(L.layers), L.scale))
+            modules.append(Residual(layers_to_torch(L.layers, tied), L.scale))
         elif L.kind == "activation":
             modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
@@ -282,6 +292,9 @@ def layers_to_torch(layers) -> nn.Sequential:
                 norm.weight.copy_(gamma)
                 if L.kind == "layernorm":
                     norm.bias.copy_(_tensor(L.beta))
+            norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
+            if L.kind == "layernorm":
+                norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
             modules.append(norm)
     return nn.Sequential(*modules)
 
