@@ -340,3 +340,34 @@ def test_ties_reduce_is_expand_transposed():
     np.testing.assert_allclose(ties.reduce(u) @ p, u @ ties.expand(p), rtol=1e-13)
     dense = np.stack([ties.expand(e) for e in np.eye(ties.n_params)])  # (P, P_use): expand's matrix
     np.testing.assert_allclose(ties.reduce(u), dense @ u, rtol=1e-13)
+
+
+# ---------------------------------------------------------------------- back to torch, DP-SGD for torch
+def test_to_torch_ties_the_torch_parameters_again():
+    model = reused_sequential()
+    back = jg.Sequential.from_torch(model).to_torch()
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in model.parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    np.testing.assert_allclose(back(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-12, atol=1e-12)
+    assert jg.Sequential.from_torch(back).n_params == 46
+    W = np.random.default_rng(0).standard_normal((4, 6))
+    with pytest.raises(ValueError, match=r"to_torch: layer 1's W is another Dense layer's W transposed"):
+        jg.Sequential([L.Dense(W, None, "tanh"), L.Dense(W.T)]).to_torch()
+
+
+@pytest.mark.parametrize("build", [reused_sequential, tied_unembedding], ids=["reused", "tied-unembedding"])
+def test_dp_backward_clips_the_per_sample_gradient_of_a_shared_parameter(build):
+    model = build()
+    x, y = _data("tokens" if build is tied_unembedding else "dense", torch.float64, B=6)
+    r = jg.torch.dp_backward(model, x, y, loss="mse", max_norm=0.05)
+    ref = copy.deepcopy(model)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    ps = vmap(grad(lambda p, x, t: ((functional_call(ref, p, (x[None],)) - t[None]) ** 2).mean()),
+              in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum((v.reshape(6, -1) ** 2).sum(1) for v in ps.values()))
+    assert float(norms.min()) > 0.05  # every sample clipped: the cross terms decide c_i
+    c = torch.clamp(0.05 / norms, max=1.0)
+    np.testing.assert_allclose(r.norms, norms.numpy(), rtol=1e-10)
+    for n, p in model.named_parameters():
+        want = (c.reshape((-1,) + (1,) * p.dim()) * ps[n]).sum(0) / 6
+        np.testing.assert_allclose(p.grad.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
