@@ -371,3 +371,20 @@ def test_dp_backward_clips_the_per_sample_gradient_of_a_shared_parameter(build):
     for n, p in model.named_parameters():
         want = (c.reshape((-1,) + (1,) * p.dim()) * ps[n]).sum(0) / 6
         np.testing.assert_allclose(p.grad.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_pickling_keeps_the_ties_a_transposed_view_included():
+    """pickle writes ``E.T`` as an array of its own: the network makes the tie again on loading
+    (Dask ships networks to its workers this way)."""
+    import pickle
+
+    model = tied_unembedding()
+    net = jg.Sequential.from_torch(model)
+    back = pickle.loads(pickle.dumps(net))
+    assert back.n_params == net.n_params == sum(p.numel() for p in model.parameters())
+    assert np.shares_memory(back.layers[2].W, back.layers[0].E)
+    x, t = _data("tokens", torch.float64)
+    np.testing.assert_array_equal(back.loss_and_grads(x.numpy(), t.numpy())[1].flat,
+                                  net.loss_and_grads(x.numpy(), t.numpy())[1].flat)
+    back.layers[0].E[0, 0] += 1.0  # one table: the unembedding sees the change
+    assert back.layers[2].W[0, 0] == back.layers[0].E[0, 0]

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..core.backend import get_xp
 
-__all__ = ["Ties", "array_key"]
+__all__ = ["Ties", "array_key", "relink"]
 
 
 def _ptr(a) -> int:
@@ -60,7 +60,7 @@ def _key(a, transposed: bool = False) -> tuple:
     shape, strides = tuple(a.shape), tuple(a.strides)
     if transposed:
         shape, strides = shape[::-1], strides[::-1]
-    return _ptr(a), shape, strides, str(a.dtype)
+    return _ptr(a), shape, strides, a.dtype
 
 
 class Ties:
@@ -165,3 +165,34 @@ class Ties:
         for (q, t), v in zip(self.uses, self._views(out, self.use_shapes)):
             v[...] = src[q].swapaxes(-1, -2) if t else src[q]
         return out
+
+
+def relink(layers: Sequence[Any], uses: Sequence[tuple[int, bool]], leaf_layers) -> list:
+    """``layers`` with the ties ``uses`` (a ``Ties.uses``, every use in ``leaf_layers`` order) made
+    again: every later use of a parameter gets its first use's array (transposed where the use is),
+    the layers holding a replaced array rebuilt by their class's ``from_spec``. What pickling
+    needs: it keeps one array object used twice, but writes a transposed view (``W = E.T``) as
+    an array of its own."""
+    flat = [p for _, L in leaf_layers(layers) for p in L.params]
+    if len(flat) != len(uses):
+        raise ValueError(f"relink: {len(uses)} uses recorded but the layers hold {len(flat)} parameter arrays")
+    first: dict = {}
+    for u, (q, _) in enumerate(uses):
+        first.setdefault(q, u)
+    want = [flat[first[q]].T if t else flat[first[q]] for q, t in uses]
+    at = iter(range(len(flat)))
+
+    def rebuild(group):
+        out = []
+        for L in group:
+            inner = getattr(L, "layers", None)
+            if inner is not None:
+                new = rebuild(inner)
+                out.append(L if all(a is b for a, b in zip(new, inner)) else type(L).from_spec(L.spec(), {}, new))
+                continue
+            params = [want[next(at)] for _ in L.params]
+            same = all(a is b for a, b in zip(params, L.params))
+            out.append(L if same else type(L).from_spec(L.spec(), dict(zip(L.names, params)), None))
+        return out
+
+    return rebuild(layers)
