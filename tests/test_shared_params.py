@@ -388,3 +388,17 @@ def test_pickling_keeps_the_ties_a_transposed_view_included():
                                   net.loss_and_grads(x.numpy(), t.numpy())[1].flat)
     back.layers[0].E[0, 0] += 1.0  # one table: the unembedding sees the change
     assert back.layers[2].W[0, 0] == back.layers[0].E[0, 0]
+
+
+def test_the_gradient_flow_report_shows_a_shared_parameters_gradient_in_each_use():
+    """The block rows read each layer's gradient; with ties ``Gradients.flat`` holds a parameter
+    once, so the rows are cut from the uses' views (the report ran off the end of ``flat`` before)."""
+    model = reused_sequential()
+    net = jg.Sequential.from_torch(model)
+    x, t = _data("dense", torch.float64)
+    r = jg.gradient_flow(net, x.numpy(), t.numpy())
+    ((model(x) - t) ** 2).mean().backward()  # torch's gradient of each Linear (module 2 is used twice)
+    lins = [model[0], model[2], model[4], model[6]]
+    want = [float(torch.sqrt(m.weight.grad.pow(2).sum() + m.bias.grad.pow(2).sum())) for m in lins]
+    np.testing.assert_allclose([b.grad_norm for b in r.blocks], want, rtol=1e-10)
+    assert r.blocks[1].grad_norm == r.blocks[2].grad_norm
