@@ -402,3 +402,14 @@ def test_the_gradient_flow_report_shows_a_shared_parameters_gradient_in_each_use
     want = [float(torch.sqrt(m.weight.grad.pow(2).sum() + m.bias.grad.pow(2).sum())) for m in lins]
     np.testing.assert_allclose([b.grad_norm for b in r.blocks], want, rtol=1e-10)
     assert r.blocks[1].grad_norm == r.blocks[2].grad_norm
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_mlp_save_writes_a_shared_parameter_once_and_mlp_load_restores_it(tmp_path, suffix):
+    net = jg.MLP.from_torch(reused_sequential())
+    net.save(tmp_path / f"mlp{suffix}")
+    back = jg.MLP.load(tmp_path / f"mlp{suffix}")
+    assert back.n_params == net.n_params == 46 and back.weights[1] is back.weights[2]
+    assert back.activations == net.activations
+    x = np.random.default_rng(0).standard_normal((3, 3))
+    np.testing.assert_array_equal(back(x), net(x))
