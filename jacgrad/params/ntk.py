@@ -79,13 +79,17 @@ def _block(left, net, xb, trace: bool, out, group=None):
         if Ma is not None:
             out += group.gram(Ma, Ma, trace)
         return
-    right, Mb = _side(net, xb, group)
-    for k, item in enumerate(right):
-        if item is not None:
-            leaf, a, Ga = kept[k]
-            leaf.ntk_add((a, Ga), item[1:], trace, out)
+    pairs, partials = _sweep(net, xb)
+    Mb = None
+    for k, Gb in partials:  # streamed, output leaf first: each leaf's G is dropped once added
+        if group is not None and k in group:
+            Mb = group.zeros(Gb.shape[0] * Gb.shape[1], Gb) if Mb is None else Mb
+            group.add_leaf(Mb, k, pairs[k][0], pairs[k][1], Gb)
+            continue
+        leaf, a, Ga = kept[k]
+        leaf.ntk_add((a, Ga), (pairs[k][1], Gb), trace, out)
     if Ma is not None:
-        out += group.gram(Ma, Mb, trace)
+        out += group.gram(Ma, Mb.reshape(Mb.shape[0] // Ma.shape[1], Ma.shape[1], -1), trace)
 
 
 def _widths(net) -> list[int]:
