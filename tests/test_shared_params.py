@@ -413,3 +413,14 @@ def test_mlp_save_writes_a_shared_parameter_once_and_mlp_load_restores_it(tmp_pa
     assert back.activations == net.activations
     x = np.random.default_rng(0).standard_normal((3, 3))
     np.testing.assert_array_equal(back(x), net(x))
+
+
+def test_a_conv2d_used_twice_through_the_module_walk():
+    """The general path reads a convolution's leaf through the protocol (its ``fill``) as any other."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), conv, nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double()
+    net = jg.Sequential.from_torch(model, in_shape=(2, 4, 4))
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64)
+    _check_all(net, model, x, t, torch.float64)
