@@ -34,7 +34,7 @@ from ..algebra.chain import Chain
 from ..nn.layers import chained, Dense, leaf_layers
 from ..protocol.layer import anchor as _first_param
 from ..protocol.layer import bind_shapes, named_params
-from ..protocol.sharing import Ties, relink
+from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
 from .cache import SequentialCache
@@ -52,7 +52,7 @@ def _require_finite(a, where: str) -> None:
         raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
 
 
-class Sequential(SequentialParameterSpace, Imported):
+class Sequential(SequentialParameterSpace, Imported, TiedLayers):
     """A stack of layers from ``jacgrad.nn.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
@@ -74,23 +74,6 @@ class Sequential(SequentialParameterSpace, Imported):
         self._layers = tuple(layers)
         self._token = object()
 
-    def __getstate__(self) -> dict:
-        """Pickling (Dask ships networks to its workers): the ties recorded, so that a transposed tie
-        (``Dense(E.T)``), which pickle writes as an array of its own, is made again on loading."""
-        state = dict(self.__dict__)
-        state.pop("_ties_memo", None)
-        ties = self._ties()
-        if ties.shared:
-            state["_pickled_ties"] = list(ties.uses)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        uses = state.pop("_pickled_ties", None)
-        self.__dict__.update(state)
-        if uses is not None and self._ties().uses != uses:
-            self._layers = tuple(relink(self._layers, uses, leaf_layers))
-            self.__dict__.pop("_ties_memo", None)
-
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
@@ -110,18 +93,6 @@ class Sequential(SequentialParameterSpace, Imported):
     def n_params(self) -> int:
         """``P``: every parameter once, a shared one (several uses, ``docs/sharing.md``) too."""
         return self._ties().n_params
-
-    def _ties(self) -> Ties:
-        """The parameters of the layers' uses (``jacgrad.protocol.sharing.Ties``): read from the
-        arrays the layers hold now (kept while the layers hold the very same array objects: a
-        hot loop's backward does not rebuild it)."""
-        arrays = [p for _, L in leaf_layers(self._layers) for p in L.params]
-        memo = self.__dict__.get("_ties_memo")
-        if memo is not None and len(memo[0]) == len(arrays) and all(a is b for a, b in zip(memo[0], arrays)):
-            return memo[1]
-        ties = Ties(named_params(self._layers))
-        self._ties_memo = (arrays, ties)  # the arrays kept alive: their ids and memory stay theirs
-        return ties
 
     def __len__(self) -> int:
         return len(self._layers)

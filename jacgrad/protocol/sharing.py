@@ -32,8 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.backend import get_xp
+from .layer import leaf_layers, named_params
 
-__all__ = ["Ties", "array_key", "relink"]
+__all__ = ["TiedLayers", "Ties", "array_key", "relink"]
 
 
 def _ptr(a) -> int:
@@ -167,7 +168,7 @@ class Ties:
         return out
 
 
-def relink(layers: Sequence[Any], uses: Sequence[tuple[int, bool]], leaf_layers) -> list:
+def relink(layers: Sequence[Any], uses: Sequence[tuple[int, bool]]) -> list:
     """``layers`` with the ties ``uses`` (a ``Ties.uses``, every use in ``leaf_layers`` order) made
     again: every later use of a parameter gets its first use's array (transposed where the use is),
     the layers holding a replaced array rebuilt by their class's ``from_spec``. What pickling
@@ -196,3 +197,37 @@ def relink(layers: Sequence[Any], uses: Sequence[tuple[int, bool]], leaf_layers)
         return out
 
     return rebuild(layers)
+
+
+class TiedLayers:
+    """What a network holding its layers in ``_layers`` (``jacgrad.Sequential``) has for shared
+    parameters: ``_ties()``, and pickling that keeps them."""
+
+    def _ties(self) -> Ties:
+        """The parameters of the layers' uses (``jacgrad.protocol.sharing.Ties``): read from the
+        arrays the layers hold now (kept while the layers hold the very same array objects: a
+        hot loop's backward does not rebuild it)."""
+        arrays = [p for _, L in leaf_layers(self._layers) for p in L.params]
+        memo = self.__dict__.get("_ties_memo")
+        if memo is not None and len(memo[0]) == len(arrays) and all(a is b for a, b in zip(memo[0], arrays)):
+            return memo[1]
+        ties = Ties(named_params(self._layers))
+        self._ties_memo = (arrays, ties)  # the arrays kept alive: their ids and memory stay theirs
+        return ties
+
+    def __getstate__(self) -> dict:
+        """Pickling (Dask ships networks to its workers): the ties recorded, so that a transposed tie
+        (``Dense(E.T)``), which pickle writes as an array of its own, is made again on loading."""
+        state = dict(self.__dict__)
+        state.pop("_ties_memo", None)
+        ties = self._ties()
+        if ties.shared:
+            state["_pickled_ties"] = list(ties.uses)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        uses = state.pop("_pickled_ties", None)
+        self.__dict__.update(state)
+        if uses is not None and self._ties().uses != uses:
+            self._layers = tuple(relink(self._layers, uses))
+            self.__dict__.pop("_ties_memo", None)
