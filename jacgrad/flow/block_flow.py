@@ -142,6 +142,8 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
         lo, hi = np.searchsorted(norm_rows, [start, start + B])
         sel = np.asarray(norm_rows[lo:hi], dtype=np.int64) - start
     blocks, at = [], 0
+    ties = net._ties() if hasattr(net, "_ties") else None
+    uses = None if ties is None or not ties.shared else ties.use_views(ties.param_views(g.flat))
     for j, (layer, F) in enumerate(zip(net.layers, flat.factors)):
         n_par = sum(int(p.size) for p in layer.params)
         exact = _exact(total, F.h_in, F.h_out)
@@ -153,9 +155,10 @@ def _partial(net, x, target, loss, seed, grad_y, start: int, total, norm_rows=No
         blocks.append(dict(
             kind=layer.kind, h_in=F.h_in, h_out=F.h_out, chi_exact=exact, chi_sum=chi_sum,
             norm_sum=norm_sum, bound_sum=float(to_numpy((bound if sel is None else bound[xp.asarray(sel)]).sum())),
-            grad=g.flat[at:at + n_par] * factor,  # a fresh array: the pooled gradient block is reused
+            grad=(g.flat[at:at + n_par] if uses is None else  # a shared parameter: its gradient in each use
+                  xp.concatenate([u.ravel() for u in uses[at:at + len(layer.params)]])) * factor,  # fresh: the block is pooled
             scale=getattr(layer, "scale", None) if layer.kind == "residual" else None, inner=_inner(layer)))
-        at += n_par
+        at += n_par if uses is None else len(layer.params)
     measure = None if chain.tokens is None else (  # a norm's or attention's χ and ‖J‖₂ on tokens, per sample
         lambda F, k, T: tuple(v / T for v in _measures(F, _exact(total * T, F.h_in, F.h_out), seed + len(net.layers) + k,
                                                        token_rows(sel, T) if T > 1 else sel)))

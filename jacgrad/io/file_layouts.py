@@ -67,12 +67,24 @@ def plan(c, suffix):
 def _sequential_plan(c):
     spec = _json(c.text["spec"], "its 'spec'", "a JSON list of layers")
     _check_spec(spec, "", 0)
+    ties = _ties(c)
     sources = {}
     for key, kind in _param_keys(spec, ""):
+        if key in ties:  # a shared parameter's later use: stored once, under its first use's key
+            if key in c.arrays:
+                raise Bad(f"layer {key.rsplit('.', 1)[0]} ({kind}): array {quote(key)} is both stored and tied to "
+                          f"{quote(ties[key][0])} in its 'ties'")
+            sources[key] = ties[key]
+            continue
         if key not in c.arrays:
             raise Bad(f"layer {key.rsplit('.', 1)[0]} ({kind}): array {quote(key)} is missing")
         sources[key] = (key, False)
     _no_others(c.arrays, sources, "is not a parameter of any layer in its 'spec'")
+    for key, (src, _) in ties.items():
+        if key not in sources or src not in sources or sources[src] != (src, False):
+            what = "is not a parameter of any layer in its 'spec'" if key not in sources else \
+                f"names {quote(src)}, which is not a stored parameter of a layer in its 'spec'"
+            raise Bad(f"'ties': {quote(key)} {what}")
     names = [s["activation"] for s in dense_layers(spec)]
     return spec, sources, names, None
 
@@ -129,6 +141,19 @@ def _torch_plan(c):
         sources[f"{j}.b"] = (keys["bias"], False) if "bias" in keys else None
     spec = [{"kind": "dense", "activation": None} for _ in layers]
     return spec, sources, None, "is a torch state dict, which carries no activations; pass activations= (one per Linear)"
+
+
+def _ties(c) -> dict:
+    """The file's ``ties`` (Sequential's layout, ``jacgrad.io.netfile``): ``{later use's key: (first
+    use's key, transposed)}``, checked as JSON of that form; ``{}`` when it has none."""
+    if "ties" not in c.text:
+        return {}
+    ties = _json(c.text["ties"], "its 'ties'", "a JSON object of shared parameters")
+    ok = isinstance(ties, dict) and all(isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                                        and isinstance(v[0], str) and isinstance(v[1], bool) for k, v in ties.items())
+    if not ok:
+        raise Bad(f"its 'ties' is not a JSON object {{key: [key of the first use, transposed]}}: {quote(c.text['ties'])}")
+    return {k: (v[0], v[1]) for k, v in ties.items()}
 
 
 def _no_others(arrays, sources, why):

@@ -39,7 +39,7 @@ __all__ = ["Contents", "read_npz", "read_safetensors", "read_torch"]
 TEXT_BYTES = 1 << 20  # an .npz's text members (activations, spec): at most this many bytes
 RATIO, SLACK = 100, 1 << 20  # a zip member may inflate to at most RATIO x its compressed size, or SLACK
 CHUNK = 1 << 20
-_NPZ_TEXT = ("activations", "spec")
+_NPZ_TEXT = ("activations", "spec", "ties")  # ties: shared parameters (netfile)
 
 
 class Contents:

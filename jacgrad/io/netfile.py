@@ -46,6 +46,7 @@ from .file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open
 from ..core.backend import to_device, to_numpy
 from .interop import NetSpec
 from ..protocol.layer import layer_class, leaf_layers, stored_arrays, stored_names
+from ..protocol.sharing import Ties
 
 __all__ = ["SUFFIXES", "SAVE_SUFFIXES", "load", "load_layers", "save", "save_layers"]
 
@@ -67,12 +68,25 @@ def save(weights, biases, activations, path) -> None:
 
 
 def save_layers(layers, path) -> None:
-    """Write a layer list in Sequential's layout (``Sequential.save``): ``.npz`` or ``.safetensors``."""
-    arrays = {f"{'.'.join(map(str, where))}.{name}": p
-              for where, L in leaf_layers(layers)
-              for name, p in stored_arrays(L)}
+    """Write a layer list in Sequential's layout (``Sequential.save``): ``.npz`` or ``.safetensors``.
+    A shared parameter (``protocol.sharing``) is stored once, under its first use's key; every
+    later use is a ``ties`` entry ``{key: [first use's key, transposed]}`` (text beside the spec)
+    and loading makes it that array (or its transpose) again."""
+    named = [(f"{'.'.join(map(str, where))}.{name}", p) for where, L in leaf_layers(layers)
+             for name, p in stored_arrays(L)]
+    ties = Ties(named)
+    arrays, tied = {}, {}
+    for (key, p), (q, t) in zip(named, ties.uses):
+        if ties.where[q] == key:
+            arrays[key] = p
+        else:
+            tied[key] = [ties.where[q], t]
     spec = json.dumps([L.spec() for L in layers])
-    _write(path, arrays, {"spec": np.array(spec)}, {"spec": spec})
+    text, meta = {"spec": np.array(spec)}, {"spec": spec}
+    if tied:
+        text["ties"] = np.array(json.dumps(tied))
+        meta["ties"] = json.dumps(tied)
+    _write(path, arrays, text, meta)
 
 
 def _write(path, arrays: dict, npz_text: dict, metadata: dict) -> None:
@@ -156,6 +170,9 @@ def _read(path, activations, dtype, replace):
                     arrays[k] = np.asarray(a.T if src[1] else a, dtype=dt)
                 else:
                     arrays[k] = None
+            for k, src in sources.items():  # a tie (Sequential's 'ties'): the first use's array itself
+                if src is not None and src[0] != k and src[0] in sources:
+                    arrays[k] = arrays[src[0]].T if src[1] else arrays[src[0]]
         except NetworkFileKeyError as exc:
             raise NetworkFileKeyError(f"network file {path!r}: {exc}") from None
         except Bad as exc:

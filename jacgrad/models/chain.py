@@ -40,7 +40,8 @@ def build_layers(cap, copy: bool, dtype) -> None:
         cap.labels[node] = f"unsupported: {reason}"
     if cap.explanation().unsupported:
         raise unsupported_error(cap.explanation())
-    _check_parameters_used_once(cap)
+    # a parameter in several places (a re-used module, tied weights) is read once by _Convert: ONE
+    # shared jacgrad parameter (protocol.sharing), its gradient summed over the uses
     from ..io.interop.torch_blocks import _Convert, _dtype
     from ..io.interop.torch import cast_dtype, origin
     from ..core.backend import asarray, get_xp
@@ -68,22 +69,6 @@ def build_layers(cap, copy: bool, dtype) -> None:
 def _place(cap, node) -> str:
     module, source = cap._where[node]
     return f"{node.name} ({', '.join(v for v in (module, source) if v)})"
-
-
-def _check_parameters_used_once(cap) -> None:
-    uses: dict = {}
-    for n, piece in cap.pieces.items():
-        for role, (ph, _) in piece.params.items():
-            uses.setdefault(ph, []).append((n, role))
-    for ph, where in uses.items():
-        if len(where) > 1:
-            names = cap.torch_names(ph)
-            tied = f" (tied: also named {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
-            places = "; ".join(f"{_place(cap, n)} as {role}" for n, role in where)
-            raise ValueError(
-                f"{cap.name}: the parameter {names[0]!r}{tied} is used in {len(where)} places: {places}. jacgrad has "
-                f"no parameter sharing yet, and importing it as independent copies would count it twice and split its "
-                f"gradient: give each place its own parameter (copy.deepcopy the module, or untie the weights)")
 
 
 def _ends(cap):

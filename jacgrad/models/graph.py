@@ -17,11 +17,10 @@ walked back from the output into a chain of jacgrad layers:
 Refused, each with its node, op, module and source line: ops without a layer (all of them in one
 ``TypeError``; ``jg.explain`` shows the same verdicts as a table); graphs that are not a chain
 of layers and residual blocks — concatenated skips, a value used by two branches, several outputs
-— (a ``TypeError``; a general DAG of factors is not supported); a parameter used in two places, a
-re-used ``nn.Linear`` or tied weights (a ``ValueError`` naming both uses and the parameter's torch
-names: jacgrad has no parameter sharing yet, and two independent copies would count it twice and
-split its gradient). A parameter-free module used twice (one ``nn.ReLU`` after two Linears) is
-simply applied twice. Inputs and outputs are ``(B, n)``, or images ``(B, C, L)`` / ``(B, C, H, W)`` into a
+— (a ``TypeError``; a general DAG of factors is not supported). A module used twice (one
+``nn.ReLU``, one ``nn.Linear``) is applied in each place; a parameter used in several places (a
+re-used ``nn.Linear``, tied weights) is ONE shared jacgrad parameter (``protocol.sharing``:
+its gradient summed over the uses, P counting it once). Inputs and outputs are ``(B, n)``, or images ``(B, C, L)`` / ``(B, C, H, W)`` into a
 convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
 ``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
 after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);

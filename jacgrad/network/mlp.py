@@ -247,9 +247,14 @@ class MLP(InteropMethods, Sequential):
     def save(self, path) -> None:
         """Write ``W0, b0, W1, b1, …`` and the activation names to ``.npz`` or ``.safetensors``
         (by suffix, in any case, at exactly ``path``; any other suffix is a ``ValueError``). The
-        file is replaced only once the new one is complete (see ``jacgrad.io.netfile``)."""
-        from ..io.netfile import save
+        file is replaced only once the new one is complete (see ``jacgrad.io.netfile``). A network
+        with a shared parameter (one layer used twice, tied weights) is written in Sequential's
+        layout instead, which stores it once and records the tie (``MLP.load`` reads both)."""
+        from ..io.netfile import save, save_layers
 
+        if self._ties().shared:
+            save_layers(self.layers, path)
+            return
         save(self.weights, self.biases, self.activations, path)
 
     @classmethod

@@ -33,7 +33,8 @@ from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..nn.layers import chained, Dense, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes, lead_shape
+from ..protocol.layer import bind_shapes, lead_shape, named_params
+from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
 from .cache import SequentialCache
@@ -51,11 +52,7 @@ def _require_finite(a, where: str) -> None:
         raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
 
 
-def _shapes(layer) -> list:
-    return [tuple(p.shape) for p in layer.params]
-
-
-class Sequential(SequentialParameterSpace, Imported):
+class Sequential(SequentialParameterSpace, Imported, TiedLayers):
     """A stack of layers from ``jacgrad.nn.layers``, input -> output; ``layers`` is a read-only tuple.
     Every layer must have the same dtype and device; widths must chain (errors name the layer)."""
 
@@ -73,6 +70,7 @@ class Sequential(SequentialParameterSpace, Imported):
             if p.dtype != params[0][1].dtype:
                 raise TypeError(f"layer {j}: a parameter has dtype {p.dtype} but layer 0 has "
                                 f"{params[0][1].dtype}; use one dtype")
+        Ties(named_params(layers))  # a ValueError for two parameters overlapping in memory, not one array
         self._layers = tuple(layers)
         self._token = object()
 
@@ -93,7 +91,8 @@ class Sequential(SequentialParameterSpace, Imported):
 
     @property
     def n_params(self) -> int:
-        return sum(int(np.prod(s)) for L in self._layers for s in _shapes(L))
+        """``P``: every parameter once, a shared one (several uses, ``docs/sharing.md``) too."""
+        return self._ties().n_params
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -180,8 +179,8 @@ class Sequential(SequentialParameterSpace, Imported):
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
-        shapes = [s for L in self._layers for s in _shapes(L)]
-        flat, views = carve(xp, shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
+        ties = self._ties()
+        flat, views = carve(xp, ties.use_shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
         # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
         # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
         # it on as its delta, so it gets a copy: never the caller's array
@@ -195,6 +194,9 @@ class Sequential(SequentialParameterSpace, Imported):
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
                                       _require_finite if check_finite else None)
+        if ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum
+            flat = ties.reduce(flat)
+            per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)))
         return Gradients(layers=named_grads(self._layers, per_layer), input=gin, deltas=deltas, flat=flat)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):

@@ -60,7 +60,6 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
 
     from ..params import private
     from ..core.backend import asarray, get_xp
-    from ..nn.layers import named_params
     from ..algebra.per_sample import param_views
     from .sequential import Sequential
 
@@ -70,7 +69,7 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
     if not params:
         raise ValueError("dp_backward: the model has no parameter that requires grad")
     net = Sequential.from_torch(model, copy=False)
-    ours = [a for _, a in named_params(net.layers)]
+    ours = net._ties().params  # every parameter once: a shared one (tied weights, a re-used module) too
     live = {p.data_ptr() for _, p in params}  # a frozen parameter, or a bias torch's Linear lacks, is not clipped
     x, y = (asarray(a.detach() if isinstance(a, torch.Tensor) else a) for a in (x, y))
     r = net.clipped_grad(x, y, loss=loss, max_norm=C, expected_batch_size=expected_batch_size,
@@ -86,8 +85,10 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
         if g is None:
             raise TypeError(f"dp_backward: parameter {name!r} {tuple(p.shape)} is not one that "
                             f"Sequential.from_torch(model, copy=False) reads")
+        a = ours[[_address(o) for o in ours].index(p.data_ptr())]
         g = torch.from_numpy(g) if get_xp(g) is np else torch.from_dlpack(g)
-        g = g.T if p.ndim == 2 else g  # a Linear's W is weight.T
+        # a Linear's W is weight.T; an Embedding's E (and a head tied to it) is weight itself
+        g = g.T if p.ndim == 2 and tuple(a.strides) != tuple(s * p.element_size() for s in p.stride()) else g
         if p.grad is None:
             p.grad = g.contiguous().clone()
         else:

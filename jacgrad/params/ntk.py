@@ -51,26 +51,46 @@ def _sweep(net, x):
     return net._param_leaf_inputs(cache), output_partials(factors, V.reshape((N, O) + tuple(out_shape)))
 
 
-def _left(net, x) -> list:
-    """One side's sweep kept whole: ``[(leaf_k, a_k, G_k)]``."""
+def _side(net, x, group):
+    """One side's sweep: ``([(leaf_k, a_k, G_k)], M)``, every leaf's partials kept (None for the
+    leaves of ``group``, the ``SharedGroup`` of shared parameters: their Jacobians summed over
+    the uses, ``M: (N, O, W)``; None without one)."""
     pairs, partials = _sweep(net, x)
-    kept = [None] * len(pairs)
+    kept, M = [None] * len(pairs), None
     for k, G in partials:
-        kept[k] = pairs[k] + (G,)
-    return kept
+        if group is not None and k in group:
+            M = group.zeros(G.shape[0] * G.shape[1], G) if M is None else M
+            group.add_leaf(M, k, pairs[k][0], pairs[k][1], G)
+            N, O = G.shape[:2]
+        else:
+            kept[k] = pairs[k] + (G,)
+    return kept, (None if M is None else M.reshape(N, O, -1))
 
 
-def _block(left, net, xb, trace: bool, out):
-    """Add the kernel of the kept ``left`` side against ``xb`` (None: the left side itself) into
-    ``out``: ``(Na, O, Nb, O)``, or ``(Na, Nb)`` when ``trace`` (each leaf's ``ntk_add``)."""
+def _block(left, net, xb, trace: bool, out, group=None):
+    """Add the kernel of the kept ``left`` side (``_side``'s) against ``xb`` (None: the left side
+    itself) into ``out``: ``(Na, O, Nb, O)``, or ``(Na, Nb)`` when ``trace`` (each leaf's
+    ``ntk_add``; the shared parameters' ``SharedGroup.gram`` with the cross terms of their uses)."""
+    kept, Ma = left
     if xb is None:
-        for leaf, a, G in left:
-            leaf.ntk_add((a, G), (a, G), trace, out)
+        for item in kept:
+            if item is not None:
+                leaf, a, G = item
+                leaf.ntk_add((a, G), (a, G), trace, out)
+        if Ma is not None:
+            out += group.gram(Ma, Ma, trace)
         return
     pairs, partials = _sweep(net, xb)
-    for k, Gb in partials:
-        leaf, a, Ga = left[k]
+    Mb = None
+    for k, Gb in partials:  # streamed, output leaf first: each leaf's G is dropped once added
+        if group is not None and k in group:
+            Mb = group.zeros(Gb.shape[0] * Gb.shape[1], Gb) if Mb is None else Mb
+            group.add_leaf(Mb, k, pairs[k][0], pairs[k][1], Gb)
+            continue
+        leaf, a, Ga = kept[k]
         leaf.ntk_add((a, Ga), (pairs[k][1], Gb), trace, out)
+    if Ma is not None:
+        out += group.gram(Ma, Mb.reshape(Mb.shape[0] // Ma.shape[1], Ma.shape[1], -1), trace)
 
 
 def _widths(net) -> list[int]:
@@ -144,13 +164,14 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
     else:
         out = xp.zeros((N1, N2) if trace else (N1, O, N2, O), dtype=net.dtype)
     chunk = _chunk(net, max(N1, N2, 1), max_memory if max_memory is None or T == 1 else max_memory / (T * T))
+    group = net._shared_group() if hasattr(net, "_shared_group") else None  # shared parameters: cross terms
     for a in range(0, N1, chunk):
         sa = slice(a, min(N1, a + chunk))
-        left = _left(net, x1[sa])
+        left = _side(net, x1[sa], group)
         for b in (range(a, N2, chunk) if sym else range(0, N2, chunk)):
             sb = slice(b, min(N2, b + chunk))
             blk = out[sa, sb] if trace else out[sa, :, sb, :]
-            _block(left, net, None if (sym and a == b) else x2[sb], trace, blk)
+            _block(left, net, None if (sym and a == b) else x2[sb], trace, blk, group)
             if sym and a != b:
                 if trace:
                     out[sb, sa] = blk.T

@@ -28,6 +28,7 @@ from ..protocol.passes import carve
 from ..nn.layers import leaf_layers
 from ..protocol.layer import anchor
 from ..protocol.leaves import check_method
+from .shared import SharedGroup
 from ..core.renamed import renamed
 from ..core.validation import check_out
 
@@ -99,8 +100,26 @@ class SequentialParameterSpace:
         return [self.n_in] + [L.n_out for _, L, _ in _leaves(self.layers)]
 
     def _leaf_views(self, flat) -> list:
-        """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
-        return leaf_views(self.layers, flat)
+        """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes (a shared
+        parameter's view in every leaf that uses it, transposed where the use is)."""
+        ties = self._ties()
+        if not ties.shared:
+            return leaf_views(self.layers, flat)
+        views, out = ties.use_views(ties.param_views(flat)), []
+        for _, _, leaf in _leaves(self.layers):
+            out.append(views[:leaf.n_arrays])
+            views = views[leaf.n_arrays:]
+        return out
+
+    def _shared_group(self):
+        """The leaves holding a shared parameter (``jacgrad.params.shared.SharedGroup``), or None
+        where no parameter is shared: every product then runs its leaves' own rules."""
+        ties = self._ties()
+        if not ties.shared:
+            return None
+        leaves = _leaves(self.layers)
+        owners = [j for j, _, leaf in leaves for _ in range(leaf.n_arrays)]
+        return SharedGroup(ties, [leaf.n_arrays for _, _, leaf in leaves], owners)
 
     def _sample_partials(self, x: Any, target: Any, loss: str):
         """``(cache, [(leaf, a)], partials)``: ``partials`` yields ``(k, G_k: (B, 1, [T,] H_k))``, the
@@ -144,9 +163,16 @@ class SequentialParameterSpace:
         owner = [j for j, _, _ in _leaves(self.layers)]
         xp = get_xp(cache.x)
         sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
+        group, M = self._shared_group(), None
         for k, G in partials:
             leaf, a = pairs[k]
+            if group is not None and k in group:  # a shared parameter: ‖Σ_uses g‖², from the gradients
+                M = group.zeros(cache.batch, G) if M is None else M
+                group.add_leaf(M, k, leaf, a, G)
+                continue
             sq[:, owner[k]] += leaf.sq_norms(a, G[:, 0], method=method)
+        if M is not None:
+            group.sq_by_owner(M, sq)
         sq *= float(cache.batch) ** 2  # after the sums, as MLP's: a dense stack gives its norms to the last bit
         res = sq if per_layer else sq.sum(axis=1)
         if out is None:
@@ -176,20 +202,27 @@ class SequentialParameterSpace:
             ((3, 20), (3, 3, 4), (3, 4))
         """
         cache, pairs, partials = self._sample_partials(x, target, loss)
-        B, P, xp = cache.batch, self.n_params, get_xp(cache.x)
-        if out is None:
+        ties = self._ties()
+        B, P, xp = cache.batch, ties.n_uses, get_xp(cache.x)  # a shared parameter: each use's gradient, then their sum
+        if out is None or ties.shared:
             per_sample.check_budget(
                 f"per_sample_grads of B={B} samples x P={P} parameters ({self.dtype})", B * P * self.dtype.itemsize,
                 max_memory, "per_sample_grad_norms gives their norms without building them; or raise max_memory, "
                 "or split the batch")
-        flat = xp.empty((B, P), dtype=self.dtype) if out is None else check_out(out, (B, P), self.dtype,
-                                                                                  "per_sample_grads", xp)
-        views, deltas = self._leaf_views(flat), [None] * len(pairs)
+        flat = (xp.empty((B, P), dtype=self.dtype) if out is None or ties.shared else
+                check_out(out, (B, P), self.dtype, "per_sample_grads", xp))
+        views, deltas = leaf_views(self.layers, flat), [None] * len(pairs)
         for k, G in partials:
             deltas[k] = G[:, 0] * B  # sample i's own cotangent: B times the batch loss's (the sweep reads G on)
         for k, delta in enumerate(deltas):  # then the (B, P) block front to back: fresh memory faults in faster
             leaf, a = pairs[k]
             leaf.fill(views[k], a, delta)
+        if ties.shared:
+            flat = ties.reduce(flat)
+            if out is not None:
+                check_out(out, flat.shape, self.dtype, "per_sample_grads", xp)[...] = flat
+                flat = out
+            views = self._leaf_views(flat)
         flat_net = len(pairs) == len(self.layers)
         return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
@@ -211,11 +244,24 @@ class SequentialParameterSpace:
         y, cache = self.forward(x)
         _, grad_y = losses.get(loss)(y, losses.one_layout(target))
         xp, denom = get_xp(y), private.denominator(cache.batch, expected_batch_size)
-        flat = carve(xp, [(self.n_params,)], self.dtype, pooled=True)[0]  # as backward: reused host blocks
+        ties, group = self._ties(), self._shared_group()
+        flat = carve(xp, [(ties.n_params,)], self.dtype, pooled=True)[0]  # as backward: reused host blocks
         views = self._leaf_views(flat)
         pairs = self._param_leaf_inputs(cache)
+        shared = None
+        if group is not None:  # shared parameters: their clipped sum written once, into their own views
+            flat[...] = 0
+            flags = None
+            if trainable is not None:  # one flag per parameter (a shared one once), in flat order
+                flags = [bool(f) for f in trainable]
+                if len(flags) != len(ties.params):
+                    raise ValueError(f"trainable has {len(flags)} flags but the network has {len(ties.params)} "
+                                     "parameter arrays (a shared one once; one flag each, in flat order)")
+                trainable = [flags[q] for q, _ in ties.uses]
+            shared = (group, ties.param_views(flat), None if flags is None else {q for q, f in enumerate(flags) if f})
         norms, _ = private.sweep_and_clip(self.jacobian_chain(cache).factors, pairs, grad_y, views, C,
-                                          private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom)
+                                          private.leaf_flags(trainable, [len(v) for v in views]), 1.0 / denom,
+                                          shared=shared)
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
         return private.ClippedGradients(Gradients(layers=_by_name(self.layers, views), flat=flat), norms, frac,
@@ -240,7 +286,7 @@ class SequentialParameterSpace:
                                        "RMSNorm: gamma)")
         y, cache = self.forward(x)
         t = curvature.leaf_parameter_jvp(self.jacobian_chain(cache).factors, self._param_leaf_inputs(cache),
-                                         self._leaf_views(v))
+                                         leaf_views(self.layers, self._ties().expand(v)))  # backward sums the uses
         u = loss_hessians.hessian_vp(loss, _rows(y), _rows(t), _rows(target, y)).reshape(y.shape)
         u /= max(cache.batch, 1)
         g = self.backward(cache, u, input_grad=False).flat
@@ -277,9 +323,21 @@ class SequentialParameterSpace:
         chain = self.jacobian_chain(cache)
         pairs = self._param_leaf_inputs(cache)
         chunks = loss_hessians.hessian_factor_chunks(loss, _rows(y), _rows(target, y), per_sample.chunk_rows(max_memory, per_row, B))
+        group = self._shared_group()
         for sel, V in chunks:  # a token output (B, T, d) is one (B, T·d) output for the loss
-            curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, [(leaf, a[sel]) for leaf, a in pairs],
-                                               V.reshape(V.shape[:2] + y.shape[1:]), views, 1.0 / B)
+            V = V.reshape(V.shape[:2] + y.shape[1:])
+            if group is None:
+                curvature.accumulate_leaf_diagonal(chain.rows(sel).factors, [(leaf, a[sel]) for leaf, a in pairs],
+                                                   V, views, 1.0 / B)
+                continue
+            M = group.zeros(V.shape[0] * V.shape[1], V)  # shared parameters: Σ_ρ (Σ_uses g_ρ)², from the gradients
+            for k, G in per_sample.output_partials(chain.rows(sel).factors, V):
+                leaf, a = pairs[k]
+                if k in group:
+                    group.add_leaf(M, k, leaf, a[sel], G)
+                else:
+                    leaf.ggn_diag_add(views[k], a[sel], G, 1.0 / B)
+            group.write(self._ties().param_views(flat), (M * M).sum(axis=0) / B)
         return Gradients(layers=_by_name(self.layers, views), flat=flat)
 
     # ------------------------------------------------------------------ shorthands

@@ -138,7 +138,7 @@ def clip_factors(sq, max_norm: float):
 
 
 def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], max_norm: float,
-                trainable: Sequence[Sequence[bool]] | None = None, scale: float = 1.0):
+                trainable: Sequence[Sequence[bool]] | None = None, scale: float = 1.0, shared: Any = None):
     """``(norms, c)``; writes ``scale · Σ_i c_i ∇ℓ_i`` of every leaf into ``views[k]`` (``scale``
     rides on ``c``: ``1/B`` there saves a pass over the P gradients).
 
@@ -146,11 +146,27 @@ def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], 
     ``partials``: ``(k, G_k)`` pairs in any order, ``G_k: (B, 1, [T,] H_k)`` the per-sample deltas
     (``per_sample.output_partials`` of ``B·∂L/∂y``); ``views[k]``: leaf k's parameter arrays.
     ``trainable[k]``: one flag per array of leaf k (None: all): the norms count only the flagged
-    ones (a frozen weight, a bias that a torch ``Linear(bias=False)`` does not have)."""
-    deltas = dict((k, G[:, 0]) for k, G in partials)
-    xp = get_xp(next(iter(deltas.values())))
+    ones (a frozen weight, a bias that a torch ``Linear(bias=False)`` does not have).
+    ``shared``: ``(group, param_views, counted)`` where parameters are shared
+    (``jacgrad.params.shared.SharedGroup``; ``param_views[q]`` parameter q's gradient, zeroed;
+    ``counted``: the set of trainable parameters, None: all): the group's leaves' gradients are
+    built and summed over the uses, their norms counted once, ``Σ_i c_i g_i`` one GEMV."""
+    group, pviews, pcounted = shared if shared is not None else (None, None, None)
+    deltas, M = {}, None
+    for k, G in partials:
+        if group is not None and k in group:
+            M = group.zeros(G.shape[0], G) if M is None else M
+            group.add_leaf(M, k, pairs[k][0], pairs[k][1], G)
+        else:
+            deltas[k] = G[:, 0]
+    xp = get_xp(next(iter(deltas.values())) if deltas else M)
     sq = None
+    if M is not None:
+        sq = xp.zeros(M.shape[0], dtype=M.dtype)
+        group.sq_by_owner(M, sq, pcounted)
     for k, (leaf, a) in enumerate(pairs):
+        if k not in deltas:
+            continue
         counted = None if trainable is None else list(trainable[k])
         if counted is not None and not any(counted):
             continue
@@ -161,12 +177,15 @@ def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], 
     norms, c = clip_factors(sq, max_norm)
     w = c * c.dtype.type(scale) if scale != 1.0 else c
     for k, (leaf, a) in enumerate(pairs):
-        leaf.clipped_sum(views[k], a, deltas[k], w)
+        if k in deltas:
+            leaf.clipped_sum(views[k], a, deltas[k], w)
+    if M is not None:
+        group.write(pviews, w @ M)
     return norms, c
 
 
 def sweep_and_clip(factors: Sequence[Any], pairs: Sequence[Any], grad_y, views: Sequence[Sequence[Any]],
-                   max_norm: float, trainable=None, scale: float = 1.0):
+                   max_norm: float, trainable=None, scale: float = 1.0, shared: Any = None):
     """``(norms, c)``: ``scale ·`` the clipped sum of every leaf into ``views``, from ONE reverse sweep.
 
     ``factors``: the network's per-sample chain factors (``jacobian_chain(cache).factors``);
@@ -176,7 +195,7 @@ def sweep_and_clip(factors: Sequence[Any], pairs: Sequence[Any], grad_y, views: 
     B = grad_y.shape[0]
     V = (grad_y * grad_y.dtype.type(B))[:, None]
     partials = per_sample.output_partials(factors, V)
-    return clipped_sum(pairs, partials, views, max_norm, trainable, scale)
+    return clipped_sum(pairs, partials, views, max_norm, trainable, scale, shared)
 
 
 def denominator(B: int, expected_batch_size: Any) -> float:

@@ -88,6 +88,7 @@ from ..nn.loss_workspace import LossWorkspace
 from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
 from ..params.param_space import leaf_inputs, leaf_views
+from ..protocol.sharing import Ties
 from ..core.renamed import renamed
 from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
 from ..protocol.layer import lead_shape
@@ -110,6 +111,19 @@ def _bound(net) -> tuple:
     params = [(f"net.{what}[{j}]", lst[j] if j < len(lst) else None)
               for j in range(max(len(ws), len(bs))) for what, lst in (("weights", ws), ("biases", bs))]
     return (tuple(net.layers) if hasattr(net, "layers") else None), params, names
+
+
+def _refuse_shared(params) -> None:
+    """A ``ValueError`` naming the first parameter used in several places (``protocol.sharing``):
+    a compiled step writes one gradient buffer per use and does not sum them (yet); the plain
+    passes do (``net.loss_and_grads``, ``net.clipped_grad``)."""
+    named = [(w, p) for w, p in params if p is not None]
+    ties = Ties(named)
+    for u, (q, t) in enumerate(ties.uses):
+        if q in ties.multi and ties.where[q] != ties.use_names[u]:
+            raise ValueError(f"compile: {ties.where[q]} is shared: {ties.use_names[u]} uses it too"
+                             + (" (transposed)" if t else "") + "; a compiled step does not sum a shared "
+                             "parameter's uses: use net.loss_and_grads / net.clipped_grad (docs/sharing.md)")
 
 
 class TrainingStep(StepIO):
@@ -150,6 +164,7 @@ class TrainingStep(StepIO):
         B = self._lead = self.batch if self.tokens is None else (self.batch, self.tokens)  # buffers' leading dims
         self.dtype = dt
         layers, params, _ = _bound(net)
+        _refuse_shared(params)
         if layers is None:
             layers = tuple(Dense(p, q, a) for (_, p), (_, q), a in zip(params[0::2], params[1::2], net.activations))
         n_in, n_out = layers[0].n_in, layers[-1].n_out

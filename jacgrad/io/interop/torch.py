@@ -4,8 +4,8 @@ table both ways, the walk, the parameter reads and the ``copy=False`` link.
 
 The walk (``flatten``) takes an ``nn.Sequential``, an iterable of modules or one module; nested
 ``nn.Sequential``s are flattened (an index is their ``state_dict`` path such as ``"2"`` or
-``"1.0"``); a module listed twice is read twice when it has no parameters, and refused when it
-has (tied parameters are not supported yet). For a dense stack:
+``"1.0"``); a module listed twice is applied twice, and a parameter used in several places (a
+re-used module, tied weights) is one shared parameter (``docs/sharing.md``). For a dense stack:
 
 - ``nn.Linear(in, out, bias=True|False)`` starts a layer. ``W = weight.T`` — a transposed view
   of the same memory, never a transposing copy; a missing bias is zeros;
@@ -122,11 +122,12 @@ def flatten(torch, module, where: str = "module", seen: dict | None = None, _pre
     module — nested ``nn.Sequential``s flattened with dotted indices (``"1.0"``), a module listed
     twice kept twice (``named_children`` would drop the second). The one walk of both importers.
 
-    A re-used module without parameters (one ``nn.Tanh()`` in two places) is applied twice, as
-    torch does. A re-used module WITH parameters, or a parameter shared by two modules, would
-    become two independent copies where torch has one parameter (tied: its gradients summed):
-    a ``ValueError`` naming both places. ``seen`` (id -> index) carries the places across calls
-    (a residual block's inner modules are walked by a second call)."""
+    A re-used module (one ``nn.Tanh()``, or one ``nn.Linear``, in two places) is applied in each
+    place, as torch does; its parameters, like any parameter in several places, become ONE shared
+    jacgrad parameter (the importer reads a tensor once: ``torch_blocks._Convert``). ``seen``
+    carries what was read across calls (a residual block's inner modules are walked by a second
+    call).
+    """
     nn = torch.nn
     seen = {} if seen is None else seen
     if isinstance(module, nn.Sequential):
@@ -146,26 +147,8 @@ def flatten(torch, module, where: str = "module", seen: dict | None = None, _pre
         elif not isinstance(m, nn.Module):
             raise TypeError(f"{where} {index} is a {type(m).__name__}, not a torch.nn.Module")
         else:
-            _check_not_tied(where, index, m, seen)
             out.append((index, m))
     return out
-
-
-def _check_not_tied(where: str, index: str, m, seen: dict) -> None:
-    """Record where ``m`` and its own parameters are; a second place for either is a ``ValueError``."""
-    tied = "tied parameters (one parameter in several places) are not supported yet: give each place its own module " \
-           "(copy.deepcopy), or import the model without the re-use"
-    here = f"{where} {index}"
-    if id(m) in seen and next(m.parameters(), None) is not None:
-        raise ValueError(f"{here} ({describe(m)}) is the same module as {seen[id(m)]}: its parameters would become "
-                         f"two independent copies, but torch uses them once in both places; {tied}")
-    seen.setdefault(id(m), here)
-    for pname, p in m.named_parameters(recurse=False):
-        key = ("parameter", id(p))
-        if key in seen and seen[key][0] != here:
-            raise ValueError(f"{here} ({describe(m)}): its {pname} is the same parameter as the {seen[key][1]} of "
-                             f"{seen[key][0]}; {tied}")
-        seen.setdefault(key, (here, pname))
 
 
 def describe(m) -> str:

@@ -9,8 +9,9 @@ NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.
 through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
 something else). The modules are walked as ``MLP.from_torch`` walks them
 (``jacgrad.io.interop.torch.flatten``): an iterable of modules is taken too, nested
-``nn.Sequential``s are flattened (``"1.0"``), a re-used parameter-free module is applied in each
-place, and a re-used module with parameters (tied parameters) is refused. A missing bias
+``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
+parameter used in several places (a re-used module, ``b.weight = a.weight``) is ONE shared
+jacgrad parameter (``docs/sharing.md``). A missing bias
 (``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
@@ -38,6 +39,7 @@ from ...nn.layers import (
     RMSNorm,
 )
 from ...core.backend import asarray, get_xp
+from ...protocol.sharing import array_key
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
 from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
@@ -98,7 +100,19 @@ class _Convert:
         self.seen, self.read = seen, []
 
     def __call__(self, p, what: str):
-        return _parameter(torch, p, what, self.copy, self.cast)
+        """``p`` brought over, once: a tensor read again (a re-used module, a tied parameter) gives
+        the same array, and its transpose (``head.weight = emb.weight`` read as ``W = weight.T``)
+        that array's transpose — one shared jacgrad parameter (``protocol.sharing``), with copies too."""
+        key = (p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        memo = self.seen.setdefault("arrays", {})
+        if key in memo:
+            return memo[key]
+        if p.dim() == 2:
+            flipped = (key[0], key[1][::-1], key[2][::-1], p.dtype)
+            if flipped in memo:
+                return memo[flipped].T
+        a = memo[key] = _parameter(torch, p, what, self.copy, self.cast)
+        return a
 
     def ones(self, n: int):
         return self.xp.ones(n, dtype=self.dtype)
@@ -240,25 +254,34 @@ def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
     return Embedding(conv(module.weight, "weight"), module.padding_idx)
 
 
-def layers_to_torch(layers) -> nn.Sequential:
+def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
     """An ``nn.Sequential`` computing the ``jacgrad.nn.layers`` in order — ``nn.Linear`` (+ its
     activation module), ``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` around an inner
     ``nn.Sequential`` — with copies of the parameters in their dtype, on their device (CUDA for
-    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly."""
+    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly. A shared
+    parameter (``protocol.sharing``) is one torch parameter in every place (``b.weight =
+    a.weight``); a Dense whose W is another Dense's W transposed has no torch spelling: a
+    ``ValueError``."""
+    tied = {} if _tied is None else _tied  # array_key -> the torch Parameter of its first use
     modules = []
-    for L in layers:
+    for j, L in enumerate(layers):
         if L.kind == "dense":
             W = _tensor(L.W)
             lin = nn.Linear(W.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
             with torch.no_grad():
                 lin.weight.copy_(W.T)
                 lin.bias.copy_(_tensor(L.b))
+            if array_key(L.W, transposed=True) in tied and array_key(L.W) not in tied:
+                raise ValueError(f"to_torch: layer {j}'s W is another Dense layer's W transposed; torch cannot tie "
+                                 "a Linear's weight to another's transpose")
+            lin.weight = tied.setdefault(array_key(L.W), lin.weight)
+            lin.bias = tied.setdefault(array_key(L.b), lin.bias)
             modules.append(lin)
             act = activation_module(nn, L.activation)
             if act is not None:
                 modules.append(act)
         elif L.kind == "residual":
-            modules.append(Residual(layers_to_torch(L.layers), L.scale))
+            modules.append(Residual(layers_to_torch(L.layers, tied), L.scale))
         elif L.kind == "activation":
             modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
@@ -269,6 +292,9 @@ def layers_to_torch(layers) -> nn.Sequential:
                 norm.weight.copy_(gamma)
                 if L.kind == "layernorm":
                     norm.bias.copy_(_tensor(L.beta))
+            norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
+            if L.kind == "layernorm":
+                norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
             modules.append(norm)
     return nn.Sequential(*modules)
 
