@@ -41,6 +41,7 @@ import os
 from ..io.interop import require
 from .explain import Explanation, Row, module_of, source_of, untraceable_error
 from .ops import Piece, classify, op_name
+from .token_graph import read_token_blocks
 
 __all__ = ["Capture", "capture", "explain", "from_torch"]
 
@@ -81,6 +82,7 @@ class Capture:
                 self.data.add(n)
         torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
         self.pieces = {n: classify(n, self) for n in self.graph.nodes if n.op == "call_function"}
+        read_token_blocks(self)  # attention blocks and positional embeddings, read whole
         for n, piece in self.pieces.items():  # the walk passes through an unsupported node to list what follows
             if piece.kind == "unsupported":
                 piece.data = tuple(i for i in n.all_input_nodes if i in self.data)
@@ -178,7 +180,9 @@ def _label(piece: Piece) -> str:
             "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
             "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",
             "scale": "the scale of a residual branch", "conv": f"Conv{piece.info.get('dims')}d",
-            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten"}[piece.kind]
+            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten",
+            "embedding": "Embedding", "attention": "MultiHeadAttention", "posemb": "PositionalEmbedding",
+            "transpose_tokens": "TransposeTokens"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:

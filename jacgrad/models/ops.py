@@ -4,10 +4,10 @@ jacgrad layer (``jacgrad.models.graph`` walks the graph, this module judges each
 One row per op, as in the tables of gates and gradients: the op's name (its overload packet,
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
 the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
-pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``. Ops that other layers will take
-(embeddings, attention) are listed in ``PENDING``:
-they stay "not read from the graph yet" until the graph importer builds their layer, and switching one on is one
-row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
+pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``, the token rows (embeddings, the ops
+of an attention block) in ``jacgrad.models.ops_tokens``. Ops whose layer exists but which the importer
+does not build yet would be listed in ``PENDING`` ("not read from the graph yet"); switching one on is
+one row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
 
 Nothing here imports torch: a node is read through its ``target``, ``args`` and ``meta`` only,
@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..elementwise import activations as _activations
 from .ops_conv import CONV_OPS, getitem_piece
+from .ops_tokens import TOKEN_OPS
 from .piece import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
@@ -210,9 +211,18 @@ def _dropout(a: dict, ctx) -> Piece:
 
 def _transpose(a: dict, ctx) -> Piece:
     x = a["input"] if "input" in a else a["self"]
-    if ctx.is_data(x):
-        return _unsupported("transposing an activation (token mixing) needs the token axis: later")
-    return Piece("param")
+    if not ctx.is_data(x):
+        return Piece("param")
+    shape, name = ctx.shape(x), op_name(ctx.node)
+    dims = (a["dim0"] % len(shape), a["dim1"] % len(shape)) if name == "transpose" else None
+    if name == "permute":
+        perm = [d % len(shape) for d in a["dims"]]
+        moved = [i for i, d in enumerate(perm) if d != i]
+        dims = tuple(moved) if len(moved) == 2 else None
+    if len(shape) == 3 and dims is not None and sorted(dims) == [1, 2]:
+        return Piece("transpose_tokens", (x,), info={"tokens": shape[1], "width": shape[2]})
+    return _unsupported(f"a transpose of a computed {len(shape)}-D value other than (B, T, d) -> (B, d, T) "
+                        f"(token mixing), outside an attention block: no jacgrad layer")
 
 
 def _detach(a: dict, ctx) -> Piece:
@@ -271,14 +281,11 @@ OPS: dict[str, tuple[str, Callable]] = {
     "sym_size": ("nothing (a shape read)", _inert),
 }
 
-# Ops whose jacgrad layer exists but which the graph importer does not build yet: such models come
-# in through Sequential.from_torch (its module walk reads nn.Embedding and nn.MultiheadAttention).
-PENDING: dict[str, str] = {
-    "embedding": "Embedding (import the model with jg.Sequential.from_torch)",
-    "scaled_dot_product_attention": "MultiHeadAttention (import the model with jg.Sequential.from_torch)",
-}
+# Ops whose jacgrad layer exists but which the graph importer does not build yet (none now).
+PENDING: dict[str, str] = {}
 
 OPS.update(CONV_OPS)
+OPS.update(TOKEN_OPS)
 
 
 def classify(node, ctx) -> Piece:

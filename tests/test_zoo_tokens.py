@@ -1,0 +1,261 @@
+"""jg.from_torch on token models, read from the traced graph and checked against torch itself:
+the forward, every parameter gradient (autograd), per-sample gradient norms and the NTK
+(torch.func), at 1e-10 in float64 and 1e-4 in float32. The models are written here (no downloads):
+a tiny GPT (token embedding, pre-norm blocks with causal self-attention written as nanoGPT does —
+a fused qkv Linear split into heads — through F.scaled_dot_product_attention and through the
+explicit softmax with a causal mask, GELU MLPs, a final LayerNorm, an untied head), and
+nn.MultiheadAttention inside a custom module. Attention variants jacgrad does not read are
+listed, all of them, in one error and by jg.explain."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="graph capture imports torch models")
+nn, F = torch.nn, torch.nn.functional
+
+import jacgrad as jg  # noqa: E402
+from jacgrad.nn.layers import named_params  # noqa: E402
+
+V, D, H, T_MAX = 11, 8, 2, 16
+
+
+# ---------------------------------------------------------------------------- the zoo
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's: one Linear(d, 3d), split, heads by view/transpose, sdpa or the explicit form."""
+
+    def __init__(self, explicit: bool, scale=None, dropout=0.0, mask="causal"):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.explicit, self.scale, self.dropout, self.mask_kind = explicit, scale, dropout, mask
+        self.register_buffer("mask", torch.tril(torch.ones(T_MAX, T_MAX)).view(1, 1, T_MAX, T_MAX))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (a.view(B, T, H, C // H).transpose(1, 2) for a in (q, k, v))
+        if self.explicit:
+            att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(k.size(-1)))
+            if self.mask_kind == "causal":
+                att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+            elif self.mask_kind == "alibi":
+                att = att + torch.arange(T, dtype=x.dtype)[None, :] - torch.arange(T, dtype=x.dtype)[:, None]
+            y = F.softmax(att, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               dropout_p=self.dropout)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, explicit: bool, **attn):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attn = CausalSelfAttention(explicit, **attn)
+        self.fc, self.out = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """Vocabulary 11, width 8, 2 heads, 2 pre-norm blocks, a final LayerNorm, an untied head (with a
+    bias: a bias-free Linear comes in as a Dense with a zero bias, one more parameter than torch's)."""
+
+    def __init__(self, explicit: bool = False, blocks=None):
+        super().__init__()
+        self.wte = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList(blocks if blocks is not None else [Block(explicit) for _ in range(2)])
+        self.ln_f, self.head = nn.LayerNorm(D), nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+class WithMHA(nn.Module):
+    """nn.MultiheadAttention(batch_first=True) inside a custom module, as a residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ln = nn.Linear(3, D), nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+        self.out = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        a = self.ln(h)
+        y, _ = self.attn(a, a, a, need_weights=False)
+        return self.out(h + y)
+
+
+# ---------------------------------------------------------------------------- the references
+def _sources(net, model):
+    """For each jacgrad parameter (flat order): ``(torch name, transposed, columns)`` holding the same
+    numbers, found by value (a fused qkv weight: a block of its rows), or None for an array of zeros
+    jacgrad adds (a bias torch does not have)."""
+    out = []
+    for where, a in named_params(net.layers):
+        a = np.asarray(a)
+        if not a.any():
+            out.append(None)
+            continue
+        hits = []
+        for k, p in model.named_parameters():
+            p = p.detach().numpy()
+            for t in (False, True)[:p.ndim]:
+                q = p.T if t else p
+                w = a.shape[-1]
+                if q.shape[:-1] != a.shape[:-1] or q.shape[-1] % w:
+                    continue
+                hits += [(k, t, (lo, lo + w)) for lo in range(0, q.shape[-1], w)
+                         if np.array_equal(q[..., lo:lo + w], a)]
+        assert len(hits) == 1, f"{where}: {hits}"
+        out.append(hits[0])
+    return out
+
+
+def _pick(sources, tensors, n):
+    """jacgrad's flat order from torch tensors ``{name: (n, *shape)}``; zeros for the added ones."""
+    parts = []
+    for (src, size) in sources:
+        if src is None:
+            continue
+        k, t, (lo, hi) = src
+        g = tensors[k]
+        g = g.transpose(-1, -2) if t else g
+        parts.append(g[..., lo:hi].reshape(n, -1))
+    return torch.cat(parts, dim=1).numpy()
+
+
+def _check_against_torch(model, net, x, rtol):
+    xt = torch.as_tensor(x)
+    sources = list(zip(_sources(net, model), [a.size for _, a in named_params(net.layers)]))
+    used = {s[0] for s, _ in sources if s is not None}
+    assert used == {k for k, _ in model.named_parameters()}
+    added = [s is None for s, _ in sources]
+    y = model(xt)
+    np.testing.assert_allclose(net(x), y.detach().numpy(), rtol=rtol, atol=rtol)
+
+    dtype = y.detach().numpy().dtype
+    t = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+    model.zero_grad()
+    ((y - torch.as_tensor(t)) ** 2).mean().backward()
+    _, g = net.loss_and_grads(x, t)
+    want = _pick(sources, {k: p.grad[None] for k, p in model.named_parameters()}, 1)[0]
+    sizes = [size for _, size in sources]
+    keep = np.concatenate([np.full(s, not a) for s, a in zip(sizes, added)])
+    got = np.asarray(g.flat)[keep]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+    assert not any(added), "every parameter is torch's: the per-sample norms and the NTK are compared whole"
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def f(p, xi):
+        return torch.func.functional_call(model, p, (xi[None],))[0]
+
+    def l_i(p, xi, ti):
+        return ((f(p, xi) - ti) ** 2).mean()
+
+    per = torch.func.vmap(torch.func.grad(l_i), in_dims=(None, 0, 0))(params, xt, torch.as_tensor(t))
+    norms = torch.sqrt(sum((v.reshape(len(x), -1) ** 2).sum(1) for v in per.values())).numpy()
+    np.testing.assert_allclose(net.per_sample_grad_norms(x, t), norms, rtol=rtol, atol=rtol * norms.max())
+    flat = _pick(sources, dict(per), len(x))
+    np.testing.assert_allclose(net.per_sample_grads(x, t).flat, flat, rtol=rtol, atol=rtol * np.abs(flat).max())
+
+    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, xt)
+    n_out = int(np.prod(y.shape[1:]))
+    J = torch.cat([v.reshape(len(x), n_out, -1) for v in jac.values()], dim=2).numpy()
+    K = np.einsum("iop,jqp->ijoq", J, J)
+    np.testing.assert_allclose(jg.ntk(net, x), K, rtol=rtol, atol=rtol * np.abs(K).max())
+
+
+def _model(make, dtype, seed=0):
+    torch.manual_seed(seed)
+    model = make().to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+DTYPES = [(torch.float64, 1e-10), (torch.float32, 1e-4)]
+
+
+# ---------------------------------------------------------------------------- the zoo passes
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "softmax"])
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
+def test_tiny_gpt_matches_torch(explicit, dtype, rtol):
+    model = _model(lambda: TinyGPT(explicit), dtype)
+    tokens = np.random.default_rng(0).integers(0, V, (4, 6))
+    net = jg.from_torch(model, torch.as_tensor(tokens))
+    kinds = [L.kind for L in net.layers]
+    assert kinds == ["embedding", "residual", "residual", "residual", "residual", "layernorm", "dense"]
+    attn = net.layers[1].layers[1]
+    assert type(attn).__name__ == "MultiHeadAttention" and attn.heads == H and attn.causal
+    assert net.dtype == np.dtype(str(dtype).removeprefix("torch."))
+    _check_against_torch(model, net, tokens, rtol)
+
+
+def test_fused_qkv_weights_are_views_of_the_torch_parameter():
+    model = _model(TinyGPT, torch.float64)
+    net = jg.from_torch(model, torch.zeros(2, 5, dtype=torch.long))
+    attn, qkv = net.layers[1].layers[1], model.blocks[0].attn.qkv
+    for i, W in enumerate((attn.Wq, attn.Wk, attn.Wv)):
+        assert np.shares_memory(W, qkv.weight.detach().numpy())
+        np.testing.assert_array_equal(W, qkv.weight.detach().numpy()[i * D:(i + 1) * D].T)
+    with torch.no_grad():
+        qkv.weight.mul_(0.5)  # an optimiser's in-place step is seen
+    x = np.random.default_rng(3).integers(0, V, (2, 5))
+    np.testing.assert_allclose(net(x), model(torch.as_tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
+def test_nn_multihead_attention_in_a_custom_module_matches_torch(dtype, rtol):
+    model = _model(WithMHA, dtype)
+    x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(str(dtype).removeprefix("torch."))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    assert repr(net).startswith("Sequential([Dense(3->8, tanh), Residual([LayerNorm(8, eps=1e-05), "
+                                "MultiHeadAttention(d=8, heads=2)], scale=1), Dense(8->2, identity)]")
+    _check_against_torch(model, net, x, rtol)
+    out = jg.explain(model, torch.as_tensor(x), file=False)
+    assert not out.unsupported
+    assert {r.layer for r in out.rows if r.module.startswith("attn")} == {"layer 1.1: MultiHeadAttention(d=8, heads=2)"}
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_attention_variants_are_all_listed_in_one_error_and_by_explain():
+    blocks = [Block(False, scale=0.3), Block(True, mask="alibi"), Block(False, dropout=0.1)]
+    model = TinyGPT(blocks=blocks).double().eval()
+    x = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError) as info:
+        jg.from_torch(model, x)
+    msg = str(info.value)
+    assert "3 parts jacgrad cannot import" in msg
+    assert "node scaled_dot_product_attention (aten.scaled_dot_product_attention" in msg
+    assert "scaled by 0.3, not 1/√d_h = 0.5: a custom scale" in msg
+    assert "node softmax (aten.softmax" in msg and "a bias (ALiBi, relative positions)" in msg
+    assert "dropout_p=0.1 (attention dropout)" in msg
+    out = jg.explain(model, x, file=False)
+    assert [r.node for r in out.unsupported] == ["scaled_dot_product_attention", "softmax",
+                                                 "scaled_dot_product_attention_1"]
+
+
+def test_a_rotary_like_transform_of_q_is_refused_naming_the_node():
+    class Rotary(CausalSelfAttention):
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.qkv(x).split(C, dim=2)
+            q = q * torch.cos(torch.arange(C, dtype=x.dtype))  # a position-dependent factor
+            q, k, v = (a.view(B, T, H, C // H).transpose(1, 2) for a in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    block = Block(False)
+    block.attn = Rotary(False)
+    with pytest.raises(TypeError, match=r"q is computed by mul \(aten.mul\), not by a projection"):
+        jg.from_torch(TinyGPT(blocks=[block]).double().eval(), torch.zeros(2, 5, dtype=torch.long))
