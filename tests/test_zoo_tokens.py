@@ -30,6 +30,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
         self.explicit, self.scale, self.dropout, self.mask_kind = explicit, scale, dropout, mask
         self.register_buffer("mask", torch.tril(torch.ones(T_MAX, T_MAX)).view(1, 1, T_MAX, T_MAX))
+        pos = torch.arange(T_MAX, dtype=torch.float32)
+        self.register_buffer("alibi", -0.5 * (pos[None, :] - pos[:, None]).abs().view(1, 1, T_MAX, T_MAX))
 
     def forward(self, x):
         B, T, C = x.shape
@@ -39,8 +41,8 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(k.size(-1)))
             if self.mask_kind == "causal":
                 att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-            elif self.mask_kind == "alibi":
-                att = att + torch.arange(T, dtype=x.dtype)[None, :] - torch.arange(T, dtype=x.dtype)[:, None]
+            elif self.mask_kind == "alibi":  # a linear bias by distance, as ALiBi's
+                att = att + self.alibi[:, :, :T, :T]
             y = F.softmax(att, dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
@@ -91,6 +93,58 @@ class WithMHA(nn.Module):
         a = self.ln(h)
         y, _ = self.attn(a, a, a, need_weights=False)
         return self.out(h + y)
+
+
+class TimmAttention(nn.Module):
+    """timm's spellings: qkv reshaped to (B, T, 3, h, d_h), permuted and unbound; or chunked; or three
+    separate Linears; the scale on q; ``.softmax`` on the product."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        if how == "separate":
+            self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        else:
+            self.qkv = nn.Linear(D, 3 * D)
+        self.proj, self.scale = nn.Linear(D, D), (D // H) ** -0.5
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.how == "unbind":
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            parts = self.qkv(x).chunk(3, dim=-1) if self.how == "chunk" else (self.q(x), self.k(x), self.v(x))
+            q, k, v = (a.reshape(B, N, H, C // H).transpose(1, 2) for a in parts)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention called with its defaults (need_weights=True: the averaged weights are
+    computed and dropped), or with a causal mask."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x):
+        if not self.causal:
+            return self.attn(x, x, x)[0]
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+
+
+class Wrapped(nn.Module):
+    """An attention module as the residual branch between two Linears."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(3, D), attn, nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(h + self.attn(h))
 
 
 # ---------------------------------------------------------------------------- the references
@@ -227,6 +281,20 @@ def test_nn_multihead_attention_in_a_custom_module_matches_torch(dtype, rtol):
     assert {r.layer for r in out.rows if r.module.startswith("attn")} == {"layer 1.1: MultiHeadAttention(d=8, heads=2)"}
 
 
+@pytest.mark.parametrize("make, causal", [(lambda: TimmAttention("unbind"), False),
+                                          (lambda: TimmAttention("chunk"), False),
+                                          (lambda: TimmAttention("separate"), False),
+                                          (lambda: TorchMHA(False), False), (lambda: TorchMHA(True), True)],
+                         ids=["timm-unbind", "chunk", "separate-qkv", "mha-need-weights", "mha-causal-mask"])
+def test_attention_spellings_are_one_multihead_attention(make, causal):
+    model = _model(lambda: Wrapped(make()), torch.float64)
+    x = np.random.default_rng(0).standard_normal((3, 5, 3))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    attn = net.layers[1].layers[0]
+    assert type(attn).__name__ == "MultiHeadAttention" and attn.heads == H and attn.causal == causal
+    _check_against_torch(model, net, x, 1e-10)
+
+
 # ---------------------------------------------------------------------------- refusals
 def test_attention_variants_are_all_listed_in_one_error_and_by_explain():
     blocks = [Block(False, scale=0.3), Block(True, mask="alibi"), Block(False, dropout=0.1)]
@@ -235,7 +303,7 @@ def test_attention_variants_are_all_listed_in_one_error_and_by_explain():
     with pytest.raises(TypeError) as info:
         jg.from_torch(model, x)
     msg = str(info.value)
-    assert "3 parts jacgrad cannot import" in msg
+    assert msg.startswith("TinyGPT has 3 parts jacgrad cannot import:")
     assert "node scaled_dot_product_attention (aten.scaled_dot_product_attention" in msg
     assert "scaled by 0.3, not 1/√d_h = 0.5: a custom scale" in msg
     assert "node softmax (aten.softmax" in msg and "a bias (ALiBi, relative positions)" in msg

@@ -46,15 +46,59 @@ def read_token_blocks(cap) -> None:
     ``Wq … bo`` as ``(placeholder, transposed, columns)``; ``info``: heads, causal, parts), its other
     nodes ``"inert"`` parts owned by it; a core that is not read becomes unsupported with the reason."""
     torch = require("torch", "importing a torch model by graph capture", "pip install torch")
+    _mark_unused(cap)
     for n in list(cap.graph.nodes):
         name = op_name(n) if n.op == "call_function" else ""
         if n in cap.data and (name == "scaled_dot_product_attention" or name in ("softmax", "_softmax")):
             try:
                 _Block(cap, torch, n).read()
             except Refused as exc:
+                for part in _region(cap, n):  # its views and products: listed once, at the core
+                    kind = "structural" if part in cap.data else "inert"
+                    cap.pieces[part] = Piece(kind, tuple(_data_inputs(cap, part)),
+                                             info={"part_of": f"the attention at {n.name}, refused"})
                 cap.pieces[n] = _unsupported(f"attention not read as a MultiHeadAttention: {exc}")
         elif name == "add" and n in cap.data:
             _positional(cap, n)
+
+
+def _mark_unused(cap) -> None:
+    """Nodes whose value never reaches the output (``nn.MultiheadAttention``'s averaged weights when the
+    caller drops them; a mask built and not passed) compute nothing the network needs: inert."""
+    used = set()
+    for n in reversed(list(cap.graph.nodes)):
+        if n.op == "output" or n in used:
+            used.update(n.all_input_nodes)
+    for n, piece in cap.pieces.items():
+        if n not in used and n.op == "call_function" and (n in cap.data or piece.kind == "unsupported"):
+            cap.pieces[n] = Piece("inert", info={"unused": True})
+
+
+def _live(cap, users) -> list:
+    return [u for u in users if not (u in cap.pieces and cap.pieces[u].info.get("unused"))]
+
+
+def _region(cap, core) -> list:
+    """The nodes of a refused attention block around ``core`` that no layer takes: its views, products,
+    constant factors and masks, up to what is a layer (the projections, the block's input)."""
+    inner = ("matmul", "bmm", "masked_fill", "softmax", "_softmax")
+    found, todo = [], [core]
+    while todo:
+        n = todo.pop()
+        for m in list(n.all_input_nodes) + list(n.users):
+            if m is core or m in found or m.op != "call_function":
+                continue
+            kind = cap.pieces[m].kind
+            if m in cap.data:
+                ok = kind in ("unsupported", "structural", "scale") and (
+                    op_name(m) in VIEWS or op_name(m) in inner or _scaling(cap, m) is not None
+                    or (op_name(m) == "add" and len(_data_inputs(cap, m)) == 1))
+            else:  # a mask or bias computed from buffers
+                ok = kind == "unsupported"
+            if ok:
+                found.append(m)
+                todo.append(m)
+    return found
 
 
 def _data_inputs(cap, n) -> list:
@@ -161,8 +205,11 @@ class _Block:
         x, params, rows, out = self.projection(head, what)
         lab = self.replay(out, n) if n is not out else np.arange(math.prod(self.cap.shape(out))).reshape(
             self.cap.shape(out))
+        B = self.cap.shape(x)[0]
+        if lab.ndim == 3 and lab.shape[0] % B == 0:  # heads batched as (B·h, T, d_h), sample-major
+            lab = lab.reshape((B, lab.shape[0] // B) + lab.shape[1:])
         if lab.ndim != 4:
-            raise Refused(f"{what} is {lab.shape}: heads (B, h, T, d_h) are read")
+            raise Refused(f"{what} is {lab.shape}: heads (B, h, T, d_h) or (B·h, T, d_h) are read")
         if transposed:
             lab = lab.swapaxes(-1, -2)
         B, h, T, dh = lab.shape
@@ -212,7 +259,7 @@ class _Block:
                 params[f"b{leaf}"] = P["b"]
         inner = [n for n in dict.fromkeys(self.parts) if n is not y and n.op == "call_function"]
         for n in inner:
-            if n in cap.data and any(u not in inner and u is not y for u in n.users):
+            if n in cap.data and any(u not in inner and u is not y for u in _live(cap, n.users)):
                 raise Refused(f"{n.name}, inside the block, is also read outside it "
                               f"({', '.join(u.name for u in n.users if u not in inner)})")
         for n in inner:
@@ -247,7 +294,7 @@ class _Block:
                 "dropout", "clone", "contiguous", "alias"):
             n = next(iter(n.users))
             self.parts.append(n)
-        users = list(n.users)
+        users = _live(cap, n.users)
         if len(users) != 1 or op_name(users[0]) not in ("matmul", "bmm") or users[0].args[0] is not n:
             raise Refused(f"the softmax {s.name} is not followed by one product with v (its readers: "
                           f"{', '.join(u.name for u in users)})")
