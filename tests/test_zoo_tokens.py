@@ -135,6 +135,22 @@ class TorchMHA(nn.Module):
         return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
 
 
+class MixerBlock(nn.Module):
+    """An MLP-Mixer block on (B, T, d): LN, transpose, token-mixing MLP, transpose back, residual; then
+    a channel MLP residual."""
+
+    def __init__(self, T=6, d=4):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.tok1, self.tok2 = nn.Linear(T, 8), nn.Linear(8, T)
+        self.ch1, self.ch2 = nn.Linear(d, 8), nn.Linear(8, d)
+
+    def forward(self, x):
+        y = self.ln1(x).transpose(1, 2)
+        x = x + self.tok2(F.gelu(self.tok1(y))).transpose(1, 2)
+        return x + self.ch2(F.gelu(self.ch1(self.ln2(x))))
+
+
 class Wrapped(nn.Module):
     """An attention module as the residual branch between two Linears."""
 
@@ -293,6 +309,34 @@ def test_attention_spellings_are_one_multihead_attention(make, causal):
     attn = net.layers[1].layers[0]
     assert type(attn).__name__ == "MultiHeadAttention" and attn.heads == H and attn.causal == causal
     _check_against_torch(model, net, x, 1e-10)
+
+
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
+def test_mlp_mixer_block_matches_torch(dtype, rtol):
+    model = _model(MixerBlock, dtype)
+    x = np.random.default_rng(0).standard_normal((3, 6, 4)).astype(str(dtype).removeprefix("torch."))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    assert repr(net).startswith("Sequential([Residual([LayerNorm(4, eps=1e-05), TransposeTokens(6, 4), Dense(6->8, "
+                                "gelu), Dense(8->6, identity), TransposeTokens(4, 6)], scale=1), Residual([")
+    _check_against_torch(model, net, x, rtol)
+
+
+def test_transpose_tokens_layer_is_a_permutation_and_saves(tmp_path):
+    L = jg.layers
+    rng = np.random.default_rng(4)
+    net = jg.Sequential([L.Dense(rng.standard_normal((3, 4)), rng.standard_normal(4), "tanh"), L.TransposeTokens(5, 4),
+                         L.Dense(rng.standard_normal((5, 2)), None, "identity")])
+    x = rng.standard_normal((2, 5, 3))
+    want = np.swapaxes(np.tanh(x @ net.layers[0].W + net.layers[0].b), 1, 2) @ net.layers[2].W + net.layers[2].b
+    np.testing.assert_allclose(net(x), want, rtol=1e-13)  # (B, d, 2): the last Dense acts along the tokens
+    P = net.layers[1].factor(np.zeros((2, 5, 4))).dense()
+    np.testing.assert_array_equal(P @ np.arange(20.0), np.arange(20.0).reshape(5, 4).T.ravel())
+    net.save(tmp_path / "net.npz")
+    back = jg.Sequential.load(tmp_path / "net.npz")
+    assert repr(back.layers[1]) == "TransposeTokens(5, 4)"
+    np.testing.assert_allclose(back(x), want, rtol=1e-13)
+    with pytest.raises(ValueError, match=r"TransposeTokens\(5, 4\)\): input of shape \(2, 4, 5\), needs \(B, 5, 4\)"):
+        L.TransposeTokens(5, 4).forward(np.zeros((2, 4, 5)))
 
 
 # ---------------------------------------------------------------------------- refusals

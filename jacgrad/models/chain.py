@@ -53,6 +53,10 @@ def build_layers(cap, copy: bool, dtype) -> None:
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
     cap.layers = _layers(cap, specs, "", conv)
     if cap.in_shape is not None and len(cap.in_shape) == 2 and getattr(cap.layers[0], "per_token", False):
+        other = [L for L in cap.layers if not getattr(L, "per_token", False)]
+        if other:
+            raise TypeError(f"{cap.name}: the example input is a token batch (B, {', '.join(map(str, cap.in_shape))}) "
+                            f"but {other[0]!r} does not act per token: a token axis flattened away is not supported")
         cap.in_shape = None  # a token batch (B, T, d): the layers act per token
     if cap.in_shape is not None and not type(cap.layers[0]).__module__.startswith("jacgrad.conv"):
         shape = ", ".join(map(str, cap.in_shape))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ..protocol.passes import Gradients, carve
-from ..protocol.layer import lead_shape
+from ..protocol.layer import layer_leads, lead_shape
 from ..algebra.jacobian import LayerJacobian
 from ..core.renamed import renamed
 from ..cuda.kernels import forward_with_derivative
@@ -58,8 +58,9 @@ def carve_forward(xp, layers: Sequence[Any], B: int, dtype, zero: bool = False, 
     ``lean`` (a forward cache): a ``lean_outputs`` layer gets ``[None, h]`` (its output a fresh
     array the cache does not keep)."""
     thin = lean_outputs(layers) if lean else [False] * len(layers)
-    shapes = [[L.forward_shapes(B)[1]] if t else L.forward_shapes(B, True) if keep_derivative and isinstance(L, Dense)
-              else L.forward_shapes(B) for L, t in zip(layers, thin)]
+    leads = layer_leads(layers, B)  # B throughout, but after a TransposeTokens
+    shapes = [[L.forward_shapes(b)[1]] if t else L.forward_shapes(b, True) if keep_derivative and isinstance(L, Dense)
+              else L.forward_shapes(b) for L, t, b in zip(layers, thin, leads)]
     _, views = carve(xp, [s for sh in shapes[:-1] for s in sh] + shapes[-1][1:], dtype, zero=zero, pooled=pooled)
     _, last = carve(xp, shapes[-1][:1], dtype, zero=zero, pooled=pooled)
     per = _split(views, [len(sh) for sh in shapes[:-1]] + [len(shapes[-1]) - 1])
@@ -75,10 +76,11 @@ def carve_backward(xp, layers: Sequence[Any], B: int, dtype, input_grad: bool, g
     ``in_place`` (a compiled step): where layer ``j - 1`` is a Dense, layer ``j``'s ``∂L/∂input``
     (its last buffer) IS that Dense's δ buffer — the same view object — and the Dense scales it
     in place (``δ = g ⊙ φ'``: no buffer per cotangent)."""
-    shapes = [L.backward_shapes(B, bool(j) or input_grad) for j, L in enumerate(layers)]
+    leads = layer_leads(layers, B)
+    shapes = [L.backward_shapes(leads[j], bool(j) or input_grad) for j, L in enumerate(layers)]
     alias = [in_place and j > 0 and isinstance(layers[j - 1], Dense) for j in range(len(layers))]
     shapes = [sh[:-1] if a else sh for sh, a in zip(shapes, alias)]
-    head = [lead_shape(B) + (layers[-1].n_out,)] if grad_y else []
+    head = [lead_shape(leads[-1]) + (layers[-1].n_out,)] if grad_y else []
     _, views = carve(xp, head + [s for sh in shapes for s in sh], dtype, zero=zero, pooled=pooled)
     per = _split(views[len(head):], [len(sh) for sh in shapes])
     for j, a in enumerate(alias):

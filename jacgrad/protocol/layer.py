@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
+__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "layer_leads", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
            "register_layer"]
 
 
@@ -159,6 +159,17 @@ def layer_kinds() -> tuple[str, ...]:
 def lead_shape(B: Any) -> tuple:
     """``B`` of ``forward_shapes(B)`` as a tuple of leading dimensions: ``5 -> (5,)``, ``(5, 7) -> (5, 7)``."""
     return tuple(int(b) for b in B) if isinstance(B, (tuple, list)) else (int(B),)
+
+
+def layer_leads(layers: Sequence[Any], B: Any) -> list:
+    """The leading dimensions ``B`` each of ``layers`` (in order) takes, and last the output's: the
+    same ``B`` throughout, except after a layer with ``out_lead(B)`` (``TransposeTokens``:
+    ``(B, T) -> (B, d)``)."""
+    out = [B]
+    for L in layers:
+        step = getattr(L, "out_lead", None)
+        out.append(out[-1] if step is None else step(out[-1]))
+    return out
 
 
 def buffers(out, shapes: list, like) -> list:
