@@ -25,7 +25,10 @@ simply applied twice. Inputs and outputs are ``(B, n)``, or images ``(B, C, L)``
 convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
 ``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
 after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);
-a residual join around convolutions is refused. Per-token ``(B, T, d)`` layers come with the token axis.
+a residual join around convolutions is refused. Token models (``jacgrad.models.token_graph``): integer
+inputs ``(B, T)`` into an ``embedding`` (an ``Embedding``), ``(B, T, d)`` values through per-token layers,
+every attention block read whole as one ``MultiHeadAttention``, a transpose ``(B, T, d) -> (B, d, T)`` as
+``TransposeTokens``, outputs ``(B, T, n_out)``.
 A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
@@ -66,8 +69,9 @@ class Capture:
             raise TypeError(f"example_inputs must be one tensor (B, n) or a tuple of one; got "
                             f"{[type(a).__name__ for a in args]}")
         if args[0].ndim not in (2, 3, 4):
-            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs, "
-                            f"or images (B, C, L) / (B, C, H, W) for convolutional models")
+            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs, token "
+                            f"ids (B, T) or token batches (B, T, d), or images (B, C, L) / (B, C, H, W) for "
+                            f"convolutional models")
         self.in_shape = tuple(args[0].shape[1:]) if args[0].ndim > 2 else None
         ep = _export(torch, model, args)
         self.graph = ep.graph

@@ -274,8 +274,9 @@ OPS: dict[str, tuple[str, Callable]] = {
     "dropout": ("structural (eval mode, or p = 0)", _dropout),
     "t": ("a transposed parameter, read by its matmul", _transpose),
     "numpy_T": ("a transposed parameter, read by its matmul", _transpose),
-    "transpose": ("a transposed parameter, read by its matmul", _transpose),
-    "permute": ("a transposed parameter, read by its matmul", _transpose),
+    "transpose": ("a transposed parameter, read by its matmul; (B, T, d) -> (B, d, T): TransposeTokens (token "
+                  "mixing); inside an attention block, part of it", _transpose),
+    "permute": ("as transpose (a permutation swapping two axes)", _transpose),
     "detach": ("refused: it stops the gradient", _detach),
     "_assert_tensor_metadata": ("nothing (a check torch inserts)", _inert),
     "sym_size": ("nothing (a shape read)", _inert),

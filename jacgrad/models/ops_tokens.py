@@ -19,7 +19,7 @@ from .piece import Piece, _unsupported
 
 __all__ = ["TOKEN_LAYERS", "TOKEN_OPS"]
 
-_ATTENTION = "part of a MultiHeadAttention block (read with the whole block by jacgrad.models.token_graph)"
+_ATTENTION = "part of an attention block, read whole as one MultiHeadAttention"
 
 
 def _embedding(a: dict, ctx) -> Piece:
