@@ -134,7 +134,8 @@ class Chain:
         A ``ValueError`` for a chain that is not one of tokens, or mixes token factors with others."""
         if self.tokens is None:
             raise ValueError(f"{self!r} holds no token factors: its rows are (B, n) already")
-        return Chain([_flat_factor(J, k) for k, J in enumerate(self.factors)])
+        mixed = any(hasattr(J, "flat_rows") for J in self.factors)  # a factor changes the token axis
+        return Chain([_flat_factor(J, k, mixed) for k, J in enumerate(self.factors)])
 
     @property
     def widths(self) -> list[int]:
@@ -304,13 +305,20 @@ class Chain:
         return bound
 
 
-def _flat_factor(J, k: int):
-    """Factor ``k`` of a token chain on flattened tokens (``Chain.flat_tokens``)."""
+def _flat_factor(J, k: int, mixed: bool = False):
+    """Factor ``k`` of a token chain on flattened tokens (``Chain.flat_tokens``). ``mixed``: the chain
+    has factors that change the token axis (image -> tokens, a class token, a read-out of tokens);
+    they give their flat form (``flat_rows()``), and a factor without tokens (before or after the
+    token part) keeps its flat rows."""
+    if hasattr(J, "flat_rows"):
+        return J.flat_rows()
     if getattr(J, "tokens", None) is not None:
         return FlatTokens(J)
     inner = getattr(J, "inner", None)
     if isinstance(inner, Chain) and inner.tokens is not None:
         return type(J)(inner.flat_tokens(), J.scale)  # a residual block: I + s·J_inner on the flat rows
+    if mixed:
+        return J
     raise ValueError(f"factor {k} ({J!r}) does not act per token, but the chain's others do: a token chain "
                      f"needs every factor per token")
 

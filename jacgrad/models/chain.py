@@ -219,6 +219,8 @@ def _specs(items, problems: list) -> list:
         elif piece.kind in TOKEN_LAYERS:
             specs.append({"kind": piece.kind, "params": dict(piece.params), "info": piece.info,
                           "nodes": [node, *piece.info.get("parts", ())]})
+        elif piece.kind == "layer":  # one layer its op reader makes (ops_vit: the token layers)
+            specs.append({"kind": "layer", "params": dict(piece.params), "make": piece.info["make"], "nodes": [node]})
         elif piece.kind in ("layernorm", "rmsnorm"):
             specs.append({"kind": piece.kind, "params": piece.params, "info": piece.info, "nodes": [node]})
         else:
@@ -292,6 +294,8 @@ def _make(spec: dict, a: dict, conv):
         return TOKEN_LAYERS[kind](a, info)
     if kind == "pool":
         return spec["make"]()
+    if kind == "layer":
+        return spec["make"](a)
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":

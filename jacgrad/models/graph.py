@@ -180,6 +180,8 @@ def _label(piece: Piece) -> str:
         return f"activation {piece.info['name']}"
     if piece.info.get("unused"):
         return "nothing (its value never reaches the output)"
+    if piece.kind == "layer":
+        return piece.info["what"]
     if piece.info.get("part_of"):
         return f"part of {piece.info['part_of']} (read with the node it feeds)"
     return {"structural": "structural (no layer)", "param": "a view of a parameter (read by its use)",

@@ -5,9 +5,10 @@ One row per op, as in the tables of gates and gradients: the op's name (its over
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
 the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
 pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``, the token rows (embeddings, the ops
-of an attention block) in ``jacgrad.models.ops_tokens``. Ops whose layer exists but which the importer
-does not build yet would be listed in ``PENDING`` ("not read from the graph yet"); switching one on is
-one row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
+of an attention block) in ``jacgrad.models.ops_tokens``, a ViT's token plumbing (patch tokens, class
+token, positional embedding, token read-outs) in ``jacgrad.models.ops_vit``. Ops whose layer exists but
+which the importer does not build yet would be listed in ``PENDING`` ("not read from the graph yet");
+switching one on is one row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
 
 Nothing here imports torch: a node is read through its ``target``, ``args`` and ``meta`` only,
@@ -22,6 +23,7 @@ from typing import Callable
 from ..elementwise import activations as _activations
 from .ops_conv import CONV_OPS, getitem_piece
 from .ops_tokens import TOKEN_OPS
+from .ops_vit import vit_ops
 from .piece import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
@@ -287,6 +289,7 @@ PENDING: dict[str, str] = {}
 
 OPS.update(CONV_OPS)
 OPS.update(TOKEN_OPS)
+OPS.update(vit_ops(OPS))  # the token plumbing of a ViT: its rows wrap (and fall back to) the readings above
 
 
 def classify(node, ctx) -> Piece:

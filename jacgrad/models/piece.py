@@ -17,7 +17,8 @@ class Piece:
     a bias-free matmul), ``"act"`` (``info["name"]``), ``"layernorm"``/``"rmsnorm"``
     (``params`` gamma/beta, ``info["eps"]``), ``"add"`` (two data operands and ``info["alpha"]``:
     a residual join), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
-    (computes nothing: views, eval dropout, copies), ``"param"`` (a view of a parameter, e.g. its
+    (computes nothing: views, eval dropout, copies), ``"layer"`` (one layer its reader makes:
+    ``info["make"](arrays by role)``, ``info["what"]`` its label; ``jacgrad.models.ops_vit``), ``"param"`` (a view of a parameter, e.g. its
     transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
     assertions), ``"unsupported"`` (``reason`` says why and what to do).
     ``data``: the node's data input(s), the values computed from the model's input. An

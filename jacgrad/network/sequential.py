@@ -22,7 +22,7 @@ import numpy as np
 from ..core import above as _above, lazy as _lazy
 from ..nn import losses
 from ..protocol.passes import Gradients
-from ..nn.stack import backward_layers, carve_backward, carve_forward, forward_layers, named_grads
+from ..nn.stack import backward_layers, carve_backward, carve_forward, forward_layers, layer_leads, named_grads
 from ..nn.stack import param_views
 from ..steps.compiled_jacobian import JacobianStep
 from ..steps.compiled import TrainingStep
@@ -33,7 +33,7 @@ from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..nn.layers import chained, Dense, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes
+from ..protocol.layer import bind_shapes, lead_shape
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
 from .cache import SequentialCache
@@ -175,13 +175,13 @@ class Sequential(SequentialParameterSpace, Imported):
         self._check_cache(cache)
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
-        want = (cache.batch,) + tuple(cache.x.shape[1:cache.x.ndim - len(self.in_shape)]) + tuple(self.out_shape)
+        lead = cache.x.shape[0] if cache.x.ndim == 1 + len(self.in_shape) else tuple(cache.x.shape[:2])  # the input's
+        want = lead_shape(layer_leads(self._layers, lead)[-1]) + tuple(self.out_shape)  # a layer may change the token axis
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
         shapes = [s for L in self._layers for s in _shapes(L)]
         flat, views = carve(xp, shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
-        lead = want[:-len(self.out_shape)] if len(want) > 1 + len(self.out_shape) else cache.batch
         # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
         # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
         # it on as its delta, so it gets a copy: never the caller's array

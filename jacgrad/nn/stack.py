@@ -25,7 +25,7 @@ from ..core.renamed import renamed
 from ..cuda.kernels import forward_with_derivative
 from .layers import Dense, Residual
 
-__all__ = ["backward_layers", "carve_backward", "carve_forward", "forward_layers", "lean_outputs",
+__all__ = ["backward_layers", "carve_backward", "carve_forward", "forward_layers", "layer_leads", "lean_outputs",
            "named_grads", "param_views"]
 
 
@@ -57,8 +57,9 @@ def carve_forward(xp, layers: Sequence[Any], B: int, dtype, zero: bool = False, 
     ``keep_derivative`` (a compiled step): a Dense layer's ``φ'(h)`` too, where φ' needs ``h``.
     ``lean`` (a forward cache): a ``lean_outputs`` layer gets ``[None, h]`` (its output a fresh
     array the cache does not keep)."""
+    leads = layer_leads(layers, B)  # B: the network input's lead; each layer gets its own input's
     thin = lean_outputs(layers) if lean else [False] * len(layers)
-    leads = layer_leads(layers, B)  # B throughout, but after a TransposeTokens
+    thin = [t and isinstance(b, int) for t, b in zip(thin, leads)]
     shapes = [[L.forward_shapes(b)[1]] if t else L.forward_shapes(b, True) if keep_derivative and isinstance(L, Dense)
               else L.forward_shapes(b) for L, t, b in zip(layers, thin, leads)]
     _, views = carve(xp, [s for sh in shapes[:-1] for s in sh] + shapes[-1][1:], dtype, zero=zero, pooled=pooled)
@@ -76,9 +77,10 @@ def carve_backward(xp, layers: Sequence[Any], B: int, dtype, input_grad: bool, g
     ``in_place`` (a compiled step): where layer ``j - 1`` is a Dense, layer ``j``'s ``∂L/∂input``
     (its last buffer) IS that Dense's δ buffer — the same view object — and the Dense scales it
     in place (``δ = g ⊙ φ'``: no buffer per cotangent)."""
-    leads = layer_leads(layers, B)
+    leads = layer_leads(layers, B)  # B: the network input's lead; each layer gets its own input's
     shapes = [L.backward_shapes(leads[j], bool(j) or input_grad) for j, L in enumerate(layers)]
-    alias = [in_place and j > 0 and isinstance(layers[j - 1], Dense) for j in range(len(layers))]
+    alias = [in_place and j > 0 and isinstance(layers[j - 1], Dense) and isinstance(leads[j], int)
+             for j in range(len(layers))]
     shapes = [sh[:-1] if a else sh for sh, a in zip(shapes, alias)]
     head = [lead_shape(leads[-1]) + (layers[-1].n_out,)] if grad_y else []
     _, views = carve(xp, head + [s for sh in shapes for s in sh], dtype, zero=zero, pooled=pooled)

@@ -30,6 +30,7 @@ from typing import Any
 from ..core.validation import network_input, require_network
 from ..core.backend import get_xp
 from ..algebra.per_sample import check_max_memory, output_partials
+from ..nn.stack import layer_leads
 
 __all__ = ["ntk"]
 
@@ -127,7 +128,9 @@ def ntk(net, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | N
                 or (x.ndim == 3 and x.shape[1] != x1.shape[1]):
             raise ValueError(f"{name} has shape {tuple(x.shape)} but the network takes {net.sizes[0]} features: "
                              f"needs (N, {net.sizes[0]})" + (f" or (N, T, {net.sizes[0]}) with x1's T" if tokens else ""))
-    T = x1.shape[1] if ids or (image is None and x1.ndim == 3) else 1  # (N, C, L) images have no token axis
+    tokens_in = ids or (image is None and x1.ndim == 3)  # (N, C, L) images have no token axis
+    lead = layer_leads(net.layers, (x1.shape[0], x1.shape[1]) if tokens_in else x1.shape[0])[-1]
+    T = lead[1] if isinstance(lead, tuple) else 1  # the output's tokens: a layer may change the token axis
     N1, N2, O = x1.shape[0], x2.shape[0], net.sizes[-1] * T
     shape = (N1, N2) if trace else (N1, O, N2, O)
     out = xp.zeros(shape, dtype=net.dtype)

@@ -162,14 +162,17 @@ def lead_shape(B: Any) -> tuple:
 
 
 def layer_leads(layers: Sequence[Any], B: Any) -> list:
-    """The leading dimensions ``B`` each of ``layers`` (in order) takes, and last the output's: the
-    same ``B`` throughout, except after a layer with ``out_lead(B)`` (``TransposeTokens``:
-    ``(B, T) -> (B, d)``)."""
-    out = [B]
+    """The leading shape of every layer's input, and last of the network's output: ``B`` (an int,
+    or ``(B, T)`` for a token batch) handed on through each layer's ``output_lead`` where it has
+    one (a layer that changes the token axis: image -> tokens ``B -> (B, T)``, a class token
+    ``(B, T) -> (B, T + 1)``, a token read-out ``(B, T) -> B``, ``TransposeTokens`` ``(B, T) -> (B, d)``),
+    else unchanged."""
+    leads = [B]
     for L in layers:
-        step = getattr(L, "out_lead", None)
-        out.append(out[-1] if step is None else step(out[-1]))
-    return out
+        f = getattr(L, "output_lead", None)
+        leads.append(B if f is None else f(B))
+        B = leads[-1]
+    return leads
 
 
 def buffers(out, shapes: list, like) -> list:

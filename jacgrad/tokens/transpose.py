@@ -4,7 +4,7 @@ features. It has no parameters; its Jacobian is the permutation of each sample's
 (``TransposeFactor``: the VJP and the JVP are the transposes back and forth, nothing is formed).
 
 The layer changes the token count: a layer after it gets ``(B, d)`` leading dimensions
-(``out_lead``, read by the buffer carving of ``jacgrad.protocol.layer.layer_leads``).
+(``output_lead``, read by the buffer carving of ``jacgrad.protocol.layer.layer_leads``).
 
     >>> import numpy as np
     >>> L = TransposeTokens(tokens=3, width=2)
@@ -135,7 +135,7 @@ class TransposeTokens:
     def __repr__(self) -> str:
         return f"TransposeTokens({self._T}, {self._d})"
 
-    def out_lead(self, B) -> tuple:
+    def output_lead(self, B) -> tuple:
         """The leading dimensions of the output: ``(B, T) -> (B, d)``."""
         lead = self._lead(B)
         return (lead[0], self._d)
