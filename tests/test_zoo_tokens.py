@@ -1,7 +1,7 @@
 """jg.from_torch on token models, read from the traced graph and checked against torch itself:
 the forward, every parameter gradient (autograd), per-sample gradient norms and the NTK
 (torch.func), at 1e-10 in float64 and 1e-4 in float32. The models are written here (no downloads):
-a tiny GPT (token embedding, pre-norm blocks with causal self-attention written as nanoGPT does —
+a tiny GPT (token and learned positional embeddings, pre-norm blocks with causal self-attention written as nanoGPT does —
 a fused qkv Linear split into heads — through F.scaled_dot_product_attention and through the
 explicit softmax with a causal mask, GELU MLPs, a final LayerNorm, an untied head), and
 nn.MultiheadAttention inside a custom module. Attention variants jacgrad does not read are
@@ -63,17 +63,17 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Vocabulary 11, width 8, 2 heads, 2 pre-norm blocks, a final LayerNorm, an untied head (with a
+    """Vocabulary 11, width 8, learned positions, 2 pre-norm blocks, a final LayerNorm, an untied head (with a
     bias: a bias-free Linear comes in as a Dense with a zero bias, one more parameter than torch's)."""
 
     def __init__(self, explicit: bool = False, blocks=None):
         super().__init__()
-        self.wte = nn.Embedding(V, D)
+        self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T_MAX, D)
         self.blocks = nn.ModuleList(blocks if blocks is not None else [Block(explicit) for _ in range(2)])
         self.ln_f, self.head = nn.LayerNorm(D), nn.Linear(D, V)
 
     def forward(self, idx):
-        x = self.wte(idx)
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))  # GPT's learned positions
         for b in self.blocks:
             x = b(x)
         return self.head(self.ln_f(x))
@@ -165,8 +165,8 @@ class Wrapped(nn.Module):
 
 # ---------------------------------------------------------------------------- the references
 def _sources(net, model):
-    """For each jacgrad parameter (flat order): ``(torch name, transposed, columns)`` holding the same
-    numbers, found by value (a fused qkv weight: a block of its rows), or None for an array of zeros
+    """For each jacgrad parameter (flat order): ``(torch name, transposed, columns, shape)`` holding the same
+    numbers, found by value (a fused qkv weight: a block of its rows; leading 1s dropped), or None for an array of zeros
     jacgrad adds (a bias torch does not have)."""
     out = []
     for where, a in named_params(net.layers):
@@ -177,12 +177,14 @@ def _sources(net, model):
         hits = []
         for k, p in model.named_parameters():
             p = p.detach().numpy()
+            while p.ndim > a.ndim and p.shape[0] == 1:  # a (1, T, d) table is jacgrad's (T, d)
+                p = p[0]
             for t in (False, True)[:p.ndim]:
                 q = p.T if t else p
                 w = a.shape[-1]
                 if q.shape[:-1] != a.shape[:-1] or q.shape[-1] % w:
                     continue
-                hits += [(k, t, (lo, lo + w)) for lo in range(0, q.shape[-1], w)
+                hits += [(k, t, (lo, lo + w), p.shape) for lo in range(0, q.shape[-1], w)
                          if np.array_equal(q[..., lo:lo + w], a)]
         assert len(hits) == 1, f"{where}: {hits}"
         out.append(hits[0])
@@ -195,8 +197,8 @@ def _pick(sources, tensors, n):
     for (src, size) in sources:
         if src is None:
             continue
-        k, t, (lo, hi) = src
-        g = tensors[k]
+        k, t, (lo, hi), shape = src
+        g = tensors[k].reshape((n,) + tuple(shape))
         g = g.transpose(-1, -2) if t else g
         parts.append(g[..., lo:hi].reshape(n, -1))
     return torch.cat(parts, dim=1).numpy()
@@ -216,7 +218,7 @@ def _check_against_torch(model, net, x, rtol):
     model.zero_grad()
     ((y - torch.as_tensor(t)) ** 2).mean().backward()
     _, g = net.loss_and_grads(x, t)
-    want = _pick(sources, {k: p.grad[None] for k, p in model.named_parameters()}, 1)[0]
+    want = _pick(sources, {k: p.grad for k, p in model.named_parameters()}, 1)[0]
     sizes = [size for _, size in sources]
     keep = np.concatenate([np.full(s, not a) for s, a in zip(sizes, added)])
     got = np.asarray(g.flat)[keep]
@@ -264,8 +266,9 @@ def test_tiny_gpt_matches_torch(explicit, dtype, rtol):
     tokens = np.random.default_rng(0).integers(0, V, (4, 6))
     net = jg.from_torch(model, torch.as_tensor(tokens))
     kinds = [L.kind for L in net.layers]
-    assert kinds == ["embedding", "residual", "residual", "residual", "residual", "layernorm", "dense"]
-    attn = net.layers[1].layers[1]
+    assert kinds == ["embedding", "positional_embedding", "residual", "residual", "residual", "residual", "layernorm",
+                     "dense"]
+    attn = net.layers[2].layers[1]
     assert type(attn).__name__ == "MultiHeadAttention" and attn.heads == H and attn.causal
     assert net.dtype == np.dtype(str(dtype).removeprefix("torch."))
     _check_against_torch(model, net, tokens, rtol)
@@ -274,7 +277,7 @@ def test_tiny_gpt_matches_torch(explicit, dtype, rtol):
 def test_fused_qkv_weights_are_views_of_the_torch_parameter():
     model = _model(TinyGPT, torch.float64)
     net = jg.from_torch(model, torch.zeros(2, 5, dtype=torch.long))
-    attn, qkv = net.layers[1].layers[1], model.blocks[0].attn.qkv
+    attn, qkv = net.layers[2].layers[1], model.blocks[0].attn.qkv
     for i, W in enumerate((attn.Wq, attn.Wk, attn.Wv)):
         assert np.shares_memory(W, qkv.weight.detach().numpy())
         np.testing.assert_array_equal(W, qkv.weight.detach().numpy()[i * D:(i + 1) * D].T)
@@ -337,6 +340,16 @@ def test_transpose_tokens_layer_is_a_permutation_and_saves(tmp_path):
     np.testing.assert_allclose(back(x), want, rtol=1e-13)
     with pytest.raises(ValueError, match=r"TransposeTokens\(5, 4\)\): input of shape \(2, 4, 5\), needs \(B, 5, 4\)"):
         L.TransposeTokens(5, 4).forward(np.zeros((2, 4, 5)))
+
+
+def test_tiny_vit_with_attention_matches_torch():
+    from test_zoo_vit import TinyViT  # patch conv, class token, positions (the ViT helper's zoo)
+
+    model = _model(lambda: TinyViT(attention=True), torch.float64)
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    assert [type(L).__name__ for L in net.layers[4].layers] == ["LayerNorm", "MultiHeadAttention"]
+    _check_against_torch(model, net, x, 1e-10)
 
 
 # ---------------------------------------------------------------------------- refusals
