@@ -1,7 +1,8 @@
 """jg.from_torch on token models, read from the traced graph and checked against torch itself:
 the forward, every parameter gradient (autograd), per-sample gradient norms and the NTK
 (torch.func), at 1e-10 in float64 and 1e-4 in float32. The models are written here (no downloads):
-a tiny GPT (token and learned positional embeddings, pre-norm blocks with causal self-attention written as nanoGPT does —
+a tiny GPT (token and learned positional embeddings, pre-norm blocks with causal self-attention
+written as nanoGPT does —
 a fused qkv Linear split into heads — through F.scaled_dot_product_attention and through the
 explicit softmax with a causal mask, GELU MLPs, a final LayerNorm, an untied head), and
 nn.MultiheadAttention inside a custom module. Attention variants jacgrad does not read are
@@ -43,7 +44,7 @@ class CausalSelfAttention(nn.Module):
                 att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
             elif self.mask_kind == "alibi":  # a linear bias by distance, as ALiBi's
                 att = att + self.alibi[:, :, :T, :T]
-            y = F.softmax(att, dim=-1) @ v
+            y = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                dropout_p=self.dropout)
@@ -354,20 +355,22 @@ def test_tiny_vit_with_attention_matches_torch():
 
 # ---------------------------------------------------------------------------- refusals
 def test_attention_variants_are_all_listed_in_one_error_and_by_explain():
-    blocks = [Block(False, scale=0.3), Block(True, mask="alibi"), Block(False, dropout=0.1)]
+    blocks = [Block(False, scale=0.3), Block(True, mask="alibi"), Block(False, dropout=0.1), Block(True, dropout=0.1)]
     model = TinyGPT(blocks=blocks).double().eval()
+    model.blocks[3].train()  # F.dropout of the weights in training mode
     x = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(TypeError) as info:
         jg.from_torch(model, x)
     msg = str(info.value)
-    assert msg.startswith("TinyGPT has 3 parts jacgrad cannot import:")
+    assert msg.startswith("TinyGPT has 4 parts jacgrad cannot import:")
     assert "node scaled_dot_product_attention (aten.scaled_dot_product_attention" in msg
     assert "scaled by 0.3, not 1/√d_h = 0.5: a custom scale" in msg
     assert "node softmax (aten.softmax" in msg and "a bias (ALiBi, relative positions)" in msg
     assert "dropout_p=0.1 (attention dropout)" in msg
+    assert "node softmax_1 (aten.softmax" in msg and "attention dropout in training mode" in msg
     out = jg.explain(model, x, file=False)
     assert [r.node for r in out.unsupported] == ["scaled_dot_product_attention", "softmax",
-                                                 "scaled_dot_product_attention_1"]
+                                                 "scaled_dot_product_attention_1", "softmax_1"]
 
 
 def test_a_rotary_like_transform_of_q_is_refused_naming_the_node():

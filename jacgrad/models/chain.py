@@ -176,7 +176,8 @@ class _Walk:
                 raise TypeError(f"{cap.name}: node {_place(cap, n)} is not on the path to the output; {_NOT_A_CHAIN}")
         owner = lambda u: cap.pieces[u].info.get("owner", u) if u in cap.pieces else u  # noqa: E731  a block's part
         for n in self.visited | {start}:
-            readers = [u for u in dict.fromkeys(map(owner, n.users)) if u.op == "output" or cap.pieces[u].kind != "inert"]
+            readers = [u for u in dict.fromkeys(map(owner, n.users))
+                       if u.op == "output" or cap.pieces[u].kind != "inert"]
             if len(readers) != 1 + self.skips.get(n, 0):
                 raise TypeError(f"{cap.name}: the value of node {n.name} is read by {len(readers)} nodes "
                                 f"({', '.join(u.name for u in readers)}); {_NOT_A_CHAIN}")

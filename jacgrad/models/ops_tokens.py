@@ -45,7 +45,8 @@ def _alone(what: str) -> Callable:
         if not ctx.is_data(ctx.node) and not ctx.node.users:
             return Piece("inert")  # computed and never read
         return _unsupported(f"{what} outside an attention block that jacgrad reads (q/k/v projections of one "
-                            f"(B, T, d) value, softmax(q kᵀ/√d_h [+ causal mask]) v, an out-projection): no jacgrad layer")
+                            f"(B, T, d) value, softmax(q kᵀ/√d_h [+ causal mask]) v, an out-projection): no "
+                            f"jacgrad layer")
 
     return read
 
