@@ -121,8 +121,8 @@ def _matmul(x_key: str, w_key: str) -> Callable:
             return _unsupported("a matrix product with the parameter on the left (W @ x) or no input in it: jacgrad's "
                                 "Dense computes x @ W over the features")
         if W is None:
-            return _unsupported("a matrix product of two computed values (attention-like): no jacgrad layer yet; "
-                                "a product with a parameter matrix is a Dense layer")
+            return _unsupported("a matrix product of two computed values outside an attention block jacgrad reads: no "
+                                "jacgrad layer; a product with a parameter matrix is a Dense layer")
         return ctx.dense(a[x_key], {"W": W})
 
     return read
