@@ -225,3 +225,21 @@ def test_image_to_tokens_bad_input():
         L.ImageToTokens(in_shape=(3,))
     with pytest.raises(ValueError, match="takes image batches"):
         layer.output_lead((2, 4))
+
+
+@pytest.mark.parametrize("readout", ["select", "mean"])
+def test_compiled_step_of_a_token_readout_network_is_loss_and_grads(readout):
+    """``compile(B, tokens=T)`` of a network whose output has no token axis: its buffers take each
+    layer's own lead; bitwise the numbers of ``loss_and_grads``."""
+    net, _ = _readout_net(np.float64, readout)
+    rng = np.random.default_rng(4)
+    x, t = rng.standard_normal((4, 5, 3)), rng.standard_normal((4, 2))
+    value, g = net.loss_and_grads(x, t)
+    step = net.compile(4, tokens=5)
+    for _ in range(2):
+        v2, g2 = step(x, t)
+        assert v2 == value
+        np.testing.assert_array_equal(g2.flat, g.flat)
+        np.testing.assert_array_equal(g2.input, g.input)
+    with pytest.raises(ValueError, match=r"layer 1 \(ClassToken\(5\)\) runs on token batches"):
+        net.compile(4)

@@ -142,3 +142,33 @@ def test_vit_token_ops_out_of_pattern_are_refused_with_reasons():
     assert "a mean over the axes [2] of a 3-D value" in rows["mean"]  # not over the tokens: the conv reading
     with pytest.raises(TypeError, match="Odd has 3 parts jacgrad cannot import"):
         jg.from_torch(Odd().double().eval(), (torch.zeros(2, 4, dtype=torch.float64),))
+
+
+def test_timm_vit_tiny_explain_covers_all_but_attention():
+    """timm's ``vit_tiny_patch16_224`` (random weights): every node ``jg.explain`` cannot read is inside an
+    attention module, so every parameter outside attention is covered. Skips without timm (timm 1.0.31
+    imports torchvision at import time; neither is a jacgrad dependency). Not yet run where timm imports."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    ex = jg.explain(model, (torch.randn(2, 3, 224, 224),))
+    outside = [r for r in ex.rows if not r.supported and ".attn" not in r.module]
+    assert not outside, f"unsupported outside attention: {[(r.node, r.op, r.layer) for r in outside]}"
+    rows = {r.op: r.layer for r in ex.rows}
+    assert "ClassToken" in rows["cat"] and "select" in rows
+
+
+def test_tiny_vit_compiled_and_private_steps():
+    """``net.compile(B)`` of the imported ViT gives the numbers of ``loss_and_grads`` bitwise; the private
+    step (clip, no noise) those of ``clipped_grad``."""
+    model = _model(np.float64)
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((4, 3, 8, 8)), rng.standard_normal((4, 3))
+    net = jg.from_torch(model, (torch.tensor(x),))
+    value, g = net.loss_and_grads(x, t)
+    step = net.compile(4)
+    for _ in range(2):
+        v2, g2 = step(x, t)
+        assert v2 == value
+        np.testing.assert_array_equal(g2.flat, g.flat)
+    private = net.compile(4, clip=0.5, noise_multiplier=0.0, input_grad=False)
+    np.testing.assert_allclose(private(x, t)[1].flat, net.clipped_grad(x, t, max_norm=0.5).flat, rtol=1e-12, atol=1e-15)

@@ -244,14 +244,17 @@ class Sequential(SequentialParameterSpace, Imported):
         compiled step's buffers are ``(batch, n)``."""
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             return  # the step's own check names a bad batch
-        for path, L in leaf_layers(self._layers):
-            try:
-                L.forward_shapes(int(batch))
-            except ValueError:
-                how = ("compile token batches with compile(batch, tokens=T)" if what == "compile" else
-                       "a compiled step's buffers are (batch, features): use loss_and_grads on token batches")
-                raise ValueError(f"{what}: layer {'.'.join(map(str, path))} ({L!r}) runs on token batches (B, T, ·) "
-                                 f"only; {how}") from None
+        lead = int(batch)  # handed on through the layers that change the token axis (an image -> tokens)
+        for j, top in enumerate(self._layers):
+            for path, L in leaf_layers([top], (j,)):
+                try:
+                    L.forward_shapes(lead)
+                except ValueError:
+                    how = ("compile token batches with compile(batch, tokens=T)" if what == "compile" else
+                           "a compiled step's buffers are (batch, features): use loss_and_grads on token batches")
+                    raise ValueError(f"{what}: layer {'.'.join(map(str, path[:1] + path[2:]))} ({L!r}) runs on token "
+                                     f"batches (B, T, ·) only; {how}") from None
+            lead = layer_leads([top], lead)[-1]
 
     def _refuse_per_sample_only(self, tokens: Any) -> None:
         """A ``ValueError`` naming the first layer that does not act per token (a convolution, a pool:

@@ -50,6 +50,10 @@ class Layer(Protocol):
         ``backward(state, g, grads, input_grad=True, check=None, where=0, sq=None, out=None)
         -> (∂L/∂z or None, δ)``: ``g`` only read; parameter gradients written into ``grads`` (views
         in ``params`` shapes); ``sq: (B,)`` gets each sample's squared gradient norm added.
+        Optional: ``output_lead(B) -> B_out``, the leading shape of its output for an input's ``B``,
+        where the layer changes the token axis (image -> tokens ``B -> (B, T)``, a class token
+        ``(B, T) -> (B, T + 1)``, a read-out ``(B, T) -> B``; ``nn.stack.layer_leads``): each layer's
+        buffer shapes take its own input's lead.
         ``factor(state)``: the per-sample Jacobian as a structured factor for ``Chain``. A factor
         of a layer with parameters also splits at them, which is all the products need of it:
         ``param_vjp_stack(A, need_input) -> ([G per leaf], A_in or None)`` for output cotangent

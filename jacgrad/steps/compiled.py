@@ -80,6 +80,7 @@ from ..nn.stack import (
     carve_backward,
     carve_forward,
     forward_layers,
+    layer_leads,
     named_grads,
     param_views,
 )
@@ -158,7 +159,7 @@ class TrainingStep(StepIO):
         in_shape = tuple(getattr(layers[0], "in_shape", None) or (n_in,))  # images: (B, C, H, W)
         with self._on_device():
             self._x = xp.zeros(lead_shape(B) + (() if self._ids else in_shape), dtype=xp.int64 if self._ids else dt)
-            self._target = xp.zeros(lead_shape(B) + (n_out,), dtype=dt)
+            self._target = xp.zeros(lead_shape(layer_leads(layers, B)[-1]) + (n_out,), dtype=dt)
             self._fbufs = carve_forward(xp, layers, B, dt, zero=True, keep_derivative=True)
             _, self._bbufs = carve_backward(xp, layers, B, dt, self.input_grad, grad_y=False, zero=True, in_place=True)
             self._flat, views = carve(xp, [tuple(p.shape) for _, p in params], dt, zero=True)
@@ -169,14 +170,15 @@ class TrainingStep(StepIO):
                 xp, self._flat.size, self.batch, dt, self.clip, sigma, seed, expected_batch_size)
             self._pviews = None if self._private is None else leaf_views(layers, self._private.sum)
         self._gin, self._deltas, self._act_names = None, None, None  # which buffers: set by each run
-        self._layers, self._layout = layers, [self._buffer_layout(L) for L in layers]
+        self._layers, self._layout = layers, self._buffer_layouts(layers)
         self.rebind()
 
-    def _buffer_layout(self, layer) -> tuple:
-        """What the step's buffers depend on: the layer's kind, the shapes it writes and its number of
-        parameters (their shapes are checked one by one, with their names, by ``rebind``)."""
-        B = self._lead
-        return type(layer), tuple(layer.forward_shapes(B)), tuple(layer.backward_shapes(B, True)), len(layer.params)
+    def _buffer_layouts(self, layers) -> list:
+        """What the step's buffers depend on, per layer: its kind, the shapes it writes (with its own
+        input's lead: a layer may change the token axis) and its number of parameters (their shapes
+        are checked one by one, with their names, by ``rebind``)."""
+        return [(type(L), tuple(L.forward_shapes(B)), tuple(L.backward_shapes(B, True)), len(L.params))
+                for L, B in zip(layers, layer_leads(layers, self._lead))]
 
     # ------------------------------------------------------------------ binding
     @locked
@@ -200,13 +202,13 @@ class TrainingStep(StepIO):
             acts = [get_activation(a) for a in names]
             if layers is None:  # a duck-typed net of lists: Dense layers on its very arrays
                 layers = tuple(Dense(p, q, a) for (_, p), (_, q), a in zip(params[0::2], params[1::2], acts))
-            layout = [self._buffer_layout(L) for L in layers]
+            layout = self._buffer_layouts(layers)
             if layout != self._layout:  # an activation changed what the forward pass keeps
                 with self._on_device():
                     self._fbufs = carve_forward(self._xp, layers, self._lead, self.dtype, zero=True, keep_derivative=True)
                 self._layout = layout
             self._act_names = [a.name for a in acts]
-        elif [self._buffer_layout(L) for L in layers] != self._layout:
+        elif self._buffer_layouts(layers) != self._layout:
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
