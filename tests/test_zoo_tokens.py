@@ -323,6 +323,14 @@ def test_mlp_mixer_block_matches_torch(dtype, rtol):
     assert repr(net).startswith("Sequential([Residual([LayerNorm(4, eps=1e-05), TransposeTokens(6, 4), Dense(6->8, "
                                 "gelu), Dense(8->6, identity), TransposeTokens(4, 6)], scale=1), Residual([")
     _check_against_torch(model, net, x, rtol)
+    if dtype == torch.float64:  # the input Jacobian per sample (T·d, T·d), and the compiled step
+        Jx = torch.func.vmap(torch.func.jacrev(lambda xi: model(xi[None])[0]))(torch.as_tensor(x)).reshape(3, 24, 24)
+        np.testing.assert_allclose(net.jacobian(x), Jx.detach().numpy(), rtol=1e-10, atol=1e-12)
+        t = np.random.default_rng(2).standard_normal(x.shape)
+        value, g = net.loss_and_grads(x, t)
+        v2, g2 = net.compile(3, loss="mse", tokens=6)(x, t)
+        assert v2 == value
+        np.testing.assert_array_equal(g2.flat, g.flat)
 
 
 def test_transpose_tokens_layer_is_a_permutation_and_saves(tmp_path):

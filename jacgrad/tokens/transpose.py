@@ -24,7 +24,7 @@ from ..core.backend import get_xp
 from ..core.validation import float_array, shape_str
 from ..protocol.layer import buffers as _buffers, lead_shape, register_layer
 
-__all__ = ["TransposeFactor", "TransposeTokens"]
+__all__ = ["FlatTranspose", "TransposeFactor", "TransposeTokens"]
 
 
 class TransposeFactor:
@@ -32,12 +32,13 @@ class TransposeFactor:
     ``(B, T, d)`` (or flat ``(B, T·d)``), stacks ``(B, R, T, d)`` / ``(B, R, T·d)`` / ``(R, T·d)``;
     results in the layout of the argument, with the two token axes swapped."""
 
-    __slots__ = ("T", "d", "batch", "h_in", "h_out", "_anchor")
+    __slots__ = ("T", "d", "batch", "h_in", "h_out", "_anchor", "_B")
     per_sample = property(lambda self: False)
 
     def __init__(self, T: int, d: int, anchor: Any):
         self.T, self.d, self.batch, self._anchor = int(T), int(d), None, anchor
         self.h_in, self.h_out = self.d, self.T
+        self._B = int(anchor.shape[0]) if getattr(anchor, "ndim", 0) == 3 else None  # the input's samples
 
     tokens = property(lambda self: self.T, doc="T, the tokens of the input")
     anchor = property(lambda self: self._anchor)
@@ -84,11 +85,66 @@ class TransposeFactor:
     def rows(self, sel) -> "TransposeFactor":
         return self
 
+    def flat_rows(self) -> "FlatTranspose":
+        """This factor on each sample's flattened tokens, ``(B, T·d) -> (B, d·T)``: how ``Chain.flat_tokens``
+        takes a factor that changes the token axis."""
+        if self._B is None:
+            raise ValueError(f"{self!r} was made without its input: no batch for its flat rows")
+        return FlatTranspose(self, self._B)
+
     def norm_bound(self):
         return self.xp.asarray(1.0, dtype=self.dtype)
 
     def singular_values(self):
         return self.xp.ones(self.T * self.d, dtype=self.dtype)
+
+
+class FlatTranspose:
+    """``TransposeFactor`` on flat rows ``(B, T·d) -> (B, d·T)``, per sample (the same permutation for each)."""
+
+    __slots__ = ("factor", "batch", "h_in", "h_out")
+    per_sample = property(lambda self: True)
+
+    def __init__(self, factor: TransposeFactor, B: int):
+        self.factor, self.batch = factor, int(B)
+        self.h_in = self.h_out = factor.T * factor.d
+
+    dtype = property(lambda self: self.factor.dtype)
+    xp = property(lambda self: self.factor.xp)
+    anchor = property(lambda self: self.factor.anchor)
+    row_cost = property(lambda self: self.h_in)
+    dense_cost = property(lambda self: self.batch * self.h_in * self.h_in)
+
+    def __repr__(self) -> str:
+        return f"FlatTranspose(B={self.batch}, T={self.factor.T}, d={self.factor.d})"
+
+    def _per_sample(self, a):
+        return a if a.ndim == 3 else self.xp.broadcast_to(a, (self.batch,) + a.shape)
+
+    def jvp(self, u: Any):
+        return self.factor.jvp(u)
+
+    def vjp(self, v: Any):
+        return self.factor.vjp(v)
+
+    def jvp_stack(self, a):
+        return self.factor.jvp_stack(self._per_sample(a))
+
+    def vjp_stack(self, a):
+        return self.factor.vjp_stack(self._per_sample(a))
+
+    def dense(self, transposed: bool = False):
+        P = self.factor.dense(transposed)
+        return self.xp.broadcast_to(P, (self.batch,) + P.shape)
+
+    def rows(self, sel) -> "FlatTranspose":
+        return FlatTranspose(self.factor, len(np.arange(self.batch)[sel]))
+
+    def norm_bound(self):
+        return self.xp.ones(self.batch, dtype=self.dtype)
+
+    def singular_values(self):
+        return self.xp.ones((self.batch, self.h_in), dtype=self.dtype)
 
 
 class TransposeTokens:
