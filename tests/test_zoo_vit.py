@@ -4,7 +4,7 @@ mean) -> head. Its import (``jg.explain``: every node a layer) and every product
 model itself through ``torch.func`` (float64 to 1e-10, float32 to 1e-4).
 
 ``TinyViT(attention=True)`` adds a pre-norm self-attention sub-block to each block (a ViT proper);
-the graph importer does not read attention yet, and the test below says so."""
+``tests/test_zoo_tokens.py`` checks it against torch."""
 
 import numpy as np
 import pytest
@@ -142,15 +142,6 @@ def test_vit_token_ops_out_of_pattern_are_refused_with_reasons():
     assert "a mean over the axes [2] of a 3-D value" in rows["mean"]  # not over the tokens: the conv reading
     with pytest.raises(TypeError, match="Odd has 3 parts jacgrad cannot import"):
         jg.from_torch(Odd().double().eval(), (torch.zeros(2, 4, dtype=torch.float64),))
-
-
-def test_tiny_vit_with_attention_is_not_read_from_the_graph_yet():
-    """The attention sub-block (``attention=True``) waits for the graph importer's attention rows;
-    until then the import refuses and names what it cannot read."""
-    model = _model(np.float64, attention=True)
-    x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"scaled_dot_product_attention.*not read from the graph yet"):
-        jg.from_torch(model, (x,))
 
 
 def test_timm_vit_tiny_explain_covers_all_but_attention():

@@ -228,7 +228,9 @@ def _check_shapes(spec, declared, prefix, width):
                 n_in, out = cls.file_widths(where, shapes)
             except ValueError as exc:
                 raise Bad(str(exc)) from None
-            if n_in is None and not hasattr(cls, "bind_in_shape"):  # a layer without arrays (Activation) keeps the width
+            if n_in is None and hasattr(cls, "spec_widths"):  # a layer without arrays whose spec says its widths
+                n_in, out = cls.spec_widths(s)
+            elif n_in is None and not hasattr(cls, "bind_in_shape"):  # a layer without arrays (Activation) keeps the width
                 n_in = out = width
             if width is not None and n_in is not None and n_in != width:  # (image layers: (None, None), not chained)
                 first = shapes[names[0]]

@@ -12,7 +12,9 @@ from ..nn.layers import Activation, Dense, LayerNorm, Residual, RMSNorm
 from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ..conv.layers import Conv1d, Conv2d
 from ..conv.pools import Flatten
+from ..tokens.attention import MultiHeadAttention
 from .explain import unsupported_error
+from .ops_tokens import TOKEN_LAYERS
 
 __all__ = ["build_layers"]
 
@@ -51,6 +53,12 @@ def build_layers(cap, copy: bool, dtype) -> None:
     xp = np if not params or params[0].device.type == "cpu" else get_xp(asarray(params[0].detach()))
     conv = _Convert(copy, cast, xp, cast if cast is not None else _dtype(params), {})
     cap.layers = _layers(cap, specs, "", conv)
+    if cap.in_shape is not None and len(cap.in_shape) == 2 and getattr(cap.layers[0], "per_token", False):
+        other = [L for L in cap.layers if not getattr(L, "per_token", False)]
+        if other:
+            raise TypeError(f"{cap.name}: the example input is a token batch (B, {', '.join(map(str, cap.in_shape))}) "
+                            f"but {other[0]!r} does not act per token: a token axis flattened away is not supported")
+        cap.in_shape = None  # a token batch (B, T, d): the layers act per token
     if cap.in_shape is not None and not type(cap.layers[0]).__module__.startswith("jacgrad.conv"):
         shape = ", ".join(map(str, cap.in_shape))
         raise TypeError(f"{cap.name}: the example input is (B, {shape}) but the first layer "
@@ -82,8 +90,9 @@ def _ends(cap):
     if not cap.is_data(end) or end is start:
         raise TypeError(f"{cap.name} returns {'its input' if end is start else 'a value not computed from its input'}: "
                         f"nothing to import")
-    if len(cap.shape(end)) != 2:
-        raise TypeError(f"{cap.name} returns a {cap.shape(end)} tensor: jacgrad networks give (B, n_out) outputs")
+    if len(cap.shape(end)) not in (2, 3):
+        raise TypeError(f"{cap.name} returns a {cap.shape(end)} tensor: jacgrad networks give (B, n_out) outputs, "
+                        f"or (B, T, n_out) per token")
     return start, end
 
 
@@ -149,8 +158,10 @@ class _Walk:
         for n in cap.graph.nodes:
             if n in cap.data and n is not start and n not in self.visited and cap.pieces[n].kind != "inert":
                 raise TypeError(f"{cap.name}: node {_place(cap, n)} is not on the path to the output; {_NOT_A_CHAIN}")
+        owner = lambda u: cap.pieces[u].info.get("owner", u) if u in cap.pieces else u  # noqa: E731  a block's part
         for n in self.visited | {start}:
-            readers = [u for u in n.users if u.op == "output" or cap.pieces[u].kind != "inert"]
+            readers = [u for u in dict.fromkeys(map(owner, n.users))
+                       if u.op == "output" or cap.pieces[u].kind != "inert"]
             if len(readers) != 1 + self.skips.get(n, 0):
                 raise TypeError(f"{cap.name}: the value of node {n.name} is read by {len(readers)} nodes "
                                 f"({', '.join(u.name for u in readers)}); {_NOT_A_CHAIN}")
@@ -190,6 +201,9 @@ def _specs(items, problems: list) -> list:
         elif piece.kind == "act":  # after a norm, a residual join or another activation: a layer of its own
             specs.append({"kind": "activation", "act": piece.info["name"], "params": {},
                           "nodes": [node, *piece.info.get("parts", ())]})
+        elif piece.kind in TOKEN_LAYERS:
+            specs.append({"kind": piece.kind, "params": dict(piece.params), "info": piece.info,
+                          "nodes": [node, *piece.info.get("parts", ())]})
         elif piece.kind == "layer":  # one layer its op reader makes (ops_vit: the token layers)
             specs.append({"kind": "layer", "params": dict(piece.params), "make": piece.info["make"], "nodes": [node]})
         elif piece.kind in ("layernorm", "rmsnorm"):
@@ -219,7 +233,8 @@ def _layers(cap, specs, prefix: str, conv) -> list:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
         else:
             roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
-                     "activation": (), "pool": (), "flatten": ()}.get(spec["kind"])
+                     "activation": (), "pool": (), "flatten": (), "attention": MultiHeadAttention.names,
+                     "transpose_tokens": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
                 roles = tuple(spec["params"])
             spec.update(cap=cap, at=at)
@@ -238,11 +253,15 @@ def _array(cap, conv, param, what: str):
     if param is None:
         cap.sources.append((None, False))
         return None
-    placeholder, transposed = param
+    placeholder, transposed, *cols = param  # cols: jacgrad's columns (lo, hi) of a fused projection (token_graph)
     t = cap.tensor(placeholder)
     name = cap.param_names[placeholder.name]
     cap.sources.append((name, transposed))
-    return conv(t.T if transposed else t, f"{what}: the torch parameter {name!r}")
+    t = t.T if transposed else t
+    if cols:
+        (lo, hi), = cols
+        t, name = (t[:, lo:hi], f"{name}[{lo}:{hi}]ᵀ") if t.ndim == 2 else (t[lo:hi], f"{name}[{lo}:{hi}]")
+    return conv(t, f"{what}: the torch parameter {name!r}")
 
 
 def _make(spec: dict, a: dict, conv):
@@ -256,6 +275,8 @@ def _make(spec: dict, a: dict, conv):
         mean, var = (conv(spec["cap"].tensor(ph), f"{spec['at']}: {spec['cap'].buffer_names[ph.name]!r}")
                      for ph in info["stats"])
         return cls(a.get("weight"), a.get("bias"), mean, var, eps=info["eps"], activation=spec["act"] or "identity")
+    if kind in TOKEN_LAYERS:
+        return TOKEN_LAYERS[kind](a, info)
     if kind == "pool":
         return spec["make"]()
     if kind == "layer":

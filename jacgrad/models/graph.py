@@ -24,7 +24,10 @@ its gradient summed over the uses, P counting it once). Inputs and outputs are `
 convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
 ``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
 after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);
-a residual join around convolutions is refused. Per-token ``(B, T, d)`` layers come with the token axis.
+a residual join around convolutions is refused. Token models (``jacgrad.models.token_graph``): integer
+inputs ``(B, T)`` into an ``embedding`` (an ``Embedding``), ``(B, T, d)`` values through per-token layers,
+every attention block read whole as one ``MultiHeadAttention``, a transpose ``(B, T, d) -> (B, d, T)`` as
+``TransposeTokens``, outputs ``(B, T, n_out)``.
 A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
@@ -40,6 +43,7 @@ import os
 from ..io.interop import require
 from .explain import Explanation, Row, module_of, source_of, untraceable_error
 from .ops import Piece, classify, op_name
+from .token_graph import read_token_blocks
 
 __all__ = ["Capture", "capture", "explain", "from_torch"]
 
@@ -64,8 +68,9 @@ class Capture:
             raise TypeError(f"example_inputs must be one tensor (B, n) or a tuple of one; got "
                             f"{[type(a).__name__ for a in args]}")
         if args[0].ndim not in (2, 3, 4):
-            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs, "
-                            f"or images (B, C, L) / (B, C, H, W) for convolutional models")
+            raise TypeError(f"example_inputs is {tuple(args[0].shape)}: jacgrad networks take (B, n) inputs, token "
+                            f"ids (B, T) or token batches (B, T, d), or images (B, C, L) / (B, C, H, W) for "
+                            f"convolutional models")
         self.in_shape = tuple(args[0].shape[1:]) if args[0].ndim > 2 else None
         ep = _export(torch, model, args)
         self.graph = ep.graph
@@ -80,6 +85,7 @@ class Capture:
                 self.data.add(n)
         torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
         self.pieces = {n: classify(n, self) for n in self.graph.nodes if n.op == "call_function"}
+        read_token_blocks(self)  # attention blocks and positional embeddings, read whole
         for n, piece in self.pieces.items():  # the walk passes through an unsupported node to list what follows
             if piece.kind == "unsupported":
                 piece.data = tuple(i for i in n.all_input_nodes if i in self.data)
@@ -171,6 +177,8 @@ def _label(piece: Piece) -> str:
         return f"unsupported: {piece.reason}"
     if piece.kind == "act":
         return f"activation {piece.info['name']}"
+    if piece.info.get("unused"):
+        return "nothing (its value never reaches the output)"
     if piece.kind == "layer":
         return piece.info["what"]
     if piece.info.get("part_of"):
@@ -179,7 +187,9 @@ def _label(piece: Piece) -> str:
             "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
             "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",
             "scale": "the scale of a residual branch", "conv": f"Conv{piece.info.get('dims')}d",
-            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten"}[piece.kind]
+            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten",
+            "embedding": "Embedding", "attention": "MultiHeadAttention", "posemb": "PositionalEmbedding",
+            "transpose_tokens": "TransposeTokens"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:

@@ -4,11 +4,11 @@ jacgrad layer (``jacgrad.models.graph`` walks the graph, this module judges each
 One row per op, as in the tables of gates and gradients: the op's name (its overload packet,
 ``aten.linear``; an in-place spelling such as ``relu_`` reads as ``relu``), what it becomes, and
 the function that reads the node's arguments into a ``Piece``; the convolutional rows (convolutions,
-pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``, a ViT's token plumbing (patch tokens,
-class token, positional embedding, token read-outs) in ``jacgrad.models.ops_vit``. Ops that other layers will take
-(embeddings, attention) are listed in ``PENDING``:
-they stay "not read from the graph yet" until the graph importer builds their layer, and switching one on is one
-row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
+pools, eval-mode batch norm) are in ``jacgrad.models.ops_conv``, the token rows (embeddings, the ops
+of an attention block) in ``jacgrad.models.ops_tokens``, a ViT's token plumbing (patch tokens, class
+token, positional embedding, token read-outs) in ``jacgrad.models.ops_vit``. Ops whose layer exists but
+which the importer does not build yet would be listed in ``PENDING`` ("not read from the graph yet");
+switching one on is one row moved from ``PENDING`` to ``OPS``. ``supported_ops_markdown()`` renders the table for the
 docs, so the docs are generated from the importer's own table.
 
 Nothing here imports torch: a node is read through its ``target``, ``args`` and ``meta`` only,
@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..elementwise import activations as _activations
 from .ops_conv import CONV_OPS, getitem_piece
+from .ops_tokens import TOKEN_OPS
 from .ops_vit import vit_ops
 from .piece import Piece, _unsupported
 
@@ -120,8 +121,8 @@ def _matmul(x_key: str, w_key: str) -> Callable:
             return _unsupported("a matrix product with the parameter on the left (W @ x) or no input in it: jacgrad's "
                                 "Dense computes x @ W over the features")
         if W is None:
-            return _unsupported("a matrix product of two computed values (attention-like): no jacgrad layer yet; "
-                                "a product with a parameter matrix is a Dense layer")
+            return _unsupported("a matrix product of two computed values outside an attention block jacgrad reads: no "
+                                "jacgrad layer; a product with a parameter matrix is a Dense layer")
         return ctx.dense(a[x_key], {"W": W})
 
     return read
@@ -212,9 +213,18 @@ def _dropout(a: dict, ctx) -> Piece:
 
 def _transpose(a: dict, ctx) -> Piece:
     x = a["input"] if "input" in a else a["self"]
-    if ctx.is_data(x):
-        return _unsupported("transposing an activation (token mixing) needs the token axis: later")
-    return Piece("param")
+    if not ctx.is_data(x):
+        return Piece("param")
+    shape, name = ctx.shape(x), op_name(ctx.node)
+    dims = (a["dim0"] % len(shape), a["dim1"] % len(shape)) if name == "transpose" else None
+    if name == "permute":
+        perm = [d % len(shape) for d in a["dims"]]
+        moved = [i for i, d in enumerate(perm) if d != i]
+        dims = tuple(moved) if len(moved) == 2 else None
+    if len(shape) == 3 and dims is not None and sorted(dims) == [1, 2]:
+        return Piece("transpose_tokens", (x,), info={"tokens": shape[1], "width": shape[2]})
+    return _unsupported(f"a transpose of a computed {len(shape)}-D value other than (B, T, d) -> (B, d, T) "
+                        f"(token mixing), outside an attention block: no jacgrad layer")
 
 
 def _detach(a: dict, ctx) -> Piece:
@@ -266,21 +276,19 @@ OPS: dict[str, tuple[str, Callable]] = {
     "dropout": ("structural (eval mode, or p = 0)", _dropout),
     "t": ("a transposed parameter, read by its matmul", _transpose),
     "numpy_T": ("a transposed parameter, read by its matmul", _transpose),
-    "transpose": ("a transposed parameter, read by its matmul", _transpose),
-    "permute": ("a transposed parameter, read by its matmul", _transpose),
+    "transpose": ("a transposed parameter, read by its matmul; (B, T, d) -> (B, d, T): TransposeTokens (token "
+                  "mixing); inside an attention block, part of it", _transpose),
+    "permute": ("as transpose (a permutation swapping two axes)", _transpose),
     "detach": ("refused: it stops the gradient", _detach),
     "_assert_tensor_metadata": ("nothing (a check torch inserts)", _inert),
     "sym_size": ("nothing (a shape read)", _inert),
 }
 
-# Ops whose jacgrad layer exists but which the graph importer does not build yet: such models come
-# in through Sequential.from_torch (its module walk reads nn.Embedding and nn.MultiheadAttention).
-PENDING: dict[str, str] = {
-    "embedding": "Embedding (import the model with jg.Sequential.from_torch)",
-    "scaled_dot_product_attention": "MultiHeadAttention (import the model with jg.Sequential.from_torch)",
-}
+# Ops whose jacgrad layer exists but which the graph importer does not build yet (none now).
+PENDING: dict[str, str] = {}
 
 OPS.update(CONV_OPS)
+OPS.update(TOKEN_OPS)
 OPS.update(vit_ops(OPS))  # the token plumbing of a ViT: its rows wrap (and fall back to) the readings above
 
 

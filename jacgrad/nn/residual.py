@@ -14,7 +14,7 @@ import numpy as np
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..algebra.factors import ResidualFactor
-from ..protocol.layer import buffers as _buffers, chained, lead_shape, register_layer
+from ..protocol.layer import buffers as _buffers, chained, layer_leads, lead_shape, register_layer
 
 __all__ = ["Residual"]
 
@@ -71,11 +71,12 @@ class Residual:
     def forward_shapes(self, B: Any) -> list:
         """Shapes of the buffers ``forward`` writes: the output ``(B, H)``, then the inner layers'
         (``B``: an int, or ``(B, T)`` for a token batch)."""
-        return [lead_shape(B) + (self.n_in,)] + [s for L in self._layers for s in L.forward_shapes(B)]
+        leads = layer_leads(self._layers, B)
+        return [lead_shape(B) + (self.n_in,)] + [s for L, b in zip(self._layers, leads) for s in L.forward_shapes(b)]
 
     def backward_shapes(self, B: Any, input_grad: bool = True) -> list:
         """Shapes of the buffers ``backward`` writes: ``s·g``, the inner layers', and ``∂L/∂z``."""
-        inner = [s for L in self._layers for s in L.backward_shapes(B, True)]
+        inner = [s for L, b in zip(self._layers, layer_leads(self._layers, B)) for s in L.backward_shapes(b, True)]
         lead = lead_shape(B)
         return [lead + (self.n_in,)] + inner + ([lead + (self.n_in,)] if input_grad else [])
 
@@ -86,8 +87,9 @@ class Residual:
         B = z.shape[0] if z.ndim == 2 else tuple(z.shape[:-1])
         bufs = _buffers(out, self.forward_shapes(B), z)
         u, states, at = z, [], 1
+        leads = layer_leads(self._layers, B)
         for i, L in enumerate(self._layers):
-            n = len(L.forward_shapes(B))
+            n = len(L.forward_shapes(leads[i]))
             u, st = L.forward(u, check, f"{name}.{i}", bufs[at:at + n])
             states.append(st)
             at += n
@@ -106,9 +108,9 @@ class Residual:
         B, xp = (g.shape[0] if g.ndim == 2 else tuple(g.shape[:-1])), get_xp(g)
         bufs = _buffers(out, self.backward_shapes(B, input_grad), g)
         at, cut = [0], [1]
-        for L in self._layers:
+        for L, b in zip(self._layers, layer_leads(self._layers, B)):
             at.append(at[-1] + len(L.params))
-            cut.append(cut[-1] + len(L.backward_shapes(B, True)))
+            cut.append(cut[-1] + len(L.backward_shapes(b, True)))
         u = g if self.scale == 1.0 else xp.multiply(g, self.scale, out=bufs[0])  # the inner layers only read it
         for i in range(len(self._layers) - 1, -1, -1):
             u, _ = self._layers[i].backward(state[i], u, grads[at[i]:at[i + 1]], True, check, f"{name}.{i}", sq,

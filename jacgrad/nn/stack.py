@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ..protocol.passes import Gradients, carve
-from ..protocol.layer import lead_shape
+from ..protocol.layer import layer_leads, lead_shape
 from ..algebra.jacobian import LayerJacobian
 from ..core.renamed import renamed
 from ..cuda.kernels import forward_with_derivative
@@ -48,19 +48,6 @@ def lean_outputs(layers: Sequence[Any]) -> list[bool]:
     K = len(layers)
     return [isinstance(L, Dense) and L._act.df_from_output is None
             and (j == K - 1 or isinstance(layers[j + 1], Dense)) for j, L in enumerate(layers)]
-
-
-def layer_leads(layers: Sequence[Any], B: Any) -> list:
-    """The leading shape of every layer's input, and last of the network's output: ``B`` (an int,
-    or ``(B, T)`` for a token batch) handed on through each layer's ``output_lead`` where it has
-    one (a layer that changes the token axis: image -> tokens ``B -> (B, T)``, a class token
-    ``(B, T) -> (B, T + 1)``, a token read-out ``(B, T) -> B``), else unchanged."""
-    leads = [B]
-    for L in layers:
-        f = getattr(L, "output_lead", None)
-        leads.append(B if f is None else f(B))
-        B = leads[-1]
-    return leads
 
 
 def carve_forward(xp, layers: Sequence[Any], B: int, dtype, zero: bool = False, pooled: bool = False,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
+__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "layer_leads", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
            "register_layer"]
 
 
@@ -163,6 +163,20 @@ def layer_kinds() -> tuple[str, ...]:
 def lead_shape(B: Any) -> tuple:
     """``B`` of ``forward_shapes(B)`` as a tuple of leading dimensions: ``5 -> (5,)``, ``(5, 7) -> (5, 7)``."""
     return tuple(int(b) for b in B) if isinstance(B, (tuple, list)) else (int(B),)
+
+
+def layer_leads(layers: Sequence[Any], B: Any) -> list:
+    """The leading shape of every layer's input, and last of the network's output: ``B`` (an int,
+    or ``(B, T)`` for a token batch) handed on through each layer's ``output_lead`` where it has
+    one (a layer that changes the token axis: image -> tokens ``B -> (B, T)``, a class token
+    ``(B, T) -> (B, T + 1)``, a token read-out ``(B, T) -> B``, ``TransposeTokens`` ``(B, T) -> (B, d)``),
+    else unchanged."""
+    leads = [B]
+    for L in layers:
+        f = getattr(L, "output_lead", None)
+        leads.append(B if f is None else f(B))
+        B = leads[-1]
+    return leads
 
 
 def buffers(out, shapes: list, like) -> list:
