@@ -12,12 +12,14 @@ from ..nn.layers import Activation, Dense, LayerNorm, Residual, RMSNorm
 from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ..conv.layers import Conv1d, Conv2d
 from ..conv.pools import Flatten
+from ..conv.prelu import PReLU
 from .explain import unsupported_error
 
 __all__ = ["build_layers"]
 
-_NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s·f(x); concatenated skips, a "
-                "value used by two branches and several outputs are not supported (no general DAG of factors)")
+_NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s·f(x) or p(x) + s·f(x); "
+                "concatenated skips, a value used by two branches that do not join in one add, and several outputs "
+                "are not supported (no general DAG of factors)")
 
 
 def build_layers(cap, copy: bool, dtype) -> None:
@@ -214,6 +216,8 @@ def _specs(items, problems: list) -> list:
                 and last["act"] is None:
             last["params"].update(piece.params)
             last["nodes"].append(node)
+        elif piece.kind == "prelu":
+            specs.append({"kind": "prelu", "params": dict(piece.params), "nodes": [node]})
         elif piece.kind in ("conv", "batchnorm"):
             specs.append({"kind": piece.kind, "params": dict(piece.params), "info": piece.info, "act": None,
                           "nodes": [node]})
@@ -255,7 +259,7 @@ def _layers(cap, specs, prefix: str, conv, first: int = 0) -> list:
             for n in [join] + scales:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g}{what})" + (" (its join)" if n is join else " (its scale)")
         else:
-            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
+            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",), "prelu": ("weight",),
                      "activation": (), "pool": (), "flatten": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
                 roles = tuple(spec["params"])
@@ -309,6 +313,8 @@ def _make(spec: dict, a: dict, conv):
         return cls(a.get("weight"), a.get("bias"), mean, var, eps=info["eps"], activation=spec["act"] or "identity")
     if kind == "pool":
         return spec["make"]()
+    if kind == "prelu":
+        return PReLU(a["weight"])
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":

@@ -183,7 +183,8 @@ def _label(piece: Piece) -> str:
             "inert": "nothing (no data flows through it)", "dense": "Dense", "bias": "the bias of a Dense",
             "layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "add": "a residual join",
             "scale": "the scale of a residual branch", "conv": f"Conv{piece.info.get('dims')}d",
-            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten"}[piece.kind]
+            "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten",
+            "prelu": "PReLU"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:

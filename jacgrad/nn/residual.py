@@ -30,7 +30,12 @@ __all__ = ["Residual"]
 
 def _shape(L, which: str):
     s = getattr(L, which, None)
-    return None if s is None else tuple(s)
+    return None if s is None or None in tuple(s) else tuple(s)
+
+
+def _say(shape, n):
+    """A per-sample shape as the messages give it: ``4`` for ``(4,)``, else the tuple (or the width ``n``)."""
+    return n if shape is None else shape[0] if len(shape) == 1 else shape
 
 
 class Residual:
@@ -61,9 +66,10 @@ class Residual:
         if self._shortcut is None:
             n0, n1 = self._branch[0].n_in, self._branch[-1].n_out
             if (f0 is not None and f1 is not None and f0 != f1) or (None not in (n0, n1) and n0 != n1):
-                raise ValueError(f"Residual: the inner layers map {f0 or n0} -> {f1 or n1}; a residual block without "
-                                 f"a shortcut needs the same shape out as in (inner layer {len(self._branch) - 1} must "
-                                 f"output {f0 or n0}); give shortcut=[...] layers that map the input to {f1 or n1}")
+                a, b = _say(f0, n0), _say(f1, n1)
+                raise ValueError(f"Residual: the inner layers map {a} -> {b}; a residual block without a shortcut needs "
+                                 f"the same shape out as in (inner layer {len(self._branch) - 1} must output {a}); give "
+                                 f"shortcut=[...] layers that map the input to {b}")
             return
         p0, p1 = _shape(self._shortcut[0], "in_shape"), _shape(self._shortcut[-1], "out_shape")
         for what, a, b in (("take", f0, p0), ("output", f1, p1)):
@@ -89,7 +95,10 @@ class Residual:
 
     def bind_in_shape(self, in_shape) -> tuple:
         """Give the inner image layers their per-sample input shapes (``Sequential`` passes the
-        block its predecessor's output shape); returns ``out_shape``."""
+        block its predecessor's output shape); returns ``out_shape``. A shape not known yet (a
+        width-less ``Activation`` before it) binds nothing."""
+        if in_shape is None or None in tuple(in_shape):
+            return self.out_shape
         for name, part in (("inner", self._branch), ("shortcut", self._shortcut or ())):
             try:
                 bind_shapes(part, in_shape, f"Residual ({name} layers)")
