@@ -197,3 +197,45 @@ def test_shapes_that_do_not_join_are_refused():
     with pytest.raises(ValueError, match=r"inner layers output \(4, 3, 3\) per sample but the shortcut layers "
                                          r"\(4, 6, 6\)"):
         jg.Sequential([block, L.Flatten(), L.Dense(rng.standard_normal((36, 2)))], in_shape=(2, 6, 6))
+
+
+def _torchvision():
+    """torchvision, or a skip: absent, or present but not importable (its PyPI wheel for torch 2.13,
+    0.28.0, is the CUDA build: on the CPU build of torch its operators fail to register)."""
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or the RuntimeError of a torchvision built for another torch
+        pytest.skip(f"torchvision does not import here: {type(exc).__name__}: {str(exc)[:120]}")
+    return torchvision
+
+
+def test_torchvision_resnet18_imports_whole_and_matches_torch():
+    """resnet18(weights=None) in eval mode on a 1×3×32×32 input: every node read (jg.explain's table:
+    nothing unsupported, every parameter in the network), and the import's forward, every parameter
+    gradient and the per-sample gradient norm against torch autograd at float64."""
+    tv = _torchvision()
+    from jacgrad.models.graph import capture
+
+    torch.manual_seed(0)
+    model = _with_stats(tv.models.resnet18(weights=None).double().eval())
+    with torch.no_grad():                                  # off their initial values (BN weights: all ones)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    cap = capture(model, x, copy=False)                    # what jg.explain and jg.from_torch both run: one trace
+    out = cap.explanation()
+    assert not out.unsupported and not out.problem, out.problem
+    net = jg.Sequential(cap.layers, in_shape=cap.in_shape)
+    assert net.n_params == sum(p.numel() for p in model.parameters())           # 100 % of the parameters
+    blocks = [M for M in net.layers if M.kind == "residual"]
+    assert len(blocks) == 8 and sum(M.shortcut is not None for M in blocks) == 3
+    y = model(x)
+    np.testing.assert_allclose(net(x.numpy()), y.detach().numpy(), rtol=1e-10, atol=1e-10)
+    t = torch.randn(y.shape, dtype=torch.float64)
+    model.zero_grad()
+    ((y - t) ** 2).mean().backward()
+    want = _torch_flat(model, _sources(net, model), {k: p.grad for k, p in model.named_parameters()})
+    np.testing.assert_allclose(net.loss_and_grads(x.numpy(), t.numpy())[1].flat, want, rtol=1e-8,
+                               atol=1e-10 * np.abs(want).max())
+    # B = 1: the sample's own gradient is the batch gradient
+    np.testing.assert_allclose(net.per_sample_grad_norms(x.numpy(), t.numpy()), [np.linalg.norm(want)], rtol=1e-10)
