@@ -115,6 +115,22 @@ def test_per_sample_gradients_and_gauss_newton_products_match_torch_func():
     np.testing.assert_allclose(clipped.grads.flat, (want * c[:, None]).sum(0) / 3, rtol=1e-10, atol=1e-14)
 
 
+def test_compiled_training_and_private_steps_of_the_resnet_give_the_products_numbers():
+    """The compiled steps run the blocks through the same protocol: their numbers are those of
+    ``loss_and_grads`` and ``clipped_grad`` (checked against torch above)."""
+    _, net = _imported("float64")
+    x = _images("float64", (3, 3, 8, 8), seed=6)
+    t = np.random.default_rng(7).standard_normal((3, 3))
+    loss, g = net.compile(3, loss="mse")(x, t)
+    want_loss, want = net.loss_and_grads(x, t)
+    np.testing.assert_allclose(g.flat, want.flat, rtol=1e-12, atol=1e-15)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-12)
+    _, private = net.compile(3, loss="mse", clip=0.1, noise_multiplier=0.0)(x, t)
+    ref = net.clipped_grad(x, t, max_norm=0.1)
+    np.testing.assert_allclose(private.grads.flat, ref.grads.flat, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(private.norms, ref.norms, rtol=1e-12)
+
+
 def test_a_resnet_with_a_shortcut_saves_and_loads(tmp_path):
     _, net = _imported("float64")
     x = _images("float64", (2, 3, 8, 8), seed=5)
