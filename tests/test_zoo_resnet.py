@@ -204,7 +204,7 @@ def test_a_dense_block_with_a_projection_shortcut_matches_torch_func():
 
 def test_shapes_that_do_not_join_are_refused():
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match=r"map 3 -> 4; a residual block without a shortcut needs the same shape out as in.*give shortcut="):
+    with pytest.raises(ValueError, match=r"map 3 -> 4; a residual block without a shortcut needs the same shape"):
         L.Residual([L.Dense(rng.standard_normal((3, 4)))])
     with pytest.raises(ValueError, match=r"inner layers output \(4,\) per sample but the shortcut layers \(5,\)"):
         L.Residual([L.Dense(rng.standard_normal((3, 4)))], shortcut=[L.Dense(rng.standard_normal((3, 5)))])

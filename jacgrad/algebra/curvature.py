@@ -37,7 +37,7 @@ def leaf_parameter_jvp(factors: Sequence[Any], pairs: Sequence[Any], dirs: Seque
 
         dense     ż ← d ⊙ (ż @ W + a @ vW + vb)
         norm      ż ← J ż + x̂ ⊙ vγ (+ vβ)
-        residual  ż ← ż + s · (the inner leaves' tangent of ż)   (ż ← p's tangent of ż + … with a shortcut p)
+        residual  ż ← ż + s · (the inner leaves' tangent of ż)   (with a shortcut p: p's tangent of ż, not ż)
         no leaf   ż ← J ż"""
     t, k = _tangent(factors, None, pairs, dirs, 0)
     return t

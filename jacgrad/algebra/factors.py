@@ -296,23 +296,22 @@ class ResidualFactor:
         skip = v if self.shortcut is None else self.shortcut.vjp(v)
         return skip + self.scale_ * self.inner.vjp(v)
 
-    def _through(self, a, chain, step, order):
-        t = a
-        for J in order(chain.factors):
+    def _stack(self, a, step, order):
+        """``J_p a + s·J_inner a`` (``step``, ``order``: forward or transposed) on stacked rows; ``a`` only read."""
+        t, skip = _multiply(a, self.scale_), a
+        for J in order(self.inner.factors):
             t = step(J, t)
-        return t
+        for J in order(self.shortcut.factors if self.shortcut is not None else ()):
+            skip = step(J, skip)
+        return _add_into(t, skip)
 
     def jvp_stack(self, a):
         """On every row of ``a: (…, r, n)``; ``a`` is only read."""
-        t = self._through(_multiply(a, self.scale_), self.inner, stack_jvp, list)
-        skip = a if self.shortcut is None else self._through(a, self.shortcut, stack_jvp, list)
-        return _add_into(t, skip)
+        return self._stack(a, stack_jvp, list)
 
     def vjp_stack(self, a):
         """``Jᵀ`` on every row of ``a: (…, r, m)``; ``a`` is only read."""
-        t = self._through(_multiply(a, self.scale_), self.inner, stack_vjp, reversed)
-        skip = a if self.shortcut is None else self._through(a, self.shortcut, stack_vjp, reversed)
-        return _add_into(t, skip)
+        return self._stack(a, stack_vjp, reversed)
 
     def dense(self, transposed: bool = False):
         J = self.scale_ * self.inner.jacobian()
@@ -323,10 +322,11 @@ class ResidualFactor:
         _check_sample_selection(sel)
         if not self.per_sample:
             return self
-        return ResidualFactor(self.inner.rows(sel), self.scale_, None if self.shortcut is None else self.shortcut.rows(sel))
+        short = None if self.shortcut is None else self.shortcut.rows(sel)
+        return ResidualFactor(self.inner.rows(sel), self.scale_, short)
 
     def norm_bound(self):
-        """``‖J_p‖ bound + |s|·Π(inner bounds)`` ≥ ‖J_p + s·J_inner‖₂ (1 for the identity): 0-d or ``(B,)``."""
+        """``bound(J_p) + |s|·Π(inner bounds)`` ≥ ‖J_p + s·J_inner‖₂ (J_p = I: 1): 0-d or ``(B,)``."""
         skip = 1.0 if self.shortcut is None else self.shortcut.norm_bound()
         return skip + abs(self.scale_) * self.inner.norm_bound()
 

@@ -210,10 +210,8 @@ def _inner(layer) -> list[str]:
     """What a residual block holds: its inner layers' kinds (``dense:tanh``, ``layernorm``); a
     projection shortcut's layers after them, marked ``shortcut>conv2d``."""
     name = lambda L: f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind  # noqa: E731
-    branch = getattr(layer, "branch", None)
-    if branch is None:
-        return [name(L) for L in getattr(layer, "layers", ())]
-    return [name(L) for L in branch] + [f"shortcut>{name(L)}" for L in (layer.shortcut or ())]
+    branch, short = getattr(layer, "branch", getattr(layer, "layers", ())), getattr(layer, "shortcut", None) or ()
+    return [name(L) for L in branch] + [f"shortcut>{name(L)}" for L in short]
 
 
 def _dense_layers(layers) -> list:

@@ -257,7 +257,8 @@ def _layers(cap, specs, prefix: str, conv, first: int = 0) -> list:
             layer = Residual(inner_layers, scale, short_layers)
             what = "" if short is None else ", projection shortcut"
             for n in [join] + scales:
-                cap.labels[n] = f"{at}: Residual(scale={scale:g}{what})" + (" (its join)" if n is join else " (its scale)")
+                role = " (its join)" if n is join else " (its scale)"
+                cap.labels[n] = f"{at}: Residual(scale={scale:g}{what}){role}"
         else:
             roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",), "prelu": ("weight",),
                      "activation": (), "pool": (), "flatten": ()}.get(spec["kind"])

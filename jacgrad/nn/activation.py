@@ -53,12 +53,14 @@ class Activation(PerToken):
         self._width, self._image = None if width is None else int(width), None
         if in_shape is not None:
             shape = tuple(in_shape)
-            if len(shape) < 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+            bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1]
+            if len(shape) < 2 or bad:
                 raise ValueError(f"Activation({self._act.name!r}): in_shape must be an image shape (C, H, W) or (C, L) "
                                  f"of ints ≥ 1, got {in_shape!r}")
             n = int(np.prod(shape))
             if self._width is not None and self._width != n:
-                raise ValueError(f"Activation({self._act.name!r}): width {self._width} but in_shape {shape} has {n} entries")
+                raise ValueError(f"Activation({self._act.name!r}): width {self._width} but in_shape {shape} "
+                                 f"has {n} entries")
             self._width, self._image = n, tuple(int(s) for s in shape)
 
     activation = property(lambda self: self._act.name, doc="the activation's name")
