@@ -131,6 +131,18 @@ def test_compiled_training_and_private_steps_of_the_resnet_give_the_products_num
     np.testing.assert_allclose(private.norms, ref.norms, rtol=1e-12)
 
 
+def test_the_gradient_flow_report_has_rows_for_the_shortcut_layers():
+    _, net = _imported("float64")
+    x = _images("float64", (3, 3, 8, 8), seed=8)
+    t = np.random.default_rng(9).standard_normal((3, 3))
+    rep = jg.gradient_flow(net, x, t)
+    assert len(rep.layers) == 13 and [b.kind for b in rep.blocks].count("residual") == 2   # 2 + 4 + 6 + 1 leaf layers
+    assert "[conv2d,batchnorm2d](x)+1·[" in rep.to_text()
+    g = net.loss_and_grads(x, t)[1].layers[4]                           # the second block: branch 0-3, shortcut 4-5
+    for row, inner in ((10, 4), (11, 5)):
+        assert rep.layers[row].grad_norm == pytest.approx(np.linalg.norm(g[inner]["weight"]), rel=1e-10)
+
+
 def test_a_resnet_with_a_shortcut_saves_and_loads(tmp_path):
     _, net = _imported("float64")
     x = _images("float64", (2, 3, 8, 8), seed=5)
@@ -255,3 +267,42 @@ def test_torchvision_resnet18_imports_whole_and_matches_torch():
                                atol=1e-10 * np.abs(want).max())
     # B = 1: the sample's own gradient is the batch gradient
     np.testing.assert_allclose(net.per_sample_grad_norms(x.numpy(), t.numpy()), [np.linalg.norm(want)], rtol=1e-10)
+
+
+def test_a_projection_shortcut_acts_per_token_on_token_batches():
+    """``(B, T, 3)``: ``LayerNorm(P x + 0.5·f(x))`` per token, against torch.func."""
+    rng = np.random.default_rng(1)
+    W1, W2, P, W3 = (rng.standard_normal(s) / 2 for s in ((3, 5), (5, 4), (3, 4), (4, 2)))
+    net = jg.Sequential([L.Residual([L.Dense(W1, None, "tanh"), L.Dense(W2, None)], scale=0.5,
+                                    shortcut=[L.Dense(P, None)]), L.LayerNorm(np.ones(4)), L.Dense(W3, None)])
+    x, t = rng.standard_normal((4, 6, 3)), rng.standard_normal((4, 6, 2))
+    assert net.takes_tokens
+    sizes = [(3, 5), (5,), (5, 4), (4,), (3, 4), (4,), (4,), (4,), (4, 2), (2,)]
+
+    def f(theta, xi):
+        parts, at = [], 0
+        for s in sizes:
+            n = int(np.prod(s))
+            parts.append(theta[at:at + n].reshape(s))
+            at += n
+        w1, c1, w2, c2, p, pc, gamma, beta, w3, c3 = parts
+        h = xi @ p + pc + 0.5 * (torch.tanh(xi @ w1 + c1) @ w2 + c2)
+        return torch.nn.functional.layer_norm(h, (4,), gamma, beta) @ w3 + c3
+
+    theta = torch.tensor(np.concatenate([a.ravel() for a in (W1, np.zeros(5), W2, np.zeros(4), P, np.zeros(4),
+                                                               np.ones(4), np.zeros(4), W3, np.zeros(2))]))
+    X, T = torch.tensor(x), torch.tensor(t)
+    np.testing.assert_allclose(net(x), torch.func.vmap(f, in_dims=(None, 0))(theta, X).numpy(), rtol=1e-12, atol=1e-14)
+    g = torch.func.vmap(torch.func.grad(lambda th, xi, ti: ((f(th, xi) - ti) ** 2).mean()), in_dims=(None, 0, 0))(
+        theta, X, T).numpy()
+    for method in ("auto", "gram", "instantiate"):
+        np.testing.assert_allclose(net.per_sample_grad_norms(x, t, method=method), np.linalg.norm(g, axis=1),
+                                   rtol=1e-10)
+    np.testing.assert_allclose(net.per_sample_grads(x, t).flat, g, rtol=1e-10, atol=1e-13)
+    J = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(theta, X).numpy().reshape(4, 12, -1)
+    K = np.einsum("iop,jqp->ijoq", J, J)
+    np.testing.assert_allclose(jg.ntk(net, x), K, rtol=1e-10, atol=1e-12 * np.abs(K).max())
+    G = np.einsum("iop,ioq->pq", J, J) * (2 / 12) / 4                        # mse over the 12 outputs of a sample
+    v = rng.standard_normal(theta.numel())
+    np.testing.assert_allclose(net.ggn_vp(x, v, t), G @ v, rtol=1e-10, atol=1e-12 * np.abs(G @ v).max())
+    np.testing.assert_allclose(net.ggn_diagonal(x, t).flat, np.diag(G), rtol=1e-10, atol=1e-12 * np.abs(G).max())
