@@ -139,7 +139,8 @@ class TwoOutputs(nn.Module):
 
 
 class TwoBranches(nn.Module):
-    """x + f(x) + g(x): g reads x, not x + f(x): not a chain of residual blocks."""
+    """x + f(x) + g(x): g reads x, not x + f(x): a residual block with g as its projection shortcut
+    around the block x + f(x)."""
 
     def __init__(self):
         super().__init__()
@@ -376,10 +377,31 @@ def test_two_outputs_are_refused():
         jg.from_torch(TwoOutputs(), torch.randn(3, 4))
 
 
+class CrossedBranches(nn.Module):
+    """y + g(x) + h(y), y = tanh(f(x)): g reads x past y, h reads y: no chain of residual blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = torch.tanh(self.f(x))
+        return y + self.g(x) + self.h(y)
+
+
+def test_two_branches_from_one_value_are_a_block_with_a_projection_shortcut():
+    model = _model(TwoBranches, torch.float64)
+    x = np.random.default_rng(0).standard_normal((5, 4))
+    net = jg.from_torch(model, torch.as_tensor(x))
+    (block,) = net.layers
+    assert [L.kind for L in block.branch] == ["residual"] and [L.kind for L in block.shortcut] == ["dense"]
+    _check_against_torch(model, net, x, 1e-10)
+
+
 def test_a_graph_that_is_not_a_chain_is_refused_by_from_torch_and_explained():
-    with pytest.raises(TypeError, match=r"neither of which is computed from the other.*no general DAG"):
-        jg.from_torch(TwoBranches(), torch.randn(3, 4))
-    out = jg.explain(TwoBranches(), torch.randn(3, 4), file=False)
+    with pytest.raises(TypeError, match=r"the walk back from the output reached .*no general DAG"):
+        jg.from_torch(CrossedBranches(), torch.randn(3, 4))
+    out = jg.explain(CrossedBranches(), torch.randn(3, 4), file=False)
     assert not out.unsupported and "no general DAG" in out.problem and not out.network
 
 

@@ -1,8 +1,8 @@
 """jg.from_torch / jg.explain on convolutional models by graph capture: convolutions, pools, eval
 batch norm, a mean over H, W and a flatten, read from the ATen graph and checked against torch
 itself (forward, every parameter gradient by autograd, per-sample gradient norms and the NTK by
-torch.func) at 1e-10 in float64 and 1e-4 in float32; and the refusals (a residual join around
-convolutions, train-mode batch norm, pool options without a layer). torch.export is slow: the zoo is small."""
+torch.func) at 1e-10 in float64 and 1e-4 in float32 (a residual join around a convolution too); and
+the refusals (train-mode batch norm, pool options without a layer). torch.export is slow: the zoo is small."""
 
 import numpy as np
 import pytest
@@ -140,9 +140,13 @@ def test_explain_rows_of_a_cnn_name_their_layers():
     assert {r.node: r.op for r in out.rows}["conv2d_1"] == "conv2d"
 
 
-def test_a_residual_join_around_convolutions_is_refused_in_one_error():
-    with pytest.raises(TypeError, match=r"residual join .* around convolutional layers.*\(B, n\) layers only"):
-        jg.from_torch(ConvResidual(), torch.randn(2, 2, 4, 4))
+def test_a_residual_join_around_a_convolution_is_a_residual_block():
+    """x + relu(conv(x)) on images (it was refused before residual blocks took images)."""
+    model = _model(ConvResidual, torch.float64)
+    x = _images(torch.float64, (3, 2, 4, 4), seed=4)
+    net = jg.from_torch(model, torch.as_tensor(x))
+    assert [L.kind for L in net.layers] == ["residual", "flatten", "dense"] and net.layers[0].shortcut is None
+    _check_against_torch(model, net, x, 1e-10)
 
 
 def test_train_mode_batch_norm_and_pool_options_without_a_layer_are_all_listed():

@@ -316,7 +316,8 @@ def _flat_factor(J, k: int, mixed: bool = False):
         return FlatTokens(J)
     inner = getattr(J, "inner", None)
     if isinstance(inner, Chain) and inner.tokens is not None:
-        return type(J)(inner.flat_tokens(), J.scale)  # a residual block: I + s·J_inner on the flat rows
+        short = getattr(J, "shortcut", None)  # a residual block: J_p + s·J_inner on the flat rows
+        return type(J)(inner.flat_tokens(), J.scale, None if short is None else short.flat_tokens())
     if mixed:
         return J
     raise ValueError(f"factor {k} ({J!r}) does not act per token, but the chain's others do: a token chain "
@@ -328,5 +329,7 @@ def _leaf_factors(factors):
         inner = getattr(J, "inner", None)
         if isinstance(inner, Chain):
             yield from _leaf_factors(inner.factors)
+            if getattr(J, "shortcut", None) is not None:
+                yield from _leaf_factors(J.shortcut.factors)
         else:
             yield J

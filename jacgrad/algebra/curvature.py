@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .per_sample import has_leaves, inner_factors, n_leaves, output_partials
+from .per_sample import has_leaves, inner_factors, n_leaves, output_partials, shortcut_factors
 
 __all__ = ["accumulate_leaf_diagonal", "leaf_parameter_jvp"]
 
@@ -37,7 +37,7 @@ def leaf_parameter_jvp(factors: Sequence[Any], pairs: Sequence[Any], dirs: Seque
 
         dense     ż ← d ⊙ (ż @ W + a @ vW + vb)
         norm      ż ← J ż + x̂ ⊙ vγ (+ vβ)
-        residual  ż ← ż + s · (the inner leaves' tangent of ż)
+        residual  ż ← ż + s · (the inner leaves' tangent of ż)   (with a shortcut p: p's tangent of ż, not ż)
         no leaf   ż ← J ż"""
     t, k = _tangent(factors, None, pairs, dirs, 0)
     return t
@@ -50,6 +50,9 @@ def _tangent(factors, t, pairs, dirs, k):
         if inner is not None:
             inside, k = _tangent(inner, t, pairs, dirs, k)
             inside *= J.scale
+            short = shortcut_factors(J)
+            if short is not None:
+                t, k = _tangent(short, t, pairs, dirs, k)
             t = inside if t is None else inside + t
             continue
         if not has_leaves(J):

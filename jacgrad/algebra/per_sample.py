@@ -6,7 +6,8 @@ parameters act, with a token axis (``A_i: (T, p)``, ``Δ_i: (T, d)``; T = 1 is `
 
 - a dense weight ``h = a W + b`` per token: ``∇_W ℓ_i = A_iᵀ Δ_i``, ``∇_b ℓ_i = Σ_t Δ_i,t``;
 - a normalisation ``y = γ ⊙ x̂ + β`` per token: ``∇_γ ℓ_i = Σ_t x̂_i,t ⊙ g_i,t``, ``∇_β ℓ_i = Σ_t g_i,t``;
-- a container (a residual block ``z + s·f(z)``) holds its inner layers' leaves and adds none.
+- a container (a residual block ``z + s·f(z)``, or ``p(z) + s·f(z)`` with a projection shortcut)
+  holds its inner layers' leaves (the branch's, then the shortcut's) and adds none.
 
 Since every jacgrad loss is the mean of per-sample losses, ``δ_i = B · (∂L/∂h)[i]``: the
 cotangents of ONE ordinary reverse sweep, times B. Squared norms then cost row norms and no
@@ -17,7 +18,7 @@ BatchL2Grad reads the same identities off a layer's input and output gradient).
 Gauss–Newton diagonal: cotangent rows ``V_i: (R, *out)`` per sample pulled back through the
 factors of a ``Chain`` to every leaf. It reads a factor only through its split at the parameters
 (``param_vjp_stack``: the cotangent at the leaf and at the input), ``vjp_stack`` (a factor without
-parameters) or its ``inner`` chain (a container); it names no factor type.
+parameters) or its ``inner`` and ``shortcut`` chains (a container); it names no factor type.
 
 This module knows nothing of ``MLP`` or ``Sequential``: it takes factors, arrays and callables.
 """
@@ -34,7 +35,7 @@ from ..core.validation import check_max_memory as _check_max_memory
 from ..core.backend import dot_along, get_xp
 
 __all__ = ["check_budget", "check_direction", "check_max_memory", "chunk_rows", "grad_sq_norms", "has_leaves", "inner_factors", "n_leaves",
-           "leaf_factors", "output_partials", "param_views"]
+           "leaf_factors", "output_partials", "param_views", "shortcut_factors"]
 
 GIB = 1 << 30
 
@@ -44,6 +45,18 @@ def inner_factors(J):
     ``inner`` chain and a ``scale``), else None."""
     inner = getattr(J, "inner", None)
     return inner.factors if inner is not None and hasattr(J, "scale") and hasattr(inner, "factors") else None
+
+
+def shortcut_factors(J):
+    """The factors of a container factor's projection shortcut (``p`` of ``p(z) + s·f(z)``: its
+    ``shortcut`` chain), or None: the identity (no shortcut, or not a container)."""
+    short = getattr(J, "shortcut", None) if inner_factors(J) is not None else None
+    return None if short is None else short.factors
+
+
+def container_factors(J) -> list:
+    """Every inner factor of a container factor in parameter order: the branch's, then the shortcut's."""
+    return list(inner_factors(J)) + list(shortcut_factors(J) or ())
 
 
 def has_leaves(J) -> bool:
@@ -59,7 +72,7 @@ def leaf_factors(factors: Sequence[Any]) -> list:
     for J in factors:
         inner = inner_factors(J)
         if inner is not None:
-            out += leaf_factors(inner)
+            out += leaf_factors(container_factors(J))
         elif has_leaves(J):
             out += [J] * n_leaves(J)
     return out
@@ -151,7 +164,8 @@ def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
     ``factors``: the network's per-sample factors, input → output (``leaf_factors`` numbers the
     leaves); ``V: (B, R, n_out)`` cotangent rows per sample (overwritten). Dense: ``G = A ⊙ d``,
     then ``A ← G Wᵀ`` (one GEMM for all rows); norm: ``G = A``, then ``A ← Jᵀ A``; a residual block
-    sends ``s·A`` through its inner leaves and hands on ``A + Jᵢₙₙₑᵣᵀ(s·A)``. Every ``G_k`` is an
+    sends ``s·A`` through its inner leaves and hands on ``A + Jᵢₙₙₑᵣᵀ(s·A)`` (with a shortcut, ``A``
+    through the shortcut's leaves too, and ``J_pᵀA + Jᵢₙₙₑᵣᵀ(s·A)``). Every ``G_k`` is an
     array of its own that later steps do not overwrite (the last leaf's may be ``V``'s buffer);
     memory ``O(B·R·max H)`` besides what the caller keeps. With ``V`` = the identity, ``G_k`` are
     the partial Jacobians ∂y/∂h_k."""
@@ -161,14 +175,19 @@ def output_partials(factors: Sequence[Any], V) -> Iterator[tuple[int, Any]]:
 def _sweep(factors, A, k: int, need_input: bool):
     """``output_partials`` of ``factors`` whose leaves end at number ``k``; returns the cotangent
     at their input when ``need_input`` (else None). Every factor is read through its split at the
-    parameters (``param_vjp_stack``), its ``vjp_stack`` (no parameters) or its ``inner`` chain."""
+    parameters (``param_vjp_stack``), its ``vjp_stack`` (no parameters) or its ``inner`` chain
+    (and ``shortcut`` chain: its leaves are numbered after the branch's; the branch is swept first,
+    on ``s·A``, as the shortcut's sweep may overwrite ``A``)."""
     for i in range(len(factors) - 1, -1, -1):
         J, more = factors[i], bool(i) or need_input
         inner = inner_factors(J)
         if inner is not None:
-            n = len(leaf_factors(inner))
-            inside = yield from _sweep(inner, A * J.scale, k, more)
-            k -= n
+            short = shortcut_factors(J)
+            n_short = 0 if short is None else len(leaf_factors(short))
+            inside = yield from _sweep(inner, A * J.scale, k - n_short, more)
+            if short is not None:
+                A = yield from _sweep(short, A, k, more)
+            k -= n_short + len(leaf_factors(inner))
             A = A + inside if more else None
             continue
         if not has_leaves(J):

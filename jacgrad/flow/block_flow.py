@@ -210,8 +210,11 @@ def _finish_rows(p: dict) -> list[BlockFlow]:
 
 
 def _inner(layer) -> list[str]:
-    """What a residual block holds: its inner layers' kinds (``dense:tanh``, ``layernorm``)."""
-    return [f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind for L in getattr(layer, "layers", ())]
+    """What a residual block holds: its inner layers' kinds (``dense:tanh``, ``layernorm``); a
+    projection shortcut's layers after them, marked ``shortcut>conv2d``."""
+    name = lambda L: f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind  # noqa: E731
+    branch, short = getattr(layer, "branch", getattr(layer, "layers", ())), getattr(layer, "shortcut", None) or ()
+    return [name(L) for L in branch] + [f"shortcut>{name(L)}" for L in short]
 
 
 def _dense_layers(layers) -> list:

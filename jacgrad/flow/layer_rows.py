@@ -13,6 +13,7 @@ import numpy as np
 
 from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
 from .token_flow import token_rows
+from ..algebra.per_sample import container_factors
 from ..algebra.token_factor import FlatTokens, TokenFactor
 from ..core.backend import to_numpy
 from ..nn.layers import Dense, Residual
@@ -49,7 +50,7 @@ def _leaves(layers, factors, grads, deltas):
     opened, in parameter order; δ = ∂L/∂h of a top-level Dense (an inner layer's is not kept)."""
     for L, F, gr, d in zip(layers, factors, grads, deltas):
         if isinstance(L, Residual):
-            yield from _leaves(L.layers, F.inner.factors, gr, [None] * len(L.layers))
+            yield from _leaves(L.layers, container_factors(F), gr, [None] * len(L.layers))
         elif L.params:
             yield L, F, gr, d if isinstance(L, Dense) else None
 

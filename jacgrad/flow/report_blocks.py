@@ -89,13 +89,15 @@ def block_hints(report) -> list[str]:
 def _block_what(b) -> str:
     if b.kind != "residual":
         return b.kind
+    short = [n.split(">", 1)[1].split(":")[-1] for n in b.inner if n.startswith("shortcut>")]
+    skip = f"[{','.join(short)}](x)" if short else "x"  # a projection shortcut p(x) + s·f(x)
     runs: list[list] = []
-    for name in (n.split(":")[-1] for n in b.inner):  # dense:tanh -> tanh; runs of one name -> tanh×2
+    for name in (n.split(":")[-1] for n in b.inner if not n.startswith("shortcut>")):  # dense:tanh -> tanh; tanh×2
         if runs and runs[-1][0] == name:
             runs[-1][1] += 1
         else:
             runs.append([name, 1])
-    return f"x+{b.scale:g}·[{','.join(n if k == 1 else f'{n}×{k}' for n, k in runs)}]"
+    return f"{skip}+{b.scale:g}·[{','.join(n if k == 1 else f'{n}×{k}' for n, k in runs)}]"
 
 
 def block_text(report) -> str:

@@ -17,7 +17,7 @@ from ..nn import layers as _layers  # noqa: F401  (registers the built-in kinds)
 from ..protocol.layer import layer_class, layer_kinds, stored_names
 from .state_keys import strip_prefix
 
-__all__ = ["dense_layers", "plan"]
+__all__ = ["dense_layers", "inner_specs", "plan"]
 
 _N = r"(?:0|[1-9]\d*)"  # one spelling per number: W1 and W01 never both name layer 1
 _JACGRAD_KEY = re.compile(rf"^([Wb])({_N})$")
@@ -52,6 +52,16 @@ _FIELDS = _ByKind("spec_fields")  # a layer's spec fields and their JSON types, 
 MAX_DEPTH = 32
 
 
+def _optional(kind) -> dict:
+    """The spec fields a layer of ``kind`` may leave out (``optional_spec_fields``: a residual
+    block's ``shortcut``), with their JSON types."""
+    return getattr(layer_class(kind), "optional_spec_fields", {})
+
+
+def inner_specs(s: dict) -> list:
+    """A container's inner layer specs in parameter order (its ``layers``, then its ``shortcut``'s):
+    the inner layers are numbered in this order in the file's keys (``2.3.weight``)."""
+    return list(s["layers"]) + list(s.get("shortcut") or [])
 def plan(c, suffix):
     """``(spec, sources, names, missing)``: the layer list, canonical key -> ``(file key,
     transposed)`` (None: a bias left out), the file's own activation names (None: it has none)
@@ -182,21 +192,24 @@ def _check_spec(spec, prefix, depth):
         if not isinstance(kind, str) or kind not in _FIELDS:
             text = quote(kind) if isinstance(s, dict) else f"{type(s).__name__} {quote(json.dumps(s))}"
             raise NetworkFileKeyError(f"{where}: unknown layer kind {text}; valid: {', '.join(_FIELDS)}")
-        fields = _FIELDS[kind]
-        if set(s) != {"kind", *fields}:
+        fields, optional = _FIELDS[kind], _optional(kind)
+        if not {"kind", *fields} <= set(s) <= {"kind", *fields, *optional}:
+            more = f" (and optionally {', '.join(optional)})" if optional else ""
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
-                      f"{', '.join(['kind', *fields])}")
-        for name, types in fields.items():
-            if not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool):
+                      f"{', '.join(['kind', *fields])}{more}")
+        for name, types in {**fields, **optional}.items():
+            if name in s and (not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool)):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
-        if "layers" in fields:  # a container: its inner layer list
+        if "layers" in fields:  # a container: its inner layer lists
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)
+            if "shortcut" in s:
+                _check_spec(s["shortcut"], f"{prefix}{j}.", depth + 1)
 
 
 def _param_keys(spec, prefix):
     for j, s in enumerate(spec):
         if "layers" in s:
-            yield from _param_keys(s["layers"], f"{prefix}{j}.")
+            yield from _param_keys(inner_specs(s), f"{prefix}{j}.")
         else:
             names = stored_names(layer_class(s["kind"]), s)
             yield from ((f"{prefix}{j}.{name}", s["kind"]) for name in names)
@@ -205,6 +218,6 @@ def _param_keys(spec, prefix):
 def dense_layers(spec):
     for s in spec:
         if "layers" in s:
-            yield from dense_layers(s["layers"])
+            yield from dense_layers(inner_specs(s))
         elif s["kind"] == "dense":
             yield s

@@ -39,7 +39,7 @@ import os
 import numpy as np
 
 from ..elementwise import activations as _activations
-from .file_layouts import PARAMS, dense_layers, plan
+from .file_layouts import PARAMS, dense_layers, inner_specs, plan
 from .file_readers import read_npz, read_safetensors, read_torch
 from .file_safety import NetworkFileError as Bad
 from .file_safety import NetworkFileKeyError, atomic_write, checked_suffix, open_regular, quote
@@ -210,13 +210,19 @@ def _set_activations(spec, names, given, replace, missing):
             raise Bad(f"activation {j}: {exc}") from None
 
 
-def _check_shapes(spec, declared, prefix, width):
+def _check_shapes(spec, declared, prefix, width, first: int = 0):
     """Every declared shape against the layers' widths, before any array is read; the width out.
-    A layer's own shapes are checked by its class (``file_widths``, through the registry)."""
+    A layer's own shapes are checked by its class (``file_widths``, through the registry).
+    ``first``: the number of the first layer (a residual block's shortcut continues its inner layers')."""
     before = "the input"
-    for j, s in enumerate(spec):
+    for j, s in enumerate(spec, first):
         where, kind = f"{prefix}{j}", s["kind"]
-        if "layers" in s:  # a container (a residual block): H -> H through its inner layers
+        if "layers" in s and "shortcut" in s:  # a residual block p(z) + s·f(z): both H -> H'
+            out = _check_shapes(s["layers"], declared, f"{where}.", width)
+            short = _check_shapes(s["shortcut"], declared, f"{where}.", width, len(s["layers"]))
+            if None not in (out, short) and out != short:
+                raise Bad(f"layer {where}: its inner layers output {out} features but its shortcut {short}")
+        elif "layers" in s:  # a container (a residual block): H -> H through its inner layers
             out = _check_shapes(s["layers"], declared, f"{where}.", width)
             if width is not None and out != width:
                 raise Bad(f"layer {where}: its inner layers map {width} -> {out} features; a residual block needs H -> H")
@@ -263,7 +269,7 @@ def _build(spec, prefix, arrays) -> list:
         key, kind = f"{prefix}{j}", s["kind"]
         try:
             cls = layer_class(kind)
-            inner = _build(s["layers"], f"{key}.", arrays) if "layers" in s else None
+            inner = _build(inner_specs(s), f"{key}.", arrays) if "layers" in s else None
             out.append(cls.from_spec(s, {n: arrays[f"{key}.{n}"] for n in stored_names(cls, s)}, inner))
         except (KeyError, ValueError, TypeError) as exc:
             msg = exc.args[0] if exc.args else str(exc)

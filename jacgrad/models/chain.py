@@ -13,13 +13,15 @@ from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ..conv.layers import Conv1d, Conv2d
 from ..conv.pools import Flatten
 from ..tokens.attention import MultiHeadAttention
+from ..conv.prelu import PReLU
 from .explain import unsupported_error
 from .ops_tokens import TOKEN_LAYERS
 
 __all__ = ["build_layers"]
 
-_NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s·f(x); concatenated skips, a "
-                "value used by two branches and several outputs are not supported (no general DAG of factors)")
+_NOT_A_CHAIN = ("jacgrad networks are chains of layers and residual blocks x + s·f(x) or p(x) + s·f(x); "
+                "concatenated skips, a value used by two branches that do not join in one add, and several outputs "
+                "are not supported (no general DAG of factors)")
 
 
 def build_layers(cap, copy: bool, dtype) -> None:
@@ -59,7 +61,7 @@ def build_layers(cap, copy: bool, dtype) -> None:
             raise TypeError(f"{cap.name}: the example input is a token batch (B, {', '.join(map(str, cap.in_shape))}) "
                             f"but {other[0]!r} does not act per token: a token axis flattened away is not supported")
         cap.in_shape = None  # a token batch (B, T, d): the layers act per token
-    if cap.in_shape is not None and not type(cap.layers[0]).__module__.startswith("jacgrad.conv"):
+    if cap.in_shape is not None and not _takes_images(cap.layers[0]):
         shape = ", ".join(map(str, cap.in_shape))
         raise TypeError(f"{cap.name}: the example input is (B, {shape}) but the first layer "
                         f"is {cap.layers[0]!r}: jacgrad takes (B, n) inputs, or images into a convolution, pool, "
@@ -103,6 +105,7 @@ class _Walk:
     def __init__(self, cap):
         self.cap, self.visited, self.skips = cap, set(), {}
         self.ancestors: dict = {}
+        self.order = {n: i for i, n in enumerate(cap.graph.nodes)}
         for n in cap.graph.nodes:
             if n in cap.data:
                 up = set()
@@ -113,7 +116,7 @@ class _Walk:
 
     def sequence(self, end, start) -> list:
         """Items from ``start`` (exclusive) to ``end`` in forward order: ``(node, piece)`` or
-        ``("residual", join, scale nodes, scale, inner items)``."""
+        ``("residual", join, scale nodes, scale, inner items, shortcut items or None)``."""
         cap, items, n = self.cap, [], end
         while n is not start:
             if n.op != "call_function":
@@ -129,13 +132,17 @@ class _Walk:
                 n = piece.data[0]
                 continue
             (a, b), alpha = piece.data, piece.info["alpha"]
+            short = None
             if b is not a and b in self.ancestors[a]:
                 skip, branch, scale = b, a, 1.0 if alpha == 1.0 else None
             elif a in self.ancestors[b]:
                 skip, branch, scale = a, b, alpha
-            else:
-                raise TypeError(f"{cap.name}: node {_place(cap, n)} adds two values neither of which is computed from "
-                                f"the other; {_NOT_A_CHAIN}")
+            else:  # two branches from one value: a projection shortcut p(x) + s·f(x) (a ResNet's downsample)
+                skip = self._fork(a, b)
+                if skip is None:
+                    raise TypeError(f"{cap.name}: node {_place(cap, n)} adds two values that are not computed from "
+                                    f"one value; {_NOT_A_CHAIN}")
+                branch, short, scale = self._branch_and_shortcut(a, b, alpha)
             if scale is None:
                 raise TypeError(f"{cap.name}: node {_place(cap, n)} scales the skip, not the branch "
                                 f"(f(x) − x or f(x) + c·x); jacgrad's Residual is x + s·f(x)")
@@ -148,9 +155,25 @@ class _Walk:
             if branch is skip:
                 raise TypeError(f"{cap.name}: node {_place(cap, n)} adds a value to a multiple of itself: no layer")
             self.skips[skip] = self.skips.get(skip, 0) + 1
-            items.append(("residual", n, scales, scale, self.sequence(branch, skip)))
+            shortcut = None if short is None else self.sequence(short, skip)
+            items.append(("residual", n, scales, scale, self.sequence(branch, skip), shortcut))
             n = skip
         return items[::-1]
+
+    def _fork(self, a, b):
+        """The latest value both ``a`` and ``b`` are computed from (None: none)."""
+        common = (self.ancestors[a] | {a}) & (self.ancestors[b] | {b})
+        return max(common, key=self.order.__getitem__) if common else None
+
+    def _branch_and_shortcut(self, a, b, alpha: float):
+        """``(branch, shortcut, scale)`` of ``a + alpha·b`` from one fork: the scaled operand is the branch
+        (``alpha`` ≠ 1, or a multiplication by a constant at its end); else the longer one."""
+        if alpha != 1.0:
+            return b, a, alpha
+        scaled = [x for x in (a, b) if self.cap.pieces.get(x) is not None and self.cap.pieces[x].kind == "scale"]
+        if len(scaled) == 1:
+            return scaled[0], (b if scaled[0] is a else a), 1.0
+        return (a, b, 1.0) if len(self.ancestors[a]) >= len(self.ancestors[b]) else (b, a, 1.0)
 
     def check_covered(self, start, end) -> None:
         """Every node computed from the input is on the chain, and each is read only by the chain."""
@@ -173,8 +196,9 @@ def _specs(items, problems: list) -> list:
     specs: list = []
     for item in items:
         if item[0] == "residual":
-            _, join, scales, scale, inner = item
-            specs.append(("residual", join, scales, scale, _specs(inner, problems)))
+            _, join, scales, scale, inner, short = item
+            specs.append(("residual", join, scales, scale, _specs(inner, problems),
+                          None if short is None else _specs(short, problems)))
             continue
         node, piece = item
         last = specs[-1] if specs and isinstance(specs[-1], dict) else None
@@ -188,6 +212,8 @@ def _specs(items, problems: list) -> list:
                 and last["act"] is None:
             last["params"].update(piece.params)
             last["nodes"].append(node)
+        elif piece.kind == "prelu":
+            specs.append({"kind": "prelu", "params": dict(piece.params), "nodes": [node]})
         elif piece.kind in ("conv", "batchnorm"):
             specs.append({"kind": piece.kind, "params": dict(piece.params), "info": piece.info, "act": None,
                           "nodes": [node]})
@@ -216,35 +242,52 @@ def _specs(items, problems: list) -> list:
     return specs
 
 
-def _layers(cap, specs, prefix: str, conv) -> list:
-    """The jacgrad layers of ``specs``, labelling their nodes' rows with the layer each became."""
+def _layers(cap, specs, prefix: str, conv, first: int = 0) -> list:
+    """The jacgrad layers of ``specs``, labelling their nodes' rows with the layer each became
+    (numbered from ``first``: a shortcut's continue its block's inner layers')."""
     out = []
     for spec in specs:
-        at = f"layer {prefix}{len(out)}"
+        at = f"layer {prefix}{first + len(out)}"
         if isinstance(spec, tuple):
-            _, join, scales, scale, inner = spec
+            _, join, scales, scale, inner, short = spec
             inner_layers = _layers(cap, inner, f"{prefix}{len(out)}.", conv)
-            if any(type(L).__module__.startswith("jacgrad.conv") for L in inner_layers):
-                raise TypeError(f"{cap.name}: the residual join {_place(cap, join)} is around convolutional layers: "
-                                f"jacgrad's Residual takes (B, n) layers only, not images (a ResNet block is not "
-                                f"supported yet)")
-            layer = Residual(inner_layers, scale)
+            if short is not None and not short:
+                raise TypeError(f"{cap.name}: the residual join {_place(cap, join)} has a shortcut of no layers")
+            short_layers = None if short is None else _layers(cap, short, f"{prefix}{len(out)}.", conv,
+                                                               first=len(inner_layers))
+            layer = Residual(inner_layers, scale, short_layers)
+            what = "" if short is None else ", projection shortcut"
             for n in [join] + scales:
-                cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
+                role = " (its join)" if n is join else " (its scale)"
+                cap.labels[n] = f"{at}: Residual(scale={scale:g}{what}){role}"
         else:
-            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
+            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",), "prelu": ("weight",),
                      "activation": (), "pool": (), "flatten": (), "attention": MultiHeadAttention.names,
                      "transpose_tokens": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
                 roles = tuple(spec["params"])
             spec.update(cap=cap, at=at)
             arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}
-            layer = Activation(spec["act"], cap.shape(spec["nodes"][0])[-1]) if spec["kind"] == "activation" \
-                else _make(spec, arrays, conv)
+            layer = _activation(cap, spec) if spec["kind"] == "activation" else _make(spec, arrays, conv)
             for n in spec["nodes"]:
                 cap.labels[n] = f"{at}: {layer!r}"
         out.append(layer)
     return out
+
+
+def _activation(cap, spec) -> Activation:
+    """An activation layer of its own: on ``(B, n)`` (or tokens) its width, on images its ``(C, H, W)``."""
+    shape = cap.shape(spec["nodes"][0])
+    if len(shape) > 2 and cap.in_shape is not None:
+        return Activation(spec["act"], in_shape=shape[1:])
+    return Activation(spec["act"], shape[-1])
+
+
+def _takes_images(L) -> bool:
+    """Whether the layer ``L`` takes the images ``(B, C, …)`` of an image input."""
+    if getattr(L, "branch", None) is not None:
+        return _takes_images(L.branch[0])
+    return type(L).__module__.startswith("jacgrad.conv") or len(tuple(getattr(L, "in_shape", None) or ())) > 1
 
 
 def _array(cap, conv, param, what: str):
@@ -281,6 +324,8 @@ def _make(spec: dict, a: dict, conv):
         return spec["make"]()
     if kind == "layer":
         return spec["make"](a)
+    if kind == "prelu":
+        return PReLU(a["weight"])
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":

@@ -12,7 +12,12 @@ walked back from the output into a chain of jacgrad layers:
   ``Activation`` layer of its own;
 - an ``add`` whose one operand is computed from the other, ``x + s·f(x)`` (``s`` from a
   multiplication or division by a constant at the branch's end, or ``add``'s ``alpha``; ``x − f(x)``
-  is ``s = −1``): a ``Residual`` around the layers of ``f``.
+  is ``s = −1``): a ``Residual`` around the layers of ``f``;
+- an ``add`` of two branches from one value, ``p(x) + s·f(x)`` (a ResNet block's downsample: a
+  strided 1×1 convolution and a batch norm): a ``Residual`` with the ``shortcut`` layers of ``p``
+  (the scaled operand, else the longer one, is the branch ``f``). Around convolutions too: a
+  torchvision ``BasicBlock`` (conv-BN-ReLU-conv-BN, + downsample) → add → ReLU is a ``Residual``
+  and an image ``Activation``.
 
 Refused, each with its node, op, module and source line: ops without a layer (all of them in one
 ``TypeError``; ``jg.explain`` shows the same verdicts as a table); graphs that are not a chain
@@ -24,10 +29,10 @@ its gradient summed over the uses, P counting it once). Inputs and outputs are `
 convolution, pool, eval BatchNorm or Flatten (``convolution``, ``max_pool2d``, ``avg_pool2d``,
 ``adaptive_avg_pool2d(1)``, a mean over H, W, ``batch_norm``, a flatten to ``(B, C·H·W)``; an activation
 after a convolution or BatchNorm fuses into it; the network's ``in_shape`` is the example's ``(C, H, W)``);
-a residual join around convolutions is refused. Token models (``jacgrad.models.token_graph``): integer
-inputs ``(B, T)`` into an ``embedding`` (an ``Embedding``), ``(B, T, d)`` values through per-token layers,
-every attention block read whole as one ``MultiHeadAttention``, a transpose ``(B, T, d) -> (B, d, T)`` as
-``TransposeTokens``, outputs ``(B, T, n_out)``.
+a residual join around convolutions, with an identity or a projection shortcut, is a ``Residual``. Token models
+(``jacgrad.models.token_graph``): integer inputs ``(B, T)`` into an ``embedding`` (an ``Embedding``), ``(B, T, d)``
+values through per-token layers, every attention block read whole as one ``MultiHeadAttention``, a transpose
+``(B, T, d) -> (B, d, T)`` as ``TransposeTokens``, outputs ``(B, T, n_out)``.
 A model torch cannot trace gets torch's own reason in one line (``RuntimeError``).
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
@@ -189,7 +194,7 @@ def _label(piece: Piece) -> str:
             "scale": "the scale of a residual branch", "conv": f"Conv{piece.info.get('dims')}d",
             "pool": "a pooling layer", "batchnorm": "BatchNorm (eval)", "flatten": "Flatten",
             "embedding": "Embedding", "attention": "MultiHeadAttention", "posemb": "PositionalEmbedding",
-            "transpose_tokens": "TransposeTokens"}[piece.kind]
+            "transpose_tokens": "TransposeTokens", "prelu": "PReLU"}[piece.kind]
 
 
 def capture(model, example_inputs, copy: bool = True, dtype=None, build: bool = True) -> Capture:

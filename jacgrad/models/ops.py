@@ -194,6 +194,14 @@ def _norm(kind: str) -> Callable:
     return read
 
 
+def _prelu(a: dict, ctx) -> Piece:
+    x = a["input"] if "input" in a else a["self"]
+    W = ctx.param(a["weight"])
+    if W is None or W[1]:
+        return _unsupported("a prelu whose slopes are computed, not a parameter of the model")
+    return Piece("prelu", (x,), params={"weight": W})
+
+
 def _structural(a: dict, ctx) -> Piece:
     x = a["input"] if "input" in a else a["self"]
     before, after = ctx.shape(x), ctx.shape(ctx.node)
@@ -264,6 +272,8 @@ OPS: dict[str, tuple[str, Callable]] = {
     "hardswish": ("activation hard_swish", _act("hard_swish")),
     "hardsigmoid": ("activation hard_sigmoid", _act("hard_sigmoid")),
     "log_sigmoid": ("activation log_sigmoid", _act("log_sigmoid")),
+    "prelu": ("PReLU (one slope, or one per channel): a layer with its slope parameter", _prelu),
+    "_prelu_kernel": ("PReLU", _prelu),
     "view": ("structural (a no-op reshape of (B, n)); Flatten from an image (B, C, H, W) to (B, C·H·W)",
              _structural),
     "reshape": ("structural (a no-op reshape of (B, n))", _structural),

@@ -16,7 +16,8 @@ class Piece:
     where ``transposed`` says the torch tensor is ``Wᵀ``), ``"bias"`` (a parameter added after
     a bias-free matmul), ``"act"`` (``info["name"]``), ``"layernorm"``/``"rmsnorm"``
     (``params`` gamma/beta, ``info["eps"]``), ``"add"`` (two data operands and ``info["alpha"]``:
-    a residual join), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
+    a residual join, or two branches from one value joining: a projection shortcut), ``"prelu"``
+    (``params["weight"]``: its slopes), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
     (computes nothing: views, eval dropout, copies), ``"layer"`` (one layer its reader makes:
     ``info["make"](arrays by role)``, ``info["what"]`` its label; ``jacgrad.models.ops_vit``), ``"param"`` (a view of a parameter, e.g. its
     transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape

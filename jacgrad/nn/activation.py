@@ -9,6 +9,8 @@ cotangent at its output (as for the norm layers), and it adds no leaf and no gra
 
 The width ``n`` is fixed when it is made, or, left out, taken from the layer before it when a
 ``Sequential`` or a ``Residual`` chains it (``layer_protocol.chained``; a first layer needs it).
+On images, ``in_shape=(C, H, W)`` (or ``(C, L)``) makes it act on ``(B, C, H, W)`` batches (the
+ReLU after a ResNet block's join): its rows are the flattened images, ``n = C·H·W``.
 
     >>> import numpy as np
     >>> L = Activation("relu", 3)
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import numbers
 from typing import Any, Sequence
+
+import numpy as np
 
 from ..cuda import kernels
 from ..protocol.token_rows import PerToken
@@ -40,28 +44,44 @@ class Activation(PerToken):
     kind = "activation"
     names = ()
     spec_fields = {"activation": str, "width": int}
+    optional_spec_fields = {"in_shape": list}  # on images only
 
-    def __init__(self, activation: str | _Row = "relu", width: int | None = None, **params: float):
+    def __init__(self, activation: str | _Row = "relu", width: int | None = None, in_shape=None, **params: float):
         self._act = get_activation(activation, **params)
         if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
             raise ValueError(f"Activation({self._act.name!r}): width must be an int ≥ 1 or None, got {width!r}")
-        self._width = None if width is None else int(width)
+        self._width, self._image = None if width is None else int(width), None
+        if in_shape is not None:
+            shape = tuple(in_shape)
+            bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1]
+            if len(shape) < 2 or bad:
+                raise ValueError(f"Activation({self._act.name!r}): in_shape must be an image shape (C, H, W) or (C, L) "
+                                 f"of ints ≥ 1, got {in_shape!r}")
+            n = int(np.prod(shape))
+            if self._width is not None and self._width != n:
+                raise ValueError(f"Activation({self._act.name!r}): width {self._width} but in_shape {shape} "
+                                 f"has {n} entries")
+            self._width, self._image = n, tuple(int(s) for s in shape)
 
     activation = property(lambda self: self._act.name, doc="the activation's name")
     n_in = n_out = property(lambda self: self._width, doc="the width n (None until chained)")
     params = property(lambda self: [], doc="none: ``[]``")
+    in_shape = out_shape = property(lambda self: self._image or (self._width,),
+                                    doc="per sample: ``(n,)``, or the image shape it was made for")
+    per_token = property(lambda self: self._image is None, doc="True unless it acts on images")
 
     def with_width(self, n: int) -> "Activation":
         """This layer with the width ``n`` (itself when it has it already)."""
         return self if self._width == n else Activation(self._act, n)
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "activation": self._act.name, "width": self._width}
+        out = {"kind": self.kind, "activation": self._act.name, "width": self._width}
+        return out if self._image is None else dict(out, in_shape=list(self._image))
 
     @classmethod
     def from_spec(cls, spec: dict, params: dict, inner=None) -> "Activation":
-        """The layer of a file's ``spec`` (``activation``, ``width``); it has no arrays."""
-        return cls(spec["activation"], spec["width"])
+        """The layer of a file's ``spec`` (``activation``, ``width``, ``in_shape`` on images); it has no arrays."""
+        return cls(spec["activation"], spec["width"], in_shape=spec.get("in_shape"))
 
     @staticmethod
     def file_widths(where: str, shapes: dict) -> tuple:
@@ -72,17 +92,29 @@ class Activation(PerToken):
         return []
 
     def __repr__(self) -> str:
-        return f"Activation({self._act.name!r}, {self._width})"
+        return f"Activation({self._act.name!r}, {self._width if self._image is None else self._image})"
 
     def forward_shapes(self, B: Any) -> list:
-        """``[(B, n)]``: the output (``B``: an int, or ``(B, T)``)."""
+        """``[(B, n)]``: the output (``B``: an int, or ``(B, T)``); ``(B, C, H, W)`` on images."""
         self._need_width()
-        return [lead_shape(B) + (self._width,)]
+        return [lead_shape(B) + tuple(self.out_shape)]
 
     def backward_shapes(self, B: Any, input_grad: bool = True) -> list:
         """``[(B, n)]`` for ``∂L/∂h`` when ``input_grad``, else none."""
         self._need_width()
-        return [lead_shape(B) + (self._width,)] if input_grad else []
+        return [lead_shape(B) + tuple(self.in_shape)] if input_grad else []
+
+    def forward(self, z, check=None, where: Any = 0, out=None):
+        """``z: (B, n)``, ``(B, T, n)`` or, made with ``in_shape``, ``(B, *in_shape)`` -> ``φ(z)`` of its shape."""
+        if self._image is None:
+            return super().forward(z, check, where, out)
+        if getattr(z, "ndim", 0) != 1 + len(self._image) or tuple(z.shape[1:]) != self._image:
+            raise ValueError(f"Activation: the input has shape {tuple(getattr(z, 'shape', ()))} but the layer takes "
+                             f"(B, {', '.join(map(str, self._image))})")
+        B = z.shape[0]
+        bufs = _buffers(out, self.forward_shapes(B), z)
+        y, h = self._forward_rows(z.reshape(B, -1), check, where, [o.reshape(B, -1) for o in bufs])
+        return y.reshape(z.shape), h  # the state: the rows (B, C·H·W) of its input
 
     def _need_width(self) -> None:
         if self._width is None:
@@ -116,8 +148,15 @@ class Activation(PerToken):
         return gin, g
 
     def backward(self, state, g, grads, input_grad: bool = True, check=None, where: Any = 0, sq=None, out=None, **kw):
-        """See ``_backward_rows``; ``(B, T, n)`` token batches as every per-token layer (``sq``: nothing to add)."""
-        return super().backward(state, g, grads, input_grad, check, where, None, out)
+        """See ``_backward_rows``; ``(B, T, n)`` token batches as every per-token layer (``sq``: nothing to add);
+        images ``(B, *in_shape)`` on their flattened rows."""
+        if self._image is None or g.ndim == 2:
+            return super().backward(state, g, grads, input_grad, check, where, None, out)
+        B = g.shape[0]
+        bufs = _buffers(out, self.backward_shapes(B, input_grad), g)
+        gin, _ = self._backward_rows(state, g.reshape(B, -1), grads, input_grad, check, where, None,
+                                     [o.reshape(B, -1) for o in bufs])
+        return (None if gin is None else gin.reshape(g.shape)), g
 
 
 register_layer("activation", Activation)

@@ -32,6 +32,7 @@ from .residual import Residual
 from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ..conv.layers import Conv1d, Conv2d
 from ..conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
+from ..conv.prelu import PReLU
 from ..tokens.attention import MultiHeadAttention  # token layers, each in a module of its own
 from ..tokens.embedding import Embedding
 from ..tokens.transpose import TransposeTokens
@@ -40,7 +41,7 @@ from ..tokens.token_maps import ClassToken, SelectToken, TokenMean
 from ..tokens.image_tokens import ImageToTokens
 from .activation import Activation  # registered after the layers with parameters (kinds in that order)
 
-__all__ = ["Activation", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "ClassToken", "Conv1d", "Conv2d", "Dense", "Embedding", "Flatten", "ImageToTokens", "LayerNorm", "MaxPool2d", "MultiHeadAttention", "NORMS", "PerToken", "PositionalEmbedding", "RMSNorm", "Residual", "SelectToken", "TokenMean", "TokenState", "TransposeTokens", "chained", "layer_class", "layer_kinds", "leaf_layers",
+__all__ = ["Activation", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "ClassToken", "Conv1d", "Conv2d", "Dense", "Embedding", "Flatten", "ImageToTokens", "LayerNorm", "MaxPool2d", "MultiHeadAttention", "NORMS", "PReLU", "PerToken", "PositionalEmbedding", "RMSNorm", "Residual", "SelectToken", "TokenMean", "TokenState", "TransposeTokens", "chained", "layer_class", "layer_kinds", "leaf_layers",
            "make_norm", "named_params", "register_layer"]
 
 LAYER_TYPES = (Dense, LayerNorm, RMSNorm, Residual, Activation)

@@ -87,7 +87,10 @@ class Layer(Protocol):
 
     Containers
         A layer holding inner layers (``Residual``) exposes them as ``layers``; its leaves are its
-        inner layers' leaves in order, and its factor exposes ``inner`` (a ``Chain``) and ``scale``.
+        inner layers' leaves in order, and its factor exposes ``inner`` (a ``Chain``) and ``scale``,
+        and ``shortcut``: None (the identity: ``I + s·J_inner``) or the ``Chain`` of a projection
+        shortcut (``J_p + s·J_inner``), whose layers follow the branch's in ``layers``.
+        Optional: ``optional_spec_fields`` (a class attribute), spec fields a file may leave out.
     """
 
     kind: ClassVar[str]

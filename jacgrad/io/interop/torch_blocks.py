@@ -281,6 +281,9 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
             if act is not None:
                 modules.append(act)
         elif L.kind == "residual":
+            if getattr(L, "shortcut", None) is not None:
+                raise TypeError(f"layers_to_torch: {L!r} has a projection shortcut; torch_blocks.Residual is "
+                                f"x + s·f(x) only (a jg.from_torch import keeps its own torch model)")
             modules.append(Residual(layers_to_torch(L.layers, tied), L.scale))
         elif L.kind == "activation":
             modules.append(activation_module(nn, L.activation) or nn.Identity())

@@ -23,12 +23,13 @@ from torch import nn
 from ...conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ...conv.layers import Conv1d, Conv2d
 from ...conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
+from ...conv.prelu import PReLU
 
 __all__ = ["IMAGE_MODULES", "conv_layer", "with_activation"]
 
 IMAGE_MODULES = ("nn.Conv1d", "nn.Conv2d", "nn.AvgPool2d", "nn.MaxPool2d", "nn.AdaptiveAvgPool2d(1)",
-                 "nn.BatchNorm1d (eval)", "nn.BatchNorm2d (eval)", "nn.Flatten")
-_IMAGE_LAYERS = (Conv1d, Conv2d, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d)
+                 "nn.BatchNorm1d (eval)", "nn.BatchNorm2d (eval)", "nn.Flatten", "nn.PReLU")
+_IMAGE_LAYERS = (Conv1d, Conv2d, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, PReLU)
 
 
 def _refuse(at: str, m, why: str):
@@ -72,6 +73,8 @@ def conv_layer(m, at: str, conv, before: list):
         w = None if m.weight is None else conv(m.weight, f"{at}: weight")
         b = None if m.bias is None else conv(m.bias, f"{at}: bias")
         return cls(w, b, conv(m.running_mean, f"{at}: running_mean"), conv(m.running_var, f"{at}: running_var"), eps=m.eps)
+    if kind is nn.PReLU:  # a parameterised activation: a layer of its own (one slope, or one per channel)
+        return PReLU(conv(m.weight, f"{at}: weight"))
     if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and before and isinstance(before[-1], _IMAGE_LAYERS):
         return Flatten()
     return None
