@@ -9,8 +9,8 @@ most ``ROW_ELEMENTS`` elements). Runs on NumPy or CuPy alike; the small tridiago
 eigenproblems are solved on the host.
 
 The top Ritz value θ grows monotonically to ``λ_max``. A row's θ comes from Sturm counts of its
-small tridiagonal ``T`` at many shifts at once (to tol/4; a dense eigensolve of ``T`` only when
-the Ritz values are final); a quarter of the steps taken so far later (at least
+small tridiagonal ``T`` at many shifts at once (to tol/4; a dense eigensolve of ``T`` when the
+Ritz values are final, or ``T`` has at most ``DENSE_RITZ`` rows); a quarter of the steps taken so far later (at least
 ``check_every``) a Sturm count of the grown ``T`` (O(k), no eigensolve) tells whether anything
 rose above ``θ(1 + tol)``: if not, θ is accepted, else the row is solved again. Testing the
 stagnation over a window that grows with k keeps the test honest where θ creeps (a dense edge
@@ -41,18 +41,21 @@ come over together; the columns already on the host are never copied again.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
 import numpy as np
 
-from ..core.backend import dot_along
 from .spectra import ConvergenceWarning
 
-__all__ = ["DIRECT_BELOW", "DIRECT_MAX", "ROW_ELEMENTS", "top_eigenvalues"]
+__all__ = ["DENSE_RITZ", "DIRECT_BELOW", "DIRECT_MAX", "ROW_ELEMENTS", "top_eigenvalues"]
 
 # Rows per chunk times n stays under 2^22 elements (32 MiB in float64), whatever the batch.
 ROW_ELEMENTS = 1 << 22
+# A tridiagonal T of up to this many Lanczos steps is solved densely (its exact λ_max: a batched
+# k x k eigvalsh costs less than the Python loop of a multisection's Sturm counts).
+DENSE_RITZ = 16
 # ``dense`` is used for operators up to this size (a 1024 x 1024 eigvalsh per row, ~0.3 s on one core) ...
 DIRECT_MAX = 1024
 # ... and from the start up to this size, where one batched eigvalsh costs less than Lanczos's first check.
@@ -158,19 +161,48 @@ def _any_above(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
 
     ``x``: ``(P,)``, or ``(P, M)`` for M shifts per row at once (then the result is ``(P, M)``).
     The pivots of the LDLᵀ factorisation of ``T − xI`` have as many negative entries as ``T``
-    has eigenvalues below ``x``; all ``k`` negative means none is above.
+    has eigenvalues below ``x``; all ``k`` negative means none is above. A pivot below ``tiny``
+    in size counts as ``-tiny`` (an eigenvalue at x counts as not above it).
+
+    The recurrence is a Python loop over k, so it runs up to ``STURM_BLOCK`` pivots at a time without
+    the guard (two array operations a pivot) and checks the block once; a block where some pivot
+    fell below ``tiny`` (its pivots are the guarded ones up to that one) is run again with the
+    guard. The counts are those of the guarded recurrence, bit for bit.
     """
     P, k = a.shape
     col = (slice(None),) + (None,) * (x.ndim - 1)
-    b2 = b * b
     tiny = (np.finfo(np.float64).tiny ** 0.5 * np.maximum(np.abs(a).max(axis=1), 1.0))[col]
+    b2 = np.ascontiguousarray((b * b).T)[(slice(None),) + col]  # (k - 1, P[, 1])
+    aT = np.ascontiguousarray(a.T)  # (k, P): each block's pivots come out C-ordered, (P[, M]) rows contiguous
     negative = np.zeros(x.shape, dtype=np.int64)
-    d = None
-    for i in range(k):
-        d = a[:, i][col] - x if i == 0 else (a[:, i][col] - x) - b2[:, i - 1][col] / d
-        d = np.where(np.abs(d) < tiny, -tiny, d)  # an eigenvalue at x counts as not above it
-        negative += d < 0
+    prev = None  # the last pivot of the previous block
+    block = max(1, min(STURM_BLOCK, STURM_ELEMENTS // max(x.size, 1)))  # a block stays in cache
+    for lo in range(0, k, block):
+        for guarded in (False, True):
+            d = aT[lo : lo + block][(slice(None),) + col] - x  # a_i − x, overwritten by the pivots
+            with contextlib.nullcontext() if guarded else np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                _sturm_pivots(d, b2, prev, lo, tiny, guarded)
+            if guarded or not ((np.abs(d) < tiny).any() or np.isnan(d).any()):
+                break
+        negative += (d < 0).sum(axis=0)
+        prev = d[-1]
     return negative < k
+
+
+STURM_BLOCK, STURM_ELEMENTS = 32, 1 << 15  # pivots per block: at most 32, and 2^15 elements
+
+
+def _sturm_pivots(d, b2, prev, lo: int, tiny, guarded: bool) -> None:
+    """Pivots ``lo .. lo+len(d)-1`` in place of ``d`` (which holds ``a_i − x``), after the pivot
+    ``prev`` (None at ``lo = 0``); ``guarded``: a pivot below ``tiny`` in size becomes ``-tiny``."""
+    t = np.empty(d.shape[1:], dtype=np.float64)
+    for j in range(len(d)):
+        if prev is not None:
+            np.divide(b2[lo + j - 1], prev, out=t)
+            np.subtract(d[j], t, out=d[j])
+        if guarded:
+            np.copyto(d[j], -tiny, where=np.abs(d[j]) < tiny)
+        prev = d[j]
 
 
 def _top_eigenvalue_bounded(a: np.ndarray, b: np.ndarray, floor: np.ndarray, rel: float, shifts: int = 31) -> np.ndarray:
@@ -221,10 +253,11 @@ def _checks(first_check: int, check_every: int, n: int, max_steps: int) -> set:
 def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, upper):
     """``(theta, pending)``: host ``(P,)`` top Ritz values and the rows not settled."""
     P, n = q.shape
-    q = q / xp.sqrt(dot_along(q, q, 1))[:, None]
+    dot = _row_dot(xp)
+    q = q / xp.sqrt(dot(q, q))[:, None]
     q_prev = xp.zeros_like(q)
     b_prev = xp.zeros(P, dtype=q.dtype)
-    fresh: list = []  # per step (α, β, breakdown) on the device, not yet on the host
+    fresh: list = []  # per step (α, β, breakdown) on the device, not yet on the host: stacked at a check
     ta = np.zeros((P, 0))
     tb = np.zeros((P, 0))
     scale = xp.zeros(P, dtype=q.dtype)  # running max of |α| + β ≈ ‖A_p‖, for the breakdown test
@@ -237,26 +270,30 @@ def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, uppe
     test_at = np.zeros(P, dtype=np.int64)  # the step from which a solved row's θ may be tested
     for k in range(max_steps):
         w = matvec(q, rows)
-        a = dot_along(w, q, 1)
+        a = dot(w, q)
         w -= a[:, None] * q
         w -= b_prev[:, None] * q_prev
         # No reorthogonalisation against older vectors: lost orthogonality only duplicates
         # converged Ritz values (Paige), it never moves the largest one, so λ_max needs no
         # Krylov basis — the memory stays a few (P, n) blocks.
-        b = xp.sqrt(dot_along(w, w, 1))
+        b = xp.sqrt(dot(w, w))
         scale = xp.maximum(scale, xp.abs(a) + b)
         # Breakdown: the Krylov space is invariant and the Ritz values are exact eigenvalues.
         # The row continues with q = 0, which only appends zero eigenvalues to its T (A is PSD).
         stop = b <= 8 * n * eps * scale
-        b = xp.where(stop, 0, b)
-        w /= xp.where(stop, 1, b)[:, None]
-        xp.copyto(w, 0, where=stop[:, None])  # not w[stop] = 0: a boolean-mask store syncs on CuPy
+        if xp is np and not stop.any():  # the usual step on the host: no row broke down
+            w /= b[:, None]
+        else:
+            b = xp.where(stop, 0, b)
+            w /= xp.where(stop, 1, b)[:, None]
+            xp.copyto(w, 0, where=stop[:, None])  # not w[stop] = 0: a boolean-mask store syncs on CuPy
         q_prev, q, b_prev = q, w, b
-        fresh.append(xp.stack([a, b, stop.astype(a.dtype)], axis=1))
+        fresh.append((a, b, stop))
         steps = k + 1
         if steps not in checks:
             continue
-        new = _host(xp.concatenate(fresh, axis=1)).astype(np.float64).reshape(P, -1, 3)  # one transfer
+        new = _host(xp.stack([xp.stack(col, axis=1).astype(a.dtype, copy=False) for col in zip(*fresh)],
+                             axis=2)).astype(np.float64)  # (P, steps, 3) in one transfer
         fresh = []
         ta = np.concatenate([ta, new[:, :, 0]], axis=1)
         tb = np.concatenate([tb, new[:, :, 1]], axis=1)
@@ -279,6 +316,10 @@ def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, uppe
             need = pending & ~solved
         if need.any() and exact:
             theta[need] = _top_eigenvalue(ta[need], tbk[need])
+        elif need.any() and steps <= DENSE_RITZ:  # a small T: one batched eigensolve, cheaper than multisection
+            theta[need] = _top_eigenvalue(ta[need], tbk[need])
+            solved[need] = True
+            test_at[need] = steps + max(check_every, steps // 4)
         elif need.any():
             theta[need] = _top_eigenvalue_bounded(ta[need], tbk[need], theta[need], tol / 4)
             solved[need] = True
@@ -288,6 +329,14 @@ def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, uppe
         if exact or not pending.any():
             return theta, np.zeros(P, dtype=bool)
     return theta, pending
+
+
+def _row_dot(xp):
+    """``(a, b) -> Σ_j a_ij b_ij`` of two ``(P, n)`` blocks: ``core.backend.dot_along(a, b, 1)``
+    without its per-call checks (a Lanczos step makes three)."""
+    if xp is np:
+        return lambda a, b: np.einsum("ab,ab->a", a, b)
+    return lambda a, b: (a * b).sum(axis=1)
 
 
 def _host(a) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -257,6 +258,16 @@ def check_output_path(path: str, option: str) -> None:
         raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"{option} {path!r} is not writable")
+
+
+def write_output(option: str, path: str, write) -> None:
+    """``write(path)``, then "wrote PATH" on stderr; an ``OSError`` becomes the ``UsageError``
+    "``option`` 'path': cannot write (reason)"."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise UsageError(f"{option} {path!r}: cannot write ({exc.strerror or exc})") from None
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def resolve_device(device: str, option: str = "--device") -> str:

@@ -4,9 +4,7 @@ plotted (matplotlib: without it, one line saying what to install)."""
 
 from __future__ import annotations
 
-import sys
-
-from .common import UsageError, check_output_path
+from .common import UsageError, check_output_path, write_output
 
 __all__ = ["run_history"]
 
@@ -45,9 +43,5 @@ def run_history(args) -> int:
         raise UsageError(f"--log {args.log!r} holds no rows yet (a Monitor writes one every `every` steps)")
     print(history_text(rows, args.log))
     if args.out is not None:
-        try:
-            plot_history(rows, args.out, dpi=getattr(args, "dpi", None))
-        except OSError as exc:
-            raise UsageError(f"--out {args.out!r}: cannot write ({exc.strerror or exc})") from None
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_output("--out", args.out, lambda path: plot_history(rows, path, dpi=getattr(args, "dpi", None)))
     return 0

@@ -17,6 +17,7 @@ from .common import (
     check_network_fits,
     check_scheduler_address,
     check_output_path,
+    write_output,
     hidden_activations,
     load_weights,
     output_activation,
@@ -283,18 +284,12 @@ def run_report(args) -> int:
         if args.json == "-":
             print(text)
         else:
-            try:
-                with open(args.json, "w", encoding="utf-8") as fh:
-                    fh.write(text + "\n")
-            except OSError as exc:
-                raise UsageError(f"--json {args.json!r}: cannot write ({exc.strerror or exc})") from None
-            print(f"wrote {args.json}", file=sys.stderr)
+            write_output("--json", args.json, lambda path: _write_text(path, text + "\n"))
     if args.plot is not None:
-        try:
-            plot_reports(reports, args.plot, dpi=getattr(args, "dpi", None))
-        except OSError as exc:
-            raise UsageError(f"--plot {args.plot!r}: cannot write ({exc.strerror or exc})") from None
-        print(f"wrote {args.plot}", file=sys.stderr)
+        write_output("--plot", args.plot, lambda path: plot_reports(reports, path, dpi=getattr(args, "dpi", None)))
     return 0
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..cuda.kernels import activation_forward
-from ..nn.layers import Dense
 
 __all__ = ["SequentialCache"]
 
@@ -29,7 +27,7 @@ class SequentialCache:
 
     def __init__(self, x, states, owner, layers):
         self.x, self._states, self._owner, self._layers = x, states, owner, tuple(layers)
-        self._bound = [(L.W, L._act) if isinstance(L, Dense) else None for L in layers]
+        self._bound = [L.bound() if hasattr(L, "bound") else () for L in layers]
 
     @property
     def batch(self) -> int:
@@ -37,23 +35,24 @@ class SequentialCache:
 
     @property
     def states(self) -> list:
-        """Per layer, its forward state, a Dense's input recomputed (a fresh array) where not kept."""
+        """Per layer, its forward state, its input recomputed (a fresh array) where not kept
+        (``recompute_output`` of the layer before: a Dense's ``φ(h)``)."""
         out = list(self._states)
         for j, st in enumerate(out):
-            if isinstance(self._layers[j], Dense) and st[0] is None:
-                out[j] = (activation_forward(out[j - 1][1], self._layers[j - 1]._act),) + st[1:]
+            if j and st[0] is None and getattr(self._layers[j], "input_in_state", False):
+                out[j] = (self._layers[j - 1].recompute_output(out[j - 1], with_factor=False)[0],) + st[1:]
         return out
 
     @property
     def saved(self) -> list:
         """Per layer, the ``(B, H_j)`` array a Dense keeps for its factor (``y_j`` or ``h_j``); None
         for the other layers."""
-        return [st[1] if isinstance(L, Dense) else None for L, st in zip(self._layers, self._states)]
+        return [L.kept(st)[0] if hasattr(L, "kept") else None for L, st in zip(self._layers, self._states)]
 
     @property
     def from_output(self) -> list:
         """Per Dense layer, whether ``saved[j]`` is its output ``y_j`` (else ``h_j``); None elsewhere."""
-        return [st[2] if isinstance(L, Dense) else None for L, st in zip(self._layers, self._states)]
+        return [L.kept(st)[1] if hasattr(L, "kept") else None for L, st in zip(self._layers, self._states)]
 
     @property
     def nbytes(self) -> int:

@@ -160,8 +160,8 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
             raise ValueError("this cache was made by another network's forward; run forward on this network")
         self._check_origin()
         for j, (L, then) in enumerate(zip(self._layers, cache._bound)):
-            if then is not None:
-                for what, a, b in (("weights", L.W, then[0]), ("activations", L._act, then[1])):
+            if then:
+                for (what, a), (_, b) in zip(L.bound(), then):
                     if a is not b:
                         raise ValueError(
                             f"net.{what}[{j}] was replaced after this cache's forward pass; run forward again "

@@ -22,6 +22,7 @@ from ..core.validation import float_array, shape_str
 from ..elementwise.activations import get as get_activation
 from ..core.backend import get_xp
 from ..algebra.jacobian import LayerJacobian
+from ..cuda.kernels import activation_forward, forward_with_derivative
 from ..protocol.layer import buffers as _buffers, lead_shape, register_layer
 from ..protocol.leaves import TokenDenseLeaf
 
@@ -102,9 +103,28 @@ class Dense(PerToken):
         lead = lead_shape(B)
         return [lead + (self.n_out,)] + ([lead + (self.n_in,)] if input_grad else [])
 
-    # on a token batch, gelu/gelu_tanh/silu make φ'(h) with φ(h) and keep it (one erfc, not two);
-    # a (B, d) batch keeps one array per layer, as the cache's memory contract says
-    token_forward_keeps_derivative = True
+    # the lean-cache hooks of the layer protocol: where φ' needs h, h is kept and z = φ(h) is
+    # recomputed by the next layer's backward (on a token batch, gelu/gelu_tanh/silu make φ'(h)
+    # with φ(h) and keep it instead: one erfc, not two); δ is scaled in place; W and φ are bound
+    input_in_state = scales_in_place = True
+    output_recomputable = property(lambda self: self._act.df_from_output is None)
+
+    def recompute_output(self, state, with_factor: bool = True):
+        """``(z, factor)``: the output ``φ(h)`` from the kept ``h`` and ``diag(φ'(h))·Wᵀ``, with ``φ'(h)``
+        made in the same pass (``kernels.forward_with_derivative``); ``with_factor=False``: ``(z, None)``."""
+        if not with_factor:
+            return activation_forward(state[1], self._act), None
+        z, d = forward_with_derivative(state[1], self._act)
+        return z, LayerJacobian(d, self._W)
+
+    @staticmethod
+    def kept(state) -> tuple:
+        """``(y or h, from_output)``: the ``(B, H_out)`` array the state keeps for the factor, and
+        whether it is the output ``y`` (else ``h``)."""
+        return state[1], state[2]
+
+    def bound(self) -> tuple:
+        return (("weights", self._W), ("activations", self._act))
 
     def _forward_rows(self, z, check=None, where: Any = 0, out=None, keep_derivative: bool = False):
         """``z: (B, H_in) -> (B, H_out)``; returns ``(out, state)``. ``out``: the buffers of

@@ -20,10 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..protocol.passes import Gradients, carve
 from ..protocol.layer import layer_leads, lead_shape
-from ..algebra.jacobian import LayerJacobian
 from ..core.renamed import renamed
-from ..cuda.kernels import forward_with_derivative
-from .layers import Dense, Residual
 
 __all__ = ["backward_layers", "carve_backward", "carve_forward", "forward_layers", "layer_leads", "lean_outputs",
            "named_grads", "param_views"]
@@ -41,27 +38,30 @@ def _split(views: list, counts: Sequence[int]) -> list[list]:
 
 
 def lean_outputs(layers: Sequence[Any]) -> list[bool]:
-    """Per layer: is it a Dense whose φ' needs ``h`` and whose output only a Dense reads (the next
-    layer, or the caller)? Such a layer keeps ``h`` alone; the next Dense recomputes its input
-    ``z = φ(h)`` when backward needs it (with ``φ'(h)`` in the same pass), so a forward cache holds
-    one ``(B, H)`` array per Dense layer: ``B·Σ H`` elements for a dense stack."""
+    """Per layer: can it recompute its output from its state (``output_recomputable``: a Dense
+    whose φ' needs ``h``), and does only a layer that takes its input back recomputed
+    (``input_in_state``) read that output (the next layer, or the caller)? Such a layer keeps its
+    state alone; the next layer's backward recomputes its input (``recompute_output``, with the
+    factor in the same pass), so a dense stack's forward cache holds one ``(B, H)`` array per layer."""
     K = len(layers)
-    return [isinstance(L, Dense) and L._act.df_from_output is None
-            and (j == K - 1 or isinstance(layers[j + 1], Dense)) for j, L in enumerate(layers)]
+    return [getattr(L, "output_recomputable", False)
+            and (j == K - 1 or getattr(layers[j + 1], "input_in_state", False)) for j, L in enumerate(layers)]
 
 
 def carve_forward(xp, layers: Sequence[Any], B: int, dtype, zero: bool = False, pooled: bool = False,
                   keep_derivative: bool = False, lean: bool = False) -> list[list]:
     """Per layer, the buffers of ``forward_shapes(B)``: the last layer's kept array in a block of
     its own (an output kept on its own does not keep the states alive), everything else in one.
-    ``keep_derivative`` (a compiled step): a Dense layer's ``φ'(h)`` too, where φ' needs ``h``.
+    ``keep_derivative`` (a compiled step): an ``output_recomputable`` layer's derivative too (a
+    Dense's ``φ'(h)``, where φ' needs ``h``).
     ``lean`` (a forward cache): a ``lean_outputs`` layer gets ``[None, h]`` (its output a fresh
     array the cache does not keep)."""
     leads = layer_leads(layers, B)  # B: the network input's lead; each layer gets its own input's
     thin = lean_outputs(layers) if lean else [False] * len(layers)
     thin = [t and isinstance(b, int) for t, b in zip(thin, leads)]
-    shapes = [[L.forward_shapes(b)[1]] if t else L.forward_shapes(b, True) if keep_derivative and isinstance(L, Dense)
-              else L.forward_shapes(b) for L, t, b in zip(layers, thin, leads)]
+    shapes = [[L.forward_shapes(b)[1]] if t else L.forward_shapes(b, True)
+              if keep_derivative and getattr(L, "output_recomputable", False) else L.forward_shapes(b)
+              for L, t, b in zip(layers, thin, leads)]
     _, views = carve(xp, [s for sh in shapes[:-1] for s in sh] + shapes[-1][1:], dtype, zero=zero, pooled=pooled)
     _, last = carve(xp, shapes[-1][:1], dtype, zero=zero, pooled=pooled)
     per = _split(views, [len(sh) for sh in shapes[:-1]] + [len(shapes[-1]) - 1])
@@ -74,12 +74,12 @@ def carve_backward(xp, layers: Sequence[Any], B: int, dtype, input_grad: bool, g
     """``(g, per-layer buffers)``, in one block: per layer the buffers of ``backward_shapes``
     (layer 0 with ``input_grad``, the others always with) and, with ``grad_y``, a ``(B, n_out)``
     buffer ``g`` for a copy of ``∂L/∂y`` (so that no result is the caller's array; else None).
-    ``in_place`` (a compiled step): where layer ``j - 1`` is a Dense, layer ``j``'s ``∂L/∂input``
-    (its last buffer) IS that Dense's δ buffer — the same view object — and the Dense scales it
-    in place (``δ = g ⊙ φ'``: no buffer per cotangent)."""
+    ``in_place`` (a compiled step): where layer ``j - 1`` ``scales_in_place`` (a Dense), layer ``j``'s
+    ``∂L/∂input`` (its last buffer) IS that layer's δ buffer — the same view object — and it scales
+    it in place (``δ = g ⊙ φ'``: no buffer per cotangent)."""
     leads = layer_leads(layers, B)  # B: the network input's lead; each layer gets its own input's
     shapes = [L.backward_shapes(leads[j], bool(j) or input_grad) for j, L in enumerate(layers)]
-    alias = [in_place and j > 0 and isinstance(layers[j - 1], Dense) and isinstance(leads[j], int)
+    alias = [in_place and j > 0 and getattr(layers[j - 1], "scales_in_place", False) and isinstance(leads[j], int)
              for j in range(len(layers))]
     shapes = [sh[:-1] if a else sh for sh, a in zip(shapes, alias)]
     head = [lead_shape(leads[-1]) + (layers[-1].n_out,)] if grad_y else []
@@ -97,10 +97,11 @@ def param_views(layers: Sequence[Any], views: list) -> list[list]:
 
 
 def _named(layer, views: list):
-    """Layer gradients by name, from its views (a Residual: a list of its inner layers')."""
-    if isinstance(layer, Residual):
+    """Layer gradients by name, from its views (a container, a Residual: a list of its inner layers')."""
+    inner = getattr(layer, "layers", None)
+    if inner is not None:
         out, at = [], 0
-        for L in layer.layers:
+        for L in inner:
             n = len(L.params)
             out.append(_named(L, views[at:at + n]))
             at += n
@@ -115,7 +116,7 @@ def named_grads(layers: Sequence[Any], per_layer: list[list]) -> list:
 
 def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable | None = None) -> tuple[Any, list]:
     """``(z_K, states)``: every layer's forward into its buffers. After a lean layer (``carve_forward
-    (lean=True)``: its output buffer None) the next Dense's state keeps None for its input."""
+    (lean=True)``: its output buffer None) the next layer's state keeps None for its input."""
     z, states = x, []
     for j, L in enumerate(layers):
         z, st = L.forward(z, check, j, bufs[j])
@@ -128,18 +129,18 @@ def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable |
 def backward_layers(layers: Sequence[Any], states: list, g, grads: list[list], bufs: list[list], input_grad: bool,
                     check: Callable | None = None, factors: list | None = None) -> tuple[Any, list]:
     """``(∂L/∂x or None, deltas)`` from ``g = ∂L/∂y`` (only read): every layer's backward into its
-    buffers and its parameter gradients into ``grads[j]``. ``factors``: per Dense layer its
-    ``factor(states[j])`` when the caller keeps it (None elsewhere). A Dense whose input was not
-    kept (``forward_layers``) gets it back from ``h_{j-1}`` with ``d = φ'(h_{j-1})`` in the same
-    pass, and layer ``j - 1`` then scales by that ``d`` (``LayerJacobian(d, W)``)."""
-    deltas, d_next = [None] * len(layers), None
+    buffers and its parameter gradients into ``grads[j]``. ``factors``: per layer its
+    ``factor(states[j])`` when the caller keeps it (None elsewhere). A layer whose input was not
+    kept (``forward_layers``) gets it back from layer ``j - 1``'s ``recompute_output``, whose
+    factor, made in the same pass, layer ``j - 1`` then takes (a Dense: ``LayerJacobian(φ'(h), W)``)."""
+    deltas, recomputed = [None] * len(layers), None
     for j in range(len(layers) - 1, -1, -1):
         L, st = layers[j], states[j]
         factor = factors[j] if factors is not None else None
-        if d_next is not None:
-            factor, d_next = LayerJacobian(d_next, L.W), None
-        if isinstance(L, Dense) and st[0] is None:
-            z_prev, d_next = forward_with_derivative(states[j - 1][1], layers[j - 1]._act)
+        if recomputed is not None:
+            factor, recomputed = recomputed, None
+        if j and st[0] is None and getattr(L, "input_in_state", False):
+            z_prev, recomputed = layers[j - 1].recompute_output(states[j - 1])
             st = (z_prev,) + st[1:]
         if factor is not None:
             g, deltas[j] = L.backward(st, g, grads[j], bool(j) or input_grad, check, j, out=bufs[j], factor=factor)

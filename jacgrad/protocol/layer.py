@@ -85,6 +85,23 @@ class Layer(Protocol):
         The torch mapping (``interop.torch_blocks``) and the report row (``block_flow``) are
         entries of their own modules keyed by ``kind``.
 
+    Lean caches (optional; the shared passes in ``nn.stack`` and ``network.cache`` read only these)
+        ``output_recomputable``: True when the layer can recompute its output from its state (a
+        Dense whose φ' needs ``h`` keeps ``h``): then ``recompute_output(state, with_factor=True) ->
+        (z, factor)`` gives the output and, made in the same pass, its ``factor(state)`` (None
+        without ``with_factor``), which its ``backward`` takes as ``factor=``; its ``forward_shapes(B, keep_derivative=True)`` adds a buffer for the
+        derivative, and its row forward takes ``keep_derivative=True`` (a compiled step, a token
+        batch: nothing is recomputed there, the derivative is kept instead).
+        ``input_in_state``: True when ``state[0]`` is the layer's input and ``backward`` takes it
+        recomputed: a forward cache then keeps ``None`` there when the layer before is
+        ``output_recomputable`` (one array per Dense layer in a dense stack's cache).
+        ``scales_in_place``: True when ``backward`` scales its cotangent into its first backward
+        buffer (δ): the layer after it may write ``∂L/∂input`` straight into that buffer.
+        ``kept(state) -> (array, is_output)``: the one array the state keeps for the factor (a
+        Dense's ``y`` or ``h``: ``SequentialCache.saved``/``from_output``).
+        ``bound()``: ``((what, object), ...)`` that a forward pass reads and a later backward must
+        find the same (by identity: the arrays and activation a Dense had), else ``()``.
+
     Containers
         A layer holding inner layers (``Residual``) exposes them as ``layers``; its leaves are its
         inner layers' leaves in order, and its factor exposes ``inner`` (a ``Chain``) and ``scale``,
@@ -216,11 +233,23 @@ def anchor(layers: Sequence[Any]):
     """The first parameter array of ``layers`` (containers opened; a layer without parameters,
     an ``Activation``, skipped): what a network's dtype and device are read from; a ``ValueError``
     when no layer has one."""
-    for _, L in leaf_layers(layers):
-        if L.params:
-            return L.params[0]
+    found = _first_param(layers)  # every pass reads it (dtype, device): no generator, no paths
+    if found is not None:
+        return found
     raise ValueError("a network needs at least one layer with parameters; these have none: "
                      f"{', '.join(map(repr, layers))}")
+
+
+def _first_param(layers: Sequence[Any]):
+    for L in layers:
+        inner = getattr(L, "layers", None)
+        if inner is not None:
+            found = _first_param(inner)
+            if found is not None:
+                return found
+        elif L.params:
+            return L.params[0]
+    return None
 
 
 def chained(layers: Sequence[Any], owner: str, label: str) -> list:

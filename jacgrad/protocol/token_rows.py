@@ -48,7 +48,7 @@ class PerToken:
             return self._forward_rows(z, check, where, out)
         B, T = z.shape[:2]
         rows = z.reshape(B * T, z.shape[2])
-        if getattr(self, "token_forward_keeps_derivative", False):  # a Dense: φ'(h) made with φ(h), kept
+        if getattr(self, "output_recomputable", False):  # nothing is recomputed on tokens: its derivative is kept
             y, st = self._forward_rows(rows, check, where, _as_rows(out, B * T), keep_derivative=True)
         else:
             y, st = self._forward_rows(rows, check, where, _as_rows(out, B * T))
