@@ -13,6 +13,20 @@
 // HostBlock). Indices within a row are int; the only 64-bit divisions are one per row (the
 // sample of a stacked row).
 //
+// Memory traffic (the kernels are bandwidth-bound; B rows of n, per-row statistics O(B), gamma and
+// beta O(n) and served by the caches). A row whose thread share fits RowCache (below: 4 packs of
+// 16 bytes per operand and thread, i.e. n <= 4 * 4 * 256 = 4096 floats or 2048 doubles with the
+// launcher's 256-thread blocks) is read ONCE into registers and every later pass works on them
+// (norm.cu's __launch_bounds__(256, 2): at most 128 registers, two blocks per SM, 128 bytes of
+// loads in flight per thread):
+//   forward   read x, write y, write xhat                              3 B n  (was 3 reads of x: 5)
+//   product   read a, read xhat, write out                             3 B n  (was 2 reads each: 5)
+//   backward  read g, read xhat, write dx; the gamma/beta column sums   3 B n  (was 5 in the row kernel
+//             accumulate in registers along the group's rows and are         plus 2 in the column
+//             written once per row group: 2 G n partials, G <= B/32          kernel: 7)
+// Longer rows stream each pass from memory (the second read mostly from L2) and the backward's
+// column sums take the column kernel (param_grads_column): the traffic of the table's "was".
+//
 // The formulas mirror jacgrad/nn/layers.py (_Norm.forward) and jacgrad/algebra/factors.py
 // (NormFactor._project), which stay the NumPy reference:
 //   forward   mu = mean(x) (0 for RMSNorm), inv = 1/sqrt(mean((x - mu)^2) + eps),
@@ -73,6 +87,32 @@ JG_HD JG_INLINE void row_each(const Block& b, int n, bool packed, F&& f) {
   for (int i = done + b.tid; i < n; i += b.size) f(i, Width<1>{});
 }
 
+// The one-read path: each thread of a row's group holds its share of the row in registers,
+// RowCache<T>::packs packs of 16 bytes per operand (slot k: pack tid + k * size, or with unaligned
+// rows RowCache<T>::packs * V single elements tid + k * size). Loops over the slots have a
+// compile-time trip count (unrolled on the device: the slots stay registers, never local memory).
+template <class T> struct RowCache {
+  static constexpr int packs = 4;
+  static constexpr int elems = packs * ew::Pack<T>::size;
+};
+
+// Whether a row of n fits a group of `size` threads' registers: ceil(n / V) <= packs * size (the
+// same test for packed and single-element rows; jacgrad/cuda/norm_kernels.py's row_fits).
+template <class T> JG_HD JG_INLINE bool row_fits(int n, int size) {
+  constexpr int V = ew::Pack<T>::size;
+  return (n + V - 1) / V <= RowCache<T>::packs * size;
+}
+
+// f(slot k, first element i) for this thread's units of W elements: unit tid + k * size.
+template <int W, int S, class Block, class F> JG_HD JG_INLINE void row_slots(const Block& b, int n, F&& f) {
+  const int units = n / W;
+  JG_UNROLL
+  for (int k = 0; k < S; ++k) {
+    const int u = b.tid + k * b.size;
+    if (u < units) f(k, u * W);
+  }
+}
+
 // Whether every row of every operand starts 16-byte aligned: bases aligned, n a multiple of V.
 template <class T> JG_HD JG_INLINE bool rows_packed(int n, const void* a, const void* b, const void* c,
                                                    const void* d, const void* e) {
@@ -82,11 +122,66 @@ template <class T> JG_HD JG_INLINE bool rows_packed(int n, const void* a, const 
 
 // ---- forward: y, xhat and inv of rows of x (B, n) ----------------------------------------
 // beta is read only when has_beta (RMSNorm has none); inv: (B,).
+// One read of x: the row in registers (W = V packed, 1 single elements), three passes over them.
+template <class T, int W, class Block>
+JG_HD void forward_cached(const Block& b, long long block, long long grid, const T* x, const T* gamma,
+                          const T* beta, T* y, T* xhat, T* inv, int n, long long rows, T eps, bool centered,
+                          bool has_beta) {
+  constexpr int S = RowCache<T>::elems / W;
+  const T count = T(n);
+  for (long long r = block; r < rows; r += grid) {
+    Vec<T, W> c[S] = {};
+    T s[1] = {T(0)};
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      c[k] = ld<W>(x + r * n + i);
+      for (int e = 0; e < W; ++e) s[0] += c[k].e[e];
+    });
+    T mu = T(0);
+    if (centered) {
+      b.sum(s);
+      mu = s[0] / count;
+    }
+    T q[1] = {T(0)};
+    row_slots<W, S>(b, n, [&](int k, int) {
+      for (int e = 0; e < W; ++e) {
+        const T d = c[k].e[e] - mu;
+        q[0] += d * d;
+      }
+    });
+    b.sum(q);
+    const T sc = rsqrt_of(q[0] / count + eps);
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      const Vec<T, W> g = ld<W>(gamma + i);
+      Vec<T, W> h, o;
+      for (int e = 0; e < W; ++e) {
+        h.e[e] = (c[k].e[e] - mu) * sc;
+        o.e[e] = h.e[e] * g.e[e];
+      }
+      if (has_beta) {
+        const Vec<T, W> be = ld<W>(beta + i);
+        for (int e = 0; e < W; ++e) o.e[e] += be.e[e];
+      }
+      st<W>(xhat + r * n + i, h);
+      st<W>(y + r * n + i, o);
+    });
+    if (b.tid == 0) inv[r] = sc;
+  }
+}
+
 template <class T, class Block>
 JG_HD void forward_block(const Block& b, long long block, long long grid, const T* x, const T* gamma,
                          const T* beta, T* y, T* xhat, T* inv, int n, long long rows, T eps, bool centered,
                          bool has_beta) {
   const bool packed = rows_packed<T>(n, x, gamma, has_beta ? beta : gamma, y, xhat);
+  if (row_fits<T>(n, b.size)) {
+    if (packed)
+      forward_cached<T, ew::Pack<T>::size>(b, block, grid, x, gamma, beta, y, xhat, inv, n, rows, eps, centered,
+                                           has_beta);
+    else
+      forward_cached<T, 1>(b, block, grid, x, gamma, beta, y, xhat, inv, n, rows, eps, centered, has_beta);
+    return;
+  }
+  // streamed: every pass reads x again (rows longer than the registers hold)
   const T count = T(n);
   for (long long r = block; r < rows; r += grid) {
     const T* xr = x + r * n;
@@ -139,12 +234,100 @@ JG_HD void forward_block(const Block& b, long long block, long long grid, const 
 // out = (P a) * gamma*inv. With `sq`, also sq[r] += sum((a*xhat)^2) + (with_beta ? sum(a^2) : 0)
 // (the norm layer's per-sample squared parameter-gradient norm; a = g there); out is written
 // only when `write_out`.
+// With FUSE (the layer's backward, a = g), the group also sums its rows' g*xhat and g per column in
+// registers and writes them once, after its last row, as row `block` (the group's index: the
+// launch has `grid` groups) of part_g and part_b (grid, n): the column kernel's work without its
+// second read of g and xhat.
+template <class T, int W, bool FUSE, class Block>
+JG_HD void project_cached(const Block& b, long long block, long long grid, const T* a, const T* xhat,
+                          const T* gamma, const T* inv, T* out, T* sq, T* part_g, T* part_b, int n, long long rows,
+                          long long a_rows, long long per_sample, bool centered, bool scale_first, bool write_out,
+                          bool with_sq, bool with_beta) {
+  constexpr int S = RowCache<T>::elems / W;
+  const T count = T(n);
+  Vec<T, W> pg[FUSE ? S : 1] = {}, pb[FUSE ? S : 1] = {};
+  for (long long r = block; r < rows; r += grid) {
+    const long long sample = r / per_sample;
+    const T* ar = a + (a_rows == rows ? r : r - sample * per_sample) * n;
+    const T* hr = xhat + sample * n;
+    const T iv = inv[sample];
+    Vec<T, W> cv[S] = {}, ch[S] = {};
+    T s[4] = {T(0), T(0), T(0), T(0)};  // as in project_block
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      cv[k] = ld<W>(ar + i);
+      ch[k] = ld<W>(hr + i);
+      const Vec<T, W> g = ld<W>(gamma + i);
+      for (int e = 0; e < W; ++e) {
+        const T v = cv[k].e[e], h = ch[k].e[e];
+        const T wk = scale_first ? v * (g.e[e] * iv) : v;
+        s[0] += wk;
+        s[1] += wk * h;
+        if (with_sq) {
+          const T gx = v * h;
+          s[2] += gx * gx;
+          s[3] += v * v;
+        }
+        if constexpr (FUSE) {
+          pg[k].e[e] += v * h;
+          pb[k].e[e] += v;
+        }
+      }
+    });
+    if (with_sq) {
+      b.sum(s);
+    } else {
+      T s2[2] = {s[0], s[1]};
+      b.sum(s2);
+      s[0] = s2[0];
+      s[1] = s2[1];
+    }
+    const T mean = centered ? s[0] / count : T(0);
+    const T dot = s[1] / count;
+    if (write_out) {
+      row_slots<W, S>(b, n, [&](int k, int i) {
+        const Vec<T, W> g = ld<W>(gamma + i);
+        Vec<T, W> o;
+        for (int e = 0; e < W; ++e) {
+          const T sc = g.e[e] * iv;
+          const T wk = scale_first ? cv[k].e[e] * sc : cv[k].e[e];
+          const T t = wk - dot * ch[k].e[e] - mean;
+          o.e[e] = scale_first ? t : t * sc;
+        }
+        st<W>(out + r * n + i, o);
+      });
+    }
+    if (with_sq && b.tid == 0) sq[r] += s[2] + (with_beta ? s[3] : T(0));
+  }
+  if constexpr (FUSE) {
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      st<W>(part_g + block * n + i, pg[k]);
+      if (with_beta) st<W>(part_b + block * n + i, pb[k]);
+    });
+  }
+}
+
+// `fuse` (the backward; only for rows that fit, row_fits): part_g, part_b as in project_cached.
 template <class T, class Block>
 JG_HD void project_block(const Block& b, long long block, long long grid, const T* a, const T* xhat,
-                         const T* gamma, const T* inv, T* out, T* sq, int n, long long rows, long long a_rows,
-                         long long per_sample,
-                         bool centered, bool scale_first, bool write_out, bool with_sq, bool with_beta) {
-  const bool packed = rows_packed<T>(n, a, xhat, gamma, out, a);
+                         const T* gamma, const T* inv, T* out, T* sq, T* part_g, T* part_b, int n, long long rows,
+                         long long a_rows, long long per_sample, bool centered, bool scale_first, bool write_out,
+                         bool with_sq, bool with_beta, bool fuse) {
+  const bool packed = rows_packed<T>(n, a, xhat, gamma, out, a) &&
+                      (!fuse || (ew::aligned16(part_g) && ew::aligned16(with_beta ? part_b : part_g)));
+  if (row_fits<T>(n, b.size)) {
+    constexpr int V = ew::Pack<T>::size;
+#define JG_PROJECT(W, F)                                                                                       \
+  project_cached<T, W, F>(b, block, grid, a, xhat, gamma, inv, out, sq, part_g, part_b, n, rows, a_rows,       \
+                          per_sample, centered, scale_first, write_out, with_sq, with_beta)
+    if (fuse) {
+      if (packed) JG_PROJECT(V, true); else JG_PROJECT(1, true);
+    } else {
+      if (packed) JG_PROJECT(V, false); else JG_PROJECT(1, false);
+    }
+#undef JG_PROJECT
+    return;
+  }
+  // streamed (rows longer than the registers hold; never fused): a and xhat read once per pass
   const T count = T(n);
   for (long long r = block; r < rows; r += grid) {
     const long long sample = r / per_sample;

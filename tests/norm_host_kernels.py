@@ -101,16 +101,17 @@ template <class F> static void run_grid(long long grid, int threads, int group, 
                                       const T* inv, T* out, int n, long long rows, long long a_rows,           \
                                       long long per_sample, int centered, int transpose, int group) {          \
     run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
-      norm::project_block(b, blk, g, a, xhat, gamma, inv, out, (T*)nullptr, n, rows, a_rows, per_sample,       \
-                          centered != 0, transpose != 0, true, false, false);                                  \
+      norm::project_block(b, blk, g, a, xhat, gamma, inv, out, (T*)nullptr, (T*)nullptr, (T*)nullptr, n, rows, \
+                          a_rows, per_sample, centered != 0, transpose != 0, true, false, false, false);       \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_backward_##T(long long grid, int threads, const T* gr, const T* xhat, const T* gamma, \
-                                       const T* inv, T* dx, T* sq, int n, long long rows, int centered,        \
-                                       int write_dx, int with_sq, int with_beta, int group) {                  \
+                                       const T* inv, T* dx, T* sq, T* part_g, T* part_b, int n, long long rows, \
+                                       int centered, int write_dx, int with_sq, int with_beta, int fuse,       \
+                                       int group) {                                                            \
     run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
-      norm::project_block(b, blk, g, gr, xhat, gamma, inv, dx, sq, n, rows, rows, 1LL, centered != 0, true,    \
-                          write_dx != 0, with_sq != 0, with_beta != 0);                                        \
+      norm::project_block(b, blk, g, gr, xhat, gamma, inv, dx, sq, part_g, part_b, n, rows, rows, 1LL,         \
+                          centered != 0, true, write_dx != 0, with_sq != 0, with_beta != 0, fuse != 0);        \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_param_grads_##T(long long gx, long long gy, int threads, const T* gr, const T* xhat,  \
@@ -137,7 +138,7 @@ P, I32, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
 SIGNATURES = {
     "norm_forward": [P, P, P, P, P, P, I32, I64, "T", I32, I32, I32],
     "norm_product": [P, P, P, P, P, I32, I64, I64, I64, I32, I32, I32],
-    "norm_backward": [P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32],
+    "norm_backward": [P, P, P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32, I32],
     "norm_param_grads": [P, P, P, P, I32, I64, I64, I32],
 }
 SCALAR = {I32: np.int32, I64: np.int64}
