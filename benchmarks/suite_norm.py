@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 import jacgrad as jg
-from jacgrad.cuda import norm_kernels
+from jacgrad.cuda.norm_kernels import row_fits
 from suite_device import Device, _frobenius_error
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
@@ -89,7 +89,7 @@ def _case(dev: Device, kind: str, dtype: str, B: int, n: int, copy_gbps: float |
             [fn64(ref["u"])], lambda s=scale_first: _unfused_product(F, d["u"], s))
     grads = [xp.empty(n, dtype=dtype) for _ in range(npar)]
     dx, _ = L.backward(st, d["g"], grads)
-    fused = norm_kernels.row_fits(n, item)  # the column sums in the row kernel: g and x̂ read once
+    fused = row_fits(n, item)  # the column sums in the row kernel: g and x̂ read once
     moved = (3 if fused else 5) * size + (1 + npar) * n * item + B * item
     row("backward (dx, dγ, dβ)", lambda: L.backward(st, d["g"], grads), moved,
         [dx, *grads], [dx64, *g64])
