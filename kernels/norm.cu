@@ -11,16 +11,6 @@ namespace jacgrad {
 // caps a thread at 128 registers, which hold the one-read path's row share (norm.cuh, RowCache).
 #define JG_NORM_BOUNDS __launch_bounds__(256, 2)
 
-// body(group, first row, row stride) for this thread's row group.
-template <class Body> __device__ __forceinline__ void on_rows(int group, Body&& body) {
-  if (group >= (int)blockDim.x) {
-    body(norm::DeviceBlock{(int)threadIdx.x, (int)blockDim.x}, (long long)blockIdx.x, (long long)gridDim.x);
-  } else {
-    const norm::RowGroup g = norm::row_group((int)threadIdx.x, (int)blockDim.x, blockIdx.x, gridDim.x, group);
-    body(norm::DeviceGroup{g.tid, group}, g.first, g.stride);
-  }
-}
-
 // x (rows, n) -> y = xhat * gamma + beta, xhat (rows, n), inv (rows,), in one kernel.
 template <class T>
 __global__ void JG_NORM_BOUNDS

@@ -452,4 +452,19 @@ struct DeviceBlock {
 #endif
 
 }  // namespace norm
+
+#if defined(__CUDACC__)
+// body(group, first row, row stride) for this thread's row group: the whole block when `group` is
+// blockDim.x (one row per block), else groups of `group` lanes (several rows per block). The row
+// kernels of norm.cu and softmax.cu hand it their row function.
+template <class Body> __device__ __forceinline__ void on_rows(int group, Body&& body) {
+  if (group >= (int)blockDim.x) {
+    body(norm::DeviceBlock{(int)threadIdx.x, (int)blockDim.x}, (long long)blockIdx.x, (long long)gridDim.x);
+  } else {
+    const norm::RowGroup g = norm::row_group((int)threadIdx.x, (int)blockDim.x, blockIdx.x, gridDim.x, group);
+    body(norm::DeviceGroup{g.tid, group}, g.first, g.stride);
+  }
+}
+#endif
+
 }  // namespace jacgrad
