@@ -171,7 +171,7 @@ def markdown(results: dict) -> str:
     if d:
         _table_head(L, "Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy",
                     f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
-                    "written once (backward: g and x̂ read by the row and the column kernel).",
+                    "written once (backward: g and x̂ read once where the row fits the registers, else also by the column kernel).",
                     ["norm", "step", "dtype", "B × n", "ms", "GB/s", "% of copy", "× faster than unfused", "rel. err.", "ok"])
         for r in d["rows"]:
             L.append(_md_row(r["norm"], r["step"], r["dtype"], f"{r['B']} × {r['n']}", f"{r['median_ms']:.3g}",

@@ -7,8 +7,9 @@
 // (tests/test_kernels_softmax_host.py). jacgrad/tokens/attention_factor.py (_softmax_jvp) is the
 // NumPy reference and the caller.
 //
-// The row machinery is kernels/norm.cuh's: one group of threads per row (a whole block, or 1..16
-// lanes of a warp for short rows), warp-shuffle sums, 16-byte packs when every row is aligned.
+// The row machinery is kernels/rows.cuh's (shared with the norm kernels): one group of threads per
+// row (a whole block, or 1..16 lanes of a warp for short rows), warp-shuffle sums, 16-byte packs
+// when every row is aligned.
 // Traffic: a row that fits its threads' registers (norm::row_fits) is read once, so the kernel moves
 // read p, read v, write out = 3 values per element (the unfused expression, v -= (p*v).sum(-1),
 // v *= p, moves 7 and launches 3 kernels); longer rows read p and v once more in the second pass.
@@ -17,7 +18,7 @@
 // (all reads of the row) ends at the group's sum, before any write.
 #pragma once
 
-#include "norm.cuh"
+#include "rows.cuh"
 
 namespace jacgrad {
 namespace softmax {

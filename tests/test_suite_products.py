@@ -32,6 +32,6 @@ def test_the_section_validates_every_product_and_guards_the_compiled_ones(monkey
     assert "## Products and layers since the first H100 run" in md and "| per_sample_grad_norms | cnn B=4 |" in md
 
     monkeypatch.setattr(products, "TOL", {"float32": 0.0, "float64": 0.0})
-    monkeypatch.setattr(products, "_fcn_ntk_rows", lambda *a: None)
+    monkeypatch.setattr(products, "fcn_ntk_rows", lambda *a: None)
     failed = products.products(device.Device("cpu"))
     assert not failed["ok"] and any(not r["ok"] for r in failed["rows"])
