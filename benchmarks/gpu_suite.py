@@ -19,6 +19,12 @@ section only; the results are written after every section), in < 8 minutes on an
 5b. blocks      — ``jg.Sequential`` (residual LayerNorm/RMSNorm blocks): passes, Jacobians, the compiled
                   step, parameter-space products (and an MLP's), ``gradient_flow`` against float64 NumPy,
                   timed against NumPy and torch-CUDA;
+5c. products    — every product and layer built since the first H100 run (``suite_products.py``):
+                  convolutions, token models (embedding, attention), per-sample gradients and norms,
+                  GGN, NTK, the private step, the compiled step and compiled products (where
+                  ``net.compile(B, product=...)`` exists), the softmax-Jacobian kernel and the batched
+                  spectra, against float64 NumPy; timed against torch.func, Opacus, JAX jit and
+                  neural-tangents where importable;
 6. tf32         — ``jacgrad.core.backend.tf32``: GEMM and gradient accuracy against float64, and the
                   training step's speed, TF32 off and on;
 7. peers        — jacgrad-cupy against torch-CUDA eager and jax-GPU (and jacgrad/torch on the CPU
@@ -65,7 +71,7 @@ import suite_sections  # noqa: E402
 # (section, weight in the budget, floor in seconds): the order they run in
 PLAN = [("environment", 1, 40), ("ceilings", 2, 20), ("fused_kernel", 2, 20), ("norm_kernels", 2, 40),
         ("validation", 4, 30),
-        ("compiled", 3, 20), ("blocks", 3, 60), ("tf32", 3, 20), ("peers", 14, 60), ("pytest_gpu", 8, 30),
+        ("compiled", 3, 20), ("blocks", 3, 60), ("products", 4, 60), ("tf32", 3, 20), ("peers", 14, 60), ("pytest_gpu", 8, 30),
         ("profile", 2, 30)]
 SECTIONS = tuple(name for name, _, _ in PLAN)
 GRACE_S = 15  # after a child's limit: faulthandler prints its stacks, then it is killed
@@ -335,10 +341,22 @@ def _junit_counts(path: Path) -> dict:
     return {k: (float(attrs[k]) if k == "time" else int(attrs[k])) for k in keys if k in attrs}
 
 
+def device_slug() -> str:
+    """The first GPU's name as a folder name (``nvidia-h100-80gb-hbm3``), from ``nvidia-smi``; ``gpu``
+    where it cannot say (no driver tools here: the environment section still names the device)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    name = re.sub(r"[^a-z0-9]+", "-", out[0].lower()).strip("-") if out and out[0].strip() else ""
+    return name or "gpu"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="gpu_suite.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="folder for results.md / results.json / pytest_gpu.log / suite.log "
-                   "(default: benchmarks/results/gpu-<date>; a dry run: a new temporary folder)")
+                   "(default: benchmarks/results/<device>-<date>; a dry run: a new temporary folder)")
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="run every section on NumPy with tiny sizes (no GPU needed; not GPU numbers)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip, out of {','.join(SECTIONS)}")
@@ -367,7 +385,7 @@ def parse_args(argv=None):
         if a.dry_run_cpu:
             a.out = Path(tempfile.mkdtemp(prefix="gpu_suite_dry_"))
         else:
-            a.out = ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today().isoformat()}"
+            a.out = ROOT / "benchmarks" / "results" / f"{device_slug()}-{datetime.date.today().isoformat()}"
     a.out = a.out.expanduser().resolve()  # before anything runs in another directory
     return a
 

@@ -8,8 +8,9 @@ CuPy arrays (and are NumPy in the dry run), and:
 
 - validates y, x̂, inv, ∂x, ∂γ, ∂β and the products against the same calls on float64 NumPy
   copies (relative Frobenius error ≤ 1e-5 float32, ≤ 1e-12 float64);
-- counts the bytes each step must move (inputs read once, outputs written once; the backward
-  reads g and x̂ twice, once per kernel) and reports GB/s and % of copy bandwidth;
+- counts the bytes each step must move (inputs read once, outputs written once: 3·B·n values for
+  each step, the backward's column sums fused where the row fits the registers, else g and x̂ read
+  once more by the column kernel) and reports GB/s and % of copy bandwidth;
 - times the unfused array expression the kernel replaces (the NumPy reference's code run on
   CuPy arrays) for the × faster column.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 import jacgrad as jg
+from jacgrad.cuda.norm_kernels import row_fits
 from suite_device import Device, _frobenius_error
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
@@ -87,7 +89,9 @@ def _case(dev: Device, kind: str, dtype: str, B: int, n: int, copy_gbps: float |
             [fn64(ref["u"])], lambda s=scale_first: _unfused_product(F, d["u"], s))
     grads = [xp.empty(n, dtype=dtype) for _ in range(npar)]
     dx, _ = L.backward(st, d["g"], grads)
-    row("backward (dx, dγ, dβ)", lambda: L.backward(st, d["g"], grads), 5 * size + (1 + npar) * n * item + B * item,
+    fused = row_fits(n, item)  # the column sums in the row kernel: g and x̂ read once
+    moved = (3 if fused else 5) * size + (1 + npar) * n * item + B * item
+    row("backward (dx, dγ, dβ)", lambda: L.backward(st, d["g"], grads), moved,
         [dx, *grads], [dx64, *g64])
     return out
 

@@ -171,7 +171,7 @@ def markdown(results: dict) -> str:
     if d:
         _table_head(L, "Normalisation kernels (`kernels/norm.cu`), validated against float64 NumPy",
                     f"Copy bandwidth: {_fmt(d.get('copy_GB_per_s'), '.0f')} GB/s. Bytes counted: inputs read once, outputs "
-                    "written once (backward: g and x̂ read by the row and the column kernel).",
+                    "written once (backward: g and x̂ read once where the row fits the registers, else also by the column kernel).",
                     ["norm", "step", "dtype", "B × n", "ms", "GB/s", "% of copy", "× faster than unfused", "rel. err.", "ok"])
         for r in d["rows"]:
             L.append(_md_row(r["norm"], r["step"], r["dtype"], f"{r['B']} × {r['n']}", f"{r['median_ms']:.3g}",
@@ -194,6 +194,23 @@ def markdown(results: dict) -> str:
             L.append(_md_row(r["op"], r["net"], r["dtype"], _fmt(r.get("ms")), _fmt(r.get("numpy_ms")),
                           _fmt(r.get("speedup_vs_numpy"), ".2f"), _fmt(r.get("torch_ms")), _fmt(r.get("speedup_vs_torch"), ".2f"),
                           f"{r['rel_err']:.1e}", _ok(r), note))
+
+    d = secs.get("products", {}).get("data")
+    if d and d.get("rows"):
+        _table_head(L, "Products and layers since the first H100 run (`suite_products.py`) against float64 NumPy",
+                    f"Tolerance: relative Frobenius error ≤ {d['tol']['float32']:.0e} float32, ≤ {d['tol']['float64']:.0e} "
+                    "float64 (spectra: max |Δσ|/σ_max within the gram path's floor). Peers: ms and × (peer ms / jacgrad ms).",
+                    ["op", "net", "dtype", "ms", "peers", "rel. err.", "ok", "note"])
+        for r in d["rows"]:
+            peers = "; ".join(f"{k}: {v['ms']:.3g} ms ({v['speedup']:.2f}×)" for k, v in (r.get("peers") or {}).items())
+            note = r.get("error") or r.get("note") or "; ".join(f"{k}: {v}" for k, v in (r.get("peers_missing") or {}).items())
+            if "captured" in r:
+                note = ("CUDA graph recorded" if r["captured"] else f"no graph: {r.get('capture_error') or 'eager'}") + (
+                    f"; {note}" if note else "")
+            L.append(_md_row(r["op"], r["net"], r["dtype"], _fmt(r.get("ms")), peers or "–",
+                             f"{r['rel_err']:.1e}", "skipped" if r.get("skipped") else _ok(r), note))
+    elif d:
+        L += ["", f"Products section: {d.get('note', 'no rows')}"]
 
     d = secs.get("tf32", {}).get("data")
     if d:

@@ -27,6 +27,7 @@ import numpy as np
 import jacgrad as jg
 import suite_device
 import suite_blocks
+import suite_products
 import suite_norm
 import suite_validate
 
@@ -169,6 +170,9 @@ class Sections:
 
     def blocks(self) -> dict:
         return suite_blocks.blocks(self.dev)
+
+    def products(self) -> dict:
+        return suite_products.products(self.dev)
 
     def tf32(self) -> dict:
         return suite_device.tf32_mode(self.dev, *SIZES[self.dev.where]["tf32"])

@@ -10,8 +10,22 @@
 // 16-byte aligned (n a multiple of the pack and aligned bases), else one element at a time.
 // Reductions go through the Block type: on the device warp shuffles (DeviceGroup) plus one
 // shared-memory step for a whole block (DeviceBlock, below), on the host a barrier (the test's
-// HostBlock). Indices within a row are int; the only 64-bit divisions are one per row (the
+// HostBlock); that machinery is kernels/rows.cuh's. Indices within a row are int; the only 64-bit divisions are one per row (the
 // sample of a stacked row).
+//
+// Memory traffic (the kernels are bandwidth-bound; B rows of n, per-row statistics O(B), gamma and
+// beta O(n) and served by the caches). A row whose thread share fits RowCache (below: 4 packs of
+// 16 bytes per operand and thread, i.e. n <= 4 * 4 * 256 = 4096 floats or 2048 doubles with the
+// launcher's 256-thread blocks) is read ONCE into registers and every later pass works on them
+// (norm.cu's __launch_bounds__(256, 2): at most 128 registers, two blocks per SM, 128 bytes of
+// loads in flight per thread):
+//   forward   read x, write y, write xhat                              3 B n  (was 3 reads of x: 5)
+//   product   read a, read xhat, write out                             3 B n  (was 2 reads each: 5)
+//   backward  read g, read xhat, write dx; the gamma/beta column sums   3 B n  (was 5 in the row kernel
+//             accumulate in registers along the group's rows and are         plus 2 in the column
+//             written once per row group: 2 G n partials, G <= B/32          kernel: 7)
+// Longer rows stream each pass from memory (the second read mostly from L2) and the backward's
+// column sums take the column kernel (param_grads_column): the traffic of the table's "was".
 //
 // The formulas mirror jacgrad/nn/layers.py (_Norm.forward) and jacgrad/algebra/factors.py
 // (NormFactor._project), which stay the NumPy reference:
@@ -21,7 +35,7 @@
 //   vjp       P(v * (gamma * inv)),   jvp  (P u) * (gamma * inv)
 #pragma once
 
-#include "elementwise.cuh"
+#include "rows.cuh"
 
 #if !defined(__CUDACC_RTC__)
 #include <math.h>
@@ -33,60 +47,68 @@ namespace norm {
 JG_HD JG_INLINE float rsqrt_of(float s) { return 1.0f / sqrtf(s); }
 JG_HD JG_INLINE double rsqrt_of(double s) { return 1.0 / sqrt(s); }
 
-// W consecutive elements, loaded or stored as one access (W * sizeof(T) = 16 bytes, or W = 1).
-template <class T, int W> struct alignas(sizeof(T) * W) Vec {
-  T e[W];
-};
-template <int W> struct Width {
-  static constexpr int value = W;
-};
-
-template <int W, class T> JG_HD JG_INLINE Vec<T, W> ld(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const Vec<T, W>*>(p);
-#else
-  Vec<T, W> a;
-  for (int k = 0; k < W; ++k) a.e[k] = p[k];
-  return a;
-#endif
-}
-
-template <int W, class T> JG_HD JG_INLINE void st(T* p, const Vec<T, W>& a) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Vec<T, W>*>(p) = a;
-#else
-  for (int k = 0; k < W; ++k) p[k] = a.e[k];
-#endif
-}
-
-// f(i, Width<W>{}) over this thread's share of a row of n: packs of V = 16/sizeof(T) elements
-// when `packed`, then single elements.
-template <class T, class Block, class F>
-JG_HD JG_INLINE void row_each(const Block& b, int n, bool packed, F&& f) {
-  constexpr int V = ew::Pack<T>::size;
-  int done = 0;
-  if (packed) {
-    const int packs = n / V;
-    for (int p = b.tid; p < packs; p += b.size) f(p * V, Width<V>{});
-    done = packs * V;
-  }
-  for (int i = done + b.tid; i < n; i += b.size) f(i, Width<1>{});
-}
-
-// Whether every row of every operand starts 16-byte aligned: bases aligned, n a multiple of V.
-template <class T> JG_HD JG_INLINE bool rows_packed(int n, const void* a, const void* b, const void* c,
-                                                   const void* d, const void* e) {
-  return n % ew::Pack<T>::size == 0 && ew::aligned16(a) && ew::aligned16(b) && ew::aligned16(c) &&
-         ew::aligned16(d) && ew::aligned16(e);
-}
-
 // ---- forward: y, xhat and inv of rows of x (B, n) ----------------------------------------
 // beta is read only when has_beta (RMSNorm has none); inv: (B,).
+// One read of x: the row in registers (W = V packed, 1 single elements), three passes over them.
+template <class T, int W, class Block>
+JG_HD void forward_cached(const Block& b, long long block, long long grid, const T* x, const T* gamma,
+                          const T* beta, T* y, T* xhat, T* inv, int n, long long rows, T eps, bool centered,
+                          bool has_beta) {
+  constexpr int S = RowCache<T>::elems / W;
+  const T count = T(n);
+  for (long long r = block; r < rows; r += grid) {
+    Vec<T, W> c[S] = {};
+    T s[1] = {T(0)};
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      c[k] = ld<W>(x + r * n + i);
+      for (int e = 0; e < W; ++e) s[0] += c[k].e[e];
+    });
+    T mu = T(0);
+    if (centered) {
+      b.sum(s);
+      mu = s[0] / count;
+    }
+    T q[1] = {T(0)};
+    row_slots<W, S>(b, n, [&](int k, int) {
+      for (int e = 0; e < W; ++e) {
+        const T d = c[k].e[e] - mu;
+        q[0] += d * d;
+      }
+    });
+    b.sum(q);
+    const T sc = rsqrt_of(q[0] / count + eps);
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      const Vec<T, W> g = ld<W>(gamma + i);
+      Vec<T, W> h, o;
+      for (int e = 0; e < W; ++e) {
+        h.e[e] = (c[k].e[e] - mu) * sc;
+        o.e[e] = h.e[e] * g.e[e];
+      }
+      if (has_beta) {
+        const Vec<T, W> be = ld<W>(beta + i);
+        for (int e = 0; e < W; ++e) o.e[e] += be.e[e];
+      }
+      st<W>(xhat + r * n + i, h);
+      st<W>(y + r * n + i, o);
+    });
+    if (b.tid == 0) inv[r] = sc;
+  }
+}
+
 template <class T, class Block>
 JG_HD void forward_block(const Block& b, long long block, long long grid, const T* x, const T* gamma,
                          const T* beta, T* y, T* xhat, T* inv, int n, long long rows, T eps, bool centered,
                          bool has_beta) {
   const bool packed = rows_packed<T>(n, x, gamma, has_beta ? beta : gamma, y, xhat);
+  if (row_fits<T>(n, b.size)) {
+    if (packed)
+      forward_cached<T, ew::Pack<T>::size>(b, block, grid, x, gamma, beta, y, xhat, inv, n, rows, eps, centered,
+                                           has_beta);
+    else
+      forward_cached<T, 1>(b, block, grid, x, gamma, beta, y, xhat, inv, n, rows, eps, centered, has_beta);
+    return;
+  }
+  // streamed: every pass reads x again (rows longer than the registers hold)
   const T count = T(n);
   for (long long r = block; r < rows; r += grid) {
     const T* xr = x + r * n;
@@ -139,12 +161,100 @@ JG_HD void forward_block(const Block& b, long long block, long long grid, const 
 // out = (P a) * gamma*inv. With `sq`, also sq[r] += sum((a*xhat)^2) + (with_beta ? sum(a^2) : 0)
 // (the norm layer's per-sample squared parameter-gradient norm; a = g there); out is written
 // only when `write_out`.
+// With FUSE (the layer's backward, a = g), the group also sums its rows' g*xhat and g per column in
+// registers and writes them once, after its last row, as row `block` (the group's index: the
+// launch has `grid` groups) of part_g and part_b (grid, n): the column kernel's work without its
+// second read of g and xhat.
+template <class T, int W, bool FUSE, class Block>
+JG_HD void project_cached(const Block& b, long long block, long long grid, const T* a, const T* xhat,
+                          const T* gamma, const T* inv, T* out, T* sq, T* part_g, T* part_b, int n, long long rows,
+                          long long a_rows, long long per_sample, bool centered, bool scale_first, bool write_out,
+                          bool with_sq, bool with_beta) {
+  constexpr int S = RowCache<T>::elems / W;
+  const T count = T(n);
+  Vec<T, W> pg[FUSE ? S : 1] = {}, pb[FUSE ? S : 1] = {};
+  for (long long r = block; r < rows; r += grid) {
+    const long long sample = r / per_sample;
+    const T* ar = a + (a_rows == rows ? r : r - sample * per_sample) * n;
+    const T* hr = xhat + sample * n;
+    const T iv = inv[sample];
+    Vec<T, W> cv[S] = {}, ch[S] = {};
+    T s[4] = {T(0), T(0), T(0), T(0)};  // as in project_block
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      cv[k] = ld<W>(ar + i);
+      ch[k] = ld<W>(hr + i);
+      const Vec<T, W> g = ld<W>(gamma + i);
+      for (int e = 0; e < W; ++e) {
+        const T v = cv[k].e[e], h = ch[k].e[e];
+        const T wk = scale_first ? v * (g.e[e] * iv) : v;
+        s[0] += wk;
+        s[1] += wk * h;
+        if (with_sq) {
+          const T gx = v * h;
+          s[2] += gx * gx;
+          s[3] += v * v;
+        }
+        if constexpr (FUSE) {
+          pg[k].e[e] += v * h;
+          pb[k].e[e] += v;
+        }
+      }
+    });
+    if (with_sq) {
+      b.sum(s);
+    } else {
+      T s2[2] = {s[0], s[1]};
+      b.sum(s2);
+      s[0] = s2[0];
+      s[1] = s2[1];
+    }
+    const T mean = centered ? s[0] / count : T(0);
+    const T dot = s[1] / count;
+    if (write_out) {
+      row_slots<W, S>(b, n, [&](int k, int i) {
+        const Vec<T, W> g = ld<W>(gamma + i);
+        Vec<T, W> o;
+        for (int e = 0; e < W; ++e) {
+          const T sc = g.e[e] * iv;
+          const T wk = scale_first ? cv[k].e[e] * sc : cv[k].e[e];
+          const T t = wk - dot * ch[k].e[e] - mean;
+          o.e[e] = scale_first ? t : t * sc;
+        }
+        st<W>(out + r * n + i, o);
+      });
+    }
+    if (with_sq && b.tid == 0) sq[r] += s[2] + (with_beta ? s[3] : T(0));
+  }
+  if constexpr (FUSE) {
+    row_slots<W, S>(b, n, [&](int k, int i) {
+      st<W>(part_g + block * n + i, pg[k]);
+      if (with_beta) st<W>(part_b + block * n + i, pb[k]);
+    });
+  }
+}
+
+// `fuse` (the backward; only for rows that fit, row_fits): part_g, part_b as in project_cached.
 template <class T, class Block>
 JG_HD void project_block(const Block& b, long long block, long long grid, const T* a, const T* xhat,
-                         const T* gamma, const T* inv, T* out, T* sq, int n, long long rows, long long a_rows,
-                         long long per_sample,
-                         bool centered, bool scale_first, bool write_out, bool with_sq, bool with_beta) {
-  const bool packed = rows_packed<T>(n, a, xhat, gamma, out, a);
+                         const T* gamma, const T* inv, T* out, T* sq, T* part_g, T* part_b, int n, long long rows,
+                         long long a_rows, long long per_sample, bool centered, bool scale_first, bool write_out,
+                         bool with_sq, bool with_beta, bool fuse) {
+  const bool packed = rows_packed<T>(n, a, xhat, gamma, out, a) &&
+                      (!fuse || (ew::aligned16(part_g) && ew::aligned16(with_beta ? part_b : part_g)));
+  if (row_fits<T>(n, b.size)) {
+    constexpr int V = ew::Pack<T>::size;
+#define JG_PROJECT(W, F)                                                                                       \
+  project_cached<T, W, F>(b, block, grid, a, xhat, gamma, inv, out, sq, part_g, part_b, n, rows, a_rows,       \
+                          per_sample, centered, scale_first, write_out, with_sq, with_beta)
+    if (fuse) {
+      if (packed) JG_PROJECT(V, true); else JG_PROJECT(1, true);
+    } else {
+      if (packed) JG_PROJECT(V, false); else JG_PROJECT(1, false);
+    }
+#undef JG_PROJECT
+    return;
+  }
+  // streamed (rows longer than the registers hold; never fused): a and xhat read once per pass
   const T count = T(n);
   for (long long r = block; r < rows; r += grid) {
     const long long sample = r / per_sample;
@@ -215,58 +325,6 @@ JG_HD void param_grads_column(long long j, long long c, const T* g, const T* xha
   part_g[c * n + j] = sg;
   if (with_beta) part_b[c * n + j] = sb;
 }
-
-// The rows of thread `thread` of block `block` (blockDim `block_dim`, grid `grid`) when groups of
-// `group` threads (a power of two dividing block_dim) each take a row: its lane in the group,
-// its first row and the stride to its next (the kernels' and the host tests' one mapping).
-struct RowGroup {
-  int tid;
-  long long first, stride;
-};
-JG_HD JG_INLINE RowGroup row_group(int thread, int block_dim, long long block, long long grid, int group) {
-  const int per_block = block_dim / group;
-  return RowGroup{thread & (group - 1), block * per_block + thread / group, grid * per_block};
-}
-
-#if defined(__CUDACC__)
-// `size` (a power of two, at most 32) consecutive lanes of one warp working on one row.
-struct DeviceGroup {
-  int tid, size;
-
-  // Each lane's v[k] becomes the group's sum (an xor butterfly: every lane gets the same sum).
-  // Only the group's lanes take part: the other groups of the warp may be on other rows.
-  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
-    const unsigned lane = threadIdx.x & 31u;
-    const unsigned mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (lane & ~unsigned(size - 1));
-    for (int k = 0; k < K; ++k)
-      for (int off = size >> 1; off > 0; off >>= 1) v[k] += __shfl_xor_sync(mask, v[k], off);
-  }
-};
-
-// The device's block as one group (rows of 32 packs or more): blockDim.x a multiple of 32
-// (jacgrad/cuda/norm_kernels.py launches 32..256 threads).
-struct DeviceBlock {
-  int tid, size;
-
-  // Each thread's v[k] becomes the block's sum of v[k]: a warp shuffle tree, then the warps'
-  // partials through shared memory, read by every thread (nothing returns before all have).
-  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
-    __shared__ T part[K][32];
-    for (int k = 0; k < K; ++k)
-      for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
-    const int lane = tid & 31, warp = tid >> 5, warps = (size + 31) >> 5;
-    if (lane == 0)
-      for (int k = 0; k < K; ++k) part[k][warp] = v[k];
-    __syncthreads();
-    for (int k = 0; k < K; ++k) {
-      T t = T(0);
-      for (int q = 0; q < warps; ++q) t += part[k][q];
-      v[k] = t;
-    }
-    __syncthreads();  // part is free for the next sum
-  }
-};
-#endif
 
 }  // namespace norm
 }  // namespace jacgrad

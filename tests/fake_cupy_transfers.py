@@ -9,7 +9,8 @@ through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``
 line that asked, in ``fake.where``) when the caller is jacgrad's code.
 
 ``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels (the
-elementwise ones and the norm layers', ``jacgrad.cuda.norm_kernels``) and its direct cuBLAS path to
+elementwise ones, the norm layers' ``jacgrad.cuda.norm_kernels`` and the softmax Jacobian's
+``jacgrad.cuda.softmax_kernels``) and its direct cuBLAS path to
 their NumPy versions, so whole reports run on fake device arrays.
 Its only stream is ``cuda.get_current_stream()``, whose ``record``/``wait_event`` (what a compiled
 step orders its calls with) do nothing; it has no graphs or RawModule: for recording and failing
@@ -165,6 +166,7 @@ def install(monkeypatch) -> FakeCupy:
     import jacgrad.protocol.passes as passes
     import jacgrad.cuda.kernels as kernels
     import jacgrad.cuda.norm_kernels as norm_kernels
+    import jacgrad.cuda.softmax_kernels as softmax_kernels
 
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
@@ -186,7 +188,19 @@ def install(monkeypatch) -> FakeCupy:
                 monkeypatch.setattr(mod, name, on_numpy)
     for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.cuda.norm_kernels)
         monkeypatch.setattr(norm_kernels, name, _routed(fn))
+    monkeypatch.setattr(softmax_kernels, "softmax_jvp", _routed(_softmax_jvp_on_numpy))
     return fake
+
+
+def _softmax_jvp_on_numpy(P, v, out=None):
+    """``jacgrad.cuda.softmax_kernels.softmax_jvp`` by its NumPy reference (attention_factor._softmax_jvp)."""
+    from jacgrad.tokens.attention_factor import _softmax_jvp
+
+    if out is None:
+        return _softmax_jvp(P, v.copy())
+    if out is not v:
+        out[...] = v
+    return _softmax_jvp(P, out)
 
 
 def _routed(fn):

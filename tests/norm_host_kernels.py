@@ -1,4 +1,5 @@
-"""kernels/norm.cuh built for the host: the kernels of kernels/norm.cu, run on host threads.
+"""kernels/norm.cuh and kernels/softmax.cuh built for the host: the kernels of kernels/norm.cu and
+kernels/softmax.cu, run on host threads.
 
 ``build(compiler, folder)`` compiles a small C++ library (g++, or nvcc as host code) whose
 ``jg_<kernel>_<float|double>`` entry points take the kernel's own arguments plus the launch's
@@ -32,6 +33,7 @@ LIBRARY = r"""
 #include <thread>
 #include <vector>
 #include "norm.cuh"
+#include "softmax.cuh"
 
 using namespace jacgrad;
 
@@ -101,16 +103,17 @@ template <class F> static void run_grid(long long grid, int threads, int group, 
                                       const T* inv, T* out, int n, long long rows, long long a_rows,           \
                                       long long per_sample, int centered, int transpose, int group) {          \
     run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
-      norm::project_block(b, blk, g, a, xhat, gamma, inv, out, (T*)nullptr, n, rows, a_rows, per_sample,       \
-                          centered != 0, transpose != 0, true, false, false);                                  \
+      norm::project_block(b, blk, g, a, xhat, gamma, inv, out, (T*)nullptr, (T*)nullptr, (T*)nullptr, n, rows, \
+                          a_rows, per_sample, centered != 0, transpose != 0, true, false, false, false);       \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_backward_##T(long long grid, int threads, const T* gr, const T* xhat, const T* gamma, \
-                                       const T* inv, T* dx, T* sq, int n, long long rows, int centered,        \
-                                       int write_dx, int with_sq, int with_beta, int group) {                  \
+                                       const T* inv, T* dx, T* sq, T* part_g, T* part_b, int n, long long rows, \
+                                       int centered, int write_dx, int with_sq, int with_beta, int fuse,       \
+                                       int group) {                                                            \
     run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                             \
-      norm::project_block(b, blk, g, gr, xhat, gamma, inv, dx, sq, n, rows, rows, 1LL, centered != 0, true,    \
-                          write_dx != 0, with_sq != 0, with_beta != 0);                                        \
+      norm::project_block(b, blk, g, gr, xhat, gamma, inv, dx, sq, part_g, part_b, n, rows, rows, 1LL,         \
+                          centered != 0, true, write_dx != 0, with_sq != 0, with_beta != 0, fuse != 0);        \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" void jg_norm_param_grads_##T(long long gx, long long gy, int threads, const T* gr, const T* xhat,  \
@@ -121,6 +124,12 @@ template <class F> static void run_grid(long long grid, int threads, int group, 
         for (int t = 0; t < threads; ++t)                                                                      \
           norm::param_grads_column(bx * threads + t, by, gr, xhat, part_g, part_b, n, rows, chunk,             \
                                    with_beta != 0);                                                            \
+  }                                                                                                            \
+  extern "C" void jg_softmax_jvp_##T(long long grid, int threads, const T* p, const T* v, T* out, int n,        \
+                                     long long rows, long long inner, long long span, int group) {             \
+    run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                        \
+      softmax::jvp_block(b, blk, g, p, v, out, n, rows, inner, span);                                         \
+    });                                                                                                        \
   }
 
 JG_ENTRIES(float)
@@ -137,8 +146,9 @@ P, I32, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
 SIGNATURES = {
     "norm_forward": [P, P, P, P, P, P, I32, I64, "T", I32, I32, I32],
     "norm_product": [P, P, P, P, P, I32, I64, I64, I64, I32, I32, I32],
-    "norm_backward": [P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32],
+    "norm_backward": [P, P, P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32, I32],
     "norm_param_grads": [P, P, P, P, I32, I64, I64, I32],
+    "softmax_jvp": [P, P, P, I32, I64, I64, I64, I32],
 }
 SCALAR = {I32: np.int32, I64: np.int64}
 CTYPE = {"float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64)}
@@ -233,10 +243,14 @@ def install(monkeypatch, path) -> tuple[FakeNormCupy, object]:
     from jacgrad.core import cuda_build as _cuda_build
     from jacgrad.cuda import norm_kernels
 
+    from jacgrad.cuda import softmax_kernels
+
     real = {name: getattr(norm_kernels, name) for name in ("forward", "project", "backward")}
+    real_softmax = softmax_kernels.softmax_jvp
     arrays = fake_cupy_transfers.install(monkeypatch)
     for name, fn in real.items():  # the fake routes them to NumPy: here they must launch
         monkeypatch.setattr(norm_kernels, name, fn)
+    monkeypatch.setattr(softmax_kernels, "softmax_jvp", real_softmax)
     fake = FakeNormCupy(path)
     monkeypatch.setattr(_cuda_build.backend, "cupy", lambda: fake)
     clear_caches()  # the tests' fixtures clear them again afterwards: the host modules must not outlive them

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-FAST = ["--skip", "pytest_gpu,peers,tf32"]
+FAST = ["--skip", "pytest_gpu,peers,tf32,products"]
 
 
 def _run(args, cwd=ROOT, inject=None, timeout=300):
@@ -44,7 +44,7 @@ def test_the_plain_dry_run_command_passes():
     assert "targets_error" not in res and len(res["targets"]) >= 10, res.get("targets_error")
     assert "| large training step (B=4096, 8×4096) vs torch eager |" in (out / "results.md").read_text()
     assert set(res["sections"]) == {"environment", "ceilings", "fused_kernel", "norm_kernels", "validation", "compiled",
-                                    "blocks", "tf32", "peers", "pytest_gpu", "profile"}
+                                    "blocks", "products", "tf32", "peers", "pytest_gpu", "profile"}
     fused = res["sections"]["fused_kernel"]["data"]["rows"]
     assert {(r["kernel"], r["shape"]) for r in fused} == {("scale_cotangent", "same"), ("scale_cotangent", "row"),
                                                           ("forward_with_derivative", "same")}
@@ -101,7 +101,9 @@ def test_results_are_on_disk_after_every_section(tmp_path, monkeypatch):
     assert seen == [("ceilings", ["environment"]), ("fused_kernel", ["ceilings", "environment"]),
                     ("norm_kernels", ["ceilings", "environment", "fused_kernel"]),
                     ("compiled", ["ceilings", "environment", "fused_kernel", "norm_kernels"]),
-                    ("blocks", ["ceilings", "compiled", "environment", "fused_kernel", "norm_kernels", "validation"])]
+                    ("blocks", ["ceilings", "compiled", "environment", "fused_kernel", "norm_kernels", "validation"]),
+                    ("products", ["blocks", "ceilings", "compiled", "environment", "fused_kernel", "norm_kernels",
+                                  "validation"])]
 
 
 def test_timeout_output_is_decoded(monkeypatch):
@@ -142,3 +144,37 @@ def test_a_failed_targets_summary_is_said_in_results_md():
     res = {"sections": {}, "environment": {}, "targets": [], "targets_error": "TypeError: boom"}
     md = suite_report.markdown(res)
     assert "**The targets could not be computed** (TypeError: boom)" in md
+
+
+def test_the_default_out_folder_is_named_after_the_device_and_date(monkeypatch):
+    suite = _suite()
+
+    class Done:
+        stdout = "NVIDIA H100 80GB HBM3\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    assert suite.device_slug() == "nvidia-h100-80gb-hbm3"
+    out = suite.parse_args([]).out
+    assert out.parent == ROOT / "benchmarks" / "results" and out.name.startswith("nvidia-h100-80gb-hbm3-20")
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert suite.device_slug() == "gpu"
+
+
+@pytest.mark.slow
+def test_gpu_run_sh_rehearses_on_the_cpu(tmp_path):
+    """benchmarks/gpu_run.sh, the one device command, end to end on the CPU: versions, the gpu tests of
+    one file (skipped here: no CuPy), the suite's dry run into the given folder."""
+    env = {**os.environ, "GPU_RUN_TESTS": "tests/test_gemm.py", "PYTHON": sys.executable}
+    env.pop("GPU_SUITE_INJECT", None)
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(tmp_path), "--dry-run-cpu", "--skip",
+                        "pytest_gpu,peers,tf32,products,blocks,profile"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "numpy" in (tmp_path / "versions.txt").read_text()
+    assert "skipped" in (tmp_path / "pytest_gpu_direct.log").read_text()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["dry_run_cpu"] and res["sections"]["validation"]["status"] == "ok"

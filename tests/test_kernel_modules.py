@@ -43,8 +43,8 @@ def test_a_cold_start_compiles_one_module_per_source_and_dtype(fake):
         fn = kernels.compiled_kernel(kernel, dtype, act, fo)
         assert fn == ("kernel", kernels.name_expression(kernel, dtype, act, fo))
     sources = sorted({src for src, _, _ in kernels.KERNELS.values()})
-    assert sources == ["fused.cu", "norm.cu", "special.cu"]
-    assert len(fake.modules) == 6  # one per source, float and double (was one per instantiation)
+    assert sources == ["fused.cu", "norm.cu", "softmax.cu", "special.cu"]
+    assert len(fake.modules) == 8  # one per source, float and double (was one per instantiation)
     first = {kernels.name_expression(k, dt).split("<")[0]: src for k, (src, act, _) in kernels.KERNELS.items()
              if not act for dt in ("float32",)}
     first["jacgrad::scale_cotangent"] = "fused.cu"
@@ -57,7 +57,7 @@ def test_a_cold_start_compiles_one_module_per_source_and_dtype(fake):
     assert compiled == sorted(e for k in kernels.KERNELS for e in kernels.instantiations(k))
     for kernel, dtype, act, fo in launchable:  # warm: nothing compiles again
         kernels.compiled_kernel(kernel, dtype, act, fo)
-    assert len(fake.modules) == 6
+    assert len(fake.modules) == 8
 
 
 def test_erf_on_the_gpu_shares_the_special_module(fake):

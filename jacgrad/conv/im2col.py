@@ -15,6 +15,12 @@ A 2-D convolution (a 1-D one is the ``H = 1`` case) of ``x: (B, C, H, W)`` with 
 Per sample ``b`` the patch matrix ``A_b = cols[:, :, b·T:(b+1)·T]ᵀ: (T, p)`` is the weight
 leaf's input: the per-sample weight gradient is ``Δ_bᵀ A_b`` with ``Δ_b: (T, C_out)``.
 
+Every GEMM is ``jacgrad.cuda.gemm.matmul``: on NumPy the plain product (into a reused host block),
+on CuPy ``a @ b`` — except while a compiled step records its CUDA graph (``direct_cublas``), where
+it calls cuBLAS itself, ``cublasGemmStridedBatchedEx`` over the ``G`` groups (a stack of products
+with one stride each: the forward, the input and the weight gradient), so the products are
+recordable. The per-sample gradients' ``(n·G)`` stack is read in place for ``G = 1``.
+
 The patches are gathered with ``kh·kw`` strided copies and scattered back with ``kh·kw``
 strided adds, on NumPy and CuPy alike (no numpy-only call, no dense Toeplitz matrix). The batch
 is cut into chunks so that one chunk's patch matrix stays under ``max_memory`` bytes.
@@ -34,6 +40,7 @@ import numpy as np
 
 from ..core.validation import check_max_memory, shape_str
 from ..core.backend import get_xp
+from ..cuda.gemm import matmul
 
 __all__ = ["Geometry", "batch_chunks", "col2im", "conv", "conv_transpose", "im2col", "pair", "weight_grad"]
 
@@ -176,7 +183,7 @@ def conv(x, Wg, geo: Geometry, groups: int, max_memory=None, out=None):
     y4 = y.reshape((N, Cout) + geo.out_hw)
     for s in batch_chunks(N, _chunk_bytes(geo, groups, x.itemsize), max_memory):
         n = s.stop - s.start
-        prod = xp.matmul(Wg, im2col(x[s], geo, groups))                     # (G, C_out/G, n·T)
+        prod = matmul(Wg, im2col(x[s], geo, groups))                        # (G, C_out/G, n·T)
         y4[s] = prod.reshape(Cout, n, *geo.out_hw).transpose(1, 0, 2, 3)
     return y4.reshape(lead + y4.shape[1:]) if out is None else y
 
@@ -195,7 +202,7 @@ def conv_transpose(g, Wg, geo: Geometry, groups: int, max_memory=None):
     N = g.shape[0]
     parts = []
     for s in batch_chunks(N, _chunk_bytes(geo, groups, g.itemsize), max_memory):
-        dcols = get_xp(g, Wg).matmul(Wg.swapaxes(1, 2), _as_groups(g[s], groups))    # (G, p, n·T)
+        dcols = matmul(Wg.swapaxes(1, 2), _as_groups(g[s], groups))                  # (G, p, n·T)
         parts.append(col2im(dcols, geo, groups, s.stop - s.start))
     out = parts[0] if len(parts) == 1 else get_xp(g).concatenate(parts, axis=0)
     return out.reshape(lead + out.shape[1:])
@@ -203,10 +210,10 @@ def conv_transpose(g, Wg, geo: Geometry, groups: int, max_memory=None):
 
 def weight_grad(x, delta, geo: Geometry, groups: int, out, max_memory=None):
     """``Σ_b Δ_bᵀ A_b`` written into ``out: (G, C_out/G, p)``: ``x: (N, C, H, W)``, ``delta: (N, C_out, Ho, Wo)``."""
-    xp = get_xp(x, delta, out)
+    get_xp(x, delta, out)  # one kind of array
     out[...] = 0
     for s in batch_chunks(x.shape[0], _chunk_bytes(geo, groups, x.itemsize), max_memory):
-        out += xp.matmul(_as_groups(delta[s], groups), im2col(x[s], geo, groups).swapaxes(1, 2))
+        out += matmul(_as_groups(delta[s], groups), im2col(x[s], geo, groups).swapaxes(1, 2))
     return out
 
 
@@ -227,6 +234,7 @@ def per_sample_sq_norms(x, delta, geo: Geometry, groups: int, max_memory=None):
         n = s.stop - s.start
         A = im2col(x[s], geo, groups).reshape(groups, -1, n, T).transpose(2, 0, 3, 1)       # (n, G, T, p)
         D = delta[s].reshape(n, groups, Cout // groups, T)                                   # (n, G, O, T)
-        gW = xp.matmul(D, A)
+        p = A.shape[-1]
+        gW = matmul(D.reshape(n * groups, -1, T), A.reshape(n * groups, T, p))              # (n·G, O, p)
         out[s] = (gW * gW).reshape(n, -1).sum(axis=1)
     return out

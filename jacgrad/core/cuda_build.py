@@ -5,8 +5,8 @@ Each kernel template is instantiated through a C++ name expression such as
 ``jacgrad::scale_cotangent<float, jacgrad::Tanh, false>``.
 
 Compilation: ONE NVRTC module per (source file, dtype, device), holding every instantiation of
-every kernel of that file in that dtype (``source_expressions``): 6 compiles on a cold start
-(fused.cu, special.cu and norm.cu, float and double) where one module per instantiation took
+every kernel of that file in that dtype (``source_expressions``): 8 compiles on a cold start
+(fused.cu, special.cu, norm.cu and softmax.cu, float and double) where one module per instantiation took
 about 130.
 ``compiled_module`` is that cache; ``compiled_function`` picks one kernel out of it.
 
@@ -41,6 +41,7 @@ KERNELS: dict[str, tuple[str, bool, bool]] = {
     "norm_product": ("norm.cu", False, False),
     "norm_backward": ("norm.cu", False, False),
     "norm_param_grads": ("norm.cu", False, False),
+    "softmax_jvp": ("softmax.cu", False, False),
 }
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}

@@ -1,4 +1,4 @@
-"""jacgrad.cuda: The GPU plumbing: the elementwise and norm kernels (built from kernels/*.cu,
+"""jacgrad.cuda: The GPU plumbing: the elementwise, norm and softmax-Jacobian kernels (built from kernels/*.cu,
 reading the activation table), GEMMs, CUDA graphs and the reused host blocks. May import core,
 elementwise.
 """

@@ -7,10 +7,18 @@
 - ``project(a, xhat, gamma, inv, centered, transpose)`` → the factor ``diag(γ·inv)·P`` (JVP) or
   its transpose ``P·diag(γ·inv)`` (VJP) on rows, ``P = I − 11ᵀ/n − x̂x̂ᵀ/n`` (``I − x̂x̂ᵀ/n``):
   one read of ``a`` and ``x̂``, one write.
-- ``backward(g, xhat, inv, gamma, centered, dgamma, dbeta, sq, input_grad)`` → ``∂L/∂x`` and the
-  per-sample squared gradient norms in one row kernel; ``∂γ = Σ_batch g⊙x̂`` and ``∂β = Σ_batch g``
-  in one column kernel that reads ``g`` and ``x̂`` once more (coalesced, chunks of rows per block,
-  the small ``(chunks, n)`` partials summed by CuPy). Not a GEMV: ``∂β = gᵀ1`` is one, but ``∂γ``
+- ``backward(g, xhat, inv, gamma, centered, dgamma, dbeta, sq, input_grad)`` → ``∂L/∂x``, the
+  per-sample squared gradient norms, ``∂γ = Σ_batch g⊙x̂`` and ``∂β = Σ_batch g``. Rows that fit
+  the registers (``row_fits``: ``n ≤ 4096`` float32, ``2048`` float64) take ONE kernel that reads
+  ``g`` and ``x̂`` once: each group of threads keeps its row in registers, and its columns' sums of
+  ``g⊙x̂`` and ``g`` over the ``≥ _ROWS_PER_GROUP`` rows it walks, written once as its row of
+  ``(G, n)`` partials that CuPy sums (``4·G·n`` of traffic against ``3·B·n``: ≤ 8 %). Longer rows
+  take the row kernel (streaming ``g`` and ``x̂`` twice) and a column kernel that reads them once
+  more (coalesced, chunks of rows per block, the ``(chunks, n)`` partials summed by CuPy).
+
+Traffic (``B·n`` values moved; kernels/norm.cuh's account): forward 3 (read x, write y and x̂),
+product 3, backward 3 (read g and x̂, write ∂x) for rows that fit; forward 5, product 5,
+backward 7 beyond. Not a GEMV for the column sums: ``∂β = gᵀ1`` is one, but ``∂γ``
   is the diagonal of ``gᵀx̂``, which a GEMV reaches only through a materialised ``g⊙x̂`` (an
   extra ``(B, n)`` write and read); not atomics in the row kernel: their order, hence the
   float sums, would change from run to run.
@@ -31,15 +39,18 @@ import numpy as np
 from ..core.cuda_build import compiled_function, source_expressions
 from ..core.backend import get_xp
 
-__all__ = ["MAX_THREADS", "backward", "block_threads", "forward", "param_chunks", "project"]
+__all__ = ["MAX_THREADS", "backward", "block_threads", "forward", "param_chunks", "project", "row_fits"]
 
 SOURCE = "norm.cu"
-MAX_THREADS = 256  # threads per row's block (a multiple of 32; kernels/norm.cuh's DeviceBlock)
+MAX_THREADS = 256  # threads per row's block (a multiple of 32, ≤ 256: kernels/norm.cu's JG_NORM_BOUNDS)
 _SHARED_BLOCK = 128  # threads per block when several short rows share it (kernels/norm.cuh's DeviceGroup)
 _MAX_GRID = 1 << 20  # blocks; the kernels loop over the rows beyond
 _COLUMN_THREADS = 256
 _COLUMN_BLOCKS = 1024  # the column kernel's target grid: several waves on any current GPU
 _MIN_CHUNK = 16
+_CACHE_PACKS = 4  # 16-byte packs per operand a thread holds in registers: kernels/norm.cuh's RowCache
+_ROWS_PER_GROUP = 16  # fused backward: rows a group walks before writing its (n,) partials
+_MAX_GROUPS = 4096  # fused backward: row groups at most (the partials (G, n) CuPy sums)
 
 
 def block_threads(n: int, itemsize: int) -> tuple[int, int]:
@@ -49,6 +60,14 @@ def block_threads(n: int, itemsize: int) -> tuple[int, int]:
     packs = -(-int(n) // max(1, 16 // int(itemsize)))
     group = min(MAX_THREADS, 1 << max(0, packs - 1).bit_length())
     return group, (group if group >= 32 else _SHARED_BLOCK)
+
+
+def row_fits(n: int, itemsize: int) -> bool:
+    """Whether a row of ``n`` is held in its group's registers (kernels/norm.cuh's ``row_fits``):
+    ``ceil(n / V) ≤ 4 · (threads per row)``, V = 16 / itemsize. Then the row kernels read each
+    operand once and the backward fuses the column sums."""
+    group, _ = block_threads(n, itemsize)
+    return -(-int(n) // max(1, 16 // int(itemsize))) <= _CACHE_PACKS * group
 
 
 def param_chunks(rows: int, n: int) -> tuple[int, int]:
@@ -181,17 +200,50 @@ def backward(g: Any, xhat: Any, inv: Any, gamma: Any, centered: bool, dgamma: An
     acc = None
     if sq is not None:
         acc = sq if (sq.dtype == dt and sq.flags.c_contiguous) else xp.zeros(rows, dtype=dt)
-    if input_grad or sq is not None:
+    fuse = rows > 0 and n > 0 and row_fits(n, np.dtype(dt).itemsize)
+    if fuse:
+        _fused_backward(xp, g, xhat, gamma, inv, dx, acc, dgamma, dbeta, rows, n, centered)
+    elif input_grad or sq is not None:
         _launch("norm_backward", dt, rows, n,
-                (g, xhat, gamma, inv, g if dx is None else dx, inv if acc is None else acc, np.int32(n),
-                 np.int64(rows), _flag(centered), _flag(input_grad), _flag(sq is not None), _flag(with_beta)))
+                (g, xhat, gamma, inv, g if dx is None else dx, inv if acc is None else acc, g, g, np.int32(n),
+                 np.int64(rows), _flag(centered), _flag(input_grad), _flag(sq is not None), _flag(with_beta),
+                 _flag(False)))
     if acc is not None and acc is not sq:
         sq += acc
-    _param_grads(xp, g, xhat, dgamma, dbeta, rows, n)
+    if not fuse:
+        _param_grads(xp, g, xhat, dgamma, dbeta, rows, n)
     if dx is not None and dx_out is not None and dx is not dx_out:
         dx_out[...] = dx
         return dx_out
     return dx
+
+
+def _fused_backward(xp, g, xhat, gamma, inv, dx, acc, dgamma, dbeta, rows: int, n: int, centered: bool) -> None:
+    """The one-kernel backward (rows that fit): ``G`` row groups of ``≥ _ROWS_PER_GROUP`` rows each,
+    their ``(G, n)`` column partials summed into ``dgamma``/``dbeta`` (written directly when G = 1)."""
+    dt = g.dtype
+    group, block = block_threads(n, np.dtype(dt).itemsize)
+    per_block = block // group
+    wanted = max(1, min(-(-rows // _ROWS_PER_GROUP), _MAX_GROUPS))
+    grid = min(-(-wanted // per_block), _MAX_GRID)
+    groups = grid * per_block
+
+    def target(out):  # (where the kernel writes, whether its partials still need their sum)
+        if groups == 1 and out.dtype == dt and out.flags.c_contiguous:
+            return out.reshape(1, n), False
+        return xp.empty((groups, n), dtype=dt), True
+
+    part_g, sum_g = target(dgamma)
+    part_b, sum_b = (part_g, False) if dbeta is None else target(dbeta)
+    _kernel("norm_backward", dt)(
+        (grid,), (block,),
+        (g, xhat, gamma, inv, g if dx is None else dx, inv if acc is None else acc, part_g, part_b, np.int32(n),
+         np.int64(rows), _flag(centered), _flag(dx is not None), _flag(acc is not None), _flag(dbeta is not None),
+         _flag(True), np.int32(group)))
+    if sum_g:
+        part_g.sum(axis=0, out=dgamma)
+    if sum_b:
+        part_b.sum(axis=0, out=dbeta)
 
 
 def _param_grads(xp, g, xhat, dgamma, dbeta, rows: int, n: int) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from ..algebra.lanczos import top_eigenvalues
 from ..core.validation import float_array, shape_str
 from ..core.backend import get_xp
+from ..cuda import softmax_kernels
 from ..algebra.jacobian import _check_sample_selection
 from ..algebra.spectra import singular_values as _svd
 
@@ -87,7 +88,10 @@ def attention_weights(Q, K, scale: float, mask, out: Any = None):
 
 
 def _softmax_jvp(P, Sdot):
-    """``P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))``: every row's ``(diag(p) − ppᵀ)ṡ``, written into ``Ṡ`` (the caller's scratch)."""
+    """``P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))``: every row's ``(diag(p) − ppᵀ)ṡ``, written into ``Ṡ`` (the caller's scratch).
+    On CuPy one fused row kernel (``jacgrad.cuda.softmax_kernels``); on NumPy these lines, its reference."""
+    if get_xp(P, Sdot) is not np:
+        return softmax_kernels.softmax_jvp(P, Sdot, out=Sdot)
     Sdot -= (P * Sdot).sum(axis=-1, keepdims=True)
     Sdot *= P
     return Sdot
