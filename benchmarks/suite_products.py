@@ -214,8 +214,8 @@ def _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label) -> None:
             _fail(rows, op, label, exc)
             continue
         want = {"grad_norms": lambda: [ref.per_sample_grad_norms(x64, t64)], "ntk": lambda: [jg.ntk(ref, x64)],
-                "ggn_vp": lambda: [ref.ggn_vp(x64, np.ones(ref.n_params), target=t64)]}[product]
-        args = {"grad_norms": (xd, td), "ntk": (xd,), "ggn_vp": (xd, dev.put(np.ones(ref.n_params), "float32"), td)}
+                "ggn_vp": lambda: [ref.ggn_vp(x64, np.ones(ref.n_params))]}[product]  # mse: G does not read the target
+        args = {"grad_norms": (xd, td), "ntk": (xd,), "ggn_vp": (xd, dev.put(np.ones(ref.n_params), "float32"))}
         _row(rows, dev, op, label, lambda s=step, a=args[product]: [s(*a)], want)
 
 

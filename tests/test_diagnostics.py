@@ -229,7 +229,7 @@ def test_backward_overflow_names_the_layer():
     # identity layers W = 1e100·I on a tiny input: the forward stays finite (1e-300 → 1e200),
     # the backward of a unit cotangent grows 1e100 per layer and overflows below layer 1
     W = 1e100 * np.eye(3)
-    net = jg.MLP([W] * 5, None, "identity")
+    net = jg.MLP([W.copy() for _ in range(5)], None, "identity")  # five layers, five parameters (one array five times is one tied parameter)
     rep = gradient_flow(net, np.full((2, 3), 1e-300))
     assert rep.nonfinite == {
         "layer": 0,
@@ -347,10 +347,10 @@ def test_one_inactive_unit_of_a_3_wide_net_attenuates_by_two_thirds_and_four_nin
     W = np.full((3, 3), 1 / 3)
     x = np.array([[1.0, 2.0, 3.0], [0.5, 0.1, 2.0]])
     target = np.zeros((2, 3))
-    on = jg.MLP([W] * L, None, ["relu"] * (L - 1) + ["identity"])
+    on = jg.MLP([W.copy() for _ in range(L)], None, ["relu"] * (L - 1) + ["identity"])  # untied: one array per layer
     biases = [np.zeros(3) for _ in range(L)]
     biases[k] = np.array([0.0, 0.0, -1e3])  # unit 2 of layer k never fires: relu' = 0
-    off = jg.MLP([W] * L, biases, on.activations)
+    off = jg.MLP([W.copy() for _ in range(L)], biases, on.activations)
     r_on = gradient_flow(on, x, target, loss="mse")
     r_off = gradient_flow(off, x, target, loss="mse")
     _, g_on = on.loss_and_grads(x, target)
