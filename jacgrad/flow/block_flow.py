@@ -46,7 +46,7 @@ from ..network.sequential import Sequential
 
 __all__ = ["BlockChunk", "BlockFlow", "BlockFlowReport", "ReportChunk", "block_flow", "block_report",
            "block_report_bytes", "layers_only", "merge", "merge_block_partials", "partials", "report_bytes",
-           "report_from_block_partial", "report_from_partial"]
+           "report_from_partial"]
 
 # Below this many elements of B·n·n a block's Frobenius norm and ‖J‖₂ are exact (dense); above,
 # ‖J‖_F² is a Hutchinson estimate (PROBES Rademacher probes) and ‖J‖₂ comes from Lanczos.
@@ -332,5 +332,5 @@ def block_report(net: Sequential, x, target=None, loss: str = "mse", *, seed: in
     return report_from_partial(p, label=label)
 
 
-BlockChunk, merge_block_partials, report_from_block_partial = ReportChunk, merge, report_from_partial  # older names
+BlockChunk, merge_block_partials = ReportChunk, merge  # older names
 block_report_bytes = report_bytes

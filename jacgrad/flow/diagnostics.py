@@ -77,8 +77,8 @@ def gradient_flow(
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
-    A ``jacgrad.Sequential``'s report (the same ``GradientFlowReport`` type, built by
-    ``jacgrad.flow.block_flow.block_report``) has ``.blocks``: one row per top-level block (dense,
+    One sweep builds every report (``jacgrad.flow.block_flow``): an ``MLP``'s has ``.layers`` only;
+    any other ``jacgrad.Sequential``'s (the same ``GradientFlowReport`` type) has ``.blocks`` too: one row per top-level block (dense,
     residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and bound, the same verdict rule over the
     blocks' χ, hints that know the net's residual blocks and norm layers, and the input-output
     spectrum as below (``norm_samples`` applies to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
@@ -138,9 +138,10 @@ def gradient_flow(
 
 def _in_words_of(net, report: GradientFlowReport) -> GradientFlowReport:
     """``report`` with its hints in the words of the framework ``net`` was imported from
-    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``)."""
+    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``); a block
+    report's hints (``block_hints``) name no initialiser call."""
     framework = getattr(net, "imported_from", None)
-    if framework is not None:
+    if framework is not None and not report.has_blocks:
         report.hints = hints(report, framework=framework)
     return report
 

@@ -29,7 +29,7 @@ from ..algebra.lanczos import top_eigenvalues
 from ..elementwise import activations as _activations
 
 __all__ = [
-    "CHUNK_ELEMENTS", "LayerFlow", "REPORT_TOL", "SATURATION", "all_finite", "first_nonfinite", "is_finite",
+    "CHUNK_ELEMENTS", "LayerFlow", "REPORT_TOL", "SATURATION", "all_finite", "first_nonfinite",
     "layer_dense", "layer_gram", "layer_partial", "layer_row", "merge_layer", "norm_subsample", "report_tol",
     "small_gram", "weight_norm_squared",
 ]
@@ -79,10 +79,6 @@ def all_finite(xp, arrays) -> np.ndarray:
     flags = [xp.isfinite(a).all() for a in arrays if a is not None]
     got = iter(_host(xp.stack(flags))) if flags else iter(())
     return np.array([True if a is None else bool(next(got)) for a in arrays], dtype=bool)
-
-
-def is_finite(xp, a) -> bool:
-    return bool(all_finite(xp, [a])[0])
 
 
 def first_nonfinite(xp, cache, grads, grad_y, L: int) -> dict | None:
