@@ -121,7 +121,7 @@ def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_
     each sample's random unit cotangent drawn by its row (the same however the batch is chunked).
     ``norm_rows``: sorted host indices into the whole batch of the samples whose ‖J‖₂ and bound
     are measured (``statistics.norm_subsample``; None: all). ``blocks``: with the block rows
-    (None: unless ``layers_only(net)``); ``spectrum``: with the input-output spectrum's partial
+    (None: unless ``layers_only(net)``; False only for a net of Dense layers); ``spectrum``: with the input-output spectrum's partial
     (``jacgrad.flow.io_spectrum``; None after an overflow). Per block Σχ, Σ‖J‖₂, Σbound and the
     parameter gradient summed over the samples; per parameterised layer its row's partial; Σ‖J‖₂
     of the whole chain; the loss sum (None for a cotangent). ``x`` is checked by the caller."""
