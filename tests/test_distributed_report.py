@@ -1,7 +1,7 @@
 """The gradient-flow report over a dataset: a Dask batch is reported chunk by chunk (mergeable
 partials merged up a tree) and gives the report of the same data as one NumPy batch, up to
 floating-point summation order — every field of ``to_dict()``; counts exactly. The NumPy path is
-the reference: the whole batch in one ``_flow.partials``, never chunked."""
+the reference: the whole batch in one ``block_flow.partials``, never chunked."""
 
 import math
 
@@ -17,7 +17,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 N = 150
-# ‖J_j‖₂ per sample comes from Lanczos to 1e-6 relative (jacgrad.flow.layer_norms.report_tol): its
+# ‖J_j‖₂ per sample comes from Lanczos to 1e-6 relative (jacgrad.flow.statistics.report_tol): its
 # mean agrees to that; every other float to summation order.
 LANCZOS = {"jacobian_norm"}
 
@@ -104,8 +104,8 @@ def test_a_numpy_batch_above_the_budget_is_reported_in_chunks(monkeypatch):
     x, target = _data("mse")
     want = gradient_flow(net, x, target, spectrum_samples=50).to_dict()
     calls = []
-    real = jg.flow.statistics.partials
-    monkeypatch.setattr(jg.flow.statistics, "partials", lambda *a, **k: calls.append(k.get("start", 0)) or real(*a, **k))
+    real = jg.flow.block_flow.partials
+    monkeypatch.setattr(jg.flow.block_flow, "partials", lambda *a, **k: calls.append(k.get("start", 0)) or real(*a, **k))
     per_sample = jg.diagnostics._report_bytes(net)
     got = gradient_flow(net, x, target, spectrum_samples=50, max_memory=40 * per_sample)
     assert calls == list(range(0, N, 40))  # 4 chunks of at most 40 rows
@@ -126,7 +126,7 @@ def test_bad_dataset_inputs_are_named_before_anything_runs():
         gradient_flow(net, X.astype(np.int64))
     bad = x.copy()
     bad[77, 3] = np.nan
-    with pytest.raises(ValueError, match=r"non-finite values \(inf or NaN\) in rows 50..99"):
+    with pytest.raises(ValueError, match=r"non-finite values \(inf or NaN\) in 1 rows \(first: sample 77\)"):
         gradient_flow(net, da.from_array(bad, chunks=(50, 12)))
 
 

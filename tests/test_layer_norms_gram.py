@@ -5,7 +5,7 @@ import numpy as np
 import jacgrad as jg
 from jacgrad.algebra.lanczos import top_eigenvalues
 from jacgrad.flow.diagnostics import gradient_flow
-from jacgrad.flow.layer_norms import layer_dense, layer_gram
+from jacgrad.flow.statistics import layer_dense, layer_gram
 
 
 class CountingW(np.ndarray):
@@ -49,7 +49,7 @@ def test_report_forms_each_layers_gram_once_for_norm_and_both_operators(monkeypa
     """‖W‖₂ (weight_norm_squared), the matrix-free and the dense layer operator share one WᵀW per
     layer: the report's layer partial forms one Gram GEMM per layer, not up to three."""
     import jacgrad.flow.statistics as flow
-    import jacgrad.flow.layer_norms as ln
+    import jacgrad.flow.statistics as ln
 
     real, memos = ln.small_gram, []
 

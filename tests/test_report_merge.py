@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.flow import statistics as _flow
+from jacgrad.flow import block_flow as _flow
 from jacgrad.flow.diagnostics import gradient_flow, report_from_partials
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.flow import layer_norms as _layer_norms
+from jacgrad.flow import statistics as _layer_norms
 from jacgrad.algebra.lanczos import top_eigenvalues
 from jacgrad.flow.diagnostics import gradient_flow
 from jacgrad.algebra.spectra import ConvergenceWarning

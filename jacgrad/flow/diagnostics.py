@@ -34,17 +34,13 @@ from typing import Any
 import numpy as np
 
 from ..core import above as _above
-from . import statistics as _flow
 from ..nn import losses as _losses
-from .statistics import SATURATION, LayerFlow, all_finite
-from ..core.validation import check_input_dtype, float_array, network_input, require_network, shape_str
-from ..core.backend import get_xp
-from ..distributed import budget, compute, reduce_in_memory, reduce_samples
+from .statistics import SATURATION, LayerFlow
+from ..core.validation import check_input_dtype, float_array, require_network, shape_str
+from ..distributed import compute, reduce_samples
 from ..distributed.mapping import is_dask
 from .report_blocks import BlockFlowReport, GradientFlowReport
-from .block_flow import (BlockChunk, block_report, block_report_bytes, merge_block_partials,
-                         report_from_block_partial)
-from ..network.sequential import Sequential
+from .block_flow import ReportChunk, block_report, merge, report_bytes, report_from_partial
 from .verdict import GAIN_BAND, VERDICTS, decide
 from .report import hints, usual_init
 
@@ -81,8 +77,8 @@ def gradient_flow(
 ) -> GradientFlowReport:
     """The gradient-flow report of ``net`` at inputs ``x: (B, n_in)`` (on the net's device).
 
-    A ``jacgrad.Sequential``'s report (the same ``GradientFlowReport`` type, built by
-    ``jacgrad.flow.block_flow.block_report``) has ``.blocks``: one row per top-level block (dense,
+    One sweep builds every report (``jacgrad.flow.block_flow``): an ``MLP``'s has ``.layers`` only;
+    any other ``jacgrad.Sequential``'s (the same ``GradientFlowReport`` type) has ``.blocks`` too: one row per top-level block (dense,
     residual, layernorm, rmsnorm) with its χ, ‖J‖₂ and bound, the same verdict rule over the
     blocks' χ, hints that know the net's residual blocks and norm layers, and the input-output
     spectrum as below (``norm_samples`` applies to the ‖J‖₂ and bound columns). It takes Dask batches and large in-memory ones too, as below.
@@ -119,7 +115,7 @@ def gradient_flow(
     ``ValueError`` naming them.
 
     Over a dataset: a Dask ``x: (N, n_in)`` chunked along the batch (``target`` Dask or in
-    memory) is never loaded whole: each chunk's mergeable partial (``jacgrad.flow.statistics``) is computed
+    memory) is never loaded whole: each chunk's mergeable partial (``jacgrad.flow.block_flow``) is computed
     where its rows are, the partials are merged up a tree (``jacgrad.distributed.reduce_samples``)
     and the report is of all N samples, equal to the one-batch report up to floating-point
     summation order; the spectrum is that of the first S rows. It runs on the active
@@ -131,46 +127,21 @@ def gradient_flow(
     require_network(net, "gradient_flow")
     _check_count("spectrum_samples", spectrum_samples, 0, "as many samples as the cost allows; 0 skips the spectrum")
     _check_count("norm_samples", norm_samples, 1, f"every sample; {DATASET_NORM_SAMPLES} of a Dask batch")
-    if isinstance(net, Sequential) and not hasattr(net, "weights"):  # one row per block (jacgrad.flow.block_flow);
-        # an MLP (a Sequential of Dense layers with weights/biases/activations lists) gets the per-layer report
-        if is_dask(x) or is_dask(target):
-            norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
-            return _dataset_block_flow(net, x, target, loss, seed, label, max_memory, norm_samples, spectrum_samples)
-        return block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
-                            norm_samples=norm_samples, spectrum_samples=spectrum_samples)
     if is_dask(x) or is_dask(target):
-        _check_weights(net)
         norm_samples = DATASET_NORM_SAMPLES if norm_samples is None else norm_samples
-        return _in_words_of(net, _dataset_flow(net, x, target, loss, seed, spectrum_samples, label, max_memory, norm_samples))
-    try:
-        xp = get_xp(net.weights[0], x)
-    except TypeError as exc:
-        raise TypeError(f"x and the network live on different devices: {exc}") from None
-    x = network_input(x, "x", xp, net.weights[0].dtype)  # as forward: int, bool, complex, float64 into float32
-    L = len(net.weights)
-    if x.ndim != 2 or x.shape[1] != net.weights[0].shape[0]:
-        raise ValueError(
-            f"x has shape {shape_str(x.shape)} but the network takes (B, {net.weights[0].shape[0]}) inputs"
-        )
-    if x.shape[0] == 0:
-        raise ValueError("x has no samples (B = 0); the report needs at least one")
-    ok = all_finite(xp, [x] + [a for W, b in zip(net.weights, net.biases) for a in (W, b)])
-    if not ok[0]:
-        raise ValueError("x has non-finite values (inf or NaN); the report needs finite inputs")
-    _raise_nonfinite_weights(ok[1:], L)
-    x = x.astype(net.weights[0].dtype, copy=False)
-    targets = () if target is None else (target,)  # a batch above the budget is reported a chunk at a time
-    chunk = _ChunkPartial(loss, seed, spectrum_samples, int(x.shape[0]), check_x=False, norm_samples=norm_samples)
-    p = reduce_in_memory(chunk, _flow.merge, net, x, *targets,
-                         bytes_per_sample=_report_bytes, max_memory=max_memory)
-    return _in_words_of(net, report_from_partials(p, label=label))
+        report = _dataset_report(net, x, target, loss, seed, label, max_memory, norm_samples, spectrum_samples)
+    else:
+        report = block_report(net, x, target, loss, seed=seed, label=label, max_memory=max_memory,
+                              norm_samples=norm_samples, spectrum_samples=spectrum_samples)
+    return _in_words_of(net, report)
 
 
 def _in_words_of(net, report: GradientFlowReport) -> GradientFlowReport:
     """``report`` with its hints in the words of the framework ``net`` was imported from
-    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``)."""
+    (``nn.init.xavier_normal_`` for a torch model rather than ``init='xavier_normal'``); a block
+    report's hints (``block_hints``) name no initialiser call."""
     framework = getattr(net, "imported_from", None)
-    if framework is not None:
+    if framework is not None and not report.has_blocks:
         report.hints = hints(report, framework=framework)
     return report
 
@@ -181,79 +152,28 @@ def _check_count(name: str, value, minimum: int, none: str) -> None:
         raise ValueError(f"{name} must be None ({none}) or an int >= {minimum}; got {value!r}")
 
 
-def _raise_nonfinite_weights(ok, L: int) -> None:
-    """``ok``: host flags of W0, b0, W1, b1, … being finite."""
-    for j in range(L):
-        if not ok[2 * j : 2 * j + 2].all():
-            raise ValueError(f"layer {j}: W{j} or b{j} has non-finite values (inf or NaN)")
-
-
-def _check_weights(net) -> None:
-    xp = get_xp(net.weights[0])
-    _raise_nonfinite_weights(all_finite(xp, [a for W, b in zip(net.weights, net.biases) for a in (W, b)]),
-                             len(net.weights))
-
-
-def _report_bytes(net) -> int:
-    """Bytes per sample of one chunk's partial: a loss's forward and backward pass, and a few
-    ``(B, H)`` blocks of the layer being measured (Lanczos and the spectrum bound their own)."""
-    return budget.backward_bytes(net) + 6 * np.dtype(net.dtype).itemsize * max(int(s) for s in net.sizes[1:])
+_report_bytes = report_bytes  # bytes per sample of one chunk's partial
 
 
 def _identity(p):
     return p
 
 
-class _ChunkPartial:
-    """``f(net, x, [target], start=) -> partial`` of one chunk of a batch of ``total`` samples:
-    a picklable per-chunk function for ``reduce_samples`` (a class, not a closure).
-    ``check_x=False``: the batch was already checked whole (finite, the network's dtype)."""
-
-    def __init__(self, loss: str, seed: int, spectrum_samples, total: int, check_x: bool = True,
-                 norm_samples: int | None = None):
-        self.loss, self.seed, self.spectrum_samples, self.total = loss, seed, spectrum_samples, int(total)
-        self.check_x = check_x
-        self.norm_rows = _flow.norm_subsample(self.total, norm_samples, seed)  # a few KiB: shipped with the task
-
-    def __call__(self, net, x, target=None, *, start: int):
-        xp = get_xp(net.weights[0], x)
-        if self.check_x and not all_finite(xp, [x])[0]:
-            raise ValueError(f"x has non-finite values (inf or NaN) in rows {start}..{start + x.shape[0] - 1}; "
-                             "the report needs finite inputs")
-        x = x.astype(net.weights[0].dtype, copy=False)
-        return _flow.partials(net, x, target, self.loss, seed=self.seed, spectrum_samples=self.spectrum_samples,
-                              start=start, total=self.total, norm_rows=self.norm_rows)
-
-
-def _dataset_flow(net, X, target, loss, seed, spectrum_samples, label, max_memory, norm_samples) -> GradientFlowReport:
-    """The report over a Dask batch: a partial per chunk, merged up a tree, computed on the
-    active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``."""
-    return _dataset_report(lambda N: _ChunkPartial(loss, seed, spectrum_samples, N, norm_samples=norm_samples),
-                           _flow.merge, _report_bytes,
-                           report_from_partials, net, X, target, loss, label, max_memory)
-
-
-def _dataset_block_flow(net, X, target, loss, seed, label, max_memory, norm_samples, spectrum_samples) -> BlockFlowReport:
-    """The block report of a ``Sequential`` over a Dask batch, as ``_dataset_flow``: a
-    ``BlockChunk`` partial per chunk, merged up a tree. Equal to the one-batch report up to
-    summation order; the measuring method (exact or estimated) is chosen by the whole batch's
-    size, so every chunk takes the same one."""
-    return _dataset_report(lambda N: BlockChunk(loss, seed, N, norm_samples, spectrum_samples), merge_block_partials, block_report_bytes,
-                           report_from_block_partial, net, X, target, loss, label, max_memory)
-
-
-def _dataset_report(make_chunk, combine, bytes_per_sample, finish, net, X, target, loss, label, max_memory):
-    """``finish(merged partial, label=)`` over the Dask batch ``X``: ``make_chunk(N)`` is the
-    per-chunk function for a batch of N samples, ``combine`` merges two partials."""
+def _dataset_report(net, X, target, loss, seed, label, max_memory, norm_samples, spectrum_samples):
+    """The report over the Dask batch ``X``: a ``ReportChunk`` partial per chunk, merged up a tree,
+    computed on the active client (or Dask's local scheduler) through ``jacgrad.distributed.compute``.
+    Equal to the one-batch report up to summation order; a block's measuring method (exact or
+    estimated) is chosen by the whole batch's size, so every chunk takes the same one."""
     X = _as_dask_batch(X, target)
     check_input_dtype("x", X.dtype, net.dtype)  # as forward: never rounded (the tasks cast float32 up, exactly)
     if target is not None:
         _losses.get(loss)  # an unknown name fails here, not in every task
     targets = () if target is None else (target,)
-    lazy = reduce_samples(make_chunk(X.shape[0]), combine, _identity, net, X, *targets,
-                          bytes_per_sample=bytes_per_sample, max_memory=max_memory, with_start=True)
+    chunk = ReportChunk(loss, seed, X.shape[0], norm_samples, spectrum_samples)
+    lazy = reduce_samples(chunk, merge, _identity, net, X, *targets, bytes_per_sample=report_bytes,
+                          max_memory=max_memory, with_start=True)
     (p,) = compute(lazy)
-    return finish(p, label=label)
+    return report_from_partial(p, label=label)
 
 
 def _as_dask_batch(X, target):
@@ -271,25 +191,7 @@ def _as_dask_batch(X, target):
     return X
 
 
-def report_from_partials(p: dict, label: str = "") -> GradientFlowReport:
-    """The report of a (merged) ``jacgrad.flow.statistics`` partial: ``gradient_flow`` of one batch is
-    ``report_from_partials(partials(net, x, ...))``; over chunks, merge their partials first."""
-    fields = _flow.finish(p)
-    layers = fields.pop("layers")
-    verdict, chi_bar, gamma, depth_scale = decide([f.chi for f in layers], fields["nonfinite"] is not None)
-    report = GradientFlowReport(
-        layers=layers,
-        chi=[f.chi for f in layers],
-        chi_bar=chi_bar,
-        backward_gain=gamma,
-        verdict=verdict,
-        depth_scale=depth_scale,
-        hints=[],
-        label=label,
-        **fields,
-    )
-    report.hints = hints(report)
-    return report
+report_from_partials = report_from_partial  # the report of a (merged) block_flow.partials partial
 
 
 _above.register("gradient_flow", gradient_flow)  # net.gradient_flow(x, ...): this function

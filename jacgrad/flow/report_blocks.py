@@ -1,6 +1,6 @@
 """The one report type of ``gradient_flow`` (``GradientFlowReport``, for an MLP and a
 ``Sequential`` alike: one JSON schema, ``SCHEMA``) and the rendering of block reports
-(``jacgrad.flow.block_flow``): hints that know the net's residual blocks and norm layers, the text
+(``jacgrad.flow.block_flow``): the block rows (``BlockFlow``), hints that know the net's residual blocks and norm layers, the text
 table. Beside ``report`` (the dense-layer rendering), whose number formatting it shares."""
 
 from __future__ import annotations
@@ -11,11 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.backend import get_xp, to_numpy
 from .report_plot import plot_reports
 from .verdict import spectrum_verdict
-from .report import _g, _json_safe, _sizes, report_text
+from .io_spectrum import finish_spectrum
+from .layer_rows import finish_leaves
+from .report import _g, _json_safe, _sizes, hints, report_text
+from .verdict import decide
 
-__all__ = ["SCHEMA", "GradientFlowReport", "block_hints", "block_text"]
+__all__ = ["SCHEMA", "BlockFlow", "GradientFlowReport", "block_hints", "block_text", "finish_blocks", "inner_kinds",
+           "report_from_partial"]
 
 SCHEMA = "jacgrad.gradient_flow/2"  # to_dict()["schema"]: the version of the report's JSON layout
 _LAYER_FIELDS = (
@@ -31,6 +36,50 @@ _SCALAR_FIELDS = (
 )
 _BLOCK_FIELDS = ("index", "kind", "h_in", "h_out", "chi", "chi_exact", "jacobian_norm", "jacobian_bound",
                  "grad_norm", "scale", "inner")
+
+
+@dataclass
+class BlockFlow:
+    """Layer ``index`` of the network (``kind``: dense, residual, layernorm, rmsnorm), batch means:
+    chi: ‖J‖_F²/h_out, the MLP report's χ_j = ‖J_j‖_F²/H_j (docs/gradient-flow.md) (exact, or a Hutchinson estimate for large blocks — ``chi_exact``);
+    jacobian_norm: ‖J‖₂ per sample, averaged; jacobian_bound: the factor's ``norm_bound`` per
+    sample, averaged (dense: max|d|·‖W‖₂; residual: 1 + |s|·Π of the inner bounds;
+    normalisation: max|γ|/σ); grad_norm: ‖∂L/∂θ‖ of the block's parameters (Euclidean, all
+    together; 0 for a layer without any); scale: the residual branch scale, else None; inner:
+    a residual block's inner layers (``dense:tanh``, ``layernorm``), else []."""
+
+    index: int
+    kind: str
+    h_in: int
+    h_out: int
+    chi: float
+    chi_exact: bool
+    jacobian_norm: float
+    jacobian_bound: float
+    grad_norm: float
+    scale: float | None = None
+    inner: list[str] = field(default_factory=list)
+
+
+def finish_blocks(p: dict) -> list[BlockFlow]:
+    """A ``BlockFlow`` per top-level layer from a (merged) partial of ``jacgrad.flow.block_flow``."""
+    N, S = p["count"], p["norm_count"] or math.nan  # the norms' samples: all N, or the subsample
+    per = N if p["loss_sum"] is not None else 1  # a mean loss's gradient: the per-sample sums over N
+    rows = []
+    for j, b in enumerate(p["blocks"]):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowed gradient's norm is inf (or NaN), no warning
+            grad_norm = float(to_numpy(get_xp(b["grad"]).linalg.norm(b["grad"]))) / per if b["grad"].size else 0.0
+        rows.append(BlockFlow(j, b["kind"], b["h_in"], b["h_out"], b["chi_sum"] / N, b["chi_exact"], b["norm_sum"] / S,
+                              b["bound_sum"] / S, grad_norm, b["scale"], b["inner"]))
+    return rows
+
+
+def inner_kinds(layer) -> list[str]:
+    """What a residual block holds: its inner layers' kinds (``dense:tanh``, ``layernorm``); a
+    projection shortcut's layers after them, marked ``shortcut>conv2d``."""
+    name = lambda L: f"{L.kind}:{L.activation}" if L.kind == "dense" else L.kind  # noqa: E731
+    branch, short = getattr(layer, "branch", getattr(layer, "layers", ())), getattr(layer, "shortcut", None) or ()
+    return [name(L) for L in branch] + [f"shortcut>{name(L)}" for L in short]
 
 
 def block_hints(report) -> list[str]:
@@ -258,3 +307,37 @@ class GradientFlowReport:
 
 
 BlockFlowReport = GradientFlowReport
+
+
+def report_from_partial(p: dict, label: str = "") -> GradientFlowReport:
+    """The ``GradientFlowReport`` of a (merged) partial of ``jacgrad.flow.block_flow`` (``partials``,
+    ``ReportChunk``): an MLP's ``.layers`` report, or a ``.blocks`` report."""
+    layers = finish_leaves(p)
+    N, (n_in, n_out) = p["count"], p["io_widths"]
+    nonfinite = None if p["nonfinite"] is None else {k: v for k, v in p["nonfinite"].items() if k != "key"}
+    common = dict(layers=layers, sizes=p["sizes"], activations=p["activations"], batch=N, dtype=p["dtype"],
+                  device=p["device"], loss=p["loss"], loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N,
+                  label=label, norm_samples=int(p["norm_count"]),
+                  **finish_spectrum(p["spectrum"], n_in, min(n_in, n_out), p["spectrum"] is None))
+    if p["blocks"] is None:  # layers only (an MLP)
+        if nonfinite is not None and nonfinite["stage"] == "forward":  # the backward pass ran through the overflow
+            for f in layers:
+                f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
+        verdict, chi_bar, gamma, xi = decide([f.chi for f in layers], nonfinite is not None)
+        report = GradientFlowReport(chi=[f.chi for f in layers], chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi,
+                                    verdict=verdict, nonfinite=nonfinite, **common)
+        report.hints = hints(report)
+        return report
+    rows = finish_blocks(p)
+    gains = [r.chi for r in rows if r.kind != "embedding"]  # ids in: an Embedding has no input Jacobian
+    verdict, chi_bar, gamma, xi = decide(gains, not all(math.isfinite(c) for c in gains))
+    common["jacobian_spectral_norm"] = p["norm_sum"] / (p["norm_count"] or math.nan)  # the blocks' own sweep's
+    first = next((r for r in rows if not math.isfinite(r.chi)), None)
+    report = BlockFlowReport(
+        block_rows=rows, chi=[r.chi for r in rows], chi_bar=chi_bar, backward_gain=gamma, depth_scale=xi,
+        verdict=verdict, has_residual=p["has_residual"], norms=p["norms"], **common,
+        nonfinite=None if first is None else {"layer": first.index, "stage": "blocks",
+                                              "message": f"block {first.index} ({first.kind}) went non-finite"},
+    )
+    report.hints = block_hints(report)
+    return report

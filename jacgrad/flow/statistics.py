@@ -1,23 +1,20 @@
-"""What ``gradient_flow`` measures, as mergeable partials: per chunk of samples, sums, counts and
-maxima; ``merge`` combines two chunks exactly (up to floating-point summation order); ``finish``
-turns the merged partial into the report's numbers. One batch is one chunk, so the same code
-serves a single call and a map-reduce over a dataset (``partials`` per chunk, ``merge`` as the
-combine step, ``finish`` once).
+"""A dense layer's report row (``LayerFlow``) as a mergeable partial: per chunk of samples, sums,
+counts and maxima (``layer_partial``), two chunks merged exactly up to summation order
+(``merge_layer``), the row from the merged partial (``layer_row``); the per-sample layer operators
+``J_b J_bᵀ`` (or ``J_bᵀ J_b``) and ``‖W‖₂`` that its ``‖J_j‖₂`` needs, matrix-free (for Lanczos) and
+as dense batched Gram matrices (for the direct eigensolve), on the smaller side
+``n = min(H_in, H_out)``; where the values first went non-finite (``first_nonfinite``). The one
+sweep that calls them for every network is ``jacgrad.flow.block_flow``.
 
-Everything is read off the per-sample factors ``J_j = diag(d_j) · W_jᵀ`` of
-``net.jacobian_chain(cache)`` and stays on their device; per layer one transfer brings its
-scalars (and its per-sample bounds) to the host, besides the Lanczos checks of ``‖J_j‖₂``
-(``jacgrad.flow.layer_norms``) and the spectrum (``jacgrad.flow.io_spectrum``). Memory: a few ``(B, H)``
-blocks per layer, one Gram matrix of the smaller side, and the gradient sums (one ``W_j``-shaped
-array per layer) that a partial carries.
+Everything is read off the per-sample factor ``J_j = diag(d_j) · W_jᵀ`` and stays on its device;
+one transfer per layer brings its scalars (and its per-sample bounds) to the host, besides the
+Lanczos checks of ``‖J_j‖₂``. Memory: a few ``(B, H)`` blocks per layer, one ``n × n`` Gram matrix
+of ``W``, chunks of at most ``CHUNK_ELEMENTS`` elements for the dense form, and the gradient sums.
 
-A partial (plain dict): ``count`` (samples), ``total`` (samples of the whole batch), ``loss``,
-``loss_sum`` (Σ over samples of the per-sample loss), ``mean`` (whether the gradients are those
-of a mean loss), ``nonfinite``, ``layers`` (one dict per layer: ``grad``/``bias_grad`` = Σ over
-samples of the per-sample gradient, on the device; ``delta2`` = Σ ‖δ_b‖² of the per-sample
-deltas; ``norm_sum``, ``bound_sum`` = Σ ‖J_b‖₂ and Σ max|d_b|; ``d_sum``, ``active``,
-``saturated``, ``fro2_sum``; ``ever_active`` (H_j,) bool; ``w2``; ``finite``), ``spectrum`` and
-the net's description (``sizes``, ``activations``, ``dtype``, ``device``).
+A layer's partial (plain dict): ``grad``/``bias_grad`` = Σ over samples of the per-sample
+gradient, on the device; ``delta2`` = Σ ‖δ_b‖² of the per-sample deltas; ``norm_sum``,
+``bound_sum`` = Σ ‖J_b‖₂ and Σ max|d_b|; ``d_sum``, ``active``, ``saturated``, ``fro2_sum``;
+``ever_active`` (H_j,) bool; ``w2``; ``finite``; ``count`` and ``norm_count``.
 """
 
 from __future__ import annotations
@@ -27,18 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import sample_rng as _sample_rng
-from ..elementwise import activations as _activations
-from ..nn import losses as _losses
-from .io_spectrum import finish_spectrum, merge_spectrum, spectrum_partial
-from ..algebra.lanczos import top_eigenvalues
-from .layer_norms import layer_dense, layer_gram, report_tol, small_gram, weight_norm_squared
-from ..core.backend import get_xp
 from ..algebra.jacobian import LayerJacobian
+from ..algebra.lanczos import top_eigenvalues
+from ..elementwise import activations as _activations
 
 __all__ = [
-    "LayerFlow", "SATURATION", "all_finite", "finish", "first_nonfinite", "is_finite", "layer_partial", "layer_row",
-    "merge", "merge_layer", "norm_subsample", "partials",
+    "CHUNK_ELEMENTS", "LayerFlow", "REPORT_TOL", "SATURATION", "all_finite", "first_nonfinite",
+    "layer_dense", "layer_gram", "layer_partial", "layer_row", "merge_layer", "norm_subsample", "report_tol",
+    "small_gram", "weight_norm_squared",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
@@ -86,10 +79,6 @@ def all_finite(xp, arrays) -> np.ndarray:
     flags = [xp.isfinite(a).all() for a in arrays if a is not None]
     got = iter(_host(xp.stack(flags))) if flags else iter(())
     return np.array([True if a is None else bool(next(got)) for a in arrays], dtype=bool)
-
-
-def is_finite(xp, a) -> bool:
-    return bool(all_finite(xp, [a])[0])
 
 
 def first_nonfinite(xp, cache, grads, grad_y, L: int) -> dict | None:
@@ -183,49 +172,6 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
     )
 
 
-def partials(net, x, target=None, loss: str = "mse", *, seed: int = 0, spectrum_samples: int | None = None,
-             start: int = 0, total: int | None = None, norm_rows: np.ndarray | None = None) -> dict:
-    """The partial of the chunk ``x: (B, n_in)`` = samples ``start .. start+B-1`` of a batch of
-    ``total`` (default: this chunk is the whole batch); ``target``: the chunk's targets, or None
-    for per-sample random unit cotangents (sample i's is the same however the batch is chunked).
-    ``norm_rows``: sorted host indices into the whole batch of the samples whose per-layer
-    ‖J_j‖₂ and bound are measured (``norm_subsample``; None: all).
-    ``x`` is validated by the caller (``gradient_flow``) and has the net's dtype."""
-    xp = get_xp(net.weights[0], x)
-    L, B = len(net.weights), int(x.shape[0])
-    total = start + B if total is None else int(total)
-    with np.errstate(all="ignore"):
-        y, cache = net.forward(x)
-        if target is None:
-            v = _sample_rng.rows((seed,), start, start + B, int(y.shape[1]))
-            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.finfo(float).tiny)
-            grad_y, loss_sum, factor = xp.asarray(v.astype(y.dtype)), None, 1.0
-        else:
-            value, grad_y = _losses.get(loss)(y, target)
-            loss_sum, factor = float(value) * B, float(B)  # the loss is a mean over the chunk
-        grads = net.backward(cache, grad_y)
-        chain = net.jacobian_chain(cache)
-        nonfinite = first_nonfinite(xp, cache, grads, grad_y, L)
-        # After a forward overflow at layer k, layers k.. see inf/NaN inputs: their numbers are NaN.
-        poisoned = nonfinite["layer"] if nonfinite and nonfinite["stage"] == "forward" else L
-        sel = None
-        if norm_rows is not None:
-            lo, hi = np.searchsorted(norm_rows, [start, start + B])
-            sel = np.asarray(norm_rows[lo:hi], dtype=np.int64) - start
-        layers = [
-            layer_partial(xp, j, chain.factors[j], net.activations[j], grads, factor, seed, j >= poisoned, sel)
-            for j in range(L)
-        ]
-        spectrum = None if nonfinite else spectrum_partial(xp, chain, start, total, spectrum_samples, seed)
-    return dict(
-        count=B, total=total, loss=None if target is None else loss, loss_sum=loss_sum, mean=target is not None,
-        nonfinite=nonfinite, layers=layers, spectrum=spectrum,
-        sizes=[int(net.weights[0].shape[0])] + [int(W.shape[1]) for W in net.weights],
-        activations=list(net.activations), dtype=str(np.dtype(net.weights[0].dtype)),
-        device="gpu" if xp is not np else "cpu",
-    )
-
-
 def norm_subsample(total: int, samples: int | None, seed: int) -> np.ndarray | None:
     """Sorted indices of the ``samples`` rows (of ``total``) whose per-layer ‖J_j‖₂ the report
     measures: a seeded uniform draw without replacement (the same for the same ``seed``,
@@ -246,22 +192,6 @@ def merge_layer(a: dict, b: dict) -> dict:
     out["finite"] = a["finite"] and b["finite"]
     out["w2"] = a["w2"] if math.isfinite(a["w2"]) else b["w2"]
     return out
-
-
-def merge(a: dict, b: dict) -> dict:
-    """The partial of two disjoint chunks (in any order): sums and counts added, maxima and
-    flags combined, the first non-finite place of either."""
-    if a["layers"][0]["shape"] != b["layers"][0]["shape"] or len(a["layers"]) != len(b["layers"]):
-        raise ValueError("partials of different networks cannot be merged")
-    firsts = [p["nonfinite"] for p in (a, b) if p["nonfinite"] is not None]
-    return dict(
-        a,
-        count=a["count"] + b["count"],
-        loss_sum=None if a["loss_sum"] is None else a["loss_sum"] + b["loss_sum"],
-        nonfinite=min(firsts, key=lambda n: n["key"]) if firsts else None,
-        layers=[merge_layer(la, lb) for la, lb in zip(a["layers"], b["layers"])],
-        spectrum=None if a["spectrum"] is None or b["spectrum"] is None else merge_spectrum(a["spectrum"], b["spectrum"]),
-    )
 
 
 def layer_row(j: int, lp: dict, N: int, per: float, g2: float, b2: float) -> LayerFlow:
@@ -289,28 +219,92 @@ def layer_row(j: int, lp: dict, N: int, per: float, g2: float, b2: float) -> Lay
     )
 
 
-def finish(p: dict) -> dict:
-    """The report's fields from a (merged) partial: ``layers`` (``LayerFlow``), ``nonfinite``,
-    ``loss``, ``loss_value``, ``batch``, the net's description and the spectrum's fields."""
-    N = p["count"]
-    nonfinite = None if p["nonfinite"] is None else {k: v for k, v in p["nonfinite"].items() if k != "key"}
-    forward_overflow = nonfinite is not None and nonfinite["stage"] == "forward"
-    grads = [a for lp in p["layers"] for a in (lp["grad"], lp["bias_grad"]) if a is not None]
-    xp = get_xp(*grads)
-    with np.errstate(all="ignore"):  # overflowed gradients give inf/NaN norms, reported as such
-        sq = iter(_host(xp.stack([(g * g).sum() for g in grads])).astype(np.float64))  # one transfer
-    per = N if p["mean"] else 1  # a mean loss's gradients: the per-sample sums over N
-    layers = []
-    for j, lp in enumerate(p["layers"]):
-        g2 = float(next(sq))
-        f = layer_row(j, lp, N, per, g2, float(next(sq)) if lp["bias_grad"] is not None else math.nan)
-        if forward_overflow:  # the backward pass ran through the overflowed layers: no gradient is meaningful
-            f.grad_norm = f.bias_grad_norm = f.delta_norm = math.nan
-        layers.append(f)
-    n_in = p["sizes"][0]
-    return dict(
-        layers=layers, nonfinite=nonfinite, loss=p["loss"], norm_samples=int(p["layers"][0]["norm_count"]),
-        loss_value=None if p["loss_sum"] is None else p["loss_sum"] / N, batch=N,
-        sizes=p["sizes"], activations=p["activations"], dtype=p["dtype"], device=p["device"],
-        **finish_spectrum(p["spectrum"], n_in, min(n_in, p["sizes"][-1]), nonfinite is not None),
-    )
+# ---------------------------------------------------------------------------- the per-sample layer operators
+CHUNK_ELEMENTS = 1 << 20  # the (r, H_in, H_out) intermediate of the dense widening form: 8 MiB f64
+
+# The report asks the per-sample ‖J_j‖₂ to this relative accuracy of ‖J_j‖₂² (≈ half of it in the
+# norm); float32 arithmetic cannot settle a Ritz value that finely, so it gets 1e-5.
+REPORT_TOL = 1e-6
+
+
+def report_tol(dtype) -> float:
+    return REPORT_TOL if np.dtype(dtype) == np.float64 else 1e-5
+
+
+def small_gram(W):
+    """``() -> G``: the Gram matrix of ``W: (H_in, H_out)`` on its smaller side — ``WᵀW: (H_out, H_out)``
+    when ``H_out ≤ H_in``, else ``WWᵀ: (H_in, H_in)`` — formed by one GEMM on the first call and
+    kept. One per layer, shared by ``weight_norm_squared``, ``layer_gram`` and ``layer_dense``:
+    ``top_eigenvalues`` applies the matrix-free and the dense operator only to the rows its bounds
+    leave open, often only one of them, or none."""
+    G = []
+
+    def gram():
+        if not G:
+            G.append(W.T @ W if W.shape[1] <= W.shape[0] else W @ W.T)
+        return G[0]
+
+    return gram
+
+
+def weight_norm_squared(xp, W, seed: int, gram=None) -> float:
+    """‖W‖₂² from the smaller Gram matrix (``gram``: the layer's ``small_gram(W)``, made here when
+    None): Lanczos, or its dense eigensolve where that is cheaper or Lanczos is slow to settle
+    (see ``top_eigenvalues``)."""
+    h_in, h_out = W.shape
+    n = min(h_in, h_out)
+    if n == 0:
+        return 0.0
+    G = (gram or small_gram(W))()
+
+    def matvec(v, rows):
+        return v @ G
+
+    return float(top_eigenvalues(matvec, 1, n, xp=xp, dtype=W.dtype, seed=seed, tol=report_tol(W.dtype),
+                                 dense=lambda rows: G[None])[0])
+
+
+def layer_gram(xp, J: LayerJacobian, d, gram=None):
+    """``matvec(v, rows)`` of ``J_b J_bᵀ`` (or ``J_bᵀ J_b``, on the smaller side) for the samples
+    ``rows``; ``gram``: the layer's ``small_gram(J.W)`` to share, made here when None."""
+    W = J.W
+    if J.h_out <= J.h_in:
+        G = gram or small_gram(W)  # J Jᵀ = diag(d) WᵀW diag(d): one (H_out × H_out) GEMM per step
+
+        def matvec(v, rows):
+            s = d[_device_rows(xp, rows)]
+            return ((v * s) @ G()) * s
+
+    else:
+
+        def matvec(u, rows):  # Jᵀ J through the factor's own JVP and VJP, on the H_in side
+            F = LayerJacobian(d[_device_rows(xp, rows)], W)
+            return F.vjp(F.jvp(u))
+
+    return matvec
+
+
+def layer_dense(xp, J: LayerJacobian, d, gram=None):
+    """``dense(rows) -> (len(rows), n, n)``: the same operators as matrices, n the smaller side;
+    ``gram`` as for ``layer_gram``."""
+    W = J.W
+    h_in, h_out = J.h_in, J.h_out
+    if h_out <= h_in:
+        G = gram or small_gram(W)
+
+        def dense(rows):
+            s = d[_device_rows(xp, rows)]
+            return s[:, :, None] * G()[None] * s[:, None, :]
+
+    else:
+        per = max(1, CHUNK_ELEMENTS // (h_in * h_out))  # bounds the (r, H_in, H_out) intermediate
+
+        def dense(rows):
+            s2 = d[_device_rows(xp, rows)] ** 2
+            return xp.concatenate([(W[None] * s2[i : i + per, None, :]) @ W.T for i in range(0, len(rows), per)])
+
+    return dense
+
+
+def _device_rows(xp, rows):
+    return rows if isinstance(rows, slice) else xp.asarray(rows)
