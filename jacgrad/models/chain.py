@@ -232,7 +232,7 @@ def _layers(cap, specs, prefix: str, conv) -> list:
             for n in [join] + scales:
                 cap.labels[n] = f"{at}: Residual(scale={scale:g})" + (" (its join)" if n is join else " (its scale)")
         else:
-            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
+            roles = {"dense": ("W", "b") if "b" in spec["params"] else ("W",), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",),
                      "activation": (), "pool": (), "flatten": (), "attention": MultiHeadAttention.names,
                      "transpose_tokens": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
@@ -284,7 +284,7 @@ def _make(spec: dict, a: dict, conv):
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":
-        return Dense(a["W"], a.get("b"), spec["act"] or "identity")
+        return Dense(a["W"], a.get("b"), spec["act"] or "identity", bias="b" in a)  # Linear(bias=False): no bias
     n, eps = spec["info"]["width"], spec["info"]["eps"]
     gamma = a["gamma"] if a["gamma"] is not None else conv.ones(n)
     if spec["kind"] == "layernorm":
