@@ -64,7 +64,7 @@ def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, se
             delta = None if delta is None else delta.reshape(B, L.n_out)
         shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
                       {k: grads["W"] if factor != 1 else grads["W"].copy()},
-                      {k: grads["b"] if factor != 1 else grads["b"].copy()})
+                      {k: None if "b" not in grads else grads["b"] if factor != 1 else grads["b"].copy()})
         lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, False, sel)
         return lp if delta is not None else dict(lp, delta2=None)
     named = [grads[n] * factor for n in L.names]  # fresh arrays: the pooled gradient block is reused
