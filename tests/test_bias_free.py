@@ -159,22 +159,92 @@ def test_an_old_file_without_the_bias_field_still_loads_with_a_bias(tmp_path):
     np.testing.assert_array_equal(back(x), net(x))
 
 
-def test_a_compiled_step_on_a_bias_free_net_is_the_plain_step():
-    net = jg.Sequential.from_torch(bare_sequential(torch.float64))
+@pytest.mark.parametrize("make", [bare_sequential, lambda dt: norm_model("ln_plain", dt)], ids=["dense", "norm"])
+def test_a_compiled_step_on_a_bias_free_net_is_the_plain_step(make):
+    net = jg.Sequential.from_torch(make(torch.float64))
     x, t = (a.numpy() for a in _data(torch.float64))
     loss, g = net.loss_and_grads(x, t)
     step = net.compile(len(x))
     loss_c, g_c = step(x, t, copy=True)
     assert float(loss_c) == float(loss)
     np.testing.assert_array_equal(g_c.flat, g.flat)
-    assert g.flat.size == net.n_params and set(g.layers[0]) == {"W"}
+    assert g.flat.size == net.n_params and set(g.layers[-1]) == {"W"}
+    for product in ("grad_norms", "ggn_diagonal"):
+        got = net.compile(len(x), product=product)(x, t) if product == "grad_norms" else \
+            net.compile(len(x), product=product)(x)
+        want = net.per_sample_grad_norms(x, t) if product == "grad_norms" else net.ggn_diagonal(x)
+        np.testing.assert_allclose(getattr(got, "flat", got), getattr(want, "flat", want), rtol=1e-12, atol=1e-14)
 
 
-def test_the_gradient_flow_report_has_a_row_for_a_bias_free_dense():
-    net = jg.Sequential.from_torch(bare_sequential(torch.float64))
+def test_the_gradient_flow_report_has_a_row_per_parameterised_layer():
+    model = nn.Sequential(nn.Linear(3, 5, bias=False), nn.Tanh(), nn.LayerNorm(5, elementwise_affine=False),
+                          nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 2, bias=False)).double()
+    net = jg.Sequential.from_torch(model)
     x, t = (a.numpy() for a in _data(torch.float64))
+    model.zero_grad()
+    ((model(torch.as_tensor(x)) - torch.as_tensor(t)) ** 2).mean().backward()
     r = jg.gradient_flow(net, x, t)
-    assert len(r.layers) == 3 and all(np.isfinite(row.grad_norm) for row in r.layers)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert len(r.layers) == 3  # the norm has no parameters: no row
+    for row, m in zip(r.layers, linears):
+        assert row.grad_norm == pytest.approx(float(m.weight.grad.norm()), rel=1e-10)
+        assert (row.bias_grad_norm is None) == (m.bias is None)
+    assert r.to_json() and r.to_text()
+
+
+# ---------------------------------------------------------------------- norms without affine parameters
+def norm_model(kind: str, dtype=torch.float64):
+    """Linear -> tanh -> a norm without (some of) its affine parameters -> Linear(bias=False)."""
+    torch.manual_seed(3)
+    norm = {"ln_plain": lambda: nn.LayerNorm(5, elementwise_affine=False),
+            "ln_no_bias": lambda: nn.LayerNorm(5, bias=False),
+            "rms_plain": lambda: nn.RMSNorm(5, eps=1e-6, elementwise_affine=False)}[kind]()
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), norm, nn.Linear(5, 2, bias=False)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+NORM_KINDS = ["ln_plain", "ln_no_bias", "rms_plain"]
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+@pytest.mark.parametrize("importer", ["graph", "walk"])
+@pytest.mark.parametrize("copy_", [True, False], ids=["copy", "view"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_a_norm_without_affine_parameters_has_none(kind, importer, copy_, dtype):
+    model = norm_model(kind, dtype)
+    x, t = _data(dtype)
+    net = jg.from_torch(model, x, copy=copy_) if importer == "graph" else jg.Sequential.from_torch(model, copy=copy_)
+    norm = net.layers[1]
+    assert norm.names == (() if kind.endswith("plain") else ("gamma",)) and norm.affine == (kind == "ln_no_bias")
+    assert net.n_params == _n_torch(model)
+    _check_all(net, model, x, t, dtype)
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_files_and_to_torch_keep_a_norm_without_affine_parameters(kind, suffix, tmp_path):
+    model = norm_model(kind)
+    net = jg.Sequential.from_torch(model)
+    path = tmp_path / f"net{suffix}"
+    net.save(path)
+    back = jg.Sequential.load(path)
+    assert [L_.names for L_ in back.layers] == [L_.names for L_ in net.layers] and back.n_params == net.n_params
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    np.testing.assert_array_equal(back(x), net(x))
+    module = back.to_torch()
+    assert _n_torch(module) == _n_torch(model)
+    np.testing.assert_allclose(module(torch.as_tensor(x)).detach().numpy(), model(torch.as_tensor(x)).detach().numpy(),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_a_norm_without_affine_refuses_a_beta():
+    with pytest.raises(ValueError, match="affine=False has no beta"):
+        L.LayerNorm(np.ones(3), np.zeros(3), affine=False)
+    with pytest.raises(ValueError, match="bias=False takes no beta"):
+        L.LayerNorm(np.ones(3), np.zeros(3), bias=False)
 
 
 # ---------------------------------------------------------------------- the tied GPT

@@ -182,17 +182,17 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
-            n = m.normalized_shape[0]
+            n = m.normalized_shape[0]  # elementwise_affine=False: no parameters (γ the constant ones); bias=False: no β
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
-            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else conv.zeros(n)
-            out.append(LayerNorm(gamma, beta, eps=m.eps))
+            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else None
+            out.append(LayerNorm(gamma, beta, eps=m.eps, bias=beta is not None, affine=m.weight is not None))
         elif type(m) is nn.RMSNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
             n = m.normalized_shape[0]
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
             eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
-            out.append(RMSNorm(gamma, eps=eps))
+            out.append(RMSNorm(gamma, eps=eps, affine=m.weight is not None))
         elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # (B, T) tokens / (B, T, d) sequences
             out.append(token_layer(m, conv, at))
         elif type(m) is Residual:
@@ -291,15 +291,18 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
             modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
             gamma = _tensor(L.gamma)
+            with_beta = L.kind == "layernorm" and L.beta is not None
+            kw = {"bias": with_beta} if L.kind == "layernorm" and L.affine else {}
             cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm
-            norm = cls(gamma.shape[0], eps=L.eps, dtype=gamma.dtype, device=gamma.device)
-            with torch.no_grad():
-                norm.weight.copy_(gamma)
-                if L.kind == "layernorm":
-                    norm.bias.copy_(_tensor(L.beta))
-            norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
-            if L.kind == "layernorm":
-                norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
+            norm = cls(gamma.shape[0], eps=L.eps, elementwise_affine=L.affine, dtype=gamma.dtype, device=gamma.device, **kw)
+            if L.affine:
+                with torch.no_grad():
+                    norm.weight.copy_(gamma)
+                    if with_beta:
+                        norm.bias.copy_(_tensor(L.beta))
+                norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
+                if with_beta:
+                    norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
             modules.append(norm)
     return nn.Sequential(*modules)
 
