@@ -247,6 +247,103 @@ def test_a_norm_without_affine_refuses_a_beta():
         L.LayerNorm(np.ones(3), np.zeros(3), bias=False)
 
 
+# ---------------------------------------------------------------------- attention without biases
+class MHAResidual(nn.Module):
+    """Linear -> tanh -> x + nn.MultiheadAttention(bias=False)(x) -> Linear, on (B, T, 3) tokens."""
+
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, D), nn.Linear(D, 2, bias=False)
+        self.attn, self.causal = nn.MultiheadAttention(D, H, bias=False, batch_first=True), causal
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.causal:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+            return self.out(h + self.attn(h, h, h, attn_mask=mask, is_causal=True, need_weights=False)[0])
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+class MixedBiasAttention(nn.Module):
+    """Separate q, k, v Linears with biases and a bias-free out projection (Qwen's spelling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(D, D) for _ in range(3))
+        self.proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (f(x).view(B, T, H, C // H).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MixedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(3, D), MixedBiasAttention(), nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(h + self.attn(h))
+
+
+def _tokens(dtype, B=4, T=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 3, generator=g, dtype=dtype), torch.randn(B, T, 2, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("copy_", [True, False], ids=["copy", "view"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_multihead_attention_without_bias_through_the_graph(copy_, dtype):
+    torch.manual_seed(4)
+    model = MHAResidual(causal=True).to(dtype).eval()
+    x, t = _tokens(dtype)
+    net = jg.from_torch(model, x, copy=copy_)
+    attn = net.layers[1].layers[0]
+    assert attn.names == ("Wq", "Wk", "Wv", "Wo") and attn.bias == (False,) * 4 and attn.causal
+    assert net.n_params == _n_torch(model)
+    _check_all(net, model, x, t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_attention_with_biases_on_some_projections_only(dtype):
+    torch.manual_seed(5)
+    model = MixedResidual().to(dtype).eval()
+    x, t = _tokens(dtype)
+    net = jg.from_torch(model, x)
+    attn = net.layers[1].layers[0]
+    assert attn.bias == (True, True, True, False) and attn.names == ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo")
+    assert net.n_params == _n_torch(model)
+    _check_all(net, model, x, t, dtype)
+
+
+def test_bias_free_attention_by_the_module_walk_files_and_to_torch(tmp_path):
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(D, H, bias=False, batch_first=True).double()
+    layer = jg.Sequential.from_torch(nn.Sequential(nn.Linear(3, D).double(), mha)).layers[1]
+    assert layer.names == ("Wq", "Wk", "Wv", "Wo") and "bias=False" in repr(layer)
+    back = layer.to_torch()
+    assert back.in_proj_bias is None and _n_torch(back) == _n_torch(mha)
+    rng = np.random.default_rng(0)
+    mixed = L.MultiHeadAttention(*(rng.standard_normal((D, D)) for _ in range(4)), H, rng.standard_normal(D),
+                                 bias=(True, False, False, False))
+    with pytest.raises(ValueError, match="some projections only"):
+        mixed.to_torch()
+    with pytest.raises(ValueError, match="bk given but bias="):
+        L.MultiHeadAttention(*(np.eye(D),) * 4, H, bk=np.zeros(D), bias=(True, False, True, True))
+    for att in (layer, mixed):
+        net = jg.Sequential([L.Dense(rng.standard_normal((3, D))), att])
+        for suffix in (".npz", ".safetensors"):
+            path = tmp_path / f"att{suffix}"
+            net.save(path)
+            got = jg.Sequential.load(path)
+            assert got.layers[1].bias == att.bias and got.n_params == net.n_params
+            x = rng.standard_normal((2, 4, 3))
+            np.testing.assert_array_equal(got(x), net(x))
+
+
 # ---------------------------------------------------------------------- the tied GPT
 class CausalAttention(nn.Module):
     """Causal self-attention with separate q, k, v Linears (GPT-NeoX/Llama's spelling) through

@@ -189,7 +189,8 @@ def _check_spec(spec, prefix, depth):
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
                       f"{', '.join(['kind', *fields])}{extra}")
         for name, types in {**fields, **{k: t for k, t in optional.items() if k in s}}.items():
-            if not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool):
+            bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
+            if not isinstance(s[name], types) or (isinstance(s[name], bool) and not bool_ok):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if "layers" in fields:  # a container: its inner layer list
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)

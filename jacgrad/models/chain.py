@@ -234,11 +234,11 @@ def _layers(cap, specs, prefix: str, conv) -> list:
         else:
             roles = {"dense": ("W", "b") if "b" in spec["params"] else ("W",), "layernorm": ("gamma", "beta"),
                      "rmsnorm": ("gamma",),
-                     "activation": (), "pool": (), "flatten": (), "attention": MultiHeadAttention.names,
+                     "activation": (), "pool": (), "flatten": (), "attention": ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo"),
                      "transpose_tokens": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
                 roles = tuple(spec["params"])
-            elif spec["kind"] in ("dense", "layernorm", "rmsnorm"):  # a bias-free Linear, a norm without affine
+            elif spec["kind"] in ("dense", "layernorm", "rmsnorm", "attention"):  # a bias-free Linear, a norm without affine
                 roles = tuple(r for r in roles if spec["params"].get(r) is not None)  # parameters: only torch's
             spec.update(cap=cap, at=at)
             arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}

@@ -241,7 +241,7 @@ def attention_from_torch(module, copy: bool = True, dtype=None, causal: bool = F
     if m.in_proj_bias is not None:
         bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
         bs.append(conv(m.out_proj.bias, "out_proj.bias"))
-    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal)
+    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal, bias=m.in_proj_bias is not None)
 
 
 def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
