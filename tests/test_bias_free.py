@@ -390,3 +390,21 @@ def test_the_tied_gpt_matches_torch_and_counts_torchs_parameters(dtype):
     assert net.layers[2].layers[1].heads == H
     assert net.n_params == _n_torch(model)
     _check_all(net, model, x, t, dtype)
+
+
+def test_every_zoo_model_counts_torchs_parameters():
+    """P is torch's ``sum(p.numel() for p in model.parameters())`` for the zoo of test_zoo_tokens,
+    test_zoo_vit and this file (a tied parameter once)."""
+    import test_zoo_tokens as zt
+    import test_zoo_vit as zv
+
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, V, (2, 5)))
+    seq = torch.randn(2, 5, 3, dtype=torch.float64)
+    cases = [(zt.TinyGPT(), tokens), (zt.TinyGPT(explicit=True), tokens), (TiedGPT(), tokens),
+             (zt.WithMHA(), seq), (zt.Wrapped(zt.TorchMHA(causal=True)), seq), (MHAResidual(), seq),
+             (MixedResidual(), seq), (zt.MixerBlock(T=5, d=3), seq), (BareMLP(), torch.randn(2, 3, dtype=torch.float64)),
+             (zv.TinyViT(), torch.randn(2, 3, 8, 8, dtype=torch.float64))]
+    for model, x in cases:
+        model = model.double().eval()
+        net = jg.from_torch(model, (x,))
+        assert net.n_params == _n_torch(model), type(model).__name__
