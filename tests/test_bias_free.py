@@ -12,6 +12,8 @@ tied to the token embedding (``head.weight = wte.weight``)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ from torch import nn  # noqa: E402
 import jacgrad as jg  # noqa: E402
 from jacgrad.models.checkpoints import network_from_torch  # noqa: E402
 from test_shared_params import _check_all  # noqa: E402 - tests/ is on sys.path
-from test_zoo_tokens import D, H, V, TinyGPT  # noqa: E402
+from test_zoo_tokens import D, H, T_MAX, V, TinyGPT  # noqa: E402
 
 L = jg.layers
 DTYPES = [torch.float64, torch.float32]
@@ -346,18 +348,20 @@ def test_bias_free_attention_by_the_module_walk_files_and_to_torch(tmp_path):
 
 # ---------------------------------------------------------------------- the tied GPT
 class CausalAttention(nn.Module):
-    """Causal self-attention with separate q, k, v Linears (GPT-NeoX/Llama's spelling) through
-    ``F.scaled_dot_product_attention``: each jacgrad parameter is one whole torch parameter, as
-    ``test_shared_params._check_all``'s layout asks (a fused qkv is a block of columns of one)."""
+    """Causal self-attention with separate q, k, v Linears (GPT-NeoX/Llama's spelling), the explicit
+    softmax with a causal mask (torch.func's vmap has no batching rule for CPU sdpa: 10x slower)."""
 
     def __init__(self):
         super().__init__()
         self.q, self.k, self.v, self.proj = (nn.Linear(D, D) for _ in range(4))
+        self.register_buffer("mask", torch.tril(torch.ones(T_MAX, T_MAX)).view(1, 1, T_MAX, T_MAX))
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = (f(x).view(B, T, H, C // H).transpose(1, 2) for f in (self.q, self.k, self.v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // H))
+        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+        y = nn.functional.softmax(att, dim=-1) @ v
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

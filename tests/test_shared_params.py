@@ -152,7 +152,7 @@ class Ref:
         J = self.jacobian(self.x)
         y = self.f(self.params, self.x).detach()
         H = vmap(hessian(lambda yi, ti: ((yi - ti) ** 2).mean()))(y.reshape(len(y), -1), self.t.reshape(len(y), -1))
-        return np.einsum("bop,boq,bqr->pr", J, H.numpy(), J) / len(y)
+        return np.einsum("bop,boq,bqr->pr", J, H.numpy(), J, optimize=True) / len(y)
 
 
 def _check_all(net, model, x, t, dtype):

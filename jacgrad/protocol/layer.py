@@ -33,9 +33,12 @@ class Layer(Protocol):
 
     Class attributes
         ``kind``: the name in files (``spec()["kind"]``) and in the registry.
-        ``names``: the names of its parameter arrays, in ``params`` order (``("W", "b")``).
+        ``names``: the names of its parameter arrays, in ``params`` order (``("W", "b")``; an
+        instance property where they depend on the layer: a bias-free ``Dense`` has ``("W",)``).
         ``spec_fields``: ``{field: JSON type(s)}`` of ``spec()`` besides ``"kind"`` — what a file
-        must hold for this layer (checked before any array is read).
+        must hold for this layer (checked before any array is read). Optional: ``spec_optional``,
+        fields a spec may leave out (written only where they differ from the default, so files
+        from before them load: a Dense's ``"bias": false``).
 
     Shapes
         ``in_shape``, ``out_shape``: per-sample shapes, without B (``(n_in,)``, ``(n_out,)``);
