@@ -85,18 +85,21 @@ def test_matches_torch_autograd_and_torch_func(act, name, dtype):
 
 def test_weights_are_transposed_views_and_copy_false_shares_the_parameters():
     model = make_model(lambda: nn.Tanh(), torch.float64, bias=False)
-    shared = jg.MLP.from_torch(model, copy=False)
-    copied = jg.MLP.from_torch(model)
+    with pytest.raises(TypeError, match="bias=False"):  # an MLP has a bias per layer: Sequential.from_torch reads it
+        jg.MLP.from_torch(model)
+    shared = jg.Sequential.from_torch(model, copy=False)
+    copied = jg.Sequential.from_torch(model)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     for j, m in enumerate(linears):
         w = m.weight.detach().numpy()
-        assert np.shares_memory(shared.weights[j], w) and shared.weights[j].ctypes.data == m.weight.data_ptr()
-        assert shared.weights[j].strides == w.T.strides  # W = weight.T, a view, not a transposed copy
-        assert not np.shares_memory(copied.weights[j], w)
-        np.testing.assert_array_equal(copied.weights[j], w.T)
+        W, Wc = shared.layers[j].W, copied.layers[j].W
+        assert np.shares_memory(W, w) and W.ctypes.data == m.weight.data_ptr()
+        assert W.strides == w.T.strides  # W = weight.T, a view, not a transposed copy
+        assert not np.shares_memory(Wc, w)
+        np.testing.assert_array_equal(Wc, w.T)
         if m.bias is not None:
-            assert np.shares_memory(shared.biases[j], m.bias.detach().numpy())
-    assert not linears[1].bias and not shared.biases[1].any()  # a Linear without bias: zeros
+            assert np.shares_memory(shared.layers[j].b, m.bias.detach().numpy())
+    assert linears[1].bias is None and shared.layers[1].b is None and shared.layers[1].names == ("W",)  # no bias
 
 
 def test_a_model_that_keeps_training_is_seen_live():

@@ -81,28 +81,40 @@ def _data(kind, dtype, B=5, seed=1):
 
 # ---------------------------------------------------------------------- torch.func references
 def _layout(net, model):
-    """Per jacgrad parameter (``Gradients.flat`` order), the torch parameter it is and whether
-    jacgrad holds it transposed: matched by value (random init: unambiguous)."""
+    """Per jacgrad parameter (``Gradients.flat`` order), the torch parameter it is, whether jacgrad
+    holds it transposed, and the block of its last axis it is (``(lo, hi)``: a fused projection such
+    as ``in_proj_weight`` split into q, k, v; None: all of it): matched by value (random init:
+    unambiguous)."""
     named = dict(model.named_parameters())  # tied parameters once
     out = []
     for p in net._ties().params:
         a = np.asarray(jg.to_numpy(p))
-        hits = [(n, False) for n, t in named.items() if tuple(t.shape) == a.shape and np.array_equal(t.detach().numpy(), a)]
-        hits += [(n, True) for n, t in named.items() if t.dim() == 2 and tuple(t.shape[::-1]) == a.shape
-                 and np.array_equal(t.detach().numpy().T, a)]
+        hits = []
+        for n, t in named.items():
+            t = t.detach().numpy()
+            for tr in (False, True)[:t.ndim]:
+                q = t.T if tr else t
+                if q.shape == a.shape and np.array_equal(q, a):
+                    hits.append((n, tr, None))
+                elif q.ndim == a.ndim and q.shape[:-1] == a.shape[:-1] and q.shape[-1] > a.shape[-1] \
+                        and q.shape[-1] % a.shape[-1] == 0:
+                    w = a.shape[-1]
+                    hits += [(n, tr, (lo, lo + w)) for lo in range(0, q.shape[-1], w) if np.array_equal(q[..., lo:lo + w], a)]
         assert len(hits) == 1, hits
         out.append(hits[0])
-    assert sorted(n for n, _ in out) == sorted(named), "every torch parameter is one jacgrad parameter"
+    assert sorted({n for n, _, _ in out}) == sorted(named), "every torch parameter is one jacgrad parameter"
     return out
 
 
 def _flat(tensors: dict, layout, lead: int = 0):
     """torch's per-parameter arrays (each with ``lead`` leading axes) in jacgrad's flat layout."""
     parts = []
-    for name, t in layout:
+    for name, t, cols in layout:
         a = tensors[name].detach()
         if t:
             a = a.transpose(-1, -2)
+        if cols is not None:
+            a = a[..., cols[0]:cols[1]]
         parts.append(a.reshape(tuple(a.shape[:lead]) + (-1,)))
     return torch.cat(parts, dim=-1).numpy()
 
@@ -140,7 +152,7 @@ class Ref:
         J = self.jacobian(self.x)
         y = self.f(self.params, self.x).detach()
         H = vmap(hessian(lambda yi, ti: ((yi - ti) ** 2).mean()))(y.reshape(len(y), -1), self.t.reshape(len(y), -1))
-        return np.einsum("bop,boq,bqr->pr", J, H.numpy(), J) / len(y)
+        return np.einsum("bop,boq,bqr->pr", J, H.numpy(), J, optimize=True) / len(y)
 
 
 def _check_all(net, model, x, t, dtype):

@@ -64,8 +64,8 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Vocabulary 11, width 8, learned positions, 2 pre-norm blocks, a final LayerNorm, an untied head (with a
-    bias: a bias-free Linear comes in as a Dense with a zero bias, one more parameter than torch's)."""
+    """Vocabulary 11, width 8, learned positions, 2 pre-norm blocks, a final LayerNorm, an untied head with a
+    bias (test_bias_free.TiedGPT: the bias-free head tied to the token embedding)."""
 
     def __init__(self, explicit: bool = False, blocks=None):
         super().__init__()

@@ -32,7 +32,7 @@ from .chain import Chain, _anchor
 from .jacobian import _check_sample_selection
 from .spectra import singular_values as _svd
 
-__all__ = ["NormFactor", "ResidualFactor"]
+__all__ = ["FixedNormFactor", "NormFactor", "ResidualFactor"]
 
 
 def _check_rows(F, a, width: int, what: str):
@@ -198,7 +198,7 @@ class NormFactor:
         _check_sample_selection(sel)
         if not self.per_sample:
             return self
-        return NormFactor(self.gamma, self.inv[sel], self.xhat[sel], self.centered)
+        return type(self)(self.gamma, self.inv[sel], self.xhat[sel], self.centered)
 
     def norm_bound(self):
         """``max|γ|·inv`` ≥ ‖J‖₂ (P's eigenvalues lie in [0, 1] since ‖x̂‖² ≤ n): 0-d or ``(B,)``."""
@@ -221,6 +221,22 @@ class NormFactor:
         if self.centered:
             parts.append(xp.zeros(self.inv.shape + (1,), dtype=self.dtype))
         return xp.concatenate(parts, axis=-1) * g[..., None]
+
+
+class FixedNormFactor(NormFactor):
+    """A ``NormFactor`` whose ``γ`` is a constant (a norm without parameters: torch's
+    ``elementwise_affine=False``): no split at parameters, so the sweeps pass through it as
+    through an activation's factor (``per_sample.has_leaves`` is False)."""
+
+    __slots__ = ()
+
+    @property
+    def param_vjp_stack(self):
+        raise AttributeError("param_vjp_stack: a norm without parameters has no leaf")
+
+    @property
+    def param_jvp(self):
+        raise AttributeError("param_jvp: a norm without parameters has no leaf")
 
 
 class ResidualFactor:

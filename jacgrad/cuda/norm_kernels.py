@@ -184,7 +184,7 @@ def project(a: Any, xhat: Any, gamma: Any, inv: Any, centered: bool, transpose: 
 
 def backward(g: Any, xhat: Any, inv: Any, gamma: Any, centered: bool, dgamma: Any, dbeta: Any = None,
              sq: Any = None, input_grad: bool = True, dx_out: Any = None):
-    """The norm layer's backward on ``g = ∂L/∂y: (B, n)``: writes ``∂γ`` into ``dgamma (n,)`` and
+    """The norm layer's backward on ``g = ∂L/∂y: (B, n)``: writes ``∂γ`` into ``dgamma (n,)`` (None: no parameters, nothing written) and
     (LayerNorm) ``∂β`` into ``dbeta (n,)``; adds each sample's ``‖g_i⊙x̂_i‖² (+ ‖g_i‖²)`` to
     ``sq (B,)`` when given; returns ``∂L/∂x (B, n)`` (written into ``dx_out`` when given and
     C-contiguous of the result's dtype, else fresh), or None without ``input_grad``."""
@@ -249,6 +249,8 @@ def _fused_backward(xp, g, xhat, gamma, inv, dx, acc, dgamma, dbeta, rows: int, 
 def _param_grads(xp, g, xhat, dgamma, dbeta, rows: int, n: int) -> None:
     """``dgamma[:] = Σ_rows g⊙x̂`` and ``dbeta[:] = Σ_rows g`` (when given): the column kernel."""
     dt = g.dtype
+    if dgamma is None:  # a norm without parameters (affine=False)
+        return
     if rows == 0:
         dgamma[...] = 0
         if dbeta is not None:

@@ -93,14 +93,16 @@ def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, se
             delta = None if delta is None else delta.reshape(B, L.n_out)
         shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
                       {k: grads["W"] if factor != 1 else grads["W"].copy()},
-                      {k: grads["b"] if factor != 1 else grads["b"].copy()})
+                      {k: None if "b" not in grads else grads["b"] if factor != 1 else grads["b"].copy()})
         lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, poisoned, sel)
         return lp if delta is not None else dict(lp, delta2=None)
-    named = [grads[n] * factor for n in L.names]  # fresh arrays: the pooled gradient block is reused
-    if len(named) > 2:  # several (weight, bias) pairs (attention's q, k, v, out): the weights' and the biases' together
-        return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=xp.concatenate([a.ravel() for a in named[::2]]),
-                    bias_grad=xp.concatenate([a.ravel() for a in named[1::2]]))
-    return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=named[0], bias_grad=named[1] if len(named) > 1 else None)
+    # fresh arrays (the pooled gradient block is reused); biases: the names "b…" ("bias", "beta", attention's "bq", …)
+    weights = [grads[n] * factor for n in L.names if not n.startswith("b")]
+    biases = [grads[n] * factor for n in L.names if n.startswith("b")]
+    if len(weights) > 1 or len(biases) > 1:  # several projections (attention's q, k, v, out): together
+        return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=xp.concatenate([a.ravel() for a in weights]),
+                    bias_grad=xp.concatenate([a.ravel() for a in biases]) if biases else None)
+    return dict(shape=(L.n_in, L.n_out), activation=L.kind, grad=weights[0], bias_grad=biases[0] if biases else None)
 
 
 class _Grads:

@@ -205,7 +205,7 @@ def layer_row(j: int, lp: dict, N: int, per: float, g2: float, b2: float) -> Lay
         shape=(h_in, h_out),
         activation=lp["activation"],
         grad_norm=math.sqrt(g2) / per,
-        bias_grad_norm=math.sqrt(b2) / per,
+        bias_grad_norm=None if lp["bias_grad"] is None else math.sqrt(b2) / per,  # None: a bias-free Dense
         delta_norm=math.sqrt(lp["delta2"]) / per if lp["delta2"] is not None else None,
         jacobian_norm=lp["norm_sum"] / lp["norm_count"] if ok and lp["norm_count"] else nan,
         jacobian_bound=lp["bound_sum"] * lp["w2"] / lp["norm_count"] if ok and lp["norm_count"] else nan,

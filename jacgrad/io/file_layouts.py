@@ -32,7 +32,7 @@ class _ByKind(dict):
         self._attr = attr
 
     def _table(self):
-        return {k: getattr(layer_class(k), self._attr) for k in layer_kinds()}
+        return {k: getattr(layer_class(k), self._attr, {}) for k in layer_kinds()}
 
     def __getitem__(self, kind):
         return self._table()[kind]
@@ -49,13 +49,8 @@ class _ByKind(dict):
 
 PARAMS = _ByKind("names")  # a layer's parameter names, by kind
 _FIELDS = _ByKind("spec_fields")  # a layer's spec fields and their JSON types, by kind
+_OPTIONAL = _ByKind("spec_optional")  # fields a spec may leave out (its layer's default), by kind
 MAX_DEPTH = 32
-
-
-def _optional(kind) -> dict:
-    """The spec fields a layer of ``kind`` may leave out (``optional_spec_fields``: a residual
-    block's ``shortcut``), with their JSON types."""
-    return getattr(layer_class(kind), "optional_spec_fields", {})
 
 
 def inner_specs(s: dict) -> list:
@@ -192,13 +187,14 @@ def _check_spec(spec, prefix, depth):
         if not isinstance(kind, str) or kind not in _FIELDS:
             text = quote(kind) if isinstance(s, dict) else f"{type(s).__name__} {quote(json.dumps(s))}"
             raise NetworkFileKeyError(f"{where}: unknown layer kind {text}; valid: {', '.join(_FIELDS)}")
-        fields, optional = _FIELDS[kind], _optional(kind)
+        fields, optional = _FIELDS[kind], _OPTIONAL[kind]  # optional: fields older files lack (a Dense's "bias", a block's "shortcut")
         if not {"kind", *fields} <= set(s) <= {"kind", *fields, *optional}:
-            more = f" (and optionally {', '.join(optional)})" if optional else ""
+            extra = f" (and optionally {', '.join(optional)})" if optional else ""
             raise Bad(f"{where} ({kind}): fields {', '.join(quote(k) for k in sorted(s)[:8])}; a {kind} layer has "
-                      f"{', '.join(['kind', *fields])}{more}")
-        for name, types in {**fields, **optional}.items():
-            if name in s and (not isinstance(s[name], types) or (isinstance(s[name], bool) and types is not bool)):
+                      f"{', '.join(['kind', *fields])}{extra}")
+        for name, types in {**fields, **{k: t for k, t in optional.items() if k in s}}.items():
+            bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
+            if not isinstance(s[name], types) or (isinstance(s[name], bool) and not bool_ok):
                 raise Bad(f"{where} ({kind}): {name} is {quote(json.dumps(s[name]))}, not a {name} value")
         if "layers" in fields:  # a container: its inner layer lists
             _check_spec(s["layers"], f"{prefix}{j}.", depth + 1)

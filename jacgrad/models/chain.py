@@ -261,11 +261,14 @@ def _layers(cap, specs, prefix: str, conv, first: int = 0) -> list:
                 role = " (its join)" if n is join else " (its scale)"
                 cap.labels[n] = f"{at}: Residual(scale={scale:g}{what}){role}"
         else:
-            roles = {"dense": ("W", "b"), "layernorm": ("gamma", "beta"), "rmsnorm": ("gamma",), "prelu": ("weight",),
-                     "activation": (), "pool": (), "flatten": (), "attention": MultiHeadAttention.names,
+            roles = {"dense": ("W", "b") if "b" in spec["params"] else ("W",), "layernorm": ("gamma", "beta"),
+                     "rmsnorm": ("gamma",), "prelu": ("weight",),
+                     "activation": (), "pool": (), "flatten": (), "attention": ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo"),
                      "transpose_tokens": ()}.get(spec["kind"])
             if roles is None:  # conv, batchnorm: only the parameters torch has (no zeros/ones added)
                 roles = tuple(spec["params"])
+            elif spec["kind"] in ("dense", "layernorm", "rmsnorm", "attention"):  # a bias-free Linear, a norm without affine
+                roles = tuple(r for r in roles if spec["params"].get(r) is not None)  # parameters: only torch's
             spec.update(cap=cap, at=at)
             arrays = {role: _array(cap, conv, spec["params"].get(role), f"{at} ({role})") for role in roles}
             layer = _activation(cap, spec) if spec["kind"] == "activation" else _make(spec, arrays, conv)
@@ -329,9 +332,15 @@ def _make(spec: dict, a: dict, conv):
     if kind == "flatten":
         return Flatten()
     if spec["kind"] == "dense":
-        return Dense(a["W"], a.get("b"), spec["act"] or "identity")
+        return Dense(a["W"], a.get("b"), spec["act"] or "identity", bias="b" in a)  # Linear(bias=False): no bias
     n, eps = spec["info"]["width"], spec["info"]["eps"]
-    gamma = a["gamma"] if a["gamma"] is not None else conv.ones(n)
+    # torch's elementwise_affine=False: a norm without parameters, its scale the constant ones;
+    # LayerNorm(bias=False): γ without β (a weight without a bias: torch has no other case)
+    affine = a.get("gamma") is not None
+    gamma = a["gamma"] if affine else conv.ones(n)
     if spec["kind"] == "layernorm":
-        return LayerNorm(gamma, a["beta"] if a["beta"] is not None else conv.zeros(n), eps=eps)
-    return RMSNorm(gamma, eps=eps if eps is not None else float(np.finfo(gamma.dtype).eps))
+        if not affine and a.get("beta") is not None:
+            raise TypeError(f"{spec['at']}: a layer_norm with a bias but no weight: jacgrad's LayerNorm has γ with β, "
+                            f"γ alone, or neither")
+        return LayerNorm(gamma, a.get("beta"), eps=eps, bias=a.get("beta") is not None, affine=affine)
+    return RMSNorm(gamma, eps=eps if eps is not None else float(np.finfo(gamma.dtype).eps), affine=affine)

@@ -57,7 +57,7 @@ SHOWN = 5  # keys an error lists of each kind
 
 class Place(NamedTuple):
     """Where one jacgrad parameter comes from: ``torch_name`` (the module's ``state_dict`` key;
-    None for one the module does not have, such as the zero bias of ``Linear(bias=False)``), ``key``
+    None for one the module does not have; a ``Linear(bias=False)`` is a bias-free Dense, no such array), ``key``
     (jacgrad's name for it: ``"<j>.W"``, ``"<j>.<i>.gamma"`` inside a residual block) and whether
     the jacgrad array is the transpose of the torch tensor (``W = weight.T``)."""
 

@@ -37,8 +37,10 @@ A model torch cannot trace gets torch's own reason in one line (``RuntimeError``
 
 ``copy=False`` shares the parameters' memory and checks it before each read, as
 ``Sequential.from_torch`` does (``jacgrad.io.interop.torch.TorchLink``): after ``model.double()`` or
-``.to()`` the network raises instead of reading the old memory. As there, a missing bias or a
-norm without affine parameters becomes a jacgrad parameter of zeros/ones.
+``.to()`` the network raises instead of reading the old memory. As there, a missing bias is no
+parameter (``nn.Linear(bias=False)``: ``Dense(W, bias=False)``; attention's ``bias=False``: no biases),
+and a norm without affine parameters has none (``elementwise_affine=False``: ``affine=False``, γ the
+constant ones): P is torch's.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Capture:
     """A traced model judged node by node: ``pieces`` (each node's ``torch_ops.Piece``), ``labels``
     (what each node became, for ``explanation()``), and once ``torch_chain.build_layers`` has run,
     ``layers``, ``origin`` and ``sources``: for each jacgrad parameter in the order of
-    ``BlockGradients.flat``, ``(torch name, transposed)`` (``(None, False)`` where jacgrad adds zeros/ones)."""
+    ``BlockGradients.flat``, ``(torch name, transposed)`` (``(None, False)`` for an array jacgrad would add:
+    none does since bias-free layers come in without a bias)."""
 
     def __init__(self, model, example_inputs):
         torch = _torch()

@@ -76,8 +76,10 @@ TOKEN_OPS: dict = {
 
 
 def _attention(a: dict, info: dict) -> MultiHeadAttention:
-    return MultiHeadAttention(a["Wq"], a["Wk"], a["Wv"], a["Wo"], info["heads"], a["bq"], a["bk"], a["bv"], a["bo"],
-                              causal=info["causal"])
+    # a projection without a bias in torch (Linear(bias=False), MultiheadAttention(bias=False)) has none here
+    b = [a.get(f"b{n}") for n in "qkvo"]
+    return MultiHeadAttention(a["Wq"], a["Wk"], a["Wv"], a["Wo"], info["heads"], *b, causal=info["causal"],
+                              bias=tuple(x is not None for x in b))
 
 
 def _positional(a: dict, info: dict):

@@ -241,6 +241,10 @@ class MLP(InteropMethods, Sequential):
 
     @classmethod
     def _of_layers(cls, layers):
+        bare = [j for j, L in enumerate(layers) if not L.has_bias]
+        if bare:
+            raise TypeError(f"layer {bare[0]} is a bias-free Dense: an MLP's layers all have a bias (its biases "
+                            f"list); keep it a jg.Sequential")
         return cls([L.W for L in layers], [L.b for L in layers], [L._act for L in layers])
 
     # ------------------------------------------------------------------ files

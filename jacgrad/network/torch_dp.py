@@ -70,7 +70,7 @@ def dp_backward(model, x: Any, y: Any, loss: str = "softmax_cross_entropy", *, m
         raise ValueError("dp_backward: the model has no parameter that requires grad")
     net = Sequential.from_torch(model, copy=False)
     ours = net._ties().params  # every parameter once: a shared one (tied weights, a re-used module) too
-    live = {p.data_ptr() for _, p in params}  # a frozen parameter, or a bias torch's Linear lacks, is not clipped
+    live = {p.data_ptr() for _, p in params}  # a frozen parameter is not clipped
     x, y = (asarray(a.detach() if isinstance(a, torch.Tensor) else a) for a in (x, y))
     r = net.clipped_grad(x, y, loss=loss, max_norm=C, expected_batch_size=expected_batch_size,
                          trainable=[_address(a) in live for a in ours])

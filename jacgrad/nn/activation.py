@@ -44,7 +44,7 @@ class Activation(PerToken):
     kind = "activation"
     names = ()
     spec_fields = {"activation": str, "width": int}
-    optional_spec_fields = {"in_shape": list}  # on images only
+    spec_optional = {"in_shape": list}  # on images only
 
     def __init__(self, activation: str | _Row = "relu", width: int | None = None, in_shape=None, **params: float):
         self._act = get_activation(activation, **params)

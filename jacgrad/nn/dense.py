@@ -28,54 +28,76 @@ from ..protocol.leaves import TokenDenseLeaf
 
 __all__ = ["Dense"]
 
-_LEAF = TokenDenseLeaf(bias=True)
+_LEAF, _LEAF_NO_BIAS = TokenDenseLeaf(bias=True), TokenDenseLeaf(bias=False)
 
 
 class Dense(PerToken):
     """``z = φ(z_prev @ W + b)``, ``W: (H_in, H_out)``, ``b: (H_out,)`` (None: zeros, still a
-    parameter, as in ``MLP``). Arrays are kept by reference.
+    parameter, as in ``MLP``). ``bias=False``: no bias at all, ``z = φ(z_prev @ W)`` (torch's
+    ``nn.Linear(bias=False)``): ``names`` is ``("W",)``, P counts no bias, every product leaves it
+    out; ``b`` must then be None. Arrays are kept by reference.
 
     Keeps for backward: a reference to its input ``z_prev`` (for ∂W) and one ``(B, H_out)``
     array — the output ``y`` where φ' is a function of it (tanh, relu, sigmoid, …), else the
     pre-activation ``h`` (gelu, silu, softplus)."""
 
     kind = "dense"
-    names = ("W", "b")
+    # a file's spec carries "bias": false only for a bias-free layer (files without it: a bias)
     spec_fields = {"activation": str}
+    spec_optional = {"bias": bool}
 
-    def __init__(self, W: Any, b: Any = None, activation: str = "identity"):
+    def __init__(self, W: Any, b: Any = None, activation: str = "identity", bias: bool = True):
+        if not isinstance(bias, bool):
+            raise TypeError(f"Dense: bias must be True or False, got {bias!r}")
+        if not bias and b is not None:
+            raise ValueError("Dense: bias=False takes no b (got an array); pass b=None, or bias=True to keep it")
         xp = get_xp(W) if b is None else get_xp(W, b)
         W = float_array(W, "W", xp)
         if W.ndim != 2 or min(W.shape) < 1:
             raise ValueError(f"Dense: W must be 2-D (H_in, H_out) with both ≥ 1, got shape {shape_str(W.shape)}")
-        b = xp.zeros(W.shape[1], dtype=W.dtype) if b is None else float_array(b, "b", xp)
-        if b.shape != (W.shape[1],) or b.dtype != W.dtype:
-            raise ValueError(f"Dense: b is {shape_str(b.shape)} {b.dtype} but W {shape_str(W.shape)} {W.dtype} "
-                             f"needs ({W.shape[1]},) {W.dtype}")
+        if bias:
+            b = xp.zeros(W.shape[1], dtype=W.dtype) if b is None else float_array(b, "b", xp)
+            if b.shape != (W.shape[1],) or b.dtype != W.dtype:
+                raise ValueError(f"Dense: b is {shape_str(b.shape)} {b.dtype} but W {shape_str(W.shape)} {W.dtype} "
+                                 f"needs ({W.shape[1]},) {W.dtype}")
         self._W, self._b, self._act = W, b, get_activation(activation)
 
     W = property(lambda self: self._W, doc="``(H_in, H_out)``")
-    b = property(lambda self: self._b, doc="``(H_out,)``")
+    b = property(lambda self: self._b, doc="``(H_out,)``, or None for a bias-free layer")
+    has_bias = property(lambda self: self._b is not None, doc="False for ``Dense(W, bias=False)``")
     activation = property(lambda self: self._act.name, doc="the activation's name")
     n_in = property(lambda self: self._W.shape[0])
     n_out = property(lambda self: self._W.shape[1])
 
     @property
+    def names(self) -> tuple:
+        return ("W", "b") if self._b is not None else ("W",)
+
+    @property
     def params(self) -> list:
-        return [self._W, self._b]
+        return [self._W, self._b] if self._b is not None else [self._W]
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "activation": self._act.name}
+        s = {"kind": self.kind, "activation": self._act.name}
+        return s if self._b is not None else dict(s, bias=False)
 
     @classmethod
     def from_spec(cls, spec: dict, params: dict, inner=None) -> "Dense":
-        """The layer of a file's ``spec`` (``activation``) and arrays ``W``, ``b`` (None: zeros)."""
-        return cls(params["W"], params["b"], spec["activation"])
+        """The layer of a file's ``spec`` (``activation``, ``bias`` where False) and arrays ``W``,
+        ``b`` (None: zeros)."""
+        if not spec.get("bias", True):
+            return cls(params["W"], None, spec["activation"], bias=False)
+        return cls(params["W"], params.get("b"), spec["activation"])
+
+    @classmethod
+    def file_names(cls, spec: dict) -> tuple:
+        """The arrays a file stores for it: ``W``, and ``b`` unless its spec says ``"bias": false``."""
+        return ("W", "b") if spec.get("bias", True) else ("W",)
 
     @staticmethod
     def file_widths(where: str, shapes: dict) -> tuple:
         """``(n_in, n_out)`` of a file's declared ``{"W": (shape, key), "b": (shape, key) or None}``."""
-        (W, key), b = shapes["W"], shapes["b"]
+        (W, key), b = shapes["W"], shapes.get("b")
         if len(W) != 2:
             raise ValueError(f"layer {where}: {key} must be 2-D (H_in, H_out), got shape {W}")
         if b is not None and b[0] != (W[1],):
@@ -83,11 +105,12 @@ class Dense(PerToken):
         return W[0], W[1]
 
     def param_leaves(self) -> list:
-        """One ``TokenDenseLeaf``: ``W`` and ``b``, paired with the input ``z_prev`` (per token)."""
-        return [_LEAF]
+        """One ``TokenDenseLeaf``: ``W`` and ``b`` (``W`` alone without a bias), paired with the input
+        ``z_prev`` (per token)."""
+        return [_LEAF if self._b is not None else _LEAF_NO_BIAS]
 
     def __repr__(self) -> str:
-        return f"Dense({self.n_in}->{self.n_out}, {self._act.name})"
+        return f"Dense({self.n_in}->{self.n_out}, {self._act.name}{'' if self._b is not None else ', bias=False'})"
 
     def forward_shapes(self, B: Any, keep_derivative: bool = False) -> list:
         """Shapes of the buffers ``forward`` writes, its output first: ``[(B, H_out)]`` (``y`` over
@@ -153,14 +176,15 @@ class Dense(PerToken):
         """``g = ∂L/∂z: (B, H_out)`` (only read); writes ``∂W, ∂b`` into ``grads``; returns ``(∂L/∂z_prev
         or None, δ = ∂L/∂h)``, written into ``out`` (the buffers of ``backward_shapes``; fresh when
         None). ``sq: (B,)``, when given, gets each sample's share of the squared gradient norm
-        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (its leaf's ``sq_norms``). ``factor``: ``self.factor(state)``
+        added, ``(‖z_prev,i‖² + 1)‖δ_i‖²`` (``‖z_prev,i‖²‖δ_i‖²`` without a bias; its leaf's ``sq_norms``). ``factor``: ``self.factor(state)``
         where the caller keeps it (a compiled step's states are the same buffers every call)."""
         z_prev = state[0]
         bufs = out if out is not None else _buffers(None, self.backward_shapes(g.shape[0], input_grad), g)
         delta, gin = bufs[0], (bufs[1] if input_grad else None)
-        dense_backward(self._factor_rows(state) if factor is None else factor, g, z_prev, grads[0], grads[1], delta, gin, check, where)
+        db = grads[1] if self._b is not None else None
+        dense_backward(self._factor_rows(state) if factor is None else factor, g, z_prev, grads[0], db, delta, gin, check, where)
         if sq is not None:
-            sq += _LEAF.sq_norms(z_prev, delta)
+            sq += self.param_leaves()[0].sq_norms(z_prev, delta)
         return gin, delta
 
     def _param_input_rows(self, state):

@@ -48,7 +48,7 @@ class Residual:
     kind = "residual"
     names = ()
     spec_fields = {"scale": (int, float), "layers": list}
-    optional_spec_fields = {"shortcut": list}  # absent in files of a block without one (older files too)
+    spec_optional = {"shortcut": list}  # absent in files of a block without one (older files too)
 
     def __init__(self, layers: Sequence[Any], scale: float = 1.0, shortcut: Sequence[Any] | None = None):
         layers = chained(layers, "Residual: ", "inner layer")

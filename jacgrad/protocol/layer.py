@@ -33,9 +33,12 @@ class Layer(Protocol):
 
     Class attributes
         ``kind``: the name in files (``spec()["kind"]``) and in the registry.
-        ``names``: the names of its parameter arrays, in ``params`` order (``("W", "b")``).
+        ``names``: the names of its parameter arrays, in ``params`` order (``("W", "b")``; an
+        instance property where they depend on the layer: a bias-free ``Dense`` has ``("W",)``).
         ``spec_fields``: ``{field: JSON type(s)}`` of ``spec()`` besides ``"kind"`` — what a file
-        must hold for this layer (checked before any array is read).
+        must hold for this layer (checked before any array is read). Optional: ``spec_optional``,
+        fields a spec may leave out (written only where they differ from the default, so files
+        from before them load: a Dense's ``"bias": false``).
 
     Shapes
         ``in_shape``, ``out_shape``: per-sample shapes, without B (``(n_in,)``, ``(n_out,)``);
@@ -107,7 +110,6 @@ class Layer(Protocol):
         inner layers' leaves in order, and its factor exposes ``inner`` (a ``Chain``) and ``scale``,
         and ``shortcut``: None (the identity: ``I + s·J_inner``) or the ``Chain`` of a projection
         shortcut (``J_p + s·J_inner``), whose layers follow the branch's in ``layers``.
-        Optional: ``optional_spec_fields`` (a class attribute), spec fields a file may leave out.
     """
 
     kind: ClassVar[str]

@@ -124,7 +124,8 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     h = matmul_into(z, W, h_out)
     if check is None and d_out is None and _fusable(h, b):  # the GPU: bias and φ in one kernel
         return bias_activation_forward(h, b, act, out=h if act.df_from_output is not None else z_out)
-    h += b
+    if b is not None:  # None: a bias-free layer (Dense(W, bias=False))
+        h += b
     if check is not None:
         check(h, f"{_where(where)}: pre-activation h")
     if act.df_from_output is not None:
@@ -168,12 +169,13 @@ def _where(where) -> str:
 def dense_backward(J, g, z_prev, dW, db, delta_out, gin=None, check: Check | None = None, where: Any = 0):
     """The backward step of ``jacgrad.nn.layers.Dense``, its factor ``J``
     given: ``δ = J.scale(g)`` into ``delta_out``, ``∂L/∂W = z_prevᵀ δ`` into ``dW``, ``∂L/∂b =
-    Σ_batch δ`` into ``db`` and, when ``gin`` is given, ``δ Wᵀ`` into it. Returns ``δ``."""
+    Σ_batch δ`` into ``db`` (None: no bias) and, when ``gin`` is given, ``δ Wᵀ`` into it. Returns ``δ``."""
     delta = J.scale(g, out=delta_out)
     if check is not None:
         check(delta, f"{_where(where)}: gradient ∂L/∂h")
     matmul_into(z_prev.T, delta, dW)
-    column_sums(delta, db)
+    if db is not None:  # None: a bias-free layer
+        column_sums(delta, db)
     if gin is not None:
         J.through_weights_t(delta, out=gin)
     return delta

@@ -228,7 +228,7 @@ class TrainingStep(StepIO):
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
-        dense = all(isinstance(L, Dense) for L in layers)  # then (∂W list, ∂b list), the views of every call
+        dense = all(isinstance(L, Dense) and L.has_bias for L in layers)  # then (∂W list, ∂b list), the views of every call
         self._dense = ([g[0] for g in self._grads], [g[1] for g in self._grads]) if dense else None
         if self._graphs is not None:
             self._graphs.clear()

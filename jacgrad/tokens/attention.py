@@ -54,23 +54,32 @@ _LEAVES = ("q", "k", "v", "out")
 class MultiHeadAttention:
     """Self-attention ``(B, T, d) -> (B, T, d)`` with ``heads`` heads (module text). ``Wq, Wk, Wv, Wo:
     (d, d)``; biases ``bq, bk, bv, bo: (d,)``, each None: zeros, still a parameter (as a ``Dense``
-    bias; torch's ``bias=False`` comes in so); ``causal``: a causal mask on every call. Arrays are kept
-    by reference."""
+    bias); ``causal``: a causal mask on every call. ``bias``: True, False (no bias parameters at all:
+    torch's ``nn.MultiheadAttention(bias=False)``, a bias-free q/k/v/out ``nn.Linear``), or one flag per
+    projection ``(q, k, v, out)`` (e.g. biases on q, k, v but not on out); a projection without a bias
+    takes None. Arrays are kept by reference."""
 
     kind = "multihead_attention"
-    names = ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")  # leaf by leaf: q, k, v, out
     spec_fields = {"heads": int, "causal": bool}
+    spec_optional = {"bias": (bool, list)}  # written only where some projection has no bias
     per_token = True  # takes token batches (B, T, ·): what Sequential.takes_tokens asks of every layer
 
     def __init__(self, Wq: Any, Wk: Any, Wv: Any, Wo: Any, heads: int, bq: Any = None, bk: Any = None,
-                 bv: Any = None, bo: Any = None, causal: bool = False):
+                 bv: Any = None, bo: Any = None, causal: bool = False, bias: Any = True):
+        flags = (bias,) * 4 if isinstance(bias, bool) else tuple(bias) if isinstance(bias, (list, tuple)) else ()
+        if len(flags) != 4 or not all(isinstance(f, bool) for f in flags):
+            raise TypeError(f"MultiHeadAttention: bias must be True, False or four of them (q, k, v, out), got {bias!r}")
         given = {"Wq": Wq, "Wk": Wk, "Wv": Wv, "Wo": Wo}
         biases = {"bq": bq, "bk": bk, "bv": bv, "bo": bo}
+        extra = [k for (k, b), f in zip(biases.items(), flags) if b is not None and not f]
+        if extra:
+            raise ValueError(f"MultiHeadAttention: {', '.join(extra)} given but bias={bias!r} says that projection "
+                             f"has no bias; pass None for it")
         given.update({k: b for k, b in biases.items() if b is not None})
         xp = get_xp(*[asarray(a) if is_foreign_array(a) else a for a in given.values()])
         arrays = {k: float_array(a, f"MultiHeadAttention: {k}", xp) for k, a in given.items()}
-        for k, b in biases.items():
-            if b is None and arrays["Wq"].ndim == 2:
+        for (k, b), f in zip(biases.items(), flags):
+            if b is None and f and arrays["Wq"].ndim == 2:
                 arrays[k] = xp.zeros(arrays["Wq"].shape[1], dtype=arrays["Wq"].dtype)
         d = arrays["Wq"].shape[0] if arrays["Wq"].ndim == 2 else -1
         for k, a in arrays.items():
@@ -84,6 +93,7 @@ class MultiHeadAttention:
         if d % int(heads):
             raise ValueError(f"MultiHeadAttention: d = {d} is not divisible by heads = {int(heads)} "
                              f"(each head takes d/heads features)")
+        self._flags = flags
         self._arrays = {n: arrays[n] for n in self.names}
         self._heads, self._causal = int(heads), bool(causal)
 
@@ -97,28 +107,47 @@ class MultiHeadAttention:
     Wk = property(lambda self: self._arrays["Wk"], doc="``(d, d)``")
     Wv = property(lambda self: self._arrays["Wv"], doc="``(d, d)``")
     Wo = property(lambda self: self._arrays["Wo"], doc="``(d, d)``: y = O Wo + bo")
-    bq = property(lambda self: self._arrays["bq"], doc="``(d,)``")
-    bk = property(lambda self: self._arrays["bk"], doc="``(d,)``")
-    bv = property(lambda self: self._arrays["bv"], doc="``(d,)``")
-    bo = property(lambda self: self._arrays["bo"], doc="``(d,)``")
+    bq = property(lambda self: self._arrays.get("bq"), doc="``(d,)``, or None without a bias")
+    bk = property(lambda self: self._arrays.get("bk"), doc="``(d,)``, or None")
+    bv = property(lambda self: self._arrays.get("bv"), doc="``(d,)``, or None")
+    bo = property(lambda self: self._arrays.get("bo"), doc="``(d,)``, or None")
+    bias = property(lambda self: self._flags, doc="``(q, k, v, out)``: which projections have a bias")
 
-    @staticmethod
-    def leaf_names() -> list[tuple[str, tuple]]:
-        """``[(leaf, (weight, bias))]`` in ``params`` order: q, k, v, out (module text)."""
-        return [(leaf, (f"W{leaf[0]}", f"b{leaf[0]}")) for leaf in _LEAVES]
+    def leaf_names(self) -> list[tuple[str, tuple]]:
+        """``[(leaf, (weight, bias) or (weight,))]`` in ``params`` order: q, k, v, out (module text)."""
+        return [(leaf, (f"W{leaf[0]}", f"b{leaf[0]}")[:1 + f]) for leaf, f in zip(_LEAVES, self._flags)]
+
+    @property
+    def names(self) -> tuple:
+        """Leaf by leaf (q, k, v, out): its weight, then its bias where it has one."""
+        return tuple(n for _, ns in self.leaf_names() for n in ns)
 
     @property
     def params(self) -> list:
         return [self._arrays[n] for n in self.names]
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "heads": self._heads, "causal": self._causal}
+        s = {"kind": self.kind, "heads": self._heads, "causal": self._causal}
+        if all(self._flags):
+            return s
+        return dict(s, bias=False if not any(self._flags) else list(self._flags))
 
     @classmethod
     def from_spec(cls, spec: dict, params: dict, inner=None) -> "MultiHeadAttention":
         """The layer of a file: ``spec`` (``spec()``'s fields) and the arrays by name."""
+        bias = spec.get("bias", True)
         return cls(params["Wq"], params["Wk"], params["Wv"], params["Wo"], spec["heads"], params.get("bq"),
-                   params.get("bk"), params.get("bv"), params.get("bo"), causal=spec["causal"])
+                   params.get("bk"), params.get("bv"), params.get("bo"), causal=spec["causal"],
+                   bias=bias if isinstance(bias, bool) else tuple(bias))
+
+    @classmethod
+    def file_names(cls, spec: dict) -> tuple:
+        """The arrays a file stores: the four weights, and the biases its spec's ``bias`` says."""
+        bias = spec.get("bias", True)
+        flags = (bias,) * 4 if isinstance(bias, bool) else tuple(bias)
+        if len(flags) != 4 or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(f"multihead_attention: bias is {bias!r}; needs true, false or four of them (q, k, v, out)")
+        return tuple(n for leaf, f in zip(_LEAVES, flags) for n in (f"W{leaf[0]}", f"b{leaf[0]}")[:1 + f])
 
     @classmethod
     def file_widths(cls, where: str, shapes: dict) -> tuple[int, int]:
@@ -133,7 +162,8 @@ class MultiHeadAttention:
         return d, d
 
     def __repr__(self) -> str:
-        return f"MultiHeadAttention(d={self.d}, heads={self._heads}{', causal' if self._causal else ''})"
+        bias = "" if all(self._flags) else f", bias={False if not any(self._flags) else self._flags}"
+        return f"MultiHeadAttention(d={self.d}, heads={self._heads}{', causal' if self._causal else ''}{bias})"
 
     # ------------------------------------------------------------------ buffers
     def _lead(self, B) -> tuple[int, int]:
@@ -191,12 +221,14 @@ class MultiHeadAttention:
         a = self._arrays
         for buf, n in ((Q, "q"), (K, "k"), (V, "v")):
             proj = z @ a[f"W{n}"]
-            proj += a[f"b{n}"]
+            if f"b{n}" in a:
+                proj += a[f"b{n}"]
             xp.copyto(buf, split_heads(proj, self._heads))
         attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), mask, out=P)
         xp.copyto(O, merge_heads(xp.matmul(P, V)))
         xp.matmul(O, a["Wo"], out=y)
-        y += a["bo"]
+        if "bo" in a:
+            y += a["bo"]
         if check is not None:
             check(y, f"{self._where(where)}: output")
         return y, (z, Q, K, V, P, O)
@@ -227,21 +259,23 @@ class MultiHeadAttention:
         at = 0
         for leaf, A, D in zip(self.param_leaves(), self.param_input(state), deltas):
             xp.matmul(A.reshape(-1, d).T, D.reshape(-1, d), out=grads[at])
-            D.sum(axis=(0, 1), out=grads[at + 1])
+            if leaf.bias:
+                D.sum(axis=(0, 1), out=grads[at + 1])
             if sq is not None:
                 sq += leaf.sq_norms(A, D)  # the leaf algebra's own (its "auto" cost rule)
-            at += 2
+            at += leaf.n_arrays
         if check is not None:
             for n, D in zip(_LEAVES, deltas):
                 check(D, f"{self._where(where)}: ∂L/∂({n} projection)")
         return (gx if input_grad else None), deltas
 
     def param_leaves(self) -> list:
-        """Four token-wise Dense leaves with bias (``param_leaves.TokenDenseLeaf``, the layer protocol's
-        leaf algebra): q, k, v, out, paired with ``param_input``'s ``(x, x, x, O)``."""
+        """Four token-wise Dense leaves, each with a bias where its projection has one
+        (``param_leaves.TokenDenseLeaf``, the layer protocol's leaf algebra): q, k, v, out, paired with
+        ``param_input``'s ``(x, x, x, O)``."""
         from ..protocol.leaves import TokenDenseLeaf
 
-        return [TokenDenseLeaf(bias=True) for _ in _LEAVES]
+        return [TokenDenseLeaf(bias=f) for f in self._flags]
 
     def param_input(self, state) -> tuple:
         """The ``A`` of each leaf, q, k, v, out: ``(x, x, x, O)``, each ``(B, T, d)`` (module text)."""
@@ -254,9 +288,12 @@ class MultiHeadAttention:
         ``ẏ = Ȯ Wo + O Ẇo + ḃo``) inside the factor's ``param_jvp`` (Gauss–Newton products)."""
         A = self.param_input(state)
         dirs = list(dirs)
+        at = np.cumsum([0] + [1 + f for f in self._flags])  # leaf i's first array in dirs
 
         def leaf_tangent(i, base):
-            out = A[i] @ dirs[2 * i] + dirs[2 * i + 1]
+            out = A[i] @ dirs[at[i]]
+            if self._flags[i]:
+                out += dirs[at[i] + 1]
             return out if base is None else out + base
 
         return self.factor(state).param_jvp(None, leaf_tangent)
@@ -270,14 +307,18 @@ class MultiHeadAttention:
         from ..core.backend import to_numpy
 
         a = self._arrays
+        if len(set(self._flags)) > 1:
+            raise ValueError(f"to_torch: {self!r} has biases on some projections only ({self._flags}); "
+                             f"nn.MultiheadAttention has all four or none")
         dt = getattr(torch, str(self.dtype))
-        m = torch.nn.MultiheadAttention(self.d, self._heads, batch_first=True, dtype=dt)
+        m = torch.nn.MultiheadAttention(self.d, self._heads, bias=self._flags[0], batch_first=True, dtype=dt)
         t = lambda x: torch.from_numpy(np.ascontiguousarray(to_numpy(x)))  # noqa: E731
         with torch.no_grad():
             m.in_proj_weight.copy_(torch.cat([t(a["Wq"]).T, t(a["Wk"]).T, t(a["Wv"]).T]))
             m.out_proj.weight.copy_(t(a["Wo"]).T)
-            m.in_proj_bias.copy_(torch.cat([t(a["bq"]), t(a["bk"]), t(a["bv"])]))
-            m.out_proj.bias.copy_(t(a["bo"]))
+            if self._flags[0]:
+                m.in_proj_bias.copy_(torch.cat([t(a["bq"]), t(a["bk"]), t(a["bv"])]))
+                m.out_proj.bias.copy_(t(a["bo"]))
         return m
 
 

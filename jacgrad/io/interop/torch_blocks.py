@@ -12,7 +12,7 @@ something else). The modules are walked as ``MLP.from_torch`` walks them
 ``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
 parameter used in several places (a re-used module, ``b.weight = a.weight``) is ONE shared
 jacgrad parameter (``docs/sharing.md``). A missing bias
-(``bias=False``) becomes zeros, which jacgrad keeps as a parameter; RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
+(``nn.Linear(bias=False)``) is a bias-free ``Dense`` (no bias parameter); RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
 
     >>> import torch, jacgrad as jg
     >>> from jacgrad.io.interop.torch_blocks import Residual
@@ -153,13 +153,16 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
             if width is not None and width[0] is not None and m.in_features != width[0]:
                 raise ValueError(f"{where} {i} ({describe(m)}) takes {m.in_features} features but the {width[2]} "
                                  f"before it ({where} {width[1]}) gives {width[0]}")
+            if dense_only and m.bias is None:  # MLP's biases list has one (H_j,) array per layer
+                raise TypeError(f"{at} has no bias (bias=False): an MLP's layers all have one (its biases list); "
+                                f"jg.Sequential.from_torch(model) imports it as a bias-free Dense")
             W = conv(m.weight.T, f"{at}: weight")  # W = weight.T: a transposed view, never a transposing copy
             b = None if m.bias is None else conv(m.bias, f"{at}: bias")
-            out.append(Dense(W, b, "identity"))
+            out.append(Dense(W, b, "identity", bias=b is not None))  # Linear(bias=False): a bias-free Dense
         elif act is not None:
             if linear is not None:  # fused into the layer before it (a Dense, a convolution, an eval BatchNorm)
                 last = out.pop()
-                out.append(Dense(last.W, last.b, act) if isinstance(last, Dense) else with_activation(last, act))
+                out.append(Dense(last.W, last.b, act, bias=last.has_bias) if isinstance(last, Dense) else with_activation(last, act))
             elif out and not dense_only:  # after a norm, a residual block or another activation: a layer of its own
                 out.append(_JgActivation(act, out[-1].n_out))
             else:
@@ -179,17 +182,17 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
         elif type(m) is nn.LayerNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only a LayerNorm over the last axis (one width) is supported")
-            n = m.normalized_shape[0]
+            n = m.normalized_shape[0]  # elementwise_affine=False: no parameters (γ the constant ones); bias=False: no β
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
-            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else conv.zeros(n)
-            out.append(LayerNorm(gamma, beta, eps=m.eps))
+            beta = conv(m.bias, f"{at}: bias") if m.bias is not None else None
+            out.append(LayerNorm(gamma, beta, eps=m.eps, bias=beta is not None, affine=m.weight is not None))
         elif type(m) is nn.RMSNorm:
             if len(m.normalized_shape) != 1:
                 raise TypeError(f"{at}: only an RMSNorm over the last axis (one width) is supported")
             n = m.normalized_shape[0]
             gamma = conv(m.weight, f"{at}: weight") if m.weight is not None else conv.ones(n)
             eps = m.eps if m.eps is not None else float(np.finfo(gamma.dtype).eps)
-            out.append(RMSNorm(gamma, eps=eps))
+            out.append(RMSNorm(gamma, eps=eps, affine=m.weight is not None))
         elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # (B, T) tokens / (B, T, d) sequences
             out.append(token_layer(m, conv, at))
         elif type(m) is Residual:
@@ -238,7 +241,7 @@ def attention_from_torch(module, copy: bool = True, dtype=None, causal: bool = F
     if m.in_proj_bias is not None:
         bs = [conv(m.in_proj_bias[i * d:(i + 1) * d], f"in_proj_bias[{i * d}:{(i + 1) * d}]") for i in range(3)]
         bs.append(conv(m.out_proj.bias, "out_proj.bias"))
-    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal)
+    return MultiHeadAttention(*Ws, Wo, m.num_heads, *bs, causal=causal, bias=m.in_proj_bias is not None)
 
 
 def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
@@ -267,15 +270,17 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
     for j, L in enumerate(layers):
         if L.kind == "dense":
             W = _tensor(L.W)
-            lin = nn.Linear(W.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
+            lin = nn.Linear(W.shape[0], W.shape[1], bias=L.has_bias, dtype=W.dtype, device=W.device)
             with torch.no_grad():
                 lin.weight.copy_(W.T)
-                lin.bias.copy_(_tensor(L.b))
+                if L.has_bias:
+                    lin.bias.copy_(_tensor(L.b))
             if array_key(L.W, transposed=True) in tied and array_key(L.W) not in tied:
                 raise ValueError(f"to_torch: layer {j}'s W is another Dense layer's W transposed; torch cannot tie "
                                  "a Linear's weight to another's transpose")
             lin.weight = tied.setdefault(array_key(L.W), lin.weight)
-            lin.bias = tied.setdefault(array_key(L.b), lin.bias)
+            if L.has_bias:
+                lin.bias = tied.setdefault(array_key(L.b), lin.bias)
             modules.append(lin)
             act = activation_module(nn, L.activation)
             if act is not None:
@@ -289,15 +294,18 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
             modules.append(activation_module(nn, L.activation) or nn.Identity())
         else:
             gamma = _tensor(L.gamma)
+            with_beta = L.kind == "layernorm" and L.beta is not None
+            kw = {"bias": with_beta} if L.kind == "layernorm" and L.affine else {}
             cls = nn.LayerNorm if L.kind == "layernorm" else nn.RMSNorm
-            norm = cls(gamma.shape[0], eps=L.eps, dtype=gamma.dtype, device=gamma.device)
-            with torch.no_grad():
-                norm.weight.copy_(gamma)
-                if L.kind == "layernorm":
-                    norm.bias.copy_(_tensor(L.beta))
-            norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
-            if L.kind == "layernorm":
-                norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
+            norm = cls(gamma.shape[0], eps=L.eps, elementwise_affine=L.affine, dtype=gamma.dtype, device=gamma.device, **kw)
+            if L.affine:
+                with torch.no_grad():
+                    norm.weight.copy_(gamma)
+                    if with_beta:
+                        norm.bias.copy_(_tensor(L.beta))
+                norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
+                if with_beta:
+                    norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
             modules.append(norm)
     return nn.Sequential(*modules)
 
