@@ -12,7 +12,6 @@ from ..nn.layers import Activation, Dense, LayerNorm, Residual, RMSNorm
 from ..conv.batchnorm import BatchNorm1d, BatchNorm2d
 from ..conv.layers import Conv1d, Conv2d
 from ..conv.pools import Flatten
-from ..tokens.attention import MultiHeadAttention
 from ..conv.prelu import PReLU
 from .explain import unsupported_error
 from .ops_tokens import TOKEN_LAYERS
