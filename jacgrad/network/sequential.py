@@ -22,7 +22,7 @@ import numpy as np
 from ..core import above as _above, lazy as _lazy
 from ..nn import losses
 from ..protocol.passes import Gradients
-from ..nn.stack import backward_layers, carve_backward, carve_forward, forward_layers, layer_leads, named_grads
+from ..nn.stack import Plan, backward_layers, carve_backward, carve_forward, forward_layers, layer_leads, named_grads
 from ..nn.stack import param_views
 from ..steps.compiled_jacobian import JacobianStep
 from ..steps.compiled_products import compile_step
@@ -31,9 +31,9 @@ from ..params.param_space import SequentialParameterSpace
 from ..core.validation import float_array, network_input, shape_str
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
-from ..nn.layers import chained, Dense, leaf_layers
+from ..nn.layers import chained, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes, lead_shape, named_params
+from ..protocol.layer import bind_shapes, layout_generation, lead_shape, named_params
 from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
@@ -115,9 +115,9 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
         z, cache = self._forward(x, check_finite)
-        if isinstance(self._layers[-1], Dense) and (cache.x.ndim != 1 + len(self.in_shape)
-                                                    or z is cache._states[-1][1]):
-            z = z.copy()  # the last Dense layer's saved y (or a view of it), which backward reads
+        kept = getattr(self._layers[-1], "kept", None)  # the one array a lean layer keeps for its factor
+        if kept is not None and (cache.x.ndim != 1 + len(self.in_shape) or z is kept(cache._states[-1])[0]):
+            z = z.copy()  # the last layer's kept y (or, on tokens, maybe a view of it), which backward reads
         return z, cache
 
     def _forward(self, x: Any, check_finite: bool = False):
@@ -136,9 +136,21 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         # pooled host blocks (a loop reuses those of finished calls); the last layer's kept array in
         # a block of its own, so an output kept on its own does not keep the others alive; a (B, d)
         # batch's Dense layers keep one array each (lean: their inputs recomputed by backward)
-        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True, lean=isinstance(lead, int))
-        z, states = forward_layers(self._layers, x, bufs, check)
+        plan = self._plan(lead)
+        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True, lean=isinstance(lead, int), plan=plan)
+        z, states = forward_layers(self._layers, x, bufs, check, plan)
         return z, SequentialCache(x, states, self._token, self._layers)
+
+    def _plan(self, lead) -> Plan:
+        """The ``nn.stack.Plan`` of the layers at input lead ``lead`` (buffer layouts, each layer's
+        passes), worked out once and kept until the layers change (a few leads at a time)."""
+        memo = self.__dict__.get("_plans")
+        if memo is None or memo[0] is not self._layers or memo[1] != layout_generation() or len(memo[2]) > 8:
+            memo = self._plans = (self._layers, layout_generation(), {})
+        plan = memo[2].get(lead)
+        if plan is None:
+            plan = memo[2][lead] = Plan(self._layers, lead)
+        return plan
 
     def checked_input(self, x: Any, name: str = "x"):
         """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
@@ -175,7 +187,10 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         xp = self.xp
         grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
         lead = cache.x.shape[0] if cache.x.ndim == 1 + len(self.in_shape) else tuple(cache.x.shape[:2])  # the input's
-        want = lead_shape(layer_leads(self._layers, lead)[-1]) + tuple(self.out_shape)  # a layer may change the token axis
+        plan = self._plan(lead)
+        want = plan.layouts.get("grad_y")
+        if want is None:  # a layer may change the token axis
+            want = plan.layouts["grad_y"] = lead_shape(plan.leads[-1]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
@@ -184,16 +199,16 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
         # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
         # it on as its delta, so it gets a copy: never the caller's array
-        copy = not isinstance(self._layers[-1], Dense)
+        copy = not getattr(self._layers[-1], "scales_in_place", False)
         g, bufs = carve_backward(xp, self._layers, lead, self.dtype, input_grad, grad_y=copy, pooled=True,
-                                 in_place=isinstance(lead, int))
+                                 in_place=isinstance(lead, int), plan=plan)
         if copy:
             xp.copyto(g, grad_y, casting="same_kind")
         else:
             g = grad_y.astype(self.dtype, copy=False)
         per_layer = param_views(self._layers, views)
         gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
-                                      _require_finite if check_finite else None)
+                                      _require_finite if check_finite else None, plan=plan)
         if ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum
             flat = ties.reduce(flat)
             per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)))
