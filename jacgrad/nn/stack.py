@@ -20,10 +20,11 @@ import math
 from typing import Any, Callable, Sequence
 
 from ..protocol.passes import Gradients, block
-from ..protocol.layer import layer_leads, lead_shape
+from ..core.backend import get_xp
+from ..protocol.layer import anchor, layer_leads, layout_generation, lead_shape
 from ..core.renamed import renamed
 
-__all__ = ["Plan", "backward_layers", "carve_backward", "carve_forward", "forward_layers", "layer_leads", "lean_outputs",
+__all__ = ["Plan", "Plans", "backward_layers", "carve_backward", "carve_grads", "carve_forward", "forward_layers", "layer_leads", "lean_outputs",
            "named_grads", "param_views"]
 
 
@@ -58,7 +59,7 @@ class Plan:
     the layers (their shapes, activations) and ``B``: a ``Sequential`` keeps one per lead until its
     layers change (``protocol.layer.layout_changed``)."""
 
-    __slots__ = ("leads", "forwards", "backwards", "recompute", "layouts")
+    __slots__ = ("leads", "forwards", "backwards", "recompute", "counts", "names", "layouts")
 
     def __init__(self, layers: Sequence[Any], B: Any):
         self.leads = layer_leads(layers, B)
@@ -66,7 +67,36 @@ class Plan:
                   for L, b in zip(layers, self.leads)]
         self.forwards, self.backwards = [f for f, _ in passes], [b for _, b in passes]
         self.recompute = [bool(j) and getattr(L, "input_in_state", False) for j, L in enumerate(layers)]
+        self.counts = [len(L.params) for L in layers]
+        self.names = [None if hasattr(L, "layers") else L.names for L in layers]  # None: a container
         self.layouts: dict = {}
+
+
+class Plans:
+    """A network's ``Plan`` per input lead and what its passes read of its layers (``dtype``, ``xp``,
+    ``in_shape``, ``takes_tokens``), worked out once for ``layers`` at the current
+    ``layout_generation()`` (``stale`` after a layer changed in place); a few leads at a time."""
+
+    __slots__ = ("layers", "generation", "dtype", "xp", "in_shape", "takes_tokens", "_by_lead")
+
+    def __init__(self, layers: Sequence[Any]):
+        a = anchor(layers)
+        self.layers, self.generation, self.dtype, self.xp = layers, layout_generation(), a.dtype, get_xp(a)
+        self.in_shape = tuple(layers[0].in_shape)
+        self.takes_tokens = all(getattr(L, "per_token", False) for L in layers)
+        self._by_lead: dict = {}
+
+    def stale(self, layers: Sequence[Any]) -> bool:
+        return layers is not self.layers or self.generation != layout_generation()
+
+    def at(self, lead: Any) -> Plan:
+        """The ``Plan`` at input lead ``lead`` (an int ``B`` or ``(B, T)``)."""
+        plan = self._by_lead.get(lead)
+        if plan is None:
+            if len(self._by_lead) >= 8:
+                self._by_lead.clear()
+            plan = self._by_lead[lead] = Plan(self.layers, lead)
+        return plan
 
 
 def _plan(layers: Sequence[Any], B: Any, plan: Plan | None) -> Plan:
@@ -152,9 +182,18 @@ def _backward_layout(layers: Sequence[Any], leads: list, input_grad: bool, grad_
             [j for j, a in enumerate(alias) if a])
 
 
-def param_views(layers: Sequence[Any], views: list) -> list[list]:
+def carve_grads(xp, ties, dtype, plan: Plan) -> tuple[Any, list]:
+    """``carve(xp, ties.use_shapes, dtype, pooled=True)``: a pooled block for every use's gradient
+    (``protocol.sharing.Ties``) and its views, the layout kept in ``plan`` while ``ties`` is the same."""
+    layout = plan.layouts.get("grads")
+    if layout is None or layout[0] is not ties:
+        layout = plan.layouts["grads"] = (ties,) + _spans(ties.use_shapes)
+    return _carve(xp, layout[1], layout[2], dtype, False, True)
+
+
+def param_views(layers: Sequence[Any], views: list, plan: Plan | None = None) -> list[list]:
     """``views`` (one per parameter, in layer order) split per layer."""
-    return _split(views, [len(L.params) for L in layers])
+    return _split(views, plan.counts if plan is not None else [len(L.params) for L in layers])
 
 
 def _named(layer, views: list):
@@ -170,9 +209,11 @@ def _named(layer, views: list):
     return dict(zip(layer.names, views))
 
 
-def named_grads(layers: Sequence[Any], per_layer: list[list]) -> list:
+def named_grads(layers: Sequence[Any], per_layer: list[list], plan: Plan | None = None) -> list:
     """Per layer, its gradients by name (``BlockGradients.layers``) from its views."""
-    return [_named(L, v) for L, v in zip(layers, per_layer)]
+    if plan is None:
+        return [_named(L, v) for L, v in zip(layers, per_layer)]
+    return [_named(L, v) if n is None else dict(zip(n, v)) for L, v, n in zip(layers, per_layer, plan.names)]
 
 
 def forward_layers(layers: Sequence[Any], x, bufs: list[list], check: Callable | None = None,
