@@ -163,7 +163,9 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         if check_tokens is not None:
             return check_tokens(x, 0)
         memo = self._memo()
-        xp = get_xp(x, self._anchor)
+        xp = get_xp(x)
+        if xp is not memo.xp:  # a list on the GPU's network, or a device mismatch (a TypeError)
+            xp = get_xp(x, self._anchor)
         x = network_input(x, name, xp, memo.dtype, in_shape=memo.in_shape, tokens=memo.takes_tokens)
         return xp.ascontiguousarray(x.astype(memo.dtype, copy=False))
 
@@ -188,7 +190,8 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         self._check_cache(cache)
         memo = self._memo()
         dtype, xp = memo.dtype, memo.xp
-        grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
+        xp_g = get_xp(grad_y)
+        grad_y = float_array(grad_y, "grad_y", xp_g if xp_g is xp else get_xp(grad_y, self._anchor))
         lead = cache.x.shape[0] if cache.x.ndim == 1 + len(memo.in_shape) else tuple(cache.x.shape[:2])  # the input's
         plan = memo.at(lead)
         want = plan.layouts.get("grad_y")

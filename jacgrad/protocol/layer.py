@@ -97,6 +97,9 @@ class Layer(Protocol):
         ``output_recomputable`` (one array per Dense layer in a dense stack's cache).
         ``scales_in_place``: True when ``backward`` scales its cotangent into its first backward
         buffer (δ): the layer after it may write ``∂L/∂input`` straight into that buffer.
+        ``reusable_factor``: True when ``factor(state)`` reads the state's arrays by reference (a
+        Dense's ``diag(d)·Wᵀ``): a compiled step, whose states are the same buffers every call, makes
+        it once and hands it to ``backward`` as ``factor=``.
         ``kept(state) -> (array, is_output)``: the one array the state keeps for the factor (a
         Dense's ``y`` or ``h``: ``SequentialCache.saved``/``from_output``).
         ``bound()``: ``((what, object), ...)`` that a forward pass reads and a later backward must

@@ -58,8 +58,8 @@ class PerToken:
         """``(forward, backward)`` for inputs of leading shape ``lead`` (``nn.stack.Plan``): on
         ``(B, n)`` (an int lead) the row passes themselves — the very calls ``forward``/``backward``
         make there, without the dispatch on the token axis (the network has checked the input's
-        shape); on a token batch ``forward``/``backward``."""
-        if isinstance(lead, int):
+        shape); on a token batch, or a layer on images (``in_shape`` ``(C, H, W)``), ``forward``/``backward``."""
+        if isinstance(lead, int) and len(self.in_shape) == 1:
             return self._forward_rows, self._backward_rows
         return self.forward, self.backward
 

@@ -228,7 +228,8 @@ class TrainingStep(StepIO):
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
-        dense = all(isinstance(L, Dense) for L in layers)  # then (∂W list, ∂b list), the views of every call
+        # every layer's parameters (W, b), as Gradients.weights/.biases read them: (∂W list, ∂b list), every call's views
+        dense = all(tuple(L.names) == ("W", "b") and not hasattr(L, "layers") for L in layers)
         self._dense = ([g[0] for g in self._grads], [g[1] for g in self._grads]) if dense else None
         if self._graphs is not None:
             self._graphs.clear()
@@ -281,9 +282,9 @@ class TrainingStep(StepIO):
         """Forward, loss, backward: every result into its buffer (the network's own passes)."""
         z, states = forward_layers(self._layers, self._x, self._fbufs)
         self._loss(z, self._target, labels=labels)
-        if self._factors is None:  # the states are the same buffers every call: a Dense's factor is made once
-            # (a Dense on token batches makes its row factor itself: its factor(st) is a TokenFactor)
-            self._factors = [L.factor(st) if isinstance(L, Dense) and self.tokens is None else None
+        if self._factors is None:  # the states are the same buffers every call: a factor that reads them by
+            # reference (``reusable_factor``: a Dense's) is made once (on token batches a layer makes its row factor itself)
+            self._factors = [L.factor(st) if getattr(L, "reusable_factor", False) and self.tokens is None else None
                              for L, st in zip(self._layers, states)]
         if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
             factors = [J if J is not None else L.factor(st) for J, L, st in zip(self._factors, self._layers, states)]
