@@ -87,7 +87,7 @@ from ..nn.stack import (
 from ..nn.loss_workspace import LossWorkspace
 from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
-from ..params.param_space import leaf_inputs, leaf_views
+from ..params.leaf_views import leaf_inputs, leaf_views
 from ..protocol.sharing import Ties
 from ..core.renamed import renamed
 from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
