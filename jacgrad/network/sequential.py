@@ -22,12 +22,12 @@ import numpy as np
 from ..core import above as _above, lazy as _lazy
 from ..nn import losses
 from ..protocol.passes import Gradients
-from ..nn.stack import Plan, Plans, backward_layers, carve_backward, carve_forward, carve_grads, forward_layers
+from ..nn.stack import Plans, backward_layers, carve_backward, carve_forward, carve_grads, forward_layers
 from ..nn.stack import layer_leads, named_grads, param_views
 from ..steps.compiled_jacobian import JacobianStep
 from ..steps.compiled_products import compile_step
 from ..params.param_space import SequentialParameterSpace
-from ..core.validation import float_array, network_input, shape_str
+from ..core.validation import float_array, network_input, require_finite, shape_str
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..nn.layers import chained, leaf_layers
@@ -41,14 +41,6 @@ from .cache import SequentialCache
 __all__ = ["Gradients", "Sequential", "SequentialCache"]
 
 __getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
-
-
-def _require_finite(a, where: str) -> None:
-    xp = get_xp(a)
-    bad = ~xp.isfinite(a)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
-        raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
 
 
 class Sequential(SequentialParameterSpace, Imported, TiedLayers):
@@ -129,7 +121,7 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         x = self.checked_input(x, "x")
         memo = self._memo()
         dtype, xp = memo.dtype, memo.xp
-        check = _require_finite if check_finite else None
+        check = require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
         lead = x.shape[0] if x.ndim == 1 + len(memo.in_shape) else tuple(x.shape[:2])  # (B, T): a token batch
@@ -148,10 +140,6 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         if memo is None or memo.stale(self._layers):
             memo = self._plans = Plans(self._layers)
         return memo
-
-    def _plan(self, lead) -> Plan:
-        """The ``nn.stack.Plan`` of the layers at input lead ``lead`` (buffer layouts, each layer's passes)."""
-        return self._memo().at(lead)
 
     def checked_input(self, x: Any, name: str = "x"):
         """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
@@ -214,7 +202,7 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
             g = grad_y.astype(dtype, copy=False)
         per_layer = param_views(self._layers, views, plan)
         gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
-                                      _require_finite if check_finite else None, plan=plan)
+                                      require_finite if check_finite else None, plan=plan)
         if ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum
             flat = ties.reduce(flat)
             per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)), plan)

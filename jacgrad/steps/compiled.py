@@ -76,6 +76,7 @@ import numpy as np
 
 from ..nn import losses
 from ..nn.stack import (
+    Plan,
     backward_layers,
     carve_backward,
     carve_forward,
@@ -227,6 +228,7 @@ class TrainingStep(StepIO):
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
+        self._plan = Plan(layers, self._lead)  # each layer's passes at this lead (a per-token layer's rows on (B, n))
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
         # every layer's parameters (W, b), as Gradients.weights/.biases read them: (∂W list, ∂b list), every call's views
         dense = all(tuple(L.names) == ("W", "b") and not hasattr(L, "layers") for L in layers)
@@ -280,7 +282,7 @@ class TrainingStep(StepIO):
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (the network's own passes)."""
-        z, states = forward_layers(self._layers, self._x, self._fbufs)
+        z, states = forward_layers(self._layers, self._x, self._fbufs, plan=self._plan)
         self._loss(z, self._target, labels=labels)
         if self._factors is None:  # the states are the same buffers every call: a factor that reads them by
             # reference (``reusable_factor``: a Dense's) is made once (on token batches a layer makes its row factor itself)
@@ -291,7 +293,7 @@ class TrainingStep(StepIO):
             self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
             return
         self._gin, self._deltas = backward_layers(self._layers, states, self._loss.grad, self._grads, self._bbufs,
-                                                  self.input_grad, factors=self._factors)
+                                                  self.input_grad, factors=self._factors, plan=self._plan)
 
     def _results(self, copy: bool):
         private = self._private is not None
