@@ -32,7 +32,7 @@ from ..core.backend import get_xp
 from ..algebra.chain import Chain
 from ..nn.layers import chained, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes, lead_shape, named_params
+from ..protocol.layer import bind_shapes, layout_generation, lead_shape, named_params
 from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
@@ -118,8 +118,8 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
-        x = self.checked_input(x, "x")
         memo = self._memo()
+        x = self.checked_input(x, "x", memo)
         dtype, xp = memo.dtype, memo.xp
         check = require_finite if check_finite else None
         if check is not None:
@@ -137,20 +137,21 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         """What the passes read of the layers (``nn.stack.Plans``: dtype, device, a ``Plan`` per input
         lead), worked out once and kept until they change (``protocol.layer.layout_changed``)."""
         memo = self.__dict__.get("_plans")
-        if memo is None or memo.stale(self._layers):
+        if memo is None or memo.layers is not self._layers or memo.generation != layout_generation():
             memo = self._plans = Plans(self._layers)
         return memo
 
-    def checked_input(self, x: Any, name: str = "x"):
+    def checked_input(self, x: Any, name: str = "x", memo: Plans | None = None):
         """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
         it takes discrete inputs (a layer with ``check_tokens(x, where)``, e.g. ``Embedding``: integer
         ``(B, T)`` ids, kept as they are); else a float ``(B, *in_shape)`` or, per token,
-        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype."""
+        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype.
+        ``memo``: the network's ``_memo()``, where the caller has it."""
         first = self._layers[0]
         check_tokens = getattr(first, "check_tokens", None)
         if check_tokens is not None:
             return check_tokens(x, 0)
-        memo = self._memo()
+        memo = memo or self._memo()
         xp = get_xp(x)
         if xp is not memo.xp:  # a list on the GPU's network, or a device mismatch (a TypeError)
             xp = get_xp(x, self._anchor)

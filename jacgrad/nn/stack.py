@@ -75,7 +75,7 @@ class Plan:
 class Plans:
     """A network's ``Plan`` per input lead and what its passes read of its layers (``dtype``, ``xp``,
     ``in_shape``, ``takes_tokens``), worked out once for ``layers`` at the current
-    ``layout_generation()`` (``stale`` after a layer changed in place); a few leads at a time."""
+    ``layout_generation()`` (stale at another: a layer changed in place); a few leads at a time."""
 
     __slots__ = ("layers", "generation", "dtype", "xp", "in_shape", "takes_tokens", "_by_lead")
 
@@ -85,9 +85,6 @@ class Plans:
         self.in_shape = tuple(layers[0].in_shape)
         self.takes_tokens = all(getattr(L, "per_token", False) for L in layers)
         self._by_lead: dict = {}
-
-    def stale(self, layers: Sequence[Any]) -> bool:
-        return layers is not self.layers or self.generation != layout_generation()
 
     def at(self, lead: Any) -> Plan:
         """The ``Plan`` at input lead ``lead`` (an int ``B`` or ``(B, T)``)."""

@@ -125,7 +125,7 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
     (an int ``j`` reads "layer j")."""
     h = matmul_into(z, W, h_out)
-    if check is None and d_out is None and _fusable(h, b):  # the GPU: bias and φ in one kernel
+    if check is None and d_out is None and not isinstance(h, np.ndarray) and _fusable(h, b):  # the GPU: one kernel
         return bias_activation_forward(h, b, act, out=h if act.df_from_output is not None else z_out)
     h += b
     if check is not None:
@@ -143,7 +143,7 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
 
 def _fusable(h, b) -> bool:
     """True on the GPU for a C-contiguous ``h (…, H)`` and bias ``(H,)`` of its dtype, non-empty."""
-    return (not isinstance(h, np.ndarray) and get_xp(h) is not np and b is not None and h.size > 0 and b.shape == h.shape[-1:]
+    return (get_xp(h) is not np and b is not None and h.size > 0 and b.shape == h.shape[-1:]
             and b.dtype == h.dtype and h.flags.c_contiguous and b.flags.c_contiguous)
 
 
