@@ -6,7 +6,7 @@ in the other (CPU time of the worker, ``time.process_time``: a loaded machine's 
 count). Prints each tree's median time per call and the median of the per-round ratios new/old.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/mlp_overhead.py --old /tmp/old [--new .] [--rounds 30] [--calls 500]
-        [--part loss_and_grads|forward|backward]
+        [--part loss_and_grads|forward|backward|compiled|grad_norms] [--sizes 512,512,512,512,512 --batch 256]
 """
 
 import argparse
@@ -18,14 +18,17 @@ import sys
 WORKER = r"""
 import sys, time
 import numpy as np, jacgrad as jg
-net = jg.MLP.init([32, 64, 64, 10], activation="tanh", seed=0)
+sizes, B = [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
+net = jg.MLP.init(sizes, activation="tanh", seed=0)
 rng = np.random.default_rng(0)
-x, t = rng.standard_normal((64, 32)), rng.standard_normal((64, 10))
+x, t = rng.standard_normal((B, sizes[0])), rng.standard_normal((B, sizes[-1]))
 y, cache = net._forward(x)
 gy = jg.losses.mse(y, t)[1]
+step = net.compile(B, input_grad=False) if sys.argv[1] == "compiled" else None
 part = {"loss_and_grads": lambda: net.loss_and_grads(x, t), "forward": lambda: net._forward(x),
-        "backward": lambda: net.backward(cache, gy)}[sys.argv[1]]
-for _ in range(300):
+        "backward": lambda: net.backward(cache, gy), "compiled": lambda: step(x, t),
+        "grad_norms": lambda: net.per_sample_grad_norms(x, t)}[sys.argv[1]]
+for _ in range(int(sys.argv[4])):
     part()
 print("ready", flush=True)
 for line in sys.stdin:
@@ -42,9 +45,9 @@ def cpu_model() -> str:
     return out.split(":", 1)[-1].strip() or "unknown CPU"
 
 
-def worker(tree: str, part: str) -> subprocess.Popen:
+def worker(tree: str, part: str, sizes: str, batch: int, warm: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-c", WORKER, part], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-c", WORKER, part, sizes, str(batch), str(warm)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          env=env, cwd=os.path.abspath(tree))
     assert p.stdout.readline().strip() == "ready", f"the worker of {tree} did not start"
     return p
@@ -62,10 +65,15 @@ def main() -> None:
     ap.add_argument("--new", default=os.path.join(os.path.dirname(__file__), ".."))
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--calls", type=int, default=500)
-    ap.add_argument("--part", default="loss_and_grads", choices=("loss_and_grads", "forward", "backward"),
-                    help="the whole call, or its forward pass (net._forward) or backward pass alone")
+    ap.add_argument("--part", default="loss_and_grads",
+                    choices=("loss_and_grads", "forward", "backward", "compiled", "grad_norms"),
+                    help="the whole call, its forward pass (net._forward) or backward pass alone, the compiled "
+                         "step (net.compile(B)) or the per-sample gradient norms")
+    ap.add_argument("--sizes", default="32,64,64,10", help="the MLP's widths, e.g. 512,512,512,512,512")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=300, help="calls before timing, in each worker")
     a = ap.parse_args()
-    old, new = worker(a.old, a.part), worker(a.new, a.part)
+    old, new = (worker(tree, a.part, a.sizes, a.batch, a.warmup) for tree in (a.old, a.new))
     t_old, t_new = [], []
     for r in range(a.rounds):
         first, second = (old, new) if r % 2 == 0 else (new, old)  # who goes first alternates too
@@ -77,7 +85,7 @@ def main() -> None:
         p.wait()
     ratios = [n / o for n, o in zip(t_new, t_old)]
     print(f"CPU: {cpu_model()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}); "
-          f"{a.part} of a [32, 64, 64, 10] tanh MLP, B=64, float64, mse; {a.rounds} alternated rounds "
+          f"{a.part} of a [{a.sizes.replace(',', ', ')}] tanh MLP, B={a.batch}, float64, mse; {a.rounds} alternated rounds "
           f"of {a.calls} calls, CPU time")
     print(f"old {a.old}: {statistics.median(t_old) * 1e3:.4f} ms per call (best {min(t_old) * 1e3:.4f})")
     print(f"new {a.new}: {statistics.median(t_new) * 1e3:.4f} ms per call (best {min(t_new) * 1e3:.4f})")

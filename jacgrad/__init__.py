@@ -12,14 +12,14 @@ gradient-flow diagnostics, on NumPy and on CuPy with the same results.
 from .elementwise import activations, gates
 from .core import backend
 from .flow import block_flow, diagnostics, monitor
-from .algebra import chain, check, curvature, factors, jacobian, per_sample, spectra
+from .algebra import chain, check, factors, jacobian, per_sample, spectra
 from .models import checkpoints
 from .steps import compiled
 from . import distributed
 from .cuda import hostpool, kernels
 from .nn import initializers, layers, loss_hessians, losses
 from .network import mlp, sequential, torch_dp as torch
-from .params import private
+from .params import curvature, private
 from .core.backend import asarray, get_xp, to_device, to_numpy
 from .algebra.chain import Chain
 from .models.checkpoints import load

@@ -12,7 +12,7 @@ import pytest
 
 import jacgrad as jg
 from jacgrad.algebra import check
-from jacgrad.algebra.diag_factor import DiagonalFactor
+from jacgrad.algebra.factors import DiagonalFactor
 
 L = jg.layers
 

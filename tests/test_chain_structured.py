@@ -7,7 +7,8 @@ import pytest
 
 import jacgrad as jg
 from jacgrad.algebra import bracketing
-from jacgrad.algebra.factors import NormFactor, ResidualFactor
+from jacgrad.algebra.factors import NormFactor
+from jacgrad.algebra.residual_factor import ResidualFactor
 
 
 def _all_trees(i, j) -> list:

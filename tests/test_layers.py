@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from jacgrad.algebra.factors import NormFactor, ResidualFactor
+from jacgrad.algebra.factors import NormFactor
+from jacgrad.algebra.residual_factor import ResidualFactor
 
 L = jg.layers
 rng = np.random.default_rng(0)

@@ -111,10 +111,10 @@ MOVES: dict[str, str] = {
     "_gemm": "cuda.gemm", "hostpool": "cuda.hostpool",
     # algebra
     "jacobian": "algebra.jacobian", "chain": "algebra.chain", "factors": "algebra.factors",
-    "token_factor": "algebra.token_factor", "diag_factor": "algebra.diag_factor",
+    "token_factor": "algebra.token_factor", "diag_factor": "algebra.factors",
     "bracketing": "algebra.bracketing", "_bracket_evaluate": "algebra.bracket_evaluate",
     "spectra": "algebra.spectra", "_lanczos": "algebra.lanczos", "check": "algebra.check",
-    "per_sample": "algebra.per_sample", "curvature": "algebra.curvature",
+    "per_sample": "algebra.per_sample", "curvature": "params.curvature",
     # protocol
     "layer_protocol": "protocol.layer", "_passes": "protocol.passes", "param_leaves": "protocol.leaves",
     "_token_rows": "protocol.token_rows",

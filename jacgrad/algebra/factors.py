@@ -1,6 +1,9 @@
-"""Structured Jacobian factors beside ``LayerJacobian``: a residual block ``I + s·J_inner`` and
-a normalisation ``diag(γ/σ)·(I − 11ᵀ/n − x̂x̂ᵀ/n)`` (LayerNorm) or ``diag(γ/r)·(I − x̂x̂ᵀ/n)``
-(RMSNorm). Neither is ever formed as a dense matrix in ``vjp``/``jvp``/the row actions.
+"""Structured Jacobian factors beside ``LayerJacobian`` (a residual block's:
+``jacgrad.algebra.residual_factor``): ``DiagonalFactor``, the ``diag(d)`` of an elementwise map
+``y = φ(h)`` of its own (``jacgrad.nn.layers.Activation``, ``d = φ'(h)``: no parameters, every
+product one elementwise multiplication), and a normalisation ``diag(γ/σ)·(I − 11ᵀ/n − x̂x̂ᵀ/n)``
+(LayerNorm) or ``diag(γ/r)·(I − x̂x̂ᵀ/n)`` (RMSNorm). Neither is ever formed as a dense matrix in
+``vjp``/``jvp``/the row actions.
 
 Every factor offers the protocol ``Chain`` reads: ``vjp``, ``jvp`` (rows ``(B, n)``, or
 ``(N, n)`` when shared), ``jvp_stack``/``vjp_stack`` (``(…, r, n)`` stacks, for
@@ -27,12 +30,10 @@ from ..cuda import hostpool, norm_kernels
 from ..cuda.gemm import matmul
 from ..core.validation import float_array, shape_str
 from ..core.backend import get_xp
-from .bracketing import row_cost, stack_jvp, stack_vjp
-from .chain import Chain, _anchor
 from .jacobian import _check_sample_selection
 from .spectra import singular_values as _svd
 
-__all__ = ["FixedNormFactor", "NormFactor", "ResidualFactor"]
+__all__ = ["DiagonalFactor", "FixedNormFactor", "NormFactor"]
 
 
 def _check_rows(F, a, width: int, what: str):
@@ -239,124 +240,72 @@ class FixedNormFactor(NormFactor):
         raise AttributeError("param_jvp: a norm without parameters has no leaf")
 
 
-class ResidualFactor:
-    """``I + s·J_inner`` for a residual block ``z + s·f(z)``, ``inner``: the ``Chain`` of ``f``
-    (``n -> n``); with ``shortcut`` (the ``Chain`` of a projection ``p``, ``n -> m`` as ``f``),
-    ``J_p + s·J_inner`` for ``p(z) + s·f(z)``. Products run through the chains' factors; nothing
-    dense is formed. The parameter-space sweeps open both (``per_sample.inner_factors``,
-    ``shortcut_factors``): the branch's leaves first, then the shortcut's."""
+class DiagonalFactor:
+    """``diag(d)`` with ``d: (B, n)`` per sample or ``(n,)`` shared (kept by reference). The products
+    read it only through ``vjp``/``jvp`` and the stacked ``vjp_stack``/``jvp_stack``
+    (``per_sample.output_partials``, ``curvature``: no ``param_vjp_stack``): O(n) per row.
 
-    __slots__ = ("inner", "scale_", "shortcut", "batch", "h_in", "h_out")
+        >>> F = DiagonalFactor(np.array([[1.0, -2.0]]))
+        >>> F.vjp(np.ones((1, 2))), F.singular_values(), F.dense().shape
+        (array([[ 1., -2.]]), array([[2., 1.]]), (1, 2, 2))
+    """
 
-    def __init__(self, inner: Chain, scale: float = 1.0, shortcut: Chain | None = None):
-        if not isinstance(inner, Chain):
-            inner = Chain(inner)
-        if shortcut is not None and not isinstance(shortcut, Chain):
-            shortcut = Chain(shortcut)
-        if shortcut is None and inner.n_in != inner.n_out:
-            raise ValueError(f"a residual factor needs an inner chain n -> n; it maps {inner.n_in} -> {inner.n_out} "
-                             f"(a block that changes the shape needs a shortcut chain)")
-        if shortcut is not None and (shortcut.n_in, shortcut.n_out) != (inner.n_in, inner.n_out):
-            raise ValueError(f"a residual factor's shortcut maps {shortcut.n_in} -> {shortcut.n_out} but its inner "
-                             f"chain {inner.n_in} -> {inner.n_out}: they must agree")
-        if shortcut is not None and None not in (shortcut.batch, inner.batch) and shortcut.batch != inner.batch:
-            raise ValueError(f"a residual factor's shortcut has B={shortcut.batch} but its inner chain B={inner.batch}")
-        self.inner, self.scale_, self.shortcut = inner, float(scale), shortcut
-        self.batch = inner.batch if inner.batch is not None or shortcut is None else shortcut.batch
-        self.h_in, self.h_out = inner.n_in, inner.n_out
+    __slots__ = ("d", "batch", "h_in", "h_out")
 
-    @property
-    def scale(self) -> float:
-        return self.scale_
+    def __init__(self, d: Any):
+        d = float_array(d, "d", get_xp(d))
+        if d.ndim not in (1, 2):
+            raise ValueError(f"DiagonalFactor: d must be (n,) or (B, n), got shape {shape_str(d.shape)}")
+        self.d = d
+        self.batch = d.shape[0] if d.ndim == 2 else None
+        self.h_in = self.h_out = d.shape[-1]
 
-    @property
-    def per_sample(self) -> bool:
-        return self.batch is not None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.inner.dtype
-
-    @property
-    def xp(self):
-        return self.inner.xp
-
-    @property
-    def anchor(self):
-        return _anchor(self.inner.factors[0])
-
-    @property
-    def row_cost(self) -> int:
-        """Multiply-adds per row: the inner factors', the shortcut's (the identity's add without one)."""
-        short = self.h_out if self.shortcut is None else sum(row_cost(J) for J in self.shortcut.factors)
-        return short + sum(row_cost(J) for J in self.inner.factors)
-
-    @property
-    def dense_cost(self) -> int:
-        """Forming ``dense()``: the inner chain's whole Jacobian (its own plan, B counted), and the shortcut's."""
-        return self.inner.jacobian_cost("auto") + (0 if self.shortcut is None else self.shortcut.jacobian_cost("auto"))
+    per_sample = property(lambda self: self.batch is not None)
+    dtype = property(lambda self: self.d.dtype)
+    xp = property(lambda self: get_xp(self.d))
+    anchor = property(lambda self: self.d, doc="an array of the factor (its device is the factor's)")
+    row_cost = property(lambda self: self.h_in, doc="multiply-adds per row: one scaling")
+    dense_cost = property(lambda self: 0, doc="forming ``dense()``: elementwise (0 in the model)")
 
     def __repr__(self) -> str:
-        short = "I" if self.shortcut is None else repr(self.shortcut)
-        return f"ResidualFactor({short} + {self.scale_:g}·{self.inner!r})"
+        b = f"B={self.batch}, " if self.per_sample else "shared, "
+        return f"DiagonalFactor({b}n={self.h_in}, dtype={self.dtype})"
 
     def jvp(self, u: Any):
-        """``J_p u + s·J_inner u`` (``J_p = I`` without a shortcut): ``(B, n) -> (B, m)``."""
-        u = _check_rows(self, u, self.h_in, "tangent")
-        skip = u if self.shortcut is None else self.shortcut.jvp(u)
-        return skip + self.scale_ * self.inner.jvp(u)
+        """``d ⊙ u``: ``(B, n) -> (B, n)``."""
+        return _check_rows(self, u, self.h_in, "tangent") * self.d
 
     def vjp(self, v: Any):
-        """``J_pᵀ v + s·J_innerᵀ v``: ``(B, m) -> (B, n)``."""
-        v = _check_rows(self, v, self.h_out, "cotangent")
-        skip = v if self.shortcut is None else self.shortcut.vjp(v)
-        return skip + self.scale_ * self.inner.vjp(v)
-
-    def _stack(self, a, step, order):
-        """``J_p a + s·J_inner a`` (``step``, ``order``: forward or transposed) on stacked rows; ``a`` only read."""
-        t, skip = _multiply(a, self.scale_), a
-        for J in order(self.inner.factors):
-            t = step(J, t)
-        for J in order(self.shortcut.factors if self.shortcut is not None else ()):
-            skip = step(J, skip)
-        return _add_into(t, skip)
+        """``d ⊙ v`` (the factor is symmetric): ``(B, n) -> (B, n)``."""
+        return _check_rows(self, v, self.h_out, "cotangent") * self.d
 
     def jvp_stack(self, a):
-        """On every row of ``a: (…, r, n)``; ``a`` is only read."""
-        return self._stack(a, stack_jvp, list)
+        """On every row of ``a: (…, r, n)`` -> ``(B, r, n)`` (``(r, n)`` when all is shared); ``a`` only read."""
+        return a * self.d[..., None, :]
 
-    def vjp_stack(self, a):
-        """``Jᵀ`` on every row of ``a: (…, r, m)``; ``a`` is only read."""
-        return self._stack(a, stack_vjp, reversed)
+    vjp_stack = jvp_stack
 
     def dense(self, transposed: bool = False):
-        J = self.scale_ * self.inner.jacobian()
-        J = J + (self.xp.eye(self.h_in, dtype=self.dtype) if self.shortcut is None else self.shortcut.jacobian())
-        return J.swapaxes(-1, -2) if transposed else J
+        """``(B, n, n)`` or ``(n, n)`` (symmetric: ``transposed`` changes nothing); built only on request."""
+        eye = self.xp.eye(self.h_in, dtype=self.dtype)
+        return self.d[..., :, None] * eye
 
-    def rows(self, sel) -> "ResidualFactor":
+    def rows(self, sel) -> "DiagonalFactor":
         _check_sample_selection(sel)
-        if not self.per_sample:
-            return self
-        short = None if self.shortcut is None else self.shortcut.rows(sel)
-        return ResidualFactor(self.inner.rows(sel), self.scale_, short)
+        return DiagonalFactor(self.d[sel]) if self.per_sample else self
 
     def norm_bound(self):
-        """``bound(J_p) + |s|·Π(inner bounds)`` ≥ ‖J_p + s·J_inner‖₂ (J_p = I: 1): 0-d or ``(B,)``."""
-        skip = 1.0 if self.shortcut is None else self.shortcut.norm_bound()
-        return skip + abs(self.scale_) * self.inner.norm_bound()
+        """``max|d|`` = ‖diag(d)‖₂ exactly: 0-d or ``(B,)``."""
+        if self.h_in == 0:
+            return self.xp.zeros(self.d.shape[:-1], dtype=self.dtype)
+        return self.xp.abs(self.d).max(axis=-1)
+
+    spectral_norm = norm_bound
 
     def singular_values(self):
-        """Exact singular values (an SVD of ``dense()``), descending."""
-        return _svd(self.dense())
-
-
-def _add_into(t, a):
-    """``t + a`` written into ``t`` — a stack the residual's own product made (never the caller's
-    ``a``) — when ``a`` broadcasts into its shape; else a new array."""
-    if np.broadcast_shapes(t.shape, a.shape) == t.shape and np.result_type(t.dtype, a.dtype) == t.dtype:
-        return get_xp(t, a).add(t, a, out=t)
-    return t + a
+        """``|d|`` sorted, descending: ``(B, n)`` or ``(n,)``."""
+        s = self.xp.sort(self.xp.abs(self.d), axis=-1)
+        return self.xp.ascontiguousarray(s[..., ::-1])
 
 
 def _multiply(a, b):

@@ -233,3 +233,12 @@ def check_out(out: Any, shape: tuple, dtype, who: str, xp):
     if not out.flags.c_contiguous:
         raise ValueError(f"{who}: out must be C-contiguous (its views are handed out as the result)")
     return out
+
+
+def require_finite(a, where: str) -> None:
+    """A ``FloatingPointError`` naming ``where`` and the first index when ``a`` has a NaN or Inf."""
+    xp = get_xp(a)
+    bad = ~xp.isfinite(a)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
+        raise FloatingPointError(f"{where} has non-finite values (first at index {first})")

@@ -7,7 +7,8 @@ and ``matmul(·, v)``: q, k and v back through views to their projections (one f
 or three), those back through views to one ``(B, T, d)`` value ``x``; the core's output forward through
 views to the out-projection and on to ``(B, T, d)``. Each chain of views is replayed by torch on a
 tensor of labels (``arange`` over the source's elements), which says where every element of q, k, v
-came from; see ``jacgrad.models.token_graph`` for what is read and what is refused.
+came from; see ``jacgrad.models.token_graph`` for what is read and what is refused, and
+``jacgrad.models.graph_nodes`` for the node helpers both share.
 """
 
 from __future__ import annotations
@@ -16,48 +17,11 @@ import math
 
 import numpy as np
 
+from .explain import Piece
+from .graph_nodes import Refused, constant, data_inputs, is_view, live_users, scaling
 from .ops import op_name
-from .piece import Piece
 
-__all__ = ["AttentionBlock", "Refused", "VIEWS", "data_inputs", "is_view", "live_users", "scaling"]
-
-VIEWS = frozenset({"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "alias", "split",
-                   "split_with_sizes", "chunk", "unbind", "getitem", "select", "squeeze", "unsqueeze", "unflatten",
-                   "flatten", "slice", "expand", "dropout"})
-
-
-class Refused(Exception):
-    """Why the block at a core node is not a MultiHeadAttention."""
-
-
-def data_inputs(cap, n) -> list:
-    return [i for i in n.all_input_nodes if i in cap.data]
-
-
-def is_view(cap, n) -> bool:
-    return n.op == "call_function" and op_name(n) in VIEWS and len(data_inputs(cap, n)) == 1 and (
-        op_name(n) != "dropout" or cap.pieces[n].kind == "structural")
-
-
-def scaling(cap, n):
-    """``c`` when ``n`` multiplies (or divides, ``1/c``) one computed value by a constant, else None."""
-    if n.op != "call_function" or op_name(n) not in ("mul", "div") or len(data_inputs(cap, n)) != 1:
-        return None
-    a = cap.arguments(n) or {}
-    c = [_const(cap, v) for k, v in a.items() if k in ("input", "other") and v not in cap.data]
-    if len(c) != 1 or c[0] is None or c[0] == 0:
-        return None
-    return 1.0 / c[0] if op_name(n) == "div" else c[0]
-
-
-def _const(cap, n):
-    """A constant ``c`` (a number) when ``n`` is one, else None."""
-    return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
-
-
-def live_users(cap, users) -> list:
-    return [u for u in users if not (u in cap.pieces and cap.pieces[u].info.get("unused"))]
-
+__all__ = ["AttentionBlock"]
 
 class AttentionBlock:
     """The attention block around the core node ``core`` of ``cap`` (a ``graph.Capture``); ``read()``
@@ -244,7 +208,7 @@ class AttentionBlock:
             name = op_name(S) if S.op == "call_function" else ""
             b = cap.arguments(S) if name in ("masked_fill", "add", "mul", "div") else None
             if name == "masked_fill" and b["input"] in cap.data and b["mask"] not in cap.data:
-                value = _const(cap, b["value"])
+                value = constant(cap, b["value"])
                 if value is None or value > -1e9:
                     raise Refused(f"{S.name} fills the mask with {b['value']}, not −inf")
                 causal = self.mask(b["mask"], causal, boolean_keeps=False)

@@ -1,5 +1,6 @@
-"""What ``jg.explain`` returns, and the graph importer's messages in the user's words: a node's
-source line, the one-line reason torch gives when it cannot trace a model, the one error that
+"""What one node of a traced graph is to the graph importer (``Piece``, shared by the op table's
+modules ``jacgrad.models.ops*``), what ``jg.explain`` returns, and the graph importer's messages
+in the user's words: a node's source line, the one-line reason torch gives when it cannot trace a model, the one error that
 lists every unsupported part.
 
 Nothing here imports torch: a node is read through its ``meta`` (``stack_trace``,
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..io.interop import plain_message
 
-__all__ = ["Explanation", "Row", "module_of", "source_of", "unsupported_error", "untraceable_error"]
+__all__ = ["Explanation", "Piece", "Row", "module_of", "source_of", "unsupported_error", "untraceable_error"]
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*(?:\n\s+([^\n]*))?')
 
@@ -119,3 +120,32 @@ def unsupported_error(explanation: Explanation, note: str = "") -> TypeError:
     lines.append("jg.explain(model, example_inputs) shows how every node is read; "
                  "jacgrad.models.ops.supported_ops_markdown() lists the ops it takes")
     return TypeError("\n".join(lines))
+
+
+@dataclass
+class Piece:
+    """What one graph node is to the importer.
+
+    ``kind``: ``"dense"`` (``params``: ``W`` and maybe ``b``, each ``(placeholder, transposed)``
+    where ``transposed`` says the torch tensor is ``Wᵀ``), ``"bias"`` (a parameter added after
+    a bias-free matmul), ``"act"`` (``info["name"]``), ``"layernorm"``/``"rmsnorm"``
+    (``params`` gamma/beta, ``info["eps"]``), ``"add"`` (two data operands and ``info["alpha"]``:
+    a residual join, or two branches from one value joining: a projection shortcut), ``"prelu"``
+    (``params["weight"]``: its slopes), ``"scale"`` (times the constant ``info["scale"]``), ``"structural"``
+    (computes nothing: views, eval dropout, copies), ``"layer"`` (one layer its reader makes:
+    ``info["make"](arrays by role)``, ``info["what"]`` its label; ``jacgrad.models.ops_vit``), ``"param"`` (a view of a parameter, e.g. its
+    transpose, read by the node that uses it), ``"inert"`` (no data flows through it: shape
+    assertions), ``"unsupported"`` (``reason`` says why and what to do).
+    ``data``: the node's data input(s), the values computed from the model's input. An
+    activation spelled as several ops (softsign: ``abs``, ``add``, ``div``) is the ``"act"`` piece of
+    its last node with ``info["parts"]``, its other nodes ``"inert"`` with ``info["part_of"]``."""
+
+    kind: str
+    data: tuple = ()
+    params: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+def _unsupported(reason: str) -> Piece:
+    return Piece("unsupported", reason=reason)

@@ -24,7 +24,7 @@ from ..elementwise import activations as _activations
 from .ops_conv import CONV_OPS, getitem_piece
 from .ops_tokens import TOKEN_OPS
 from .ops_vit import vit_ops
-from .piece import Piece, _unsupported
+from .explain import Piece, _unsupported
 
 __all__ = ["OPS", "PENDING", "Piece", "classify", "op_name", "supported_ops_markdown"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
-from .piece import Piece, _unsupported
+from .explain import Piece, _unsupported
 
 _TUPLES = ("_native_batch_norm_legit_no_training",)
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..tokens.attention import MultiHeadAttention
 from ..tokens.embedding import Embedding
-from .piece import Piece, _unsupported
+from .explain import Piece, _unsupported
 
 __all__ = ["TOKEN_LAYERS", "TOKEN_OPS"]
 

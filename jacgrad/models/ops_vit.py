@@ -23,7 +23,7 @@ from typing import Callable
 from ..tokens.image_tokens import ImageToTokens
 from ..tokens.positional import PositionalEmbedding
 from ..tokens.token_maps import ClassToken, SelectToken, TokenMean
-from .piece import Piece, _unsupported
+from .explain import Piece, _unsupported
 
 __all__ = ["VIT_OPS", "vit_ops"]
 

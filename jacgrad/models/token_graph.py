@@ -17,9 +17,10 @@ empty (padding, ALiBi, windows), a scale other than ``1/√d_h``, q or k compute
 from __future__ import annotations
 
 from ..io.interop import require
-from .attention_graph import VIEWS, AttentionBlock, Refused, data_inputs, scaling
+from .attention_graph import AttentionBlock
+from .graph_nodes import VIEWS, Refused, data_inputs, scaling
 from .ops import op_name
-from .piece import Piece, _unsupported
+from .explain import Piece, _unsupported
 
 __all__ = ["read_token_blocks"]
 

@@ -24,6 +24,7 @@ from ..core.backend import device_of, get_xp, resolve_device, to_device
 from ..steps.compiled_products import compile_step
 from ..io.mlp_interop import InteropMethods
 from ..nn.layers import Dense
+from ..protocol.layer import layout_changed
 from .sequential import Sequential, SequentialCache
 from ..core.renamed import renamed
 
@@ -136,6 +137,7 @@ class MLP(InteropMethods, Sequential):
     def _check_activation(self, j: int, name):
         act = _activation_entry(j, name)
         self._layers[j]._act = act
+        layout_changed()  # a network's plans (nn.stack.Plan) read the activation: its buffer shapes
         return act
 
     # ------------------------------------------------------------------ construction

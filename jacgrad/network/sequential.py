@@ -22,18 +22,17 @@ import numpy as np
 from ..core import above as _above, lazy as _lazy
 from ..nn import losses
 from ..protocol.passes import Gradients
-from ..nn.stack import backward_layers, carve_backward, carve_forward, forward_layers, layer_leads, named_grads
-from ..nn.stack import param_views
+from ..nn.stack import Plans, backward_layers, carve_backward, carve_forward, carve_grads, forward_layers
+from ..nn.stack import layer_leads, named_grads, param_views
 from ..steps.compiled_jacobian import JacobianStep
 from ..steps.compiled_products import compile_step
-from ..protocol.passes import carve
 from ..params.param_space import SequentialParameterSpace
-from ..core.validation import float_array, network_input, shape_str
+from ..core.validation import float_array, network_input, require_finite, shape_str
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
-from ..nn.layers import chained, Dense, leaf_layers
+from ..nn.layers import chained, leaf_layers
 from ..protocol.layer import anchor as _first_param
-from ..protocol.layer import bind_shapes, lead_shape, named_params
+from ..protocol.layer import bind_shapes, layout_generation, lead_shape, named_params
 from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
@@ -42,14 +41,6 @@ from .cache import SequentialCache
 __all__ = ["Gradients", "Sequential", "SequentialCache"]
 
 __getattr__ = renamed(__name__, {"BlockGradients": ("jacgrad.Gradients", Gradients)})
-
-
-def _require_finite(a, where: str) -> None:
-    xp = get_xp(a)
-    bad = ~xp.isfinite(a)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
-        raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
 
 
 class Sequential(SequentialParameterSpace, Imported, TiedLayers):
@@ -77,13 +68,13 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
     layers = property(lambda self: self._layers, doc="the layers (a tuple)")
     n_in = property(lambda self: self._layers[0].n_in)
     n_out = property(lambda self: self._layers[-1].n_out)
-    in_shape = property(lambda self: tuple(self._layers[0].in_shape), doc="per sample, without B: the first layer's")
+    in_shape = property(lambda self: self._memo().in_shape, doc="per sample, without B: the first layer's")
     out_shape = property(lambda self: tuple(self._layers[-1].out_shape), doc="per sample, without B: the last layer's")
-    takes_tokens = property(lambda self: all(getattr(L, "per_token", False) for L in self._layers),
+    takes_tokens = property(lambda self: self._memo().takes_tokens,
                             doc="True when every layer acts per token: x may be (B, T, n_in)")
     _anchor = property(lambda self: _first_param(self._layers), doc="the first parameter array (dtype, device)")
-    dtype = property(lambda self: self._anchor.dtype)
-    xp = property(lambda self: get_xp(self._anchor))
+    dtype = property(lambda self: self._memo().dtype, doc="the parameters' dtype (a replacement keeps it)")
+    xp = property(lambda self: self._memo().xp, doc="the parameters' array module (a replacement keeps their device)")
 
     @property
     def sizes(self) -> list[int]:
@@ -115,9 +106,9 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         array. ``check_finite=True`` raises ``FloatingPointError`` naming the first layer with a
         NaN or Inf."""
         z, cache = self._forward(x, check_finite)
-        if isinstance(self._layers[-1], Dense) and (cache.x.ndim != 1 + len(self.in_shape)
-                                                    or z is cache._states[-1][1]):
-            z = z.copy()  # the last Dense layer's saved y (or a view of it), which backward reads
+        kept = getattr(self._layers[-1], "kept", None)  # the one array a lean layer keeps for its factor
+        if kept is not None and (cache.x.ndim != 1 + len(self.in_shape) or z is kept(cache._states[-1])[0]):
+            z = z.copy()  # the last layer's kept y (or, on tokens, maybe a view of it), which backward reads
         return z, cache
 
     def _forward(self, x: Any, check_finite: bool = False):
@@ -127,31 +118,45 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
             raise TypeError(f"forward takes an in-memory batch, not a {type(x).__module__} array: "
                             "net(X) and jacgrad.distributed map over its chunks")
         self._check_origin()
-        x = self.checked_input(x, "x")
-        xp = self.xp
-        check = _require_finite if check_finite else None
+        memo = self._memo()
+        x = self.checked_input(x, "x", memo)
+        dtype, xp = memo.dtype, memo.xp
+        check = require_finite if check_finite else None
         if check is not None:
             check(x, "the input x")
-        lead = x.shape[0] if x.ndim == 1 + len(self.in_shape) else tuple(x.shape[:2])  # (B, T): a token batch
+        lead = x.shape[0] if x.ndim == 1 + len(memo.in_shape) else tuple(x.shape[:2])  # (B, T): a token batch
         # pooled host blocks (a loop reuses those of finished calls); the last layer's kept array in
         # a block of its own, so an output kept on its own does not keep the others alive; a (B, d)
         # batch's Dense layers keep one array each (lean: their inputs recomputed by backward)
-        bufs = carve_forward(xp, self._layers, lead, self.dtype, pooled=True, lean=isinstance(lead, int))
-        z, states = forward_layers(self._layers, x, bufs, check)
+        plan = memo.at(lead)
+        bufs = carve_forward(xp, self._layers, lead, dtype, pooled=True, lean=isinstance(lead, int), plan=plan)
+        z, states = forward_layers(self._layers, x, bufs, check, plan)
         return z, SequentialCache(x, states, self._token, self._layers)
 
-    def checked_input(self, x: Any, name: str = "x"):
+    def _memo(self) -> Plans:
+        """What the passes read of the layers (``nn.stack.Plans``: dtype, device, a ``Plan`` per input
+        lead), worked out once and kept until they change (``protocol.layer.layout_changed``)."""
+        memo = self.__dict__.get("_plans")
+        if memo is None or memo.layers is not self._layers or memo.generation != layout_generation():
+            memo = self._plans = Plans(self._layers)
+        return memo
+
+    def checked_input(self, x: Any, name: str = "x", memo: Plans | None = None):
         """``x`` checked as this network's input, ready for ``forward``: layer 0 checks it itself where
         it takes discrete inputs (a layer with ``check_tokens(x, where)``, e.g. ``Embedding``: integer
         ``(B, T)`` ids, kept as they are); else a float ``(B, *in_shape)`` or, per token,
-        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype."""
+        ``(B, T, *in_shape)`` batch (``_validate.network_input``), contiguous, in the network's dtype.
+        ``memo``: the network's ``_memo()``, where the caller has it."""
         first = self._layers[0]
         check_tokens = getattr(first, "check_tokens", None)
         if check_tokens is not None:
             return check_tokens(x, 0)
-        xp = get_xp(x, self._anchor)
-        x = network_input(x, name, xp, self.dtype, in_shape=self.in_shape, tokens=self.takes_tokens)
-        return xp.ascontiguousarray(x.astype(self.dtype, copy=False))
+        memo = memo or self._memo()
+        xp = get_xp(x)
+        if xp is not memo.xp:  # a list on the GPU's network, or a device mismatch (a TypeError)
+            xp = get_xp(x, self._anchor)
+        x = network_input(x, name, xp, memo.dtype, in_shape=memo.in_shape, tokens=memo.takes_tokens)
+        return xp.ascontiguousarray(x.astype(memo.dtype, copy=False))
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, SequentialCache):
@@ -172,32 +177,37 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         """Gradients of L given ``grad_y = ∂L/∂y: (B, n_out)`` (see ``BlockGradients``).
         ``check_finite=True`` raises ``FloatingPointError`` at the first layer whose δ is not finite."""
         self._check_cache(cache)
-        xp = self.xp
-        grad_y = float_array(grad_y, "grad_y", get_xp(grad_y, self._anchor))
-        lead = cache.x.shape[0] if cache.x.ndim == 1 + len(self.in_shape) else tuple(cache.x.shape[:2])  # the input's
-        want = lead_shape(layer_leads(self._layers, lead)[-1]) + tuple(self.out_shape)  # a layer may change the token axis
+        memo = self._memo()
+        dtype, xp = memo.dtype, memo.xp
+        xp_g = get_xp(grad_y)
+        grad_y = float_array(grad_y, "grad_y", xp_g if xp_g is xp else get_xp(grad_y, self._anchor))
+        lead = cache.x.shape[0] if cache.x.ndim == 1 + len(memo.in_shape) else tuple(cache.x.shape[:2])  # the input's
+        plan = memo.at(lead)
+        want = plan.layouts.get("grad_y")
+        if want is None:  # a layer may change the token axis
+            want = plan.layouts["grad_y"] = lead_shape(plan.leads[-1]) + tuple(self.out_shape)
         if grad_y.shape != want:
             raise ValueError(f"grad_y has shape {shape_str(grad_y.shape)} but the cache holds a batch of "
                              f"{cache.batch} outputs of width {self.n_out}: needs {shape_str(want)}")
         ties = self._ties()
-        flat, views = carve(xp, ties.use_shapes, self.dtype, pooled=True)  # pooled: reuse a finished call's block
+        flat, views = carve_grads(xp, ties, dtype, plan)  # pooled: reuse a finished call's block
         # one block for the deltas and ∂L/∂x; on (B, d) a Dense's cotangent is written into its δ and
         # scaled in place; a last Dense only reads ∂L/∂y (its δ is its own); any other layer may hand
         # it on as its delta, so it gets a copy: never the caller's array
-        copy = not isinstance(self._layers[-1], Dense)
-        g, bufs = carve_backward(xp, self._layers, lead, self.dtype, input_grad, grad_y=copy, pooled=True,
-                                 in_place=isinstance(lead, int))
+        copy = not getattr(self._layers[-1], "scales_in_place", False)
+        g, bufs = carve_backward(xp, self._layers, lead, dtype, input_grad, grad_y=copy, pooled=True,
+                                 in_place=isinstance(lead, int), plan=plan)
         if copy:
             xp.copyto(g, grad_y, casting="same_kind")
         else:
-            g = grad_y.astype(self.dtype, copy=False)
-        per_layer = param_views(self._layers, views)
+            g = grad_y.astype(dtype, copy=False)
+        per_layer = param_views(self._layers, views, plan)
         gin, deltas = backward_layers(self._layers, cache._states, g, per_layer, bufs, input_grad,
-                                      _require_finite if check_finite else None)
+                                      require_finite if check_finite else None, plan=plan)
         if ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum
             flat = ties.reduce(flat)
-            per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)))
-        return Gradients(layers=named_grads(self._layers, per_layer), input=gin, deltas=deltas, flat=flat)
+            per_layer = param_views(self._layers, ties.use_views(ties.param_views(flat)), plan)
+        return Gradients(layers=named_grads(self._layers, per_layer, plan), input=gin, deltas=deltas, flat=flat)
 
     def loss_and_grads(self, x: Any, target: Any, loss: str = "mse", input_grad: bool = True):
         """``(value, Gradients)`` of ``loss`` (``mse``, ``softmax_cross_entropy``, ``sigmoid_bce``; see

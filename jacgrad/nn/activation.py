@@ -29,7 +29,7 @@ import numpy as np
 from ..cuda import kernels
 from ..protocol.token_rows import PerToken
 from ..elementwise.activations import Activation as _Row, get as get_activation
-from ..algebra.diag_factor import DiagonalFactor
+from ..algebra.factors import DiagonalFactor
 from ..protocol.layer import buffers as _buffers, lead_shape, register_layer
 
 __all__ = ["Activation"]

@@ -129,7 +129,7 @@ class Dense(PerToken):
     # the lean-cache hooks of the layer protocol: where φ' needs h, h is kept and z = φ(h) is
     # recomputed by the next layer's backward (on a token batch, gelu/gelu_tanh/silu make φ'(h)
     # with φ(h) and keep it instead: one erfc, not two); δ is scaled in place; W and φ are bound
-    input_in_state = scales_in_place = True
+    input_in_state = scales_in_place = reusable_factor = True
     output_recomputable = property(lambda self: self._act.df_from_output is None)
 
     def recompute_output(self, state, with_factor: bool = True):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
-from ..algebra.factors import ResidualFactor
+from ..algebra.residual_factor import ResidualFactor
 from ..protocol.layer import bind_shapes, buffers as _buffers, chained, layer_leads, lead_shape, register_layer
 
 __all__ = ["Residual"]

@@ -1,7 +1,7 @@
 """The parameter-space products of every network (``Sequential``, and ``MLP``, a stack of Dense
 layers): per-sample gradients and their norms, Gauss–Newton products and diagonal, the private
 (clipped) gradient, and what ``jacgrad.params.ntk`` reads. The networks inherit these methods; the
-algebra on the leaves' ``(a, δ)`` pairs lives in ``jacgrad.algebra.per_sample``, ``jacgrad.algebra.curvature``,
+algebra on the leaves' ``(a, δ)`` pairs lives in ``jacgrad.algebra.per_sample``, ``jacgrad.params.curvature``,
 ``jacgrad.nn.loss_hessians`` and ``jacgrad.params.private``, which know no network.
 
 A "leaf" is a layer with parameters (``Dense``, ``LayerNorm``, ``RMSNorm``); a residual block's
@@ -17,70 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 from ..core import lazy as _lazy
-from ..algebra import curvature, per_sample
+from ..algebra import per_sample
+from . import curvature
 from ..algebra.token_factor import DEFAULT_MAX_MEMORY as DEFAULT_TOKEN_MEMORY
 from ..nn import loss_hessians, losses
 from . import ntk as _ntk, private
 from ..core.backend import get_xp
 from ..protocol.passes import Gradients
-from ..nn.stack import named_grads, param_views
 from ..protocol.passes import carve
-from ..nn.layers import leaf_layers
 from ..protocol.layer import anchor
 from ..protocol.leaves import check_method
+from .leaf_views import by_name, leaves_of, leaf_inputs, leaf_views
 from .shared import SharedGroup
 from ..core.renamed import renamed
 from ..core.validation import check_out
 
-__all__ = ["SequentialParameterSpace", "leaf_inputs", "leaf_views", "named_views"]
+__all__ = ["SequentialParameterSpace"]
 
 
 __getattr__ = renamed(__name__, {"ParamArrays": ("jacgrad.Gradients", Gradients)})
-
-
-def _leaves(layers) -> list:
-    """``[(top-level index, layer, leaf)]``: every parameter leaf (``layer.param_leaves()``),
-    containers opened, in parameter order."""
-    return [(path[0], L, leaf) for path, L in leaf_layers(layers) for leaf in L.param_leaves()]
-
-
-def _leaf_states(layers, states) -> list:
-    """The forward states of the non-container layers, in ``leaf_layers`` order."""
-    out = []
-    for L, st in zip(layers, states):
-        inner = getattr(L, "layers", None)
-        out += _leaf_states(inner, st) if inner is not None else [st]
-    return out
-
-
-def leaf_inputs(layers, states) -> list:
-    """``[(leaf, a)]``: every leaf and the ``a`` it pairs with ``δ`` (``L.param_input`` of its
-    forward state: ``z_prev`` of a Dense, ``x̂`` of a norm layer, ``(B, p)`` or ``(B, T, p)``; a
-    layer with several leaves gives a list), in parameter order; ``states``: ``forward_layers``'."""
-    out = []
-    for (_, L), st in zip(leaf_layers(layers), _leaf_states(layers, states)):
-        leaves = L.param_leaves()
-        if leaves:
-            a = L.param_input(st)
-            out += list(zip(leaves, a if len(leaves) > 1 else [a]))
-    return out
-
-
-def leaf_views(layers, flat) -> list:
-    """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
-    leaves = _leaves(layers)
-    shapes = [tuple(p.shape) for _, L in leaf_layers(layers) for p in L.params]
-    views = per_sample.param_views(flat, shapes)
-    out, at = [], 0
-    for _, _, leaf in leaves:
-        out.append(views[at:at + leaf.n_arrays])
-        at += leaf.n_arrays
-    return out
-
-
-def named_views(layers, flat) -> list:
-    """``Gradients.layers`` of a parameter block ``flat: (…, P)``: per layer, its views by name."""
-    return _by_name(layers, leaf_views(layers, flat))
 
 
 class SequentialParameterSpace:
@@ -97,7 +52,7 @@ class SequentialParameterSpace:
 
     def _param_widths(self) -> list[int]:
         """The input width and every leaf's output width (for memory estimates)."""
-        return [self.n_in] + [L.n_out for _, L, _ in _leaves(self.layers)]
+        return [self.n_in] + [L.n_out for _, L, _ in leaves_of(self.layers)]
 
     def _leaf_views(self, flat) -> list:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes (a shared
@@ -106,7 +61,7 @@ class SequentialParameterSpace:
         if not ties.shared:
             return leaf_views(self.layers, flat)
         views, out = ties.use_views(ties.param_views(flat)), []
-        for _, _, leaf in _leaves(self.layers):
+        for _, _, leaf in leaves_of(self.layers):
             out.append(views[:leaf.n_arrays])
             views = views[leaf.n_arrays:]
         return out
@@ -117,7 +72,7 @@ class SequentialParameterSpace:
         ties = self._ties()
         if not ties.shared:
             return None
-        leaves = _leaves(self.layers)
+        leaves = leaves_of(self.layers)
         owners = [j for j, _, leaf in leaves for _ in range(leaf.n_arrays)]
         return SharedGroup(ties, [leaf.n_arrays for _, _, leaf in leaves], owners)
 
@@ -160,7 +115,7 @@ class SequentialParameterSpace:
             kw = {} if method == "auto" else {"method": method}
             return lazy("per_sample_grad_norms", self, x, target, loss=loss, per_layer=per_layer, **kw)
         cache, pairs, partials = self._sample_partials(x, target, loss)
-        owner = [j for j, _, _ in _leaves(self.layers)]
+        owner = [j for j, _, _ in leaves_of(self.layers)]
         xp = get_xp(cache.x)
         sq = xp.zeros((cache.batch, len(self.layers)), dtype=self.dtype)
         group, M = self._shared_group(), None
@@ -224,7 +179,7 @@ class SequentialParameterSpace:
                 flat = out
             views = self._leaf_views(flat)
         flat_net = len(pairs) == len(self.layers)
-        return Gradients(layers=_by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
+        return Gradients(layers=by_name(self.layers, views), flat=flat, deltas=deltas if flat_net else None)
 
     def clipped_grad(self, x: Any, target: Any, loss: str = "mse", *, max_norm: float, noise_multiplier: float = 0.0,
                      seed: Any = None, expected_batch_size: float | None = None, trainable: Any = None):
@@ -264,7 +219,7 @@ class SequentialParameterSpace:
                                           shared=shared)
         gen = private.noise_generator(seed, xp) if sigma else None
         frac, std = private.private_finish(flat, norms, C, sigma, denom, gen)
-        return private.ClippedGradients(Gradients(layers=_by_name(self.layers, views), flat=flat), norms, frac,
+        return private.ClippedGradients(Gradients(layers=by_name(self.layers, views), flat=flat), norms, frac,
                                         std)
 
     # ------------------------------------------------------------------ Gauss–Newton
@@ -338,7 +293,7 @@ class SequentialParameterSpace:
                 else:
                     leaf.ggn_diag_add(views[k], a[sel], G, 1.0 / B)
             group.write(self._ties().param_views(flat), (M * M).sum(axis=0) / B)
-        return Gradients(layers=_by_name(self.layers, views), flat=flat)
+        return Gradients(layers=by_name(self.layers, views), flat=flat)
 
     # ------------------------------------------------------------------ shorthands
     def ntk(self, x1: Any, x2: Any = None, trace: bool = False, max_memory: float | None = _ntk.DEFAULT_MAX_MEMORY,
@@ -363,8 +318,3 @@ def _rows(a, like=None):
     if a is None or getattr(ref, "ndim", 2) <= 2 or getattr(a, "shape", None) != ref.shape:
         return a
     return a.reshape(a.shape[0], -1)
-
-
-def _by_name(layers, leaf_views: list) -> list:
-    """``leaf_views`` (one list per leaf) grouped as ``Gradients.layers``: names per layer."""
-    return named_grads(layers, param_views(layers, [v for leaf in leaf_views for v in leaf]))

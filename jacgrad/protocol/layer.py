@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "layer_leads", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
+__all__ = ["Layer", "anchor", "bind_shapes", "buffers", "chained", "layer_leads", "layout_changed", "layout_generation", "stored_arrays", "stored_names", "layer_class", "layer_kinds", "lead_shape", "leaf_layers", "named_params",
            "register_layer"]
 
 
@@ -100,10 +100,18 @@ class Layer(Protocol):
         ``output_recomputable`` (one array per Dense layer in a dense stack's cache).
         ``scales_in_place``: True when ``backward`` scales its cotangent into its first backward
         buffer (δ): the layer after it may write ``∂L/∂input`` straight into that buffer.
+        ``reusable_factor``: True when ``factor(state)`` reads the state's arrays by reference (a
+        Dense's ``diag(d)·Wᵀ``): a compiled step, whose states are the same buffers every call, makes
+        it once and hands it to ``backward`` as ``factor=``.
         ``kept(state) -> (array, is_output)``: the one array the state keeps for the factor (a
         Dense's ``y`` or ``h``: ``SequentialCache.saved``/``from_output``).
         ``bound()``: ``((what, object), ...)`` that a forward pass reads and a later backward must
         find the same (by identity: the arrays and activation a Dense had), else ``()``.
+        ``passes_for(lead) -> (forward, backward)``: the callables to run on inputs of leading
+        shape ``lead`` (``nn.stack.Plan``; a per-token layer's row passes on ``(B, n)``), same
+        signatures and results as ``forward``/``backward``; default those two. A network works
+        these out once per lead (with its buffer layouts): whoever changes a layer in place so
+        that its buffer shapes may change (``MLP``'s activations list) calls ``layout_changed()``.
 
     Containers
         A layer holding inner layers (``Residual``) exposes them as ``layers``; its leaves are its
@@ -180,6 +188,20 @@ def layer_class(kind: str) -> type:
 def layer_kinds() -> tuple[str, ...]:
     """The registered kinds, in registration order."""
     return tuple(_REGISTRY)
+
+
+_LAYOUT_GENERATION = [0]
+
+
+def layout_changed() -> None:
+    """Drop every network's worked-out plans (``nn.stack.Plan``: buffer layouts, passes): a layer
+    was changed in place (an ``MLP``'s ``activations[j] = name``, ``weights[j] = W``)."""
+    _LAYOUT_GENERATION[0] += 1
+
+
+def layout_generation() -> int:
+    """How many times ``layout_changed`` was called: a plan made at another generation is stale."""
+    return _LAYOUT_GENERATION[0]
 
 
 def lead_shape(B: Any) -> tuple:

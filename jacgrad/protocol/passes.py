@@ -26,7 +26,7 @@ from ..cuda.gemm import matmul_into
 from ..core.backend import get_xp
 from ..cuda.kernels import activation_forward, bias_activation_forward, forward_with_derivative
 
-__all__ = ["Gradients", "carve", "column_sums", "dense_backward", "dense_forward"]
+__all__ = ["Gradients", "block", "carve", "column_sums", "dense_backward", "dense_forward"]
 
 Check = Callable[[Any, str], None]
 
@@ -97,12 +97,15 @@ def carve(xp, shapes: Sequence[tuple], dtype, zero: bool = False, pooled: bool =
     it per shape, in order. ``zero`` fills the block with zeros (else its contents are undefined).
     ``pooled``: on NumPy, take the block from ``jacgrad.cuda.hostpool`` (a block of a finished call
     that nothing refers to any more) — for per-call results; long-lived buffers are not pooled."""
-    n = sum(math.prod(s) for s in shapes)
-    if pooled and not zero and xp is np:
-        flat = hostpool.take(n, dtype)
-    else:
-        flat = (xp.zeros if zero else xp.empty)(n, dtype=dtype)
+    flat = block(xp, sum(math.prod(s) for s in shapes), dtype, zero, pooled)
     return flat, _views(flat, shapes)
+
+
+def block(xp, n: int, dtype, zero: bool = False, pooled: bool = False):
+    """``carve``'s one 1-D array of ``n`` elements, without the views."""
+    if pooled and not zero and xp is np:
+        return hostpool.take(n, dtype)
+    return (xp.zeros if zero else xp.empty)(n, dtype=dtype)
 
 
 def _views(flat, shapes: Sequence[tuple]) -> list:
@@ -122,7 +125,7 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
     (an int ``j`` reads "layer j")."""
     h = matmul_into(z, W, h_out)
-    if check is None and d_out is None and _fusable(h, b):  # the GPU: bias and φ in one kernel
+    if check is None and d_out is None and not isinstance(h, np.ndarray) and _fusable(h, b):  # the GPU: one kernel
         return bias_activation_forward(h, b, act, out=h if act.df_from_output is not None else z_out)
     if b is not None:  # None: a bias-free layer (Dense(W, bias=False))
         h += b

@@ -220,6 +220,7 @@ class TiedLayers:
         (``Dense(E.T)``), which pickle writes as an array of its own, is made again on loading."""
         state = dict(self.__dict__)
         state.pop("_ties_memo", None)
+        state.pop("_plans", None)  # a network's worked-out plans (``Sequential._plan``): made again
         ties = self._ties()
         if ties.shared:
             state["_pickled_ties"] = list(ties.uses)

@@ -54,6 +54,15 @@ class PerToken:
             y, st = self._forward_rows(rows, check, where, _as_rows(out, B * T))
         return y.reshape(B, T, y.shape[-1]), TokenState(st, (B, T))
 
+    def passes_for(self, lead: Any) -> tuple:
+        """``(forward, backward)`` for inputs of leading shape ``lead`` (``nn.stack.Plan``): on
+        ``(B, n)`` (an int lead) the row passes themselves — the very calls ``forward``/``backward``
+        make there, without the dispatch on the token axis (the network has checked the input's
+        shape); on a token batch, or a layer on images (``in_shape`` ``(C, H, W)``), ``forward``/``backward``."""
+        if isinstance(lead, int) and len(self.in_shape) == 1:
+            return self._forward_rows, self._backward_rows
+        return self.forward, self.backward
+
     def factor(self, state):
         """The Jacobian factor: of the rows, or a ``TokenFactor`` over them for a token batch."""
         if isinstance(state, TokenState):

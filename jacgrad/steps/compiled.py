@@ -76,6 +76,7 @@ import numpy as np
 
 from ..nn import losses
 from ..nn.stack import (
+    Plan,
     backward_layers,
     carve_backward,
     carve_forward,
@@ -87,7 +88,7 @@ from ..nn.stack import (
 from ..nn.loss_workspace import LossWorkspace
 from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
-from ..params.param_space import leaf_inputs, leaf_views
+from ..params.leaf_views import leaf_inputs, leaf_views
 from ..protocol.sharing import Ties
 from ..core.renamed import renamed
 from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
@@ -227,8 +228,10 @@ class TrainingStep(StepIO):
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
         self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
+        self._plan = Plan(layers, self._lead)  # each layer's passes at this lead (a per-token layer's rows on (B, n))
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
-        dense = all(isinstance(L, Dense) and L.has_bias for L in layers)  # then (∂W list, ∂b list), the views of every call
+        # every layer's parameters (W, b), as Gradients.weights/.biases read them: (∂W list, ∂b list), every call's views
+        dense = all(tuple(L.names) == ("W", "b") and not hasattr(L, "layers") for L in layers)
         self._dense = ([g[0] for g in self._grads], [g[1] for g in self._grads]) if dense else None
         if self._graphs is not None:
             self._graphs.clear()
@@ -279,18 +282,18 @@ class TrainingStep(StepIO):
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (the network's own passes)."""
-        z, states = forward_layers(self._layers, self._x, self._fbufs)
+        z, states = forward_layers(self._layers, self._x, self._fbufs, plan=self._plan)
         self._loss(z, self._target, labels=labels)
-        if self._factors is None:  # the states are the same buffers every call: a Dense's factor is made once
-            # (a Dense on token batches makes its row factor itself: its factor(st) is a TokenFactor)
-            self._factors = [L.factor(st) if isinstance(L, Dense) and self.tokens is None else None
+        if self._factors is None:  # the states are the same buffers every call: a factor that reads them by
+            # reference (``reusable_factor``: a Dense's) is made once (on token batches a layer makes its row factor itself)
+            self._factors = [L.factor(st) if getattr(L, "reusable_factor", False) and self.tokens is None else None
                              for L, st in zip(self._layers, states)]
         if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
             factors = [J if J is not None else L.factor(st) for J, L, st in zip(self._factors, self._layers, states)]
             self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
             return
         self._gin, self._deltas = backward_layers(self._layers, states, self._loss.grad, self._grads, self._bbufs,
-                                                  self.input_grad, factors=self._factors)
+                                                  self.input_grad, factors=self._factors, plan=self._plan)
 
     def _results(self, copy: bool):
         private = self._private is not None

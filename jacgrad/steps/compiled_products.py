@@ -65,7 +65,7 @@ import numpy as np
 from ..core.validation import network_input, shape_str
 from ..nn import losses
 from ..params import ntk as _ntk
-from ..params.param_space import named_views
+from ..params.leaf_views import named_views
 from ..protocol.layer import anchor, lead_shape
 from ..protocol.leaves import check_method
 from ..protocol.passes import Gradients

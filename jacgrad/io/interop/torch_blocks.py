@@ -39,10 +39,11 @@ from ...nn.layers import (
     RMSNorm,
 )
 from ...core.backend import asarray, get_xp
+from ...protocol.layer import stored_arrays
 from ...protocol.sharing import array_key
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
-from .torch_conv import IMAGE_MODULES, conv_layer, with_activation
+from .torch_conv import IMAGE_MODULES, conv_layer
 
 __all__ = ["Residual", "attention_from_torch", "embedding_from_torch", "layers_from_torch", "layers_to_torch", "token_layer"]
 
@@ -162,7 +163,7 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
         elif act is not None:
             if linear is not None:  # fused into the layer before it (a Dense, a convolution, an eval BatchNorm)
                 last = out.pop()
-                out.append(Dense(last.W, last.b, act, bias=last.has_bias) if isinstance(last, Dense) else with_activation(last, act))
+                out.append(_fused(last, act))
             elif out and not dense_only:  # after a norm, a residual block or another activation: a layer of its own
                 out.append(_JgActivation(act, out[-1].n_out))
             else:
@@ -208,6 +209,13 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
     if not out:
         raise ValueError(f"{where}s: no layers to convert (no nn.Linear, nn.LayerNorm, nn.RMSNorm or Residual)")
     return out
+
+
+def _fused(layer, act: str):
+    """``layer`` (a Dense, a convolution, an eval BatchNorm: one whose spec has an ``activation``)
+    with ``act`` fused, on the very same arrays: rebuilt through its file protocol (``spec``,
+    ``from_spec`` of its stored arrays)."""
+    return type(layer).from_spec({**layer.spec(), "activation": act}, dict(stored_arrays(layer)), None)
 
 
 def token_layer(m, convert, where: str, causal: bool = False):

@@ -25,7 +25,7 @@ from ...conv.layers import Conv1d, Conv2d
 from ...conv.pools import AdaptiveAvgPool2d, AvgPool2d, Flatten, MaxPool2d
 from ...conv.prelu import PReLU
 
-__all__ = ["IMAGE_MODULES", "conv_layer", "with_activation"]
+__all__ = ["IMAGE_MODULES", "conv_layer"]
 
 IMAGE_MODULES = ("nn.Conv1d", "nn.Conv2d", "nn.AvgPool2d", "nn.MaxPool2d", "nn.AdaptiveAvgPool2d(1)",
                  "nn.BatchNorm1d (eval)", "nn.BatchNorm2d (eval)", "nn.Flatten", "nn.PReLU")
@@ -78,13 +78,3 @@ def conv_layer(m, at: str, conv, before: list):
     if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and before and isinstance(before[-1], _IMAGE_LAYERS):
         return Flatten()
     return None
-
-
-def with_activation(layer, act: str):
-    """``layer`` (a convolution or a BatchNorm) with the activation ``act`` fused, the same arrays."""
-    cls = type(layer)
-    if isinstance(layer, BatchNorm2d):    # BatchNorm2d and its 1-D subclass
-        return cls(layer.weight, layer.bias, layer.running_mean, layer.running_var, eps=layer.eps, activation=act)
-    stride, padding, dilation = layer._torch_args()
-    return cls(layer.W, layer.b, stride=stride, padding=padding, dilation=dilation, groups=layer.groups,
-               activation=act)

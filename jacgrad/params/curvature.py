@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .per_sample import has_leaves, inner_factors, n_leaves, output_partials, shortcut_factors
+from ..algebra.per_sample import has_leaves, inner_factors, n_leaves, output_partials, shortcut_factors
 
 __all__ = ["accumulate_leaf_diagonal", "leaf_parameter_jvp"]
 
