@@ -111,7 +111,7 @@ MOVES: dict[str, str] = {
     "_gemm": "cuda.gemm", "hostpool": "cuda.hostpool",
     # algebra
     "jacobian": "algebra.jacobian", "chain": "algebra.chain", "factors": "algebra.factors",
-    "token_factor": "algebra.token_factor", "diag_factor": "algebra.factors",
+    "token_factor": "algebra.token_factor", "diag_factor": "algebra.diag_factor",  # (merged into algebra.factors since)
     "bracketing": "algebra.bracketing", "_bracket_evaluate": "algebra.bracket_evaluate",
     "spectra": "algebra.spectra", "_lanczos": "algebra.lanczos", "check": "algebra.check",
     "per_sample": "algebra.per_sample", "curvature": "params.curvature",

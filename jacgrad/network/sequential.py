@@ -152,9 +152,9 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         if check_tokens is not None:
             return check_tokens(x, 0)
         memo = memo or self._memo()
-        xp = get_xp(x)
-        if xp is not memo.xp:  # a list on the GPU's network, or a device mismatch (a TypeError)
-            xp = get_xp(x, self._anchor)
+        # a NumPy batch into a NumPy network: nothing to ask; anything else (a list, another device,
+        # a foreign array) through get_xp with the network's anchor (a device mismatch: a TypeError)
+        xp = np if memo.xp is np and type(x) is np.ndarray else get_xp(x, self._anchor)
         x = network_input(x, name, xp, memo.dtype, in_shape=memo.in_shape, tokens=memo.takes_tokens)
         return xp.ascontiguousarray(x.astype(memo.dtype, copy=False))
 

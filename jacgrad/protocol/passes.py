@@ -125,7 +125,7 @@ def dense_forward(z, W, b, act, h_out, z_out=None, d_out=None, check: Check | No
     in the same pass when it is given. ``where``: the layer's name in ``check``'s messages
     (an int ``j`` reads "layer j")."""
     h = matmul_into(z, W, h_out)
-    if check is None and d_out is None and not isinstance(h, np.ndarray) and _fusable(h, b):  # the GPU: one kernel
+    if check is None and d_out is None and type(h) is not np.ndarray and _fusable(h, b):  # the GPU: one kernel
         return bias_activation_forward(h, b, act, out=h if act.df_from_output is not None else z_out)
     if b is not None:  # None: a bias-free layer (Dense(W, bias=False))
         h += b
