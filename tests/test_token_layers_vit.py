@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from vit_reference import TOL, check_factor, check_products, unflatten
 
 torch = pytest.importorskip("torch")
+from vit_reference import TOL, check_factor, check_products, unflatten  # noqa: E402 - it imports torch
 pytestmark = pytest.mark.torch
 L = jg.layers
 DTYPES = [np.float64, np.float32]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from vit_reference import TOL, check_products, flat_params
 
 torch = pytest.importorskip("torch")
+from vit_reference import TOL, check_products, flat_params  # noqa: E402 - it imports torch
 pytestmark = pytest.mark.torch
 nn = torch.nn
 
