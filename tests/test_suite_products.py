@@ -3,7 +3,11 @@ every product and layer built since the first H100 run validated against float64
 comparison, not x against x), the compiled products guarded where ``net.compile(B, product=...)`` is
 absent, a failed check failing the section, and the rows in results.md."""
 
+import pytest
+
 from test_bench import _suite_module as _module
+
+pytest.importorskip("torch", reason="the section builds its nets in torch (without it, it skips itself)")
 
 OPS = {"forward", "loss_and_grads", "per_sample_grad_norms", "per_sample_grads", "ggn_vp", "ntk",
        "private step (clipped_grad, no noise)", "jacobian_chain (auto)", "compiled step",
