@@ -31,6 +31,19 @@ def _jax_params(Ws, bs):
     return [(jnp.asarray(W, jnp.float32), jnp.asarray(b, jnp.float32)) for W, b in zip(Ws, bs)]
 
 
+def _relu_fcn(jax):
+    """The ReLU FCN ``f(params, x)`` (``params``: ``[(W, b)]``, ReLU between layers) both JAX peers differentiate."""
+
+    def f(p, xx):
+        for k, (W, b) in enumerate(p):
+            xx = xx @ W + b
+            if k < len(p) - 1:
+                xx = jax.nn.relu(xx)
+        return xx
+
+    return f
+
+
 def _jax_ntk(Ws, bs, x):
     try:
         import jax
@@ -39,12 +52,7 @@ def _jax_ntk(Ws, bs, x):
         return "jax is not importable"
     params, xj = _jax_params(Ws, bs), jnp.asarray(x, jnp.float32)
 
-    def f(p, xx):
-        for k, (W, b) in enumerate(p):
-            xx = xx @ W + b
-            if k < len(p) - 1:
-                xx = jax.nn.relu(xx)
-        return xx
+    f = _relu_fcn(jax)
 
     @jax.jit
     def ntk(p, xx):
@@ -64,12 +72,7 @@ def _nt_ntk(Ws, bs, x):
         return "neural-tangents is not importable"
     params, xj = _jax_params(Ws, bs), jnp.asarray(x, jnp.float32)
 
-    def f(p, xx):
-        for k, (W, b) in enumerate(p):
-            xx = xx @ W + b
-            if k < len(p) - 1:
-                xx = jax.nn.relu(xx)
-        return xx
+    f = _relu_fcn(jax)
 
     kernel = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(), implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
     return lambda: kernel(xj, None, params).block_until_ready()

@@ -40,6 +40,7 @@ import numpy as np
 import jacgrad as jg
 from suite_device import Device, _frobenius_error
 from suite_ntk import fcn_ntk_rows
+from suite_blocks import _torch_sync as _sync
 
 TOL = {"float32": 1e-4, "float64": 1e-10}
 GPU = dict(cnn=dict(B=64, hw=32), transformer=dict(B=32, T=64, d=64, V=100), fcn=dict(N=16, width=2048, O=8, n_in=64),
@@ -106,15 +107,6 @@ def _log(r: dict) -> None:
     peers = ", ".join(f"{k} {v['ms']:.3g} ms" for k, v in (r.get("peers") or {}).items())
     print(f"[products] {r['op']} | {r['net']} | rel. err. {r['rel_err']:.2e} ({'ok' if r['ok'] else 'FAILED'}) | "
           f"ms {r.get('ms')} | {peers} {r.get('error', '')}", file=sys.stderr, flush=True)
-
-
-def _sync(torch, fn):
-    def run():
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 # ---------------------------------------------------------------------- the nets
