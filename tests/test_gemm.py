@@ -193,3 +193,63 @@ def test_gpu_direct_batched_cublas_matches_cupy_matmul(rng, dtype, ka, kb):
         got = _gemm.matmul(da, db)
     tol = 1e-5 if dtype == "float32" else 1e-13
     np.testing.assert_allclose(cp.asnumpy(got), a @ b, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------- any ranks, on the fake CuPy
+@pytest.fixture
+def host_cublas(monkeypatch):
+    """The fake CuPy, with jacgrad's cuBLAS calls carried out on the host (the BLAS definition)."""
+    import types
+
+    from fake_cupy_transfers import FakeArray, install
+    from test_compiled_jacobian import _HostCublas
+
+    fake = install(monkeypatch)
+    fake.host = _HostCublas()
+    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: fake.host))
+    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
+                        raising=False)
+    return fake
+
+
+ND_CASES = [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((3, 4), (2, 4, 5)), ((2, 3, 4), (2, 4, 5)),
+            ((2, 1, 3, 4), (2, 6, 4, 5)), ((6, 1, 3, 4), (5, 4, 2)), ((4,), (4, 5)), ((3, 4), (4,)), ((4,), (4,)),
+            ((2, 3, 4), (4,)), ((1, 3, 4), (2, 4, 5)), ((2, 3, 0), (2, 0, 5)), ((2, 0, 4), (2, 4, 5))]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", ND_CASES)
+@pytest.mark.parametrize("layout", ["C", "transposed", "batch last"])
+def test_direct_cublas_takes_any_ranks_and_strides(host_cublas, rng, a_shape, b_shape, layout):
+    """Inside ``direct_cublas()`` (what a graph records), ``matmul`` and ``matmul_into`` are NumPy's
+    matmul for any ranks (1-D operands, broadcast batches) and any strides (transposed matrices, a
+    batch axis stored last, an F-ordered output): strided-batched calls where the batch collapses,
+    loops over the rest, contiguous copies of what cuBLAS cannot read."""
+    def make(shape):
+        x = rng.standard_normal(shape)
+        dev = host_cublas.asarray
+        if layout == "transposed" and x.ndim >= 2:
+            return dev(np.ascontiguousarray(x.swapaxes(-1, -2))).swapaxes(-1, -2), x
+        if layout == "batch last" and x.ndim >= 3:
+            return np.moveaxis(dev(np.ascontiguousarray(np.moveaxis(x, 0, -1))), -1, 0), x
+        return dev(x), x
+
+    (A, a), (Bm, b) = make(a_shape), make(b_shape)
+    want = a @ b
+    out = host_cublas.asarray(np.asfortranarray(np.zeros(want.shape)) if want.ndim >= 2 else np.zeros(want.shape))
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        got = _gemm.matmul(A, Bm)
+        assert _gemm.matmul_into(A, Bm, out) is out
+    for r in (got, out):
+        assert r.shape == want.shape
+        np.testing.assert_allclose(np.asarray(r.view(np.ndarray)), want, rtol=1e-13, atol=1e-13)
+    assert host_cublas.host.calls or want.size == 0 or a.shape[-1] == 0
+
+
+def test_direct_cublas_names_mismatched_shapes(host_cublas):
+    a, b = host_cublas.asarray(np.ones((2, 3, 4))), host_cublas.asarray(np.ones((2, 5, 6)))
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        with pytest.raises(ValueError, match=r"matmul: shapes \(2, 3, 4\) @ \(2, 5, 6\) do not match"):
+            _gemm.matmul(a, b)
+        with pytest.raises(ValueError, match=r"matmul: out has shape \(2, 3\)"):
+            _gemm.matmul_into(host_cublas.asarray(np.ones((2, 3, 4))), host_cublas.asarray(np.ones((4, 6))),
+                             host_cublas.asarray(np.ones((2, 3))))

@@ -4,10 +4,10 @@
 ``cupy.matmul`` — except inside ``direct_cublas()``, the block in which a compiled step (training or
 Jacobian) records its CUDA graph. CuPy
 refuses cuBLAS calls on a capturing stream (cupy/cupy#6290: its wrapper of ``cublasSetStream``
-raises there) while cuBLAS itself supports stream capture; so inside that block a 2-D product
-goes through ``cublasSetStream_v2``, ``cublasSetWorkspace_v2`` and ``cublasGemmEx`` (a stack of
-products, ``matmul`` only: ``cublasGemmStridedBatchedEx``) called with
-ctypes, on the handle CuPy made for the device and from the very library CuPy loaded (``cuda.pathfinder``
+raises there) while cuBLAS itself supports stream capture; so inside that block a product
+of any ranks goes through ``cublasSetStream_v2``, ``cublasSetWorkspace_v2`` and ``cublasGemmEx``
+(a stack of products: ``cublasGemmStridedBatchedEx``, looped over batch axes that do not collapse
+into one stride; ``_direct_matmul``) called with ctypes, on the handle CuPy made for the device and from the very library CuPy loaded (``cuda.pathfinder``
 on CuPy >= 14, else the soname of the runtime's major version opened with ``RTLD_NOLOAD``: never a
 second copy, which would crash on CuPy's handle). Any failure there surfaces as an exception inside
 the capture, which ``TrainingStep`` turns into running without a graph (``capture="auto"``) or a
@@ -154,30 +154,14 @@ def workspace_bytes(compute_capability_major: int) -> int:
 
 def matmul(a, b):
     """``a @ b``, a new array. Inside ``direct_cublas()`` (a CUDA graph being recorded) a CuPy
-    product goes through jacgrad's own cuBLAS call, which stream capture allows: ``cublasGemmEx``
-    for 2-D operands, ``cublasGemmStridedBatchedEx`` for stacks ``(n, M, K) @ (n, K, N)`` (either
-    side may be one 2-D matrix shared by the stack). Anywhere else it is ``a @ b`` itself."""
+    product goes through jacgrad's own cuBLAS calls, which stream capture allows (``_direct_matmul``:
+    any ranks with NumPy's broadcasting). Anywhere else it is ``a @ b`` itself."""
     xp = get_xp(a, b)
     if xp is np:
         return _host_matmul(a, b)
-    if not _direct or a.ndim not in (2, 3) or b.ndim not in (2, 3):
+    if not _direct:
         return a @ b
-    dt = np.result_type(a.dtype, b.dtype)
-    if a.dtype != dt or b.dtype != dt or dt not in _CUDA_R:
-        return a @ b
-    if a.ndim == 2 and b.ndim == 2:
-        return matmul_into(a, b, xp.empty((a.shape[0], b.shape[1]), dtype=dt))
-    count = a.shape[0] if a.ndim == 3 else b.shape[0]
-    if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
-        return a @ b  # a broadcast batch (1 against n): CuPy's own
-    out = xp.empty((count, a.shape[-2], b.shape[-1]), dtype=dt)
-    if out.size == 0 or a.shape[-1] == 0:
-        return a @ b
-    plans = gemm_batched_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, dt.itemsize)
-    if plans is None:
-        return a @ b
-    _Cublas.get().gemm(plans[0], b.data.ptr, a.data.ptr, out.data.ptr, dt, workspace=_direct[-1], batch=plans[1])
-    return out
+    return _direct_matmul(xp, a, b, None)
 
 
 def _host_matmul(a, b):
@@ -192,18 +176,108 @@ def _host_matmul(a, b):
 
 
 def matmul_into(a, b, out):
-    """``a @ b`` written into ``out`` (same device and dtype, shape ``a.shape[:-1] + b.shape[-1:]``)."""
+    """``a @ b`` written into ``out`` (same device and dtype, shape ``a @ b``'s): ``np.matmul`` /
+    ``cupy.matmul`` with ``out=``, or inside ``direct_cublas()`` jacgrad's own cuBLAS calls."""
     xp = get_xp(a, b, out)
-    if xp is np or not _direct or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
+    if xp is np or not _direct:
         return xp.matmul(a, b, out=out)
-    dt = np.dtype(out.dtype)
-    plan = None
-    if a.dtype == dt and b.dtype == dt and dt in _CUDA_R:
-        plan = gemm_plan(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, dt.itemsize)
-    if plan is None:
-        return xp.matmul(a, b, out=out)
-    _Cublas.get().gemm(plan, b.data.ptr, a.data.ptr, out.data.ptr, dt, workspace=_direct[-1])
+    return _direct_matmul(xp, a, b, out)
+
+
+def _direct_matmul(xp, a, b, out):
+    """``a @ b`` (into ``out`` when given) through ``cublasGemmEx`` / ``cublasGemmStridedBatchedEx``:
+    NumPy's matmul rules (1-D operands, broadcast batch axes), any strides. The batch axes that
+    collapse into one stride for all three arrays make one strided-batched call; the others are
+    looped over in Python (more nodes of the graph being recorded, not more host work per replay).
+    An operand whose matrix cuBLAS cannot read in place is copied contiguous first (an elementwise
+    kernel, recordable), an output it cannot write is computed into a new array and copied in; an
+    operand of another dtype is cast to the result's. A dtype cuBLAS has no GEMM for goes to
+    ``a @ b`` (which CuPy refuses under capture, naming the product)."""
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands must have at least one axis, got shapes {a.shape} and {b.shape}")
+    dt = np.dtype(out.dtype) if out is not None else np.result_type(a.dtype, b.dtype)
+    if dt not in _CUDA_R:
+        return a @ b if out is None else xp.matmul(a, b, out=out)
+    va, vb = a.ndim == 1, b.ndim == 1
+    a2, b2 = (a[None] if va else a), (b[:, None] if vb else b)
+    if a2.shape[-1] != b2.shape[-2]:
+        raise ValueError(f"matmul: shapes {a.shape} @ {b.shape} do not match (contracted axes "
+                         f"{a2.shape[-1]} and {b2.shape[-2]})")
+    batch = tuple(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]))
+    M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
+    shape = batch + ((() if va else (M,)) + (() if vb else (N,)))
+    if out is None:
+        out = xp.empty(shape, dtype=dt)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"matmul: out has shape {out.shape}, {a.shape} @ {b.shape} needs {shape}")
+    o2 = out[..., None, None] if va and vb else out[..., None, :] if va else out[..., None] if vb else out
+    if out.size == 0:
+        return out
+    if K == 0:
+        out.fill(0)
+        return out
+    a2, b2 = (_readable(xp, x.astype(dt, copy=False), dt.itemsize) for x in (a2, b2))
+    target = o2 if _writable(o2, dt.itemsize) else xp.empty(batch + (M, N), dtype=dt)
+    _gemm_loop(xp.broadcast_to(a2, batch + (M, K)), xp.broadcast_to(b2, batch + (K, N)), target, dt)
+    if target is not o2:
+        o2[...] = target
     return out
+
+
+def _readable(xp, x, itemsize: int):
+    """``x``, or its contiguous copy when cuBLAS cannot read its matrices or step its batch in place."""
+    ok = _layout(x.shape[-2:], x.strides[-2:], itemsize) is not None and all(
+        st >= 0 and st % itemsize == 0 for st in x.strides[:-2])
+    return x if ok else xp.ascontiguousarray(x)
+
+
+def _writable(out, itemsize: int) -> bool:
+    """Whether cuBLAS can write every matrix of ``out`` in place (row-major, distinct batch entries)."""
+    lc = _layout(out.shape[-2:], out.strides[-2:], itemsize)
+    return lc is not None and lc[0] == OP_N and all(
+        st >= 0 and st % itemsize == 0 for st in out.strides[:-2]) and not _overlaps(out)
+
+
+def _overlaps(out) -> bool:
+    """Whether two batch entries of ``out`` share memory (a zero or too-small batch stride)."""
+    span = out.shape[-2] * out.shape[-1] * out.itemsize
+    return any(n > 1 and st < span for n, st in zip(out.shape[:-2], out.strides[:-2]))
+
+
+def _collapsed(batch: tuple, arrays) -> int:
+    """How many trailing batch axes collapse into one stride in every one of ``arrays``."""
+    k = min(len(batch), 1)
+    while k < len(batch):
+        i = len(batch) - k - 1
+        if not all(x.strides[i] == x.strides[i + 1] * batch[i + 1] for x in arrays):
+            break
+        k += 1
+    return k
+
+
+def _gemm_loop(A, Bm, C, dt) -> None:
+    """``C[idx] = A[idx] @ Bm[idx]`` for the common batch of the three (same batch shape, sizes > 0)."""
+    import itertools
+
+    keep = [i for i, n in enumerate(C.shape[:-2]) if n != 1]  # unit axes dropped: any stride is fine
+    idx0 = tuple(0 if i not in keep else slice(None) for i in range(C.ndim - 2))
+    A, Bm, C = A[idx0], Bm[idx0], C[idx0]
+    batch = C.shape[:-2]
+    k = _collapsed(batch, (A, Bm, C))
+    outer = batch[:len(batch) - k]
+    count = int(np.prod(batch[len(batch) - k:], dtype=np.int64)) if k else 1
+    it = dt.itemsize
+    lib = _Cublas.get()
+    for idx in itertools.product(*(range(n) for n in outer)):
+        a, b, c = A[idx], Bm[idx], C[idx]
+        plan = gemm_plan(a.shape[-2:], a.strides[-2:], b.shape[-2:], b.strides[-2:], c.shape[-2:], c.strides[-2:], it)
+        if plan is None:  # _readable/_writable made every layout readable
+            raise RuntimeError(f"gemm: no cuBLAS layout for {a.shape} @ {b.shape} (strides {a.strides}, {b.strides})")
+        batch_plan = None
+        if count > 1:
+            sa, sb, sc = (x.strides[-3] // it for x in (a, b, c))
+            batch_plan = BatchPlan(count=count, stride_a=sb, stride_b=sa, stride_c=sc)
+        lib.gemm(plan, b.data.ptr, a.data.ptr, c.data.ptr, dt, workspace=_direct[-1], batch=batch_plan)
 
 
 class _Cublas:
