@@ -17,8 +17,9 @@ Rows (op, net): ``forward``, ``loss_and_grads``, ``per_sample_grad_norms`` (peer
 and the norms), ``per_sample_grads`` (peer: ``vmap(grad)``), ``ggn_vp``, ``ntk`` (peer:
 ``vmap(jacrev)`` contracted), ``jacobian_chain`` (cnn; peer ``vmap(jacrev)``), ``private step``
 (``clipped_grad`` without noise; peer Opacus' ``GradSampleModule`` + clipping, when importable),
-``compiled step`` (cnn; ``net.compile(B)``), ``compiled <product>`` (``net.compile(B,
-product=...)`` where that API exists: guarded, a skipped row otherwise); the kernels:
+``compiled step`` and ``compiled private step`` (``net.compile(B)``, ``clip=1.0``), ``compiled <product>``
+(``net.compile(B, product=...)``; grad norms timed against ``vmap(grad)``), on both nets (the
+transformer's with ``tokens=T``), each tagged ``captured``/``capture_error`` after it ran; the kernels:
 ``softmax_jvp`` (``kernels/softmax.cu``) against its float64 dense form and the unfused expression;
 the spectra: ``singular_values(method="gram")`` (one batched eigensolve) against the SVD, both timed,
 the error as max |Δσ| / σ_max (the gram path's documented floor: ~sqrt(eps)); ``ntk`` of a
@@ -78,9 +79,10 @@ def _fail(rows: list, op: str, net: str, exc: Exception) -> None:
 
 
 def _row(rows: list, dev: Device, op: str, net: str, got, want, peers: dict | None = None, on_dev=None,
-         tol: float | None = None, dtype: str = "float32", error=_frobenius_error, **tags) -> None:
+         tol: float | None = None, dtype: str = "float32", error=_frobenius_error, after=None, **tags) -> None:
     """Validate ``got()`` (arrays) against ``want()`` (float64), time ``on_dev or got`` and each
-    peer (name → callable, None where not importable: noted)."""
+    peer (name → callable, None where not importable: noted); ``after()``: tags read once it has run
+    (a compiled step's ``captured``/``capture_error``, known after its first call)."""
     r = {"op": op, "net": net, "dtype": dtype, "tol": TOL[dtype] if tol is None else tol, **tags}
     fast = {} if dev.gpu else {"repeats": 1, "min_time": 0.0}
     try:
@@ -88,6 +90,8 @@ def _row(rows: list, dev: Device, op: str, net: str, got, want, peers: dict | No
         r["rel_err"] = max(error(a, b) for a, b in pairs)
         r["ok"] = bool(r["rel_err"] <= r["tol"])
         r["ms"] = dev.time(on_dev or got, **{"repeats": 5, **fast})["median_ms"]
+        if after is not None:
+            r.update(after())
         for name, fn in (peers or {}).items():
             if fn is None or isinstance(fn, str):
                 r.setdefault("peers_missing", {})[name] = fn or "not importable"
@@ -174,7 +178,8 @@ def _net_rows(rows: list, dev: Device, torch, kind: str, s: dict) -> None:
     if kind == "cnn":
         _row(rows, dev, "jacobian_chain (auto)", label, lambda: [net.jacobian_chain(net.forward(xd)[1]).jacobian()],
              lambda: [ref.jacobian_chain(ref.forward(x64)[1]).jacobian()], {"torch.func vmap(jacrev)": peers.get("jac")})
-        _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label)
+    _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label, {} if kind == "cnn" else {"tokens": s["T"]},
+                   {"torch.func vmap(grad)+norm": peers.get("norms", no_peer)})
 
 
 def _lg(net, x, t):
@@ -182,19 +187,32 @@ def _lg(net, x, t):
     return loss, g.flat
 
 
-def _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label) -> None:
+def _captured(step):
+    """The tags of a compiled step once it has run: whether it replays a CUDA graph, and why not."""
+    return lambda: {"captured": bool(getattr(step, "captured", False)),
+                    "capture_error": str(getattr(step, "capture_error", "") or "")}
+
+
+def _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label, kw, norm_peers) -> None:
+    """The compiled training step, private step and products (``kw``: ``tokens=T`` for token batches),
+    each with whether it recorded a graph (read after its first calls)."""
     B = int(xd.shape[0])
-    try:
-        step = net.compile(B)
-    except Exception as exc:  # noqa: BLE001
-        _fail(rows, "compiled step", label, exc)
-    else:
-        _row(rows, dev, "compiled step", label, lambda: [step(xd, td, copy=True)[1].flat], lambda: [_lg(ref, x64, t64)[1]],
-             captured=bool(getattr(step, "captured", False)), capture_error=str(getattr(step, "capture_error", "") or ""))
+    for op, make, got, want in [
+        ("compiled step", lambda: net.compile(B, **kw), lambda s: [s(xd, td, copy=True)[1].flat],
+         lambda: [_lg(ref, x64, t64)[1]]),
+        ("compiled private step (no noise)", lambda: net.compile(B, clip=1.0, **kw),
+         lambda s: [s(xd, td, copy=True)[1].grads.flat], lambda: [ref.clipped_grad(x64, t64, max_norm=1.0).grads.flat]),
+    ]:
+        try:
+            step = make()
+        except Exception as exc:  # noqa: BLE001
+            _fail(rows, op, label, exc)
+            continue
+        _row(rows, dev, op, label, lambda s=step, g=got: g(s), want, after=_captured(step))
     for product in COMPILED_PRODUCTS:
         op = f"compiled {product}"
         try:
-            step = net.compile(B, product=product)
+            step = net.compile(B, product=product, **kw)
         except TypeError as exc:
             if "product" not in str(exc):
                 raise
@@ -208,7 +226,8 @@ def _compiled_rows(rows, dev, net, ref, xd, td, x64, t64, label) -> None:
         want = {"grad_norms": lambda: [ref.per_sample_grad_norms(x64, t64)], "ntk": lambda: [jg.ntk(ref, x64)],
                 "ggn_vp": lambda: [ref.ggn_vp(x64, np.ones(ref.n_params))]}[product]  # mse: G does not read the target
         args = {"grad_norms": (xd, td), "ntk": (xd,), "ggn_vp": (xd, dev.put(np.ones(ref.n_params), "float32"))}
-        _row(rows, dev, op, label, lambda s=step, a=args[product]: [s(*a)], want)
+        _row(rows, dev, op, label, lambda s=step, a=args[product]: [s(*a)], want,
+             norm_peers if product == "grad_norms" else None, after=_captured(step))
 
 
 def _torch_peers(torch, model, xt, tt) -> dict:

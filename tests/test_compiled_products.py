@@ -405,10 +405,14 @@ def test_a_dense_net_is_recorded_once_replayed_and_dropped_by_rebind(recording, 
     assert len(step._graphs) == 0 and "synchronize" in graphs.calls
 
 
-def test_what_cannot_be_recorded_falls_back_under_auto_naming_it(recording, graphs):
-    """A token batch's leaves multiply per-sample stacks with CuPy's batched matmul (not yet through
-    ``_gemm``): under capture that raises, so ``"auto"`` returns the eager results and runs without a
-    graph from then on, ``capture_error`` naming the function; ``capture=True`` raises."""
+def test_what_cannot_be_recorded_falls_back_under_auto_naming_it(recording, graphs, monkeypatch):
+    """A piece that multiplies with CuPy's own matmul (here the token leaves', made to bypass ``_gemm``;
+    every layer of jacgrad goes through ``_gemm``: ``test_compiled_capture_layers.py``): under capture
+    that raises, so ``"auto"`` returns the eager results and runs without a graph from then on,
+    ``capture_error`` naming the function; ``capture=True`` raises."""
+    import jacgrad.protocol.leaves as leaves
+
+    monkeypatch.setattr(leaves, "matmul", lambda a, b: a @ b)  # CuPy's matmul: refused while recording
     L = jg.layers
     rng = np.random.default_rng(8)
 

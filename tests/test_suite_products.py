@@ -31,6 +31,14 @@ def test_the_section_validates_every_product_and_guards_the_compiled_ones(monkey
     assert max(r["rel_err"] for r in f32) > 0
     cnn_norms = next(r for r in data["rows"] if r["op"] == "per_sample_grad_norms" and r["net"].startswith("cnn"))
     assert "torch.func vmap(grad)+norm" in cnn_norms["peers"]  # torch is here: the peer ran (on the CPU)
+    compiled = [r for r in data["rows"] if r["op"].startswith("compiled ") and not r.get("skipped")]
+    assert {(r["op"], r["net"].split()[0]) for r in compiled} >= {
+        (op, net) for op in ("compiled step", "compiled private step (no noise)", "compiled grad_norms", "compiled ntk",
+                             "compiled ggn_vp") for net in ("cnn", "transformer")}
+    for r in compiled:  # read after the step ran: on NumPy there is no graph, and nothing failed to record
+        assert r["captured"] is False and r["capture_error"] == "", r
+    cnn_compiled = next(r for r in compiled if r["op"] == "compiled grad_norms" and r["net"].startswith("cnn"))
+    assert "torch.func vmap(grad)+norm" in cnn_compiled["peers"]
     results = {"dry_run_cpu": True, "sections": {"products": {"status": "ok", "data": data}}}
     md = report.markdown({**results, "targets": report.targets(results)})
     assert "## Products and layers since the first H100 run" in md and "| per_sample_grad_norms | cnn B=4 |" in md

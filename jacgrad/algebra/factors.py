@@ -114,7 +114,7 @@ class NormFactor:
         xp, n = get_xp(s), max(self.h_in, 1)
         xh = self.xhat
         X = xp.stack([xh, xp.ones_like(xh)], axis=-2) if self.centered else xh[..., None, :]
-        K = xp.matmul(s, X.swapaxes(-1, -2))
+        K = matmul(s, X.swapaxes(-1, -2))
         K /= n
         C = matmul(K, X)
         if inplace and C.shape == s.shape:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..core.backend import get_xp
+from ..cuda.gemm import matmul
 
 __all__ = ["TokenFactor", "FlatTokens", "DEFAULT_MAX_MEMORY", "token_jacobian_bytes"]
 
@@ -152,8 +153,8 @@ def _stack_op(J, which: str, S):
     if hasattr(J, f"{which}_stack"):
         return getattr(J, f"{which}_stack")(S)
     if which == "vjp":
-        return get_xp(S).matmul(J.scale_stack(S), J.W.T)
-    return J.scale_stack(get_xp(S).matmul(S, J.W), inplace=True)
+        return matmul(J.scale_stack(S), J.W.T)
+    return J.scale_stack(matmul(S, J.W), inplace=True)
 
 
 class FlatTokens:

@@ -102,7 +102,7 @@ class ConvLeaf:
             if ag.ndim == 2:
                 xp.multiply(dg[:, :, None], ag[:, None, :], out=W)
             else:
-                xp.matmul(dg.swapaxes(1, 2), ag, out=W)
+                matmul_into(dg.swapaxes(1, 2), ag, W)
             if self.bias:
                 b = self._views(views, g, 1)[1]
                 b[...] = dg if dg.ndim == 2 else dg.sum(axis=1)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from typing import Any
@@ -242,3 +244,24 @@ def require_finite(a, where: str) -> None:
     if bool(bad.any()):
         first = tuple(int(i) for i in np.argwhere(np.asarray(xp.asnumpy(bad) if xp is not np else bad))[0])
         raise FloatingPointError(f"{where} has non-finite values (first at index {first})")
+
+
+_IDS_CHECKED = contextvars.ContextVar("jacgrad_ids_checked", default=False)
+
+
+@contextlib.contextmanager
+def ids_checked():
+    """Within it, integer inputs — softmax cross-entropy's labels, an ``Embedding``'s token ids — are
+    taken as already range-checked: the caller (a compiled step, at load, before its CUDA graph) did
+    so on the host, and the check's device-to-host read could not be recorded in a graph. Shapes and
+    dtypes are still checked."""
+    token = _IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_CHECKED.reset(token)
+
+
+def ids_are_checked() -> bool:
+    """True inside ``ids_checked()``."""
+    return _IDS_CHECKED.get()

@@ -74,6 +74,11 @@ class Activation(PerToken):
         """This layer with the width ``n`` (itself when it has it already)."""
         return self if self._width == n else Activation(self._act, n)
 
+    def with_in_shape(self, shape) -> "Activation":
+        """This layer on images of per-sample ``shape`` ``(C, H, W)`` (``bind_shapes`` gives a width-less one
+        the shape of the image layer before it)."""
+        return Activation(self._act, self._width, in_shape=shape)
+
     def spec(self) -> dict:
         out = {"kind": self.kind, "activation": self._act.name, "width": self._width}
         return out if self._image is None else dict(out, in_shape=list(self._image))

@@ -18,19 +18,16 @@ output's shape: the mean over nothing is taken as zero, without a warning.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Any, Callable
 
 import numpy as np
 
 from ..core import lazy as _lazy
-from ..core.validation import float_array, shape_str
+from ..core.validation import float_array, ids_are_checked, shape_str
 from ..core.backend import asarray, get_xp, is_gpu_array, to_numpy
 from .loss_workspace import LossWorkspace
 
 __all__ = [
-    "labels_checked",
     "ALIASES", "LOSSES", "LossWorkspace", "canonical", "check_target", "one_layout", "get", "mse", "names", "sigmoid_bce",
     "softmax_cross_entropy",
 ]
@@ -84,27 +81,12 @@ def mse(y: Any, t: Any):
     return _elementwise("mse", y, t, "output y")
 
 
-_LABELS_CHECKED = contextvars.ContextVar("jacgrad_labels_checked", default=False)
-
-
-@contextlib.contextmanager
-def labels_checked():
-    """Within it, integer labels are taken as already checked to lie in ``[0, C)``: the caller
-    (a compiled product, at load, before its CUDA graph) did so on the host, and the range check's
-    device-to-host read could not be recorded in a graph. Shapes are still checked."""
-    token = _LABELS_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _LABELS_CHECKED.reset(token)
-
-
 def _labels(xp, t, B: int, C: int):
     """Integer labels ``t: (B,)`` checked against the batch and the ``C`` classes."""
     if t.ndim != 1 or t.shape[0] != B:
         raise ValueError(f"labels have shape {shape_str(t.shape)} but the logits have shape ({B}, {C}); "
                          f"expected labels of shape {shape_str((B,))}")
-    if B and not _LABELS_CHECKED.get():
+    if B and not ids_are_checked():
         lo, hi = (int(v) for v in to_numpy(xp.stack([t.min(), t.max()])))  # one transfer, not two
         if lo < 0 or hi >= C:
             bad = lo if lo < 0 else hi

@@ -329,5 +329,8 @@ def bind_shapes(layers: Sequence[Any], in_shape: Any = None, owner: str = "Seque
             except ValueError as exc:
                 raise ValueError(f"{owner}: layer {j}: {exc}") from None
         else:
+            if (shape is not None and len(shape) > 1 and getattr(L, "n_in", 0) is None and hasattr(L, "with_in_shape")
+                    and isinstance(layers, list)):  # a shape-preserving layer made without one (Activation) on images
+                layers[j] = L = L.with_in_shape(shape)
             out = getattr(L, "out_shape", None)
             shape = None if out is None else tuple(out)

@@ -85,7 +85,7 @@ def _leaf_jvp(weight, a, v: Sequence[Any], base):
 
 def _grads_w(a, delta):
     """``A_iᵀ Δ_i`` per sample: ``(B, p, d)``."""
-    return get_xp(a).matmul(a.swapaxes(1, 2), delta)
+    return matmul(a.swapaxes(1, 2), delta)
 
 
 class TokenDenseLeaf:
@@ -120,7 +120,7 @@ class TokenDenseLeaf:
         out = xp.zeros(B, dtype=delta.dtype)
         if counted[0]:
             if method == "gram" or (method == "auto" and gram_is_cheaper(T, p, delta.shape[-1])):
-                out += dot_along(xp.matmul(a, a.swapaxes(1, 2)), xp.matmul(delta, delta.swapaxes(1, 2)), 2).sum(axis=1)
+                out += dot_along(matmul(a, a.swapaxes(1, 2)), matmul(delta, delta.swapaxes(1, 2)), 2).sum(axis=1)
             else:
                 g = _grads_w(a, delta)
                 out += dot_along(g, g, 2).sum(axis=1)
@@ -137,7 +137,7 @@ class TokenDenseLeaf:
             if len(views) > 1:
                 views[1][...] = delta
             return
-        xp.matmul(a.swapaxes(1, 2), delta, out=views[0])
+        matmul_into(a.swapaxes(1, 2), delta, views[0])
         if len(views) > 1:
             delta.sum(axis=1, out=views[1])
 
@@ -166,18 +166,18 @@ class TokenDenseLeaf:
             out += _gram(self._jacobians(aa, Ga), self._jacobians(ab, Gb), trace)
             return
         (Na, T, p), (Nb, T2, _) = aa.shape, ab.shape  # the T × T' cross-Gram of the inputs, one GEMM
-        w = (aa.reshape(Na * T, p) @ ab.reshape(Nb * T2, p).T).reshape(Na, T, Nb, T2)
+        w = matmul(aa.reshape(Na * T, p), ab.reshape(Nb * T2, p).T).reshape(Na, T, Nb, T2)
         if self.bias:
             w += 1
         O, d = Ga.shape[1], Ga.shape[3]
         # Y[i, (j, t), (o, h)] = Σ_s w[i, s, j, t] G_io,s,h: batched GEMMs over i (an einsum with the
         # shared i runs numpy's unblocked c_einsum, 50× slower)
-        Y = xp.matmul(w.reshape(Na, T, Nb * T2).swapaxes(1, 2), Ga.transpose(0, 2, 1, 3).reshape(Na, T, O * d))
+        Y = matmul(w.reshape(Na, T, Nb * T2).swapaxes(1, 2), Ga.transpose(0, 2, 1, 3).reshape(Na, T, O * d))
         Y = Y.reshape(Na, Nb, T2, O, d).transpose(1, 0, 3, 2, 4)  # (j, i, o, t, h)
         if trace:  # Σ_o Σ_t,h Y[j, i, o, t, h] G′_jo,t,h
             out += (Y * Gb[:, None]).sum(axis=(2, 3, 4)).T
         else:  # batched GEMMs over j: (i·o, t·h) @ (t·h, q)
-            K = xp.matmul(Y.reshape(Nb, Na * O, T2 * d), Gb.reshape(Nb, O, T2 * d).swapaxes(1, 2))
+            K = matmul(Y.reshape(Nb, Na * O, T2 * d), Gb.reshape(Nb, O, T2 * d).swapaxes(1, 2))
             out += K.reshape(Nb, Na, O, O).transpose(1, 2, 0, 3)
 
     @staticmethod
@@ -193,7 +193,7 @@ class TokenDenseLeaf:
         """``(N, O, p·d [+ d])``: per sample and output row, ``A_iᵀ G_io`` flattened (and ``Σ_t G_io,t``)."""
         xp = get_xp(a, G)
         N, O, T, d = G.shape
-        J = xp.matmul(a.swapaxes(1, 2)[:, None], G).reshape(N, O, a.shape[-1] * d)  # batched GEMMs, not c_einsum
+        J = matmul(a.swapaxes(1, 2)[:, None], G).reshape(N, O, a.shape[-1] * d)  # batched GEMMs, not c_einsum
         return xp.concatenate([J, G.sum(axis=2)], axis=2) if self.bias else J
 
     def jvp(self, a, v: Sequence[Any], base):
@@ -211,7 +211,7 @@ class TokenDenseLeaf:
             return
         xp = get_xp(a, G)
         for i in range(a.shape[0]):  # per sample: its R gradients A_iᵀ G_iρ, (R, p, d)
-            g = xp.matmul(a[i].T[None], G[i])
+            g = matmul(a[i].T[None], G[i])
             first += (g * g).sum(axis=0) * scale
         if len(outs) > 1:
             s = G.sum(axis=2)

@@ -91,6 +91,7 @@ from .private_step import PrivatePart, check_clip_args
 from ..params.leaf_views import leaf_inputs, leaf_views
 from ..protocol.sharing import Ties
 from ..core.renamed import renamed
+from ..core.validation import ids_checked
 from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
 from ..protocol.layer import lead_shape
 from ..elementwise.activations import get as get_activation
@@ -154,7 +155,7 @@ class TrainingStep(StepIO):
         self._gpu = xp is not np
         batch = check_step_args(batch, loss, capture, self._gpu)
         loss = losses.canonical(loss)  # torch's alias names the same loss
-        self.tokens = check_tokens_arg(tokens, loss, lists and not hasattr(net, "layers"))
+        self.tokens = check_tokens_arg(tokens, loss, lists and not hasattr(net, "layers"), getattr(net, "layers", None))
         self.clip, sigma = check_clip_args(clip, noise_multiplier, expected_batch_size)
         if self.clip is not None and input_grad:
             raise ValueError("a private step (clip=C) returns no ∂L/∂x: compile it with input_grad=False")
@@ -282,7 +283,8 @@ class TrainingStep(StepIO):
 
     def _run(self, labels: bool) -> None:
         """Forward, loss, backward: every result into its buffer (the network's own passes)."""
-        z, states = forward_layers(self._layers, self._x, self._fbufs, plan=self._plan)
+        with ids_checked():  # token ids were checked at load (the Embedding's own check): no read while recording
+            z, states = forward_layers(self._layers, self._x, self._fbufs, plan=self._plan)
         self._loss(z, self._target, labels=labels)
         if self._factors is None:  # the states are the same buffers every call: a factor that reads them by
             # reference (``reusable_factor``: a Dense's) is made once (on token batches a layer makes its row factor itself)
@@ -305,7 +307,7 @@ class TrainingStep(StepIO):
         if private:
             return loss, self._private.results(self._gradients(per, flat=flat), frac, std, copy)
         gin = self._gin.copy() if copy and self._gin is not None else self._gin
-        deltas = [d.copy() for d in self._deltas] if copy else list(self._deltas)
+        deltas = [_copied(d) for d in self._deltas] if copy else list(self._deltas)
         return loss, self._gradients(per, input=gin, deltas=deltas, flat=flat)
 
     def _gradients(self, per: list, **kw) -> Gradients:
@@ -331,6 +333,14 @@ class TrainingStep(StepIO):
 
 
 __getattr__ = renamed(__name__, {"SequentialStep": ("jacgrad.steps.compiled.TrainingStep", TrainingStep)})
+
+
+def _copied(delta):
+    """A fresh copy of a layer's ``δ``: an array, None, or a tuple of them (an attention layer's
+    cotangents at its q, k, v and output projections)."""
+    if isinstance(delta, (tuple, list)):
+        return type(delta)(_copied(d) for d in delta)
+    return None if delta is None else delta.copy()
 
 
 def _views(flat, params) -> list:

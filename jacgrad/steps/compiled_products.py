@@ -46,14 +46,14 @@ The contract is the compiled steps' (``jacgrad.steps.compiled``):
 - parameters by reference: in-place updates are seen by the next call; a replaced array or
   layer raises ``RuntimeError`` naming it until ``step.rebind()``.
 - ``capture="auto"``: on CuPy, the first call runs eagerly (warm-up), then records one CUDA graph
-  through the direct-cuBLAS path (``jacgrad.cuda.gemm``: every GEMM of the dense leaves, the
-  sweep and the NTK's Gram blocks go through ``matmul``/``matmul_into``). A piece that CuPy
-  refuses under capture — today the norm layers' stacked projection (``NormFactor._project``,
-  CuPy's batched matmul), token leaves' batched products, softmax cross-entropy's Hessian
-  factor — makes the capture fail; ``"auto"`` then runs without a graph from that call on and
-  ``step.capture_error`` names the function that raised; ``capture=True`` raises ``CaptureError``.
-  Not yet run on a GPU: the fake-CuPy tests (``tests/test_compiled_products.py``) record the
-  graphs and check that no host transfer and no CuPy matmul happens while recording dense nets.
+  through the direct-cuBLAS path (``jacgrad.cuda.gemm``: every GEMM of every layer — dense, token,
+  attention, convolution, embedding — goes through ``matmul``/``matmul_into``), with no host read
+  (labels and token ids are checked at load, ``ids_checked``). A piece that still fails under
+  capture makes ``"auto"`` run without a graph from that call on, ``step.capture_error`` naming the
+  function that raised; ``capture=True`` raises ``CaptureError``. Not yet run on a GPU: the
+  fake-CuPy tests (``tests/test_compiled_capture_layers.py``, ``tests/test_compiled_products.py``)
+  run what a capture runs with CuPy's matmul refused and check the numbers and that nothing is
+  read back.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from ..core.validation import network_input, shape_str
+from ..core.validation import ids_checked, network_input, shape_str
 from ..nn import losses
 from ..params import ntk as _ntk
 from ..params.leaf_views import named_views
-from ..protocol.layer import anchor, lead_shape
+from ..protocol.layer import anchor, layer_leads, lead_shape
 from ..protocol.leaves import check_method
 from ..protocol.passes import Gradients
 from ..algebra.per_sample import check_direction
@@ -127,7 +127,7 @@ class ProductStep(IdentityBinding, StepIO):
         self.batch = tuple(sizes) if pair else sizes[0]
         self.loss = losses.canonical(loss)
         losses.get(self.loss)  # a KeyError listing the losses for an unknown name
-        self.tokens = check_tokens_arg(tokens, "mse" if product == "ntk" else self.loss, False)
+        self.tokens = check_tokens_arg(tokens, "mse" if product == "ntk" else self.loss, False, net.layers)
         self.per_layer, self.method, self.trace = bool(per_layer), check_method(method), bool(trace)
         self._net, self._xp, self.dtype, self._capture = net, xp, dt, capture
         self.capture_error: str | None = None  # why capture="auto" fell back to running without a graph
@@ -146,14 +146,14 @@ class ProductStep(IdentityBinding, StepIO):
             if pair:
                 self._x2 = self._input_buffer(sizes[1], in_shape)
             B, n_out, P = sizes[0], int(net.n_out), int(net.n_params)
-            lead = lead_shape(B if T is None else (B, T))
+            lead = lead_shape(layer_leads(layers, B if T is None else (B, T))[-1])  # the output's (a layer may change it)
             if product in ("grad_norms", "grads"):
                 self._target = xp.zeros(lead + (n_out,), dtype=dt)
                 if self.loss == "softmax_cross_entropy":
                     self._loss = _Labels(xp, B)
             if product == "ggn_vp":
                 self._v = xp.zeros(P, dtype=dt)
-            O = n_out * (T or 1)
+            O = n_out * int(np.prod(lead[1:], dtype=np.int64))  # per sample: every output position
             shape = {"grad_norms": (B, len(layers)) if self.per_layer else (B,), "grads": (B, P),
                      "ntk": (sizes[0], sizes[-1]) + (() if self.trace else (O, O)), "ggn_vp": (P,),
                      "ggn_diagonal": (P,)}[product]
@@ -208,11 +208,8 @@ class ProductStep(IdentityBinding, StepIO):
 
     def _run(self, labels: bool = False) -> None:
         """The eager product on the static buffers, into ``self._out`` (what a graph records)."""
-        if labels:  # checked by _load_target on the host: no device-to-host read while recording
-            with losses.labels_checked():
-                self._product(self._loss.labels)
-        else:
-            self._product(self._target)
+        with ids_checked():  # labels and token ids were checked at load, on the host: no read while recording
+            self._product(self._loss.labels if labels else self._target)
 
     def _product(self, target) -> None:
         net, x, p, out = self._net, self._x, self.product, self._out

@@ -11,10 +11,8 @@ from the same ``seed``). It runs in two parts:
   to every leaf's per-sample deltas (``per_sample.output_partials``), the norms and the clipped
   sums ``Aᵀ diag(c) Δ`` into a buffer (``private.sweep_and_clip``; the dense leaves' GEMMs go
   through ``_gemm``, direct cuBLAS while recording). The ordinary mean gradient is not computed.
-  Not yet run on a GPU: a norm layer's stacked projection in the sweep
-  (``factors.NormFactor._project``) still calls CuPy's own matmul, which CuPy refuses under
-  capture, so with norm layers ``capture="auto"`` may fall back to running without a graph
-  (``step.capture_error`` says so); the results are the same either way. The sweep's
+  Not yet run on a GPU; on the fake CuPy of the tests every layer kind records (no CuPy matmul,
+  no host read: ``tests/test_compiled_capture_layers.py``). The sweep's
   temporaries (``O(B · Σ H)``) come from the graph's private pool on CuPy and are allocated per
   call on NumPy.
 - the noise, drawn eagerly after every call (or replay): ``out = sum/B + (σC/B)·n`` with ``n`` drawn

@@ -30,6 +30,7 @@ from ..nn.loss_workspace import NAMES as LOSS_NAMES
 from ..core.validation import float_array, network_input, shape_str
 from ..core.backend import is_gpu_array, tf32_enabled
 from ..nn.layers import named_params
+from ..protocol.layer import layer_leads
 
 __all__ = ["IdentityBinding", "StepIO", "check_batch_and_capture", "param_binding", "check_rebound", "check_step_args", "check_tokens_arg", "locked"]
 
@@ -43,15 +44,16 @@ def check_step_args(batch: Any, loss: str, capture: Any, gpu: bool) -> int:
     return check_batch_and_capture(batch, capture, gpu)
 
 
-def check_tokens_arg(tokens: Any, loss: str, lists_only: bool) -> int | None:
+def check_tokens_arg(tokens: Any, loss: str, lists_only: bool, layers: Any = None) -> int | None:
     """``tokens`` (T of a token batch ``(B, T, ·)``) as an int, or None for ``(B, ·)`` batches.
-    softmax cross-entropy takes ``(B, C)`` logits, so a token step (output ``(B, T, C)``) refuses it,
-    as ``loss_and_grads`` does; a duck-typed net of lists has no per-token layers to run."""
+    softmax cross-entropy takes ``(B, C)`` logits, so a step whose output keeps the token axis
+    (``(B, T, C)``: ``layers`` without a read-out such as ``TokenMean``) refuses it, as
+    ``loss_and_grads`` does; a duck-typed net of lists has no per-token layers to run."""
     if tokens is None:
         return None
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
         raise ValueError(f"tokens must be a positive integer (T, the positions of a (B, T, ·) batch), got {tokens!r}")
-    if loss == "softmax_cross_entropy":
+    if loss == "softmax_cross_entropy" and (layers is None or isinstance(layer_leads(layers, (1, int(tokens)))[-1], tuple)):
         raise ValueError("softmax_cross_entropy takes (B, C) logits, but a token step's output is (B, T, C): "
                          "compile the token step with loss='mse' or 'sigmoid_bce'")
     if lists_only:

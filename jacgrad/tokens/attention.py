@@ -45,6 +45,7 @@ from ..core.validation import float_array, shape_str
 from .attention_factor import AttentionFactor, attention_mask, attention_weights, merge_heads, split_heads
 from ..core.backend import asarray, get_xp, is_foreign_array
 from ..protocol.layer import register_layer
+from ..cuda.gemm import matmul, matmul_into
 
 __all__ = ["MultiHeadAttention"]
 
@@ -220,13 +221,13 @@ class MultiHeadAttention:
         y, Q, K, V, P, O = out if out is not None else [xp.empty(s, self.dtype) for s in self.forward_shapes((B, T))]
         a = self._arrays
         for buf, n in ((Q, "q"), (K, "k"), (V, "v")):
-            proj = z @ a[f"W{n}"]
+            proj = matmul(z, a[f"W{n}"])
             if f"b{n}" in a:
                 proj += a[f"b{n}"]
             xp.copyto(buf, split_heads(proj, self._heads))
         attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), mask, out=P)
-        xp.copyto(O, merge_heads(xp.matmul(P, V)))
-        xp.matmul(O, a["Wo"], out=y)
+        xp.copyto(O, merge_heads(matmul(P, V)))
+        matmul_into(O, a["Wo"], y)
         if "bo" in a:
             y += a["bo"]
         if check is not None:
@@ -258,7 +259,7 @@ class MultiHeadAttention:
         d = self.d
         at = 0
         for leaf, A, D in zip(self.param_leaves(), self.param_input(state), deltas):
-            xp.matmul(A.reshape(-1, d).T, D.reshape(-1, d), out=grads[at])
+            matmul_into(A.reshape(-1, d).T, D.reshape(-1, d), grads[at])
             if leaf.bias:
                 D.sum(axis=(0, 1), out=grads[at + 1])
             if sq is not None:
@@ -291,7 +292,7 @@ class MultiHeadAttention:
         at = np.cumsum([0] + [1 + f for f in self._flags])  # leaf i's first array in dirs
 
         def leaf_tangent(i, base):
-            out = A[i] @ dirs[at[i]]
+            out = matmul(A[i], dirs[at[i]])
             if self._flags[i]:
                 out += dirs[at[i] + 1]
             return out if base is None else out + base

@@ -33,6 +33,7 @@ from ..algebra.lanczos import top_eigenvalues
 from ..core.validation import float_array, shape_str
 from ..core.backend import get_xp
 from ..cuda import softmax_kernels
+from ..cuda.gemm import matmul, matmul_into
 from ..algebra.jacobian import _check_sample_selection
 from ..algebra.spectra import singular_values as _svd
 
@@ -71,7 +72,7 @@ def attention_weights(Q, K, scale: float, mask, out: Any = None):
     0 (no NaN, no warning). ``Q, K: (B, h, T, d_h)``; ``mask`` from ``attention_mask``; ``out``: a
     ``(B, h, T, T)`` buffer to write into."""
     xp = get_xp(Q, K)
-    S = xp.matmul(Q, K.swapaxes(-1, -2), out=out)
+    S = matmul(Q, K.swapaxes(-1, -2)) if out is None else matmul_into(Q, K.swapaxes(-1, -2), out)
     S *= scale
     if mask is not None:
         S[...] = xp.where(mask, -xp.inf, S)
@@ -103,16 +104,16 @@ def core_jvp(P, Q, K, V, Qdot, Kdot, Vdot, scale: float):
     xp = get_xp(P, Q)
     Sdot = None
     if Qdot is not None:
-        Sdot = xp.matmul(Qdot, K.swapaxes(-1, -2))
+        Sdot = matmul(Qdot, K.swapaxes(-1, -2))
     if Kdot is not None:
-        t = xp.matmul(Q, Kdot.swapaxes(-1, -2))
+        t = matmul(Q, Kdot.swapaxes(-1, -2))
         Sdot = t if Sdot is None else xp.add(Sdot, t, out=Sdot if Sdot.shape == t.shape else None)
     Odot = None
     if Sdot is not None:
         Sdot *= scale
-        Odot = xp.matmul(_softmax_jvp(P, Sdot), V)
+        Odot = matmul(_softmax_jvp(P, Sdot), V)
     if Vdot is not None:
-        t = xp.matmul(P, Vdot)
+        t = matmul(P, Vdot)
         Odot = t if Odot is None else Odot + t
     return Odot
 
@@ -121,10 +122,10 @@ def core_vjp(P, Q, K, V, Obar, scale: float):
     """``(Q̄, K̄, V̄)`` of ``O = softmax(QKᵀ·scale)V`` for the cotangent ``Ō`` (head layout, leading
     axes broadcasting against ``P``'s)."""
     xp = get_xp(P, Obar)
-    Vbar = xp.matmul(P.swapaxes(-1, -2), Obar)
-    Sbar = _softmax_jvp(P, xp.matmul(Obar, V.swapaxes(-1, -2)))  # diag(p) − ppᵀ is symmetric
+    Vbar = matmul(P.swapaxes(-1, -2), Obar)
+    Sbar = _softmax_jvp(P, matmul(Obar, V.swapaxes(-1, -2)))  # diag(p) − ppᵀ is symmetric
     Sbar *= scale
-    return xp.matmul(Sbar, K), xp.matmul(Sbar.swapaxes(-1, -2), Q), Vbar
+    return matmul(Sbar, K), matmul(Sbar.swapaxes(-1, -2), Q), Vbar
 
 
 def _frob(a, axes):
@@ -205,17 +206,17 @@ class AttentionFactor:
     def _jvp(self, u, stacked: bool):
         P, Q, K, V = self._state(stacked)
         h = self.heads
-        Od = core_jvp(P, Q, K, V, split_heads(u @ self.Wq, h), split_heads(u @ self.Wk, h),
-                      split_heads(u @ self.Wv, h), self.scale)
-        return merge_heads(Od) @ self.Wo
+        Od = core_jvp(P, Q, K, V, split_heads(matmul(u, self.Wq), h), split_heads(matmul(u, self.Wk), h),
+                      split_heads(matmul(u, self.Wv), h), self.scale)
+        return matmul(merge_heads(Od), self.Wo)
 
     def _vjp_parts(self, v, stacked: bool):
         P, Q, K, V = self._state(stacked)
-        Qb, Kb, Vb = core_vjp(P, Q, K, V, split_heads(v @ self.Wo.T, self.heads), self.scale)
+        Qb, Kb, Vb = core_vjp(P, Q, K, V, split_heads(matmul(v, self.Wo.T), self.heads), self.scale)
         Qb, Kb, Vb = merge_heads(Qb), merge_heads(Kb), merge_heads(Vb)
-        x = Qb @ self.Wq.T
-        x += Kb @ self.Wk.T
-        x += Vb @ self.Wv.T
+        x = matmul(Qb, self.Wq.T)
+        x += matmul(Kb, self.Wk.T)
+        x += matmul(Vb, self.Wv.T)
         return x, (Qb, Kb, Vb, v)
 
     def jvp(self, u: Any):
@@ -241,13 +242,13 @@ class AttentionFactor:
         input's (None unless ``need_input``)."""
         A, _ = self._rows(A, "cotangent stack", True)
         P, Q, K, V = self._state(True)
-        Qb, Kb, Vb = core_vjp(P, Q, K, V, split_heads(A @ self.Wo.T, self.heads), self.scale)
+        Qb, Kb, Vb = core_vjp(P, Q, K, V, split_heads(matmul(A, self.Wo.T), self.heads), self.scale)
         Qb, Kb, Vb = merge_heads(Qb), merge_heads(Kb), merge_heads(Vb)
         A_in = None
         if need_input:
-            A_in = Qb @ self.Wq.T
-            A_in += Kb @ self.Wk.T
-            A_in += Vb @ self.Wv.T
+            A_in = matmul(Qb, self.Wq.T)
+            A_in += matmul(Kb, self.Wk.T)
+            A_in += matmul(Vb, self.Wv.T)
         return [Qb, Kb, Vb, A], A_in
 
     def param_jvp(self, t, leaf_tangent):
@@ -256,12 +257,12 @@ class AttentionFactor:
         returns its tangent plus ``base``, the tangent arriving at its output point (None: 0)."""
         if t is not None:
             t, _ = self._rows(t, "tangent", False)
-        base = lambda W: None if t is None else t @ W  # noqa: E731
+        base = lambda W: None if t is None else matmul(t, W)  # noqa: E731
         h = self.heads
         Qd, Kd, Vd = (leaf_tangent(i, base(W)) for i, W in enumerate((self.Wq, self.Wk, self.Wv)))
         Od = core_jvp(self.P, self.Q, self.K, self.V, split_heads(Qd, h), split_heads(Kd, h), split_heads(Vd, h),
                       self.scale)
-        return leaf_tangent(3, merge_heads(Od) @ self.Wo)
+        return leaf_tangent(3, matmul(merge_heads(Od), self.Wo))
 
     def jvp_stack(self, a):
         """``J`` on every row of ``a: (B, R, T, d)`` (or ``(B, R, T·d)``, ``(R, T·d)`` broadcast) -> the same

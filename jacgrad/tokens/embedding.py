@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.validation import float_array, shape_str
+from ..core.validation import float_array, ids_are_checked, shape_str
 from ..core.backend import asarray, get_xp, is_foreign_array
 from .embedding_leaf import EmbeddingFactor, EmbeddingLeaf, EmbeddingTokens, embedding_param_jvp, embedding_sq_norms
 from .embedding_leaf import embedding_weighted_sum
@@ -111,7 +111,7 @@ class Embedding:
                             f"(a float or bool array is not cast silently)")
         if tok.ndim != 2:
             raise ValueError(f"{self._where(where)}: tokens have shape {shape_str(tok.shape)}; needs (B, T)")
-        if tok.size:
+        if tok.size and not ids_are_checked():  # a compiled step checked them at load
             lo, hi = int(tok.min()), int(tok.max())
             if lo < 0 or hi >= self.num_embeddings:
                 bad = lo if lo < 0 else hi

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.backend import get_xp
+from ..cuda.gemm import matmul
 from ..algebra.jacobian import _check_sample_selection
 
 __all__ = ["EmbeddingFactor", "EmbeddingLeaf", "EmbeddingTokens", "embedding_fill", "embedding_ggn_diagonal", "embedding_ntk", "embedding_param_jvp",
@@ -93,15 +94,31 @@ def embedding_sq_norms(state, delta, method: str = "auto"):
     delta = st.masked(delta)
     if method == "gram":
         same = st.tok[:, :, None] == st.tok[:, None, :]
-        return (xp.matmul(delta, delta.swapaxes(1, 2)) * same).sum(axis=(1, 2))
+        return (matmul(delta, delta.swapaxes(1, 2)) * same).sum(axis=(1, 2))
     if method not in ("auto", "instantiate"):
         raise ValueError(f"unknown method {method!r}; valid: auto, gram, instantiate")
+    if xp is not np:
+        return _sq_norms_fixed_shape(st, delta)
     inv, U, sample_of, _ = st.segments()
     rows = xp.zeros((U, delta.shape[-1]), dtype=delta.dtype)
     xp.add.at(rows, inv, delta.reshape(-1, delta.shape[-1]))
     out = xp.zeros(delta.shape[0], dtype=delta.dtype)
     xp.add.at(out, sample_of, (rows * rows).sum(axis=1))
     return out
+
+
+def _sq_norms_fixed_shape(st, delta):
+    """``embedding_sq_norms``' "instantiate" with shapes fixed by ``(B, T, d)`` alone, what a CUDA graph
+    can record (``unique`` reads its output size on the host, a sort is not capturable): each position
+    ``(i, s)`` adds ``Δ_is`` into the row of the FIRST position of sample i holding the same token
+    (``argmax`` of the ``(B, T, T)`` token-equality rows), then ``Σ`` of the rows' squared norms —
+    ``O(B·T² + B·T·d)``. The device formulation; NumPy keeps the sort (``O(B·T·log(B·T))``)."""
+    xp = get_xp(delta)
+    B, T, d = delta.shape
+    first = (st.tok[:, :, None] == st.tok[:, None, :]).view(np.int8).argmax(axis=2)  # (B, T)
+    rows = xp.zeros((B * T, d), dtype=delta.dtype)
+    xp.add.at(rows, (xp.arange(B)[:, None] * T + first).ravel(), delta.reshape(B * T, d))
+    return (rows * rows).sum(axis=1).reshape(B, T).sum(axis=1)
 
 
 def embedding_fill(state, delta, out):
@@ -135,11 +152,15 @@ def embedding_ntk(state1, G1, state2, G2, trace: bool = False):
     xp = get_xp(G1, G2)
     G1, G2 = s1.masked(G1, 2), s2.masked(G2, 2)
     same = (s1.tok[:, None, :, None] == s2.tok[None, :, None, :]).astype(G1.dtype)  # (N1, N2, T1, T2)
-    if trace:
-        C = xp.einsum("iosd,jotd->ijst", G1, G2)
-        return (C * same).sum(axis=(2, 3))
-    H = xp.einsum("ijst,jetd->ijsed", same, G2)
-    return xp.einsum("iosd,ijsed->ioje", G1, H)
+    (N1, O, T1, d), (N2, _, T2, _) = G1.shape, G2.shape
+    if trace:  # C[i, s, j, t] = Σ_o,d G1[i, o, s, d] G2[j, o, t, d]: one GEMM over (o, d)
+        C = matmul(G1.transpose(0, 2, 1, 3).reshape(N1 * T1, O * d), G2.transpose(0, 2, 1, 3).reshape(N2 * T2, O * d).T)
+        return (C.reshape(N1, T1, N2, T2).transpose(0, 2, 1, 3) * same).sum(axis=(2, 3))
+    # H[i, j, s, (e, d)] = Σ_t same[i, j, s, t] G2[j, e, t, d], then Σ_s,d G1[i, o, s, d] H[i, j, s, e, d]:
+    # batched GEMMs (through _gemm: direct cuBLAS while a graph records)
+    H = matmul(same, G2.transpose(0, 2, 1, 3).reshape(N2, T2, O * d))
+    H = H.reshape(N1, N2, T1, O, d).transpose(0, 2, 4, 1, 3).reshape(N1, T1 * d, N2 * O)
+    return matmul(G1.reshape(N1, O, T1 * d), H).reshape(N1, O, N2, O)
 
 
 def embedding_ggn_diagonal(state, S, out):
