@@ -245,7 +245,7 @@ def test_pt_tensors_claiming_more_than_their_storage_are_refused(tmp_path, load)
             tracemalloc.stop()
         assert peak < 8 << 20, peak
     W = torch.randn(5, 3, dtype=torch.float64)  # a transposed (non-contiguous, but dense) weight loads
-    torch.save({"0.weight": W.T}, tmp_path / "t.pt")
+    torch.save({"0.weight": W.T, "0.bias": torch.zeros(3, dtype=torch.float64)}, tmp_path / "t.pt")
     x = rng.standard_normal((2, 5))
     np.testing.assert_allclose(load(tmp_path / "t.pt", activations="identity")(x), x @ W.numpy(), rtol=1e-13)
 
