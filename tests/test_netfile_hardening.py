@@ -436,7 +436,8 @@ def _valid_files(tmp_path):
     blocks().save(tmp_path / "s.npz")
     blocks().save(tmp_path / "s.safetensors")
     net = mlp()
-    np.savez_compressed(tmp_path / "c.npz", W0=net.weights[0], W1=net.weights[1], activations=np.array(net.activations))
+    np.savez_compressed(tmp_path / "c.npz", W0=net.weights[0], b0=net.biases[0], W1=net.weights[1], b1=net.biases[1],
+                        activations=np.array(net.activations))
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     torch.save(model.state_dict(), tmp_path / "t.pt")
     return ["m.npz", "m.safetensors", "s.npz", "s.safetensors", "c.npz", "t.pt"]
