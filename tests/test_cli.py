@@ -172,7 +172,9 @@ def test_device_gpu_without_gpu(capsys):
         ({"W0": np.ones((3, 2)), "activations": np.array(["nope"])}, "unknown activation 'nope'"),
         ({"W0": np.ones((3, 2)), "W1": np.ones((4, 2)), "activations": np.array(["tanh", "identity"])}, "layer 1"),
         ({"W0": np.ones((3, 2))}, "activations"),
-        ({"W0": np.full((3, 2), np.inf), "activations": np.array(["tanh"])}, ["layer 0", "non-finite"]),
+        ({"W0": np.full((3, 2), np.inf), "b0": np.zeros(2), "activations": np.array(["tanh"])}, ["layer 0", "non-finite"]),
+        ({"W0": np.ones((3, 2)), "activations": np.array(["tanh"])}, ["layer 0 has no bias", "bias in every layer",
+                                                                      "jg.Sequential.load"]),
         ({"W0": np.ones(3), "activations": np.array(["tanh"])}, "2-D"),
     ],
 )

@@ -43,13 +43,14 @@ def _zero_d(path):
 
 
 def _zero_width(path):
-    np.savez(path, W0=np.ones((3, 0)), W1=np.ones((0, 2)), activations=np.array(["tanh", "identity"]))
+    np.savez(path, W0=np.ones((3, 0)), b0=np.ones(0), W1=np.ones((0, 2)), b1=np.ones(2),
+             activations=np.array(["tanh", "identity"]))
 
 
 def _nan(path):
     W = np.ones((3, 2))
     W[1, 0] = np.nan
-    np.savez(path, W0=W, W1=np.ones((2, 2)), activations=np.array(["tanh", "identity"]))
+    np.savez(path, W0=W, b0=np.zeros(2), W1=np.ones((2, 2)), b1=np.zeros(2), activations=np.array(["tanh", "identity"]))
 
 
 @pytest.mark.parametrize("command", ["report", "check"])
@@ -72,13 +73,14 @@ def test_malformed_weights_file_is_one_line(capsys, tmp_path, command, write, ne
 
 def test_check_of_a_net_whose_float64_reference_overflows(capsys, tmp_path):
     path = tmp_path / "huge.npz"
-    np.savez(path, W0=np.full((3, 2), 1e308), activations=np.array(["tanh"]))
+    np.savez(path, W0=np.full((3, 2), 1e308), b0=np.zeros(2), activations=np.array(["tanh"]))
     one_line_error(capsys, main(["check", "--weights", str(path), "--device", "cpu"]), "huge.npz", "float64 reference")
 
 
 def test_check_where_only_float32_overflows_fails_without_a_traceback(capsys, tmp_path):
     path = tmp_path / "big.npz"  # finite in float64 (outputs ~1e60), beyond float32's 3.4e38
-    np.savez(path, W0=np.full((3, 2), 1e30), W1=np.full((2, 2), 1e30), activations=np.array(["identity"]))
+    np.savez(path, W0=np.full((3, 2), 1e30), b0=np.zeros(2), W1=np.full((2, 2), 1e30), b1=np.zeros(2),
+             activations=np.array(["identity"]))
     code = main(["check", "--weights", str(path), "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 1 and not err, err

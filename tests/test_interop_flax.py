@@ -74,11 +74,15 @@ def test_matches_jax_vmap_jacrev(dtype, rng):
 
 def test_plain_numpy_dicts_without_bias_and_copy_false(rng):
     params = {"Dense_1": {"kernel": rng.standard_normal((3, 2))}, "Dense_0": {"kernel": rng.standard_normal((4, 3))}}
-    net = jg.MLP.from_flax(params, "tanh", copy=False)
-    assert net.sizes == [4, 3, 2] and not any(b.any() for b in net.biases)
-    assert np.shares_memory(net.weights[0], params["Dense_0"]["kernel"])
-    copied = jg.MLP.from_flax(params, ["relu", "identity"])
-    assert not np.shares_memory(copied.weights[0], params["Dense_0"]["kernel"])
+    with pytest.raises(ValueError, match=r"flax params: layers 0, 1 have no bias.*jg\.Sequential\.from_flax"):
+        jg.MLP.from_flax(params, "tanh")  # (bias-free layers: tests/test_load_bias_free.py)
+    net = jg.Sequential.from_flax(params, "tanh", copy=False)
+    assert [L.has_bias for L in net.layers] == [False, False] and net.n_params == 4 * 3 + 3 * 2
+    assert np.shares_memory(net.layers[0].W, params["Dense_0"]["kernel"])
+    copied = jg.Sequential.from_flax(params, ["relu", "identity"])
+    assert not np.shares_memory(copied.layers[0].W, params["Dense_0"]["kernel"])
+    with_bias = {k: {**v, "bias": np.ones(v["kernel"].shape[1])} for k, v in params.items()}
+    assert np.shares_memory(jg.MLP.from_flax(with_bias, "tanh", copy=False).weights[0], params["Dense_0"]["kernel"])
 
 
 @pytest.mark.parametrize(
@@ -91,8 +95,12 @@ def test_plain_numpy_dicts_without_bias_and_copy_false(rng):
         ({"Dense_0": {"kernel": np.ones((2, 2))}}, ["tanh", "relu"], ValueError, "2 activations for 1 Dense layers"),
         ({}, "tanh", ValueError, "no layers"),
         ([np.ones((2, 2))], "tanh", TypeError, "dict of layer parameters"),
-        ({"Dense_0": {"kernel": np.ones((2, 2))}, "Dense_1": {"kernel": np.ones((3, 2))}}, "tanh", ValueError,
-         "layer 1: W has shape"),
+        ({"Dense_0": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}, "Dense_1": {"kernel": np.ones((3, 2)),
+          "bias": np.ones(2)}}, "tanh", ValueError, "layer 1: W has shape"),
+        ({"Dense_0": {"kernel": np.ones((2, 3)), "bias": np.ones(2)}}, "tanh", ValueError,
+         r"'Dense_0': bias has shape \(2,\) but its kernel \(2, 3\) has 3 outputs"),
+        ({"Dense_0": {"kernel": np.ones((2, 3)), "bias": np.ones((1, 3))}}, "tanh", ValueError,
+         r"'Dense_0': bias has shape \(1, 3\)"),
     ],
 )
 def test_bad_parameters_say_why(params, acts, error, match):

@@ -60,19 +60,17 @@ def test_safetensors_layout_is_jacgrads(tmp_path):
 
 
 def test_torch_state_dicts_in_safetensors_and_pt(tmp_path):
-    model = torch_model()
-    # an MLP file reader fills a bias the state dict lacks with zeros (an MLP has a bias per layer;
-    # MLP.from_torch refuses the bias-free Linear itself: jg.load(path, model=) keeps it bias-free)
-    lin = [m for m in model if isinstance(m, nn.Linear)]
-    expected = jg.MLP([m.weight.detach().numpy().T for m in lin],
-                      [np.zeros(m.out_features) if m.bias is None else m.bias.detach().numpy() for m in lin],
-                      ["relu", "tanh", "identity"])
+    model = torch_model()  # its middle Linear has no bias: a bias-free Dense (tests/test_load_bias_free.py)
+    expected = jg.Sequential.from_torch(model)
     save_torch_tensors(model.state_dict(), str(tmp_path / "sd.safetensors"))
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     names = ["relu", "tanh", "identity"]
     for path in (tmp_path / "sd.safetensors", tmp_path / "sd.pt"):
-        net = jg.MLP.load(path, activations=names)
-        assert_same(net, expected)
+        net = jg.Sequential.load(path, activations=names)
+        assert repr(net) == repr(expected)
+        assert net.n_params == sum(p.numel() for p in model.parameters())
+        for L, E in zip(net.layers, expected.layers):
+            assert L.names == E.names and all(np.array_equal(a, b) for a, b in zip(L.params, E.params))
         x = torch.randn(3, 4, dtype=torch.float64)
         np.testing.assert_allclose(net(x), model(x).detach().numpy(), rtol=1e-12)
         with pytest.raises(ValueError, match=f"{path.name}.*carries no activations; pass activations="):
@@ -103,13 +101,13 @@ def test_pt_is_read_with_weights_only_and_runs_no_code(tmp_path):
 
 
 def test_half_precision_files_need_a_dtype(tmp_path):
-    model = torch_model(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(torch.bfloat16)
     torch.save(model.state_dict(), tmp_path / "bf16.pt")
     with pytest.raises(ValueError, match=r"bf16\.pt.*0\.weight is bfloat16.*dtype='float32'"):
         jg.MLP.load(tmp_path / "bf16.pt", activations="relu")
     net = jg.MLP.load(tmp_path / "bf16.pt", activations="relu", dtype="float32")
     np.testing.assert_array_equal(net.weights[0], model[0].weight.detach().float().T.numpy())
-    np.savez(tmp_path / "f16.npz", W0=np.ones((3, 2), np.float16), activations=np.array(["tanh"]))
+    np.savez(tmp_path / "f16.npz", W0=np.ones((3, 2), np.float16), b0=np.ones(2, np.float16), activations=np.array(["tanh"]))
     with pytest.raises(ValueError, match="W0 is float16"):
         jg.MLP.load(tmp_path / "f16.npz")
     assert jg.MLP.load(tmp_path / "f16.npz", dtype="float32").dtype == np.float32
@@ -175,7 +173,7 @@ def test_activations_given_twice_or_for_npz_without_them(tmp_path):
     small_net().save(tmp_path / "net.npz")
     with pytest.raises(ValueError, match="carries its own 'activations'"):
         jg.MLP.load(tmp_path / "net.npz", activations="relu")
-    np.savez(tmp_path / "bare.npz", W0=W)
+    np.savez(tmp_path / "bare.npz", W0=W, b0=np.zeros(W.shape[1]))
     assert jg.MLP.load(tmp_path / "bare.npz", activations="elu(alpha=0.5)").activations == ["elu(alpha=0.5)"]
 
 

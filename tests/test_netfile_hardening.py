@@ -245,7 +245,7 @@ def test_pt_tensors_claiming_more_than_their_storage_are_refused(tmp_path, load)
             tracemalloc.stop()
         assert peak < 8 << 20, peak
     W = torch.randn(5, 3, dtype=torch.float64)  # a transposed (non-contiguous, but dense) weight loads
-    torch.save({"0.weight": W.T}, tmp_path / "t.pt")
+    torch.save({"0.weight": W.T, "0.bias": torch.zeros(3, dtype=torch.float64)}, tmp_path / "t.pt")
     x = rng.standard_normal((2, 5))
     np.testing.assert_allclose(load(tmp_path / "t.pt", activations="identity")(x), x @ W.numpy(), rtol=1e-13)
 
@@ -436,7 +436,8 @@ def _valid_files(tmp_path):
     blocks().save(tmp_path / "s.npz")
     blocks().save(tmp_path / "s.safetensors")
     net = mlp()
-    np.savez_compressed(tmp_path / "c.npz", W0=net.weights[0], W1=net.weights[1], activations=np.array(net.activations))
+    np.savez_compressed(tmp_path / "c.npz", W0=net.weights[0], b0=net.biases[0], W1=net.weights[1], b1=net.biases[1],
+                        activations=np.array(net.activations))
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     torch.save(model.state_dict(), tmp_path / "t.pt")
     return ["m.npz", "m.safetensors", "s.npz", "s.safetensors", "c.npz", "t.pt"]

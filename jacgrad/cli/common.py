@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from ..io.mlp_interop import BIAS_FREE_HINT
+
 __all__ = [
     "MAX_LAYERS", "PROG", "UsageError", "check_init", "check_network_fits", "check_scheduler_address", "hidden_activations", "check_output_path", "cli_words", "expand_repeats",
     "float_option", "int_at_least", "output_activation",
@@ -327,6 +329,8 @@ def load_weights(path: str, dtype: str, device: str, activations: str | None = N
 # The library's argument names, as the command line spells them (item 26: errors the CLI
 # re-raises speak its own language).
 _CLI_WORDS = (
+    (BIAS_FREE_HINT, "the command line reads networks with a bias in every layer (an MLP); load this one in "
+                     "Python with jg.Sequential.load, which keeps it bias-free"),
     ("pass the torch module: jg.load(path, model=module)", "give the torch module that names them: --model package.module:factory"),
     ("leave out activations=", "leave out --activation and --output-activation"),
     ("pass activations= (one per Linear)", "give --activation (the hidden layers) and --output-activation (default identity)"),

@@ -58,8 +58,8 @@ def inner_specs(s: dict) -> list:
     the inner layers are numbered in this order in the file's keys (``2.3.weight``)."""
     return list(s["layers"]) + list(s.get("shortcut") or [])
 def plan(c, suffix):
-    """``(spec, sources, names, missing)``: the layer list, canonical key -> ``(file key,
-    transposed)`` (None: a bias left out), the file's own activation names (None: it has none)
+    """``(spec, sources, names, missing)``: the layer list (a dense layer whose bias the file leaves
+    out has ``"bias": False``), canonical key -> ``(file key, transposed)``, the file's own activation names (None: it has none)
     and what to say when it has none. Every name in the file is checked here, before any data is
     read: a name that no layer claims is an error naming it."""
     if "spec" in c.text:
@@ -107,9 +107,12 @@ def _jacgrad_plan(c, suffix):
     extra = sorted(k for k in c.arrays if int(k[1:]) >= n)
     if extra:
         raise Bad(f"{', '.join(extra[:8])} present but W{n} is missing")
-    sources = {}
+    sources, spec = {}, []
     for j in range(n):
-        sources[f"{j}.W"], sources[f"{j}.b"] = (f"W{j}", False), ((f"b{j}", False) if f"b{j}" in c.arrays else None)
+        sources[f"{j}.W"] = (f"W{j}", False)
+        if f"b{j}" in c.arrays:
+            sources[f"{j}.b"] = (f"b{j}", False)
+        spec.append(_dense(f"b{j}" in c.arrays))
     names = c.text.get("activations")
     if suffix == ".safetensors" and names is not None:
         names = _json(names, "metadata 'activations'", "a JSON list of names")
@@ -117,7 +120,7 @@ def _jacgrad_plan(c, suffix):
             raise Bad("metadata 'activations' is not a JSON list of names")
     missing = ("has no 'activations' array (one name per layer); add one, or pass activations=" if suffix == ".npz"
                else "has no activations in its metadata; pass activations=")
-    return [{"kind": "dense", "activation": None} for _ in range(n)], sources, names, missing
+    return spec, sources, names, missing
 
 
 def _torch_plan(c):
@@ -134,7 +137,7 @@ def _torch_plan(c):
         layers.setdefault(tuple(int(p) for p in m.group(1).split(".")), {})[m.group(2)] = k
     if not layers:
         raise Bad("holds no tensors")
-    sources = {}
+    sources, spec = {}, []
     for j, index in enumerate(sorted(layers)):
         keys = layers[index]
         if "weight" not in keys:
@@ -143,9 +146,17 @@ def _torch_plan(c):
         if len(shape) != 2:
             raise Bad(f"key {quote(keys['weight'])} has shape {shape}, not a Linear's (out, in)")
         sources[f"{j}.W"] = (keys["weight"], True)
-        sources[f"{j}.b"] = (keys["bias"], False) if "bias" in keys else None
-    spec = [{"kind": "dense", "activation": None} for _ in layers]
+        if "bias" in keys:
+            sources[f"{j}.b"] = (keys["bias"], False)
+        spec.append(_dense("bias" in keys))
     return spec, sources, None, "is a torch state dict, which carries no activations; pass activations= (one per Linear)"
+
+
+def _dense(bias: bool) -> dict:
+    """A dense layer's spec, its activation still to be set: a layer whose bias the file leaves out
+    is bias-free (``Dense(W, bias=False)``, torch's ``Linear(bias=False)``), never a zero bias that
+    would be a parameter the source does not have."""
+    return {"kind": "dense", "activation": None} if bias else {"kind": "dense", "activation": None, "bias": False}
 
 
 def _ties(c) -> dict:
@@ -162,7 +173,7 @@ def _ties(c) -> dict:
 
 
 def _no_others(arrays, sources, why):
-    claimed = {src[0] for src in sources.values() if src is not None}
+    claimed = {src[0] for src in sources.values()}
     other = sorted(k for k in arrays if k not in claimed)
     if other:
         raise Bad(f"key {quote(other[0])} {why}")

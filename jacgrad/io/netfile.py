@@ -11,12 +11,15 @@ residual block); ``load`` turns a list of dense layers into a ``jacgrad.io.inter
 - jacgrad's dense layout (``MLP.save``): ``W0, b0, W1, b1, …`` and ``activations`` (an ``.npz``
   string array with one name per layer, or a single name for all; in ``.safetensors`` metadata
   ``{"format": "jacgrad", "activations": "[\\"tanh\\", …]"}``, JSON). ``Wj`` is ``(H_{j-1}, H_j)``
-  (``h = z @ W + b``), ``bj`` is ``(H_j,)`` and may be omitted (zeros). Write one from any
+  (``h = z @ W + b``), ``bj`` is ``(H_j,)`` and may be omitted: layer j is then bias-free (``Dense(W, bias=False)``,
+  no bias parameter; ``MLP.load`` refuses such a file, ``Sequential.load`` reads it). Write one from any
   framework with ``np.savez(path, W0=..., b0=..., activations=np.array(["tanh", "identity"]))``
   — from a ``torch.nn.Linear`` take ``weight.T``. Numbers are written without leading zeros.
 - A torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``/``.ckpt``): ``0.weight``
   ``(out, in)``, ``0.bias``, ``2.weight``, … — Linear layers at numeric module paths, in numeric
-  order, ``W = weight.T``. It carries no activations: pass ``activations=``. ``.pt``/``.pth``/``.ckpt``
+  order, ``W = weight.T``; a Linear without its ``.bias`` (``bias=False``) is a bias-free Dense
+  (no zero bias: P is torch's), which ``Sequential.load`` reads and ``MLP.load`` refuses, naming
+  the layer. It carries no activations: pass ``activations=``. ``.pt``/``.pth``/``.ckpt``
   are read with ``torch.load(weights_only=True)`` only (torch's zip format), which unpickles
   tensors and plain containers and never code; a training checkpoint's state dict is read from
   under its ``"state_dict"`` (Lightning) or ``"model"`` key, and a prefix on every key
@@ -119,7 +122,8 @@ def _write_safetensors(f, arrays: dict, metadata: dict) -> None:
 # ---------------------------------------------------------------------- loading
 def load(path, activations=None, dtype: str | None = None, device: str = "cpu") -> NetSpec:
     """The ``NetSpec`` of a file holding dense layers, its arrays cast to ``dtype`` when given (else
-    the file's float32/float64) and placed on ``device``. ``activations``: one name, or one per
+    the file's float32/float64) and placed on ``device``; a layer whose bias the file leaves out
+    has None in ``biases`` (bias-free: ``MLP.from_spec`` refuses it, ``Sequential.from_spec`` keeps it). ``activations``: one name, or one per
     layer, for files that carry none (a file's own are never overridden)."""
     path = os.fspath(path)
     spec, arrays = _read(path, activations, dtype, replace=False)
@@ -128,9 +132,8 @@ def load(path, activations=None, dtype: str | None = None, device: str = "cpu") 
         raise Bad(f"network file {path!r} holds {', '.join(other)} layers; MLP holds dense layers only: "
                   f"load it with jg.Sequential.load")
     W = [to_device(arrays[f"{j}.W"], device) for j in range(len(spec))]
-    b = [to_device(arrays[f"{j}.b"] if arrays[f"{j}.b"] is not None else np.zeros(w.shape[1], w.dtype), device)
-         for j, w in enumerate(W)]
-    return NetSpec(W, b, [s["activation"] for s in spec], source=path)
+    b = [to_device(arrays[f"{j}.b"], device) if f"{j}.b" in arrays else None for j in range(len(spec))]
+    return NetSpec(W, b, [s["activation"] for s in spec], source=f"network file {path!r}")
 
 
 def load_layers(path, activations=None, dtype: str | None = None) -> list:
@@ -149,7 +152,8 @@ def load_layers(path, activations=None, dtype: str | None = None) -> list:
 
 def _read(path, activations, dtype, replace):
     """``(spec, arrays)``: the checked layer list (activation names canonical) and every parameter
-    by canonical name (a dense bias the file leaves out is None), one float dtype."""
+    by canonical name (a dense bias the file leaves out is not there: the layer is bias-free), one
+    float dtype."""
     if os.path.splitext(path)[1].lower() == ".npy":
         raise Bad(f"network file {path!r} holds a single .npy array, not an .npz archive; "
                   f"jacgrad reads {', '.join(SUFFIXES)}")
@@ -159,19 +163,16 @@ def _read(path, activations, dtype, replace):
             contents = _READERS[suffix](f)
             spec, sources, names, missing = plan(contents, suffix)
             _set_activations(spec, names, activations, replace, missing)
-            declared = {k: None if src is None else (_flip(contents.arrays[src[0]][0], src[1]), src[0],
-                                                     contents.arrays[src[0]][1]) for k, src in sources.items()}
+            declared = {k: (_flip(contents.arrays[src[0]][0], src[1]), src[0], contents.arrays[src[0]][1])
+                        for k, src in sources.items()}
             _check_shapes(spec, declared, "", None)
             dt = _check_dtypes(declared, dtype)
             arrays = {}
             for k, src in sources.items():
-                if src is not None:
-                    a = contents.read(src[0], dtype)
-                    arrays[k] = np.asarray(a.T if src[1] else a, dtype=dt)
-                else:
-                    arrays[k] = None
+                a = contents.read(src[0], dtype)
+                arrays[k] = np.asarray(a.T if src[1] else a, dtype=dt)
             for k, src in sources.items():  # a tie (Sequential's 'ties'): the first use's array itself
-                if src is not None and src[0] != k and src[0] in sources:
+                if src[0] != k and src[0] in sources:
                     arrays[k] = arrays[src[0]].T if src[1] else arrays[src[0]]
         except NetworkFileKeyError as exc:
             raise NetworkFileKeyError(f"network file {path!r}: {exc}") from None
@@ -229,7 +230,7 @@ def _check_shapes(spec, declared, prefix, width, first: int = 0):
         else:
             cls = layer_class(kind)
             names = stored_names(cls, s)
-            shapes = {n: None if declared[f"{where}.{n}"] is None else declared[f"{where}.{n}"][:2] for n in names}
+            shapes = {n: declared[f"{where}.{n}"][:2] for n in names}
             try:
                 n_in, out = cls.file_widths(where, shapes)
             except ValueError as exc:
@@ -249,7 +250,7 @@ def _check_shapes(spec, declared, prefix, width, first: int = 0):
 def _check_dtypes(declared, dtype):
     """The one float dtype of the network: ``dtype``, or the file's (float32 or float64)."""
     found = []
-    for shape, key, kind in filter(None, declared.values()):
+    for shape, key, kind in declared.values():
         name = kind if isinstance(kind, str) else np.dtype(kind).name
         if name not in ("bfloat16",) and np.dtype(kind).kind != "f":
             raise Bad(f"{key} has dtype {name}, not floating point (complex and integer arrays are refused)")

@@ -4,7 +4,8 @@ jacgrad's own files or from a torch checkpoint with named keys.
 - Without ``model``: a file in jacgrad's own layouts, read by the loaders of ``MLP.load`` and
   ``Sequential.load`` (``jacgrad.io.netfile``): a ``Sequential.save`` file gives a ``Sequential``,
   anything else (``MLP.save``'s ``W0, b0, …``, an ``nn.Sequential`` state dict of Linears with
-  ``activations=``) an ``MLP``.
+  ``activations=``) an ``MLP`` — or a ``Sequential`` where a layer has no bias in the file (a
+  ``Linear(bias=False)``), which it keeps bias-free (an MLP has a bias in every layer).
 - With ``model`` (a torch module that ``MLP.from_torch`` or ``Sequential.from_torch`` imports):
   its layer structure and activations come from the module, its parameters from the file, matched
   by the module's own names (``fc1.weight``, ``blocks.0.ln.weight``; ``model.state_dict()``'s
@@ -143,11 +144,13 @@ def fill(net, arrays: dict):
 
 # ---------------------------------------------------------------------- the file
 def _own_layout(path: str, activations, dtype):
-    """jacgrad's own files: ``Sequential.load``'s reader for a file with a ``spec``, ``MLP.load``'s else."""
+    """jacgrad's own files: ``Sequential.load``'s reader for a file with a ``spec``, ``MLP.load``'s else
+    (a ``Sequential`` of its Dense layers where one is bias-free)."""
     suffix = checked_suffix(path, netfile.SUFFIXES, "reads")
     if suffix in (".npz", ".safetensors") and _has_spec(path, suffix):
         return Sequential(netfile.load_layers(path, activations, dtype))
-    return MLP.load(path, dtype=dtype, activations=activations)
+    spec = netfile.load(path, activations=activations, dtype=dtype)  # MLP.load's reader
+    return (Sequential if any(b is None for b in spec.biases) else MLP).from_spec(spec)
 
 
 def _has_spec(path: str, suffix: str) -> bool:

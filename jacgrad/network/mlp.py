@@ -268,7 +268,8 @@ class MLP(InteropMethods, Sequential):
         """Read a network from ``.npz`` or ``.safetensors`` (written by ``save``, or by hand in the
         same layout) or a torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``,
         read with ``weights_only=True``); ``activations=``: the names for files that carry none.
-        Formats and errors: ``jacgrad.io.netfile``."""
+        A layer whose bias the file leaves out (a ``Linear(bias=False)``) is a ``ValueError`` naming
+        it: ``jg.Sequential.load`` keeps it bias-free. Formats and errors: ``jacgrad.io.netfile``."""
         from ..io.netfile import load
 
         return cls.from_spec(load(path, activations=activations, dtype=dtype, device=device))

@@ -344,7 +344,8 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         """A network from a file of ``save`` (``.npz`` or ``.safetensors``), or of ``MLP.save``, or a
         torch ``nn.Sequential`` state dict (``.safetensors``, ``.pt``/``.pth``): no code is run, no
         pickle. ``activations``: names replacing the file's, one per Dense layer in layer order
-        (residual inner layers included) or one for all; a state dict needs them. Every problem
+        (residual inner layers included) or one for all; a state dict needs them. A bias the file
+        leaves out (a ``Linear(bias=False)``'s) makes a bias-free Dense. Every problem
         with the file is a ``ValueError`` naming it (``jacgrad.io.netfile``)."""
         from ..io.netfile import load_layers
 

@@ -12,8 +12,8 @@ is an ``ImportError`` that says what to install):
                        (``jg.from_torch``, ``jg.explain``; its op table: ``interop.torch_ops``)
 
 The importers return plain ``NetSpec``s — weights, biases, activation names — and never build
-a network themselves (``jacgrad.network.mlp`` sits beside this package and builds one from a spec:
-``MLP.from_torch``, ``MLP.from_sklearn``, ``MLP.from_flax``). Arrays of other frameworks become
+a network themselves (``jacgrad.io.mlp_interop`` builds one from a spec: ``MLP.from_sklearn``,
+``MLP.from_flax``, ``Sequential.from_flax``). Arrays of other frameworks become
 NumPy or CuPy through ``jacgrad.core.backend.asarray`` (DLPack, zero-copy where possible).
 """
 
@@ -27,8 +27,9 @@ __all__ = ["NetSpec", "Origin", "plain_message", "require"]
 
 @dataclass
 class NetSpec:
-    """A dense stack as plain data: ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)`` (NumPy
-    or CuPy arrays) and ``activations[j]``, one canonical activation name per layer.
+    """A dense stack as plain data: ``weights[j]: (H_{j-1}, H_j)``, ``biases[j]: (H_j,)`` or None
+    for a bias-free layer (NumPy or CuPy arrays) and ``activations[j]``, one canonical activation
+    name per layer.
     ``source`` says where it came from, for error messages (a file, a module); ``origin`` is
     what the network built from it remembers of that (``net.imported_from``, the link check)."""
 

@@ -2,7 +2,10 @@
 
 ``params`` is the dict ``model.init(...)`` returns, with or without its top ``'params'`` key:
 ``{'Dense_0': {'kernel': (in, out), 'bias': (out,)}, 'Dense_1': {...}, ...}``. A Dense kernel is
-already ``(H_{j-1}, H_j)``, jacgrad's layout; a missing ``bias`` (``use_bias=False``) is zeros.
+already ``(H_{j-1}, H_j)``, jacgrad's layout; a missing ``bias`` (``use_bias=False``) is a None in
+the spec's ``biases``: a bias-free layer (``Sequential.from_flax`` makes it ``Dense(W, bias=False)``,
+so P is flax's; ``MLP.from_flax`` refuses it, naming the layer), never a zero bias that would be a
+parameter flax does not have.
 Layers are taken in the numeric order of their names' suffix (``Dense_10`` after ``Dense_9``),
 which is flax's order of creation; names without a numeric suffix (``nn.Dense(name="fc")``)
 have no order to read, and are an error. So are names with several prefixes (``Dense_0``,
@@ -17,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ...core.backend import asarray, get_xp
+from ...core.backend import asarray
 from . import NetSpec, Origin
 
 __all__ = ["spec_from_flax"]
@@ -57,9 +60,14 @@ def spec_from_flax(params, activations, copy: bool = True) -> NetSpec:
         W = asarray(layer["kernel"])
         if W.ndim != 2:
             raise ValueError(f"flax layer {key!r}: kernel has shape {tuple(W.shape)}, not (in, out)")
-        b = asarray(layer["bias"]) if "bias" in layer else get_xp(W).zeros(W.shape[1], dtype=W.dtype)
+        b = asarray(layer["bias"]) if "bias" in layer else None
+        if b is not None and tuple(b.shape) != (W.shape[1],):
+            raise ValueError(f"flax layer {key!r}: bias has shape {tuple(b.shape)} but its kernel {tuple(W.shape)} "
+                             f"has {W.shape[1]} outputs")
+        if b is not None and b.dtype != W.dtype:
+            raise TypeError(f"flax layer {key!r}: bias has dtype {b.dtype} but its kernel {W.dtype}; use one dtype")
         if copy:
-            W, b = W.copy(), b.copy()
+            W, b = W.copy(), (None if b is None else b.copy())
         weights.append(W)
         biases.append(b)
     names = [activations] * len(weights) if isinstance(activations, str) else list(activations)
