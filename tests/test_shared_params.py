@@ -300,13 +300,6 @@ def test_a_file_whose_ties_name_no_stored_parameter_is_refused(tmp_path):
         jg.Sequential.load(path)
 
 
-def test_a_compiled_step_refuses_a_shared_parameter_by_name():
-    net = jg.Sequential.from_torch(reused_sequential())
-    for kw in ({}, {"clip": 1.0, "input_grad": False}):
-        with pytest.raises(ValueError, match=r"compile: layer 1 \(Dense\) W is shared: layer 2 \(Dense\) W uses it too"):
-            net.compile(4, **kw)
-
-
 # ---------------------------------------------------------------------- bad input
 def test_arrays_overlapping_without_being_one_parameter_are_refused():
     W = np.random.default_rng(0).standard_normal((6, 6))

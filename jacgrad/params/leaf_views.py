@@ -8,8 +8,9 @@ from __future__ import annotations
 from ..algebra import per_sample
 from ..nn.layers import leaf_layers
 from ..nn.stack import named_grads, param_views
+from .shared import SharedGroup
 
-__all__ = ["by_name", "leaf_inputs", "leaf_views", "leaves_of", "named_views"]
+__all__ = ["by_name", "leaf_inputs", "leaf_views", "leaves_of", "named_views", "shared_group"]
 
 
 def leaves_of(layers) -> list:
@@ -40,11 +41,16 @@ def leaf_inputs(layers, states) -> list:
     return out
 
 
-def leaf_views(layers, flat) -> list:
-    """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes."""
+def leaf_views(layers, flat, ties=None) -> list:
+    """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes. ``ties`` (the
+    layers' ``protocol.sharing.Ties``, where a parameter may be shared): ``flat`` is laid out by
+    parameter, and a shared parameter's view is in every leaf that uses it (transposed where the
+    use is)."""
     leaves = leaves_of(layers)
-    shapes = [tuple(p.shape) for _, L in leaf_layers(layers) for p in L.params]
-    views = per_sample.param_views(flat, shapes)
+    if ties is not None and ties.shared:
+        views = ties.use_views(ties.param_views(flat))
+    else:
+        views = per_sample.param_views(flat, [tuple(p.shape) for _, L in leaf_layers(layers) for p in L.params])
     out, at = [], 0
     for _, _, leaf in leaves:
         out.append(views[at:at + leaf.n_arrays])
@@ -60,3 +66,13 @@ def named_views(layers, flat) -> list:
 def by_name(layers, leaf_views: list) -> list:
     """``leaf_views`` (one list per leaf) grouped as ``Gradients.layers``: names per layer."""
     return named_grads(layers, param_views(layers, [v for leaf in leaf_views for v in leaf]))
+
+
+def shared_group(layers, ties):
+    """The leaves of ``layers`` holding a parameter shared under ``ties`` (``params.shared.SharedGroup``),
+    or None where no parameter is shared: every product then runs its leaves' own rules."""
+    if not ties.shared:
+        return None
+    leaves = leaves_of(layers)
+    owners = [j for j, _, leaf in leaves for _ in range(leaf.n_arrays)]
+    return SharedGroup(ties, [leaf.n_arrays for _, _, leaf in leaves], owners)

@@ -27,8 +27,7 @@ from ..protocol.passes import Gradients
 from ..protocol.passes import carve
 from ..protocol.layer import anchor
 from ..protocol.leaves import check_method
-from .leaf_views import by_name, leaves_of, leaf_inputs, leaf_views
-from .shared import SharedGroup
+from .leaf_views import by_name, leaves_of, leaf_inputs, leaf_views, shared_group
 from ..core.renamed import renamed
 from ..core.validation import check_out
 
@@ -57,24 +56,12 @@ class SequentialParameterSpace:
     def _leaf_views(self, flat) -> list:
         """Per leaf, the list of views of ``flat: (…, P)`` in its parameters' shapes (a shared
         parameter's view in every leaf that uses it, transposed where the use is)."""
-        ties = self._ties()
-        if not ties.shared:
-            return leaf_views(self.layers, flat)
-        views, out = ties.use_views(ties.param_views(flat)), []
-        for _, _, leaf in leaves_of(self.layers):
-            out.append(views[:leaf.n_arrays])
-            views = views[leaf.n_arrays:]
-        return out
+        return leaf_views(self.layers, flat, self._ties())
 
     def _shared_group(self):
         """The leaves holding a shared parameter (``jacgrad.params.shared.SharedGroup``), or None
         where no parameter is shared: every product then runs its leaves' own rules."""
-        ties = self._ties()
-        if not ties.shared:
-            return None
-        leaves = leaves_of(self.layers)
-        owners = [j for j, _, leaf in leaves for _ in range(leaf.n_arrays)]
-        return SharedGroup(ties, [leaf.n_arrays for _, _, leaf in leaves], owners)
+        return shared_group(self.layers, self._ties())
 
     def _sample_partials(self, x: Any, target: Any, loss: str):
         """``(cache, [(leaf, a)], partials)``: ``partials`` yields ``(k, G_k: (B, 1, [T,] H_k))``, the

@@ -43,6 +43,7 @@ import numpy as np
 from ..nn import losses
 from ..algebra import per_sample
 from ..core.backend import get_xp
+from ..cuda.gemm import matmul
 
 __all__ = ["ClippedGradients", "check_loss", "check_private_args", "clip_factors", "clipped_sum",
            "denominator", "leaf_flags", "noise_generator", "private_finish", "sweep_and_clip"]
@@ -150,7 +151,7 @@ def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], 
     ``shared``: ``(group, param_views, counted)`` where parameters are shared
     (``jacgrad.params.shared.SharedGroup``; ``param_views[q]`` parameter q's gradient, zeroed;
     ``counted``: the set of trainable parameters, None: all): the group's leaves' gradients are
-    built and summed over the uses, their norms counted once, ``Σ_i c_i g_i`` one GEMV."""
+    built and summed over the uses, their norms counted once, ``Σ_i c_i g_i`` one GEMM."""
     group, pviews, pcounted = shared if shared is not None else (None, None, None)
     deltas, M = {}, None
     for k, G in partials:
@@ -179,8 +180,8 @@ def clipped_sum(pairs: Sequence[Any], partials, views: Sequence[Sequence[Any]], 
     for k, (leaf, a) in enumerate(pairs):
         if k in deltas:
             leaf.clipped_sum(views[k], a, deltas[k], w)
-    if M is not None:
-        group.write(pviews, w @ M)
+    if M is not None:  # Σ_i c_i M_i: one (1, B)·(B, W) GEMM through _gemm (direct cuBLAS while a graph records)
+        group.write(pviews, matmul(w.reshape(1, -1), M)[0])
     return norms, c
 
 

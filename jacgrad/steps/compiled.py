@@ -46,6 +46,12 @@ same layouts. What changes is where results go:
   while another thread is still reading them.** Threads sharing a step pass ``copy=True`` (or
   each uses a step of its own). On the GPU each call also waits, on the device, for the previous
   call's work, whichever stream that went to.
+- shared parameters (one array in several layers, or a 2-D array and its transpose: ``protocol.sharing``):
+  each layer writes its use's gradient into its own buffer and the recorded part sums them into one
+  block ``(P,)`` (``Ties.reduce``, as ``net.backward``), so the gradients are still bitwise
+  ``loss_and_grads``'; every use's view in ``Gradients`` is of that sum. ``step.param_pairs(g)``:
+  each parameter once with its gradient, what an update loops over (a loop over ``net.weights``
+  would update a shared array once per use).
 - parameters are read by reference: in-place updates (``W -= lr * dW``) are seen by the next
   call. Replacing an array (``net.weights[j] = new``, a layer's ``gamma``), an activation
   (``net.activations[j] = "relu"``) or a layer is detected on the next call and raises
@@ -88,11 +94,11 @@ from ..nn.stack import (
 from ..nn.loss_workspace import LossWorkspace
 from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
-from ..params.leaf_views import leaf_inputs, leaf_views
+from ..params.leaf_views import leaf_inputs, leaf_views, shared_group
 from ..protocol.sharing import Ties
 from ..core.renamed import renamed
 from ..core.validation import ids_checked
-from .step_io import StepIO, check_rebound, check_step_args, check_tokens_arg, locked
+from .step_io import StepIO, check_rebound, check_step_args, check_ties, check_tokens_arg, locked
 from ..protocol.layer import lead_shape
 from ..elementwise.activations import get as get_activation
 from ..nn.layers import Dense, named_params
@@ -115,17 +121,10 @@ def _bound(net) -> tuple:
     return (tuple(net.layers) if hasattr(net, "layers") else None), params, names
 
 
-def _refuse_shared(params) -> None:
-    """A ``ValueError`` naming the first parameter used in several places (``protocol.sharing``):
-    a compiled step writes one gradient buffer per use and does not sum them (yet); the plain
-    passes do (``net.loss_and_grads``, ``net.clipped_grad``)."""
-    named = [(w, p) for w, p in params if p is not None]
-    ties = Ties(named)
-    for u, (q, t) in enumerate(ties.uses):
-        if q in ties.multi and ties.where[q] != ties.use_names[u]:
-            raise ValueError(f"compile: {ties.where[q]} is shared: {ties.use_names[u]} uses it too"
-                             + (" (transposed)" if t else "") + "; a compiled step does not sum a shared "
-                             "parameter's uses: use net.loss_and_grads / net.clipped_grad (docs/sharing.md)")
+def _ties(params) -> Ties:
+    """The parameters of the uses ``params`` (``protocol.sharing.Ties``; a ``ValueError`` for two
+    uses overlapping in memory without being one array or its transpose)."""
+    return Ties([(w, p) for w, p in params if p is not None])
 
 
 class TrainingStep(StepIO):
@@ -166,7 +165,7 @@ class TrainingStep(StepIO):
         B = self._lead = self.batch if self.tokens is None else (self.batch, self.tokens)  # buffers' leading dims
         self.dtype = dt
         layers, params, _ = _bound(net)
-        _refuse_shared(params)
+        self._ties = ties = _ties(params)
         if layers is None:
             layers = tuple(Dense(p, q, a) for (_, p), (_, q), a in zip(params[0::2], params[1::2], net.activations))
         n_in, n_out = layers[0].n_in, layers[-1].n_out
@@ -179,13 +178,17 @@ class TrainingStep(StepIO):
             self._target = xp.zeros(lead_shape(layer_leads(layers, B)[-1]) + (n_out,), dtype=dt)
             self._fbufs = carve_forward(xp, layers, B, dt, zero=True, keep_derivative=True)
             _, self._bbufs = carve_backward(xp, layers, B, dt, self.input_grad, grad_y=False, zero=True, in_place=True)
-            self._flat, views = carve(xp, [tuple(p.shape) for _, p in params], dt, zero=True)
+            self._flat, views = carve(xp, ties.use_shapes, dt, zero=True)  # every use's gradient, as backward writes it
             self._grads = param_views(layers, views)
+            # the results: each parameter once (a shared one the sum of its uses', as net.backward's ``reduce``)
+            self._out = xp.zeros(ties.n_params, dtype=dt) if ties.shared else self._flat
+            self._outs = (param_views(layers, ties.use_views(ties.param_views(self._out))) if ties.shared
+                          else self._grads)
             self._loss = LossWorkspace(loss, xp, self._target.shape, dt)
             self._graphs = self._graph_cache()  # its capture stream lives on the parameters' device
             self._private = None if self.clip is None else PrivatePart(
-                xp, self._flat.size, self.batch, dt, self.clip, sigma, seed, expected_batch_size)
-            self._pviews = None if self._private is None else leaf_views(layers, self._private.sum)
+                xp, ties.n_params, self.batch, dt, self.clip, sigma, seed, expected_batch_size)
+            self._pviews = None if self._private is None else leaf_views(layers, self._private.sum, ties)
         self._gin, self._deltas, self._act_names = None, None, None  # which buffers: set by each run
         self._layers, self._layout = layers, self._buffer_layouts(layers)
         self.rebind()
@@ -215,6 +218,8 @@ class TrainingStep(StepIO):
             raise ValueError(f"the network now has {n} {what}; this step was compiled for {m}: compile a new step")
         for (where, p), q in zip(params, grads):
             check_rebound(where, p, q, self._gpu, self._device)
+        ties = _ties(params)
+        check_ties(self._ties, ties)
         if names is not None:
             acts = [get_activation(a) for a in names]
             if layers is None:  # a duck-typed net of lists: Dense layers on its very arrays
@@ -228,12 +233,15 @@ class TrainingStep(StepIO):
         elif self._buffer_layouts(layers) != self._layout:
             raise ValueError(f"the network's layers are now {list(layers)!r}, whose buffers differ from those this "
                              f"step was compiled for: compile a new step")
-        self._layers, self._params, self._factors = layers, params, None  # factors: made by the next run
+        self._layers, self._params, self._ties = layers, params, ties
+        self._factors = None  # made by the next run
+        group = shared_group(layers, ties) if self._private is not None else None
+        self._shared = None if group is None else (group, ties.param_views(self._private.sum))
         self._plan = Plan(layers, self._lead)  # each layer's passes at this lead (a per-token layer's rows on (B, n))
         self._W = [p for _, p in params]  # every call's check: the arrays by identity
         # every layer's parameters (W, b), as Gradients.weights/.biases read them: (∂W list, ∂b list), every call's views
         dense = all(tuple(L.names) == ("W", "b") and not hasattr(L, "layers") for L in layers)
-        self._dense = ([g[0] for g in self._grads], [g[1] for g in self._grads]) if dense else None
+        self._dense = ([g[0] for g in self._outs], [g[1] for g in self._outs]) if dense else None
         if self._graphs is not None:
             self._graphs.clear()
 
@@ -292,17 +300,19 @@ class TrainingStep(StepIO):
                              for L, st in zip(self._layers, states)]
         if self._private is not None:  # one reverse sweep to the clipped sums: no mean gradient
             factors = [J if J is not None else L.factor(st) for J, L, st in zip(self._factors, self._layers, states)]
-            self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews)
+            self._private.run(factors, leaf_inputs(self._layers, states), self._loss.grad, self._pviews, self._shared)
             return
         self._gin, self._deltas = backward_layers(self._layers, states, self._loss.grad, self._grads, self._bbufs,
                                                   self.input_grad, factors=self._factors, plan=self._plan)
+        if self._ties.shared:  # each use wrote its own gradient: a shared parameter's is their sum, in use order
+            self._ties.reduce(self._flat, out=self._out)
 
     def _results(self, copy: bool):
         private = self._private is not None
         if private:
-            frac, std = self._private.finish(self._flat)  # the noise: drawn after the graph, every call
-        flat = self._flat.copy() if copy else self._flat
-        per = param_views(self._layers, _views(flat, self._params)) if copy else self._grads
+            frac, std = self._private.finish(self._out)  # the noise: drawn after the graph, every call
+        flat = self._out.copy() if copy else self._out
+        per = self._per_layer(flat) if copy else self._outs
         loss = self._loss.value.copy() if copy else self._loss.value
         if private:
             return loss, self._private.results(self._gradients(per, flat=flat), frac, std, copy)
@@ -314,16 +324,33 @@ class TrainingStep(StepIO):
         """``Gradients`` of the per-layer views ``per``: by ``weights``/``biases`` for a net of Dense
         layers (its ``layers`` entries are made when read), else by name."""
         if self._dense:
-            dW, db = self._dense if per is self._grads else ([g[0] for g in per], [g[1] for g in per])
+            dW, db = self._dense if per is self._outs else ([g[0] for g in per], [g[1] for g in per])
             return Gradients(list(dW), list(db), **kw)
         return Gradients(layers=named_grads(self._layers, per), **kw)
+
+    def param_pairs(self, grads) -> list:
+        """``[(parameter, its gradient)]``, each parameter of the network once, in the order of
+        ``grads.flat`` (``grads``: what a call returned, ``Gradients`` or ``ClippedGradients``, or
+        a flat ``(P,)`` block): a shared parameter as the array of its first use, with the sum of
+        its uses' gradients in that orientation. What an optimiser updates, so that a shared
+        parameter is updated once: ``for p, dp in step.param_pairs(g): p -= lr * dp``."""
+        flat = getattr(grads, "flat", grads)
+        if tuple(getattr(flat, "shape", ())) != (self._ties.n_params,):
+            raise ValueError(f"param_pairs takes this step's gradients (flat: ({self._ties.n_params},)), got "
+                             f"{type(grads).__name__} of shape {tuple(getattr(flat, 'shape', ()))}")
+        return list(zip(self._ties.params, self._ties.param_views(flat)))
+
+    def _per_layer(self, flat) -> list:
+        """Per layer, its views of a result block ``flat: (P,)`` (a shared parameter's in every layer
+        that uses it, transposed where the use is: what ``net.backward`` returns)."""
+        return param_views(self._layers, self._ties.use_views(self._ties.param_views(flat)))
 
     # ------------------------------------------------------------------ facts
     @property
     def nbytes(self) -> int:
         """Bytes of every buffer the step owns (the parameters are the network's)."""
         arrays = {id(a): a for bufs in self._fbufs + self._bbufs for a in bufs}  # an aliased δ once
-        arrays = [self._x, self._target, self._flat, *arrays.values()]
+        arrays = [self._x, self._target, self._flat, *arrays.values()] + ([self._out] if self._ties.shared else [])
         return int(sum(a.nbytes for a in arrays)) + self._loss.nbytes + (self._private.nbytes if self._private else 0)
 
     def __repr__(self) -> str:
@@ -341,12 +368,3 @@ def _copied(delta):
     if isinstance(delta, (tuple, list)):
         return type(delta)(_copied(d) for d in delta)
     return None if delta is None else delta.copy()
-
-
-def _views(flat, params) -> list:
-    """Views of ``flat`` shaped as ``params`` (``[(where, array)]``), in order."""
-    at, views = 0, []
-    for _, p in params:
-        views.append(flat[at:at + p.size].reshape(p.shape))
-        at += p.size
-    return views

@@ -49,8 +49,8 @@ def check_clip_args(clip: Any, noise_multiplier: Any, expected_batch_size: Any):
 
 
 class PrivatePart:
-    """Buffers and generator of a private step: ``sum (P,)`` (the recorded clipped sum, divided by B), ``norms
-    (B,)``, the noise scratch ``(P,)`` when σ > 0."""
+    """Buffers and generator of a private step: ``sum (P,)`` (the recorded clipped sum, divided by B; P
+    counts a shared parameter once), ``norms (B,)``, the noise scratch ``(P,)`` when σ > 0."""
 
     def __init__(self, xp, n_params: int, batch: int, dtype, max_norm: float, noise_multiplier: float, seed: Any,
                  expected_batch_size: Any):
@@ -60,9 +60,15 @@ class PrivatePart:
         self.noise = xp.empty(n_params, dtype=dtype) if noise_multiplier else None
         self.gen = private.noise_generator(seed, xp) if noise_multiplier else None
 
-    def run(self, factors, inputs, grad_y, views) -> None:
-        """The recorded part: the clipped sums into ``views`` (of ``self.sum``), the norms into ``self.norms``."""
-        norms, _ = private.sweep_and_clip(factors, inputs, grad_y, views, self.C, scale=1.0 / self.denom)
+    def run(self, factors, inputs, grad_y, views, shared=None) -> None:
+        """The recorded part: the clipped sums into ``views`` (of ``self.sum``), the norms into ``self.norms``.
+        ``shared``: ``(SharedGroup, param_views of self.sum)`` where a parameter is shared: its uses'
+        gradients summed per sample before the norms (the cross terms), as ``net.clipped_grad`` does."""
+        if shared is not None:
+            self.sum[...] = 0  # the group adds its parameters' clipped sums into their views
+            shared = shared + (None,)  # every parameter counted (a step has no trainable flags)
+        norms, _ = private.sweep_and_clip(factors, inputs, grad_y, views, self.C, scale=1.0 / self.denom,
+                                          shared=shared)
         self.norms[...] = norms
 
     def finish(self, out):

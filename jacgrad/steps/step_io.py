@@ -32,7 +32,8 @@ from ..core.backend import is_gpu_array, tf32_enabled
 from ..nn.layers import named_params
 from ..protocol.layer import layer_leads
 
-__all__ = ["IdentityBinding", "StepIO", "check_batch_and_capture", "param_binding", "check_rebound", "check_step_args", "check_tokens_arg", "locked"]
+__all__ = ["IdentityBinding", "StepIO", "check_batch_and_capture", "param_binding", "check_rebound", "check_step_args",
+           "check_ties", "check_tokens_arg", "locked"]
 
 _CAPTURE = ("auto", True, False)
 
@@ -86,6 +87,23 @@ def check_rebound(where: str, new, old, gpu: bool, device) -> None:
             f"compile a new step")
     if gpu and new.device.id != device.id:
         raise ValueError(f"{where} is now on GPU {new.device.id}; this step runs on GPU {device.id}")
+
+
+def check_ties(old, new) -> None:
+    """A ``ValueError`` naming the first use whose sharing differs between two ``protocol.sharing.Ties``
+    of a step's parameters: the gradients' layout (P, which use sums into which parameter) is fixed
+    when the step is compiled."""
+    if new.uses == old.uses:
+        return
+    u = next(u for u, (a, b) in enumerate(zip(new.uses, old.uses)) if a != b)
+
+    def how(ties):
+        q, t = ties.uses[u]
+        if q not in ties.multi:
+            return "not shared"
+        return "shared" if ties.where[q] == ties.use_names[u] else ties.where[q] + (" transposed" if t else "")
+    raise ValueError(f"{new.use_names[u]} is now {how(new)}; this step was compiled with it {how(old)}: the "
+                     f"parameter sharing a step sums is fixed: compile a new step")
 
 
 def locked(method: Callable) -> Callable:
