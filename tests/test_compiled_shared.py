@@ -228,18 +228,9 @@ def test_a_tied_unembedding_rebinds_when_both_uses_move_together():
 
 
 # ---------------------------------------------------------------------- the recorded part on a fake GPU
-_IDS_READ = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Embedding.forward checks the ids again on the host (int(tok.min()), int(tok.max())) inside the recorded part, "
-    "after the step checked them when loading them: as for an untied Embedding, not from sharing"))
-_STACKS = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "a token leaf's per-sample stacks (leaves.py fill / sq_norms) use CuPy's batched matmul, not yet _gemm: an untied "
-    "private token step falls back under capture='auto' the same way"))
-
-
 @pytest.mark.parametrize("kind,private", [
     ("mlp", False), ("mlp", True), ("autoencoder", False), ("autoencoder", True), ("tokens", False),
-    pytest.param("tokens", True, marks=_STACKS), pytest.param("unembedding", False, marks=_IDS_READ),
-    pytest.param("unembedding", True, marks=_STACKS)])
+    ("tokens", True), ("unembedding", False), ("unembedding", True)])
 def test_the_recorded_part_sums_the_uses_with_no_host_transfer(recording, kind, private):
     """What a capture runs (``step._run`` inside ``direct_cublas()``) on fake device arrays: no
     device-to-host read, no CuPy matmul, and the sums (or the clipped sum) of the eager NumPy pass."""
