@@ -275,3 +275,34 @@ def test_an_activation_after_an_image_layer_takes_its_shape():
     conv = net.layers[0].forward(x)[0]
     pooled = np.tanh(conv).reshape(2, 4, 2, 2, 2, 2).max(axis=(3, 5))
     np.testing.assert_allclose(y, pooled.reshape(2, 16) @ np.ones((16, 2)), rtol=1e-13)
+
+
+# ---------------------------------------------------------------------- on a real GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-4)])
+def test_gpu_graphs_record_every_layer_and_replay_the_float64_numbers(kind, product, dtype, tol):
+    """On the device: ``capture=True`` (a failed capture raises), three calls on fresh inputs (the
+    first records, the others replay), each against the eager float64 NumPy products."""
+    cp = pytest.importorskip("cupy")
+    host, in_shape, out_shape, T = _net(kind)
+    net = _net(kind, lambda a: cp.asarray(np.asarray(a, dtype=dtype)))[0]
+    kw = {} if T is None else {"tokens": T}
+    if product in ("step", "private"):
+        step = net.compile(B, capture=True, **kw, **({"clip": 0.5} if product == "private" else {}))
+    else:
+        step = net.compile(B, product=product, capture=True, **kw)
+    for seed in (1, 2, 3):
+        x, t, v = _data(host, in_shape, out_shape, "mse", seed)
+        rest = (v,) if product == "ggn_vp" else () if product in ("ntk", "ggn_diagonal") else (t,)
+        cast = lambda a: cp.asarray(a if a.dtype.kind in "iu" else a.astype(dtype))  # noqa: E731
+        r = step(cast(x), *(cast(a) for a in rest), copy=True)
+        got = ({"loss": r[0], "grads": r[1].flat} if product == "step" else
+               {"grads": r[1].grads.flat, "norms": r[1].norms} if product == "private" else
+               {"out": r.flat if product in ("grads", "ggn_diagonal") else r})
+        for name, w in _eager(host, product, x, t, v, "mse").items():
+            g = cp.asnumpy(got[name]).astype(np.float64)
+            w = np.asarray(w, dtype=np.float64)
+            assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w) + 1e-12, (name, seed)
+    assert step.captured, step.capture_error

@@ -95,37 +95,15 @@ from ..nn.loss_workspace import LossWorkspace
 from ..protocol.passes import Gradients, carve
 from .private_step import PrivatePart, check_clip_args
 from ..params.leaf_views import leaf_inputs, leaf_views, shared_group
-from ..protocol.sharing import Ties
 from ..core.renamed import renamed
 from ..core.validation import ids_checked
+from .net_binding import LISTS as _LISTS, bound_params as _bound, copied as _copied, ties_of as _ties
 from .step_io import StepIO, check_rebound, check_step_args, check_ties, check_tokens_arg, locked
 from ..protocol.layer import lead_shape
 from ..elementwise.activations import get as get_activation
-from ..nn.layers import Dense, named_params
+from ..nn.layers import Dense
 
 __all__ = ["TrainingStep"]
-
-_LISTS = ("weights", "biases", "activations", "xp", "sizes", "dtype")
-
-
-def _bound(net) -> tuple:
-    """``(layers, [(where, parameter)], activation names or None)`` of ``net`` as it is now: a net
-    read through its lists (an ``MLP``, or a duck-typed one, whose Dense layers ``rebind`` makes)
-    names ``net.weights[j]`` (None for a missing entry); a ``Sequential`` its layers' parameters."""
-    if not hasattr(net, "weights"):
-        layers = tuple(net.layers)
-        return layers, named_params(layers), None
-    ws, bs, names = list(net.weights), list(net.biases), list(net.activations)
-    params = [(f"net.{what}[{j}]", lst[j] if j < len(lst) else None)
-              for j in range(max(len(ws), len(bs))) for what, lst in (("weights", ws), ("biases", bs))]
-    return (tuple(net.layers) if hasattr(net, "layers") else None), params, names
-
-
-def _ties(params) -> Ties:
-    """The parameters of the uses ``params`` (``protocol.sharing.Ties``; a ``ValueError`` for two
-    uses overlapping in memory without being one array or its transpose)."""
-    return Ties([(w, p) for w, p in params if p is not None])
-
 
 class TrainingStep(StepIO):
     """``loss, grads = step(x, target)`` for a fixed batch: see the module docstring.
@@ -360,11 +338,3 @@ class TrainingStep(StepIO):
 
 
 __getattr__ = renamed(__name__, {"SequentialStep": ("jacgrad.steps.compiled.TrainingStep", TrainingStep)})
-
-
-def _copied(delta):
-    """A fresh copy of a layer's ``δ``: an array, None, or a tuple of them (an attention layer's
-    cotangents at its q, k, v and output projections)."""
-    if isinstance(delta, (tuple, list)):
-        return type(delta)(_copied(d) for d in delta)
-    return None if delta is None else delta.copy()
