@@ -253,3 +253,17 @@ def test_direct_cublas_names_mismatched_shapes(host_cublas):
         with pytest.raises(ValueError, match=r"matmul: out has shape \(2, 3\)"):
             _gemm.matmul_into(host_cublas.asarray(np.ones((2, 3, 4))), host_cublas.asarray(np.ones((4, 6))),
                              host_cublas.asarray(np.ones((2, 3))))
+
+
+def test_a_stack_times_one_matrix_is_one_gemm(host_cublas, rng):
+    """``(B, T, d) @ (d, e)`` with rows that fold: ONE ``cublasGemmEx`` over the ``B·T`` rows, not a batch
+    of B; a stack whose rows do not fold (a transposed batch) takes the strided batch, same numbers."""
+    a, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 2))
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        got = _gemm.matmul(host_cublas.asarray(a), host_cublas.asarray(w))
+        assert host_cublas.host.calls == ["gemm"]
+        swapped = host_cublas.asarray(np.ascontiguousarray(a.swapaxes(0, 1))).swapaxes(0, 1)
+        got2 = _gemm.matmul(swapped, host_cublas.asarray(w))
+    assert host_cublas.host.calls == ["gemm", "strided batched"]
+    np.testing.assert_allclose(np.asarray(got.view(np.ndarray)), a @ w, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(got2.view(np.ndarray)), a @ w, rtol=1e-13)

@@ -218,7 +218,11 @@ def _direct_matmul(xp, a, b, out):
         return out
     a2, b2 = (_readable(xp, x.astype(dt, copy=False), dt.itemsize) for x in (a2, b2))
     target = o2 if _writable(o2, dt.itemsize) else xp.empty(batch + (M, N), dtype=dt)
-    _gemm_loop(xp.broadcast_to(a2, batch + (M, K)), xp.broadcast_to(b2, batch + (K, N)), target, dt)
+    rows = _as_rows(a2, b2, target, batch, dt.itemsize)
+    if rows is not None:  # a stack times one matrix whose rows fold into one: one GEMM
+        _gemm_loop(*rows, dt)
+    else:
+        _gemm_loop(xp.broadcast_to(a2, batch + (M, K)), xp.broadcast_to(b2, batch + (K, N)), target, dt)
     if target is not o2:
         o2[...] = target
     return out
@@ -229,6 +233,24 @@ def _readable(xp, x, itemsize: int):
     ok = _layout(x.shape[-2:], x.strides[-2:], itemsize) is not None and all(
         st >= 0 and st % itemsize == 0 for st in x.strides[:-2])
     return x if ok else xp.ascontiguousarray(x)
+
+
+def _as_rows(a, b, out, batch: tuple, itemsize: int):
+    """``(a, b, out)`` as one 2-D product ``(rows, K) @ (K, N) -> (rows, N)`` when ``b`` is one matrix
+    and the batch and row axes of ``a`` and ``out`` fold into one axis of rows that cuBLAS reads in
+    place (``reshape(-1, n)`` a view); else None."""
+    if b.ndim != 2 or a.ndim <= 2 or tuple(a.shape[:-2]) != batch or not (_folds(a) and _folds(out)):
+        return None
+    a2, o2 = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
+    if gemm_plan(a2.shape, a2.strides, b.shape, b.strides, o2.shape, o2.strides, itemsize) is None:
+        return None
+    return a2, b, o2
+
+
+def _folds(x) -> bool:
+    """Whether every axis of ``x`` but the last folds into one (unit axes ignored, any stride)."""
+    dims = [(n, st) for n, st in zip(x.shape[:-1], x.strides[:-1]) if n != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
 
 
 def _writable(out, itemsize: int) -> bool:
