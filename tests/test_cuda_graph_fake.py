@@ -12,7 +12,7 @@ import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import CUDARuntimeError, FakeCupy
-from jacgrad.cuda import graphs as _cuda_graph, gemm as _gemm
+from jacgrad.cuda import cublas as _cublas, graphs as _cuda_graph, gemm as _gemm
 from jacgrad.cuda.graphs import CaptureError, GraphCache
 
 
@@ -213,7 +213,7 @@ def test_cupy_14_asks_cuda_pathfinder_for_its_cublas(monkeypatch):
 def test_older_cupy_opens_the_runtimes_soname_without_loading_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)  # would be ignored below 14 anyway
     opened = []
-    monkeypatch.setattr(_gemm, "open_loaded", lambda name: opened.append(name) or name)
+    monkeypatch.setattr(_cublas, "open_loaded", lambda name: opened.append(name) or name)
     cp = FakeCupy(version="13.6.0")
     cp.cuda.runtime.runtimeGetVersion = lambda: 12080
     assert _gemm.cupy_cublas_library(cp) == "libcublas.so.12"
