@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
+from fake_capture import recording  # noqa: F401 (the fixture; other test files import it from here)
 from fake_cupy_calls import FakeCupy
 from jacgrad.cuda import gemm as _gemm, graphs as _cuda_graph
 from jacgrad.cuda.graphs import CaptureError
@@ -314,34 +315,6 @@ def test_eight_threads_each_get_their_own_inputs_results():
 
 
 # ---------------------------------------------------------------------- the capture path on the fake CuPys
-@pytest.fixture
-def recording(monkeypatch):
-    """``fake_cupy_transfers`` as ``cupy``, jacgrad's cuBLAS calls carried out on the host
-    (``_HostCublas``), and CuPy's own matmul refused inside ``direct_cublas()`` as CuPy refuses it
-    under stream capture (``NotImplementedError``)."""
-    import types
-
-    from fake_cupy_transfers import FakeArray, install
-    from test_compiled_jacobian import _HostCublas
-
-    fake = install(monkeypatch)
-    host = _HostCublas()
-    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: host))
-    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
-                        raising=False)
-
-    def refused(*args, **kwargs):
-        if _gemm._direct:
-            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
-        return np.matmul(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
-                         **kwargs).view(FakeArray)
-
-    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: refused(a, b))
-    fake.module.matmul = refused
-    fake.host = host
-    return fake
-
-
 def _inputs(product, net, seed=7):
     rng = np.random.default_rng(seed)
     x, t, v = rng.standard_normal((B, net.n_in)), rng.standard_normal((B, net.n_out)), rng.standard_normal(net.n_params)
