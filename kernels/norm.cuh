@@ -49,6 +49,26 @@ JG_HD JG_INLINE double rsqrt_of(double s) { return 1.0 / sqrt(s); }
 
 // ---- forward: y, xhat and inv of rows of x (B, n) ----------------------------------------
 // beta is read only when has_beta (RMSNorm has none); inv: (B,).
+
+// The forward's last pass on the W elements at i of a row, a = x[i:i+W] (from the registers or
+// memory): xhat = (a - mu) * s, y = xhat * gamma + beta, stored at i of the rows xr_hat and yr.
+template <class T, int W>
+JG_HD JG_INLINE void forward_store(const Vec<T, W>& a, int i, T mu, T s, const T* gamma, const T* beta,
+                                   bool has_beta, T* xr_hat, T* yr) {
+  const Vec<T, W> g = ld<W>(gamma + i);
+  Vec<T, W> h, o;
+  for (int e = 0; e < W; ++e) {
+    h.e[e] = (a.e[e] - mu) * s;
+    o.e[e] = h.e[e] * g.e[e];
+  }
+  if (has_beta) {
+    const Vec<T, W> be = ld<W>(beta + i);
+    for (int e = 0; e < W; ++e) o.e[e] += be.e[e];
+  }
+  st<W>(xr_hat + i, h);
+  st<W>(yr + i, o);
+}
+
 // One read of x: the row in registers (W = V packed, 1 single elements), three passes over them.
 template <class T, int W, class Block>
 JG_HD void forward_cached(const Block& b, long long block, long long grid, const T* x, const T* gamma,
@@ -78,18 +98,7 @@ JG_HD void forward_cached(const Block& b, long long block, long long grid, const
     b.sum(q);
     const T sc = rsqrt_of(q[0] / count + eps);
     row_slots<W, S>(b, n, [&](int k, int i) {
-      const Vec<T, W> g = ld<W>(gamma + i);
-      Vec<T, W> h, o;
-      for (int e = 0; e < W; ++e) {
-        h.e[e] = (c[k].e[e] - mu) * sc;
-        o.e[e] = h.e[e] * g.e[e];
-      }
-      if (has_beta) {
-        const Vec<T, W> be = ld<W>(beta + i);
-        for (int e = 0; e < W; ++e) o.e[e] += be.e[e];
-      }
-      st<W>(xhat + r * n + i, h);
-      st<W>(y + r * n + i, o);
+      forward_store<T, W>(c[k], i, mu, sc, gamma, beta, has_beta, xhat + r * n, y + r * n);
     });
     if (b.tid == 0) inv[r] = sc;
   }
@@ -136,18 +145,7 @@ JG_HD void forward_block(const Block& b, long long block, long long grid, const 
     const T s = rsqrt_of(q[0] / count + eps);
     row_each<T>(b, n, packed, [&](int i, auto w) {
       constexpr int W = decltype(w)::value;
-      const Vec<T, W> a = ld<W>(xr + i), g = ld<W>(gamma + i);
-      Vec<T, W> h, o;
-      for (int k = 0; k < W; ++k) {
-        h.e[k] = (a.e[k] - mu) * s;
-        o.e[k] = h.e[k] * g.e[k];
-      }
-      if (has_beta) {
-        const Vec<T, W> be = ld<W>(beta + i);
-        for (int k = 0; k < W; ++k) o.e[k] += be.e[k];
-      }
-      st<W>(xhat + r * n + i, h);
-      st<W>(y + r * n + i, o);
+      forward_store<T, W>(ld<W>(xr + i), i, mu, s, gamma, beta, has_beta, xhat + r * n, y + r * n);
     });
     if (b.tid == 0) inv[r] = s;
   }
@@ -165,6 +163,20 @@ JG_HD void forward_block(const Block& b, long long block, long long grid, const 
 // registers and writes them once, after its last row, as row `block` (the group's index: the
 // launch has `grid` groups) of part_g and part_b (grid, n): the column kernel's work without its
 // second read of g and xhat.
+
+// A row's sums s (project_cached's, project_block's) over the group: all four with_sq, else s[0] and s[1]
+// only.
+template <class T, class Block> JG_HD JG_INLINE void project_reduce(const Block& b, bool with_sq, T (&s)[4]) {
+  if (with_sq) {
+    b.sum(s);
+  } else {
+    T s2[2] = {s[0], s[1]};
+    b.sum(s2);
+    s[0] = s2[0];
+    s[1] = s2[1];
+  }
+}
+
 template <class T, int W, bool FUSE, class Block>
 JG_HD void project_cached(const Block& b, long long block, long long grid, const T* a, const T* xhat,
                           const T* gamma, const T* inv, T* out, T* sq, T* part_g, T* part_b, int n, long long rows,
@@ -200,14 +212,7 @@ JG_HD void project_cached(const Block& b, long long block, long long grid, const
         }
       }
     });
-    if (with_sq) {
-      b.sum(s);
-    } else {
-      T s2[2] = {s[0], s[1]};
-      b.sum(s2);
-      s[0] = s2[0];
-      s[1] = s2[1];
-    }
+    project_reduce(b, with_sq, s);
     const T mean = centered ? s[0] / count : T(0);
     const T dot = s[1] / count;
     if (write_out) {
@@ -278,14 +283,7 @@ JG_HD void project_block(const Block& b, long long block, long long grid, const 
         }
       }
     });
-    if (with_sq) {
-      b.sum(s);
-    } else {
-      T s2[2] = {s[0], s[1]};
-      b.sum(s2);
-      s[0] = s2[0];
-      s[1] = s2[1];
-    }
+    project_reduce(b, with_sq, s);
     const T mean = centered ? s[0] / count : T(0);
     const T dot = s[1] / count;  // sum(w * xhat) / n
     if (write_out) {

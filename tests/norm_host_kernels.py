@@ -11,7 +11,11 @@ same row functions as the device, in the same thread partition.
 expression)`` gives a callable ``fn(grid, block, args)`` that takes the arguments exactly as
 ``jacgrad.cuda.norm_kernels`` hands them to CuPy (arrays, and NumPy scalars of the kernel's
 parameter types, checked) and runs the host build. The tests use it to check the numbers
-(tests/test_kernels_norm_host.py) and the wiring (tests/test_norm_wiring_fake.py).
+(tests/test_kernels_norm_host.py, tests/test_kernels_softmax_host.py) and the wiring
+(tests/test_norm_wiring_fake.py).
+
+The fixtures ``host_libraries`` (every compiler's build, once a module) and ``host_device`` (the
+kernels on each build in turn) serve the numbers' tests: a test module imports both by name.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jacgrad.cuda import kernels
 
@@ -262,3 +267,23 @@ def clear_caches() -> None:
 
     _cuda_build._module.cache_clear()
     _cuda_build._function.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def host_libraries(tmp_path_factory):
+    """{compiler: ``build(compiler, folder)``} for every compiler of ``COMMANDS``."""
+    folder = tmp_path_factory.mktemp("norm_host")
+    return {c: build(c, folder) for c in COMMANDS}
+
+
+@pytest.fixture(params=list(COMMANDS))
+def host_device(request, host_libraries, monkeypatch):
+    """``install``'s (the kernels' fake CuPy, the arrays' fake CuPy) on each compiler's build in turn:
+    skipped when the compiler is not on PATH, the compiler's log raised when its build failed."""
+    lib = host_libraries[request.param]
+    if lib is None:
+        pytest.skip(f"{request.param.split('-')[0]} is not on PATH")
+    if isinstance(lib, BaseException):
+        raise lib
+    yield install(monkeypatch, lib)
+    clear_caches()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
+from fake_capture import install_recording
 from fake_cupy_calls import FakeCupy
 from jacgrad.cuda import graphs as _cuda_graph
 from jacgrad.steps.compiled_jacobian import JacobianStep
@@ -229,39 +230,6 @@ def test_gpu_replays_match_the_float64_numpy_reference(dtype, tol, widths):
 
 
 # ---------------------------------------------------------------------- what a recording runs, on the host
-class _HostCublas:
-    """jacgrad's cuBLAS calls (``_gemm._Cublas.gemm``) carried out by the BLAS definition on the host
-    memory behind the fake device arrays' pointers: column-major ``C = op(A)·op(B)``, per product
-    of a strided batch."""
-
-    def __init__(self):
-        self.calls = []
-
-    def gemm(self, p, A, B, C, dtype, workspace=None, batch=None):
-        self.calls.append("strided batched" if batch is not None else "gemm")
-        it = np.dtype(dtype).itemsize
-        n, (sa, sb, sc) = (batch.count, (batch.stride_a, batch.stride_b, batch.stride_c)) if batch else (1, (0, 0, 0))
-        for i in range(n):
-            op_a = self._op(A + i * sa * it, p.m, p.k, p.lda, p.transa, dtype)
-            op_b = self._op(B + i * sb * it, p.k, p.n, p.ldb, p.transb, dtype)
-            self._colmajor(C + i * sc * it, p.m, p.n, p.ldc, dtype)[...] = op_a @ op_b
-
-    @staticmethod
-    def _colmajor(ptr, rows, cols, ld, dtype):
-        import ctypes
-
-        it = np.dtype(dtype).itemsize
-        count = ld * (cols - 1) + rows if rows and cols else 0
-        buf = np.frombuffer((ctypes.c_char * (count * it)).from_address(ptr), dtype=dtype)
-        return np.lib.stride_tricks.as_strided(buf, shape=(rows, cols), strides=(it, ld * it))
-
-    def _op(self, ptr, rows, cols, ld, trans, dtype):
-        """``op(X)``, rows × cols: ``X`` itself stored column-major, or (OP_T) its transpose."""
-        from jacgrad.cuda.gemm import OP_N
-
-        return self._colmajor(ptr, rows, cols, ld, dtype) if trans == OP_N else self._colmajor(ptr, cols, rows, ld, dtype).T
-
-
 @pytest.mark.parametrize("make,kind,widths", [
     (_mlp, "tapering", (40, 24, 12, 6, 3)),
     (_mlp, "hourglass", (12, 12, 12, 2, 12, 12, 12)),
@@ -273,25 +241,10 @@ def test_while_recording_every_product_goes_through_jacgrads_cublas_calls(monkey
     ``cupy.matmul`` (CuPy refuses cuBLAS under capture), and the cuBLAS calls jacgrad makes instead
     — ``cublasGemmEx``, ``cublasGemmStridedBatchedEx`` for the hourglass's two per-sample stacks —
     carried out by the BLAS definition give the eager Jacobian."""
-    import types
-
-    from fake_cupy_transfers import FakeArray, install
     from jacgrad.cuda import gemm as _gemm
 
-    fake = install(monkeypatch)
-    host = _HostCublas()
-    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: host))
-    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
-                        raising=False)
-
-    def refused(*args, **kwargs):
-        if _gemm._direct:
-            raise AssertionError("a product reached cupy.matmul while recording")
-        return np.matmul(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
-                         **kwargs).view(FakeArray)
-
-    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: refused(a, b))
-    fake.module.matmul = refused
+    fake = install_recording(monkeypatch, AssertionError, "a product reached cupy.matmul while recording")
+    host = fake.host
     kw = {} if widths is None else {"widths": widths}
     ref, net = make("float64", **kw), make(dtype, to=fake.asarray, **kw)
     n_in = ref.sizes[0]

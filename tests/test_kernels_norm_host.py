@@ -19,30 +19,18 @@ import subprocess
 import numpy as np
 import pytest
 
-import norm_host_kernels as host
+from norm_host_kernels import host_device, host_libraries  # noqa: F401 (fixtures)
 from jacgrad.cuda import kernels, norm_kernels
 
 WIDTHS = [1, 2, 3, 4, 5, 8, 17, 64, 100, 257, 1027]
 EPS = {np.float32: np.finfo(np.float32).eps, np.float64: np.finfo(np.float64).eps}
 
 
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("norm_host")
-    return {c: host.build(c, folder) for c in host.COMMANDS}
-
-
-@pytest.fixture(params=list(host.COMMANDS))
-def device(request, libraries, monkeypatch):
+@pytest.fixture
+def device(host_device):
     """(the kernels' fake CuPy, a function putting a NumPy array on the fake device)."""
-    lib = libraries[request.param]
-    if lib is None:
-        pytest.skip(f"{request.param.split('-')[0]} is not on PATH")
-    if isinstance(lib, BaseException):
-        raise lib
-    fake, arrays = host.install(monkeypatch, lib)
-    yield fake, arrays.asarray
-    host.clear_caches()
+    fake, arrays = host_device
+    return fake, arrays.asarray
 
 
 def rows_for(rng, B, n, kind, dtype):

@@ -10,28 +10,10 @@ import pytest
 import jacgrad as jg
 from jacgrad.cuda import norm_kernels, softmax_kernels
 
-import norm_host_kernels as host
+from norm_host_kernels import host_device, host_libraries  # noqa: F401 (fixtures)
 from test_attention_device import _attention, _attention_run, B, T, d
 
 EPS = {np.float32: np.finfo(np.float32).eps, np.float64: np.finfo(np.float64).eps}
-
-
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("softmax_host")
-    return {c: host.build(c, folder) for c in host.COMMANDS}
-
-
-@pytest.fixture(params=list(host.COMMANDS))
-def device(request, libraries, monkeypatch):
-    lib = libraries[request.param]
-    if lib is None:
-        pytest.skip(f"{request.param.split('-')[0]} is not on PATH")
-    if isinstance(lib, BaseException):
-        raise lib
-    fake, arrays = host.install(monkeypatch, lib)
-    yield fake, arrays
-    host.clear_caches()
 
 
 def probabilities(rng, shape, dtype):
@@ -55,10 +37,10 @@ def check(got, P, v, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_softmax_jvp_matches_float64(device, rng, dtype, monkeypatch):
+def test_softmax_jvp_matches_float64(host_device, rng, dtype, monkeypatch):
     """Rows of every width class (a lane group, a block, several packs per thread, longer than the
     registers hold: n = 5000), aligned and not, P tiled over a stack, in place, few blocks."""
-    fake, arrays = device
+    fake, arrays = host_device
     monkeypatch.setattr(norm_kernels, "_MAX_GRID", 3)  # fewer blocks than rows: the row loop
     for n in (1, 2, 3, 4, 5, 17, 64, 100, 257, 1027, 5000):
         B_ = 4
@@ -80,8 +62,8 @@ def test_softmax_jvp_matches_float64(device, rng, dtype, monkeypatch):
     assert {e for e, _, _ in fake.launches} == {f"jacgrad::softmax_jvp<{'float' if dtype == np.float32 else 'double'}>"}
 
 
-def test_softmax_jvp_says_what_is_wrong(device, rng):
-    _, arrays = device
+def test_softmax_jvp_says_what_is_wrong(host_device, rng):
+    _, arrays = host_device
     P, v = probabilities(rng, (2, 5), np.float64), rng.standard_normal((2, 5))
     with pytest.raises(TypeError, match="CuPy arrays"):
         softmax_kernels.softmax_jvp(P, v)
@@ -93,10 +75,10 @@ def test_softmax_jvp_says_what_is_wrong(device, rng):
         softmax_kernels.softmax_jvp(arrays.asarray(np.ones((1, 2, 1, 5))), arrays.asarray(np.ones((3, 2, 4, 5))))
 
 
-def test_attention_launches_the_kernel_and_matches_numpy(device):
+def test_attention_launches_the_kernel_and_matches_numpy(host_device):
     """MultiHeadAttention's forward, backward, factor products and parameter stacks on device arrays:
     the softmax Jacobian goes through the host build of the kernel, the numbers are NumPy's."""
-    fake, arrays = device
+    fake, arrays = host_device
     rng = np.random.default_rng(1)
     x, g, S = rng.standard_normal((B, T, d)), rng.standard_normal((B, T, d)), rng.standard_normal((B, 2, T, d))
     mask = np.zeros((B, T), dtype=bool)

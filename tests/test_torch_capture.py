@@ -15,6 +15,7 @@ nn, F = torch.nn, torch.nn.functional
 import jacgrad as jg  # noqa: E402
 from jacgrad.models.ops import OPS, PENDING, supported_ops_markdown  # noqa: E402
 from jacgrad.nn.layers import named_params  # noqa: E402
+import torch_func_reference as tref  # noqa: E402 - tests/ is on sys.path
 
 
 # ---------------------------------------------------------------------------- the zoo
@@ -206,33 +207,15 @@ def _check_against_torch(model, net, x, rtol):
     want = _torch_flat(model, sources, {k: p.grad for k, p in model.named_parameters()})
     np.testing.assert_allclose(g.flat, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
-    def f(p, xi):
-        return torch.func.functional_call(model, p, (xi[None],))[0]
-
-    def l_i(p, xi, ti):
-        return ((f(p, xi) - ti) ** 2).mean()
-
-    per = torch.func.vmap(torch.func.grad(l_i), in_dims=(None, 0, 0))(params, xt, torch.as_tensor(t))
-    norms = torch.sqrt(sum((v.reshape(len(x), -1) ** 2).sum(1) for v in per.values())).numpy()
+    per = tref.per_sample_grads(model, xt, torch.as_tensor(t))
+    norms = tref.grad_norms(per, len(x))
     np.testing.assert_allclose(net.per_sample_grad_norms(x, t), norms, rtol=rtol, atol=rtol * norms.max())
 
-    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, xt)
-    J = torch.cat([v.reshape(len(x), y.shape[1], -1) for v in jac.values()], dim=2).numpy()
-    K = np.einsum("iop,jqp->ijoq", J, J)
+    K = tref.ntk(model, xt, y.shape[1])
     np.testing.assert_allclose(jg.ntk(net, x), K, rtol=rtol, atol=rtol * np.abs(K).max())
 
 
-def _model(cls, dtype, seed=0):
-    """``cls()`` in ``dtype``, every parameter moved off its initial value (norm weights start at
-    ones, which the references could not tell apart)."""
-    torch.manual_seed(seed)
-    model = cls().to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+_model = tref.perturbed  # _model(cls, dtype, seed=0): imported from here by other test files
 
 
 # ---------------------------------------------------------------------------- the zoo passes

@@ -18,6 +18,7 @@ nn, F = torch.nn, torch.nn.functional
 
 import jacgrad as jg  # noqa: E402
 from jacgrad.nn.layers import named_params  # noqa: E402
+import torch_func_reference as tref  # noqa: E402 - tests/ is on sys.path
 
 V, D, H, T_MAX = 11, 8, 2, 16
 
@@ -226,34 +227,17 @@ def _check_against_torch(model, net, x, rtol):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
     assert not any(added), "every parameter is torch's: the per-sample norms and the NTK are compared whole"
 
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
-    def f(p, xi):
-        return torch.func.functional_call(model, p, (xi[None],))[0]
-
-    def l_i(p, xi, ti):
-        return ((f(p, xi) - ti) ** 2).mean()
-
-    per = torch.func.vmap(torch.func.grad(l_i), in_dims=(None, 0, 0))(params, xt, torch.as_tensor(t))
-    norms = torch.sqrt(sum((v.reshape(len(x), -1) ** 2).sum(1) for v in per.values())).numpy()
+    per = tref.per_sample_grads(model, xt, torch.as_tensor(t))
+    norms = tref.grad_norms(per, len(x))
     np.testing.assert_allclose(net.per_sample_grad_norms(x, t), norms, rtol=rtol, atol=rtol * norms.max())
     flat = _pick(sources, dict(per), len(x))
     np.testing.assert_allclose(net.per_sample_grads(x, t).flat, flat, rtol=rtol, atol=rtol * np.abs(flat).max())
 
-    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, xt)
-    n_out = int(np.prod(y.shape[1:]))
-    J = torch.cat([v.reshape(len(x), n_out, -1) for v in jac.values()], dim=2).numpy()
-    K = np.einsum("iop,jqp->ijoq", J, J)
+    K = tref.ntk(model, xt, int(np.prod(y.shape[1:])))
     np.testing.assert_allclose(jg.ntk(net, x), K, rtol=rtol, atol=rtol * np.abs(K).max())
 
 
-def _model(make, dtype, seed=0):
-    torch.manual_seed(seed)
-    model = make().to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+_model = tref.perturbed  # _model(make, dtype, seed=0)
 
 
 DTYPES = [(torch.float64, 1e-10), (torch.float32, 1e-4)]
