@@ -60,28 +60,8 @@ def one_blas_thread():
 
 @pytest.fixture
 def recording(monkeypatch):
-    """``fake_cupy_transfers`` as ``cupy``, jacgrad's cuBLAS calls carried out on the host
-    (``_HostCublas``), and CuPy's own matmul refused inside ``direct_cublas()`` as CuPy refuses it
-    under stream capture (``NotImplementedError``)."""
-    import types
+    """What a CUDA-graph capture runs, on the host (``fake_capture.install_recording``): fake CuPy
+    arrays, jacgrad's cuBLAS calls on a ``HostCublas``, CuPy's own matmul/einsum refused while recording."""
+    from fake_capture import install_recording
 
-    from fake_cupy_transfers import FakeArray, install
-    from jacgrad.cuda import gemm as _gemm
-    from test_compiled_jacobian import _HostCublas
-
-    fake = install(monkeypatch)
-    host = _HostCublas()
-    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: host))
-    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
-                        raising=False)
-
-    def refused(*args, **kwargs):
-        if _gemm._direct:
-            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
-        return np.matmul(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
-                         **kwargs).view(FakeArray)
-
-    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: refused(a, b))
-    fake.module.matmul = refused
-    fake.host = host
-    return fake
+    return install_recording(monkeypatch)

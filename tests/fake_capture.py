@@ -1,8 +1,8 @@
 """What a CUDA-graph capture runs, on the host: the fake CuPy arrays of ``fake_cupy_transfers`` with
 jacgrad's direct cuBLAS calls carried out by the BLAS definition (``HostCublas``), and CuPy's own
 matmul refused inside ``jacgrad.cuda.gemm.direct_cublas()`` (as CuPy refuses cuBLAS under stream
-capture). Shared by tests/test_compiled_jacobian.py and tests/test_compiled_products.py: a test
-calls ``install_recording(monkeypatch)`` or takes the ``recording`` fixture (import it by name).
+capture). A test calls ``install_recording(monkeypatch)`` or takes the ``recording`` fixture
+(conftest.py, every test file).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class HostCublas:
 
 def install_recording(monkeypatch, refusal: type[Exception] = NotImplementedError, message: str = CAPTURE_REFUSAL):
     """``fake_cupy_transfers`` installed as ``cupy``, jacgrad's cuBLAS calls on a ``HostCublas``
-    (the fake's ``host``), and a matmul of fake arrays (``@``, ``cupy.matmul``) raising
-    ``refusal(message)`` inside ``direct_cublas()`` (NumPy's matmul outside it). Returns the fake."""
+    (the fake's ``host``), and a matmul of fake arrays (``@``, ``cupy.matmul``, ``cupy.einsum``: cuBLAS in
+    CuPy) raising ``refusal(message)`` inside ``direct_cublas()`` (NumPy's outside it). Returns the fake."""
     from fake_cupy_transfers import FakeArray, install
     from jacgrad.cuda import gemm as _gemm
 
@@ -61,14 +61,18 @@ def install_recording(monkeypatch, refusal: type[Exception] = NotImplementedErro
     monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
                         raising=False)
 
-    def refused(*args, **kwargs):
-        if _gemm._direct:
-            raise refusal(message)
-        return np.matmul(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
-                         **kwargs).view(FakeArray)
+    def refusing(fn):
+        def call(*args, **kwargs):
+            if _gemm._direct:
+                raise refusal(f"cupy.{fn.__name__}: {message}")
+            return np.asarray(fn(*(np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args),
+                                 **kwargs)).view(FakeArray)
+        return call
 
-    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: refused(a, b))
-    fake.module.matmul = refused
+    matmul = refusing(np.matmul)
+    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: matmul(a, b))
+    monkeypatch.setattr(FakeArray, "__rmatmul__", lambda a, b: matmul(b, a))
+    fake.module.matmul, fake.module.einsum = matmul, refusing(np.einsum)
     fake.host = host
     return fake
 

@@ -6,7 +6,7 @@ positions, pre-norm blocks) and a ViT (patch conv, class token, positions, atten
 What a capture runs (``step._run`` inside ``direct_cublas()``, the block ``GraphCache`` records in)
 is run on the fake CuPy (``fake_cupy_transfers``) with CuPy's own ``matmul``/``einsum`` REFUSED as
 CuPy refuses cuBLAS under stream capture, and jacgrad's cuBLAS calls carried out by the BLAS
-definition on the host (``_HostCublas``). Checked: no device-to-host read (a graph cannot hold one),
+definition on the host (``fake_capture``, the ``recording`` fixture). Checked: no device-to-host read (a graph cannot hold one),
 jacgrad's cuBLAS calls made, and the numbers equal to the eager products of the same network on
 NumPy (an independent path: NumPy's matmul, ``unique`` for the embedding, no ``direct_cublas``).
 Then one token net and one conv net are recorded through ``GraphCache`` (``fake_cupy_calls``) and
@@ -14,48 +14,18 @@ replayed."""
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
 
 import jacgrad as jg
 from fake_cupy_calls import FakeCupy
-from fake_cupy_transfers import FakeArray, install
 from jacgrad.cuda import gemm as _gemm, graphs as _cuda_graph
 from jacgrad.steps.compiled_products import ProductStep
-from test_compiled_jacobian import _HostCublas
 
 L = jg.layers
 B = 4
 PRODUCTS = ("grad_norms", "grads", "ntk", "ggn_vp", "ggn_diagonal", "step", "private")
-
-
-@pytest.fixture
-def recording(monkeypatch):
-    """The fake CuPy, jacgrad's cuBLAS calls on the host, CuPy's matmul and einsum refused while recording."""
-    fake = install(monkeypatch)
-    host = _HostCublas()
-    monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: host))
-    monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
-                        raising=False)
-
-    def plain(args):
-        return [np.asarray(a).view(np.ndarray) if isinstance(a, FakeArray) else a for a in args]
-
-    def refused(fn):
-        def call(*args, **kwargs):
-            if _gemm._direct:
-                raise NotImplementedError(f"cupy.{fn.__name__}: calling cuBLAS API during stream capture is currently unsupported")
-            return np.asarray(fn(*plain(args), **kwargs)).view(FakeArray)
-        return call
-
-    matmul, einsum = refused(np.matmul), refused(np.einsum)
-    monkeypatch.setattr(FakeArray, "__matmul__", lambda a, b: matmul(a, b))
-    monkeypatch.setattr(FakeArray, "__rmatmul__", lambda a, b: matmul(b, a))
-    fake.module.matmul, fake.module.einsum = matmul, einsum
-    fake.host = host
-    return fake
 
 
 # ---------------------------------------------------------------------- the networks

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import jacgrad as jg
-from fake_capture import recording  # noqa: F401 (the fixture; other test files import it from here)
 from fake_cupy_calls import FakeCupy
 from jacgrad.cuda import gemm as _gemm, graphs as _cuda_graph
 from jacgrad.cuda.graphs import CaptureError

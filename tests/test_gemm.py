@@ -202,10 +202,10 @@ def host_cublas(monkeypatch):
     import types
 
     from fake_cupy_transfers import FakeArray, install
-    from test_compiled_jacobian import _HostCublas
+    from fake_capture import HostCublas
 
     fake = install(monkeypatch)
-    fake.host = _HostCublas()
+    fake.host = HostCublas()
     monkeypatch.setattr(_gemm._Cublas, "get", classmethod(lambda cls: fake.host))
     monkeypatch.setattr(FakeArray, "data", property(lambda a: types.SimpleNamespace(ptr=a.__array_interface__["data"][0])),
                         raising=False)
