@@ -276,3 +276,24 @@ def test_gpu_graphs_record_every_layer_and_replay_the_float64_numbers(kind, prod
             w = np.asarray(w, dtype=np.float64)
             assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w) + 1e-12, (name, seed)
     assert step.captured, step.capture_error
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet", "vit"])
+def test_compile_jacobian_of_an_image_net_takes_images_and_records(recording, kind):
+    """``net.compile_jacobian(B)`` of an image net takes ``(B, C, H, W)`` (it took ``(B, C·H·W)``, which its
+    first layer then refused) and what its capture runs reads nothing back and calls no CuPy matmul;
+    ``(B, n_out, C·H·W)``, the eager Jacobians."""
+    host, in_shape, out_shape, _ = _net(kind)
+    net = _net(kind, recording.asarray)[0]
+    x = _data(host, in_shape, out_shape, "mse")[0]
+    step = net.compile_jacobian(B, capture=False)
+    with pytest.raises(ValueError, match=r"batch 4 × images \(\d+, \d+, \d+\): x must be \(4, \d+, \d+, \d+\)"):
+        step(recording.asarray(x.reshape(B, -1)))
+    step(recording.asarray(x))
+    recording.reset()
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        step._run()
+    assert recording.transfers == 0, dict(recording.where)
+    want = host.jacobian_chain(host.forward(x)[1]).jacobian()
+    assert want.shape == (B, 3, int(np.prod(in_shape)))
+    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)

@@ -17,7 +17,7 @@ replays it after that:
 
 The contract is the compiled training steps' (``jacgrad.steps.compiled``):
 
-- ``x`` is copied into a static ``(batch, n_in)`` buffer: same device (a ``TypeError`` otherwise,
+- ``x`` is copied into a static ``(batch, n_in)`` buffer (``(batch, C, H, W)`` for an image net): same device (a ``TypeError`` otherwise,
   never a silent copy), any float dtype castable to the net's, exactly ``batch`` rows.
 - The result IS the step's buffer: the next call overwrites it. ``step(x, copy=True)`` gives a
   fresh array.
@@ -79,18 +79,19 @@ class JacobianStep(IdentityBinding, StepIO):
         first = anchor(net.layers) if hasattr(net, "layers") else net.weights[0]
         self._device = first.device if self._gpu else None
         self.n_in, self.n_out = int(net.sizes[0]), int(net.sizes[-1])
+        self.in_shape = tuple(getattr(net, "in_shape", None) or (self.n_in,))  # images: (C, H, W)
         with self._on_device():
-            self._x = xp.zeros((self.batch, self.n_in), dtype=dt)
+            self._x = xp.zeros((self.batch,) + self.in_shape, dtype=dt)
             self._graphs = self._graph_cache()
         self._out = None  # (B, n_out, n_in): made by the first (eager) run, before any capture
 
     def __call__(self, x, copy: bool = False):
-        """``J: (batch, n_out, n_in)``, the per-sample Jacobians at ``x: (batch, n_in)``; the step's
-        buffer unless ``copy=True``."""
+        """``J: (batch, n_out, n_in)``, the per-sample Jacobians at ``x: (batch, n_in)`` (an image net's
+        ``(batch, C, H, W)``, ``n_in = C·H·W``); the step's buffer unless ``copy=True``."""
         with self._exclusive():  # one call at a time, its copy-out included (``_step_io``)
             self._check_net()
-            self._load(self._x, x, "x", f"batch {self.batch} × {self.n_in} features: x must be "
-                                        f"{shape_str((self.batch, self.n_in))}")
+            what = f"{self.n_in} features" if len(self.in_shape) == 1 else f"images {shape_str(self.in_shape)}"
+            self._load(self._x, x, "x", f"batch {self.batch} × {what}: x must be {shape_str(self._x.shape)}")
             self._run_or_replay(False, self._run)
             return self._out.copy() if copy else self._out
 
