@@ -15,15 +15,25 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _recording(monkeypatch):
+    """Every product of ``im2col`` (``matmul`` and ``matmul_into``): module, operand shapes and
+    strides, the output's shape (and its strides: ``matmul_into`` writes a view in place)."""
     seen = []
-    real = gemm.matmul
+    real, real_into = gemm.matmul, gemm.matmul_into
 
     def record(a, b):
         out = real(a, b)
-        seen.append((type(a).__module__, a.shape, a.strides, b.shape, b.strides, out.shape, a.dtype.itemsize))
+        seen.append((type(a).__module__, a.shape, a.strides, b.shape, b.strides, out.shape, a.dtype.itemsize,
+                     _c_strides(out.shape, a.dtype.itemsize)))
+        return out
+
+    def record_into(a, b, out):
+        real_into(a, b, out)
+        seen.append((type(a).__module__, a.shape, a.strides, b.shape, b.strides, out.shape, a.dtype.itemsize,
+                     out.strides))
         return out
 
     monkeypatch.setattr(im2col, "matmul", record)
+    monkeypatch.setattr(im2col, "matmul_into", record_into)
     return seen
 
 
@@ -46,9 +56,9 @@ def test_cnn_products_route_their_gemms_through_gemm_matmul(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-12)
     # two convolutions: forward, input gradient, weight gradient, JVP and VJP each (at least)
     assert len(seen) == host_calls >= 2 * 5 and all(m == "cupy" for m, *_ in seen)
-    for _, a_shape, a_strides, b_shape, b_strides, o_shape, item in seen:
-        assert len(o_shape) == 3, (a_shape, b_shape)  # a stack over the groups: one strided-batched call
-        plan = gemm.gemm_batched_plan(a_shape, a_strides, b_shape, b_strides, o_shape, _c_strides(o_shape, item), item)
+    for _, a_shape, a_strides, b_shape, b_strides, o_shape, item, o_strides in seen:
+        assert len(o_shape) == 3, (a_shape, b_shape)  # a stack (over the samples or groups): one strided-batched call
+        plan = gemm.gemm_batched_plan(a_shape, a_strides, b_shape, b_strides, o_shape, o_strides, item)
         assert plan is not None, f"{a_shape} {a_strides} @ {b_shape} {b_strides}: no in-place batched plan"
 
 
@@ -71,7 +81,6 @@ def test_per_sample_norms_are_one_batched_gemm_per_chunk(monkeypatch, groups):
     del seen[:]
     got = im2col.per_sample_sq_norms(x, delta, geo, groups)
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    (_, a_shape, a_strides, b_shape, b_strides, o_shape, item), = seen
+    (_, a_shape, a_strides, b_shape, b_strides, o_shape, item, o_strides), = seen
     assert o_shape == (N * groups, Cout // groups, (C // groups) * 6)
-    assert gemm.gemm_batched_plan(a_shape, a_strides, b_shape, b_strides, o_shape, _c_strides(o_shape, item),
-                                  item) is not None
+    assert gemm.gemm_batched_plan(a_shape, a_strides, b_shape, b_strides, o_shape, o_strides, item) is not None

@@ -90,17 +90,25 @@ class _Windowed:
         for k, rows, cols in self.geo.offsets():
             yield k, upad[..., rows, cols]
 
-    def _scatter(self, parts, lead):
-        """``Σ_k`` of ``(k, part)`` added into the window slices of a zero padded image; cropped."""
+    def _scatter(self, part, lead, like):
+        """``Σ_k`` of ``part(k, dst)`` over the window slices ``dst`` of a zero padded image
+        ``(*lead, C, Hp, Wp)`` (dtype and device of ``like``), cropped. ``part`` writes window k's
+        share into ``dst`` (its ``out=``) where no two windows overlap — each slice is written once
+        and no temporary is made — and returns it (added in) where they do."""
         C, H, W = self.in_shape
         t, b, l, r = self.geo.pads
-        xp, out = None, None
+        (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = self.geo.kernel[1:], self.geo.stride, self.geo.dilation, self.geo.out_hw
+        disjoint = sh >= dh * (kh - 1) + 1 and sw >= dw * (kw - 1) + 1
+        tiled = disjoint and (sh, sw) == (kh, kw) and (dh, dw) == (1, 1) and not any(self.geo.pads) \
+            and (H, W) == (Ho * kh, Wo * kw)  # the windows cover every input once: nothing left to zero
+        xp = get_xp(like)
+        out = (xp.empty if tiled else xp.zeros)(lead + (C, H + t + b, W + l + r), dtype=like.dtype)
         for k, rows, cols in self.geo.offsets():
-            part = parts(k)
-            if out is None:
-                xp = get_xp(part)
-                out = xp.zeros(lead + (C, H + t + b, W + l + r), dtype=part.dtype)
-            out[..., rows, cols] += part
+            dst = out[..., rows, cols]
+            if disjoint:
+                part(k, dst)
+            else:
+                dst += part(k, None)
         return self.geo.crop(out)
 
     def row_cost(self) -> int:
@@ -120,7 +128,13 @@ class AvgPoolOp(_Windowed):
 
     def adjoint(self, v, stacked: bool = False):
         w = v / self.geo.window
-        return self._scatter(lambda k: w, v.shape[:-3])
+
+        def part(k, dst):
+            if dst is None:
+                return w
+            dst[...] = w
+
+        return self._scatter(part, v.shape[:-3], w)
 
     def norm_bound(self) -> float:
         """``Σ_k (1/window)·1 = 1``."""
@@ -146,7 +160,8 @@ class MaxPoolOp(_Windowed):
 
     def adjoint(self, v, stacked: bool = False):
         arg = self._arg(stacked)
-        return self._scatter(lambda k: v * (arg == k), v.shape[:-3])
+        xp = get_xp(v)
+        return self._scatter(lambda k, dst: xp.multiply(v, arg == k, out=dst), v.shape[:-3], v)
 
     def rows(self, sel) -> "MaxPoolOp":
         return MaxPoolOp(self.geo, self.arg[sel])

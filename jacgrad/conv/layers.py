@@ -267,7 +267,8 @@ class Conv2d:
         B, T = z.shape[0], geo.out_hw[0] * geo.out_hw[1]
         A = _im2col.im2col(z4, geo, self._groups).reshape(self._groups, -1, B, T).transpose(2, 0, 3, 1)
         # batch first (a[sel] selects samples); a view, not a copy: each sample's (T, p) block has unit
-        # stride along T, so the leaves' GEMMs run on it through the BLAS as they are
+        # stride along T, so the leaves' GEMMs run on it through the BLAS as they are (the (G, p, B·T)
+        # layout: its long rows make those GEMMs faster than the batch-first gather's (p, T) blocks)
         return A[:, 0] if self._groups == 1 else A
 
 

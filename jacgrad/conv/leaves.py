@@ -149,13 +149,14 @@ class LeafSpatialFactor(SpatialFactor):
     def param_vjp_stack(self, A: Any, need_input: bool = True):
         """``([G], A_in)`` for output cotangent rows ``A: (B, R, *out)`` (or flattened
         ``(B, R, h_out)``): ``G = A ⊙ d`` at ``h`` as ``(B, R, T, C_out)``, ``A_in = Lᵀ(A ⊙ d):
-        (B, R, h_in)`` (None unless ``need_input``)."""
+        (B, R, h_in)`` (None unless ``need_input``). ``G`` is a channels-last VIEW of the images
+        ``A ⊙ d`` (each ``(T, C_out)`` block has unit stride along T: the leaves' GEMMs read it in
+        place, no transposing copy); an array of its own (a copy where there is no ``d``)."""
         B, R = A.shape[:2]
         Gimg = A.reshape((B, R) + tuple(self.op.out_shape))
-        if self.d is not None:
-            Gimg = Gimg * self.d[:, None]
+        Gimg = Gimg.copy() if self.d is None else Gimg * self.d[:, None]
         A_in = self.op.adjoint(Gimg, self.op.batch is not None).reshape(B, R, self.h_in) if need_input else None
-        return [to_tokens(Gimg, 2)], A_in
+        return [Gimg.reshape(B, R, Gimg.shape[2], -1).swapaxes(-1, -2)], A_in
 
     def param_jvp(self, t: Any, leaf_tangent):
         """``d ⊙ (L t + the leaf's tangent)`` at ``h``: ``t: (B, h_in)`` or None (0) ->

@@ -173,16 +173,19 @@ class MaxPool2d(_Window):
         _images(self, z)
         xp, geo = get_xp(z), self.geometry(z.shape[1:])
         zpad = geo.pad(z, value=-np.inf)
-        windows = [(k, zpad[:, :, rows, cols]) for k, rows, cols in geo.offsets()]
-        best = windows[0][1].copy()
-        for _, s in windows[1:]:
-            xp.maximum(best, s, out=best)
-        # the offset of the first maximum (torch's choice among ties): the last write wins, so go backwards
+        windows = [zpad[:, :, rows, cols] for _, rows, cols in geo.offsets()]
+        best = windows[0].copy()
+        # the offset of the first maximum (torch's choice among ties): k only where window k beats the
+        # running maximum strictly, kept by a max over the increasing k's — arithmetic on whole arrays
+        # (a masked copy per window branches on every element: 5× slower on the CPU)
         arg = xp.zeros(best.shape, dtype=xp.int8 if geo.window <= 127 else xp.int32)
-        for k, s in reversed(windows[1:]):
-            xp.copyto(arg, k, where=s == best)
-        where_first = windows[0][1] == best
-        xp.copyto(arg, 0, where=where_first)
+        gt, k_gt = xp.empty(best.shape, dtype=bool), xp.empty_like(arg)
+        for k, s in enumerate(windows[1:], 1):
+            xp.greater(s, best, out=gt)
+            xp.maximum(best, s, out=best)
+            xp.multiply(gt, arg.dtype.type(k), out=k_gt)
+            xp.maximum(arg, k_gt, out=arg)
+        xp.multiply(arg, best == best, out=arg)  # a NaN window: offset 0 (no window equals its maximum)
         return self._write(best, out), (z.shape[1:], geo, arg, z)
 
     def factor(self, state) -> SpatialFactor:
