@@ -297,3 +297,26 @@ def test_compile_jacobian_of_an_image_net_takes_images_and_records(recording, ki
     want = host.jacobian_chain(host.forward(x)[1]).jacobian()
     assert want.shape == (B, 3, int(np.prod(in_shape)))
     np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "attention", "mixer"])
+def test_compile_jacobian_of_token_batches(recording, kind):
+    """``compile_jacobian(B, tokens=T)``: ``x (B, T, n_in)`` -> the eager ``(B, T·n_out, T·n_in)`` Jacobians
+    (``(B, n_out, T·n_in)`` after a read-out); its capture reads nothing back and calls no CuPy matmul.
+    Integer ids (an Embedding first) have no Jacobian: refused, named."""
+    host, in_shape, out_shape, T = _net(kind)
+    net = _net(kind, recording.asarray)[0]
+    x = _data(host, in_shape, out_shape, "mse")[0]
+    step = net.compile_jacobian(B, capture=False, tokens=T)
+    step(recording.asarray(x))
+    recording.reset()
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        step._run()
+    assert recording.transfers == 0, dict(recording.where)
+    want = host.jacobian_chain(host.forward(x)[1]).jacobian()
+    assert want.shape == (B, int(np.prod(out_shape)), T * in_shape[-1])
+    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"batch 4 × T=3 × 5 features: x must be \(4, 3, 5\)"):
+        step(recording.asarray(x[:, :2]))
+    with pytest.raises(ValueError, match=r"integer token ids \(an Embedding first\), which have no Jacobian"):
+        _net("gpt")[0].compile_jacobian(B, tokens=3)

@@ -279,11 +279,12 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
                 raise ValueError(f"compile(tokens={tokens}): layer {'.'.join(map(str, path))} ({L!r}) does not run "
                                  f"on token batches (B, T, ·); compile this network without tokens=")
 
-    def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto") -> JacobianStep:
-        """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the
-        GPU; the contract of ``MLP.compile_jacobian`` (``jacgrad.steps.compiled_jacobian``)."""
-        self._refuse_token_only(batch, "compile_jacobian")
-        return JacobianStep(self, batch, order=order, capture=capture)
+    def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto", tokens: Any = None) -> JacobianStep:
+        """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the GPU; the
+        contract of ``MLP.compile_jacobian`` (``jacgrad.steps.compiled_jacobian``). ``tokens=T``: float token
+        batches ``x (batch, T, n_in)``, ``J (batch, T·n_out, T·n_in)``."""
+        (self._refuse_token_only if tokens is None else lambda *a: self._refuse_per_sample_only(tokens))(batch, "compile_jacobian")
+        return JacobianStep(self, batch, order=order, capture=capture, tokens=tokens)
 
     @classmethod
     def from_torch(cls, module, copy: bool = True, dtype=None, in_shape: Sequence[int] | None = None):

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .step_io import IdentityBinding, StepIO, check_batch_and_capture, param_binding
+from .step_io import IdentityBinding, StepIO, check_batch_and_capture, check_tokens_arg, param_binding
 from ..core.validation import shape_str
 from ..algebra.chain import ORDERS
 from ..protocol.layer import anchor
@@ -60,12 +60,13 @@ class JacobianStep(IdentityBinding, StepIO):
     """``J = step(x)``: ``(batch, n_out, n_in)`` per-sample Jacobians (module docstring).
 
     net: an ``MLP`` or a ``Sequential`` on NumPy or CuPy. batch: B. order: ``"auto"``, ``"forward"``
-    or ``"reverse"`` (``Chain.jacobian``). capture: ``"auto"``, ``True`` or ``False``.
+    or ``"reverse"`` (``Chain.jacobian``). capture: ``"auto"``, ``True`` or ``False``. tokens: T of
+    float token batches ``(B, T, n_in)`` (the Jacobians are then ``(B, T·n_out, T·n_in)``), or None.
     """
 
     _what = "Jacobian step"
 
-    def __init__(self, net, batch: int, order: str = "auto", capture: Any = "auto"):
+    def __init__(self, net, batch: int, order: str = "auto", capture: Any = "auto", tokens: Any = None):
         if not hasattr(net, "jacobian_chain") or not hasattr(net, "forward"):
             raise TypeError(f"compile_jacobian compiles an MLP or a Sequential, not a {type(net).__name__}")
         if order not in ORDERS:
@@ -79,7 +80,12 @@ class JacobianStep(IdentityBinding, StepIO):
         first = anchor(net.layers) if hasattr(net, "layers") else net.weights[0]
         self._device = first.device if self._gpu else None
         self.n_in, self.n_out = int(net.sizes[0]), int(net.sizes[-1])
-        self.in_shape = tuple(getattr(net, "in_shape", None) or (self.n_in,))  # images: (C, H, W)
+        self.tokens = check_tokens_arg(tokens, "mse", False)
+        if self.tokens is not None and hasattr(getattr(net, "layers", [None])[0], "check_tokens"):
+            raise ValueError("compile_jacobian(tokens=T): the network takes integer token ids (an Embedding first), "
+                             "which have no Jacobian; compile the layers after the embedding")
+        self.in_shape = ((self.tokens, self.n_in) if self.tokens is not None else  # images: (C, H, W)
+                         tuple(getattr(net, "in_shape", None) or (self.n_in,)))
         with self._on_device():
             self._x = xp.zeros((self.batch,) + self.in_shape, dtype=dt)
             self._graphs = self._graph_cache()
@@ -90,7 +96,8 @@ class JacobianStep(IdentityBinding, StepIO):
         ``(batch, C, H, W)``, ``n_in = C·H·W``); the step's buffer unless ``copy=True``."""
         with self._exclusive():  # one call at a time, its copy-out included (``_step_io``)
             self._check_net()
-            what = f"{self.n_in} features" if len(self.in_shape) == 1 else f"images {shape_str(self.in_shape)}"
+            what = (f"{self.n_in} features" if len(self.in_shape) == 1 else f"T={self.tokens} × {self.n_in} features"
+                    if self.tokens is not None else f"images {shape_str(self.in_shape)}")
             self._load(self._x, x, "x", f"batch {self.batch} × {what}: x must be {shape_str(self._x.shape)}")
             self._run_or_replay(False, self._run)
             return self._out.copy() if copy else self._out
