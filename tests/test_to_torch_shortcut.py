@@ -175,6 +175,22 @@ def test_the_rest_of_the_image_family_converts_and_comes_back():
     _same_network(seq, jg.Sequential.from_torch(model, in_shape=(2, 13)))
 
 
+def test_a_flatten_after_a_residual_block_of_images_comes_back():
+    """nn.Flatten right after a block (and its ReLU) is a Flatten layer: the block gives images."""
+    rng = np.random.default_rng(10)
+    W = lambda *s: rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))  # noqa: E731
+    block = L.Residual([L.Conv2d(W(3, 2, 3, 3), None, padding=1, activation="relu")], 0.5,
+                       shortcut=[L.Conv2d(W(3, 2, 1, 1), None)])
+    for tail in ([], [L.Activation("relu")]):
+        net = jg.Sequential([L.Conv2d(W(2, 1, 3, 3), None, padding=1), block, *tail, L.Flatten(), L.Dense(W(48, 2))],
+                            in_shape=(1, 4, 4))
+        model = net.to_torch()
+        back = jg.Sequential.from_torch(model, in_shape=(1, 4, 4))
+        _same_network(net, back)
+        x = rng.standard_normal((2, 1, 4, 4))
+        np.testing.assert_allclose(model(torch.tensor(x)).detach().numpy(), back(x), rtol=1e-12, atol=1e-12)
+
+
 def test_a_block_without_a_shortcut_keeps_its_state_dict_keys_and_old_modules_load():
     torch.manual_seed(0)
     block = Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)), 0.5)

@@ -43,7 +43,7 @@ def _refuse(at: str, m, why: str):
 def conv_layer(m, at: str, conv, before: list):
     """The jacgrad layer of torch module ``m`` when it is one of this family, else None.
     ``conv(tensor, what)``: the importer's array maker; ``before``: the layers made so far (an
-    ``nn.Flatten`` becomes a layer only after an image layer, else it passes through)."""
+    ``nn.Flatten`` becomes a layer only where they give images, else it passes through)."""
     kind = type(m)
     if kind in (nn.Conv1d, nn.Conv2d):
         if m.padding_mode != "zeros":
@@ -79,9 +79,22 @@ def conv_layer(m, at: str, conv, before: list):
         return cls(w, b, conv(m.running_mean, f"{at}: running_mean"), conv(m.running_var, f"{at}: running_var"), eps=m.eps)
     if kind is nn.PReLU:  # a parameterised activation: a layer of its own (one slope, or one per channel)
         return PReLU(conv(m.weight, f"{at}: weight"))
-    if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and before and isinstance(before[-1], _IMAGE_LAYERS):
+    if kind is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and _gives_images(before):
         return Flatten()
     return None
+
+
+def _gives_images(layers) -> bool:
+    """Whether the last of ``layers`` outputs images: an image layer, a residual block whose branch
+    ends in one, or activations after either (they keep the shape)."""
+    for L in reversed(layers):
+        if isinstance(L, _IMAGE_LAYERS):
+            return True
+        if L.kind == "residual":
+            return _gives_images(L.branch)
+        if L.kind != "activation":
+            return False
+    return False
 
 
 _CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "batchnorm1d": nn.BatchNorm1d, "batchnorm2d": nn.BatchNorm2d,
