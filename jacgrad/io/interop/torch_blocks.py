@@ -1,13 +1,14 @@
 """PyTorch blocks that ``jacgrad.Sequential.from_torch`` understands, and the converter.
 
-``Residual(inner, scale)`` is a tiny ``nn.Module`` whose forward is ``x + scale·inner(x)``: put
-it in a torch model to mark a residual block. ``layers_from_torch(module)`` reads an
-``nn.Sequential`` of ``nn.Linear`` (an activation module right after it is its activation),
-``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` and activation modules elsewhere (after a norm, a
-residual block or another activation: an ``Activation`` layer) into ``jacgrad.nn.layers`` (arrays copied to
-NumPy; ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass
-through as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute
-something else). The modules are walked as ``MLP.from_torch`` walks them
+``Residual(inner, scale, shortcut=None)`` is a tiny ``nn.Module`` whose forward is
+``x + scale·inner(x)`` (``shortcut(x) + scale·inner(x)`` with a projection shortcut): put it in a
+torch model to mark a residual block. ``layers_from_torch(module)`` reads an ``nn.Sequential``
+of ``nn.Linear`` (an activation module right after it is its activation), ``nn.LayerNorm``,
+``nn.RMSNorm``, ``Residual`` and activation modules elsewhere (after a norm, a residual block or
+another activation: an ``Activation`` layer) into ``jacgrad.nn.layers`` (arrays copied to NumPy;
+``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass through
+as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute something
+else). The modules are walked as ``MLP.from_torch`` walks them
 (``jacgrad.io.interop.torch.flatten``): an iterable of modules is taken too, nested
 ``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
 parameter used in several places (a re-used module, ``b.weight = a.weight``) is ONE shared
@@ -43,20 +44,30 @@ from ...protocol.layer import stored_arrays
 from ...protocol.sharing import array_key
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
-from .torch_conv import IMAGE_MODULES, conv_layer
+from .torch_conv import IMAGE_MODULES, conv_layer, conv_modules
 
 __all__ = ["Residual", "attention_from_torch", "embedding_from_torch", "layers_from_torch", "layers_to_torch", "token_layer"]
 
+_TO_TORCH = ("Dense", "Activation", "LayerNorm", "RMSNorm", "Residual (with or without a shortcut)", "Conv1d", "Conv2d",
+            "BatchNorm1d", "BatchNorm2d", "AvgPool2d", "MaxPool2d", "AdaptiveAvgPool2d", "Flatten", "PReLU")
+
 
 class Residual(nn.Module):
-    """``x + scale·inner(x)``; ``inner`` maps ``(B, H) -> (B, H)``."""
+    """``x + scale·inner(x)``, ``inner`` mapping a shape to itself (``(B, H)``, ``(B, C, H, W)``);
+    or, with ``shortcut`` (a projection, e.g. ``nn.Sequential(nn.Conv2d(C, C', 1, stride=2),
+    nn.BatchNorm2d(C'))``), ``shortcut(x) + scale·inner(x)``, both mapping the input to one shape:
+    jacgrad's ``Residual(layers, scale, shortcut=...)``. Its state dict has ``inner.*`` (and
+    ``shortcut.*`` with a shortcut: without one, the keys of a block saved before shortcuts)."""
 
-    def __init__(self, inner: nn.Module, scale: float = 1.0):
+    def __init__(self, inner: nn.Module, scale: float = 1.0, shortcut: nn.Module | None = None):
         super().__init__()
         self.inner, self.scale = inner, float(scale)
+        if shortcut is not None:  # none otherwise: a block without one keeps its state dict and repr
+            self.shortcut = shortcut
 
     def forward(self, x):
-        return x + self.scale * self.inner(x)
+        shortcut = getattr(self, "shortcut", None)  # None in a block pickled before shortcuts too
+        return (x if shortcut is None else shortcut(x)) + self.scale * self.inner(x)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}"
@@ -197,8 +208,10 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
         elif type(m) in (nn.Embedding, nn.MultiheadAttention):  # (B, T) tokens / (B, T, d) sequences
             out.append(token_layer(m, conv, at))
         elif type(m) is Residual:
-            inner = f"{at}: inner module"
-            out.append(_JgResidual(_layers(flatten(torch, m.inner, inner, conv.seen), inner, conv), m.scale))
+            parts = [(f"{at}: {name} module", part) for name, part in (("inner", m.inner),
+                     ("shortcut", getattr(m, "shortcut", None))) if part is not None]
+            branch, *short = [_layers(flatten(torch, part, name, conv.seen), name, conv) for name, part in parts]
+            out.append(_JgResidual(branch, m.scale, short[0] if short else None))
         else:
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
@@ -265,18 +278,24 @@ def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
     return Embedding(conv(module.weight, "weight"), module.padding_idx)
 
 
-def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
+def layers_to_torch(layers, _tied: dict | None = None, _where=None) -> nn.Sequential:
     """An ``nn.Sequential`` computing the ``jacgrad.nn.layers`` in order — ``nn.Linear`` (+ its
-    activation module), ``nn.LayerNorm``, ``nn.RMSNorm``, ``Residual`` around an inner
-    ``nn.Sequential`` — with copies of the parameters in their dtype, on their device (CUDA for
-    CuPy arrays). ``layers_from_torch`` of it gives the same layers back, exactly. A shared
-    parameter (``protocol.sharing``) is one torch parameter in every place (``b.weight =
-    a.weight``); a Dense whose W is another Dense's W transposed has no torch spelling: a
-    ``ValueError``."""
-    tied = {} if _tied is None else _tied  # array_key -> the torch Parameter of its first use
+    activation module), the norms, activation modules, ``Residual`` around an inner ``nn.Sequential``
+    (and a ``shortcut`` one), the convolutional family (``torch_conv.conv_modules``; BatchNorm in
+    eval mode) — with copies of the parameters in their dtype, on their device (CUDA for CuPy
+    arrays). ``layers_from_torch`` of it gives the same layers back, exactly. A shared parameter
+    (``protocol.sharing``) is one torch parameter in every place (``b.weight = a.weight``); a Dense
+    whose W is another Dense's W transposed has no torch spelling: a ``ValueError``; a layer with no
+    torch module here (``Embedding``, attention, token layers) a ``TypeError`` naming its place."""
+    tied = {} if _tied is None else _tied  # array_key -> the torch Parameter (or buffer) of its first use
+    where = _where or (lambda j: f"layer {j}")  # j -> the layer's place, for the messages
+    tie = lambda a, t: tied.setdefault(array_key(a), t)  # noqa: E731
     modules = []
     for j, L in enumerate(layers):
-        if L.kind == "dense":
+        image = conv_modules(L, _tensor, tie)
+        if image is not None:
+            modules.extend(image)
+        elif L.kind == "dense":
             W = _tensor(L.W)
             lin = nn.Linear(W.shape[0], W.shape[1], bias=L.has_bias, dtype=W.dtype, device=W.device)
             with torch.no_grad():
@@ -284,23 +303,24 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
                 if L.has_bias:
                     lin.bias.copy_(_tensor(L.b))
             if array_key(L.W, transposed=True) in tied and array_key(L.W) not in tied:
-                raise ValueError(f"to_torch: layer {j}'s W is another Dense layer's W transposed; torch cannot tie "
+                raise ValueError(f"to_torch: {where(j)}'s W is another Dense layer's W transposed; torch cannot tie "
                                  "a Linear's weight to another's transpose")
-            lin.weight = tied.setdefault(array_key(L.W), lin.weight)
+            lin.weight = tie(L.W, lin.weight)
             if L.has_bias:
-                lin.bias = tied.setdefault(array_key(L.b), lin.bias)
+                lin.bias = tie(L.b, lin.bias)
             modules.append(lin)
             act = activation_module(nn, L.activation)
             if act is not None:
                 modules.append(act)
-        elif L.kind == "residual":
-            if getattr(L, "shortcut", None) is not None:
-                raise TypeError(f"layers_to_torch: {L!r} has a projection shortcut; torch_blocks.Residual is "
-                                f"x + s·f(x) only (a jg.from_torch import keeps its own torch model)")
-            modules.append(Residual(layers_to_torch(L.layers, tied), L.scale))
+        elif L.kind == "residual":  # inner layers numbered as jacgrad does: the branch's, then the shortcut's
+            n, at = len(L.branch), where(j)
+            body = layers_to_torch(L.branch, tied, lambda i: f"{at}.{i}")
+            short = None if L.shortcut is None else layers_to_torch(
+                L.shortcut, tied, lambda i: f"{at}.{n + i} (shortcut layer {i})")
+            modules.append(Residual(body, L.scale, short))
         elif L.kind == "activation":
             modules.append(activation_module(nn, L.activation) or nn.Identity())
-        else:
+        elif L.kind in ("layernorm", "rmsnorm"):
             gamma = _tensor(L.gamma)
             with_beta = L.kind == "layernorm" and L.beta is not None
             kw = {"bias": with_beta} if L.kind == "layernorm" and L.affine else {}
@@ -311,10 +331,13 @@ def layers_to_torch(layers, _tied: dict | None = None) -> nn.Sequential:
                     norm.weight.copy_(gamma)
                     if with_beta:
                         norm.bias.copy_(_tensor(L.beta))
-                norm.weight = tied.setdefault(array_key(L.gamma), norm.weight)
+                norm.weight = tie(L.gamma, norm.weight)
                 if with_beta:
-                    norm.bias = tied.setdefault(array_key(L.beta), norm.bias)
+                    norm.bias = tie(L.beta, norm.bias)
             modules.append(norm)
+        else:
+            raise TypeError(f"to_torch: {where(j)}: {L!r} cannot be converted: to_torch converts "
+                            f"{', '.join(_TO_TORCH)}")
     return nn.Sequential(*modules)
 
 
