@@ -132,6 +132,10 @@ def test_other_losses_and_integer_labels(loss, product):
         t = np.array([0, 2, 1, 2])
     else:
         t = (t > 0).astype(float)
+    if product == "ntk":  # the kernel has no loss: a loss given is refused, never dropped silently
+        with pytest.raises(TypeError, match=r"product='ntk' takes trace, max_memory, not loss"):
+            net.compile(B, product=product, loss=loss)
+        return
     step = net.compile(B, product=product, loss=loss)
     got = _compiled(step, product, x, t, v)
     if product in ("grad_norms", "grads"):
@@ -332,7 +336,7 @@ def test_dense_nets_record_through_direct_cublas_with_no_host_transfer(recording
     build = {"mlp": _mlp, "seq": _seq}[make]
     host, net = build(), build(to=recording.asarray)
     x, t, v, rest = _inputs(product, host)
-    step = ProductStep(net, B, product, loss=loss, capture=False)
+    step = ProductStep(net, B, product, capture=False, **({} if product == "ntk" else {"loss": loss}))
     step(recording.asarray(np.zeros_like(x)), *(recording.asarray(a) for a in rest))  # warm-up, outside the block
     step._x[...] = recording.asarray(x)
     recording.reset()
@@ -426,6 +430,18 @@ def test_integer_labels_are_checked_at_load_and_not_read_back_while_recording(re
     want = (host.per_sample_grad_norms(x, labels, loss="softmax_cross_entropy") if product == "grad_norms"
             else host.per_sample_grads(x, labels, loss="softmax_cross_entropy").flat)
     np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-15)
+
+
+def test_an_option_a_product_does_not_read_is_refused_not_dropped():
+    _, net, _ = _model("mlp")
+    for product, kw, bad in [("ntk", {"method": "gram"}, "method"), ("grads", {"per_layer": True}, "per_layer"),
+                             ("ggn_vp", {"trace": True}, "trace"), ("grad_norms", {"max_memory": 1 << 20}, "max_memory"),
+                             ("ggn_diagonal", {"per_layer": True, "method": "gram"}, "method, per_layer")]:
+        with pytest.raises(TypeError, match=rf"product='{product}' takes .*, not {bad}$"):
+            net.compile(B, product=product, **kw)
+        with pytest.raises(TypeError, match=rf"product='{product}' takes .*, not "):  # built directly too
+            ProductStep(net, B, product, **kw)
+    assert net.compile(B, product="ntk", trace=True, max_memory=None).trace  # what it does read
 
 
 def test_the_eager_products_out_argument_is_checked_and_written():

@@ -78,6 +78,8 @@ PRODUCTS = ("step", "grad_norms", "grads", "ntk", "ggn_vp", "ggn_diagonal")
 _ALIASES = {"per_sample_grad_norms": "grad_norms", "per_sample_grads": "grads", "training": "step"}
 _CALLS = {"grad_norms": "step(x, target)", "grads": "step(x, target)", "ggn_vp": "step(x, v)",
           "ggn_diagonal": "step(x)"}
+_OPTIONS = {"grad_norms": ("loss", "per_layer", "method"), "grads": ("loss",), "ntk": ("trace", "max_memory"),
+            "ggn_vp": ("loss",), "ggn_diagonal": ("loss", "max_memory")}  # what each product reads
 _DEFAULT = object()  # max_memory not given: the eager product's default (the same chunks, the same numbers)
 
 
@@ -134,6 +136,13 @@ class ProductStep(IdentityBinding, StepIO):
         self._kw = {} if max_memory is _DEFAULT else {"max_memory": max_memory}
         if product in ("grads",) and max_memory is not _DEFAULT:
             raise ValueError("product='grads' writes (B, P) into the step's own buffer: it takes no max_memory")
+        given = [name for name, value, default in (("loss", loss, "mse"), ("per_layer", per_layer, False),
+                                                   ("method", method, "auto"), ("trace", trace, False),
+                                                   ("max_memory", max_memory, _DEFAULT))
+                 if value is not default and value != default]
+        unused = [name for name in given if name not in _OPTIONS[product]]
+        if unused:  # never a silent drop (net.compile names unknown options first: compile_step)
+            raise TypeError(f"product={product!r} takes {', '.join(_OPTIONS[product])}, not {', '.join(unused)}")
         self._bound = param_binding(net)
         self._device = anchor(net.layers).device if self._gpu else None
         layers = list(net.layers)
@@ -263,8 +272,7 @@ def compile_step(net, batch: Any, product: Any, loss: str, capture: Any, tokens:
     given = [k for k, v in training.items() if k != "input_grad" and v not in (None, 0, 0.0)]
     if given:
         raise TypeError(f"{', '.join(given)}: arguments of the (private) training step, not of product={product!r}")
-    known = {"grad_norms": ("per_layer", "method"), "grads": (), "ntk": ("trace", "max_memory"), "ggn_vp": (),
-             "ggn_diagonal": ("max_memory",)}[product]
+    known = tuple(o for o in _OPTIONS[product] if o != "loss")
     bad = sorted(set(options) - set(known))
     if bad:
         raise TypeError(f"product={product!r} takes {', '.join(known) or 'no options'}, not {', '.join(bad)}")
