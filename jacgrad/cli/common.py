@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ..io.mlp_interop import BIAS_FREE_HINT
+from .words import cli_words  # load_weights speaks the command line's words; still importable from here
 
 __all__ = [
     "MAX_LAYERS", "PROG", "UsageError", "check_init", "check_network_fits", "check_scheduler_address", "hidden_activations", "check_output_path", "cli_words", "expand_repeats",
@@ -324,29 +324,3 @@ def load_weights(path: str, dtype: str, device: str, activations: str | None = N
                 first = tuple(int(i) for i in bad[0])
                 raise UsageError(f"--weights {path!r}: layer {j}: {name} has non-finite values (inf or NaN; first at index {first})")
     return net
-
-
-# The library's argument names, as the command line spells them (item 26: errors the CLI
-# re-raises speak its own language).
-_CLI_WORDS = (
-    (BIAS_FREE_HINT, "the command line reads networks with a bias in every layer (an MLP); load this one in "
-                     "Python with jg.Sequential.load, which keeps it bias-free"),
-    ("pass the torch module: jg.load(path, model=module)", "give the torch module that names them: --model package.module:factory"),
-    ("leave out activations=", "leave out --activation and --output-activation"),
-    ("pass activations= (one per Linear)", "give --activation (the hidden layers) and --output-activation (default identity)"),
-    ("add one, or pass activations=", "add one, or give --activation (hidden layers) and --output-activation"),
-    ("pass activations=", "give --activation (the hidden layers) and --output-activation (default identity)"),
-    ("pass dtype='float32'", "pass --dtype float32"),
-    ("activations=", "--activation"),
-    ("output_activation=", "--output-activation"),
-    ("spectrum_samples=", "--spectrum-samples "),
-    ("norm_samples=", "--norm-samples "),
-)
-
-
-def cli_words(msg: str) -> str:
-    """``msg`` with the library's argument names (``activations=``, ``dtype=``…) replaced by the
-    command line's options."""
-    for lib, cli in _CLI_WORDS:
-        msg = msg.replace(lib, cli)
-    return msg

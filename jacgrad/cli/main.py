@@ -24,7 +24,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from .common import PROG, UsageError, cli_words, float_option, int_at_least, parse_sizes
+from .common import PROG, UsageError, float_option, int_at_least, parse_sizes
+from .words import cli_words
 
 __all__ = ["main", "parse_sizes", "UsageError"]
 

@@ -17,7 +17,8 @@ import sys
 
 import numpy as np
 
-from .common import UsageError, cli_words
+from .common import UsageError
+from .words import cli_words
 
 __all__ = ["network_of_model", "torch_model"]
 

@@ -28,7 +28,8 @@ from ..core.validation import float_array, shape_str
 from ..cuda import kernels
 from ..core.backend import get_xp
 from ..elementwise.activations import get as get_activation
-from .factors import ChannelScaleOp, SpatialFactor
+from .factors import SpatialFactor
+from .ops import ChannelScaleOp
 from .leaves import LeafSpatialFactor, to_tokens
 from ..protocol.layer import register_layer
 from ..protocol.leaves import ElementwiseLeaf

@@ -33,7 +33,7 @@ from .im2col import Geometry, check_input, pair
 from ..core.validation import check_max_memory, float_array, shape_str
 from ..elementwise.activations import get as get_activation
 from ..core.backend import get_xp
-from .factors import ConvOp
+from .ops import ConvOp
 from .leaves import ConvLeaf, LeafSpatialFactor
 from ..protocol.layer import register_layer
 

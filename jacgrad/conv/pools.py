@@ -23,7 +23,8 @@ import numpy as np
 from .im2col import Geometry, pair
 from ..core.validation import shape_str
 from ..core.backend import get_xp
-from .factors import AvgPoolOp, MaxPoolOp, MeanOp, ReshapeOp, SpatialFactor
+from .factors import SpatialFactor
+from .ops import AvgPoolOp, MaxPoolOp, MeanOp, ReshapeOp
 from ..protocol.layer import register_layer
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "Flatten", "MaxPool2d"]

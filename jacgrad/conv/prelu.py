@@ -27,7 +27,8 @@ from ..core.backend import get_xp
 from ..core.validation import float_array, shape_str
 from ..protocol.layer import register_layer
 from ..protocol.leaves import ElementwiseLeaf
-from .factors import ReshapeOp, SpatialFactor
+from .factors import SpatialFactor
+from .ops import ReshapeOp
 from .leaves import to_images, to_tokens
 
 __all__ = ["PReLU"]

@@ -218,6 +218,29 @@ def backward(g: Any, xhat: Any, inv: Any, gamma: Any, centered: bool, dgamma: An
     return dx
 
 
+def _column_partials(xp, dgamma, dbeta, parts: int, n: int, dt):
+    """``(part_g, part_b, finish)``: where a kernel writes the ``(parts, n)`` column partials of
+    ``dgamma`` and ``dbeta`` (``dbeta`` None: ``part_b`` is ``part_g``, which the kernel then leaves
+    alone), and ``finish()``, which sums them into ``dgamma``/``dbeta``. One part into a contiguous
+    output of the kernel's dtype is written there directly (a ``(1, n)`` view), with nothing to sum."""
+
+    def target(out):  # (where the kernel writes, whether its partials still need their sum)
+        if parts == 1 and out.dtype == dt and out.flags.c_contiguous:
+            return out.reshape(1, n), False
+        return xp.empty((parts, n), dtype=dt), True
+
+    part_g, sum_g = target(dgamma)
+    part_b, sum_b = (part_g, False) if dbeta is None else target(dbeta)
+
+    def finish() -> None:
+        if sum_g:
+            part_g.sum(axis=0, out=dgamma)
+        if sum_b:
+            part_b.sum(axis=0, out=dbeta)
+
+    return part_g, part_b, finish
+
+
 def _fused_backward(xp, g, xhat, gamma, inv, dx, acc, dgamma, dbeta, rows: int, n: int, centered: bool) -> None:
     """The one-kernel backward (rows that fit): ``G`` row groups of ``≥ _ROWS_PER_GROUP`` rows each,
     their ``(G, n)`` column partials summed into ``dgamma``/``dbeta`` (written directly when G = 1)."""
@@ -227,23 +250,13 @@ def _fused_backward(xp, g, xhat, gamma, inv, dx, acc, dgamma, dbeta, rows: int, 
     wanted = max(1, min(-(-rows // _ROWS_PER_GROUP), _MAX_GROUPS))
     grid = min(-(-wanted // per_block), _MAX_GRID)
     groups = grid * per_block
-
-    def target(out):  # (where the kernel writes, whether its partials still need their sum)
-        if groups == 1 and out.dtype == dt and out.flags.c_contiguous:
-            return out.reshape(1, n), False
-        return xp.empty((groups, n), dtype=dt), True
-
-    part_g, sum_g = target(dgamma)
-    part_b, sum_b = (part_g, False) if dbeta is None else target(dbeta)
+    part_g, part_b, finish = _column_partials(xp, dgamma, dbeta, groups, n, dt)
     _kernel("norm_backward", dt)(
         (grid,), (block,),
         (g, xhat, gamma, inv, g if dx is None else dx, inv if acc is None else acc, part_g, part_b, np.int32(n),
          np.int64(rows), _flag(centered), _flag(dx is not None), _flag(acc is not None), _flag(dbeta is not None),
          _flag(True), np.int32(group)))
-    if sum_g:
-        part_g.sum(axis=0, out=dgamma)
-    if sum_b:
-        part_b.sum(axis=0, out=dbeta)
+    finish()
 
 
 def _param_grads(xp, g, xhat, dgamma, dbeta, rows: int, n: int) -> None:
@@ -257,18 +270,8 @@ def _param_grads(xp, g, xhat, dgamma, dbeta, rows: int, n: int) -> None:
             dbeta[...] = 0
         return
     chunks, chunk = param_chunks(rows, n)
-
-    def target(out):  # (where the kernel writes, whether its partials still need their sum)
-        if chunks == 1 and out.dtype == dt and out.flags.c_contiguous:
-            return out.reshape(1, n), False
-        return xp.empty((chunks, n), dtype=dt), True
-
-    part_g, sum_g = target(dgamma)
-    part_b, sum_b = (part_g, False) if dbeta is None else target(dbeta)
+    part_g, part_b, finish = _column_partials(xp, dgamma, dbeta, chunks, n, dt)
     _kernel("norm_param_grads", dt)(
         (-(-n // _COLUMN_THREADS), chunks), (_COLUMN_THREADS,),
         (g, xhat, part_g, part_b, np.int32(n), np.int64(rows), np.int64(chunk), _flag(dbeta is not None)))
-    if sum_g:
-        part_g.sum(axis=0, out=dgamma)
-    if sum_b:
-        part_b.sum(axis=0, out=dbeta)
+    finish()

@@ -23,19 +23,20 @@ from ..core import above as _above, lazy as _lazy
 from ..nn import losses
 from ..protocol.passes import Gradients
 from ..nn.stack import Plans, backward_layers, carve_backward, carve_forward, carve_grads, forward_layers
-from ..nn.stack import layer_leads, named_grads, param_views
+from ..nn.stack import named_grads, param_views
 from ..steps.compiled_jacobian import JacobianStep
 from ..steps.compiled_products import compile_step
 from ..params.param_space import SequentialParameterSpace
 from ..core.validation import float_array, network_input, require_finite, shape_str
 from ..core.backend import get_xp
 from ..algebra.chain import Chain
-from ..nn.layers import chained, leaf_layers
+from ..nn.layers import chained
 from ..protocol.layer import anchor as _first_param
 from ..protocol.layer import bind_shapes, layout_generation, lead_shape, named_params
 from ..protocol.sharing import Ties, TiedLayers
 from ..io.mlp_interop import Imported
 from ..core.renamed import renamed
+from .batch_kinds import check_batch_kind
 from .cache import SequentialCache
 
 __all__ = ["Gradients", "Sequential", "SequentialCache"]
@@ -245,45 +246,16 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
         ``product="grad_norms" | "grads" | "ntk" | "ggn_vp" | "ggn_diagonal"`` (``options``:
         ``per_layer``, ``method``, ``trace``, ``max_memory``): that product compiled instead, with the
         same contract (``jacgrad.steps.compiled_products``; ``input_grad`` does not apply)."""
-        if tokens is None:
-            self._refuse_token_only(batch, "compile")
-        else:
-            self._refuse_per_sample_only(tokens)
+        check_batch_kind(self._layers, batch, tokens, "compile")
         training = dict(input_grad=input_grad and clip is None, clip=clip, noise_multiplier=noise_multiplier, seed=seed,
                         expected_batch_size=expected_batch_size)
         return compile_step(self, batch, product, loss, capture, tokens, training, options)
-
-    def _refuse_token_only(self, batch: Any, what: str) -> None:
-        """A ``ValueError`` naming the first layer that runs on token batches ``(B, T, ·)`` only (its
-        ``forward_shapes(batch)`` refuses an int batch: ``MultiHeadAttention``, ``Embedding``): a
-        compiled step's buffers are ``(batch, n)``."""
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            return  # the step's own check names a bad batch
-        lead = int(batch)  # handed on through the layers that change the token axis (an image -> tokens)
-        for j, top in enumerate(self._layers):
-            for path, L in leaf_layers([top], (j,)):
-                try:
-                    L.forward_shapes(lead)
-                except ValueError:
-                    how = ("compile token batches with compile(batch, tokens=T)" if what == "compile" else
-                           "a compiled step's buffers are (batch, features): use loss_and_grads on token batches")
-                    raise ValueError(f"{what}: layer {'.'.join(map(str, path[:1] + path[2:]))} ({L!r}) runs on token "
-                                     f"batches (B, T, ·) only; {how}") from None
-            lead = layer_leads([top], lead)[-1]
-
-    def _refuse_per_sample_only(self, tokens: Any) -> None:
-        """A ``ValueError`` naming the first layer that does not act per token (a convolution, a pool:
-        no ``per_token``, what ``takes_tokens`` asks of every layer), for ``compile(B, tokens=T)``."""
-        for path, L in leaf_layers(self._layers):
-            if not getattr(L, "per_token", False):
-                raise ValueError(f"compile(tokens={tokens}): layer {'.'.join(map(str, path))} ({L!r}) does not run "
-                                 f"on token batches (B, T, ·); compile this network without tokens=")
 
     def compile_jacobian(self, batch: int, order: str = "auto", capture: Any = "auto", tokens: Any = None) -> JacobianStep:
         """``J = step(x)``: the ``(batch, n_out, n_in)`` per-sample Jacobians, one CUDA graph on the GPU; the
         contract of ``MLP.compile_jacobian`` (``jacgrad.steps.compiled_jacobian``). ``tokens=T``: float token
         batches ``x (batch, T, n_in)``, ``J (batch, T·n_out, T·n_in)``."""
-        (self._refuse_token_only if tokens is None else lambda *a: self._refuse_per_sample_only(tokens))(batch, "compile_jacobian")
+        check_batch_kind(self._layers, batch, tokens, "compile_jacobian")
         return JacobianStep(self, batch, order=order, capture=capture, tokens=tokens)
 
     @classmethod
