@@ -356,7 +356,7 @@ def test_to_torch_ties_the_torch_parameters_again():
     np.testing.assert_allclose(back(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-12, atol=1e-12)
     assert jg.Sequential.from_torch(back).n_params == 46
     W = np.random.default_rng(0).standard_normal((4, 6))
-    with pytest.raises(ValueError, match=r"to_torch: layer 1's W is another Dense layer's W transposed"):
+    with pytest.raises(ValueError, match=r"to_torch: layer 1's W is layer 0's W transposed, which torch holds the other way round"):
         jg.Sequential([L.Dense(W, None, "tanh"), L.Dense(W.T)]).to_torch()
 
 

@@ -296,11 +296,12 @@ class Sequential(SequentialParameterSpace, Imported, TiedLayers):
     def to_torch(self):
         """An ``nn.Sequential`` computing this network (``nn.Linear`` + activation modules,
         ``nn.LayerNorm``, ``nn.RMSNorm``, ``torch_blocks.Residual`` with or without a projection
-        shortcut, convolutions, eval-mode BatchNorm, pools, ``nn.Flatten``, ``nn.PReLU``) with copies
+        shortcut, convolutions, eval-mode BatchNorm, pools, ``nn.Flatten``, ``nn.PReLU``, and the token
+        layers: ``nn.Embedding``, attention and the token maps of ``io.interop.torch_tokens``) with copies
         of its parameters, same dtype, same device (CUDA for a GPU network), a shared parameter one
-        torch parameter; ``Sequential.from_torch`` of it gives this network back exactly, and so
-        does ``jg.from_torch(module, x)``. A layer with no torch module (an ``Embedding``, attention,
-        token layers) is a ``TypeError`` naming it."""
+        torch parameter (a GPT's tied unembedding: the ``nn.Embedding``'s weight); ``Sequential.from_torch``
+        of it gives this network back exactly, and so does ``jg.from_torch(module, x)``. A layer with
+        no torch module (a kind of one's own) is a ``TypeError`` naming it."""
         from ..io.interop.torch_blocks import layers_to_torch
 
         return layers_to_torch(self._layers)

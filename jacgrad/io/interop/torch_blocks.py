@@ -8,9 +8,9 @@ of ``nn.Linear`` (an activation module right after it is its activation), ``nn.L
 another activation: an ``Activation`` layer) into ``jacgrad.nn.layers`` (arrays copied to NumPy;
 ``W = weight.T``); ``nn.Identity``, ``nn.Dropout`` in eval mode and ``nn.Flatten()`` pass through
 as in ``MLP.from_torch``, and only torch's own classes are read (a subclass may compute something
-else). The modules are walked as ``MLP.from_torch`` walks them
-(``jacgrad.io.interop.torch.flatten``): an iterable of modules is taken too, nested
-``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
+else), besides the token modules ``to_torch`` writes (``interop.torch_tokens``). The modules are
+walked as ``MLP.from_torch`` walks them (``jacgrad.io.interop.torch.flatten``): an iterable of
+modules is taken too, nested ``nn.Sequential``s are flattened (``"1.0"``), a re-used module is applied in each place, and a
 parameter used in several places (a re-used module, ``b.weight = a.weight``) is ONE shared
 jacgrad parameter (``docs/sharing.md``). A missing bias
 (``nn.Linear(bias=False)``) is a bias-free ``Dense`` (no bias parameter); RMSNorm's ``eps=None`` becomes ``torch.finfo(dtype).eps``, as torch computes it.
@@ -41,15 +41,17 @@ from ...nn.layers import (
 )
 from ...core.backend import asarray, get_xp
 from ...protocol.layer import stored_arrays
-from ...protocol.sharing import array_key
 from .torch import SUPPORTED, _parameter, activation_module, activation_name, cast_dtype, custom_note, describe, flatten
 from .torch import check_attention_module, check_embedding_module, origin, parameter_converter, passes_through, tensor
 from .torch_conv import IMAGE_MODULES, conv_layer, conv_modules
+from .torch_tokens import TOKEN_MODULES, token_layer_of, token_modules
+from .torch_write import TorchTies, linear_module
 
 __all__ = ["Residual", "attention_from_torch", "embedding_from_torch", "layers_from_torch", "layers_to_torch", "token_layer"]
 
 _TO_TORCH = ("Dense", "Activation", "LayerNorm", "RMSNorm", "Residual (with or without a shortcut)", "Conv1d", "Conv2d",
-            "BatchNorm1d", "BatchNorm2d", "AvgPool2d", "MaxPool2d", "AdaptiveAvgPool2d", "Flatten", "PReLU")
+             "BatchNorm1d", "BatchNorm2d", "AvgPool2d", "MaxPool2d", "AdaptiveAvgPool2d", "Flatten",
+             "PReLU") + TOKEN_MODULES
 
 
 class Residual(nn.Module):
@@ -150,6 +152,8 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
                                     f"cast the model first (model.float() or model.double()), or pass dtype='float32' "
                                     f"(or 'float64') to cast it")
         image = None if dense_only else conv_layer(m, at, conv, out)  # the convolutional family (interop.torch_conv)
+        if image is None and not dense_only:  # the token modules of to_torch (interop.torch_tokens)
+            image = token_layer_of(m, conv, at)
         if image is None and passes_through(nn, f"{where} {i}", m):  # Identity, Dropout (eval), Flatten: they compute nothing
             continue
         try:
@@ -216,7 +220,7 @@ def _layers(items, where: str, conv: _Convert, dense_only: bool = False) -> list
             note = custom_note(m, f" and {__name__}.Residual")
             raise TypeError(f"{at} is not supported{note}; supported: {', '.join(SUPPORTED)}, nn.LayerNorm, "
                             f"nn.RMSNorm, nn.Embedding, nn.MultiheadAttention(batch_first=True), {', '.join(IMAGE_MODULES)}, "
-                            f"jacgrad.io.interop.torch_blocks.Residual")
+                            f"jacgrad.io.interop.torch_blocks.Residual, the modules of jacgrad.io.interop.torch_tokens")
         if act is None:
             width = (out[-1].n_out, i, type(m).__name__)
     if not out:
@@ -278,45 +282,35 @@ def embedding_from_torch(module, copy: bool = True, dtype=None, convert=None,
     return Embedding(conv(module.weight, "weight"), module.padding_idx)
 
 
-def layers_to_torch(layers, _tied: dict | None = None, _where=None) -> nn.Sequential:
+def layers_to_torch(layers, _tied: TorchTies | None = None, _where=None) -> nn.Sequential:
     """An ``nn.Sequential`` computing the ``jacgrad.nn.layers`` in order — ``nn.Linear`` (+ its
     activation module), the norms, activation modules, ``Residual`` around an inner ``nn.Sequential``
     (and a ``shortcut`` one), the convolutional family (``torch_conv.conv_modules``; BatchNorm in
-    eval mode) — with copies of the parameters in their dtype, on their device (CUDA for CuPy
-    arrays). ``layers_from_torch`` of it gives the same layers back, exactly. A shared parameter
-    (``protocol.sharing``) is one torch parameter in every place (``b.weight = a.weight``); a Dense
+    eval mode), the token layers (``torch_tokens.token_modules``: ``nn.Embedding``, attention, ...)
+    — with copies of the parameters in their dtype, on their device (CUDA for CuPy arrays).
+    ``layers_from_torch`` of it gives the same layers back, exactly. A shared parameter
+    (``protocol.sharing``) is one torch parameter in every place (``b.weight = a.weight``; a tied
+    unembedding ``Dense(E.T)`` is the ``nn.Embedding``'s weight: ``torch_write.TorchTies``); a Dense
     whose W is another Dense's W transposed has no torch spelling: a ``ValueError``; a layer with no
-    torch module here (``Embedding``, attention, token layers) a ``TypeError`` naming its place."""
-    tied = {} if _tied is None else _tied  # array_key -> the torch Parameter (or buffer) of its first use
+    torch module here a ``TypeError`` naming its place."""
+    tie = TorchTies() if _tied is None else _tied  # one torch Parameter (or buffer) per jacgrad array
     where = _where or (lambda j: f"layer {j}")  # j -> the layer's place, for the messages
-    tie = lambda a, t: tied.setdefault(array_key(a), t)  # noqa: E731
     modules = []
     for j, L in enumerate(layers):
         image = conv_modules(L, _tensor, tie)
-        if image is not None:
-            modules.extend(image)
+        token = None if image is not None else token_modules(L, _tensor, tie, where(j))
+        if image is not None or token is not None:
+            modules.extend(image if image is not None else token)
         elif L.kind == "dense":
-            W = _tensor(L.W)
-            lin = nn.Linear(W.shape[0], W.shape[1], bias=L.has_bias, dtype=W.dtype, device=W.device)
-            with torch.no_grad():
-                lin.weight.copy_(W.T)
-                if L.has_bias:
-                    lin.bias.copy_(_tensor(L.b))
-            if array_key(L.W, transposed=True) in tied and array_key(L.W) not in tied:
-                raise ValueError(f"to_torch: {where(j)}'s W is another Dense layer's W transposed; torch cannot tie "
-                                 "a Linear's weight to another's transpose")
-            lin.weight = tie(L.W, lin.weight)
-            if L.has_bias:
-                lin.bias = tie(L.b, lin.bias)
-            modules.append(lin)
+            modules.append(linear_module(L.W, L.b if L.has_bias else None, _tensor, tie, f"{where(j)}'s"))
             act = activation_module(nn, L.activation)
             if act is not None:
                 modules.append(act)
         elif L.kind == "residual":  # inner layers numbered as jacgrad does: the branch's, then the shortcut's
             n, at = len(L.branch), where(j)
-            body = layers_to_torch(L.branch, tied, lambda i: f"{at}.{i}")
+            body = layers_to_torch(L.branch, tie, lambda i: f"{at}.{i}")
             short = None if L.shortcut is None else layers_to_torch(
-                L.shortcut, tied, lambda i: f"{at}.{n + i} (shortcut layer {i})")
+                L.shortcut, tie, lambda i: f"{at}.{n + i} (shortcut layer {i})")
             modules.append(Residual(body, L.scale, short))
         elif L.kind == "activation":
             modules.append(activation_module(nn, L.activation) or nn.Identity())
