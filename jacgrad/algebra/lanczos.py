@@ -44,22 +44,19 @@ come over together; the columns already on the host are never copied again.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
 from .spectra import ConvergenceWarning
-from .tridiagonal import _any_above, _top_eigenvalue, _top_eigenvalue_bounded
+from .lanczos_block import DENSE_RITZ, Deferred, _lanczos
 
 __all__ = ["DENSE_RITZ", "DIRECT_BELOW", "DIRECT_MAX", "ROW_ELEMENTS", "Operators", "top_eigenvalues",
            "top_eigenvalues_many"]
 
 # Rows per chunk times n stays under 2^22 elements (32 MiB in float64), whatever the batch.
 ROW_ELEMENTS = 1 << 22
-# A tridiagonal T of up to this many Lanczos steps is solved densely (its exact λ_max: a batched
-# k x k eigvalsh costs less than the Python loop of a multisection's Sturm counts).
-DENSE_RITZ = 16
 # ``dense`` is used for operators up to this size (a 1024 x 1024 eigvalsh per row, ~0.3 s on one core) ...
 DIRECT_MAX = 1024
 # ... and from the start up to this size, where one batched eigvalsh costs less than Lanczos's first check.
@@ -106,7 +103,10 @@ def top_eigenvalues(
 @dataclass
 class Operators:
     """``count`` operators of one ``top_eigenvalues`` call: its ``matvec``, ``seed``, ``lower``,
-    ``upper`` and ``dense``, as documented there."""
+    ``upper`` and ``dense``, as documented there. ``bound_by``: the index, in the same
+    ``top_eigenvalues_many`` call, of a set of one operator whose λ_max multiplies ``upper``
+    (a layer's per-sample ``‖J_b‖₂² ≤ max d_b²·‖W‖₂²``, with ‖W‖₂² that set's): the answer is that
+    of calling that set first and this one with ``upper · λ_max``."""
 
     matvec: Callable
     count: int
@@ -114,6 +114,7 @@ class Operators:
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     dense: Callable | None = None
+    bound_by: int | None = None
 
 
 def top_eigenvalues_many(sets: list[Operators], n: int, *, xp, dtype, tol: float | None = None, max_steps: int = 400,
@@ -124,16 +125,38 @@ def top_eigenvalues_many(sets: list[Operators], n: int, *, xp, dtype, tol: float
     The sets' rows run as one Lanczos block (up to ``ROW_ELEMENTS`` elements), so a step's host
     work, checks and transfers are paid once for all of them, not once per set; each set keeps its
     own start vector (from its ``seed``), bounds, matvec (applied to its rows of the block) and its
-    own test of an invariant Krylov space (``_lanczos``'s ``groups``)."""
+    own test of an invariant Krylov space (``_lanczos``'s ``groups``). A set ``bound_by`` another
+    runs in the same block as it, its bound applied when that one settles (``Deferred``), where
+    they fit in one block; else after it."""
     outs = [np.zeros(ops.count, dtype=np.float64) for ops in sets]
     if n == 0:
         return outs
     tol = _tolerance(dtype) if tol is None else tol
     chunk = max(1, ROW_ELEMENTS // n)
+    budget = lambda ops: min(max_steps, max(first_check, n // 2)) if ops.dense is not None and n <= DIRECT_MAX \
+        else max_steps  # noqa: E731
+    refs = sorted({ops.bound_by for ops in sets if ops.bound_by is not None})
+    for j in refs:
+        if not 0 <= j < len(sets) or sets[j].count != 1 or sets[j].bound_by is not None or sets[j].dense is None:
+            raise ValueError(f"bound_by={j}: not the index of a set of one operator with a dense form and no "
+                             f"bound_by of its own")
+    iterated = [ops for ops in sets if ops.count and not (ops.dense is not None and n <= DIRECT_BELOW)]
+    together = all(sets[j] in iterated for j in refs) and len({budget(ops) for ops in iterated}) == 1 and \
+        sum(ops.count for ops in iterated) <= chunk
+    if refs and not together:  # the bounding sets first, then the others with their bounds
+        first = dict(zip(refs, top_eigenvalues_many([sets[j] for j in refs], n, xp=xp, dtype=dtype, tol=tol,
+                                                    max_steps=max_steps, first_check=first_check,
+                                                    check_every=check_every)))
+        rest = [i for i in range(len(sets)) if i not in first]
+        bound = [replace(sets[i], upper=None if sets[i].bound_by is None else sets[i].upper * first[sets[i].bound_by][0],
+                         bound_by=None) for i in rest]
+        got = dict(zip(rest, top_eigenvalues_many(bound, n, xp=xp, dtype=dtype, tol=tol, max_steps=max_steps,
+                                                  first_check=first_check, check_every=check_every)))
+        return [first[i] if i in first else got[i] for i in range(len(sets))]
     runs: dict[int, list[list]] = {}  # budget -> runs of at most `chunk` rows; each a list of segments
     for i, ops in enumerate(sets):
         out, todo = outs[i], np.arange(ops.count)
-        if ops.lower is not None and ops.upper is not None:
+        if ops.lower is not None and ops.upper is not None and ops.bound_by is None:
             lower = np.asarray(ops.lower, dtype=np.float64)
             upper = np.asarray(ops.upper, dtype=np.float64)
             settled = lower >= upper * (1 - tol)
@@ -145,23 +168,22 @@ def top_eigenvalues_many(sets: list[Operators], n: int, *, xp, dtype, tol: float
             continue
         if not todo.size:
             continue
-        budget = min(max_steps, max(first_check, n // 2)) if direct else max_steps
         # One random start shared by every row of a set: a row's result depends on its operator only,
         # not on which rows it is batched with (a report over chunks equals the report of the whole batch).
         start_vector = xp.asarray(np.random.default_rng(ops.seed).standard_normal(n).astype(dtype))
-        top = None if ops.upper is None else np.asarray(ops.upper, dtype=np.float64)
+        top = None if ops.upper is None or ops.bound_by is not None else np.asarray(ops.upper, dtype=np.float64)
         for start in range(0, todo.size, chunk):
             idx = todo[start : start + chunk]
             rows = slice(int(idx[0]), int(idx[-1]) + 1) if idx[-1] - idx[0] + 1 == idx.size else idx
             segment = (i, idx, rows, start_vector, None if top is None else top[idx])
-            packed = runs.setdefault(budget, [[]])
+            packed = runs.setdefault(budget(ops), [[]])
             if packed[-1] and sum(seg[1].size for seg in packed[-1]) + idx.size > chunk:
                 packed.append([])
             packed[-1].append(segment)
     left = [[] for _ in sets]
-    for budget, packed in runs.items():
+    for steps, packed in runs.items():
         for run in packed:
-            theta, pending = _run(run, sets, budget, tol, first_check, check_every, xp, n)
+            theta, pending = _run(run, sets, steps, tol, first_check, check_every, xp, n)
             at = 0
             for i, idx, _, _, _ in run:
                 outs[i][idx] = theta[at : at + idx.size]
@@ -183,7 +205,9 @@ def top_eigenvalues_many(sets: list[Operators], n: int, *, xp, dtype, tol: float
 
 def _run(run: list, sets: list[Operators], budget: int, tol: float, first_check: int, check_every: int, xp, n: int):
     """One Lanczos block of the segments ``run`` (``(set, rows' indices, rows, start vector,
-    upper)``, see ``top_eigenvalues_many``): ``(theta, pending)`` over its rows in order."""
+    upper)``, see ``top_eigenvalues_many``): ``(theta, pending)`` over its rows in order, the
+    ``bound_by`` sets' rows settled with their bounds, and the bounding rows Lanczos left pending
+    finished by their dense form first (as ``top_eigenvalues_many`` would)."""
     if len(run) == 1:  # one set's chunk: its own matvec on the whole block, as a single call
         i, idx, rows, start_vector, top = run[0]
         return _lanczos(sets[i].matvec, rows, xp.broadcast_to(start_vector, (idx.size, n)), budget, tol, first_check,
@@ -201,10 +225,36 @@ def _run(run: list, sets: list[Operators], budget: int, tol: float, first_check:
     for at, seg in zip(bounds[:-1], run):
         q0[at : at + seg[1].size] = seg[3]
     tops = [seg[4] for seg in run]
-    upper = None if all(t is None for t in tops) else np.concatenate(
+    linked = [k for k, seg in enumerate(run) if sets[seg[0]].bound_by is not None]
+    upper = None if all(t is None for t in tops) and not linked else np.concatenate(
         [np.full(seg[1].size, np.inf) if t is None else t for seg, t in zip(run, tops)])
     groups = np.repeat(np.arange(len(run)), [seg[1].size for seg in run])
-    return _lanczos(matvec, slice(0, int(bounds[-1])), q0, budget, tol, first_check, check_every, xp, upper, groups)
+    deferred = None
+    if linked:
+        where = {seg[0]: int(at) for at, seg in zip(bounds[:-1], run)}  # a set's first row in the block
+        rows = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in linked])
+        ops = [sets[run[k][0]] for k in linked]
+        deferred = Deferred(rows, np.repeat([where[o.bound_by] for o in ops], [o.count for o in ops]),
+                            np.concatenate([np.asarray(o.upper, dtype=np.float64) for o in ops]),
+                            np.concatenate([np.full(o.count, -np.inf) if o.lower is None else
+                                            np.asarray(o.lower, dtype=np.float64) for o in ops]), tol)
+    theta, pending = _lanczos(matvec, slice(0, int(bounds[-1])), q0, budget, tol, first_check, check_every, xp, upper,
+                              groups, deferred)
+    if deferred is not None and deferred.open.any():  # a bounding row Lanczos left: its dense λ, then the bound
+        for src in np.unique(deferred.source[deferred.open]):
+            k = int(np.searchsorted(bounds, src, side="right")) - 1
+            theta[src] = _eigvalsh_top(sets[run[k][0]].dense, np.array([src - bounds[k]]), n, xp)[0]
+            pending[src] = False
+        deferred.resolve(theta, pending, upper)
+    for src in [] if deferred is None else deferred.rerun:  # as their own call, with the bound now known
+        for k in linked:
+            ops = sets[run[k][0]]
+            if where[ops.bound_by] == src:
+                own = replace(ops, upper=np.asarray(ops.upper, dtype=np.float64) * theta[src], bound_by=None)
+                theta[bounds[k] : bounds[k + 1]] = top_eigenvalues_many(
+                    [own], n, xp=xp, dtype=q0.dtype, tol=tol, max_steps=budget, first_check=first_check,
+                    check_every=check_every)[0]
+    return theta, pending
 
 
 def _eigvalsh_top(dense, rows: np.ndarray, n: int, xp) -> np.ndarray:
@@ -214,112 +264,6 @@ def _eigvalsh_top(dense, rows: np.ndarray, n: int, xp) -> np.ndarray:
     per = max(1, ROW_ELEMENTS // (n * n))
     parts = [xp.linalg.eigvalsh(dense(rows[s : s + per]))[:, -1] for s in range(0, rows.size, per)]
     return _host(xp.concatenate(parts)).astype(np.float64)
-
-
-
-def _checks(first_check: int, check_every: int, n: int, max_steps: int) -> set:
-    """The steps after which the tridiagonals come to the host."""
-    steps = {min(first_check, n), n}
-    k = 2
-    while k < first_check:
-        steps.add(k)
-        k *= 2
-    steps.update(range(first_check, max_steps + 1, check_every))
-    steps.add(max_steps)
-    return {s for s in steps if 1 <= s <= max_steps}
-
-
-def _lanczos(matvec, rows, q, max_steps, tol, first_check, check_every, xp, upper, groups=None):
-    """``(theta, pending)``: host ``(P,)`` top Ritz values and the rows not settled. ``groups``:
-    host ``(P,)`` ints, the rows of one ``top_eigenvalues`` call's chunk (None: all of them): a
-    breakdown makes a group's Ritz values exact when every row of the group broke down."""
-    P, n = q.shape
-    dot = _row_dot(xp)
-    q = q / xp.sqrt(dot(q, q))[:, None]
-    q_prev = xp.zeros_like(q)
-    b_prev = xp.zeros(P, dtype=q.dtype)
-    fresh: list = []  # per step (α, β, breakdown) on the device, not yet on the host: stacked at a check
-    ta = np.zeros((P, 0))
-    tb = np.zeros((P, 0))
-    scale = xp.zeros(P, dtype=q.dtype)  # running max of |α| + β ≈ ‖A_p‖, for the breakdown test
-    eps = float(np.finfo(q.dtype).eps)
-    first_check = max(1, min(first_check, n))  # by step n a row's Krylov space is all of R^n
-    checks = _checks(first_check, check_every, n, max_steps)
-    theta = np.zeros(P)
-    pending = np.ones(P, dtype=bool)  # rows whose λ_max is not settled yet
-    solved = np.zeros(P, dtype=bool)  # rows of ``pending`` with a current Ritz value in theta
-    test_at = np.zeros(P, dtype=np.int64)  # the step from which a solved row's θ may be tested
-    for k in range(max_steps):
-        w = matvec(q, rows)
-        a = dot(w, q)
-        w -= a[:, None] * q
-        w -= b_prev[:, None] * q_prev
-        # No reorthogonalisation against older vectors: lost orthogonality only duplicates
-        # converged Ritz values (Paige), it never moves the largest one, so λ_max needs no
-        # Krylov basis — the memory stays a few (P, n) blocks.
-        b = xp.sqrt(dot(w, w))
-        scale = xp.maximum(scale, xp.abs(a) + b)
-        # Breakdown: the Krylov space is invariant and the Ritz values are exact eigenvalues.
-        # The row continues with q = 0, which only appends zero eigenvalues to its T (A is PSD).
-        stop = b <= 8 * n * eps * scale
-        if xp is np and not stop.any():  # the usual step on the host: no row broke down
-            w /= b[:, None]
-        else:
-            b = xp.where(stop, 0, b)
-            w /= xp.where(stop, 1, b)[:, None]
-            xp.copyto(w, 0, where=stop[:, None])  # not w[stop] = 0: a boolean-mask store syncs on CuPy
-        q_prev, q, b_prev = q, w, b
-        fresh.append((a, b, stop))
-        steps = k + 1
-        if steps not in checks:
-            continue
-        new = _host(xp.stack([xp.stack(col, axis=1).astype(a.dtype, copy=False) for col in zip(*fresh)],
-                             axis=2)).astype(np.float64)  # (P, steps, 3) in one transfer
-        fresh = []
-        ta = np.concatenate([ta, new[:, :, 0]], axis=1)
-        tb = np.concatenate([tb, new[:, :, 1]], axis=1)
-        broke = new[:, -1, 2] > 0
-        if steps == n or groups is None:  # every row's Ritz values are exact
-            exact = np.full(P, steps == n or bool(broke.all()))
-        else:  # a group whose rows all broke down is exact; the others go on
-            exact = (np.bincount(groups, weights=~broke) == 0)[groups]
-        tbk = tb[:, : steps - 1]
-        # A multisection gives a row its Ritz value θ; later a Sturm count of the grown T
-        # checks in O(k) whether λ_max moved above θ(1 + tol). Ritz values only grow, so a
-        # row that passes has λ_max(T) in [θ, θ(1 + tol)] and is done.
-        test = pending & ~exact & solved & (test_at <= steps)
-        if test.any():
-            slack = k * eps * (np.abs(ta[test]).max(axis=1) + np.abs(tbk[test]).max(axis=1, initial=0.0))
-            above = _any_above(ta[test], tbk[test], theta[test] * (1 + tol) + slack)
-            tested = np.flatnonzero(test)
-            pending[tested[~above]] = False
-            solved[tested[above]] = False
-        final = pending & exact
-        if final.any():
-            theta[final] = _top_eigenvalue(ta[final], tbk[final])
-        need = pending & ~exact & ~solved
-        if need.any() and steps <= DENSE_RITZ:  # a small T: one batched eigensolve, cheaper than multisection
-            theta[need] = _top_eigenvalue(ta[need], tbk[need])
-            solved[need] = True
-            test_at[need] = steps + max(check_every, steps // 4)
-        elif need.any():
-            theta[need] = _top_eigenvalue_bounded(ta[need], tbk[need], theta[need], tol / 4)
-            solved[need] = True
-            test_at[need] = steps + max(check_every, steps // 4)
-        if upper is not None:  # θ ≤ λ_max ≤ upper: a row whose θ meets its upper bound is done
-            pending &= ~(solved & (theta >= upper * (1 - tol)))
-        pending &= ~exact
-        if not pending.any():
-            return theta, pending
-    return theta, pending
-
-
-def _row_dot(xp):
-    """``(a, b) -> Σ_j a_ij b_ij`` of two ``(P, n)`` blocks: ``core.backend.dot_along(a, b, 1)``
-    without its per-call checks (a Lanczos step makes three)."""
-    if xp is np:
-        return lambda a, b: np.einsum("ab,ab->a", a, b)
-    return lambda a, b: (a * b).sum(axis=1)
 
 
 def _host(a) -> np.ndarray:

@@ -176,28 +176,27 @@ def layer_sums(xp, j: int, J: LayerJacobian, activation: str, grads, factor: flo
 def measure_norms(xp, partials: list[dict]) -> None:
     """Fill ``w2`` (‖W_j‖₂), ``norm_sum`` (Σ ‖J_b‖₂) and ``bound_sum`` (Σ max|d_b|) of the
     ``layer_sums`` partials that carry ``"_norms"`` (removed), the layers of one size together:
-    every ‖W_j‖₂² in one Lanczos block, then every sample's ‖J_b‖₂² (bounded by ``lower`` and
-    ``max d² ‖W‖₂²``) in another (``top_eigenvalues_many``: each layer's numbers are those of its
-    own call, bit for bit; the host work of a step is paid once for all layers, not per layer)."""
+    every ‖W_j‖₂² and every sample's ‖J_b‖₂² (bounded by ``lower`` and ``max d² · ‖W_j‖₂²``) in one
+    Lanczos block (``top_eigenvalues_many``, the per-sample sets ``bound_by`` their layer's ‖W_j‖₂²:
+    each layer's numbers are those of its own calls, bit for bit; a step's host work is paid once
+    for all layers, not twice per layer)."""
     jobs = [(lp, lp.pop("_norms")) for lp in partials if "_norms" in lp]
-    jobs = [(lp, job) for lp, job in jobs if job is not None]
     sizes: dict = {}
     for lp, job in jobs:
-        J = job["J"]
-        job["gram"] = small_gram(J.W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
-        sizes.setdefault((min(J.h_in, J.h_out), np.dtype(job["d"].dtype)), []).append((lp, job))
+        if job is not None:
+            J = job["J"]
+            job["gram"] = small_gram(J.W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
+            sizes.setdefault((min(J.h_in, J.h_out), np.dtype(job["d"].dtype)), []).append((lp, job))
     for (n, dtype), group in sizes.items():
-        tol = report_tol(dtype)
-        w2sq = top_eigenvalues_many([_weight_operators(job["J"].W, job["seed"], job["gram"]) for _, job in group], n,
-                                    xp=xp, dtype=dtype, tol=tol)
         sets = []
-        for (lp, job), w in zip(group, w2sq):
+        for lp, job in group:
             J, d = job["J"], job["d"]
-            job["w2sq"] = float(w[0])
+            sets.append(_weight_operators(J.W, job["seed"], job["gram"]))
             sets.append(Operators(layer_gram(xp, J, d, job["gram"]), int(d.shape[0]), job["seed"], job["lower"],
-                                  job["maxd2"] * job["w2sq"], layer_dense(xp, J, d, job["gram"])))
-        for (lp, job), sq in zip(group, top_eigenvalues_many(sets, n, xp=xp, dtype=dtype, tol=tol)):
-            lp["w2"] = math.sqrt(job["w2sq"])
+                                  job["maxd2"], layer_dense(xp, J, d, job["gram"]), bound_by=len(sets) - 1))
+        got = top_eigenvalues_many(sets, n, xp=xp, dtype=dtype, tol=report_tol(dtype))
+        for (lp, job), w2sq, sq in zip(group, got[0::2], got[1::2]):
+            lp["w2"] = math.sqrt(float(w2sq[0]))
             lp["norm_sum"] = float(np.sqrt(np.maximum(sq, 0.0)).sum())
             lp["bound_sum"] = float(np.sqrt(job["maxd2"]).sum())
 
