@@ -6,7 +6,7 @@ exactly one report) without the monitor, then as many with it (who goes first al
 BLAS on one thread each. Both clocks are kept: the process's CPU time (``time.process_time``: a loaded
 machine's preemption does not count; the number to quote there) and wall time. Prints the total time
 per step each way, their ratio, the median of the rounds' ratios, and the report's own time (median)
-as a share of ``every`` steps, with the CPU model.
+as a share of ``every`` steps, with the CPU model; the rounds' ratios as median and quartiles.
 
     python benchmarks/monitor.py [--rounds 30] [--steps 100] [--every 100] [--probe 64] [--spectra subsample]
 """
@@ -86,9 +86,10 @@ def main() -> None:
         plain = sum(t[k] for t in runs["without"]) / (a.rounds * steps)
         monitored = sum(t[k] for t in runs["with"]) / (a.rounds * steps)
         ratios = [w[k] / o[k] for w, o in zip(runs["with"], runs["without"])]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print(f"{clock:>9}: {plain * 1e3:.3f} ms per step without the monitor, {monitored * 1e3:.3f} ms with it: "
-              f"ratio {monitored / plain:.4f} (overhead {100 * (monitored / plain - 1):+.2f}%; median of the rounds' "
-              f"ratios {statistics.median(ratios):.4f})")
+              f"ratio {monitored / plain:.4f} (overhead {100 * (monitored / plain - 1):+.2f}%; the rounds' ratios: "
+              f"median {q2:.4f}, quartiles {q1:.4f}-{q3:.4f})")
     report = statistics.median(r["seconds"] for r in mon.rows)
     plain_wall = sum(t[1] for t in runs["without"]) / (a.rounds * steps)
     print(f"one report: {report * 1e3:.2f} ms wall (median of {len(mon.rows)}) = "

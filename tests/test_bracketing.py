@@ -213,3 +213,31 @@ def test_gradient_flow_of_a_net_deeper_than_the_recursion_limit():
     report = jg.diagnostics.gradient_flow(net, x)
     assert len(report.layers) == depth
     assert report.jacobian_singular_values.shape == (2, 3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_peak_elements_is_the_largest_array_evaluate_forms(monkeypatch, seed):
+    """Every bracketing of a small chain of per-sample dense factors, evaluated with the arrays it
+    forms recorded (GEMM results, dense leaves): peak_elements is the largest, per sample (the
+    report's spectrum sizes its chunks of samples by it)."""
+    from jacgrad.algebra import bracket_evaluate
+
+    rng = np.random.default_rng(seed)
+    K, B = int(rng.integers(1, 5)), 2
+    widths = [int(v) for v in rng.integers(1, 9, size=K + 1)]
+    factors = [jg.LayerJacobian(rng.standard_normal((B, widths[k + 1])), rng.standard_normal((widths[k], widths[k + 1])))
+               for k in range(K)]
+    sizes = []
+
+    def record(a):
+        sizes.append(a.size // B)  # every factor is per sample: each array holds the B samples'
+        return a
+
+    real_matmul, real_dense = bracket_evaluate.matmul, jg.LayerJacobian.dense
+    monkeypatch.setattr(bracket_evaluate, "matmul", lambda a, b: record(real_matmul(a, b)))
+    monkeypatch.setattr(jg.LayerJacobian, "dense", lambda J, *a, **k: record(real_dense(J, *a, **k)))
+    for tree in all_bracketings(0, K - 1):
+        sizes.clear()
+        got = bracketing.evaluate(tree, factors, transposed=False)
+        assert got.shape == (B, widths[-1], widths[0]) and sizes
+        assert bracketing.peak_elements(tree, widths) == max(sizes), (tree, widths, sizes)

@@ -136,7 +136,7 @@ def test_small_layers_use_one_batched_eigensolve():
 
 @pytest.mark.parametrize("rel", [1e-6, 1e-12])
 def test_multisection_brackets_the_top_eigenvalue_of_tridiagonals(rel):
-    from jacgrad.algebra.lanczos import _top_eigenvalue_bounded
+    from jacgrad.algebra.tridiagonal import _top_eigenvalue_bounded
 
     rng = np.random.default_rng(5)
     P, k = 40, 30

@@ -30,7 +30,7 @@ import numpy as np
 
 from .bracket_evaluate import _is_leaf, evaluate, peel_spine, row_cost, stack_jvp, stack_vjp
 
-__all__ = ["Plan", "evaluate", "peel_spine", "plan", "row_cost", "stack_jvp", "stack_vjp"]
+__all__ = ["Plan", "evaluate", "peak_elements", "peel_spine", "plan", "row_cost", "stack_jvp", "stack_vjp"]
 
 
 @dataclass(frozen=True)
@@ -246,3 +246,35 @@ def _cost(node, w, per_sample, batch, c=None, d=None) -> tuple[int, int, int]:
         else:
             stack.extend(x for x in (left, right) if id(x) not in out)
     return out[id(node)]
+
+
+def peak_elements(node, w: Sequence[int]) -> int:
+    """Elements of the largest array ``evaluate`` forms for one sample on a chain of dense factors
+    (``w = [n_in, H_1, …, n_out]``): every node's sub-product, ``w[j+1]·w[i]`` over its factor
+    range ``[i..j]``, and the one leaf each spine forms densely, its innermost (a pair of leaves
+    forms its left one when a spine of leaves applied on the input side reached it, else its right
+    one; the spine's other leaves are applied to the accumulator, never formed).
+
+        >>> peak_elements(((2, 1), 0), [784, 256, 256, 10])  # J_2 formed (10, 256), then (10, 256), (10, 784)
+        7840
+    """
+    if _is_leaf(node):
+        return int(w[node + 1] * w[node])
+    span: dict[int, tuple[int, int]] = {}
+    peak, stack = 0, [(node, False)]  # (node, whether an input-side spine reached it)
+    while stack:  # post-order without recursion: chains can be deep
+        n, input_spine = stack[-1]
+        left, right = n
+        todo = [(x, x is left and _is_leaf(right)) for x in (left, right) if not _is_leaf(x) and id(x) not in span]
+        if todo:
+            stack.extend(todo)
+            continue
+        if _is_leaf(left) and _is_leaf(right):
+            k = left if input_spine else right
+            peak = max(peak, w[k + 1] * w[k])
+        lo = right if _is_leaf(right) else span[id(right)][0]
+        hi = left if _is_leaf(left) else span[id(left)][1]
+        span[id(n)] = (lo, hi)
+        peak = max(peak, w[hi + 1] * w[lo])
+        stack.pop()
+    return int(peak)

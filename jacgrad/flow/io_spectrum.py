@@ -24,6 +24,7 @@ import numpy as np
 from ..core import sample_rng as _sample_rng
 from ..algebra.lanczos import top_eigenvalues
 from ..core.backend import to_numpy
+from ..algebra.bracketing import peak_elements
 from ..algebra.chain import Chain
 from ..algebra.spectra import singular_values
 
@@ -55,6 +56,14 @@ def _sample_elements(chain: Chain) -> int:
     return max(chain.widths) * max(chain.n_in, chain.n_out)
 
 
+def _chunk_elements(chain: Chain) -> int:
+    """Per sample, the largest array of the spectrum's ``jacobian("auto")``: on a chain of dense
+    factors, that of its bracketing (``bracketing.peak_elements``); else ``_sample_elements``."""
+    if chain.tokens is not None or chain.structured:
+        return _sample_elements(chain)
+    return max(1, peak_elements(chain.bracketing("auto"), chain.widths))
+
+
 def spectrum_size(chain: Chain, total: int, requested: int | None) -> int:
     """S: how many of the ``total`` samples get an exact spectrum (0: none can be built)."""
     if _sample_elements(chain) > MAX_SPECTRUM_ELEMENTS:
@@ -68,7 +77,7 @@ def spectrum_size(chain: Chain, total: int, requested: int | None) -> int:
 
 def _singular_values_in_chunks(chain: Chain, S: int) -> np.ndarray:
     """Singular values ``(S, k)`` of the chain's first S samples, a few samples at a time; one transfer."""
-    chunk = max(1, SPECTRUM_CHUNK_ELEMENTS // _sample_elements(chain))
+    chunk = max(1, SPECTRUM_CHUNK_ELEMENTS // _chunk_elements(chain))
     method = SPECTRUM_METHOD["numpy" if chain.xp is np else "cupy"]
     parts = [singular_values(chain.rows(slice(s, min(S, s + chunk))).jacobian("auto"), method)
              for s in range(0, S, chunk)]

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from .statistics import LayerFlow, layer_partial, layer_row, merge_layer
+from .statistics import LayerFlow, layer_row, layer_sums, measure_norms, merge_layer
 from ..algebra.chain import Chain
 from ..algebra.per_sample import container_factors
 from ..algebra.token_factor import FlatTokens, TokenFactor
@@ -55,6 +55,7 @@ def leaf_partials(xp, layers, chain, grads, B: int, factor: float, seed: int, se
             lp["chi_sum"], lp["norm_sum"] = (measure(F.inner, k, F.tokens) if isinstance(F, TokenFactor)
                                              else measure(FlatTokens(F), k, 1))
         rows.append(lp)
+    measure_norms(xp, rows)  # every Dense's ‖W‖₂ and per-sample ‖J‖₂, the layers of one size together
     return rows
 
 
@@ -85,7 +86,8 @@ def _dense_row(L) -> bool:
 def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, seed: int, sel,
                  poisoned: bool = False) -> dict:
     """Leaf ``k``'s sums over the chunk: a Dense's those of an MLP's layer row (``_flow.layer_partial``;
-    ``delta2`` None where its δ is not kept); a norm layer's its parameter gradients (times ``factor``)."""
+    ``delta2`` None where its δ is not kept; its spectral norms still to measure: ``statistics.measure_norms``);
+    a norm layer's its parameter gradients (times ``factor``)."""
     if _dense_row(L):
         T = getattr(F, "tokens", None)
         if T is not None:  # a token batch: the statistics of the B·T token rows (jacgrad.flow.layer_rows)
@@ -94,7 +96,7 @@ def leaf_partial(xp, k: int, L, F, grads: dict, delta, B: int, factor: float, se
         shim = _Grads({k: delta if delta is not None else xp.zeros((B, L.n_out), dtype=L.W.dtype)},
                       {k: grads["W"] if factor != 1 else grads["W"].copy()},
                       {k: None if "b" not in grads else grads["b"] if factor != 1 else grads["b"].copy()})
-        lp = layer_partial(xp, k, F, L.activation, shim, factor, seed, poisoned, sel)
+        lp = layer_sums(xp, k, F, L.activation, shim, factor, seed, poisoned, sel)  # its norms: measure_norms
         return lp if delta is not None else dict(lp, delta2=None)
     # fresh arrays (the pooled gradient block is reused); biases: the names "b…" ("bias", "beta", attention's "bq", …)
     weights = [grads[n] * factor for n in L.names if not n.startswith("b")]

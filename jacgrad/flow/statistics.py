@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..algebra.jacobian import LayerJacobian
-from ..algebra.lanczos import top_eigenvalues
+from ..algebra.lanczos import Operators, top_eigenvalues_many
 from ..elementwise import activations as _activations
 
 __all__ = [
     "CHUNK_ELEMENTS", "LayerFlow", "REPORT_TOL", "SATURATION", "all_finite", "first_nonfinite",
-    "layer_dense", "layer_gram", "layer_partial", "layer_row", "merge_layer", "norm_subsample", "report_tol",
-    "small_gram", "weight_norm_squared",
+    "layer_dense", "layer_gram", "layer_partial", "layer_row", "layer_sums", "measure_norms", "merge_layer",
+    "norm_subsample", "report_tol", "small_gram", "weight_norm_squared",
 ]
 
 SATURATION = 0.01  # a derivative below 1% of sup|φ'| counts as saturated
@@ -118,7 +118,18 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
                   poisoned: bool, sel: np.ndarray | None = None) -> dict:
     """Layer j's sums over the chunk; the gradients times ``factor`` (B for a mean loss: the sums
     of the per-sample gradients). ``sel``: host indices of the chunk's rows whose ‖J_j‖₂ and
-    bound are measured (None: every row); everything else is summed over every row."""
+    bound are measured (None: every row); everything else is summed over every row.
+    ``layer_sums`` then ``measure_norms`` of this one layer."""
+    lp = layer_sums(xp, j, J, activation, grads, factor, seed, poisoned, sel)
+    measure_norms(xp, [lp])
+    return lp
+
+
+def layer_sums(xp, j: int, J: LayerJacobian, activation: str, grads, factor: float, seed: int,
+               poisoned: bool, sel: np.ndarray | None = None) -> dict:
+    """``layer_partial`` without its spectral norms: ``norm_sum``, ``bound_sum`` and ``w2`` are NaN
+    and, where the layer is finite, ``"_norms"`` holds what ``measure_norms`` needs to fill them
+    (several layers' together)."""
     W = J.W
     h_in, h_out = J.h_in, J.h_out
     d = J.d
@@ -146,30 +157,48 @@ def layer_partial(xp, j: int, J: LayerJacobian, activation: str, grads, factor: 
     maxd2, lower, ever_active = host[6 : 6 + B], host[6 + B : 6 + 2 * B], host[6 + 2 * B :] > 0
     finite = not poisoned and bool(d_finite)
     nan = math.nan
-    norm_sum = bound_sum = w2 = nan
     if sel is not None:  # the spectral norms of the subsample's rows only: the costly part
         d, maxd2, lower = d[xp.asarray(sel)], maxd2[sel], lower[sel]
     P = int(d.shape[0])
-    if finite:
-        gram = small_gram(W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
-        w2sq = weight_norm_squared(xp, W, seed + j, gram)
-        sq = top_eigenvalues(
-            layer_gram(xp, J, d, gram), P, min(h_in, h_out), xp=xp, dtype=d.dtype, seed=seed + j,
-            tol=report_tol(d.dtype), lower=lower, upper=maxd2 * w2sq, dense=layer_dense(xp, J, d, gram),
-        )
-        w2 = math.sqrt(w2sq)
-        norm_sum = float(np.sqrt(np.maximum(sq, 0.0)).sum())
-        bound_sum = float(np.sqrt(maxd2).sum())
     b = grads.biases[j]
     return dict(
         shape=(h_in, h_out), activation=activation, count=B, norm_count=P,
         grad=grads.weights[j] * factor if factor != 1 else grads.weights[j],
         bias_grad=None if b is None else (b * factor if factor != 1 else b),
-        delta2=delta2 * factor * factor, norm_sum=norm_sum, bound_sum=bound_sum, w2=w2,
+        delta2=delta2 * factor * factor, norm_sum=nan, bound_sum=nan, w2=nan,
         d_sum=d_sum if finite else nan, active=active if finite else nan,
         saturated=saturated if finite else nan, fro2_sum=fro2_sum if finite else nan,
         ever_active=ever_active, finite=finite,
+        _norms=dict(J=J, d=d, maxd2=maxd2, lower=lower, seed=seed + j) if finite else None,
     )
+
+
+def measure_norms(xp, partials: list[dict]) -> None:
+    """Fill ``w2`` (‖W_j‖₂), ``norm_sum`` (Σ ‖J_b‖₂) and ``bound_sum`` (Σ max|d_b|) of the
+    ``layer_sums`` partials that carry ``"_norms"`` (removed), the layers of one size together:
+    every ‖W_j‖₂² and every sample's ‖J_b‖₂² (bounded by ``lower`` and ``max d² · ‖W_j‖₂²``) in one
+    Lanczos block (``top_eigenvalues_many``, the per-sample sets ``bound_by`` their layer's ‖W_j‖₂²:
+    each layer's numbers are those of its own calls, bit for bit; a step's host work is paid once
+    for all layers, not twice per layer)."""
+    jobs = [(lp, lp.pop("_norms")) for lp in partials if "_norms" in lp]
+    sizes: dict = {}
+    for lp, job in jobs:
+        if job is not None:
+            J = job["J"]
+            job["gram"] = small_gram(J.W)  # one WᵀW (or WWᵀ) for ‖W‖₂ and both forms of the layer operator
+            sizes.setdefault((min(J.h_in, J.h_out), np.dtype(job["d"].dtype)), []).append((lp, job))
+    for (n, dtype), group in sizes.items():
+        sets = []
+        for lp, job in group:
+            J, d = job["J"], job["d"]
+            sets.append(_weight_operators(J.W, job["seed"], job["gram"]))
+            sets.append(Operators(layer_gram(xp, J, d, job["gram"]), int(d.shape[0]), job["seed"], job["lower"],
+                                  job["maxd2"], layer_dense(xp, J, d, job["gram"]), bound_by=len(sets) - 1))
+        got = top_eigenvalues_many(sets, n, xp=xp, dtype=dtype, tol=report_tol(dtype))
+        for (lp, job), w2sq, sq in zip(group, got[0::2], got[1::2]):
+            lp["w2"] = math.sqrt(float(w2sq[0]))
+            lp["norm_sum"] = float(np.sqrt(np.maximum(sq, 0.0)).sum())
+            lp["bound_sum"] = float(np.sqrt(job["maxd2"]).sum())
 
 
 def norm_subsample(total: int, samples: int | None, seed: int) -> np.ndarray | None:
@@ -251,17 +280,15 @@ def weight_norm_squared(xp, W, seed: int, gram=None) -> float:
     """‖W‖₂² from the smaller Gram matrix (``gram``: the layer's ``small_gram(W)``, made here when
     None): Lanczos, or its dense eigensolve where that is cheaper or Lanczos is slow to settle
     (see ``top_eigenvalues``)."""
-    h_in, h_out = W.shape
-    n = min(h_in, h_out)
-    if n == 0:
-        return 0.0
-    G = (gram or small_gram(W))()
+    n = min(W.shape)
+    return float(top_eigenvalues_many([_weight_operators(W, seed, gram)], n, xp=xp, dtype=W.dtype,
+                                      tol=report_tol(W.dtype))[0][0])
 
-    def matvec(v, rows):
-        return v @ G
 
-    return float(top_eigenvalues(matvec, 1, n, xp=xp, dtype=W.dtype, seed=seed, tol=report_tol(W.dtype),
-                                 dense=lambda rows: G[None])[0])
+def _weight_operators(W, seed: int, gram=None) -> Operators:
+    """The one operator ``WᵀW`` (or ``WWᵀ``, the smaller) whose λ_max is ‖W‖₂², matrix-free and dense."""
+    G = gram or small_gram(W)
+    return Operators(lambda v, rows: v @ G(), 1, seed, dense=lambda rows: G()[None])
 
 
 def layer_gram(xp, J: LayerJacobian, d, gram=None):
