@@ -7,7 +7,7 @@ CuPy (NumPy arrays that say they are CuPy's): every ufunc call on a device array
 in-place operators, ``@``, reductions — one CuPy elementwise/reduction kernel or cuBLAS call each),
 every other ``cupy.*`` function call (``zeros``/``copyto``/``concatenate``…: a kernel or a memset
 each; ``empty`` counted apart, it launches nothing), and every call of jacgrad's own CUDA kernels
-(``jacgrad.cuda.kernels``, ``norm_kernels``: one launch each) — grouped by the jacgrad function that
+(``jacgrad.cuda.kernels``, ``norm_kernels``, ``softmax_kernels``: one launch each) — grouped by the jacgrad function that
 asked. A count, not a timing: CuPy's dispatch costs ~5–10 µs per launch on the host, so launches × that
 is the floor of an eager call's time on a GPU. Runs anywhere:
 
@@ -61,6 +61,7 @@ def install(count: Counter):
     import fake_cupy_transfers as fct
     import jacgrad.cuda.kernels as kernels
     import jacgrad.cuda.norm_kernels as norm_kernels
+    import jacgrad.cuda.softmax_kernels as softmax_kernels
 
     mp = MonkeyPatch()
     fake = fct.install(mp)
@@ -94,9 +95,10 @@ def install(count: Counter):
         return value
 
     fake.module.__getattr__ = counted_getattr
-    for mod in (kernels, norm_kernels):
+    for mod in (kernels, norm_kernels, softmax_kernels):
         for name in ("scale_cotangent", "derivative", "activation_forward", "bias_activation_forward",
-                     "forward_with_derivative", "special", "forward", "project", "backward"):
+                     "forward_with_derivative", "special", "forward", "project", "backward", "softmax_rows",
+                     "softmax_jvp"):
             fn = getattr(mod, name, None)
             if callable(fn):
                 def kernel(*args, _fn=fn, _name=name, **kwargs):
