@@ -96,8 +96,8 @@ JG_HD void jvp_block(const Block& b, long long block, long long grid, const T* p
 // ---- forward: P = softmax(scale * S) over the last axis, masked keys 0 -----------------------
 // Traffic: a row that fits its threads' registers is read once and written once (2 values per
 // element; the array expression it replaces, S *= scale, where(mask), max, subtract, exp, sum,
-// divide and the masked rows' guards, moves ~11 and launches 7 to 12 kernels); longer rows read S
-// three times (the max, the sum, the write). The formula is attention_weights' on NumPy, step for
+// divide and the masked rows' guards, moves ~11 and launches 6 to 12 kernels, 3 more for the mask
+// array); longer rows read S three times (the max, the sum, the write). The formula is attention_weights' on NumPy, step for
 // step: x = scale * s, masked x = -inf; m = max(x) (NaN kept), m = 0 where not finite (a row of
 // -inf: exp gives zeros, not NaN); e = exp(x - m); d = sum(e), d = 1 where not > 0; p = e / d.
 

@@ -151,6 +151,31 @@ def test_softmax_rows_says_what_is_wrong(host_device, rng):
         softmax_kernels.softmax_rows(arrays.asarray(S), 1.0, False, out=arrays.asarray(S.astype(np.float32)))
 
 
+def test_softmax_rows_into_out_allocates_and_syncs_nothing(host_device, rng, monkeypatch):
+    """What a CUDA graph needs of it: with ``out`` given (and contiguous inputs) no allocation, no
+    copy and no host read, only the launch."""
+    fake, arrays = host_device
+    S = arrays.asarray(rng.standard_normal((2, 2, 5, 5)))
+    pad = arrays.asarray(np.zeros((2, 5), bool))
+    out = arrays.asarray(np.zeros((2, 2, 5, 5)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("allocated a device array")
+
+    def no_copy(a, *args, **kwargs):
+        assert a.flags.c_contiguous and not args and not kwargs, "copied an input"
+        return a
+
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "array", "copy"):
+        monkeypatch.setattr(arrays.module, name, refuse, raising=False)
+    monkeypatch.setattr(arrays.module, "ascontiguousarray", no_copy, raising=False)
+    arrays.reset()
+    for s_, o in ((S, out), (S, S)):  # into a buffer, and in place
+        assert softmax_kernels.softmax_rows(s_, 0.5, True, pad, out=o) is o
+    assert arrays.transfers == 0, dict(arrays.where)
+    assert len(fake.launches) == 2
+
+
 def test_attention_forward_launches_the_kernel_and_matches_numpy(host_device):
     """MultiHeadAttention (causal) with a key-padding mask on device arrays: its forward's softmax is
     the host build of the kernel, one launch, and every product after it has NumPy's numbers."""

@@ -6,8 +6,8 @@ launched on CuPy arrays.
   array) and by a ``(B, n)`` key-padding mask; a row with every key masked is all 0 (no NaN). One
   kernel reads each row of ``S`` once and writes ``P`` once (rows that fit the registers; longer
   rows read ``S`` three times), where the array expression it replaces (``attention_weights`` on
-  NumPy: scale, mask, max, subtract, exp, sum, divide and the guards) is 7 to 12 kernels and a mask
-  array.
+  NumPy: scale, mask, max, subtract, exp, sum, divide and the guards) is 6 to 12 kernels, and 3 more
+  for a mask array.
 - ``softmax_jvp(P, v, out=None)`` → ``P ⊙ (v − rowsum(P ⊙ v))`` over the last axis: every row's
   ``(diag(p) − ppᵀ)v``, the JVP and (the matrix is symmetric) the VJP of ``P = softmax(S)``. One
   kernel reads each row of ``P`` and ``v`` once (longer rows twice) and writes once, where
