@@ -7,11 +7,15 @@ CuPy (NumPy arrays that say they are CuPy's): every ufunc call on a device array
 in-place operators, ``@``, reductions — one CuPy elementwise/reduction kernel or cuBLAS call each),
 every other ``cupy.*`` function call (``zeros``/``copyto``/``concatenate``…: a kernel or a memset
 each; ``empty`` counted apart, it launches nothing), and every call of jacgrad's own CUDA kernels
-(``jacgrad.cuda.kernels``, ``norm_kernels``: one launch each) — grouped by the jacgrad function that
+(``jacgrad.cuda.kernels``, ``norm_kernels``, ``softmax_kernels``: one launch each) — grouped by the jacgrad function that
 asked. A count, not a timing: CuPy's dispatch costs ~5–10 µs per launch on the host, so launches × that
 is the floor of an eager call's time on a GPU. Runs anywhere:
 
     PYTHONPATH=. python benchmarks/eager_launches.py [--widths 256x33] [--batch 64] [--top 15]
+    PYTHONPATH=. python benchmarks/eager_launches.py --attention 64,64,4 [--batch 4] [--no-mask]
+
+``--attention T,d,heads``: one ``MultiHeadAttention.forward`` (float32, into its buffers) instead,
+causal with a key-padding mask (``--no-mask``: neither).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def install(count: Counter):
     import fake_cupy_transfers as fct
     import jacgrad.cuda.kernels as kernels
     import jacgrad.cuda.norm_kernels as norm_kernels
+    import jacgrad.cuda.softmax_kernels as softmax_kernels
 
     mp = MonkeyPatch()
     fake = fct.install(mp)
@@ -94,9 +99,10 @@ def install(count: Counter):
         return value
 
     fake.module.__getattr__ = counted_getattr
-    for mod in (kernels, norm_kernels):
+    for mod in (kernels, norm_kernels, softmax_kernels):
         for name in ("scale_cotangent", "derivative", "activation_forward", "bias_activation_forward",
-                     "forward_with_derivative", "special", "forward", "project", "backward"):
+                     "forward_with_derivative", "special", "forward", "project", "backward", "softmax_rows",
+                     "softmax_jvp"):
             fn = getattr(mod, name, None)
             if callable(fn):
                 def kernel(*args, _fn=fn, _name=name, **kwargs):
@@ -115,10 +121,15 @@ def install(count: Counter):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="256x33", help="layer widths: 'WxN' (N widths of W) or comma-separated")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="B (default 64; 4 with --attention)")
     ap.add_argument("--loss", default="softmax_cross_entropy")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--attention", default=None, help="T,d,heads: count one MultiHeadAttention forward instead")
+    ap.add_argument("--no-mask", action="store_true", help="--attention without the causal and padding masks")
     a = ap.parse_args(argv)
+    if a.attention:
+        return _attention_forward(a)
+    a.batch = a.batch or 64
     widths = ([int(a.widths.split("x")[0])] * int(a.widths.split("x")[1]) if "x" in a.widths
               else [int(w) for w in a.widths.split(",")])
     count = Counter()
@@ -150,6 +161,40 @@ def main(argv=None) -> None:
     print("by jacgrad function:")
     for k, n in count.by_caller.most_common(a.top):
         print(f"  {n:6d}  {k}")
+
+
+def _attention_forward(a) -> None:
+    T, d, heads = (int(k) for k in a.attention.split(","))
+    B, masked = a.batch or 4, not a.no_mask
+    count = Counter()
+    fake, undo = install(count)
+    try:
+        import jacgrad as jg
+
+        rng = np.random.default_rng(0)
+        to = lambda v: fake.asarray(v.astype(np.float32))  # noqa: E731
+        W = [to(rng.standard_normal((d, d)) / np.sqrt(d)) for _ in range(4)]
+        L = jg.layers.MultiHeadAttention(*W, heads=heads, causal=masked)
+        x = to(rng.standard_normal((B, T, d)))
+        pad = None
+        if masked:
+            pad = np.zeros((B, T), bool)
+            pad[-1, T // 2:] = True
+            pad = fake.asarray(pad)
+        bufs = [fake.module.empty(shape, np.float32) for shape in L.forward_shapes((B, T))]
+        L.forward(x, out=bufs, key_padding_mask=pad)  # warm-up
+        count.on = True
+        L.forward(x, out=bufs, key_padding_mask=pad)
+        count.on = False
+    finally:
+        undo()
+    print(f"eager MultiHeadAttention.forward, B={B}, T={T}, d={d}, heads={heads}, float32, "
+          f"{'causal + key padding' if masked else 'no mask'} (fake CuPy: dispatched operations, not a timing)")
+    print(f"launches: {count.launches}; host transfers: {fake.transfers}")
+    for title, table in (("by kind:", count.by_kind), ("by jacgrad function:", count.by_caller)):
+        print(title)
+        for k, n in table.most_common(a.top):
+            print(f"  {n:6d}  {k}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ and the norms), ``per_sample_grads`` (peer: ``vmap(grad)``), ``ggn_vp``, ``ntk``
 ``compiled step`` and ``compiled private step`` (``net.compile(B)``, ``clip=1.0``), ``compiled <product>``
 (``net.compile(B, product=...)``; grad norms timed against ``vmap(grad)``), on both nets (the
 transformer's with ``tokens=T``), each tagged ``captured``/``capture_error`` after it ran; the kernels:
-``softmax_jvp`` (``kernels/softmax.cu``) against its float64 dense form and the unfused expression;
+``softmax_jvp`` and ``softmax_rows`` (``kernels/softmax.cu``, the softmax Jacobian's product and
+attention's masked forward softmax) against float64 and the unfused expressions they replaced;
 the spectra: ``singular_values(method="gram")`` (one batched eigensolve) against the SVD, both timed,
 the error as max |Δσ| / σ_max (the gram path's documented floor: ~sqrt(eps)); ``ntk`` of a
 3 × 2048 ReLU FCN (N = 16, O = 8: the issue's target) against JAX jit and neural-tangents'
@@ -299,6 +300,42 @@ def _softmax_rows(rows: list, dev: Device, s: dict) -> None:
         _row(rows, dev, "softmax_jvp (kernels/softmax.cu)", f"{s['rows']} rows of {s['n']}", fused, lambda: [want],
              {"unfused CuPy expression": unfused if xp is not np else "NumPy: the reference itself"}, dtype=dtype,
              tol=TOL[dtype] / 10)
+    _softmax_forward_rows(rows, dev, s)
+
+
+def _softmax_forward_rows(rows: list, dev: Device, s: dict) -> None:
+    """Attention's forward softmax (``softmax_rows``: scale, causal and key-padding masks, normalise) on
+    ``(rows/n, 1, n, n)`` scores (``(B, h, T, T)``) against float64, timed against the array expression it replaced."""
+    from jacgrad.tokens.attention_factor import _softmax_rows, attention_mask
+
+    rng = np.random.default_rng(10)
+    n = s["n"]
+    S = rng.standard_normal((s["rows"] // n, 1, n, n)) * 3
+    pad = rng.random((S.shape[0], n)) < 0.2
+    scale = 0.125
+    want = _softmax_rows(S.copy(), scale, True, pad)
+    for dtype in ("float32", "float64"):
+        Sd, padd = dev.put(S, dtype), dev.xp.asarray(pad)
+        scratch = dev.xp.empty_like(Sd)
+        xp = dev.xp
+
+        def fused():
+            scratch[...] = Sd
+            return [_softmax_rows(scratch, scale, True, padd)]
+
+        def unfused():  # attention_weights' lines before the kernel: the mask array, 12 kernels
+            mask = attention_mask(xp, Sd.shape[0], n, True, padd)
+            P = xp.where(mask, -xp.inf, Sd * scale)
+            m = P.max(axis=-1, keepdims=True)
+            P -= xp.where(xp.isfinite(m), m, 0.0)
+            xp.exp(P, out=P)
+            t = P.sum(axis=-1, keepdims=True)
+            P /= xp.where(t > 0, t, 1.0)
+            return P
+
+        _row(rows, dev, "softmax_rows (kernels/softmax.cu)", f"{S.shape[0]} × 1 × ({n} × {n}), causal + padding", fused,
+             lambda: [want], {"unfused CuPy expression": unfused if xp is not np else "NumPy: the reference itself"},
+             dtype=dtype, tol=TOL[dtype] / 10)
 
 
 def _spectra_rows(rows: list, dev: Device, s: dict) -> None:

@@ -95,19 +95,29 @@ JG_HD JG_INLINE RowGroup row_group(int thread, int block_dim, long long block, l
   return RowGroup{thread & (group - 1), block * per_block + thread / group, grid * per_block};
 }
 
+// The reductions' operators (Block::reduce): a + b, and the maximum that keeps NaN from either
+// side (as NumPy's max; fmax would drop it).
+struct Plus {
+  template <class T> JG_HD JG_INLINE T operator()(T a, T b) const { return a + b; }
+};
+struct NanMax {
+  template <class T> JG_HD JG_INLINE T operator()(T a, T b) const { return (a != a || a > b) ? a : b; }
+};
+
 #if defined(__CUDACC__)
 // `size` (a power of two, at most 32) consecutive lanes of one warp working on one row.
 struct DeviceGroup {
   int tid, size;
 
-  // Each lane's v[k] becomes the group's sum (an xor butterfly: every lane gets the same sum).
-  // Only the group's lanes take part: the other groups of the warp may be on other rows.
-  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
+  // Each lane's v[k] becomes op over the group's v[k] (an xor butterfly: every lane gets the same
+  // result). Only the group's lanes take part: the other groups of the warp may be on other rows.
+  template <int K, class T, class Op> __device__ JG_INLINE void reduce(T (&v)[K], Op op) const {
     const unsigned lane = threadIdx.x & 31u;
     const unsigned mask = size == 32 ? 0xffffffffu : ((1u << size) - 1u) << (lane & ~unsigned(size - 1));
     for (int k = 0; k < K; ++k)
-      for (int off = size >> 1; off > 0; off >>= 1) v[k] += __shfl_xor_sync(mask, v[k], off);
+      for (int off = size >> 1; off > 0; off >>= 1) v[k] = op(v[k], __shfl_xor_sync(mask, v[k], off));
   }
+  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const { reduce(v, Plus{}); }
 };
 
 // The device's block as one group (rows of 32 packs or more): blockDim.x a multiple of 32
@@ -115,23 +125,24 @@ struct DeviceGroup {
 struct DeviceBlock {
   int tid, size;
 
-  // Each thread's v[k] becomes the block's sum of v[k]: a warp shuffle tree, then the warps'
+  // Each thread's v[k] becomes op over the block's v[k]: a warp shuffle tree, then the warps'
   // partials through shared memory, read by every thread (nothing returns before all have).
-  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const {
+  template <int K, class T, class Op> __device__ JG_INLINE void reduce(T (&v)[K], Op op) const {
     __shared__ T part[K][32];
     for (int k = 0; k < K; ++k)
-      for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+      for (int off = 16; off > 0; off >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], off));
     const int lane = tid & 31, warp = tid >> 5, warps = (size + 31) >> 5;
     if (lane == 0)
       for (int k = 0; k < K; ++k) part[k][warp] = v[k];
     __syncthreads();
     for (int k = 0; k < K; ++k) {
-      T t = T(0);
-      for (int q = 0; q < warps; ++q) t += part[k][q];
+      T t = part[k][0];
+      for (int q = 1; q < warps; ++q) t = op(t, part[k][q]);
       v[k] = t;
     }
-    __syncthreads();  // part is free for the next sum
+    __syncthreads();  // part is free for the next reduction
   }
+  template <int K, class T> __device__ JG_INLINE void sum(T (&v)[K]) const { reduce(v, Plus{}); }
 };
 #endif
 

@@ -9,8 +9,8 @@ through one of the calls a real CuPy array syncs on: ``.get()``, ``float()``, ``
 line that asked, in ``fake.where``) when the caller is jacgrad's code.
 
 ``install(monkeypatch)`` puts it in ``sys.modules`` and routes jacgrad's CUDA kernels (the
-elementwise ones, the norm layers' ``jacgrad.cuda.norm_kernels`` and the softmax Jacobian's
-``jacgrad.cuda.softmax_kernels``) and its direct cuBLAS path to
+elementwise ones, the norm layers' ``jacgrad.cuda.norm_kernels`` and attention's softmax and its
+Jacobian, ``jacgrad.cuda.softmax_kernels``) and its direct cuBLAS path to
 their NumPy versions, so whole reports run on fake device arrays.
 Its only stream is ``cuda.get_current_stream()``, whose ``record``/``wait_event`` (what a compiled
 step orders its calls with) do nothing; it has no graphs or RawModule: for recording and failing
@@ -189,7 +189,19 @@ def install(monkeypatch) -> FakeCupy:
     for name, fn in _norm_steps_on_numpy().items():  # the norm layers' kernels (jacgrad.cuda.norm_kernels)
         monkeypatch.setattr(norm_kernels, name, _routed(fn))
     monkeypatch.setattr(softmax_kernels, "softmax_jvp", _routed(_softmax_jvp_on_numpy))
+    monkeypatch.setattr(softmax_kernels, "softmax_rows", _routed(_softmax_rows_on_numpy))
     return fake
+
+
+def _softmax_rows_on_numpy(S, scale, causal, key_padding_mask=None, out=None):
+    """``jacgrad.cuda.softmax_kernels.softmax_rows`` by its NumPy reference (attention_factor._softmax_rows)."""
+    from jacgrad.tokens.attention_factor import _softmax_rows
+
+    if out is None:
+        return _softmax_rows(S.copy(), scale, causal, key_padding_mask)
+    if out is not S:
+        out[...] = S
+    return _softmax_rows(out, scale, causal, key_padding_mask)
 
 
 def _softmax_jvp_on_numpy(P, v, out=None):

@@ -66,18 +66,19 @@ struct Shared {
 struct HostBlock {
   int tid, size;
   Shared* shared;
-  // Every thread's v[k] becomes the sum over the block's threads (in thread order).
-  template <int K, class T> void sum(T (&v)[K]) const {
+  // Every thread's v[k] becomes op over the block's threads' v[k] (in thread order).
+  template <int K, class T, class Op> void reduce(T (&v)[K], Op op) const {
     T* slot = reinterpret_cast<T*>(shared->slots);
     for (int k = 0; k < K; ++k) slot[k * size + tid] = v[k];
     shared->barrier();
     for (int k = 0; k < K; ++k) {
-      T t = T(0);
-      for (int q = 0; q < size; ++q) t += slot[k * size + q];
+      T t = slot[k * size];
+      for (int q = 1; q < size; ++q) t = op(t, slot[k * size + q]);
       v[k] = t;
     }
     shared->barrier();
   }
+  template <int K, class T> void sum(T (&v)[K]) const { reduce(v, norm::Plus{}); }
 };
 
 // Every row group of every block of the grid, one after the other; the threads of a group at once,
@@ -130,6 +131,14 @@ template <class F> static void run_grid(long long grid, int threads, int group, 
           norm::param_grads_column(bx * threads + t, by, gr, xhat, part_g, part_b, n, rows, chunk,             \
                                    with_beta != 0);                                                            \
   }                                                                                                            \
+  extern "C" void jg_softmax_rows_##T(long long grid, int threads, const T* s, T* p, int n, long long rows,       \
+                                      T scale, long long queries, long long per_sample, int causal,            \
+                                      const bool* pad, int has_pad, int group) {                               \
+    const softmax::RowMask mk{queries, per_sample, causal != 0, has_pad ? pad : nullptr};                    \
+    run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                        \
+      softmax::forward_block(b, blk, g, s, p, n, rows, scale, mk);                                            \
+    });                                                                                                        \
+  }                                                                                                            \
   extern "C" void jg_softmax_jvp_##T(long long grid, int threads, const T* p, const T* v, T* out, int n,        \
                                      long long rows, long long inner, long long span, int group) {             \
     run_grid(grid, threads, group, [&](const HostBlock& b, long long blk, long long g) {                        \
@@ -153,6 +162,7 @@ SIGNATURES = {
     "norm_product": [P, P, P, P, P, I32, I64, I64, I64, I32, I32, I32],
     "norm_backward": [P, P, P, P, P, P, P, P, I32, I64, I32, I32, I32, I32, I32, I32],
     "norm_param_grads": [P, P, P, P, I32, I64, I64, I32],
+    "softmax_rows": [P, P, I32, I64, "T", I64, I64, I32, "mask", I32, I32],
     "softmax_jvp": [P, P, P, I32, I64, I64, I64, I32],
 }
 SCALAR = {I32: np.int32, I64: np.int64}
@@ -185,7 +195,8 @@ class HostModule:
         assert m and m.group(1) in SIGNATURES, f"not a norm.cu kernel: {expr}"
         kernel, ctype = m.groups()
         c_t, np_t = CTYPE[ctype]
-        params = [c_t if p == "T" else p for p in SIGNATURES[kernel]]
+        masks = [k for k, p in enumerate(SIGNATURES[kernel]) if p == "mask"]  # bool arrays (or a dummy: unread)
+        params = [c_t if p == "T" else P if p == "mask" else p for p in SIGNATURES[kernel]]
         fn = getattr(self.lib, f"jg_{kernel}_{ctype}")
         grid_params = [I64, I64, I32] if kernel == "norm_param_grads" else [I64, I32]
         fn.argtypes, fn.restype = grid_params + params, None
@@ -200,7 +211,8 @@ class HostModule:
             values = []
             for k, (arg, p) in enumerate(zip(args, params)):
                 if p is P:
-                    assert isinstance(arg, np.ndarray) and arg.dtype == np_t and arg.flags.c_contiguous, (
+                    dts = (np.dtype(bool), np.dtype(np_t)) if k in masks else (np.dtype(np_t),)
+                    assert isinstance(arg, np.ndarray) and arg.dtype in dts and arg.flags.c_contiguous, (
                         f"{expr} argument {k}: needs a C-contiguous {ctype} array, got {type(arg).__name__} "
                         f"{getattr(arg, 'dtype', '')}")
                     values.append(arg.ctypes.data)
@@ -251,11 +263,12 @@ def install(monkeypatch, path) -> tuple[FakeNormCupy, object]:
     from jacgrad.cuda import softmax_kernels
 
     real = {name: getattr(norm_kernels, name) for name in ("forward", "project", "backward")}
-    real_softmax = softmax_kernels.softmax_jvp
+    real_softmax = {name: getattr(softmax_kernels, name) for name in ("softmax_jvp", "softmax_rows")}
     arrays = fake_cupy_transfers.install(monkeypatch)
     for name, fn in real.items():  # the fake routes them to NumPy: here they must launch
         monkeypatch.setattr(norm_kernels, name, fn)
-    monkeypatch.setattr(softmax_kernels, "softmax_jvp", real_softmax)
+    for name, fn in real_softmax.items():
+        monkeypatch.setattr(softmax_kernels, name, fn)
     fake = FakeNormCupy(path)
     monkeypatch.setattr(_cuda_build.backend, "cupy", lambda: fake)
     clear_caches()  # the tests' fixtures clear them again afterwards: the host modules must not outlive them

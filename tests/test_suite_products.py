@@ -11,7 +11,7 @@ pytest.importorskip("torch", reason="the section builds its nets in torch (witho
 
 OPS = {"forward", "loss_and_grads", "per_sample_grad_norms", "per_sample_grads", "ggn_vp", "ntk",
        "private step (clipped_grad, no noise)", "jacobian_chain (auto)", "compiled step",
-       "softmax_jvp (kernels/softmax.cu)", "singular_values(method='gram')"}
+       "softmax_jvp (kernels/softmax.cu)", "softmax_rows (kernels/softmax.cu)", "singular_values(method='gram')"}
 
 
 def test_the_section_validates_every_product_and_guards_the_compiled_ones(monkeypatch):

@@ -41,6 +41,7 @@ KERNELS: dict[str, tuple[str, bool, bool]] = {
     "norm_product": ("norm.cu", False, False),
     "norm_backward": ("norm.cu", False, False),
     "norm_param_grads": ("norm.cu", False, False),
+    "softmax_rows": ("softmax.cu", False, False),
     "softmax_jvp": ("softmax.cu", False, False),
 }
 

@@ -39,7 +39,7 @@ import numpy as np
 from ..core.cuda_build import compiled_function, source_expressions
 from ..core.backend import get_xp
 
-__all__ = ["MAX_THREADS", "backward", "block_threads", "forward", "param_chunks", "project", "row_fits"]
+__all__ = ["MAX_THREADS", "backward", "block_threads", "forward", "param_chunks", "project", "row_fits", "row_launch"]
 
 SOURCE = "norm.cu"
 MAX_THREADS = 256  # threads per row's block (a multiple of 32, ≤ 256: kernels/norm.cu's JG_NORM_BOUNDS)
@@ -91,12 +91,19 @@ def _kernel(name: str, dtype):
     return compiled_function(name, dtype, source_expressions(SOURCE, dtype, ()))
 
 
+def row_launch(rows: int, n: int, itemsize: int) -> tuple[int, int, int]:
+    """``(grid, threads per block, threads per row)`` of a row kernel (kernels/rows.cuh's ``on_rows``)
+    over ``rows ≥ 1`` rows of ``n``: ``block_threads``' groups, enough blocks for every row up to
+    ``_MAX_GRID`` (the kernels loop over the rows beyond). The norm and softmax row kernels' one launch."""
+    group, block = block_threads(n, itemsize)
+    return min(-(-int(rows) // (block // group)), _MAX_GRID), block, group
+
+
 def _launch(name: str, dtype, rows: int, n: int, args: tuple) -> None:
     """A row kernel over ``rows`` rows of ``n``: its last argument, the threads per row, appended."""
     if rows == 0:
         return
-    group, block = block_threads(n, np.dtype(dtype).itemsize)
-    grid = min(-(-int(rows) // (block // group)), _MAX_GRID)
+    grid, block, group = row_launch(rows, n, np.dtype(dtype).itemsize)
     _kernel(name, dtype)((grid,), (block,), (*args, np.int32(group)))
 
 

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.validation import float_array, shape_str
-from .attention_factor import AttentionFactor, attention_mask, attention_weights, merge_heads, split_heads
+from .attention_factor import AttentionFactor, attention_weights, merge_heads, split_heads
 from ..core.backend import asarray, get_xp, is_foreign_array
 from ..protocol.layer import register_layer
 from ..cuda.gemm import matmul, matmul_into
@@ -217,7 +217,7 @@ class MultiHeadAttention:
         ``out``: the buffers of ``forward_shapes((B, T))``; ``key_padding_mask: (B, T)`` bool."""
         z, xp = self._check_input(z, where)
         B, T, d = z.shape
-        mask = attention_mask(xp, B, T, self._causal, self._check_mask(key_padding_mask, B, T, xp, where))
+        mask = self._check_mask(key_padding_mask, B, T, xp, where)
         y, Q, K, V, P, O = out if out is not None else [xp.empty(s, self.dtype) for s in self.forward_shapes((B, T))]
         a = self._arrays
         for buf, n in ((Q, "q"), (K, "k"), (V, "v")):
@@ -225,7 +225,7 @@ class MultiHeadAttention:
             if f"b{n}" in a:
                 proj += a[f"b{n}"]
             xp.copyto(buf, split_heads(proj, self._heads))
-        attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), mask, out=P)
+        attention_weights(Q, K, 1.0 / math.sqrt(d // self._heads), self._causal, mask, out=P)
         xp.copyto(O, merge_heads(matmul(P, V)))
         matmul_into(O, a["Wo"], y)
         if "bo" in a:

@@ -17,7 +17,7 @@ a zero row of ``P`` (its output is the out-projection's bias), as torch's autogr
 
     >>> import numpy as np
     >>> from jacgrad.tokens.attention_factor import attention_weights
-    >>> P = attention_weights(np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)), 0.5, None)
+    >>> P = attention_weights(np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)), 0.5)
     >>> P[0, 0]                                  # all-equal scores: uniform rows
     array([[0.5, 0.5],
            [0.5, 0.5]])
@@ -67,24 +67,32 @@ def attention_mask(xp, B: int, T: int, causal: bool, key_padding_mask: Any):
     return mask
 
 
-def attention_weights(Q, K, scale: float, mask, out: Any = None):
-    """``P = softmax(QKᵀ·scale)`` over the keys, masked pairs 0; a row with every key masked is all
-    0 (no NaN, no warning). ``Q, K: (B, h, T, d_h)``; ``mask`` from ``attention_mask``; ``out``: a
-    ``(B, h, T, T)`` buffer to write into."""
-    xp = get_xp(Q, K)
+def attention_weights(Q, K, scale: float, causal: bool = False, key_padding_mask: Any = None, out: Any = None):
+    """``P = softmax(QKᵀ·scale)`` over the keys, masked pairs 0 (``causal``: key ``s > t``;
+    ``key_padding_mask: (B, T)`` bool, True = masked, already checked); a row whose every key is
+    masked is all 0 (no NaN, no warning). ``Q, K: (B, h, T, d_h)``; ``out``: a ``(B, h, T, T)``
+    buffer to write into."""
     S = matmul(Q, K.swapaxes(-1, -2)) if out is None else matmul_into(Q, K.swapaxes(-1, -2), out)
+    return _softmax_rows(S, scale, causal, key_padding_mask)
+
+
+def _softmax_rows(S, scale: float, causal: bool, key_padding_mask):
+    """``softmax(scale·S)`` over the last axis of ``S: (B, h, T, T)``, masked keys 0, written into ``S``; a
+    row whose every score is −inf (every key masked) is all 0. On CuPy one fused row kernel
+    (``jacgrad.cuda.softmax_kernels.softmax_rows``: no mask array); on NumPy these lines, its reference."""
+    xp = get_xp(S, key_padding_mask)
+    if xp is not np:
+        return softmax_kernels.softmax_rows(S, scale, causal, key_padding_mask, out=S)
+    mask = attention_mask(xp, S.shape[0], S.shape[-1], causal, key_padding_mask)
     S *= scale
     if mask is not None:
         S[...] = xp.where(mask, -xp.inf, S)
     m = S.max(axis=-1, keepdims=True)
-    if mask is not None:
-        m = xp.where(xp.isfinite(m), m, 0.0)  # a row of -inf only: exp gives zeros, not NaN
+    m = xp.where(xp.isfinite(m), m, 0.0)  # a row of -inf only (every key masked): exp gives zeros, not NaN
     S -= m
     xp.exp(S, out=S)
     s = S.sum(axis=-1, keepdims=True)
-    if mask is not None:
-        s = xp.where(s > 0, s, 1.0)
-    S /= s
+    S /= xp.where(s > 0, s, 1.0)
     return S
 
 
