@@ -73,6 +73,9 @@ def test_softmax_jvp_says_what_is_wrong(host_device, rng):
         softmax_kernels.softmax_jvp(arrays.asarray(np.ones((3, 5))), arrays.asarray(v))
     with pytest.raises(ValueError, match="one run of consecutive"):  # two separate runs of broadcast axes
         softmax_kernels.softmax_jvp(arrays.asarray(np.ones((1, 2, 1, 5))), arrays.asarray(np.ones((3, 2, 4, 5))))
+    for bad in (np.zeros((2, 5), np.float32), np.zeros((2, 4))):  # out of another dtype or shape: refused, not cast
+        with pytest.raises(ValueError, match=r"softmax_jvp: out is \(2, [45]\) float(32|64) but v is \(2, 5\) float64"):
+            softmax_kernels.softmax_jvp(arrays.asarray(P), arrays.asarray(v), out=arrays.asarray(bad))
 
 
 def test_attention_launches_the_kernel_and_matches_numpy(host_device):

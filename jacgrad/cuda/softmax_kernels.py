@@ -55,12 +55,15 @@ def softmax_jvp(P: Any, v: Any, out: Any = None):
     if P.dtype != v.dtype:
         raise TypeError(f"softmax_jvp: P is {P.dtype} but v is {v.dtype}; the fused kernel runs in one dtype: "
                         f"cast one so they agree")
+    if out is not None and (tuple(out.shape) != tuple(v.shape) or out.dtype != v.dtype):
+        raise ValueError(f"softmax_jvp: out is {shape_str(out.shape)} {out.dtype} but v is {shape_str(v.shape)} "
+                         f"{v.dtype}: out must have v's shape and dtype (never cast silently)")
     n = int(v.shape[-1])
     inner, span = _broadcast_rows(P.shape, v.shape)
     rows = math.prod(v.shape[:-1])
     P = xp.ascontiguousarray(P)
     vc = xp.ascontiguousarray(v)
-    direct = out is not None and out.shape == v.shape and out.dtype == v.dtype and out.flags.c_contiguous
+    direct = out is not None and out.flags.c_contiguous
     res = out if direct else xp.empty(v.shape, dtype=v.dtype)
     _launch("softmax_jvp", v.dtype, rows, n, (P, vc, res, np.int32(n), np.int64(rows), np.int64(inner),
                                                 np.int64(span)))
