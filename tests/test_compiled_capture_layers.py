@@ -278,6 +278,19 @@ def test_gpu_graphs_record_every_layer_and_replay_the_float64_numbers(kind, prod
     assert step.captured, step.capture_error
 
 
+def _recorded_jacobians(recording, step, host, x):
+    """Run ``step`` on ``x`` once eagerly, then what its capture runs: nothing may be read back, and the
+    buffer must hold the eager Jacobians of ``host`` (returned, for the caller's shape checks)."""
+    step(recording.asarray(x))
+    recording.reset()
+    with _gemm.direct_cublas((0x1000, 1 << 20)):
+        step._run()
+    assert recording.transfers == 0, dict(recording.where)
+    want = host.jacobian_chain(host.forward(x)[1]).jacobian()
+    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)
+    return want
+
+
 @pytest.mark.parametrize("kind", ["cnn", "resnet", "vit"])
 def test_compile_jacobian_of_an_image_net_takes_images_and_records(recording, kind):
     """``net.compile_jacobian(B)`` of an image net takes ``(B, C, H, W)`` (it took ``(B, C·H·W)``, which its
@@ -289,14 +302,8 @@ def test_compile_jacobian_of_an_image_net_takes_images_and_records(recording, ki
     step = net.compile_jacobian(B, capture=False)
     with pytest.raises(ValueError, match=r"batch 4 × images \(\d+, \d+, \d+\): x must be \(4, \d+, \d+, \d+\)"):
         step(recording.asarray(x.reshape(B, -1)))
-    step(recording.asarray(x))
-    recording.reset()
-    with _gemm.direct_cublas((0x1000, 1 << 20)):
-        step._run()
-    assert recording.transfers == 0, dict(recording.where)
-    want = host.jacobian_chain(host.forward(x)[1]).jacobian()
+    want = _recorded_jacobians(recording, step, host, x)
     assert want.shape == (B, 3, int(np.prod(in_shape)))
-    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", ["tokens", "attention", "mixer"])
@@ -308,14 +315,8 @@ def test_compile_jacobian_of_token_batches(recording, kind):
     net = _net(kind, recording.asarray)[0]
     x = _data(host, in_shape, out_shape, "mse")[0]
     step = net.compile_jacobian(B, capture=False, tokens=T)
-    step(recording.asarray(x))
-    recording.reset()
-    with _gemm.direct_cublas((0x1000, 1 << 20)):
-        step._run()
-    assert recording.transfers == 0, dict(recording.where)
-    want = host.jacobian_chain(host.forward(x)[1]).jacobian()
+    want = _recorded_jacobians(recording, step, host, x)
     assert want.shape == (B, int(np.prod(out_shape)), T * in_shape[-1])
-    np.testing.assert_allclose(np.asarray(step._out.view(np.ndarray)), want, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match=r"batch 4 × T=3 × 5 features: x must be \(4, 3, 5\)"):
         step(recording.asarray(x[:, :2]))
     with pytest.raises(ValueError, match=r"integer token ids \(an Embedding first\), which have no Jacobian"):
