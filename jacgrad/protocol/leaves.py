@@ -161,7 +161,6 @@ class TokenDenseLeaf:
                 w += 1
             out += (w if trace else w[:, None, :, None]) * _gram(Ga, Gb, trace)
             return
-        xp = get_xp(aa, ab)
         if method == "instantiate" or (method == "auto" and self._ntk_instantiates(aa, ab, Ga, Gb)):
             out += _gram(self._jacobians(aa, Ga), self._jacobians(ab, Gb), trace)
             return
@@ -209,7 +208,7 @@ class TokenDenseLeaf:
                 bias = outs[1]
                 bias += s.sum(axis=0) * scale
             return
-        xp = get_xp(a, G)
+        get_xp(a, G)  # one device (a TypeError otherwise), an empty batch included
         for i in range(a.shape[0]):  # per sample: its R gradients A_iᵀ G_iρ, (R, p, d)
             g = matmul(a[i].T[None], G[i])
             first += (g * g).sum(axis=0) * scale

@@ -129,7 +129,6 @@ def core_jvp(P, Q, K, V, Qdot, Kdot, Vdot, scale: float):
 def core_vjp(P, Q, K, V, Obar, scale: float):
     """``(Q̄, K̄, V̄)`` of ``O = softmax(QKᵀ·scale)V`` for the cotangent ``Ō`` (head layout, leading
     axes broadcasting against ``P``'s)."""
-    xp = get_xp(P, Obar)
     Vbar = matmul(P.swapaxes(-1, -2), Obar)
     Sbar = _softmax_jvp(P, matmul(Obar, V.swapaxes(-1, -2)))  # diag(p) − ppᵀ is symmetric
     Sbar *= scale

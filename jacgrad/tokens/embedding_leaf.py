@@ -149,7 +149,6 @@ def embedding_ntk(state1, G1, state2, G2, trace: bool = False):
     or ``(N1, N2)`` summed over ``o = o′`` with ``trace``. ``G: (N, O, T, d)``, the output partials
     with respect to the embedding's output (per sample, per output row)."""
     s1, s2 = _state(state1), _state(state2)
-    xp = get_xp(G1, G2)
     G1, G2 = s1.masked(G1, 2), s2.masked(G2, 2)
     same = (s1.tok[:, None, :, None] == s2.tok[None, :, None, :]).astype(G1.dtype)  # (N1, N2, T1, T2)
     (N1, O, T1, d), (N2, _, T2, _) = G1.shape, G2.shape
